@@ -1,0 +1,267 @@
+//! Hybrid logical clocks and the version order.
+//!
+//! A [`Hlc`] packs physical milliseconds (upper 48 bits) and a logical counter (lower 16
+//! bits) into one `u64`, so comparing stamps is comparing integers and "the next stamp" is
+//! `+ 1` (a counter overflow borrows from the next millisecond, as HLCs allow). A
+//! [`Version`] is `(hlc, node)`, totally ordered by hlc, then node id bytes.
+//!
+//! The wall clock is injectable ([`WallClock`]) so tests drive time by hand.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvalidVersion;
+use crate::ids::NodeId;
+
+const LOGICAL_BITS: u32 = 16;
+/// The largest physical time a stamp can hold (year 10889).
+pub const MAX_PHYSICAL_MS: u64 = (1 << (64 - LOGICAL_BITS)) - 1;
+
+/// A hybrid logical clock stamp.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hlc(u64);
+
+impl Hlc {
+    /// `None` if `physical_ms` exceeds [`MAX_PHYSICAL_MS`].
+    pub fn new(physical_ms: u64, logical: u16) -> Option<Self> {
+        (physical_ms <= MAX_PHYSICAL_MS)
+            .then_some(Hlc((physical_ms << LOGICAL_BITS) | logical as u64))
+    }
+    pub fn physical_ms(self) -> u64 {
+        self.0 >> LOGICAL_BITS
+    }
+    pub fn logical(self) -> u16 {
+        (self.0 & 0xffff) as u16
+    }
+    pub fn to_u64(self) -> u64 {
+        self.0
+    }
+    pub fn from_u64(raw: u64) -> Self {
+        Hlc(raw)
+    }
+    fn next(self) -> Self {
+        Hlc(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Debug for Hlc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.physical_ms(), self.logical())
+    }
+}
+
+/// The version of a record: who wrote it and when. Greater wins.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "VersionRepr", into = "VersionRepr")]
+pub struct Version {
+    // Field order is the total order: hlc first, then node id.
+    pub hlc: Hlc,
+    pub node: NodeId,
+}
+
+/// The wire form: `{"ms": <physical ms>, "c": <logical counter>, "node": "<node id>"}`.
+/// Kept as separate numbers so JSON readers without 64-bit integers read it exactly.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionRepr {
+    ms: u64,
+    c: u16,
+    node: NodeId,
+}
+
+impl TryFrom<VersionRepr> for Version {
+    type Error = InvalidVersion;
+    fn try_from(r: VersionRepr) -> Result<Self, InvalidVersion> {
+        let hlc = Hlc::new(r.ms, r.c).ok_or(InvalidVersion(format!("ms {} out of range", r.ms)))?;
+        Ok(Version { hlc, node: r.node })
+    }
+}
+
+impl From<Version> for VersionRepr {
+    fn from(v: Version) -> Self {
+        VersionRepr {
+            ms: v.hlc.physical_ms(),
+            c: v.hlc.logical(),
+            node: v.node,
+        }
+    }
+}
+
+impl Version {
+    pub fn new(hlc: Hlc, node: NodeId) -> Self {
+        Version { hlc, node }
+    }
+}
+
+/// `<ms>.<counter>@<node>`, the form the CLI prints and accepts.
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}@{}",
+            self.hlc.physical_ms(),
+            self.hlc.logical(),
+            self.node
+        )
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Version {
+    type Err = InvalidVersion;
+    fn from_str(s: &str) -> Result<Self, InvalidVersion> {
+        let bad = || InvalidVersion(format!("{s:?} is not <ms>.<counter>@<node>"));
+        let (stamp, node) = s.split_once('@').ok_or_else(bad)?;
+        let (ms, c) = stamp.split_once('.').ok_or_else(bad)?;
+        let ms: u64 = ms.parse().map_err(|_| bad())?;
+        let c: u16 = c.parse().map_err(|_| bad())?;
+        let node = NodeId::new(node).map_err(|e| InvalidVersion(e.to_string()))?;
+        let hlc = Hlc::new(ms, c).ok_or_else(bad)?;
+        Ok(Version { hlc, node })
+    }
+}
+
+/// A source of physical time in milliseconds since the Unix epoch.
+pub trait WallClock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to; clones share the time.
+#[derive(Debug, Default, Clone)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(now_ms: u64) -> Self {
+        ManualClock(Arc::new(AtomicU64::new(now_ms)))
+    }
+    pub fn set(&self, now_ms: u64) {
+        self.0.store(now_ms, Ordering::SeqCst);
+    }
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl WallClock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The hybrid logical clock of one node. Not synchronised itself: the store stamps under
+/// its write transaction, which is already exclusive.
+pub struct HlcClock {
+    wall: Arc<dyn WallClock>,
+    last: Hlc,
+}
+
+impl HlcClock {
+    /// `last` is the greatest stamp this node has issued or observed (persisted across
+    /// restarts, so a wall clock that steps back never produces a smaller stamp).
+    pub fn new(wall: Arc<dyn WallClock>, last: Hlc) -> Self {
+        HlcClock { wall, last }
+    }
+
+    /// A new stamp greater than every stamp issued or observed before.
+    pub fn now(&mut self) -> Hlc {
+        let wall = Hlc::new(self.wall.now_ms().min(MAX_PHYSICAL_MS), 0).unwrap_or_default();
+        self.last = if wall > self.last {
+            wall
+        } else {
+            self.last.next()
+        };
+        self.last
+    }
+
+    /// Moves the clock past a stamp seen from another node, so a later local write beats it.
+    pub fn observe(&mut self, seen: Hlc) {
+        if seen > self.last {
+            self.last = seen;
+        }
+    }
+
+    pub fn last(&self) -> Hlc {
+        self.last
+    }
+
+    pub fn wall_ms(&self) -> u64 {
+        self.wall.now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(ms: u64, c: u16, n: &str) -> Version {
+        Version::new(Hlc::new(ms, c).unwrap(), NodeId::new(n).unwrap())
+    }
+
+    #[test]
+    fn version_order_is_hlc_then_node() {
+        assert!(v(1, 0, "z") < v(1, 1, "a"));
+        assert!(v(1, 1, "a") < v(1, 1, "b"));
+        assert!(v(1, 65535, "z") < v(2, 0, "a"));
+    }
+
+    #[test]
+    fn version_text_and_json_round_trip() {
+        let x = v(1_700_000_000_123, 7, "node-a");
+        assert_eq!(x.to_string(), "1700000000123.7@node-a");
+        assert_eq!("1700000000123.7@node-a".parse::<Version>().unwrap(), x);
+        let json = serde_json::to_string(&x).unwrap();
+        assert_eq!(json, r#"{"ms":1700000000123,"c":7,"node":"node-a"}"#);
+        assert_eq!(serde_json::from_str::<Version>(&json).unwrap(), x);
+        assert!("12@a".parse::<Version>().is_err());
+        assert!(serde_json::from_str::<Version>(r#"{"ms":1,"c":0,"node":"a b"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Version>(&format!(
+                r#"{{"ms":{},"c":0,"node":"a"}}"#,
+                MAX_PHYSICAL_MS + 1
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn clock_is_monotonic_and_observes() {
+        let wall = ManualClock::new(1000);
+        let mut c = HlcClock::new(Arc::new(wall.clone()), Hlc::default());
+        let a = c.now();
+        assert_eq!((a.physical_ms(), a.logical()), (1000, 0));
+        let b = c.now();
+        assert_eq!((b.physical_ms(), b.logical()), (1000, 1));
+        wall.set(500); // the wall clock stepped back
+        assert!(c.now() > b);
+        c.observe(Hlc::new(5000, 3).unwrap());
+        let d = c.now();
+        assert_eq!((d.physical_ms(), d.logical()), (5000, 4));
+        wall.set(6000);
+        assert_eq!(c.now(), Hlc::new(6000, 0).unwrap());
+        // Counter overflow borrows the next millisecond instead of wrapping.
+        let mut c = HlcClock::new(
+            Arc::new(ManualClock::new(0)),
+            Hlc::new(7, u16::MAX).unwrap(),
+        );
+        assert_eq!(c.now(), Hlc::new(8, 0).unwrap());
+    }
+}

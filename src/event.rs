@@ -1,0 +1,294 @@
+//! Change events: the wire form of one write, its subject, and the checks every node runs
+//! on an incoming message before the merge rule sees it.
+//!
+//! The JSON form is described exactly by `schemas/change-event.schema.json`; `v` is the
+//! envelope version. Decoding is strict (unknown fields, non-canonical UUIDs, inconsistent
+//! `op`/`doc`, versions that do not follow their base) so that every node rejects the same
+//! messages for the same reason.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::clock::Version;
+use crate::ids::{EntityName, NodeId, Scope};
+
+/// The envelope version this build writes and reads.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// A write or a tombstone.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Put,
+    Delete,
+}
+
+/// One change as published to the stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeEvent {
+    /// Envelope version, [`ENVELOPE_VERSION`].
+    pub v: u32,
+    pub op: Op,
+    pub entity: EntityName,
+    pub scope: Scope,
+    #[serde(with = "canonical_uuid")]
+    pub id: Uuid,
+    /// The node that made the write; equal to `version.node` and to the subject's origin.
+    pub origin: NodeId,
+    /// Per-origin counter, from 1, without gaps; `Nats-Msg-Id` is `<origin>:<origin_seq>`.
+    pub origin_seq: u64,
+    pub version: Version,
+    /// The winner this write replaced at its origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Version>,
+    /// Conflict versions this write settles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolves: Vec<Version>,
+    /// The document (a JSON object) for `put`; absent for `delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<Box<RawValue>>,
+}
+
+impl ChangeEvent {
+    /// `<prefix>.<entity>.<scope>.<origin>.<id>`.
+    pub fn subject(&self, prefix: &str) -> String {
+        subject_for(prefix, &self.entity, &self.scope, &self.origin, &self.id)
+    }
+
+    /// The de-duplication id JetStream keys on.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.origin, self.origin_seq)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Every field is a string, number or pre-validated raw JSON: cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The subject an event for this record from `origin` is published on.
+pub fn subject_for(
+    prefix: &str,
+    entity: &EntityName,
+    scope: &Scope,
+    origin: &NodeId,
+    id: &Uuid,
+) -> String {
+    format!("{prefix}.{entity}.{scope}.{origin}.{id}")
+}
+
+/// Why an incoming message was refused. The same message gets the same reason on every
+/// node; [`QuarantineReason::code`] is stable for tooling.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "code", content = "detail", rename_all = "snake_case")]
+pub enum QuarantineReason {
+    /// Not JSON, or not a change event.
+    Malformed(String),
+    /// An envelope version this node does not read.
+    UnsupportedEnvelope(u64),
+    /// The subject's origin token differs from the body's origin.
+    ForgedOrigin {
+        subject_origin: String,
+        body_origin: String,
+    },
+    /// The subject does not match the body in another token.
+    SubjectMismatch { subject: String, expected: String },
+    /// The document is larger than this node's limit.
+    DocTooLarge { size: usize, limit: usize },
+    /// The version does not belong to the origin, or base/resolves do not precede it.
+    InvalidVersion(String),
+    /// The stamp is further ahead of the stream's own timestamp than allowed.
+    ClockDrift { ahead_ms: u64, limit_ms: u64 },
+}
+
+impl QuarantineReason {
+    pub fn code(&self) -> &'static str {
+        match self {
+            QuarantineReason::Malformed(_) => "malformed",
+            QuarantineReason::UnsupportedEnvelope(_) => "unsupported_envelope",
+            QuarantineReason::ForgedOrigin { .. } => "forged_origin",
+            QuarantineReason::SubjectMismatch { .. } => "subject_mismatch",
+            QuarantineReason::DocTooLarge { .. } => "doc_too_large",
+            QuarantineReason::InvalidVersion(_) => "invalid_version",
+            QuarantineReason::ClockDrift { .. } => "clock_drift",
+        }
+    }
+}
+
+impl fmt::Display for QuarantineReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuarantineReason::Malformed(d) => write!(f, "malformed event: {d}"),
+            QuarantineReason::UnsupportedEnvelope(v) => {
+                write!(
+                    f,
+                    "unsupported envelope version {v} (this node reads {ENVELOPE_VERSION})"
+                )
+            }
+            QuarantineReason::ForgedOrigin {
+                subject_origin,
+                body_origin,
+            } => write!(
+                f,
+                "forged origin: published on {subject_origin:?}'s subject but claims origin {body_origin:?}"
+            ),
+            QuarantineReason::SubjectMismatch { subject, expected } => {
+                write!(
+                    f,
+                    "subject {subject:?} does not match the event (expected {expected:?})"
+                )
+            }
+            QuarantineReason::DocTooLarge { size, limit } => {
+                write!(
+                    f,
+                    "document of {size} bytes exceeds the limit of {limit} bytes"
+                )
+            }
+            QuarantineReason::InvalidVersion(d) => write!(f, "invalid version: {d}"),
+            QuarantineReason::ClockDrift { ahead_ms, limit_ms } => write!(
+                f,
+                "clock drift: stamped {ahead_ms} ms after the stream received it (limit {limit_ms} ms)"
+            ),
+        }
+    }
+}
+
+/// What an incoming event is checked against.
+#[derive(Clone, Debug)]
+pub struct EventLimits {
+    pub prefix: String,
+    pub max_doc_bytes: usize,
+    pub max_clock_drift_ms: u64,
+}
+
+/// Decodes and checks one message from the stream. `stream_time_ms` is the JetStream
+/// timestamp of the message, identical for every consumer, so the drift check is too.
+pub fn decode(
+    subject: &str,
+    payload: &[u8],
+    stream_time_ms: u64,
+    limits: &EventLimits,
+) -> Result<ChangeEvent, QuarantineReason> {
+    let ev: ChangeEvent = match serde_json::from_slice(payload) {
+        Ok(ev) => ev,
+        Err(err) => {
+            // Name a newer envelope as such rather than as garbage.
+            #[derive(Deserialize)]
+            struct Envelope {
+                v: u64,
+            }
+            return Err(match serde_json::from_slice::<Envelope>(payload) {
+                Ok(e) if e.v != ENVELOPE_VERSION as u64 => {
+                    QuarantineReason::UnsupportedEnvelope(e.v)
+                }
+                _ => QuarantineReason::Malformed(err.to_string()),
+            });
+        }
+    };
+    if ev.v != ENVELOPE_VERSION {
+        return Err(QuarantineReason::UnsupportedEnvelope(ev.v as u64));
+    }
+    check_doc(ev.op, ev.doc.as_deref(), limits.max_doc_bytes)?;
+    check_versions(&ev)?;
+
+    let expected = ev.subject(&limits.prefix);
+    if subject != expected {
+        let origin_token = subject
+            .strip_prefix(limits.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.split('.').nth(2));
+        return Err(match origin_token {
+            Some(token) if token != ev.origin.as_str() => QuarantineReason::ForgedOrigin {
+                subject_origin: token.to_owned(),
+                body_origin: ev.origin.to_string(),
+            },
+            _ => QuarantineReason::SubjectMismatch {
+                subject: subject.chars().take(300).collect(),
+                expected,
+            },
+        });
+    }
+
+    let stamped = ev.version.hlc.physical_ms();
+    let ahead_ms = stamped.saturating_sub(stream_time_ms);
+    if ahead_ms > limits.max_clock_drift_ms {
+        return Err(QuarantineReason::ClockDrift {
+            ahead_ms,
+            limit_ms: limits.max_clock_drift_ms,
+        });
+    }
+    Ok(ev)
+}
+
+fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), QuarantineReason> {
+    match (op, doc) {
+        (Op::Put, None) => Err(QuarantineReason::Malformed("put without doc".into())),
+        (Op::Delete, Some(_)) => Err(QuarantineReason::Malformed("delete with a doc".into())),
+        (Op::Delete, None) => Ok(()),
+        (Op::Put, Some(doc)) => {
+            let size = doc.get().len();
+            if size > limit {
+                return Err(QuarantineReason::DocTooLarge { size, limit });
+            }
+            if !doc.get().starts_with('{') {
+                return Err(QuarantineReason::Malformed(
+                    "doc must be a JSON object".into(),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_versions(ev: &ChangeEvent) -> Result<(), QuarantineReason> {
+    if ev.version.node != ev.origin {
+        return Err(QuarantineReason::InvalidVersion(format!(
+            "version {} was not written by origin {}",
+            ev.version, ev.origin
+        )));
+    }
+    if ev.origin_seq == 0 {
+        return Err(QuarantineReason::InvalidVersion(
+            "origin_seq must start at 1".into(),
+        ));
+    }
+    // The merge rule relies on every named version preceding the one that names it: that is
+    // what keeps the greatest version a leaf.
+    if let Some(older) = ev
+        .base
+        .iter()
+        .chain(&ev.resolves)
+        .find(|b| **b >= ev.version)
+    {
+        return Err(QuarantineReason::InvalidVersion(format!(
+            "{older} is named as superseded by the older or equal version {}",
+            ev.version
+        )));
+    }
+    Ok(())
+}
+
+/// UUIDs travel in canonical hyphenated lowercase only, so the subject token and the body
+/// compare byte for byte.
+mod canonical_uuid {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&id.hyphenated())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let id = Uuid::parse_str(&s).map_err(serde::de::Error::custom)?;
+        if id.hyphenated().to_string() != s {
+            return Err(serde::de::Error::custom(format!(
+                "id {s:?} is not a lowercase hyphenated UUID"
+            )));
+        }
+        Ok(id)
+    }
+}

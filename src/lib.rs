@@ -1,0 +1,40 @@
+//! # jetsync
+//!
+//! A multi-master, eventually consistent replicator. Every node keeps its data in a local
+//! [redb](https://docs.rs/redb) file and keeps accepting reads and writes while offline;
+//! every write becomes a change event published to one NATS JetStream stream, and every
+//! node applies everyone's events with a deterministic merge rule, so all replicas that
+//! have seen the same events hold the same state.
+//!
+//! ## How the pieces fit
+//! - [`clock`]: hybrid logical clocks and [`Version`], the total order of writes.
+//! - [`event`]: the change event, its JSON form and subject, and the checks that decide
+//!   whether an incoming message is applied or quarantined.
+//! - [`merge`]: the merge rule for one record: leaves, winner, conflicts, history.
+//! - [`store`]: the redb store. A local write (put, put_if, delete, resolve, batches) runs
+//!   in one transaction that stamps a version, merges it, and appends the event to the
+//!   outbox; applying a batch of stream messages runs in one transaction that merges them
+//!   and advances the checkpoint. Digests, the conflict index and the clock move in the
+//!   same transactions.
+//! - [`digest`]: order-independent per-entity hashes for verifying replicas.
+//!
+//! The write path, in short:
+//! ```text
+//! put ──► [redb txn: check expected version, stamp HLC, merge, outbox += event] ──► Ok(version)
+//! outbox ──► JetStream (subject <prefix>.<entity>.<scope>.<origin>.<id>) ──► every node
+//! stream batch ──► [redb txn: decode+validate, merge or quarantine, checkpoint] ──► ack
+//! ```
+
+pub mod clock;
+pub mod digest;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod merge;
+pub mod store;
+
+pub use clock::{Hlc, ManualClock, SystemClock, Version, WallClock};
+pub use error::{Error, OpenError, StorageError, WriteError};
+pub use event::{ChangeEvent, Op, QuarantineReason};
+pub use ids::{EntityName, NodeId, Scope};
+pub use store::{Expect, Incoming, Record, Store, StoreConfig, Write, WriteOp};
