@@ -616,6 +616,40 @@ impl Store {
         Ok(Page { items, next })
     }
 
+    /// Raw merge states of `entity` (tombstones included) in id order, after `after`, at
+    /// most `limit`: what snapshots and verification read.
+    pub fn scan(
+        &self,
+        entity: &EntityName,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Page<(Uuid, RecordState)>, StorageError> {
+        let txn = self.read()?;
+        let Some(table) = open_records_read(&txn, entity)? else {
+            return Ok(Page {
+                items: vec![],
+                next: None,
+            });
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        let range = match after {
+            Some(a) if a.as_u128() == u128::MAX => return Ok(Page { items, next }),
+            Some(a) => table.range(a.as_u128() + 1..)?,
+            None => table.range(0..)?,
+        };
+        for row in range {
+            let (k, v) = row?;
+            let id = Uuid::from_u128(k.value());
+            if items.len() == limit {
+                next = items.last().map(|(id, _): &(Uuid, RecordState)| *id);
+                break;
+            }
+            items.push((id, decode_state(entity, &id, v.value())?));
+        }
+        Ok(Page { items, next })
+    }
+
     /// Records of `entity` that have conflicts, in id order, after `after`, at most `limit`.
     pub fn conflicts(
         &self,
