@@ -1,9 +1,11 @@
 //! Validated names: node ids, entity types and scopes.
 //!
 //! These appear in NATS subjects and in redb table names, so each is checked once at the
-//! boundary (config, API call, wire decode) and carried as a newtype afterwards.
+//! boundary (config, API call, wire decode) and carried as a newtype afterwards. They are
+//! `Arc<str>` inside because versions and keys clone them on every write.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,14 +30,14 @@ macro_rules! name_type {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates `s` and wraps it.
             pub fn new(s: impl Into<String>) -> Result<Self, InvalidName> {
                 let s = s.into();
                 check($kind, &s, $ok)?;
-                Ok(Self(s))
+                Ok(Self(s.into()))
             }
 
             pub fn as_str(&self) -> &str {
@@ -66,7 +68,7 @@ macro_rules! name_type {
 
         impl From<$name> for String {
             fn from(n: $name) -> String {
-                n.0
+                n.0.to_string()
             }
         }
 
@@ -111,7 +113,7 @@ name_type!(
 
 impl Default for Scope {
     fn default() -> Self {
-        Scope("_".to_owned())
+        Scope("_".into())
     }
 }
 

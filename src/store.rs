@@ -9,8 +9,14 @@
 //! | `records.<entity>` | id as `u128` (big-endian UUID order) | postcard [`RecordState`] |
 //! | `conflicts` | `(entity, id)` | `()`: records with more than one leaf |
 //! | `digests` | entity | 256 × 16-byte XOR buckets |
-//! | `outbox` | origin_seq | subject + event JSON, until JetStream acknowledges it |
+//! | `outbox` | origin_seq | `(entity, id, hlc)` of an own version not yet acknowledged |
+//! | `unpublished` | origin_seq | event JSON of an outbox version superseded before publishing |
 //! | `quarantine` | local sequence | the refused message and why |
+//!
+//! The outbox is an index, not a copy: a leaf holds every field of the event that made
+//! it, so the publisher rebuilds the event from the record and the document is stored
+//! once. Only when a local write supersedes an own version that is still waiting is that
+//! version's event kept whole in `unpublished`, since its leaf is about to go.
 //!
 //! One table per entity keeps an event's work to one B-tree lookup and one insert in a
 //! table keyed by a fixed-size integer; time-ordered UUIDv7 ids then append at the right
@@ -48,6 +54,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONFLICTS: TableDefinition<(&str, u128), ()> = TableDefinition::new("conflicts");
 const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const UNPUBLISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("unpublished");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const RECORDS_PREFIX: &str = "records.";
 
@@ -436,10 +443,30 @@ impl Store {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META).map_err(StorageError::from)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(StorageError::from)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED).map_err(StorageError::from)?;
             let mut origin_seq = read_u64(&meta, K_ORIGIN_SEQ)?;
             for (w, doc) in prepared {
                 let state = tx.load(&w.entity, &w.id)?.unwrap_or_default();
                 let scope = check_write(&w, &state)?;
+                // Own leaves this write supersedes while still queued: keep their events.
+                let superseded = state.winner().into_iter().chain(
+                    state
+                        .leaves
+                        .iter()
+                        .filter(|l| w.resolves.contains(&l.version)),
+                );
+                for leaf in superseded.filter(|l| l.version.node == self.node) {
+                    if outbox
+                        .get(leaf.origin_seq)
+                        .map_err(StorageError::from)?
+                        .is_some()
+                    {
+                        let ev = leaf_event(&w.entity, w.id, leaf)?;
+                        unpublished
+                            .insert(leaf.origin_seq, ev.encode().as_slice())
+                            .map_err(StorageError::from)?;
+                    }
+                }
                 origin_seq += 1;
                 let version = Version::new(clock.now(), self.node.clone());
                 let ev = ChangeEvent {
@@ -455,9 +482,11 @@ impl Store {
                     resolves: w.resolves,
                     doc,
                 };
-                let subject = ev.subject(&self.config.prefix);
                 outbox
-                    .insert(origin_seq, encode_outbox(&subject, &ev.encode()).as_slice())
+                    .insert(
+                        origin_seq,
+                        encode_outbox(&w.entity, &w.id, version.hlc).as_slice(),
+                    )
                     .map_err(StorageError::from)?;
                 tx.merge(state, ev)?;
                 out.push(Written {
@@ -483,14 +512,16 @@ impl Store {
                 "a document must be a JSON object".into(),
             ));
         }
-        let text = serde_json::to_string(doc).map_err(|e| WriteError::InvalidDoc(e.to_string()))?;
-        if text.len() > self.config.max_doc_bytes {
+        let raw = serde_json::value::to_raw_value(doc)
+            .map_err(|e| WriteError::InvalidDoc(e.to_string()))?;
+        let size = raw.get().len();
+        if size > self.config.max_doc_bytes {
             return Err(WriteError::DocTooLarge {
-                size: text.len(),
+                size,
                 limit: self.config.max_doc_bytes,
             });
         }
-        RawValue::from_string(text).map_err(|e| WriteError::InvalidDoc(e.to_string()))
+        Ok(raw)
     }
 
     // ----- applying the stream ------------------------------------------------------
@@ -507,6 +538,7 @@ impl Store {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META)?;
             let mut quarantine = txn.open_table(QUARANTINE)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
             let mut new_checkpoint = checkpoint;
@@ -520,6 +552,15 @@ impl Store {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
+                        // Another node superseding one of our queued versions has seen it
+                        // in the stream: it is published, and its leaf is about to go.
+                        for leaf in state.leaves.iter().filter(|l| {
+                            l.version.node == self.node
+                                && (ev.base.as_ref() == Some(&l.version)
+                                    || ev.resolves.contains(&l.version))
+                        }) {
+                            outbox.remove(leaf.origin_seq)?;
+                        }
                         match tx.merge(state, ev)? {
                             Merge::Applied => {
                                 clock.observe(hlc);
@@ -763,22 +804,54 @@ impl Store {
         Ok(txn.open_table(OUTBOX)?.len()?)
     }
 
-    /// Up to `limit` outbox entries with `origin_seq > after`, in order.
+    /// Up to `limit` outbox entries with `origin_seq > after`, in order, each rebuilt into
+    /// the event to publish.
     pub fn outbox_peek(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StorageError> {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
+        let unpublished = txn.open_table(UNPUBLISHED)?;
+        let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
             let seq = k.value();
-            let (subject, payload) = decode_outbox(v.value()).ok_or_else(|| {
+            let (entity, id, hlc) = decode_outbox(v.value()).ok_or_else(|| {
                 StorageError::Corrupt(format!("outbox entry {seq} does not decode"))
             })?;
+            if !records.contains_key(&entity) {
+                let table = open_records_read(&txn, &entity)?;
+                records.insert(entity.clone(), table);
+            }
+            let version = Version::new(hlc, self.node.clone());
+            let state = match records.get(&entity).and_then(Option::as_ref) {
+                Some(t) => t
+                    .get(id.as_u128())?
+                    .map(|g| decode_state(&entity, &id, g.value())),
+                None => None,
+            }
+            .transpose()?;
+            let leaf = state
+                .as_ref()
+                .and_then(|s| s.leaves.iter().find(|l| l.version == version));
+            let ev = match leaf {
+                Some(leaf) => leaf_event(&entity, id, leaf)?,
+                None => match unpublished.get(seq)? {
+                    Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
+                        StorageError::Corrupt(format!("unpublished event {seq}: {e}"))
+                    })?,
+                    None => {
+                        // Every path that removes a queued leaf keeps or retires its entry;
+                        // reaching here means the store was altered underneath.
+                        tracing::error!(seq, %entity, %id, "outbox entry has no event to publish");
+                        continue;
+                    }
+                },
+            };
             out.push(OutboxEntry {
                 origin_seq: seq,
                 msg_id: format!("{}:{seq}", self.node),
-                subject,
-                payload,
+                subject: ev.subject(&self.config.prefix),
+                payload: ev.encode(),
             });
         }
         Ok(out)
@@ -789,8 +862,10 @@ impl Store {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(OUTBOX)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED)?;
             for seq in origin_seqs {
                 table.remove(*seq)?;
+                unpublished.remove(*seq)?;
             }
         }
         txn.commit()?;
@@ -851,6 +926,7 @@ impl Store {
                 let mut last = None;
                 {
                     let mut table = txn.open_table(records_def(&records_table_name(&entity)))?;
+                    let outbox = txn.open_table(OUTBOX)?;
                     let mut edits = Vec::new();
                     for row in table.range(start..)?.take(CHUNK) {
                         let (k, v) = row?;
@@ -861,6 +937,10 @@ impl Store {
                         match state.compact(cutoff) {
                             Compacted::Unchanged => {}
                             Compacted::Shrunk => edits.push((k.value(), Some(state))),
+                            // An own delete still waiting to be published stays until it is.
+                            Compacted::Remove
+                                if state.leaves[0].version.node == self.node
+                                    && outbox.get(state.leaves[0].origin_seq)?.is_some() => {}
                             Compacted::Remove => edits.push((k.value(), None)),
                         }
                     }
@@ -868,7 +948,7 @@ impl Store {
                         match state {
                             Some(state) => {
                                 report.records_shrunk += 1;
-                                table.insert(key, encode_postcard(&state)?.as_slice())?;
+                                table.insert(key, encode_state(&state)?.as_slice())?;
                             }
                             None => {
                                 report.tombstones_removed += 1;
@@ -1021,7 +1101,7 @@ impl<'t> Tx<'t> {
                 conflicts: after_leaves.saturating_sub(1),
             });
         }
-        let bytes = encode_postcard(&state)?;
+        let bytes = encode_state(&state)?;
         self.table(&entity)?
             .insert(id.as_u128(), bytes.as_slice())?;
         Ok(Merge::Applied)
@@ -1089,6 +1169,18 @@ fn decode_state(entity: &EntityName, id: &Uuid, bytes: &[u8]) -> Result<RecordSt
         .map_err(|e| StorageError::Corrupt(format!("record {entity}/{id}: {e}")))
 }
 
+fn encode_state(state: &RecordState) -> Result<Vec<u8>, StorageError> {
+    // Sized up front: growing the buffer by doubling showed up in write profiles.
+    let docs: usize = state
+        .leaves
+        .iter()
+        .map(|l| l.doc.as_ref().map_or(0, String::len))
+        .sum();
+    let guess = 16 + docs + 96 * state.leaves.len() + 48 * state.history.len();
+    postcard::to_extend(state, Vec::with_capacity(guess))
+        .map_err(|e| StorageError::Corrupt(format!("encode: {e}")))
+}
+
 fn encode_postcard<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
     postcard::to_stdvec(value).map_err(|e| StorageError::Corrupt(format!("encode: {e}")))
 }
@@ -1097,19 +1189,46 @@ fn decode_postcard<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Resul
     postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
 }
 
-/// Outbox value: subject length (u16 LE), subject, payload.
-fn encode_outbox(subject: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + subject.len() + payload.len());
-    out.extend_from_slice(&(subject.len() as u16).to_le_bytes());
-    out.extend_from_slice(subject.as_bytes());
-    out.extend_from_slice(payload);
+/// Outbox value: entity length (u8), entity, id (16 bytes), hlc (u64 LE).
+fn encode_outbox(entity: &EntityName, id: &Uuid, hlc: Hlc) -> Vec<u8> {
+    let name = entity.as_str().as_bytes();
+    let mut out = Vec::with_capacity(1 + name.len() + 24);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&hlc.to_u64().to_le_bytes());
     out
 }
 
-fn decode_outbox(bytes: &[u8]) -> Option<(String, Vec<u8>)> {
-    let len = u16::from_le_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
-    let subject = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?.to_owned();
-    Some((subject, bytes.get(2 + len..)?.to_vec()))
+fn decode_outbox(bytes: &[u8]) -> Option<(EntityName, Uuid, Hlc)> {
+    let len = *bytes.first()? as usize;
+    let entity = EntityName::new(std::str::from_utf8(bytes.get(1..1 + len)?).ok()?).ok()?;
+    let id = Uuid::from_slice(bytes.get(1 + len..17 + len)?).ok()?;
+    let hlc = u64::from_le_bytes(bytes.get(17 + len..25 + len)?.try_into().ok()?);
+    Some((entity, id, Hlc::from_u64(hlc)))
+}
+
+/// The event that created `leaf`: a leaf keeps every field of it.
+fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEvent, StorageError> {
+    let doc = leaf
+        .doc
+        .as_ref()
+        .map(|d| RawValue::from_string(d.clone()))
+        .transpose()
+        .map_err(|e| StorageError::Corrupt(format!("document of {entity}/{id}: {e}")))?;
+    Ok(ChangeEvent {
+        v: ENVELOPE_VERSION,
+        op: if doc.is_some() { Op::Put } else { Op::Delete },
+        entity: entity.clone(),
+        scope: leaf.scope.clone(),
+        id,
+        origin: leaf.version.node.clone(),
+        origin_seq: leaf.origin_seq,
+        version: leaf.version.clone(),
+        base: leaf.base.clone(),
+        resolves: leaf.resolves.clone(),
+        doc,
+    })
 }
 
 fn read_u64(
@@ -1187,6 +1306,7 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<Hlc, OpenE
         }
         // Create the remaining tables so readers never meet a missing one.
         txn.open_table(OUTBOX).map_err(StorageError::from)?;
+        txn.open_table(UNPUBLISHED).map_err(StorageError::from)?;
         txn.open_table(QUARANTINE).map_err(StorageError::from)?;
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
@@ -1202,12 +1322,14 @@ mod tests {
 
     #[test]
     fn outbox_value_round_trips() {
-        let enc = encode_outbox("jetsync.a._.n.x", b"{\"v\":1}");
+        let e = EntityName::new("orders").unwrap();
+        let id = Uuid::now_v7();
+        let hlc = Hlc::new(1_700_000_000_000, 3).unwrap();
         assert_eq!(
-            decode_outbox(&enc),
-            Some(("jetsync.a._.n.x".to_owned(), b"{\"v\":1}".to_vec()))
+            decode_outbox(&encode_outbox(&e, &id, hlc)),
+            Some((e, id, hlc))
         );
-        assert_eq!(decode_outbox(&[5, 0, b'a']), None);
+        assert_eq!(decode_outbox(&[5, b'a']), None);
     }
 
     #[test]

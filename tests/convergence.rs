@@ -54,7 +54,10 @@ fn step() -> impl Strategy<Value = Step> {
 
 struct Cluster {
     nodes: Vec<TestStore>,
-    /// `delivered[n][p]`: how many of p's outbox entries n has applied.
+    /// What each node has published: its outbox contents, captured as they appear (the
+    /// outbox itself drops entries once other nodes have seen them).
+    logs: Vec<Vec<OutboxEntry>>,
+    /// `delivered[n][p]`: how many of p's logged events n has applied.
     delivered: Vec<Vec<usize>>,
     records: Vec<Uuid>,
     entity: EntityName,
@@ -64,6 +67,7 @@ impl Cluster {
     fn new(n: usize) -> Self {
         let nodes: Vec<TestStore> = (0..n).map(|i| open(&format!("n{i}"))).collect();
         Cluster {
+            logs: vec![Vec::new(); n],
             nodes,
             delivered: vec![vec![0; n]; n],
             records: (0..4).map(|_| Uuid::new_v4()).collect(),
@@ -72,6 +76,14 @@ impl Cluster {
     }
 
     fn run(&mut self, step: &Step) {
+        self.apply(step);
+        for (t, log) in self.nodes.iter().zip(&mut self.logs) {
+            let after = log.last().map_or(0, |o| o.origin_seq);
+            log.extend(t.store.outbox_peek(after, usize::MAX).expect("outbox"));
+        }
+    }
+
+    fn apply(&mut self, step: &Step) {
         let n = self.nodes.len();
         match *step {
             Step::Put {
@@ -120,16 +132,16 @@ impl Cluster {
                 if node == peer {
                     return;
                 }
-                let out = self.nodes[peer].outbox();
                 let from = self.delivered[node][peer];
-                self.delivered[node][peer] = out.len();
-                self.nodes[node].deliver_outbox(&out[from..]);
+                self.delivered[node][peer] = self.logs[peer].len();
+                let new = self.logs[peer][from..].to_vec();
+                self.nodes[node].deliver_outbox(&new);
             }
         }
     }
 
     fn all_events(&self) -> Vec<OutboxEntry> {
-        self.nodes.iter().flat_map(|t| t.outbox()).collect()
+        self.logs.concat()
     }
 }
 

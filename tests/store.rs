@@ -572,6 +572,9 @@ fn compaction_drops_old_history_and_tombstones_but_still_rejects_old_duplicates(
     }
     t.store.delete(&e, gone).unwrap();
     let old_events = t.outbox();
+    // Published and acknowledged: nothing holds the tombstone back any more.
+    let seqs: Vec<u64> = old_events.iter().map(|o| o.origin_seq).collect();
+    t.store.outbox_remove(&seqs).unwrap();
     let digest = t.store.digest(&e).unwrap();
     assert_eq!(t.store.state(&e, kept).unwrap().unwrap().history.len(), 4);
 
@@ -641,4 +644,81 @@ fn digests_are_order_independent_and_buckets_locate_differences() {
     let hb = b.store.bucket_hashes(&e, buckets[0]).unwrap();
     let differing: Vec<_> = ha.iter().filter(|x| !hb.contains(x)).map(|x| x.0).collect();
     assert_eq!(differing, vec![changed]);
+}
+
+#[test]
+fn queued_versions_stay_publishable_when_superseded_before_publishing() {
+    let mut t = open("a");
+    let e = entity("orders");
+    let id = Uuid::now_v7();
+    let v1 = t.store.put(&e, id, json!({"n": 1})).unwrap();
+    let v2 = t.store.put(&e, id, json!({"n": 2})).unwrap();
+    let v3 = t.store.put(&e, id, json!({"n": 3})).unwrap();
+    // Only v3 is still a leaf; v1 and v2 must still go out exactly as written.
+    let out = t.outbox();
+    let events: Vec<jetsync::ChangeEvent> = out
+        .iter()
+        .map(|o| serde_json::from_slice(&o.payload).unwrap())
+        .collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.version.clone(), e.base.clone()))
+            .collect::<Vec<_>>(),
+        vec![(v1.clone(), None), (v2.clone(), Some(v1)), (v3, Some(v2))]
+    );
+    assert_eq!(events[0].doc.as_ref().unwrap().get(), r#"{"n":1}"#);
+    assert_eq!(events[1].doc.as_ref().unwrap().get(), r#"{"n":2}"#);
+
+    // A replica fed the published events converges to the writer.
+    let mut b = open("b");
+    b.deliver_outbox(&out);
+    assert_eq!(
+        b.store.state(&e, id).unwrap(),
+        t.store.state(&e, id).unwrap()
+    );
+
+    // Acknowledged entries go, with their stashed events.
+    t.store.outbox_remove(&[1, 2, 3]).unwrap();
+    assert!(t.outbox().is_empty());
+    let _ = &mut t;
+}
+
+#[test]
+fn a_remote_write_over_a_queued_version_retires_its_outbox_entry() {
+    let mut t = open("a");
+    let e = entity("orders");
+    let id = Uuid::now_v7();
+    let mine = t.store.put(&e, id, json!({"n": 1})).unwrap();
+    // b has seen `mine` (so it is in the stream) and overwrote it.
+    let theirs = version(mine.hlc.physical_ms() + 1, 0, "b");
+    t.deliver_events(&[remote_event(
+        "orders",
+        id,
+        &theirs,
+        Some(&mine),
+        &[],
+        Some("{}"),
+    )]);
+    assert_eq!(t.store.outbox_len().unwrap(), 0);
+    assert!(t.outbox().is_empty());
+}
+
+#[test]
+fn compaction_keeps_an_own_delete_until_it_is_published() {
+    let t = open("a");
+    let e = entity("orders");
+    let id = Uuid::now_v7();
+    t.store.put(&e, id, json!({"n": 1})).unwrap();
+    t.store.delete(&e, id).unwrap();
+    t.clock.advance(10 * 3600 * 1000);
+    let r = t.store.compact(Duration::from_secs(3600)).unwrap();
+    assert_eq!(r.tombstones_removed, 0);
+    let out = t.outbox();
+    assert_eq!(out.len(), 2);
+    let ev: jetsync::ChangeEvent = serde_json::from_slice(&out[1].payload).unwrap();
+    assert_eq!(ev.op, jetsync::Op::Delete);
+    t.store.outbox_remove(&[1, 2]).unwrap();
+    let r = t.store.compact(Duration::from_secs(3600)).unwrap();
+    assert_eq!(r.tombstones_removed, 1);
 }
