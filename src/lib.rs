@@ -17,6 +17,8 @@
 //!   and advances the checkpoint. Digests, the conflict index and the clock move in the
 //!   same transactions.
 //! - [`digest`]: order-independent per-entity hashes for verifying replicas.
+//! - [`devserver`]: real `nats-server` processes (single or clustered) for tests, the demo
+//!   and examples, installed on first use if the machine has none.
 //!
 //! The write path, in short:
 //! ```text
@@ -26,6 +28,7 @@
 //! ```
 
 pub mod clock;
+pub mod devserver;
 pub mod digest;
 pub mod error;
 pub mod event;

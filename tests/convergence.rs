@@ -110,21 +110,20 @@ impl Cluster {
             Step::Resolve { node, record } => {
                 let t = &self.nodes[node % n];
                 let id = self.records[record];
-                if let Some(state) = t.store.state(&self.entity, id).expect("state") {
-                    if state.leaves.len() > 1 {
-                        let losers: Vec<Version> = state
-                            .conflicts()
-                            .iter()
-                            .map(|l| l.version.clone())
-                            .collect();
-                        let doc = state.leaves[0]
-                            .doc
-                            .as_deref()
-                            .map(|d| serde_json::from_str(d).expect("stored doc is JSON"));
-                        t.store
-                            .resolve(&self.entity, id, doc, losers)
-                            .expect("resolve");
-                    }
+                let state = t.store.state(&self.entity, id).expect("state");
+                if let Some(state) = state.filter(|s| s.leaves.len() > 1) {
+                    let losers: Vec<Version> = state
+                        .conflicts()
+                        .iter()
+                        .map(|l| l.version.clone())
+                        .collect();
+                    let doc = state.leaves[0]
+                        .doc
+                        .as_deref()
+                        .map(|d| serde_json::from_str(d).expect("stored doc is JSON"));
+                    t.store
+                        .resolve(&self.entity, id, doc, losers)
+                        .expect("resolve");
                 }
             }
             Step::Sync { node, peer } => {
