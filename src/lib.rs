@@ -17,6 +17,10 @@
 //!   and advances the checkpoint. Digests, the conflict index and the clock move in the
 //!   same transactions.
 //! - [`digest`]: order-independent per-entity hashes for verifying replicas.
+//! - [`stream`]: the JetStream stream's settings, provisioning and identity.
+//! - [`node`]: a running replica: the outbox publisher and the apply loop over a durable
+//!   pull consumer, gap/reset detection, partial replication with backfill, change feeds
+//!   and status.
 //! - [`devserver`]: real `nats-server` processes (single or clustered) for tests, the demo
 //!   and examples, installed on first use if the machine has none.
 //!
@@ -34,7 +38,9 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod merge;
+pub mod node;
 pub mod store;
+pub mod stream;
 
 pub use clock::{Hlc, ManualClock, SystemClock, Version, WallClock};
 pub use error::{Error, OpenError, StorageError, WriteError};

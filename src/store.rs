@@ -65,6 +65,7 @@ const K_HLC: &str = "hlc";
 const K_ORIGIN_SEQ: &str = "origin_seq";
 const K_CHECKPOINT: &str = "checkpoint";
 const K_QUARANTINE_SEQ: &str = "quarantine_seq";
+const K_INCARNATION: &str = "incarnation";
 
 type RecordTable<'t> = Table<'t, u128, &'static [u8]>;
 
@@ -290,6 +291,9 @@ pub struct Store {
     node: NodeId,
     config: StoreConfig,
     limits: EventLimits,
+    /// Random per store file: part of every `Nats-Msg-Id`, so a node whose store was lost
+    /// and recreated under the same id is not de-duplicated against its old events.
+    incarnation: u64,
     clock: Mutex<HlcClock>,
 }
 
@@ -325,7 +329,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let last_hlc = init_or_check(&db, &path, &node)?;
+        let (last_hlc, incarnation) = init_or_check(&db, &path, &node)?;
         let limits = EventLimits {
             prefix: config.prefix.clone(),
             max_doc_bytes: config.max_doc_bytes,
@@ -342,6 +346,7 @@ impl Store {
             config,
             limits,
             clock: Mutex::new(HlcClock::new(wall, last_hlc)),
+            incarnation,
         })
     }
 
@@ -427,6 +432,14 @@ impl Store {
 
     /// Commits many writes in one transaction: all of them or none.
     pub fn write_batch(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        Ok(self.write_batch_with_changes(writes)?.0)
+    }
+
+    /// [`Store::write_batch`], also returning the visible changes it made (for watchers).
+    pub fn write_batch_with_changes(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
         // Serialise documents before taking the write lock.
         let mut prepared = Vec::with_capacity(writes.len());
         for w in writes {
@@ -439,6 +452,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(StorageError::from)?;
         let mut clock = self.clock();
         let mut out = Vec::with_capacity(prepared.len());
+        let changes;
         {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META).map_err(StorageError::from)?;
@@ -500,10 +514,10 @@ impl Store {
                 .map_err(StorageError::from)?;
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())
                 .map_err(StorageError::from)?;
-            tx.finish()?;
+            changes = tx.finish()?;
         }
         txn.commit().map_err(StorageError::from)?;
-        Ok(out)
+        Ok((out, changes))
     }
 
     fn prepare_doc(&self, doc: &serde_json::Value) -> Result<Box<RawValue>, WriteError> {
@@ -531,6 +545,32 @@ impl Store {
     /// invalid ones are quarantined with their reason. Only a storage failure aborts the
     /// batch, in which case nothing of it is applied.
     pub fn apply_batch(&self, batch: &[Incoming<'_>]) -> Result<ApplyReport, StorageError> {
+        self.apply_batch_through(batch, 0)
+    }
+
+    /// [`Store::apply_batch`], advancing the checkpoint to at least `through`: the apply
+    /// loop leaves this node's own events (known already) out of `batch` but still moves
+    /// past them.
+    pub fn apply_batch_through(
+        &self,
+        batch: &[Incoming<'_>],
+        through: u64,
+    ) -> Result<ApplyReport, StorageError> {
+        self.apply(batch, Some(through))
+    }
+
+    /// Applies older stream messages of newly replicated entity types (a backfill): the
+    /// checkpoint neither filters them nor moves.
+    pub fn apply_backfill(&self, batch: &[Incoming<'_>]) -> Result<ApplyReport, StorageError> {
+        self.apply(batch, None)
+    }
+
+    /// `through = None` is a backfill.
+    fn apply(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+    ) -> Result<ApplyReport, StorageError> {
         let txn = self.db.begin_write()?;
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
@@ -541,9 +581,9 @@ impl Store {
             let mut outbox = txn.open_table(OUTBOX)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
-            let mut new_checkpoint = checkpoint;
+            let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
             for msg in batch {
-                if msg.stream_seq <= checkpoint {
+                if through.is_some() && msg.stream_seq <= checkpoint {
                     report.below_checkpoint += 1;
                     continue;
                 }
@@ -584,10 +624,16 @@ impl Store {
                     }
                 }
             }
-            meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;
+            if through.is_some() {
+                meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;
+            }
             meta.insert(K_QUARANTINE_SEQ, quarantine_seq.to_le_bytes().as_slice())?;
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
-            report.checkpoint = new_checkpoint;
+            report.checkpoint = if through.is_some() {
+                new_checkpoint
+            } else {
+                checkpoint
+            };
             report.changes = tx.finish()?;
         }
         txn.commit()?;
@@ -791,6 +837,31 @@ impl Store {
         read_u64(&txn.open_table(META)?, K_CHECKPOINT)
     }
 
+    /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s.
+    pub fn msg_id_prefix(&self) -> String {
+        format!("{}:{:016x}:", self.node, self.incarnation)
+    }
+
+    /// A node-level metadata value (the replication layer keeps its bookkeeping here).
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(key)?.map(|g| g.value().to_vec()))
+    }
+
+    /// Sets a node-level metadata value. Keys of the store itself are refused.
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        if !key.starts_with("x.") {
+            return Err(StorageError::Corrupt(format!(
+                "meta key {key:?} is reserved; use an \"x.\" prefix"
+            )));
+        }
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// The greatest HLC stamp issued or observed.
     pub fn last_hlc(&self) -> Hlc {
         self.clock().last()
@@ -849,7 +920,7 @@ impl Store {
             };
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: format!("{}:{seq}", self.node),
+                msg_id: format!("{}{seq}", self.msg_id_prefix()),
                 subject: ev.subject(&self.config.prefix),
                 payload: ev.encode(),
             });
@@ -1249,7 +1320,7 @@ fn read_u64(
 
 /// Initialises a new file, or checks that an existing one is a jetsync store of this format
 /// and this node. Returns the persisted HLC.
-fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<Hlc, OpenError> {
+fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<(Hlc, u64), OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let hlc = {
         let fresh = txn
@@ -1268,6 +1339,9 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<Hlc, OpenE
         if fresh {
             meta.insert(K_MAGIC, MAGIC).map_err(StorageError::from)?;
             meta.insert(K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(StorageError::from)?;
+            let incarnation = Uuid::new_v4().as_u64_pair().0;
+            meta.insert(K_INCARNATION, incarnation.to_le_bytes().as_slice())
                 .map_err(StorageError::from)?;
             meta.insert(K_NODE, node.as_str().as_bytes())
                 .map_err(StorageError::from)?;
@@ -1310,7 +1384,10 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<Hlc, OpenE
         txn.open_table(QUARANTINE).map_err(StorageError::from)?;
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
-        Hlc::from_u64(read_u64(&meta, K_HLC)?)
+        (
+            Hlc::from_u64(read_u64(&meta, K_HLC)?),
+            read_u64(&meta, K_INCARNATION)?,
+        )
     };
     txn.commit().map_err(StorageError::from)?;
     Ok(hlc)

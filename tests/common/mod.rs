@@ -2,6 +2,8 @@
 //! hand-made remote events, and delivery of outbox contents to other stores.
 #![allow(dead_code)]
 
+pub mod nodes;
+
 use std::sync::Arc;
 
 use jetsync::event::{ChangeEvent, ENVELOPE_VERSION, Op};

@@ -1,0 +1,882 @@
+//! A running replica: one store, one NATS connection, and the two loops that keep the
+//! store in step with the stream.
+//!
+//! - The **publisher** drains the outbox in `origin_seq` order, a window of publishes in
+//!   flight at once, each with `Nats-Msg-Id` for de-duplication; entries leave the outbox
+//!   only on PubAck. While NATS is away it backs off and retries; local writes never wait.
+//! - The **apply loop** provisions (or verifies) the stream, checks that the stream is the
+//!   one this node followed and that no events it needs were removed, recreates its
+//!   durable pull consumer at `checkpoint + 1`, and applies fetched batches in one redb
+//!   transaction each, acknowledging after the commit. The local checkpoint is the truth;
+//!   the server's consumer state is disposable.
+//!
+//! Both loops run on tokio; every redb call runs on the blocking pool. `shutdown` stops
+//! both between batches and waits for them, so nothing is left half applied.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::{OpenError, StorageError, WriteError};
+use crate::ids::{EntityName, NodeId, Scope};
+use crate::store::{Change, Incoming, Store, StoreConfig, Write, Written};
+use crate::stream::{Retention, StreamError, StreamIdentity, StreamSettings, ensure_stream};
+
+const META_STREAM: &str = "x.stream";
+const META_FILTERS: &str = "x.filters";
+
+/// Which records a node replicates.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntityFilter {
+    pub entity: EntityName,
+    /// Empty: every scope.
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+}
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// The store file is `<data_dir>/<node_id>.redb`.
+    pub data_dir: PathBuf,
+    pub nats_urls: Vec<String>,
+    pub stream: StreamSettings,
+    /// Empty: every entity type.
+    pub entities: Vec<EntityFilter>,
+    pub store: StoreConfig,
+    /// Most messages applied in one transaction.
+    pub fetch_batch: usize,
+    /// Most publishes awaiting PubAck at once.
+    pub publish_window: usize,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: NodeId, data_dir: impl Into<PathBuf>, nats_url: impl Into<String>) -> Self {
+        NodeConfig {
+            node_id,
+            data_dir: data_dir.into(),
+            nats_urls: vec![nats_url.into()],
+            stream: StreamSettings::default(),
+            entities: Vec::new(),
+            store: StoreConfig::default(),
+            fetch_batch: 1000,
+            publish_window: 1000,
+        }
+    }
+
+    /// The consumer filter subjects for this node.
+    pub fn filter_subjects(&self) -> Vec<String> {
+        filter_subjects(&self.stream.prefix, &self.entities)
+    }
+}
+
+fn filter_subjects(prefix: &str, entities: &[EntityFilter]) -> Vec<String> {
+    if entities.is_empty() {
+        return vec![format!("{prefix}.>")];
+    }
+    let mut out = BTreeSet::new();
+    for f in entities {
+        if f.scopes.is_empty() {
+            out.insert(format!("{prefix}.{}.>", f.entity));
+        } else {
+            for s in &f.scopes {
+                out.insert(format!("{prefix}.{}.{s}.>", f.entity));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Starting or running a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    #[error("cannot connect to NATS at {urls}: {detail}")]
+    Connect { urls: String, detail: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("node task failed: {0}")]
+    Task(String),
+}
+
+/// Why the apply loop stopped applying; it needs an operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Halt {
+    /// Events this node never applied were removed from the stream.
+    RetentionGap { checkpoint: u64, first_seq: u64 },
+    /// The stream was deleted and recreated (or replaced) since this node followed it.
+    StreamReset { detail: String },
+    /// The stream exists with a config that conflicts with this node's.
+    StreamConflict { detail: String },
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Halt::RetentionGap {
+                checkpoint,
+                first_seq,
+            } => write!(
+                f,
+                "retention gap: this node applied up to sequence {checkpoint} but the stream now starts at {first_seq}; events {}..{} are gone, bootstrap from a snapshot",
+                checkpoint + 1,
+                first_seq - 1
+            ),
+            Halt::StreamReset { detail } => write!(f, "stream reset: {detail}"),
+            Halt::StreamConflict { detail } => write!(f, "stream config conflict: {detail}"),
+        }
+    }
+}
+
+/// A point-in-time view of a node.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub node: String,
+    /// `connected`, `disconnected` or `pending`.
+    pub connection: String,
+    pub outbox: u64,
+    pub checkpoint: u64,
+    /// The stream's last sequence when last seen.
+    pub stream_last_seq: Option<u64>,
+    /// Messages matching this node's filter not yet applied, per the consumer.
+    pub lag: Option<u64>,
+    pub quarantined: u64,
+    /// The last transient error (cleared when the loop recovers).
+    pub last_error: Option<String>,
+    /// Set when applying stopped and needs an operator.
+    pub halted: Option<Halt>,
+}
+
+#[derive(Default)]
+struct Live {
+    stream_last_seq: Option<u64>,
+    lag: Option<u64>,
+    last_error: Option<String>,
+    halted: Option<Halt>,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    config: NodeConfig,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    outbox_ready: Notify,
+    changes: broadcast::Sender<Change>,
+    live: Mutex<Live>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_error(&self, err: Option<String>) {
+        self.live().last_error = err;
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps unless shutdown comes first; returns true if shutting down.
+    async fn pause(&self, d: Duration) -> bool {
+        let mut rx = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => self.stopping(),
+            _ = rx.wait_for(|s| *s) => true,
+        }
+    }
+}
+
+/// A running replica.
+pub struct Node {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens the store, connects to NATS (in the background if it is unreachable: the node
+    /// works offline meanwhile) and starts the publisher and the apply loop. A stream whose
+    /// config conflicts with this node's is refused here when NATS is reachable.
+    pub async fn start(mut config: NodeConfig) -> Result<Node, NodeError> {
+        config.stream.validate()?;
+        if config.fetch_batch == 0 || config.publish_window == 0 {
+            return Err(NodeError::Config(
+                "fetch_batch and publish_window must be positive".into(),
+            ));
+        }
+        if config.nats_urls.is_empty() {
+            return Err(NodeError::Config("nats_urls is empty".into()));
+        }
+        config.store.prefix = config.stream.prefix.clone();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            NodeError::Config(format!(
+                "cannot create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let path = config.data_dir.join(format!("{}.redb", config.node_id));
+        let (node_id, store_config) = (config.node_id.clone(), config.store.clone());
+        let store = tokio::task::spawn_blocking(move || Store::open(path, node_id, store_config))
+            .await
+            .map_err(|e| NodeError::Task(e.to_string()))??;
+
+        let urls = config.nats_urls.join(",");
+        let addrs: Vec<async_nats::ServerAddr> = config
+            .nats_urls
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| NodeError::Connect {
+                urls: urls.clone(),
+                detail: format!("{e}"),
+            })?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("jetsync-{}", config.node_id))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((50u64 << attempt.min(5)).min(2000))
+            })
+            .connect(addrs)
+            .await
+            .map_err(|e| NodeError::Connect {
+                urls,
+                detail: e.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+
+        // Refuse a conflicting stream now if the server answers quickly; otherwise the
+        // apply loop keeps trying in the background.
+        if let Ok(Err(StreamError::Conflict { name, detail })) =
+            tokio::time::timeout(Duration::from_secs(3), ensure_stream(&js, &config.stream)).await
+        {
+            return Err(StreamError::Conflict { name, detail }.into());
+        }
+
+        let (stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            store: Arc::new(store),
+            config,
+            js,
+            client,
+            outbox_ready: Notify::new(),
+            changes: broadcast::channel(4096).0,
+            live: Mutex::new(Live::default()),
+            shutdown,
+        });
+        let tasks = vec![
+            tokio::spawn(publish_loop(shared.clone())),
+            tokio::spawn(apply_loop(shared.clone())),
+        ];
+        Ok(Node {
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.shared.config.node_id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// Commits local writes (one transaction) and wakes the publisher.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        let store = self.shared.store.clone();
+        let (written, changes) =
+            tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
+                .await
+                .map_err(|e| {
+                    WriteError::Storage(StorageError::Corrupt(format!("write task: {e}")))
+                })??;
+        self.shared.outbox_ready.notify_one();
+        for c in changes {
+            let _ = self.shared.changes.send(c);
+        }
+        Ok(written)
+    }
+
+    /// Writes one document.
+    pub async fn put(
+        &self,
+        entity: &EntityName,
+        id: uuid::Uuid,
+        doc: serde_json::Value,
+    ) -> Result<Written, WriteError> {
+        let mut w = self
+            .write(vec![Write::put(entity.clone(), id, doc)])
+            .await?;
+        w.pop()
+            .ok_or_else(|| WriteError::Storage(StorageError::Corrupt("no write result".into())))
+    }
+
+    /// Deletes one record.
+    pub async fn delete(&self, entity: &EntityName, id: uuid::Uuid) -> Result<Written, WriteError> {
+        let mut w = self.write(vec![Write::delete(entity.clone(), id)]).await?;
+        w.pop()
+            .ok_or_else(|| WriteError::Storage(StorageError::Corrupt("no write result".into())))
+    }
+
+    /// Changes to `entity` as they are applied or written, in order.
+    pub fn watch(&self, entity: &EntityName) -> Watch {
+        Watch {
+            entity: entity.clone(),
+            rx: self.shared.changes.subscribe(),
+        }
+    }
+
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let store = self.shared.store.clone();
+        let (outbox, checkpoint, quarantined) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StorageError>((
+                store.outbox_len()?,
+                store.checkpoint()?,
+                store.quarantine_len()?,
+            ))
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+        let live = self.shared.live();
+        Ok(Status {
+            node: self.shared.config.node_id.to_string(),
+            connection: match self.shared.client.connection_state() {
+                async_nats::connection::State::Connected => "connected",
+                async_nats::connection::State::Disconnected => "disconnected",
+                async_nats::connection::State::Pending => "pending",
+            }
+            .into(),
+            outbox,
+            checkpoint,
+            stream_last_seq: live.stream_last_seq,
+            lag: live.lag,
+            quarantined,
+            last_error: live.last_error.clone(),
+            halted: live.halted.clone(),
+        })
+    }
+
+    /// Stops both loops after their current batch and waits for them.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        let _ = self.stop.send(true);
+        self.shared.outbox_ready.notify_one();
+        for t in self.tasks.drain(..) {
+            t.await.map_err(|e| NodeError::Task(e.to_string()))?;
+        }
+        let _ = self.shared.client.flush().await;
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A change feed for one entity type.
+pub struct Watch {
+    entity: EntityName,
+    rx: broadcast::Receiver<Change>,
+}
+
+/// The feed fell behind and `missed` changes were dropped; re-read the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("watcher fell behind; {missed} changes were dropped")]
+pub struct Lagged {
+    pub missed: u64,
+}
+
+impl Watch {
+    /// The next change, `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<Result<Change, Lagged>> {
+        loop {
+            match self.rx.recv().await {
+                Ok(c) if c.entity == self.entity => return Some(Ok(c)),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    return Some(Err(Lagged { missed }));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+// ----- publisher --------------------------------------------------------------------
+
+async fn publish_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(50);
+    while !shared.stopping() {
+        let store = shared.store.clone();
+        let window = shared.config.publish_window;
+        let entries = match tokio::task::spawn_blocking(move || store.outbox_peek(0, window)).await
+        {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading the outbox failed");
+                shared.set_error(Some(format!("outbox: {e}")));
+                if shared.pause(Duration::from_secs(1)).await {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => break,
+        };
+        if entries.is_empty() {
+            let mut rx = shared.shutdown.clone();
+            tokio::select! {
+                _ = shared.outbox_ready.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = rx.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        // Send the whole window, then collect the acks in order.
+        let mut pending = Vec::with_capacity(entries.len());
+        let mut failure = None;
+        for e in &entries {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(e.payload.clone().into())
+                .message_id(e.msg_id.as_str());
+            match shared.js.send_publish(e.subject.clone(), publish).await {
+                Ok(ack) => pending.push((e.origin_seq, ack)),
+                Err(err) => {
+                    failure = Some(format!("publish: {err}"));
+                    break;
+                }
+            }
+        }
+        let mut acked = Vec::with_capacity(pending.len());
+        for (seq, ack) in pending {
+            match ack.await {
+                Ok(_) => acked.push(seq),
+                Err(err) => {
+                    failure.get_or_insert_with(|| format!("publish ack: {err}"));
+                }
+            }
+        }
+        if !acked.is_empty() {
+            let store = shared.store.clone();
+            let n = acked.len();
+            match tokio::task::spawn_blocking(move || store.outbox_remove(&acked)).await {
+                Ok(Ok(())) => tracing::debug!(published = n, "outbox drained"),
+                Ok(Err(e)) => failure = Some(format!("outbox remove: {e}")),
+                Err(_) => break,
+            }
+        }
+        match failure {
+            None => {
+                backoff = Duration::from_millis(50);
+                shared.set_error(None);
+            }
+            Some(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "publishing paused");
+                shared.set_error(Some(err));
+                if shared.pause(backoff).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+// ----- apply loop -------------------------------------------------------------------
+
+enum Stop {
+    /// Retry from provisioning after a pause.
+    Retry(String),
+    Halt(Halt),
+    Shutdown,
+}
+
+async fn apply_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow_stream(&shared).await {
+            Stop::Shutdown => return,
+            Stop::Halt(halt) => {
+                tracing::error!(%halt, "applying stopped");
+                shared.live().halted = Some(halt);
+                let mut rx = shared.shutdown.clone();
+                let _ = rx.wait_for(|s| *s).await;
+                return;
+            }
+            Stop::Retry(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "apply loop interrupted");
+                shared.set_error(Some(err));
+                if shared.pause(backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, Stop> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Stop::Retry(format!("store: {e}"))),
+        Err(e) => Err(Stop::Retry(format!("store task: {e}"))),
+    }
+}
+
+/// Provisions, checks, (re)creates the consumer and applies until something breaks.
+async fn follow_stream(shared: &Arc<Shared>) -> Stop {
+    match follow_stream_inner(shared).await {
+        Ok(()) => Stop::Shutdown,
+        Err(stop) => stop,
+    }
+}
+
+async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let (identity, state) = match ensure_stream(&shared.js, &cfg.stream).await {
+        Ok(v) => v,
+        Err(StreamError::Conflict { detail, .. }) => {
+            return Err(Stop::Halt(Halt::StreamConflict { detail }));
+        }
+        Err(e) => return Err(Stop::Retry(e.to_string())),
+    };
+    shared.live().stream_last_seq = Some(state.last_sequence);
+
+    let store = shared.store.clone();
+    let (known, checkpoint) = blocking(move || {
+        let known = store
+            .meta_get(META_STREAM)?
+            .and_then(|b| serde_json::from_slice::<StreamIdentity>(&b).ok());
+        Ok((known, store.checkpoint()?))
+    })
+    .await?;
+    match known {
+        Some(k) if k != identity => {
+            return Err(Stop::Halt(Halt::StreamReset {
+                detail: format!(
+                    "this node followed stream {:?} created at {} ms, the server has one created at {} ms",
+                    k.name, k.created_ms, identity.created_ms
+                ),
+            }));
+        }
+        Some(_) => {}
+        None => {
+            let store = shared.store.clone();
+            let bytes = serde_json::to_vec(&identity).unwrap_or_default();
+            blocking(move || store.meta_put(META_STREAM, &bytes)).await?;
+        }
+    }
+    if state.last_sequence < checkpoint {
+        return Err(Stop::Halt(Halt::StreamReset {
+            detail: format!(
+                "the stream's last sequence {} is below this node's checkpoint {checkpoint}",
+                state.last_sequence
+            ),
+        }));
+    }
+    let compacted = cfg.stream.retention == Retention::Compacted;
+    if !compacted && checkpoint + 1 < state.first_sequence {
+        return Err(Stop::Halt(Halt::RetentionGap {
+            checkpoint,
+            first_seq: state.first_sequence,
+        }));
+    }
+
+    backfill_new_entities(shared, checkpoint, state.first_sequence, compacted).await?;
+
+    let consumer = recreate_consumer(shared, checkpoint).await?;
+    shared.set_error(None);
+    tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
+    apply_messages(shared, consumer, None).await
+}
+
+/// The durable consumer, recreated at `checkpoint + 1` with this node's filters: whatever
+/// the server remembers, the local checkpoint decides where applying resumes.
+async fn recreate_consumer(
+    shared: &Arc<Shared>,
+    checkpoint: u64,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, Stop> {
+    let cfg = &shared.config;
+    let name = format!("jetsync_{}", cfg.node_id);
+    let stream = shared
+        .js
+        .get_stream(&cfg.stream.name)
+        .await
+        .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+    let _ = stream.delete_consumer(&name).await;
+    let filters = cfg.filter_subjects();
+    let config = pull::Config {
+        durable_name: Some(name),
+        filter_subjects: filters,
+        deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: checkpoint + 1,
+        },
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: (cfg.fetch_batch as i64 * 20).max(10_000),
+        ..Default::default()
+    };
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| Stop::Retry(format!("create consumer: {e}")))
+}
+
+/// Applies messages from `consumer` in batches. With `until`, stops after that sequence
+/// (backfill); otherwise runs until shutdown or an error.
+async fn apply_messages(
+    shared: &Arc<Shared>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    until: Option<u64>,
+) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(cfg.fetch_batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| Stop::Retry(format!("consume: {e}")))?;
+    let mut chunks = messages.ready_chunks(cfg.fetch_batch);
+    let own_prefix = shared.store.msg_id_prefix();
+    let mut rx = shared.shutdown.clone();
+    loop {
+        let chunk = tokio::select! {
+            c = chunks.next() => c,
+            _ = rx.wait_for(|s| *s) => return Ok(()),
+        };
+        let Some(chunk) = chunk else {
+            return Err(Stop::Retry("consumer stream ended".into()));
+        };
+        let mut msgs = Vec::with_capacity(chunk.len());
+        let mut failure = None;
+        for m in chunk {
+            match m {
+                Ok(m) => msgs.push(m),
+                Err(e) => {
+                    failure = Some(format!("fetch: {e}"));
+                    break;
+                }
+            }
+        }
+        // Apply what arrived before the error, then start over from the checkpoint.
+        if !msgs.is_empty() {
+            let mut batch = Vec::with_capacity(msgs.len());
+            let mut through = 0;
+            let mut pending = None;
+            for m in &msgs {
+                let info = m
+                    .info()
+                    .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
+                through = through.max(info.stream_sequence);
+                pending = Some(info.pending);
+                let own = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .is_some_and(|id| id.as_str().starts_with(own_prefix.as_str()));
+                if own {
+                    continue; // written here: known already
+                }
+                batch.push((
+                    info.stream_sequence,
+                    m.subject.to_string(),
+                    m.payload.clone(),
+                    u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
+                ));
+            }
+            let store = shared.store.clone();
+            let report = blocking(move || {
+                let incoming: Vec<Incoming<'_>> = batch
+                    .iter()
+                    .map(|(seq, subject, payload, time)| Incoming {
+                        stream_seq: *seq,
+                        subject,
+                        payload,
+                        stream_time_ms: *time,
+                    })
+                    .collect();
+                store.apply_batch_through(&incoming, through)
+            })
+            .await?;
+            if let Some(last) = msgs.last() {
+                // AckPolicy::All: acknowledging the last acknowledges the batch.
+                if let Err(e) = last.ack().await {
+                    tracing::debug!(error = %e, "ack failed; redelivery is skipped by checkpoint");
+                }
+            }
+            {
+                let mut live = shared.live();
+                live.lag = pending;
+                live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
+            }
+            tracing::debug!(
+                applied = report.applied,
+                duplicates = report.duplicates,
+                quarantined = report.quarantined,
+                checkpoint = report.checkpoint,
+                "batch applied"
+            );
+            for c in report.changes {
+                let _ = shared.changes.send(c);
+            }
+            if until.is_some_and(|u| through >= u) {
+                return Ok(());
+            }
+        }
+        if let Some(f) = failure {
+            return Err(Stop::Retry(f));
+        }
+    }
+}
+
+/// Entity types added to this node since it last ran are backfilled from the start of the
+/// stream up to the checkpoint, before the main consumer resumes with the wider filter.
+async fn backfill_new_entities(
+    shared: &Arc<Shared>,
+    checkpoint: u64,
+    first_seq: u64,
+    compacted: bool,
+) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let wanted: BTreeSet<String> = cfg.filter_subjects().into_iter().collect();
+    let store = shared.store.clone();
+    let previous: Option<BTreeSet<String>> = blocking(move || {
+        Ok(store
+            .meta_get(META_FILTERS)?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    })
+    .await?;
+    let save = |set: &BTreeSet<String>| serde_json::to_vec(set).unwrap_or_default();
+    let Some(previous) = previous else {
+        let (store, bytes) = (shared.store.clone(), save(&wanted));
+        return blocking(move || store.meta_put(META_FILTERS, &bytes)).await;
+    };
+    let all = format!("{}.>", cfg.stream.prefix);
+    let added: Vec<String> = if previous.contains(&all) {
+        Vec::new()
+    } else {
+        wanted.difference(&previous).cloned().collect()
+    };
+    if !added.is_empty() && checkpoint > 0 {
+        if !compacted && first_seq > 1 {
+            return Err(Stop::Halt(Halt::RetentionGap {
+                checkpoint: 0,
+                first_seq,
+            }));
+        }
+        tracing::info!(filters = ?added, through = checkpoint, "backfilling added entity types");
+        let stream = shared
+            .js
+            .get_stream(&cfg.stream.name)
+            .await
+            .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subjects: added,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Stop::Retry(format!("backfill consumer: {e}")))?;
+        let pending = consumer
+            .clone()
+            .info()
+            .await
+            .map(|i| i.num_pending)
+            .unwrap_or(0);
+        if pending > 0 {
+            backfill(shared, consumer, checkpoint).await?;
+        }
+    }
+    let (store, bytes) = (shared.store.clone(), save(&wanted));
+    blocking(move || store.meta_put(META_FILTERS, &bytes)).await
+}
+
+/// Applies the added filters' events up to `through` without moving the main checkpoint.
+async fn backfill(
+    shared: &Arc<Shared>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    through: u64,
+) -> Result<(), Stop> {
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(shared.config.fetch_batch)
+        .messages()
+        .await
+        .map_err(|e| Stop::Retry(format!("backfill: {e}")))?
+        .ready_chunks(shared.config.fetch_batch);
+    while let Some(chunk) = messages.next().await {
+        let mut batch = Vec::new();
+        let mut done = false;
+        for m in chunk {
+            let m = m.map_err(|e| Stop::Retry(format!("backfill fetch: {e}")))?;
+            let info = m
+                .info()
+                .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
+            if info.stream_sequence > through {
+                done = true;
+                break;
+            }
+            batch.push((
+                info.stream_sequence,
+                m.subject.to_string(),
+                m.payload.clone(),
+                u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
+            ));
+            done |= info.stream_sequence == through || info.pending == 0;
+        }
+        let store = shared.store.clone();
+        let report = blocking(move || {
+            let incoming: Vec<Incoming<'_>> = batch
+                .iter()
+                .map(|(seq, subject, payload, time)| Incoming {
+                    stream_seq: *seq,
+                    subject,
+                    payload,
+                    stream_time_ms: *time,
+                })
+                .collect();
+            store.apply_backfill(&incoming)
+        })
+        .await?;
+        for c in report.changes {
+            let _ = shared.changes.send(c);
+        }
+        if done || shared.stopping() {
+            break;
+        }
+    }
+    Ok(())
+}

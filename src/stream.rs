@@ -1,0 +1,256 @@
+//! The JetStream stream every node shares: its settings, provisioning (create it, or
+//! verify an existing one and refuse a conflicting config), and the identity a node
+//! remembers so it notices when the stream it was following was deleted and recreated.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use serde::{Deserialize, Serialize};
+
+/// How long the stream keeps events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Retention {
+    /// Keep events until a limit removes the oldest (0 = unlimited). Nodes that fall
+    /// behind the first kept sequence need a snapshot.
+    Limits {
+        #[serde(default, with = "secs")]
+        max_age: Duration,
+        #[serde(default)]
+        max_bytes: i64,
+        #[serde(default)]
+        max_msgs: i64,
+    },
+    /// Keep the latest event per subject (per origin per record): replay alone rebuilds
+    /// any node, since the winner is always some origin's latest version.
+    Compacted,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::Limits {
+            max_age: Duration::ZERO,
+            max_bytes: 0,
+            max_msgs: 0,
+        }
+    }
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+/// The stream a deployment replicates through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSettings {
+    pub name: String,
+    /// Subject prefix; the stream captures `<prefix>.>`.
+    pub prefix: String,
+    /// 1 or 3 (or any odd number up to the cluster size).
+    pub replicas: usize,
+    /// Publish de-duplication window for `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    pub retention: Retention,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            name: "JETSYNC".into(),
+            prefix: "jetsync".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// Provisioning the stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(
+        "stream {name:?} exists with a conflicting configuration: {detail}; fix the node config or the stream"
+    )]
+    Conflict { name: String, detail: String },
+    #[error("invalid stream settings: {0}")]
+    Invalid(String),
+    #[error("JetStream request failed: {0}")]
+    Nats(String),
+}
+
+impl StreamSettings {
+    pub fn validate(&self) -> Result<(), StreamError> {
+        if self.name.is_empty() || self.name.contains(['.', ' ', '*', '>', '\t']) {
+            return Err(StreamError::Invalid(format!(
+                "stream name {:?} must be non-empty without '.', spaces or wildcards",
+                self.name
+            )));
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(StreamError::Invalid(format!(
+                "replicas must be 1..=5, got {}",
+                self.replicas
+            )));
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> stream::Config {
+        let (max_age, max_bytes, max_messages, per_subject) = match &self.retention {
+            Retention::Limits {
+                max_age,
+                max_bytes,
+                max_msgs,
+            } => (*max_age, *max_bytes, *max_msgs, 0),
+            Retention::Compacted => (Duration::ZERO, 0, 0, 1),
+        };
+        stream::Config {
+            name: self.name.clone(),
+            subjects: vec![format!("{}.>", self.prefix)],
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age,
+            max_bytes: if max_bytes == 0 { -1 } else { max_bytes },
+            max_messages: if max_messages == 0 { -1 } else { max_messages },
+            max_messages_per_subject: if per_subject == 0 { -1 } else { per_subject },
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// The settings that must match between this node and an existing stream.
+    fn conflicts(&self, existing: &stream::Config) -> Vec<String> {
+        let want = self.config();
+        let mut out = Vec::new();
+        if !existing.subjects.iter().any(|s| s == &want.subjects[0]) {
+            out.push(format!(
+                "subjects {:?} do not include {:?}",
+                existing.subjects, want.subjects[0]
+            ));
+        }
+        if existing.storage != want.storage {
+            out.push("storage is not file".into());
+        }
+        if existing.num_replicas != want.num_replicas {
+            out.push(format!(
+                "replicas {} (configured {})",
+                existing.num_replicas, want.num_replicas
+            ));
+        }
+        let per_subject = |v: i64| v == 1;
+        if per_subject(existing.max_messages_per_subject)
+            != per_subject(want.max_messages_per_subject)
+        {
+            out.push(format!(
+                "max_msgs_per_subject {} does not match retention {:?}",
+                existing.max_messages_per_subject, self.retention
+            ));
+        }
+        if existing.max_age != want.max_age {
+            out.push(format!(
+                "max_age {:?} (configured {:?})",
+                existing.max_age, want.max_age
+            ));
+        }
+        let unlimited = |v: i64| if v <= 0 { -1 } else { v };
+        if unlimited(existing.max_bytes) != unlimited(want.max_bytes) {
+            out.push(format!(
+                "max_bytes {} (configured {})",
+                existing.max_bytes, want.max_bytes
+            ));
+        }
+        if unlimited(existing.max_messages) != unlimited(want.max_messages) {
+            out.push(format!(
+                "max_msgs {} (configured {})",
+                existing.max_messages, want.max_messages
+            ));
+        }
+        out
+    }
+}
+
+/// What a node remembers of the stream it follows, to notice a recreated stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamIdentity {
+    pub name: String,
+    /// Creation time in ms since the epoch, as JetStream reports it.
+    pub created_ms: i64,
+}
+
+/// Creates the stream, or verifies that the existing one matches `settings`. Returns its
+/// identity and current state.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(StreamIdentity, stream::State), StreamError> {
+    settings.validate()?;
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let mut stream = match js.get_stream(&settings.name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            match js.create_stream(settings.config()).await {
+                Ok(s) => s,
+                // Another node created it in between: verify theirs below.
+                Err(_) => js.get_stream(&settings.name).await.map_err(|e| nats(&e))?,
+            }
+        }
+        Err(e) => return Err(nats(&e)),
+    };
+    let info = stream.info().await.map_err(|e| nats(&e))?;
+    let conflicts = settings.conflicts(&info.config);
+    if !conflicts.is_empty() {
+        return Err(StreamError::Conflict {
+            name: settings.name.clone(),
+            detail: conflicts.join("; "),
+        });
+    }
+    Ok((
+        StreamIdentity {
+            name: settings.name.clone(),
+            created_ms: info.created.timestamp_millis(),
+        },
+        info.state.clone(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_validated_and_compared() {
+        assert!(StreamSettings::default().validate().is_ok());
+        let bad = StreamSettings {
+            name: "a.b".into(),
+            ..Default::default()
+        };
+        assert!(matches!(bad.validate(), Err(StreamError::Invalid(_))));
+        let s = StreamSettings::default();
+        assert!(s.conflicts(&s.config()).is_empty());
+        let compacted = StreamSettings {
+            retention: Retention::Compacted,
+            ..Default::default()
+        };
+        let c = s.conflicts(&compacted.config());
+        assert_eq!(c.len(), 1, "{c:?}");
+        let r3 = StreamSettings {
+            replicas: 3,
+            ..Default::default()
+        };
+        assert!(s.conflicts(&r3.config())[0].contains("replicas 3"));
+    }
+}

@@ -1,0 +1,89 @@
+//! Helpers for replication tests: nodes on real nats-servers, bounded waits that say what
+//! did not happen, and convergence checks.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use jetsync::node::{Node, NodeConfig};
+use jetsync::{EntityName, NodeId};
+
+/// Polls `check` until it returns `Ok`, or panics after `timeout` with the last `Err`
+/// (what was still missing).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        match check().await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}: {last}");
+}
+
+pub fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
+    NodeConfig::new(NodeId::new(name).expect("node id"), dir.join(name), url)
+}
+
+pub async fn start(config: NodeConfig) -> Node {
+    Node::start(config).await.expect("node starts")
+}
+
+/// Digest totals and conflict sets of `entity` on every node, for comparing.
+pub async fn fingerprint(node: &Node, entity: &EntityName) -> (String, Vec<(uuid::Uuid, usize)>) {
+    let store = node.store().clone();
+    let entity = entity.clone();
+    tokio::task::spawn_blocking(move || {
+        let digest = store.digest(&entity).expect("digest").to_string();
+        let conflicts = store
+            .conflicts(&entity, None, usize::MAX)
+            .expect("conflicts")
+            .items
+            .into_iter()
+            .map(|c| (c.id, c.leaves.len()))
+            .collect();
+        (digest, conflicts)
+    })
+    .await
+    .expect("fingerprint task")
+}
+
+/// Waits until every node has published its outbox and all fingerprints are equal.
+pub async fn converge(nodes: &[&Node], entity: &EntityName, timeout: Duration) {
+    wait_for("all nodes to converge", timeout, || async {
+        let mut prints = Vec::new();
+        for n in nodes {
+            let status = n.status().await.map_err(|e| e.to_string())?;
+            if status.outbox > 0 {
+                return Err(format!(
+                    "{} still has {} unpublished events",
+                    status.node, status.outbox
+                ));
+            }
+            if let Some(h) = status.halted {
+                return Err(format!("{} halted: {h}", status.node));
+            }
+            prints.push((status.node.clone(), fingerprint(n, entity).await));
+        }
+        let first = &prints[0].1;
+        match prints.iter().find(|(_, p)| p != first) {
+            None => Ok(()),
+            Some((name, p)) => Err(format!(
+                "{} has digest {} with {} conflicts, {} has {} with {}",
+                prints[0].0,
+                first.0,
+                first.1.len(),
+                name,
+                p.0,
+                p.1.len()
+            )),
+        }
+    })
+    .await;
+}
