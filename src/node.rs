@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId, Scope};
-use crate::store::{Change, Incoming, Store, StoreConfig, Write, Written};
+use crate::store::{ApplyReport, Change, Incoming, Store, StoreConfig, Write, Written};
 use crate::stream::{Retention, StreamError, StreamIdentity, StreamSettings, ensure_stream};
 
 const META_STREAM: &str = "x.stream";
@@ -650,6 +650,51 @@ async fn recreate_consumer(
         .map_err(|e| Stop::Retry(format!("create consumer: {e}")))
 }
 
+/// A fetched message, owned so it can move to the blocking pool.
+struct Fetched {
+    seq: u64,
+    subject: String,
+    payload: bytes::Bytes,
+    stream_time_ms: u64,
+}
+
+impl Fetched {
+    fn new(m: &jetstream::Message, info: &jetstream::message::Info<'_>) -> Self {
+        Fetched {
+            seq: info.stream_sequence,
+            subject: m.subject.to_string(),
+            payload: m.payload.clone(),
+            stream_time_ms: u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
+        }
+    }
+}
+
+/// Applies one fetched batch in one transaction: through the checkpoint (`Some`), or as a
+/// backfill that leaves it alone (`None`).
+async fn apply_fetched(
+    shared: &Arc<Shared>,
+    batch: Vec<Fetched>,
+    through: Option<u64>,
+) -> Result<ApplyReport, Stop> {
+    let store = shared.store.clone();
+    blocking(move || {
+        let incoming: Vec<Incoming<'_>> = batch
+            .iter()
+            .map(|f| Incoming {
+                stream_seq: f.seq,
+                subject: &f.subject,
+                payload: &f.payload,
+                stream_time_ms: f.stream_time_ms,
+            })
+            .collect();
+        match through {
+            Some(through) => store.apply_batch_through(&incoming, through),
+            None => store.apply_backfill(&incoming),
+        }
+    })
+    .await
+}
+
 /// Applies messages from `consumer` in batches. With `until`, stops after that sequence
 /// (backfill); otherwise runs until shutdown or an error.
 async fn apply_messages(
@@ -707,27 +752,9 @@ async fn apply_messages(
                 if own {
                     continue; // written here: known already
                 }
-                batch.push((
-                    info.stream_sequence,
-                    m.subject.to_string(),
-                    m.payload.clone(),
-                    u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
-                ));
+                batch.push(Fetched::new(m, &info));
             }
-            let store = shared.store.clone();
-            let report = blocking(move || {
-                let incoming: Vec<Incoming<'_>> = batch
-                    .iter()
-                    .map(|(seq, subject, payload, time)| Incoming {
-                        stream_seq: *seq,
-                        subject,
-                        payload,
-                        stream_time_ms: *time,
-                    })
-                    .collect();
-                store.apply_batch_through(&incoming, through)
-            })
-            .await?;
+            let report = apply_fetched(shared, batch, Some(through)).await?;
             if let Some(last) = msgs.last() {
                 // AckPolicy::All: acknowledging the last acknowledges the batch.
                 if let Err(e) = last.ack().await {
@@ -849,28 +876,10 @@ async fn backfill(
                 done = true;
                 break;
             }
-            batch.push((
-                info.stream_sequence,
-                m.subject.to_string(),
-                m.payload.clone(),
-                u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
-            ));
+            batch.push(Fetched::new(&m, &info));
             done |= info.stream_sequence == through || info.pending == 0;
         }
-        let store = shared.store.clone();
-        let report = blocking(move || {
-            let incoming: Vec<Incoming<'_>> = batch
-                .iter()
-                .map(|(seq, subject, payload, time)| Incoming {
-                    stream_seq: *seq,
-                    subject,
-                    payload,
-                    stream_time_ms: *time,
-                })
-                .collect();
-            store.apply_backfill(&incoming)
-        })
-        .await?;
+        let report = apply_fetched(shared, batch, None).await?;
         for c in report.changes {
             let _ = shared.changes.send(c);
         }

@@ -201,6 +201,15 @@ pub struct Page<T> {
     pub next: Option<Uuid>,
 }
 
+impl<T> Page<T> {
+    fn empty() -> Self {
+        Page {
+            items: Vec::new(),
+            next: None,
+        }
+    }
+}
+
 /// A record with more than one leaf.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConflictSet {
@@ -678,10 +687,7 @@ impl Store {
     ) -> Result<Page<Record>, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
-            return Ok(Page {
-                items: vec![],
-                next: None,
-            });
+            return Ok(Page::empty());
         };
         let start = after.map_or(0, |a| a.as_u128().saturating_add(1));
         let mut items = Vec::new();
@@ -713,10 +719,7 @@ impl Store {
     ) -> Result<Page<(Uuid, RecordState)>, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
-            return Ok(Page {
-                items: vec![],
-                next: None,
-            });
+            return Ok(Page::empty());
         };
         let mut items = Vec::new();
         let mut next = None;
@@ -748,10 +751,7 @@ impl Store {
         let (Ok(index), Some(records)) =
             (txn.open_table(CONFLICTS), open_records_read(&txn, entity)?)
         else {
-            return Ok(Page {
-                items: vec![],
-                next: None,
-            });
+            return Ok(Page::empty());
         };
         let start = after.map_or(0, |a| a.as_u128().saturating_add(1));
         let mut items = Vec::new();
