@@ -18,9 +18,13 @@
 //!   same transactions.
 //! - [`digest`]: order-independent per-entity hashes for verifying replicas.
 //! - [`stream`]: the JetStream stream's settings, provisioning and identity.
+//! - [`config`]: the node's TOML configuration file, validated key by key.
+//! - [`connect`]: NATS URLs, authentication and TLS options shared by nodes and the CLI.
 //! - [`node`]: a running replica: the outbox publisher and the apply loop over a durable
 //!   pull consumer, gap/reset detection, partial replication with backfill, change feeds
 //!   and status.
+//! - [`api`]: the request/reply API each node serves over NATS, and its client.
+//! - [`cli`]: the command line (`jetsync run`, `demo`, and commands over the node API).
 //! - [`devserver`]: real `nats-server` processes (single or clustered) for tests, the demo
 //!   and examples, installed on first use if the machine has none.
 //!
@@ -31,7 +35,12 @@
 //! stream batch ──► [redb txn: decode+validate, merge or quarantine, checkpoint] ──► ack
 //! ```
 
+pub mod api;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod connect;
+pub mod demo;
 pub mod devserver;
 pub mod digest;
 pub mod error;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
+use crate::connect::{ConnectError, NatsAuth, connect};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId, Scope};
 use crate::store::{ApplyReport, Change, Incoming, Store, StoreConfig, Write, Written};
@@ -48,6 +49,7 @@ pub struct NodeConfig {
     /// The store file is `<data_dir>/<node_id>.redb`.
     pub data_dir: PathBuf,
     pub nats_urls: Vec<String>,
+    pub nats_auth: NatsAuth,
     pub stream: StreamSettings,
     /// Empty: every entity type.
     pub entities: Vec<EntityFilter>,
@@ -56,6 +58,8 @@ pub struct NodeConfig {
     pub fetch_batch: usize,
     /// Most publishes awaiting PubAck at once.
     pub publish_window: usize,
+    /// Answer API requests (`<prefix>_api.<node>.*`, see [`crate::api`]).
+    pub serve_api: bool,
 }
 
 impl NodeConfig {
@@ -64,11 +68,13 @@ impl NodeConfig {
             node_id,
             data_dir: data_dir.into(),
             nats_urls: vec![nats_url.into()],
+            nats_auth: NatsAuth::default(),
             stream: StreamSettings::default(),
             entities: Vec::new(),
             store: StoreConfig::default(),
             fetch_batch: 1000,
             publish_window: 1000,
+            serve_api: true,
         }
     }
 
@@ -104,8 +110,8 @@ pub enum NodeError {
     Stream(#[from] StreamError),
     #[error("invalid node configuration: {0}")]
     Config(String),
-    #[error("cannot connect to NATS at {urls}: {detail}")]
-    Connect { urls: String, detail: String },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("node task failed: {0}")]
@@ -206,6 +212,7 @@ impl Shared {
 /// A running replica.
 pub struct Node {
     shared: Arc<Shared>,
+    handle: NodeHandle,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -237,29 +244,13 @@ impl Node {
             .await
             .map_err(|e| NodeError::Task(e.to_string()))??;
 
-        let urls = config.nats_urls.join(",");
-        let addrs: Vec<async_nats::ServerAddr> = config
-            .nats_urls
-            .iter()
-            .map(|u| u.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| NodeError::Connect {
-                urls: urls.clone(),
-                detail: format!("{e}"),
-            })?;
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("jetsync-{}", config.node_id))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((50u64 << attempt.min(5)).min(2000))
-            })
-            .connect(addrs)
-            .await
-            .map_err(|e| NodeError::Connect {
-                urls,
-                detail: e.to_string(),
-            })?;
+        let client = connect(
+            &config.nats_urls,
+            &config.nats_auth,
+            &format!("jetsync-{}", config.node_id),
+            true,
+        )
+        .await?;
         let js = jetstream::new(client.clone());
 
         // Refuse a conflicting stream now if the server answers quickly; otherwise the
@@ -281,41 +272,81 @@ impl Node {
             live: Mutex::new(Live::default()),
             shutdown,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(publish_loop(shared.clone())),
             tokio::spawn(apply_loop(shared.clone())),
         ];
+        if shared.config.serve_api {
+            let handle = NodeHandle(shared.clone());
+            tasks.push(tokio::spawn(crate::api::serve(
+                handle,
+                shared.shutdown.clone(),
+            )));
+        }
         Ok(Node {
+            handle: NodeHandle(shared.clone()),
             shared,
             stop,
             tasks,
         })
     }
 
+    /// Stops both loops after their current batch and waits for them.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        let _ = self.stop.send(true);
+        self.shared.outbox_ready.notify_one();
+        for t in self.tasks.drain(..) {
+            t.await.map_err(|e| NodeError::Task(e.to_string()))?;
+        }
+        let _ = self.shared.client.flush().await;
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A cheap, clonable handle to a running node: what the API service and applications
+/// use to write, watch and inspect it. [`Node`] dereferences to it.
+#[derive(Clone)]
+pub struct NodeHandle(Arc<Shared>);
+
+impl NodeHandle {
+    /// The node's NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.0.client
+    }
+
     pub fn store(&self) -> &Arc<Store> {
-        &self.shared.store
+        &self.0.store
     }
 
     pub fn node_id(&self) -> &NodeId {
-        &self.shared.config.node_id
+        &self.0.config.node_id
     }
 
     pub fn config(&self) -> &NodeConfig {
-        &self.shared.config
+        &self.0.config
     }
 
     /// Commits local writes (one transaction) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
-        let store = self.shared.store.clone();
+        let store = self.0.store.clone();
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await
                 .map_err(|e| {
                     WriteError::Storage(StorageError::Corrupt(format!("write task: {e}")))
                 })??;
-        self.shared.outbox_ready.notify_one();
+        self.0.outbox_ready.notify_one();
         for c in changes {
-            let _ = self.shared.changes.send(c);
+            let _ = self.0.changes.send(c);
         }
         Ok(written)
     }
@@ -345,12 +376,12 @@ impl Node {
     pub fn watch(&self, entity: &EntityName) -> Watch {
         Watch {
             entity: entity.clone(),
-            rx: self.shared.changes.subscribe(),
+            rx: self.0.changes.subscribe(),
         }
     }
 
     pub async fn status(&self) -> Result<Status, NodeError> {
-        let store = self.shared.store.clone();
+        let store = self.0.store.clone();
         let (outbox, checkpoint, quarantined) = tokio::task::spawn_blocking(move || {
             Ok::<_, StorageError>((
                 store.outbox_len()?,
@@ -360,10 +391,10 @@ impl Node {
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;
-        let live = self.shared.live();
+        let live = self.0.live();
         Ok(Status {
-            node: self.shared.config.node_id.to_string(),
-            connection: match self.shared.client.connection_state() {
+            node: self.0.config.node_id.to_string(),
+            connection: match self.0.client.connection_state() {
                 async_nats::connection::State::Connected => "connected",
                 async_nats::connection::State::Disconnected => "disconnected",
                 async_nats::connection::State::Pending => "pending",
@@ -378,25 +409,12 @@ impl Node {
             halted: live.halted.clone(),
         })
     }
-
-    /// Stops both loops after their current batch and waits for them.
-    pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        let _ = self.stop.send(true);
-        self.shared.outbox_ready.notify_one();
-        for t in self.tasks.drain(..) {
-            t.await.map_err(|e| NodeError::Task(e.to_string()))?;
-        }
-        let _ = self.shared.client.flush().await;
-        Ok(())
-    }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for t in &self.tasks {
-            t.abort();
-        }
+impl std::ops::Deref for Node {
+    type Target = NodeHandle;
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
     }
 }
 

@@ -1,0 +1,233 @@
+//! The commands that talk to a running node over its NATS API: get, put, delete, list,
+//! conflicts, resolve, status, digest, nodes. Tables by default, JSON with `--json`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use super::{Command, Conn};
+use crate::api::ApiClient;
+use crate::connect::connect;
+
+async fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
+    let nats = connect(&conn.nats_url, &conn.auth(), "jetsync-cli", false)
+        .await
+        .context("connecting to NATS")?;
+    Ok(ApiClient::new(nats, &conn.prefix))
+}
+
+fn parse_doc(text: &str) -> anyhow::Result<Value> {
+    let doc: Value =
+        serde_json::from_str(text).with_context(|| format!("DOC is not JSON: {text:?}"))?;
+    anyhow::ensure!(doc.is_object(), "DOC must be a JSON object, got {text:?}");
+    Ok(doc)
+}
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    let (conn, out) = match command {
+        Command::Get { entity, id, target } => {
+            let c = client(&target.conn).await?;
+            let rec = c
+                .call(&target.node, "get", json!({"entity": entity, "id": id}))
+                .await?;
+            anyhow::ensure!(!rec.is_null(), "{entity}/{id} not found on {}", target.node);
+            (target.conn, rec)
+        }
+        Command::Put {
+            entity,
+            args,
+            if_version,
+            if_absent,
+            scope,
+            target,
+        } => {
+            let (id, doc) = match args.as_slice() {
+                [doc] => (None, parse_doc(doc)?),
+                [id, doc] => (Some(id.clone()), parse_doc(doc)?),
+                _ => anyhow::bail!("put takes [ID] DOC"),
+            };
+            let c = client(&target.conn).await?;
+            let body = json!({"entity": entity, "id": id, "doc": doc, "if_version": if_version, "if_absent": if_absent, "scope": scope});
+            (target.conn, c.call(&target.node, "put", body).await?)
+        }
+        Command::Delete {
+            entity,
+            id,
+            if_version,
+            target,
+        } => {
+            let c = client(&target.conn).await?;
+            let body = json!({"entity": entity, "id": id, "if_version": if_version});
+            (target.conn, c.call(&target.node, "delete", body).await?)
+        }
+        Command::List {
+            entity,
+            after,
+            limit,
+            target,
+        } => {
+            let c = client(&target.conn).await?;
+            let body = json!({"entity": entity, "after": after, "limit": limit});
+            (target.conn, c.call(&target.node, "list", body).await?)
+        }
+        Command::Conflicts {
+            entity,
+            limit,
+            target,
+        } => {
+            let c = client(&target.conn).await?;
+            (
+                target.conn,
+                c.call(
+                    &target.node,
+                    "conflicts",
+                    json!({"entity": entity, "limit": limit}),
+                )
+                .await?,
+            )
+        }
+        Command::Resolve {
+            entity,
+            id,
+            doc,
+            versions,
+            delete,
+            target,
+        } => {
+            let doc = match (doc, delete) {
+                (Some(d), false) => parse_doc(&d)?,
+                (None, true) => Value::Null,
+                _ => anyhow::bail!("give either DOC or --delete"),
+            };
+            let c = client(&target.conn).await?;
+            let body = json!({"entity": entity, "id": id, "doc": doc, "versions": versions});
+            (target.conn, c.call(&target.node, "resolve", body).await?)
+        }
+        Command::Status { target } => {
+            let c = client(&target.conn).await?;
+            (
+                target.conn,
+                c.call(&target.node, "status", json!({})).await?,
+            )
+        }
+        Command::Digest { entity, target } => {
+            let c = client(&target.conn).await?;
+            (
+                target.conn,
+                c.call(&target.node, "digest", json!({"entity": entity}))
+                    .await?,
+            )
+        }
+        Command::Nodes { conn } => {
+            let c = client(&conn).await?;
+            let nodes = c.nodes(Duration::from_millis(700)).await?;
+            (conn, Value::Array(nodes))
+        }
+        Command::Demo { .. } | Command::Run(_) => anyhow::bail!("not a remote command"),
+    };
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", human(&out));
+    }
+    Ok(())
+}
+
+/// A plain rendering: records and lists as aligned rows, objects as `key: value` lines.
+pub fn human(v: &Value) -> String {
+    let mut s = String::new();
+    if let Some(records) = v.get("records").and_then(Value::as_array) {
+        s.push_str(&table(
+            &["ID", "VERSION", "CONFLICTS", "DOC"],
+            records.iter().map(|r| {
+                vec![
+                    text(&r["id"]),
+                    text(&r["version"]),
+                    r["conflicts"].as_array().map_or(0, Vec::len).to_string(),
+                    r["doc"].to_string(),
+                ]
+            }),
+        ));
+        if let Some(next) = v.get("next").and_then(Value::as_str) {
+            s.push_str(&format!("more: --after {next}\n"));
+        }
+    } else if let Some(conflicts) = v.get("conflicts").and_then(Value::as_array) {
+        let rows = conflicts.iter().flat_map(|c| {
+            c["leaves"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(move |(i, l)| {
+                    vec![
+                        if i == 0 {
+                            text(&c["id"])
+                        } else {
+                            String::new()
+                        },
+                        text(&l["version"]),
+                        if i == 0 {
+                            "winner".into()
+                        } else {
+                            "conflict".into()
+                        },
+                        if l["deleted"] == Value::Bool(true) {
+                            "(deleted)".into()
+                        } else {
+                            l["doc"].to_string()
+                        },
+                    ]
+                })
+        });
+        s.push_str(&table(&["ID", "VERSION", "ROLE", "DOC"], rows));
+    } else if let Some(nodes) = v.as_array() {
+        s.push_str(&table(
+            &["NODE", "VERSION"],
+            nodes
+                .iter()
+                .map(|n| vec![text(&n["node"]), text(&n["version"])]),
+        ));
+    } else if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            s.push_str(&format!("{k}: {}\n", text(val)));
+        }
+    } else {
+        s.push_str(&format!("{}\n", text(v)));
+    }
+    s
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count().min(60));
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}

@@ -1,0 +1,320 @@
+//! The node configuration file (TOML): one serde struct with defaults, strict keys, and
+//! validation that names the offending key, turned into a [`NodeConfig`].
+//!
+//! ```toml
+//! node_id = "berlin"
+//! data_dir = "/var/lib/jetsync"
+//! nats_urls = ["nats://127.0.0.1:4222"]
+//! entities = [{ entity = "orders" }, { entity = "customers", scopes = ["site42"] }]
+//!
+//! [nats]              # optional: creds_file | user+password | token | nkey_seed, TLS
+//! creds_file = "/etc/jetsync/berlin.creds"
+//!
+//! [stream]
+//! name = "JETSYNC"
+//! prefix = "jetsync"
+//! replicas = 1
+//! duplicate_window_secs = 120
+//! retention = { kind = "limits", max_age = 0, max_bytes = 0, max_msgs = 0 }  # or { kind = "compacted" }
+//!
+//! [limits]
+//! max_doc_bytes = 262144
+//! max_clock_drift_secs = 60
+//! fetch_batch = 1000
+//! publish_window = 1000
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::connect::NatsAuth;
+use crate::ids::{EntityName, NodeId, Scope};
+use crate::node::{EntityFilter, NodeConfig};
+use crate::store::StoreConfig;
+use crate::stream::{Retention, StreamSettings};
+
+/// A configuration that cannot be used, naming the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// The file's shape. Every key but `node_id`, `data_dir` and `nats_urls` has a default.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub nats_urls: Vec<String>,
+    #[serde(default)]
+    pub nats: NatsAuth,
+    #[serde(default)]
+    pub entities: Vec<FileEntity>,
+    #[serde(default)]
+    pub stream: FileStream,
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntity {
+    pub entity: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileStream {
+    pub name: String,
+    pub prefix: String,
+    pub replicas: usize,
+    pub duplicate_window_secs: u64,
+    pub retention: Retention,
+}
+
+impl Default for FileStream {
+    fn default() -> Self {
+        let s = StreamSettings::default();
+        FileStream {
+            name: s.name,
+            prefix: s.prefix,
+            replicas: s.replicas,
+            duplicate_window_secs: s.duplicate_window.as_secs(),
+            retention: s.retention,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    pub max_doc_bytes: usize,
+    pub max_clock_drift_secs: u64,
+    pub fetch_batch: usize,
+    pub publish_window: usize,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        let s = StoreConfig::default();
+        FileLimits {
+            max_doc_bytes: s.max_doc_bytes,
+            max_clock_drift_secs: s.max_clock_drift.as_secs(),
+            fetch_batch: 1000,
+            publish_window: 1000,
+        }
+    }
+}
+
+/// Values that override the file (from environment variables or flags).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub node_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub nats_urls: Option<Vec<String>>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|detail| ConfigError::Parse {
+            path: path.to_owned(),
+            detail,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Applies overrides and validates everything, naming the key of the first problem.
+    pub fn into_node_config(mut self, overrides: Overrides) -> Result<NodeConfig, ConfigError> {
+        if let Some(v) = overrides.node_id {
+            self.node_id = Some(v);
+        }
+        if let Some(v) = overrides.data_dir {
+            self.data_dir = Some(v);
+        }
+        if let Some(v) = overrides.nats_urls {
+            self.nats_urls = v;
+        }
+        let node_id = self
+            .node_id
+            .ok_or_else(|| invalid("node_id", "required"))
+            .and_then(|n| NodeId::new(n).map_err(|e| invalid("node_id", e.to_string())))?;
+        let data_dir = self
+            .data_dir
+            .ok_or_else(|| invalid("data_dir", "required"))?;
+        if self.nats_urls.is_empty() {
+            return Err(invalid("nats_urls", "at least one URL is required"));
+        }
+        for u in &self.nats_urls {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| invalid("nats_urls", format!("{u:?}: {e}")))?;
+        }
+        self.nats
+            .validate()
+            .map_err(|e| invalid("nats", e.to_string()))?;
+        let mut entities = Vec::new();
+        for (i, e) in self.entities.into_iter().enumerate() {
+            let key = format!("entities[{i}]");
+            let entity = EntityName::new(e.entity)
+                .map_err(|err| invalid(&format!("{key}.entity"), err.to_string()))?;
+            let scopes = e
+                .scopes
+                .into_iter()
+                .map(|s| {
+                    Scope::new(s).map_err(|err| invalid(&format!("{key}.scopes"), err.to_string()))
+                })
+                .collect::<Result<_, _>>()?;
+            entities.push(EntityFilter { entity, scopes });
+        }
+        let stream = StreamSettings {
+            name: self.stream.name,
+            prefix: self.stream.prefix,
+            replicas: self.stream.replicas,
+            duplicate_window: Duration::from_secs(self.stream.duplicate_window_secs),
+            retention: self.stream.retention,
+        };
+        stream
+            .validate()
+            .map_err(|e| invalid("stream", e.to_string()))?;
+        if self.limits.fetch_batch == 0 || self.limits.fetch_batch > 10_000 {
+            return Err(invalid("limits.fetch_batch", "must be 1..=10000"));
+        }
+        if self.limits.publish_window == 0 || self.limits.publish_window > 100_000 {
+            return Err(invalid("limits.publish_window", "must be 1..=100000"));
+        }
+        if self.limits.max_doc_bytes == 0 {
+            return Err(invalid("limits.max_doc_bytes", "must be positive"));
+        }
+        let store = StoreConfig {
+            prefix: stream.prefix.clone(),
+            max_doc_bytes: self.limits.max_doc_bytes,
+            max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
+        };
+        Ok(NodeConfig {
+            node_id,
+            data_dir,
+            nats_urls: self.nats_urls,
+            nats_auth: self.nats,
+            stream,
+            entities,
+            store,
+            fetch_batch: self.limits.fetch_batch,
+            publish_window: self.limits.publish_window,
+            serve_api: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+node_id = "berlin"
+data_dir = "/tmp/x"
+nats_urls = ["nats://127.0.0.1:4222"]
+entities = [{ entity = "orders" }, { entity = "customers", scopes = ["site42"] }]
+[stream]
+replicas = 3
+retention = { kind = "limits", max_age = 3600, max_bytes = 0, max_msgs = 0 }
+[limits]
+fetch_batch = 500
+"#;
+
+    #[test]
+    fn a_full_file_parses_with_defaults_for_the_rest() {
+        let c = FileConfig::parse(FULL)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.node_id.as_str(), "berlin");
+        assert_eq!(c.stream.replicas, 3);
+        assert_eq!(c.stream.name, "JETSYNC");
+        assert_eq!(c.fetch_batch, 500);
+        assert_eq!(c.publish_window, 1000);
+        assert_eq!(c.entities.len(), 2);
+        assert_eq!(
+            c.filter_subjects(),
+            vec!["jetsync.customers.site42.>", "jetsync.orders.>"]
+        );
+        assert!(
+            matches!(c.stream.retention, Retention::Limits { max_age, .. } if max_age == Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let c = FileConfig::parse(FULL)
+            .unwrap()
+            .into_node_config(Overrides {
+                node_id: Some("lisbon".into()),
+                nats_urls: Some(vec!["nats://10.0.0.1:4222".into()]),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(c.node_id.as_str(), "lisbon");
+        assert_eq!(c.nats_urls, vec!["nats://10.0.0.1:4222"]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |text: &str| match FileConfig::parse(text) {
+            Err(e) => e,
+            Ok(c) => c
+                .into_node_config(Overrides::default())
+                .unwrap_err()
+                .to_string(),
+        };
+        assert!(
+            err("node_id = \"a\"\nnats_urls=[\"nats://h:1\"]").contains("`data_dir`: required")
+        );
+        assert!(
+            err("node_id = \"a b\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]")
+                .contains("`node_id`")
+        );
+        assert!(err("node_id = \"a\"\ndata_dir=\"/x\"\nnats_urls=[]").contains("`nats_urls`"));
+        let unknown = err("node_id = \"a\"\nbogus = 1");
+        assert!(unknown.contains("bogus"), "{unknown}");
+        let e = err(
+            "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\nentities=[{entity=\"Orders\"}]",
+        );
+        assert!(e.contains("`entities[0].entity`"), "{e}");
+        let e =
+            err("node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[stream]\nreplicas=0");
+        assert!(e.contains("`stream`") && e.contains("replicas"), "{e}");
+        let e = err(
+            "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[limits]\nfetch_batch=0",
+        );
+        assert!(e.contains("`limits.fetch_batch`"), "{e}");
+        let e =
+            err("node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[nats]\nuser=\"u\"");
+        assert!(e.contains("`nats`") && e.contains("password"), "{e}");
+    }
+}

@@ -1,0 +1,155 @@
+//! Connecting to NATS: server URLs, authentication (user/password, token, nkey seed, creds
+//! file) and TLS, shared by nodes and the CLI so both accept the same options.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How to reach and authenticate to NATS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuth {
+    /// A `.creds` file (JWT + nkey seed), as issued by `nsc`.
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// An nkey seed (`SU…`).
+    #[serde(default)]
+    pub nkey_seed: Option<String>,
+    /// CA certificate (PEM) to verify the server with.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_required: bool,
+}
+
+/// Connecting failed before any attempt could be made (bad options).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid NATS URL {url:?}: {detail}")]
+    Url { url: String, detail: String },
+    #[error("NATS auth: {0}")]
+    Auth(String),
+    #[error("cannot connect to NATS at {urls}: {detail}")]
+    Connect { urls: String, detail: String },
+}
+
+impl NatsAuth {
+    pub fn validate(&self) -> Result<(), ConnectError> {
+        if self.user.is_some() != self.password.is_some() {
+            return Err(ConnectError::Auth("user and password go together".into()));
+        }
+        let methods = [
+            self.creds_file.is_some(),
+            self.user.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(ConnectError::Auth(
+                "choose one of creds_file, user/password, token, nkey_seed".into(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConnectError::Auth(
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
+        for p in [
+            &self.creds_file,
+            &self.tls_ca,
+            &self.tls_cert,
+            &self.tls_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !p.exists() {
+                return Err(ConnectError::Auth(format!(
+                    "{} does not exist",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `urls`. With `background`, returns at once and keeps connecting (and
+/// reconnecting) in the background, so a node works offline; otherwise the first
+/// connection must succeed.
+pub async fn connect(
+    urls: &[String],
+    auth: &NatsAuth,
+    name: &str,
+    background: bool,
+) -> Result<async_nats::Client, ConnectError> {
+    auth.validate()?;
+    let joined = urls.join(",");
+    if urls.is_empty() {
+        return Err(ConnectError::Url {
+            url: String::new(),
+            detail: "no NATS URL given".into(),
+        });
+    }
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .iter()
+        .map(|u| {
+            u.parse().map_err(|e| ConnectError::Url {
+                url: u.clone(),
+                detail: format!("{e}"),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(3))
+        .reconnect_delay_callback(|attempt| {
+            Duration::from_millis((50u64 << attempt.min(5)).min(2000))
+        });
+    if background {
+        opts = opts.retry_on_initial_connect();
+    }
+    if let Some(path) = &auth.creds_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectError::Auth(format!("creds file {}: {e}", path.display())))?;
+    }
+    if let (Some(u), Some(p)) = (&auth.user, &auth.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &auth.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(seed) = &auth.nkey_seed {
+        opts = opts.nkey(seed.clone());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if auth.tls_required {
+        opts = opts.require_tls(true);
+    }
+    opts.connect(addrs)
+        .await
+        .map_err(|e| ConnectError::Connect {
+            urls: joined,
+            detail: e.to_string(),
+        })
+}
