@@ -36,8 +36,16 @@ fn exchange(from: &Store, to: &Store, next_seq: &mut u64) -> anyhow::Result<()> 
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let berlin = Store::open(dir.path().join("berlin.redb"), NodeId::new("berlin")?, StoreConfig::default())?;
-    let lisbon = Store::open(dir.path().join("lisbon.redb"), NodeId::new("lisbon")?, StoreConfig::default())?;
+    let berlin = Store::open(
+        dir.path().join("berlin.redb"),
+        NodeId::new("berlin")?,
+        StoreConfig::default(),
+    )?;
+    let lisbon = Store::open(
+        dir.path().join("lisbon.redb"),
+        NodeId::new("lisbon")?,
+        StoreConfig::default(),
+    )?;
     let orders = EntityName::new("orders")?;
 
     let (id, v1) = berlin.insert(&orders, json!({"item": "tea", "qty": 1}))?;
@@ -64,10 +72,18 @@ fn main() -> anyhow::Result<()> {
 
     // The application merges both edits and settles the conflict on one node.
     let rec = berlin.get(&orders, id)?.expect("record exists");
-    berlin.resolve(&orders, id, Some(json!({"item": "tea+coffee", "qty": 3})), rec.conflicts)?;
+    berlin.resolve(
+        &orders,
+        id,
+        Some(json!({"item": "tea+coffee", "qty": 3})),
+        rec.conflicts,
+    )?;
     exchange(&berlin, &lisbon, &mut lisbon_seq)?;
     let settled = lisbon.get(&orders, id)?.expect("record exists");
-    println!("lisbon after resolve: {} = {}, conflicts {:?}", settled.version, settled.doc, settled.conflicts);
+    println!(
+        "lisbon after resolve: {} = {}, conflicts {:?}",
+        settled.version, settled.doc, settled.conflicts
+    );
     assert!(settled.conflicts.is_empty());
     assert_eq!(berlin.digest(&orders)?, lisbon.digest(&orders)?);
     Ok(())

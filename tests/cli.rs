@@ -1,0 +1,248 @@
+//! The built `jetsync` binary as separate processes: two `jetsync run` nodes and the CLI.
+//! Write through one node, read the replicated value from the other, stop a node with
+//! SIGTERM, write while it is away, restart it: nothing is lost.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use jetsync::devserver::NatsServer;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_jetsync");
+
+fn cli(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("JETSYNC_NATS_URL", url)
+        .output()
+        .expect("run the jetsync binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn start_node(dir: &Path, name: &str, url: &str) -> Child {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"{name}\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n",
+            dir.join("data").display()
+        ),
+    )
+    .expect("write config");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn jetsync run")
+}
+
+/// Polls `check` every 100 ms; panics with `what` and the last output after `timeout`.
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        match check() {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+}
+
+fn get_json(url: &str, node: &str, entity: &str, id: &str) -> Result<Value, String> {
+    let o = cli(url, &["get", entity, id, "--node", node, "--json"]);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+}
+
+fn sigterm(child: &mut Child) {
+    let pid = child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -TERM {pid} failed");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(
+                status.success(),
+                "jetsync run exited with {status} after SIGTERM"
+            );
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "jetsync run did not stop within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_nodes_and_the_cli_replicate_and_survive_a_restart() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = start_node(dir.path(), "alpha", &url);
+    let mut b = start_node(dir.path(), "beta", &url);
+
+    wait_for(
+        "both nodes to answer `jetsync nodes`",
+        Duration::from_secs(20),
+        || {
+            let out = stdout(&cli(&url, &["nodes"]));
+            if out.contains("alpha") && out.contains("beta") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let put = cli(
+        &url,
+        &[
+            "put",
+            "orders",
+            &id,
+            r#"{"item":"tea","qty":2}"#,
+            "--node",
+            "alpha",
+        ],
+    );
+    assert!(
+        put.status.success(),
+        "put failed: {}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    assert!(
+        stdout(&put).contains("version: "),
+        "put prints the new version: {}",
+        stdout(&put)
+    );
+
+    wait_for(
+        "beta to have the order written on alpha",
+        Duration::from_secs(20),
+        || {
+            let rec = get_json(&url, "beta", "orders", &id)?;
+            (rec["doc"]["qty"] == 2)
+                .then_some(())
+                .ok_or_else(|| rec.to_string())
+        },
+    );
+
+    // A stale conditional write is refused with the current version.
+    let stale = cli(
+        &url,
+        &[
+            "put",
+            "orders",
+            &id,
+            r#"{"qty":3}"#,
+            "--if",
+            "1.0@nobody",
+            "--node",
+            "beta",
+        ],
+    );
+    assert!(!stale.status.success());
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("version_mismatch"));
+
+    // Stop beta gracefully, write while it is away, restart it.
+    sigterm(&mut b);
+    let id2 = uuid::Uuid::now_v7().to_string();
+    let put = cli(
+        &url,
+        &[
+            "put",
+            "orders",
+            &id2,
+            r#"{"item":"coffee"}"#,
+            "--node",
+            "alpha",
+        ],
+    );
+    assert!(
+        put.status.success(),
+        "put failed: {}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let mut b = start_node(dir.path(), "beta", &url);
+    wait_for(
+        "restarted beta to catch up",
+        Duration::from_secs(20),
+        || {
+            let rec = get_json(&url, "beta", "orders", &id2)?;
+            (rec["doc"]["item"] == "coffee")
+                .then_some(())
+                .ok_or_else(|| rec.to_string())
+        },
+    );
+    let first = get_json(&url, "beta", "orders", &id).expect("first order survives the restart");
+    assert_eq!(first["doc"]["qty"], 2);
+
+    let list = stdout(&cli(&url, &["list", "orders", "--node", "beta"]));
+    assert!(
+        list.contains(&id) && list.contains(&id2),
+        "list shows both orders: {list}"
+    );
+    let status = stdout(&cli(&url, &["status", "--node", "beta", "--json"]));
+    let status: Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(status["outbox"], 0);
+    assert!(status["halted"].is_null());
+
+    sigterm(&mut a);
+    sigterm(&mut b);
+}
+
+#[test]
+fn help_and_bad_config_are_clear() {
+    for cmd in [
+        "run",
+        "demo",
+        "get",
+        "put",
+        "delete",
+        "list",
+        "conflicts",
+        "resolve",
+        "status",
+        "digest",
+        "nodes",
+    ] {
+        let o = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        assert!(o.status.success(), "{cmd} --help fails");
+        assert!(
+            stdout(&o).contains("Usage: jetsync"),
+            "{cmd} --help: {}",
+            stdout(&o)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "node_id = \"a\"\ndata_dir = \"/tmp/x\"\nnats_urls = [\"nats://127.0.0.1:1\"]\n[stream]\nreplicas = 0\n").unwrap();
+    let o = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("`stream`") && err.contains("replicas"),
+        "bad config names the key: {err}"
+    );
+}
