@@ -16,6 +16,7 @@
 //! replicas = 1
 //! duplicate_window_secs = 120
 //! retention = { kind = "limits", max_age = 0, max_bytes = 0, max_msgs = 0 }  # or { kind = "compacted" }
+//! # domain = "hub"   # JetStream domain, when the stream is reached through a leaf node
 //!
 //! [limits]
 //! max_doc_bytes = 262144
@@ -91,6 +92,8 @@ pub struct FileStream {
     pub replicas: usize,
     pub duplicate_window_secs: u64,
     pub retention: Retention,
+    /// JetStream domain, for nodes that reach the stream through a leaf node.
+    pub domain: Option<String>,
 }
 
 impl Default for FileStream {
@@ -102,6 +105,7 @@ impl Default for FileStream {
             replicas: s.replicas,
             duplicate_window_secs: s.duplicate_window.as_secs(),
             retention: s.retention,
+            domain: s.domain,
         }
     }
 }
@@ -199,6 +203,7 @@ impl FileConfig {
             replicas: self.stream.replicas,
             duplicate_window: Duration::from_secs(self.stream.duplicate_window_secs),
             retention: self.stream.retention,
+            domain: self.stream.domain,
         };
         stream
             .validate()

@@ -251,7 +251,10 @@ impl Node {
             true,
         )
         .await?;
-        let js = jetstream::new(client.clone());
+        let js = match &config.stream.domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
 
         // Refuse a conflicting stream now if the server answers quickly; otherwise the
         // apply loop keeps trying in the background.

@@ -60,6 +60,9 @@ pub struct StreamSettings {
     /// Publish de-duplication window for `Nats-Msg-Id`.
     pub duplicate_window: Duration,
     pub retention: Retention,
+    /// JetStream domain of the servers holding the stream, when it is reached through a
+    /// leaf node (`$JS.<domain>.API`); `None` for the local JetStream.
+    pub domain: Option<String>,
 }
 
 impl Default for StreamSettings {
@@ -70,6 +73,7 @@ impl Default for StreamSettings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             retention: Retention::default(),
+            domain: None,
         }
     }
 }

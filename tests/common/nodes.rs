@@ -69,7 +69,14 @@ pub async fn converge(nodes: &[&Node], entity: &EntityName, timeout: Duration) {
             if let Some(h) = status.halted {
                 return Err(format!("{} halted: {h}", status.node));
             }
-            prints.push((status.node.clone(), fingerprint(n, entity).await));
+            let print = fingerprint(n, entity).await;
+            prints.push((
+                format!(
+                    "{} (checkpoint {}, lag {:?}, error {:?})",
+                    status.node, status.checkpoint, status.lag, status.last_error
+                ),
+                print,
+            ));
         }
         let first = &prints[0].1;
         match prints.iter().find(|(_, p)| p != first) {
