@@ -127,11 +127,13 @@ fn kill_nine_never_loses_an_acknowledged_write() {
         for line in rx.try_iter() {
             // A line cut by the kill is not an acknowledgement.
             let mut parts = line.split(' ');
-            if let (Some("ACK"), Some(id), Some(v)) = (parts.next(), parts.next(), parts.next()) {
-                if let (Ok(id), Ok(v)) = (id.parse::<Uuid>(), v.parse::<Version>()) {
-                    acked.insert(v.clone(), id);
-                    round_acks.push(v);
-                }
+            if let (Some("ACK"), Some(id), Some(v)) = (parts.next(), parts.next(), parts.next())
+                && let (Ok(id), Ok(v)) = (id.parse::<Uuid>(), v.parse::<Version>())
+            {
+                acked.insert(v.clone(), id);
+                round_acks.push(v);
+            }
+        }
             }
         }
         assert!(
