@@ -134,8 +134,6 @@ fn kill_nine_never_loses_an_acknowledged_write() {
                 round_acks.push(v);
             }
         }
-            }
-        }
         assert!(
             !round_acks.is_empty(),
             "round {round}: no write was acknowledged in {wait_ms} ms"
