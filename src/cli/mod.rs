@@ -211,6 +211,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn demo(records: usize) -> anyhow::Result<bool> {
-    let _ = records;
-    anyhow::bail!("the demo is not wired yet")
+    let opts = crate::demo::DemoOptions {
+        records,
+        ..Default::default()
+    };
+    crate::demo::run(opts, &mut std::io::stdout()).await
 }
