@@ -14,6 +14,7 @@
 //! both between batches and waits for them, so nothing is left half applied.
 
 use std::collections::BTreeSet;
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::connect::{ConnectError, NatsAuth, connect};
 use crate::error::{OpenError, StorageError, WriteError};
@@ -452,7 +454,15 @@ impl Watch {
 
 // ----- publisher --------------------------------------------------------------------
 
+/// Longest wait for one publish to be sent or acknowledged before the window is retried.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn publish_loop(shared: Arc<Shared>) {
+    let span = tracing::info_span!("publisher", node = %shared.config.node_id);
+    publish_loop_inner(shared).instrument(span).await
+}
+
+async fn publish_loop_inner(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     while !shared.stopping() {
         let store = shared.store.clone();
@@ -479,6 +489,7 @@ async fn publish_loop(shared: Arc<Shared>) {
             }
             continue;
         }
+        tracing::trace!(entries = entries.len(), "publishing a window");
         // Send the whole window, then collect the acks in order.
         let mut pending = Vec::with_capacity(entries.len());
         let mut failure = None;
@@ -486,23 +497,48 @@ async fn publish_loop(shared: Arc<Shared>) {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(e.payload.clone().into())
                 .message_id(e.msg_id.as_str());
-            match shared.js.send_publish(e.subject.clone(), publish).await {
-                Ok(ack) => pending.push((e.origin_seq, ack)),
-                Err(err) => {
+            // Bounded here too: the publisher must never wait forever on one message.
+            let sent = tokio::time::timeout(
+                PUBLISH_TIMEOUT,
+                shared.js.send_publish(e.subject.clone(), publish),
+            );
+            match sent.await {
+                Ok(Ok(ack)) => pending.push((e.origin_seq, ack)),
+                Ok(Err(err)) => {
                     failure = Some(format!("publish: {err}"));
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(format!("publish: not sent within {PUBLISH_TIMEOUT:?}"));
                     break;
                 }
             }
         }
-        let mut acked = Vec::with_capacity(pending.len());
-        for (seq, ack) in pending {
-            match ack.await {
-                Ok(_) => acked.push(seq),
-                Err(err) => {
+        tracing::trace!(sent = pending.len(), "publish window sent");
+        // Await the window's acks together: if a server restart lost them, the window
+        // costs one timeout, not one per message.
+        let acks = futures::future::join_all(pending.into_iter().map(|(seq, ack)| async move {
+            (
+                seq,
+                tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await,
+            )
+        }))
+        .await;
+        let mut acked = Vec::with_capacity(acks.len());
+        for (seq, result) in acks {
+            match result {
+                Ok(Ok(_)) => acked.push(seq),
+                Ok(Err(err)) => {
                     failure.get_or_insert_with(|| format!("publish ack: {err}"));
+                }
+                Err(_) => {
+                    failure.get_or_insert_with(|| {
+                        format!("publish ack: none within {PUBLISH_TIMEOUT:?}")
+                    });
                 }
             }
         }
+        tracing::trace!(acked = acked.len(), ?failure, "acks collected");
         if !acked.is_empty() {
             let store = shared.store.clone();
             let n = acked.len();

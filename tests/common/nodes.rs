@@ -62,8 +62,8 @@ pub async fn converge(nodes: &[&Node], entity: &EntityName, timeout: Duration) {
             let status = n.status().await.map_err(|e| e.to_string())?;
             if status.outbox > 0 {
                 return Err(format!(
-                    "{} still has {} unpublished events",
-                    status.node, status.outbox
+                    "{} still has {} unpublished events (connection {}, last error {:?})",
+                    status.node, status.outbox, status.connection, status.last_error
                 ));
             }
             if let Some(h) = status.halted {
