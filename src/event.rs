@@ -39,17 +39,26 @@ pub struct ChangeEvent {
     pub id: Uuid,
     /// The node that made the write; equal to `version.node` and to the subject's origin.
     pub origin: NodeId,
-    /// Per-origin counter, from 1, without gaps; `Nats-Msg-Id` is `<origin>:<origin_seq>`.
+    /// Per-origin counter, from 1, without gaps. The message is published with
+    /// `Nats-Msg-Id = <origin>:<incarnation>:<origin_seq>` (see `Store::msg_id_prefix`).
     pub origin_seq: u64,
     pub version: Version,
     /// The winner this write replaced at its origin.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub base: Option<Version>,
     /// Conflict versions this write settles.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resolves: Vec<Version>,
     /// The document (a JSON object) for `put`; absent for `delete`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub doc: Option<Box<RawValue>>,
 }
 
@@ -57,11 +66,6 @@ impl ChangeEvent {
     /// `<prefix>.<entity>.<scope>.<origin>.<id>`.
     pub fn subject(&self, prefix: &str) -> String {
         subject_for(prefix, &self.entity, &self.scope, &self.origin, &self.id)
-    }
-
-    /// The de-duplication id JetStream keys on.
-    pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.origin, self.origin_seq)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -270,6 +274,13 @@ fn check_versions(ev: &ChangeEvent) -> Result<(), QuarantineReason> {
         )));
     }
     Ok(())
+}
+
+/// An optional member that, when present, must hold a value: writers omit absent members,
+/// and an explicit `null` is refused (a `null` doc arrives as raw `null` and fails the doc
+/// checks; a `null` version does not parse).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// UUIDs travel in canonical hyphenated lowercase only, so the subject token and the body
