@@ -770,6 +770,8 @@ async fn apply_messages(
         .map_err(|e| Stop::Retry(format!("consume: {e}")))?;
     let mut chunks = messages.ready_chunks(cfg.fetch_batch);
     let own_prefix = shared.store.msg_id_prefix();
+    // <prefix>.<entity>.<scope>.<origin>.<id>: the origin's index among the tokens.
+    let origin_token = cfg.stream.prefix.split('.').count() + 2;
     let mut rx = shared.shutdown.clone();
     loop {
         let chunk = tokio::select! {
@@ -801,11 +803,15 @@ async fn apply_messages(
                     .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
                 through = through.max(info.stream_sequence);
                 pending = Some(info.pending);
+                // Both the message id and the subject's origin token must be ours: a header
+                // alone could be set by anyone, while publishing on our origin's subjects
+                // can be denied by NATS permissions.
                 let own = m
                     .headers
                     .as_ref()
                     .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .is_some_and(|id| id.as_str().starts_with(own_prefix.as_str()));
+                    .is_some_and(|id| id.as_str().starts_with(own_prefix.as_str()))
+                    && m.subject.split('.').nth(origin_token) == Some(cfg.node_id.as_str());
                 if own {
                     continue; // written here: known already
                 }
