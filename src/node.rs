@@ -672,7 +672,7 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let consumer = recreate_consumer(shared, checkpoint).await?;
     shared.set_error(None);
     tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
-    apply_messages(shared, consumer, None).await
+    apply_messages(shared, consumer, checkpoint).await
 }
 
 /// The durable consumer, recreated at `checkpoint + 1` with this node's filters: whatever
@@ -752,14 +752,16 @@ async fn apply_fetched(
     .await
 }
 
-/// Applies messages from `consumer` in batches. With `until`, stops after that sequence
-/// (backfill); otherwise runs until shutdown or an error.
+/// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown or
+/// an error.
 async fn apply_messages(
     shared: &Arc<Shared>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    until: Option<u64>,
+    checkpoint: u64,
 ) -> Result<(), Stop> {
     let cfg = &shared.config;
+    let compacted = cfg.stream.retention == Retention::Compacted;
+    let mut next_expected = checkpoint + 1;
     let messages = consumer
         .stream()
         .max_messages_per_batch(cfg.fetch_batch)
@@ -790,6 +792,32 @@ async fn apply_messages(
                     failure = Some(format!("fetch: {e}"));
                     break;
                 }
+            }
+        }
+        // A jump past the next sequence is either messages outside this node's filter or
+        // messages retention removed while this node was behind: only the stream's first
+        // sequence tells which, and a removed one must halt, not be skipped.
+        let first = msgs
+            .first()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream_sequence);
+        if !compacted && first.is_some_and(|f| f > next_expected) {
+            let mut stream = shared
+                .js
+                .get_stream(&cfg.stream.name)
+                .await
+                .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+            let first_seq = stream
+                .info()
+                .await
+                .map_err(|e| Stop::Retry(format!("stream info: {e}")))?
+                .state
+                .first_sequence;
+            if first_seq > next_expected {
+                return Err(Stop::Halt(Halt::RetentionGap {
+                    checkpoint: next_expected - 1,
+                    first_seq,
+                }));
             }
         }
         // Apply what arrived before the error, then start over from the checkpoint.
@@ -839,9 +867,7 @@ async fn apply_messages(
             for c in report.changes {
                 let _ = shared.changes.send(c);
             }
-            if until.is_some_and(|u| through >= u) {
-                return Ok(());
-            }
+            next_expected = next_expected.max(through + 1);
         }
         if let Some(f) = failure {
             return Err(Stop::Retry(f));
@@ -915,6 +941,7 @@ async fn backfill_new_entities(
 }
 
 /// Applies the added filters' events up to `through` without moving the main checkpoint.
+/// Succeeds only once it got there; the caller records the new filters only then.
 async fn backfill(
     shared: &Arc<Shared>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -946,9 +973,15 @@ async fn backfill(
         for c in report.changes {
             let _ = shared.changes.send(c);
         }
-        if done || shared.stopping() {
-            break;
+        if done {
+            return Ok(());
+        }
+        if shared.stopping() {
+            // Not finished: the filters are not recorded, so the next start backfills again.
+            return Err(Stop::Shutdown);
         }
     }
-    Ok(())
+    Err(Stop::Retry(
+        "backfill: the message stream ended early".into(),
+    ))
 }
