@@ -163,7 +163,8 @@ pub struct Status {
     /// Messages matching this node's filter not yet applied, per the consumer.
     pub lag: Option<u64>,
     pub quarantined: u64,
-    /// The last transient error (cleared when the loop recovers).
+    /// The current transient errors of the publisher and the apply loop, each cleared when
+    /// its loop recovers.
     pub last_error: Option<String>,
     /// Set when applying stopped and needs an operator.
     pub halted: Option<Halt>,
@@ -173,7 +174,9 @@ pub struct Status {
 struct Live {
     stream_last_seq: Option<u64>,
     lag: Option<u64>,
-    last_error: Option<String>,
+    /// Kept apart so one loop recovering does not hide the other's error.
+    publish_error: Option<String>,
+    apply_error: Option<String>,
     halted: Option<Halt>,
 }
 
@@ -193,8 +196,12 @@ impl Shared {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_error(&self, err: Option<String>) {
-        self.live().last_error = err;
+    fn set_publish_error(&self, err: Option<String>) {
+        self.live().publish_error = err;
+    }
+
+    fn set_apply_error(&self, err: Option<String>) {
+        self.live().apply_error = err;
     }
 
     fn stopping(&self) -> bool {
@@ -410,7 +417,12 @@ impl NodeHandle {
             stream_last_seq: live.stream_last_seq,
             lag: live.lag,
             quarantined,
-            last_error: live.last_error.clone(),
+            last_error: match (&live.publish_error, &live.apply_error) {
+                (None, None) => None,
+                (Some(p), None) => Some(p.clone()),
+                (None, Some(a)) => Some(a.clone()),
+                (Some(p), Some(a)) => Some(format!("{p}; {a}")),
+            },
             halted: live.halted.clone(),
         })
     }
@@ -472,7 +484,7 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the outbox failed");
-                shared.set_error(Some(format!("outbox: {e}")));
+                shared.set_publish_error(Some(format!("outbox: {e}")));
                 if shared.pause(Duration::from_secs(1)).await {
                     break;
                 }
@@ -551,11 +563,11 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         match failure {
             None => {
                 backoff = Duration::from_millis(50);
-                shared.set_error(None);
+                shared.set_publish_error(None);
             }
             Some(err) => {
                 tracing::warn!(error = %err, retry_in = ?backoff, "publishing paused");
-                shared.set_error(Some(err));
+                shared.set_publish_error(Some(err));
                 if shared.pause(backoff).await {
                     break;
                 }
@@ -588,7 +600,7 @@ async fn apply_loop(shared: Arc<Shared>) {
             }
             Stop::Retry(err) => {
                 tracing::warn!(error = %err, retry_in = ?backoff, "apply loop interrupted");
-                shared.set_error(Some(err));
+                shared.set_apply_error(Some(err));
                 if shared.pause(backoff).await {
                     return;
                 }
@@ -670,7 +682,7 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     backfill_new_entities(shared, checkpoint, state.first_sequence, compacted).await?;
 
     let consumer = recreate_consumer(shared, checkpoint).await?;
-    shared.set_error(None);
+    shared.set_apply_error(None);
     tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
     apply_messages(shared, consumer, checkpoint).await
 }
