@@ -657,21 +657,23 @@ async fn malformed_and_forged_messages_are_quarantined_everywhere_and_replicatio
 
 // ----- 6. retention gap -----------------------------------------------------------------
 
+/// A node config whose stream keeps only the last 100 messages.
+fn limited_to_100(mut c: NodeConfig) -> NodeConfig {
+    c.stream.retention = Retention::Limits {
+        max_age: Duration::ZERO,
+        max_bytes: 0,
+        max_msgs: 100,
+    };
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_gap_is_reported_not_skipped() {
     let server = NatsServer::start().expect("nats-server starts");
     let dir = tempfile::tempdir().unwrap();
     let url = server.client_url();
     let orders = entity("orders");
-    let limited = |name: &str| {
-        let mut c = node_config(name, dir.path(), &url);
-        c.stream.retention = Retention::Limits {
-            max_age: Duration::ZERO,
-            max_bytes: 0,
-            max_msgs: 100,
-        };
-        c
-    };
+    let limited = |name: &str| limited_to_100(node_config(name, dir.path(), &url));
     let a = start(limited("a")).await;
     let b_config = limited("b");
     let b = start(b_config.clone()).await;
@@ -881,15 +883,7 @@ async fn partial_replica_is_not_halted_by_trimmed_events_it_does_not_replicate()
     let dir = tempfile::tempdir().unwrap();
     let url = server.client_url();
     let (orders, customers) = (entity("orders"), entity("customers"));
-    let limited = |name: &str| {
-        let mut c = node_config(name, dir.path(), &url);
-        c.stream.retention = Retention::Limits {
-            max_age: Duration::ZERO,
-            max_bytes: 0,
-            max_msgs: 100,
-        };
-        c
-    };
+    let limited = |name: &str| limited_to_100(node_config(name, dir.path(), &url));
     let a = start(limited("a")).await;
     let mut p_config = limited("p");
     p_config.entities = vec![EntityFilter {
@@ -930,9 +924,8 @@ async fn partial_replica_is_not_halted_by_trimmed_events_it_does_not_replicate()
     p.shutdown().await.unwrap();
 }
 
-/// Shutting a node down while it backfills an added entity type records the new filters
-/// as complete: the backfill is never resumed and the rest of that entity's older
-/// records never arrive.
+/// Shutting a node down while it backfills an added entity type must not record the new
+/// filters as complete (a bug this test found): the next start resumes the backfill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_interrupted_by_shutdown_resumes_on_next_start() {
     const CUSTOMERS: usize = 4_000;
@@ -1008,32 +1001,23 @@ async fn backfill_interrupted_by_shutdown_resumes_on_next_start() {
         "the backfill finished before the shutdown ({partial} customers); cannot test"
     );
 
-    // Expected: the next start finishes the backfill. Actual: P keeps `partial` customers.
+    // The next start finishes the backfill.
     let p = start(p_config).await;
     same_entities(&a, &p, &[&orders, &customers], Duration::from_secs(30)).await;
     a.shutdown().await.unwrap();
     p.shutdown().await.unwrap();
 }
 
-/// A running node that falls behind a limits stream: the consumer just moves on to the
-/// first message still kept, and the apply loop does not notice that sequences were
-/// skipped (only the check at (re)start compares the checkpoint with the stream's first
-/// sequence), so the node carries on without the dropped events and never halts.
+/// A running node that falls behind a limits stream: the consumer moves on to the first
+/// message still kept, so the apply loop must notice the jump and halt (before the fix it
+/// carried on without the dropped events).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_node_that_falls_behind_retention_halts() {
     let server = NatsServer::start().expect("nats-server starts");
     let dir = tempfile::tempdir().unwrap();
     let url = server.client_url();
     let orders = entity("orders");
-    let limited = |name: &str| {
-        let mut c = node_config(name, dir.path(), &url);
-        c.stream.retention = Retention::Limits {
-            max_age: Duration::ZERO,
-            max_bytes: 0,
-            max_msgs: 100,
-        };
-        c
-    };
+    let limited = |name: &str| limited_to_100(node_config(name, dir.path(), &url));
     let a = start(limited("a")).await;
     // B applies one message per transaction: far slower than A publishes.
     let mut b_config = limited("b");
@@ -1064,8 +1048,7 @@ async fn a_running_node_that_falls_behind_retention_halts() {
     .await;
     let s = b.status().await.unwrap();
     let held = live_ids(&b, &orders).await.len();
-    // Expected: either b holds all 2,000 records or it halted with a retention gap.
-    // Actual: b is at the end of the stream, not halted, holding only some of them.
+    // Either b holds all 2,000 records or it halted with a retention gap.
     assert!(
         held == ids.len() || matches!(s.halted, Some(Halt::RetentionGap { .. })),
         "b holds {held} of {} records, is not halted ({:?}), checkpoint {} (stream {first_seq}..{last_seq})",
