@@ -657,6 +657,21 @@ async fn malformed_and_forged_messages_are_quarantined_everywhere_and_replicatio
 
 // ----- 6. retention gap -----------------------------------------------------------------
 
+/// Waits until `node` halts with a halt `is` accepts; fails naming `what` and the status.
+async fn wait_halted(node: &Node, what: &str, timeout: Duration, is: impl Fn(&Halt) -> bool) {
+    wait_for(what, timeout, || async {
+        let s = node.status().await.map_err(|e| e.to_string())?;
+        match &s.halted {
+            Some(h) if is(h) => Ok(()),
+            other => Err(format!(
+                "halted {other:?}, checkpoint {}, error {:?}",
+                s.checkpoint, s.last_error
+            )),
+        }
+    })
+    .await;
+}
+
 /// A node config whose stream keeps only the last 100 messages.
 fn limited_to_100(mut c: NodeConfig) -> NodeConfig {
     c.stream.retention = Retention::Limits {
@@ -701,19 +716,11 @@ async fn retention_gap_is_reported_not_skipped() {
     );
 
     let b = start(b_config).await;
-    wait_for(
+    wait_halted(
+        &b,
         "b to report a retention gap",
         Duration::from_secs(20),
-        || async {
-            let s = b.status().await.map_err(|e| e.to_string())?;
-            match s.halted {
-                Some(Halt::RetentionGap { .. }) => Ok(()),
-                other => Err(format!(
-                    "halted {other:?}, checkpoint {}, error {:?}",
-                    s.checkpoint, s.last_error
-                )),
-            }
-        },
+        |h| matches!(h, Halt::RetentionGap { .. }),
     )
     .await;
     let s = b.status().await.unwrap();
@@ -776,19 +783,11 @@ async fn stream_recreated_is_detected() {
     .await;
 
     let x = start(x_config).await;
-    wait_for(
+    wait_halted(
+        &x,
         "x to report a stream reset",
         Duration::from_secs(20),
-        || async {
-            let s = x.status().await.map_err(|e| e.to_string())?;
-            match s.halted {
-                Some(Halt::StreamReset { .. }) => Ok(()),
-                other => Err(format!(
-                    "halted {other:?}, checkpoint {}, error {:?}",
-                    s.checkpoint, s.last_error
-                )),
-            }
-        },
+        |h| matches!(h, Halt::StreamReset { .. }),
     )
     .await;
     let s = x.status().await.unwrap();
