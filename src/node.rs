@@ -764,6 +764,9 @@ async fn apply_fetched(
     .await
 }
 
+/// How long the apply loop waits for more messages to fill a batch.
+const BATCH_LINGER: Duration = Duration::from_millis(3);
+
 /// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown or
 /// an error.
 async fn apply_messages(
@@ -787,24 +790,45 @@ async fn apply_messages(
     // <prefix>.<entity>.<scope>.<origin>.<id>: the origin's index among the tokens.
     let origin_token = cfg.stream.prefix.split('.').count() + 2;
     let mut rx = shared.shutdown.clone();
+    // Messages fetched beyond one batch wait here for the next one.
+    let mut carry: Vec<jetstream::Message> = Vec::new();
     loop {
-        let chunk = tokio::select! {
-            c = chunks.next() => c,
-            _ = rx.wait_for(|s| *s) => return Ok(()),
-        };
-        let Some(chunk) = chunk else {
-            return Err(Stop::Retry("consumer stream ended".into()));
-        };
-        let mut msgs = Vec::with_capacity(chunk.len());
         let mut failure = None;
-        for m in chunk {
-            match m {
-                Ok(m) => msgs.push(m),
-                Err(e) => {
-                    failure = Some(format!("fetch: {e}"));
-                    break;
+        let mut take = |chunk: Vec<Result<jetstream::Message, _>>, msgs: &mut Vec<_>| {
+            for m in chunk {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        failure = Some(format!("fetch: {e}"));
+                        return false;
+                    }
                 }
             }
+            true
+        };
+        let mut msgs = std::mem::take(&mut carry);
+        let mut ok = true;
+        if msgs.is_empty() {
+            let chunk = tokio::select! {
+                c = chunks.next() => c,
+                _ = rx.wait_for(|s| *s) => return Ok(()),
+            };
+            let Some(chunk) = chunk else {
+                return Err(Stop::Retry("consumer stream ended".into()));
+            };
+            ok = take(chunk, &mut msgs);
+        }
+        // During catch-up messages arrive faster than they are applied: wait a moment for
+        // more so each transaction (one fsync) carries a full batch, not whatever was
+        // buffered at that instant.
+        while ok && msgs.len() < cfg.fetch_batch {
+            match tokio::time::timeout(BATCH_LINGER, chunks.next()).await {
+                Ok(Some(more)) => ok = take(more, &mut msgs),
+                _ => break,
+            }
+        }
+        if msgs.len() > cfg.fetch_batch {
+            carry = msgs.split_off(cfg.fetch_batch);
         }
         // A jump past the next sequence is either messages outside this node's filter or
         // messages retention removed while this node was behind: only the stream's first
