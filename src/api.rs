@@ -19,6 +19,14 @@
 //! | `status` | `{}` | the node's [`Status`] |
 //! | `digest` | `{entity?}` | `{<entity>: "<hex>"}` |
 //! | `ping` | `{}` | `{node, version}` |
+//! | `snapshot` | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
+//! | `verify_hashes` | `{entity, scopes?}` | recomputed [`VerifyHashes`] |
+//! | `bucket_records` | `{entity, buckets, scopes?, after?, limit?}` | `{records: [{id, state \| "damaged"}], next}` |
+//! | `merge_records` | `{entity, states: [{id, state}]}` | `{changed, repaired}` |
+//! | `damaged` | `{}` | damaged records set aside |
+//! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
+//! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
+//! | `apply` | `{messages: [{seq, subject, payload, time_ms}]}` | replayed stream messages applied idempotently (the checkpoint does not move) |
 
 use std::time::Duration;
 
@@ -30,8 +38,9 @@ use uuid::Uuid;
 use crate::clock::Version;
 use crate::error::{StorageError, WriteError};
 use crate::ids::{EntityName, Scope};
+use crate::merge::RecordState;
 use crate::node::{NodeHandle, Status};
-use crate::store::{Expect, Record, Write};
+use crate::store::{Expect, Incoming, Record, RecordSlot, VerifyHashes, Write};
 
 /// The API subject root for a stream prefix.
 pub fn api_root(prefix: &str) -> String {
@@ -109,6 +118,34 @@ struct Req {
     limit: Option<usize>,
     #[serde(default)]
     versions: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<Scope>,
+    #[serde(default)]
+    buckets: Vec<usize>,
+    #[serde(default)]
+    states: Vec<StateEntry>,
+    #[serde(default)]
+    ids: Vec<u64>,
+    #[serde(default)]
+    after_seq: Option<u64>,
+    #[serde(default)]
+    messages: Vec<StreamMessage>,
+}
+
+/// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateEntry {
+    pub id: Uuid,
+    pub state: RecordState,
+}
+
+/// A stream message carried over the API (replay into a running node).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StreamMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: String,
+    pub time_ms: u64,
 }
 
 impl Req {
@@ -203,6 +240,15 @@ async fn blocking<T: Send + 'static>(
             current: None,
         })?
         .map_err(Into::into)
+}
+
+/// Serialises a reply value, as an error reply rather than a panic if it cannot be.
+fn to_json<T: Serialize>(v: &T) -> Result<Value, RemoteError> {
+    serde_json::to_value(v).map_err(|e| RemoteError {
+        code: "internal".into(),
+        message: format!("reply does not serialise: {e}"),
+        current: None,
+    })
 }
 
 async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, RemoteError> {
@@ -307,6 +353,115 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
             let out = node.write(vec![w.resolving(versions)]).await?;
             Ok(out.first().map(written).unwrap_or(Value::Null))
         }
+        "snapshot" => {
+            let report = node.snapshot().await.map_err(|e| RemoteError {
+                code: "snapshot".into(),
+                message: e.to_string(),
+                current: None,
+            })?;
+            to_json(&report)
+        }
+        "verify_hashes" => {
+            let (entity, scopes) = (req.entity()?, req.scopes.clone());
+            let hashes: VerifyHashes =
+                blocking(move || store.verify_hashes(&entity, &scopes)).await?;
+            to_json(&hashes)
+        }
+        "bucket_records" => {
+            let (entity, scopes, buckets) =
+                (req.entity()?, req.scopes.clone(), req.buckets.clone());
+            let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
+            let page = blocking(move || {
+                store.records_in_buckets(&entity, &buckets, &scopes, after, limit)
+            })
+            .await?;
+            let records: Vec<Value> = page
+                .items
+                .into_iter()
+                .map(|(id, slot)| match slot {
+                    RecordSlot::State(state) => json!({"id": id, "state": state}),
+                    RecordSlot::Damaged => json!({"id": id, "state": "damaged"}),
+                })
+                .collect();
+            Ok(json!({"records": records, "next": page.next}))
+        }
+        "merge_records" => {
+            let entity = req.entity()?;
+            let states: Vec<(Uuid, RecordState)> =
+                req.states.into_iter().map(|e| (e.id, e.state)).collect();
+            let report = blocking(move || store.merge_records(&entity, states)).await?;
+            let out = json!({"changed": report.changed, "repaired": report.repaired});
+            node.announce(report.changes);
+            Ok(out)
+        }
+        "damaged" => {
+            let list = blocking(move || store.damaged()).await?;
+            to_json(&list)
+        }
+        "quarantine" => {
+            let (after, limit) = (
+                req.after_seq.unwrap_or(0),
+                req.limit.unwrap_or(100).min(1_000),
+            );
+            let entries = blocking(move || store.quarantine(after, limit)).await?;
+            let next = (entries.len() == limit)
+                .then(|| entries.last().map(|e| e.id))
+                .flatten();
+            let entries: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "id": e.id,
+                        "stream_seq": e.stream_seq,
+                        "subject": e.subject,
+                        "reason": e.reason,
+                        "received_ms": e.received_ms,
+                        "stream_time_ms": e.stream_time_ms,
+                        "payload": String::from_utf8_lossy(&e.payload),
+                    })
+                })
+                .collect();
+            Ok(json!({"entries": entries, "next": next}))
+        }
+        "quarantine_drop" => {
+            let ids = req.ids.clone();
+            let dropped = blocking(move || store.quarantine_drop(&ids)).await?;
+            Ok(json!({"dropped": dropped}))
+        }
+        "quarantine_retry" => {
+            let ids = req.ids.clone();
+            let report = blocking(move || store.quarantine_retry(&ids)).await?;
+            let out = json!({
+                "applied": report.applied,
+                "duplicates": report.duplicates,
+                "quarantined": report.quarantined,
+            });
+            node.announce(report.changes);
+            Ok(out)
+        }
+        "apply" => {
+            let messages = req.messages;
+            let report = blocking(move || {
+                let incoming: Vec<Incoming<'_>> = messages
+                    .iter()
+                    .map(|m| Incoming {
+                        stream_seq: m.seq,
+                        subject: &m.subject,
+                        payload: m.payload.as_bytes(),
+                        stream_time_ms: m.time_ms,
+                    })
+                    .collect();
+                store.apply_backfill(&incoming)
+            })
+            .await?;
+            let out = json!({
+                "applied": report.applied,
+                "duplicates": report.duplicates,
+                "quarantined": report.quarantined,
+            });
+            node.announce(report.changes);
+            Ok(out)
+        }
         other => Err(RemoteError {
             code: "unknown_op".into(),
             message: format!("unknown operation {other:?}"),
@@ -347,6 +502,13 @@ impl ApiClient {
             root: api_root(prefix),
             timeout: Duration::from_secs(5),
         }
+    }
+
+    /// The same client with another reply timeout (verification and snapshots of large
+    /// stores take longer than the default 5 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Calls `op` on `node` and returns the `ok` value.

@@ -32,7 +32,7 @@ use serde::Deserialize;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityName, NodeId, Scope};
-use crate::node::{EntityFilter, NodeConfig};
+use crate::node::{EntityFilter, NodeConfig, SnapshotPolicy};
 use crate::store::StoreConfig;
 use crate::stream::{Retention, StreamSettings};
 
@@ -74,6 +74,33 @@ pub struct FileConfig {
     pub stream: FileStream,
     #[serde(default)]
     pub limits: FileLimits,
+    #[serde(default)]
+    pub snapshots: FileSnapshots,
+}
+
+/// `[snapshots]`: when this node takes snapshots, how many it keeps, and whether it
+/// bootstraps from one on a retention gap.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSnapshots {
+    /// Seconds between snapshots; 0: only on request.
+    pub interval_secs: u64,
+    pub keep: usize,
+    /// Seconds; 0: no age limit.
+    pub max_age_secs: u64,
+    pub bootstrap: bool,
+}
+
+impl Default for FileSnapshots {
+    fn default() -> Self {
+        let p = SnapshotPolicy::default();
+        FileSnapshots {
+            interval_secs: p.interval.map_or(0, |d| d.as_secs()),
+            keep: p.keep,
+            max_age_secs: p.max_age.map_or(0, |d| d.as_secs()),
+            bootstrap: p.bootstrap,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -222,7 +249,18 @@ impl FileConfig {
             max_doc_bytes: self.limits.max_doc_bytes,
             max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
         };
+        if self.snapshots.keep == 0 {
+            return Err(invalid("snapshots.keep", "must be at least 1"));
+        }
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        let snapshots = SnapshotPolicy {
+            interval: secs(self.snapshots.interval_secs),
+            keep: self.snapshots.keep,
+            max_age: secs(self.snapshots.max_age_secs),
+            bootstrap: self.snapshots.bootstrap,
+        };
         Ok(NodeConfig {
+            snapshots,
             node_id,
             data_dir,
             nats_urls: self.nats_urls,

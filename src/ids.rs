@@ -140,3 +140,39 @@ mod tests {
         );
     }
 }
+
+/// Which records a node replicates: an entity type, narrowed to some scopes or not.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct EntityFilter {
+    pub entity: EntityName,
+    /// Empty: every scope.
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+}
+
+impl EntityFilter {
+    /// Whether a record of `entity` in `scope` passes a filter list (empty: everything).
+    pub fn admits(filters: &[EntityFilter], entity: &EntityName, scope: &Scope) -> bool {
+        filters.is_empty()
+            || filters
+                .iter()
+                .any(|f| &f.entity == entity && (f.scopes.is_empty() || f.scopes.contains(scope)))
+    }
+
+    /// Whether everything `inner` admits, `outer` admits too.
+    pub fn covers(outer: &[EntityFilter], inner: &[EntityFilter]) -> bool {
+        if outer.is_empty() {
+            return true;
+        }
+        if inner.is_empty() {
+            return false;
+        }
+        inner.iter().all(|i| {
+            outer.iter().any(|o| {
+                o.entity == i.entity
+                    && (o.scopes.is_empty()
+                        || (!i.scopes.is_empty() && i.scopes.iter().all(|s| o.scopes.contains(s))))
+            })
+        })
+    }
+}

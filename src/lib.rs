@@ -48,8 +48,11 @@ pub mod event;
 pub mod ids;
 pub mod merge;
 pub mod node;
+pub mod replay;
+pub mod snapshot;
 pub mod store;
 pub mod stream;
+pub mod verify;
 
 pub use clock::{Hlc, ManualClock, SystemClock, Version, WallClock};
 pub use error::{Error, OpenError, StorageError, WriteError};

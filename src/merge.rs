@@ -128,6 +128,51 @@ impl RecordState {
         Merge::Applied
     }
 
+    /// Folds another replica's state of the same record into this one: the result is the
+    /// state of the union of both replicas' events (seen and named sets both only grow),
+    /// so merging is order-independent and idempotent, like applying events. Snapshots
+    /// and repair use it.
+    pub fn merge_state(&mut self, other: RecordState) {
+        if other.floor > self.floor {
+            self.floor = other.floor;
+        }
+        for named in other.history {
+            match self
+                .history
+                .binary_search_by(|n| n.version.cmp(&named.version))
+            {
+                Ok(i) => self.history[i].seen |= named.seen,
+                Err(i) => self.history.insert(i, named),
+            }
+        }
+        for leaf in other.leaves {
+            match self.leaves.iter().position(|l| l.version == leaf.version) {
+                // Same version on both sides: the same event, unless one side is damaged;
+                // keep the greater so every replica picks the same one.
+                Some(i) => {
+                    if leaf.doc > self.leaves[i].doc {
+                        self.leaves[i] = leaf;
+                    }
+                }
+                None => {
+                    let at = self.leaves.partition_point(|l| l.version > leaf.version);
+                    self.leaves.insert(at, leaf);
+                }
+            }
+        }
+        // Leaves = seen - named: a leaf named by the other side is superseded (and seen).
+        let history = &mut self.history;
+        self.leaves.retain(
+            |l| match history.binary_search_by(|n| n.version.cmp(&l.version)) {
+                Ok(i) => {
+                    history[i].seen = true;
+                    false
+                }
+                Err(_) => true,
+            },
+        );
+    }
+
     /// Records `v` as superseded, removing it from the leaves if it is one.
     fn name(&mut self, v: &Version) {
         if self.floor.as_ref().is_some_and(|f| v <= f) {

@@ -21,28 +21,23 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::connect::{ConnectError, NatsAuth, connect};
 use crate::error::{OpenError, StorageError, WriteError};
-use crate::ids::{EntityName, NodeId, Scope};
+use crate::ids::{EntityName, NodeId};
+use crate::snapshot::{self, SnapshotError, SnapshotReport};
 use crate::store::{ApplyReport, Change, Incoming, Store, StoreConfig, Write, Written};
 use crate::stream::{Retention, StreamError, StreamIdentity, StreamSettings, ensure_stream};
 
-const META_STREAM: &str = "x.stream";
+/// Store metadata key of the stream identity this node follows.
+pub const META_STREAM: &str = "x.stream";
 const META_FILTERS: &str = "x.filters";
 
-/// Which records a node replicates.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct EntityFilter {
-    pub entity: EntityName,
-    /// Empty: every scope.
-    #[serde(default)]
-    pub scopes: Vec<Scope>,
-}
+pub use crate::ids::EntityFilter;
 
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]
@@ -62,6 +57,45 @@ pub struct NodeConfig {
     pub publish_window: usize,
     /// Answer API requests (`<prefix>_api.<node>.*`, see [`crate::api`]).
     pub serve_api: bool,
+    pub snapshots: SnapshotPolicy,
+}
+
+/// When a node takes snapshots and whether it loads one on a retention gap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Take a snapshot this often; `None`: only on request.
+    pub interval: Option<Duration>,
+    /// After taking one, keep this node's newest `keep` snapshots and delete the rest.
+    pub keep: usize,
+    /// Also delete this node's snapshots older than this (never its newest).
+    pub max_age: Option<Duration>,
+    /// On a retention gap, load the newest snapshot covering this node's filters and
+    /// resume after it (otherwise, and when none covers it, the node halts).
+    pub bootstrap: bool,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy {
+            interval: None,
+            keep: 3,
+            max_age: None,
+            bootstrap: true,
+        }
+    }
+}
+
+/// A retention gap this node closed by loading a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bootstrapped {
+    pub snapshot: String,
+    /// The stream sequence the snapshot reflects; applying resumed after it.
+    pub seq: u64,
+    /// The sequences the stream no longer had when the node came back.
+    pub gap_from: u64,
+    pub gap_to: u64,
+    pub records: u64,
+    pub millis: u64,
 }
 
 impl NodeConfig {
@@ -77,16 +111,18 @@ impl NodeConfig {
             fetch_batch: 1000,
             publish_window: 1000,
             serve_api: true,
+            snapshots: SnapshotPolicy::default(),
         }
     }
 
     /// The consumer filter subjects for this node.
     pub fn filter_subjects(&self) -> Vec<String> {
-        filter_subjects(&self.stream.prefix, &self.entities)
+        subjects_for(&self.stream.prefix, &self.entities)
     }
 }
 
-fn filter_subjects(prefix: &str, entities: &[EntityFilter]) -> Vec<String> {
+/// The stream subjects that carry the events `entities` admit (empty: all of them).
+pub fn subjects_for(prefix: &str, entities: &[EntityFilter]) -> Vec<String> {
     if entities.is_empty() {
         return vec![format!("{prefix}.>")];
     }
@@ -140,8 +176,9 @@ impl std::fmt::Display for Halt {
                 first_seq,
             } => write!(
                 f,
-                "retention gap: this node applied up to sequence {checkpoint} but the stream now starts at {first_seq}; events {}..{} are gone, bootstrap from a snapshot",
+                "retention gap: this node applied up to sequence {checkpoint} but the stream now starts at {first_seq}; events {}..{} are gone and no snapshot covers them (one of this stream, taken at sequence {} or later, by a node whose filters include this node's). Take one on a node that has the data (`jetsync snapshot create --node <id>`) and this node loads it within seconds, or seed it with `jetsync snapshot load`",
                 checkpoint + 1,
+                first_seq - 1,
                 first_seq - 1
             ),
             Halt::StreamReset { detail } => write!(f, "stream reset: {detail}"),
@@ -168,6 +205,14 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Set when applying stopped and needs an operator.
     pub halted: Option<Halt>,
+    /// The last retention gap closed from a snapshot.
+    pub bootstrapped: Option<Bootstrapped>,
+    /// The name of the last snapshot this node took.
+    pub last_snapshot: Option<String>,
+    /// Damaged records set aside, awaiting `verify --repair`.
+    pub damaged: u64,
+    /// This node's entity filters (empty: every entity type).
+    pub entities: Vec<EntityFilter>,
 }
 
 #[derive(Default)]
@@ -178,6 +223,8 @@ struct Live {
     publish_error: Option<String>,
     apply_error: Option<String>,
     halted: Option<Halt>,
+    bootstrapped: Option<Bootstrapped>,
+    last_snapshot: Option<String>,
 }
 
 struct Shared {
@@ -287,6 +334,7 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn(publish_loop(shared.clone())),
             tokio::spawn(apply_loop(shared.clone())),
+            tokio::spawn(snapshot_loop(shared.clone())),
         ];
         if shared.config.serve_api {
             let handle = NodeHandle(shared.clone());
@@ -394,11 +442,12 @@ impl NodeHandle {
 
     pub async fn status(&self) -> Result<Status, NodeError> {
         let store = self.0.store.clone();
-        let (outbox, checkpoint, quarantined) = tokio::task::spawn_blocking(move || {
+        let (outbox, checkpoint, quarantined, damaged) = tokio::task::spawn_blocking(move || {
             Ok::<_, StorageError>((
                 store.outbox_len()?,
                 store.checkpoint()?,
                 store.quarantine_len()?,
+                store.damaged_len()?,
             ))
         })
         .await
@@ -424,7 +473,74 @@ impl NodeHandle {
                 (Some(p), Some(a)) => Some(format!("{p}; {a}")),
             },
             halted: live.halted.clone(),
+            bootstrapped: live.bootstrapped.clone(),
+            last_snapshot: live.last_snapshot.clone(),
+            damaged,
+            entities: self.0.config.entities.clone(),
         })
+    }
+
+    /// Takes a snapshot of this node's store now (see [`crate::snapshot`]).
+    pub async fn snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
+        take_snapshot(&self.0).await
+    }
+
+    /// Broadcasts visible changes made outside the loops (repair, replay, retry).
+    pub fn announce(&self, changes: Vec<Change>) {
+        for c in changes {
+            let _ = self.0.changes.send(c);
+        }
+    }
+}
+
+async fn take_snapshot(shared: &Arc<Shared>) -> Result<SnapshotReport, SnapshotError> {
+    let store = shared.store.clone();
+    let identity = tokio::task::spawn_blocking(move || store.meta_get(META_STREAM))
+        .await
+        .map_err(|e| StorageError::Corrupt(format!("meta task: {e}")))??
+        .and_then(|b| serde_json::from_slice::<StreamIdentity>(&b).ok())
+        .ok_or_else(|| {
+            SnapshotError::NotFound(
+                "this node has not followed the stream yet: nothing to snapshot against".into(),
+            )
+        })?;
+    let cfg = &shared.config;
+    let report = snapshot::take(
+        &shared.js,
+        &cfg.stream,
+        identity,
+        shared.store.clone(),
+        cfg.entities.clone(),
+    )
+    .await?;
+    shared.live().last_snapshot = Some(report.meta.name.clone());
+    let policy = &cfg.snapshots;
+    let pruned = snapshot::prune(
+        &shared.js,
+        &cfg.stream,
+        &cfg.node_id,
+        policy.keep,
+        policy.max_age,
+    )
+    .await?;
+    if !pruned.is_empty() {
+        tracing::info!(?pruned, "old snapshots deleted");
+    }
+    Ok(report)
+}
+
+/// Takes a snapshot every `interval`, if the policy sets one.
+async fn snapshot_loop(shared: Arc<Shared>) {
+    let Some(interval) = shared.config.snapshots.interval else {
+        return;
+    };
+    loop {
+        if shared.pause(interval).await {
+            return;
+        }
+        if let Err(e) = take_snapshot(&shared).await {
+            tracing::warn!(error = %e, "scheduled snapshot failed");
+        }
     }
 }
 
@@ -593,7 +709,15 @@ async fn apply_loop(shared: Arc<Shared>) {
             Stop::Shutdown => return,
             Stop::Halt(halt) => {
                 tracing::error!(%halt, "applying stopped");
+                let gap = matches!(halt, Halt::RetentionGap { .. });
                 shared.live().halted = Some(halt);
+                if gap && shared.config.snapshots.bootstrap {
+                    // A snapshot that covers the gap may be taken meanwhile: look again.
+                    if shared.pause(HALT_RECHECK).await {
+                        return;
+                    }
+                    continue;
+                }
                 let mut rx = shared.shutdown.clone();
                 let _ = rx.wait_for(|s| *s).await;
                 return;
@@ -609,6 +733,9 @@ async fn apply_loop(shared: Arc<Shared>) {
         }
     }
 }
+
+/// How often a node halted on a retention gap looks for a snapshot that covers it.
+const HALT_RECHECK: Duration = Duration::from_secs(5);
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
@@ -672,19 +799,77 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
         }));
     }
     let compacted = cfg.stream.retention == Retention::Compacted;
+    let mut checkpoint = checkpoint;
     if !compacted && checkpoint + 1 < state.first_sequence {
-        return Err(Stop::Halt(Halt::RetentionGap {
-            checkpoint,
-            first_seq: state.first_sequence,
-        }));
+        checkpoint = bootstrap(shared, &identity, checkpoint, state.first_sequence).await?;
     }
 
     backfill_new_entities(shared, checkpoint, state.first_sequence, compacted).await?;
 
     let consumer = recreate_consumer(shared, checkpoint).await?;
     shared.set_apply_error(None);
+    shared.live().halted = None;
     tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
     apply_messages(shared, consumer, checkpoint).await
+}
+
+/// Closes a retention gap (`checkpoint + 1 < first_seq`) by loading the newest snapshot
+/// that covers this node's filters; returns the new checkpoint. Halts when snapshots are
+/// off or none covers the gap.
+async fn bootstrap(
+    shared: &Arc<Shared>,
+    identity: &StreamIdentity,
+    checkpoint: u64,
+    first_seq: u64,
+) -> Result<u64, Stop> {
+    let cfg = &shared.config;
+    let gap = Halt::RetentionGap {
+        checkpoint,
+        first_seq,
+    };
+    if !cfg.snapshots.bootstrap {
+        return Err(Stop::Halt(gap));
+    }
+    let found =
+        snapshot::find_covering(&shared.js, &cfg.stream, identity, &cfg.entities, first_seq)
+            .await
+            .map_err(|e| Stop::Retry(format!("looking for a snapshot: {e}")))?;
+    let Some(meta) = found else {
+        return Err(Stop::Halt(gap));
+    };
+    tracing::warn!(
+        missing_from = checkpoint + 1,
+        missing_to = first_seq - 1,
+        snapshot = %meta.name,
+        snapshot_seq = meta.seq,
+        "retention gap: the stream no longer holds events this node needs; loading a snapshot"
+    );
+    let changes = shared.changes.clone();
+    let report = snapshot::load(
+        &shared.js,
+        &cfg.stream,
+        &meta.name,
+        shared.store.clone(),
+        &cfg.entities,
+        |batch| {
+            for c in batch {
+                let _ = changes.send(c);
+            }
+        },
+    )
+    .await
+    .map_err(|e| Stop::Retry(format!("loading snapshot {}: {e}", meta.name)))?;
+    let done = Bootstrapped {
+        snapshot: meta.name.clone(),
+        seq: meta.seq,
+        gap_from: checkpoint + 1,
+        gap_to: first_seq - 1,
+        records: report.records,
+        millis: report.millis,
+    };
+    tracing::info!(?done, "bootstrapped from snapshot");
+    shared.live().bootstrapped = Some(done);
+    Ok(meta.seq.max(checkpoint))
 }
 
 /// The durable consumer, recreated at `checkpoint + 1` with this node's filters: whatever
@@ -850,10 +1035,11 @@ async fn apply_messages(
                 .state
                 .first_sequence;
             if first_seq > next_expected {
-                return Err(Stop::Halt(Halt::RetentionGap {
-                    checkpoint: next_expected - 1,
-                    first_seq,
-                }));
+                // Start over: provisioning sees the gap and bootstraps or halts.
+                return Err(Stop::Retry(format!(
+                    "retention removed sequences {next_expected}..{} before they were applied",
+                    first_seq - 1
+                )));
             }
         }
         // Apply what arrived before the error, then start over from the checkpoint.

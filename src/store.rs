@@ -6,12 +6,18 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `meta` | name | magic, format, node id, last HLC, last origin_seq, checkpoint, … |
-//! | `records.<entity>` | id as `u128` (big-endian UUID order) | postcard [`RecordState`] |
+//! | `records.<entity>` | id as `u128` (big-endian UUID order) | postcard [`RecordState`] + xxh3-64 checksum |
 //! | `conflicts` | `(entity, id)` | `()`: records with more than one leaf |
 //! | `digests` | entity | 256 × 16-byte XOR buckets |
 //! | `outbox` | origin_seq | `(entity, id, hlc)` of an own version not yet acknowledged |
 //! | `unpublished` | origin_seq | event JSON of an outbox version superseded before publishing |
 //! | `quarantine` | local sequence | the refused message and why |
+//! | `damaged` | `(entity, id)` | a record value that failed its checksum, kept for inspection |
+//!
+//! Format 2 added the per-record checksum; a format-1 file is upgraded in place when
+//! opened. A damaged record never stops the node: a write transaction that meets one
+//! moves it to `damaged`, carries on from an empty state, and rebuilds that entity's
+//! digest; `verify --repair` then restores the record from a peer.
 //!
 //! The outbox is an index, not a copy: a leaf holds every field of the event that made
 //! it, so the publisher rebuilds the event from the record and the document is stored
@@ -45,9 +51,10 @@ use crate::error::{OpenError, StorageError, WriteError};
 use crate::event::{self, ChangeEvent, ENVELOPE_VERSION, EventLimits, Op, QuarantineReason};
 use crate::ids::{EntityName, NodeId, Scope};
 use crate::merge::{Compacted, Leaf, Merge, RecordState};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// The on-disk format this build reads and writes. Bump on any layout change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8] = b"jetsync-store";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -56,6 +63,9 @@ const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const UNPUBLISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("unpublished");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+/// Record values that failed their checksum or did not decode, moved aside when a write
+/// transaction met them: `(entity, id)` -> postcard [`DamagedRow`].
+const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("damaged");
 const RECORDS_PREFIX: &str = "records.";
 
 const K_MAGIC: &str = "magic";
@@ -272,11 +282,24 @@ pub struct QuarantineEntry {
     pub subject: String,
     pub reason: QuarantineReason,
     pub received_ms: u64,
+    pub stream_time_ms: u64,
     pub payload: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct QuarantineRow {
+    stream_seq: u64,
+    subject: String,
+    reason_json: String,
+    received_ms: u64,
+    payload: Vec<u8>,
+    /// The JetStream timestamp, so a retry judges clock drift exactly as the first try.
+    stream_time_ms: u64,
+}
+
+/// A quarantine row as format 1 stored it.
+#[derive(Deserialize)]
+struct QuarantineRowV1 {
     stream_seq: u64,
     subject: String,
     reason_json: String,
@@ -290,6 +313,20 @@ pub struct CompactReport {
     pub records_scanned: usize,
     pub records_shrunk: usize,
     pub tombstones_removed: usize,
+}
+
+impl From<&StoreConfig> for EventLimits {
+    fn from(config: &StoreConfig) -> Self {
+        EventLimits {
+            prefix: config.prefix.clone(),
+            max_doc_bytes: config.max_doc_bytes,
+            max_clock_drift_ms: config
+                .max_clock_drift
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers, and
@@ -339,15 +376,7 @@ impl Store {
             source,
         })?;
         let (last_hlc, incarnation) = init_or_check(&db, &path, &node)?;
-        let limits = EventLimits {
-            prefix: config.prefix.clone(),
-            max_doc_bytes: config.max_doc_bytes,
-            max_clock_drift_ms: config
-                .max_clock_drift
-                .as_millis()
-                .try_into()
-                .unwrap_or(u64::MAX),
-        };
+        let limits = EventLimits::from(&config);
         Ok(Store {
             db,
             path,
@@ -580,6 +609,17 @@ impl Store {
         batch: &[Incoming<'_>],
         through: Option<u64>,
     ) -> Result<ApplyReport, StorageError> {
+        self.apply_removing(batch, through, &[])
+    }
+
+    /// [`Store::apply`], also removing the quarantine entries `retried` in the same
+    /// transaction (a retry re-quarantines what still fails, under a new id).
+    fn apply_removing(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+        retried: &[u64],
+    ) -> Result<ApplyReport, StorageError> {
         let txn = self.db.begin_write()?;
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
@@ -590,6 +630,9 @@ impl Store {
             let mut outbox = txn.open_table(OUTBOX)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
+            for id in retried {
+                quarantine.remove(*id)?;
+            }
             let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
             for msg in batch {
                 if through.is_some() && msg.stream_seq <= checkpoint {
@@ -627,6 +670,7 @@ impl Store {
                             reason_json: serde_json::to_string(&reason).unwrap_or_default(),
                             received_ms: clock.wall_ms(),
                             payload: msg.payload.to_vec(),
+                            stream_time_ms: msg.stream_time_ms,
                         };
                         quarantine.insert(quarantine_seq, encode_postcard(&row)?.as_slice())?;
                         report.quarantined += 1;
@@ -971,6 +1015,7 @@ impl Store {
                 subject: row.subject,
                 reason,
                 received_ms: row.received_ms,
+                stream_time_ms: row.stream_time_ms,
                 payload: row.payload,
             });
         }
@@ -1091,6 +1136,11 @@ fn is_named(state: &RecordState, v: &Version) -> bool {
     state.history.binary_search_by(|n| n.version.cmp(v)).is_ok()
 }
 
+mod maintenance;
+pub use maintenance::{
+    DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
+};
+
 /// The record tables, conflict index and digest deltas of one write transaction.
 struct Tx<'t> {
     txn: &'t WriteTransaction,
@@ -1098,6 +1148,34 @@ struct Tx<'t> {
     conflicts: Table<'t, (&'static str, u128), ()>,
     digest_delta: HashMap<EntityName, Digest>,
     changes: Vec<Change>,
+    /// Entities where a damaged record was moved aside: their digests are recomputed.
+    damaged: Vec<EntityName>,
+    damaged_rows: Table<'t, (&'static str, u128), &'static [u8]>,
+}
+
+/// What a record contributed before a change: enough to update digest and conflict index.
+struct Before {
+    hash: Option<u128>,
+    winner: Option<Version>,
+    leaves: usize,
+}
+
+impl Before {
+    fn of(id: &Uuid, state: &RecordState) -> Self {
+        Before {
+            hash: state.live().map(|l| leaf_hash(id, l)),
+            winner: state.winner().map(|l| l.version.clone()),
+            leaves: state.leaves.len(),
+        }
+    }
+}
+
+/// A record value set aside because it failed its checksum or did not decode.
+#[derive(Serialize, Deserialize)]
+struct DamagedRow {
+    error: String,
+    found_ms: u64,
+    bytes: Vec<u8>,
 }
 
 impl<'t> Tx<'t> {
@@ -1108,6 +1186,8 @@ impl<'t> Tx<'t> {
             conflicts: txn.open_table(CONFLICTS)?,
             digest_delta: HashMap::new(),
             changes: Vec::new(),
+            damaged: Vec::new(),
+            damaged_rows: txn.open_table(DAMAGED)?,
         })
     }
 
@@ -1129,32 +1209,64 @@ impl<'t> Tx<'t> {
         id: &Uuid,
     ) -> Result<Option<RecordState>, StorageError> {
         let table = self.table(entity)?;
-        let guard = table.get(id.as_u128())?;
-        guard
-            .map(|g| decode_state(entity, id, g.value()))
-            .transpose()
+        let Some(bytes) = table.get(id.as_u128())?.map(|g| g.value().to_vec()) else {
+            return Ok(None);
+        };
+        match decode_state(entity, id, &bytes) {
+            Ok(state) => Ok(Some(state)),
+            Err(e) => {
+                // Stalling every later write and event on this record would be worse than
+                // starting it over: the bytes are kept, and a peer's copy repairs it.
+                tracing::error!(%entity, %id, error = %e, "damaged record moved aside");
+                let row = DamagedRow {
+                    error: e.to_string(),
+                    found_ms: crate::clock::SystemClock.now_ms(),
+                    bytes,
+                };
+                self.damaged_rows.insert(
+                    (entity.as_str(), id.as_u128()),
+                    encode_postcard(&row)?.as_slice(),
+                )?;
+                self.table(entity)?.remove(id.as_u128())?;
+                if !self.damaged.contains(entity) {
+                    self.damaged.push(entity.clone());
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Applies `ev` to `state` (loaded from this transaction) and stores the result with
     /// its conflict-index and digest updates.
     fn merge(&mut self, mut state: RecordState, ev: ChangeEvent) -> Result<Merge, StorageError> {
         let (entity, id) = (ev.entity.clone(), ev.id);
-        let before_hash = state.live().map(|l| leaf_hash(&id, l));
-        let before_winner = state.winner().map(|l| l.version.clone());
-        let before_leaves = state.leaves.len();
+        let before = Before::of(&id, &state);
         if state.apply(ev) == Merge::Duplicate {
             return Ok(Merge::Duplicate);
         }
+        self.put_state(&entity, id, before, &state)?;
+        Ok(Merge::Applied)
+    }
+
+    /// Stores `state` as the new state of a record that was `before`, updating the digest
+    /// delta and conflict index and noting the visible change.
+    fn put_state(
+        &mut self,
+        entity: &EntityName,
+        id: Uuid,
+        before: Before,
+        state: &RecordState,
+    ) -> Result<(), StorageError> {
         let after_hash = state.live().map(|l| leaf_hash(&id, l));
-        if before_hash != after_hash {
+        if before.hash != after_hash {
             let delta = self.digest_delta.entry(entity.clone()).or_default();
             let bucket = bucket_of(&id);
-            for h in [before_hash, after_hash].into_iter().flatten() {
+            for h in [before.hash, after_hash].into_iter().flatten() {
                 delta.xor(bucket, h);
             }
         }
         let after_leaves = state.leaves.len();
-        if (before_leaves > 1) != (after_leaves > 1) {
+        if (before.leaves > 1) != (after_leaves > 1) {
             let key = (entity.as_str(), id.as_u128());
             if after_leaves > 1 {
                 self.conflicts.insert(key, ())?;
@@ -1163,7 +1275,7 @@ impl<'t> Tx<'t> {
             }
         }
         let winner = state.winner().map(|l| l.version.clone());
-        if winner != before_winner || before_leaves != after_leaves {
+        if winner != before.winner || before.leaves != after_leaves {
             self.changes.push(Change {
                 entity: entity.clone(),
                 id,
@@ -1172,14 +1284,21 @@ impl<'t> Tx<'t> {
                 conflicts: after_leaves.saturating_sub(1),
             });
         }
-        let bytes = encode_state(&state)?;
-        self.table(&entity)?
-            .insert(id.as_u128(), bytes.as_slice())?;
-        Ok(Merge::Applied)
+        let bytes = encode_state(state)?;
+        self.table(entity)?.insert(id.as_u128(), bytes.as_slice())?;
+        Ok(())
     }
 
     /// Folds the digest deltas into the digest table; returns the changes made.
-    fn finish(self) -> Result<Vec<Change>, StorageError> {
+    fn finish(mut self) -> Result<Vec<Change>, StorageError> {
+        for entity in std::mem::take(&mut self.damaged) {
+            // The damaged record's old contribution is unknown: recompute from the records.
+            self.digest_delta.remove(&entity);
+            let digest = digest_of(self.table(&entity)?)?;
+            self.txn
+                .open_table(DIGESTS)?
+                .insert(entity.as_str(), digest.to_bytes().as_slice())?;
+        }
         if !self.digest_delta.is_empty() {
             let mut table = self.txn.open_table(DIGESTS)?;
             for (entity, delta) in self.digest_delta {
@@ -1197,6 +1316,25 @@ impl<'t> Tx<'t> {
         }
         Ok(self.changes)
     }
+}
+
+/// The digest of a whole record table, recomputed. Damaged records contribute nothing.
+fn digest_of(table: &impl ReadableTable<u128, &'static [u8]>) -> Result<Digest, StorageError> {
+    let mut digest = Digest::default();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let id = Uuid::from_u128(k.value());
+        let Some(body) = checked_body(v.value()) else {
+            continue;
+        };
+        let Ok(state) = postcard::from_bytes::<RecordState>(body) else {
+            continue;
+        };
+        if let Some(leaf) = state.live() {
+            digest.xor(bucket_of(&id), leaf_hash(&id, leaf));
+        }
+    }
+    Ok(digest)
 }
 
 fn records_table_name(entity: &EntityName) -> String {
@@ -1236,8 +1374,32 @@ fn to_record(entity: &EntityName, id: Uuid, state: &RecordState) -> Option<Recor
 }
 
 fn decode_state(entity: &EntityName, id: &Uuid, bytes: &[u8]) -> Result<RecordState, StorageError> {
-    postcard::from_bytes(bytes)
+    let body = checked_body(bytes)
+        .ok_or_else(|| StorageError::Corrupt(format!("record {entity}/{id}: checksum mismatch")))?;
+    postcard::from_bytes(body)
         .map_err(|e| StorageError::Corrupt(format!("record {entity}/{id}: {e}")))
+}
+
+/// Decodes a stored record value (as snapshots carry them), checking its checksum.
+pub fn decode_stored_state(
+    entity: &EntityName,
+    id: &Uuid,
+    bytes: &[u8],
+) -> Result<RecordState, StorageError> {
+    decode_state(entity, id, bytes)
+}
+
+/// The postcard body of a stored record value if its trailing checksum matches.
+fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
+    let split = bytes.len().checked_sub(8)?;
+    let (body, sum) = bytes.split_at(split);
+    (xxh3_64(body).to_le_bytes() == sum).then_some(body)
+}
+
+fn append_checksum(mut body: Vec<u8>) -> Vec<u8> {
+    let sum = xxh3_64(&body);
+    body.extend_from_slice(&sum.to_le_bytes());
+    body
 }
 
 fn encode_state(state: &RecordState) -> Result<Vec<u8>, StorageError> {
@@ -1247,8 +1409,9 @@ fn encode_state(state: &RecordState) -> Result<Vec<u8>, StorageError> {
         .iter()
         .map(|l| l.doc.as_ref().map_or(0, String::len))
         .sum();
-    let guess = 16 + docs + 96 * state.leaves.len() + 48 * state.history.len();
+    let guess = 24 + docs + 96 * state.leaves.len() + 48 * state.history.len();
     postcard::to_extend(state, Vec::with_capacity(guess))
+        .map(append_checksum)
         .map_err(|e| StorageError::Corrupt(format!("encode: {e}")))
 }
 
@@ -1359,7 +1522,13 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<(Hlc, u64)
             .and_then(|g| <[u8; 4]>::try_from(g.value()).ok())
             .map(u32::from_le_bytes)
             .unwrap_or(0);
-        if format != FORMAT_VERSION {
+        if format == 1 {
+            drop(meta);
+            upgrade_from_format_1(&txn)?;
+            meta = txn.open_table(META).map_err(StorageError::from)?;
+            meta.insert(K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(StorageError::from)?;
+        } else if format != FORMAT_VERSION {
             return Err(OpenError::IncompatibleFormat {
                 path: path.into(),
                 found: format,
@@ -1384,6 +1553,7 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<(Hlc, u64)
         txn.open_table(QUARANTINE).map_err(StorageError::from)?;
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
+        txn.open_table(DAMAGED).map_err(StorageError::from)?;
         (
             Hlc::from_u64(read_u64(&meta, K_HLC)?),
             read_u64(&meta, K_INCARNATION)?,
@@ -1391,6 +1561,48 @@ fn init_or_check(db: &Database, path: &Path, node: &NodeId) -> Result<(Hlc, u64)
     };
     txn.commit().map_err(StorageError::from)?;
     Ok(hlc)
+}
+
+/// Format 1 had no record checksums: append one to every record value.
+fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(RECORDS_PREFIX))
+        .collect();
+    for name in names {
+        let mut table = txn.open_table(records_def(&name))?;
+        let mut rows = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            rows.push((k.value(), append_checksum(v.value().to_vec())));
+        }
+        for (k, v) in rows {
+            table.insert(k, v.as_slice())?;
+        }
+    }
+    let mut quarantine = txn.open_table(QUARANTINE)?;
+    let mut rows = Vec::new();
+    for row in quarantine.iter()? {
+        let (k, v) = row?;
+        let old: QuarantineRowV1 = decode_postcard(v.value(), "quarantine entry")?;
+        rows.push((
+            k.value(),
+            QuarantineRow {
+                stream_seq: old.stream_seq,
+                subject: old.subject,
+                reason_json: old.reason_json,
+                received_ms: old.received_ms,
+                payload: old.payload,
+                // Not recorded by format 1; the receive time is the closest known.
+                stream_time_ms: old.received_ms,
+            },
+        ));
+    }
+    for (k, row) in rows {
+        quarantine.insert(k, encode_postcard(&row)?.as_slice())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -529,7 +529,7 @@ fn opening_checks_format_identity_and_owner() {
         Err(
             err @ OpenError::IncompatibleFormat {
                 found: 99,
-                supported: 1,
+                supported: jetsync::store::FORMAT_VERSION,
                 ..
             },
         ) => {

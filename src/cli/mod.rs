@@ -2,6 +2,7 @@
 //! (`src/main.rs`) only calls [`main`]; everything here is library code so tests can run
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
+mod ops;
 mod remote;
 mod run;
 
@@ -112,6 +113,18 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Snapshots in the stream's object store bucket: create, list, load (seed), prune.
+    #[command(subcommand)]
+    Snapshot(ops::SnapshotCmd),
+    /// Read a range of the stream (by sequence or time, filtered by entity/scope) into
+    /// JSON lines, a redb store, or a running node.
+    Replay(ops::ReplayArgs),
+    /// Compare two running nodes record by record where their hashes differ; --repair
+    /// makes them converge. Exit code 2 if they differ (and were not repaired).
+    Verify(ops::VerifyArgs),
+    /// Stream, consumers and node status; a node's quarantine (drop/retry) or damaged records.
+    #[command(subcommand)]
+    Inspect(ops::InspectCmd),
 }
 
 /// How the CLI reaches NATS.
@@ -129,6 +142,9 @@ pub struct Conn {
     /// Subject prefix of the deployment.
     #[arg(long, env = "JETSYNC_PREFIX", default_value = "jetsync", global = true)]
     pub prefix: String,
+    /// The stream's name.
+    #[arg(long, env = "JETSYNC_STREAM", default_value = "JETSYNC", global = true)]
+    pub stream: String,
     /// NATS credentials file.
     #[arg(long, env = "JETSYNC_NATS_CREDS", global = true)]
     pub creds: Option<PathBuf>,
@@ -206,6 +222,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
         Command::Run(args) => run::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Snapshot(cmd) => ops::snapshot(cmd).await,
+        Command::Replay(args) => ops::replay(args).await,
+        Command::Verify(args) => ops::verify(args).await,
+        Command::Inspect(cmd) => ops::inspect(cmd).await,
         other => remote::run(other).await.map(|()| ExitCode::SUCCESS),
     }
 }

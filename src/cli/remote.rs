@@ -124,7 +124,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let nodes = c.nodes(Duration::from_millis(700)).await?;
             (conn, Value::Array(nodes))
         }
-        Command::Demo { .. } | Command::Run(_) => anyhow::bail!("not a remote command"),
+        _ => anyhow::bail!("not a remote command"),
     };
     if conn.json {
         println!("{}", serde_json::to_string_pretty(&out)?);

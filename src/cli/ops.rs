@@ -1,0 +1,581 @@
+//! Operator commands: snapshot (create, list, load, prune), replay, verify, inspect.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::{Conn, Target};
+use crate::api::ApiClient;
+use crate::config::{FileConfig, Overrides};
+use crate::connect::connect;
+use crate::event::EventLimits;
+use crate::ids::{EntityFilter, EntityName, NodeId, Scope};
+use crate::replay::{Progress, ReplayRange, Sink};
+use crate::snapshot;
+use crate::store::{Store, StoreConfig};
+use crate::stream::StreamSettings;
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Ask a running node to take a snapshot now (and prune its old ones by its policy).
+    Create {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the snapshots in the stream's bucket.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Seed a stopped node's store from a snapshot (the newest covering its filters, or
+    /// --name), so it resumes the stream after it.
+    Load {
+        /// The node's config file (as for `jetsync run`).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a node's snapshots beyond the newest KEEP.
+    Prune {
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// First stream sequence (default: the first kept).
+    #[arg(long)]
+    from_seq: Option<u64>,
+    /// Last stream sequence (default: the last at start).
+    #[arg(long)]
+    to_seq: Option<u64>,
+    /// Start at this stream time: RFC 3339, or ms since the epoch.
+    #[arg(long)]
+    since: Option<String>,
+    /// Stop after this stream time: RFC 3339, or ms since the epoch.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only these entity types (repeatable; default all).
+    #[arg(long = "entity")]
+    entities: Vec<String>,
+    /// Only these scopes of the given entity types (repeatable).
+    #[arg(long = "scope", requires = "entities")]
+    scopes: Vec<String>,
+    /// Write JSON lines here (`-`: stdout). The default sink.
+    #[arg(long, conflicts_with_all = ["into_store", "into_node"])]
+    out: Option<PathBuf>,
+    /// Apply into this redb store file (created if missing) ...
+    #[arg(long, requires = "node_id", conflicts_with = "into_node")]
+    into_store: Option<PathBuf>,
+    /// ... owned by this node id.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Apply into this running node (idempotent).
+    #[arg(long)]
+    into_node: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    a: String,
+    b: String,
+    /// Only these entity types (repeatable; default: all both replicate).
+    #[arg(long = "entity")]
+    entities: Vec<String>,
+    /// Merge each side's state of the differing records into the other.
+    #[arg(long)]
+    repair: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectCmd {
+    /// Stream info, every node consumer's position and lag, and every answering node's
+    /// status.
+    Stream {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A node's quarantined messages (with the original message); drop or retry some.
+    Quarantine {
+        #[arg(long, value_delimiter = ',')]
+        drop: Vec<u64>,
+        #[arg(long, value_delimiter = ',', conflicts_with = "drop")]
+        retry: Vec<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A node's damaged records awaiting repair.
+    Damaged {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn settings(conn: &Conn) -> StreamSettings {
+    StreamSettings {
+        name: conn.stream.clone(),
+        prefix: conn.prefix.clone(),
+        ..StreamSettings::default()
+    }
+}
+
+async fn nats(conn: &Conn) -> anyhow::Result<async_nats::Client> {
+    connect(&conn.nats_url, &conn.auth(), "jetsync-cli", false)
+        .await
+        .context("connecting to NATS")
+}
+
+fn print(conn: &Conn, v: &Value, human: impl FnOnce() -> String) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", human());
+    }
+}
+
+pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SnapshotCmd::Create { target } => {
+            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix)
+                .with_timeout(Duration::from_secs(1800));
+            let r = api.call(&target.node, "snapshot", json!({})).await?;
+            print(&target.conn, &r, || {
+                format!(
+                    "snapshot {} of {} at stream sequence {}: {} records, {} bytes, {} ms\n",
+                    r["meta"]["name"].as_str().unwrap_or("?"),
+                    target.node,
+                    r["meta"]["seq"],
+                    r["records"],
+                    r["bytes"],
+                    r["millis"]
+                )
+            });
+        }
+        SnapshotCmd::List { conn } => {
+            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let list = snapshot::list(&js, &settings(&conn)).await?;
+            let v = json!(list);
+            print(&conn, &v, || {
+                let mut s = format!("{:<48}  {:<12}  {:>12}  FILTERS\n", "NAME", "NODE", "SEQ");
+                for m in &list {
+                    let filters = if m.filters.is_empty() {
+                        "all".to_string()
+                    } else {
+                        m.filters
+                            .iter()
+                            .map(|f| format!("{}{:?}", f.entity, f.scopes))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    };
+                    s.push_str(&format!(
+                        "{:<48}  {:<12}  {:>12}  {filters}\n",
+                        m.name, m.node, m.seq
+                    ));
+                }
+                s
+            });
+        }
+        SnapshotCmd::Load { config, name, conn } => {
+            let file = FileConfig::load(&config)?;
+            let cfg = file.into_node_config(Overrides::default())?;
+            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let path = cfg.data_dir.join(format!("{}.redb", cfg.node_id));
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+            let store = Arc::new(
+                Store::open(&path, cfg.node_id.clone(), cfg.store.clone()).with_context(|| {
+                    format!("opening {} (is the node stopped?)", path.display())
+                })?,
+            );
+            let meta = match name {
+                Some(n) => snapshot::list(&js, &cfg.stream)
+                    .await?
+                    .into_iter()
+                    .find(|m| m.name == n)
+                    .with_context(|| format!("no snapshot named {n:?}"))?,
+                None => snapshot::list(&js, &cfg.stream)
+                    .await?
+                    .into_iter()
+                    .rev()
+                    .find(|m| EntityFilter::covers(&m.filters, &cfg.entities))
+                    .context("no snapshot covers this node's filters; take one with `jetsync snapshot create --node <id>`")?,
+            };
+            anyhow::ensure!(
+                EntityFilter::covers(&meta.filters, &cfg.entities),
+                "snapshot {} was taken with filters {:?}, which do not cover this node's {:?}",
+                meta.name,
+                meta.filters,
+                cfg.entities
+            );
+            if let Some(known) = store.meta_get(crate::node::META_STREAM)? {
+                let known: crate::stream::StreamIdentity = serde_json::from_slice(&known)?;
+                anyhow::ensure!(
+                    known == meta.stream,
+                    "this store followed another stream ({known:?}) than the snapshot's ({:?})",
+                    meta.stream
+                );
+            } else {
+                store.meta_put(crate::node::META_STREAM, &serde_json::to_vec(&meta.stream)?)?;
+            }
+            let report =
+                snapshot::load(&js, &cfg.stream, &meta.name, store, &cfg.entities, |_| {}).await?;
+            print(&conn, &json!(report), || {
+                format!(
+                    "loaded {} ({} records, {} changed) in {} ms; the node resumes after stream sequence {}\n",
+                    report.meta.name, report.records, report.detail, report.millis, report.meta.seq
+                )
+            });
+        }
+        SnapshotCmd::Prune { node, keep, conn } => {
+            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let node = NodeId::new(node)?;
+            let deleted = snapshot::prune(&js, &settings(&conn), &node, keep, None).await?;
+            print(&conn, &json!(deleted), || {
+                format!("deleted {} snapshot(s)\n", deleted.len())
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// RFC 3339 or ms since the epoch.
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .with_context(|| format!("{s:?} is neither RFC 3339 nor ms since the epoch"))?;
+    u64::try_from(t.timestamp_millis()).context("time before 1970")
+}
+
+fn progress_printer() -> impl FnMut(Progress) {
+    let tty = std::io::stderr().is_terminal();
+    move |p: Progress| {
+        if !tty {
+            return;
+        }
+        let span = (p.end_seq.saturating_sub(p.start_seq) + 1) as f64;
+        let done = (p.seq.saturating_sub(p.start_seq) + 1) as f64;
+        let secs = p.elapsed.as_secs_f64().max(0.001);
+        let rate = p.messages as f64 / secs;
+        let seq_rate = done / secs;
+        let eta = (span - done).max(0.0) / seq_rate.max(1.0);
+        eprint!(
+            "\r{:>5.1}%  seq {}/{}  {} msgs  {:.0}/s  ETA {:.0}s   ",
+            100.0 * done / span,
+            p.seq,
+            p.end_seq,
+            p.messages,
+            rate,
+            eta
+        );
+    }
+}
+
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let conn = &args.conn;
+    let client = nats(conn).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let scopes = args
+        .scopes
+        .iter()
+        .map(|s| Scope::new(s.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let filters = args
+        .entities
+        .iter()
+        .map(|e| {
+            Ok(EntityFilter {
+                entity: EntityName::new(e.clone())?,
+                scopes: scopes.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let range = ReplayRange {
+        from_seq: args.from_seq,
+        to_seq: args.to_seq,
+        since_ms: args.since.as_deref().map(parse_time).transpose()?,
+        until_ms: args.until.as_deref().map(parse_time).transpose()?,
+    };
+    let sink = match (&args.into_store, &args.into_node, &args.out) {
+        (Some(path), _, _) => {
+            let node = NodeId::new(args.node_id.clone().unwrap_or_default())?;
+            let config = StoreConfig {
+                prefix: conn.prefix.clone(),
+                ..StoreConfig::default()
+            };
+            Sink::Store(Arc::new(
+                Store::open(path, node, config)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            ))
+        }
+        (None, Some(node), _) => Sink::Node {
+            api: ApiClient::new(client.clone(), &conn.prefix),
+            node: node.clone(),
+        },
+        (None, None, Some(path)) if path.as_os_str() != "-" => {
+            Sink::JsonLines(Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            )))
+        }
+        _ => Sink::JsonLines(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+    };
+    let limits = EventLimits::from(&StoreConfig {
+        prefix: conn.prefix.clone(),
+        ..StoreConfig::default()
+    });
+    let report = crate::replay::replay(
+        &js,
+        &settings(conn),
+        &range,
+        &filters,
+        limits,
+        sink,
+        progress_printer(),
+    )
+    .await?;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    eprintln!(
+        "replayed {} messages (seq {}..{}): {} applied/written, {} duplicates, {} rejected, {} ms",
+        report.messages,
+        report.first_seq.map_or("-".into(), |s| s.to_string()),
+        report.last_seq.map_or("-".into(), |s| s.to_string()),
+        report.applied,
+        report.duplicates,
+        report.rejected,
+        report.millis
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(nats(&args.conn).await?, &args.conn.prefix);
+    let only = args
+        .entities
+        .iter()
+        .map(|e| EntityName::new(e.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let report = crate::verify::verify(&api, &args.a, &args.b, &only, args.repair).await?;
+    print(&args.conn, &json!(report), || {
+        let mut s = String::new();
+        for e in &report.entities {
+            s.push_str(&format!(
+                "{}{}: A {} records, B {} records, {} differing bucket(s), {} differing record(s)\n",
+                e.entity,
+                if e.scopes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {:?}", e.scopes)
+                },
+                e.records_a,
+                e.records_b,
+                e.differing_buckets,
+                e.differences.len()
+            ));
+            for d in &e.differences {
+                s.push_str(&format!("  {}\n", d.describe()));
+            }
+            if let Some(ok) = e.converged_after_repair {
+                s.push_str(&format!(
+                    "  repaired: {} record(s) merged into {}, {} into {}; {}\n",
+                    e.repaired_a,
+                    report.a,
+                    e.repaired_b,
+                    report.b,
+                    if ok {
+                        "now consistent"
+                    } else {
+                        "STILL DIFFERENT"
+                    }
+                ));
+            }
+            for id in &e.unrepairable {
+                s.push_str(&format!(
+                    "  cannot repair {}/{id} from either node: try another peer\n",
+                    e.entity
+                ));
+            }
+        }
+        for e in &report.skipped {
+            s.push_str(&format!("{e}: not replicated by both nodes; skipped\n"));
+        }
+        s.push_str(if report.agreed() {
+            "nodes agree\n"
+        } else if report.consistent() {
+            "nodes differed; repaired\n"
+        } else {
+            "nodes DIFFER\n"
+        });
+        s
+    });
+    Ok(if report.consistent() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        InspectCmd::Stream { conn } => {
+            let client = nats(&conn).await?;
+            let js = async_nats::jetstream::new(client.clone());
+            let mut stream = js
+                .get_stream(&conn.stream)
+                .await
+                .with_context(|| format!("stream {}", conn.stream))?;
+            let info = stream.info().await?.clone();
+            let mut consumers = Vec::new();
+            let mut list = stream.consumers();
+            use futures::StreamExt;
+            while let Some(c) = list.next().await {
+                let c = c?;
+                consumers.push(json!({
+                    "name": c.name,
+                    "filters": c.config.filter_subjects,
+                    "delivered_seq": c.delivered.stream_sequence,
+                    "ack_floor_seq": c.ack_floor.stream_sequence,
+                    "pending": c.num_pending,
+                    "ack_pending": c.num_ack_pending,
+                }));
+            }
+            let api = ApiClient::new(client, &conn.prefix);
+            let mut nodes = Vec::new();
+            for n in api.nodes(Duration::from_millis(700)).await? {
+                let id = n["node"].as_str().unwrap_or_default().to_string();
+                nodes.push(
+                    api.call(&id, "status", json!({}))
+                        .await
+                        .unwrap_or_else(|e| json!({"node": id, "error": e.to_string()})),
+                );
+            }
+            let v = json!({
+                "stream": {
+                    "name": info.config.name,
+                    "subjects": info.config.subjects,
+                    "replicas": info.config.num_replicas,
+                    "messages": info.state.messages,
+                    "bytes": info.state.bytes,
+                    "first_seq": info.state.first_sequence,
+                    "last_seq": info.state.last_sequence,
+                    "created": info.created.to_rfc3339(),
+                    "max_age_secs": info.config.max_age.as_secs(),
+                    "max_bytes": info.config.max_bytes,
+                    "max_msgs_per_subject": info.config.max_messages_per_subject,
+                },
+                "consumers": consumers,
+                "nodes": nodes,
+            });
+            print(&conn, &v, || {
+                let st = &v["stream"];
+                let mut s = format!(
+                    "stream {}: {} messages, {} bytes, seq {}..{}, replicas {}\n\nCONSUMER                      DELIVERED  ACK_FLOOR  PENDING\n",
+                    st["name"].as_str().unwrap_or("?"),
+                    st["messages"],
+                    st["bytes"],
+                    st["first_seq"],
+                    st["last_seq"],
+                    st["replicas"]
+                );
+                for c in &consumers {
+                    s.push_str(&format!(
+                        "{:<28}  {:>9}  {:>9}  {:>7}\n",
+                        c["name"].as_str().unwrap_or("?"),
+                        c["delivered_seq"],
+                        c["ack_floor_seq"],
+                        c["pending"]
+                    ));
+                }
+                s.push_str("\nNODE          CONNECTION    CHECKPOINT  LAG  OUTBOX  QUARANTINED  DAMAGED  HALTED\n");
+                for n in &nodes {
+                    s.push_str(&format!(
+                        "{:<12}  {:<12}  {:>10}  {:>3}  {:>6}  {:>11}  {:>7}  {}\n",
+                        n["node"].as_str().unwrap_or("?"),
+                        n["connection"].as_str().unwrap_or("?"),
+                        n["checkpoint"],
+                        n["lag"],
+                        n["outbox"],
+                        n["quarantined"],
+                        n["damaged"],
+                        n["halted"]
+                            .get("kind")
+                            .and_then(Value::as_str)
+                            .unwrap_or("-")
+                    ));
+                }
+                s
+            });
+        }
+        InspectCmd::Quarantine {
+            drop,
+            retry,
+            limit,
+            target,
+        } => {
+            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix);
+            let v = if !drop.is_empty() {
+                api.call(&target.node, "quarantine_drop", json!({"ids": drop}))
+                    .await?
+            } else if !retry.is_empty() {
+                api.call(&target.node, "quarantine_retry", json!({"ids": retry}))
+                    .await?
+            } else {
+                api.call(&target.node, "quarantine", json!({"limit": limit}))
+                    .await?
+            };
+            print(&target.conn, &v, || match v["entries"].as_array() {
+                Some(entries) => {
+                    let mut s = String::from("ID  SEQ  REASON  SUBJECT / MESSAGE\n");
+                    for e in entries {
+                        s.push_str(&format!(
+                            "{}  {}  {}  {}\n    {}\n",
+                            e["id"],
+                            e["stream_seq"],
+                            e["reason"]["code"].as_str().unwrap_or("?"),
+                            e["subject"].as_str().unwrap_or("?"),
+                            e["payload"]
+                                .as_str()
+                                .unwrap_or("")
+                                .chars()
+                                .take(300)
+                                .collect::<String>()
+                        ));
+                    }
+                    s
+                }
+                None => format!("{v}\n"),
+            });
+        }
+        InspectCmd::Damaged { target } => {
+            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix);
+            let v = api.call(&target.node, "damaged", json!({})).await?;
+            print(&target.conn, &v, || {
+                format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

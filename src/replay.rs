@@ -1,0 +1,276 @@
+//! Replaying the stream for operators: any range of it (by sequence or by time), filtered
+//! by entity type and scope, into JSON lines, into a new (or existing) redb store, or into
+//! a running node over its API. Applying is idempotent (the merge rule skips known
+//! versions), so a replay can be repeated or overlap what a node already has.
+//!
+//! The range ends at the stream's last sequence as of the start, so a replay of a busy
+//! stream finishes; events are read through an ephemeral pull consumer with no acks.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::api::{ApiClient, ApiError, StreamMessage};
+use crate::error::StorageError;
+use crate::event::{self, EventLimits};
+use crate::ids::EntityFilter;
+use crate::node::subjects_for;
+use crate::store::{Incoming, Store};
+use crate::stream::StreamSettings;
+
+/// Which part of the stream to read. Unset bounds: from the first kept message, to the
+/// last one at the start of the replay.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayRange {
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+    /// Stream (JetStream) timestamps, ms since the epoch.
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+}
+
+/// Where replayed events go.
+pub enum Sink {
+    /// One JSON object per line: `{seq, time_ms, subject, event}` or, for a message that
+    /// does not decode, `{seq, time_ms, subject, rejected: <reason>}`.
+    JsonLines(Box<dyn std::io::Write + Send>),
+    /// Applied to a store (a new one builds a partial replica); its checkpoint moves to
+    /// the last sequence replayed.
+    Store(Arc<Store>),
+    /// Applied by a running node (`apply` API op); its checkpoint does not move.
+    Node { api: ApiClient, node: String },
+}
+
+/// How far a replay got (for progress display).
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub seq: u64,
+    pub start_seq: u64,
+    pub end_seq: u64,
+    pub messages: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplayReport {
+    pub messages: u64,
+    pub applied: u64,
+    pub duplicates: u64,
+    /// Messages that did not decode (JSON lines: written as `rejected`; stores: quarantined).
+    pub rejected: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub millis: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("stream {stream}: {detail}")]
+    Nats { stream: String, detail: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("invalid range: {0}")]
+    Range(String),
+}
+
+const BATCH: usize = 1000;
+/// Largest `apply` request sent to a node, below NATS's default 1 MiB payload limit.
+const REQUEST_BYTES: usize = 512 * 1024;
+
+/// Replays `range` of the stream, admitting `filters` (empty: everything), into `sink`.
+pub async fn replay(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    range: &ReplayRange,
+    filters: &[EntityFilter],
+    limits: EventLimits,
+    mut sink: Sink,
+    mut progress: impl FnMut(Progress),
+) -> Result<ReplayReport, ReplayError> {
+    let started = Instant::now();
+    let nats = |e: &dyn std::fmt::Display| ReplayError::Nats {
+        stream: settings.name.clone(),
+        detail: e.to_string(),
+    };
+    if let (Some(f), Some(t)) = (range.from_seq, range.to_seq)
+        && f > t
+    {
+        return Err(ReplayError::Range(format!("from {f} is after to {t}")));
+    }
+    let mut stream = js.get_stream(&settings.name).await.map_err(|e| nats(&e))?;
+    let state = stream.info().await.map_err(|e| nats(&e))?.state.clone();
+    let mut report = ReplayReport::default();
+    let end_seq = range
+        .to_seq
+        .unwrap_or(state.last_sequence)
+        .min(state.last_sequence);
+    let start_seq = range.from_seq.unwrap_or(1).max(state.first_sequence);
+    if state.messages == 0 || start_seq > end_seq {
+        return Ok(report);
+    }
+    let deliver_policy = match (range.from_seq, range.since_ms) {
+        (None, Some(ms)) => jetstream::consumer::DeliverPolicy::ByStartTime {
+            start_time: i64::try_from(ms)
+                .ok()
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .ok_or_else(|| ReplayError::Range(format!("time {ms} ms is out of range")))?,
+        },
+        _ => jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start_seq,
+        },
+    };
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subjects: subjects_for(&settings.prefix, filters),
+            deliver_policy,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats(&e))?;
+    let pending = consumer
+        .clone()
+        .info()
+        .await
+        .map_err(|e| nats(&e))?
+        .num_pending;
+    if pending == 0 {
+        return Ok(report);
+    }
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(BATCH)
+        .messages()
+        .await
+        .map_err(|e| nats(&e))?
+        .ready_chunks(BATCH);
+    let mut batch: Vec<(u64, String, bytes::Bytes, u64)> = Vec::with_capacity(BATCH);
+    let mut done = false;
+    while !done {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| nats(&"no message within 30 s while messages were pending"))?;
+        let Some(chunk) = chunk else {
+            return Err(nats(&"the consumer ended early"));
+        };
+        for m in chunk {
+            let m = m.map_err(|e| nats(&e))?;
+            let info = m.info().map_err(|e| nats(&e))?;
+            let seq = info.stream_sequence;
+            let time_ms = u64::try_from(info.published.timestamp_millis()).unwrap_or(0);
+            let past_time = range.until_ms.is_some_and(|u| time_ms > u);
+            if seq > end_seq || past_time {
+                done = true;
+                break;
+            }
+            batch.push((seq, m.subject.to_string(), m.payload.clone(), time_ms));
+            done = seq == end_seq || info.pending == 0;
+            if done {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            deliver(&mut sink, &mut batch, &limits, &mut report).await?;
+            progress(Progress {
+                seq: report.last_seq.unwrap_or(start_seq),
+                start_seq,
+                end_seq,
+                messages: report.messages,
+                elapsed: started.elapsed(),
+            });
+        }
+    }
+    if let Sink::JsonLines(out) = &mut sink {
+        out.flush()?;
+    }
+    report.millis = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+async fn deliver(
+    sink: &mut Sink,
+    batch: &mut Vec<(u64, String, bytes::Bytes, u64)>,
+    limits: &EventLimits,
+    report: &mut ReplayReport,
+) -> Result<(), ReplayError> {
+    let taken = std::mem::take(batch);
+    report.messages += taken.len() as u64;
+    report.first_seq = report.first_seq.or(taken.first().map(|m| m.0));
+    report.last_seq = taken.last().map(|m| m.0).or(report.last_seq);
+    match sink {
+        Sink::JsonLines(out) => {
+            for (seq, subject, payload, time_ms) in &taken {
+                let line = match event::decode(subject, payload, *time_ms, limits) {
+                    Ok(ev) => {
+                        report.applied += 1;
+                        json!({"seq": seq, "time_ms": time_ms, "subject": subject, "event": ev})
+                    }
+                    Err(reason) => {
+                        report.rejected += 1;
+                        json!({"seq": seq, "time_ms": time_ms, "subject": subject, "rejected": reason})
+                    }
+                };
+                serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::other)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Sink::Store(store) => {
+            let store = store.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let incoming: Vec<Incoming<'_>> = taken
+                    .iter()
+                    .map(|(seq, subject, payload, time_ms)| Incoming {
+                        stream_seq: *seq,
+                        subject,
+                        payload,
+                        stream_time_ms: *time_ms,
+                    })
+                    .collect();
+                store.apply_batch(&incoming)
+            })
+            .await
+            .map_err(|e| StorageError::Corrupt(format!("apply task: {e}")))??;
+            report.applied += r.applied as u64;
+            report.duplicates += (r.duplicates + r.below_checkpoint) as u64;
+            report.rejected += r.quarantined as u64;
+        }
+        Sink::Node { api, node } => {
+            let mut chunk: Vec<StreamMessage> = Vec::new();
+            let mut size = 0;
+            let total = taken.len();
+            for (i, (seq, subject, payload, time_ms)) in taken.into_iter().enumerate() {
+                size += payload.len() + subject.len() + 64;
+                chunk.push(StreamMessage {
+                    seq,
+                    subject,
+                    payload: String::from_utf8_lossy(&payload).into_owned(),
+                    time_ms,
+                });
+                if size >= REQUEST_BYTES || i + 1 == total {
+                    let r = api
+                        .call(
+                            node,
+                            "apply",
+                            json!({"messages": std::mem::take(&mut chunk)}),
+                        )
+                        .await?;
+                    report.applied += r["applied"].as_u64().unwrap_or(0);
+                    report.duplicates += r["duplicates"].as_u64().unwrap_or(0);
+                    report.rejected += r["quarantined"].as_u64().unwrap_or(0);
+                    size = 0;
+                }
+            }
+        }
+    }
+    Ok(())
+}

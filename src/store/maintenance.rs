@@ -1,0 +1,417 @@
+//! Operator-side store work: consistent exports (snapshots), merging whole record states
+//! in (bootstrap and repair), recomputed verification hashes, damaged records, and
+//! quarantine retry/drop.
+
+use std::collections::BTreeSet;
+
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::{
+    Before, CONFLICTS, DAMAGED, DamagedRow, Incoming, K_CHECKPOINT, K_HLC, META, OUTBOX,
+    QUARANTINE, QuarantineRow, Store, Tx, UNPUBLISHED, decode_postcard, decode_state, leaf_event,
+    open_records_read, read_u64,
+};
+use crate::clock::Hlc;
+use crate::digest::{BUCKETS, bucket_of};
+use crate::error::StorageError;
+use crate::ids::{EntityFilter, EntityName, Scope};
+use crate::merge::RecordState;
+use crate::store::{ApplyReport, Change, Page};
+
+/// A consistent read of the whole store, for a snapshot: the checkpoint and every record
+/// as of one moment, while writers go on.
+pub struct Export {
+    txn: ReadTransaction,
+    /// The stream sequence this view reflects.
+    pub checkpoint: u64,
+    pub last_hlc: Hlc,
+    pub entities: Vec<EntityName>,
+}
+
+/// What [`Export::for_each`] wrote.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub records: u64,
+    /// Records skipped because they failed their checksum.
+    pub damaged: u64,
+}
+
+/// Exporting failed in the store or in the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("snapshot sink: {0}")]
+    Sink(#[from] std::io::Error),
+}
+
+impl Export {
+    /// Calls `sink(entity, id, stored value)` for every record the filters admit, in
+    /// entity then id order. The value is the stored bytes, checksum included (verified).
+    pub fn for_each(
+        &self,
+        filters: &[EntityFilter],
+        mut sink: impl FnMut(&EntityName, Uuid, &[u8]) -> std::io::Result<()>,
+    ) -> Result<ExportSummary, ExportError> {
+        let mut summary = ExportSummary::default();
+        for entity in &self.entities {
+            if !filters.is_empty() && !filters.iter().any(|f| &f.entity == entity) {
+                continue;
+            }
+            let scoped = filters
+                .iter()
+                .any(|f| &f.entity == entity && !f.scopes.is_empty());
+            let Some(table) = open_records_read(&self.txn, entity)? else {
+                continue;
+            };
+            for row in table.iter().map_err(StorageError::from)? {
+                let (k, v) = row.map_err(StorageError::from)?;
+                let id = Uuid::from_u128(k.value());
+                let state = match decode_state(entity, &id, v.value()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%entity, %id, error = %e, "damaged record left out of export");
+                        summary.damaged += 1;
+                        continue;
+                    }
+                };
+                if scoped
+                    && !state
+                        .winner()
+                        .is_some_and(|w| EntityFilter::admits(filters, entity, &w.scope))
+                {
+                    continue;
+                }
+                sink(entity, id, v.value())?;
+                summary.records += 1;
+            }
+        }
+        Ok(summary)
+    }
+}
+
+/// What [`Store::merge_records`] did.
+#[derive(Clone, Debug, Default)]
+pub struct MergeReport {
+    /// Records whose state changed.
+    pub changed: usize,
+    /// Damaged local records replaced by the incoming state.
+    pub repaired: usize,
+    pub changes: Vec<Change>,
+}
+
+/// The recomputed verification hashes of one entity type.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyHashes {
+    /// Per bucket, the XOR of every record's leaves (versions and documents); records whose
+    /// only leaf is a tombstone count as absent, so compaction does not show. Hex in JSON
+    /// (JSON numbers stop at 64 bits).
+    #[serde(with = "hex_u128s")]
+    pub buckets: Vec<u128>,
+    /// Records that failed their checksum.
+    pub damaged: Vec<Uuid>,
+    pub records: u64,
+}
+
+/// A record as verification compares it: its state, or the fact that it is damaged.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordSlot {
+    State(RecordState),
+    Damaged,
+}
+
+/// A damaged record set aside.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DamagedEntry {
+    pub entity: EntityName,
+    pub id: Uuid,
+    pub error: String,
+    pub found_ms: u64,
+}
+
+/// The hash verification compares for one record; `None` if it counts as absent.
+pub fn verify_hash(id: &Uuid, state: &RecordState) -> Option<u128> {
+    if state.leaves.len() == 1 && state.leaves[0].is_tombstone() || state.leaves.is_empty() {
+        return None;
+    }
+    let mut h = Xxh3::new();
+    h.update(id.as_bytes());
+    for leaf in &state.leaves {
+        h.update(&leaf.version.hlc.to_u64().to_le_bytes());
+        h.update(&[leaf.version.node.as_str().len() as u8]);
+        h.update(leaf.version.node.as_str().as_bytes());
+        match &leaf.doc {
+            Some(d) => {
+                h.update(&[1]);
+                h.update(&(d.len() as u64).to_le_bytes());
+                h.update(d.as_bytes());
+            }
+            None => h.update(&[0]),
+        }
+    }
+    Some(h.digest128())
+}
+
+fn in_scopes(scopes: &[Scope], state: &RecordState) -> bool {
+    scopes.is_empty() || state.winner().is_some_and(|w| scopes.contains(&w.scope))
+}
+
+impl Store {
+    /// Starts a consistent export of the whole store.
+    pub fn export(&self) -> Result<Export, StorageError> {
+        let txn = self.read()?;
+        let checkpoint = read_u64(&txn.open_table(META)?, K_CHECKPOINT)?;
+        let last_hlc = Hlc::from_u64(read_u64(&txn.open_table(META)?, K_HLC)?);
+        let entities = self.entities()?;
+        Ok(Export {
+            txn,
+            checkpoint,
+            last_hlc,
+            entities,
+        })
+    }
+
+    /// Folds whole record states from another replica (a snapshot or a peer being
+    /// repaired against) into this store, in one transaction: each record becomes the
+    /// state of the union of both sides' events. A damaged local record is replaced.
+    pub fn merge_records(
+        &self,
+        entity: &EntityName,
+        records: Vec<(Uuid, RecordState)>,
+    ) -> Result<MergeReport, StorageError> {
+        let txn = self.db.begin_write()?;
+        let mut clock = self.clock();
+        let mut report = MergeReport::default();
+        {
+            let mut tx = Tx::new(&txn)?;
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED)?;
+            let mut meta = txn.open_table(META)?;
+            for (id, incoming) in records {
+                let key = (entity.as_str(), id.as_u128());
+                // Loading moves a damaged value aside; either way a full state replaces it.
+                let loaded = tx.load(entity, &id)?;
+                let damaged_now = tx.damaged_rows.get(key)?.is_some();
+                let mut state = loaded.unwrap_or_default();
+                let before = Before::of(&id, &state);
+                let old = state.clone();
+                for leaf in &incoming.leaves {
+                    clock.observe(leaf.version.hlc);
+                }
+                state.merge_state(incoming);
+                // An own version still queued that the other side superseded keeps its
+                // event, as when a local write supersedes it.
+                for leaf in old.leaves.iter().filter(|l| {
+                    l.version.node == self.node
+                        && !state.leaves.iter().any(|n| n.version == l.version)
+                }) {
+                    if outbox.get(leaf.origin_seq)?.is_some() {
+                        let ev = leaf_event(entity, id, leaf)?;
+                        unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
+                    }
+                }
+                if damaged_now {
+                    tx.damaged_rows.remove(key)?;
+                    report.repaired += 1;
+                }
+                if state != old || damaged_now {
+                    tx.put_state(entity, id, before, &state)?;
+                    report.changed += 1;
+                }
+            }
+            meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
+            report.changes = tx.finish()?;
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+
+    /// Raises the checkpoint to `seq` (a loaded snapshot's); never lowers it.
+    pub fn advance_checkpoint(&self, seq: u64) -> Result<u64, StorageError> {
+        let txn = self.db.begin_write()?;
+        let checkpoint = {
+            let mut meta = txn.open_table(META)?;
+            let checkpoint = read_u64(&meta, K_CHECKPOINT)?.max(seq);
+            meta.insert(K_CHECKPOINT, checkpoint.to_le_bytes().as_slice())?;
+            checkpoint
+        };
+        txn.commit()?;
+        Ok(checkpoint)
+    }
+
+    /// Recomputes the verification hashes of `entity` from the records themselves (not
+    /// the incremental digest), so damage and digest drift both show. Only records whose
+    /// winner is in `scopes` count (empty: all).
+    pub fn verify_hashes(
+        &self,
+        entity: &EntityName,
+        scopes: &[Scope],
+    ) -> Result<VerifyHashes, StorageError> {
+        let mut out = VerifyHashes {
+            buckets: vec![0; BUCKETS],
+            damaged: Vec::new(),
+            records: 0,
+        };
+        let txn = self.read()?;
+        let Some(table) = open_records_read(&txn, entity)? else {
+            return Ok(out);
+        };
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let id = Uuid::from_u128(k.value());
+            match decode_state(entity, &id, v.value()) {
+                Ok(state) => {
+                    if !in_scopes(scopes, &state) {
+                        continue;
+                    }
+                    if let Some(h) = verify_hash(&id, &state) {
+                        out.buckets[bucket_of(&id)] ^= h;
+                        out.records += 1;
+                    }
+                }
+                Err(_) => out.damaged.push(id),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records of `entity` in the given digest buckets, in id order after `after`, at most
+    /// `limit`: what verification compares once hashes point at buckets. Damaged records
+    /// are listed as such; records that count as absent for verification are left out.
+    pub fn records_in_buckets(
+        &self,
+        entity: &EntityName,
+        buckets: &[usize],
+        scopes: &[Scope],
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Page<(Uuid, RecordSlot)>, StorageError> {
+        let wanted: BTreeSet<usize> = buckets.iter().copied().collect();
+        let txn = self.read()?;
+        let Some(table) = open_records_read(&txn, entity)? else {
+            return Ok(Page::empty());
+        };
+        let range = match after {
+            Some(a) if a.as_u128() == u128::MAX => return Ok(Page::empty()),
+            Some(a) => table.range(a.as_u128() + 1..)?,
+            None => table.range(0..)?,
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for row in range {
+            let (k, v) = row?;
+            let id = Uuid::from_u128(k.value());
+            if !wanted.contains(&bucket_of(&id)) {
+                continue;
+            }
+            if items.len() == limit {
+                next = items.last().map(|(id, _): &(Uuid, RecordSlot)| *id);
+                break;
+            }
+            match decode_state(entity, &id, v.value()) {
+                Ok(state) => {
+                    if in_scopes(scopes, &state) && verify_hash(&id, &state).is_some() {
+                        items.push((id, RecordSlot::State(state)));
+                    }
+                }
+                Err(_) => items.push((id, RecordSlot::Damaged)),
+            }
+        }
+        Ok(Page { items, next })
+    }
+
+    /// Damaged records moved aside so far (not yet repaired).
+    pub fn damaged(&self) -> Result<Vec<DamagedEntry>, StorageError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DAMAGED)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let (entity, id) = k.value();
+            let row: DamagedRow = decode_postcard(v.value(), "damaged entry")?;
+            out.push(DamagedEntry {
+                entity: EntityName::new(entity)
+                    .map_err(|e| StorageError::Corrupt(format!("damaged entry: {e}")))?,
+                id: Uuid::from_u128(id),
+                error: row.error,
+                found_ms: row.found_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn damaged_len(&self) -> Result<u64, StorageError> {
+        Ok(self.read()?.open_table(DAMAGED)?.len()?)
+    }
+
+    /// Whether the conflict index lists this record (for consistency checks).
+    pub fn in_conflict_index(&self, entity: &EntityName, id: Uuid) -> Result<bool, StorageError> {
+        let txn = self.read()?;
+        Ok(txn
+            .open_table(CONFLICTS)?
+            .get((entity.as_str(), id.as_u128()))?
+            .is_some())
+    }
+
+    /// Drops quarantine entries; returns how many existed.
+    pub fn quarantine_drop(&self, ids: &[u64]) -> Result<usize, StorageError> {
+        let txn = self.db.begin_write()?;
+        let mut dropped = 0;
+        {
+            let mut table = txn.open_table(QUARANTINE)?;
+            for id in ids {
+                dropped += usize::from(table.remove(*id)?.is_some());
+            }
+        }
+        txn.commit()?;
+        Ok(dropped)
+    }
+
+    /// Decodes quarantined messages again with the current limits (after an operator
+    /// raised one, say) and applies those that pass, in one transaction; the rest are
+    /// quarantined again with their current reason under a new id. The checkpoint does
+    /// not move: these messages are behind it already.
+    pub fn quarantine_retry(&self, ids: &[u64]) -> Result<ApplyReport, StorageError> {
+        let rows: Vec<(u64, QuarantineRow)> = {
+            let txn = self.read()?;
+            let table = txn.open_table(QUARANTINE)?;
+            let mut rows = Vec::new();
+            for id in ids {
+                if let Some(v) = table.get(*id)? {
+                    rows.push((*id, decode_postcard(v.value(), "quarantine entry")?));
+                }
+            }
+            rows
+        };
+        let incoming: Vec<Incoming<'_>> = rows
+            .iter()
+            .map(|(_, r)| Incoming {
+                stream_seq: r.stream_seq,
+                subject: &r.subject,
+                payload: &r.payload,
+                stream_time_ms: r.stream_time_ms,
+            })
+            .collect();
+        let found: Vec<u64> = rows.iter().map(|(id, _)| *id).collect();
+        self.apply_removing(&incoming, None, &found)
+    }
+}
+
+mod hex_u128s {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[u128], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| format!("{x:032x}")))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u128>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|h| u128::from_str_radix(h, 16).map_err(D::Error::custom))
+            .collect()
+    }
+}

@@ -1,0 +1,417 @@
+//! Verifying two running nodes against each other, and repairing them.
+//!
+//! Both nodes recompute per-bucket hashes of every record's leaves from their stores (so
+//! a damaged record or a drifted incremental digest shows too); buckets that differ are
+//! listed record by record on both sides and the records that differ are reported. With
+//! repair, each side receives the other's full state of those records and merges it with
+//! the merge rule (a damaged record is replaced), so both end with the state of the union
+//! of their events: nothing either side had is lost, and the result is the same whichever
+//! node was right. Only entity types (and scopes) both nodes replicate are compared.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::api::{ApiClient, ApiError, StateEntry};
+use crate::ids::{EntityFilter, EntityName, Scope};
+use crate::merge::RecordState;
+use crate::store::VerifyHashes;
+
+/// One side of a differing record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Side {
+    Missing,
+    Damaged,
+    Present {
+        winner: String,
+        deleted: bool,
+        conflicts: usize,
+        #[serde(skip)]
+        state: RecordState,
+    },
+}
+
+impl Side {
+    fn summary(&self) -> String {
+        match self {
+            Side::Missing => "missing".into(),
+            Side::Damaged => "DAMAGED".into(),
+            Side::Present {
+                winner,
+                deleted,
+                conflicts,
+                ..
+            } => {
+                let mut s = winner.clone();
+                if *deleted {
+                    s.push_str(" (deleted)");
+                }
+                if *conflicts > 0 {
+                    s.push_str(&format!(" +{conflicts} conflicts"));
+                }
+                s
+            }
+        }
+    }
+}
+
+/// A record the two nodes disagree on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Difference {
+    pub entity: EntityName,
+    pub id: Uuid,
+    pub a: Side,
+    pub b: Side,
+}
+
+impl Difference {
+    /// A one-line description for reports.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}/{}: A {} | B {}",
+            self.entity,
+            self.id,
+            self.a.summary(),
+            self.b.summary()
+        )
+    }
+}
+
+/// The result for one entity type.
+#[derive(Clone, Debug, Serialize)]
+pub struct EntityReport {
+    pub entity: EntityName,
+    pub scopes: Vec<Scope>,
+    pub records_a: u64,
+    pub records_b: u64,
+    pub differing_buckets: usize,
+    pub differences: Vec<Difference>,
+    /// Set with repair: records merged into A and into B, and whether a second pass agreed.
+    pub repaired_a: usize,
+    pub repaired_b: usize,
+    pub converged_after_repair: Option<bool>,
+    /// Records neither side can repair (damaged on one, absent on the other).
+    pub unrepairable: Vec<Uuid>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub a: String,
+    pub b: String,
+    pub entities: Vec<EntityReport>,
+    /// Entity types only one of the nodes replicates, not compared.
+    pub skipped: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether the nodes agreed (before repair), on everything compared.
+    pub fn agreed(&self) -> bool {
+        self.entities.iter().all(|e| e.differences.is_empty())
+    }
+
+    /// Whether they agree now: agreed, or repair made them converge.
+    pub fn consistent(&self) -> bool {
+        self.entities
+            .iter()
+            .all(|e| e.differences.is_empty() || e.converged_after_repair == Some(true))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("node {node} sent an unexpected {what}: {detail}")]
+    Reply {
+        node: String,
+        what: &'static str,
+        detail: String,
+    },
+}
+
+/// Compares nodes `a` and `b` (optionally only `only` entity types); with `repair`,
+/// merges each side's state of the differing records into the other.
+pub async fn verify(
+    api: &ApiClient,
+    a: &str,
+    b: &str,
+    only: &[EntityName],
+    repair: bool,
+) -> Result<VerifyReport, VerifyError> {
+    let api = api.clone().with_timeout(Duration::from_secs(120));
+    let filters_a = filters(&api, a).await?;
+    let filters_b = filters(&api, b).await?;
+    let mut entities: Vec<EntityName> = if only.is_empty() {
+        let mut all = entity_names(&api, a).await?;
+        all.extend(entity_names(&api, b).await?);
+        all.sort();
+        all.dedup();
+        all
+    } else {
+        only.to_vec()
+    };
+    entities.sort();
+    let mut report = VerifyReport {
+        a: a.into(),
+        b: b.into(),
+        entities: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for entity in entities {
+        let Some(scopes) = common_scopes(&filters_a, &filters_b, &entity) else {
+            report.skipped.push(entity.to_string());
+            continue;
+        };
+        report
+            .entities
+            .push(verify_entity(&api, a, b, &entity, &scopes, repair).await?);
+    }
+    Ok(report)
+}
+
+/// The scopes of `entity` both filter lists replicate: `Some([])` for all of them, `None`
+/// if one side does not replicate the entity (or they share no scope).
+fn common_scopes(
+    a: &[EntityFilter],
+    b: &[EntityFilter],
+    entity: &EntityName,
+) -> Option<Vec<Scope>> {
+    let scopes_of = |f: &[EntityFilter]| -> Option<Option<Vec<Scope>>> {
+        if f.is_empty() {
+            return Some(None);
+        }
+        let mine: Vec<&EntityFilter> = f.iter().filter(|x| &x.entity == entity).collect();
+        if mine.is_empty() {
+            return None;
+        }
+        if mine.iter().any(|x| x.scopes.is_empty()) {
+            return Some(None);
+        }
+        Some(Some(mine.iter().flat_map(|x| x.scopes.clone()).collect()))
+    };
+    match (scopes_of(a)?, scopes_of(b)?) {
+        (None, None) => Some(Vec::new()),
+        (Some(s), None) | (None, Some(s)) => Some(s),
+        (Some(x), Some(y)) => {
+            let both: Vec<Scope> = x.into_iter().filter(|s| y.contains(s)).collect();
+            (!both.is_empty()).then_some(both)
+        }
+    }
+}
+
+async fn filters(api: &ApiClient, node: &str) -> Result<Vec<EntityFilter>, VerifyError> {
+    let status = api.call(node, "status", json!({})).await?;
+    serde_json::from_value(status["entities"].clone()).map_err(|e| VerifyError::Reply {
+        node: node.into(),
+        what: "status",
+        detail: e.to_string(),
+    })
+}
+
+async fn entity_names(api: &ApiClient, node: &str) -> Result<Vec<EntityName>, VerifyError> {
+    let digests = api.call(node, "digest", json!({})).await?;
+    let names = digests
+        .as_object()
+        .map(|m| m.keys().filter_map(|k| EntityName::new(k).ok()).collect())
+        .unwrap_or_default();
+    Ok(names)
+}
+
+async fn hashes(
+    api: &ApiClient,
+    node: &str,
+    entity: &EntityName,
+    scopes: &[Scope],
+) -> Result<VerifyHashes, VerifyError> {
+    let v = api
+        .call(
+            node,
+            "verify_hashes",
+            json!({"entity": entity, "scopes": scopes}),
+        )
+        .await?;
+    serde_json::from_value(v).map_err(|e| VerifyError::Reply {
+        node: node.into(),
+        what: "verify_hashes reply",
+        detail: e.to_string(),
+    })
+}
+
+/// Every record in `buckets` on `node`: `None` for a damaged one.
+async fn bucket_records(
+    api: &ApiClient,
+    node: &str,
+    entity: &EntityName,
+    scopes: &[Scope],
+    buckets: &[usize],
+) -> Result<BTreeMap<Uuid, Option<RecordState>>, VerifyError> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<Uuid> = None;
+    loop {
+        let page = api
+            .call(
+                node,
+                "bucket_records",
+                json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": 500}),
+            )
+            .await?;
+        let bad = |detail: String| VerifyError::Reply {
+            node: node.into(),
+            what: "bucket_records reply",
+            detail,
+        };
+        for r in page["records"].as_array().cloned().unwrap_or_default() {
+            let id: Uuid =
+                serde_json::from_value(r["id"].clone()).map_err(|e| bad(e.to_string()))?;
+            let state = if r["state"] == "damaged" {
+                None
+            } else {
+                Some(serde_json::from_value(r["state"].clone()).map_err(|e| bad(e.to_string()))?)
+            };
+            out.insert(id, state);
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.parse().map_err(|e: uuid::Error| bad(e.to_string()))?),
+            None => return Ok(out),
+        }
+    }
+}
+
+fn side(slot: Option<&Option<RecordState>>) -> Side {
+    match slot {
+        None => Side::Missing,
+        Some(None) => Side::Damaged,
+        Some(Some(state)) => Side::Present {
+            winner: state
+                .winner()
+                .map(|w| w.version.to_string())
+                .unwrap_or_default(),
+            deleted: state.live().is_none(),
+            conflicts: state.conflicts().len(),
+            state: state.clone(),
+        },
+    }
+}
+
+fn leaves_equal(a: &RecordState, b: &RecordState) -> bool {
+    a.leaves == b.leaves
+}
+
+async fn verify_entity(
+    api: &ApiClient,
+    a: &str,
+    b: &str,
+    entity: &EntityName,
+    scopes: &[Scope],
+    repair: bool,
+) -> Result<EntityReport, VerifyError> {
+    let (ha, hb) = (
+        hashes(api, a, entity, scopes).await?,
+        hashes(api, b, entity, scopes).await?,
+    );
+    let mut buckets: Vec<usize> = (0..ha.buckets.len().min(hb.buckets.len()))
+        .filter(|&i| ha.buckets[i] != hb.buckets[i])
+        .collect();
+    // Damaged records count as absent in the hashes; their buckets are compared too.
+    for id in ha.damaged.iter().chain(&hb.damaged) {
+        buckets.push(crate::digest::bucket_of(id));
+    }
+    buckets.sort_unstable();
+    buckets.dedup();
+    let mut report = EntityReport {
+        entity: entity.clone(),
+        scopes: scopes.to_vec(),
+        records_a: ha.records,
+        records_b: hb.records,
+        differing_buckets: buckets.len(),
+        differences: Vec::new(),
+        repaired_a: 0,
+        repaired_b: 0,
+        converged_after_repair: None,
+        unrepairable: Vec::new(),
+    };
+    if buckets.is_empty() {
+        return Ok(report);
+    }
+    let ra = bucket_records(api, a, entity, scopes, &buckets).await?;
+    let rb = bucket_records(api, b, entity, scopes, &buckets).await?;
+    let mut ids: Vec<Uuid> = ra.keys().chain(rb.keys()).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut to_a = Vec::new();
+    let mut to_b = Vec::new();
+    for id in ids {
+        let (sa, sb) = (ra.get(&id), rb.get(&id));
+        let same = matches!((sa, sb), (Some(Some(x)), Some(Some(y))) if leaves_equal(x, y));
+        if same {
+            continue;
+        }
+        report.differences.push(Difference {
+            entity: entity.clone(),
+            id,
+            a: side(sa),
+            b: side(sb),
+        });
+        if let (Some(None) | None, Some(None) | None) = (sa, sb) {
+            report.unrepairable.push(id);
+        }
+        if let Some(Some(x)) = sa {
+            to_b.push(StateEntry {
+                id,
+                state: x.clone(),
+            });
+        }
+        if let Some(Some(y)) = sb {
+            to_a.push(StateEntry {
+                id,
+                state: y.clone(),
+            });
+        }
+    }
+    if repair {
+        report.repaired_a = send_states(api, a, entity, to_a).await?;
+        report.repaired_b = send_states(api, b, entity, to_b).await?;
+        let (ha, hb) = (
+            hashes(api, a, entity, scopes).await?,
+            hashes(api, b, entity, scopes).await?,
+        );
+        report.converged_after_repair =
+            Some(ha.buckets == hb.buckets && ha.damaged.is_empty() && hb.damaged.is_empty());
+    }
+    Ok(report)
+}
+
+/// Sends states to `node` in requests well under NATS's default 1 MiB payload limit.
+async fn send_states(
+    api: &ApiClient,
+    node: &str,
+    entity: &EntityName,
+    states: Vec<StateEntry>,
+) -> Result<usize, VerifyError> {
+    const REQUEST_BYTES: usize = 512 * 1024;
+    let mut sent = 0;
+    let mut chunk: Vec<Value> = Vec::new();
+    let mut size = 0;
+    let total = states.len();
+    for (i, entry) in states.into_iter().enumerate() {
+        let v = serde_json::to_value(&entry).unwrap_or(Value::Null);
+        size += v.to_string().len();
+        chunk.push(v);
+        if size >= REQUEST_BYTES || i + 1 == total {
+            let n = chunk.len();
+            api.call(
+                node,
+                "merge_records",
+                json!({"entity": entity, "states": std::mem::take(&mut chunk)}),
+            )
+            .await?;
+            sent += n;
+            size = 0;
+        }
+    }
+    Ok(sent)
+}
