@@ -144,6 +144,8 @@ pub struct FileLimits {
     pub max_clock_drift_secs: u64,
     pub fetch_batch: usize,
     pub publish_window: usize,
+    /// The store's page cache, MiB.
+    pub cache_mib: usize,
 }
 
 impl Default for FileLimits {
@@ -154,6 +156,7 @@ impl Default for FileLimits {
             max_clock_drift_secs: s.max_clock_drift.as_secs(),
             fetch_batch: 1000,
             publish_window: 1000,
+            cache_mib: s.cache_bytes >> 20,
         }
     }
 }
@@ -241,6 +244,9 @@ impl FileConfig {
         if self.limits.publish_window == 0 || self.limits.publish_window > 100_000 {
             return Err(invalid("limits.publish_window", "must be 1..=100000"));
         }
+        if self.limits.cache_mib == 0 {
+            return Err(invalid("limits.cache_mib", "must be positive"));
+        }
         if self.limits.max_doc_bytes == 0 {
             return Err(invalid("limits.max_doc_bytes", "must be positive"));
         }
@@ -248,6 +254,7 @@ impl FileConfig {
             prefix: stream.prefix.clone(),
             max_doc_bytes: self.limits.max_doc_bytes,
             max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
+            cache_bytes: self.limits.cache_mib << 20,
         };
         if self.snapshots.keep == 0 {
             return Err(invalid("snapshots.keep", "must be at least 1"));

@@ -88,6 +88,10 @@ pub struct StoreConfig {
     pub max_doc_bytes: usize,
     /// How far an incoming stamp may be ahead of its stream timestamp.
     pub max_clock_drift: Duration,
+    /// redb's page cache. It bounds the store's share of the node's memory: redb's own
+    /// default (1 GiB) let a node's RSS grow with the data it reads or writes. Stores with
+    /// random (UUIDv4) ids and many records write faster with more.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -96,6 +100,7 @@ impl Default for StoreConfig {
             prefix: "jetsync".to_owned(),
             max_doc_bytes: 256 * 1024,
             max_clock_drift: Duration::from_secs(60),
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -371,10 +376,13 @@ impl Store {
     ) -> Result<Store, OpenError> {
         config.validate()?;
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|source| OpenError::Database {
-            path: path.clone(),
-            source,
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(config.cache_bytes)
+            .create(&path)
+            .map_err(|source| OpenError::Database {
+                path: path.clone(),
+                source,
+            })?;
         let (last_hlc, incarnation) = init_or_check(&db, &path, &node)?;
         let limits = EventLimits::from(&config);
         Ok(Store {
