@@ -1,0 +1,317 @@
+//! Store-level maintenance on real redb files: the format-1 upgrade, damaged records (set
+//! aside, never a stall, repaired from a peer's state), merging whole record states,
+//! verification hashes and quarantine retry/drop.
+
+mod common;
+
+use common::*;
+use jetsync::StoreConfig;
+use jetsync::store::{RecordSlot, Write};
+use redb::{ReadableTable, TableDefinition};
+use serde_json::json;
+use uuid::Uuid;
+
+const RECORDS: &str = "records.orders";
+
+fn raw_db(t: &TestStore) -> std::path::PathBuf {
+    t.dir.path().join("store.redb")
+}
+
+/// Reopens the store file of `t` (after the test changed it underneath).
+fn reopen(t: TestStore, name: &str) -> TestStore {
+    let TestStore {
+        store,
+        clock,
+        dir,
+        next_seq,
+    } = t;
+    drop(store);
+    let store = jetsync::Store::open_with_clock(
+        dir.path().join("store.redb"),
+        node(name),
+        StoreConfig::default(),
+        std::sync::Arc::new(clock.clone()),
+    )
+    .expect("reopen");
+    TestStore {
+        store,
+        clock,
+        dir,
+        next_seq,
+    }
+}
+
+fn with_raw<R>(
+    t: TestStore,
+    name: &str,
+    f: impl FnOnce(&redb::WriteTransaction) -> R,
+) -> (TestStore, R) {
+    let path = raw_db(&t);
+    let TestStore {
+        store,
+        clock,
+        dir,
+        next_seq,
+    } = t;
+    drop(store);
+    let out = {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let out = f(&txn);
+        txn.commit().unwrap();
+        out
+    };
+    let t = TestStore {
+        store: jetsync::Store::open_with_clock(
+            &path,
+            node(name),
+            StoreConfig::default(),
+            std::sync::Arc::new(clock.clone()),
+        )
+        .expect("reopen"),
+        clock,
+        dir,
+        next_seq,
+    };
+    (t, out)
+}
+
+#[test]
+fn a_format_1_store_is_upgraded_in_place() {
+    let t = open("a");
+    let orders = entity("orders");
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    for id in &ids {
+        t.store
+            .put(&orders, *id, json!({"n": id.to_string()}))
+            .unwrap();
+    }
+    let digest = t.store.digest(&orders).unwrap();
+    // Make it a format-1 file: no record checksums, format 1.
+    let (t, ()) = with_raw(t, "a", |txn| {
+        let mut table = txn
+            .open_table(TableDefinition::<u128, &[u8]>::new(RECORDS))
+            .unwrap();
+        let rows: Vec<(u128, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let v = v.value();
+                (k.value(), v[..v.len() - 8].to_vec())
+            })
+            .collect();
+        for (k, v) in rows {
+            table.insert(k, v.as_slice()).unwrap();
+        }
+        let mut meta = txn
+            .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+            .unwrap();
+        meta.insert("format", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+    });
+    for id in &ids {
+        assert!(
+            t.store.get(&orders, *id).unwrap().is_some(),
+            "{id} readable after upgrade"
+        );
+    }
+    assert_eq!(t.store.digest(&orders).unwrap(), digest);
+    let hashes = t.store.verify_hashes(&orders, &[]).unwrap();
+    assert!(hashes.damaged.is_empty());
+    assert_eq!(hashes.records, 20);
+}
+
+#[test]
+fn a_damaged_record_is_set_aside_and_repaired_from_a_peer() {
+    let a = open("a");
+    let mut b = open("b");
+    let orders = entity("orders");
+    let ids: Vec<Uuid> = (0..50).map(|_| Uuid::now_v7()).collect();
+    a.store
+        .write_batch(
+            ids.iter()
+                .map(|id| Write::put(orders.clone(), *id, json!({"v": 1})))
+                .collect(),
+        )
+        .unwrap();
+    b.deliver_outbox(&a.outbox());
+    let victim = ids[17];
+
+    // Bit rot in one of b's records.
+    let (mut b, ()) = with_raw(b, "b", |txn| {
+        let mut table = txn
+            .open_table(TableDefinition::<u128, &[u8]>::new(RECORDS))
+            .unwrap();
+        let mut v = table
+            .get(victim.as_u128())
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        v[5] ^= 0x01;
+        table.insert(victim.as_u128(), v.as_slice()).unwrap();
+    });
+    assert!(
+        b.store.get(&orders, victim).is_err(),
+        "reads name the damage"
+    );
+    let hashes = b.store.verify_hashes(&orders, &[]).unwrap();
+    assert_eq!(hashes.damaged, vec![victim]);
+    let slots = b
+        .store
+        .records_in_buckets(
+            &orders,
+            &[jetsync::digest::bucket_of(&victim)],
+            &[],
+            None,
+            100,
+        )
+        .unwrap();
+    assert!(slots.items.contains(&(victim, RecordSlot::Damaged)));
+
+    // An update of the damaged record still applies: the record restarts from it, the
+    // bytes go aside, the digest is recomputed, nothing stalls.
+    a.clock.advance(10);
+    a.store.put(&orders, victim, json!({"v": 2})).unwrap();
+    a.store.put(&orders, ids[3], json!({"v": 2})).unwrap();
+    let outbox = a.outbox();
+    let report = b.deliver_outbox(&outbox[outbox.len() - 2..]);
+    assert_eq!(report.applied, 2);
+    assert_eq!(b.store.damaged_len().unwrap(), 1);
+    assert_eq!(b.store.damaged().unwrap()[0].id, victim);
+    assert_eq!(
+        b.store.get(&orders, victim).unwrap().unwrap().doc,
+        json!({"v": 2})
+    );
+    let recomputed = b.store.verify_hashes(&orders, &[]).unwrap();
+    assert!(recomputed.damaged.is_empty());
+
+    // The peer's full state repairs it: history and all.
+    let state = a.store.state(&orders, victim).unwrap().unwrap();
+    let merged = b
+        .store
+        .merge_records(&orders, vec![(victim, state.clone())])
+        .unwrap();
+    assert_eq!(merged.repaired, 1);
+    assert_eq!(b.store.damaged_len().unwrap(), 0);
+    assert_eq!(b.store.state(&orders, victim).unwrap().unwrap(), state);
+    assert_eq!(
+        b.store.verify_hashes(&orders, &[]).unwrap().buckets,
+        a.store.verify_hashes(&orders, &[]).unwrap().buckets
+    );
+    assert_eq!(
+        b.store.digest(&orders).unwrap(),
+        a.store.digest(&orders).unwrap()
+    );
+}
+
+#[test]
+fn merging_states_equals_applying_the_union_of_events() {
+    let orders = entity("orders");
+    let id = Uuid::now_v7();
+    let v = |ms, n| version(T0 + ms, 0, n);
+    let e1 = remote_event("orders", id, &v(1, "x"), None, &[], Some(r#"{"n":1}"#));
+    let e2 = remote_event(
+        "orders",
+        id,
+        &v(2, "y"),
+        Some(&v(1, "x")),
+        &[],
+        Some(r#"{"n":2}"#),
+    );
+    let e3 = remote_event(
+        "orders",
+        id,
+        &v(3, "z"),
+        Some(&v(1, "x")),
+        &[],
+        Some(r#"{"n":3}"#),
+    );
+    let e4 = remote_event(
+        "orders",
+        id,
+        &v(4, "x"),
+        Some(&v(3, "z")),
+        &[v(2, "y")],
+        None,
+    );
+    let mut all = open("all");
+    all.deliver_events(&[e1.clone(), e2.clone(), e3.clone(), e4.clone()]);
+    for (left, right) in [
+        (vec![&e1, &e2], vec![&e3, &e4]),
+        (vec![&e4], vec![&e1, &e2, &e3]),
+        (vec![&e2, &e3], vec![&e1, &e4]),
+    ] {
+        let mut l = open("l");
+        let mut r = open("r");
+        l.deliver_events(&left.into_iter().cloned().collect::<Vec<_>>());
+        r.deliver_events(&right.into_iter().cloned().collect::<Vec<_>>());
+        let state = r.store.state(&orders, id).unwrap().unwrap();
+        l.store.merge_records(&orders, vec![(id, state)]).unwrap();
+        assert_eq!(
+            l.store.state(&orders, id).unwrap(),
+            all.store.state(&orders, id).unwrap()
+        );
+        assert_eq!(
+            l.store.digest(&orders).unwrap(),
+            all.store.digest(&orders).unwrap()
+        );
+        assert_eq!(
+            l.store.in_conflict_index(&orders, id).unwrap(),
+            all.store.in_conflict_index(&orders, id).unwrap()
+        );
+        // Merging again changes nothing.
+        let again = all.store.state(&orders, id).unwrap().unwrap();
+        assert_eq!(
+            l.store
+                .merge_records(&orders, vec![(id, again)])
+                .unwrap()
+                .changed,
+            0
+        );
+    }
+}
+
+#[test]
+fn quarantined_messages_can_be_retried_after_a_limit_is_raised_or_dropped() {
+    let orders = entity("orders");
+    let small = StoreConfig {
+        max_doc_bytes: 64,
+        ..StoreConfig::default()
+    };
+    let mut t = open_with("a", small);
+    let id = Uuid::now_v7();
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(100));
+    let ev = remote_event(
+        "orders",
+        id,
+        &version(T0 + 1, 0, "w"),
+        None,
+        &[],
+        Some(&big),
+    );
+    let junk = ("jetsync.orders._.w.1".to_string(), b"{not json".to_vec());
+    t.deliver_events(&[ev]);
+    t.deliver_raw(&[junk]);
+    assert_eq!(t.store.quarantine_len().unwrap(), 2);
+    let entries = t.store.quarantine(0, 10).unwrap();
+    assert_eq!(entries[0].reason.code(), "doc_too_large");
+
+    // Still too large: stays quarantined (under a new id), nothing applied.
+    let again = t.store.quarantine_retry(&[entries[0].id]).unwrap();
+    assert_eq!((again.applied, again.quarantined), (0, 1));
+    let t = reopen(t, "a"); // default limits: 256 KiB
+    let entries = t.store.quarantine(0, 10).unwrap();
+    let too_large = entries
+        .iter()
+        .find(|e| e.reason.code() == "doc_too_large")
+        .unwrap();
+    let retried = t.store.quarantine_retry(&[too_large.id]).unwrap();
+    assert_eq!(retried.applied, 1);
+    assert!(t.store.get(&orders, id).unwrap().is_some());
+    let malformed = t.store.quarantine(0, 10).unwrap();
+    assert_eq!(malformed.len(), 1);
+    assert_eq!(t.store.quarantine_drop(&[malformed[0].id]).unwrap(), 1);
+    assert_eq!(t.store.quarantine_len().unwrap(), 0);
+}
