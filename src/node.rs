@@ -949,6 +949,47 @@ async fn apply_fetched(
     .await
 }
 
+/// How long a partial replica's apply loop waits for a message before it asks whether it
+/// has seen everything up to the stream's end (see [`idle_position`]).
+const IDLE_PROBE: Duration = Duration::from_secs(2);
+
+/// A partial replica applies only the messages its filter matches, so its checkpoint can
+/// lag far behind the stream while it is idle, and retention trimming messages it never
+/// needed would look like a gap. When its consumer has nothing pending and nothing
+/// unacknowledged, every matching message up to the stream's last sequence (read before
+/// asking the consumer) has been applied: the checkpoint moves there. Returns the new
+/// checkpoint if it moved.
+async fn idle_position(
+    shared: &Arc<Shared>,
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    checkpoint: u64,
+) -> Option<u64> {
+    let mut stream = shared
+        .js
+        .get_stream(&shared.config.stream.name)
+        .await
+        .ok()?;
+    let last = stream.info().await.ok()?.state.last_sequence;
+    if last <= checkpoint {
+        return None;
+    }
+    let info = consumer.clone().info().await.ok()?.clone();
+    if info.num_pending != 0 || info.num_ack_pending != 0 {
+        return None;
+    }
+    let store = shared.store.clone();
+    let moved = tokio::task::spawn_blocking(move || store.advance_checkpoint(last))
+        .await
+        .ok()?
+        .ok()?;
+    shared.live().stream_last_seq = Some(last);
+    tracing::debug!(
+        checkpoint = moved,
+        "idle: nothing matching pending, checkpoint moved"
+    );
+    Some(moved)
+}
+
 /// How long the apply loop waits for more messages to fill a batch.
 const BATCH_LINGER: Duration = Duration::from_millis(3);
 
@@ -962,6 +1003,8 @@ async fn apply_messages(
     let cfg = &shared.config;
     let compacted = cfg.stream.retention == Retention::Compacted;
     let mut next_expected = checkpoint + 1;
+    let idle_probe = consumer.clone();
+    let partial = !cfg.entities.is_empty();
     let messages = consumer
         .stream()
         .max_messages_per_batch(cfg.fetch_batch)
@@ -995,8 +1038,15 @@ async fn apply_messages(
         let mut ok = true;
         if msgs.is_empty() {
             let chunk = tokio::select! {
-                c = chunks.next() => c,
+                c = chunks.next() => Some(c),
                 _ = rx.wait_for(|s| *s) => return Ok(()),
+                _ = tokio::time::sleep(IDLE_PROBE), if partial => None,
+            };
+            let Some(chunk) = chunk else {
+                if let Some(seq) = idle_position(shared, &idle_probe, next_expected - 1).await {
+                    next_expected = seq + 1;
+                }
+                continue;
             };
             let Some(chunk) = chunk else {
                 return Err(Stop::Retry("consumer stream ended".into()));
