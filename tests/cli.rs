@@ -222,6 +222,10 @@ fn help_and_bad_config_are_clear() {
         "status",
         "digest",
         "nodes",
+        "snapshot",
+        "replay",
+        "verify",
+        "inspect",
     ] {
         let o = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
         assert!(o.status.success(), "{cmd} --help fails");
@@ -245,4 +249,139 @@ fn help_and_bad_config_are_clear() {
         err.contains("`stream`") && err.contains("replicas"),
         "bad config names the key: {err}"
     );
+}
+
+#[test]
+fn operator_commands_snapshot_replay_verify_inspect() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = start_node(dir.path(), "alpha", &url);
+    let mut b = start_node(dir.path(), "beta", &url);
+    wait_for("both nodes to answer", Duration::from_secs(20), || {
+        let out = stdout(&cli(&url, &["nodes", "--json"]));
+        if out.contains("alpha") && out.contains("beta") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+    for i in 0..20 {
+        let o = cli(
+            &url,
+            &[
+                "put",
+                "orders",
+                &format!("{{\"n\":{i}}}"),
+                "--node",
+                "alpha",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    wait_for(
+        "beta to hold the 20 orders",
+        Duration::from_secs(20),
+        || {
+            let o = cli(&url, &["list", "orders", "--node", "beta", "--json"]);
+            let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+            let n = v["records"].as_array().map_or(0, Vec::len);
+            if n == 20 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        },
+    );
+
+    let o = cli(&url, &["verify", "alpha", "beta"]);
+    assert!(
+        o.status.success(),
+        "verify: {}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout(&o).contains("nodes agree"), "{}", stdout(&o));
+
+    let o = cli(&url, &["snapshot", "create", "--node", "alpha"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("20 records"), "{}", stdout(&o));
+    let list: Value =
+        serde_json::from_slice(&cli(&url, &["snapshot", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    let o = cli(&url, &["replay", "--entity", "orders", "--out", "-"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    assert!(lines.iter().all(|l| l["event"]["entity"] == "orders"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("replayed 20 messages"));
+
+    let o = cli(&url, &["inspect", "stream", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["stream"]["last_seq"], 20);
+    let consumers: Vec<&str> = v["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        consumers.contains(&"jetsync_alpha") && consumers.contains(&"jetsync_beta"),
+        "{consumers:?}"
+    );
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(2));
+    let q: Value = serde_json::from_slice(
+        &cli(&url, &["inspect", "quarantine", "--node", "beta", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(q["entries"].as_array().map(Vec::len), Some(0), "{q}");
+
+    // Seed a new node from the snapshot before it ever runs: it starts at the snapshot's
+    // sequence with every record.
+    let gamma_config = dir.path().join("gamma.toml");
+    std::fs::write(
+        &gamma_config,
+        format!(
+            "node_id = \"gamma\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let o = cli(
+        &url,
+        &[
+            "snapshot",
+            "load",
+            "--config",
+            gamma_config.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("20 records"), "{}", stdout(&o));
+    let mut c = start_node(dir.path(), "gamma", &url);
+    wait_for(
+        "gamma to answer with the seeded state",
+        Duration::from_secs(20),
+        || {
+            let v: Value =
+                serde_json::from_slice(&cli(&url, &["status", "--node", "gamma", "--json"]).stdout)
+                    .map_err(|e| e.to_string())?;
+            if v["checkpoint"] == 20 {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    let o = cli(&url, &["verify", "alpha", "gamma"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+
+    sigterm(&mut a);
+    sigterm(&mut b);
+    sigterm(&mut c);
 }
