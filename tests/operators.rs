@@ -493,3 +493,41 @@ async fn events_deleted_from_the_stream_are_recovered_from_the_nodes() {
     b.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_snapshots_are_taken_and_pruned_by_policy() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let mut config = node_config("s", dir.path(), &url);
+    config.snapshots.interval = Some(Duration::from_millis(300));
+    config.snapshots.keep = 2;
+    let s = start(config).await;
+    write_new(&s, &orders, 10, "s").await;
+    let seen = std::sync::Mutex::new(BTreeSet::new());
+    wait_for(
+        "three scheduled snapshots",
+        Duration::from_secs(30),
+        || async {
+            let last = s.status().await.unwrap().last_snapshot;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(last);
+            if seen.len() >= 3 {
+                Ok(())
+            } else {
+                Err(format!("taken so far: {seen:?}"))
+            }
+        },
+    )
+    .await;
+    let kept = jetsync::snapshot::list(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    assert!(
+        (1..=2).contains(&kept.len()),
+        "keep = 2 bounds what is kept: {kept:?}"
+    );
+    s.shutdown().await.unwrap();
+}
