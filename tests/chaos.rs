@@ -490,9 +490,9 @@ impl Chaos {
         std::fs::remove_file(pause_file(&self.dir)).unwrap();
     }
 
-    /// Polls the nodes over the API until they agree; returns how long it took, or fails
-    /// naming what still differed.
-    async fn wait_converged(&mut self, round: usize) -> Duration {
+    /// Polls the nodes over the API until they agree; returns how long it took, or what
+    /// still differed when the time ran out.
+    async fn wait_converged(&mut self, round: usize) -> Result<Duration, String> {
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < CONVERGE_TIMEOUT {
@@ -500,7 +500,7 @@ impl Chaos {
                 n.check_alive("the nodes converge");
             }
             match self.compare().await {
-                Ok(()) => return start.elapsed(),
+                Ok(()) => return Ok(start.elapsed()),
                 Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -510,10 +510,10 @@ impl Chaos {
             .iter()
             .map(|n| format!("--- node {} stderr ---\n{}", n.name, n.stderr_tail()))
             .collect();
-        panic!(
+        Err(format!(
             "round {round}: the nodes did not converge within {CONVERGE_TIMEOUT:?} after the faults were healed: {last}\n{}",
             tails.join("\n")
-        );
+        ))
     }
 
     /// What each node says over the API: Ok when all agree and nothing is pending.
@@ -596,6 +596,46 @@ fn read_acks(dir: &Path, node: &'static str) -> Vec<Ack> {
         out.push(parsed.unwrap_or_else(|| panic!("node {node}: bad ack line {line:?}")));
     }
     out
+}
+
+/// Every event version in the stream (as `Version`'s display form) with its sequence and
+/// subject.
+async fn stream_versions(client: &async_nats::Client) -> BTreeMap<String, (u64, String)> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut out = BTreeMap::new();
+    let Ok(stream) = js.get_stream("JETSYNC").await else {
+        return out;
+    };
+    let Ok(consumer) = stream
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+    else {
+        return out;
+    };
+    let Ok(mut messages) = consumer.messages().await else {
+        return out;
+    };
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        if let Ok(ev) = serde_json::from_slice::<jetsync::event::ChangeEvent>(&m.payload) {
+            out.insert(ev.version.to_string(), (seq, m.subject.to_string()));
+        }
+    }
+    out
+}
+
+fn show(a: &Ack) -> String {
+    let op = if a.delete { "delete" } else { "put" };
+    format!(
+        "{}/{} {} {op} acknowledged by {}",
+        a.entity, a.id, a.version, a.node
+    )
 }
 
 /// A record's leaves and history, short.
@@ -696,6 +736,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         )
         .await
         .expect("the test's API client connects");
+    let raw = client.clone();
     let mut chaos = Chaos {
         dir: dir.clone(),
         cluster,
@@ -707,6 +748,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
 
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let mut converge_times = Vec::new();
+    let mut not_converged = None;
     for round in 0..rounds {
         // Let the workload run, then break things while it goes on.
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
@@ -721,7 +763,11 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         }
         let healed = Instant::now();
         tokio::task::block_in_place(|| chaos.pause_workloads());
-        chaos.wait_converged(round).await;
+        if let Err(e) = chaos.wait_converged(round).await {
+            // Stop here, but still compare the stores below: they say what went wrong.
+            not_converged = Some(e);
+            break;
+        }
         let took = healed.elapsed();
         eprintln!("round {round}: faults {picked:?}, converged {took:?} after healing");
         converge_times.push(took);
@@ -731,7 +777,9 @@ async fn chaos_nodes_converge_and_lose_nothing() {
     // The end: stop the workloads, converge, stop the nodes, compare the files.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| chaos.pause_workloads());
-    chaos.wait_converged(rounds).await;
+    if not_converged.is_none() {
+        not_converged = chaos.wait_converged(rounds).await.err();
+    }
     std::fs::write(exit_file(&dir), b"").unwrap();
     let deadline = Instant::now() + CHILD_TIMEOUT;
     for n in &mut chaos.nodes {
@@ -800,7 +848,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
     for a in &acks {
         for (i, s) in states.iter().enumerate() {
             let Some(state) = s.get(&(a.entity.clone(), a.id)) else {
-                lost.push(format!("{a:?} (no record on {})", NODES[i]));
+                lost.push(format!("{} (no record on {})", show(a), NODES[i]));
                 continue;
             };
             let winner = state.winner().expect("a record has a winner");
@@ -810,7 +858,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
                 .iter()
                 .any(|h| h.version == a.version && h.seen);
             if as_leaf.is_none() && !named {
-                lost.push(format!("{a:?} (not seen by {})", NODES[i]));
+                lost.push(format!("{} (not seen by {})", show(a), NODES[i]));
             }
             if winner.version < a.version {
                 wrong.push(format!(
@@ -829,6 +877,23 @@ async fn chaos_nodes_converge_and_lose_nothing() {
                 }
             }
         }
+    }
+    if !lost.is_empty() || !diverged.is_empty() {
+        // Where the missing versions are in the stream, for the failure message.
+        let in_stream = stream_versions(&raw).await;
+        for l in lost.iter_mut() {
+            let v = l.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let found = in_stream
+                .get(&v)
+                .map_or("not in the stream".to_string(), |(seq, subject)| {
+                    format!("in the stream at {seq} on {subject}")
+                });
+            l.push_str(&format!(" [{found}]"));
+        }
+        eprintln!(
+            "stream last sequence: {:?}",
+            in_stream.values().map(|v| v.0).max()
+        );
     }
     let mut times = converge_times.clone();
     let by_node: Vec<String> = NODES
@@ -856,6 +921,12 @@ async fn chaos_nodes_converge_and_lose_nothing() {
             .collect::<Vec<_>>(),
         started.elapsed()
     );
+    if let Some(e) = not_converged {
+        panic!(
+            "{e}\nrecords that differ:\n{}\nacknowledged writes lost: {lost:#?}",
+            diverged.join("\n")
+        );
+    }
     assert!(!acks.is_empty(), "no write was acknowledged");
     assert!(
         diverged.is_empty(),
