@@ -815,10 +815,15 @@ async fn chaos_nodes_converge_and_lose_nothing() {
             StoreConfig::default(),
         )
         .unwrap_or_else(|e| panic!("node {name}'s store does not open: {e}"));
-        assert_eq!(
-            store.outbox_len().unwrap(),
-            0,
-            "node {name}: outbox not empty"
+        let outbox = store.outbox_len().unwrap();
+        if outbox > 0 {
+            not_converged
+                .get_or_insert_with(|| format!("node {name} has {outbox} unpublished events"));
+        }
+        eprintln!(
+            "node {name}: checkpoint {}, quarantined {}",
+            store.checkpoint().unwrap(),
+            store.quarantine_len().unwrap()
         );
         let mut all = BTreeMap::new();
         for e in &entities {
