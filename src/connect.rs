@@ -32,6 +32,11 @@ pub struct NatsAuth {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub tls_required: bool,
+    /// Use only `urls`, never the other cluster members a server advertises: for nodes that
+    /// must reach NATS through a proxy, tunnel or NAT where the advertised addresses are
+    /// unreachable or would bypass it.
+    #[serde(default)]
+    pub ignore_discovered_servers: bool,
 }
 
 /// Connecting failed before any attempt could be made (bad options).
@@ -145,6 +150,9 @@ pub async fn connect(
     }
     if auth.tls_required {
         opts = opts.require_tls(true);
+    }
+    if auth.ignore_discovered_servers {
+        opts = opts.ignore_discovered_servers();
     }
     opts.connect(addrs)
         .await

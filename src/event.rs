@@ -228,6 +228,36 @@ pub fn decode(
     Ok(ev)
 }
 
+/// Deepest nesting of objects and arrays a document may have: serde_json refuses to parse
+/// anything deeper into a `Value`, so such a document could be stored but never read.
+pub const MAX_DOC_DEPTH: usize = 127;
+
+/// The nesting depth of valid JSON text (`{}` is 1), counted without recursion.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), QuarantineReason> {
     match (op, doc) {
         (Op::Put, None) => Err(QuarantineReason::Malformed("put without doc".into())),
@@ -242,6 +272,12 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
                 return Err(QuarantineReason::Malformed(
                     "doc must be a JSON object".into(),
                 ));
+            }
+            let depth = json_depth(doc.get());
+            if depth > MAX_DOC_DEPTH {
+                return Err(QuarantineReason::Malformed(format!(
+                    "doc nested {depth} levels deep, more than {MAX_DOC_DEPTH}"
+                )));
             }
             Ok(())
         }

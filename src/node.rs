@@ -1020,6 +1020,9 @@ async fn apply_messages(
     let mut rx = shared.shutdown.clone();
     // Messages fetched beyond one batch wait here for the next one.
     let mut carry: Vec<jetstream::Message> = Vec::new();
+    // The consumer numbers its deliveries 1, 2, 3…; a gap means deliveries were lost in
+    // transit (a dropped connection), and the server redelivers them only after ack_wait.
+    let mut last_delivery = 0;
     loop {
         let mut failure = None;
         let mut take = |chunk: Vec<Result<jetstream::Message, _>>, msgs: &mut Vec<_>| {
@@ -1064,6 +1067,25 @@ async fn apply_messages(
         }
         if msgs.len() > cfg.fetch_batch {
             carry = msgs.split_off(cfg.fetch_batch);
+        }
+        // Applying past lost deliveries would move the checkpoint over them and their late
+        // redelivery would be skipped: keep what came before the gap, then resume from the
+        // checkpoint with a new consumer.
+        if let Some(gap) = msgs.iter().position(|m| {
+            let delivery = m.info().map_or(0, |i| i.consumer_sequence);
+            let next = delivery == last_delivery + 1;
+            if next {
+                last_delivery = delivery;
+            }
+            !next
+        }) {
+            msgs.truncate(gap);
+            carry.clear();
+            failure.get_or_insert_with(|| {
+                format!(
+                    "deliveries after {last_delivery} were lost in transit; resuming from the checkpoint"
+                )
+            });
         }
         // A jump past the next sequence is either messages outside this node's filter or
         // messages retention removed while this node was behind: only the stream's first

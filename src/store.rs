@@ -574,6 +574,13 @@ impl Store {
         }
         let raw = serde_json::value::to_raw_value(doc)
             .map_err(|e| WriteError::InvalidDoc(e.to_string()))?;
+        let depth = crate::event::json_depth(raw.get());
+        if depth > crate::event::MAX_DOC_DEPTH {
+            return Err(WriteError::InvalidDoc(format!(
+                "nested {depth} levels deep, more than {}",
+                crate::event::MAX_DOC_DEPTH
+            )));
+        }
         let size = raw.get().len();
         if size > self.config.max_doc_bytes {
             return Err(WriteError::DocTooLarge {

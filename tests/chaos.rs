@@ -1,0 +1,950 @@
+//! Chaos: three jetsync node processes on a three-server NATS cluster (R3 stream), a random
+//! workload on a small shared key set (so concurrent writes really conflict), and random
+//! faults every round:
+//! - `node_kill`: SIGKILL a node process, start it again on the same store;
+//! - `server_kill`: SIGKILL a nats-server, restart it on the same store and ports;
+//! - `node_pause` / `server_pause`: SIGSTOP a node process or a nats-server, later SIGCONT;
+//! - `cut`: cut a node off the network. Each node reaches the cluster only through TCP
+//!   proxies this test runs (one per server, `ignore_discovered_servers` so the client
+//!   never goes around them); a cut drops the node's open connections and refuses new
+//!   ones until healed.
+//!
+//! The test binary runs itself as the node processes (`chaos_child`, selected with `--exact`
+//! and configured by `JETSYNC_CHAOS_CHILD`, like tests/crash.rs). A child appends every
+//! acknowledged write (`ACK <entity> <id> <version> <op>`) to its log, one `write` call per
+//! line, before it starts the next write. The parent pauses the workloads through a file
+//! after each round's faults are healed and waits (bounded) until the nodes converge: no
+//! outbox, no halt, equal checkpoints, digests and conflicts, asked over the node API.
+//!
+//! At the end the children stop, and the parent opens the three redb files and checks:
+//! - every record's whole merge state (leaves, documents, history) is equal on all nodes;
+//! - every acknowledged write was seen everywhere: it is a leaf (winner or kept conflict)
+//!   or in history (a later write named it as base or resolved it); nothing is lost;
+//! - every record's winner is at least every acknowledged version of it, and a winner that
+//!   is an acknowledged write has that write's op: a delete that won stays deleted.
+//!
+//! `JETSYNC_CHAOS_ROUNDS=<n>` (default 8) and `JETSYNC_CHAOS_SEED=<n>` for longer or
+//! replayed runs (process scheduling still varies). Every wait is bounded and says what did
+//! not happen; no timing is asserted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jetsync::api::ApiClient;
+use jetsync::devserver::NatsCluster;
+use jetsync::merge::RecordState;
+use jetsync::node::{Node, NodeConfig};
+use jetsync::store::{Expect, Write};
+use jetsync::{EntityName, NodeId, Store, StoreConfig, Version};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const CHILD_ENV: &str = "JETSYNC_CHAOS_CHILD";
+const ROUNDS_ENV: &str = "JETSYNC_CHAOS_ROUNDS";
+const SEED_ENV: &str = "JETSYNC_CHAOS_SEED";
+const CI_ROUNDS: usize = 8;
+const NODES: [&str; 3] = ["a", "b", "c"];
+const ENTITIES: [&str; 2] = ["chaos_x", "chaos_y"];
+const KEYS_PER_ENTITY: usize = 8;
+/// Longest wait for the nodes to converge once a round's faults are healed.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest wait for a child to notice a pause or exit request.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// splitmix64: enough randomness for fault schedules and workloads, without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+fn time_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 32)
+}
+
+/// What a child is told, as JSON in `JETSYNC_CHAOS_CHILD`.
+#[derive(Serialize, Deserialize)]
+struct ChildSpec {
+    node: String,
+    /// The run's shared directory: stores, logs and control files.
+    dir: PathBuf,
+    urls: Vec<String>,
+    keys: Vec<Uuid>,
+    seed: u64,
+}
+
+fn ack_log(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.acks"))
+}
+fn pause_file(dir: &Path) -> PathBuf {
+    dir.join("pause")
+}
+fn paused_marker(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.paused"))
+}
+fn exit_file(dir: &Path) -> PathBuf {
+    dir.join("exit")
+}
+
+// ----- the node process -----------------------------------------------------------------
+
+/// A node process. Does nothing unless started by `chaos_nodes_converge_and_lose_nothing`.
+#[test]
+fn chaos_child() {
+    let Some(spec) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let spec: ChildSpec = serde_json::from_str(&spec.to_string_lossy()).expect("child spec");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("jetsync=info"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(child_main(spec));
+}
+
+async fn child_main(spec: ChildSpec) {
+    let node_id = NodeId::new(spec.node.as_str()).unwrap();
+    let mut config = NodeConfig::new(node_id, spec.dir.join("stores"), spec.urls[0].clone());
+    config.nats_urls = spec.urls.clone();
+    config.nats_auth.ignore_discovered_servers = true;
+    config.stream.replicas = 3;
+    let node = Node::start(config).await.expect("the node starts");
+    let entities: Vec<EntityName> = ENTITIES.iter().map(|e| e.parse().unwrap()).collect();
+
+    let path = ack_log(&spec.dir, &spec.node);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open the ack log");
+    // A kill between two writes never cuts a line (one write call each), but be safe: a
+    // new incarnation starts on a fresh line.
+    let text = std::fs::read(&path).unwrap_or_default();
+    if text.last().is_some_and(|b| *b != b'\n') {
+        log.write_all(b"\n").unwrap();
+    }
+    let mut rng = Rng(spec.seed ^ time_seed());
+    let mut paused_gen = String::new();
+    let mut n = 0u64;
+    loop {
+        if exit_file(&spec.dir).exists() {
+            node.shutdown().await.expect("graceful shutdown");
+            return;
+        }
+        if let Ok(generation) = std::fs::read_to_string(pause_file(&spec.dir)) {
+            if generation != paused_gen {
+                std::fs::write(paused_marker(&spec.dir, &spec.node), &generation).unwrap();
+                paused_gen = generation;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        paused_gen.clear();
+        n += 1;
+        let entity = rng.pick(&entities).clone();
+        let id = *rng.pick(&spec.keys);
+        let doc = json!({"by": spec.node, "n": n});
+        let (op, write) = match rng.below(10) {
+            0..=3 => ("put", Write::put(entity.clone(), id, doc)),
+            4..=5 => ("delete", Write::delete(entity.clone(), id)),
+            // Settle the conflicts this node sees (a delete half of the time).
+            6 => {
+                let state = node.store().state(&entity, id).expect("read state");
+                let versions: Vec<Version> = state
+                    .as_ref()
+                    .map(|s| s.conflicts().iter().map(|l| l.version.clone()).collect())
+                    .unwrap_or_default();
+                let w = if rng.below(2) == 0 {
+                    ("resolve", Write::put(entity.clone(), id, doc))
+                } else {
+                    ("resolve_delete", Write::delete(entity.clone(), id))
+                };
+                (w.0, w.1.resolving(versions))
+            }
+            // Optimistic concurrency against what this node sees now.
+            _ => {
+                let state = node.store().state(&entity, id).expect("read state");
+                let expect = match state.as_ref().and_then(RecordState::live) {
+                    Some(leaf) => Expect::Version(leaf.version.clone()),
+                    None => Expect::Absent,
+                };
+                ("put_if", Write::put(entity.clone(), id, doc).expect(expect))
+            }
+        };
+        // Refusals (version mismatch, deleting an absent record) are not acknowledged.
+        if let Ok(written) = node.write(vec![write]).await {
+            for w in written {
+                let line = format!("ACK {} {} {} {op}\n", w.entity, w.id, w.version);
+                log.write_all(line.as_bytes())
+                    .expect("append to the ack log");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(30))).await;
+    }
+}
+
+// ----- a TCP proxy that can cut a node off ------------------------------------------------
+
+#[derive(Default)]
+struct ProxyState {
+    cut: AtomicBool,
+    /// Both sides of every open connection, to shut them down on a cut.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+/// Listens on a loopback port and forwards each connection to `upstream`, unless cut.
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a proxy port");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if st.cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue; // refused: dropped at once
+                }
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], upstream));
+                let Ok(server) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+                    continue; // the server is down: the client sees a closed connection
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut open = st.open.lock().unwrap();
+                    open.retain(|s| s.peer_addr().is_ok());
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        for s in self.state.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+// ----- the parent ----------------------------------------------------------------------
+
+/// A node process and how to start it again.
+struct NodeProc {
+    name: &'static str,
+    spec: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    incarnation: usize,
+}
+
+impl NodeProc {
+    fn spawn(&mut self) {
+        self.incarnation += 1;
+        let log = |ext: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(format!("{}.{ext}", self.name)))
+                .unwrap()
+        };
+        let mut err = log("stderr");
+        let _ = writeln!(err, "---- incarnation {} ----", self.incarnation);
+        let child = Command::new(std::env::current_exe().expect("test binary path"))
+            .args(["--exact", "chaos_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &self.spec)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log("stdout"))
+            .stderr(err)
+            .spawn()
+            .expect("spawn a node process");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node process runs").id()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Fails with the end of its stderr if the process ended.
+    fn check_alive(&mut self, doing: &str) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!(
+                "node {} exited ({status}) while {doing}; its stderr ends:\n{}",
+                self.name,
+                self.stderr_tail()
+            );
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{}.stderr", self.name)))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    NodeKill(usize),
+    ServerKill(usize),
+    NodePause(usize),
+    ServerPause(usize),
+    Cut(usize),
+}
+
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::NodeKill(_) => "node_kill",
+            Fault::ServerKill(_) => "server_kill",
+            Fault::NodePause(_) => "node_pause",
+            Fault::ServerPause(_) => "server_pause",
+            Fault::Cut(_) => "cut",
+        }
+    }
+    fn node(&self) -> Option<usize> {
+        match *self {
+            Fault::NodeKill(i) | Fault::NodePause(i) | Fault::Cut(i) => Some(i),
+            _ => None,
+        }
+    }
+    fn server(&self) -> Option<usize> {
+        match *self {
+            Fault::ServerKill(i) | Fault::ServerPause(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// One or two faults on different targets, at most one server down (the R3 stream keeps
+/// its quorum, so acknowledged publishes must survive).
+fn pick_faults(rng: &mut Rng) -> Vec<Fault> {
+    let mut out: Vec<Fault> = Vec::new();
+    let count = 1 + rng.below(2);
+    while out.len() < count as usize {
+        let n = rng.below(3) as usize;
+        let f = match rng.below(5) {
+            0 => Fault::NodeKill(n),
+            1 => Fault::ServerKill(n),
+            2 => Fault::NodePause(n),
+            3 => Fault::ServerPause(n),
+            _ => Fault::Cut(n),
+        };
+        let clash = out.iter().any(|o| {
+            (f.node().is_some() && o.node() == f.node())
+                || (f.server().is_some() && o.server().is_some())
+        });
+        if !clash {
+            out.push(f);
+        }
+    }
+    out
+}
+
+struct Chaos {
+    dir: PathBuf,
+    cluster: NatsCluster,
+    /// `proxies[node][server]`.
+    proxies: Vec<Vec<Proxy>>,
+    nodes: Vec<NodeProc>,
+    api: ApiClient,
+    pause_gen: u64,
+}
+
+impl Chaos {
+    fn inject(&mut self, f: Fault) {
+        match f {
+            Fault::NodeKill(i) => self.nodes[i].kill9(),
+            Fault::ServerKill(j) => self
+                .cluster
+                .server_mut(j)
+                .kill9()
+                .expect("kill -9 a server"),
+            Fault::NodePause(i) => signal(self.nodes[i].pid(), "STOP"),
+            Fault::ServerPause(j) => self
+                .cluster
+                .server_mut(j)
+                .pause()
+                .expect("SIGSTOP a server"),
+            Fault::Cut(i) => self.proxies[i].iter().for_each(Proxy::cut),
+        }
+    }
+
+    fn heal(&mut self, f: Fault) {
+        match f {
+            Fault::NodeKill(i) => self.nodes[i].spawn(),
+            Fault::ServerKill(j) => self
+                .cluster
+                .server_mut(j)
+                .restart()
+                .unwrap_or_else(|e| panic!("server {j} does not restart after kill -9: {e}")),
+            Fault::NodePause(i) => signal(self.nodes[i].pid(), "CONT"),
+            Fault::ServerPause(j) => self
+                .cluster
+                .server_mut(j)
+                .resume()
+                .expect("SIGCONT a server"),
+            Fault::Cut(i) => self.proxies[i].iter().for_each(Proxy::heal),
+        }
+    }
+
+    /// Stops every workload and waits until each child says so.
+    fn pause_workloads(&mut self) {
+        self.pause_gen += 1;
+        let generation = self.pause_gen.to_string();
+        std::fs::write(pause_file(&self.dir), &generation).unwrap();
+        let deadline = Instant::now() + CHILD_TIMEOUT;
+        for i in 0..self.nodes.len() {
+            let marker = paused_marker(&self.dir, self.nodes[i].name);
+            loop {
+                if std::fs::read_to_string(&marker).is_ok_and(|g| g == generation) {
+                    break;
+                }
+                self.nodes[i].check_alive("pausing its workload");
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not pause its workload within {CHILD_TIMEOUT:?}; its stderr ends:\n{}",
+                    self.nodes[i].name,
+                    self.nodes[i].stderr_tail()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn resume_workloads(&self) {
+        std::fs::remove_file(pause_file(&self.dir)).unwrap();
+    }
+
+    /// Polls the nodes over the API until they agree; returns how long it took, or what
+    /// still differed when the time ran out.
+    async fn wait_converged(&mut self, round: usize) -> Result<Duration, String> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < CONVERGE_TIMEOUT {
+            for n in &mut self.nodes {
+                n.check_alive("the nodes converge");
+            }
+            match self.compare().await {
+                Ok(()) => return Ok(start.elapsed()),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let tails: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("--- node {} stderr ---\n{}", n.name, n.stderr_tail()))
+            .collect();
+        Err(format!(
+            "round {round}: the nodes did not converge within {CONVERGE_TIMEOUT:?} after the faults were healed: {last}\n{}",
+            tails.join("\n")
+        ))
+    }
+
+    /// What each node says over the API: Ok when all agree and nothing is pending.
+    async fn compare(&self) -> Result<(), String> {
+        let mut views = Vec::new();
+        for n in &self.nodes {
+            let call = |op: &'static str, body: Value| {
+                let api = self.api.clone();
+                async move {
+                    api.call(n.name, op, body)
+                        .await
+                        .map_err(|e| format!("{op} on {}: {e}", n.name))
+                }
+            };
+            let status = call("status", json!({})).await?;
+            if status["outbox"].as_u64() != Some(0) {
+                return Err(format!(
+                    "{} has {} unpublished events (connection {}, error {})",
+                    n.name, status["outbox"], status["connection"], status["last_error"]
+                ));
+            }
+            if !status["halted"].is_null() {
+                return Err(format!("{} halted: {}", n.name, status["halted"]));
+            }
+            let digest = call("digest", json!({})).await?;
+            let mut conflicts = Vec::new();
+            for e in ENTITIES {
+                conflicts.push(call("conflicts", json!({"entity": e, "limit": 10_000})).await?);
+            }
+            views.push((n.name, status["checkpoint"].clone(), digest, conflicts));
+        }
+        let first = &views[0];
+        for v in &views[1..] {
+            if v.1 != first.1 {
+                return Err(format!(
+                    "checkpoints differ: {} at {}, {} at {}",
+                    first.0, first.1, v.0, v.1
+                ));
+            }
+            if v.2 != first.2 {
+                return Err(format!(
+                    "digests differ: {} {}, {} {}",
+                    first.0, first.2, v.0, v.2
+                ));
+            }
+            if v.3 != first.3 {
+                return Err(format!("conflicts differ between {} and {}", first.0, v.0));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One acknowledged write, from a child's log.
+#[derive(Debug)]
+struct Ack {
+    node: &'static str,
+    entity: EntityName,
+    id: Uuid,
+    version: Version,
+    delete: bool,
+}
+
+fn read_acks(dir: &Path, node: &'static str) -> Vec<Ack> {
+    let text = std::fs::read_to_string(ack_log(dir, node)).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let parsed = (parts.len() == 5 && parts[0] == "ACK")
+            .then(|| {
+                Some(Ack {
+                    node,
+                    entity: parts[1].parse().ok()?,
+                    id: parts[2].parse().ok()?,
+                    version: parts[3].parse().ok()?,
+                    delete: parts[4].ends_with("delete"),
+                })
+            })
+            .flatten();
+        out.push(parsed.unwrap_or_else(|| panic!("node {node}: bad ack line {line:?}")));
+    }
+    out
+}
+
+/// Every event version in the stream (as `Version`'s display form) with its sequence and
+/// subject.
+async fn stream_versions(client: &async_nats::Client) -> BTreeMap<String, (u64, String)> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut out = BTreeMap::new();
+    let Ok(stream) = js.get_stream("JETSYNC").await else {
+        return out;
+    };
+    let Ok(consumer) = stream
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+    else {
+        return out;
+    };
+    let Ok(mut messages) = consumer.messages().await else {
+        return out;
+    };
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        if let Ok(ev) = serde_json::from_slice::<jetsync::event::ChangeEvent>(&m.payload) {
+            out.insert(ev.version.to_string(), (seq, m.subject.to_string()));
+        }
+    }
+    out
+}
+
+fn show(a: &Ack) -> String {
+    let op = if a.delete { "delete" } else { "put" };
+    format!(
+        "{}/{} {} {op} acknowledged by {}",
+        a.entity, a.id, a.version, a.node
+    )
+}
+
+/// A record's leaves and history, short.
+fn describe(state: Option<&RecordState>) -> String {
+    let Some(s) = state else {
+        return "absent".into();
+    };
+    let leaves: Vec<String> = s
+        .leaves
+        .iter()
+        .map(|l| {
+            format!(
+                "{}{}",
+                l.version,
+                if l.is_tombstone() { "(del)" } else { "" }
+            )
+        })
+        .collect();
+    let history: Vec<String> = s
+        .history
+        .iter()
+        .map(|h| format!("{}{}", h.version, if h.seen { "" } else { "(unseen)" }))
+        .collect();
+    format!(
+        "leaves [{}] history [{}]",
+        leaves.join(" "),
+        history.join(" ")
+    )
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_nodes_converge_and_lose_nothing() {
+    let started = Instant::now();
+    let rounds: usize = std::env::var(ROUNDS_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CI_ROUNDS);
+    let seed = std::env::var(SEED_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(time_seed);
+    eprintln!("chaos: {rounds} rounds, seed {seed} (set {SEED_ENV}={seed} to replay the schedule)");
+    let mut rng = Rng(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+
+    let cluster = tokio::task::block_in_place(|| {
+        NatsCluster::start_with(3, |_, b| b.sync_always(true)).expect("a 3-server cluster starts")
+    });
+    let proxies: Vec<Vec<Proxy>> = (0..NODES.len())
+        .map(|_| {
+            cluster
+                .servers()
+                .iter()
+                .map(|s| Proxy::start(s.port()))
+                .collect()
+        })
+        .collect();
+    let keys: Vec<Uuid> = (0..KEYS_PER_ENTITY)
+        .map(|_| Uuid::from_u128(rng.next() as u128 | ((rng.next() as u128) << 64)))
+        .collect();
+    let mut nodes: Vec<NodeProc> = NODES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let spec = ChildSpec {
+                node: name.to_string(),
+                dir: dir.clone(),
+                urls: proxies[i].iter().map(Proxy::url).collect(),
+                keys: keys.clone(),
+                seed: rng.next(),
+            };
+            NodeProc {
+                name,
+                spec: serde_json::to_string(&spec).unwrap(),
+                dir: dir.clone(),
+                child: None,
+                incarnation: 0,
+            }
+        })
+        .collect();
+    for n in &mut nodes {
+        n.spawn();
+    }
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(
+            cluster
+                .client_urls()
+                .iter()
+                .map(|u| u.parse::<async_nats::ServerAddr>().unwrap())
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("the test's API client connects");
+    let raw = client.clone();
+    let mut chaos = Chaos {
+        dir: dir.clone(),
+        cluster,
+        proxies,
+        nodes,
+        api: ApiClient::new(client, "jetsync"),
+        pause_gen: 0,
+    };
+
+    let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut converge_times = Vec::new();
+    let mut not_converged = None;
+    for round in 0..rounds {
+        // Let the workload run, then break things while it goes on.
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
+        let picked = pick_faults(&mut rng);
+        for f in &picked {
+            *faults.entry(f.kind()).or_default() += 1;
+            tokio::task::block_in_place(|| chaos.inject(*f));
+        }
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
+        for f in picked.iter().rev() {
+            tokio::task::block_in_place(|| chaos.heal(*f));
+        }
+        let healed = Instant::now();
+        tokio::task::block_in_place(|| chaos.pause_workloads());
+        if let Err(e) = chaos.wait_converged(round).await {
+            // Stop here, but still compare the stores below: they say what went wrong.
+            not_converged = Some(e);
+            break;
+        }
+        let took = healed.elapsed();
+        eprintln!("round {round}: faults {picked:?}, converged {took:?} after healing");
+        converge_times.push(took);
+        chaos.resume_workloads();
+    }
+
+    // The end: stop the workloads, converge, stop the nodes, compare the files.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| chaos.pause_workloads());
+    if not_converged.is_none() {
+        not_converged = chaos.wait_converged(rounds).await.err();
+    }
+    std::fs::write(exit_file(&dir), b"").unwrap();
+    let deadline = Instant::now() + CHILD_TIMEOUT;
+    for n in &mut chaos.nodes {
+        let child = n.child.as_mut().unwrap();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    assert!(
+                        status.success(),
+                        "node {} exited with {status}:\n{}",
+                        n.name,
+                        n.stderr_tail()
+                    );
+                    break;
+                }
+                _ if Instant::now() > deadline => panic!(
+                    "node {} did not shut down within {CHILD_TIMEOUT:?}:\n{}",
+                    n.name,
+                    n.stderr_tail()
+                ),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        n.child = None;
+    }
+
+    let entities: Vec<EntityName> = ENTITIES.iter().map(|e| e.parse().unwrap()).collect();
+    let mut states: Vec<BTreeMap<(EntityName, Uuid), RecordState>> = Vec::new();
+    for name in NODES {
+        let store = Store::open(
+            dir.join("stores").join(format!("{name}.redb")),
+            NodeId::new(name).unwrap(),
+            StoreConfig::default(),
+        )
+        .unwrap_or_else(|e| panic!("node {name}'s store does not open: {e}"));
+        let outbox = store.outbox_len().unwrap();
+        if outbox > 0 {
+            not_converged
+                .get_or_insert_with(|| format!("node {name} has {outbox} unpublished events"));
+        }
+        eprintln!(
+            "node {name}: checkpoint {}, quarantined {}",
+            store.checkpoint().unwrap(),
+            store.quarantine_len().unwrap()
+        );
+        let mut all = BTreeMap::new();
+        for e in &entities {
+            for (id, state) in store.scan(e, None, usize::MAX).unwrap().items {
+                all.insert((e.clone(), id), state);
+            }
+        }
+        states.push(all);
+    }
+    let keys_seen: BTreeSet<&(EntityName, Uuid)> = states.iter().flat_map(|s| s.keys()).collect();
+    let mut diverged = Vec::new();
+    for k in &keys_seen {
+        let first = states[0].get(*k);
+        if states[1..].iter().any(|s| s.get(*k) != first) {
+            let mut d = format!("{}/{}:", k.0, k.1);
+            for (i, s) in states.iter().enumerate() {
+                d.push_str(&format!("\n  {}: {}", NODES[i], describe(s.get(*k))));
+            }
+            diverged.push(d);
+        }
+    }
+
+    let acks: Vec<Ack> = NODES.iter().flat_map(|n| read_acks(&dir, n)).collect();
+    let (mut winners, mut conflicts, mut superseded) = (0, 0, 0);
+    let mut lost = Vec::new();
+    let mut wrong = Vec::new();
+    for a in &acks {
+        for (i, s) in states.iter().enumerate() {
+            let Some(state) = s.get(&(a.entity.clone(), a.id)) else {
+                lost.push(format!("{} (no record on {})", show(a), NODES[i]));
+                continue;
+            };
+            let winner = state.winner().expect("a record has a winner");
+            let as_leaf = state.leaves.iter().position(|l| l.version == a.version);
+            let named = state
+                .history
+                .iter()
+                .any(|h| h.version == a.version && h.seen);
+            if as_leaf.is_none() && !named {
+                lost.push(format!("{} (not seen by {})", show(a), NODES[i]));
+            }
+            if winner.version < a.version {
+                wrong.push(format!(
+                    "{a:?}: {}'s winner {} is older",
+                    NODES[i], winner.version
+                ));
+            }
+            if winner.version == a.version && winner.is_tombstone() != a.delete {
+                wrong.push(format!("{a:?}: {}'s winner has the other op", NODES[i]));
+            }
+            if i == 0 {
+                match as_leaf {
+                    Some(0) => winners += 1,
+                    Some(_) => conflicts += 1,
+                    None => superseded += 1,
+                }
+            }
+        }
+    }
+    if !lost.is_empty() || !diverged.is_empty() {
+        // Where the missing versions are in the stream, for the failure message.
+        let in_stream = stream_versions(&raw).await;
+        for l in lost.iter_mut() {
+            let v = l.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let found = in_stream
+                .get(&v)
+                .map_or("not in the stream".to_string(), |(seq, subject)| {
+                    format!("in the stream at {seq} on {subject}")
+                });
+            l.push_str(&format!(" [{found}]"));
+        }
+        eprintln!(
+            "stream last sequence: {:?}",
+            in_stream.values().map(|v| v.0).max()
+        );
+    }
+    let mut times = converge_times.clone();
+    let by_node: Vec<String> = NODES
+        .iter()
+        .map(|n| format!("{n} {}", acks.iter().filter(|a| a.node == *n).count()))
+        .collect();
+    eprintln!(
+        "chaos figures: rounds {rounds}, faults {faults:?} ({} in all), writes acknowledged {} ({}), \
+         of which winners {winners}, kept conflicts {conflicts}, superseded {superseded}; \
+         lost {}, wrong winners {}, diverged records {} of {}; converge after heal: median {:?}, max {:?}; \
+         node incarnations {:?}; total {:?}",
+        faults.values().sum::<usize>(),
+        acks.len(),
+        by_node.join(", "),
+        lost.len(),
+        wrong.len(),
+        diverged.len(),
+        keys_seen.len(),
+        median(&mut times),
+        times.iter().max().copied().unwrap_or_default(),
+        chaos
+            .nodes
+            .iter()
+            .map(|n| n.incarnation)
+            .collect::<Vec<_>>(),
+        started.elapsed()
+    );
+    if let Some(e) = not_converged {
+        panic!(
+            "{e}\nrecords that differ:\n{}\nacknowledged writes lost: {lost:#?}",
+            diverged.join("\n")
+        );
+    }
+    assert!(!acks.is_empty(), "no write was acknowledged");
+    assert!(
+        diverged.is_empty(),
+        "records differ between the nodes: {diverged:?}"
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {:?}",
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        wrong.is_empty(),
+        "winners that do not beat acknowledged writes: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+}

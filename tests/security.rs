@@ -1,0 +1,375 @@
+//! Security end to end, on a nats-server started from `deploy/secure/nats-secure.conf`
+//! (its TLS paths pointed at a CA and server certificate generated here, its nkey user at
+//! a key pair generated here):
+//! - nodes connect over TLS, two with user/password and one with an nkey, and replicate;
+//!   a wrong password and a client that does not trust the CA are refused;
+//! - a node's credentials cannot publish an event under another node's origin: the server
+//!   refuses it with a permissions violation, the stream never holds it, no node applies it;
+//! - a forged event (subject origin differs from the body's), from the unrestricted
+//!   operator user or from a node on its own subject, is quarantined by every node as
+//!   `forged_origin`, counted in status, and replication goes on.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::ConnectOptions;
+use common::entity;
+use common::nodes::*;
+use jetsync::api::ApiClient;
+use jetsync::config::{FileConfig, Overrides};
+use jetsync::connect::{NatsAuth, connect};
+use jetsync::devserver::{NatsServer, start_from_config_file};
+use jetsync::node::{Node, NodeConfig};
+use serde_json::json;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+/// The nkey user's public key in the deploy config, replaced by a generated one.
+const DEPLOY_NKEY: &str = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file)
+}
+
+struct Secure {
+    server: NatsServer,
+    dir: TempDir,
+    ca: PathBuf,
+    porto_seed: String,
+}
+
+impl Secure {
+    /// `tls://127.0.0.1:<port>`.
+    fn url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.server.port())
+    }
+
+    fn user(&self, user: &str, password: &str) -> NatsAuth {
+        NatsAuth {
+            user: Some(user.into()),
+            password: Some(password.into()),
+            tls_ca: Some(self.ca.clone()),
+            tls_required: true,
+            ..NatsAuth::default()
+        }
+    }
+
+    fn ops(&self) -> NatsAuth {
+        self.user("ops", "change-me-ops")
+    }
+
+    fn node_config(&self, name: &str) -> NodeConfig {
+        let mut c = node_config(name, self.dir.path(), &self.url());
+        c.nats_auth = match name {
+            "porto" => NatsAuth {
+                nkey_seed: Some(self.porto_seed.clone()),
+                tls_ca: Some(self.ca.clone()),
+                tls_required: true,
+                ..NatsAuth::default()
+            },
+            _ => self.user(name, &format!("change-me-{name}")),
+        };
+        c
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost signed by it, an nkey user, and the
+/// deploy config rewritten to use them.
+fn secure_server() -> Secure {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "jetsync test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let ca = tls.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(tls.join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(tls.join("server-key.pem"), server_key.serialize_pem()).unwrap();
+
+    let porto = nkeys::KeyPair::new_user();
+    let text = std::fs::read_to_string(deploy("secure/nats-secure.conf")).unwrap();
+    assert!(text.contains("/etc/nats/tls/") && text.contains(DEPLOY_NKEY));
+    assert!(
+        text.contains("sync_interval: always"),
+        "the secure deploy config fsyncs"
+    );
+    let text = text
+        .replace("/etc/nats/tls/", &format!("{}/", tls.display()))
+        .replace(DEPLOY_NKEY, &porto.public_key());
+    let conf = dir.path().join("nats-secure.conf");
+    std::fs::write(&conf, text).unwrap();
+    let server =
+        start_from_config_file(&conf, None).expect("nats-server starts from the secure config");
+    Secure {
+        server,
+        dir,
+        ca,
+        porto_seed: porto.seed().unwrap(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A valid-looking put event of `origin`'s (body), to publish raw.
+fn event_body(origin: &str, id: Uuid) -> String {
+    format!(
+        r#"{{"v":1,"op":"put","entity":"orders","scope":"_","id":"{id}","origin":"{origin}","origin_seq":1,"version":{{"ms":{},"c":0,"node":"{origin}"}},"doc":{{"forged":true}}}}"#,
+        now_ms()
+    )
+}
+
+/// A raw client with `auth` that records the errors the server sends it.
+async fn raw_client(s: &Secure, auth: &NatsAuth) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let client = ConnectOptions::with_user_and_password(
+        auth.user.clone().unwrap(),
+        auth.password.clone().unwrap(),
+    )
+    .add_root_certificates(s.ca.clone())
+    .require_tls(true)
+    .event_callback(move |event| {
+        let seen = seen.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                seen.lock().unwrap().push(e.to_string());
+            }
+        }
+    })
+    .connect(s.url())
+    .await
+    .expect("raw client connects");
+    (client, errors)
+}
+
+async fn stream_last_seq(js: &async_nats::jetstream::Context) -> u64 {
+    js.get_stream("JETSYNC")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence
+}
+
+/// Waits until `node` holds `n` quarantined messages.
+async fn wait_quarantined(node: &Node, n: u64) {
+    wait_for(
+        &format!("{} to quarantine {n} messages", node.node_id()),
+        Duration::from_secs(20),
+        || async {
+            let s = node.status().await.map_err(|e| e.to_string())?;
+            if s.quarantined == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "quarantined {}, checkpoint {}, error {:?}",
+                    s.quarantined, s.checkpoint, s.last_error
+                ))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secured_nodes_replicate_and_cannot_write_as_each_other() {
+    let s = secure_server();
+    let orders = entity("orders");
+
+    // Refused: a wrong password, and a client that does not trust the server's CA.
+    let wrong = connect(&[s.url()], &s.user("berlin", "wrong"), "t", false).await;
+    assert!(wrong.is_err(), "a wrong password was accepted");
+    let untrusted = NatsAuth {
+        tls_ca: None,
+        ..s.user("berlin", "change-me-berlin")
+    };
+    let untrusted = connect(&[s.url()], &untrusted, "t", false).await;
+    assert!(
+        untrusted.is_err(),
+        "a client without the CA accepted the server's certificate"
+    );
+
+    // (a) Three nodes over TLS, two with passwords and one with an nkey, replicate.
+    let berlin = start(s.node_config("berlin")).await;
+    let lisbon = start(s.node_config("lisbon")).await;
+    let porto = start(s.node_config("porto")).await;
+    let nodes = [&berlin, &lisbon, &porto];
+    for (i, n) in nodes.iter().enumerate() {
+        for k in 0..5 {
+            n.put(&orders, Uuid::now_v7(), json!({"by": i, "k": k}))
+                .await
+                .unwrap();
+        }
+    }
+    converge(&nodes, &orders, Duration::from_secs(30)).await;
+    for n in nodes {
+        assert_eq!(n.store().list(&orders, None, 100).unwrap().items.len(), 15);
+        let st = n.status().await.unwrap();
+        assert_eq!(st.connection, "connected", "{}", st.node);
+        assert!(st.last_error.is_none(), "{}: {:?}", st.node, st.last_error);
+    }
+    // The operator reaches a node's API (the node may answer requests).
+    let ops = connect(&[s.url()], &s.ops(), "ops", false)
+        .await
+        .expect("ops connects");
+    let status = ApiClient::new(ops.clone(), "jetsync")
+        .call("berlin", "status", json!({}))
+        .await
+        .expect("berlin answers the operator over the API");
+    assert_eq!(status["node"], "berlin");
+
+    // (b) berlin's credentials cannot publish an event under lisbon's origin.
+    let ops_js = async_nats::jetstream::new(ops.clone());
+    let before = stream_last_seq(&ops_js).await;
+    let (as_berlin, errors) = raw_client(&s, &s.user("berlin", "change-me-berlin")).await;
+    let stolen = Uuid::now_v7();
+    let subject = format!("jetsync.orders._.lisbon.{stolen}");
+    let js = async_nats::jetstream::new(as_berlin.clone());
+    let refused = match js
+        .publish(subject.clone(), event_body("lisbon", stolen).into())
+        .await
+    {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(
+        refused,
+        "the stream acknowledged an event berlin published as lisbon"
+    );
+    as_berlin
+        .publish(subject.clone(), event_body("lisbon", stolen).into())
+        .await
+        .unwrap();
+    as_berlin.flush().await.unwrap();
+    wait_for(
+        "the server to report a permissions violation to berlin",
+        Duration::from_secs(10),
+        || async {
+            let e = errors.lock().unwrap().clone();
+            if e.iter()
+                .any(|m| m.to_lowercase().contains("permissions violation") && m.contains(&subject))
+            {
+                Ok(())
+            } else {
+                Err(format!("server errors so far: {e:?}"))
+            }
+        },
+    )
+    .await;
+
+    // (c) Forged events: the unrestricted operator publishes on lisbon's subject with a
+    // body claiming berlin; berlin publishes on its own subject a body claiming lisbon.
+    let forged_by_ops = Uuid::now_v7();
+    ops_js
+        .publish(
+            format!("jetsync.orders._.lisbon.{forged_by_ops}"),
+            event_body("berlin", forged_by_ops).into(),
+        )
+        .await
+        .expect("publish as ops")
+        .await
+        .expect("the stream takes the operator's message");
+    let forged_by_berlin = Uuid::now_v7();
+    js.publish(
+        format!("jetsync.orders._.berlin.{forged_by_berlin}"),
+        event_body("lisbon", forged_by_berlin).into(),
+    )
+    .await
+    .expect("publish on berlin's own subject")
+    .await
+    .expect("berlin may publish on its own subject");
+    assert_eq!(
+        stream_last_seq(&ops_js).await,
+        before + 2,
+        "the stream holds exactly the two forged messages, not the refused one"
+    );
+
+    // Replication goes on, and the refused and forged writes are nowhere.
+    for n in nodes {
+        n.put(&orders, Uuid::now_v7(), json!({"after": true}))
+            .await
+            .unwrap();
+    }
+    converge(&nodes, &orders, Duration::from_secs(30)).await;
+    for n in nodes {
+        wait_quarantined(n, 2).await;
+        let reasons: Vec<String> = n
+            .store()
+            .quarantine(0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.reason.code().to_owned())
+            .collect();
+        assert_eq!(
+            reasons,
+            ["forged_origin", "forged_origin"],
+            "{}",
+            n.node_id()
+        );
+        for id in [stolen, forged_by_ops, forged_by_berlin] {
+            assert!(
+                n.store().get(&orders, id).unwrap().is_none(),
+                "{}: applied {id}",
+                n.node_id()
+            );
+        }
+        assert_eq!(n.store().list(&orders, None, 100).unwrap().items.len(), 18);
+        let st = n.status().await.unwrap();
+        assert_eq!(st.quarantined, 2, "{}", st.node);
+        assert!(st.halted.is_none(), "{}: {:?}", st.node, st.halted);
+    }
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[test]
+fn the_secure_example_node_configs_load() {
+    for (file, node) in [
+        ("secure/node-berlin.toml", "berlin"),
+        ("secure/node-porto.toml", "porto"),
+    ] {
+        // The CA file must exist: point it at a stand-in.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "stand-in").unwrap();
+        let text = std::fs::read_to_string(deploy(file)).unwrap();
+        assert!(text.contains("/etc/jetsync/ca.pem"), "{file}");
+        let copy = dir.path().join("node.toml");
+        std::fs::write(
+            &copy,
+            text.replace("/etc/jetsync/ca.pem", &ca.to_string_lossy()),
+        )
+        .unwrap();
+        let config = FileConfig::load(&copy)
+            .unwrap_or_else(|e| panic!("{file} parses: {e}"))
+            .into_node_config(Overrides::default())
+            .unwrap_or_else(|e| panic!("{file} is valid: {e}"));
+        assert_eq!(config.node_id.as_str(), node);
+        assert!(config.nats_auth.tls_required && config.nats_auth.tls_ca.is_some());
+    }
+}
