@@ -100,7 +100,7 @@ impl Default for StoreConfig {
             prefix: "jetsync".to_owned(),
             max_doc_bytes: 256 * 1024,
             max_clock_drift: Duration::from_secs(60),
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
         }
     }
 }
