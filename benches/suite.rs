@@ -948,18 +948,22 @@ async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
         // Open loop: the offered load does not wait for earlier writes.
         writes.push(tokio::spawn(async move {
             let doc = doc();
+            let t0 = Instant::now();
             node.write(
                 ids.into_iter()
                     .map(|id| Write::put(e.clone(), id, doc.clone()))
                     .collect(),
             )
             .await
+            .map(|_| t0.elapsed().as_secs_f64() * 1000.0)
         }));
     }
     let offered = t.elapsed();
+    let mut commit = Vec::with_capacity(writes.len());
     for w in writes {
-        w.await??;
+        commit.push(w.await??);
     }
+    commit.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut all = Vec::new();
     let mut missed = 0;
     for w in watchers {
@@ -999,6 +1003,16 @@ async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
         all.last().copied().unwrap_or(f64::NAN),
         "ms",
         "",
+    );
+    report.add(
+        "lag",
+        "local_commit_p99",
+        percentile(&commit, 99.0),
+        "ms",
+        &format!(
+            "the write call alone (local redb commit); p50 {:.2} ms",
+            percentile(&commit, 50.0)
+        ),
     );
     for node in nodes {
         node.shutdown().await?;
@@ -1110,6 +1124,10 @@ async fn scenario_kv(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) 
 
 /// Runs one scenario on a fresh server and temp dir, recording the load around it.
 async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
+    // Flush the previous scenario's dirty pages (GBs after a 1M catch-up) so their
+    // writeback does not stall this scenario's fsyncs.
+    let _ = Command::new("sync").status();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let before = loadavg();
     println!("\n== {name} (loadavg {before})");
     let result: Result<()> = async {
