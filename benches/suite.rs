@@ -478,6 +478,49 @@ async fn scenario_raw(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
         "msg/s",
         "publish -> consumer -> redb 1,000/txn, end to end",
     );
+
+    // The same pipeline in replication's shape (context only, not a target reference):
+    // 3 publishers of n/3 on their own connections, 3 consumers each writing all n into
+    // their own redb file.
+    raw_stream(&js, "RAW3", "raw3").await?;
+    let mut consumers = Vec::new();
+    for i in 0..3 {
+        let db = open_raw_db(&dir.join(format!("raw-pipeline3-{i}.redb")))?;
+        let js2 = js.clone();
+        consumers.push(tokio::spawn(async move {
+            raw_consume(&js2, "RAW3", &format!("pipe{i}"), n, Some(db)).await
+        }));
+    }
+    let t = Instant::now();
+    let mut publishers = Vec::new();
+    for i in 0..3 {
+        let js_i = jetstream::new(async_nats::connect(url).await?);
+        let count = if i < 2 { n / 3 } else { n - 2 * (n / 3) };
+        publishers.push(tokio::spawn(async move {
+            raw_publish(&js_i, &format!("raw3.{i}"), count, 2000).await
+        }));
+    }
+    for p in publishers {
+        bounded(limit, "raw 3x3 pipeline publish finished", async {
+            p.await?
+        })
+        .await?;
+    }
+    for c in consumers {
+        bounded(
+            limit,
+            "raw 3x3 pipeline consumers wrote everything",
+            async { c.await? },
+        )
+        .await?;
+    }
+    report.add(
+        "raw",
+        "pipeline_3x3",
+        rate(n, t.elapsed()),
+        "msg/s",
+        "3 publishers of n/3, 3 consumers each -> own redb, end to end (context)",
+    );
     Ok(())
 }
 
