@@ -759,10 +759,17 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// A fresh server; `JETSYNC_BENCH_SYNC_ALWAYS=1` runs it with `sync_interval: always`
+/// (what `deploy/` uses), to measure what fsync-before-ack costs.
+fn bench_server() -> Result<NatsServer> {
+    let always = std::env::var("JETSYNC_BENCH_SYNC_ALWAYS").is_ok_and(|v| v == "1");
+    Ok(NatsServer::builder().sync_always(always).start()?)
+}
+
 // ----- 3. catch-up (+ 5. RSS during catch-up) ------------------------------------------
 
 async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<()> {
-    let server = NatsServer::start()?;
+    let server = bench_server()?;
     let url = server.client_url();
     let client = async_nats::connect(&url).await?;
     let js = jetstream::new(client.clone());
@@ -873,7 +880,7 @@ async fn scenario_outbox(report: &mut Report, n: usize, dir: &Path) -> Result<()
         t.elapsed().as_secs_f64()
     );
 
-    let server = NatsServer::start()?;
+    let server = bench_server()?;
     let url = server.client_url();
     let client = async_nats::connect(&url).await?;
     let api = ApiClient::new(client, "jetsync");
@@ -1185,7 +1192,7 @@ async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
             }
             "outbox" => scenario_outbox(report, sizes.outbox, dir.path()).await,
             _ => {
-                let server = NatsServer::start()?;
+                let server = bench_server()?;
                 let url = server.client_url();
                 match name {
                     "raw" => scenario_raw(report, &url, sizes, dir.path()).await,
