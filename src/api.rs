@@ -40,7 +40,7 @@ use crate::error::{StorageError, WriteError};
 use crate::ids::{EntityName, Scope};
 use crate::merge::RecordState;
 use crate::node::{NodeHandle, Status};
-use crate::store::{Expect, Incoming, Record, RecordSlot, VerifyHashes, Write};
+use crate::store::{ApplyReport, Expect, Incoming, Record, RecordSlot, VerifyHashes, Write};
 
 /// The API subject root for a stream prefix.
 pub fn api_root(prefix: &str) -> String {
@@ -242,6 +242,17 @@ async fn blocking<T: Send + 'static>(
         .map_err(Into::into)
 }
 
+/// The reply of ops that apply stream messages; their visible changes go to watchers.
+fn applied_reply(node: &NodeHandle, report: ApplyReport) -> Value {
+    let out = json!({
+        "applied": report.applied,
+        "duplicates": report.duplicates,
+        "quarantined": report.quarantined,
+    });
+    node.announce(report.changes);
+    out
+}
+
 /// Serialises a reply value, as an error reply rather than a panic if it cannot be.
 fn to_json<T: Serialize>(v: &T) -> Result<Value, RemoteError> {
     serde_json::to_value(v).map_err(|e| RemoteError {
@@ -431,13 +442,7 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
         "quarantine_retry" => {
             let ids = req.ids.clone();
             let report = blocking(move || store.quarantine_retry(&ids)).await?;
-            let out = json!({
-                "applied": report.applied,
-                "duplicates": report.duplicates,
-                "quarantined": report.quarantined,
-            });
-            node.announce(report.changes);
-            Ok(out)
+            Ok(applied_reply(node, report))
         }
         "apply" => {
             let messages = req.messages;
@@ -454,13 +459,7 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
                 store.apply_backfill(&incoming)
             })
             .await?;
-            let out = json!({
-                "applied": report.applied,
-                "duplicates": report.duplicates,
-                "quarantined": report.quarantined,
-            });
-            node.announce(report.changes);
-            Ok(out)
+            Ok(applied_reply(node, report))
         }
         other => Err(RemoteError {
             code: "unknown_op".into(),
@@ -545,6 +544,37 @@ impl ApiClient {
             Ok(Ok(m)) => m,
         };
         parse_reply(node, &msg.payload)
+    }
+
+    /// Calls `op` on `node` with `items` under `field` (plus the fields of `extra`), split
+    /// into requests well under NATS's default 1 MiB payload limit; returns each reply.
+    pub async fn call_batched<T: Serialize>(
+        &self,
+        node: &str,
+        op: &str,
+        field: &str,
+        items: &[T],
+        extra: Value,
+    ) -> Result<Vec<Value>, ApiError> {
+        const REQUEST_BYTES: usize = 512 * 1024;
+        let mut replies = Vec::new();
+        let mut chunk: Vec<Box<serde_json::value::RawValue>> = Vec::new();
+        let mut size = 0;
+        for (i, item) in items.iter().enumerate() {
+            let raw = serde_json::value::to_raw_value(item).map_err(|e| ApiError::Request {
+                node: node.into(),
+                detail: format!("request item does not serialise: {e}"),
+            })?;
+            size += raw.get().len();
+            chunk.push(raw);
+            if size >= REQUEST_BYTES || i + 1 == items.len() {
+                let mut body = extra.clone();
+                body[field] = json!(std::mem::take(&mut chunk));
+                replies.push(self.call(node, op, body).await?);
+                size = 0;
+            }
+        }
+        Ok(replies)
     }
 
     /// Every node that answers a ping within `wait`.

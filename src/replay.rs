@@ -83,8 +83,6 @@ pub enum ReplayError {
 }
 
 const BATCH: usize = 1000;
-/// Largest `apply` request sent to a node, below NATS's default 1 MiB payload limit.
-const REQUEST_BYTES: usize = 512 * 1024;
 
 /// Replays `range` of the stream, admitting `filters` (empty: everything), into `sink`.
 pub async fn replay(
@@ -245,30 +243,22 @@ async fn deliver(
             report.rejected += r.quarantined as u64;
         }
         Sink::Node { api, node } => {
-            let mut chunk: Vec<StreamMessage> = Vec::new();
-            let mut size = 0;
-            let total = taken.len();
-            for (i, (seq, subject, payload, time_ms)) in taken.into_iter().enumerate() {
-                size += payload.len() + subject.len() + 64;
-                chunk.push(StreamMessage {
+            let messages: Vec<StreamMessage> = taken
+                .into_iter()
+                .map(|(seq, subject, payload, time_ms)| StreamMessage {
                     seq,
                     subject,
                     payload: String::from_utf8_lossy(&payload).into_owned(),
                     time_ms,
-                });
-                if size >= REQUEST_BYTES || i + 1 == total {
-                    let r = api
-                        .call(
-                            node,
-                            "apply",
-                            json!({"messages": std::mem::take(&mut chunk)}),
-                        )
-                        .await?;
-                    report.applied += r["applied"].as_u64().unwrap_or(0);
-                    report.duplicates += r["duplicates"].as_u64().unwrap_or(0);
-                    report.rejected += r["quarantined"].as_u64().unwrap_or(0);
-                    size = 0;
-                }
+                })
+                .collect();
+            for r in api
+                .call_batched(node, "apply", "messages", &messages, json!({}))
+                .await?
+            {
+                report.applied += r["applied"].as_u64().unwrap_or(0);
+                report.duplicates += r["duplicates"].as_u64().unwrap_or(0);
+                report.rejected += r["quarantined"].as_u64().unwrap_or(0);
             }
         }
     }

@@ -124,7 +124,13 @@ pub async fn list(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<Vec<SnapshotMeta>, SnapshotError> {
-    let bucket = bucket(js, settings).await?;
+    list_in(&bucket(js, settings).await?, settings).await
+}
+
+async fn list_in(
+    bucket: &object_store::ObjectStore,
+    settings: &StreamSettings,
+) -> Result<Vec<SnapshotMeta>, SnapshotError> {
     let mut objects = bucket.list().await.map_err(|e| nats_err(settings, e))?;
     let mut out = Vec::new();
     while let Some(info) = objects.next().await {
@@ -282,7 +288,7 @@ pub async fn prune(
     max_age: Option<Duration>,
 ) -> Result<Vec<String>, SnapshotError> {
     let bucket = bucket(js, settings).await?;
-    let mine: Vec<SnapshotMeta> = list(js, settings)
+    let mine: Vec<SnapshotMeta> = list_in(&bucket, settings)
         .await?
         .into_iter()
         .filter(|m| &m.node == node)

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::api::{ApiClient, ApiError, StateEntry};
@@ -309,10 +309,10 @@ async fn verify_entity(
     scopes: &[Scope],
     repair: bool,
 ) -> Result<EntityReport, VerifyError> {
-    let (ha, hb) = (
-        hashes(api, a, entity, scopes).await?,
-        hashes(api, b, entity, scopes).await?,
-    );
+    let (ha, hb) = futures::try_join!(
+        hashes(api, a, entity, scopes),
+        hashes(api, b, entity, scopes)
+    )?;
     let mut buckets: Vec<usize> = (0..ha.buckets.len().min(hb.buckets.len()))
         .filter(|&i| ha.buckets[i] != hb.buckets[i])
         .collect();
@@ -337,8 +337,10 @@ async fn verify_entity(
     if buckets.is_empty() {
         return Ok(report);
     }
-    let ra = bucket_records(api, a, entity, scopes, &buckets).await?;
-    let rb = bucket_records(api, b, entity, scopes, &buckets).await?;
+    let (ra, rb) = futures::try_join!(
+        bucket_records(api, a, entity, scopes, &buckets),
+        bucket_records(api, b, entity, scopes, &buckets)
+    )?;
     let mut ids: Vec<Uuid> = ra.keys().chain(rb.keys()).copied().collect();
     ids.sort_unstable();
     ids.dedup();
@@ -375,43 +377,30 @@ async fn verify_entity(
     if repair {
         report.repaired_a = send_states(api, a, entity, to_a).await?;
         report.repaired_b = send_states(api, b, entity, to_b).await?;
-        let (ha, hb) = (
-            hashes(api, a, entity, scopes).await?,
-            hashes(api, b, entity, scopes).await?,
-        );
+        let (ha, hb) = futures::try_join!(
+            hashes(api, a, entity, scopes),
+            hashes(api, b, entity, scopes)
+        )?;
         report.converged_after_repair =
             Some(ha.buckets == hb.buckets && ha.damaged.is_empty() && hb.damaged.is_empty());
     }
     Ok(report)
 }
 
-/// Sends states to `node` in requests well under NATS's default 1 MiB payload limit.
+/// Sends states to `node` for merging; returns how many were sent.
 async fn send_states(
     api: &ApiClient,
     node: &str,
     entity: &EntityName,
     states: Vec<StateEntry>,
 ) -> Result<usize, VerifyError> {
-    const REQUEST_BYTES: usize = 512 * 1024;
-    let mut sent = 0;
-    let mut chunk: Vec<Value> = Vec::new();
-    let mut size = 0;
-    let total = states.len();
-    for (i, entry) in states.into_iter().enumerate() {
-        let v = serde_json::to_value(&entry).unwrap_or(Value::Null);
-        size += v.to_string().len();
-        chunk.push(v);
-        if size >= REQUEST_BYTES || i + 1 == total {
-            let n = chunk.len();
-            api.call(
-                node,
-                "merge_records",
-                json!({"entity": entity, "states": std::mem::take(&mut chunk)}),
-            )
-            .await?;
-            sent += n;
-            size = 0;
-        }
-    }
-    Ok(sent)
+    api.call_batched(
+        node,
+        "merge_records",
+        "states",
+        &states,
+        json!({"entity": entity}),
+    )
+    .await?;
+    Ok(states.len())
 }

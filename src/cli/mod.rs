@@ -167,6 +167,14 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A NATS connection for one CLI command (fails fast if NATS is unreachable).
+    pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        use anyhow::Context;
+        crate::connect::connect(&self.nats_url, &self.auth(), "jetsync-cli", false)
+            .await
+            .context("connecting to NATS")
+    }
+
     pub fn auth(&self) -> NatsAuth {
         NatsAuth {
             creds_file: self.creds.clone(),

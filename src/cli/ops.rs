@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use super::{Conn, Target};
 use crate::api::ApiClient;
 use crate::config::{FileConfig, Overrides};
-use crate::connect::connect;
 use crate::event::EventLimits;
 use crate::ids::{EntityFilter, EntityName, NodeId, Scope};
 use crate::replay::{Progress, ReplayRange, Sink};
@@ -139,12 +138,6 @@ fn settings(conn: &Conn) -> StreamSettings {
     }
 }
 
-async fn nats(conn: &Conn) -> anyhow::Result<async_nats::Client> {
-    connect(&conn.nats_url, &conn.auth(), "jetsync-cli", false)
-        .await
-        .context("connecting to NATS")
-}
-
 fn print(conn: &Conn, v: &Value, human: impl FnOnce() -> String) {
     if conn.json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -156,7 +149,7 @@ fn print(conn: &Conn, v: &Value, human: impl FnOnce() -> String) {
 pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         SnapshotCmd::Create { target } => {
-            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix)
+            let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix)
                 .with_timeout(Duration::from_secs(1800));
             let r = api.call(&target.node, "snapshot", json!({})).await?;
             print(&target.conn, &r, || {
@@ -172,7 +165,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
             });
         }
         SnapshotCmd::List { conn } => {
-            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let js = async_nats::jetstream::new(conn.nats().await?);
             let list = snapshot::list(&js, &settings(&conn)).await?;
             let v = json!(list);
             print(&conn, &v, || {
@@ -198,7 +191,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
         SnapshotCmd::Load { config, name, conn } => {
             let file = FileConfig::load(&config)?;
             let cfg = file.into_node_config(Overrides::default())?;
-            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let js = async_nats::jetstream::new(conn.nats().await?);
             let path = cfg.data_dir.join(format!("{}.redb", cfg.node_id));
             std::fs::create_dir_all(&cfg.data_dir)
                 .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -247,7 +240,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
             });
         }
         SnapshotCmd::Prune { node, keep, conn } => {
-            let js = async_nats::jetstream::new(nats(&conn).await?);
+            let js = async_nats::jetstream::new(conn.nats().await?);
             let node = NodeId::new(node)?;
             let deleted = snapshot::prune(&js, &settings(&conn), &node, keep, None).await?;
             print(&conn, &json!(deleted), || {
@@ -294,7 +287,7 @@ fn progress_printer() -> impl FnMut(Progress) {
 
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let conn = &args.conn;
-    let client = nats(conn).await?;
+    let client = conn.nats().await?;
     let js = async_nats::jetstream::new(client.clone());
     let scopes = args
         .scopes
@@ -372,7 +365,7 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let api = ApiClient::new(nats(&args.conn).await?, &args.conn.prefix);
+    let api = ApiClient::new(args.conn.nats().await?, &args.conn.prefix);
     let only = args
         .entities
         .iter()
@@ -441,7 +434,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         InspectCmd::Stream { conn } => {
-            let client = nats(&conn).await?;
+            let client = conn.nats().await?;
             let js = async_nats::jetstream::new(client.clone());
             let mut stream = js
                 .get_stream(&conn.stream)
@@ -535,7 +528,7 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             limit,
             target,
         } => {
-            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix);
+            let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix);
             let v = if !drop.is_empty() {
                 api.call(&target.node, "quarantine_drop", json!({"ids": drop}))
                     .await?
@@ -570,7 +563,7 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             });
         }
         InspectCmd::Damaged { target } => {
-            let api = ApiClient::new(nats(&target.conn).await?, &target.conn.prefix);
+            let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix);
             let v = api.call(&target.node, "damaged", json!({})).await?;
             print(&target.conn, &v, || {
                 format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())

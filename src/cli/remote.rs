@@ -8,13 +8,9 @@ use serde_json::{Value, json};
 
 use super::{Command, Conn};
 use crate::api::ApiClient;
-use crate::connect::connect;
 
 async fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
-    let nats = connect(&conn.nats_url, &conn.auth(), "jetsync-cli", false)
-        .await
-        .context("connecting to NATS")?;
-    Ok(ApiClient::new(nats, &conn.prefix))
+    Ok(ApiClient::new(conn.nats().await?, &conn.prefix))
 }
 
 fn parse_doc(text: &str) -> anyhow::Result<Value> {

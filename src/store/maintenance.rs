@@ -164,8 +164,10 @@ impl Store {
     /// Starts a consistent export of the whole store.
     pub fn export(&self) -> Result<Export, StorageError> {
         let txn = self.read()?;
-        let checkpoint = read_u64(&txn.open_table(META)?, K_CHECKPOINT)?;
-        let last_hlc = Hlc::from_u64(read_u64(&txn.open_table(META)?, K_HLC)?);
+        let meta = txn.open_table(META)?;
+        let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
+        let last_hlc = Hlc::from_u64(read_u64(&meta, K_HLC)?);
+        drop(meta);
         let entities = self.entities()?;
         Ok(Export {
             txn,
