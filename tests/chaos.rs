@@ -27,6 +27,9 @@
 //! replayed runs (process scheduling still varies). Every wait is bounded and says what did
 //! not happen; no timing is asserted.
 
+mod common;
+
+use common::rng::{Rng, time_seed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -57,32 +60,6 @@ const KEYS_PER_ENTITY: usize = 8;
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest wait for a child to notice a pause or exit request.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// splitmix64: enough randomness for fault schedules and workloads, without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-fn time_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ ((std::process::id() as u64) << 32)
-}
 
 /// What a child is told, as JSON in `JETSYNC_CHAOS_CHILD`.
 #[derive(Serialize, Deserialize)]

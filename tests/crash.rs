@@ -17,6 +17,9 @@
 //! Every round restarts the writer on the same file, so later rounds also recover a file
 //! that was already crashed into. `JETSYNC_CRASH_SEED=<n>` replays a run's kill timings.
 
+mod common;
+
+use common::rng::{Rng, time_seed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::Path;
@@ -39,29 +42,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn node() -> NodeId {
     NodeId::new("crash").unwrap()
-}
-
-/// splitmix64: enough randomness for timings and write mixes, without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn time_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ ((std::process::id() as u64) << 32)
 }
 
 /// The writer. Does nothing unless started by `kill_nine_never_loses_an_acknowledged_write`.

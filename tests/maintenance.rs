@@ -17,30 +17,7 @@ fn raw_db(t: &TestStore) -> std::path::PathBuf {
     t.dir.path().join("store.redb")
 }
 
-/// Reopens the store file of `t` (after the test changed it underneath).
-fn reopen(t: TestStore, name: &str) -> TestStore {
-    let TestStore {
-        store,
-        clock,
-        dir,
-        next_seq,
-    } = t;
-    drop(store);
-    let store = jetsync::Store::open_with_clock(
-        dir.path().join("store.redb"),
-        node(name),
-        StoreConfig::default(),
-        std::sync::Arc::new(clock.clone()),
-    )
-    .expect("reopen");
-    TestStore {
-        store,
-        clock,
-        dir,
-        next_seq,
-    }
-}
-
+/// Closes the store of `t`, lets `f` change its redb file underneath, and reopens it.
 fn with_raw<R>(
     t: TestStore,
     name: &str,
@@ -74,6 +51,11 @@ fn with_raw<R>(
         next_seq,
     };
     (t, out)
+}
+
+/// Reopens the store file of `t` (with the default config).
+fn reopen(t: TestStore, name: &str) -> TestStore {
+    with_raw(t, name, |_| ()).0
 }
 
 #[test]
