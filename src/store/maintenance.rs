@@ -9,11 +9,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{
-    Before, CONFLICTS, DAMAGED, DamagedRow, Incoming, K_CHECKPOINT, K_HLC, META, OUTBOX,
-    QUARANTINE, QuarantineRow, Store, Tx, UNPUBLISHED, decode_postcard, decode_state, leaf_event,
+use super::codec::{decode_postcard, decode_state, leaf_event};
+use super::format::{
+    CONFLICTS, DAMAGED, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
 };
+use super::quarantine::QuarantineRow;
+use super::tx::{Before, DamagedRow, Tx};
+use super::{Incoming, Store};
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
