@@ -401,8 +401,11 @@ impl NodeHandle {
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await
-                .map_err(|e| {
-                    WriteError::Storage(StorageError::Corrupt(format!("write task: {e}")))
+                .map_err(|source| {
+                    WriteError::Storage(StorageError::TaskFailed {
+                        task: "write",
+                        source,
+                    })
                 })??;
         self.0.outbox_ready.notify_one();
         for c in changes {
@@ -422,14 +425,14 @@ impl NodeHandle {
             .write(vec![Write::put(entity.clone(), id, doc)])
             .await?;
         w.pop()
-            .ok_or_else(|| WriteError::Storage(StorageError::Corrupt("no write result".into())))
+            .ok_or_else(|| WriteError::Storage(StorageError::NoWriteResult))
     }
 
     /// Deletes one record.
     pub async fn delete(&self, entity: &EntityName, id: uuid::Uuid) -> Result<Written, WriteError> {
         let mut w = self.write(vec![Write::delete(entity.clone(), id)]).await?;
         w.pop()
-            .ok_or_else(|| WriteError::Storage(StorageError::Corrupt("no write result".into())))
+            .ok_or_else(|| WriteError::Storage(StorageError::NoWriteResult))
     }
 
     /// Changes to `entity` as they are applied or written, in order.
@@ -497,7 +500,10 @@ async fn take_snapshot(shared: &Arc<Shared>) -> Result<SnapshotReport, SnapshotE
     let store = shared.store.clone();
     let identity = tokio::task::spawn_blocking(move || store.meta_get(META_STREAM))
         .await
-        .map_err(|e| StorageError::Corrupt(format!("meta task: {e}")))??
+        .map_err(|source| StorageError::TaskFailed {
+            task: "meta",
+            source,
+        })??
         .and_then(|b| serde_json::from_slice::<StreamIdentity>(&b).ok())
         .ok_or_else(|| {
             SnapshotError::NotFound(

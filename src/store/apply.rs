@@ -105,7 +105,10 @@ impl Store {
                             payload: msg.payload.to_vec(),
                             stream_time_ms: msg.stream_time_ms,
                         };
-                        quarantine.insert(quarantine_seq, encode_postcard(&row)?.as_slice())?;
+                        quarantine.insert(
+                            quarantine_seq,
+                            encode_postcard(&row, "quarantine")?.as_slice(),
+                        )?;
                         report.quarantined += 1;
                     }
                 }

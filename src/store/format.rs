@@ -70,7 +70,10 @@ pub(super) fn read_u64(
             let bytes: [u8; 8] = g
                 .value()
                 .try_into()
-                .map_err(|_| StorageError::Corrupt(format!("meta {key} is not 8 bytes")))?;
+                .map_err(|_| StorageError::InvalidMeta {
+                    key: key.to_owned(),
+                    detail: format!("{} bytes, expected 8", g.value().len()),
+                })?;
             Ok(u64::from_le_bytes(bytes))
         }
         None => Ok(0),
@@ -185,7 +188,7 @@ fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
     let mut rows = Vec::new();
     for row in quarantine.iter()? {
         let (k, v) = row?;
-        let old: QuarantineRowV1 = decode_postcard(v.value(), "quarantine entry")?;
+        let old: QuarantineRowV1 = decode_postcard(v.value(), "quarantine", k.value())?;
         rows.push((
             k.value(),
             QuarantineRow {
@@ -200,7 +203,7 @@ fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
         ));
     }
     for (k, row) in rows {
-        quarantine.insert(k, encode_postcard(&row)?.as_slice())?;
+        quarantine.insert(k, encode_postcard(&row, "quarantine")?.as_slice())?;
     }
     Ok(())
 }
@@ -216,13 +219,52 @@ impl Store {
     /// Sets a node-level metadata value. Keys of the store itself are refused.
     pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
         if !key.starts_with("x.") {
-            return Err(StorageError::Corrupt(format!(
-                "meta key {key:?} is reserved; use an \"x.\" prefix"
-            )));
+            return Err(StorageError::ReservedMetaKey {
+                key: key.to_owned(),
+            });
         }
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert(key, value)?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::temp_store;
+    use super::*;
+
+    #[test]
+    fn a_truncated_meta_value_is_invalid_meta() {
+        let (_dir, store) = temp_store();
+        assert_eq!(store.checkpoint().unwrap(), 0);
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(K_CHECKPOINT, [1u8, 2, 3].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = store.checkpoint().unwrap_err();
+        let StorageError::InvalidMeta { key, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(key == K_CHECKPOINT, "{err:?}");
+    }
+
+    #[test]
+    fn the_stores_own_meta_keys_are_reserved() {
+        let (_dir, store) = temp_store();
+        let err = store.meta_put(K_CHECKPOINT, &[0; 8]).unwrap_err();
+        let StorageError::ReservedMetaKey { key } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(key == K_CHECKPOINT, "{err:?}");
+        assert_eq!(store.checkpoint().unwrap(), 0);
+        store.meta_put("x.mine", b"v").unwrap();
+        assert_eq!(
+            store.meta_get("x.mine").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 }

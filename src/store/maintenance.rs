@@ -337,11 +337,16 @@ impl Store {
         for row in table.iter()? {
             let (k, v) = row?;
             let (entity, id) = k.value();
-            let row: DamagedRow = decode_postcard(v.value(), "damaged entry")?;
+            let id = Uuid::from_u128(id);
+            let key = || format!("{entity}/{id}");
+            let row: DamagedRow = decode_postcard(v.value(), "damaged", key())?;
             out.push(DamagedEntry {
-                entity: EntityName::new(entity)
-                    .map_err(|e| StorageError::Corrupt(format!("damaged entry: {e}")))?,
-                id: Uuid::from_u128(id),
+                entity: EntityName::new(entity).map_err(|e| StorageError::UndecodableEntry {
+                    table: "damaged",
+                    key: key(),
+                    detail: e.to_string(),
+                })?,
+                id,
                 error: row.error,
                 found_ms: row.found_ms,
             });
@@ -387,7 +392,7 @@ impl Store {
             let mut rows = Vec::new();
             for id in ids {
                 if let Some(v) = table.get(*id)? {
-                    rows.push((*id, decode_postcard(v.value(), "quarantine entry")?));
+                    rows.push((*id, decode_postcard(v.value(), "quarantine", id)?));
                 }
             }
             rows

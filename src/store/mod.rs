@@ -38,7 +38,7 @@
 //! | `mod.rs` | [`Store`]: opening, accessors |
 //! | `types.rs` | the public value types ([`StoreConfig`], [`Write`], [`Record`], reports, …) |
 //! | `format.rs` | table definitions, meta keys, the format check and upgrade, node metadata |
-//! | `codec.rs` | stored value encodings: checksummed record states, postcard rows, outbox entries |
+//! | `codec.rs` | value encodings: checksummed record states, postcard rows, outbox entries |
 //! | `tx.rs` | one write transaction's record tables, conflict index, digests, damaged records |
 //! | `write.rs` | local writes and their checks |
 //! | `apply.rs` | applying stream batches and backfills |
@@ -175,4 +175,14 @@ impl Store {
     pub fn last_hlc(&self) -> Hlc {
         self.clock().last()
     }
+}
+
+/// A store in a new temporary directory, for unit tests; keep the directory alive.
+#[cfg(test)]
+fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = NodeId::new("n1").expect("node id");
+    let store = Store::open(dir.path().join("store.redb"), node, StoreConfig::default())
+        .expect("open store");
+    (dir, store)
 }

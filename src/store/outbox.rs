@@ -29,9 +29,12 @@ impl Store {
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
             let seq = k.value();
-            let (entity, id, hlc) = decode_outbox(v.value()).ok_or_else(|| {
-                StorageError::Corrupt(format!("outbox entry {seq} does not decode"))
-            })?;
+            let (entity, id, hlc) =
+                decode_outbox(v.value()).ok_or_else(|| StorageError::UndecodableEntry {
+                    table: "outbox",
+                    key: seq.to_string(),
+                    detail: "not an (entity, id, HLC) index entry".into(),
+                })?;
             if !records.contains_key(&entity) {
                 let table = open_records_read(&txn, &entity)?;
                 records.insert(entity.clone(), table);
@@ -51,7 +54,11 @@ impl Store {
                 Some(leaf) => leaf_event(&entity, id, leaf)?,
                 None => match unpublished.get(seq)? {
                     Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
-                        StorageError::Corrupt(format!("unpublished event {seq}: {e}"))
+                        StorageError::UndecodableEntry {
+                            table: "unpublished",
+                            key: seq.to_string(),
+                            detail: e.to_string(),
+                        }
                     })?,
                     None => {
                         // Every path that removes a queued leaf keeps or retires its entry;
@@ -84,5 +91,32 @@ impl Store {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::temp_store;
+    use super::*;
+
+    #[test]
+    fn a_malformed_outbox_entry_names_its_sequence() {
+        let (_dir, store) = temp_store();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(OUTBOX)
+            .unwrap()
+            .insert(5, [9u8, b'x'].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = store.outbox_peek(0, 10).unwrap_err();
+        let StorageError::UndecodableEntry {
+            table: "outbox",
+            key,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert!(key == "5", "{err:?}");
     }
 }

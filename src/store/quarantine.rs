@@ -49,9 +49,13 @@ impl Store {
         let mut out = Vec::new();
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
-            let row: QuarantineRow = decode_postcard(v.value(), "quarantine entry")?;
+            let row: QuarantineRow = decode_postcard(v.value(), "quarantine", k.value())?;
             let reason = serde_json::from_str(&row.reason_json).map_err(|e| {
-                StorageError::Corrupt(format!("quarantine entry {}: {e}", k.value()))
+                StorageError::UndecodableEntry {
+                    table: "quarantine",
+                    key: k.value().to_string(),
+                    detail: format!("reason: {e}"),
+                }
             })?;
             out.push(QuarantineEntry {
                 id: k.value(),

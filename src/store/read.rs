@@ -4,7 +4,7 @@
 use redb::{ReadableTable, TableHandle};
 use uuid::Uuid;
 
-use super::codec::decode_state;
+use super::codec::{decode_digest, decode_state};
 use super::format::{
     CONFLICTS, DIGESTS, K_CHECKPOINT, META, RECORDS_PREFIX, open_records_read, read_u64,
 };
@@ -123,9 +123,10 @@ impl Store {
                 break;
             }
             let Some(bytes) = records.get(id.as_u128())? else {
-                return Err(StorageError::Corrupt(format!(
-                    "conflict index names missing {entity}/{id}"
-                )));
+                return Err(StorageError::DanglingConflict {
+                    entity: entity.clone(),
+                    id,
+                });
             };
             let state = decode_state(entity, &id, bytes.value())?;
             items.push(ConflictSet {
@@ -144,9 +145,7 @@ impl Store {
             return Ok(Digest::default());
         };
         match table.get(entity.as_str())? {
-            Some(g) => Digest::from_bytes(g.value()).ok_or_else(|| {
-                StorageError::Corrupt(format!("digest of {entity} has the wrong size"))
-            }),
+            Some(g) => decode_digest(entity, g.value()),
             None => Ok(Digest::default()),
         }
     }
@@ -157,10 +156,12 @@ impl Store {
         let mut out = Vec::new();
         for t in txn.list_tables()? {
             if let Some(name) = t.name().strip_prefix(RECORDS_PREFIX) {
-                out.push(
-                    EntityName::new(name)
-                        .map_err(|e| StorageError::Corrupt(format!("table {}: {e}", t.name())))?,
-                );
+                out.push(EntityName::new(name).map_err(|source| {
+                    StorageError::InvalidTableName {
+                        table: t.name().to_owned(),
+                        source,
+                    }
+                })?);
             }
         }
         Ok(out)
@@ -213,4 +214,70 @@ fn to_record(entity: &EntityName, id: Uuid, state: &RecordState) -> Option<Recor
             .map(|l| l.version.clone())
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::TableDefinition;
+    use serde_json::json;
+
+    use super::super::format::{records_def, records_table_name};
+    use super::super::temp_store;
+    use super::*;
+
+    fn orders() -> EntityName {
+        EntityName::new("orders").unwrap()
+    }
+
+    #[test]
+    fn a_record_failing_its_checksum_is_reported_with_entity_and_id() {
+        let (_dir, store) = temp_store();
+        let (id, _) = store.insert(&orders(), json!({"n": 1})).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        {
+            let name = records_table_name(&orders());
+            let mut table = txn.open_table(records_def(&name)).unwrap();
+            let mut bytes = table.get(id.as_u128()).unwrap().unwrap().value().to_vec();
+            bytes[2] ^= 0x40;
+            table.insert(id.as_u128(), bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let err = store.get(&orders(), id).unwrap_err();
+        let StorageError::ChecksumMismatch { entity, id: got } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(*entity == orders() && *got == id, "{err:?}");
+    }
+
+    #[test]
+    fn a_conflict_entry_without_its_record_is_dangling() {
+        let (_dir, store) = temp_store();
+        store.insert(&orders(), json!({"n": 1})).unwrap();
+        let missing = Uuid::now_v7();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(CONFLICTS)
+            .unwrap()
+            .insert(("orders", missing.as_u128()), ())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = store.conflicts(&orders(), None, 10).unwrap_err();
+        let StorageError::DanglingConflict { entity, id } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(*entity == orders() && *id == missing, "{err:?}");
+    }
+
+    #[test]
+    fn a_record_table_with_an_invalid_entity_name_is_reported() {
+        let (_dir, store) = temp_store();
+        let txn = store.db.begin_write().unwrap();
+        let bad: TableDefinition<u128, &[u8]> = TableDefinition::new("records.Not Valid");
+        txn.open_table(bad).unwrap();
+        txn.commit().unwrap();
+        let err = store.entities().unwrap_err();
+        let StorageError::InvalidTableName { table, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(table == "records.Not Valid", "{err:?}");
+    }
 }

@@ -2,13 +2,14 @@
 //! aside), storing merged states, and keeping the conflict index and digests in step.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Change;
-use super::codec::{checked_body, decode_state, encode_postcard, encode_state};
+use super::codec::{checked_body, decode_digest, decode_state, encode_postcard, encode_state};
 use super::format::{CONFLICTS, DAMAGED, DIGESTS, RecordTable, records_def, records_table_name};
 use crate::clock::{Version, WallClock};
 use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
@@ -67,16 +68,15 @@ impl<'t> Tx<'t> {
         })
     }
 
+    /// The record table of `entity`, opened (and created) on first use.
     fn table(&mut self, entity: &EntityName) -> Result<&mut RecordTable<'t>, StorageError> {
-        if !self.records.contains_key(entity) {
-            let table = self
-                .txn
-                .open_table(records_def(&records_table_name(entity)))?;
-            self.records.insert(entity.clone(), table);
-        }
-        self.records
-            .get_mut(entity)
-            .ok_or_else(|| StorageError::Corrupt("record table vanished".into()))
+        Ok(match self.records.entry(entity.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                self.txn
+                    .open_table(records_def(&records_table_name(entity)))?,
+            ),
+        })
     }
 
     pub(super) fn load(
@@ -101,7 +101,7 @@ impl<'t> Tx<'t> {
                 };
                 self.damaged_rows.insert(
                     (entity.as_str(), id.as_u128()),
-                    encode_postcard(&row)?.as_slice(),
+                    encode_postcard(&row, "damaged")?.as_slice(),
                 )?;
                 self.table(entity)?.remove(id.as_u128())?;
                 if !self.damaged.contains(entity) {
@@ -183,9 +183,7 @@ impl<'t> Tx<'t> {
             let mut table = self.txn.open_table(DIGESTS)?;
             for (entity, delta) in self.digest_delta {
                 let mut digest = match table.get(entity.as_str())? {
-                    Some(g) => Digest::from_bytes(g.value()).ok_or_else(|| {
-                        StorageError::Corrupt(format!("digest of {entity} has the wrong size"))
-                    })?,
+                    Some(g) => decode_digest(&entity, g.value())?,
                     None => Digest::default(),
                 };
                 for b in 0..BUCKETS {

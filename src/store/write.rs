@@ -74,7 +74,7 @@ impl Store {
         let mut out = self.write_batch(vec![write])?;
         out.pop()
             .map(|w| w.version)
-            .ok_or_else(|| StorageError::Corrupt("write produced no version".into()).into())
+            .ok_or_else(|| StorageError::NoWriteResult.into())
     }
 
     /// Commits many writes in one transaction: all of them or none.
