@@ -31,15 +31,19 @@ impl Hlc {
         (physical_ms <= MAX_PHYSICAL_MS)
             .then_some(Hlc((physical_ms << LOGICAL_BITS) | logical as u64))
     }
+    /// The physical part: milliseconds since the Unix epoch.
     pub fn physical_ms(self) -> u64 {
         self.0 >> LOGICAL_BITS
     }
+    /// The logical counter within the millisecond.
     pub fn logical(self) -> u16 {
         (self.0 & 0xffff) as u16
     }
+    /// The packed form (physical ms in the upper 48 bits, counter in the lower 16), as stored.
     pub fn to_u64(self) -> u64 {
         self.0
     }
+    /// Unpacks a stamp stored with [`Hlc::to_u64`].
     pub fn from_u64(raw: u64) -> Self {
         Hlc(raw)
     }
@@ -59,7 +63,9 @@ impl fmt::Debug for Hlc {
 #[serde(try_from = "VersionRepr", into = "VersionRepr")]
 pub struct Version {
     // Field order is the total order: hlc first, then node id.
+    /// When it was written.
     pub hlc: Hlc,
+    /// The node that wrote it.
     pub node: NodeId,
 }
 
@@ -92,6 +98,7 @@ impl From<Version> for VersionRepr {
 }
 
 impl Version {
+    /// The version written by `node` at `hlc`.
     pub fn new(hlc: Hlc, node: NodeId) -> Self {
         Version { hlc, node }
     }
@@ -132,6 +139,7 @@ impl FromStr for Version {
 
 /// A source of physical time in milliseconds since the Unix epoch.
 pub trait WallClock: Send + Sync + 'static {
+    /// The current time, ms since the Unix epoch.
     fn now_ms(&self) -> u64;
 }
 
@@ -150,12 +158,15 @@ impl WallClock for SystemClock {
 pub struct ManualClock(Arc<AtomicU64>);
 
 impl ManualClock {
+    /// A clock that reads `now_ms` until moved.
     pub fn new(now_ms: u64) -> Self {
         ManualClock(Arc::new(AtomicU64::new(now_ms)))
     }
+    /// Sets the time, ms since the epoch (may go back).
     pub fn set(&self, now_ms: u64) {
         self.0.store(now_ms, Ordering::SeqCst);
     }
+    /// Moves the time forward by `ms`.
     pub fn advance(&self, ms: u64) {
         self.0.fetch_add(ms, Ordering::SeqCst);
     }
@@ -199,10 +210,12 @@ impl HlcClock {
         }
     }
 
+    /// The greatest stamp issued or observed so far.
     pub fn last(&self) -> Hlc {
         self.last
     }
 
+    /// The wall clock's current time, ms since the epoch.
     pub fn wall_ms(&self) -> u64 {
         self.wall.now_ms()
     }

@@ -39,16 +39,31 @@ use crate::stream::{Retention, StreamSettings};
 /// A configuration that cannot be used, naming the key and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not valid TOML or does not fit the expected shape (e.g. an unknown key).
     #[error("config file {path}: {detail}")]
-    Parse { path: PathBuf, detail: String },
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message.
+        detail: String,
+    },
+    /// A key's value is missing or not allowed.
     #[error("config key `{key}`: {problem}")]
-    Invalid { key: String, problem: String },
+    Invalid {
+        /// The key, as a dotted path (e.g. `limits.fetch_batch`, `entities[0].entity`).
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -62,18 +77,26 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// This node's id (required; an override may supply it).
     pub node_id: Option<String>,
+    /// Directory of the store file (required; an override may supply it).
     pub data_dir: Option<PathBuf>,
+    /// NATS server URLs (at least one; an override may supply them).
     #[serde(default)]
     pub nats_urls: Vec<String>,
+    /// `[nats]`: authentication and TLS.
     #[serde(default)]
     pub nats: NatsAuth,
+    /// Entity types (and scopes) this node replicates; empty: every entity type.
     #[serde(default)]
     pub entities: Vec<FileEntity>,
+    /// `[stream]`: the shared stream.
     #[serde(default)]
     pub stream: FileStream,
+    /// `[limits]`: document, clock and batching limits.
     #[serde(default)]
     pub limits: FileLimits,
+    /// `[snapshots]`: the snapshot policy.
     #[serde(default)]
     pub snapshots: FileSnapshots,
 }
@@ -85,9 +108,11 @@ pub struct FileConfig {
 pub struct FileSnapshots {
     /// Seconds between snapshots; 0: only on request.
     pub interval_secs: u64,
+    /// How many of this node's newest snapshots to keep (at least 1).
     pub keep: usize,
     /// Seconds; 0: no age limit.
     pub max_age_secs: u64,
+    /// On a retention gap, load the newest snapshot covering this node's filters.
     pub bootstrap: bool,
 }
 
@@ -103,21 +128,30 @@ impl Default for FileSnapshots {
     }
 }
 
+/// One element of `entities`: an entity type, narrowed to some scopes or not.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntity {
+    /// The entity type.
     pub entity: String,
+    /// Scopes to replicate; empty: every scope.
     #[serde(default)]
     pub scopes: Vec<String>,
 }
 
+/// `[stream]`: the stream settings ([`StreamSettings`]) as the file spells them.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileStream {
+    /// The stream's name.
     pub name: String,
+    /// Subject prefix; the stream captures `<prefix>.>`.
     pub prefix: String,
+    /// Stream replicas (1..=5).
     pub replicas: usize,
+    /// Publish de-duplication window, seconds.
     pub duplicate_window_secs: u64,
+    /// How long the stream keeps events.
     pub retention: Retention,
     /// JetStream domain, for nodes that reach the stream through a leaf node.
     pub domain: Option<String>,
@@ -137,12 +171,17 @@ impl Default for FileStream {
     }
 }
 
+/// `[limits]`: the store's limits and the node's batching.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileLimits {
+    /// Largest document accepted, in bytes of JSON.
     pub max_doc_bytes: usize,
+    /// How far an incoming stamp may be ahead of its stream timestamp, seconds.
     pub max_clock_drift_secs: u64,
+    /// Most messages applied in one transaction (1..=10000).
     pub fetch_batch: usize,
+    /// Most publishes awaiting PubAck at once (1..=100000).
     pub publish_window: usize,
     /// The store's page cache, MiB.
     pub cache_mib: usize,
@@ -164,12 +203,16 @@ impl Default for FileLimits {
 /// Values that override the file (from environment variables or flags).
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    /// Replaces `node_id`.
     pub node_id: Option<String>,
+    /// Replaces `data_dir`.
     pub data_dir: Option<PathBuf>,
+    /// Replaces `nats_urls`.
     pub nats_urls: Option<Vec<String>>,
 }
 
 impl FileConfig {
+    /// Reads and parses the file at `path` (without validating values).
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -181,6 +224,7 @@ impl FileConfig {
         })
     }
 
+    /// Parses TOML text (without validating values); the error is the parser's message.
     pub fn parse(text: &str) -> Result<FileConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }

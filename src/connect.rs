@@ -13,10 +13,13 @@ pub struct NatsAuth {
     /// A `.creds` file (JWT + nkey seed), as issued by `nsc`.
     #[serde(default)]
     pub creds_file: Option<PathBuf>,
+    /// User name (with `password`).
     #[serde(default)]
     pub user: Option<String>,
+    /// Password (with `user`).
     #[serde(default)]
     pub password: Option<String>,
+    /// An authentication token.
     #[serde(default)]
     pub token: Option<String>,
     /// An nkey seed (`SU…`).
@@ -28,8 +31,10 @@ pub struct NatsAuth {
     /// Client certificate and key (PEM) for mutual TLS.
     #[serde(default)]
     pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Require TLS on the connection (refuse a server that does not offer it).
     #[serde(default)]
     pub tls_required: bool,
     /// Use only `urls`, never the other cluster members a server advertises: for nodes that
@@ -42,15 +47,29 @@ pub struct NatsAuth {
 /// Connecting failed before any attempt could be made (bad options).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// A URL does not parse (or none was given).
     #[error("invalid NATS URL {url:?}: {detail}")]
-    Url { url: String, detail: String },
+    Url {
+        /// The offending URL.
+        url: String,
+        /// The parser's message.
+        detail: String,
+    },
+    /// The auth options are inconsistent, a file they name is missing, or the creds file is unreadable.
     #[error("NATS auth: {0}")]
     Auth(String),
+    /// The first connection failed (only when not connecting in the background).
     #[error("cannot connect to NATS at {urls}: {detail}")]
-    Connect { urls: String, detail: String },
+    Connect {
+        /// The URLs tried, comma separated.
+        urls: String,
+        /// The client's error.
+        detail: String,
+    },
 }
 
 impl NatsAuth {
+    /// Checks the options are consistent (one auth method; user with password; cert with key) and the files they name exist.
     pub fn validate(&self) -> Result<(), ConnectError> {
         if self.user.is_some() != self.password.is_some() {
             return Err(ConnectError::Auth("user and password go together".into()));

@@ -12,7 +12,9 @@ use crate::ids::EntityName;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {kind} {value:?}: expected 1-64 of the allowed characters")]
 pub struct InvalidName {
+    /// Which kind of name it is ("node id", "entity", "scope", ...).
     pub kind: &'static str,
+    /// The rejected value, cut to its first 80 characters.
     pub value: String,
 }
 
@@ -27,51 +29,85 @@ pub struct InvalidVersion(pub String);
 /// operator, a failed task can be retried, and the last kinds are caller mistakes or bugs.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// redb itself failed (I/O, a corrupted file, a transaction or commit error).
     #[error("redb: {0}")]
     Redb(#[from] redb::Error),
     /// A record value whose trailing checksum does not match its bytes.
     #[error("record {entity}/{id} fails its checksum")]
-    ChecksumMismatch { entity: EntityName, id: Uuid },
+    ChecksumMismatch {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+    },
     /// A record value that passes its checksum but does not decode into a record state,
     /// or whose stored document is not JSON.
     #[error("record {entity}/{id} does not decode: {detail}")]
     UndecodableRecord {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// What failed to decode.
         detail: String,
     },
     /// An entry of one of the store's other tables (outbox, unpublished, quarantine,
     /// damaged, digests) that does not decode.
     #[error("{table} entry {key} does not decode: {detail}")]
     UndecodableEntry {
+        /// The table's name.
         table: &'static str,
+        /// The entry's key, as text.
         key: String,
+        /// What failed to decode.
         detail: String,
     },
     /// A value in the store's `meta` table of the wrong shape.
     #[error("meta value {key:?} is malformed: {detail}")]
-    InvalidMeta { key: String, detail: String },
+    InvalidMeta {
+        /// The meta key.
+        key: String,
+        /// What is wrong with its value.
+        detail: String,
+    },
     /// A table named like a record table (`records.<entity>`) whose entity name is invalid.
     #[error("table {table:?} is not a valid record table: {source}")]
     InvalidTableName {
+        /// The table's name.
         table: String,
+        /// Why its entity part is not a valid entity name.
         #[source]
         source: InvalidName,
     },
     /// The conflict index names a record that does not exist.
     #[error("the conflict index names {entity}/{id}, which has no record")]
-    DanglingConflict { entity: EntityName, id: Uuid },
+    DanglingConflict {
+        /// The entity type the index names.
+        entity: EntityName,
+        /// The id the index names.
+        id: Uuid,
+    },
     /// A value could not be serialised for storing or exporting.
     #[error("cannot encode {what}: {detail}")]
-    Encode { what: &'static str, detail: String },
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The encoder's error.
+        detail: String,
+    },
     /// A metadata key the store keeps for itself; callers' keys start with `x.`.
     #[error("meta key {key:?} is reserved; use an \"x.\" prefix")]
-    ReservedMetaKey { key: String },
+    ReservedMetaKey {
+        /// The reserved key the caller used.
+        key: String,
+    },
     /// The blocking task a store call ran on panicked or was cancelled. Nothing is
     /// damaged: the call's transaction was not committed, or committed whole.
     #[error("{task} task failed: {source}")]
     TaskFailed {
+        /// Which task it was.
         task: &'static str,
+        /// The join error from tokio.
         #[source]
         source: tokio::task::JoinError,
     },
@@ -100,30 +136,47 @@ redb_into_storage!(
 /// Opening a store file.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// redb cannot open or create the file (missing directory, locked by another process, corrupted).
     #[error("cannot open store {path}: {source}")]
     Database {
+        /// The store file.
         path: PathBuf,
+        /// redb's error.
         #[source]
         source: redb::DatabaseError,
     },
+    /// The file is a redb database without jetsync's metadata: it belongs to something else.
     #[error("{path} is a redb file but not a jetsync store (no jetsync metadata)")]
-    NotJetsync { path: PathBuf },
+    NotJetsync {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The store was written in a store format this version of jetsync does not read.
     #[error(
         "{path} has store format {found}, this jetsync reads format {supported}; migrate or use a matching jetsync version"
     )]
     IncompatibleFormat {
+        /// The store file.
         path: PathBuf,
+        /// The format version recorded in the file.
         found: u32,
+        /// The format version this build reads and writes.
         supported: u32,
     },
+    /// The store file was created for another node id.
     #[error("{path} belongs to node {stored:?}, not {given:?}; each node needs its own store file")]
     NodeMismatch {
+        /// The store file.
         path: PathBuf,
+        /// The node id recorded in the file.
         stored: String,
+        /// The node id this open asked for.
         given: String,
     },
+    /// The [`StoreConfig`](crate::store::StoreConfig) is invalid (e.g. a zero document size limit).
     #[error("invalid store configuration: {0}")]
     Config(String),
+    /// The store failed while reading or initialising its metadata.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -131,35 +184,62 @@ pub enum OpenError {
 /// A local write (put, put_if, delete, resolve, batch).
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    /// The write's expected version ([`Expect`](crate::store::Expect)) does not match the record's current state.
     #[error("version mismatch on {entity}/{id}: expected {expected}, current is {}", fmt_opt(.current))]
     VersionMismatch {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// What the write expected: a version, or "no live record".
         expected: String,
         /// The current winning version (`None`: no live record).
         current: Option<Version>,
     },
+    /// A delete of a record that has no live version (and resolves no conflict versions).
     #[error("{entity}/{id} not found")]
-    NotFound { entity: EntityName, id: Uuid },
+    NotFound {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+    },
+    /// The write asks for a scope other than the record's; a record's scope is fixed at creation.
     #[error(
         "{entity}/{id} has scope {current:?}; a record's scope cannot change (asked for {requested:?})"
     )]
     ScopeMismatch {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// The record's scope.
         current: String,
+        /// The scope the write asked for.
         requested: String,
     },
+    /// The document's JSON encoding is larger than the store's `max_doc_bytes`.
     #[error("document of {size} bytes exceeds the limit of {limit} bytes")]
-    DocTooLarge { size: usize, limit: usize },
+    DocTooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The document is not a JSON object, does not serialise, or is nested too deeply.
     #[error("invalid document: {0}")]
     InvalidDoc(String),
+    /// A resolve names a version the record has neither seen nor holds in its history.
     #[error("{entity}/{id}: cannot resolve unknown version {version}")]
     UnknownVersion {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// The unknown version.
         version: Version,
     },
+    /// The store failed underneath; nothing was written.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -172,14 +252,19 @@ fn fmt_opt(v: &Option<Version>) -> String {
 /// The umbrella error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Opening a store.
     #[error(transparent)]
     Open(#[from] OpenError),
+    /// A local write.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// An invalid node id, entity type or scope.
     #[error(transparent)]
     Name(#[from] InvalidName),
+    /// A version that does not parse.
     #[error(transparent)]
     Version(#[from] InvalidVersion),
+    /// The store failed underneath.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -40,6 +40,7 @@ macro_rules! name_type {
                 Ok(Self(s.into()))
             }
 
+            /// The name as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -144,6 +145,7 @@ mod tests {
 /// Which records a node replicates: an entity type, narrowed to some scopes or not.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct EntityFilter {
+    /// The entity type.
     pub entity: EntityName,
     /// Empty: every scope.
     #[serde(default)]

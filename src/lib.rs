@@ -38,6 +38,8 @@
 //! stream batch ──► [redb txn: decode+validate, merge or quarantine, checkpoint] ──► ack
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod cli;
 pub mod clock;

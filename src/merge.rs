@@ -24,17 +24,22 @@ use crate::ids::Scope;
 /// One current version of a record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leaf {
+    /// The leaf's version.
     pub version: Version,
+    /// The record's scope as the leaf's event carried it.
     pub scope: Scope,
     /// Kept so the original event can be re-published (repair) from the store alone.
     pub base: Option<Version>,
+    /// Conflict versions the leaf's event settled.
     pub resolves: Vec<Version>,
+    /// The origin's sequence number of the leaf's event.
     pub origin_seq: u64,
     /// The document JSON exactly as it travelled; `None` for a tombstone.
     pub doc: Option<String>,
 }
 
 impl Leaf {
+    /// Whether the leaf is a delete.
     pub fn is_tombstone(&self) -> bool {
         self.doc.is_none()
     }
@@ -43,6 +48,7 @@ impl Leaf {
 /// A version some seen event named as superseded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Named {
+    /// The named version.
     pub version: Version,
     /// Whether the event of this version itself has arrived.
     pub seen: bool,
@@ -64,10 +70,12 @@ pub struct RecordState {
 pub enum Merge {
     /// Known already (duplicate, or below the compaction floor): nothing changed.
     Duplicate,
+    /// The event was new: it is now recorded (as a leaf, or as seen history).
     Applied,
 }
 
 impl RecordState {
+    /// The greatest leaf (possibly a tombstone); `None` for a record never written.
     pub fn winner(&self) -> Option<&Leaf> {
         self.leaves.first()
     }
@@ -77,6 +85,7 @@ impl RecordState {
         self.winner().filter(|l| !l.is_tombstone())
     }
 
+    /// The leaves other than the winner, greatest first.
     pub fn conflicts(&self) -> &[Leaf] {
         self.leaves.get(1..).unwrap_or(&[])
     }
@@ -230,7 +239,10 @@ impl RecordState {
 /// The result of [`RecordState::compact`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compacted {
+    /// Nothing was old enough to drop.
     Unchanged,
+    /// Old history was dropped; the record stays.
     Shrunk,
+    /// The record is a lone old tombstone with no history: it can be removed.
     Remove,
 }

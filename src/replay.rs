@@ -27,10 +27,13 @@ use crate::stream::StreamSettings;
 /// last one at the start of the replay.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayRange {
+    /// First stream sequence to read (inclusive).
     pub from_seq: Option<u64>,
+    /// Last stream sequence to read (inclusive).
     pub to_seq: Option<u64>,
     /// Stream (JetStream) timestamps, ms since the epoch.
     pub since_ms: Option<u64>,
+    /// Stop at the first message with a stream timestamp after this, ms since the epoch.
     pub until_ms: Option<u64>,
 }
 
@@ -43,41 +46,69 @@ pub enum Sink {
     /// the last sequence replayed.
     Store(Arc<Store>),
     /// Applied by a running node (`apply` API op); its checkpoint does not move.
-    Node { api: ApiClient, node: String },
+    Node {
+        /// The API client that reaches the node.
+        api: ApiClient,
+        /// The node id.
+        node: String,
+    },
 }
 
 /// How far a replay got (for progress display).
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
+    /// The last stream sequence delivered so far.
     pub seq: u64,
+    /// The first sequence of the range (after clamping to the stream).
     pub start_seq: u64,
+    /// The last sequence of the range (after clamping to the stream).
     pub end_seq: u64,
+    /// Messages read so far.
     pub messages: u64,
+    /// Time since the replay started.
     pub elapsed: Duration,
 }
 
+/// What a replay did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReplayReport {
+    /// Messages read from the stream.
     pub messages: u64,
+    /// Events applied as new (JSON lines: events that decoded and were written).
     pub applied: u64,
+    /// Events the sink already had (including at or below a store's checkpoint).
     pub duplicates: u64,
     /// Messages that did not decode (JSON lines: written as `rejected`; stores: quarantined).
     pub rejected: u64,
+    /// Stream sequence of the first message read.
     pub first_seq: Option<u64>,
+    /// Stream sequence of the last message read.
     pub last_seq: Option<u64>,
+    /// Wall time the replay took, ms.
     pub millis: u64,
 }
 
+/// A replay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    /// A JetStream request failed or the consumer stalled.
     #[error("stream {stream}: {detail}")]
-    Nats { stream: String, detail: String },
+    Nats {
+        /// The stream's name.
+        stream: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The target store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The target node's API failed.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// Writing JSON lines failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    /// The range is invalid (from after to, or a time out of range).
     #[error("invalid range: {0}")]
     Range(String),
 }

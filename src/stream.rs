@@ -14,10 +14,13 @@ pub enum Retention {
     /// Keep events until a limit removes the oldest (0 = unlimited). Nodes that fall
     /// behind the first kept sequence need a snapshot.
     Limits {
+        /// Drop events older than this (0: no age limit).
         #[serde(default, with = "secs")]
         max_age: Duration,
+        /// Keep at most this many bytes (0: unlimited).
         #[serde(default)]
         max_bytes: i64,
+        /// Keep at most this many messages (0: unlimited).
         #[serde(default)]
         max_msgs: i64,
     },
@@ -52,6 +55,7 @@ mod secs {
 /// The stream a deployment replicates through.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamSettings {
+    /// The stream's name.
     pub name: String,
     /// Subject prefix; the stream captures `<prefix>.>`.
     pub prefix: String,
@@ -59,6 +63,7 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// Publish de-duplication window for `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// How long the stream keeps events.
     pub retention: Retention,
     /// JetStream domain of the servers holding the stream, when it is reached through a
     /// leaf node (`$JS.<domain>.API`); `None` for the local JetStream.
@@ -81,17 +86,26 @@ impl Default for StreamSettings {
 /// Provisioning the stream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// The stream exists with settings that differ from these.
     #[error(
         "stream {name:?} exists with a conflicting configuration: {detail}; fix the node config or the stream"
     )]
-    Conflict { name: String, detail: String },
+    Conflict {
+        /// The stream's name.
+        name: String,
+        /// The settings that differ.
+        detail: String,
+    },
+    /// The settings themselves are invalid (name, replicas).
     #[error("invalid stream settings: {0}")]
     Invalid(String),
+    /// A JetStream request failed.
     #[error("JetStream request failed: {0}")]
     Nats(String),
 }
 
 impl StreamSettings {
+    /// Checks the stream name and the replica count.
     pub fn validate(&self) -> Result<(), StreamError> {
         if self.name.is_empty() || self.name.contains(['.', ' ', '*', '>', '\t']) {
             return Err(StreamError::Invalid(format!(
@@ -187,6 +201,7 @@ impl StreamSettings {
 /// What a node remembers of the stream it follows, to notice a recreated stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamIdentity {
+    /// The stream's name.
     pub name: String,
     /// Creation time in ms since the epoch, as JetStream reports it.
     pub created_ms: i64,

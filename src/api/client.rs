@@ -12,16 +12,41 @@ use super::wire::{RemoteError, api_root};
 /// Calling the API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// Nothing subscribes to the node's API subject: the node is not running, or uses another prefix or NATS account.
     #[error(
         "no node {node:?} answers on {subject} (is it running, with this prefix and NATS account?)"
     )]
-    NoResponders { node: String, subject: String },
+    NoResponders {
+        /// The node id asked.
+        node: String,
+        /// The request subject.
+        subject: String,
+    },
+    /// The node did not answer within the client's timeout.
     #[error("node {node:?} did not answer within {timeout:?}")]
-    Timeout { node: String, timeout: Duration },
+    Timeout {
+        /// The node id asked.
+        node: String,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// The NATS request failed otherwise (e.g. disconnected).
     #[error("request to {node:?} failed: {detail}")]
-    Request { node: String, detail: String },
+    Request {
+        /// The node id asked.
+        node: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// The reply is not an API reply (not JSON of the reply shape).
     #[error("node {node:?} sent a reply that is not an API reply: {detail}")]
-    BadReply { node: String, detail: String },
+    BadReply {
+        /// The node id asked.
+        node: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The node answered with an error reply.
     #[error(transparent)]
     Remote(#[from] RemoteError),
 }
@@ -35,6 +60,7 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A client for the API of nodes under subject prefix `prefix`, with a 5 s reply timeout.
     pub fn new(client: async_nats::Client, prefix: &str) -> Self {
         ApiClient {
             client,

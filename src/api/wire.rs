@@ -21,8 +21,11 @@ pub fn api_root(prefix: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct RemoteError {
+    /// A stable machine-readable code (`version_mismatch`, `not_found`, `bad_request`, `storage`, ...).
     pub code: String,
+    /// A human-readable message.
     pub message: String,
+    /// For `version_mismatch`: the record's current winning version (`None`: no live record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<String>,
 }
@@ -109,16 +112,22 @@ pub(super) struct Req {
 /// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StateEntry {
+    /// The record's id.
     pub id: Uuid,
+    /// The record's merge state.
     pub state: RecordState,
 }
 
 /// A stream message carried over the API (replay into a running node).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamMessage {
+    /// The message's stream sequence.
     pub seq: u64,
+    /// The message's subject.
     pub subject: String,
+    /// The message's payload (a change event's JSON; lossily decoded as UTF-8).
     pub payload: String,
+    /// The message's JetStream timestamp, ms since the epoch.
     pub time_ms: u64,
 }
 

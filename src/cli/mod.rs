@@ -16,10 +16,12 @@ use crate::connect::NatsAuth;
 #[derive(Debug, Parser)]
 #[command(name = "jetsync", version, about, long_about = None)]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The `jetsync` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a self-contained demo: a dev NATS server, three nodes, conflicts, an outage,
@@ -34,13 +36,17 @@ pub enum Command {
     Run(run::RunArgs),
     /// Read one record from a running node.
     Get {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Write a record (a new UUIDv7 id when ID is omitted). DOC is a JSON object.
     Put {
+        /// Entity type.
         entity: String,
         /// `[ID] DOC`: the id is optional.
         #[arg(num_args = 1..=2, value_names = ["ID", "DOC"])]
@@ -54,63 +60,83 @@ pub enum Command {
         /// Scope of a new record.
         #[arg(long)]
         scope: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Delete a record (a tombstone that replicates like any write).
     Delete {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
+        /// Only if the current version is this (`<ms>.<counter>@<node>`).
         #[arg(long = "if", value_name = "VERSION")]
         if_version: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List live records of an entity type, in id order.
     List {
+        /// Entity type.
         entity: String,
+        /// List ids after this one (the `more: --after` of the previous page).
         #[arg(long)]
         after: Option<String>,
+        /// Most records to list.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List records with conflicts and their competing versions.
     Conflicts {
+        /// Entity type.
         entity: String,
+        /// Most records to list.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Settle conflicts: write DOC (or --delete) superseding the winner and VERSIONS.
     Resolve {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
         /// The resolved document (JSON object); omit with --delete.
         doc: Option<String>,
         /// Conflict versions this resolves (comma separated).
         #[arg(long, value_delimiter = ',', required = true)]
         versions: Vec<String>,
+        /// Settle with a delete instead of DOC.
         #[arg(long, conflicts_with = "doc")]
         delete: bool,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Show a node's replication status.
     Status {
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Show a node's per-entity digests.
     Digest {
+        /// Only this entity type (default: all).
         entity: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List the nodes that answer on this NATS account and prefix.
     Nodes {
+        /// How to reach NATS.
         #[command(flatten)]
         conn: Conn,
     },
@@ -152,6 +178,7 @@ pub struct Conn {
     /// NATS user (with --password).
     #[arg(long, env = "JETSYNC_NATS_USER", global = true)]
     pub user: Option<String>,
+    /// NATS password (with --user).
     #[arg(
         long,
         env = "JETSYNC_NATS_PASSWORD",
@@ -176,6 +203,7 @@ impl Conn {
             .context("connecting to NATS")
     }
 
+    /// The NATS authentication options these flags give.
     pub fn auth(&self) -> NatsAuth {
         NatsAuth {
             creds_file: self.creds.clone(),
@@ -193,6 +221,7 @@ pub struct Target {
     /// The node id to ask.
     #[arg(long, env = "JETSYNC_NODE")]
     pub node: String,
+    /// How to reach NATS.
     #[command(flatten)]
     pub conn: Conn,
 }

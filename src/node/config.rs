@@ -13,19 +13,25 @@ use crate::stream::StreamSettings;
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
+    /// This node's id; it stamps every version the node writes.
     pub node_id: NodeId,
     /// The store file is `<data_dir>/<node_id>.redb`.
     pub data_dir: PathBuf,
+    /// NATS server URLs to connect to.
     pub nats_urls: Vec<String>,
+    /// NATS authentication and TLS.
     pub nats_auth: NatsAuth,
+    /// The stream the deployment replicates through.
     pub stream: StreamSettings,
     /// Empty: every entity type.
     pub entities: Vec<EntityFilter>,
+    /// The store's limits and naming.
     pub store: StoreConfig,
     /// Most messages applied in one transaction.
     pub fetch_batch: usize,
     /// Most publishes awaiting PubAck at once.
     pub publish_window: usize,
+    /// When this node takes snapshots and whether it bootstraps from one.
     pub snapshots: SnapshotPolicy,
 }
 
@@ -55,6 +61,7 @@ impl Default for SnapshotPolicy {
 }
 
 impl NodeConfig {
+    /// A config with defaults: one NATS URL, every entity type, the default stream and limits.
     pub fn new(node_id: NodeId, data_dir: impl Into<PathBuf>, nats_url: impl Into<String>) -> Self {
         NodeConfig {
             node_id,

@@ -63,16 +63,22 @@ pub const META_STREAM: &str = "x.stream";
 /// Starting or running a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The store could not be opened.
     #[error(transparent)]
     Open(#[from] OpenError),
+    /// The stream settings are invalid or conflict with the existing stream.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The node configuration is invalid (zero batch sizes, no NATS URL, an uncreatable data dir).
     #[error("invalid node configuration: {0}")]
     Config(String),
+    /// The NATS options are invalid, or the first connection failed.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A task of the node panicked or was cancelled (opening the store, a loop, a status read).
     #[error("node task failed: {0}")]
     Task(String),
 }
@@ -312,14 +318,17 @@ impl NodeHandle {
         &self.0.client
     }
 
+    /// The node's store.
     pub fn store(&self) -> &Arc<Store> {
         &self.0.store
     }
 
+    /// The node's id.
     pub fn node_id(&self) -> &NodeId {
         &self.0.config.node_id
     }
 
+    /// The configuration the node runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.0.config
     }

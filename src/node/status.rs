@@ -12,11 +12,22 @@ use crate::ids::EntityFilter;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Halt {
     /// Events this node never applied were removed from the stream.
-    RetentionGap { checkpoint: u64, first_seq: u64 },
+    RetentionGap {
+        /// The node's checkpoint: the last stream sequence it applied.
+        checkpoint: u64,
+        /// The stream's first kept sequence (greater than `checkpoint + 1`).
+        first_seq: u64,
+    },
     /// The stream was deleted and recreated (or replaced) since this node followed it.
-    StreamReset { detail: String },
+    StreamReset {
+        /// What changed about the stream.
+        detail: String,
+    },
     /// The stream exists with a config that conflicts with this node's.
-    StreamConflict { detail: String },
+    StreamConflict {
+        /// The settings that differ.
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for Halt {
@@ -41,15 +52,19 @@ impl std::fmt::Display for Halt {
 /// A point-in-time view of a node.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    /// The node's id.
     pub node: String,
     /// `connected`, `disconnected` or `pending`.
     pub connection: String,
+    /// Local writes not yet published (outbox entries).
     pub outbox: u64,
+    /// The last stream sequence applied.
     pub checkpoint: u64,
     /// The stream's last sequence when last seen.
     pub stream_last_seq: Option<u64>,
     /// Messages matching this node's filter not yet applied, per the consumer.
     pub lag: Option<u64>,
+    /// Refused messages in the quarantine.
     pub quarantined: u64,
     /// The current transient errors of the publisher and the apply loop, each cleared when
     /// its loop recovers.

@@ -30,13 +30,16 @@ pub struct Export {
     txn: ReadTransaction,
     /// The stream sequence this view reflects.
     pub checkpoint: u64,
+    /// The greatest clock stamp the store had issued or observed at that moment.
     pub last_hlc: Hlc,
+    /// Every entity type with a record table.
     pub entities: Vec<EntityName>,
 }
 
 /// What [`Export::for_each`] wrote.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExportSummary {
+    /// Records written to the sink.
     pub records: u64,
     /// Records skipped because they failed their checksum.
     pub damaged: u64,
@@ -45,8 +48,10 @@ pub struct ExportSummary {
 /// Exporting failed in the store or in the sink.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The sink failed to write.
     #[error("snapshot sink: {0}")]
     Sink(#[from] std::io::Error),
 }
@@ -103,6 +108,7 @@ pub struct MergeReport {
     pub changed: usize,
     /// Damaged local records replaced by the incoming state.
     pub repaired: usize,
+    /// The visible record changes the merge made.
     pub changes: Vec<Change>,
 }
 
@@ -116,6 +122,7 @@ pub struct VerifyHashes {
     pub buckets: Vec<u128>,
     /// Records that failed their checksum.
     pub damaged: Vec<Uuid>,
+    /// Records counted in the hashes (in scope and not counting as absent).
     pub records: u64,
 }
 
@@ -123,16 +130,22 @@ pub struct VerifyHashes {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordSlot {
+    /// The record's merge state.
     State(RecordState),
+    /// The record's stored value fails its checksum or does not decode.
     Damaged,
 }
 
 /// A damaged record set aside.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DamagedEntry {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
+    /// Why its stored value was refused.
     pub error: String,
+    /// When it was found damaged (wall clock, ms since the epoch).
     pub found_ms: u64,
 }
 
@@ -354,6 +367,7 @@ impl Store {
         Ok(out)
     }
 
+    /// How many damaged records are set aside (not yet repaired).
     pub fn damaged_len(&self) -> Result<u64, StorageError> {
         Ok(self.read()?.open_table(DAMAGED)?.len()?)
     }
