@@ -14,8 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::InvalidVersion;
 use crate::ids::NodeId;
+
+/// A version that cannot be parsed or is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid version: {0}")]
+pub struct InvalidVersion(pub String);
 
 const LOGICAL_BITS: u32 = 16;
 /// The largest physical time a stamp can hold (year 10889).

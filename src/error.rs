@@ -5,23 +5,12 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+// The name and version errors live with the types they validate, so `ids` and `clock`
+// do not depend on this module; they are re-exported here with the other errors.
+pub use crate::clock::InvalidVersion;
 use crate::clock::Version;
 use crate::ids::EntityName;
-
-/// A node id, entity type or scope that does not follow its grammar.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} {value:?}: expected 1-64 of the allowed characters")]
-pub struct InvalidName {
-    /// Which kind of name it is ("node id", "entity", "scope", ...).
-    pub kind: &'static str,
-    /// The rejected value, cut to its first 80 characters.
-    pub value: String,
-}
-
-/// A version that cannot be parsed or is out of range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid version: {0}")]
-pub struct InvalidVersion(pub String);
+pub use crate::ids::InvalidName;
 
 /// The local store failed underneath: redb itself, a stored value that does not decode, or
 /// the blocking task a store call ran on. The kinds say what a caller can do: a damaged
