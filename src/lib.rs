@@ -40,6 +40,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod delivery;
 pub mod demo;
 pub mod devserver;
 pub mod digest;
