@@ -49,6 +49,7 @@ pub mod event;
 pub mod ids;
 pub mod merge;
 pub mod node;
+pub mod refusal;
 pub mod replay;
 pub mod snapshot;
 pub mod store;

@@ -23,13 +23,13 @@ use std::time::Duration;
 
 use common::entity;
 use common::nodes::{converge, node_config, start, wait_for};
+use jetsync::EntityName;
 use jetsync::api::ApiClient;
+use jetsync::connect::NatsAuth;
 use jetsync::devserver::NatsServer;
 use jetsync::node::{EntityFilter, Node, NodeConfig};
 use jetsync::store::Write;
 use jetsync::stream::Retention;
-use jetsync::EntityName;
-use jetsync::connect::NatsAuth;
 use redb::ReadableTable as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -141,7 +141,9 @@ async fn a_publish_the_server_refuses_is_parked_and_later_writes_go_on() {
     let a = start(user("a")).await;
     let b = start(user("b")).await;
     // The node cannot know its permissions: the write is accepted, the server refuses it.
-    a.put(&secret, Uuid::now_v7(), json!({"s": 1})).await.unwrap();
+    a.put(&secret, Uuid::now_v7(), json!({"s": 1}))
+        .await
+        .unwrap();
     a.write(puts(&orders, 5, json!({"n": 1}))).await.unwrap();
     wait_count(&b, &orders, 5, Duration::from_secs(40)).await;
     // The refused event leaves the outbox for the refused table, and the status says why.
@@ -180,7 +182,9 @@ async fn a_damaged_record_does_not_strand_the_outbox() {
     let offline = node_config("a", dir.path(), "nats://127.0.0.1:1");
     let a = start(offline.clone()).await;
     let (victim, fine) = (Uuid::now_v7(), Uuid::now_v7());
-    a.put(&orders, victim, json!({"v": "victim"})).await.unwrap();
+    a.put(&orders, victim, json!({"v": "victim"}))
+        .await
+        .unwrap();
     a.put(&orders, fine, json!({"v": "fine"})).await.unwrap();
     assert_eq!(status_json(&a).await["outbox"], 2);
     // A node that never reached NATS must still stop (it waited forever on a flush).
@@ -197,7 +201,12 @@ async fn a_damaged_record_does_not_strand_the_outbox() {
         {
             let def = redb::TableDefinition::<u128, &[u8]>::new("records.orders");
             let mut table = txn.open_table(def).unwrap();
-            let mut v = table.get(victim.as_u128()).unwrap().unwrap().value().to_vec();
+            let mut v = table
+                .get(victim.as_u128())
+                .unwrap()
+                .unwrap()
+                .value()
+                .to_vec();
             v[5] ^= 0x01;
             table.insert(victim.as_u128(), v.as_slice()).unwrap();
         }
@@ -326,10 +335,9 @@ impl Dropper {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                cs.lock().unwrap().extend([
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                ]);
+                cs.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 let (c1, s1) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || pipe(c1, s1, None, None));
                 let (b, c) = (b.clone(), c.clone());
@@ -427,13 +435,17 @@ async fn backfill_does_not_skip_deliveries_lost_with_a_dropped_connection() {
     b_config.entities.push(filter(&users));
     proxy.arm(1_000_000);
     let b = start(b_config).await;
-    wait_for("the connection to be cut", Duration::from_secs(30), || async {
-        if proxy.cuts() > 0 {
-            Ok(())
-        } else {
-            Err("no cut yet".into())
-        }
-    })
+    wait_for(
+        "the connection to be cut",
+        Duration::from_secs(30),
+        || async {
+            if proxy.cuts() > 0 {
+                Ok(())
+            } else {
+                Err("no cut yet".into())
+            }
+        },
+    )
     .await;
     wait_count(&b, &users, 5000, Duration::from_secs(60)).await;
     a.shutdown().await.unwrap();
@@ -511,14 +523,23 @@ async fn api_pages_of_large_documents_stay_below_max_payload() {
     wait_outbox_empty(&a, Duration::from_secs(20)).await;
     // The stream forgets them before b starts, so only verify's repair can bring them.
     let js = async_nats::jetstream::new(a.nats().clone());
-    js.get_stream("JETSYNC").await.unwrap().purge().await.unwrap();
+    js.get_stream("JETSYNC")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
     let b = start(node_config("b", dir.path(), &url)).await;
     let api = ApiClient::new(a.nats().clone(), "jetsync");
     let mut after: Option<String> = None;
     let mut seen = 0;
     for _ in 0..20 {
         let page = api
-            .call("a", "list", json!({"entity": "docs", "after": after, "limit": 100}))
+            .call(
+                "a",
+                "list",
+                json!({"entity": "docs", "after": after, "limit": 100}),
+            )
             .await
             .expect("a list page arrives");
         seen += page["records"].as_array().map_or(0, Vec::len);
@@ -539,7 +560,11 @@ async fn api_pages_of_large_documents_stay_below_max_payload() {
     .await
     .expect("verify with repair finishes");
     assert!(!report.agreed(), "b lacked the documents: {report:?}");
-    assert_eq!(live_count(&b, &docs).await, 12, "repair moved all 12 documents");
+    assert_eq!(
+        live_count(&b, &docs).await,
+        12,
+        "repair moved all 12 documents"
+    );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
