@@ -78,6 +78,43 @@ pub enum StorageError {
     /// A write batch returned no result for one of its writes (a bug).
     #[error("a write batch returned no result for its write")]
     NoWriteResult,
+    /// The disk holding the store is full. The store closes its file and reopens it by
+    /// itself (redb needs that after an I/O error) once there is space again.
+    #[error(
+        "the disk holding {path} is full ({detail}): free space or grow the volume; the store reopens and applying resumes by itself"
+    )]
+    DiskFull { path: PathBuf, detail: String },
+    /// Reading or writing the store's file failed (other than a full disk); the store
+    /// closes and reopens it by itself.
+    #[error("I/O error on {path} ({detail}): the store is being reopened")]
+    Io { path: PathBuf, detail: String },
+}
+
+impl StorageError {
+    /// Whether this is the disk being full: local writes fail until there is space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::DiskFull { .. })
+    }
+
+    /// The I/O error underneath, if redb reports one; `Some(true)` if it is a full disk.
+    /// After any I/O error redb answers every call with `PreviousIo` until reopened.
+    pub(crate) fn redb_io(&self) -> Option<bool> {
+        let StorageError::Redb(e) = self else {
+            return None;
+        };
+        match e {
+            redb::Error::Io(io) => Some(is_disk_full(io)),
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// ENOSPC, EDQUOT, or the portable kind for them.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 macro_rules! redb_into_storage {
@@ -160,6 +197,22 @@ pub enum WriteError {
         id: Uuid,
         version: Version,
     },
+    /// The event this write would publish is larger than the NATS server accepts
+    /// (its `max_payload`, less the message headers): it could never replicate.
+    #[error(
+        "the event for {entity}/{id} would be {size} bytes, above the {limit} bytes the NATS server accepts (its max_payload); write a smaller document or raise max_payload"
+    )]
+    EventTooLarge {
+        entity: EntityName,
+        id: Uuid,
+        size: usize,
+        limit: usize,
+    },
+    /// The disk holding the store is full: nothing was written.
+    #[error(
+        "the disk holding {path} is full: nothing was written; free space and retry (the store reopens by itself)"
+    )]
+    DiskFull { path: PathBuf },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -50,9 +50,10 @@ pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
 
-use crate::connect::{ConnectError, connect};
+use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
+use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
 use crate::stream::{StreamError, ensure_stream};
@@ -102,6 +103,9 @@ struct Live {
     halted: Option<Halt>,
     bootstrapped: Option<Bootstrapped>,
     last_snapshot: Option<String>,
+    /// Why the publisher last parked an event as refused.
+    publish_refused: Option<String>,
+    counts: status::Counts,
 }
 
 /// What the node's loops, services and handles share.
@@ -114,6 +118,8 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     live: Mutex<Live>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Publish permissions violations the server reported on the connection.
+    denied: Arc<DeniedSubjects>,
 }
 
 impl Shared {
@@ -180,11 +186,14 @@ impl Node {
         let path = config.data_dir.join(format!("{}.redb", config.node_id));
         let store = open_store(&path, &config).await?;
 
-        let client = connect(
+        let denied = Arc::new(DeniedSubjects::default());
+        let noted = denied.clone();
+        let client = connect_observed(
             &config.nats_urls,
             &config.nats_auth,
             &format!("jetsync-{}", config.node_id),
             true,
+            Some(Arc::new(move |message: &str| noted.note(message))),
         )
         .await?;
         let js = match &config.stream.domain {
@@ -210,6 +219,7 @@ impl Node {
             changes: broadcast::channel(4096).0,
             live: Mutex::new(Live::default()),
             shutdown,
+            denied,
         });
         let mut tasks = vec![
             (
@@ -247,7 +257,8 @@ impl Node {
             t.await
                 .map_err(|e| NodeError::Task(format!("{name}: {e}")))?;
         }
-        let _ = self.shared.client.flush().await;
+        // Bounded: a node that never reached NATS would wait on the flush forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
         Ok(())
     }
 }
@@ -324,9 +335,22 @@ impl NodeHandle {
         &self.0.config
     }
 
+    /// Wakes the publisher (after entries were put back into the outbox).
+    pub fn wake_publisher(&self) {
+        self.0.outbox_ready.notify_one();
+    }
+
     /// Commits local writes (one transaction) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
         let store = self.0.store.clone();
+        // An event the server can never take would sit in the outbox forever: refuse it now
+        // (the client knows the server's max_payload, 1 MiB until it first connects).
+        store.set_max_event_bytes(
+            self.0
+                .client
+                .max_payload()
+                .saturating_sub(publisher::HEADER_ALLOWANCE),
+        );
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await
