@@ -197,10 +197,10 @@ pub enum WriteError {
         id: Uuid,
         version: Version,
     },
-    /// The event this write would publish is larger than the NATS server accepts
-    /// (its `max_payload`, less the message headers): it could never replicate.
+    /// The event this write would publish, with its headers, is larger than the NATS
+    /// server accepts (its `max_payload`): it could never replicate.
     #[error(
-        "the event for {entity}/{id} would be {size} bytes, above the {limit} bytes the NATS server accepts (its max_payload); write a smaller document or raise max_payload"
+        "the event for {entity}/{id} would be {size} bytes plus headers, above the NATS server's max_payload of {limit} bytes: it could never replicate; write a smaller document or raise max_payload"
     )]
     EventTooLarge {
         entity: EntityName,

@@ -166,6 +166,38 @@ async fn a_publish_the_server_refuses_is_parked_and_later_writes_go_on() {
     )
     .await;
     assert_eq!(live_count(&b, &secret).await, 0);
+
+    // An operator sees it, retries it (refused again: the permission is still missing),
+    // and drops it.
+    let api = ApiClient::new(b.nats().clone(), "jetsync");
+    let list = api.call("a", "refused", json!({})).await.unwrap();
+    let entry = &list.as_array().expect("a list")[0];
+    assert_eq!(entry["entity"], "secret", "{list}");
+    let seq = entry["origin_seq"].as_u64().unwrap();
+    let retried = api
+        .call("a", "refused_retry", json!({"ids": [seq]}))
+        .await
+        .unwrap();
+    assert_eq!(retried["retried"], 1);
+    wait_for(
+        "the retried event to be refused again",
+        Duration::from_secs(40),
+        || async {
+            let s = status_json(&a).await;
+            if s["outbox"] == 0 && s["refused"] == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    let dropped = api
+        .call("a", "refused_drop", json!({"ids": [seq]}))
+        .await
+        .unwrap();
+    assert_eq!(dropped["dropped"], 1);
+    assert_eq!(status_json(&a).await["refused"], 0);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
@@ -259,7 +291,8 @@ async fn an_entity_type_added_on_a_trimmed_stream_is_bootstrapped_not_halting_th
     a.write(puts(&users, 30, json!({"u": 1}))).await.unwrap();
     a.write(puts(&orders, 30, json!({"o": 1}))).await.unwrap();
     // The stream keeps the last 100: the users' events go, b keeps up with the orders.
-    for _ in 0..4 {
+    for round in 1..=4 {
+        wait_count(&b, &orders, 30 * round, Duration::from_secs(20)).await;
         a.write(puts(&orders, 30, json!({"o": 2}))).await.unwrap();
     }
     wait_count(&b, &orders, 150, Duration::from_secs(20)).await;

@@ -70,7 +70,8 @@ async fn follow_stream(shared: &Arc<Shared>) -> Stop {
 
 async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let cfg = &shared.config;
-    let (identity, state) = match ensure_stream(&shared.js, &cfg.stream).await {
+    let provisioned = shared.or_stop(ensure_stream(&shared.js, &cfg.stream)).await;
+    let (identity, state) = match provisioned.ok_or(Stop::Shutdown)? {
         Ok(v) => v,
         Err(StreamError::Conflict { detail, .. }) => {
             return Err(Stop::Halt(Halt::StreamConflict { detail }));

@@ -149,6 +149,16 @@ impl Shared {
     }
 
     /// Sends changes to the watchers (none listening is fine).
+    /// Runs `fut` (a network wait, never a store call) unless shutdown comes first: a node
+    /// that cannot reach NATS must still stop promptly. `None` if shutting down.
+    async fn or_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut rx = self.shutdown.clone();
+        tokio::select! {
+            v = fut => Some(v),
+            _ = rx.wait_for(|s| *s) => None,
+        }
+    }
+
     fn announce(&self, changes: Vec<Change>) {
         for c in changes {
             let _ = self.changes.send(c);
@@ -345,12 +355,7 @@ impl NodeHandle {
         let store = self.0.store.clone();
         // An event the server can never take would sit in the outbox forever: refuse it now
         // (the client knows the server's max_payload, 1 MiB until it first connects).
-        store.set_max_event_bytes(
-            self.0
-                .client
-                .max_payload()
-                .saturating_sub(publisher::HEADER_ALLOWANCE),
-        );
+        store.set_max_payload(self.0.client.max_payload());
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await

@@ -21,10 +21,6 @@ use crate::store::OutboxEntry;
 /// Longest wait for one publish to be sent or acknowledged before the window is retried.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Room left for a message's headers (`Nats-Msg-Id`) within the server's `max_payload`
-/// when local writes are checked against it.
-pub(super) const HEADER_ALLOWANCE: usize = 256;
-
 /// Runs the publisher until shutdown.
 pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let span = tracing::info_span!("publisher", node = %shared.config.node_id);
@@ -67,9 +63,17 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         }
         tracing::trace!(entries = entries.len(), "publishing a window");
         let mut refused = Vec::new();
-        let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
-        tracing::trace!(sent = pending.len(), "publish window sent");
-        let (acked, mut failure) = collect_acks(&shared, pending, failure, &mut refused).await;
+        // Unacknowledged entries stay queued: leaving the window at shutdown loses nothing.
+        let Some((acked, mut failure)) = shared
+            .or_stop(async {
+                let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
+                tracing::trace!(sent = pending.len(), "publish window sent");
+                collect_acks(&shared, pending, failure, &mut refused).await
+            })
+            .await
+        else {
+            break;
+        };
         tracing::trace!(acked = acked.len(), ?failure, "acks collected");
         if !refused.is_empty() && !park(&shared, refused).await {
             break;

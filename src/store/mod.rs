@@ -95,9 +95,9 @@ pub struct Store {
     db: RwLock<Option<Arc<Database>>>,
     /// The last I/O failure, while the store has not been reopened since.
     io: Mutex<IoHealth>,
-    /// The largest event a local write may produce (the NATS server's `max_payload` less
-    /// the headers); 0: unknown, not checked.
-    max_event_bytes: AtomicUsize,
+    /// The NATS server's `max_payload`: a local write's event and its headers must fit;
+    /// 0: unknown, not checked.
+    max_payload: AtomicUsize,
     path: PathBuf,
     node: NodeId,
     config: StoreConfig,
@@ -148,7 +148,7 @@ impl Store {
         Ok(Store {
             db: RwLock::new(Some(Arc::new(db))),
             io: Mutex::new(IoHealth::default()),
-            max_event_bytes: AtomicUsize::new(0),
+            max_payload: AtomicUsize::new(0),
             path,
             node,
             config,
@@ -295,14 +295,15 @@ impl Store {
         }
     }
 
-    /// Sets the largest event a local write may produce (0: no check). A node sets it from
-    /// its NATS server's `max_payload`, so a write that could never replicate is refused.
-    pub fn set_max_event_bytes(&self, bytes: usize) {
-        self.max_event_bytes.store(bytes, Ordering::Relaxed);
+    /// Sets the NATS server's `max_payload` (0: no check): a local write whose event
+    /// (with its headers) would not fit could never replicate, and is refused. A node sets
+    /// it from its connection.
+    pub fn set_max_payload(&self, bytes: usize) {
+        self.max_payload.store(bytes, Ordering::Relaxed);
     }
 
-    fn max_event_bytes(&self) -> usize {
-        self.max_event_bytes.load(Ordering::Relaxed)
+    fn max_payload(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
     }
 
     /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s.
@@ -315,6 +316,9 @@ impl Store {
         self.clock().last()
     }
 }
+
+/// Room kept for a message's headers (`Nats-Msg-Id`) within the server's `max_payload`.
+pub const HEADER_ALLOWANCE: usize = 256;
 
 /// How often a store closed by an I/O error tries to reopen.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);

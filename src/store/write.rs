@@ -101,9 +101,10 @@ impl Store {
             })
     }
 
-    /// Refuses an event above [`Store::set_max_event_bytes`]: it could never be published.
+    /// Refuses an event that would not fit [`Store::set_max_payload`] with its headers: it
+    /// could never be published.
     fn check_event_size(&self, ev: &ChangeEvent) -> Result<(), WriteError> {
-        let limit = self.max_event_bytes();
+        let limit = self.max_payload();
         // The envelope around the document is a few hundred bytes plus the resolved
         // versions: encode only when the size could be near the limit.
         let doc = ev.doc.as_ref().map_or(0, |d| d.get().len());
@@ -111,7 +112,7 @@ impl Store {
             return Ok(());
         }
         let size = ev.encode().len();
-        if size > limit {
+        if size + super::HEADER_ALLOWANCE > limit {
             return Err(WriteError::EventTooLarge {
                 entity: ev.entity.clone(),
                 id: ev.id,
