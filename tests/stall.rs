@@ -587,7 +587,7 @@ async fn api_pages_of_large_documents_stay_below_max_payload() {
         &api.clone().with_timeout(Duration::from_secs(30)),
         "a",
         "b",
-        &[docs.clone()],
+        std::slice::from_ref(&docs),
         true,
     )
     .await

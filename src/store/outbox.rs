@@ -11,6 +11,9 @@ use super::{OutboxEntry, Store};
 use crate::clock::Version;
 use crate::error::StorageError;
 
+/// An outbox entry that cannot be published, and why: `(origin_seq, reason)`.
+pub type Stranded = (u64, String);
+
 impl Store {
     /// Events written locally and not yet acknowledged.
     pub fn outbox_len(&self) -> Result<u64, StorageError> {
@@ -32,7 +35,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<(Vec<OutboxEntry>, Vec<(u64, String)>), StorageError> {
+    ) -> Result<(Vec<OutboxEntry>, Vec<Stranded>), StorageError> {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;

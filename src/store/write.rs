@@ -136,7 +136,7 @@ impl Store {
             };
             prepared.push((w, doc));
         }
-        let txn = self.begin_write().map_err(StorageError::from)?;
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut out = Vec::with_capacity(prepared.len());
         let changes;
