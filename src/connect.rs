@@ -119,6 +119,21 @@ pub async fn connect(
     name: &str,
     background: bool,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_observed(urls, auth, name, background, None).await
+}
+
+/// Called with the text of every error the server reports on the connection (`-ERR`),
+/// such as a permissions violation, which no request or publish call returns.
+pub type ServerErrorHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// [`connect`], passing the server's error reports to `on_server_error`.
+pub async fn connect_observed(
+    urls: &[String],
+    auth: &NatsAuth,
+    name: &str,
+    background: bool,
+    on_server_error: Option<ServerErrorHook>,
+) -> Result<async_nats::Client, ConnectError> {
     auth.validate()?;
     let joined = urls.join(",");
     if urls.is_empty() {
@@ -172,6 +187,15 @@ pub async fn connect(
     }
     if auth.ignore_discovered_servers {
         opts = opts.ignore_discovered_servers();
+    }
+    if let Some(hook) = on_server_error {
+        opts = opts.event_callback(move |event| {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(message)) = &event
+            {
+                hook(message);
+            }
+            std::future::ready(())
+        });
     }
     opts.connect(addrs)
         .await

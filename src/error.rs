@@ -103,6 +103,53 @@ pub enum StorageError {
     /// A write batch returned no result for one of its writes (a bug).
     #[error("a write batch returned no result for its write")]
     NoWriteResult,
+    /// The disk holding the store is full. The store closes its file and reopens it by
+    /// itself (redb needs that after an I/O error) once there is space again.
+    #[error(
+        "the disk holding {path} is full ({detail}): free space or grow the volume; the store reopens and applying resumes by itself"
+    )]
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+    /// Reading or writing the store's file failed (other than a full disk); the store
+    /// closes and reopens it by itself.
+    #[error("I/O error on {path} ({detail}): the store is being reopened")]
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// Whether this is the disk being full: local writes fail until there is space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::DiskFull { .. })
+    }
+
+    /// The I/O error underneath, if redb reports one; `Some(true)` if it is a full disk.
+    /// After any I/O error redb answers every call with `PreviousIo` until reopened.
+    pub(crate) fn redb_io(&self) -> Option<bool> {
+        let StorageError::Redb(e) = self else {
+            return None;
+        };
+        match e {
+            redb::Error::Io(io) => Some(is_disk_full(io)),
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// ENOSPC, EDQUOT, or the portable kind for them.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 macro_rules! redb_into_storage {
@@ -227,6 +274,29 @@ pub enum WriteError {
         id: Uuid,
         /// The unknown version.
         version: Version,
+    },
+    /// The event this write would publish, with its headers, is larger than the NATS
+    /// server accepts (its `max_payload`): it could never replicate.
+    #[error(
+        "the event for {entity}/{id} would be {size} bytes plus headers, above the NATS server's max_payload of {limit} bytes: it could never replicate; write a smaller document or raise max_payload"
+    )]
+    EventTooLarge {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+        /// The encoded event's size in bytes, without headers.
+        size: usize,
+        /// The server's `max_payload` in bytes.
+        limit: usize,
+    },
+    /// The disk holding the store is full: nothing was written.
+    #[error(
+        "the disk holding {path} is full: nothing was written; free space and retry (the store reopens by itself)"
+    )]
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
     },
     /// The store failed underneath; nothing was written.
     #[error(transparent)]

@@ -45,6 +45,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod delivery;
 #[cfg(feature = "dev-server")]
 pub mod demo;
 #[cfg(feature = "dev-server")]
@@ -55,6 +56,7 @@ pub mod event;
 pub mod ids;
 pub mod merge;
 pub mod node;
+pub mod refusal;
 pub mod replay;
 pub mod snapshot;
 pub mod store;

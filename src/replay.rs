@@ -4,7 +4,9 @@
 //! versions), so a replay can be repeated or overlap what a node already has.
 //!
 //! The range ends at the stream's last sequence as of the start, so a replay of a busy
-//! stream finishes; events are read through an ephemeral pull consumer with no acks.
+//! stream finishes; events are read through an ephemeral pull consumer with no acks, and
+//! deliveries lost in transit (see [`crate::delivery`]) start a new one after the last
+//! message taken.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::api::{ApiClient, ApiError, StreamMessage};
+use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
 use crate::event::{self, EventLimits};
 use crate::ids::EntityFilter;
@@ -114,6 +117,8 @@ pub enum ReplayError {
 }
 
 const BATCH: usize = 1000;
+/// Most times a replay starts a new consumer after lost deliveries before it gives up.
+const MAX_RESUMES: usize = 100;
 
 /// Replays `range` of the stream, admitting `filters` (empty: everything), into `sink`.
 pub async fn replay(
@@ -157,66 +162,94 @@ pub async fn replay(
             start_sequence: start_seq,
         },
     };
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subjects: subjects_for(&settings.prefix, filters),
-            deliver_policy,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats(&e))?;
-    let pending = consumer
-        .clone()
-        .info()
-        .await
-        .map_err(|e| nats(&e))?
-        .num_pending;
-    if pending == 0 {
-        return Ok(report);
-    }
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(BATCH)
-        .messages()
-        .await
-        .map_err(|e| nats(&e))?
-        .ready_chunks(BATCH);
+    let filter_subjects = subjects_for(&settings.prefix, filters);
+    let mut deliver_policy = deliver_policy;
+    let mut resumed = 0;
     let mut batch: Vec<(u64, String, bytes::Bytes, u64)> = Vec::with_capacity(BATCH);
     let mut done = false;
-    while !done {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), messages.next())
+    'consumers: while !done {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subjects: filter_subjects.clone(),
+                deliver_policy,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
             .await
-            .map_err(|_| nats(&"no message within 30 s while messages were pending"))?;
-        let Some(chunk) = chunk else {
-            return Err(nats(&"the consumer ended early"));
-        };
-        for m in chunk {
-            let m = m.map_err(|e| nats(&e))?;
-            let info = m.info().map_err(|e| nats(&e))?;
-            let seq = info.stream_sequence;
-            let time_ms = u64::try_from(info.published.timestamp_millis()).unwrap_or(0);
-            let past_time = range.until_ms.is_some_and(|u| time_ms > u);
-            if seq > end_seq || past_time {
-                done = true;
-                break;
-            }
-            batch.push((seq, m.subject.to_string(), m.payload.clone(), time_ms));
-            done = seq == end_seq || info.pending == 0;
-            if done {
-                break;
-            }
+            .map_err(|e| nats(&e))?;
+        let pending = consumer
+            .clone()
+            .info()
+            .await
+            .map_err(|e| nats(&e))?
+            .num_pending;
+        if pending == 0 {
+            break;
         }
-        if !batch.is_empty() {
-            deliver(&mut sink, &mut batch, &limits, &mut report).await?;
-            progress(Progress {
-                seq: report.last_seq.unwrap_or(start_seq),
-                start_seq,
-                end_seq,
-                messages: report.messages,
-                elapsed: started.elapsed(),
-            });
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .messages()
+            .await
+            .map_err(|e| nats(&e))?
+            .ready_chunks(BATCH);
+        let mut order = DeliveryOrder::new();
+        while !done {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .map_err(|_| nats(&"no message within 30 s while messages were pending"))?;
+            let Some(chunk) = chunk else {
+                return Err(nats(&"the consumer ended early"));
+            };
+            let mut lost = None;
+            for m in chunk {
+                let m = m.map_err(|e| nats(&e))?;
+                // This consumer never redelivers: past lost deliveries, start a new one
+                // after the last message taken.
+                if let Err(gap) = order.check(delivery_of(&m)) {
+                    lost = Some(gap);
+                    break;
+                }
+                let info = m.info().map_err(|e| nats(&e))?;
+                let seq = info.stream_sequence;
+                let time_ms = u64::try_from(info.published.timestamp_millis()).unwrap_or(0);
+                let past_time = range.until_ms.is_some_and(|u| time_ms > u);
+                if seq > end_seq || past_time {
+                    done = true;
+                    break;
+                }
+                batch.push((seq, m.subject.to_string(), m.payload.clone(), time_ms));
+                done = seq == end_seq || info.pending == 0;
+                if done {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                deliver(&mut sink, &mut batch, &limits, &mut report).await?;
+                progress(Progress {
+                    seq: report.last_seq.unwrap_or(start_seq),
+                    start_seq,
+                    end_seq,
+                    messages: report.messages,
+                    elapsed: started.elapsed(),
+                });
+            }
+            if let Some(gap) = lost {
+                resumed += 1;
+                if resumed > MAX_RESUMES {
+                    return Err(nats(&format!("{gap}, {MAX_RESUMES} times: giving up")));
+                }
+                tracing::warn!(%gap, after_seq = ?report.last_seq, "replay resuming");
+                deliver_policy = match report.last_seq {
+                    Some(last) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    },
+                    // Nothing taken yet: start over as asked.
+                    None => deliver_policy,
+                };
+                continue 'consumers;
+            }
         }
     }
     if let Sink::JsonLines(out) = &mut sink {

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::server::{applied_reply, blocking, to_json};
+use super::server::{applied_reply, blocking, fit_reply, to_json};
 use super::wire::{RemoteError, Req};
 use crate::merge::RecordState;
 use crate::node::NodeHandle;
@@ -32,15 +32,16 @@ pub(super) async fn bucket_records(node: &NodeHandle, req: Req) -> Result<Value,
     let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
     let page = blocking(move || store.records_in_buckets(&entity, &buckets, &scopes, after, limit))
         .await?;
-    let records: Vec<Value> = page
+    let records: Vec<(Uuid, Value)> = page
         .items
         .into_iter()
         .map(|(id, slot)| match slot {
-            RecordSlot::State(state) => json!({"id": id, "state": state}),
-            RecordSlot::Damaged => json!({"id": id, "state": "damaged"}),
+            RecordSlot::State(state) => (id, json!({"id": id, "state": state})),
+            RecordSlot::Damaged => (id, json!({"id": id, "state": "damaged"})),
         })
         .collect();
-    Ok(json!({"records": records, "next": page.next}))
+    let (records, cut) = fit_reply(node, records);
+    Ok(json!({"records": records, "next": cut.or(page.next)}))
 }
 
 pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
@@ -70,21 +71,25 @@ pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, Rem
     let next = (entries.len() == limit)
         .then(|| entries.last().map(|e| e.id))
         .flatten();
-    let entries: Vec<Value> = entries
+    let entries: Vec<(u64, Value)> = entries
         .iter()
         .map(|e| {
-            json!({
-                "id": e.id,
-                "stream_seq": e.stream_seq,
-                "subject": e.subject,
-                "reason": e.reason,
-                "received_ms": e.received_ms,
-                "stream_time_ms": e.stream_time_ms,
-                "payload": String::from_utf8_lossy(&e.payload),
-            })
+            (
+                e.id,
+                json!({
+                    "id": e.id,
+                    "stream_seq": e.stream_seq,
+                    "subject": e.subject,
+                    "reason": e.reason,
+                    "received_ms": e.received_ms,
+                    "stream_time_ms": e.stream_time_ms,
+                    "payload": String::from_utf8_lossy(&e.payload),
+                }),
+            )
         })
         .collect();
-    Ok(json!({"entries": entries, "next": next}))
+    let (entries, cut) = fit_reply(node, entries);
+    Ok(json!({"entries": entries, "next": cut.or(next)}))
 }
 
 pub(super) async fn quarantine_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
@@ -119,4 +124,28 @@ pub(super) async fn apply(node: &NodeHandle, req: Req) -> Result<Value, RemoteEr
     })
     .await?;
     Ok(applied_reply(node, report))
+}
+
+/// The events this node parked as refused (the server will never take them as they are).
+pub(super) async fn refused(node: &NodeHandle) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let list = blocking(move || store.refused()).await?;
+    to_json(&list)
+}
+
+/// Puts refused events back into the outbox (`ids`: their origin sequences).
+pub(super) async fn refused_retry(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let ids = req.ids.clone();
+    let retried = blocking(move || store.refused_retry(&ids)).await?;
+    node.wake_publisher();
+    Ok(json!({"retried": retried}))
+}
+
+/// Forgets refused events for good.
+pub(super) async fn refused_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let ids = req.ids.clone();
+    let dropped = blocking(move || store.refused_drop(&ids)).await?;
+    Ok(json!({"dropped": dropped}))
 }

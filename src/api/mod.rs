@@ -31,6 +31,12 @@
 //! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
 //! | `apply` | `{messages: [{seq, subject, payload, time_ms}]}` | replayed stream messages applied idempotently (the checkpoint does not move) |
+//! | `refused` | `{}` | own events parked because the server will never take them: `[{origin_seq, entity, id, version, reason, ...}]` |
+//! | `refused_drop` / `refused_retry` | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
+//!
+//! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
+//! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
+//! is answered with a `reply_too_large` error instead of being dropped by the server.
 
 //!
 //! Files: `wire` (subjects, request and reply types), `server` (the service, the

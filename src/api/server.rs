@@ -76,8 +76,27 @@ pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool
                 Ok(v) => json!({ "ok": v }),
                 Err(e) => json!({ "error": e }),
             };
-            if let Err(e) = client.publish(reply, body.to_string().into()).await {
-                tracing::debug!(error = %e, "API reply not sent");
+            let mut text = body.to_string();
+            let limit = client.max_payload();
+            if text.len() > limit {
+                // The server would drop it and the caller would only time out: say why.
+                tracing::warn!(
+                    op,
+                    bytes = text.len(),
+                    limit,
+                    "API reply above the server's max_payload; answering with an error"
+                );
+                let e = RemoteError::new(
+                    "reply_too_large",
+                    format!(
+                        "the {op} reply is {} bytes, above the server's max_payload of {limit}; ask for a smaller page (limit)",
+                        text.len()
+                    ),
+                );
+                text = json!({ "error": e }).to_string();
+            }
+            if let Err(e) = client.publish(reply, text.into()).await {
+                tracing::warn!(op, error = %e, "API reply not sent");
             }
         });
     }
@@ -109,6 +128,9 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
         "quarantine_drop" => maintenance::quarantine_drop(node, req).await,
         "quarantine_retry" => maintenance::quarantine_retry(node, req).await,
         "apply" => maintenance::apply(node, req).await,
+        "refused" => maintenance::refused(node).await,
+        "refused_retry" => maintenance::refused_retry(node, req).await,
+        "refused_drop" => maintenance::refused_drop(node, req).await,
         other => Err(RemoteError::new(
             "unknown_op",
             format!("unknown operation {other:?}"),
@@ -135,6 +157,27 @@ pub(super) fn applied_reply(node: &NodeHandle, report: ApplyReport) -> Value {
     });
     node.announce(report.changes);
     out
+}
+
+/// Keeps the leading `items` (each with its paging key) that fit in one reply well below
+/// the server's `max_payload`, at least one; returns them and, if some were cut, the key
+/// of the last one kept (where the next page starts).
+pub(super) fn fit_reply<K>(node: &NodeHandle, items: Vec<(K, Value)>) -> (Vec<Value>, Option<K>) {
+    // Room for the envelope and the escaping of large strings' neighbours.
+    let budget = (node.nats().max_payload() / 4 * 3).saturating_sub(4096);
+    let mut used = 0;
+    let mut kept = Vec::with_capacity(items.len());
+    let mut last = None;
+    for (key, v) in items {
+        let size = serde_json::to_string(&v).map_or(0, |t| t.len()) + 1;
+        if !kept.is_empty() && used + size > budget {
+            return (kept, last);
+        }
+        used += size;
+        kept.push(v);
+        last = Some(key);
+    }
+    (kept, None)
 }
 
 /// Serialises a reply value, as an error reply rather than a panic if it cannot be.

@@ -57,6 +57,8 @@ impl From<WriteError> for RemoteError {
             WriteError::DocTooLarge { .. } => ("doc_too_large", None),
             WriteError::InvalidDoc(_) => ("invalid_doc", None),
             WriteError::UnknownVersion { .. } => ("unknown_version", None),
+            WriteError::EventTooLarge { .. } => ("event_too_large", None),
+            WriteError::DiskFull { .. } => ("disk_full", None),
             WriteError::Storage(_) => ("storage", None),
         };
         RemoteError {

@@ -2,6 +2,7 @@
 //! (`src/main.rs`) only calls [`main`]; everything here is library code so tests can run
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
+mod context;
 mod ops;
 mod remote;
 mod run;
@@ -44,11 +45,12 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Write a record (a new UUIDv7 id when ID is omitted). DOC is a JSON object.
+    /// Write a record (a new UUIDv7 id when ID is omitted). DOC is a JSON object, `-` to
+    /// read it from standard input, or `@path` to read it from a file.
     Put {
         /// Entity type.
         entity: String,
-        /// `[ID] DOC`: the id is optional.
+        /// `[ID] DOC`: the id is optional; DOC may be `-` or `@path`.
         #[arg(num_args = 1..=2, value_names = ["ID", "DOC"])]
         args: Vec<String>,
         /// Only if the current version is this (`<ms>.<counter>@<node>`).
@@ -108,7 +110,7 @@ pub enum Command {
         entity: String,
         /// Record id (UUID).
         id: String,
-        /// The resolved document (JSON object); omit with --delete.
+        /// The resolved document (JSON object, `-` or `@path`); omit with --delete.
         doc: Option<String>,
         /// Conflict versions this resolves (comma separated).
         #[arg(long, value_delimiter = ',', required = true)]
@@ -154,14 +156,17 @@ pub enum Command {
     Inspect(ops::InspectCmd),
 }
 
-/// How the CLI reaches NATS.
+/// How the CLI reaches NATS. The nats CLI's names work too: `-s/--server`, `NATS_URL`,
+/// `--creds`, `--context` (a context file of the nats CLI), so its users need not relearn.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// NATS server URL(s), comma separated.
+    /// NATS server URL(s), comma separated [default: the context's, else
+    /// nats://127.0.0.1:4222]. `NATS_URL` is read when `JETSYNC_NATS_URL` is unset.
     #[arg(
         long,
+        short = 's',
+        visible_alias = "server",
         env = "JETSYNC_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
         value_delimiter = ',',
         global = true
     )]
@@ -172,7 +177,7 @@ pub struct Conn {
     /// The stream's name.
     #[arg(long, env = "JETSYNC_STREAM", default_value = "JETSYNC", global = true)]
     pub stream: String,
-    /// NATS credentials file.
+    /// NATS credentials file. `NATS_CREDS` is read when `JETSYNC_NATS_CREDS` is unset.
     #[arg(long, env = "JETSYNC_NATS_CREDS", global = true)]
     pub creds: Option<PathBuf>,
     /// NATS user (with --password).
@@ -189,29 +194,61 @@ pub struct Conn {
     /// CA certificate to verify the server's TLS certificate.
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// A nats CLI context: a name (`~/.config/nats/context/<name>.json`) or a path to such
+    /// a file. Its url, creds, user/password, token, nkey and TLS files are used where no
+    /// flag or variable gives them.
+    #[arg(long, env = "NATS_CONTEXT", global = true)]
+    pub context: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
 }
 
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
 impl Conn {
     /// A NATS connection for one CLI command (fails fast if NATS is unreachable).
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
         use anyhow::Context;
-        crate::connect::connect(&self.nats_url, &self.auth(), "jetsync-cli", false)
+        let (urls, auth) = self.resolve()?;
+        crate::connect::connect(&urls, &auth, "jetsync-cli", false)
             .await
             .context("connecting to NATS")
     }
 
-    /// The NATS authentication options these flags give.
-    pub fn auth(&self) -> NatsAuth {
-        NatsAuth {
-            creds_file: self.creds.clone(),
+    /// The URLs and auth to use: flags and `JETSYNC_*` variables first, then the nats
+    /// CLI's variables, then the context, then the default URL.
+    pub fn resolve(&self) -> anyhow::Result<(Vec<String>, NatsAuth)> {
+        let ctx = match &self.context {
+            Some(name) => context::load(name)?,
+            None => context::NatsContext::default(),
+        };
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let urls = if !self.nats_url.is_empty() {
+            self.nats_url.clone()
+        } else if let Some(u) = env("NATS_URL").or(ctx.url.clone()) {
+            u.split(',').map(|s| s.trim().to_owned()).collect()
+        } else {
+            vec![DEFAULT_NATS_URL.to_owned()]
+        };
+        let mut auth = NatsAuth {
+            creds_file: self
+                .creds
+                .clone()
+                .or_else(|| env("NATS_CREDS").map(PathBuf::from)),
             user: self.user.clone(),
             password: self.password.clone(),
             tls_ca: self.tls_ca.clone(),
             ..NatsAuth::default()
+        };
+        // The context fills in only when no flag chose an auth method, so a flag never
+        // combines with a context's method into an invalid pair.
+        if auth.creds_file.is_none() && auth.user.is_none() {
+            ctx.apply(&mut auth)?;
+        } else if auth.tls_ca.is_none() {
+            auth.tls_ca = ctx.ca.clone();
         }
+        Ok((urls, auth))
     }
 }
 

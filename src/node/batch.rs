@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::idle::IDLE_PROBE;
 use super::{Halt, Shared};
+use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
 use crate::store::{ApplyReport, Incoming};
 
@@ -21,18 +22,24 @@ pub(super) enum Stop {
     /// Retry from provisioning after a pause.
     Retry(String),
     Halt(Halt),
+    /// Start over at once, quietly (to look again for what a partial halt waits for).
+    Recheck,
     Shutdown,
 }
 
 /// How long the apply loop waits for more messages to fill a batch.
 const BATCH_LINGER: Duration = Duration::from_millis(3);
 
-/// Runs a store call on the blocking pool; its failure is a reason to start over.
+/// Runs a store call on the blocking pool; its failure is a reason to start over, and a
+/// full disk halts applying until there is space (the store reopens itself meanwhile).
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, Stop> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(StorageError::DiskFull { path, detail })) => {
+            Err(Stop::Halt(Halt::DiskFull { path, detail }))
+        }
         Ok(Err(e)) => Err(Stop::Retry(format!("store: {e}"))),
         Err(e) => Err(Stop::Retry(format!("store task: {e}"))),
     }
@@ -91,7 +98,7 @@ pub(super) struct Intake {
     carry: Vec<jetstream::Message>,
     /// The consumer numbers its deliveries 1, 2, 3…; a gap means deliveries were lost in
     /// transit (a dropped connection), and the server redelivers them only after ack_wait.
-    last_delivery: u64,
+    order: DeliveryOrder,
 }
 
 /// What waiting on the consumer produced.
@@ -128,7 +135,7 @@ impl Intake {
             chunks: messages.ready_chunks(size),
             size,
             carry: Vec::new(),
-            last_delivery: 0,
+            order: DeliveryOrder::new(),
         })
     }
 
@@ -177,24 +184,10 @@ impl Intake {
     /// redelivery would be skipped: keeps what came before the gap, then has following
     /// resume from the checkpoint with a new consumer.
     fn cut_at_lost_delivery(&mut self, batch: &mut Batch) {
-        let last_delivery = &mut self.last_delivery;
-        let gap = batch.msgs.iter().position(|m| {
-            let delivery = m.info().map_or(0, |i| i.consumer_sequence);
-            let next = delivery == *last_delivery + 1;
-            if next {
-                *last_delivery = delivery;
-            }
-            !next
-        });
-        if let Some(gap) = gap {
-            batch.msgs.truncate(gap);
+        if let Some((at, gap)) = self.order.first_gap(batch.msgs.iter().map(delivery_of)) {
+            batch.msgs.truncate(at);
             self.carry.clear();
-            let last_delivery = self.last_delivery;
-            batch.failure.get_or_insert_with(|| {
-                format!(
-                    "deliveries after {last_delivery} were lost in transit; resuming from the checkpoint"
-                )
-            });
+            batch.failure.get_or_insert_with(|| gap.to_string());
         }
     }
 }
@@ -264,7 +257,15 @@ pub(super) async fn apply_batch(
         }
         batch.push(Fetched::new(m, &info));
     }
-    let report = apply_fetched(shared, batch, Some(through)).await?;
+    let unapplied = msgs.len() as u64;
+    let report = match apply_fetched(shared, batch, Some(through)).await {
+        Ok(r) => r,
+        Err(stop) => {
+            // Lag counts what this node has not applied: this batch too.
+            shared.live().lag = pending.map(|p| p + unapplied);
+            return Err(stop);
+        }
+    };
     if let Some(last) = msgs.last() {
         // AckPolicy::All: acknowledging the last acknowledges the batch.
         if let Err(e) = last.ack().await {
@@ -274,6 +275,10 @@ pub(super) async fn apply_batch(
     {
         let mut live = shared.live();
         live.lag = pending;
+        if matches!(live.halted, Some(Halt::DiskFull { .. })) {
+            tracing::warn!("applying resumed: the store has space again");
+            live.halted = None;
+        }
         live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
     }
     tracing::debug!(

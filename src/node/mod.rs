@@ -50,9 +50,10 @@ pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
 
-use crate::connect::{ConnectError, connect};
+use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
+use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
 use crate::stream::{StreamError, ensure_stream};
@@ -108,6 +109,9 @@ struct Live {
     halted: Option<Halt>,
     bootstrapped: Option<Bootstrapped>,
     last_snapshot: Option<String>,
+    /// Why the publisher last parked an event as refused.
+    publish_refused: Option<String>,
+    counts: status::Counts,
 }
 
 /// What the node's loops, services and handles share.
@@ -120,6 +124,8 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     live: Mutex<Live>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Publish permissions violations the server reported on the connection.
+    denied: Arc<DeniedSubjects>,
 }
 
 impl Shared {
@@ -149,6 +155,16 @@ impl Shared {
     }
 
     /// Sends changes to the watchers (none listening is fine).
+    /// Runs `fut` (a network wait, never a store call) unless shutdown comes first: a node
+    /// that cannot reach NATS must still stop promptly. `None` if shutting down.
+    async fn or_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut rx = self.shutdown.clone();
+        tokio::select! {
+            v = fut => Some(v),
+            _ = rx.wait_for(|s| *s) => None,
+        }
+    }
+
     fn announce(&self, changes: Vec<Change>) {
         for c in changes {
             let _ = self.changes.send(c);
@@ -186,11 +202,14 @@ impl Node {
         let path = config.data_dir.join(format!("{}.redb", config.node_id));
         let store = open_store(&path, &config).await?;
 
-        let client = connect(
+        let denied = Arc::new(DeniedSubjects::default());
+        let noted = denied.clone();
+        let client = connect_observed(
             &config.nats_urls,
             &config.nats_auth,
             &format!("jetsync-{}", config.node_id),
             true,
+            Some(Arc::new(move |message: &str| noted.note(message))),
         )
         .await?;
         let js = match &config.stream.domain {
@@ -216,6 +235,7 @@ impl Node {
             changes: broadcast::channel(4096).0,
             live: Mutex::new(Live::default()),
             shutdown,
+            denied,
         });
         let mut tasks = vec![
             (
@@ -253,7 +273,8 @@ impl Node {
             t.await
                 .map_err(|e| NodeError::Task(format!("{name}: {e}")))?;
         }
-        let _ = self.shared.client.flush().await;
+        // Bounded: a node that never reached NATS would wait on the flush forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
         Ok(())
     }
 }
@@ -333,9 +354,17 @@ impl NodeHandle {
         &self.0.config
     }
 
+    /// Wakes the publisher (after entries were put back into the outbox).
+    pub fn wake_publisher(&self) {
+        self.0.outbox_ready.notify_one();
+    }
+
     /// Commits local writes (one transaction) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
         let store = self.0.store.clone();
+        // An event the server can never take would sit in the outbox forever: refuse it now
+        // (the client knows the server's max_payload, 1 MiB until it first connects).
+        store.set_max_payload(self.0.client.max_payload());
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await

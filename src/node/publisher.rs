@@ -1,15 +1,21 @@
 //! The publisher: drains the outbox in `origin_seq` order, a window of publishes in flight
 //! at once, each with `Nats-Msg-Id` for de-duplication; entries leave the outbox only on
 //! PubAck. While NATS is away it backs off and retries; local writes never wait.
+//!
+//! An entry the server will never take (see [`crate::refusal`]), or whose event can no
+//! longer be rebuilt (its record was damaged), is parked in the store's refused table with
+//! the reason instead of being retried forever: the rest of the outbox goes on.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::{self};
 use tracing::Instrument;
 
 use super::Shared;
+use crate::refusal::permanent;
 use crate::store::OutboxEntry;
 
 /// Longest wait for one publish to be sent or acknowledged before the window is retried.
@@ -26,9 +32,16 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
     while !shared.stopping() {
         let store = shared.store.clone();
         let window = shared.config.publish_window;
-        let entries = match tokio::task::spawn_blocking(move || store.outbox_peek(0, window)).await
-        {
-            Ok(Ok(e)) => e,
+        let peeked =
+            tokio::task::spawn_blocking(move || store.outbox_peek_stranded(0, window)).await;
+        let entries = match peeked {
+            Ok(Ok((e, stranded))) if !stranded.is_empty() => {
+                if !park(&shared, stranded).await {
+                    break;
+                }
+                e
+            }
+            Ok(Ok((e, _))) => e,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the outbox failed");
                 shared.set_publish_error(Some(format!("outbox: {e}")));
@@ -49,10 +62,22 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             continue;
         }
         tracing::trace!(entries = entries.len(), "publishing a window");
-        let (pending, failure) = send_window(&shared, &entries).await;
-        tracing::trace!(sent = pending.len(), "publish window sent");
-        let (acked, mut failure) = collect_acks(pending, failure).await;
+        let mut refused = Vec::new();
+        // Unacknowledged entries stay queued: leaving the window at shutdown loses nothing.
+        let Some((acked, mut failure)) = shared
+            .or_stop(async {
+                let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
+                tracing::trace!(sent = pending.len(), "publish window sent");
+                collect_acks(&shared, pending, failure, &mut refused).await
+            })
+            .await
+        else {
+            break;
+        };
         tracing::trace!(acked = acked.len(), ?failure, "acks collected");
+        if !refused.is_empty() && !park(&shared, refused).await {
+            break;
+        }
         if !acked.is_empty() {
             let store = shared.store.clone();
             let n = acked.len();
@@ -79,12 +104,35 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
     }
 }
 
-/// Sends the window's entries in order, stopping at the first that cannot be sent; returns
-/// the acks to await and that failure.
+/// Moves entries that can never be published to the refused table; false if the store
+/// task failed. The reason shows in the status until the publisher next succeeds.
+async fn park(shared: &Arc<Shared>, refused: Vec<(u64, String)>) -> bool {
+    let reason = refused
+        .last()
+        .map(|(seq, r)| format!("event {seq} refused: {r}"));
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.outbox_refuse(&refused)).await {
+        Ok(Ok(())) => {
+            shared.live().publish_refused = reason;
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "parking refused events failed");
+            shared.set_publish_error(Some(format!("parking refused events: {e}")));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends the window's entries in order, stopping at the first that cannot be sent (one the
+/// server will never take goes to `refused` instead); returns the acks to await and that
+/// failure.
 async fn send_window(
     shared: &Shared,
     entries: &[OutboxEntry],
-) -> (Vec<(u64, PublishAckFuture)>, Option<String>) {
+    refused: &mut Vec<(u64, String)>,
+) -> (Vec<(u64, String, PublishAckFuture)>, Option<String>) {
     let mut pending = Vec::with_capacity(entries.len());
     for e in entries {
         let publish = jetstream::message::PublishMessage::build()
@@ -96,8 +144,11 @@ async fn send_window(
             shared.js.send_publish(e.subject.clone(), publish),
         );
         match sent.await {
-            Ok(Ok(ack)) => pending.push((e.origin_seq, ack)),
-            Ok(Err(err)) => return (pending, Some(format!("publish: {err}"))),
+            Ok(Ok(ack)) => pending.push((e.origin_seq, e.subject.clone(), ack)),
+            Ok(Err(err)) => match permanent(&err, &e.subject, &shared.denied) {
+                Some(reason) => refused.push((e.origin_seq, reason)),
+                None => return (pending, Some(format!("publish: {err}"))),
+            },
             Err(_) => {
                 let err = format!("publish: not sent within {PUBLISH_TIMEOUT:?}");
                 return (pending, Some(err));
@@ -109,28 +160,37 @@ async fn send_window(
 
 /// Awaits the window's acks together: if a server restart lost them, the window costs one
 /// timeout, not one per message. Returns the acknowledged `origin_seq`s and the first
-/// failure (`failure` if sending already failed).
+/// failure (`failure` if sending already failed). A publish the server refused for good
+/// goes to `refused`.
 async fn collect_acks(
-    pending: Vec<(u64, PublishAckFuture)>,
+    shared: &Shared,
+    pending: Vec<(u64, String, PublishAckFuture)>,
     mut failure: Option<String>,
+    refused: &mut Vec<(u64, String)>,
 ) -> (Vec<u64>, Option<String>) {
-    let acks = futures::future::join_all(pending.into_iter().map(|(seq, ack)| async move {
-        (
-            seq,
-            tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await,
-        )
-    }))
-    .await;
+    let acks =
+        futures::future::join_all(pending.into_iter().map(|(seq, subject, ack)| async move {
+            (
+                seq,
+                subject,
+                tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await,
+            )
+        }))
+        .await;
     let mut acked = Vec::with_capacity(acks.len());
-    for (seq, result) in acks {
-        match result {
-            Ok(Ok(_)) => acked.push(seq),
-            Ok(Err(err)) => {
-                failure.get_or_insert_with(|| format!("publish ack: {err}"));
+    for (seq, subject, result) in acks {
+        let err = match result {
+            Ok(Ok(_)) => {
+                acked.push(seq);
+                continue;
             }
-            Err(_) => {
-                failure
-                    .get_or_insert_with(|| format!("publish ack: none within {PUBLISH_TIMEOUT:?}"));
+            Ok(Err(err)) => err,
+            Err(_) => PublishError::new(PublishErrorKind::TimedOut),
+        };
+        match permanent(&err, &subject, &shared.denied) {
+            Some(reason) => refused.push((seq, reason)),
+            None => {
+                failure.get_or_insert_with(|| format!("publish ack: {err}"));
             }
         }
     }

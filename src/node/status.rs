@@ -1,6 +1,8 @@
 //! What a node reports about itself: [`Status`], the [`Halt`] reasons that stop the apply
 //! loop, and [`NodeHandle::status`].
 
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 use super::{Bootstrapped, NodeError, NodeHandle};
@@ -28,6 +30,21 @@ pub enum Halt {
         /// The settings that differ.
         detail: String,
     },
+    /// Entity types added to this node whose old events the stream no longer holds, with
+    /// no snapshot covering them yet: only they wait, the other types keep applying.
+    EntitiesGap {
+        /// Their filter subjects.
+        entities: Vec<String>,
+        /// The stream's first kept sequence.
+        first_seq: u64,
+    },
+    /// The disk holding the store is full; applying resumes by itself once there is space.
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for Halt {
@@ -45,6 +62,21 @@ impl std::fmt::Display for Halt {
             ),
             Halt::StreamReset { detail } => write!(f, "stream reset: {detail}"),
             Halt::StreamConflict { detail } => write!(f, "stream config conflict: {detail}"),
+            Halt::EntitiesGap {
+                entities,
+                first_seq,
+            } => write!(
+                f,
+                "added entity types {} wait: the stream now starts at sequence {first_seq}, so their events 1..{} are gone and no snapshot covers them (one of this stream, taken at sequence {} or later, by a node whose filters include this node's). The other entity types keep applying. Take a snapshot on a node that has them (`jetsync snapshot create --node <id>`) and this node loads it within seconds",
+                entities.join(", "),
+                first_seq - 1,
+                first_seq - 1
+            ),
+            Halt::DiskFull { path, detail } => write!(
+                f,
+                "disk full: the store {} cannot be written ({detail}); applying stopped and local writes fail until there is space. Free space or grow the volume: the store reopens and applying resumes by itself",
+                path.display()
+            ),
         }
     }
 }
@@ -62,7 +94,8 @@ pub struct Status {
     pub checkpoint: u64,
     /// The stream's last sequence when last seen.
     pub stream_last_seq: Option<u64>,
-    /// Messages matching this node's filter not yet applied, per the consumer.
+    /// Messages matching this node's filter not yet applied, per the consumer (a batch
+    /// that failed to apply counts).
     pub lag: Option<u64>,
     /// Refused messages in the quarantine.
     pub quarantined: u64,
@@ -77,25 +110,57 @@ pub struct Status {
     pub last_snapshot: Option<String>,
     /// Damaged records set aside, awaiting `verify --repair`.
     pub damaged: u64,
+    /// Own events parked because they can never be published as they are (`jetsync
+    /// inspect refused`).
+    pub refused: u64,
+    /// Why the last of them was refused.
+    pub publish_refused: Option<String>,
     /// This node's entity filters (empty: every entity type).
     pub entities: Vec<EntityFilter>,
+}
+
+/// The store's counters in a status, kept from the last time they could be read.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Counts {
+    outbox: u64,
+    checkpoint: u64,
+    quarantined: u64,
+    damaged: u64,
+    refused: u64,
 }
 
 impl NodeHandle {
     /// The node's state now: its store's counters and what its loops last saw.
     pub async fn status(&self) -> Result<Status, NodeError> {
         let store = self.0.store.clone();
-        let (outbox, checkpoint, quarantined, damaged) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StorageError>((
-                store.outbox_len()?,
-                store.checkpoint()?,
-                store.quarantine_len()?,
-                store.damaged_len()?,
-            ))
+        let counts = tokio::task::spawn_blocking(move || {
+            Ok::<_, StorageError>(Counts {
+                outbox: store.outbox_len()?,
+                checkpoint: store.checkpoint()?,
+                quarantined: store.quarantine_len()?,
+                damaged: store.damaged_len()?,
+                refused: store.refused_len()?,
+            })
         })
         .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
-        let live = self.0.live();
+        .map_err(|e| NodeError::Task(e.to_string()))?;
+        let mut live = self.0.live();
+        // A store that cannot be read (closed after an I/O error, awaiting reopening) still
+        // gives a status: the last counts read, and the error.
+        let (counts, store_error) = match counts {
+            Ok(c) => {
+                live.counts = c;
+                (c, None)
+            }
+            Err(e) => (live.counts, Some(format!("store: {e}"))),
+        };
+        let Counts {
+            outbox,
+            checkpoint,
+            quarantined,
+            damaged,
+            refused,
+        } = counts;
         Ok(Status {
             node: self.0.config.node_id.to_string(),
             connection: match self.0.client.connection_state() {
@@ -109,16 +174,20 @@ impl NodeHandle {
             stream_last_seq: live.stream_last_seq,
             lag: live.lag,
             quarantined,
-            last_error: match (&live.publish_error, &live.apply_error) {
-                (None, None) => None,
-                (Some(p), None) => Some(p.clone()),
-                (None, Some(a)) => Some(a.clone()),
-                (Some(p), Some(a)) => Some(format!("{p}; {a}")),
+            last_error: {
+                let errors: Vec<&str> = [&live.publish_error, &live.apply_error, &store_error]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                (!errors.is_empty()).then(|| errors.join("; "))
             },
             halted: live.halted.clone(),
             bootstrapped: live.bootstrapped.clone(),
             last_snapshot: live.last_snapshot.clone(),
             damaged,
+            refused,
+            publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
         })
     }

@@ -53,7 +53,17 @@ impl Store {
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
-        let txn = self.db.begin_write()?;
+        self.apply_removing_inner(batch, through, retried)
+            .map_err(|e| self.checked(e))
+    }
+
+    fn apply_removing_inner(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+        retried: &[u64],
+    ) -> Result<ApplyReport, StorageError> {
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
         {
@@ -125,7 +135,7 @@ impl Store {
             };
             report.changes = tx.finish()?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(report)
     }
 }

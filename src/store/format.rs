@@ -29,6 +29,8 @@ pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new(
 /// Record values that failed their checksum or did not decode, moved aside when a write
 /// transaction met them: `(entity, id)` -> postcard [`DamagedRow`](super::tx::DamagedRow).
 pub(super) const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("damaged");
+/// origin_seq -> an own event the server will never accept, parked with the reason.
+pub(super) const REFUSED: TableDefinition<u64, &[u8]> = TableDefinition::new("refused");
 pub(super) const RECORDS_PREFIX: &str = "records.";
 
 const K_MAGIC: &str = "magic";
@@ -157,6 +159,7 @@ pub(super) fn init_or_check(
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
         txn.open_table(DAMAGED).map_err(StorageError::from)?;
+        txn.open_table(REFUSED).map_err(StorageError::from)?;
         (
             Hlc::from_u64(read_u64(&meta, K_HLC)?),
             read_u64(&meta, K_INCARNATION)?,
@@ -223,9 +226,9 @@ impl Store {
                 key: key.to_owned(),
             });
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(META)?.insert(key, value)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 }
@@ -239,7 +242,7 @@ mod tests {
     fn a_truncated_meta_value_is_invalid_meta() {
         let (_dir, store) = temp_store();
         assert_eq!(store.checkpoint().unwrap(), 0);
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         txn.open_table(META)
             .unwrap()
             .insert(K_CHECKPOINT, [1u8, 2, 3].as_slice())

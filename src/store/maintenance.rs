@@ -201,7 +201,7 @@ impl Store {
         entity: &EntityName,
         records: Vec<(Uuid, RecordState)>,
     ) -> Result<MergeReport, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = MergeReport::default();
         {
@@ -244,20 +244,20 @@ impl Store {
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
             report.changes = tx.finish()?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(report)
     }
 
     /// Raises the checkpoint to `seq` (a loaded snapshot's); never lowers it.
     pub fn advance_checkpoint(&self, seq: u64) -> Result<u64, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let checkpoint = {
             let mut meta = txn.open_table(META)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?.max(seq);
             meta.insert(K_CHECKPOINT, checkpoint.to_le_bytes().as_slice())?;
             checkpoint
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(checkpoint)
     }
 
@@ -383,7 +383,7 @@ impl Store {
 
     /// Drops quarantine entries; returns how many existed.
     pub fn quarantine_drop(&self, ids: &[u64]) -> Result<usize, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let mut dropped = 0;
         {
             let mut table = txn.open_table(QUARANTINE)?;
@@ -391,7 +391,7 @@ impl Store {
                 dropped += usize::from(table.remove(*id)?.is_some());
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(dropped)
     }
 

@@ -12,6 +12,7 @@
 //! | `outbox` | origin_seq | `(entity, id, hlc)` of an own version not yet acknowledged |
 //! | `unpublished` | origin_seq | event JSON of an outbox version superseded before publishing |
 //! | `quarantine` | local sequence | the refused message and why |
+//! | `refused` | origin_seq | an own event the server will never accept (or cannot be rebuilt), and why |
 //! | `damaged` | `(entity, id)` | a record value that failed its checksum, kept for inspection |
 //!
 //! Format 2 added the per-record checksum; a format-1 file is upgraded in place when
@@ -44,6 +45,7 @@
 //! | `apply.rs` | applying stream batches and backfills |
 //! | `read.rs` | record, page, conflict, digest and checkpoint reads |
 //! | `outbox.rs`, `quarantine.rs`, `compact.rs` | what their names say |
+//! | `refused.rs` | outbox entries the server will never accept, parked with the reason |
 //! | `maintenance.rs` | operator work: exports, merging whole states, verification, repair |
 
 mod apply;
@@ -54,14 +56,17 @@ mod maintenance;
 mod outbox;
 mod quarantine;
 mod read;
+mod refused;
 mod tx;
 mod types;
 mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
-use redb::{Database, ReadTransaction, ReadableDatabase};
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 
 use format::init_or_check;
 
@@ -75,6 +80,7 @@ pub use format::FORMAT_VERSION;
 pub use maintenance::{
     DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
 };
+pub use refused::RefusedEntry;
 pub use types::{
     ApplyReport, Change, CompactReport, ConflictSet, Expect, Incoming, OutboxEntry, Page,
     QuarantineEntry, Record, StoreConfig, Write, WriteOp, Written,
@@ -83,7 +89,15 @@ pub use types::{
 /// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers, and
 /// calls block, so async code runs them on `spawn_blocking`.
 pub struct Store {
-    db: Database,
+    /// `None` while closed after an I/O error and not yet reopened. redb answers every
+    /// call with `PreviousIo` after one until the database is closed and opened again, so
+    /// the handle is swapped, not fixed (see [`Store::db`]).
+    db: RwLock<Option<Arc<Database>>>,
+    /// The last I/O failure, while the store has not been reopened since.
+    io: Mutex<IoHealth>,
+    /// The NATS server's `max_payload`: a local write's event and its headers must fit;
+    /// 0: unknown, not checked.
+    max_payload: AtomicUsize,
     path: PathBuf,
     node: NodeId,
     config: StoreConfig,
@@ -132,7 +146,9 @@ impl Store {
         let (last_hlc, incarnation) = init_or_check(&db, &path, &node)?;
         let limits = EventLimits::from(&config);
         Ok(Store {
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
+            io: Mutex::new(IoHealth::default()),
+            max_payload: AtomicUsize::new(0),
             path,
             node,
             config,
@@ -163,7 +179,131 @@ impl Store {
     }
 
     fn read(&self) -> Result<ReadTransaction, StorageError> {
-        Ok(self.db.begin_read()?)
+        let db = self.db()?;
+        db.begin_read().map_err(|e| self.checked(e.into()))
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, StorageError> {
+        let db = self.db()?;
+        db.begin_write().map_err(|e| self.checked(e.into()))
+    }
+
+    /// Commits `txn`, noting an I/O failure (see [`Store::checked`]).
+    fn commit(&self, txn: WriteTransaction) -> Result<(), StorageError> {
+        txn.commit().map_err(|e| self.checked(e.into()))
+    }
+
+    /// The open database. After an I/O error it first tries (at most once a second) to
+    /// close and reopen the file, which succeeds once no transaction of the old handle is
+    /// left and, for a full disk, once there is space for redb's repair.
+    fn db(&self) -> Result<Arc<Database>, StorageError> {
+        let failure = {
+            let mut io = self.io();
+            match &io.failure {
+                None => None,
+                Some(f) if io.last_attempt.is_some_and(|t| t.elapsed() < REOPEN_EVERY) => {
+                    Some(f.clone())
+                }
+                Some(_) => {
+                    io.last_attempt = Some(Instant::now());
+                    drop(io);
+                    self.reopen();
+                    self.io().failure.clone()
+                }
+            }
+        };
+        let slot = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match (slot.as_ref(), failure) {
+            (Some(db), _) => Ok(db.clone()),
+            (None, f) => Err(self.unavailable(f.unwrap_or(IoFailure {
+                disk_full: false,
+                detail: "the store is closed".into(),
+            }))),
+        }
+    }
+
+    /// Closes the database and opens it again; clears the failure on success.
+    fn reopen(&self) {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.take() {
+            // Transactions still running on the old handle keep its file open: try later.
+            if Arc::strong_count(&db) > 1 {
+                *slot = Some(db);
+                return;
+            }
+            drop(db);
+        }
+        match redb::Builder::new()
+            .set_cache_size(self.config.cache_bytes)
+            .create(&self.path)
+        {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                self.io().failure = None;
+                tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+            }
+            Err(e) => {
+                let err = self.checked(StorageError::from(e));
+                tracing::debug!(path = %self.path.display(), error = %err, "store not reopened yet");
+            }
+        }
+    }
+
+    fn io(&self) -> MutexGuard<'_, IoHealth> {
+        self.io.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes an I/O failure in `err` (so the next call reopens the store) and names it: a
+    /// full disk as [`StorageError::DiskFull`], other I/O as [`StorageError::Io`]. Other
+    /// errors pass through.
+    fn checked(&self, err: StorageError) -> StorageError {
+        let Some(disk_full) = err.redb_io() else {
+            return err;
+        };
+        let failure = {
+            let mut io = self.io();
+            // `PreviousIo` says nothing new: keep what the first error said.
+            let disk_full = disk_full || io.failure.as_ref().is_some_and(|f| f.disk_full);
+            let first = io.failure.is_none();
+            let failure = IoFailure {
+                disk_full,
+                detail: err.to_string(),
+            };
+            if first || disk_full {
+                io.failure = Some(failure.clone());
+            }
+            if first {
+                tracing::warn!(path = %self.path.display(), error = %err, disk_full, "store I/O failed; it will be reopened");
+            }
+            io.failure.clone().unwrap_or(failure)
+        };
+        self.unavailable(failure)
+    }
+
+    fn unavailable(&self, f: IoFailure) -> StorageError {
+        let path = self.path.clone();
+        if f.disk_full {
+            StorageError::DiskFull {
+                path,
+                detail: f.detail,
+            }
+        } else {
+            StorageError::Io {
+                path,
+                detail: f.detail,
+            }
+        }
+    }
+
+    /// Sets the NATS server's `max_payload` (0: no check): a local write whose event
+    /// (with its headers) would not fit could never replicate, and is refused. A node sets
+    /// it from its connection.
+    pub fn set_max_payload(&self, bytes: usize) {
+        self.max_payload.store(bytes, Ordering::Relaxed);
+    }
+
+    fn max_payload(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
     }
 
     /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s.
@@ -175,6 +315,25 @@ impl Store {
     pub fn last_hlc(&self) -> Hlc {
         self.clock().last()
     }
+}
+
+/// Room kept for a message's headers (`Nats-Msg-Id`) within the server's `max_payload`.
+pub const HEADER_ALLOWANCE: usize = 256;
+
+/// How often a store closed by an I/O error tries to reopen.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// An I/O failure the store has not recovered from yet.
+#[derive(Clone, Debug)]
+struct IoFailure {
+    disk_full: bool,
+    detail: String,
+}
+
+#[derive(Default)]
+struct IoHealth {
+    failure: Option<IoFailure>,
+    last_attempt: Option<Instant>,
 }
 
 /// A store in a new temporary directory, for unit tests; keep the directory alive.

@@ -83,7 +83,47 @@ impl Store {
     }
 
     /// [`Store::write_batch`], also returning the visible changes it made (for watchers).
+    /// A full disk is [`WriteError::DiskFull`]: nothing was written.
     pub fn write_batch_with_changes(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
+        self.write_batch_inner(writes)
+            .map_err(|e| match e {
+                WriteError::Storage(e) => WriteError::Storage(self.checked(e)),
+                other => other,
+            })
+            .map_err(|e| match e {
+                WriteError::Storage(StorageError::DiskFull { path, .. }) => {
+                    WriteError::DiskFull { path }
+                }
+                other => other,
+            })
+    }
+
+    /// Refuses an event that would not fit [`Store::set_max_payload`] with its headers: it
+    /// could never be published.
+    fn check_event_size(&self, ev: &ChangeEvent) -> Result<(), WriteError> {
+        let limit = self.max_payload();
+        // The envelope around the document is a few hundred bytes plus the resolved
+        // versions: encode only when the size could be near the limit.
+        let doc = ev.doc.as_ref().map_or(0, |d| d.get().len());
+        if limit == 0 || doc + 1024 + ev.resolves.len() * 64 < limit {
+            return Ok(());
+        }
+        let size = ev.encode().len();
+        if size + super::HEADER_ALLOWANCE > limit {
+            return Err(WriteError::EventTooLarge {
+                entity: ev.entity.clone(),
+                id: ev.id,
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_batch_inner(
         &self,
         writes: Vec<Write>,
     ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
@@ -96,7 +136,7 @@ impl Store {
             };
             prepared.push((w, doc));
         }
-        let txn = self.db.begin_write().map_err(StorageError::from)?;
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut out = Vec::with_capacity(prepared.len());
         let changes;
@@ -143,6 +183,7 @@ impl Store {
                     resolves: w.resolves,
                     doc,
                 };
+                self.check_event_size(&ev)?;
                 outbox
                     .insert(
                         origin_seq,
@@ -163,7 +204,7 @@ impl Store {
                 .map_err(StorageError::from)?;
             changes = tx.finish()?;
         }
-        txn.commit().map_err(StorageError::from)?;
+        self.commit(txn)?;
         Ok((out, changes))
     }
 
