@@ -1,7 +1,14 @@
 //! The JetStream stream every node shares: its settings, provisioning (create it, or
-//! verify an existing one and refuse a conflicting config), and the identity a node
-//! remembers so it notices when the stream it was following was deleted and recreated.
+//! verify an existing one and refuse a conflicting config), the identity a node
+//! remembers so it notices when the stream it was following was deleted and recreated,
+//! and the deployment's limits pinned in the stream's metadata.
+//!
+//! The limits that decide quarantine (largest document, clock drift) must be the same on
+//! every node, or one node would quarantine what the others apply. The node that creates
+//! the stream writes its configured values into the stream's metadata; every node adopts
+//! those values, whatever its own file says (see [`DeploymentLimits`]).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -47,6 +54,63 @@ mod secs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_secs(u64::deserialize(d)?))
     }
+}
+
+/// The limits that decide quarantine, one setting of the whole deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentLimits {
+    pub max_doc_bytes: usize,
+    pub max_clock_drift_ms: u64,
+}
+
+const META_MAX_DOC_BYTES: &str = "jetsync.max_doc_bytes";
+const META_MAX_CLOCK_DRIFT_MS: &str = "jetsync.max_clock_drift_ms";
+
+impl DeploymentLimits {
+    /// The limits recorded in a stream's metadata, if both are there and parse.
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Option<Self> {
+        Some(DeploymentLimits {
+            max_doc_bytes: meta.get(META_MAX_DOC_BYTES)?.parse().ok()?,
+            max_clock_drift_ms: meta.get(META_MAX_CLOCK_DRIFT_MS)?.parse().ok()?,
+        })
+    }
+
+    fn write_metadata(&self, meta: &mut HashMap<String, String>) {
+        meta.insert(META_MAX_DOC_BYTES.into(), self.max_doc_bytes.to_string());
+        meta.insert(
+            META_MAX_CLOCK_DRIFT_MS.into(),
+            self.max_clock_drift_ms.to_string(),
+        );
+    }
+
+    /// What differs from `configured`, as `key = configured -> deployment` phrases.
+    pub fn differences(&self, configured: &DeploymentLimits) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_doc_bytes != configured.max_doc_bytes {
+            out.push(format!(
+                "limits.max_doc_bytes {} -> {}",
+                configured.max_doc_bytes, self.max_doc_bytes
+            ));
+        }
+        if self.max_clock_drift_ms != configured.max_clock_drift_ms {
+            out.push(format!(
+                "limits.max_clock_drift {} ms -> {} ms",
+                configured.max_clock_drift_ms, self.max_clock_drift_ms
+            ));
+        }
+        out
+    }
+}
+
+/// The stream as provisioned: who it is, where it stands, and the deployment's limits.
+#[derive(Clone, Debug)]
+pub struct Provisioned {
+    pub identity: StreamIdentity,
+    pub state: stream::State,
+    /// The limits pinned in the stream's metadata (this node's own when it created the
+    /// stream or pinned them on a stream from before limits were pinned); `None` if none
+    /// are pinned and none were given.
+    pub limits: Option<DeploymentLimits>,
 }
 
 /// The stream a deployment replicates through.
@@ -193,11 +257,23 @@ pub struct StreamIdentity {
 }
 
 /// Creates the stream, or verifies that the existing one matches `settings`. Returns its
-/// identity and current state.
+/// identity and current state (see [`provision`] for the deployment's limits too).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(StreamIdentity, stream::State), StreamError> {
+    let p = provision(js, settings, None).await?;
+    Ok((p.identity, p.state))
+}
+
+/// Creates the stream (with `pin` in its metadata), or verifies that the existing one
+/// matches `settings`. A stream without pinned limits (made before they were pinned) gets
+/// `pin` written into its metadata (if the node may update it; else `pin` is used).
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    pin: Option<DeploymentLimits>,
+) -> Result<Provisioned, StreamError> {
     settings.validate()?;
     let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
     let mut stream = match js.get_stream(&settings.name).await {
@@ -206,7 +282,11 @@ pub async fn ensure_stream(
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je)
                 if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
-            match js.create_stream(settings.config()).await {
+            let mut config = settings.config();
+            if let Some(pin) = pin {
+                pin.write_metadata(&mut config.metadata);
+            }
+            match js.create_stream(config).await {
                 Ok(s) => s,
                 // Another node created it in between: verify theirs below.
                 Err(_) => js.get_stream(&settings.name).await.map_err(|e| nats(&e))?,
@@ -214,7 +294,7 @@ pub async fn ensure_stream(
         }
         Err(e) => return Err(nats(&e)),
     };
-    let info = stream.info().await.map_err(|e| nats(&e))?;
+    let mut info = stream.info().await.map_err(|e| nats(&e))?.clone();
     let conflicts = settings.conflicts(&info.config);
     if !conflicts.is_empty() {
         return Err(StreamError::Conflict {
@@ -222,13 +302,33 @@ pub async fn ensure_stream(
             detail: conflicts.join("; "),
         });
     }
-    Ok((
-        StreamIdentity {
+    let limits = match (DeploymentLimits::from_metadata(&info.config.metadata), pin) {
+        (Some(pinned), _) => Some(pinned),
+        (None, None) => None,
+        (None, Some(pin)) => Some({
+            let mut config = info.config.clone();
+            pin.write_metadata(&mut config.metadata);
+            match js.update_stream(config).await {
+                Ok(updated) => {
+                    info = updated;
+                    DeploymentLimits::from_metadata(&info.config.metadata).unwrap_or(pin)
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %settings.name, error = %e,
+                        "cannot pin the deployment's limits in the stream's metadata; using this node's");
+                    pin
+                }
+            }
+        }),
+    };
+    Ok(Provisioned {
+        identity: StreamIdentity {
             name: settings.name.clone(),
             created_ms: info.created.timestamp_millis(),
         },
-        info.state.clone(),
-    ))
+        state: info.state.clone(),
+        limits,
+    })
 }
 
 #[cfg(test)]

@@ -161,6 +161,9 @@ pub struct Conn {
     /// CA certificate to verify the server's TLS certificate.
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// Reply inbox prefix, when the server allows this user only its own (`_INBOX_ops`).
+    #[arg(long, env = "JETSYNC_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -181,6 +184,7 @@ impl Conn {
             user: self.user.clone(),
             password: self.password.clone(),
             tls_ca: self.tls_ca.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
             ..NatsAuth::default()
         }
     }
