@@ -212,14 +212,21 @@ impl HlcClock {
     /// A new stamp greater than every stamp issued or observed before, or an error at the
     /// largest stamp (it would repeat, and a repeated version is lost as a duplicate).
     pub fn try_now(&mut self) -> Result<Hlc, ClockExhausted> {
+        self.try_now_after(Hlc::default())
+    }
+
+    /// [`HlcClock::try_now`], also greater than `floor`: a write stamps past the versions
+    /// it supersedes even where observing them was bounded.
+    pub fn try_now_after(&mut self, floor: Hlc) -> Result<Hlc, ClockExhausted> {
         let wall = Hlc::new(self.wall.now_ms().min(MAX_PHYSICAL_MS), 0).unwrap_or_default();
-        let next = if wall > self.last {
+        let last = self.last.max(floor);
+        let next = if wall > last {
             wall
         } else {
-            if self.last.physical_ms() >= MAX_PHYSICAL_MS && self.last.logical() == u16::MAX {
-                return Err(ClockExhausted { last: self.last });
+            if last == Hlc::MAX {
+                return Err(ClockExhausted { last });
             }
-            self.last.next()
+            last.next()
         };
         self.last = next;
         Ok(next)
