@@ -155,6 +155,7 @@ async fn raw_client(s: &Secure, auth: &NatsAuth) -> (async_nats::Client, Arc<Mut
     )
     .add_root_certificates(s.ca.clone())
     .require_tls(true)
+    .custom_inbox_prefix(format!("_INBOX_{}", auth.user.as_deref().unwrap_or_default()))
     .event_callback(move |event| {
         let seen = seen.clone();
         async move {
