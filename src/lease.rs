@@ -242,3 +242,98 @@ impl Lease {
         }
     }
 }
+
+/// Where a running node stands with its lease. It publishes and applies only while `Held`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Not taken yet (NATS unreachable since the start): local writes only.
+    Pending,
+    Held,
+    /// Not renewed for half its time to live (cut off from NATS): it may expire and be
+    /// taken by another process, so this one stopped publishing and applying.
+    Unsure { since_ms: u64 },
+    /// Another process holds the node id: this one stays stopped.
+    Lost { holder: Holder },
+}
+
+impl LeaseState {
+    pub fn is_held(&self) -> bool {
+        matches!(self, LeaseState::Held)
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// Keeps the lease while `stop` is false: takes it (if `lease` is `None`, retrying while
+/// NATS is away), renews it every quarter of its time to live, reports every change on
+/// `state`, and releases it on stop.
+pub async fn keep(
+    js: jetstream::Context,
+    stream: String,
+    node: NodeId,
+    data_dir: std::path::PathBuf,
+    mut lease: Option<Lease>,
+    state: tokio::sync::watch::Sender<LeaseState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    let set = |s: LeaseState| {
+        state.send_if_modified(|cur| {
+            let changed = *cur != s;
+            *cur = s.clone();
+            changed
+        });
+    };
+    loop {
+        let wait = match &lease {
+            None => backoff,
+            Some(l) => l.ttl() / 4,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let result = match &mut lease {
+            None => Lease::acquire(&js, &stream, &node, &data_dir)
+                .await
+                .map(|l| lease = Some(l)),
+            Some(l) => l.renew().await,
+        };
+        match result {
+            Ok(()) => {
+                last_ok = tokio::time::Instant::now();
+                backoff = Duration::from_millis(200);
+                if !state.borrow().is_held() {
+                    tracing::info!(node = %node, "node lease held: publishing and applying");
+                }
+                set(LeaseState::Held);
+            }
+            Err(LeaseError::Held { holder, .. }) => {
+                tracing::error!(node = %node, %holder,
+                    "node id taken by another process: this one stops publishing and applying");
+                set(LeaseState::Lost { holder: *holder });
+                return;
+            }
+            Err(LeaseError::Nats(e)) => {
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if let Some(l) = &lease
+                    && last_ok.elapsed() > l.ttl() / 2
+                    && state.borrow().is_held()
+                {
+                    tracing::warn!(node = %node, error = %e,
+                        "node lease not renewed for half its time to live: publishing and applying paused until it is");
+                    set(LeaseState::Unsure { since_ms: now_ms() });
+                } else {
+                    tracing::debug!(node = %node, error = %e, "node lease not renewed");
+                }
+            }
+        }
+    }
+    if let Some(l) = lease {
+        l.release().await;
+    }
+}

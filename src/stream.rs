@@ -331,6 +331,60 @@ pub async fn provision(
     })
 }
 
+/// A message read back from the stream: subject and timestamp as the stream holds them.
+#[derive(Clone, Debug)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: bytes::Bytes,
+    /// The JetStream timestamp, ms since the epoch.
+    pub time_ms: u64,
+    pub msg_id: Option<String>,
+}
+
+impl StoredMessage {
+    fn from_stream(m: jetstream::message::StreamMessage) -> Self {
+        StoredMessage {
+            seq: m.sequence,
+            subject: m.subject.to_string(),
+            msg_id: m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.to_string()),
+            payload: m.payload,
+            time_ms: u64::try_from(m.time.timestamp_millis()).unwrap_or(0),
+        }
+    }
+}
+
+/// The message at `seq`, read from the stream leader (not a replica that may lag behind a
+/// publish just acknowledged); `None` if the stream does not hold it (deleted, removed by
+/// retention, not yet written).
+pub async fn read_message(
+    stream: &stream::Stream,
+    seq: u64,
+) -> Result<Option<StoredMessage>, StreamError> {
+    match stream.get_raw_message(seq).await {
+        Ok(m) => Ok(Some(StoredMessage::from_stream(m))),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(StreamError::Nats(format!("reading sequence {seq}: {e}"))),
+    }
+}
+
+/// The last event the stream holds from `origin` (any entity, scope and record), if any.
+pub async fn last_of_origin(
+    stream: &stream::Stream,
+    prefix: &str,
+    origin: &str,
+) -> Result<Option<StoredMessage>, StreamError> {
+    let subject = format!("{prefix}.*.*.{origin}.*");
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(Some(StoredMessage::from_stream(m))),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(StreamError::Nats(format!("last event of {origin}: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
