@@ -412,3 +412,69 @@ mod canonical_uuid {
         Ok(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+
+    const NOW: u64 = 1_763_000_000_000;
+
+    fn limits() -> EventLimits {
+        EventLimits {
+            prefix: "jetsync".into(),
+            max_doc_bytes: 1000,
+            max_clock_drift_ms: 60_000,
+        }
+    }
+
+    fn state(ms: u64, doc: Option<&str>) -> (EntityName, Uuid, RecordState) {
+        let (entity, id) = (EntityName::new("orders").unwrap(), Uuid::now_v7());
+        let version = Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new("x").unwrap());
+        let mut s = RecordState::default();
+        s.apply(ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: if doc.is_some() { Op::Put } else { Op::Delete },
+            entity: entity.clone(),
+            scope: Scope::default(),
+            id,
+            origin: version.node.clone(),
+            origin_seq: 1,
+            version,
+            base: None,
+            resolves: vec![],
+            doc: doc.map(|d| RawValue::from_string(d.into()).unwrap()),
+        });
+        (entity, id, s)
+    }
+
+    #[test]
+    fn states_meet_the_event_checks() {
+        let check = |(e, id, s): (EntityName, Uuid, RecordState)| {
+            check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
+        };
+        assert_eq!(check(state(NOW + 1000, Some("{}"))), Ok(()));
+        assert_eq!(check(state(NOW, None)), Ok(()));
+        assert_eq!(
+            check(state(NOW + 61_000, Some("{}"))),
+            Err("clock_drift"),
+            "a leaf beyond the drift limit"
+        );
+        assert_eq!(check(state(NOW, Some("null"))), Err("malformed"));
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(2000));
+        assert_eq!(check(state(NOW, Some(&big))), Err("doc_too_large"));
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.floor = Some(Version::new(
+            Hlc::new(NOW + 3_600_000, 0).unwrap(),
+            NodeId::new("x").unwrap(),
+        ));
+        assert_eq!(
+            check((e, id, s)),
+            Err("clock_drift"),
+            "a far-future floor would make later writes look seen"
+        );
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.leaves[0].doc = Some("{not json".into());
+        assert_eq!(check((e, id, s)), Err("malformed"));
+    }
+}
