@@ -232,13 +232,6 @@ impl HlcClock {
         Ok(next)
     }
 
-    /// [`HlcClock::try_now`] for callers not yet moved to it: at the largest stamp it
-    /// repeats that stamp.
-    #[doc(hidden)]
-    pub fn now(&mut self) -> Hlc {
-        self.try_now().unwrap_or(self.last)
-    }
-
     /// The latest stamp observing may move the clock to: the wall clock plus the bound.
     pub fn observe_limit(&self) -> Hlc {
         let ms = self

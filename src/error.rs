@@ -160,6 +160,16 @@ pub enum WriteError {
         id: Uuid,
         version: Version,
     },
+    /// The clock reached its largest stamp: no greater version can be made.
+    #[error(transparent)]
+    ClockExhausted(#[from] crate::clock::ClockExhausted),
+    /// The write's version was already known, so it would change nothing (a clock fault).
+    #[error("{entity}/{id}: version {version} is known already; the write would be lost")]
+    NotApplied {
+        entity: EntityName,
+        id: Uuid,
+        version: Version,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -30,7 +30,7 @@
 //! | `damaged` | `{}` | damaged records set aside |
 //! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
-//! | `apply` | `{messages: [{seq, subject, payload, time_ms}]}` | replayed stream messages applied idempotently (the checkpoint does not move) |
+//! | `apply` | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
 
 //!
 //! Files: `wire` (subjects, request and reply types), `server` (the service, the

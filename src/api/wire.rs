@@ -54,6 +54,8 @@ impl From<WriteError> for RemoteError {
             WriteError::DocTooLarge { .. } => ("doc_too_large", None),
             WriteError::InvalidDoc(_) => ("invalid_doc", None),
             WriteError::UnknownVersion { .. } => ("unknown_version", None),
+            WriteError::ClockExhausted(_) => ("clock_exhausted", None),
+            WriteError::NotApplied { .. } => ("not_applied", None),
             WriteError::Storage(_) => ("storage", None),
         };
         RemoteError {
@@ -104,6 +106,9 @@ pub(super) struct Req {
     pub after_seq: Option<u64>,
     #[serde(default)]
     pub messages: Vec<StreamMessage>,
+    /// Stream sequences (`apply`).
+    #[serde(default)]
+    pub seqs: Vec<u64>,
 }
 
 /// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
@@ -113,7 +118,9 @@ pub struct StateEntry {
     pub state: RecordState,
 }
 
-/// A stream message carried over the API (replay into a running node).
+/// A stream message as `apply` once took it from the caller; now refused with a clear
+/// error (the node reads messages from the stream by sequence), kept so old clients get
+/// that error rather than a parse failure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamMessage {
     pub seq: u64,

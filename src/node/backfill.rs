@@ -56,8 +56,13 @@ pub(super) async fn backfill_new_entities(
             .get_stream(&cfg.stream.name)
             .await
             .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+        // Named after the node, so NATS permissions can confine a node to its own
+        // consumers (deploy/secure); a leftover from an interrupted backfill goes first.
+        let name = format!("jetsync_{}_backfill", cfg.node_id);
+        let _ = stream.delete_consumer(&name).await;
         let consumer = stream
             .create_consumer(pull::Config {
+                name: Some(name),
                 filter_subjects: added,
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ack_policy: jetstream::consumer::AckPolicy::None,

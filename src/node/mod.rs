@@ -28,6 +28,7 @@ mod backfill;
 mod batch;
 mod bootstrap;
 mod config;
+mod guard;
 mod idle;
 mod publisher;
 mod snapshots;
@@ -46,6 +47,7 @@ use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
 pub use self::config::{NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::guard::{LimitsStatus, Restored, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -54,8 +56,9 @@ use crate::connect::{ConnectError, connect};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
 use crate::snapshot::{SnapshotError, SnapshotReport};
+use crate::lease::{Lease, LeaseError, LeaseState};
 use crate::store::{Change, Store, Write, Written};
-use crate::stream::{StreamError, ensure_stream};
+use crate::stream::{StreamError, provision};
 
 /// Store metadata key of the stream identity this node follows.
 pub const META_STREAM: &str = "x.stream";
@@ -75,6 +78,8 @@ pub enum NodeError {
     Storage(#[from] StorageError),
     #[error("node task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// A task that lives beside a node and stops with it, such as a front end serving the
@@ -102,6 +107,7 @@ struct Live {
     halted: Option<Halt>,
     bootstrapped: Option<Bootstrapped>,
     last_snapshot: Option<String>,
+    trust: guard::TrustLive,
 }
 
 /// What the node's loops, services and handles share.
@@ -114,6 +120,10 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     live: Mutex<Live>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Whether this process holds the node id (see [`crate::lease`]).
+    lease: tokio::sync::watch::Receiver<LeaseState>,
+    /// True while the publisher and the apply loop may run (see [`guard`]).
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -194,24 +204,62 @@ impl Node {
 
         // Refuse a conflicting stream now if the server answers quickly; otherwise the
         // apply loop keeps trying in the background.
-        if let Ok(Err(StreamError::Conflict { name, detail })) =
-            tokio::time::timeout(Duration::from_secs(3), ensure_stream(&js, &config.stream)).await
-        {
-            return Err(StreamError::Conflict { name, detail }.into());
-        }
+        // If NATS answers quickly: refuse a conflicting stream or a node id another process
+        // holds now, and adopt the deployment's limits. Otherwise the node starts offline
+        // (local writes only) and its lease task keeps trying.
+        let store = Arc::new(store);
+        let configured = guard::configured_limits_of(&config);
+        let early = tokio::time::timeout(Duration::from_secs(3), async {
+            let provisioned = provision(&js, &config.stream, Some(configured)).await?;
+            let lease = Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir)
+                .await;
+            Ok::<_, StreamError>((provisioned, lease))
+        })
+        .await;
+        let (lease, limits_from_stream) = match early {
+            Ok(Err(e @ StreamError::Conflict { .. })) => return Err(e.into()),
+            Ok(Ok((_, Err(e @ LeaseError::Held { .. })))) => return Err(e.into()),
+            Ok(Ok((provisioned, lease))) => (
+                lease.ok(),
+                guard::adopt_limits(&store, configured, &provisioned).await?,
+            ),
+            _ => (None, false),
+        };
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (lease_tx, lease_rx) = tokio::sync::watch::channel(if lease.is_some() {
+            LeaseState::Held
+        } else {
+            LeaseState::Pending
+        });
+        let mut live = Live::default();
+        live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
-            store: Arc::new(store),
+            store,
             config,
             js,
             client,
             outbox_ready: Notify::new(),
             changes: broadcast::channel(4096).0,
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(live),
             shutdown,
+            lease: lease_rx,
+            ready: tokio::sync::watch::channel(false).0,
         });
         let mut tasks = vec![
+            (
+                "node lease",
+                tokio::spawn(crate::lease::keep(
+                    shared.js.clone(),
+                    shared.config.stream.name.clone(),
+                    shared.config.node_id.clone(),
+                    shared.config.data_dir.clone(),
+                    lease,
+                    lease_tx,
+                    shared.shutdown.clone(),
+                )),
+            ),
+            ("readiness", tokio::spawn(guard::ready_loop(shared.clone()))),
             (
                 "publisher",
                 tokio::spawn(publisher::publish_loop(shared.clone())),

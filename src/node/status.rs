@@ -64,6 +64,9 @@ pub struct Status {
     pub damaged: u64,
     /// This node's entity filters (empty: every entity type).
     pub entities: Vec<EntityFilter>,
+    /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
+    #[serde(flatten)]
+    pub trust: super::TrustStatus,
 }
 
 impl NodeHandle {
@@ -80,6 +83,8 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;
+        // Before taking `live`: it locks it too.
+        let trust = self.trust_status();
         let live = self.0.live();
         Ok(Status {
             node: self.0.config.node_id.to_string(),
@@ -105,6 +110,7 @@ impl NodeHandle {
             last_snapshot: live.last_snapshot.clone(),
             damaged,
             entities: self.0.config.entities.clone(),
+            trust,
         })
     }
 }

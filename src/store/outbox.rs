@@ -24,6 +24,7 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;
+        let ids = self.ids();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
@@ -70,7 +71,7 @@ impl Store {
             };
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: format!("{}{seq}", self.msg_id_prefix()),
+                msg_id: ids.id(seq),
                 subject: ev.subject(&self.config.prefix),
                 payload: ev.encode(),
             });
