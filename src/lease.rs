@@ -252,9 +252,13 @@ pub enum LeaseState {
     Held,
     /// Not renewed for half its time to live (cut off from NATS): it may expire and be
     /// taken by another process, so this one stopped publishing and applying.
-    Unsure { since_ms: u64 },
+    Unsure {
+        since_ms: u64,
+    },
     /// Another process holds the node id: this one stays stopped.
-    Lost { holder: Holder },
+    Lost {
+        holder: Holder,
+    },
 }
 
 impl LeaseState {

@@ -71,11 +71,7 @@ impl MsgIds {
     /// An id never used before for `origin_seq`, to republish an event whose id someone
     /// else's message took.
     pub fn fresh_id(&self, origin_seq: u64) -> String {
-        format!(
-            "{}:r{}",
-            self.id(origin_seq),
-            uuid::Uuid::new_v4().simple()
-        )
+        format!("{}:r{}", self.id(origin_seq), uuid::Uuid::new_v4().simple())
     }
 }
 

@@ -155,7 +155,10 @@ async fn raw_client(s: &Secure, auth: &NatsAuth) -> (async_nats::Client, Arc<Mut
     )
     .add_root_certificates(s.ca.clone())
     .require_tls(true)
-    .custom_inbox_prefix(format!("_INBOX_{}", auth.user.as_deref().unwrap_or_default()))
+    .custom_inbox_prefix(format!(
+        "_INBOX_{}",
+        auth.user.as_deref().unwrap_or_default()
+    ))
     .event_callback(move |event| {
         let seen = seen.clone();
         async move {
@@ -439,7 +442,10 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
         || async {
             let e = errors.lock().unwrap().clone();
             if pull.is_err()
-                || e.iter().any(|m| m.contains("jetsync_lisbon") && m.to_lowercase().contains("permissions violation"))
+                || e.iter().any(|m| {
+                    m.contains("jetsync_lisbon")
+                        && m.to_lowercase().contains("permissions violation")
+                })
             {
                 Ok(())
             } else {
@@ -487,8 +493,16 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
     )
     .await;
     let late = Uuid::now_v7();
-    lisbon.put(&orders, late, json!({"late": true})).await.unwrap();
-    converge(&[&berlin, &porto, &lisbon], &orders, Duration::from_secs(30)).await;
+    lisbon
+        .put(&orders, late, json!({"late": true}))
+        .await
+        .unwrap();
+    converge(
+        &[&berlin, &porto, &lisbon],
+        &orders,
+        Duration::from_secs(30),
+    )
+    .await;
 
     // The read-only role: reads work, changes are refused and change nothing.
     let viewer = NatsAuth {
@@ -499,7 +513,10 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
         .await
         .expect("viewer connects");
     let ro = ApiClient::new(viewer, "jetsync").with_timeout(Duration::from_secs(3));
-    let status = ro.call("berlin", "status", json!({})).await.expect("status");
+    let status = ro
+        .call("berlin", "status", json!({}))
+        .await
+        .expect("status");
     assert_eq!(status["node"], "berlin");
     let got = ro
         .call("porto", "get", json!({"entity": "orders", "id": ids[0]}))
@@ -511,10 +528,15 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
         .await
         .expect("list");
     assert_eq!(listed["records"].as_array().unwrap().len(), 11);
-    ro.call("berlin", "digest", json!({})).await.expect("digest");
+    ro.call("berlin", "digest", json!({}))
+        .await
+        .expect("digest");
     let denied = Uuid::now_v7();
     for (op, body) in [
-        ("put", json!({"entity": "orders", "id": denied, "doc": {"x": 1}})),
+        (
+            "put",
+            json!({"entity": "orders", "id": denied, "doc": {"x": 1}}),
+        ),
         ("delete", json!({"entity": "orders", "id": ids[0]})),
         ("snapshot", json!({})),
         ("merge_records", json!({"entity": "orders", "states": []})),

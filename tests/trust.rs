@@ -269,7 +269,9 @@ async fn api_apply_and_merge_records_take_nothing_unchecked() {
         )
         .await;
     assert!(
-        a.store().get(&orders(), null_doc).map_or(true, |r| r.is_none()),
+        a.store()
+            .get(&orders(), null_doc)
+            .map_or(true, |r| r.is_none()),
         "merge_records stored a live record without a document"
     );
     match reply {
@@ -387,13 +389,19 @@ async fn a_squatted_message_id_does_not_drop_a_write() {
             StoreConfig::default(),
         )
         .unwrap();
-        store.put(&orders(), queued, json!({"queued": true})).unwrap();
+        store
+            .put(&orders(), queued, json!({"queued": true}))
+            .unwrap();
         store.outbox_peek(0, 1).unwrap()[0].msg_id.clone()
     };
     squat(leaked).await;
     let c = start(node_config("c", dir.path(), &url)).await;
     wait_has(&b, queued, "b to get c's write whose id was squatted").await;
-    let status = api(&url).await.call("c", "status", json!({})).await.unwrap();
+    let status = api(&url)
+        .await
+        .call("c", "status", json!({}))
+        .await
+        .unwrap();
     assert!(
         status["publish_squatted"].as_u64().unwrap_or(0) >= 1,
         "the squatted id is not reported: {status}"
@@ -429,7 +437,11 @@ async fn a_second_process_with_the_same_node_id_refuses_to_start() {
         .put(&orders(), Uuid::now_v7(), json!({"still": "here"}))
         .await
         .unwrap();
-    let status = api(&url).await.call("a", "status", json!({})).await.unwrap();
+    let status = api(&url)
+        .await
+        .call("a", "status", json!({}))
+        .await
+        .unwrap();
     assert!(status["last_error"].is_null(), "{status}");
 
     // A clean shutdown releases the id at once.
@@ -481,7 +493,12 @@ async fn a_restored_node_gets_its_later_writes_back_and_its_new_writes_arrive() 
     copy_dir(&backup, &a_dir);
     let a = start(node_config("a", dir.path(), &url)).await;
     for id in &after {
-        wait_has(&a, *id, "the restored node to get its own later writes back").await;
+        wait_has(
+            &a,
+            *id,
+            "the restored node to get its own later writes back",
+        )
+        .await;
     }
     let new: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
     for (n, id) in new.iter().enumerate() {
@@ -517,13 +534,22 @@ async fn quarantine_limits_are_the_deployments_not_each_nodes() {
     let big = Uuid::now_v7();
     let doc = json!({"pad": "x".repeat(5_000)});
     b.put(&orders(), big, doc.clone()).await.unwrap();
-    wait_has(&a, big, "a to apply the 5 kB document every other node applies").await;
+    wait_has(
+        &a,
+        big,
+        "a to apply the 5 kB document every other node applies",
+    )
+    .await;
     assert!(quarantine_codes(a.store()).is_empty());
     // a's own writes follow the deployment's limit too.
     let mine = Uuid::now_v7();
     a.put(&orders(), mine, doc).await.unwrap();
     wait_has(&b, mine, "b to get a's 5 kB document").await;
-    let status = api(&url).await.call("a", "status", json!({})).await.unwrap();
+    let status = api(&url)
+        .await
+        .call("a", "status", json!({}))
+        .await
+        .unwrap();
     assert_eq!(
         status["limits"]["max_doc_bytes"],
         StoreConfig::default().max_doc_bytes,

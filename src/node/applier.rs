@@ -12,9 +12,9 @@ use async_nats::jetstream::{self, consumer::pull};
 use super::backfill::backfill_new_entities;
 use super::batch::{Intake, Next, Stop, apply_batch, blocking};
 use super::bootstrap::bootstrap;
+use super::guard;
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
-use super::guard;
 use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 
 /// How often a node halted on a retention gap looks for a snapshot that covers it.

@@ -250,12 +250,7 @@ impl NodeHandle {
         let limits = self.0.store.limits();
         let live = self.0.live();
         let wall = crate::clock::WallClock::now_ms(&crate::clock::SystemClock);
-        let ahead = self
-            .0
-            .store
-            .last_hlc()
-            .physical_ms()
-            .saturating_sub(wall);
+        let ahead = self.0.store.last_hlc().physical_ms().saturating_sub(wall);
         TrustStatus {
             lease: self.0.lease.borrow().clone(),
             limits: LimitsStatus {

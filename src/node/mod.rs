@@ -55,8 +55,8 @@ pub use crate::ids::EntityFilter;
 use crate::connect::{ConnectError, connect};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
-use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::lease::{Lease, LeaseError, LeaseState};
+use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
 use crate::stream::{StreamError, provision};
 
@@ -211,8 +211,8 @@ impl Node {
         let configured = guard::configured_limits_of(&config);
         let early = tokio::time::timeout(Duration::from_secs(3), async {
             let provisioned = provision(&js, &config.stream, Some(configured)).await?;
-            let lease = Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir)
-                .await;
+            let lease =
+                Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir).await;
             Ok::<_, StreamError>((provisioned, lease))
         })
         .await;

@@ -56,7 +56,8 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         let (pending, failure) = send_window(&shared, &entries).await;
         tracing::trace!(sent = pending.len(), "publish window sent");
         let (acked, duplicates, failure) = collect_acks(pending, failure).await;
-        let (acked, mut failure) = check_duplicates(&shared, &entries, acked, duplicates, failure).await;
+        let (acked, mut failure) =
+            check_duplicates(&shared, &entries, acked, duplicates, failure).await;
         tracing::trace!(acked = acked.len(), ?failure, "acks collected");
         if !acked.is_empty() {
             let store = shared.store.clone();

@@ -211,7 +211,8 @@ impl Store {
                     tracing::warn!(%entity, %id, reason = %why, "merged record state refused");
                     report.refused.push((id, why));
                 };
-                if let Err(reason) = event::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
+                if let Err(reason) =
+                    event::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
                 {
                     refuse(reason.to_string());
                     continue;

@@ -178,7 +178,10 @@ impl Store {
 
     /// The limits incoming events and local writes are checked against now.
     pub fn limits(&self) -> EventLimits {
-        self.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Adopts the deployment's limits (pinned in the stream's metadata) and keeps them in
