@@ -247,8 +247,11 @@ impl Lease {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum LeaseState {
-    /// Not taken yet (NATS unreachable since the start): local writes only.
-    Pending,
+    /// Not taken yet (NATS unreachable since the start, or the lease bucket cannot be
+    /// used: `error` says why): local writes only.
+    Pending {
+        error: Option<String>,
+    },
     Held,
     /// Not renewed for half its time to live (cut off from NATS): it may expire and be
     /// taken by another process, so this one stopped publishing and applying.
@@ -321,6 +324,16 @@ pub async fn keep(
                     "node id taken by another process: this one stops publishing and applying");
                 set(LeaseState::Lost { holder: *holder });
                 return;
+            }
+            Err(LeaseError::Nats(e)) if lease.is_none() => {
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let error = Some(e.clone());
+                if !matches!(&*state.borrow(), LeaseState::Pending { error: old } if *old == error)
+                {
+                    tracing::warn!(node = %node, error = %e,
+                        "cannot take the node lease yet: publishing and applying wait for it");
+                }
+                set(LeaseState::Pending { error });
             }
             Err(LeaseError::Nats(e)) => {
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -230,7 +230,7 @@ impl Node {
         let (lease_tx, lease_rx) = tokio::sync::watch::channel(if lease.is_some() {
             LeaseState::Held
         } else {
-            LeaseState::Pending
+            LeaseState::Pending { error: None }
         });
         let mut live = Live::default();
         live.trust.limits_from_stream = limits_from_stream;
