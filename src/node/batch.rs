@@ -215,9 +215,11 @@ impl Batch {
 }
 
 /// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
-/// and publishes their changes; returns that sequence. This node's own events go through
-/// the merge like any other (it skips the versions it knows): a store restored from a
-/// backup gets back the writes it forgot.
+/// and publishes their changes; returns that sequence. Events this store's incarnation
+/// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
+/// passed over, which keeps a busy writer's own echo cheap; every other event, this
+/// node's included, goes through the checks and the merge (it skips known versions), so a
+/// store restored from a backup gets back the writes it forgot.
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
@@ -231,6 +233,14 @@ pub(super) async fn apply_batch(
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
         pending = Some(info.pending);
+        let ours = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| shared.store.wrote(id.as_str()));
+        if ours {
+            continue;
+        }
         batch.push(Fetched::new(m, &info));
     }
     let report = apply_fetched(shared, batch, Some(through)).await?;

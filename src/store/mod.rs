@@ -223,6 +223,18 @@ impl Store {
         self.ids().id(origin_seq)
     }
 
+    /// Whether `msg_id` is one this incarnation made: its tag proves it, and nobody else
+    /// can make one (see [`crate::msgid`]). Such an event was written to this store in the
+    /// transaction that queued it, so applying it again is known to change nothing. A
+    /// store restored from a backup becomes a new incarnation before it applies anything,
+    /// so the writes it forgot do not pass for known.
+    pub fn wrote(&self, msg_id: &str) -> bool {
+        let Some(seq) = msg_id.split(':').nth(2).and_then(|s| s.parse().ok()) else {
+            return false;
+        };
+        self.ids().id(seq) == msg_id
+    }
+
     /// A `Nats-Msg-Id` never used before, for republishing the event with `origin_seq`
     /// whose id another message took.
     pub fn fresh_msg_id(&self, origin_seq: u64) -> String {
