@@ -54,6 +54,8 @@ impl Hlc {
     fn next(self) -> Self {
         Hlc(self.0.saturating_add(1))
     }
+    /// The largest stamp a version can hold.
+    pub const MAX: Hlc = Hlc(u64::MAX);
 }
 
 impl fmt::Debug for Hlc {
@@ -182,36 +184,91 @@ impl WallClock for ManualClock {
     }
 }
 
+/// The clock cannot issue another stamp: it reached the largest one a version can hold.
+/// Refused rather than repeated, since a repeated version would be dropped as a duplicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the clock is exhausted at {last:?}: no greater version can be stamped")]
+pub struct ClockExhausted {
+    /// The last stamp issued or observed.
+    pub last: Hlc,
+}
+
 /// The hybrid logical clock of one node. Not synchronised itself: the store stamps under
 /// its write transaction, which is already exclusive.
 pub struct HlcClock {
     wall: Arc<dyn WallClock>,
     last: Hlc,
+    /// How far past the wall clock an observed stamp may move this clock.
+    max_ahead_ms: u64,
 }
 
 impl HlcClock {
     /// `last` is the greatest stamp this node has issued or observed (persisted across
     /// restarts, so a wall clock that steps back never produces a smaller stamp).
     pub fn new(wall: Arc<dyn WallClock>, last: Hlc) -> Self {
-        HlcClock { wall, last }
+        HlcClock {
+            wall,
+            last,
+            max_ahead_ms: u64::MAX,
+        }
     }
 
-    /// A new stamp greater than every stamp issued or observed before.
-    pub fn now(&mut self) -> Hlc {
+    /// The same clock, never moved by an observed stamp further than `ms` past the wall
+    /// clock (the deployment's drift limit): one far-future stamp must not poison it.
+    pub fn with_max_ahead(mut self, ms: u64) -> Self {
+        self.max_ahead_ms = ms;
+        self
+    }
+
+    /// Changes the observe bound (when the deployment's drift limit is adopted).
+    pub fn set_max_ahead(&mut self, ms: u64) {
+        self.max_ahead_ms = ms;
+    }
+
+    /// A new stamp greater than every stamp issued or observed before, or an error at the
+    /// largest stamp (it would repeat, and a repeated version is lost as a duplicate).
+    pub fn try_now(&mut self) -> Result<Hlc, ClockExhausted> {
+        self.try_now_after(Hlc::default())
+    }
+
+    /// [`HlcClock::try_now`], also greater than `floor`: a write stamps past the versions
+    /// it supersedes even where observing them was bounded.
+    pub fn try_now_after(&mut self, floor: Hlc) -> Result<Hlc, ClockExhausted> {
         let wall = Hlc::new(self.wall.now_ms().min(MAX_PHYSICAL_MS), 0).unwrap_or_default();
-        self.last = if wall > self.last {
+        let last = self.last.max(floor);
+        let next = if wall > last {
             wall
         } else {
-            self.last.next()
+            if last == Hlc::MAX {
+                return Err(ClockExhausted { last });
+            }
+            last.next()
         };
-        self.last
+        self.last = next;
+        Ok(next)
     }
 
-    /// Moves the clock past a stamp seen from another node, so a later local write beats it.
-    pub fn observe(&mut self, seen: Hlc) {
-        if seen > self.last {
-            self.last = seen;
+    /// The latest stamp observing may move the clock to: the wall clock plus the bound.
+    pub fn observe_limit(&self) -> Hlc {
+        let ms = self
+            .wall
+            .now_ms()
+            .saturating_add(self.max_ahead_ms)
+            .min(MAX_PHYSICAL_MS);
+        Hlc::new(ms, u16::MAX).unwrap_or_default()
+    }
+
+    /// Moves the clock past a stamp seen from another node, so a later local write beats
+    /// it; but never beyond [`HlcClock::observe_limit`]. Returns false if `seen` was
+    /// beyond it (callers refuse such stamps before they get here; this is the backstop).
+    pub fn observe(&mut self, seen: Hlc) -> bool {
+        let limit = self.observe_limit();
+        let within = seen <= limit;
+        let to = seen.min(limit);
+        if to > self.last {
+            self.last = to;
         }
+        within
     }
 
     /// The greatest stamp issued or observed so far.
@@ -263,22 +320,47 @@ mod tests {
     fn clock_is_monotonic_and_observes() {
         let wall = ManualClock::new(1000);
         let mut c = HlcClock::new(Arc::new(wall.clone()), Hlc::default());
-        let a = c.now();
+        let a = c.try_now().unwrap();
         assert_eq!((a.physical_ms(), a.logical()), (1000, 0));
-        let b = c.now();
+        let b = c.try_now().unwrap();
         assert_eq!((b.physical_ms(), b.logical()), (1000, 1));
         wall.set(500); // the wall clock stepped back
-        assert!(c.now() > b);
-        c.observe(Hlc::new(5000, 3).unwrap());
-        let d = c.now();
+        assert!(c.try_now().unwrap() > b);
+        assert!(c.observe(Hlc::new(5000, 3).unwrap()));
+        let d = c.try_now().unwrap();
         assert_eq!((d.physical_ms(), d.logical()), (5000, 4));
         wall.set(6000);
-        assert_eq!(c.now(), Hlc::new(6000, 0).unwrap());
+        assert_eq!(c.try_now().unwrap(), Hlc::new(6000, 0).unwrap());
         // Counter overflow borrows the next millisecond instead of wrapping.
         let mut c = HlcClock::new(
             Arc::new(ManualClock::new(0)),
             Hlc::new(7, u16::MAX).unwrap(),
         );
-        assert_eq!(c.now(), Hlc::new(8, 0).unwrap());
+        assert_eq!(c.try_now().unwrap(), Hlc::new(8, 0).unwrap());
+    }
+
+    #[test]
+    fn observing_never_moves_the_clock_past_the_bound() {
+        let wall = ManualClock::new(10_000);
+        let mut c = HlcClock::new(Arc::new(wall.clone()), Hlc::default()).with_max_ahead(60_000);
+        let century = Hlc::new(10_000 + 100 * 365 * 86_400_000, 0).unwrap();
+        assert!(!c.observe(century), "a far-future stamp is reported");
+        assert!(c.last() <= c.observe_limit());
+        assert_eq!(c.last().physical_ms(), 70_000);
+        assert!(c.observe(Hlc::new(69_000, 0).unwrap()));
+        wall.set(200_000);
+        assert_eq!(c.try_now().unwrap(), Hlc::new(200_000, 0).unwrap());
+    }
+
+    #[test]
+    fn the_largest_stamp_is_refused_not_repeated() {
+        let mut c = HlcClock::new(Arc::new(ManualClock::new(0)), Hlc::MAX);
+        assert_eq!(c.try_now(), Err(ClockExhausted { last: Hlc::MAX }));
+        let mut c = HlcClock::new(
+            Arc::new(ManualClock::new(0)),
+            Hlc::new(MAX_PHYSICAL_MS, u16::MAX - 1).unwrap(),
+        );
+        assert_eq!(c.try_now().unwrap(), Hlc::MAX);
+        assert!(c.try_now().is_err());
     }
 }

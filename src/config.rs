@@ -18,7 +18,9 @@
 //! retention = { kind = "limits", max_age = 0, max_bytes = 0, max_msgs = 0 }  # or { kind = "compacted" }
 //! # domain = "hub"   # JetStream domain, when the stream is reached through a leaf node
 //!
-//! [limits]
+//! [limits]           # max_doc_bytes and max_clock_drift_secs are the deployment's: the
+//!                    # node that creates the stream pins them in its metadata and every
+//!                    # node adopts the pinned values (logging any it overrides)
 //! max_doc_bytes = 262144
 //! max_clock_drift_secs = 60
 //! fetch_batch = 1000

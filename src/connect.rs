@@ -42,6 +42,11 @@ pub struct NatsAuth {
     /// unreachable or would bypass it.
     #[serde(default)]
     pub ignore_discovered_servers: bool,
+    /// The subject prefix of this client's reply inboxes (default `_INBOX`). With a
+    /// per-user prefix (`_INBOX_berlin`) the server can allow each user only its own
+    /// replies, so no node reads another client's (see `deploy/secure/`).
+    #[serde(default)]
+    pub inbox_prefix: Option<String>,
 }
 
 /// Connecting failed before any attempt could be made (bad options).
@@ -84,6 +89,13 @@ impl NatsAuth {
             return Err(ConnectError::Auth(
                 "choose one of creds_file, user/password, token, nkey_seed".into(),
             ));
+        }
+        if let Some(p) = &self.inbox_prefix
+            && (p.is_empty() || p.contains(['*', '>', ' ', '\t']) || p.ends_with('.'))
+        {
+            return Err(ConnectError::Auth(format!(
+                "inbox_prefix {p:?} must be a subject prefix without wildcards"
+            )));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConnectError::Auth(
@@ -196,6 +208,9 @@ pub async fn connect_observed(
             }
             std::future::ready(())
         });
+    }
+    if let Some(prefix) = &auth.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
     }
     opts.connect(addrs)
         .await

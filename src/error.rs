@@ -298,6 +298,19 @@ pub enum WriteError {
         /// The store file.
         path: PathBuf,
     },
+    /// The clock reached its largest stamp: no greater version can be made.
+    #[error(transparent)]
+    ClockExhausted(#[from] crate::clock::ClockExhausted),
+    /// The write's version was already known, so it would change nothing (a clock fault).
+    #[error("{entity}/{id}: version {version} is known already; the write would be lost")]
+    NotApplied {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+        /// The version that was already known.
+        version: Version,
+    },
     /// The store failed underneath; nothing was written.
     #[error(transparent)]
     Storage(#[from] StorageError),

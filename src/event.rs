@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::clock::Version;
 use crate::ids::{EntityName, NodeId, Scope};
+use crate::merge::{Leaf, RecordState};
 
 /// The envelope version this build writes and reads.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -222,12 +223,7 @@ pub fn decode(
             });
         }
     };
-    if ev.v != ENVELOPE_VERSION {
-        return Err(QuarantineReason::UnsupportedEnvelope(ev.v as u64));
-    }
-    check_doc(ev.op, ev.doc.as_deref(), limits.max_doc_bytes)?;
-    check_versions(&ev)?;
-
+    check_content(&ev, limits)?;
     let expected = ev.subject(&limits.prefix);
     if subject != expected {
         let origin_token = subject
@@ -245,16 +241,93 @@ pub fn decode(
             },
         });
     }
+    check_drift(&ev.version, stream_time_ms, limits)?;
+    Ok(ev)
+}
 
-    let stamped = ev.version.hlc.physical_ms();
-    let ahead_ms = stamped.saturating_sub(stream_time_ms);
+/// The checks of an event's content, whatever brought it: envelope, document (shape, size,
+/// depth), versions (origin, order), and clock drift against `reference_ms`. For a stream
+/// message `reference_ms` is its JetStream timestamp (the same on every node); for a
+/// record state merged in (snapshot, repair) it is this node's wall clock, since the
+/// events behind such a state are not at hand. [`decode`] and [`check_state`] call it, so
+/// every way data comes in meets the same limits.
+pub fn check_event(
+    ev: &ChangeEvent,
+    reference_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    check_content(ev, limits)?;
+    check_drift(&ev.version, reference_ms, limits)
+}
+
+fn check_content(ev: &ChangeEvent, limits: &EventLimits) -> Result<(), QuarantineReason> {
+    if ev.v != ENVELOPE_VERSION {
+        return Err(QuarantineReason::UnsupportedEnvelope(ev.v as u64));
+    }
+    check_doc(ev.op, ev.doc.as_deref(), limits.max_doc_bytes)?;
+    check_versions(ev)
+}
+
+/// A version stamped further ahead of `reference_ms` than the drift limit is refused: it
+/// would drag every clock that observes it into the future.
+pub fn check_drift(
+    version: &Version,
+    reference_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    let ahead_ms = version.hlc.physical_ms().saturating_sub(reference_ms);
     if ahead_ms > limits.max_clock_drift_ms {
         return Err(QuarantineReason::ClockDrift {
             ahead_ms,
             limit_ms: limits.max_clock_drift_ms,
         });
     }
-    Ok(ev)
+    Ok(())
+}
+
+/// The event a leaf keeps: a leaf holds every field of the event that made it. `None`
+/// doc JSON that is not valid JSON fails here.
+pub fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEvent, String> {
+    let doc = leaf
+        .doc
+        .as_ref()
+        .map(|d| RawValue::from_string(d.clone()))
+        .transpose()
+        .map_err(|e| format!("document of {entity}/{id}: {e}"))?;
+    Ok(ChangeEvent {
+        v: ENVELOPE_VERSION,
+        op: if doc.is_some() { Op::Put } else { Op::Delete },
+        entity: entity.clone(),
+        scope: leaf.scope.clone(),
+        id,
+        origin: leaf.version.node.clone(),
+        origin_seq: leaf.origin_seq,
+        version: leaf.version.clone(),
+        base: leaf.base.clone(),
+        resolves: leaf.resolves.clone(),
+        doc,
+    })
+}
+
+/// Checks a whole record state from outside (a snapshot being loaded, a peer's state in a
+/// repair) leaf by leaf with [`check_event`] against this node's wall clock `now_ms`;
+/// versions it names and its compaction floor must not be beyond the drift limit either
+/// (a far-future floor or named version would make later writes look already seen).
+pub fn check_state(
+    entity: &EntityName,
+    id: Uuid,
+    state: &RecordState,
+    now_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    for leaf in &state.leaves {
+        let ev = leaf_event(entity, id, leaf).map_err(QuarantineReason::Malformed)?;
+        check_event(&ev, now_ms, limits)?;
+    }
+    for v in state.history.iter().map(|n| &n.version).chain(&state.floor) {
+        check_drift(v, now_ms, limits)?;
+    }
+    Ok(())
 }
 
 /// Deepest nesting of objects and arrays a document may have: serde_json refuses to parse
@@ -366,5 +439,71 @@ mod canonical_uuid {
             )));
         }
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+
+    const NOW: u64 = 1_763_000_000_000;
+
+    fn limits() -> EventLimits {
+        EventLimits {
+            prefix: "jetsync".into(),
+            max_doc_bytes: 1000,
+            max_clock_drift_ms: 60_000,
+        }
+    }
+
+    fn state(ms: u64, doc: Option<&str>) -> (EntityName, Uuid, RecordState) {
+        let (entity, id) = (EntityName::new("orders").unwrap(), Uuid::now_v7());
+        let version = Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new("x").unwrap());
+        let mut s = RecordState::default();
+        s.apply(ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: if doc.is_some() { Op::Put } else { Op::Delete },
+            entity: entity.clone(),
+            scope: Scope::default(),
+            id,
+            origin: version.node.clone(),
+            origin_seq: 1,
+            version,
+            base: None,
+            resolves: vec![],
+            doc: doc.map(|d| RawValue::from_string(d.into()).unwrap()),
+        });
+        (entity, id, s)
+    }
+
+    #[test]
+    fn states_meet_the_event_checks() {
+        let check = |(e, id, s): (EntityName, Uuid, RecordState)| {
+            check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
+        };
+        assert_eq!(check(state(NOW + 1000, Some("{}"))), Ok(()));
+        assert_eq!(check(state(NOW, None)), Ok(()));
+        assert_eq!(
+            check(state(NOW + 61_000, Some("{}"))),
+            Err("clock_drift"),
+            "a leaf beyond the drift limit"
+        );
+        assert_eq!(check(state(NOW, Some("null"))), Err("malformed"));
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(2000));
+        assert_eq!(check(state(NOW, Some(&big))), Err("doc_too_large"));
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.floor = Some(Version::new(
+            Hlc::new(NOW + 3_600_000, 0).unwrap(),
+            NodeId::new("x").unwrap(),
+        ));
+        assert_eq!(
+            check((e, id, s)),
+            Err("clock_drift"),
+            "a far-future floor would make later writes look seen"
+        );
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.leaves[0].doc = Some("{not json".into());
+        assert_eq!(check((e, id, s)), Err("malformed"));
     }
 }

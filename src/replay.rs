@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::api::{ApiClient, ApiError, StreamMessage};
+use crate::api::{ApiClient, ApiError};
 use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
 use crate::event::{self, EventLimits};
@@ -48,7 +48,8 @@ pub enum Sink {
     /// Applied to a store (a new one builds a partial replica); its checkpoint moves to
     /// the last sequence replayed.
     Store(Arc<Store>),
-    /// Applied by a running node (`apply` API op); its checkpoint does not move.
+    /// Applied by a running node (`apply` API op, given the sequences: the node reads the
+    /// messages from the stream itself); its checkpoint does not move.
     Node {
         /// The API client that reaches the node.
         api: ApiClient,
@@ -310,17 +311,11 @@ async fn deliver(
             report.rejected += r.quarantined as u64;
         }
         Sink::Node { api, node } => {
-            let messages: Vec<StreamMessage> = taken
-                .into_iter()
-                .map(|(seq, subject, payload, time_ms)| StreamMessage {
-                    seq,
-                    subject,
-                    payload: String::from_utf8_lossy(&payload).into_owned(),
-                    time_ms,
-                })
-                .collect();
+            // Only the sequences: the node reads each message from the stream itself, so
+            // its subject and timestamp are the stream's, not what a caller claims.
+            let seqs: Vec<u64> = taken.iter().map(|m| m.0).collect();
             for r in api
-                .call_batched(node, "apply", "messages", &messages, json!({}))
+                .call_batched(node, "apply", "seqs", &seqs, json!({}))
                 .await?
             {
                 report.applied += r["applied"].as_u64().unwrap_or(0);

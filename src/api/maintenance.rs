@@ -6,10 +6,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::server::{applied_reply, blocking, fit_reply, to_json};
-use super::wire::{RemoteError, Req};
+use super::wire::{RemoteError, Req, bad_request};
 use crate::merge::RecordState;
 use crate::node::NodeHandle;
-use crate::store::{Incoming, RecordSlot, VerifyHashes};
+use crate::store::{RecordSlot, VerifyHashes};
 
 pub(super) async fn snapshot(node: &NodeHandle) -> Result<Value, RemoteError> {
     let report = node
@@ -50,7 +50,17 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
     let states: Vec<(Uuid, RecordState)> =
         req.states.into_iter().map(|e| (e.id, e.state)).collect();
     let report = blocking(move || store.merge_records(&entity, states)).await?;
-    let out = json!({"changed": report.changed, "repaired": report.repaired});
+    let refused: Vec<Value> = report
+        .refused
+        .iter()
+        .map(|(id, why)| json!({"id": id, "reason": why}))
+        .collect();
+    let out = json!({
+        "changed": report.changed,
+        "repaired": report.repaired,
+        "refused": refused.len(),
+        "refusals": refused,
+    });
     node.announce(report.changes);
     Ok(out)
 }
@@ -106,23 +116,19 @@ pub(super) async fn quarantine_retry(node: &NodeHandle, req: Req) -> Result<Valu
     Ok(applied_reply(node, report))
 }
 
-/// Applies replayed stream messages idempotently; the checkpoint does not move.
+/// Applies the stream messages at the given sequences idempotently; the checkpoint does
+/// not move. The node reads them from the stream itself: a caller names messages, it
+/// cannot supply them (their subject and timestamp decide the origin and drift checks).
 pub(super) async fn apply(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
-    let messages = req.messages;
-    let report = blocking(move || {
-        let incoming: Vec<Incoming<'_>> = messages
-            .iter()
-            .map(|m| Incoming {
-                stream_seq: m.seq,
-                subject: &m.subject,
-                payload: m.payload.as_bytes(),
-                stream_time_ms: m.time_ms,
-            })
-            .collect();
-        store.apply_backfill(&incoming)
-    })
-    .await?;
+    if !req.messages.is_empty() {
+        return Err(bad_request(
+            "\"messages\" is no longer accepted: send \"seqs\", the node reads the messages from the stream",
+        ));
+    }
+    let report = node
+        .apply_from_stream(&req.seqs)
+        .await
+        .map_err(|e| RemoteError::new("apply", e.to_string()))?;
     Ok(applied_reply(node, report))
 }
 

@@ -37,6 +37,7 @@
 //! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
 //! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
 //! is answered with a `reply_too_large` error instead of being dropped by the server.
+//! | `apply` | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
 
 //!
 //! Files: `wire` (subjects, request and reply types), `server` (the service, the

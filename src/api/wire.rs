@@ -59,6 +59,8 @@ impl From<WriteError> for RemoteError {
             WriteError::UnknownVersion { .. } => ("unknown_version", None),
             WriteError::EventTooLarge { .. } => ("event_too_large", None),
             WriteError::DiskFull { .. } => ("disk_full", None),
+            WriteError::ClockExhausted(_) => ("clock_exhausted", None),
+            WriteError::NotApplied { .. } => ("not_applied", None),
             WriteError::Storage(_) => ("storage", None),
         };
         RemoteError {
@@ -109,6 +111,9 @@ pub(super) struct Req {
     pub after_seq: Option<u64>,
     #[serde(default)]
     pub messages: Vec<StreamMessage>,
+    /// Stream sequences (`apply`).
+    #[serde(default)]
+    pub seqs: Vec<u64>,
 }
 
 /// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
@@ -120,7 +125,9 @@ pub struct StateEntry {
     pub state: RecordState,
 }
 
-/// A stream message carried over the API (replay into a running node).
+/// A stream message as `apply` once took it from the caller; now refused with a clear
+/// error (the node reads messages from the stream by sequence), kept so old clients get
+/// that error rather than a parse failure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamMessage {
     /// The message's stream sequence.

@@ -199,6 +199,9 @@ pub struct Conn {
     /// flag or variable gives them.
     #[arg(long, env = "NATS_CONTEXT", global = true)]
     pub context: Option<String>,
+    /// Reply inbox prefix, when the server allows this user only its own (`_INBOX_ops`).
+    #[arg(long, env = "JETSYNC_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -239,6 +242,7 @@ impl Conn {
             user: self.user.clone(),
             password: self.password.clone(),
             tls_ca: self.tls_ca.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
             ..NatsAuth::default()
         };
         // The context fills in only when no flag chose an auth method, so a flag never

@@ -10,11 +10,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 
 use super::backfill::backfill_new_entities;
-use super::batch::{Intake, Next, Own, Stop, apply_batch, blocking};
+use super::batch::{Intake, Next, Stop, apply_batch, blocking};
 use super::bootstrap::bootstrap;
+use super::guard;
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
-use crate::stream::{Retention, StreamError, StreamIdentity, ensure_stream};
+use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 
 /// How often a node halted on a retention gap looks for a snapshot that covers it (and a
 /// node halted on a full disk tries again).
@@ -70,14 +71,28 @@ async fn follow_stream(shared: &Arc<Shared>) -> Stop {
 
 async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let cfg = &shared.config;
-    let provisioned = shared.or_stop(ensure_stream(&shared.js, &cfg.stream)).await;
-    let (identity, state) = match provisioned.ok_or(Stop::Shutdown)? {
+    // Only the process holding the node id touches its consumer.
+    if !shared.wait_ready().await {
+        return Ok(());
+    }
+    let configured = guard::configured_limits_of(cfg);
+    let provisioned = shared
+        .or_stop(provision(&shared.js, &cfg.stream, Some(configured)))
+        .await;
+    let provisioned = match provisioned.ok_or(Stop::Shutdown)? {
         Ok(v) => v,
         Err(StreamError::Conflict { detail, .. }) => {
             return Err(Stop::Halt(Halt::StreamConflict { detail }));
         }
         Err(e) => return Err(Stop::Retry(e.to_string())),
     };
+    if guard::adopt_limits(&shared.store, configured, &provisioned)
+        .await
+        .map_err(|e| Stop::Retry(e.to_string()))?
+    {
+        shared.live().trust.limits_from_stream = true;
+    }
+    let (identity, state) = (provisioned.identity, provisioned.state);
     shared.live().stream_last_seq = Some(state.last_sequence);
     let mut checkpoint = check_same_stream(shared, &identity, state.last_sequence).await?;
     let compacted = cfg.stream.retention == Retention::Compacted;
@@ -107,7 +122,12 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
         .then(|| tokio::time::Instant::now() + HALT_RECHECK);
     shared.live().halted = held;
     tracing::info!(checkpoint, ?filters, "following the stream");
-    apply_messages(shared, consumer, checkpoint, recheck).await
+    tokio::select! {
+        r = apply_messages(shared, consumer, checkpoint, recheck) => r,
+        _ = shared.not_ready() => Err(Stop::Retry(
+            "node lease not held: applying paused until it is".into(),
+        )),
+    }
 }
 
 /// Halts unless the server's stream is the one this node followed (recorded on first
@@ -194,7 +214,6 @@ async fn apply_messages(
     let cfg = &shared.config;
     let idle_probe = consumer.clone();
     let partial = !cfg.entities.is_empty();
-    let own = Own::new(shared);
     let mut intake = Intake::open(consumer, cfg.fetch_batch).await?;
     let mut stop = shared.shutdown.clone();
     let mut next_expected = checkpoint + 1;
@@ -215,7 +234,7 @@ async fn apply_messages(
         check_none_removed(shared, &batch.msgs, next_expected).await?;
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
-            let through = apply_batch(shared, &batch.msgs, &own).await?;
+            let through = apply_batch(shared, &batch.msgs).await?;
             next_expected = next_expected.max(through + 1);
         }
         if let Some(f) = batch.failure {

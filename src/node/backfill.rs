@@ -119,9 +119,14 @@ async fn backfill(
         .await
         .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
     let mut resumed = 0;
+    // Named after the node, so NATS permissions can confine a node to its own consumers
+    // (deploy/secure); a leftover from an interrupted backfill goes first.
+    let name = format!("jetsync_{}_backfill", cfg.node_id);
     'consumers: loop {
+        let _ = stream.delete_consumer(&name).await;
         let consumer = stream
             .create_consumer(pull::Config {
+                name: Some(name.clone()),
                 filter_subjects: filters.clone(),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: from,

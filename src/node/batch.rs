@@ -1,6 +1,6 @@
 //! Batches of stream messages: gathering the consumer's deliveries into batches
-//! ([`Intake`]), applying one in a transaction and acknowledging it ([`apply_batch`],
-//! skipping this node's own events), and what the apply loop's steps share: [`Stop`], how
+//! ([`Intake`]), applying one in a transaction and acknowledging it ([`apply_batch`]),
+//! and what the apply loop's steps share: [`Stop`], how
 //! they end, and [`blocking`] store calls.
 
 use std::sync::Arc;
@@ -207,41 +207,15 @@ impl Batch {
     }
 }
 
-/// Recognises this node's own events in the stream: written here, known already.
-pub(super) struct Own<'a> {
-    msg_id_prefix: String,
-    /// `<prefix>.<entity>.<scope>.<origin>.<id>`: the origin's index among the tokens.
-    origin_token: usize,
-    node: &'a str,
-}
-
-impl<'a> Own<'a> {
-    pub(super) fn new(shared: &'a Shared) -> Self {
-        Own {
-            msg_id_prefix: shared.store.msg_id_prefix(),
-            origin_token: shared.config.stream.prefix.split('.').count() + 2,
-            node: shared.config.node_id.as_str(),
-        }
-    }
-
-    /// Both the message id and the subject's origin token must be ours: a header alone
-    /// could be set by anyone, while publishing on our origin's subjects can be denied by
-    /// NATS permissions.
-    fn wrote(&self, m: &jetstream::Message) -> bool {
-        m.headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .is_some_and(|id| id.as_str().starts_with(self.msg_id_prefix.as_str()))
-            && m.subject.split('.').nth(self.origin_token) == Some(self.node)
-    }
-}
-
-/// Applies `msgs` (all but this node's own) in one transaction through the last one's
-/// sequence, acknowledges them and publishes their changes; returns that sequence.
+/// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
+/// and publishes their changes; returns that sequence. Events this store's incarnation
+/// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
+/// passed over, which keeps a busy writer's own echo cheap; every other event, this
+/// node's included, goes through the checks and the merge (it skips known versions), so a
+/// store restored from a backup gets back the writes it forgot.
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
-    own: &Own<'_>,
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
@@ -252,7 +226,12 @@ pub(super) async fn apply_batch(
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
         pending = Some(info.pending);
-        if own.wrote(m) {
+        let ours = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| shared.store.wrote(id.as_str()));
+        if ours {
             continue;
         }
         batch.push(Fetched::new(m, &info));

@@ -28,6 +28,7 @@ mod backfill;
 mod batch;
 mod bootstrap;
 mod config;
+mod guard;
 mod idle;
 mod publisher;
 mod snapshots;
@@ -46,6 +47,7 @@ use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
 pub use self::config::{NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::guard::{LimitsStatus, Restored, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -53,10 +55,11 @@ pub use crate::ids::EntityFilter;
 use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
+use crate::lease::{Lease, LeaseError, LeaseState};
 use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
-use crate::stream::{StreamError, ensure_stream};
+use crate::stream::{StreamError, provision};
 
 /// Store metadata key of the stream identity this node follows.
 pub const META_STREAM: &str = "x.stream";
@@ -82,6 +85,9 @@ pub enum NodeError {
     /// A task of the node panicked or was cancelled (opening the store, a loop, a status read).
     #[error("node task failed: {0}")]
     Task(String),
+    /// The node id is held by another process, or the lease could not be taken.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// A task that lives beside a node and stops with it, such as a front end serving the
@@ -112,6 +118,7 @@ struct Live {
     /// Why the publisher last parked an event as refused.
     publish_refused: Option<String>,
     counts: status::Counts,
+    trust: guard::TrustLive,
 }
 
 /// What the node's loops, services and handles share.
@@ -126,6 +133,10 @@ struct Shared {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Publish permissions violations the server reported on the connection.
     denied: Arc<DeniedSubjects>,
+    /// Whether this process holds the node id (see [`crate::lease`]).
+    lease: tokio::sync::watch::Receiver<LeaseState>,
+    /// True while the publisher and the apply loop may run (see [`guard`]).
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -219,25 +230,63 @@ impl Node {
 
         // Refuse a conflicting stream now if the server answers quickly; otherwise the
         // apply loop keeps trying in the background.
-        if let Ok(Err(StreamError::Conflict { name, detail })) =
-            tokio::time::timeout(Duration::from_secs(3), ensure_stream(&js, &config.stream)).await
-        {
-            return Err(StreamError::Conflict { name, detail }.into());
-        }
+        // If NATS answers quickly: refuse a conflicting stream or a node id another process
+        // holds now, and adopt the deployment's limits. Otherwise the node starts offline
+        // (local writes only) and its lease task keeps trying.
+        let store = Arc::new(store);
+        let configured = guard::configured_limits_of(&config);
+        let early = tokio::time::timeout(Duration::from_secs(3), async {
+            let provisioned = provision(&js, &config.stream, Some(configured)).await?;
+            let lease =
+                Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir).await;
+            Ok::<_, StreamError>((provisioned, lease))
+        })
+        .await;
+        let (lease, limits_from_stream) = match early {
+            Ok(Err(e @ StreamError::Conflict { .. })) => return Err(e.into()),
+            Ok(Ok((_, Err(e @ LeaseError::Held { .. })))) => return Err(e.into()),
+            Ok(Ok((provisioned, lease))) => (
+                lease.ok(),
+                guard::adopt_limits(&store, configured, &provisioned).await?,
+            ),
+            _ => (None, false),
+        };
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (lease_tx, lease_rx) = tokio::sync::watch::channel(if lease.is_some() {
+            LeaseState::Held
+        } else {
+            LeaseState::Pending { error: None }
+        });
+        let mut live = Live::default();
+        live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
-            store: Arc::new(store),
+            store,
             config,
             js,
             client,
             outbox_ready: Notify::new(),
             changes: broadcast::channel(4096).0,
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(live),
             shutdown,
             denied,
+            lease: lease_rx,
+            ready: tokio::sync::watch::channel(false).0,
         });
         let mut tasks = vec![
+            (
+                "node lease",
+                tokio::spawn(crate::lease::keep(
+                    shared.js.clone(),
+                    shared.config.stream.name.clone(),
+                    shared.config.node_id.clone(),
+                    shared.config.data_dir.clone(),
+                    lease,
+                    lease_tx,
+                    shared.shutdown.clone(),
+                )),
+            ),
+            ("readiness", tokio::spawn(guard::ready_loop(shared.clone()))),
             (
                 "publisher",
                 tokio::spawn(publisher::publish_loop(shared.clone())),

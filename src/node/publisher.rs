@@ -30,6 +30,10 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
 async fn publish_loop_inner(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     while !shared.stopping() {
+        // Only while this process holds the node id (and has checked for a restore).
+        if !*shared.ready.borrow() && !shared.wait_ready().await {
+            break;
+        }
         let store = shared.store.clone();
         let window = shared.config.publish_window;
         let peeked =
@@ -64,7 +68,7 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         tracing::trace!(entries = entries.len(), "publishing a window");
         let mut refused = Vec::new();
         // Unacknowledged entries stay queued: leaving the window at shutdown loses nothing.
-        let Some((acked, mut failure)) = shared
+        let Some((acked, duplicates, failure)) = shared
             .or_stop(async {
                 let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
                 tracing::trace!(sent = pending.len(), "publish window sent");
@@ -74,6 +78,8 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         else {
             break;
         };
+        let (acked, mut failure) =
+            check_duplicates(&shared, &entries, acked, duplicates, failure).await;
         tracing::trace!(acked = acked.len(), ?failure, "acks collected");
         if !refused.is_empty() && !park(&shared, refused).await {
             break;
@@ -159,15 +165,16 @@ async fn send_window(
 }
 
 /// Awaits the window's acks together: if a server restart lost them, the window costs one
-/// timeout, not one per message. Returns the acknowledged `origin_seq`s and the first
-/// failure (`failure` if sending already failed). A publish the server refused for good
-/// goes to `refused`.
+/// timeout, not one per message. Returns the acknowledged `origin_seq`s, those acknowledged
+/// as duplicates (`origin_seq`, stream sequence) to check, and the first failure
+/// (`failure` if sending already failed). A publish the server refused for good goes to
+/// `refused`.
 async fn collect_acks(
     shared: &Shared,
     pending: Vec<(u64, String, PublishAckFuture)>,
     mut failure: Option<String>,
     refused: &mut Vec<(u64, String)>,
-) -> (Vec<u64>, Option<String>) {
+) -> (Vec<u64>, Vec<(u64, u64)>, Option<String>) {
     let acks =
         futures::future::join_all(pending.into_iter().map(|(seq, subject, ack)| async move {
             (
@@ -178,8 +185,13 @@ async fn collect_acks(
         }))
         .await;
     let mut acked = Vec::with_capacity(acks.len());
+    let mut duplicates = Vec::new();
     for (seq, subject, result) in acks {
         let err = match result {
+            Ok(Ok(ack)) if ack.duplicate => {
+                duplicates.push((seq, ack.sequence));
+                continue;
+            }
             Ok(Ok(_)) => {
                 acked.push(seq);
                 continue;
@@ -191,6 +203,80 @@ async fn collect_acks(
             Some(reason) => refused.push((seq, reason)),
             None => {
                 failure.get_or_insert_with(|| format!("publish ack: {err}"));
+            }
+        }
+    }
+    (acked, duplicates, failure)
+}
+
+/// A PubAck marked duplicate means JetStream already holds a message with that id: the
+/// node's own earlier attempt, or someone else's message that took the id. It counts as
+/// published only if the message stored at the ack's sequence is this event; otherwise
+/// the event is published again under a fresh id, and the squatting is reported.
+async fn check_duplicates(
+    shared: &Shared,
+    entries: &[OutboxEntry],
+    mut acked: Vec<u64>,
+    duplicates: Vec<(u64, u64)>,
+    mut failure: Option<String>,
+) -> (Vec<u64>, Option<String>) {
+    if duplicates.is_empty() {
+        return (acked, failure);
+    }
+    let stream = match shared.js.get_stream(&shared.config.stream.name).await {
+        Ok(s) => s,
+        Err(e) => {
+            failure.get_or_insert_with(|| format!("checking duplicate acks: {e}"));
+            return (acked, failure);
+        }
+    };
+    for (origin_seq, stream_seq) in duplicates {
+        let Some(entry) = entries.iter().find(|e| e.origin_seq == origin_seq) else {
+            continue;
+        };
+        let stored = match crate::stream::read_message(&stream, stream_seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                failure.get_or_insert_with(|| format!("checking a duplicate ack: {e}"));
+                continue;
+            }
+        };
+        // Gone (retention removed it): nothing to compare; republishing an old event into
+        // a compacted stream could displace a newer one, so take the ack.
+        let ours = stored.is_none_or(|m| {
+            m.subject == entry.subject && m.payload.as_ref() == entry.payload.as_slice()
+        });
+        if ours {
+            acked.push(origin_seq);
+            continue;
+        }
+        let fresh = shared.store.fresh_msg_id(origin_seq);
+        tracing::warn!(
+            origin_seq,
+            msg_id = %entry.msg_id,
+            taken_at = stream_seq,
+            %fresh,
+            "another message took this event's id: publishing it again under a fresh id"
+        );
+        shared.live().trust.publish_squatted += 1;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(entry.payload.clone().into())
+            .message_id(fresh.as_str());
+        let sent = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            shared
+                .js
+                .send_publish(entry.subject.clone(), publish)
+                .await?
+                .await
+        })
+        .await;
+        match sent {
+            Ok(Ok(_)) => acked.push(origin_seq),
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| format!("republishing under a fresh id: {e}"));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "republishing under a fresh id: timed out".into());
             }
         }
     }

@@ -117,6 +117,9 @@ pub struct Status {
     pub publish_refused: Option<String>,
     /// This node's entity filters (empty: every entity type).
     pub entities: Vec<EntityFilter>,
+    /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
+    #[serde(flatten)]
+    pub trust: super::TrustStatus,
 }
 
 /// The store's counters in a status, kept from the last time they could be read.
@@ -144,6 +147,8 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))?;
+        // Before taking `live`: it locks it too.
+        let trust = self.trust_status();
         let mut live = self.0.live();
         // A store that cannot be read (closed after an I/O error, awaiting reopening) still
         // gives a status: the last counts read, and the error.
@@ -189,6 +194,7 @@ impl NodeHandle {
             refused,
             publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
+            trust,
         })
     }
 }

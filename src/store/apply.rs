@@ -1,8 +1,12 @@
 //! Applying the stream: batches of incoming messages merged (or quarantined) in one
 //! transaction that also moves the checkpoint, and backfills that do not move it.
 
-use super::codec::encode_postcard;
-use super::format::{K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, read_u64};
+use redb::ReadableTable;
+
+use super::codec::{encode_postcard, leaf_event};
+use super::format::{
+    K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED, read_u64,
+};
 use super::quarantine::QuarantineRow;
 use super::tx::Tx;
 use super::{ApplyReport, Incoming, Store};
@@ -19,9 +23,8 @@ impl Store {
         self.apply_batch_through(batch, 0)
     }
 
-    /// [`Store::apply_batch`], advancing the checkpoint to at least `through`: the apply
-    /// loop leaves this node's own events (known already) out of `batch` but still moves
-    /// past them.
+    /// [`Store::apply_batch`], advancing the checkpoint to at least `through` (the last
+    /// sequence the apply loop fetched, though its batch may end earlier).
     pub fn apply_batch_through(
         &self,
         batch: &[Incoming<'_>],
@@ -70,7 +73,9 @@ impl Store {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META)?;
             let mut quarantine = txn.open_table(QUARANTINE)?;
-            let mut outbox = txn.open_table(OUTBOX)?;
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED)?;
+            let limits = self.limits();
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
             for id in retried {
@@ -83,18 +88,22 @@ impl Store {
                     continue;
                 }
                 new_checkpoint = new_checkpoint.max(msg.stream_seq);
-                match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &self.limits) {
+                match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &limits) {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
-                        // Another node superseding one of our queued versions has seen it
-                        // in the stream: it is published, and its leaf is about to go.
+                        // Another origin superseding one of our queued versions is no proof
+                        // that it was published (a stamp can be guessed): its leaf is about
+                        // to go, so keep its event until our own PubAck retires it.
                         for leaf in state.leaves.iter().filter(|l| {
                             l.version.node == self.node
                                 && (ev.base.as_ref() == Some(&l.version)
                                     || ev.resolves.contains(&l.version))
                         }) {
-                            outbox.remove(leaf.origin_seq)?;
+                            if outbox.get(leaf.origin_seq)?.is_some() {
+                                let queued = leaf_event(&ev.entity, ev.id, leaf)?;
+                                unpublished.insert(leaf.origin_seq, queued.encode().as_slice())?;
+                            }
                         }
                         match tx.merge(state, ev)? {
                             Merge::Applied => {

@@ -40,7 +40,12 @@ pub(super) const K_HLC: &str = "hlc";
 pub(super) const K_ORIGIN_SEQ: &str = "origin_seq";
 pub(super) const K_CHECKPOINT: &str = "checkpoint";
 pub(super) const K_QUARANTINE_SEQ: &str = "quarantine_seq";
-const K_INCARNATION: &str = "incarnation";
+pub(super) const K_INCARNATION: &str = "incarnation";
+/// The secret of this incarnation's message ids (see [`crate::msgid`]).
+pub(super) const K_MSGID_SECRET: &str = "msgid_secret";
+/// The deployment's limits last adopted from the stream, JSON; used until the stream is
+/// reached again.
+pub(super) const K_LIMITS: &str = "limits";
 
 pub(super) type RecordTable<'t> = Table<'t, u128, &'static [u8]>;
 
@@ -82,13 +87,22 @@ pub(super) fn read_u64(
     }
 }
 
+/// What opening a store reads from its meta table.
+pub(super) struct Opened {
+    pub hlc: Hlc,
+    pub incarnation: u64,
+    pub secret: Vec<u8>,
+    pub limits: Option<crate::stream::DeploymentLimits>,
+}
+
 /// Initialises a new file, or checks that an existing one is a jetsync store of this format
-/// and this node. Returns the persisted HLC.
+/// and this node. Returns the persisted HLC, incarnation, message-id secret (made now for
+/// a store from before secrets) and adopted limits.
 pub(super) fn init_or_check(
     db: &Database,
     path: &Path,
     node: &NodeId,
-) -> Result<(Hlc, u64), OpenError> {
+) -> Result<Opened, OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let hlc = {
         let fresh = txn
@@ -160,10 +174,28 @@ pub(super) fn init_or_check(
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
         txn.open_table(DAMAGED).map_err(StorageError::from)?;
         txn.open_table(REFUSED).map_err(StorageError::from)?;
-        (
-            Hlc::from_u64(read_u64(&meta, K_HLC)?),
-            read_u64(&meta, K_INCARNATION)?,
-        )
+        let secret = match meta.get(K_MSGID_SECRET).map_err(StorageError::from)? {
+            Some(g) => g.value().to_vec(),
+            None => Vec::new(),
+        };
+        let secret = if secret.is_empty() {
+            let s = crate::msgid::MsgIds::new_secret();
+            meta.insert(K_MSGID_SECRET, s.as_slice())
+                .map_err(StorageError::from)?;
+            s.to_vec()
+        } else {
+            secret
+        };
+        let limits = meta
+            .get(K_LIMITS)
+            .map_err(StorageError::from)?
+            .and_then(|g| serde_json::from_slice(g.value()).ok());
+        Opened {
+            hlc: Hlc::from_u64(read_u64(&meta, K_HLC)?),
+            incarnation: read_u64(&meta, K_INCARNATION)?,
+            secret,
+            limits,
+        }
     };
     txn.commit().map_err(StorageError::from)?;
     Ok(hlc)

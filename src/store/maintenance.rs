@@ -20,6 +20,7 @@ use super::{Incoming, Store};
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
+use crate::event;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
 use crate::store::{ApplyReport, Change, Page};
@@ -108,6 +109,9 @@ pub struct MergeReport {
     pub changed: usize,
     /// Damaged local records replaced by the incoming state.
     pub repaired: usize,
+    /// Incoming states refused whole (they failed the event checks, see
+    /// [`crate::event::check_state`]), with why; nothing of them was merged.
+    pub refused: Vec<(Uuid, String)>,
     /// The visible record changes the merge made.
     pub changes: Vec<Change>,
 }
@@ -196,6 +200,11 @@ impl Store {
     /// Folds whole record states from another replica (a snapshot or a peer being
     /// repaired against) into this store, in one transaction: each record becomes the
     /// state of the union of both sides' events. A damaged local record is replaced.
+    ///
+    /// Every incoming state first meets the event checks leaf by leaf (document, versions,
+    /// drift against this node's wall clock: [`event::check_state`]), and a leaf of this
+    /// node's own version must match the one it holds (it wrote it); a state that fails is
+    /// refused whole, logged and listed in [`MergeReport::refused`].
     pub fn merge_records(
         &self,
         entity: &EntityName,
@@ -204,17 +213,41 @@ impl Store {
         let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = MergeReport::default();
+        let limits = self.limits();
         {
             let mut tx = Tx::new(&txn)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let mut meta = txn.open_table(META)?;
             for (id, incoming) in records {
+                let mut refuse = |why: String| {
+                    tracing::warn!(%entity, %id, reason = %why, "merged record state refused");
+                    report.refused.push((id, why));
+                };
+                if let Err(reason) =
+                    event::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
+                {
+                    refuse(reason.to_string());
+                    continue;
+                }
                 let key = (entity.as_str(), id.as_u128());
                 // Loading moves a damaged value aside; either way a full state replaces it.
                 let loaded = tx.load(entity, &id)?;
                 let damaged_now = tx.damaged_rows.get(key)?.is_some();
                 let mut state = loaded.unwrap_or_default();
+                if let Some(theirs) = incoming.leaves.iter().find(|l| {
+                    l.version.node == self.node
+                        && state
+                            .leaves
+                            .iter()
+                            .any(|m| m.version == l.version && *m != **l)
+                }) {
+                    refuse(format!(
+                        "this node's own version {} differs from the one it wrote",
+                        theirs.version
+                    ));
+                    continue;
+                }
                 let before = Before::of(&id, &state);
                 let old = state.clone();
                 for leaf in &incoming.leaves {

@@ -68,12 +68,14 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 
-use format::init_or_check;
+use format::{K_HLC, K_INCARNATION, K_LIMITS, K_MSGID_SECRET, K_ORIGIN_SEQ, META, init_or_check};
 
 use crate::clock::{Hlc, HlcClock, SystemClock, WallClock};
 use crate::error::{OpenError, StorageError};
 use crate::event::EventLimits;
 use crate::ids::NodeId;
+use crate::msgid::MsgIds;
+use crate::stream::DeploymentLimits;
 
 pub use codec::decode_stored_state;
 pub use format::FORMAT_VERSION;
@@ -101,10 +103,12 @@ pub struct Store {
     path: PathBuf,
     node: NodeId,
     config: StoreConfig,
-    limits: EventLimits,
-    /// Random per store file: part of every `Nats-Msg-Id`, so a node whose store was lost
-    /// and recreated under the same id is not de-duplicated against its old events.
-    incarnation: u64,
+    /// What incoming events are checked against: the configured limits until the
+    /// deployment's are adopted ([`Store::adopt_limits`]).
+    limits: RwLock<EventLimits>,
+    /// Random per incarnation (a new store file, or one found restored from a backup):
+    /// its `Nats-Msg-Id`s, so an incarnation is never de-duplicated against another's.
+    ids: RwLock<MsgIds>,
     clock: Mutex<HlcClock>,
 }
 
@@ -143,8 +147,14 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        let (last_hlc, incarnation) = init_or_check(&db, &path, &node)?;
-        let limits = EventLimits::from(&config);
+        let opened = init_or_check(&db, &path, &node)?;
+        let mut limits = EventLimits::from(&config);
+        if let Some(adopted) = opened.limits {
+            limits.max_doc_bytes = adopted.max_doc_bytes;
+            limits.max_clock_drift_ms = adopted.max_clock_drift_ms;
+        }
+        let clock = HlcClock::new(wall, opened.hlc).with_max_ahead(limits.max_clock_drift_ms);
+        let ids = MsgIds::new(node.clone(), opened.incarnation, &opened.secret);
         Ok(Store {
             db: RwLock::new(Some(Arc::new(db))),
             io: Mutex::new(IoHealth::default()),
@@ -152,9 +162,9 @@ impl Store {
             path,
             node,
             config,
-            limits,
-            clock: Mutex::new(HlcClock::new(wall, last_hlc)),
-            incarnation,
+            limits: RwLock::new(limits),
+            clock: Mutex::new(clock),
+            ids: RwLock::new(ids),
         })
     }
 
@@ -306,9 +316,103 @@ impl Store {
         self.max_payload.load(Ordering::Relaxed)
     }
 
-    /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s.
+    /// The limits incoming events and local writes are checked against now.
+    pub fn limits(&self) -> EventLimits {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adopts the deployment's limits (pinned in the stream's metadata) and keeps them in
+    /// the store, so a restart that cannot reach NATS uses them too.
+    pub fn adopt_limits(&self, limits: DeploymentLimits) -> Result<(), StorageError> {
+        let txn = self.begin_write()?;
+        txn.open_table(META)?.insert(
+            K_LIMITS,
+            serde_json::to_vec(&limits).unwrap_or_default().as_slice(),
+        )?;
+        self.commit(txn)?;
+        {
+            let mut l = self.limits.write().unwrap_or_else(|p| p.into_inner());
+            l.max_doc_bytes = limits.max_doc_bytes;
+            l.max_clock_drift_ms = limits.max_clock_drift_ms;
+        }
+        self.clock().set_max_ahead(limits.max_clock_drift_ms);
+        Ok(())
+    }
+
+    fn ids(&self) -> MsgIds {
+        self.ids.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s (the rest is the
+    /// `origin_seq` and a tag only this incarnation can make, see [`crate::msgid`]).
     pub fn msg_id_prefix(&self) -> String {
-        format!("{}:{:016x}:", self.node, self.incarnation)
+        let id = self.ids().id(0);
+        let mut parts = id.splitn(3, ':');
+        format!(
+            "{}:{}:",
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        )
+    }
+
+    /// The `Nats-Msg-Id` of this node's event with `origin_seq`.
+    pub fn msg_id(&self, origin_seq: u64) -> String {
+        self.ids().id(origin_seq)
+    }
+
+    /// Whether `msg_id` is one this incarnation made: its tag proves it, and nobody else
+    /// can make one (see [`crate::msgid`]). Such an event was written to this store in the
+    /// transaction that queued it, so applying it again is known to change nothing. A
+    /// store restored from a backup becomes a new incarnation before it applies anything,
+    /// so the writes it forgot do not pass for known.
+    pub fn wrote(&self, msg_id: &str) -> bool {
+        let Some(seq) = msg_id.split(':').nth(2).and_then(|s| s.parse().ok()) else {
+            return false;
+        };
+        self.ids().id(seq) == msg_id
+    }
+
+    /// A `Nats-Msg-Id` never used before, for republishing the event with `origin_seq`
+    /// whose id another message took.
+    pub fn fresh_msg_id(&self, origin_seq: u64) -> String {
+        self.ids().fresh_id(origin_seq)
+    }
+
+    /// The `origin_seq` of this node's latest write.
+    pub fn last_origin_seq(&self) -> Result<u64, StorageError> {
+        format::read_u64(&self.read()?.open_table(META)?, K_ORIGIN_SEQ)
+    }
+
+    /// Makes this store a new incarnation, because the stream holds events of this origin
+    /// beyond the store's last `origin_seq` (it was restored from a backup): new message
+    /// ids and secret, `origin_seq` continued after `stream_origin_seq`, and the clock past
+    /// `stream_hlc`, so new writes never collide with the ones the store forgot. Returns
+    /// the new incarnation.
+    pub fn new_incarnation(
+        &self,
+        stream_origin_seq: u64,
+        stream_hlc: Hlc,
+    ) -> Result<u64, StorageError> {
+        let incarnation = uuid::Uuid::new_v4().as_u64_pair().0;
+        let secret = MsgIds::new_secret();
+        let txn = self.begin_write()?;
+        let mut clock = self.clock();
+        {
+            let mut meta = txn.open_table(META)?;
+            let seq = format::read_u64(&meta, K_ORIGIN_SEQ)?.max(stream_origin_seq);
+            meta.insert(K_ORIGIN_SEQ, seq.to_le_bytes().as_slice())?;
+            meta.insert(K_INCARNATION, incarnation.to_le_bytes().as_slice())?;
+            meta.insert(K_MSGID_SECRET, secret.as_slice())?;
+            clock.observe(stream_hlc);
+            meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
+        }
+        self.commit(txn)?;
+        *self.ids.write().unwrap_or_else(|p| p.into_inner()) =
+            MsgIds::new(self.node.clone(), incarnation, &secret);
+        Ok(incarnation)
     }
 
     /// The greatest HLC stamp issued or observed.

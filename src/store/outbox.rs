@@ -39,6 +39,7 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;
+        let ids = self.ids();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
         let mut stranded = Vec::new();
@@ -104,7 +105,7 @@ impl Store {
             };
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: format!("{}{seq}", self.msg_id_prefix()),
+                msg_id: ids.id(seq),
                 subject: ev.subject(&self.config.prefix),
                 payload: ev.encode(),
             });

@@ -169,7 +169,16 @@ impl Store {
                     }
                 }
                 origin_seq += 1;
-                let version = Version::new(clock.now(), self.node.clone());
+                // Past every version this write supersedes, even one observing could not
+                // move the clock to (beyond the drift limit of this node's wall clock).
+                let floor = state
+                    .winner()
+                    .map(|l| l.version.hlc)
+                    .into_iter()
+                    .chain(w.resolves.iter().map(|v| v.hlc))
+                    .max()
+                    .unwrap_or_default();
+                let version = Version::new(clock.try_now_after(floor)?, self.node.clone());
                 let ev = ChangeEvent {
                     v: ENVELOPE_VERSION,
                     op: if doc.is_some() { Op::Put } else { Op::Delete },
@@ -190,7 +199,15 @@ impl Store {
                         encode_outbox(&w.entity, &w.id, version.hlc).as_slice(),
                     )
                     .map_err(StorageError::from)?;
-                tx.merge(state, ev)?;
+                // A stamp is new by construction; should a clock fault ever repeat one, the
+                // write would vanish as a duplicate: refuse it instead of returning Ok.
+                if tx.merge(state, ev)? == crate::merge::Merge::Duplicate {
+                    return Err(WriteError::NotApplied {
+                        entity: w.entity,
+                        id: w.id,
+                        version,
+                    });
+                }
                 out.push(Written {
                     entity: w.entity,
                     id: w.id,
@@ -224,11 +241,9 @@ impl Store {
             )));
         }
         let size = raw.get().len();
-        if size > self.config.max_doc_bytes {
-            return Err(WriteError::DocTooLarge {
-                size,
-                limit: self.config.max_doc_bytes,
-            });
+        let limit = self.limits().max_doc_bytes;
+        if size > limit {
+            return Err(WriteError::DocTooLarge { size, limit });
         }
         Ok(raw)
     }
