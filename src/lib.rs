@@ -48,6 +48,7 @@ pub mod event;
 pub mod ids;
 pub mod merge;
 pub mod node;
+pub mod ops;
 pub mod replay;
 pub mod snapshot;
 pub mod store;

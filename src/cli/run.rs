@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::{FileConfig, Overrides};
-use crate::node::Node;
+use crate::node::{Node, NodeHandle};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,10 +40,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         nats_urls: args.nats_urls,
     })?;
+    let ops_settings = crate::ops::OpsSettings::default(); // SHIM
     let node = Node::start(config).await.context("starting the node")?;
+    // /metrics, /healthz, /readyz (when `[metrics] listen` is set) and the self-check.
+    let ops = crate::ops::start(NodeHandle::clone(&node), ops_settings)
+        .await
+        .context("starting the metrics listener (`[metrics] listen`)")?;
     tracing::info!(node = %node.node_id(), "node running; SIGINT or SIGTERM stops it");
     wait_for_signal().await?;
     tracing::info!("stopping: finishing the in-flight batch");
+    ops.shutdown().await;
     let status = node.status().await.ok();
     tokio::time::timeout(Duration::from_secs(30), node.shutdown())
         .await
