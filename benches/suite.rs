@@ -271,7 +271,7 @@ async fn start_node(mut config: NodeConfig) -> Result<Node> {
         config.ops.listen = Some("127.0.0.1:0".parse()?);
     }
     let settings = config.ops.clone();
-    let node = Node::start(config).await?;
+    let node = jetsync::api::start_node(config).await?;
     if metrics {
         let ops = jetsync::ops::start(NodeHandle::clone(&node), settings).await?;
         let addr = ops.local_addr().context("ops listener address")?;
@@ -826,8 +826,8 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     let js = jetstream::new(client.clone());
     let api = ApiClient::new(client, "jetsync");
     let e = EntityName::new("bench").unwrap();
-    let a = Node::start(node_config("a", dir, &url)).await?;
-    let b = Node::start(node_config("b", dir, &url)).await?;
+    let a = jetsync::api::start_node(node_config("a", dir, &url)).await?;
+    let b = jetsync::api::start_node(node_config("b", dir, &url)).await?;
     let limit = Duration::from_secs(900);
 
     // c joins and applies a first 1,000 records, then leaves.

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::api;
 use crate::config::{FileConfig, Overrides};
-use crate::node::{Node, NodeHandle};
+use crate::node::NodeHandle;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,8 +41,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         nats_urls: args.nats_urls,
     })?;
-    let ops_settings = crate::ops::OpsSettings::default(); // SHIM
-    let node = Node::start(config).await.context("starting the node")?;
+    let ops_settings = config.ops.clone();
+    let node = api::start_node(config).await.context("starting the node")?;
     // /metrics, /healthz, /readyz (when `[metrics] listen` is set) and the self-check.
     let ops = crate::ops::start(NodeHandle::clone(&node), ops_settings)
         .await
