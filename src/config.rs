@@ -322,6 +322,7 @@ impl FileConfig {
             bootstrap: self.snapshots.bootstrap,
         };
         Ok(NodeConfig {
+            ops,
             snapshots,
             node_id,
             data_dir,

@@ -100,6 +100,18 @@ pub async fn connect(
     name: &str,
     background: bool,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_observed(urls, auth, name, background, || {}).await
+}
+
+/// [`connect`], calling `on_reconnect` each time the connection comes back after being
+/// lost (a node counts them in its metrics).
+pub async fn connect_observed(
+    urls: &[String],
+    auth: &NatsAuth,
+    name: &str,
+    background: bool,
+    on_reconnect: impl Fn() + Send + Sync + 'static,
+) -> Result<async_nats::Client, ConnectError> {
     auth.validate()?;
     let joined = urls.join(",");
     if urls.is_empty() {
@@ -127,6 +139,19 @@ pub async fn connect(
     if background {
         opts = opts.retry_on_initial_connect();
     }
+    // The first `Connected` is the initial connection; every later one is a reconnect.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_reconnect = std::sync::Arc::new(on_reconnect);
+    opts = opts.event_callback(move |event| {
+        let (seen, on_reconnect) = (seen.clone(), on_reconnect.clone());
+        async move {
+            if matches!(event, async_nats::Event::Connected)
+                && seen.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                on_reconnect();
+            }
+        }
+    });
     if let Some(path) = &auth.creds_file {
         opts = opts
             .credentials_file(path)

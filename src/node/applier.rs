@@ -29,6 +29,7 @@ pub(super) async fn apply_loop(shared: Arc<Shared>) {
             Stop::Halt(halt) => {
                 tracing::error!(%halt, "applying stopped");
                 let gap = matches!(halt, Halt::RetentionGap { .. });
+                shared.metrics.halted(Some(halt.code()));
                 shared.live().halted = Some(halt);
                 if gap && shared.config.snapshots.bootstrap {
                     // A snapshot that covers the gap may be taken meanwhile: look again.
@@ -82,6 +83,7 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let consumer = recreate_consumer(shared, checkpoint).await?;
     shared.set_apply_error(None);
     shared.live().halted = None;
+    shared.metrics.halted(None);
     tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
     apply_messages(shared, consumer, checkpoint).await
 }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::idle::IDLE_PROBE;
 use super::{Halt, Shared};
 use crate::error::StorageError;
+use crate::ops::metrics::BatchOutcome;
 use crate::store::{ApplyReport, Incoming};
 
 /// Why following the stream stopped.
@@ -65,7 +66,8 @@ pub(super) async fn apply_fetched(
     through: Option<u64>,
 ) -> Result<ApplyReport, Stop> {
     let store = shared.store.clone();
-    blocking(move || {
+    let (events, started) = (batch.len(), std::time::Instant::now());
+    let report = blocking(move || {
         let incoming: Vec<Incoming<'_>> = batch
             .iter()
             .map(|f| Incoming {
@@ -80,7 +82,29 @@ pub(super) async fn apply_fetched(
             None => store.apply_backfill(&incoming),
         }
     })
-    .await
+    .await?;
+    shared
+        .metrics
+        .apply_transaction(events, started.elapsed(), &outcome(&report));
+    Ok(report)
+}
+
+/// What the metrics count of an applied batch.
+fn outcome(report: &ApplyReport) -> BatchOutcome {
+    const OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
+    BatchOutcome {
+        by_entity: report
+            .by_entity
+            .iter()
+            .flat_map(|(e, n)| {
+                (0..3)
+                    .filter(move |i| n[*i] > 0)
+                    .map(move |i| (e.clone(), OUTCOMES[i], n[i]))
+            })
+            .collect(),
+        quarantined: report.quarantine_reasons.clone(),
+        max_ahead_ms: report.max_ahead_ms,
+    }
 }
 
 /// The consumer's deliveries, gathered into batches of at most `size` messages.
@@ -252,13 +276,11 @@ pub(super) async fn apply_batch(
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
-    let mut pending = None;
     for m in msgs {
         let info = m
             .info()
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
-        pending = Some(info.pending);
         if own.wrote(m) {
             continue;
         }
@@ -273,7 +295,6 @@ pub(super) async fn apply_batch(
     }
     {
         let mut live = shared.live();
-        live.lag = pending;
         live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
     }
     tracing::debug!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityFilter, NodeId};
+use crate::ops::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::StreamSettings;
 
@@ -27,6 +28,9 @@ pub struct NodeConfig {
     /// Most publishes awaiting PubAck at once.
     pub publish_window: usize,
     pub snapshots: SnapshotPolicy,
+    /// Metrics, health endpoints and the self-check (see [`crate::ops`]); the node records
+    /// metrics only when `ops.listen` is set.
+    pub ops: OpsSettings,
 }
 
 /// When a node takes snapshots and whether it loads one on a retention gap.
@@ -67,6 +71,7 @@ impl NodeConfig {
             fetch_batch: 1000,
             publish_window: 1000,
             snapshots: SnapshotPolicy::default(),
+            ops: OpsSettings::default(),
         }
     }
 

@@ -35,6 +35,7 @@ mod status;
 mod watch;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +51,8 @@ pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
 
-use crate::connect::{ConnectError, connect};
+use crate::connect::{ConnectError, connect_observed};
+use crate::ops::{NodeMetrics, SelfCheck};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
 use crate::snapshot::{SnapshotError, SnapshotReport};
@@ -95,7 +97,6 @@ pub trait NodeService: Send + 'static {
 #[derive(Default)]
 struct Live {
     stream_last_seq: Option<u64>,
-    lag: Option<u64>,
     /// Kept apart so one loop recovering does not hide the other's error.
     publish_error: Option<String>,
     apply_error: Option<String>,
@@ -114,6 +115,12 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     live: Mutex<Live>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Counters and histograms the loops feed (a no-op unless metrics are on).
+    metrics: Arc<NodeMetrics>,
+    /// What the self-check learned about peers refusing this node's events.
+    selfcheck: Arc<SelfCheck>,
+    /// Events published since start (in `status`, for rates).
+    published: AtomicU64,
 }
 
 impl Shared {
@@ -180,11 +187,17 @@ impl Node {
         let path = config.data_dir.join(format!("{}.redb", config.node_id));
         let store = open_store(&path, &config).await?;
 
-        let client = connect(
+        let metrics = Arc::new(match config.ops.listen {
+            Some(_) => NodeMetrics::new(config.node_id.as_str()),
+            None => NodeMetrics::disabled(),
+        });
+        let counted = metrics.clone();
+        let client = connect_observed(
             &config.nats_urls,
             &config.nats_auth,
             &format!("jetsync-{}", config.node_id),
             true,
+            move || counted.reconnected(),
         )
         .await?;
         let js = match &config.stream.domain {
@@ -210,6 +223,9 @@ impl Node {
             changes: broadcast::channel(4096).0,
             live: Mutex::new(Live::default()),
             shutdown,
+            metrics,
+            selfcheck: Arc::default(),
+            published: AtomicU64::new(0),
         });
         let mut tasks = vec![
             (
@@ -324,8 +340,23 @@ impl NodeHandle {
         &self.0.config
     }
 
+    /// The node's metrics (recording nothing unless `config.ops.listen` is set).
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.0.metrics
+    }
+
+    /// What the self-check learned (see [`crate::ops::selfcheck`]).
+    pub fn selfcheck(&self) -> &Arc<SelfCheck> {
+        &self.0.selfcheck
+    }
+
     /// Commits local writes (one transaction) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        let started = std::time::Instant::now();
+        let (records, resolves) = (
+            writes.len(),
+            writes.iter().filter(|w| !w.resolves.is_empty()).count(),
+        );
         let store = self.0.store.clone();
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
@@ -336,6 +367,9 @@ impl NodeHandle {
                         source,
                     })
                 })??;
+        self.0
+            .metrics
+            .local_write(records, resolves, started.elapsed());
         self.0.outbox_ready.notify_one();
         self.0.announce(changes);
         Ok(written)

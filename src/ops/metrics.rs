@@ -74,8 +74,6 @@ pub struct StateSample {
     pub store_file_bytes: u64,
     /// The node's HLC minus the wall clock, milliseconds.
     pub hlc_offset_ms: i64,
-    /// Age of the last snapshot this node took (since this process started).
-    pub snapshot_age: Option<Duration>,
     /// Per peer: this node's events that peer has quarantined.
     pub refused_by: Vec<(String, u64)>,
     pub ready: bool,
@@ -121,8 +119,14 @@ struct Inner {
     refused: Family<Labels, Gauge>,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
+    /// When this node last took a snapshot (unix ms; 0: not since it started).
+    snapshot_at_ms: AtomicU64,
     /// Entities that ever had a conflict gauge.
     conflict_entities: Mutex<BTreeSet<String>>,
+}
+
+fn now_ms() -> u64 {
+    super::now_ms()
 }
 
 fn seconds(d: Duration) -> f64 {
@@ -171,6 +175,7 @@ impl NodeMetrics {
             snapshot_duration: FloatGauge::default(),
             refused: Family::default(),
             ahead_window: AtomicI64::new(i64::MIN),
+            snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
@@ -415,6 +420,7 @@ impl NodeMetrics {
     pub fn snapshot_taken(&self, bytes: u64, elapsed: Duration) {
         if let Some(m) = &self.inner {
             m.snapshots.inc();
+            m.snapshot_at_ms.store(now_ms(), Ordering::Relaxed);
             m.snapshot_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
         }
@@ -459,8 +465,10 @@ impl NodeMetrics {
         m.damaged.set(int(s.damaged));
         m.store_bytes.set(int(s.store_file_bytes));
         m.hlc_offset.set(s.hlc_offset_ms as f64 / 1000.0);
-        if let Some(age) = s.snapshot_age {
-            m.snapshot_age.set(seconds(age));
+        let taken = m.snapshot_at_ms.load(Ordering::Relaxed);
+        if taken > 0 {
+            m.snapshot_age
+                .set(now_ms().saturating_sub(taken) as f64 / 1000.0);
         }
         for (peer, n) in &s.refused_by {
             m.refused

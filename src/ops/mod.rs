@@ -5,7 +5,8 @@
 //! [`NodeOps`] ties them to one node: it samples the node's state when scraped (so the
 //! gauges cost nothing between scrapes) and decides readiness. Lag is what the node has
 //! not applied: the stream's last sequence minus the checkpoint, and per entity type the
-//! age of the oldest stream event past the checkpoint. `status` reports the same lag.
+//! age of the oldest stream event past the checkpoint, both taken from `status`, so the
+//! metric and `jetsync status` always agree.
 
 pub mod http;
 pub mod metrics;
@@ -15,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream;
 use futures::future::BoxFuture;
 
 use crate::node::NodeHandle;
@@ -61,38 +61,34 @@ impl NodeOps {
         NodeOps { node, settings }
     }
 
-    /// Reads the node's state now: status, lag against the stream, outbox age, conflicts,
-    /// file size, clocks.
+    /// Reads the node's state now: its status (lag against the stream included), outbox
+    /// age, conflicts per entity type, file size, clocks; and decides readiness.
     pub async fn sample(&self) -> (StateSample, Readiness) {
         let node = &self.node;
         let status = node.status().await.ok();
         let store = node.store().clone();
-        let filters = node.config().filter_subjects();
-        let prefix = node.config().stream.prefix.clone();
-        let checkpoint = status.as_ref().map_or(0, |s| s.checkpoint);
         let local = tokio::task::spawn_blocking(move || local_state(&store))
             .await
             .unwrap_or_default();
-        let lag_seconds = entity_lag(node, &filters, &prefix, &local.entities, checkpoint).await;
-        let refused_by = self.node.selfcheck().refused_by();
         let mut sample = StateSample {
             connected: status.as_ref().is_some_and(|s| s.connection == "connected"),
             stream_last_seq: status.as_ref().and_then(|s| s.stream_last_seq),
-            checkpoint,
+            checkpoint: status.as_ref().map_or(0, |s| s.checkpoint),
             lag_events: status.as_ref().and_then(|s| s.lag),
-            lag_seconds,
-            outbox: status.as_ref().map_or(0, |s| s.outbox),
-            outbox_oldest_age: local.outbox_oldest_ms.map(|ms| {
-                Duration::from_millis(now_ms().saturating_sub(ms))
+            lag_seconds: status.as_ref().map_or_else(Vec::new, |s| {
+                s.lag_seconds.iter().map(|(e, v)| (e.clone(), *v)).collect()
             }),
+            outbox: status.as_ref().map_or(0, |s| s.outbox),
+            outbox_oldest_age: local
+                .outbox_oldest_ms
+                .map(|ms| Duration::from_millis(now_ms().saturating_sub(ms))),
             conflicts: local.conflicts,
             quarantine_entries: status.as_ref().map_or(0, |s| s.quarantined),
             damaged: status.as_ref().map_or(0, |s| s.damaged),
             store_file_bytes: local.file_bytes,
             hlc_offset_ms: i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
                 - i64::try_from(now_ms()).unwrap_or(i64::MAX),
-            snapshot_age: None,
-            refused_by,
+            refused_by: node.selfcheck().refused_by(),
             ready: false,
         };
         let mut reasons = Vec::new();
@@ -110,22 +106,18 @@ impl NodeOps {
         let bound = self.settings.ready_max_lag.as_secs_f64();
         for (entity, secs) in &sample.lag_seconds {
             if *secs > bound {
-                reasons.push(format!(
-                    "{entity} lags {secs:.1} s (bound {bound} s)"
-                ));
+                reasons.push(format!("{entity} lags {secs:.1} s (bound {bound} s)"));
             }
         }
-        if let Some(r) = self.node.selfcheck().refusing() {
+        if let Some(r) = node.selfcheck().refusing() {
             reasons.push(r);
         }
         sample.ready = reasons.is_empty();
-        (
-            sample.clone(),
-            Readiness {
-                ready: sample.ready,
-                reasons,
-            },
-        )
+        let ready = Readiness {
+            ready: sample.ready,
+            reasons,
+        };
+        (sample, ready)
     }
 }
 
@@ -147,7 +139,6 @@ impl Probe for NodeOps {
 /// What the store says, read in one blocking call.
 #[derive(Default)]
 struct LocalState {
-    entities: Vec<String>,
     outbox_oldest_ms: Option<u64>,
     conflicts: Vec<(String, u64)>,
     file_bytes: u64,
@@ -171,76 +162,8 @@ fn local_state(store: &crate::store::Store) -> LocalState {
     for entity in store.entities().unwrap_or_default() {
         let n = store.conflict_count(&entity, CONFLICT_COUNT_CAP).unwrap_or(0);
         out.conflicts.push((entity.to_string(), n));
-        out.entities.push(entity.to_string());
     }
     out
-}
-
-/// Per entity type, the age of the oldest stream event past `checkpoint` among the
-/// subjects this node follows (0 when there is none). One direct get per subject.
-async fn entity_lag(
-    node: &NodeHandle,
-    filters: &[String],
-    prefix: &str,
-    known: &[String],
-    checkpoint: u64,
-) -> Vec<(String, f64)> {
-    let cfg = node.config();
-    let js = match &cfg.stream.domain {
-        Some(d) => jetstream::with_domain(node.nats().clone(), d),
-        None => jetstream::new(node.nats().clone()),
-    };
-    // Full replicas follow `<prefix>.>`: ask per entity type the store knows.
-    let all = format!("{prefix}.>");
-    let subjects: Vec<(String, String)> = if filters.iter().any(|f| *f == all) {
-        known
-            .iter()
-            .map(|e| (e.clone(), format!("{prefix}.{e}.>")))
-            .collect()
-    } else {
-        filters
-            .iter()
-            .filter_map(|f| {
-                let entity = f.strip_prefix(&format!("{prefix}."))?.split('.').next()?;
-                Some((entity.to_owned(), f.clone()))
-            })
-            .collect()
-    };
-    let Ok(Ok(stream)) = tokio::time::timeout(
-        Duration::from_secs(1),
-        js.get_stream_no_info(&cfg.stream.name),
-    )
-    .await
-    else {
-        return Vec::new();
-    };
-    let now = now_ms();
-    let mut lag: Vec<(String, f64)> = Vec::new();
-    for (entity, subject) in subjects {
-        let next = tokio::time::timeout(
-            Duration::from_secs(1),
-            stream.direct_get_next_for_subject(subject, Some(checkpoint + 1)),
-        )
-        .await;
-        let secs = match next {
-            Ok(Ok(m)) => {
-                let t = u64::try_from(m.time.timestamp_millis()).unwrap_or(0);
-                now.saturating_sub(t) as f64 / 1000.0
-            }
-            Ok(Err(e))
-                if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound =>
-            {
-                0.0
-            }
-            // Unknown now (NATS away): leave the series out rather than report 0.
-            _ => continue,
-        };
-        match lag.iter_mut().find(|(e, _)| *e == entity) {
-            Some((_, s)) => *s = s.max(secs),
-            None => lag.push((entity, secs)),
-        }
-    }
-    lag
 }
 
 /// A node's running operations surface: the HTTP listener (when configured) and the
@@ -289,28 +212,3 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
     };
     Ok(Ops { server, selfcheck })
 }
-
-// SHIM-BEGIN (pre-tag compile check only)
-trait ShimNode {
-    fn metrics(&self) -> &NodeMetrics;
-    fn selfcheck(&self) -> &Arc<SelfCheck>;
-}
-static SHIM_M: std::sync::LazyLock<NodeMetrics> = std::sync::LazyLock::new(NodeMetrics::disabled);
-static SHIM_S: std::sync::LazyLock<Arc<SelfCheck>> = std::sync::LazyLock::new(Default::default);
-impl ShimNode for NodeHandle {
-    fn metrics(&self) -> &NodeMetrics {
-        &SHIM_M
-    }
-    fn selfcheck(&self) -> &Arc<SelfCheck> {
-        &SHIM_S
-    }
-}
-trait ShimStore {
-    fn conflict_count(&self, e: &crate::ids::EntityName, cap: usize) -> Result<u64, ()>;
-}
-impl ShimStore for crate::store::Store {
-    fn conflict_count(&self, _: &crate::ids::EntityName, _: usize) -> Result<u64, ()> {
-        Ok(0)
-    }
-}
-// SHIM-END

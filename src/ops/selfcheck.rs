@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::api::ApiClient;
 use crate::node::NodeHandle;
@@ -88,9 +88,9 @@ impl SelfCheck {
             .collect()
     }
 
-    /// The same as JSON for `status`: `{peer: {reason: count}}` (empty: none refused).
-    pub fn to_json(&self) -> Value {
-        json!(self.state().refused)
+    /// `{peer: {reason: count}}` for `status` (empty: none refused).
+    pub fn refused(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.state().refused.clone()
     }
 
     /// Why the node must not look healthy: peers refused more of its events in the last
