@@ -293,7 +293,10 @@ async fn start_node(mut config: NodeConfig) -> Result<Node> {
 fn scrape(addr: std::net::SocketAddr) -> std::io::Result<()> {
     use std::io::{Read, Write as _};
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = Vec::new();
     s.read_to_end(&mut body)?;
     if body.starts_with(b"HTTP/1.1 200") {

@@ -112,17 +112,21 @@ impl Default for FileMetrics {
 impl FileMetrics {
     /// The validated settings.
     pub fn settings(&self) -> Result<OpsSettings, ConfigError> {
-        let listen = match &self.listen {
-            None => None,
-            Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|e| {
-                invalid("metrics.listen", format!("{a:?} is not host:port: {e}"))
-            })?),
-        };
+        let listen =
+            match &self.listen {
+                None => None,
+                Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid("metrics.listen", format!("{a:?} is not host:port: {e}"))
+                })?),
+            };
         if self.ready_max_lag_secs == 0 {
             return Err(invalid("metrics.ready_max_lag_secs", "must be positive"));
         }
         if self.selfcheck_interval_secs == 0 {
-            return Err(invalid("metrics.selfcheck_interval_secs", "must be positive"));
+            return Err(invalid(
+                "metrics.selfcheck_interval_secs",
+                "must be positive",
+            ));
         }
         Ok(OpsSettings {
             listen,
@@ -381,7 +385,8 @@ fetch_batch = 500
             .into_node_config(Overrides::default())
             .unwrap();
         assert_eq!(c.ops.listen, None);
-        let text = format!("{FULL}\n[metrics]\nlisten = \"127.0.0.1:9464\"\nready_max_lag_secs = 5\n");
+        let text =
+            format!("{FULL}\n[metrics]\nlisten = \"127.0.0.1:9464\"\nready_max_lag_secs = 5\n");
         let c = FileConfig::parse(&text)
             .unwrap()
             .into_node_config(Overrides::default())

@@ -65,9 +65,7 @@ impl Scrape {
         self.0
             .samples
             .iter()
-            .find(|s| {
-                s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-            })
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
             .map(|s| match &s.value {
                 prometheus_parse::Value::Counter(v)
                 | prometheus_parse::Value::Gauge(v)
@@ -154,9 +152,13 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     // Writes on b: counted where written, applied on a.
     b.write(puts(&orders, 20)).await.unwrap();
     converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
-    let bm = wait_metric(b_addr, "b's publishes", "jetsync_published_events_total", &[], |v| {
-        v >= 20.0
-    })
+    let bm = wait_metric(
+        b_addr,
+        "b's publishes",
+        "jetsync_published_events_total",
+        &[],
+        |v| v >= 20.0,
+    )
     .await;
     assert_eq!(bm.get("jetsync_local_writes_total", &[("node", "b")]), 20.0);
     assert!(bm.get("jetsync_local_write_seconds_count", &[]) >= 1.0);
@@ -194,17 +196,23 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     // A conflict: b writes a record while stopped (straight into its store), a writes the
     // same record; both keep the loser.
     let id = Uuid::now_v7();
+    b_ops.shutdown().await;
     b.shutdown().await.unwrap();
-    drop(b_ops);
-    {
-        let store = Store::open(
-            dir.path().join("b").join("b.redb"),
-            NodeId::new("b").unwrap(),
-            StoreConfig::default(),
-        )
-        .unwrap();
-        store.put(&orders, id, json!({"by": "b"})).unwrap();
+    let path = dir.path().join("b").join("b.redb");
+    let mut opened = None;
+    for _ in 0..100 {
+        match Store::open(&path, NodeId::new("b").unwrap(), StoreConfig::default()) {
+            Ok(s) => {
+                opened = Some(s);
+                break;
+            }
+            // Tasks that held the node are still being dropped.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
+    let store = opened.expect("b's store opens once b stopped");
+    store.put(&orders, id, json!({"by": "b"})).unwrap();
+    drop(store);
     a.put(&orders, id, json!({"by": "a"})).await.unwrap();
     let b = start(b_config).await;
     let b_ops = start_ops(&b).await;
@@ -226,7 +234,10 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     ])
     .await
     .unwrap();
-    wait_metric(b_addr, "b's resolve", "jetsync_resolves_total", &[], |v| v == 1.0).await;
+    wait_metric(b_addr, "b's resolve", "jetsync_resolves_total", &[], |v| {
+        v == 1.0
+    })
+    .await;
     wait_metric(
         a_addr,
         "a seeing the resolve",
@@ -239,11 +250,14 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     // A malformed message on the stream: quarantined by reason on both.
     let nats = async_nats::connect(&url).await.unwrap();
     let js = async_nats::jetstream::new(nats.clone());
-    js.publish(format!("jetsync.orders._.x.{}", Uuid::now_v7()), "not json".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        format!("jetsync.orders._.x.{}", Uuid::now_v7()),
+        "not json".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     let am = wait_metric(
         a_addr,
         "a quarantining the malformed message",
@@ -279,7 +293,11 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("quarantine this node's events"), "{body}");
     let s = b.status().await.unwrap();
-    assert_eq!(s.refused_by.get("a").and_then(|r| r.get("doc_too_large")), Some(&1), "{s:?}");
+    assert_eq!(
+        s.refused_by.get("a").and_then(|r| r.get("doc_too_large")),
+        Some(&1),
+        "{s:?}"
+    );
 
     // The node API as a NATS micro service: $SRV verbs, discovery and per-endpoint stats.
     let pings = collect(&nats, "$SRV.PING.jetsync").await;
@@ -318,7 +336,10 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     let after = status_stats(&nats, "a").await;
     assert_eq!(after.0 - before.0, 3, "status requests counted");
     let get_stats = endpoint_stats(&nats, "a", "get").await;
-    assert!(get_stats["num_errors"].as_u64().unwrap() >= 1, "{get_stats}");
+    assert!(
+        get_stats["num_errors"].as_u64().unwrap() >= 1,
+        "{get_stats}"
+    );
 
     // jetsync top, one frame, against the real nodes.
     let top_url = url.clone();
@@ -331,11 +352,21 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     .unwrap()
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("CHECKPOINT") && text.contains("OUTBOX"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("CHECKPOINT") && text.contains("OUTBOX"),
+        "{text}"
+    );
     let row = |n: &str| {
         text.lines()
-            .find(|l| l.trim_start_matches(['│', ' ']).starts_with(&format!("{n} ")))
+            .find(|l| {
+                l.trim_start_matches(['│', ' '])
+                    .starts_with(&format!("{n} "))
+            })
             .unwrap_or_else(|| panic!("no row for {n} in\n{text}"))
             .to_owned()
     };
@@ -365,7 +396,12 @@ async fn endpoint_stats(nats: &async_nats::Client, node: &str, op: &str) -> Valu
     let stats = collect(nats, "$SRV.STATS.jetsync").await;
     let mine = stats
         .iter()
-        .find(|s| s["metadata"]["node"] == node || s["endpoints"].to_string().contains(&format!("jetsync_api.{node}.")))
+        .find(|s| {
+            s["metadata"]["node"] == node
+                || s["endpoints"]
+                    .to_string()
+                    .contains(&format!("jetsync_api.{node}."))
+        })
         .unwrap_or_else(|| panic!("{node} answers STATS: {stats:?}"));
     mine["endpoints"]
         .as_array()
@@ -568,7 +604,15 @@ fn the_dashboard_queries_only_metrics_the_nodes_export() {
     m.snapshot_taken(1, Duration::from_secs(1));
     m.reconnected();
     m.local_write(1, 1, Duration::from_millis(1));
-    m.apply_transaction(1, Duration::from_millis(1), &Default::default());
+    m.apply_transaction(
+        1,
+        Duration::from_millis(1),
+        &jetsync::ops::metrics::BatchOutcome {
+            by_entity: vec![("orders".into(), "applied", 1)],
+            quarantined: vec![("malformed", 1)],
+            max_ahead_ms: Some(5),
+        },
+    );
     let exported = m.encode();
     let mut names = BTreeMap::new();
     for panel in dash["panels"].as_array().unwrap() {

@@ -147,13 +147,14 @@ impl ApiClient {
             };
             let meta = &pong["metadata"];
             if meta["prefix"].as_str() == Some(prefix) && meta["node"].is_string() {
-                out.push(json!({"node": meta["node"], "version": pong["version"], "id": pong["id"]}));
+                out.push(
+                    json!({"node": meta["node"], "version": pong["version"], "id": pong["id"]}),
+                );
             }
         }
         out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Ok(out)
     }
-
 }
 
 /// The error a service error reply carries in its `Nats-Service-Error` header (a

@@ -135,7 +135,11 @@ pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool
         let node = node.clone();
         tokio::spawn(async move {
             let reply = match handle(&node, op, &request.message.payload).await {
-                Ok(v) => request.respond(Ok(json!({ "ok": v }).to_string().into())).await,
+                Ok(v) => {
+                    request
+                        .respond(Ok(json!({ "ok": v }).to_string().into()))
+                        .await
+                }
                 Err(e) => request.respond(Err(service_error(&e))).await,
             };
             if let Err(e) = reply {
@@ -168,8 +172,8 @@ fn service_error(e: &RemoteError) -> async_nats::service::error::Error {
 /// other nodes' self-check.
 async fn quarantine_origins(node: &NodeHandle) -> Result<Value, RemoteError> {
     let (store, prefix) = (node.store().clone(), node.config().stream.prefix.clone());
-    let origins = blocking(move || crate::ops::selfcheck::quarantine_by_origin(&store, &prefix))
-        .await?;
+    let origins =
+        blocking(move || crate::ops::selfcheck::quarantine_by_origin(&store, &prefix)).await?;
     Ok(json!({ "origins": origins }))
 }
 

@@ -2,9 +2,9 @@
 //! (`src/main.rs`) only calls [`main`]; everything here is library code so tests can run
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
+mod health;
 mod ops;
 mod remote;
-mod health;
 mod run;
 pub mod top;
 
@@ -240,11 +240,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
         Command::Run(args) => run::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Health(args) => Ok(if tokio::task::spawn_blocking(move || health::run(&args)).await? {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }),
+        Command::Health(args) => Ok(
+            if tokio::task::spawn_blocking(move || health::run(&args)).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            },
+        ),
         Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Snapshot(cmd) => ops::snapshot(cmd).await,
         Command::Replay(args) => ops::replay(args).await,

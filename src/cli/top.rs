@@ -104,8 +104,18 @@ fn rate(r: Option<f64>) -> String {
 
 /// The columns of the table.
 pub const HEADERS: [&str; 12] = [
-    "NODE", "NATS", "CHECKPOINT", "LAG", "LAG S", "OUTBOX", "APPLY", "PUBLISH", "CONFLICTS",
-    "QUARANT", "REFUSED", "HALTED",
+    "NODE",
+    "NATS",
+    "CHECKPOINT",
+    "LAG",
+    "LAG S",
+    "OUTBOX",
+    "APPLY",
+    "PUBLISH",
+    "CONFLICTS",
+    "QUARANT",
+    "REFUSED",
+    "HALTED",
 ];
 
 /// The cells of one row, as text.
@@ -152,9 +162,10 @@ fn draw(frame: &mut ratatui::Frame<'_>, rows: &[NodeRow], footer: &str) {
         .style(Style::default().add_modifier(Modifier::BOLD));
     let body = rows.iter().map(|r| {
         let c = cells(r);
-        let bad = r.status.as_ref().is_none_or(|s| {
-            !s["halted"].is_null() || s["connection"] != "connected"
-        });
+        let bad = r
+            .status
+            .as_ref()
+            .is_none_or(|s| !s["halted"].is_null() || s["connection"] != "connected");
         let style = if bad {
             Style::default().fg(Color::Red)
         } else {
@@ -185,7 +196,9 @@ fn draw(frame: &mut ratatui::Frame<'_>, rows: &[NodeRow], footer: &str) {
 
 /// One frame as plain text, `width` columns wide.
 pub fn render_text(rows: &[NodeRow], width: u16) -> String {
-    let height = u16::try_from(rows.len()).unwrap_or(u16::MAX).saturating_add(4);
+    let height = u16::try_from(rows.len())
+        .unwrap_or(u16::MAX)
+        .saturating_add(4);
     let Ok(mut term) = Terminal::new(TestBackend::new(width, height));
     let _ = term.draw(|f| draw(f, rows, &format!("{} nodes", rows.len())));
     let buffer = term.backend().buffer().clone();

@@ -52,9 +52,9 @@ pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
 
 use crate::connect::{ConnectError, connect_observed};
-use crate::ops::{NodeMetrics, SelfCheck};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
+use crate::ops::{NodeMetrics, SelfCheck};
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
 use crate::stream::{StreamError, ensure_stream};

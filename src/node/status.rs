@@ -208,11 +208,8 @@ async fn entity_lag(
             .collect()
     };
     let mut lag = BTreeMap::new();
-    let Ok(Ok(stream)) = tokio::time::timeout(
-        ASK_STREAM,
-        shared.js.get_stream_no_info(&cfg.stream.name),
-    )
-    .await
+    let Ok(Ok(stream)) =
+        tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(&cfg.stream.name)).await
     else {
         return lag;
     };

@@ -340,7 +340,10 @@ impl NodeMetrics {
             inner.refused.clone(),
         );
         for reason in HALT_REASONS {
-            inner.halted.get_or_create(&vec![("reason", reason.to_owned())]).set(0);
+            inner
+                .halted
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .set(0);
         }
         let mut inner = inner;
         inner.registry = r;
@@ -377,7 +380,10 @@ impl NodeMetrics {
         m.apply_tx.observe(seconds(elapsed));
         for (entity, what, n) in &outcome.by_entity {
             m.applied
-                .get_or_create(&vec![("entity", entity.clone()), ("outcome", (*what).into())])
+                .get_or_create(&vec![
+                    ("entity", entity.clone()),
+                    ("outcome", (*what).into()),
+                ])
                 .inc_by(*n);
         }
         for (reason, n) in &outcome.quarantined {
@@ -404,7 +410,9 @@ impl NodeMetrics {
         if let Some(m) = &self.inner {
             for r in HALT_REASONS {
                 let on = i64::from(reason == Some(r));
-                m.halted.get_or_create(&vec![("reason", r.to_owned())]).set(on);
+                m.halted
+                    .get_or_create(&vec![("reason", r.to_owned())])
+                    .set(on);
             }
         }
     }
@@ -421,7 +429,8 @@ impl NodeMetrics {
         if let Some(m) = &self.inner {
             m.snapshots.inc();
             m.snapshot_at_ms.store(now_ms(), Ordering::Relaxed);
-            m.snapshot_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            m.snapshot_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
         }
     }
@@ -441,8 +450,7 @@ impl NodeMetrics {
                 .set(*secs);
         }
         m.outbox.set(int(s.outbox));
-        m.outbox_age
-            .set(s.outbox_oldest_age.map_or(0.0, seconds));
+        m.outbox_age.set(s.outbox_oldest_age.map_or(0.0, seconds));
         // An entity whose conflicts were all resolved drops to 0 rather than keeping its
         // last value.
         let mut seen = m
@@ -451,7 +459,9 @@ impl NodeMetrics {
             .unwrap_or_else(|p| p.into_inner());
         for e in seen.iter() {
             if !s.conflicts.iter().any(|(c, _)| c == e) {
-                m.conflicts.get_or_create(&vec![("entity", e.clone())]).set(0);
+                m.conflicts
+                    .get_or_create(&vec![("entity", e.clone())])
+                    .set(0);
             }
         }
         seen.extend(s.conflicts.iter().map(|(e, _)| e.clone()));
@@ -524,7 +534,10 @@ mod tests {
         }
         // Resolved conflicts drop to 0 instead of keeping their last value.
         m.set_state(&StateSample::default());
-        assert!(m.encode().contains("jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 0"));
+        assert!(
+            m.encode()
+                .contains("jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 0")
+        );
     }
 
     #[test]
@@ -537,10 +550,16 @@ mod tests {
         m.apply_transaction(1, Duration::ZERO, &batch(1500));
         m.apply_transaction(1, Duration::ZERO, &batch(-200));
         m.set_state(&StateSample::default());
-        assert!(m.encode().contains("jetsync_clock_event_ahead_max_seconds{node=\"a\"} 1.5"));
+        assert!(
+            m.encode()
+                .contains("jetsync_clock_event_ahead_max_seconds{node=\"a\"} 1.5")
+        );
         m.apply_transaction(1, Duration::ZERO, &batch(100));
         m.set_state(&StateSample::default());
-        assert!(m.encode().contains("jetsync_clock_event_ahead_max_seconds{node=\"a\"} 0.1"));
+        assert!(
+            m.encode()
+                .contains("jetsync_clock_event_ahead_max_seconds{node=\"a\"} 0.1")
+        );
     }
 
     #[test]

@@ -160,7 +160,9 @@ fn local_state(store: &crate::store::Store) -> LocalState {
         v["version"]["ms"].as_u64()
     });
     for entity in store.entities().unwrap_or_default() {
-        let n = store.conflict_count(&entity, CONFLICT_COUNT_CAP).unwrap_or(0);
+        let n = store
+            .conflict_count(&entity, CONFLICT_COUNT_CAP)
+            .unwrap_or(0);
         out.conflicts.push((entity.to_string(), n));
     }
     out
@@ -182,6 +184,8 @@ impl Ops {
     /// Stops the listener and the self-check.
     pub async fn shutdown(mut self) {
         self.selfcheck.abort();
+        // Wait for it to be dropped: it holds the node (and so the store file) open.
+        let _ = (&mut self.selfcheck).await;
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }

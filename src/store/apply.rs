@@ -77,7 +77,8 @@ impl Store {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
                         let ahead = hlc.physical_ms() as i64 - msg.stream_time_ms as i64;
-                        report.max_ahead_ms = Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
+                        report.max_ahead_ms =
+                            Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
                         let entity = ev.entity.clone();
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
                         // Another node superseding one of our queued versions has seen it
@@ -117,9 +118,17 @@ impl Store {
                             encode_postcard(&row, "quarantine")?.as_slice(),
                         )?;
                         report.quarantined += 1;
-                        let entity = msg.subject.split('.').nth(self.config.prefix.split('.').count()).unwrap_or("?");
+                        let entity = msg
+                            .subject
+                            .split('.')
+                            .nth(self.config.prefix.split('.').count())
+                            .unwrap_or("?");
                         report.count(entity, 2);
-                        match report.quarantine_reasons.iter_mut().find(|(r, _)| *r == reason.code()) {
+                        match report
+                            .quarantine_reasons
+                            .iter_mut()
+                            .find(|(r, _)| *r == reason.code())
+                        {
                             Some((_, n)) => *n += 1,
                             None => report.quarantine_reasons.push((reason.code(), 1)),
                         }
