@@ -8,9 +8,13 @@
 //! node (discovery). They sit outside `<prefix>.>` on purpose: the stream captures that,
 //! and API requests must never become events. NATS auth governs who may call.
 //!
-//! Bodies are JSON. A reply is `{"ok": <result>}` or `{"error": {"code", "message"}}`
-//! (plus `current` on a version mismatch), so callers get structured errors, never a
-//! timeout for a bad request.
+//! The server is a NATS micro service (ADR-32, async-nats `service`) named `jetsync`, one
+//! endpoint per op in the group `<prefix>_api.<node>`, so `$SRV.PING/INFO/STATS` discover
+//! the nodes and count requests, errors and processing time per op.
+//!
+//! Bodies are JSON. A reply is `{"ok": <result>}`; an error is a service error reply whose
+//! `Nats-Service-Error` header holds `{"code", "message"}` as JSON (plus `current` on a
+//! version mismatch), so callers get structured errors, never a timeout for a bad request.
 //!
 //! | op | request | result |
 //! |---|---|---|
@@ -31,6 +35,7 @@
 //! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
 //! | `apply` | `{messages: [{seq, subject, payload, time_ms}]}` | replayed stream messages applied idempotently (the checkpoint does not move) |
+//! | `quarantine_origins` | `{}` | `{origins: {<origin>: {<reason>: count}}}` (the self-check) |
 
 //!
 //! Files: `wire` (subjects, request and reply types), `server` (the service, the
