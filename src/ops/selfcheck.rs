@@ -4,7 +4,7 @@
 //! (a skewed clock beyond `max_clock_drift`, a document over a peer's smaller limit, a
 //! bug) keeps writing locally and publishing happily while its writes go nowhere. Each
 //! node therefore answers `quarantine_origins` (its quarantine counted per origin and
-//! reason), and every [`SelfCheck::interval`] a node discovers its peers (`$SRV.PING`)
+//! reason), and every `[metrics] selfcheck_interval_secs` a node discovers its peers (`$SRV.PING`)
 //! and asks them how many of its own events they hold. A count that grew is logged as a
 //! warning, shown in `status.refused_by`, exported as `jetsync_own_events_refused{peer}`
 //! and makes `/readyz` fail until a round sees no growth.
@@ -68,9 +68,6 @@ struct State {
 }
 
 impl SelfCheck {
-    /// How often a node asks its peers.
-    pub const INTERVAL: Duration = Duration::from_secs(30);
-
     pub fn new() -> Self {
         SelfCheck::default()
     }
