@@ -25,6 +25,10 @@
 //! max_clock_drift_secs = 60
 //! fetch_batch = 1000
 //! publish_window = 1000
+//!
+//! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
+//! listen = "127.0.0.1:9464"
+//! ready_max_lag_secs = 30
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -35,6 +39,7 @@ use serde::Deserialize;
 use crate::connect::NatsAuth;
 use crate::ids::{EntityName, NodeId, Scope};
 use crate::node::{EntityFilter, NodeConfig, SnapshotPolicy};
+use crate::ops::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::{Retention, StreamSettings};
 
@@ -101,6 +106,60 @@ pub struct FileConfig {
     /// `[snapshots]`: the snapshot policy.
     #[serde(default)]
     pub snapshots: FileSnapshots,
+    /// `[metrics]`: the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub metrics: FileMetrics,
+}
+
+/// `[metrics]`: the operations HTTP listener (`/metrics`, `/healthz`, `/readyz`) and the
+/// self-check. No `listen`: no listener and no metrics recorded.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileMetrics {
+    /// `host:port` to listen on.
+    pub listen: Option<String>,
+    /// `/readyz` fails while an entity type lags more than this many seconds.
+    pub ready_max_lag_secs: u64,
+    /// Seconds between self-check rounds (asking peers about this node's events).
+    pub selfcheck_interval_secs: u64,
+}
+
+impl Default for FileMetrics {
+    fn default() -> Self {
+        let s = OpsSettings::default();
+        FileMetrics {
+            listen: None,
+            ready_max_lag_secs: s.ready_max_lag.as_secs(),
+            selfcheck_interval_secs: s.selfcheck_interval.as_secs(),
+        }
+    }
+}
+
+impl FileMetrics {
+    /// The validated settings.
+    pub fn settings(&self) -> Result<OpsSettings, ConfigError> {
+        let listen =
+            match &self.listen {
+                None => None,
+                Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid("metrics.listen", format!("{a:?} is not host:port: {e}"))
+                })?),
+            };
+        if self.ready_max_lag_secs == 0 {
+            return Err(invalid("metrics.ready_max_lag_secs", "must be positive"));
+        }
+        if self.selfcheck_interval_secs == 0 {
+            return Err(invalid(
+                "metrics.selfcheck_interval_secs",
+                "must be positive",
+            ));
+        }
+        Ok(OpsSettings {
+            listen,
+            ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
+            selfcheck_interval: Duration::from_secs(self.selfcheck_interval_secs),
+        })
+    }
 }
 
 /// `[snapshots]`: when this node takes snapshots, how many it keeps, and whether it
@@ -302,6 +361,7 @@ impl FileConfig {
             max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
             cache_bytes: self.limits.cache_mib << 20,
         };
+        let ops = self.metrics.settings()?;
         if self.snapshots.keep == 0 {
             return Err(invalid("snapshots.keep", "must be at least 1"));
         }
@@ -313,6 +373,7 @@ impl FileConfig {
             bootstrap: self.snapshots.bootstrap,
         };
         Ok(NodeConfig {
+            ops,
             snapshots,
             node_id,
             data_dir,
@@ -365,6 +426,23 @@ fetch_batch = 500
     }
 
     #[test]
+    fn metrics_are_off_unless_a_listen_address_is_set() {
+        let c = FileConfig::parse(FULL)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.ops.listen, None);
+        let text =
+            format!("{FULL}\n[metrics]\nlisten = \"127.0.0.1:9464\"\nready_max_lag_secs = 5\n");
+        let c = FileConfig::parse(&text)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.ops.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.ops.ready_max_lag, Duration::from_secs(5));
+    }
+
+    #[test]
     fn overrides_win_over_the_file() {
         let c = FileConfig::parse(FULL)
             .unwrap()
@@ -408,6 +486,10 @@ fetch_batch = 500
             "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[limits]\nfetch_batch=0",
         );
         assert!(e.contains("`limits.fetch_batch`"), "{e}");
+        let e = err(
+            "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[metrics]\nlisten=\"localhost\"",
+        );
+        assert!(e.contains("`metrics.listen`"), "{e}");
         let e =
             err("node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[nats]\nuser=\"u\"");
         assert!(e.contains("`nats`") && e.contains("password"), "{e}");

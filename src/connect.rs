@@ -131,20 +131,23 @@ pub async fn connect(
     name: &str,
     background: bool,
 ) -> Result<async_nats::Client, ConnectError> {
-    connect_observed(urls, auth, name, background, None).await
+    connect_observed(urls, auth, name, background, None, || {}).await
 }
 
 /// Called with the text of every error the server reports on the connection (`-ERR`),
 /// such as a permissions violation, which no request or publish call returns.
 pub type ServerErrorHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 
-/// [`connect`], passing the server's error reports to `on_server_error`.
+/// [`connect`], passing the server's error reports to `on_server_error` and calling
+/// `on_reconnect` each time the connection comes back after being lost (a node counts
+/// them in its metrics).
 pub async fn connect_observed(
     urls: &[String],
     auth: &NatsAuth,
     name: &str,
     background: bool,
     on_server_error: Option<ServerErrorHook>,
+    on_reconnect: impl Fn() + Send + Sync + 'static,
 ) -> Result<async_nats::Client, ConnectError> {
     auth.validate()?;
     let joined = urls.join(",");
@@ -173,6 +176,27 @@ pub async fn connect_observed(
     if background {
         opts = opts.retry_on_initial_connect();
     }
+    // The first `Connected` is the initial connection; every later one is a reconnect.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_reconnect = std::sync::Arc::new(on_reconnect);
+    // One callback: async-nats keeps only the last one set.
+    opts = opts.event_callback(move |event| {
+        let (seen, on_reconnect) = (seen.clone(), on_reconnect.clone());
+        if let (
+            Some(hook),
+            async_nats::Event::ServerError(async_nats::ServerError::Other(message)),
+        ) = (&on_server_error, &event)
+        {
+            hook(message);
+        }
+        async move {
+            if matches!(event, async_nats::Event::Connected)
+                && seen.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                on_reconnect();
+            }
+        }
+    });
     if let Some(path) = &auth.creds_file {
         opts = opts
             .credentials_file(path)
@@ -199,15 +223,6 @@ pub async fn connect_observed(
     }
     if auth.ignore_discovered_servers {
         opts = opts.ignore_discovered_servers();
-    }
-    if let Some(hook) = on_server_error {
-        opts = opts.event_callback(move |event| {
-            if let async_nats::Event::ServerError(async_nats::ServerError::Other(message)) = &event
-            {
-                hook(message);
-            }
-            std::future::ready(())
-        });
     }
     if let Some(prefix) = &auth.inbox_prefix {
         opts = opts.custom_inbox_prefix(prefix);

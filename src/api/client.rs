@@ -109,6 +109,9 @@ impl ApiClient {
             }
             Ok(Ok(m)) => m,
         };
+        if let Some(e) = service_error(&msg) {
+            return Err(e.into());
+        }
         parse_reply(node, &msg.payload)
     }
 
@@ -143,7 +146,8 @@ impl ApiClient {
         Ok(replies)
     }
 
-    /// Every node that answers a ping within `wait`.
+    /// Every node of this prefix that answers `$SRV.PING.jetsync` (ADR-32 discovery) within
+    /// `wait`: `[{node, version, id}]`, sorted by node.
     pub async fn nodes(&self, wait: Duration) -> Result<Vec<Value>, ApiError> {
         let inbox = self.client.new_inbox();
         let err = |e: &dyn std::fmt::Display| ApiError::Request {
@@ -155,20 +159,45 @@ impl ApiClient {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| err(&e))?;
+        let ping = format!("$SRV.PING.{}", super::server::SERVICE_NAME);
         self.client
-            .publish_with_reply(format!("{}.ping", self.root), inbox, "{}".into())
+            .publish_with_reply(ping, inbox, "".into())
             .await
             .map_err(|e| err(&e))?;
+        let prefix = self.root.strip_suffix("_api").unwrap_or(&self.root);
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if let Ok(v) = parse_reply("*", &msg.payload) {
-                out.push(v);
+            let Ok(pong) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            let meta = &pong["metadata"];
+            if meta["prefix"].as_str() == Some(prefix) && meta["node"].is_string() {
+                out.push(
+                    json!({"node": meta["node"], "version": pong["version"], "id": pong["id"]}),
+                );
             }
         }
         out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Ok(out)
     }
+}
+
+/// The error a service error reply carries in its `Nats-Service-Error` header (a
+/// [`RemoteError`] as JSON; anything else becomes a `service_error` with that text).
+fn service_error(msg: &async_nats::Message) -> Option<RemoteError> {
+    let status = msg
+        .headers
+        .as_ref()?
+        .get(async_nats::service::NATS_SERVICE_ERROR)?
+        .as_str();
+    Some(
+        serde_json::from_str(status).unwrap_or_else(|_| RemoteError {
+            code: "service_error".into(),
+            message: status.to_owned(),
+            current: None,
+        }),
+    )
 }
 
 /// The `ok` value of a reply, or its `error` (a reply with neither is `null`).

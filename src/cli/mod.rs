@@ -3,9 +3,11 @@
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
 mod context;
+mod health;
 mod ops;
 mod remote;
 mod run;
+pub mod top;
 
 use std::path::PathBuf;
 
@@ -142,6 +144,12 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Ask a node's ops listener whether it is alive (`/healthz`) or ready (`--ready`,
+    /// `/readyz`); exit 0 on 200. `--wait` retries (systemd's start-up check).
+    Health(health::HealthArgs),
+    /// A live view of every node (lag, outbox, rates, conflicts, halts), refreshed every
+    /// second; `--once` prints one frame.
+    Top(top::TopArgs),
     /// Snapshots in the stream's object store bucket: create, list, load (seed), prune.
     #[command(subcommand)]
     Snapshot(ops::SnapshotCmd),
@@ -302,6 +310,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
         Command::Run(args) => run::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Health(args) => Ok(
+            if tokio::task::spawn_blocking(move || health::run(&args)).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            },
+        ),
+        Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Snapshot(cmd) => ops::snapshot(cmd).await,
         Command::Replay(args) => ops::replay(args).await,
         Command::Verify(args) => ops::verify(args).await,

@@ -37,6 +37,7 @@ pub(super) async fn apply_loop(shared: Arc<Shared>) {
                     Halt::DiskFull { .. } => true,
                     _ => false,
                 };
+                shared.metrics.halted(Some(halt.code()));
                 shared.live().halted = Some(halt);
                 if recheck {
                     // A snapshot that covers the gap may be taken meanwhile: look again.
@@ -120,6 +121,9 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let recheck = held
         .is_some()
         .then(|| tokio::time::Instant::now() + HALT_RECHECK);
+    if held.is_none() {
+        shared.metrics.halted(None);
+    }
     shared.live().halted = held;
     tracing::info!(checkpoint, ?filters, "following the stream");
     tokio::select! {

@@ -15,6 +15,7 @@ use super::idle::IDLE_PROBE;
 use super::{Halt, Shared};
 use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
+use crate::ops::metrics::BatchOutcome;
 use crate::store::{ApplyReport, Incoming};
 
 /// Why following the stream stopped.
@@ -72,7 +73,8 @@ pub(super) async fn apply_fetched(
     through: Option<u64>,
 ) -> Result<ApplyReport, Stop> {
     let store = shared.store.clone();
-    blocking(move || {
+    let (events, started) = (batch.len(), std::time::Instant::now());
+    let report = blocking(move || {
         let incoming: Vec<Incoming<'_>> = batch
             .iter()
             .map(|f| Incoming {
@@ -87,7 +89,29 @@ pub(super) async fn apply_fetched(
             None => store.apply_backfill(&incoming),
         }
     })
-    .await
+    .await?;
+    shared
+        .metrics
+        .apply_transaction(events, started.elapsed(), &outcome(&report));
+    Ok(report)
+}
+
+/// What the metrics count of an applied batch.
+fn outcome(report: &ApplyReport) -> BatchOutcome {
+    const OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
+    BatchOutcome {
+        by_entity: report
+            .by_entity
+            .iter()
+            .flat_map(|(e, n)| {
+                (0..3)
+                    .filter(move |i| n[*i] > 0)
+                    .map(move |i| (e.clone(), OUTCOMES[i], n[i]))
+            })
+            .collect(),
+        quarantined: report.quarantine_reasons.clone(),
+        max_ahead_ms: report.max_ahead_ms,
+    }
 }
 
 /// The consumer's deliveries, gathered into batches of at most `size` messages.
@@ -219,13 +243,11 @@ pub(super) async fn apply_batch(
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
-    let mut pending = None;
     for m in msgs {
         let info = m
             .info()
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
-        pending = Some(info.pending);
         let ours = m
             .headers
             .as_ref()
@@ -236,15 +258,9 @@ pub(super) async fn apply_batch(
         }
         batch.push(Fetched::new(m, &info));
     }
-    let unapplied = msgs.len() as u64;
-    let report = match apply_fetched(shared, batch, Some(through)).await {
-        Ok(r) => r,
-        Err(stop) => {
-            // Lag counts what this node has not applied: this batch too.
-            shared.live().lag = pending.map(|p| p + unapplied);
-            return Err(stop);
-        }
-    };
+    // Lag (status) is the stream's last sequence minus the checkpoint, so a batch that
+    // fails to apply counts in it without bookkeeping here.
+    let report = apply_fetched(shared, batch, Some(through)).await?;
     if let Some(last) = msgs.last() {
         // AckPolicy::All: acknowledging the last acknowledges the batch.
         if let Err(e) = last.ack().await {
@@ -253,7 +269,6 @@ pub(super) async fn apply_batch(
     }
     {
         let mut live = shared.live();
-        live.lag = pending;
         if matches!(live.halted, Some(Halt::DiskFull { .. })) {
             tracing::warn!("applying resumed: the store has space again");
             live.halted = None;

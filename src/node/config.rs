@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityFilter, NodeId};
+use crate::ops::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::StreamSettings;
 
@@ -33,6 +34,9 @@ pub struct NodeConfig {
     pub publish_window: usize,
     /// When this node takes snapshots and whether it bootstraps from one.
     pub snapshots: SnapshotPolicy,
+    /// Metrics, health endpoints and the self-check (see [`crate::ops`]); the node records
+    /// metrics only when `ops.listen` is set.
+    pub ops: OpsSettings,
 }
 
 /// When a node takes snapshots and whether it loads one on a retention gap.
@@ -74,6 +78,7 @@ impl NodeConfig {
             fetch_batch: 1000,
             publish_window: 1000,
             snapshots: SnapshotPolicy::default(),
+            ops: OpsSettings::default(),
         }
     }
 

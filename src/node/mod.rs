@@ -36,6 +36,7 @@ mod status;
 mod watch;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +57,7 @@ use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
 use crate::lease::{Lease, LeaseError, LeaseState};
+use crate::ops::{NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
@@ -108,7 +110,6 @@ pub trait NodeService: Send + 'static {
 #[derive(Default)]
 struct Live {
     stream_last_seq: Option<u64>,
-    lag: Option<u64>,
     /// Kept apart so one loop recovering does not hide the other's error.
     publish_error: Option<String>,
     apply_error: Option<String>,
@@ -137,6 +138,12 @@ struct Shared {
     lease: tokio::sync::watch::Receiver<LeaseState>,
     /// True while the publisher and the apply loop may run (see [`guard`]).
     ready: tokio::sync::watch::Sender<bool>,
+    /// Counters and histograms the loops feed (a no-op unless metrics are on).
+    metrics: Arc<NodeMetrics>,
+    /// What the self-check learned about peers refusing this node's events.
+    selfcheck: Arc<SelfCheck>,
+    /// Events published since start (in `status`, for rates).
+    published: AtomicU64,
 }
 
 impl Shared {
@@ -215,12 +222,18 @@ impl Node {
 
         let denied = Arc::new(DeniedSubjects::default());
         let noted = denied.clone();
+        let metrics = Arc::new(match config.ops.listen {
+            Some(_) => NodeMetrics::new(config.node_id.as_str()),
+            None => NodeMetrics::disabled(),
+        });
+        let counted = metrics.clone();
         let client = connect_observed(
             &config.nats_urls,
             &config.nats_auth,
             &format!("jetsync-{}", config.node_id),
             true,
             Some(Arc::new(move |message: &str| noted.note(message))),
+            move || counted.reconnected(),
         )
         .await?;
         let js = match &config.stream.domain {
@@ -272,6 +285,9 @@ impl Node {
             denied,
             lease: lease_rx,
             ready: tokio::sync::watch::channel(false).0,
+            metrics,
+            selfcheck: Arc::default(),
+            published: AtomicU64::new(0),
         });
         let mut tasks = vec![
             (
@@ -408,8 +424,23 @@ impl NodeHandle {
         self.0.outbox_ready.notify_one();
     }
 
+    /// The node's metrics (recording nothing unless `config.ops.listen` is set).
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.0.metrics
+    }
+
+    /// What the self-check learned (see [`crate::ops::selfcheck`]).
+    pub fn selfcheck(&self) -> &Arc<SelfCheck> {
+        &self.0.selfcheck
+    }
+
     /// Commits local writes (one transaction) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        let started = std::time::Instant::now();
+        let (records, resolves) = (
+            writes.len(),
+            writes.iter().filter(|w| !w.resolves.is_empty()).count(),
+        );
         let store = self.0.store.clone();
         // An event the server can never take would sit in the outbox forever: refuse it now
         // (the client knows the server's max_payload, 1 MiB until it first connects).
@@ -423,6 +454,9 @@ impl NodeHandle {
                         source,
                     })
                 })??;
+        self.0
+            .metrics
+            .local_write(records, resolves, started.elapsed());
         self.0.outbox_ready.notify_one();
         self.0.announce(changes);
         Ok(written)

@@ -15,6 +15,7 @@ use async_nats::jetstream::{self};
 use tracing::Instrument;
 
 use super::Shared;
+use crate::ops::metrics::publish_error;
 use crate::refusal::permanent;
 use crate::store::OutboxEntry;
 
@@ -49,6 +50,7 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the outbox failed");
                 shared.set_publish_error(Some(format!("outbox: {e}")));
+                shared.metrics.publish_error(publish_error::STORE);
                 if shared.pause(Duration::from_secs(1)).await {
                     break;
                 }
@@ -88,7 +90,13 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             let store = shared.store.clone();
             let n = acked.len();
             match tokio::task::spawn_blocking(move || store.outbox_remove(&acked)).await {
-                Ok(Ok(())) => tracing::debug!(published = n, "outbox drained"),
+                Ok(Ok(())) => {
+                    shared.metrics.published(n);
+                    shared
+                        .published
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(published = n, "outbox drained");
+                }
                 Ok(Err(e)) => failure = Some(format!("outbox remove: {e}")),
                 Err(_) => break,
             }
@@ -99,6 +107,7 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
                 shared.set_publish_error(None);
             }
             Some(err) => {
+                shared.metrics.publish_error(error_kind(&err));
                 tracing::warn!(error = %err, retry_in = ?backoff, "publishing paused");
                 shared.set_publish_error(Some(err));
                 if shared.pause(backoff).await {
@@ -281,4 +290,17 @@ async fn check_duplicates(
         }
     }
     (acked, failure)
+}
+
+/// The metrics' kind of a publish failure, from the messages this loop builds.
+fn error_kind(err: &str) -> &'static str {
+    if err.contains("within") {
+        publish_error::TIMEOUT
+    } else if err.starts_with("publish ack:") {
+        publish_error::REJECTED
+    } else if err.starts_with("publish:") {
+        publish_error::SEND
+    } else {
+        publish_error::STORE
+    }
 }

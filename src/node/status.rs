@@ -1,13 +1,17 @@
 //! What a node reports about itself: [`Status`], the [`Halt`] reasons that stop the apply
 //! loop, and [`NodeHandle::status`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use serde::Serialize;
 
-use super::{Bootstrapped, NodeError, NodeHandle};
+use super::{Bootstrapped, NodeError, NodeHandle, Shared, subjects_for};
 use crate::error::StorageError;
-use crate::ids::EntityFilter;
+use crate::ids::{EntityFilter, EntityName};
 
 /// Why the apply loop stopped applying; it needs an operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -45,6 +49,20 @@ pub enum Halt {
         /// The I/O error.
         detail: String,
     },
+}
+
+impl Halt {
+    /// A stable code for metrics and tooling: `retention_gap`, `stream_reset`,
+    /// `stream_conflict`, `entities_gap`, `disk_full`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Halt::RetentionGap { .. } => "retention_gap",
+            Halt::StreamReset { .. } => "stream_reset",
+            Halt::StreamConflict { .. } => "stream_conflict",
+            Halt::EntitiesGap { .. } => "entities_gap",
+            Halt::DiskFull { .. } => "disk_full",
+        }
+    }
 }
 
 impl std::fmt::Display for Halt {
@@ -94,9 +112,21 @@ pub struct Status {
     pub checkpoint: u64,
     /// The stream's last sequence when last seen.
     pub stream_last_seq: Option<u64>,
-    /// Messages matching this node's filter not yet applied, per the consumer (a batch
-    /// that failed to apply counts).
+    /// Stream messages past the checkpoint not applied yet: the stream's last sequence
+    /// (asked for now when connected) minus the checkpoint; for a partial replica an upper
+    /// bound until its idle checkpoint catches up. `jetsync_replication_lag_events`.
     pub lag: Option<u64>,
+    /// Per entity type: seconds since the oldest stream event past the checkpoint was
+    /// stored (0 when caught up); empty while the stream cannot be asked.
+    /// `jetsync_replication_lag_seconds`.
+    pub lag_seconds: BTreeMap<String, f64>,
+    /// Records keeping conflicts, all entity types.
+    pub conflicts: u64,
+    /// Events this node published since it started.
+    pub published: u64,
+    /// Per peer and reason: this node's events that peer has quarantined (the
+    /// self-check, [`crate::ops::selfcheck`]); empty when none.
+    pub refused_by: BTreeMap<String, BTreeMap<String, u64>>,
     /// Refused messages in the quarantine.
     pub quarantined: u64,
     /// The current transient errors of the publisher and the apply loop, each cleared when
@@ -147,6 +177,33 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))?;
+        let store = self.0.store.clone();
+        let (entities, conflicts) = tokio::task::spawn_blocking(move || {
+            let entities = store.entities()?;
+            let mut conflicts = 0;
+            for e in &entities {
+                conflicts += store.conflict_count(e, CONFLICT_COUNT_CAP)?;
+            }
+            Ok::<_, StorageError>((entities, conflicts))
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))?
+        .unwrap_or_default();
+        let connected = matches!(
+            self.0.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        let mut lag_seconds = BTreeMap::new();
+        if connected {
+            if let Some(last) = stream_last_seq(&self.0).await {
+                self.0.live().stream_last_seq = Some(last);
+            }
+            let checkpoint = match &counts {
+                Ok(c) => c.checkpoint,
+                Err(_) => self.0.live().counts.checkpoint,
+            };
+            lag_seconds = entity_lag(&self.0, &entities, checkpoint).await;
+        }
         // Before taking `live`: it locks it too.
         let trust = self.trust_status();
         let mut live = self.0.live();
@@ -177,7 +234,11 @@ impl NodeHandle {
             outbox,
             checkpoint,
             stream_last_seq: live.stream_last_seq,
-            lag: live.lag,
+            lag: live.stream_last_seq.map(|l| l.saturating_sub(checkpoint)),
+            lag_seconds,
+            conflicts,
+            published: self.0.published.load(Ordering::Relaxed),
+            refused_by: self.0.selfcheck.refused(),
             quarantined,
             last_error: {
                 let errors: Vec<&str> = [&live.publish_error, &live.apply_error, &store_error]
@@ -197,4 +258,74 @@ impl NodeHandle {
             trust,
         })
     }
+}
+
+/// Conflict counts stop at this many per entity type (counting is an index scan).
+const CONFLICT_COUNT_CAP: usize = 1_000_000;
+/// Longest wait for the stream when reporting status.
+const ASK_STREAM: Duration = Duration::from_secs(1);
+
+/// The stream's last sequence now, if the server answers quickly.
+async fn stream_last_seq(shared: &Shared) -> Option<u64> {
+    let name = &shared.config.stream.name;
+    let stream = tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(name))
+        .await
+        .ok()?
+        .ok()?;
+    let info = tokio::time::timeout(ASK_STREAM, stream.get_info())
+        .await
+        .ok()?
+        .ok()?;
+    Some(info.state.last_sequence)
+}
+
+/// Per entity type this node follows, the age of the oldest stream event past
+/// `checkpoint` (0 when there is none): one direct get per filter subject. A full replica
+/// asks per entity type its store knows.
+async fn entity_lag(
+    shared: &Shared,
+    known: &[EntityName],
+    checkpoint: u64,
+) -> BTreeMap<String, f64> {
+    let cfg = &shared.config;
+    let prefix = &cfg.stream.prefix;
+    let subjects: Vec<(String, String)> = if cfg.entities.is_empty() {
+        known
+            .iter()
+            .map(|e| (e.to_string(), format!("{prefix}.{e}.>")))
+            .collect()
+    } else {
+        cfg.entities
+            .iter()
+            .flat_map(|f| {
+                let e = f.entity.to_string();
+                subjects_for(prefix, std::slice::from_ref(f))
+                    .into_iter()
+                    .map(move |s| (e.clone(), s))
+            })
+            .collect()
+    };
+    let mut lag = BTreeMap::new();
+    let Ok(Ok(stream)) =
+        tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(&cfg.stream.name)).await
+    else {
+        return lag;
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    for (entity, subject) in subjects {
+        let next = tokio::time::timeout(
+            ASK_STREAM,
+            stream.direct_get_next_for_subject(subject, Some(checkpoint + 1)),
+        )
+        .await;
+        let secs = match next {
+            Ok(Ok(m)) => (now - m.time.timestamp_millis()).max(0) as f64 / 1000.0,
+            Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => 0.0,
+            // Unknown now: leave it out rather than report 0.
+            _ => continue,
+        };
+        let slot = lag.entry(entity).or_insert(0.0_f64);
+        *slot = slot.max(secs);
+    }
+    lag
 }

@@ -91,6 +91,10 @@ impl Store {
                 match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &limits) {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
+                        let ahead = hlc.physical_ms() as i64 - msg.stream_time_ms as i64;
+                        report.max_ahead_ms =
+                            Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
+                        let entity = ev.entity.clone();
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
                         // Another origin superseding one of our queued versions is no proof
                         // that it was published (a stamp can be guessed): its leaf is about
@@ -109,8 +113,12 @@ impl Store {
                             Merge::Applied => {
                                 clock.observe(hlc);
                                 report.applied += 1;
+                                report.count(entity.as_str(), 0);
                             }
-                            Merge::Duplicate => report.duplicates += 1,
+                            Merge::Duplicate => {
+                                report.duplicates += 1;
+                                report.count(entity.as_str(), 1);
+                            }
                         }
                     }
                     Err(reason) => {
@@ -129,6 +137,20 @@ impl Store {
                             encode_postcard(&row, "quarantine")?.as_slice(),
                         )?;
                         report.quarantined += 1;
+                        let entity = msg
+                            .subject
+                            .split('.')
+                            .nth(self.config.prefix.split('.').count())
+                            .unwrap_or("?");
+                        report.count(entity, 2);
+                        match report
+                            .quarantine_reasons
+                            .iter_mut()
+                            .find(|(r, _)| *r == reason.code())
+                        {
+                            Some((_, n)) => *n += 1,
+                            None => report.quarantine_reasons.push((reason.code(), 1)),
+                        }
                     }
                 }
             }

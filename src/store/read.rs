@@ -100,6 +100,17 @@ impl Store {
         Ok(Page { items, next })
     }
 
+    /// How many records of `entity` keep conflicts, counting at most `cap` (an index scan
+    /// without loading the records, for metrics).
+    pub fn conflict_count(&self, entity: &EntityName, cap: usize) -> Result<u64, StorageError> {
+        let txn = self.read()?;
+        let Ok(index) = txn.open_table(CONFLICTS) else {
+            return Ok(0);
+        };
+        let range = index.range((entity.as_str(), 0)..=(entity.as_str(), u128::MAX))?;
+        Ok(range.take(cap).count() as u64)
+    }
+
     /// Records of `entity` that have conflicts, in id order, after `after`, at most `limit`.
     pub fn conflicts(
         &self,

@@ -236,6 +236,28 @@ pub struct ApplyReport {
     pub checkpoint: u64,
     /// The visible record changes the batch made.
     pub changes: Vec<Change>,
+    /// Per entity type (the subject's entity token for refused messages): how many were
+    /// `[applied, duplicate, quarantined]`, for the node's metrics.
+    pub by_entity: Vec<(String, [u64; 3])>,
+    /// Refused messages per reason code.
+    pub quarantine_reasons: Vec<(&'static str, u64)>,
+    /// The largest `event stamp − stream time` among the decoded events, ms.
+    pub max_ahead_ms: Option<i64>,
+}
+
+impl ApplyReport {
+    /// Counts one message of `entity` under outcome 0 (applied), 1 (duplicate) or 2
+    /// (quarantined).
+    pub(crate) fn count(&mut self, entity: &str, outcome: usize) {
+        match self.by_entity.iter_mut().find(|(e, _)| e == entity) {
+            Some((_, n)) => n[outcome] += 1,
+            None => {
+                let mut n = [0; 3];
+                n[outcome] = 1;
+                self.by_entity.push((entity.to_owned(), n));
+            }
+        }
+    }
 }
 
 /// An event waiting in the outbox.
