@@ -135,9 +135,10 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     let dir = tempfile::tempdir().unwrap();
     let url = server.client_url();
     let orders = entity("orders");
-    // a refuses documents over 300 bytes: b's larger ones end in a's quarantine.
-    let mut a_config = with_metrics(node_config("a", dir.path(), &url));
-    a_config.store.max_doc_bytes = 300;
+    // The quarantine limits are the deployment's (pinned in the stream), so a peer refuses
+    // a node's events only when they are bad for everyone: below, a malformed message on
+    // b's subject ends in a's quarantine under origin b.
+    let a_config = with_metrics(node_config("a", dir.path(), &url));
     let b_config = with_metrics(node_config("b", dir.path(), &url));
     let a = start(a_config).await;
     let b = start(b_config.clone()).await;
@@ -272,14 +273,25 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
             "jetsync_applied_events_total",
             &[("entity", "orders"), ("outcome", "quarantined")]
         ),
-        1.0
+        1.0,
+        "{:?}",
+        am.0.samples
+            .iter()
+            .filter(|s| s.metric.starts_with("jetsync_applied_events"))
+            .map(|s| format!("{} {} {:?}", s.metric, s.labels, s.value))
+            .collect::<Vec<_>>()
     );
 
-    // b's large documents are refused by a: b learns it from the self-check and must not
-    // look healthy.
-    b.put(&orders, Uuid::now_v7(), json!({"big": "x".repeat(1000)}))
-        .await
-        .unwrap();
+    // A message under b's origin that a refuses: b learns it from the self-check and must
+    // not look healthy.
+    js.publish(
+        format!("jetsync.orders._.b.{}", Uuid::now_v7()),
+        "not json either".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     let bm = wait_metric(
         b_addr,
         "b learning that a refuses its events",
@@ -294,7 +306,7 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     assert!(body.contains("quarantine this node's events"), "{body}");
     let s = b.status().await.unwrap();
     assert_eq!(
-        s.refused_by.get("a").and_then(|r| r.get("doc_too_large")),
+        s.refused_by.get("a").and_then(|r| r.get("malformed")),
         Some(&1),
         "{s:?}"
     );
