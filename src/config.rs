@@ -38,8 +38,8 @@ use serde::Deserialize;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityName, NodeId, Scope};
+use crate::metrics::OpsSettings;
 use crate::node::{EntityFilter, NodeConfig, SnapshotPolicy};
-use crate::ops::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::{Retention, StreamSettings};
 

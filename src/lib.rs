@@ -58,6 +58,7 @@ pub mod event;
 pub mod ids;
 pub mod lease;
 pub mod merge;
+pub mod metrics;
 pub mod msgid;
 pub mod node;
 pub mod ops;

@@ -18,7 +18,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Version;
-use crate::event::{ChangeEvent, Op};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::event::{
+    ChangeEvent, ENVELOPE_VERSION, EventLimits, Op, QuarantineReason, check_drift, check_event,
+};
+use crate::ids::EntityName;
 use crate::ids::Scope;
 
 /// One current version of a record.
@@ -245,4 +251,116 @@ pub enum Compacted {
     Shrunk,
     /// The record is a lone old tombstone with no history: it can be removed.
     Remove,
+}
+
+/// The event a leaf keeps: a leaf holds every field of the event that made it. `None`
+/// doc JSON that is not valid JSON fails here.
+pub fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEvent, String> {
+    let doc = leaf
+        .doc
+        .as_ref()
+        .map(|d| RawValue::from_string(d.clone()))
+        .transpose()
+        .map_err(|e| format!("document of {entity}/{id}: {e}"))?;
+    Ok(ChangeEvent {
+        v: ENVELOPE_VERSION,
+        op: if doc.is_some() { Op::Put } else { Op::Delete },
+        entity: entity.clone(),
+        scope: leaf.scope.clone(),
+        id,
+        origin: leaf.version.node.clone(),
+        origin_seq: leaf.origin_seq,
+        version: leaf.version.clone(),
+        base: leaf.base.clone(),
+        resolves: leaf.resolves.clone(),
+        doc,
+    })
+}
+
+/// Checks a whole record state from outside (a snapshot being loaded, a peer's state in a
+/// repair) leaf by leaf with [`check_event`] against this node's wall clock `now_ms`;
+/// versions it names and its compaction floor must not be beyond the drift limit either
+/// (a far-future floor or named version would make later writes look already seen).
+pub fn check_state(
+    entity: &EntityName,
+    id: Uuid,
+    state: &RecordState,
+    now_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    for leaf in &state.leaves {
+        let ev = leaf_event(entity, id, leaf).map_err(QuarantineReason::Malformed)?;
+        check_event(&ev, now_ms, limits)?;
+    }
+    for v in state.history.iter().map(|n| &n.version).chain(&state.floor) {
+        check_drift(v, now_ms, limits)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+    use crate::ids::NodeId;
+
+    const NOW: u64 = 1_763_000_000_000;
+
+    fn limits() -> EventLimits {
+        EventLimits {
+            prefix: "jetsync".into(),
+            max_doc_bytes: 1000,
+            max_clock_drift_ms: 60_000,
+        }
+    }
+
+    fn state(ms: u64, doc: Option<&str>) -> (EntityName, Uuid, RecordState) {
+        let (entity, id) = (EntityName::new("orders").unwrap(), Uuid::now_v7());
+        let version = Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new("x").unwrap());
+        let mut s = RecordState::default();
+        s.apply(ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: if doc.is_some() { Op::Put } else { Op::Delete },
+            entity: entity.clone(),
+            scope: Scope::default(),
+            id,
+            origin: version.node.clone(),
+            origin_seq: 1,
+            version,
+            base: None,
+            resolves: vec![],
+            doc: doc.map(|d| RawValue::from_string(d.into()).unwrap()),
+        });
+        (entity, id, s)
+    }
+
+    #[test]
+    fn states_meet_the_event_checks() {
+        let check = |(e, id, s): (EntityName, Uuid, RecordState)| {
+            check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
+        };
+        assert_eq!(check(state(NOW + 1000, Some("{}"))), Ok(()));
+        assert_eq!(check(state(NOW, None)), Ok(()));
+        assert_eq!(
+            check(state(NOW + 61_000, Some("{}"))),
+            Err("clock_drift"),
+            "a leaf beyond the drift limit"
+        );
+        assert_eq!(check(state(NOW, Some("null"))), Err("malformed"));
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(2000));
+        assert_eq!(check(state(NOW, Some(&big))), Err("doc_too_large"));
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.floor = Some(Version::new(
+            Hlc::new(NOW + 3_600_000, 0).unwrap(),
+            NodeId::new("x").unwrap(),
+        ));
+        assert_eq!(
+            check((e, id, s)),
+            Err("clock_drift"),
+            "a far-future floor would make later writes look seen"
+        );
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.leaves[0].doc = Some("{not json".into());
+        assert_eq!(check((e, id, s)), Err("malformed"));
+    }
 }

@@ -191,8 +191,7 @@ fn service_error(e: &RemoteError) -> async_nats::service::error::Error {
 /// other nodes' self-check.
 async fn quarantine_origins(node: &NodeHandle) -> Result<Value, RemoteError> {
     let (store, prefix) = (node.store().clone(), node.config().stream.prefix.clone());
-    let origins =
-        blocking(move || crate::ops::selfcheck::quarantine_by_origin(&store, &prefix)).await?;
+    let origins = blocking(move || store.quarantine_by_origin(&prefix)).await?;
     Ok(json!({ "origins": origins }))
 }
 

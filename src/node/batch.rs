@@ -15,7 +15,7 @@ use super::idle::IDLE_PROBE;
 use super::{Halt, Shared};
 use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
-use crate::ops::metrics::BatchOutcome;
+use crate::metrics::BatchOutcome;
 use crate::store::{ApplyReport, Incoming};
 
 /// Why following the stream stopped.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityFilter, NodeId};
-use crate::ops::OpsSettings;
+use crate::metrics::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::StreamSettings;
 

@@ -57,7 +57,7 @@ use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
 use crate::lease::{Lease, LeaseError, LeaseState};
-use crate::ops::{NodeMetrics, SelfCheck};
+use crate::metrics::{NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};

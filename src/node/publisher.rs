@@ -15,7 +15,7 @@ use async_nats::jetstream::{self};
 use tracing::Instrument;
 
 use super::Shared;
-use crate::ops::metrics::publish_error;
+use crate::metrics::publish_error;
 use crate::refusal::permanent;
 use crate::store::OutboxEntry;
 

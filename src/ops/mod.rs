@@ -9,46 +9,19 @@
 //! metric and `jetsync status` always agree.
 
 pub mod http;
-pub mod metrics;
 pub mod selfcheck;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+pub use crate::metrics::{self, NodeMetrics, OpsSettings, SelfCheck, StateSample};
 use crate::node::NodeHandle;
 pub use http::{OpsServer, Probe, Readiness};
-pub use metrics::{NodeMetrics, StateSample};
-pub use selfcheck::SelfCheck;
 
-/// Settings of the operations surface (config `[metrics]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpsSettings {
-    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: no listener.
-    pub listen: Option<SocketAddr>,
-    /// `/readyz` fails while some entity's lag exceeds this.
-    pub ready_max_lag: Duration,
-    /// How often the self-check asks the other nodes about this node's events.
-    pub selfcheck_interval: Duration,
-}
-
-impl Default for OpsSettings {
-    fn default() -> Self {
-        OpsSettings {
-            listen: None,
-            ready_max_lag: Duration::from_secs(30),
-            selfcheck_interval: Duration::from_secs(30),
-        }
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::metrics::now_ms;
 
 /// One node's operations surface: the [`Probe`] the HTTP listener serves.
 pub struct NodeOps {

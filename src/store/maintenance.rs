@@ -20,8 +20,8 @@ use super::{Incoming, Store};
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
-use crate::event;
 use crate::ids::{EntityFilter, EntityName, Scope};
+use crate::merge;
 use crate::merge::RecordState;
 use crate::store::{ApplyReport, Change, Page};
 
@@ -110,7 +110,7 @@ pub struct MergeReport {
     /// Damaged local records replaced by the incoming state.
     pub repaired: usize,
     /// Incoming states refused whole (they failed the event checks, see
-    /// [`crate::event::check_state`]), with why; nothing of them was merged.
+    /// [`crate::merge::check_state`]), with why; nothing of them was merged.
     pub refused: Vec<(Uuid, String)>,
     /// The visible record changes the merge made.
     pub changes: Vec<Change>,
@@ -202,7 +202,7 @@ impl Store {
     /// state of the union of both sides' events. A damaged local record is replaced.
     ///
     /// Every incoming state first meets the event checks leaf by leaf (document, versions,
-    /// drift against this node's wall clock: [`event::check_state`]), and a leaf of this
+    /// drift against this node's wall clock: [`merge::check_state`]), and a leaf of this
     /// node's own version must match the one it holds (it wrote it); a state that fails is
     /// refused whole, logged and listed in [`MergeReport::refused`].
     pub fn merge_records(
@@ -225,7 +225,7 @@ impl Store {
                     report.refused.push((id, why));
                 };
                 if let Err(reason) =
-                    event::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
+                    merge::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
                 {
                     refuse(reason.to_string());
                     continue;

@@ -11,6 +11,12 @@
 //!
 //! A disabled [`NodeMetrics`] (metrics not configured) makes every call a no-op.
 
+mod selfcheck;
+mod settings;
+
+pub use selfcheck::SelfCheck;
+pub use settings::OpsSettings;
+
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -134,8 +140,11 @@ struct Inner {
     conflict_entities: Mutex<BTreeSet<String>>,
 }
 
-fn now_ms() -> u64 {
-    super::now_ms()
+/// Wall-clock milliseconds since the epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn seconds(d: Duration) -> f64 {
