@@ -18,6 +18,11 @@
 //! retention = { kind = "limits", max_age = 0, max_bytes = 0, max_msgs = 0 }  # or { kind = "compacted" }
 //! # domain = "hub"   # JetStream domain, when the stream is reached through a leaf node
 //!
+//! [site]            # optional: a node at an edge site (see `jetsync::site`)
+//! name = "shop42"     # the site's JetStream domain; the node follows the site stream there
+//! hub_domain = "hub"
+//! receive = [{ entity = "orders", scopes = ["shop42"] }]  # from the hub; default: all
+//!
 //! [limits]           # max_doc_bytes and max_clock_drift_secs are the deployment's: the
 //!                    # node that creates the stream pins them in its metadata and every
 //!                    # node adopts the pinned values (logging any it overrides)
@@ -41,7 +46,7 @@ use crate::ids::{EntityName, NodeId, Scope};
 use crate::metrics::OpsSettings;
 use crate::node::{EntityFilter, NodeConfig, SnapshotPolicy};
 use crate::store::StoreConfig;
-use crate::stream::{Retention, StreamSettings};
+use crate::stream::{Retention, StreamSettings, Upstream};
 
 /// A configuration that cannot be used, naming the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +114,29 @@ pub struct FileConfig {
     /// `[metrics]`: the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub metrics: FileMetrics,
+    /// `[site]`: this node runs at an edge site.
+    pub site: Option<FileSite>,
+}
+
+/// `[site]`: this node runs at an edge site, on the site's stream, which sources from the
+/// hub stream (see [`crate::site`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSite {
+    /// The site's JetStream domain (its leaf server's `jetstream.domain`).
+    pub name: String,
+    /// The hub's JetStream domain.
+    #[serde(default = "default_hub_domain")]
+    pub hub_domain: String,
+    /// The hub stream's name; default: `[stream] name`.
+    pub hub_stream: Option<String>,
+    /// What the site receives from the hub (filtered by the hub's server); default: all.
+    #[serde(default)]
+    pub receive: Vec<FileEntity>,
+}
+
+fn default_hub_domain() -> String {
+    "hub".into()
 }
 
 /// `[metrics]`: the operations HTTP listener (`/metrics`, `/healthz`, `/readyz`) and the
@@ -318,27 +346,20 @@ impl FileConfig {
         self.nats
             .validate()
             .map_err(|e| invalid("nats", e.to_string()))?;
-        let mut entities = Vec::new();
-        for (i, e) in self.entities.into_iter().enumerate() {
-            let key = format!("entities[{i}]");
-            let entity = EntityName::new(e.entity)
-                .map_err(|err| invalid(&format!("{key}.entity"), err.to_string()))?;
-            let scopes = e
-                .scopes
-                .into_iter()
-                .map(|s| {
-                    Scope::new(s).map_err(|err| invalid(&format!("{key}.scopes"), err.to_string()))
-                })
-                .collect::<Result<_, _>>()?;
-            entities.push(EntityFilter { entity, scopes });
-        }
+        let entities = filters("entities", self.entities)?;
+        let stream_name = self.stream.name.clone();
+        let (domain, upstream) = match self.site {
+            None => (self.stream.domain, None),
+            Some(site) => site_upstream(site, self.stream.domain, &stream_name)?,
+        };
         let stream = StreamSettings {
             name: self.stream.name,
             prefix: self.stream.prefix,
             replicas: self.stream.replicas,
             duplicate_window: Duration::from_secs(self.stream.duplicate_window_secs),
             retention: self.stream.retention,
-            domain: self.stream.domain,
+            domain,
+            upstream,
         };
         stream
             .validate()
@@ -386,6 +407,53 @@ impl FileConfig {
             publish_window: self.limits.publish_window,
         })
     }
+}
+
+/// Validates a `[key]` list of entity filters.
+fn filters(key: &str, list: Vec<FileEntity>) -> Result<Vec<EntityFilter>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, e) in list.into_iter().enumerate() {
+        let key = format!("{key}[{i}]");
+        let entity = EntityName::new(e.entity)
+            .map_err(|err| invalid(&format!("{key}.entity"), err.to_string()))?;
+        let scopes = e
+            .scopes
+            .into_iter()
+            .map(|s| {
+                Scope::new(s).map_err(|err| invalid(&format!("{key}.scopes"), err.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        out.push(EntityFilter { entity, scopes });
+    }
+    Ok(out)
+}
+
+/// A site node's stream domain (its site's) and upstream, from `[site]`.
+fn site_upstream(
+    site: FileSite,
+    domain: Option<String>,
+    stream_name: &str,
+) -> Result<(Option<String>, Option<Upstream>), ConfigError> {
+    crate::site::validate_domain(&site.name).map_err(|e| invalid("site.name", e))?;
+    crate::site::validate_domain(&site.hub_domain).map_err(|e| invalid("site.hub_domain", e))?;
+    if site.hub_domain == site.name {
+        return Err(invalid("site.hub_domain", "must differ from site.name"));
+    }
+    if let Some(d) = domain.filter(|d| d != &site.name) {
+        return Err(invalid(
+            "stream.domain",
+            format!(
+                "{d:?}: a site node follows its site's stream: omit it or set it to site.name {:?}",
+                site.name
+            ),
+        ));
+    }
+    let upstream = Upstream {
+        domain: site.hub_domain,
+        stream: site.hub_stream.unwrap_or_else(|| stream_name.to_owned()),
+        entities: filters("site.receive", site.receive)?,
+    };
+    Ok((Some(site.name), Some(upstream)))
 }
 
 #[cfg(test)]
@@ -440,6 +508,44 @@ fetch_batch = 500
             .unwrap();
         assert_eq!(c.ops.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.ops.ready_max_lag, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_site_section_makes_a_site_node() {
+        let text = format!(
+            "{FULL}[site]\nname = \"shop42\"\nreceive = [{{ entity = \"orders\", scopes = [\"shop42\"] }}]\n"
+        );
+        let c = FileConfig::parse(&text)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.stream.domain.as_deref(), Some("shop42"));
+        let up = c.stream.upstream.as_ref().unwrap();
+        assert_eq!((up.domain.as_str(), up.stream.as_str()), ("hub", "JETSYNC"));
+        assert_eq!(up.entities.len(), 1);
+        // The node reads its site's own events and what the site imported.
+        assert_eq!(
+            c.filter_subjects(),
+            vec![
+                "jetsync.customers.site42.>",
+                "jetsync.orders.>",
+                "jetsync_in.customers.site42.>",
+                "jetsync_in.orders.>"
+            ]
+        );
+        let err = |extra: &str| {
+            FileConfig::parse(&format!("{FULL}{extra}"))
+                .unwrap()
+                .into_node_config(Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[site]\nname = \"a.b\"\n").contains("`site.name`"));
+        assert!(err("[site]\nname = \"hub\"\n").contains("`site.hub_domain`"));
+        assert!(
+            err("[site]\nname = \"s\"\nreceive = [{ entity = \"X\" }]\n")
+                .contains("`site.receive[0].entity`")
+        );
     }
 
     #[test]

@@ -93,6 +93,14 @@ pub fn subject_for(
     format!("{prefix}.{entity}.{scope}.{origin}.{id}")
 }
 
+/// The import namespace of a deployment: where an edge site's stream keeps the events it
+/// sourced from its hub, under the same tokens (see `crate::site`). It sits outside
+/// `<prefix>.>`, so no stream captures a plain publish to it: events get there only by
+/// sourcing.
+pub fn import_prefix(prefix: &str) -> String {
+    format!("{prefix}_in")
+}
+
 /// Why an incoming message was refused. The same message gets the same reason on every
 /// node; [`QuarantineReason::code`] is stable for tooling.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,13 +230,19 @@ pub fn decode(
             });
         }
     };
+    // The content checks (envelope, size, versions) come first and hold for imported
+    // events as for published ones.
     check_content(&ev, limits)?;
+    // Two shapes, the same on every node whatever its config: an event as published, and
+    // as an edge site imported it from its hub (`<prefix>_in.<same tokens>`). The origin
+    // check below holds for both.
     let expected = ev.subject(&limits.prefix);
-    if subject != expected {
-        let origin_token = subject
-            .strip_prefix(limits.prefix.as_str())
-            .and_then(|rest| rest.strip_prefix('.'))
-            .and_then(|rest| rest.split('.').nth(2));
+    let import = import_prefix(&limits.prefix);
+    let tail = [limits.prefix.as_str(), import.as_str()]
+        .into_iter()
+        .find_map(|p| subject.strip_prefix(p)?.strip_prefix('.'));
+    if tail != expected[limits.prefix.len()..].strip_prefix('.') {
+        let origin_token = tail.and_then(|rest| rest.split('.').nth(2));
         return Err(match origin_token {
             Some(token) if token != ev.origin.as_str() => QuarantineReason::ForgedOrigin {
                 subject_origin: token.to_owned(),
@@ -393,5 +407,67 @@ mod canonical_uuid {
             )));
         }
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+
+    fn event(doc: &str) -> ChangeEvent {
+        let origin = NodeId::new("till-1").unwrap();
+        ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: Op::Put,
+            entity: EntityName::new("orders").unwrap(),
+            scope: Scope::new("shop42").unwrap(),
+            id: Uuid::now_v7(),
+            origin: origin.clone(),
+            origin_seq: 1,
+            version: Version::new(Hlc::new(1_763_000_000_000, 0).unwrap(), origin),
+            base: None,
+            resolves: vec![],
+            doc: Some(RawValue::from_string(doc.into()).unwrap()),
+        }
+    }
+
+    #[test]
+    fn decoding_accepts_exactly_the_published_and_the_imported_shape() {
+        let limits = EventLimits {
+            prefix: "jetsync".into(),
+            max_doc_bytes: 100,
+            max_clock_drift_ms: 60_000,
+        };
+        let ev = event("{}");
+        let payload = ev.encode();
+        let tail = format!("orders.shop42.till-1.{}", ev.id);
+        let decoded = |subject: &str, payload: &[u8]| {
+            decode(subject, payload, 1_763_000_000_000, &limits)
+        };
+        assert!(decoded(&format!("jetsync.{tail}"), &payload).is_ok());
+        assert!(decoded(&format!("jetsync_in.{tail}"), &payload).is_ok());
+        for other in [
+            "jetsync_x",
+            "jetsync.jetsync_in",
+            "jetsync_in_in",
+            "jetsync_api",
+        ] {
+            assert!(
+                decoded(&format!("{other}.{tail}"), &payload).is_err(),
+                "{other} accepted"
+            );
+        }
+        // An import meets the same checks as a published event: origin, size.
+        let forged = format!("jetsync_in.orders.shop42.till-2.{}", ev.id);
+        assert!(matches!(
+            decoded(&forged, &payload),
+            Err(QuarantineReason::ForgedOrigin { subject_origin, .. }) if subject_origin == "till-2"
+        ));
+        let big = event(&format!("{{\"pad\":\"{}\"}}", "x".repeat(200)));
+        assert!(matches!(
+            decoded(&format!("jetsync_in.{tail}"), &big.encode()),
+            Err(QuarantineReason::DocTooLarge { .. })
+        ));
     }
 }

@@ -169,6 +169,25 @@ impl EntityFilter {
                 .any(|f| &f.entity == entity && (f.scopes.is_empty() || f.scopes.contains(scope)))
     }
 
+    /// The stream subjects under `prefix` that carry the events `filters` admit (empty:
+    /// all of them), sorted and without repeats.
+    pub fn subjects(prefix: &str, filters: &[EntityFilter]) -> Vec<String> {
+        if filters.is_empty() {
+            return vec![format!("{prefix}.>")];
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for f in filters {
+            if f.scopes.is_empty() {
+                out.insert(format!("{prefix}.{}.>", f.entity));
+            } else {
+                for s in &f.scopes {
+                    out.insert(format!("{prefix}.{}.{s}.>", f.entity));
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Whether everything `inner` admits, `outer` admits too.
     pub fn covers(outer: &[EntityFilter], inner: &[EntityFilter]) -> bool {
         if outer.is_empty() {

@@ -18,6 +18,9 @@
 //!   same transactions.
 //! - [`digest`]: order-independent per-entity hashes for verifying replicas.
 //! - [`stream`]: the JetStream stream's settings, provisioning and identity.
+//! - [`site`]: edge sites: a site stream on the site's own leaf server, sourced to and
+//!   from the hub stream, its provisioning and health, and the guard for hub events
+//!   trimmed before a site sourced them.
 //! - [`config`]: the node's TOML configuration file, validated key by key.
 //! - [`connect`]: NATS URLs, authentication and TLS options shared by nodes and the CLI.
 //! - [`node`]: a running replica: the outbox publisher and the apply loop over a durable
@@ -64,6 +67,7 @@ pub mod node;
 pub mod ops;
 pub mod refusal;
 pub mod replay;
+pub mod site;
 pub mod snapshot;
 pub mod store;
 pub mod stream;

@@ -350,6 +350,29 @@ pub async fn load(
     name: &str,
     store: Arc<Store>,
     filters: &[EntityFilter],
+    on_changes: impl FnMut(Vec<Change>),
+) -> Result<SnapshotReport, SnapshotError> {
+    let report = merge_into(js, settings, name, store.clone(), filters, on_changes).await?;
+    let seq = report.meta.seq;
+    tokio::task::spawn_blocking(move || store.advance_checkpoint(seq))
+        .await
+        .map_err(|source| StorageError::TaskFailed {
+            task: "checkpoint",
+            source,
+        })??;
+    tracing::info!(name, seq, "snapshot loaded: checkpoint raised");
+    Ok(report)
+}
+
+/// [`load`] without touching the checkpoint: merges the states (each checked like any
+/// incoming state), for a snapshot of another stream than the one the store follows (an
+/// edge site merging its hub's, see `crate::site::UpstreamGuard`).
+pub async fn merge_into(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    name: &str,
+    store: Arc<Store>,
+    filters: &[EntityFilter],
     mut on_changes: impl FnMut(Vec<Change>),
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = std::time::Instant::now();
@@ -479,15 +502,7 @@ pub async fn load(
         changed += report.changed as u64;
         on_changes(report.changes);
     }
-    let seq = meta.seq;
-    let st = store.clone();
-    tokio::task::spawn_blocking(move || st.advance_checkpoint(seq))
-        .await
-        .map_err(|source| StorageError::TaskFailed {
-            task: "checkpoint",
-            source,
-        })??;
-    tracing::info!(name, seq, records, changed, "snapshot loaded");
+    tracing::info!(name, seq = meta.seq, records, changed, "snapshot merged");
     Ok(SnapshotReport {
         meta,
         records,

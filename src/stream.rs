@@ -7,12 +7,18 @@
 //! every node, or one node would quarantine what the others apply. The node that creates
 //! the stream writes its configured values into the stream's metadata; every node adopts
 //! those values, whatever its own file says (see [`DeploymentLimits`]).
+//!
+//! An edge site's stream also declares the source it imports its hub's events through
+//! ([`Upstream`]); the rest of edge provisioning is `crate::site`'s.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
+
+use crate::event::import_prefix;
+use crate::ids::EntityFilter;
 
 /// How long the stream keeps events.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +142,105 @@ pub struct StreamSettings {
     /// JetStream domain of the servers holding the stream, when it is reached through a
     /// leaf node (`$JS.<domain>.API`); `None` for the local JetStream.
     pub domain: Option<String>,
+    /// An edge site's stream also sources from an upstream (hub) stream in another domain,
+    /// into the import namespace (see `crate::site`); `None` for a hub or a lone stream.
+    pub upstream: Option<Upstream>,
+}
+
+/// The stream an edge site's stream sources from (its hub, or a regional tier above it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// The JetStream domain of the upstream stream.
+    pub domain: String,
+    /// The upstream stream's name.
+    pub stream: String,
+    /// What the site receives from it (empty: everything), filtered by the upstream's
+    /// server.
+    pub entities: Vec<EntityFilter>,
+}
+
+/// The JetStream API prefix of a domain, as a source's `external.api` names it.
+pub fn domain_api(domain: &str) -> String {
+    format!("$JS.{domain}.API")
+}
+
+impl Upstream {
+    /// The (source filter, destination) pairs of a site's upstream source: the upstream's
+    /// local events and its own imports (a regional tier's), both into the import
+    /// namespace.
+    pub fn transforms(&self, prefix: &str) -> Vec<(String, String)> {
+        let import = import_prefix(prefix);
+        let mut out = Vec::new();
+        for from in [prefix, import.as_str()] {
+            for filter in EntityFilter::subjects(from, &self.entities) {
+                let dest = format!("{import}{}", &filter[from.len()..]);
+                out.push((filter, dest));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The source a site stream declares to receive from this upstream.
+    pub fn source(&self, prefix: &str) -> stream::Source {
+        stream::Source {
+            name: self.stream.clone(),
+            external: Some(stream::External {
+                api_prefix: domain_api(&self.domain),
+                delivery_prefix: None,
+            }),
+            subject_transforms: self
+                .transforms(prefix)
+                .into_iter()
+                .map(|(source, destination)| stream::SubjectTransform {
+                    source,
+                    destination,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether `source` reads from this upstream (whatever it selects).
+    pub fn is_source(&self, source: &stream::Source) -> bool {
+        is_from(source, &self.domain, &self.stream)
+    }
+
+    /// Why an existing site stream's sources do not match this upstream, if they don't.
+    pub fn mismatch(&self, prefix: &str, existing: &stream::Config) -> Option<String> {
+        let sources = existing.sources.as_deref().unwrap_or_default();
+        let Some(found) = sources.iter().find(|s| self.is_source(s)) else {
+            return Some(format!(
+                "no source from stream {:?} in domain {:?} (the site's upstream); run `jetsync site add`",
+                self.stream, self.domain
+            ));
+        };
+        let have = transforms_of(found);
+        let want = self.transforms(prefix);
+        (have != want).then(|| {
+            format!("the upstream source maps {have:?}, the config wants {want:?}; run `jetsync site add` to update it")
+        })
+    }
+}
+
+/// Whether `source` reads stream `stream` in JetStream domain `domain`.
+pub fn is_from(source: &stream::Source, domain: &str, stream: &str) -> bool {
+    source.name == stream
+        && source
+            .external
+            .as_ref()
+            .is_some_and(|e| e.api_prefix == domain_api(domain))
+}
+
+/// A source's subject transforms as sorted (source, destination) pairs.
+pub fn transforms_of(source: &stream::Source) -> Vec<(String, String)> {
+    let mut t: Vec<(String, String)> = source
+        .subject_transforms
+        .iter()
+        .map(|t| (t.source.clone(), t.destination.clone()))
+        .collect();
+    t.sort();
+    t
 }
 
 impl Default for StreamSettings {
@@ -147,6 +252,7 @@ impl Default for StreamSettings {
             duplicate_window: Duration::from_secs(120),
             retention: Retention::default(),
             domain: None,
+            upstream: None,
         }
     }
 }
@@ -190,7 +296,9 @@ impl StreamSettings {
         Ok(())
     }
 
-    fn config(&self) -> stream::Config {
+    /// The JetStream config this stream is created with (without the deployment's limits,
+    /// which [`provision`] pins in its metadata).
+    pub fn config(&self) -> stream::Config {
         let (max_age, max_bytes, max_messages, per_subject) = match &self.retention {
             Retention::Limits {
                 max_age,
@@ -211,6 +319,10 @@ impl StreamSettings {
             max_messages_per_subject: if per_subject == 0 { -1 } else { per_subject },
             discard: stream::DiscardPolicy::Old,
             allow_direct: true,
+            sources: self
+                .upstream
+                .as_ref()
+                .map(|up| vec![up.source(&self.prefix)]),
             ..Default::default()
         }
     }
@@ -261,6 +373,13 @@ impl StreamSettings {
                 "max_msgs {} (configured {})",
                 existing.max_messages, want.max_messages
             ));
+        }
+        if let Some(problem) = self
+            .upstream
+            .as_ref()
+            .and_then(|up| up.mismatch(&self.prefix, existing))
+        {
+            out.push(problem);
         }
         out
     }
@@ -433,5 +552,69 @@ mod tests {
             ..Default::default()
         };
         assert!(s.conflicts(&r3.config())[0].contains("replicas 3"));
+    }
+
+    fn up(entities: Vec<EntityFilter>) -> Upstream {
+        Upstream {
+            domain: "hub".into(),
+            stream: "JETSYNC".into(),
+            entities,
+        }
+    }
+
+    fn orders_at(scopes: &[&str]) -> Vec<EntityFilter> {
+        vec![EntityFilter {
+            entity: crate::ids::EntityName::new("orders").unwrap(),
+            scopes: scopes
+                .iter()
+                .map(|s| crate::ids::Scope::new(*s).unwrap())
+                .collect(),
+        }]
+    }
+
+    #[test]
+    fn the_upstream_source_maps_both_namespaces_into_imports() {
+        let all = up(vec![]).source("jetsync");
+        assert_eq!(all.external.as_ref().unwrap().api_prefix, "$JS.hub.API");
+        assert_eq!(
+            transforms_of(&all),
+            [
+                ("jetsync.>".to_owned(), "jetsync_in.>".to_owned()),
+                ("jetsync_in.>".to_owned(), "jetsync_in.>".to_owned())
+            ]
+        );
+        let scoped = up(orders_at(&["shop42"]));
+        assert_eq!(
+            scoped.transforms("acme.sync"),
+            [
+                (
+                    "acme.sync.orders.shop42.>".to_owned(),
+                    "acme.sync_in.orders.shop42.>".to_owned()
+                ),
+                (
+                    "acme.sync_in.orders.shop42.>".to_owned(),
+                    "acme.sync_in.orders.shop42.>".to_owned()
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn a_site_stream_without_the_configured_source_conflicts() {
+        let settings = StreamSettings {
+            upstream: Some(up(vec![])),
+            ..StreamSettings::default()
+        };
+        let mut config = settings.config();
+        assert!(settings.conflicts(&config).is_empty());
+        let narrower = up(orders_at(&[]));
+        assert!(
+            narrower
+                .mismatch("jetsync", &config)
+                .unwrap()
+                .contains("site add")
+        );
+        config.sources = None;
+        assert!(settings.conflicts(&config)[0].contains("no source"));
     }
 }

@@ -31,14 +31,13 @@
 
 mod common;
 
+use common::acks::{self, Ack};
+use common::proxy::Proxy;
 use common::rng::{Rng, time_seed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jetsync::api::ApiClient;
@@ -188,77 +187,6 @@ async fn child_main(spec: ChildSpec) {
             }
         }
         tokio::time::sleep(Duration::from_millis(5 + rng.below(30))).await;
-    }
-}
-
-// ----- a TCP proxy that can cut a node off ------------------------------------------------
-
-#[derive(Default)]
-struct ProxyState {
-    cut: AtomicBool,
-    /// Both sides of every open connection, to shut them down on a cut.
-    open: Mutex<Vec<TcpStream>>,
-}
-
-/// Listens on a loopback port and forwards each connection to `upstream`, unless cut.
-struct Proxy {
-    port: u16,
-    state: Arc<ProxyState>,
-}
-
-impl Proxy {
-    fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a proxy port");
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(ProxyState::default());
-        let st = state.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if st.cut.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue; // refused: dropped at once
-                }
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], upstream));
-                let Ok(server) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-                    continue; // the server is down: the client sees a closed connection
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                {
-                    let mut open = st.open.lock().unwrap();
-                    open.retain(|s| s.peer_addr().is_ok());
-                    open.push(client.try_clone().unwrap());
-                    open.push(server.try_clone().unwrap());
-                }
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { port, state }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self) {
-        self.state.cut.store(true, Ordering::SeqCst);
-        for s in self.state.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn heal(&self) {
-        self.state.cut.store(false, Ordering::SeqCst);
     }
 }
 
@@ -572,16 +500,6 @@ impl Chaos {
     }
 }
 
-/// One acknowledged write, from a child's log.
-#[derive(Debug)]
-struct Ack {
-    node: &'static str,
-    entity: EntityName,
-    id: Uuid,
-    version: Version,
-    delete: bool,
-}
-
 fn read_acks(dir: &Path, node: &'static str) -> Vec<Ack> {
     let text = std::fs::read_to_string(ack_log(dir, node)).unwrap_or_default();
     let mut out = Vec::new();
@@ -590,7 +508,7 @@ fn read_acks(dir: &Path, node: &'static str) -> Vec<Ack> {
         let parsed = (parts.len() == 5 && parts[0] == "ACK")
             .then(|| {
                 Some(Ack {
-                    node,
+                    node: node.to_owned(),
                     entity: parts[1].parse().ok()?,
                     id: parts[2].parse().ok()?,
                     version: parts[3].parse().ok()?,
@@ -633,42 +551,6 @@ async fn stream_versions(client: &async_nats::Client) -> BTreeMap<String, (u64, 
         }
     }
     out
-}
-
-fn show(a: &Ack) -> String {
-    let op = if a.delete { "delete" } else { "put" };
-    format!(
-        "{}/{} {} {op} acknowledged by {}",
-        a.entity, a.id, a.version, a.node
-    )
-}
-
-/// A record's leaves and history, short.
-fn describe(state: Option<&RecordState>) -> String {
-    let Some(s) = state else {
-        return "absent".into();
-    };
-    let leaves: Vec<String> = s
-        .leaves
-        .iter()
-        .map(|l| {
-            format!(
-                "{}{}",
-                l.version,
-                if l.is_tombstone() { "(del)" } else { "" }
-            )
-        })
-        .collect();
-    let history: Vec<String> = s
-        .history
-        .iter()
-        .map(|h| format!("{}{}", h.version, if h.seen { "" } else { "(unseen)" }))
-        .collect();
-    format!(
-        "leaves [{}] history [{}]",
-        leaves.join(" "),
-        history.join(" ")
-    )
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -814,7 +696,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
     }
 
     let entities: Vec<EntityName> = ENTITIES.iter().map(|e| e.parse().unwrap()).collect();
-    let mut states: Vec<BTreeMap<(EntityName, Uuid), RecordState>> = Vec::new();
+    let mut states = Vec::new();
     for name in NODES {
         let store = Store::open(
             dir.join("stores").join(format!("{name}.redb")),
@@ -832,64 +714,22 @@ async fn chaos_nodes_converge_and_lose_nothing() {
             store.checkpoint().unwrap(),
             store.quarantine_len().unwrap()
         );
-        let mut all = BTreeMap::new();
-        for e in &entities {
-            for (id, state) in store.scan(e, None, usize::MAX).unwrap().items {
-                all.insert((e.clone(), id), state);
-            }
-        }
-        states.push(all);
+        states.push((name.to_string(), acks::states(&store, &entities)));
     }
-    let keys_seen: BTreeSet<&(EntityName, Uuid)> = states.iter().flat_map(|s| s.keys()).collect();
-    let mut diverged = Vec::new();
-    for k in &keys_seen {
-        let first = states[0].get(*k);
-        if states[1..].iter().any(|s| s.get(*k) != first) {
-            let mut d = format!("{}/{}:", k.0, k.1);
-            for (i, s) in states.iter().enumerate() {
-                d.push_str(&format!("\n  {}: {}", NODES[i], describe(s.get(*k))));
-            }
-            diverged.push(d);
-        }
-    }
-
+    let keys_seen = states
+        .iter()
+        .flat_map(|(_, s)| s.keys())
+        .collect::<BTreeSet<_>>()
+        .len();
     let acks: Vec<Ack> = NODES.iter().flat_map(|n| read_acks(&dir, n)).collect();
-    let (mut winners, mut conflicts, mut superseded) = (0, 0, 0);
-    let mut lost = Vec::new();
-    let mut wrong = Vec::new();
-    for a in &acks {
-        for (i, s) in states.iter().enumerate() {
-            let Some(state) = s.get(&(a.entity.clone(), a.id)) else {
-                lost.push(format!("{} (no record on {})", show(a), NODES[i]));
-                continue;
-            };
-            let winner = state.winner().expect("a record has a winner");
-            let as_leaf = state.leaves.iter().position(|l| l.version == a.version);
-            let named = state
-                .history
-                .iter()
-                .any(|h| h.version == a.version && h.seen);
-            if as_leaf.is_none() && !named {
-                lost.push(format!("{} (not seen by {})", show(a), NODES[i]));
-            }
-            if winner.version < a.version {
-                wrong.push(format!(
-                    "{a:?}: {}'s winner {} is older",
-                    NODES[i], winner.version
-                ));
-            }
-            if winner.version == a.version && winner.is_tombstone() != a.delete {
-                wrong.push(format!("{a:?}: {}'s winner has the other op", NODES[i]));
-            }
-            if i == 0 {
-                match as_leaf {
-                    Some(0) => winners += 1,
-                    Some(_) => conflicts += 1,
-                    None => superseded += 1,
-                }
-            }
-        }
-    }
+    let acks::Verdict {
+        mut lost,
+        wrong,
+        diverged,
+        winners,
+        conflicts,
+        superseded,
+    } = acks::check(&acks, &states);
     if !lost.is_empty() || !diverged.is_empty() {
         // Where the missing versions are in the stream, for the failure message.
         let in_stream = stream_versions(&raw).await;
@@ -923,7 +763,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         lost.len(),
         wrong.len(),
         diverged.len(),
-        keys_seen.len(),
+        keys_seen,
         median(&mut times),
         times.iter().max().copied().unwrap_or_default(),
         chaos

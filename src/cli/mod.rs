@@ -7,6 +7,7 @@ mod health;
 mod ops;
 mod remote;
 mod run;
+mod site;
 pub mod top;
 
 use std::path::PathBuf;
@@ -162,6 +163,9 @@ pub enum Command {
     /// Stream, consumers and node status; a node's quarantine (drop/retry) or damaged records.
     #[command(subcommand)]
     Inspect(ops::InspectCmd),
+    /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
+    #[command(subcommand)]
+    Site(site::SiteCmd),
 }
 
 /// How the CLI reaches NATS. The nats CLI's names work too: `-s/--server`, `NATS_URL`,
@@ -322,6 +326,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(args) => ops::replay(args).await,
         Command::Verify(args) => ops::verify(args).await,
         Command::Inspect(cmd) => ops::inspect(cmd).await,
+        Command::Site(cmd) => site::site(cmd).await,
         other => remote::run(other).await.map(|()| ExitCode::SUCCESS),
     }
 }

@@ -90,6 +90,9 @@ pub struct StateSample {
     pub hlc_offset_ms: i64,
     /// Per peer: this node's events that peer has quarantined.
     pub refused_by: Vec<(String, u64)>,
+    /// At an edge site: hub sequences that may hold events the site never sourced,
+    /// waiting for a hub snapshot (0: none).
+    pub upstream_gap: u64,
     /// What `/readyz` answers.
     pub ready: bool,
 }
@@ -132,6 +135,7 @@ struct Inner {
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
     refused: Family<Labels, Gauge>,
+    upstream_gap: Gauge,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -192,6 +196,7 @@ impl NodeMetrics {
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
             refused: Family::default(),
+            upstream_gap: Gauge::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -357,6 +362,11 @@ impl NodeMetrics {
             "This node's events that a peer quarantined (self-check), per peer",
             inner.refused.clone(),
         );
+        r.register(
+            "upstream_gap_sequences",
+            "Edge site: hub sequences trimmed before this site sourced them, until a hub snapshot fills them (0: none)",
+            inner.upstream_gap.clone(),
+        );
         for reason in HALT_REASONS {
             inner
                 .halted
@@ -490,6 +500,7 @@ impl NodeMetrics {
                 .set(int(*n));
         }
         m.quarantine_entries.set(int(s.quarantine_entries));
+        m.upstream_gap.set(int(s.upstream_gap));
         m.damaged.set(int(s.damaged));
         m.store_bytes.set(int(s.store_file_bytes));
         m.hlc_offset.set(s.hlc_offset_ms as f64 / 1000.0);
@@ -534,6 +545,7 @@ mod tests {
         m.set_state(&StateSample {
             lag_seconds: vec![("orders".into(), 1.5)],
             conflicts: vec![("orders".into(), 2)],
+            upstream_gap: 7,
             ..StateSample::default()
         });
         let text = m.encode();
@@ -547,6 +559,7 @@ mod tests {
             "jetsync_halted{node=\"berlin\",reason=\"retention_gap\"} 0",
             "jetsync_replication_lag_seconds{node=\"berlin\",entity=\"orders\"} 1.5",
             "jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 2",
+            "jetsync_upstream_gap_sequences{node=\"berlin\"} 7",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

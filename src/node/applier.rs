@@ -10,11 +10,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 
 use super::backfill::backfill_new_entities;
-use super::batch::{Intake, Next, Stop, apply_batch, blocking};
-use super::bootstrap::bootstrap;
+use super::batch::{Intake, Next, Stop, apply_batch, blocking, storage_stop};
+use super::bootstrap::{bootstrap, upstream_check};
 use super::guard;
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
+use crate::site::UpstreamGuard;
 use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 
 /// How often a node halted on a retention gap looks for a snapshot that covers it (and a
@@ -221,13 +222,26 @@ async fn apply_messages(
     let mut intake = Intake::open(consumer, cfg.fetch_batch).await?;
     let mut stop = shared.shutdown.clone();
     let mut next_expected = checkpoint + 1;
+    // At an edge site: watches the hub sequences of what the site sourced.
+    let mut upstream = UpstreamGuard::load(&shared.client, &cfg.stream, &shared.store)
+        .await
+        .map_err(storage_stop)?;
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
         }
-        let batch = match intake.next(&mut stop, partial || recheck.is_some()).await? {
+        // A pending upstream gap is looked at again while nothing arrives, too.
+        let gap_pending = upstream.as_ref().is_some_and(|g| g.pending().is_some());
+        let probe_idle = partial || recheck.is_some() || gap_pending;
+        let batch = match intake.next(&mut stop, probe_idle).await? {
             Next::Shutdown => return Ok(()),
             Next::Idle => {
+                if let Some(guard) = upstream.as_mut() {
+                    upstream_check(shared, guard, &[]).await?;
+                }
+                if !partial {
+                    continue;
+                }
                 if let Some(seq) = idle_position(shared, &idle_probe, next_expected - 1).await {
                     next_expected = seq + 1;
                 }
@@ -238,8 +252,16 @@ async fn apply_messages(
         check_none_removed(shared, &batch.msgs, next_expected).await?;
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
+            if let Some(guard) = upstream.as_mut() {
+                // Every message, before own ones are passed over: they carry hub
+                // sequences too.
+                upstream_check(shared, guard, &batch.msgs).await?;
+            }
             let through = apply_batch(shared, &batch.msgs).await?;
             next_expected = next_expected.max(through + 1);
+            if let Some(guard) = upstream.as_mut() {
+                guard.applied(&shared.store).await.map_err(storage_stop)?;
+            }
         }
         if let Some(f) = batch.failure {
             return Err(Stop::Retry(f));

@@ -37,12 +37,17 @@ pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, Stop> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(StorageError::DiskFull { path, detail })) => {
-            Err(Stop::Halt(Halt::DiskFull { path, detail }))
-        }
-        Ok(Err(e)) => Err(Stop::Retry(format!("store: {e}"))),
+        Ok(r) => r.map_err(storage_stop),
         Err(e) => Err(Stop::Retry(format!("store task: {e}"))),
+    }
+}
+
+/// What a failed store call means for following the stream: a full disk halts until
+/// there is space, anything else starts over.
+pub(super) fn storage_stop(e: StorageError) -> Stop {
+    match e {
+        StorageError::DiskFull { path, detail } => Stop::Halt(Halt::DiskFull { path, detail }),
+        e => Stop::Retry(format!("store: {e}")),
     }
 }
 

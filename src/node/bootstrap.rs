@@ -1,17 +1,24 @@
 //! Snapshot bootstrap: closing a retention gap (events this node needs that the stream no
 //! longer holds) by loading the newest snapshot that covers this node's filters, and the
-//! [`Bootstrapped`] record of having done so.
+//! [`Bootstrapped`] record of having done so. At an edge site, also the upstream gap
+//! (hub events trimmed before the site sourced them), closed by merging a hub snapshot
+//! ([`upstream_check`]).
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::batch::Stop;
+use async_nats::jetstream;
+
+use super::batch::{Stop, storage_stop};
 use super::{Halt, Shared};
+use crate::site::UpstreamGuard;
 use crate::snapshot;
 use crate::stream::StreamIdentity;
 
-/// A retention gap this node closed by loading a snapshot.
+/// A retention gap this node closed by loading a snapshot (at an edge site also an
+/// upstream gap closed by merging a hub snapshot: then `seq`, `gap_from` and `gap_to` are
+/// hub sequences).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Bootstrapped {
     /// The name of the snapshot loaded.
@@ -84,5 +91,41 @@ pub(super) async fn bootstrap(
     };
     tracing::info!(?done, "bootstrapped from snapshot");
     shared.live().bootstrapped = Some(done);
+    if cfg.stream.upstream.is_some() {
+        // The site snapshot says nothing of where in the hub's sequence the site stood.
+        UpstreamGuard::forget(&shared.store)
+            .await
+            .map_err(storage_stop)?;
+    }
     Ok(meta.seq.max(checkpoint))
+}
+
+/// At an edge site, before a batch is applied (or while idle, with no messages): records
+/// a gap the hub's retention left in what the site sourced, and closes a pending one from
+/// a hub snapshot when one covers it (see [`UpstreamGuard`]). Applying goes on meanwhile;
+/// the status shows the gap.
+pub(super) async fn upstream_check(
+    shared: &Arc<Shared>,
+    guard: &mut UpstreamGuard,
+    msgs: &[jetstream::Message],
+) -> Result<(), Stop> {
+    let filled = guard
+        .check(msgs, &shared.store, &shared.config.entities, |batch| {
+            shared.announce(batch)
+        })
+        .await
+        .map_err(storage_stop)?;
+    let mut live = shared.live();
+    live.upstream_gap = guard.pending().cloned();
+    if let Some(f) = filled {
+        live.bootstrapped = Some(Bootstrapped {
+            snapshot: f.snapshot.name,
+            seq: f.snapshot.seq,
+            gap_from: f.gap.from,
+            gap_to: f.gap.to,
+            records: f.records,
+            millis: f.millis,
+        });
+    }
+    Ok(())
 }

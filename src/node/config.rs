@@ -1,11 +1,11 @@
 //! A node's settings ([`NodeConfig`], [`SnapshotPolicy`]) and the consumer filter
 //! subjects its entity filters map to.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::connect::NatsAuth;
+use crate::event::import_prefix;
 use crate::ids::{EntityFilter, NodeId};
 use crate::metrics::OpsSettings;
 use crate::store::StoreConfig;
@@ -82,26 +82,28 @@ impl NodeConfig {
         }
     }
 
-    /// The consumer filter subjects for this node.
+    /// The subject prefixes this node's events come under: the stream's, and at an edge
+    /// site also the import namespace its hub's events are sourced into (see
+    /// [`crate::site`]).
+    pub fn subject_prefixes(&self) -> Vec<String> {
+        let mut out = vec![self.stream.prefix.clone()];
+        if self.stream.upstream.is_some() {
+            out.push(import_prefix(&self.stream.prefix));
+        }
+        out
+    }
+
+    /// The consumer filter subjects for this node, under every prefix of
+    /// [`NodeConfig::subject_prefixes`].
     pub fn filter_subjects(&self) -> Vec<String> {
-        subjects_for(&self.stream.prefix, &self.entities)
+        self.subject_prefixes()
+            .iter()
+            .flat_map(|p| subjects_for(p, &self.entities))
+            .collect()
     }
 }
 
 /// The stream subjects that carry the events `entities` admit (empty: all of them).
 pub fn subjects_for(prefix: &str, entities: &[EntityFilter]) -> Vec<String> {
-    if entities.is_empty() {
-        return vec![format!("{prefix}.>")];
-    }
-    let mut out = BTreeSet::new();
-    for f in entities {
-        if f.scopes.is_empty() {
-            out.insert(format!("{prefix}.{}.>", f.entity));
-        } else {
-            for s in &f.scopes {
-                out.insert(format!("{prefix}.{}.{s}.>", f.entity));
-            }
-        }
-    }
-    out.into_iter().collect()
+    EntityFilter::subjects(prefix, entities)
 }

@@ -20,8 +20,9 @@
 //! snapshots), [`NodeService`], [`NodeError`] and the state the loops share. The rest:
 //! `config` (settings), `status`, `publisher`, `applier` (the apply loop's steps from
 //! provisioning to applying), `batch` (gathering and applying batches), `bootstrap`
-//! (from a snapshot on a retention gap), `backfill` (added entity types), `idle` (partial
-//! replicas), `snapshots` and `watch` (change feeds).
+//! (from a snapshot on a retention gap, or an edge site's upstream gap from a hub
+//! snapshot), `backfill` (added entity types), `idle` (partial replicas), `snapshots` and
+//! `watch` (change feeds).
 
 mod applier;
 mod backfill;
@@ -59,6 +60,7 @@ use crate::ids::{EntityName, NodeId};
 use crate::lease::{Lease, LeaseError, LeaseState};
 use crate::metrics::{NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
+use crate::site::UpstreamGap;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
 use crate::stream::{StreamError, provision};
@@ -120,6 +122,8 @@ struct Live {
     publish_refused: Option<String>,
     counts: status::Counts,
     trust: guard::TrustLive,
+    /// At an edge site: hub sequences waiting for a hub snapshot (see [`crate::site`]).
+    upstream_gap: Option<UpstreamGap>,
 }
 
 /// What the node's loops, services and handles share.

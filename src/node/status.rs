@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{Bootstrapped, NodeError, NodeHandle, Shared, subjects_for};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName};
+use crate::site::UpstreamGap;
 
 /// Why the apply loop stopped applying; it needs an operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -147,6 +148,10 @@ pub struct Status {
     pub publish_refused: Option<String>,
     /// This node's entity filters (empty: every entity type).
     pub entities: Vec<EntityFilter>,
+    /// At an edge site: hub sequences the site may have missed (the hub trimmed them
+    /// before the site sourced them), waiting for a hub snapshot; the node applies
+    /// everything else meanwhile (see [`crate::site::UpstreamGuard`]).
+    pub upstream_gap: Option<UpstreamGap>,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -255,6 +260,7 @@ impl NodeHandle {
             refused,
             publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
+            upstream_gap: live.upstream_gap.clone(),
             trust,
         })
     }
@@ -288,19 +294,21 @@ async fn entity_lag(
     checkpoint: u64,
 ) -> BTreeMap<String, f64> {
     let cfg = &shared.config;
-    let prefix = &cfg.stream.prefix;
+    // At an edge site the imports count too: they are under their own prefix.
+    let prefixes = cfg.subject_prefixes();
     let subjects: Vec<(String, String)> = if cfg.entities.is_empty() {
         known
             .iter()
-            .map(|e| (e.to_string(), format!("{prefix}.{e}.>")))
+            .flat_map(|e| prefixes.iter().map(move |p| (e.to_string(), format!("{p}.{e}.>"))))
             .collect()
     } else {
         cfg.entities
             .iter()
             .flat_map(|f| {
                 let e = f.entity.to_string();
-                subjects_for(prefix, std::slice::from_ref(f))
-                    .into_iter()
+                prefixes
+                    .iter()
+                    .flat_map(|p| subjects_for(p, std::slice::from_ref(f)))
                     .map(move |s| (e.clone(), s))
             })
             .collect()

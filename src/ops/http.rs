@@ -1,7 +1,7 @@
 //! The node's operations HTTP listener: `GET /metrics` (Prometheus/OpenMetrics text),
-//! `GET /healthz` (the process answers) and `GET /readyz` (connected, not halted, lag
-//! under the configured bound; 503 with the reasons otherwise). HTTP/1.1 through hyper;
-//! connections are bounded in number and in how long their headers may take, so a slow or
+//! `GET /healthz` (the process answers) and `GET /readyz` (connected, not halted, no edge
+//! upstream gap, lag under the configured bound; 503 with the reasons otherwise).
+//! HTTP/1.1 through hyper; connections are bounded in number and in how long their headers may take, so a slow or
 //! hostile client cannot tie the listener up.
 
 use std::convert::Infallible;

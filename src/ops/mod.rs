@@ -63,6 +63,10 @@ impl NodeOps {
             hlc_offset_ms: i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
                 - i64::try_from(now_ms()).unwrap_or(i64::MAX),
             refused_by: node.selfcheck().refused_by(),
+            upstream_gap: status
+                .as_ref()
+                .and_then(|s| s.upstream_gap.as_ref())
+                .map_or(0, |g| g.to - g.from + 1),
             ready: false,
         };
         let mut reasons = Vec::new();
@@ -74,6 +78,12 @@ impl NodeOps {
                 }
                 if let Some(h) = &s.halted {
                     reasons.push(format!("halted: {h}"));
+                }
+                if let Some(g) = &s.upstream_gap {
+                    reasons.push(format!(
+                        "upstream gap: {} sequences {}..={} may hold events this site never received; waiting for a hub snapshot covering them",
+                        g.upstream, g.from, g.to
+                    ));
                 }
             }
         }

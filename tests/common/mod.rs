@@ -2,7 +2,11 @@
 //! hand-made remote events, and delivery of outbox contents to other stores.
 #![allow(dead_code)]
 
+pub mod acks;
+#[cfg(feature = "dev-server")]
+pub mod edge;
 pub mod nodes;
+pub mod proxy;
 pub mod rng;
 
 use std::sync::Arc;
