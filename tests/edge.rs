@@ -22,6 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::acks::{self, Ack};
+use futures::StreamExt;
 use common::edge::{HUB_DOMAIN, Hub, STREAM, Site, read_stream};
 use common::nodes::{converge, fingerprint, start, wait_for};
 use jetsync::ids::EntityFilter;
@@ -200,6 +201,20 @@ async fn two_sites_converge_within_and_across_a_cut() {
             );
         }
     }
+    // Each node's lease lives in its own stream's domain: the leaf link carries no site
+    // lease into the hub's bucket.
+    let leases = async_nats::jetstream::new(client.clone())
+        .get_key_value(format!("{STREAM}_LEASES"))
+        .await
+        .expect("the hub's lease bucket");
+    let keys: Vec<String> = leases
+        .keys()
+        .await
+        .expect("lease keys")
+        .map(|k| k.expect("lease key"))
+        .collect()
+        .await;
+    assert_eq!(keys, ["h"], "the hub's lease bucket");
     eprintln!("total {:?}", started.elapsed());
 }
 
@@ -267,14 +282,10 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
         },
     )
     .await;
-    let snap = h.snapshot().await.expect("hub snapshot");
-    eprintln!(
-        "hub trimmed through {last_cut}; snapshot {} at {}",
-        snap.meta.name, snap.meta.seq
-    );
 
     a.heal().await;
-    // The gap shows at the next event the site sources from the hub.
+    // The gap shows at the next event the site sources from the hub, and waits for a hub
+    // snapshot while the site nodes go on applying.
     put(
         &mut acks,
         &h,
@@ -283,6 +294,21 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
         json!({"after": "heal"}),
     )
     .await;
+    for n in [&a1, &a2] {
+        wait_for("the upstream gap in the status", CONVERGE, || async {
+            let s = n.status().await.map_err(|e| e.to_string())?;
+            match (&s.upstream_gap, &s.halted) {
+                (Some(g), None) if g.to <= last_cut => Ok(()),
+                other => Err(format!("{} (gap, halt): {other:?}", s.node)),
+            }
+        })
+        .await;
+    }
+    let snap = h.snapshot().await.expect("hub snapshot");
+    eprintln!(
+        "hub trimmed through {last_cut}; snapshot {} at {}",
+        snap.meta.name, snap.meta.seq
+    );
     converge(&[&h, &a1, &a2], &orders, CONVERGE).await;
     for n in [&a1, &a2] {
         let s = n.status().await.unwrap();
@@ -295,6 +321,7 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
             s.node
         );
         assert!(s.halted.is_none(), "{} halted: {:?}", s.node, s.halted);
+        assert_eq!(s.upstream_gap, None, "{}: the gap is still pending", s.node);
         eprintln!(
             "{}: filled hub sequences {}..={} from {}",
             s.node, b.gap_from, b.gap_to, b.snapshot
