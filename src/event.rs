@@ -442,9 +442,8 @@ mod tests {
         let ev = event("{}");
         let payload = ev.encode();
         let tail = format!("orders.shop42.till-1.{}", ev.id);
-        let decoded = |subject: &str, payload: &[u8]| {
-            decode(subject, payload, 1_763_000_000_000, &limits)
-        };
+        let decoded =
+            |subject: &str, payload: &[u8]| decode(subject, payload, 1_763_000_000_000, &limits);
         assert!(decoded(&format!("jetsync.{tail}"), &payload).is_ok());
         assert!(decoded(&format!("jetsync_in.{tail}"), &payload).is_ok());
         for other in [

@@ -22,9 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::acks::{self, Ack};
-use futures::StreamExt;
 use common::edge::{HUB_DOMAIN, Hub, STREAM, Site, read_stream};
-use common::nodes::{converge, fingerprint, start, wait_for};
+use common::nodes::{converge, fingerprint, start, stream_state, wait_for};
+use futures::StreamExt;
 use jetsync::ids::EntityFilter;
 use jetsync::node::Node;
 use jetsync::site;
@@ -249,30 +249,14 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
     workload(&mut acks, &a2, &orders, &keys, 5, "a2-cut").await;
     let client = async_nats::connect(hub.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    let last_cut = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let (_, last_cut) = stream_state(&js).await.unwrap();
     wait_for(
         "the hub to trim the events site A missed",
         Duration::from_secs(15),
         || {
             let js = js.clone();
             async move {
-                let first = js
-                    .get_stream(STREAM)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .state
-                    .first_sequence;
+                let (first, _) = stream_state(&js).await?;
                 if first > last_cut {
                     Ok(())
                 } else {
@@ -661,6 +645,12 @@ async fn the_deploy_configs_provision_with_the_cli() {
     assert_eq!(code, 0, "status with events: {out}");
     let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     assert_eq!(status["newest_local"]["at_hub"], true, "{out}");
+    // `site add` created the site stream with the hub's deployment limits.
+    assert!(status["hub_stream"]["limits"].is_object(), "{out}");
+    assert_eq!(
+        status["site_stream"]["limits"], status["hub_stream"]["limits"],
+        "{out}"
+    );
 
     let (code, out) = jetsync(&["site", "remove", "--config", config]);
     assert_eq!(code, 0, "site remove: {out}");

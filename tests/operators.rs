@@ -102,15 +102,7 @@ async fn a_node_behind_retention_bootstraps_from_a_snapshot() {
         later.extend(write_new(&a, &orders, 50, "a").await);
         caught_up(&a, &js, "a to publish and apply its writes").await;
     }
-    let first_seq = js
-        .get_stream("JETSYNC")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .first_sequence;
+    let (first_seq, _) = stream_state(&js).await.unwrap();
     assert!(
         first_seq > b_checkpoint + 1,
         "the stream kept everything (first {first_seq}, b at {b_checkpoint}): limits too loose"

@@ -124,15 +124,6 @@ async fn raw_js(url: &str) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
-async fn stream_state(js: &async_nats::jetstream::Context) -> Result<(u64, u64), String> {
-    let mut s = js
-        .get_stream("JETSYNC")
-        .await
-        .map_err(|e| format!("get stream: {e}"))?;
-    let info = s.info().await.map_err(|e| format!("stream info: {e}"))?;
-    Ok((info.state.first_sequence, info.state.last_sequence))
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

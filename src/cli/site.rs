@@ -89,7 +89,7 @@ pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
         SiteCmd::Remove(_) => {
             let r = site::remove(&client, &spec).await?;
             print(
-                serde_json::to_value(&r)?,
+                serde_json::to_value(r)?,
                 format!("site {}: hub source {r:?}\n", spec.name),
             );
             Ok(ExitCode::SUCCESS)

@@ -299,7 +299,11 @@ async fn entity_lag(
     let subjects: Vec<(String, String)> = if cfg.entities.is_empty() {
         known
             .iter()
-            .flat_map(|e| prefixes.iter().map(move |p| (e.to_string(), format!("{p}.{e}.>"))))
+            .flat_map(|e| {
+                prefixes
+                    .iter()
+                    .map(move |p| (e.to_string(), format!("{p}.{e}.>")))
+            })
             .collect()
     } else {
         cfg.entities

@@ -384,9 +384,9 @@ impl UpstreamGuard {
         tokio::task::spawn_blocking(move || st.meta_put(META_UPSTREAM, &bytes))
             .await
             .map_err(|source| StorageError::TaskFailed {
-            task: "upstream guard",
-            source,
-        })??;
+                task: "upstream guard",
+                source,
+            })??;
         self.last_save = Instant::now();
         Ok(())
     }
@@ -434,5 +434,4 @@ mod tests {
         );
         assert_eq!(parse_source_header("JETSYNC x", "JETSYNC"), None);
     }
-
 }

@@ -46,9 +46,7 @@ mod status;
 
 pub use self::guard::{Filled, META_UPSTREAM, UpstreamGap, UpstreamGuard};
 pub use self::provision::{AddReport, Provisioned, add, remove, site_source};
-pub use self::status::{
-    NewestLocal, STALL_AFTER, SiteStatus, StreamView, judge, stalled, status,
-};
+pub use self::status::{NewestLocal, STALL_AFTER, SiteStatus, StreamView, judge, stalled, status};
 pub use crate::event::import_prefix;
 pub use crate::stream::Upstream;
 

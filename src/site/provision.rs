@@ -6,9 +6,7 @@ use async_nats::jetstream::{self, stream};
 use serde::Serialize;
 
 use super::{SiteError, SiteSpec, nats_err};
-use crate::stream::{
-    DeploymentLimits, StreamError, domain_api, is_from, provision, transforms_of,
-};
+use crate::stream::{DeploymentLimits, StreamError, domain_api, is_from, provision, transforms_of};
 
 /// The source a hub stream declares to aggregate one site: the site's local events only,
 /// subjects unchanged (never its imports, so nothing loops).

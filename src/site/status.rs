@@ -11,7 +11,6 @@ use serde::Serialize;
 use super::{SiteError, SiteSpec, Upstream};
 use crate::stream::{DeploymentLimits, domain_api};
 
-
 /// One stream's side of a site link, as `jetsync site status` shows it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamView {
@@ -315,7 +314,6 @@ pub fn judge(site: &StreamView, hub: &StreamView) -> Vec<String> {
     }
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -94,3 +94,13 @@ pub async fn converge(nodes: &[&Node], entity: &EntityName, timeout: Duration) {
     })
     .await;
 }
+
+/// The stream `JETSYNC`'s (first, last) sequences now.
+pub async fn stream_state(js: &async_nats::jetstream::Context) -> Result<(u64, u64), String> {
+    let mut s = js
+        .get_stream("JETSYNC")
+        .await
+        .map_err(|e| format!("get stream: {e}"))?;
+    let info = s.info().await.map_err(|e| format!("stream info: {e}"))?;
+    Ok((info.state.first_sequence, info.state.last_sequence))
+}
