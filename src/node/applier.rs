@@ -2,7 +2,8 @@
 //! followed and that no events it needs were removed, recreates the durable pull consumer
 //! at `checkpoint + 1`, and applies fetched batches in one redb transaction each,
 //! acknowledging after the commit. The local checkpoint is the truth; the server's
-//! consumer state is disposable.
+//! consumer state is disposable. At an edge site each batch's hub sequences are checked
+//! first (`bootstrap::upstream_check`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,7 +240,8 @@ async fn apply_messages(
                 if let Some(guard) = upstream.as_mut() {
                     upstream_check(shared, guard, &[]).await?;
                 }
-                if !partial {
+                // Idle only for the gap: a full replica's checkpoint needs no moving.
+                if !(partial || recheck.is_some()) {
                     continue;
                 }
                 if let Some(seq) = idle_position(shared, &idle_probe, next_expected - 1).await {

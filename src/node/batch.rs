@@ -133,7 +133,8 @@ pub(super) struct Intake {
 /// What waiting on the consumer produced.
 pub(super) enum Next {
     Batch(Batch),
-    /// Nothing arrived within [`IDLE_PROBE`] (asked for by partial replicas only).
+    /// Nothing arrived within [`IDLE_PROBE`] (asked for by partial replicas, a loop
+    /// waiting to recheck, or an edge site node with an upstream gap pending).
     Idle,
     Shutdown,
 }
