@@ -1,25 +1,72 @@
 //! The merge rule: what one record looks like after any set of change events, whatever
-//! their order and however often each arrives.
+//! their order and however often each arrives, in metadata bounded by the number of
+//! origins that wrote the record, not by how often it was written.
 //!
-//! A record keeps the events it has *seen* and the versions those events *name* (as `base`
-//! or in `resolves`). Its leaves are `seen - named`; the winner is the greatest leaf and the
-//! other leaves are conflicts. Both sets only grow, so the result is a set union: the same
-//! for every delivery order and idempotent under duplicates. Named versions are kept in
-//! `history` with a flag saying whether their own event has arrived yet.
+//! # The rule
+//! For a set `S` of events of one record, a version is *superseded* if
+//! 1. a seen event names it (as `base` or in `resolves`), or
+//! 2. a greater version **of the same origin** has been seen.
 //!
-//! One departure from a literal reading of DESIGN.md: an event whose version is already
-//! named (its successor arrived first) is not simply skipped; its own `base` and
-//! `resolves` are still recorded as named. Skipping it would leave its base as a leaf on
-//! the nodes that saw the events out of order, and the replicas would disagree.
+//! The leaves are the seen versions that are not superseded; the winner is the greatest
+//! leaf and the other leaves are conflicts. Both "seen" and "named" only grow with `S`, so
+//! the state is a function of the set: the same for every delivery order, idempotent under
+//! duplicates, and merging two states ([`RecordState::merge_state`]) gives the state of the
+//! union of their events.
 //!
-//! The greatest version seen is always a leaf: decoding rejects events that name a
-//! version not smaller than their own, so nothing seen can name it.
+//! Clause 2 is this module's departure from DESIGN.md's merge section, which supersedes
+//! only what events name. An origin writes its versions of a record one after another from
+//! its own store, so its later version always follows its earlier one (in version-vector
+//! terms it dominates it); a conflict between two versions of one origin is not a conflict
+//! between writers. What changes: when node A's `a1` lost to a concurrent `b1` and A then
+//! writes `a2` (base `b1`), `a1` is no longer listed as a conflict. The winner is the same
+//! under both rules (clause 2 never supersedes an origin's greatest version, and the
+//! greatest version seen is that of its origin).
+//!
+//! # Why it is bounded
+//! Clause 2 makes "superseded or seen" summarisable per origin: every version of origin
+//! `O` at or below `O`'s greatest seen version `M_O` is either `M_O` itself or superseded.
+//! So a record keeps ([`RecordState`]):
+//! - `origins`: `M_O` for each origin (one entry per node that ever wrote the record);
+//! - `leaves`: the `M_O` that no seen event names (at most one per origin), with documents;
+//! - `pending`: versions named by seen events but above their origin's `M_O` (their
+//!   events, and every later one of their origin, have not arrived yet: empty once a
+//!   replica has every event, and bounded by what is in flight otherwise).
+//!
+//! That triple is a canonical function of the event set `S`:
+//! `origins = {max seen of O}`, `leaves = {M_O : M_O not named}`,
+//! `pending = {n named : n > M_{n.origin}}`. Proof sketch that [`RecordState::apply`]
+//! maps `F(S)` to `F(S ∪ {e})` for `e = (v of O, base b, resolves R)`:
+//! - `v == M_O`: `e` is in `S` already (a version is one event): nothing changes.
+//! - `v < M_O`: `v` is superseded by clause 2; `M_O` is unchanged and cannot be named by
+//!   `e` (decoding rejects names `>= v`); only `b` and `R` get named (below).
+//! - `v > M_O`: `M_O := v`; `O`'s previous leaf is superseded by clause 2; `v` is a leaf
+//!   unless it was named, and a named `v > M_O` is exactly a `pending` entry; pending
+//!   entries of `O` at or below `v` are now covered and leave `pending`.
+//! - naming `n`: if `n < M_{n.origin}` it is already superseded; if `n == M_{n.origin}`
+//!   its leaf (if any) goes (a seen `M` that is not a leaf is therefore named, so leaf
+//!   presence records that); if `n` is above, it joins `pending`.
+//! [`RecordState::merge_state`] takes the per-origin maxima, keeps a candidate leaf `M_O`
+//! only if no side names it (a side with the same `M_O` names it iff it lacks the leaf; a
+//! side below names it iff it is in that side's `pending`), and keeps the pending entries
+//! still above their origin's maximum: `F(S1 ∪ S2)`.
+//!
+//! The greatest version seen is always the winner: clause 2 never supersedes it and
+//! decoding rejects events that name a version not smaller than their own, so nothing seen
+//! names it.
+//!
+//! # Horizon
+//! With bounded records, only deleted records need a time horizon: removing a record whose
+//! only leaf is an old tombstone forgets its `origins`, so a late or replayed event of it
+//! would start it over. The store keeps, per entity type, the cutoff of its last tombstone
+//! removal; [`RecordState::apply_above`] and [`RecordState::merge_state_above`] take every
+//! version older than it as already applied. That is exact as long as no event stays in
+//! flight longer than the horizon (the compaction setting's contract).
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Version;
 use crate::event::{ChangeEvent, Op};
-use crate::ids::Scope;
+use crate::ids::{NodeId, Scope};
 
 /// One current version of a record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,29 +87,25 @@ impl Leaf {
     }
 }
 
-/// A version some seen event named as superseded.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Named {
-    pub version: Version,
-    /// Whether the event of this version itself has arrived.
-    pub seen: bool,
-}
-
-/// The whole merge state of one record.
+/// The whole merge state of one record (see the module doc for the rule and its proof).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordState {
-    /// Sorted by version, greatest first: `leaves[0]` is the winner.
+    /// Sorted by version, greatest first: `leaves[0]` is the winner. At most one per
+    /// origin: that origin's entry in `origins`.
     pub leaves: Vec<Leaf>,
-    /// Sorted by version, ascending.
-    pub history: Vec<Named>,
-    /// Set by compaction: versions at or below it are treated as already seen.
-    pub floor: Option<Version>,
+    /// For each origin that wrote the record, the greatest of its versions seen; sorted by
+    /// node id. Every version of that origin at or below it is seen or superseded.
+    pub origins: Vec<Version>,
+    /// Versions named by seen events that their origin's entry does not cover yet (their
+    /// events are still to come); ascending.
+    pub pending: Vec<Version>,
 }
 
 /// What applying one event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Merge {
-    /// Known already (duplicate, or below the compaction floor): nothing changed.
+    /// Known already (a duplicate, a late version whose effects are in, or below the
+    /// horizon): nothing changed.
     Duplicate,
     Applied,
 }
@@ -81,36 +124,57 @@ impl RecordState {
         self.leaves.get(1..).unwrap_or(&[])
     }
 
-    /// Whether an event of this version has been seen (as a leaf or superseded).
+    /// The greatest version of `node` seen, if any.
+    pub fn watermark(&self, node: &NodeId) -> Option<&Version> {
+        self.origin_slot(node).ok().map(|i| &self.origins[i])
+    }
+
+    /// Whether `v` is covered by its origin's entry: seen, or superseded by a later seen
+    /// version of its origin. An event of a covered version changes nothing but, on its
+    /// first arrival, what it names.
     pub fn has_seen(&self, v: &Version) -> bool {
-        if self.floor.as_ref().is_some_and(|f| v <= f) {
-            return true;
-        }
-        if self.leaves.iter().any(|l| &l.version == v) {
-            return true;
-        }
-        matches!(self.history.binary_search_by(|n| n.version.cmp(v)), Ok(i) if self.history[i].seen)
+        self.watermark(&v.node).is_some_and(|m| v <= m)
+    }
+
+    /// Whether `v` is known at all: covered, or named by a seen event.
+    pub fn knows(&self, v: &Version) -> bool {
+        self.has_seen(v) || self.pending.binary_search(v).is_ok()
     }
 
     /// Applies one (already validated) event with the merge rule.
     pub fn apply(&mut self, ev: ChangeEvent) -> Merge {
-        if self.has_seen(&ev.version) {
-            return Merge::Duplicate;
-        }
-        let superseded_already = match self
-            .history
-            .binary_search_by(|n| n.version.cmp(&ev.version))
-        {
+        let mut changed = false;
+        let new_max = match self.origin_slot(&ev.version.node) {
+            Ok(i) if self.origins[i] == ev.version => return Merge::Duplicate,
+            Ok(i) if self.origins[i] > ev.version => false,
             Ok(i) => {
-                self.history[i].seen = true;
+                self.origins[i] = ev.version.clone();
                 true
             }
-            Err(_) => false,
+            Err(i) => {
+                self.origins.insert(i, ev.version.clone());
+                true
+            }
         };
-        for named in ev.base.iter().chain(&ev.resolves) {
-            self.name(named);
+        let mut named_already = false;
+        if new_max {
+            changed = true;
+            // Clause 2: the origin's earlier leaf is superseded; pending names of the
+            // origin up to this version are covered now.
+            let origin = &ev.version.node;
+            self.leaves.retain(|l| &l.version.node != origin);
+            let v = &ev.version;
+            self.pending.retain(|p| {
+                let covered = &p.node == origin && p <= v;
+                named_already |= p == v;
+                !covered
+            });
         }
-        if !superseded_already {
+        // Names precede `ev.version`, so they never touch the leaf added below.
+        for named in ev.base.iter().chain(&ev.resolves) {
+            changed |= self.name(named);
+        }
+        if new_max && !named_already {
             let leaf = Leaf {
                 version: ev.version,
                 scope: ev.scope,
@@ -125,112 +189,308 @@ impl RecordState {
             let at = self.leaves.partition_point(|l| l.version > leaf.version);
             self.leaves.insert(at, leaf);
         }
-        Merge::Applied
+        if changed {
+            Merge::Applied
+        } else {
+            Merge::Duplicate
+        }
+    }
+
+    /// [`RecordState::apply`] with a horizon: an event whose version is older than
+    /// `horizon_ms` (physical time) is taken as applied already, so a replayed event of a
+    /// record removed by tombstone compaction does not start it over.
+    pub fn apply_above(&mut self, ev: ChangeEvent, horizon_ms: u64) -> Merge {
+        if ev.version.hlc.physical_ms() < horizon_ms {
+            return Merge::Duplicate;
+        }
+        self.apply(ev)
     }
 
     /// Folds another replica's state of the same record into this one: the result is the
-    /// state of the union of both replicas' events (seen and named sets both only grow),
-    /// so merging is order-independent and idempotent, like applying events. Snapshots
-    /// and repair use it.
+    /// state of the union of both replicas' events, so merging is order-independent and
+    /// idempotent, like applying events. Snapshots and repair use it.
     pub fn merge_state(&mut self, other: RecordState) {
-        if other.floor > self.floor {
-            self.floor = other.floor;
-        }
-        for named in other.history {
-            match self
-                .history
-                .binary_search_by(|n| n.version.cmp(&named.version))
+        let mine = std::mem::take(self);
+        // Per origin, the greater maximum.
+        let mut origins: Vec<Version> = mine.origins.iter().chain(&other.origins).cloned().collect();
+        origins.sort_by(|x, y| x.node.cmp(&y.node).then(y.cmp(x)));
+        origins.dedup_by(|later, first| later.node == first.node);
+        let merged = RecordState {
+            leaves: Vec::new(),
+            origins,
+            pending: Vec::new(),
+        };
+        // A candidate is its origin's maximum, and no side names it.
+        let unnamed_by = |side: &RecordState, v: &Version| match side.watermark(&v.node) {
+            Some(m) if m == v => side.leaves.iter().any(|l| &l.version == v),
+            Some(m) if m > v => false,
+            _ => side.pending.binary_search(v).is_err(),
+        };
+        let mut leaves: Vec<Leaf> = Vec::new();
+        for leaf in mine.leaves.iter().chain(&other.leaves) {
+            let v = &leaf.version;
+            if merged.watermark(&v.node) != Some(v) || !unnamed_by(&mine, v) || !unnamed_by(&other, v)
             {
-                Ok(i) => self.history[i].seen |= named.seen,
-                Err(i) => self.history.insert(i, named),
+                continue;
             }
-        }
-        for leaf in other.leaves {
-            match self.leaves.iter().position(|l| l.version == leaf.version) {
+            match leaves.iter_mut().find(|l| &l.version == v) {
                 // Same version on both sides: the same event, unless one side is damaged;
                 // keep the greater so every replica picks the same one.
-                Some(i) => {
-                    if leaf.doc > self.leaves[i].doc {
-                        self.leaves[i] = leaf;
+                Some(kept) => {
+                    if leaf.doc > kept.doc {
+                        *kept = leaf.clone();
                     }
                 }
-                None => {
-                    let at = self.leaves.partition_point(|l| l.version > leaf.version);
-                    self.leaves.insert(at, leaf);
-                }
+                None => leaves.push(leaf.clone()),
             }
         }
-        // Leaves = seen - named: a leaf named by the other side is superseded (and seen).
-        let history = &mut self.history;
-        self.leaves.retain(
-            |l| match history.binary_search_by(|n| n.version.cmp(&l.version)) {
-                Ok(i) => {
-                    history[i].seen = true;
-                    false
-                }
-                Err(_) => true,
-            },
-        );
-    }
-
-    /// Records `v` as superseded, removing it from the leaves if it is one.
-    fn name(&mut self, v: &Version) {
-        if self.floor.as_ref().is_some_and(|f| v <= f) {
-            return;
-        }
-        let seen = match self.leaves.iter().position(|l| &l.version == v) {
-            Some(i) => {
-                self.leaves.remove(i);
-                true
-            }
-            None => false,
+        leaves.sort_by(|x, y| y.version.cmp(&x.version));
+        let mut pending: Vec<Version> = mine
+            .pending
+            .into_iter()
+            .chain(other.pending)
+            .filter(|p| !merged.has_seen(p))
+            .collect();
+        pending.sort();
+        pending.dedup();
+        *self = RecordState {
+            leaves,
+            pending,
+            ..merged
         };
-        if let Err(i) = self.history.binary_search_by(|n| n.version.cmp(v)) {
-            self.history.insert(
-                i,
-                Named {
-                    version: v.clone(),
-                    seen,
-                },
-            );
+    }
+
+    /// [`RecordState::merge_state`] with a horizon (see [`RecordState::apply_above`]): the
+    /// other side's leaves older than `horizon_ms` that this side does not hold are
+    /// dropped, so an old snapshot's copy of a compacted record does not start it over.
+    pub fn merge_state_above(&mut self, mut other: RecordState, horizon_ms: u64) {
+        other.leaves.retain(|l| {
+            l.version.hlc.physical_ms() >= horizon_ms
+                || self.leaves.iter().any(|m| m.version == l.version)
+        });
+        self.merge_state(other);
+    }
+
+    /// Whether compaction with this cutoff may remove the record: nothing of it is live or
+    /// in conflict, and its newest version is older than the cutoff.
+    pub fn removable(&self, cutoff_ms: u64) -> bool {
+        let old = |v: &Version| v.hlc.physical_ms() < cutoff_ms;
+        match self.leaves.as_slice() {
+            [] => self.origins.iter().all(old),
+            [only] => only.is_tombstone() && old(&only.version),
+            _ => false,
         }
     }
 
-    /// Drops history older than `cutoff_ms` (physical time of the version), raising the
-    /// floor so those versions still count as seen. Returns true if the record can be
-    /// removed entirely: its only leaf is a tombstone older than the cutoff.
-    ///
-    /// Compaction assumes no event older than the horizon is still in flight; a horizon
-    /// shorter than the longest outage plus the stream's retention can resurrect deletes.
-    pub fn compact(&mut self, cutoff_ms: u64) -> Compacted {
-        let before = self.history.len();
-        let mut floor = self.floor.take();
-        self.history.retain(|n| {
-            let old = n.seen && n.version.hlc.physical_ms() < cutoff_ms;
-            if old && floor.as_ref().is_none_or(|f| &n.version > f) {
-                floor = Some(n.version.clone());
+    /// Records `v` as superseded (rule 1); returns whether anything changed.
+    fn name(&mut self, v: &Version) -> bool {
+        match self.origin_slot(&v.node) {
+            Ok(i) if v < &self.origins[i] => false,
+            Ok(i) if v == &self.origins[i] => {
+                let before = self.leaves.len();
+                self.leaves.retain(|l| &l.version != v);
+                self.leaves.len() != before
             }
-            !old
-        });
-        self.floor = floor;
-        let removable = self.history.is_empty()
-            && self.leaves.len() == 1
-            && self.leaves[0].is_tombstone()
-            && self.leaves[0].version.hlc.physical_ms() < cutoff_ms;
-        if removable {
-            Compacted::Remove
-        } else if self.history.len() != before {
-            Compacted::Shrunk
-        } else {
-            Compacted::Unchanged
+            _ => match self.pending.binary_search(v) {
+                Ok(_) => false,
+                Err(at) => {
+                    self.pending.insert(at, v.clone());
+                    true
+                }
+            },
         }
+    }
+
+    fn origin_slot(&self, node: &NodeId) -> Result<usize, usize> {
+        self.origins.binary_search_by(|v| v.node.cmp(node))
     }
 }
 
-/// The result of [`RecordState::compact`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compacted {
-    Unchanged,
-    Shrunk,
-    Remove,
+#[cfg(test)]
+mod tests {
+    //! The rule against its set definition, directly on states (the store-level property
+    //! tests in `tests/convergence.rs` cover the same through real stores).
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+    use serde_json::value::RawValue;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::clock::Hlc;
+    use crate::event::ENVELOPE_VERSION;
+    use crate::ids::EntityName;
+
+    fn v(ms: u64, node: &str) -> Version {
+        Version::new(
+            Hlc::new(1_700_000_000_000 + ms, 0).unwrap(),
+            NodeId::new(node).unwrap(),
+        )
+    }
+
+    fn event(ver: &Version, base: Option<&Version>, resolves: &[Version]) -> ChangeEvent {
+        ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: Op::Put,
+            entity: EntityName::new("items").unwrap(),
+            scope: Scope::default(),
+            id: Uuid::nil(),
+            origin: ver.node.clone(),
+            origin_seq: 1,
+            version: ver.clone(),
+            base: base.cloned(),
+            resolves: resolves.to_vec(),
+            doc: Some(RawValue::from_string(format!("{{\"v\":\"{ver}\"}}")).unwrap()),
+        }
+    }
+
+    /// The set definition: leaves = seen - named - (superseded by a later seen version of
+    /// the same origin).
+    fn model(events: &[ChangeEvent]) -> BTreeSet<Version> {
+        let seen: BTreeSet<Version> = events.iter().map(|e| e.version.clone()).collect();
+        let named: BTreeSet<Version> = events
+            .iter()
+            .flat_map(|e| e.base.iter().chain(&e.resolves).cloned())
+            .collect();
+        let mut max: BTreeMap<NodeId, Version> = BTreeMap::new();
+        for s in &seen {
+            max.insert(s.node.clone(), s.clone());
+        }
+        seen.into_iter()
+            .filter(|s| !named.contains(s) && max.get(&s.node) == Some(s))
+            .collect()
+    }
+
+    /// A history on up to four writers that see each other's versions partially: each
+    /// write names the writer's current winner and sometimes resolves its conflicts.
+    fn history(steps: &[(u8, u8, bool)]) -> Vec<ChangeEvent> {
+        let names = ["a", "b", "c", "d"];
+        let mut states: Vec<RecordState> = vec![RecordState::default(); names.len()];
+        let mut events: Vec<ChangeEvent> = Vec::new();
+        let mut clock = 0;
+        for &(who, see, resolve) in steps {
+            let w = who as usize % names.len();
+            // Learn a random prefix-free subset: every `see`-th event so far.
+            for (i, e) in events.iter().enumerate() {
+                if (i + see as usize) % 3 == 0 {
+                    states[w].apply(e.clone());
+                }
+            }
+            clock += 1;
+            let ver = v(clock, names[w]);
+            let base = states[w].winner().map(|l| l.version.clone());
+            let resolves: Vec<Version> = if resolve {
+                states[w].conflicts().iter().map(|l| l.version.clone()).collect()
+            } else {
+                vec![]
+            };
+            let ev = event(&ver, base.as_ref(), &resolves);
+            states[w].apply(ev.clone());
+            events.push(ev);
+        }
+        events
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_any_duplicates_any_split_gives_the_model(
+            steps in prop::collection::vec((0..4u8, 0..3u8, any::<bool>()), 1..40),
+            keys in prop::collection::vec(any::<u32>(), 80),
+            dups in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            split in any::<prop::sample::Index>(),
+        ) {
+            let events = history(&steps);
+            let expected = model(&events);
+            let mut feed: Vec<ChangeEvent> = events.clone();
+            feed.extend(dups.iter().map(|i| events[i.index(events.len())].clone()));
+            let mut keyed: Vec<(u32, usize, ChangeEvent)> = feed
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (keys[i % keys.len()], i, e))
+                .collect();
+            keyed.sort_by_key(|(k, i, _)| (*k, *i));
+            let mut shuffled = RecordState::default();
+            for (_, _, e) in keyed {
+                shuffled.apply(e);
+            }
+            let mut in_order = RecordState::default();
+            for e in &events {
+                in_order.apply(e.clone());
+            }
+            let got: BTreeSet<Version> = shuffled.leaves.iter().map(|l| l.version.clone()).collect();
+            prop_assert_eq!(&got, &expected);
+            prop_assert_eq!(&shuffled, &in_order);
+            prop_assert!(shuffled.pending.is_empty(), "a complete replica has nothing pending");
+            prop_assert!(shuffled.origins.len() <= 4);
+            prop_assert_eq!(
+                &shuffled.leaves[0].version,
+                events.iter().map(|e| &e.version).max().unwrap()
+            );
+
+            // Halves merged state by state (either way round) equal the whole.
+            let at = split.index(events.len() + 1);
+            let (mut left, mut right) = (RecordState::default(), RecordState::default());
+            for e in &events[..at] {
+                left.apply(e.clone());
+            }
+            for e in &events[at..] {
+                right.apply(e.clone());
+            }
+            let mut lr = left.clone();
+            lr.merge_state(right.clone());
+            let mut rl = right.clone();
+            rl.merge_state(left.clone());
+            prop_assert_eq!(&lr, &in_order);
+            prop_assert_eq!(&rl, &in_order);
+            // Idempotent.
+            let mut again = lr.clone();
+            again.merge_state(right);
+            prop_assert_eq!(&again, &in_order);
+        }
+    }
+
+    #[test]
+    fn an_origins_later_version_supersedes_its_earlier_conflict() {
+        let (a1, b1, a2) = (v(1, "a"), v(2, "b"), v(3, "a"));
+        let mut s = RecordState::default();
+        s.apply(event(&a1, None, &[]));
+        s.apply(event(&b1, None, &[]));
+        assert_eq!(s.leaves.len(), 2, "concurrent versions conflict");
+        s.apply(event(&a2, Some(&b1), &[]));
+        let leaves: Vec<&Version> = s.leaves.iter().map(|l| &l.version).collect();
+        assert_eq!(leaves, vec![&a2]);
+        // The late duplicate of a1 changes nothing.
+        assert_eq!(s.apply(event(&a1, None, &[])), Merge::Duplicate);
+        assert_eq!(s.origins.len(), 2);
+    }
+
+    #[test]
+    fn a_hot_record_stays_small() {
+        let mut s = RecordState::default();
+        let mut prev: Option<Version> = None;
+        for i in 0..10_000 {
+            let ver = v(i, if i % 2 == 0 { "a" } else { "b" });
+            s.apply(event(&ver, prev.as_ref(), &[]));
+            prev = Some(ver);
+        }
+        assert_eq!(s.leaves.len(), 1);
+        assert_eq!(s.origins.len(), 2);
+        assert!(s.pending.is_empty());
+    }
+
+    #[test]
+    fn the_horizon_drops_old_versions() {
+        let old = v(1, "a");
+        let mut s = RecordState::default();
+        assert_eq!(
+            s.apply_above(event(&old, None, &[]), 1_700_000_000_010),
+            Merge::Duplicate
+        );
+        assert_eq!(s, RecordState::default());
+        let mut snap = RecordState::default();
+        snap.apply(event(&old, None, &[]));
+        s.merge_state_above(snap, 1_700_000_000_010);
+        assert!(s.leaves.is_empty());
+        assert!(s.removable(1_700_000_000_010));
+    }
 }

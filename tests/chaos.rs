@@ -17,9 +17,9 @@
 //! outbox, no halt, equal checkpoints, digests and conflicts, asked over the node API.
 //!
 //! At the end the children stop, and the parent opens the three redb files and checks:
-//! - every record's whole merge state (leaves, documents, history) is equal on all nodes;
+//! - every record's whole merge state (leaves, documents, origins) is equal on all nodes;
 //! - every acknowledged write was seen everywhere: it is a leaf (winner or kept conflict)
-//!   or in history (a later write named it as base or resolved it); nothing is lost;
+//!   or covered by its origin's greatest version seen; nothing is lost;
 //! - every record's winner is at least every acknowledged version of it, and a winner that
 //!   is an acknowledged write has that write's op: a delete that won stays deleted.
 //!
@@ -615,7 +615,7 @@ fn show(a: &Ack) -> String {
     )
 }
 
-/// A record's leaves and history, short.
+/// A record's leaves, origins and pending names, short.
 fn describe(state: Option<&RecordState>) -> String {
     let Some(s) = state else {
         return "absent".into();
@@ -631,15 +631,13 @@ fn describe(state: Option<&RecordState>) -> String {
             )
         })
         .collect();
-    let history: Vec<String> = s
-        .history
-        .iter()
-        .map(|h| format!("{}{}", h.version, if h.seen { "" } else { "(unseen)" }))
-        .collect();
+    let origins: Vec<String> = s.origins.iter().map(ToString::to_string).collect();
+    let pending: Vec<String> = s.pending.iter().map(ToString::to_string).collect();
     format!(
-        "leaves [{}] history [{}]",
+        "leaves [{}] origins [{}] pending [{}]",
         leaves.join(" "),
-        history.join(" ")
+        origins.join(" "),
+        pending.join(" ")
     )
 }
 
@@ -835,10 +833,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
             };
             let winner = state.winner().expect("a record has a winner");
             let as_leaf = state.leaves.iter().position(|l| l.version == a.version);
-            let named = state
-                .history
-                .iter()
-                .any(|h| h.version == a.version && h.seen);
+            let named = state.has_seen(&a.version);
             if as_leaf.is_none() && !named {
                 lost.push(format!("{} (not seen by {})", show(a), NODES[i]));
             }
