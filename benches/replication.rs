@@ -102,9 +102,15 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let e = EntityName::new("bench").unwrap();
 
-    let a = Node::start(config("a", dir.path(), &url)).await.unwrap();
-    let b = Node::start(config("b", dir.path(), &url)).await.unwrap();
-    let c = Node::start(config("c", dir.path(), &url)).await.unwrap();
+    let a = jetsync::api::start_node(config("a", dir.path(), &url))
+        .await
+        .unwrap();
+    let b = jetsync::api::start_node(config("b", dir.path(), &url))
+        .await
+        .unwrap();
+    let c = jetsync::api::start_node(config("c", dir.path(), &url))
+        .await
+        .unwrap();
 
     let start = Instant::now();
     tokio::join!(
@@ -137,7 +143,9 @@ async fn main() {
         start.elapsed().as_secs_f64()
     );
     let start = Instant::now();
-    let c = Node::start(config("c", dir.path(), &url)).await.unwrap();
+    let c = jetsync::api::start_node(config("c", dir.path(), &url))
+        .await
+        .unwrap();
     wait_checkpoint(&c, target, Duration::from_secs(900)).await;
     let took = start.elapsed();
     println!(

@@ -534,9 +534,9 @@ async fn scenario_replication(
 ) -> Result<()> {
     let js = jetstream::new(async_nats::connect(url).await?);
     let e = EntityName::new("bench").unwrap();
-    let a = Node::start(node_config("a", dir, url)).await?;
-    let b = Node::start(node_config("b", dir, url)).await?;
-    let c = Node::start(node_config("c", dir, url)).await?;
+    let a = jetsync::api::start_node(node_config("a", dir, url)).await?;
+    let b = jetsync::api::start_node(node_config("b", dir, url)).await?;
+    let c = jetsync::api::start_node(node_config("c", dir, url)).await?;
     let limit = Duration::from_secs(600);
 
     let n = sizes.repl;
@@ -775,8 +775,8 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     let js = jetstream::new(client.clone());
     let api = ApiClient::new(client, "jetsync");
     let e = EntityName::new("bench").unwrap();
-    let a = Node::start(node_config("a", dir, &url)).await?;
-    let b = Node::start(node_config("b", dir, &url)).await?;
+    let a = jetsync::api::start_node(node_config("a", dir, &url)).await?;
+    let b = jetsync::api::start_node(node_config("b", dir, &url)).await?;
     let limit = Duration::from_secs(900);
 
     // c joins and applies a first 1,000 records, then leaves.
@@ -929,9 +929,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) -> Result<()> {
     let e = EntityName::new("bench").unwrap();
     let nodes = [
-        Node::start(node_config("a", dir, url)).await?,
-        Node::start(node_config("b", dir, url)).await?,
-        Node::start(node_config("c", dir, url)).await?,
+        jetsync::api::start_node(node_config("a", dir, url)).await?,
+        jetsync::api::start_node(node_config("b", dir, url)).await?,
+        jetsync::api::start_node(node_config("c", dir, url)).await?,
     ];
     let js = jetstream::new(async_nats::connect(url).await?);
     // Let the consumers settle before measuring.

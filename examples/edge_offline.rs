@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use jetsync::devserver::NatsServer;
-use jetsync::node::{Node, NodeConfig};
+use jetsync::node::NodeConfig;
 use jetsync::{EntityName, NodeId};
 use serde_json::json;
 
@@ -36,8 +36,8 @@ async fn main() -> anyhow::Result<()> {
             server.client_url(),
         )
     };
-    let hq = Node::start(config("hq")).await?;
-    let edge = Node::start(config("edge")).await?;
+    let hq = jetsync::api::start_node(config("hq")).await?;
+    let edge = jetsync::api::start_node(config("edge")).await?;
 
     server.kill9()?;
     println!("NATS is down; the edge site keeps accepting writes");

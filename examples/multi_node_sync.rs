@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use jetsync::devserver::NatsServer;
-use jetsync::node::{Node, NodeConfig};
+use jetsync::node::NodeConfig;
 use jetsync::{EntityName, NodeId};
 use serde_json::json;
 
@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
             dir.path().join(name),
             server.client_url(),
         );
-        nodes.push(Node::start(config).await?);
+        nodes.push(jetsync::api::start_node(config).await?);
     }
     for (i, node) in nodes.iter().enumerate() {
         for n in 0..5 {

@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
     let dir = tempfile::tempdir()?;
     let (orders, customers) = (EntityName::new("orders")?, EntityName::new("customers")?);
-    let full = Node::start(NodeConfig::new(
+    let full = jetsync::api::start_node(NodeConfig::new(
         NodeId::new("central")?,
         dir.path().join("c"),
         server.client_url(),
@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         entity: orders.clone(),
         scopes: vec![],
     }];
-    let shop = Node::start(config.clone()).await?;
+    let shop = jetsync::api::start_node(config.clone()).await?;
     println!(
         "shop (orders only): {} orders, {} customers",
         count_when_stable(&shop, &orders, 20).await?,
@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         entity: customers.clone(),
         scopes: vec![],
     });
-    let shop = Node::start(config).await?;
+    let shop = jetsync::api::start_node(config).await?;
     println!(
         "shop after adding customers: {} customers (backfilled from the stream)",
         count_when_stable(&shop, &customers, 20).await?

@@ -277,7 +277,6 @@ impl FileConfig {
             store,
             fetch_batch: self.limits.fetch_batch,
             publish_window: self.limits.publish_window,
-            serve_api: true,
         })
     }
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::api::start_node;
 use crate::devserver::NatsServer;
 use crate::node::{EntityFilter, Node, NodeConfig};
 use crate::store::Write;
@@ -129,15 +130,15 @@ pub async fn run(opts: DemoOptions, out: &mut dyn std::io::Write) -> anyhow::Res
     ));
     let dir = tempfile::tempdir().context("temp dir")?;
 
-    let berlin = Node::start(config("berlin", dir.path(), &url)?).await?;
+    let berlin = start_node(config("berlin", dir.path(), &url)?).await?;
     let lisbon_config = config("lisbon", dir.path(), &url)?;
-    let lisbon = Node::start(lisbon_config.clone()).await?;
+    let lisbon = start_node(lisbon_config.clone()).await?;
     let mut oslo_config = config("oslo", dir.path(), &url)?;
     oslo_config.entities = vec![EntityFilter {
         entity: orders.clone(),
         scopes: vec![],
     }];
-    let oslo = Node::start(oslo_config).await?;
+    let oslo = start_node(oslo_config).await?;
     t.say("Three nodes, each with its own redb file: berlin and lisbon replicate everything; oslo only `orders`.");
 
     // 1. Writes everywhere.
@@ -276,7 +277,7 @@ pub async fn run(opts: DemoOptions, out: &mut dyn std::io::Write) -> anyhow::Res
     // 4. Catch-up.
     t.say("Step 4: lisbon reconnects.");
     let back = Instant::now();
-    let lisbon = Node::start(lisbon_config).await?;
+    let lisbon = start_node(lisbon_config).await?;
     let expected = total + 1 + offline + local_writes;
     let r = t
         .wait("lisbon catching up", || async {

@@ -21,13 +21,63 @@ pub struct InvalidName {
 #[error("invalid version: {0}")]
 pub struct InvalidVersion(pub String);
 
-/// The local store failed underneath (I/O, redb, or a record that does not decode).
+/// The local store failed underneath: redb itself, a stored value that does not decode, or
+/// the blocking task a store call ran on. The kinds say what a caller can do: a damaged
+/// record is repaired from a peer (`verify --repair`), a damaged entry elsewhere needs an
+/// operator, a failed task can be retried, and the last kinds are caller mistakes or bugs.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("redb: {0}")]
     Redb(#[from] redb::Error),
-    #[error("corrupt store: {0}")]
-    Corrupt(String),
+    /// A record value whose trailing checksum does not match its bytes.
+    #[error("record {entity}/{id} fails its checksum")]
+    ChecksumMismatch { entity: EntityName, id: Uuid },
+    /// A record value that passes its checksum but does not decode into a record state,
+    /// or whose stored document is not JSON.
+    #[error("record {entity}/{id} does not decode: {detail}")]
+    UndecodableRecord {
+        entity: EntityName,
+        id: Uuid,
+        detail: String,
+    },
+    /// An entry of one of the store's other tables (outbox, unpublished, quarantine,
+    /// damaged, digests) that does not decode.
+    #[error("{table} entry {key} does not decode: {detail}")]
+    UndecodableEntry {
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+    /// A value in the store's `meta` table of the wrong shape.
+    #[error("meta value {key:?} is malformed: {detail}")]
+    InvalidMeta { key: String, detail: String },
+    /// A table named like a record table (`records.<entity>`) whose entity name is invalid.
+    #[error("table {table:?} is not a valid record table: {source}")]
+    InvalidTableName {
+        table: String,
+        #[source]
+        source: InvalidName,
+    },
+    /// The conflict index names a record that does not exist.
+    #[error("the conflict index names {entity}/{id}, which has no record")]
+    DanglingConflict { entity: EntityName, id: Uuid },
+    /// A value could not be serialised for storing or exporting.
+    #[error("cannot encode {what}: {detail}")]
+    Encode { what: &'static str, detail: String },
+    /// A metadata key the store keeps for itself; callers' keys start with `x.`.
+    #[error("meta key {key:?} is reserved; use an \"x.\" prefix")]
+    ReservedMetaKey { key: String },
+    /// The blocking task a store call ran on panicked or was cancelled. Nothing is
+    /// damaged: the call's transaction was not committed, or committed whole.
+    #[error("{task} task failed: {source}")]
+    TaskFailed {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A write batch returned no result for one of its writes (a bug).
+    #[error("a write batch returned no result for its write")]
+    NoWriteResult,
 }
 
 macro_rules! redb_into_storage {

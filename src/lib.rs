@@ -21,12 +21,15 @@
 //! - [`config`]: the node's TOML configuration file, validated key by key.
 //! - [`connect`]: NATS URLs, authentication and TLS options shared by nodes and the CLI.
 //! - [`node`]: a running replica: the outbox publisher and the apply loop over a durable
-//!   pull consumer, gap/reset detection, partial replication with backfill, change feeds
-//!   and status.
-//! - [`api`]: the request/reply API each node serves over NATS, and its client.
-//! - [`cli`]: the command line (`jetsync run`, `demo`, and commands over the node API).
-//! - [`devserver`]: real `nats-server` processes (single or clustered) for tests, the demo
-//!   and examples, installed on first use if the machine has none.
+//!   pull consumer, gap/reset detection, partial replication with backfill, change feeds,
+//!   status, and services run beside it ([`node::NodeService`]).
+//! - [`api`]: the request/reply API over NATS, a front end attached to a node as a service
+//!   ([`api::start_node`]), and its client.
+//! - [`cli`]: the command line (`jetsync run`, `demo` with the `dev-server` feature, and
+//!   commands over the node API).
+//! - `devserver` (cargo feature `dev-server`, on by default): real `nats-server` processes
+//!   (single or clustered) for tests, the demo and examples, installed on first use if the
+//!   machine has none; `demo` (same feature): the `jetsync demo` tour.
 //!
 //! The write path, in short:
 //! ```text
@@ -40,7 +43,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connect;
+#[cfg(feature = "dev-server")]
 pub mod demo;
+#[cfg(feature = "dev-server")]
 pub mod devserver;
 pub mod digest;
 pub mod error;

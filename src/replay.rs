@@ -237,7 +237,10 @@ async fn deliver(
                 store.apply_batch(&incoming)
             })
             .await
-            .map_err(|e| StorageError::Corrupt(format!("apply task: {e}")))??;
+            .map_err(|source| StorageError::TaskFailed {
+                task: "apply",
+                source,
+            })??;
             report.applied += r.applied as u64;
             report.duplicates += (r.duplicates + r.below_checkpoint) as u64;
             report.rejected += r.quarantined as u64;

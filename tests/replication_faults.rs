@@ -859,7 +859,7 @@ async fn conflicting_stream_config_is_refused() {
     let a = start(node_config("a", dir.path(), &url)).await;
     let mut config = node_config("b", dir.path(), &url);
     config.stream.retention = Retention::Compacted;
-    match Node::start(config).await {
+    match jetsync::api::start_node(config).await {
         Ok(_) => panic!("a node with a compacted stream config started on a limits stream"),
         Err(e) => {
             let text = e.to_string();

@@ -24,6 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a self-contained demo: a dev NATS server, three nodes, conflicts, an outage,
     /// catch-up and a partial replica, ending with a verdict table (exit 0 = converged).
+    #[cfg(feature = "dev-server")]
     Demo {
         /// Orders written per node in the first step.
         #[arg(long, default_value_t = 1000)]
@@ -221,6 +222,7 @@ pub fn main() -> std::process::ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cli.command {
+        #[cfg(feature = "dev-server")]
         Command::Demo { records } => {
             let ok = demo(records).await?;
             Ok(if ok {
@@ -238,6 +240,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
+#[cfg(feature = "dev-server")]
 async fn demo(records: usize) -> anyhow::Result<bool> {
     let opts = crate::demo::DemoOptions {
         records,

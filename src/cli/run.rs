@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::api;
 use crate::config::{FileConfig, Overrides};
-use crate::node::Node;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,7 +40,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         nats_urls: args.nats_urls,
     })?;
-    let node = Node::start(config).await.context("starting the node")?;
+    let node = api::start_node(config).await.context("starting the node")?;
     tracing::info!(node = %node.node_id(), "node running; SIGINT or SIGTERM stops it");
     wait_for_signal().await?;
     tracing::info!("stopping: finishing the in-flight batch");

@@ -9,11 +9,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{
-    Before, CONFLICTS, DAMAGED, DamagedRow, Incoming, K_CHECKPOINT, K_HLC, META, OUTBOX,
-    QUARANTINE, QuarantineRow, Store, Tx, UNPUBLISHED, decode_postcard, decode_state, leaf_event,
+use super::codec::{decode_postcard, decode_state, leaf_event};
+use super::format::{
+    CONFLICTS, DAMAGED, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
 };
+use super::quarantine::QuarantineRow;
+use super::tx::{Before, DamagedRow, Tx};
+use super::{Incoming, Store};
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
@@ -334,11 +337,16 @@ impl Store {
         for row in table.iter()? {
             let (k, v) = row?;
             let (entity, id) = k.value();
-            let row: DamagedRow = decode_postcard(v.value(), "damaged entry")?;
+            let id = Uuid::from_u128(id);
+            let key = || format!("{entity}/{id}");
+            let row: DamagedRow = decode_postcard(v.value(), "damaged", key())?;
             out.push(DamagedEntry {
-                entity: EntityName::new(entity)
-                    .map_err(|e| StorageError::Corrupt(format!("damaged entry: {e}")))?,
-                id: Uuid::from_u128(id),
+                entity: EntityName::new(entity).map_err(|e| StorageError::UndecodableEntry {
+                    table: "damaged",
+                    key: key(),
+                    detail: e.to_string(),
+                })?,
+                id,
                 error: row.error,
                 found_ms: row.found_ms,
             });
@@ -384,7 +392,7 @@ impl Store {
             let mut rows = Vec::new();
             for id in ids {
                 if let Some(v) = table.get(*id)? {
-                    rows.push((*id, decode_postcard(v.value(), "quarantine entry")?));
+                    rows.push((*id, decode_postcard(v.value(), "quarantine", id)?));
                 }
             }
             rows

@@ -32,7 +32,7 @@ pub fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
 }
 
 pub async fn start(config: NodeConfig) -> Node {
-    Node::start(config).await.expect("node starts")
+    jetsync::api::start_node(config).await.expect("node starts")
 }
 
 /// Digest totals and conflict sets of `entity` on every node, for comparing.

@@ -1,0 +1,167 @@
+//! The API's wire format: the subject root, the request body ([`Req`]), the structured
+//! error reply ([`RemoteError`]) and the JSON forms of records, merge states and stream
+//! messages that requests and replies carry.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::clock::Version;
+use crate::error::{StorageError, WriteError};
+use crate::ids::{EntityName, Scope};
+use crate::merge::RecordState;
+use crate::store::{Expect, Record};
+
+/// The API subject root for a stream prefix.
+pub fn api_root(prefix: &str) -> String {
+    format!("{prefix}_api")
+}
+
+/// A structured error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct RemoteError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+}
+
+impl RemoteError {
+    /// An error reply without a current version.
+    pub(super) fn new(code: &str, message: impl Into<String>) -> Self {
+        RemoteError {
+            code: code.into(),
+            message: message.into(),
+            current: None,
+        }
+    }
+}
+
+pub(super) fn bad_request(message: impl Into<String>) -> RemoteError {
+    RemoteError::new("bad_request", message)
+}
+
+impl From<WriteError> for RemoteError {
+    fn from(e: WriteError) -> Self {
+        let (code, current) = match &e {
+            WriteError::VersionMismatch { current, .. } => (
+                "version_mismatch",
+                current.as_ref().map(ToString::to_string),
+            ),
+            WriteError::NotFound { .. } => ("not_found", None),
+            WriteError::ScopeMismatch { .. } => ("scope_mismatch", None),
+            WriteError::DocTooLarge { .. } => ("doc_too_large", None),
+            WriteError::InvalidDoc(_) => ("invalid_doc", None),
+            WriteError::UnknownVersion { .. } => ("unknown_version", None),
+            WriteError::Storage(_) => ("storage", None),
+        };
+        RemoteError {
+            code: code.into(),
+            message: e.to_string(),
+            current,
+        }
+    }
+}
+
+impl From<StorageError> for RemoteError {
+    fn from(e: StorageError) -> Self {
+        RemoteError::new("storage", e.to_string())
+    }
+}
+
+/// A request body: the union of every op's fields, each op reading the ones it takes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Req {
+    #[serde(default)]
+    pub entity: Option<EntityName>,
+    #[serde(default)]
+    pub id: Option<Uuid>,
+    #[serde(default)]
+    pub doc: Option<Value>,
+    #[serde(default)]
+    pub scope: Option<Scope>,
+    #[serde(default)]
+    pub if_version: Option<String>,
+    #[serde(default)]
+    pub if_absent: bool,
+    #[serde(default)]
+    pub after: Option<Uuid>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub versions: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+    #[serde(default)]
+    pub buckets: Vec<usize>,
+    #[serde(default)]
+    pub states: Vec<StateEntry>,
+    #[serde(default)]
+    pub ids: Vec<u64>,
+    #[serde(default)]
+    pub after_seq: Option<u64>,
+    #[serde(default)]
+    pub messages: Vec<StreamMessage>,
+}
+
+/// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateEntry {
+    pub id: Uuid,
+    pub state: RecordState,
+}
+
+/// A stream message carried over the API (replay into a running node).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StreamMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: String,
+    pub time_ms: u64,
+}
+
+impl Req {
+    /// Parses a request body; an empty one is `{}`.
+    pub fn parse(payload: &[u8]) -> Result<Req, RemoteError> {
+        if payload.is_empty() {
+            serde_json::from_str("{}").map_err(|e| bad_request(e.to_string()))
+        } else {
+            serde_json::from_slice(payload).map_err(|e| bad_request(format!("request body: {e}")))
+        }
+    }
+    pub fn entity(&self) -> Result<EntityName, RemoteError> {
+        self.entity
+            .clone()
+            .ok_or_else(|| bad_request("missing \"entity\""))
+    }
+    pub fn id(&self) -> Result<Uuid, RemoteError> {
+        self.id.ok_or_else(|| bad_request("missing \"id\""))
+    }
+    pub fn expect(&self) -> Result<Expect, RemoteError> {
+        match (&self.if_version, self.if_absent) {
+            (Some(_), true) => Err(bad_request("if_version and if_absent exclude each other")),
+            (Some(v), false) => Ok(Expect::Version(parse_version(v)?)),
+            (None, true) => Ok(Expect::Absent),
+            (None, false) => Ok(Expect::Any),
+        }
+    }
+}
+
+pub(super) fn parse_version(v: &str) -> Result<Version, RemoteError> {
+    v.parse()
+        .map_err(|e: crate::error::InvalidVersion| bad_request(e.to_string()))
+}
+
+/// The JSON form of a record in replies.
+pub fn record_json(r: &Record) -> Value {
+    json!({
+        "entity": r.entity,
+        "id": r.id,
+        "scope": r.scope,
+        "version": r.version.to_string(),
+        "doc": r.doc,
+        "conflicts": r.conflicts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}

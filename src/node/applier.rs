@@ -1,0 +1,236 @@
+//! The apply loop: provisions (or verifies) the stream, checks that it is the one this node
+//! followed and that no events it needs were removed, recreates the durable pull consumer
+//! at `checkpoint + 1`, and applies fetched batches in one redb transaction each,
+//! acknowledging after the commit. The local checkpoint is the truth; the server's
+//! consumer state is disposable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+
+use super::backfill::backfill_new_entities;
+use super::batch::{Intake, Next, Own, Stop, apply_batch, blocking};
+use super::bootstrap::bootstrap;
+use super::idle::idle_position;
+use super::{Halt, META_STREAM, Shared};
+use crate::stream::{Retention, StreamError, StreamIdentity, ensure_stream};
+
+/// How often a node halted on a retention gap looks for a snapshot that covers it.
+const HALT_RECHECK: Duration = Duration::from_secs(5);
+
+/// Follows the stream until shutdown, starting over after transient errors and waiting on
+/// a halt (looking again for a snapshot when the halt is a retention gap).
+pub(super) async fn apply_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow_stream(&shared).await {
+            Stop::Shutdown => return,
+            Stop::Halt(halt) => {
+                tracing::error!(%halt, "applying stopped");
+                let gap = matches!(halt, Halt::RetentionGap { .. });
+                shared.live().halted = Some(halt);
+                if gap && shared.config.snapshots.bootstrap {
+                    // A snapshot that covers the gap may be taken meanwhile: look again.
+                    if shared.pause(HALT_RECHECK).await {
+                        return;
+                    }
+                    continue;
+                }
+                let mut rx = shared.shutdown.clone();
+                let _ = rx.wait_for(|s| *s).await;
+                return;
+            }
+            Stop::Retry(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "apply loop interrupted");
+                shared.set_apply_error(Some(err));
+                if shared.pause(backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Provisions, checks, (re)creates the consumer and applies until something breaks.
+async fn follow_stream(shared: &Arc<Shared>) -> Stop {
+    match follow_stream_inner(shared).await {
+        Ok(()) => Stop::Shutdown,
+        Err(stop) => stop,
+    }
+}
+
+async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let (identity, state) = match ensure_stream(&shared.js, &cfg.stream).await {
+        Ok(v) => v,
+        Err(StreamError::Conflict { detail, .. }) => {
+            return Err(Stop::Halt(Halt::StreamConflict { detail }));
+        }
+        Err(e) => return Err(Stop::Retry(e.to_string())),
+    };
+    shared.live().stream_last_seq = Some(state.last_sequence);
+    let mut checkpoint = check_same_stream(shared, &identity, state.last_sequence).await?;
+    let compacted = cfg.stream.retention == Retention::Compacted;
+    if !compacted && checkpoint + 1 < state.first_sequence {
+        checkpoint = bootstrap(shared, &identity, checkpoint, state.first_sequence).await?;
+    }
+
+    backfill_new_entities(shared, checkpoint, state.first_sequence, compacted).await?;
+
+    let consumer = recreate_consumer(shared, checkpoint).await?;
+    shared.set_apply_error(None);
+    shared.live().halted = None;
+    tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
+    apply_messages(shared, consumer, checkpoint).await
+}
+
+/// Halts unless the server's stream is the one this node followed (recorded on first
+/// contact) and still reaches this node's checkpoint; returns the checkpoint.
+async fn check_same_stream(
+    shared: &Arc<Shared>,
+    identity: &StreamIdentity,
+    last_seq: u64,
+) -> Result<u64, Stop> {
+    let store = shared.store.clone();
+    let (known, checkpoint) = blocking(move || {
+        let known = store
+            .meta_get(META_STREAM)?
+            .and_then(|b| serde_json::from_slice::<StreamIdentity>(&b).ok());
+        Ok((known, store.checkpoint()?))
+    })
+    .await?;
+    match known {
+        Some(k) if k != *identity => {
+            return Err(Stop::Halt(Halt::StreamReset {
+                detail: format!(
+                    "this node followed stream {:?} created at {} ms, the server has one created at {} ms",
+                    k.name, k.created_ms, identity.created_ms
+                ),
+            }));
+        }
+        Some(_) => {}
+        None => {
+            let store = shared.store.clone();
+            let bytes = serde_json::to_vec(identity).unwrap_or_default();
+            blocking(move || store.meta_put(META_STREAM, &bytes)).await?;
+        }
+    }
+    if last_seq < checkpoint {
+        return Err(Stop::Halt(Halt::StreamReset {
+            detail: format!(
+                "the stream's last sequence {last_seq} is below this node's checkpoint {checkpoint}"
+            ),
+        }));
+    }
+    Ok(checkpoint)
+}
+
+/// The durable consumer, recreated at `checkpoint + 1` with this node's filters: whatever
+/// the server remembers, the local checkpoint decides where applying resumes.
+async fn recreate_consumer(
+    shared: &Arc<Shared>,
+    checkpoint: u64,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, Stop> {
+    let cfg = &shared.config;
+    let name = format!("jetsync_{}", cfg.node_id);
+    let stream = shared
+        .js
+        .get_stream(&cfg.stream.name)
+        .await
+        .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+    let _ = stream.delete_consumer(&name).await;
+    let filters = cfg.filter_subjects();
+    let config = pull::Config {
+        durable_name: Some(name),
+        filter_subjects: filters,
+        deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: checkpoint + 1,
+        },
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: (cfg.fetch_batch as i64 * 20).max(10_000),
+        ..Default::default()
+    };
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| Stop::Retry(format!("create consumer: {e}")))
+}
+
+/// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown or
+/// an error.
+async fn apply_messages(
+    shared: &Arc<Shared>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    checkpoint: u64,
+) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let idle_probe = consumer.clone();
+    let partial = !cfg.entities.is_empty();
+    let own = Own::new(shared);
+    let mut intake = Intake::open(consumer, cfg.fetch_batch).await?;
+    let mut stop = shared.shutdown.clone();
+    let mut next_expected = checkpoint + 1;
+    loop {
+        let batch = match intake.next(&mut stop, partial).await? {
+            Next::Shutdown => return Ok(()),
+            Next::Idle => {
+                if let Some(seq) = idle_position(shared, &idle_probe, next_expected - 1).await {
+                    next_expected = seq + 1;
+                }
+                continue;
+            }
+            Next::Batch(batch) => batch,
+        };
+        check_none_removed(shared, &batch.msgs, next_expected).await?;
+        // Apply what arrived before the error, then start over from the checkpoint.
+        if !batch.msgs.is_empty() {
+            let through = apply_batch(shared, &batch.msgs, &own).await?;
+            next_expected = next_expected.max(through + 1);
+        }
+        if let Some(f) = batch.failure {
+            return Err(Stop::Retry(f));
+        }
+    }
+}
+
+/// A jump past the next sequence is either messages outside this node's filter or
+/// messages retention removed while this node was behind: only the stream's first
+/// sequence tells which, and a removed one must halt, not be skipped.
+async fn check_none_removed(
+    shared: &Arc<Shared>,
+    msgs: &[jetstream::Message],
+    next_expected: u64,
+) -> Result<(), Stop> {
+    let cfg = &shared.config;
+    let first = msgs
+        .first()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.stream_sequence);
+    let compacted = cfg.stream.retention == Retention::Compacted;
+    let jumped = !compacted && first.is_some_and(|f| f > next_expected);
+    if !jumped {
+        return Ok(());
+    }
+    let mut stream = shared
+        .js
+        .get_stream(&cfg.stream.name)
+        .await
+        .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
+    let first_seq = stream
+        .info()
+        .await
+        .map_err(|e| Stop::Retry(format!("stream info: {e}")))?
+        .state
+        .first_sequence;
+    if first_seq > next_expected {
+        // Start over: provisioning sees the gap and bootstraps or halts.
+        return Err(Stop::Retry(format!(
+            "retention removed sequences {next_expected}..{} before they were applied",
+            first_seq - 1
+        )));
+    }
+    Ok(())
+}

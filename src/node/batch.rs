@@ -1,0 +1,288 @@
+//! Batches of stream messages: gathering the consumer's deliveries into batches
+//! ([`Intake`]), applying one in a transaction and acknowledging it ([`apply_batch`],
+//! skipping this node's own events), and what the apply loop's steps share: [`Stop`], how
+//! they end, and [`blocking`] store calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use futures::stream::ReadyChunks;
+use tokio::sync::watch;
+
+use super::idle::IDLE_PROBE;
+use super::{Halt, Shared};
+use crate::error::StorageError;
+use crate::store::{ApplyReport, Incoming};
+
+/// Why following the stream stopped.
+pub(super) enum Stop {
+    /// Retry from provisioning after a pause.
+    Retry(String),
+    Halt(Halt),
+    Shutdown,
+}
+
+/// How long the apply loop waits for more messages to fill a batch.
+const BATCH_LINGER: Duration = Duration::from_millis(3);
+
+/// Runs a store call on the blocking pool; its failure is a reason to start over.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, Stop> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Stop::Retry(format!("store: {e}"))),
+        Err(e) => Err(Stop::Retry(format!("store task: {e}"))),
+    }
+}
+
+/// A fetched message, owned so it can move to the blocking pool.
+pub(super) struct Fetched {
+    seq: u64,
+    subject: String,
+    payload: bytes::Bytes,
+    stream_time_ms: u64,
+}
+
+impl Fetched {
+    pub(super) fn new(m: &jetstream::Message, info: &jetstream::message::Info<'_>) -> Self {
+        Fetched {
+            seq: info.stream_sequence,
+            subject: m.subject.to_string(),
+            payload: m.payload.clone(),
+            stream_time_ms: u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
+        }
+    }
+}
+
+/// Applies one fetched batch in one transaction: through the checkpoint (`Some`), or as a
+/// backfill that leaves it alone (`None`).
+pub(super) async fn apply_fetched(
+    shared: &Arc<Shared>,
+    batch: Vec<Fetched>,
+    through: Option<u64>,
+) -> Result<ApplyReport, Stop> {
+    let store = shared.store.clone();
+    blocking(move || {
+        let incoming: Vec<Incoming<'_>> = batch
+            .iter()
+            .map(|f| Incoming {
+                stream_seq: f.seq,
+                subject: &f.subject,
+                payload: &f.payload,
+                stream_time_ms: f.stream_time_ms,
+            })
+            .collect();
+        match through {
+            Some(through) => store.apply_batch_through(&incoming, through),
+            None => store.apply_backfill(&incoming),
+        }
+    })
+    .await
+}
+
+/// The consumer's deliveries, gathered into batches of at most `size` messages.
+pub(super) struct Intake {
+    chunks: ReadyChunks<pull::Stream>,
+    size: usize,
+    /// Messages fetched beyond one batch wait here for the next one.
+    carry: Vec<jetstream::Message>,
+    /// The consumer numbers its deliveries 1, 2, 3…; a gap means deliveries were lost in
+    /// transit (a dropped connection), and the server redelivers them only after ack_wait.
+    last_delivery: u64,
+}
+
+/// What waiting on the consumer produced.
+pub(super) enum Next {
+    Batch(Batch),
+    /// Nothing arrived within [`IDLE_PROBE`] (asked for by partial replicas only).
+    Idle,
+    Shutdown,
+}
+
+/// Messages to apply in one transaction, and the error that cut them short: what came
+/// before it is applied, then following starts over from the checkpoint.
+pub(super) struct Batch {
+    pub(super) msgs: Vec<jetstream::Message>,
+    pub(super) failure: Option<String>,
+}
+
+impl Intake {
+    /// Starts consuming: pulls of up to `size` messages, heartbeats so a dead connection is
+    /// noticed.
+    pub(super) async fn open(
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        size: usize,
+    ) -> Result<Intake, Stop> {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Stop::Retry(format!("consume: {e}")))?;
+        Ok(Intake {
+            chunks: messages.ready_chunks(size),
+            size,
+            carry: Vec::new(),
+            last_delivery: 0,
+        })
+    }
+
+    /// Waits for the next batch (the carried-over messages, if any, start it at once);
+    /// with `probe_idle`, gives up after [`IDLE_PROBE`] with nothing.
+    pub(super) async fn next(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        probe_idle: bool,
+    ) -> Result<Next, Stop> {
+        let mut batch = Batch {
+            msgs: std::mem::take(&mut self.carry),
+            failure: None,
+        };
+        if batch.msgs.is_empty() {
+            let chunk = tokio::select! {
+                c = self.chunks.next() => Some(c),
+                _ = stop.wait_for(|s| *s) => return Ok(Next::Shutdown),
+                _ = tokio::time::sleep(IDLE_PROBE), if probe_idle => None,
+            };
+            let Some(chunk) = chunk else {
+                return Ok(Next::Idle);
+            };
+            let Some(chunk) = chunk else {
+                return Err(Stop::Retry("consumer stream ended".into()));
+            };
+            batch.take(chunk);
+        }
+        // During catch-up messages arrive faster than they are applied: wait a moment for
+        // more so each transaction (one fsync) carries a full batch, not whatever was
+        // buffered at that instant.
+        while batch.failure.is_none() && batch.msgs.len() < self.size {
+            match tokio::time::timeout(BATCH_LINGER, self.chunks.next()).await {
+                Ok(Some(more)) => batch.take(more),
+                _ => break,
+            }
+        }
+        if batch.msgs.len() > self.size {
+            self.carry = batch.msgs.split_off(self.size);
+        }
+        self.cut_at_lost_delivery(&mut batch);
+        Ok(Next::Batch(batch))
+    }
+
+    /// Applying past lost deliveries would move the checkpoint over them and their late
+    /// redelivery would be skipped: keeps what came before the gap, then has following
+    /// resume from the checkpoint with a new consumer.
+    fn cut_at_lost_delivery(&mut self, batch: &mut Batch) {
+        let last_delivery = &mut self.last_delivery;
+        let gap = batch.msgs.iter().position(|m| {
+            let delivery = m.info().map_or(0, |i| i.consumer_sequence);
+            let next = delivery == *last_delivery + 1;
+            if next {
+                *last_delivery = delivery;
+            }
+            !next
+        });
+        if let Some(gap) = gap {
+            batch.msgs.truncate(gap);
+            self.carry.clear();
+            let last_delivery = self.last_delivery;
+            batch.failure.get_or_insert_with(|| {
+                format!(
+                    "deliveries after {last_delivery} were lost in transit; resuming from the checkpoint"
+                )
+            });
+        }
+    }
+}
+
+impl Batch {
+    /// Adds a chunk's messages up to its first fetch error, which ends the batch.
+    fn take(&mut self, chunk: Vec<Result<jetstream::Message, pull::MessagesError>>) {
+        for m in chunk {
+            match m {
+                Ok(m) => self.msgs.push(m),
+                Err(e) => {
+                    self.failure = Some(format!("fetch: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Recognises this node's own events in the stream: written here, known already.
+pub(super) struct Own<'a> {
+    msg_id_prefix: String,
+    /// `<prefix>.<entity>.<scope>.<origin>.<id>`: the origin's index among the tokens.
+    origin_token: usize,
+    node: &'a str,
+}
+
+impl<'a> Own<'a> {
+    pub(super) fn new(shared: &'a Shared) -> Self {
+        Own {
+            msg_id_prefix: shared.store.msg_id_prefix(),
+            origin_token: shared.config.stream.prefix.split('.').count() + 2,
+            node: shared.config.node_id.as_str(),
+        }
+    }
+
+    /// Both the message id and the subject's origin token must be ours: a header alone
+    /// could be set by anyone, while publishing on our origin's subjects can be denied by
+    /// NATS permissions.
+    fn wrote(&self, m: &jetstream::Message) -> bool {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str().starts_with(self.msg_id_prefix.as_str()))
+            && m.subject.split('.').nth(self.origin_token) == Some(self.node)
+    }
+}
+
+/// Applies `msgs` (all but this node's own) in one transaction through the last one's
+/// sequence, acknowledges them and publishes their changes; returns that sequence.
+pub(super) async fn apply_batch(
+    shared: &Arc<Shared>,
+    msgs: &[jetstream::Message],
+    own: &Own<'_>,
+) -> Result<u64, Stop> {
+    let mut batch = Vec::with_capacity(msgs.len());
+    let mut through = 0;
+    let mut pending = None;
+    for m in msgs {
+        let info = m
+            .info()
+            .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
+        through = through.max(info.stream_sequence);
+        pending = Some(info.pending);
+        if own.wrote(m) {
+            continue;
+        }
+        batch.push(Fetched::new(m, &info));
+    }
+    let report = apply_fetched(shared, batch, Some(through)).await?;
+    if let Some(last) = msgs.last() {
+        // AckPolicy::All: acknowledging the last acknowledges the batch.
+        if let Err(e) = last.ack().await {
+            tracing::debug!(error = %e, "ack failed; redelivery is skipped by checkpoint");
+        }
+    }
+    {
+        let mut live = shared.live();
+        live.lag = pending;
+        live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
+    }
+    tracing::debug!(
+        applied = report.applied,
+        duplicates = report.duplicates,
+        quarantined = report.quarantined,
+        checkpoint = report.checkpoint,
+        "batch applied"
+    );
+    shared.announce(report.changes);
+    Ok(through)
+}

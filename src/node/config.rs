@@ -1,0 +1,95 @@
+//! A node's settings ([`NodeConfig`], [`SnapshotPolicy`]) and the consumer filter
+//! subjects its entity filters map to.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::connect::NatsAuth;
+use crate::ids::{EntityFilter, NodeId};
+use crate::store::StoreConfig;
+use crate::stream::StreamSettings;
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// The store file is `<data_dir>/<node_id>.redb`.
+    pub data_dir: PathBuf,
+    pub nats_urls: Vec<String>,
+    pub nats_auth: NatsAuth,
+    pub stream: StreamSettings,
+    /// Empty: every entity type.
+    pub entities: Vec<EntityFilter>,
+    pub store: StoreConfig,
+    /// Most messages applied in one transaction.
+    pub fetch_batch: usize,
+    /// Most publishes awaiting PubAck at once.
+    pub publish_window: usize,
+    pub snapshots: SnapshotPolicy,
+}
+
+/// When a node takes snapshots and whether it loads one on a retention gap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Take a snapshot this often; `None`: only on request.
+    pub interval: Option<Duration>,
+    /// After taking one, keep this node's newest `keep` snapshots and delete the rest.
+    pub keep: usize,
+    /// Also delete this node's snapshots older than this (never its newest).
+    pub max_age: Option<Duration>,
+    /// On a retention gap, load the newest snapshot covering this node's filters and
+    /// resume after it (otherwise, and when none covers it, the node halts).
+    pub bootstrap: bool,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy {
+            interval: None,
+            keep: 3,
+            max_age: None,
+            bootstrap: true,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn new(node_id: NodeId, data_dir: impl Into<PathBuf>, nats_url: impl Into<String>) -> Self {
+        NodeConfig {
+            node_id,
+            data_dir: data_dir.into(),
+            nats_urls: vec![nats_url.into()],
+            nats_auth: NatsAuth::default(),
+            stream: StreamSettings::default(),
+            entities: Vec::new(),
+            store: StoreConfig::default(),
+            fetch_batch: 1000,
+            publish_window: 1000,
+            snapshots: SnapshotPolicy::default(),
+        }
+    }
+
+    /// The consumer filter subjects for this node.
+    pub fn filter_subjects(&self) -> Vec<String> {
+        subjects_for(&self.stream.prefix, &self.entities)
+    }
+}
+
+/// The stream subjects that carry the events `entities` admit (empty: all of them).
+pub fn subjects_for(prefix: &str, entities: &[EntityFilter]) -> Vec<String> {
+    if entities.is_empty() {
+        return vec![format!("{prefix}.>")];
+    }
+    let mut out = BTreeSet::new();
+    for f in entities {
+        if f.scopes.is_empty() {
+            out.insert(format!("{prefix}.{}.>", f.entity));
+        } else {
+            for s in &f.scopes {
+                out.insert(format!("{prefix}.{}.{s}.>", f.entity));
+            }
+        }
+    }
+    out.into_iter().collect()
+}

@@ -1,0 +1,382 @@
+//! A running replica: one store, one NATS connection, and the two loops that keep the
+//! store in step with the stream.
+//!
+//! - The **publisher** drains the outbox in `origin_seq` order, a window of publishes in
+//!   flight at once, each with `Nats-Msg-Id` for de-duplication; entries leave the outbox
+//!   only on PubAck. While NATS is away it backs off and retries; local writes never wait.
+//! - The **apply loop** provisions (or verifies) the stream, checks that the stream is the
+//!   one this node followed and that no events it needs were removed, recreates its
+//!   durable pull consumer at `checkpoint + 1`, and applies fetched batches in one redb
+//!   transaction each, acknowledging after the commit. The local checkpoint is the truth;
+//!   the server's consumer state is disposable.
+//!
+//! Both loops run on tokio; every redb call runs on the blocking pool. `shutdown` stops
+//! both between batches and waits for them, so nothing is left half applied.
+//!
+//! Front ends (such as the NATS API) attach as [`NodeService`]s through
+//! [`Node::start_with`]; this module knows nothing of them.
+//!
+//! This file owns [`Node`] (starting and stopping), [`NodeHandle`] (writes, feeds,
+//! snapshots), [`NodeService`], [`NodeError`] and the state the loops share. The rest:
+//! `config` (settings), `status`, `publisher`, `applier` (the apply loop's steps from
+//! provisioning to applying), `batch` (gathering and applying batches), `bootstrap`
+//! (from a snapshot on a retention gap), `backfill` (added entity types), `idle` (partial
+//! replicas), `snapshots` and `watch` (change feeds).
+
+mod applier;
+mod backfill;
+mod batch;
+mod bootstrap;
+mod config;
+mod idle;
+mod publisher;
+mod snapshots;
+mod status;
+mod watch;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub use self::bootstrap::Bootstrapped;
+pub use self::config::{NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::status::{Halt, Status};
+pub use self::watch::{Lagged, Watch};
+pub use crate::ids::EntityFilter;
+
+use crate::connect::{ConnectError, connect};
+use crate::error::{OpenError, StorageError, WriteError};
+use crate::ids::{EntityName, NodeId};
+use crate::snapshot::{SnapshotError, SnapshotReport};
+use crate::store::{Change, Store, Write, Written};
+use crate::stream::{StreamError, ensure_stream};
+
+/// Store metadata key of the stream identity this node follows.
+pub const META_STREAM: &str = "x.stream";
+
+/// Starting or running a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("node task failed: {0}")]
+    Task(String),
+}
+
+/// A task that lives beside a node and stops with it, such as a front end serving the
+/// node over NATS. Attach services with [`Node::start_with`]; the node runs
+/// each on tokio and waits for it in [`Node::shutdown`].
+pub trait NodeService: Send + 'static {
+    /// A short name for logs and errors.
+    fn name(&self) -> &'static str;
+
+    /// Serves `node` until `stop` turns true (or the service has nothing left to do).
+    fn run(
+        self: Box<Self>,
+        node: NodeHandle,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ()>;
+}
+
+#[derive(Default)]
+struct Live {
+    stream_last_seq: Option<u64>,
+    lag: Option<u64>,
+    /// Kept apart so one loop recovering does not hide the other's error.
+    publish_error: Option<String>,
+    apply_error: Option<String>,
+    halted: Option<Halt>,
+    bootstrapped: Option<Bootstrapped>,
+    last_snapshot: Option<String>,
+}
+
+/// What the node's loops, services and handles share.
+struct Shared {
+    store: Arc<Store>,
+    config: NodeConfig,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    outbox_ready: Notify,
+    changes: broadcast::Sender<Change>,
+    live: Mutex<Live>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_publish_error(&self, err: Option<String>) {
+        self.live().publish_error = err;
+    }
+
+    fn set_apply_error(&self, err: Option<String>) {
+        self.live().apply_error = err;
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps unless shutdown comes first; returns true if shutting down.
+    async fn pause(&self, d: Duration) -> bool {
+        let mut rx = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => self.stopping(),
+            _ = rx.wait_for(|s| *s) => true,
+        }
+    }
+
+    /// Sends changes to the watchers (none listening is fine).
+    fn announce(&self, changes: Vec<Change>) {
+        for c in changes {
+            let _ = self.changes.send(c);
+        }
+    }
+}
+
+/// A running replica.
+pub struct Node {
+    shared: Arc<Shared>,
+    handle: NodeHandle,
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The node's loops and services, each with its name for errors.
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Node {
+    /// Opens the store, connects to NATS (in the background if it is unreachable: the node
+    /// works offline meanwhile) and starts the publisher and the apply loop. A stream whose
+    /// config conflicts with this node's is refused here when NATS is reachable.
+    ///
+    /// Nothing else runs beside it; see [`Node::start_with`] for front ends such as the
+    /// NATS API.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        Node::start_with(config, Vec::new()).await
+    }
+
+    /// [`Node::start`], then `services` beside the node's loops, each stopped and awaited
+    /// with them.
+    pub async fn start_with(
+        mut config: NodeConfig,
+        services: Vec<Box<dyn NodeService>>,
+    ) -> Result<Node, NodeError> {
+        check_config(&mut config)?;
+        let path = config.data_dir.join(format!("{}.redb", config.node_id));
+        let store = open_store(&path, &config).await?;
+
+        let client = connect(
+            &config.nats_urls,
+            &config.nats_auth,
+            &format!("jetsync-{}", config.node_id),
+            true,
+        )
+        .await?;
+        let js = match &config.stream.domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
+
+        // Refuse a conflicting stream now if the server answers quickly; otherwise the
+        // apply loop keeps trying in the background.
+        if let Ok(Err(StreamError::Conflict { name, detail })) =
+            tokio::time::timeout(Duration::from_secs(3), ensure_stream(&js, &config.stream)).await
+        {
+            return Err(StreamError::Conflict { name, detail }.into());
+        }
+
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            store: Arc::new(store),
+            config,
+            js,
+            client,
+            outbox_ready: Notify::new(),
+            changes: broadcast::channel(4096).0,
+            live: Mutex::new(Live::default()),
+            shutdown,
+        });
+        let mut tasks = vec![
+            (
+                "publisher",
+                tokio::spawn(publisher::publish_loop(shared.clone())),
+            ),
+            (
+                "apply loop",
+                tokio::spawn(applier::apply_loop(shared.clone())),
+            ),
+            (
+                "snapshot schedule",
+                tokio::spawn(snapshots::snapshot_loop(shared.clone())),
+            ),
+        ];
+        for service in services {
+            let name = service.name();
+            let span = tracing::info_span!("service", name, node = %shared.config.node_id);
+            let run = service.run(NodeHandle(shared.clone()), shared.shutdown.clone());
+            tasks.push((name, tokio::spawn(run.instrument(span))));
+        }
+        Ok(Node {
+            handle: NodeHandle(shared.clone()),
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops the loops (after their current batch) and the services, and waits for them.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        let _ = self.stop.send(true);
+        self.shared.outbox_ready.notify_one();
+        for (name, t) in self.tasks.drain(..) {
+            t.await
+                .map_err(|e| NodeError::Task(format!("{name}: {e}")))?;
+        }
+        let _ = self.shared.client.flush().await;
+        Ok(())
+    }
+}
+
+/// Validates `config` and prepares its data dir; the store takes the stream's prefix.
+fn check_config(config: &mut NodeConfig) -> Result<(), NodeError> {
+    config.stream.validate()?;
+    if config.fetch_batch == 0 || config.publish_window == 0 {
+        return Err(NodeError::Config(
+            "fetch_batch and publish_window must be positive".into(),
+        ));
+    }
+    if config.nats_urls.is_empty() {
+        return Err(NodeError::Config("nats_urls is empty".into()));
+    }
+    config.store.prefix = config.stream.prefix.clone();
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        NodeError::Config(format!(
+            "cannot create data dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })
+}
+
+/// Opens (or creates) the store at `path` on the blocking pool.
+async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError> {
+    let (path, node_id, store_config) = (
+        path.to_owned(),
+        config.node_id.clone(),
+        config.store.clone(),
+    );
+    let store = tokio::task::spawn_blocking(move || Store::open(path, node_id, store_config))
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+    Ok(store)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for (_, t) in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeHandle;
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
+    }
+}
+
+/// A cheap, clonable handle to a running node: what services (such as the API) and
+/// applications use to write, watch and inspect it. [`Node`] dereferences to it.
+#[derive(Clone)]
+pub struct NodeHandle(Arc<Shared>);
+
+impl NodeHandle {
+    /// The node's NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.0.client
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.0.store
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.0.config.node_id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.0.config
+    }
+
+    /// Commits local writes (one transaction) and wakes the publisher.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        let store = self.0.store.clone();
+        let (written, changes) =
+            tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
+                .await
+                .map_err(|source| {
+                    WriteError::Storage(StorageError::TaskFailed {
+                        task: "write",
+                        source,
+                    })
+                })??;
+        self.0.outbox_ready.notify_one();
+        self.0.announce(changes);
+        Ok(written)
+    }
+
+    /// Writes one document.
+    pub async fn put(
+        &self,
+        entity: &EntityName,
+        id: uuid::Uuid,
+        doc: serde_json::Value,
+    ) -> Result<Written, WriteError> {
+        let mut w = self
+            .write(vec![Write::put(entity.clone(), id, doc)])
+            .await?;
+        w.pop()
+            .ok_or_else(|| WriteError::Storage(StorageError::NoWriteResult))
+    }
+
+    /// Deletes one record.
+    pub async fn delete(&self, entity: &EntityName, id: uuid::Uuid) -> Result<Written, WriteError> {
+        let mut w = self.write(vec![Write::delete(entity.clone(), id)]).await?;
+        w.pop()
+            .ok_or_else(|| WriteError::Storage(StorageError::NoWriteResult))
+    }
+
+    /// Changes to `entity` as they are applied or written, in order.
+    pub fn watch(&self, entity: &EntityName) -> Watch {
+        Watch {
+            entity: entity.clone(),
+            rx: self.0.changes.subscribe(),
+        }
+    }
+
+    /// Takes a snapshot of this node's store now (see [`crate::snapshot`]).
+    pub async fn snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
+        snapshots::take_snapshot(&self.0).await
+    }
+
+    /// Broadcasts visible changes made outside the loops (repair, replay, retry).
+    pub fn announce(&self, changes: Vec<Change>) {
+        self.0.announce(changes);
+    }
+}

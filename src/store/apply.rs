@@ -1,0 +1,131 @@
+//! Applying the stream: batches of incoming messages merged (or quarantined) in one
+//! transaction that also moves the checkpoint, and backfills that do not move it.
+
+use super::codec::encode_postcard;
+use super::format::{K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, read_u64};
+use super::quarantine::QuarantineRow;
+use super::tx::Tx;
+use super::{ApplyReport, Incoming, Store};
+use crate::error::StorageError;
+use crate::event;
+use crate::merge::Merge;
+
+impl Store {
+    /// Applies a batch of stream messages in one transaction and advances the checkpoint
+    /// to the greatest sequence in it. Messages at or below the checkpoint are skipped;
+    /// invalid ones are quarantined with their reason. Only a storage failure aborts the
+    /// batch, in which case nothing of it is applied.
+    pub fn apply_batch(&self, batch: &[Incoming<'_>]) -> Result<ApplyReport, StorageError> {
+        self.apply_batch_through(batch, 0)
+    }
+
+    /// [`Store::apply_batch`], advancing the checkpoint to at least `through`: the apply
+    /// loop leaves this node's own events (known already) out of `batch` but still moves
+    /// past them.
+    pub fn apply_batch_through(
+        &self,
+        batch: &[Incoming<'_>],
+        through: u64,
+    ) -> Result<ApplyReport, StorageError> {
+        self.apply(batch, Some(through))
+    }
+
+    /// Applies older stream messages of newly replicated entity types (a backfill): the
+    /// checkpoint neither filters them nor moves.
+    pub fn apply_backfill(&self, batch: &[Incoming<'_>]) -> Result<ApplyReport, StorageError> {
+        self.apply(batch, None)
+    }
+
+    /// `through = None` is a backfill.
+    fn apply(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+    ) -> Result<ApplyReport, StorageError> {
+        self.apply_removing(batch, through, &[])
+    }
+
+    /// [`Store::apply`], also removing the quarantine entries `retried` in the same
+    /// transaction (a retry re-quarantines what still fails, under a new id).
+    pub(super) fn apply_removing(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+        retried: &[u64],
+    ) -> Result<ApplyReport, StorageError> {
+        let txn = self.db.begin_write()?;
+        let mut clock = self.clock();
+        let mut report = ApplyReport::default();
+        {
+            let mut tx = Tx::new(&txn)?;
+            let mut meta = txn.open_table(META)?;
+            let mut quarantine = txn.open_table(QUARANTINE)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
+            let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
+            for id in retried {
+                quarantine.remove(*id)?;
+            }
+            let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
+            for msg in batch {
+                if through.is_some() && msg.stream_seq <= checkpoint {
+                    report.below_checkpoint += 1;
+                    continue;
+                }
+                new_checkpoint = new_checkpoint.max(msg.stream_seq);
+                match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &self.limits) {
+                    Ok(ev) => {
+                        let hlc = ev.version.hlc;
+                        let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
+                        // Another node superseding one of our queued versions has seen it
+                        // in the stream: it is published, and its leaf is about to go.
+                        for leaf in state.leaves.iter().filter(|l| {
+                            l.version.node == self.node
+                                && (ev.base.as_ref() == Some(&l.version)
+                                    || ev.resolves.contains(&l.version))
+                        }) {
+                            outbox.remove(leaf.origin_seq)?;
+                        }
+                        match tx.merge(state, ev)? {
+                            Merge::Applied => {
+                                clock.observe(hlc);
+                                report.applied += 1;
+                            }
+                            Merge::Duplicate => report.duplicates += 1,
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(seq = msg.stream_seq, subject = msg.subject, %reason, "event quarantined");
+                        quarantine_seq += 1;
+                        let row = QuarantineRow {
+                            stream_seq: msg.stream_seq,
+                            subject: msg.subject.to_owned(),
+                            reason_json: serde_json::to_string(&reason).unwrap_or_default(),
+                            received_ms: clock.wall_ms(),
+                            payload: msg.payload.to_vec(),
+                            stream_time_ms: msg.stream_time_ms,
+                        };
+                        quarantine.insert(
+                            quarantine_seq,
+                            encode_postcard(&row, "quarantine")?.as_slice(),
+                        )?;
+                        report.quarantined += 1;
+                    }
+                }
+            }
+            if through.is_some() {
+                meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;
+            }
+            meta.insert(K_QUARANTINE_SEQ, quarantine_seq.to_le_bytes().as_slice())?;
+            meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
+            report.checkpoint = if through.is_some() {
+                new_checkpoint
+            } else {
+                checkpoint
+            };
+            report.changes = tx.finish()?;
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,270 @@
+//! The file format: table definitions and meta keys, creating a new file or checking an
+//! existing one (magic, format, node), upgrading format 1 in place, and the node-level
+//! metadata values kept beside the store's own.
+
+use std::path::Path;
+
+use redb::{
+    Database, ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction,
+};
+use uuid::Uuid;
+
+use super::Store;
+use super::codec::{append_checksum, decode_postcard, encode_postcard};
+use super::quarantine::{QuarantineRow, QuarantineRowV1};
+use crate::clock::Hlc;
+use crate::error::{OpenError, StorageError};
+use crate::ids::{EntityName, NodeId};
+
+/// The on-disk format this build reads and writes. Bump on any layout change.
+pub const FORMAT_VERSION: u32 = 2;
+const MAGIC: &[u8] = b"jetsync-store";
+
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(super) const CONFLICTS: TableDefinition<(&str, u128), ()> = TableDefinition::new("conflicts");
+pub(super) const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests");
+pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+pub(super) const UNPUBLISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("unpublished");
+pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+/// Record values that failed their checksum or did not decode, moved aside when a write
+/// transaction met them: `(entity, id)` -> postcard [`DamagedRow`](super::tx::DamagedRow).
+pub(super) const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("damaged");
+pub(super) const RECORDS_PREFIX: &str = "records.";
+
+const K_MAGIC: &str = "magic";
+const K_FORMAT: &str = "format";
+const K_NODE: &str = "node_id";
+pub(super) const K_HLC: &str = "hlc";
+pub(super) const K_ORIGIN_SEQ: &str = "origin_seq";
+pub(super) const K_CHECKPOINT: &str = "checkpoint";
+pub(super) const K_QUARANTINE_SEQ: &str = "quarantine_seq";
+const K_INCARNATION: &str = "incarnation";
+
+pub(super) type RecordTable<'t> = Table<'t, u128, &'static [u8]>;
+
+pub(super) fn records_table_name(entity: &EntityName) -> String {
+    format!("{RECORDS_PREFIX}{entity}")
+}
+
+pub(super) fn records_def(name: &str) -> TableDefinition<'_, u128, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+pub(super) fn open_records_read(
+    txn: &ReadTransaction,
+    entity: &EntityName,
+) -> Result<Option<redb::ReadOnlyTable<u128, &'static [u8]>>, StorageError> {
+    match txn.open_table(records_def(&records_table_name(entity))) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) fn read_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<u64, StorageError> {
+    match table.get(key)? {
+        Some(g) => {
+            let bytes: [u8; 8] = g
+                .value()
+                .try_into()
+                .map_err(|_| StorageError::InvalidMeta {
+                    key: key.to_owned(),
+                    detail: format!("{} bytes, expected 8", g.value().len()),
+                })?;
+            Ok(u64::from_le_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// Initialises a new file, or checks that an existing one is a jetsync store of this format
+/// and this node. Returns the persisted HLC.
+pub(super) fn init_or_check(
+    db: &Database,
+    path: &Path,
+    node: &NodeId,
+) -> Result<(Hlc, u64), OpenError> {
+    let txn = db.begin_write().map_err(StorageError::from)?;
+    let hlc = {
+        let fresh = txn
+            .list_tables()
+            .map_err(StorageError::from)?
+            .next()
+            .is_none();
+        let has_meta = txn
+            .list_tables()
+            .map_err(StorageError::from)?
+            .any(|t| t.name() == META.name());
+        if !fresh && !has_meta {
+            return Err(OpenError::NotJetsync { path: path.into() });
+        }
+        let mut meta = txn.open_table(META).map_err(StorageError::from)?;
+        if fresh {
+            meta.insert(K_MAGIC, MAGIC).map_err(StorageError::from)?;
+            meta.insert(K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(StorageError::from)?;
+            let incarnation = Uuid::new_v4().as_u64_pair().0;
+            meta.insert(K_INCARNATION, incarnation.to_le_bytes().as_slice())
+                .map_err(StorageError::from)?;
+            meta.insert(K_NODE, node.as_str().as_bytes())
+                .map_err(StorageError::from)?;
+        }
+        let magic = meta
+            .get(K_MAGIC)
+            .map_err(StorageError::from)?
+            .map(|g| g.value().to_vec());
+        if magic.as_deref() != Some(MAGIC) {
+            return Err(OpenError::NotJetsync { path: path.into() });
+        }
+        let format = meta
+            .get(K_FORMAT)
+            .map_err(StorageError::from)?
+            .and_then(|g| <[u8; 4]>::try_from(g.value()).ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0);
+        if format == 1 {
+            drop(meta);
+            upgrade_from_format_1(&txn)?;
+            meta = txn.open_table(META).map_err(StorageError::from)?;
+            meta.insert(K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(StorageError::from)?;
+        } else if format != FORMAT_VERSION {
+            return Err(OpenError::IncompatibleFormat {
+                path: path.into(),
+                found: format,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let stored = meta
+            .get(K_NODE)
+            .map_err(StorageError::from)?
+            .map(|g| String::from_utf8_lossy(g.value()).into_owned())
+            .unwrap_or_default();
+        if stored != node.as_str() {
+            return Err(OpenError::NodeMismatch {
+                path: path.into(),
+                stored,
+                given: node.to_string(),
+            });
+        }
+        // Create the remaining tables so readers never meet a missing one.
+        txn.open_table(OUTBOX).map_err(StorageError::from)?;
+        txn.open_table(UNPUBLISHED).map_err(StorageError::from)?;
+        txn.open_table(QUARANTINE).map_err(StorageError::from)?;
+        txn.open_table(CONFLICTS).map_err(StorageError::from)?;
+        txn.open_table(DIGESTS).map_err(StorageError::from)?;
+        txn.open_table(DAMAGED).map_err(StorageError::from)?;
+        (
+            Hlc::from_u64(read_u64(&meta, K_HLC)?),
+            read_u64(&meta, K_INCARNATION)?,
+        )
+    };
+    txn.commit().map_err(StorageError::from)?;
+    Ok(hlc)
+}
+
+/// Format 1 had no record checksums: append one to every record value.
+fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(RECORDS_PREFIX))
+        .collect();
+    for name in names {
+        let mut table = txn.open_table(records_def(&name))?;
+        let mut rows = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            rows.push((k.value(), append_checksum(v.value().to_vec())));
+        }
+        for (k, v) in rows {
+            table.insert(k, v.as_slice())?;
+        }
+    }
+    let mut quarantine = txn.open_table(QUARANTINE)?;
+    let mut rows = Vec::new();
+    for row in quarantine.iter()? {
+        let (k, v) = row?;
+        let old: QuarantineRowV1 = decode_postcard(v.value(), "quarantine", k.value())?;
+        rows.push((
+            k.value(),
+            QuarantineRow {
+                stream_seq: old.stream_seq,
+                subject: old.subject,
+                reason_json: old.reason_json,
+                received_ms: old.received_ms,
+                payload: old.payload,
+                // Not recorded by format 1; the receive time is the closest known.
+                stream_time_ms: old.received_ms,
+            },
+        ));
+    }
+    for (k, row) in rows {
+        quarantine.insert(k, encode_postcard(&row, "quarantine")?.as_slice())?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// A node-level metadata value (the replication layer keeps its bookkeeping here).
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(key)?.map(|g| g.value().to_vec()))
+    }
+
+    /// Sets a node-level metadata value. Keys of the store itself are refused.
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        if !key.starts_with("x.") {
+            return Err(StorageError::ReservedMetaKey {
+                key: key.to_owned(),
+            });
+        }
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::temp_store;
+    use super::*;
+
+    #[test]
+    fn a_truncated_meta_value_is_invalid_meta() {
+        let (_dir, store) = temp_store();
+        assert_eq!(store.checkpoint().unwrap(), 0);
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(K_CHECKPOINT, [1u8, 2, 3].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = store.checkpoint().unwrap_err();
+        let StorageError::InvalidMeta { key, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(key == K_CHECKPOINT, "{err:?}");
+    }
+
+    #[test]
+    fn the_stores_own_meta_keys_are_reserved() {
+        let (_dir, store) = temp_store();
+        let err = store.meta_put(K_CHECKPOINT, &[0; 8]).unwrap_err();
+        let StorageError::ReservedMetaKey { key } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(key == K_CHECKPOINT, "{err:?}");
+        assert_eq!(store.checkpoint().unwrap(), 0);
+        store.meta_put("x.mine", b"v").unwrap();
+        assert_eq!(
+            store.meta_get("x.mine").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+    }
+}

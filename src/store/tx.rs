@@ -1,0 +1,216 @@
+//! One write transaction's view of the records: loading states (moving damaged ones
+//! aside), storing merged states, and keeping the conflict index and digests in step.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use redb::{ReadableTable, Table, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Change;
+use super::codec::{checked_body, decode_digest, decode_state, encode_postcard, encode_state};
+use super::format::{CONFLICTS, DAMAGED, DIGESTS, RecordTable, records_def, records_table_name};
+use crate::clock::{Version, WallClock};
+use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
+use crate::error::StorageError;
+use crate::event::ChangeEvent;
+use crate::ids::EntityName;
+use crate::merge::{Merge, RecordState};
+
+/// The record tables, conflict index and digest deltas of one write transaction.
+pub(super) struct Tx<'t> {
+    txn: &'t WriteTransaction,
+    records: HashMap<EntityName, RecordTable<'t>>,
+    conflicts: Table<'t, (&'static str, u128), ()>,
+    digest_delta: HashMap<EntityName, Digest>,
+    changes: Vec<Change>,
+    /// Entities where a damaged record was moved aside: their digests are recomputed.
+    damaged: Vec<EntityName>,
+    pub(super) damaged_rows: Table<'t, (&'static str, u128), &'static [u8]>,
+}
+
+/// What a record contributed before a change: enough to update digest and conflict index.
+pub(super) struct Before {
+    hash: Option<u128>,
+    winner: Option<Version>,
+    leaves: usize,
+}
+
+impl Before {
+    pub(super) fn of(id: &Uuid, state: &RecordState) -> Self {
+        Before {
+            hash: state.live().map(|l| leaf_hash(id, l)),
+            winner: state.winner().map(|l| l.version.clone()),
+            leaves: state.leaves.len(),
+        }
+    }
+}
+
+/// A record value set aside because it failed its checksum or did not decode.
+#[derive(Serialize, Deserialize)]
+pub(super) struct DamagedRow {
+    pub(super) error: String,
+    pub(super) found_ms: u64,
+    pub(super) bytes: Vec<u8>,
+}
+
+impl<'t> Tx<'t> {
+    pub(super) fn new(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+        Ok(Tx {
+            txn,
+            records: HashMap::new(),
+            conflicts: txn.open_table(CONFLICTS)?,
+            digest_delta: HashMap::new(),
+            changes: Vec::new(),
+            damaged: Vec::new(),
+            damaged_rows: txn.open_table(DAMAGED)?,
+        })
+    }
+
+    /// The record table of `entity`, opened (and created) on first use.
+    fn table(&mut self, entity: &EntityName) -> Result<&mut RecordTable<'t>, StorageError> {
+        Ok(match self.records.entry(entity.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                self.txn
+                    .open_table(records_def(&records_table_name(entity)))?,
+            ),
+        })
+    }
+
+    pub(super) fn load(
+        &mut self,
+        entity: &EntityName,
+        id: &Uuid,
+    ) -> Result<Option<RecordState>, StorageError> {
+        let table = self.table(entity)?;
+        let Some(bytes) = table.get(id.as_u128())?.map(|g| g.value().to_vec()) else {
+            return Ok(None);
+        };
+        match decode_state(entity, id, &bytes) {
+            Ok(state) => Ok(Some(state)),
+            Err(e) => {
+                // Stalling every later write and event on this record would be worse than
+                // starting it over: the bytes are kept, and a peer's copy repairs it.
+                tracing::error!(%entity, %id, error = %e, "damaged record moved aside");
+                let row = DamagedRow {
+                    error: e.to_string(),
+                    found_ms: crate::clock::SystemClock.now_ms(),
+                    bytes,
+                };
+                self.damaged_rows.insert(
+                    (entity.as_str(), id.as_u128()),
+                    encode_postcard(&row, "damaged")?.as_slice(),
+                )?;
+                self.table(entity)?.remove(id.as_u128())?;
+                if !self.damaged.contains(entity) {
+                    self.damaged.push(entity.clone());
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies `ev` to `state` (loaded from this transaction) and stores the result with
+    /// its conflict-index and digest updates.
+    pub(super) fn merge(
+        &mut self,
+        mut state: RecordState,
+        ev: ChangeEvent,
+    ) -> Result<Merge, StorageError> {
+        let (entity, id) = (ev.entity.clone(), ev.id);
+        let before = Before::of(&id, &state);
+        if state.apply(ev) == Merge::Duplicate {
+            return Ok(Merge::Duplicate);
+        }
+        self.put_state(&entity, id, before, &state)?;
+        Ok(Merge::Applied)
+    }
+
+    /// Stores `state` as the new state of a record that was `before`, updating the digest
+    /// delta and conflict index and noting the visible change.
+    pub(super) fn put_state(
+        &mut self,
+        entity: &EntityName,
+        id: Uuid,
+        before: Before,
+        state: &RecordState,
+    ) -> Result<(), StorageError> {
+        let after_hash = state.live().map(|l| leaf_hash(&id, l));
+        if before.hash != after_hash {
+            let delta = self.digest_delta.entry(entity.clone()).or_default();
+            let bucket = bucket_of(&id);
+            for h in [before.hash, after_hash].into_iter().flatten() {
+                delta.xor(bucket, h);
+            }
+        }
+        let after_leaves = state.leaves.len();
+        if (before.leaves > 1) != (after_leaves > 1) {
+            let key = (entity.as_str(), id.as_u128());
+            if after_leaves > 1 {
+                self.conflicts.insert(key, ())?;
+            } else {
+                self.conflicts.remove(key)?;
+            }
+        }
+        let winner = state.winner().map(|l| l.version.clone());
+        if winner != before.winner || before.leaves != after_leaves {
+            self.changes.push(Change {
+                entity: entity.clone(),
+                id,
+                deleted: state.live().is_none(),
+                winner,
+                conflicts: after_leaves.saturating_sub(1),
+            });
+        }
+        let bytes = encode_state(state)?;
+        self.table(entity)?.insert(id.as_u128(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Folds the digest deltas into the digest table; returns the changes made.
+    pub(super) fn finish(mut self) -> Result<Vec<Change>, StorageError> {
+        for entity in std::mem::take(&mut self.damaged) {
+            // The damaged record's old contribution is unknown: recompute from the records.
+            self.digest_delta.remove(&entity);
+            let digest = digest_of(self.table(&entity)?)?;
+            self.txn
+                .open_table(DIGESTS)?
+                .insert(entity.as_str(), digest.to_bytes().as_slice())?;
+        }
+        if !self.digest_delta.is_empty() {
+            let mut table = self.txn.open_table(DIGESTS)?;
+            for (entity, delta) in self.digest_delta {
+                let mut digest = match table.get(entity.as_str())? {
+                    Some(g) => decode_digest(&entity, g.value())?,
+                    None => Digest::default(),
+                };
+                for b in 0..BUCKETS {
+                    digest.xor(b, delta.buckets[b]);
+                }
+                table.insert(entity.as_str(), digest.to_bytes().as_slice())?;
+            }
+        }
+        Ok(self.changes)
+    }
+}
+
+/// The digest of a whole record table, recomputed. Damaged records contribute nothing.
+fn digest_of(table: &impl ReadableTable<u128, &'static [u8]>) -> Result<Digest, StorageError> {
+    let mut digest = Digest::default();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let id = Uuid::from_u128(k.value());
+        let Some(body) = checked_body(v.value()) else {
+            continue;
+        };
+        let Ok(state) = postcard::from_bytes::<RecordState>(body) else {
+            continue;
+        };
+        if let Some(leaf) = state.live() {
+            digest.xor(bucket_of(&id), leaf_hash(&id, leaf));
+        }
+    }
+    Ok(digest)
+}

@@ -1,0 +1,269 @@
+//! The store's public value types: its configuration, what a local write asks for and
+//! returns, records and pages of them, incoming messages, and the reports of applying,
+//! compacting and the outbox and quarantine entries.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+#[cfg(doc)]
+use super::Store;
+use crate::clock::Version;
+use crate::error::OpenError;
+use crate::event::{EventLimits, QuarantineReason};
+use crate::ids::{EntityName, Scope};
+use crate::merge::Leaf;
+
+/// Limits and naming the store applies to writes and incoming events.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Subject prefix events are published under.
+    pub prefix: String,
+    /// Largest document accepted, in bytes of JSON.
+    pub max_doc_bytes: usize,
+    /// How far an incoming stamp may be ahead of its stream timestamp.
+    pub max_clock_drift: Duration,
+    /// redb's page cache. It bounds the store's share of the node's memory: redb's own
+    /// default (1 GiB) let a node's RSS grow with the data it reads or writes. Stores with
+    /// random (UUIDv4) ids and many records write faster with more.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            prefix: "jetsync".to_owned(),
+            max_doc_bytes: 256 * 1024,
+            max_clock_drift: Duration::from_secs(60),
+            cache_bytes: 32 << 20,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub(super) fn validate(&self) -> Result<(), OpenError> {
+        let bad_token = |t: &str| t.is_empty() || t.contains(['*', '>', ' ', '\t', '\r', '\n']);
+        if self.prefix.split('.').any(bad_token) {
+            return Err(OpenError::Config(format!(
+                "prefix {:?} must be dot-separated non-empty tokens without wildcards or spaces",
+                self.prefix
+            )));
+        }
+        if self.max_doc_bytes == 0 {
+            return Err(OpenError::Config("max_doc_bytes must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a local write does to a record.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Put(serde_json::Value),
+    Delete,
+}
+
+/// The optimistic-concurrency condition of a write.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Expect {
+    #[default]
+    Any,
+    /// The live winner must be exactly this version.
+    Version(Version),
+    /// There must be no live record (never written, or deleted).
+    Absent,
+}
+
+/// One local write, for [`Store::write_batch`].
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub entity: EntityName,
+    pub id: Uuid,
+    /// `None`: the record's current scope, or `_` for a new record.
+    pub scope: Option<Scope>,
+    pub op: WriteOp,
+    pub expect: Expect,
+    /// Conflict versions this write settles.
+    pub resolves: Vec<Version>,
+}
+
+impl Write {
+    pub fn put(entity: EntityName, id: Uuid, doc: serde_json::Value) -> Self {
+        Write {
+            entity,
+            id,
+            scope: None,
+            op: WriteOp::Put(doc),
+            expect: Expect::Any,
+            resolves: Vec::new(),
+        }
+    }
+
+    pub fn delete(entity: EntityName, id: Uuid) -> Self {
+        Write {
+            op: WriteOp::Delete,
+            ..Write::put(entity, id, serde_json::Value::Null)
+        }
+    }
+
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    pub fn expect(mut self, expect: Expect) -> Self {
+        self.expect = expect;
+        self
+    }
+
+    pub fn resolving(mut self, versions: Vec<Version>) -> Self {
+        self.resolves = versions;
+        self
+    }
+}
+
+/// The outcome of one local write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub entity: EntityName,
+    pub id: Uuid,
+    pub version: Version,
+    pub origin_seq: u64,
+}
+
+/// The live value of a record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub entity: EntityName,
+    pub id: Uuid,
+    pub scope: Scope,
+    pub version: Version,
+    pub doc: serde_json::Value,
+    /// Versions of the other leaves, greatest first.
+    pub conflicts: Vec<Version>,
+}
+
+/// One page of [`Store::list`].
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `after` to get the next page; `None` at the end.
+    pub next: Option<Uuid>,
+}
+
+impl<T> Page<T> {
+    pub(super) fn empty() -> Self {
+        Page {
+            items: Vec::new(),
+            next: None,
+        }
+    }
+}
+
+/// A record with more than one leaf.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConflictSet {
+    pub entity: EntityName,
+    pub id: Uuid,
+    /// Greatest first: `leaves[0]` is the winner.
+    pub leaves: Vec<Leaf>,
+}
+
+/// An incoming stream message, as the apply loop hands it over.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    pub stream_seq: u64,
+    pub subject: &'a str,
+    pub payload: &'a [u8],
+    /// The JetStream timestamp of the message (ms since the epoch).
+    pub stream_time_ms: u64,
+}
+
+/// A visible change made to a record by applying events or writing locally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub entity: EntityName,
+    pub id: Uuid,
+    /// The winner after the change.
+    pub winner: Option<Version>,
+    pub deleted: bool,
+    /// How many conflict leaves the record has now.
+    pub conflicts: usize,
+}
+
+/// What [`Store::apply_batch`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub applied: usize,
+    /// Known versions (duplicates, late arrivals of superseded versions).
+    pub duplicates: usize,
+    /// Messages at or below the checkpoint (redelivery).
+    pub below_checkpoint: usize,
+    pub quarantined: usize,
+    pub checkpoint: u64,
+    pub changes: Vec<Change>,
+}
+
+/// An event waiting in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub origin_seq: u64,
+    pub subject: String,
+    /// `<origin>:<origin_seq>`.
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// A refused incoming message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineEntry {
+    pub id: u64,
+    pub stream_seq: u64,
+    pub subject: String,
+    pub reason: QuarantineReason,
+    pub received_ms: u64,
+    pub stream_time_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// What [`Store::compact`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    pub records_scanned: usize,
+    pub records_shrunk: usize,
+    pub tombstones_removed: usize,
+}
+
+impl From<&StoreConfig> for EventLimits {
+    fn from(config: &StoreConfig) -> Self {
+        EventLimits {
+            prefix: config.prefix.clone(),
+            max_doc_bytes: config.max_doc_bytes,
+            max_clock_drift_ms: config
+                .max_clock_drift
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        let bad = StoreConfig {
+            prefix: "a.>".into(),
+            ..StoreConfig::default()
+        };
+        assert!(matches!(bad.validate(), Err(OpenError::Config(_))));
+        let bad = StoreConfig {
+            prefix: "a..b".into(),
+            ..StoreConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        assert!(StoreConfig::default().validate().is_ok());
+    }
+}
