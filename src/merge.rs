@@ -212,7 +212,8 @@ impl RecordState {
     pub fn merge_state(&mut self, other: RecordState) {
         let mine = std::mem::take(self);
         // Per origin, the greater maximum.
-        let mut origins: Vec<Version> = mine.origins.iter().chain(&other.origins).cloned().collect();
+        let mut origins: Vec<Version> =
+            mine.origins.iter().chain(&other.origins).cloned().collect();
         origins.sort_by(|x, y| x.node.cmp(&y.node).then(y.cmp(x)));
         origins.dedup_by(|later, first| later.node == first.node);
         let merged = RecordState {
@@ -229,7 +230,9 @@ impl RecordState {
         let mut leaves: Vec<Leaf> = Vec::new();
         for leaf in mine.leaves.iter().chain(&other.leaves) {
             let v = &leaf.version;
-            if merged.watermark(&v.node) != Some(v) || !unnamed_by(&mine, v) || !unnamed_by(&other, v)
+            if merged.watermark(&v.node) != Some(v)
+                || !unnamed_by(&mine, v)
+                || !unnamed_by(&other, v)
             {
                 continue;
             }
@@ -380,7 +383,11 @@ mod tests {
             let ver = v(clock, names[w]);
             let base = states[w].winner().map(|l| l.version.clone());
             let resolves: Vec<Version> = if resolve {
-                states[w].conflicts().iter().map(|l| l.version.clone()).collect()
+                states[w]
+                    .conflicts()
+                    .iter()
+                    .map(|l| l.version.clone())
+                    .collect()
             } else {
                 vec![]
             };

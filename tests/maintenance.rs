@@ -136,12 +136,26 @@ fn a_format_2_store_is_upgraded_in_place() {
     }
     let a1 = t.store.put(&orders, conflicted, json!({"a": 1})).unwrap();
     let b1 = version(T0 + 5, 0, "b");
-    t.deliver_events(&[remote_event("orders", conflicted, &b1, None, &[], Some("{}"))]);
+    t.deliver_events(&[remote_event(
+        "orders",
+        conflicted,
+        &b1,
+        None,
+        &[],
+        Some("{}"),
+    )]);
     t.clock.advance(10);
     let a2 = t.store.put(&orders, conflicted, json!({"a": 2})).unwrap();
     let x = version(T0 + 1, 0, "c");
     let y = version(T0 + 2, 0, "d");
-    t.deliver_events(&[remote_event("orders", waiting, &y, Some(&x), &[], Some("{}"))]);
+    t.deliver_events(&[remote_event(
+        "orders",
+        waiting,
+        &y,
+        Some(&x),
+        &[],
+        Some("{}"),
+    )]);
     let hot_events: Vec<_> = t
         .outbox()
         .into_iter()
@@ -149,9 +163,14 @@ fn a_format_2_store_is_upgraded_in_place() {
         .collect();
     let hot_versions: Vec<jetsync::Version> = hot_events
         .iter()
-        .map(|o| serde_json::from_slice::<jetsync::ChangeEvent>(&o.payload).unwrap().version)
+        .map(|o| {
+            serde_json::from_slice::<jetsync::ChangeEvent>(&o.payload)
+                .unwrap()
+                .version
+        })
         .collect();
-    let expected = [hot, conflicted, waiting].map(|id| t.store.state(&orders, id).unwrap().unwrap());
+    let expected =
+        [hot, conflicted, waiting].map(|id| t.store.state(&orders, id).unwrap().unwrap());
     let digest = t.store.digest(&orders).unwrap();
     let outbox_before = t.outbox();
 
@@ -176,7 +195,10 @@ fn a_format_2_store_is_upgraded_in_place() {
     let v2 = [
         StateV2 {
             leaves: expected[0].leaves.clone(),
-            history: hot_versions[..4].iter().map(|v| (v.clone(), true)).collect(),
+            history: hot_versions[..4]
+                .iter()
+                .map(|v| (v.clone(), true))
+                .collect(),
             floor: None,
         },
         StateV2 {
@@ -195,7 +217,9 @@ fn a_format_2_store_is_upgraded_in_place() {
             .open_table(TableDefinition::<u128, &[u8]>::new(RECORDS))
             .unwrap();
         for (id, state) in [hot, conflicted, waiting].iter().zip(&v2) {
-            table.insert(id.as_u128(), encode_v2(state).as_slice()).unwrap();
+            table
+                .insert(id.as_u128(), encode_v2(state).as_slice())
+                .unwrap();
         }
         txn.open_table(TableDefinition::<u64, &[u8]>::new("unpublished"))
             .unwrap()
@@ -208,7 +232,8 @@ fn a_format_2_store_is_upgraded_in_place() {
         let mut meta = txn
             .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
             .unwrap();
-        meta.insert("format", 2u32.to_le_bytes().as_slice()).unwrap();
+        meta.insert("format", 2u32.to_le_bytes().as_slice())
+            .unwrap();
     });
 
     for (id, want) in [hot, conflicted, waiting].iter().zip(&expected) {
@@ -219,7 +244,11 @@ fn a_format_2_store_is_upgraded_in_place() {
     assert_eq!(expected[2].pending, vec![x.clone()]);
     assert_eq!(t.store.digest(&orders).unwrap(), digest);
     assert!(
-        t.store.conflicts(&orders, None, 10).unwrap().items.is_empty(),
+        t.store
+            .conflicts(&orders, None, 10)
+            .unwrap()
+            .items
+            .is_empty(),
         "the conflict index follows the upgraded leaves"
     );
     assert_eq!(t.outbox(), outbox_before, "a1 still publishes");

@@ -271,10 +271,16 @@ fn concurrent_writes_share_commits_but_keep_their_own_outcomes() {
     let store = Store::open(&path, node("a"), StoreConfig::default()).unwrap();
     for (kept, dropped, _) in &results {
         for id in kept {
-            assert!(store.get(&e, *id).unwrap().is_some(), "acknowledged put {id} is durable");
+            assert!(
+                store.get(&e, *id).unwrap().is_some(),
+                "acknowledged put {id} is durable"
+            );
         }
         for id in dropped {
-            assert!(store.state(&e, *id).unwrap().is_none(), "a failed batch left {id} behind");
+            assert!(
+                store.state(&e, *id).unwrap().is_none(),
+                "a failed batch left {id} behind"
+            );
         }
     }
     // Every write got its own origin_seq, none skipped: 1 + 16 x 30 puts + the winner.
@@ -692,7 +698,11 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
     // Nothing is old enough yet.
     let r = a.store.compact(Duration::from_secs(3600)).unwrap();
     assert_eq!((r.records_scanned, r.tombstones_removed), (2, 0));
-    assert_eq!(a.store.horizon(&e).unwrap(), 0, "nothing removed, no horizon");
+    assert_eq!(
+        a.store.horizon(&e).unwrap(),
+        0,
+        "nothing removed, no horizon"
+    );
 
     a.clock.advance(2 * 3600 * 1000);
     let r = a.store.compact(Duration::from_secs(3600)).unwrap();
@@ -759,12 +769,13 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
     );
     // Old versions still do not come back, now as conflicts of the new record either.
     a.deliver_outbox(&gone_events[..5]);
-    a.store
-        .merge_records(&e, vec![(gone, old_state)])
-        .unwrap();
+    a.store.merge_records(&e, vec![(gone, old_state)]).unwrap();
     let state = a.store.state(&e, gone).unwrap().unwrap();
     assert_eq!(state.leaves.len(), 1, "{state:?}");
-    assert_eq!(a.store.get(&e, gone).unwrap(), b.store.get(&e, gone).unwrap());
+    assert_eq!(
+        a.store.get(&e, gone).unwrap(),
+        b.store.get(&e, gone).unwrap()
+    );
 }
 
 #[test]

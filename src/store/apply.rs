@@ -1,10 +1,15 @@
 //! Applying the stream: batches of incoming messages merged (or quarantined) in one
 //! transaction that also moves the checkpoint, and backfills that do not move it.
 
-use super::codec::encode_postcard;
-use super::format::{K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, read_u64};
+use super::codec::{encode_postcard, leaf_event};
+use super::format::{
+    K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED,
+    read_u64,
+};
 use super::quarantine::QuarantineRow;
 use super::tx::Tx;
+use redb::ReadableTable;
+
 use super::{ApplyReport, Incoming, Store};
 use crate::error::StorageError;
 use crate::event;
@@ -61,18 +66,23 @@ impl Store {
             let mut meta = txn.open_table(META)?;
             let mut quarantine = txn.open_table(QUARANTINE)?;
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
             for id in retried {
                 quarantine.remove(*id)?;
             }
             let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
+            let mut applied_ms = read_u64(&meta, K_APPLIED_MS)?;
             for msg in batch {
                 if through.is_some() && msg.stream_seq <= checkpoint {
                     report.below_checkpoint += 1;
                     continue;
                 }
                 new_checkpoint = new_checkpoint.max(msg.stream_seq);
+                if through.is_some() {
+                    applied_ms = applied_ms.max(msg.stream_time_ms);
+                }
                 match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &self.limits) {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
@@ -85,6 +95,21 @@ impl Store {
                                     || ev.resolves.contains(&l.version))
                         }) {
                             outbox.remove(leaf.origin_seq)?;
+                        }
+                        // An own event of an earlier incarnation of this store supersedes
+                        // our queued versions below it (its origin's later version): they
+                        // keep their events.
+                        if ev.version.node == self.node {
+                            for leaf in state
+                                .leaves
+                                .iter()
+                                .filter(|l| l.version.node == self.node && l.version < ev.version)
+                            {
+                                if outbox.get(leaf.origin_seq)?.is_some() {
+                                    let old = leaf_event(&ev.entity, ev.id, leaf)?;
+                                    unpublished.insert(leaf.origin_seq, old.encode().as_slice())?;
+                                }
+                            }
                         }
                         match tx.merge(state, ev)? {
                             Merge::Applied => {
@@ -115,6 +140,7 @@ impl Store {
             }
             if through.is_some() {
                 meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;
+                meta.insert(K_APPLIED_MS, applied_ms.to_le_bytes().as_slice())?;
             }
             meta.insert(K_QUARANTINE_SEQ, quarantine_seq.to_le_bytes().as_slice())?;
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;

@@ -207,7 +207,13 @@ impl Store {
                 for leaf in &incoming.leaves {
                     clock.observe(leaf.version.hlc);
                 }
-                state.merge_state(incoming);
+                let absent = state == RecordState::default();
+                state.merge_state_above(incoming, tx.horizon(entity)?);
+                // Nothing but versions older than the horizon: a compacted record's old
+                // state (a stale snapshot, say), not to be started over.
+                if absent && state.leaves.is_empty() && !damaged_now {
+                    continue;
+                }
                 // An own version still queued that the other side superseded keeps its
                 // event, as when a local write supersedes it.
                 for leaf in old.leaves.iter().filter(|l| {

@@ -41,6 +41,7 @@
 //! | `codec.rs` | value encodings: checksummed record states, postcard rows, outbox entries |
 //! | `tx.rs` | one write transaction's record tables, conflict index, digests, damaged records |
 //! | `write.rs` | local writes and their checks |
+//! | `group.rs` | group commit: concurrent write calls sharing one transaction |
 //! | `apply.rs` | applying stream batches and backfills |
 //! | `read.rs` | record, page, conflict, digest and checkpoint reads |
 //! | `outbox.rs`, `quarantine.rs`, `compact.rs` | what their names say |
@@ -50,6 +51,7 @@ mod apply;
 mod codec;
 mod compact;
 mod format;
+mod group;
 mod maintenance;
 mod outbox;
 mod quarantine;
@@ -80,8 +82,9 @@ pub use types::{
     QuarantineEntry, Record, StoreConfig, Write, WriteOp, Written,
 };
 
-/// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers, and
-/// calls block, so async code runs them on `spawn_blocking`.
+/// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers,
+/// concurrent local writes share transactions, and calls block, so async code runs them
+/// on `spawn_blocking`.
 pub struct Store {
     db: Database,
     path: PathBuf,
@@ -92,6 +95,8 @@ pub struct Store {
     /// and recreated under the same id is not de-duplicated against its old events.
     incarnation: u64,
     clock: Mutex<HlcClock>,
+    /// Write calls waiting for a shared transaction.
+    writes: group::WriteQueue,
 }
 
 impl std::fmt::Debug for Store {
@@ -139,6 +144,7 @@ impl Store {
             limits,
             clock: Mutex::new(HlcClock::new(wall, last_hlc)),
             incarnation,
+            writes: group::WriteQueue::default(),
         })
     }
 

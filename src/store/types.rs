@@ -230,8 +230,10 @@ pub struct QuarantineEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompactReport {
     pub records_scanned: usize,
-    pub records_shrunk: usize,
     pub tombstones_removed: usize,
+    /// The cutoff used (ms): tombstones older than it were removed, and it is now the
+    /// horizon of every entity type that had one removed.
+    pub cutoff_ms: u64,
 }
 
 impl From<&StoreConfig> for EventLimits {
