@@ -21,12 +21,13 @@
 //! `config` (settings), `status`, `publisher`, `applier` (the apply loop's steps from
 //! provisioning to applying), `batch` (gathering and applying batches), `bootstrap`
 //! (from a snapshot on a retention gap), `backfill` (added entity types), `idle` (partial
-//! replicas), `snapshots` and `watch` (change feeds).
+//! replicas), `snapshots`, `compaction` (its schedule) and `watch` (change feeds).
 
 mod applier;
 mod backfill;
 mod batch;
 mod bootstrap;
+mod compaction;
 mod config;
 mod idle;
 mod publisher;
@@ -45,7 +46,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
-pub use self::config::{NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -223,6 +224,10 @@ impl Node {
             (
                 "snapshot schedule",
                 tokio::spawn(snapshots::snapshot_loop(shared.clone())),
+            ),
+            (
+                "compaction schedule",
+                tokio::spawn(compaction::compaction_loop(shared.clone())),
             ),
         ];
         for service in services {
