@@ -16,7 +16,7 @@
 //!
 //! Documents are 300-byte JSON objects. Every iteration writes new records, so the stores
 //! grow over the run as real ones do. Run: `cargo bench --bench store` (a name after `--`
-//! picks scenarios, e.g. `-- hot_record concurrent_puts`).
+//! picks scenarios, e.g. `-- 'hot_record|concurrent_puts'`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,11 +178,13 @@ fn apply_and_raw(c: &mut Criterion) {
     g.finish();
 }
 
-/// Whether a scenario was asked for: no name after `--`, or one that it contains.
+/// Whether a scenario was asked for: no filter after `--`, or one naming it (criterion
+/// takes one filter, so several are given as `a|b`).
 fn selected(name: &str) -> bool {
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
+        .flat_map(|a| a.split('|').map(str::to_owned).collect::<Vec<_>>())
         .collect();
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }

@@ -354,16 +354,21 @@ fetch_batch = 500
             matches!(c.stream.retention, Retention::Limits { max_age, .. } if max_age == Duration::from_secs(3600))
         );
         assert_eq!(c.compaction, CompactionPolicy::default());
-        assert!(c.compaction.interval.is_some(), "compaction runs by default");
+        assert!(
+            c.compaction.interval.is_some(),
+            "compaction runs by default"
+        );
     }
 
     #[test]
     fn compaction_is_configured_by_its_keys() {
         let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[compaction]\n";
-        let c = FileConfig::parse(&format!("{base}interval_secs=60\ntombstone_horizon_secs=86400"))
-            .unwrap()
-            .into_node_config(Overrides::default())
-            .unwrap();
+        let c = FileConfig::parse(&format!(
+            "{base}interval_secs=60\ntombstone_horizon_secs=86400"
+        ))
+        .unwrap()
+        .into_node_config(Overrides::default())
+        .unwrap();
         assert_eq!(c.compaction.interval, Some(Duration::from_secs(60)));
         assert_eq!(c.compaction.tombstone_horizon, Duration::from_secs(86400));
         let off = FileConfig::parse(&format!("{base}interval_secs=0"))

@@ -264,13 +264,15 @@ impl RecordState {
     }
 
     /// [`RecordState::merge_state`] with a horizon (see [`RecordState::apply_above`]): the
-    /// other side's leaves older than `horizon_ms` that this side does not hold are
-    /// dropped, so an old snapshot's copy of a compacted record does not start it over.
+    /// other side's leaves and origin entries older than `horizon_ms` are taken as known
+    /// already (this side's copy of them is kept), so an old snapshot's copy of a
+    /// compacted record neither starts it over nor reshapes its new state.
     pub fn merge_state_above(&mut self, mut other: RecordState, horizon_ms: u64) {
-        other.leaves.retain(|l| {
-            l.version.hlc.physical_ms() >= horizon_ms
-                || self.leaves.iter().any(|m| m.version == l.version)
-        });
+        let old = |v: &Version| v.hlc.physical_ms() < horizon_ms;
+        other
+            .leaves
+            .retain(|l| !old(&l.version) || self.leaves.iter().any(|m| m.version == l.version));
+        other.origins.retain(|v| !old(v));
         self.merge_state(other);
     }
 
@@ -496,8 +498,28 @@ mod tests {
         assert_eq!(s, RecordState::default());
         let mut snap = RecordState::default();
         snap.apply(event(&old, None, &[]));
+        s.merge_state_above(snap.clone(), 1_700_000_000_010);
+        assert_eq!(
+            s,
+            RecordState::default(),
+            "an old state of a removed record adds nothing"
+        );
+        // A record written again after the horizon keeps its new state.
+        let new = v(20, "b");
+        s.apply_above(event(&new, None, &[]), 1_700_000_000_010);
+        let before = s.clone();
         s.merge_state_above(snap, 1_700_000_000_010);
-        assert!(s.leaves.is_empty());
-        assert!(s.removable(1_700_000_000_010));
+        assert_eq!(s, before);
+        assert!(!s.removable(1_700_000_000_030));
+        let mut dead = RecordState::default();
+        let mut del = event(&v(5, "a"), None, &[]);
+        del.op = Op::Delete;
+        del.doc = None;
+        dead.apply(del);
+        assert!(dead.removable(1_700_000_000_010));
+        assert!(
+            !dead.removable(1_700_000_000_005),
+            "not older than the cutoff"
+        );
     }
 }

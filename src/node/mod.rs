@@ -329,7 +329,8 @@ impl NodeHandle {
         &self.0.config
     }
 
-    /// Commits local writes (one transaction) and wakes the publisher.
+    /// Commits local writes (all in one transaction, which concurrent calls may share:
+    /// see [`Store::write_batch_with_changes`]) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
         let store = self.0.store.clone();
         let (written, changes) =

@@ -1,6 +1,8 @@
 //! Applying the stream: batches of incoming messages merged (or quarantined) in one
 //! transaction that also moves the checkpoint, and backfills that do not move it.
 
+use redb::ReadableTable;
+
 use super::codec::{encode_postcard, leaf_event};
 use super::format::{
     K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED,
@@ -8,8 +10,6 @@ use super::format::{
 };
 use super::quarantine::QuarantineRow;
 use super::tx::Tx;
-use redb::ReadableTable;
-
 use super::{ApplyReport, Incoming, Store};
 use crate::error::StorageError;
 use crate::event;

@@ -279,6 +279,26 @@ impl RecordStateV2 {
     }
 }
 
+/// Decodes a record value as format 2 stored it (snapshots taken before the upgrade carry
+/// them), checking its checksum, into the bounded state of the same events.
+pub fn decode_format_2_state(
+    entity: &EntityName,
+    id: &Uuid,
+    bytes: &[u8],
+) -> Result<RecordState, StorageError> {
+    let body = checked_body(bytes).ok_or_else(|| StorageError::ChecksumMismatch {
+        entity: entity.clone(),
+        id: *id,
+    })?;
+    let old: RecordStateV2 =
+        postcard::from_bytes(body).map_err(|e| StorageError::UndecodableRecord {
+            entity: entity.clone(),
+            id: *id,
+            detail: e.to_string(),
+        })?;
+    Ok(old.upgrade().0)
+}
+
 /// Format 2 kept every named version of a record: re-encode each record in the bounded
 /// form. Leaves the bounded rule supersedes that are still queued keep their events (as a
 /// local write superseding them would), the conflict index follows the new leaves, and a

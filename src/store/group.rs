@@ -5,7 +5,7 @@
 //! `Store` used as a library needs no runtime.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde_json::value::RawValue;
 
@@ -23,15 +23,26 @@ pub(super) type Job = (u64, Vec<PreparedWrite>);
 #[derive(Default)]
 pub(super) struct WriteQueue {
     state: Mutex<QueueState>,
-    wake: Condvar,
 }
 
 #[derive(Default)]
 struct QueueState {
     next_ticket: u64,
     queued: Vec<Job>,
+    /// Each waiting call's own wake-up, so a commit wakes exactly the calls it finished
+    /// (and the next leader), not every waiter.
+    waiters: HashMap<u64, Arc<Condvar>>,
     done: HashMap<u64, WriteOutcome>,
     committing: bool,
+}
+
+impl QueueState {
+    /// Wakes the first queued call, which leads the next commit.
+    fn wake_next_leader(&self) {
+        if let Some(w) = self.queued.first().and_then(|j| self.waiters.get(&j.0)) {
+            w.notify_one();
+        }
+    }
 }
 
 impl WriteQueue {
@@ -48,16 +59,19 @@ impl WriteQueue {
         writes: Vec<PreparedWrite>,
         commit: impl Fn(Vec<Job>) -> Vec<(u64, WriteOutcome)>,
     ) -> WriteOutcome {
+        let wake = Arc::new(Condvar::new());
         let mut st = self.lock();
         let ticket = st.next_ticket;
         st.next_ticket += 1;
         st.queued.push((ticket, writes));
+        st.waiters.insert(ticket, wake.clone());
         loop {
             if let Some(outcome) = st.done.remove(&ticket) {
+                st.waiters.remove(&ticket);
                 return outcome;
             }
             if st.committing {
-                st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = wake.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
             // No commit running and ours not done: ours is queued; commit the queue.
@@ -68,27 +82,37 @@ impl WriteQueue {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(jobs)));
             st = self.lock();
             st.committing = false;
-            match outcome {
-                Ok(results) => st.done.extend(results),
+            let results = match outcome {
+                Ok(results) => results,
                 Err(panic) => {
                     // The other calls must not wait forever for a commit that died.
                     for t in tickets.into_iter().filter(|t| *t != ticket) {
                         let e = StorageError::GroupCommitFailed("the commit panicked".into());
                         st.done.insert(t, Err(e.into()));
+                        if let Some(w) = st.waiters.get(&t) {
+                            w.notify_one();
+                        }
                     }
+                    st.waiters.remove(&ticket);
+                    st.wake_next_leader();
                     drop(st);
-                    self.wake.notify_all();
                     std::panic::resume_unwind(panic);
                 }
+            };
+            for (t, outcome) in results {
+                if let Some(w) = st.waiters.get(&t) {
+                    w.notify_one();
+                }
+                st.done.insert(t, outcome);
             }
-            self.wake.notify_all();
+            st.wake_next_leader();
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Barrier};
+    use std::sync::Barrier;
 
     use super::*;
 

@@ -73,7 +73,7 @@ use crate::event::EventLimits;
 use crate::ids::NodeId;
 
 pub use codec::decode_stored_state;
-pub use format::FORMAT_VERSION;
+pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{
     DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
 };
