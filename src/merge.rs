@@ -45,6 +45,7 @@
 //! - naming `n`: if `n < M_{n.origin}` it is already superseded; if `n == M_{n.origin}`
 //!   its leaf (if any) goes (a seen `M` that is not a leaf is therefore named, so leaf
 //!   presence records that); if `n` is above, it joins `pending`.
+//!
 //! [`RecordState::merge_state`] takes the per-origin maxima, keeps a candidate leaf `M_O`
 //! only if no side names it (a side with the same `M_O` names it iff it lacks the leaf; a
 //! side below names it iff it is in that side's `pending`), and keeps the pending entries
@@ -375,9 +376,9 @@ mod tests {
         let mut clock = 0;
         for &(who, see, resolve) in steps {
             let w = who as usize % names.len();
-            // Learn a random prefix-free subset: every `see`-th event so far.
+            // Learn part of what was written so far (a third of it, chosen by `see`).
             for (i, e) in events.iter().enumerate() {
-                if (i + see as usize) % 3 == 0 {
+                if (i + see as usize).is_multiple_of(3) {
                     states[w].apply(e.clone());
                 }
             }
