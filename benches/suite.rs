@@ -5,7 +5,11 @@
 //! cargo bench --bench suite                       # every scenario, full sizes
 //! cargo bench --bench suite -- --quick            # every scenario, small sizes (~2 min)
 //! cargo bench --bench suite -- raw replication    # only these scenarios
+//! cargo bench --bench suite -- replication lag --metrics   # each without, then with metrics
 //! ```
+//! `--metrics` runs the `replication` and `lag` scenarios a second time with every node's
+//! metrics on, its ops listener up and scraped every second (as Prometheus would), and
+//! reports them as `replication+metrics` / `lag+metrics`, to measure the overhead.
 //! Scenarios: `raw`, `replication`, `catchup`, `lag`, `outbox`, `kv` (also settable with
 //! `JETSYNC_BENCH_SCENARIOS=raw,lag`). Sizes: see [`Sizes::from_env`]. The table goes to
 //! stdout, the same figures as JSON to `target/bench/suite.json` (`JETSYNC_BENCH_JSON`
@@ -123,6 +127,8 @@ struct Metric {
 
 #[derive(Default)]
 struct Report {
+    /// Appended to scenario names (`+metrics` on the runs with metrics on).
+    suffix: &'static str,
     metrics: Vec<Metric>,
     loads: Vec<(String, String, String)>,
     errors: Vec<(String, String)>,
@@ -131,7 +137,7 @@ struct Report {
 impl Report {
     fn add(&mut self, scenario: &str, name: &str, value: f64, unit: &'static str, note: &str) {
         let m = Metric {
-            scenario: scenario.into(),
+            scenario: format!("{scenario}{}", self.suffix),
             name: name.into(),
             value,
             unit,
@@ -250,6 +256,54 @@ async fn redb_insert(db: &Arc<Database>, rows: Vec<(u128, bytes::Bytes)>) -> Res
 
 fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
     NodeConfig::new(NodeId::new(name).unwrap(), dir.join(name), url)
+}
+
+/// Whether nodes run with metrics on (the `--metrics` runs).
+static METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The ops listeners of the nodes of the current scenario, kept until it ends.
+static OPS: Mutex<Vec<jetsync::ops::Ops>> = Mutex::new(Vec::new());
+
+/// Starts a node; with metrics on, also its ops listener and a scraper that reads
+/// `/metrics` every second while the node runs.
+async fn start_node(mut config: NodeConfig) -> Result<Node> {
+    let metrics = METRICS.load(std::sync::atomic::Ordering::Relaxed);
+    if metrics {
+        config.ops.listen = Some("127.0.0.1:0".parse()?);
+    }
+    let settings = config.ops.clone();
+    let node = jetsync::api::start_node(config).await?;
+    if metrics {
+        let ops = jetsync::ops::start(NodeHandle::clone(&node), settings).await?;
+        let addr = ops.local_addr().context("ops listener address")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let scraped = tokio::task::spawn_blocking(move || scrape(addr)).await;
+                if !matches!(scraped, Ok(Ok(()))) {
+                    return; // the listener is gone: the scenario ended
+                }
+            }
+        });
+        OPS.lock().unwrap().push(ops);
+    }
+    Ok(node)
+}
+
+/// One Prometheus-style scrape of `/metrics`, read to the end.
+fn scrape(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    if body.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("scrape failed"))
+    }
 }
 
 /// Writes `count` new records (UUIDv7 ids) in write calls of `per_call`.
@@ -534,9 +588,9 @@ async fn scenario_replication(
 ) -> Result<()> {
     let js = jetstream::new(async_nats::connect(url).await?);
     let e = EntityName::new("bench").unwrap();
-    let a = jetsync::api::start_node(node_config("a", dir, url)).await?;
-    let b = jetsync::api::start_node(node_config("b", dir, url)).await?;
-    let c = jetsync::api::start_node(node_config("c", dir, url)).await?;
+    let a = start_node(node_config("a", dir, url)).await?;
+    let b = start_node(node_config("b", dir, url)).await?;
+    let c = start_node(node_config("c", dir, url)).await?;
     let limit = Duration::from_secs(600);
 
     let n = sizes.repl;
@@ -929,9 +983,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) -> Result<()> {
     let e = EntityName::new("bench").unwrap();
     let nodes = [
-        jetsync::api::start_node(node_config("a", dir, url)).await?,
-        jetsync::api::start_node(node_config("b", dir, url)).await?,
-        jetsync::api::start_node(node_config("c", dir, url)).await?,
+        start_node(node_config("a", dir, url)).await?,
+        start_node(node_config("b", dir, url)).await?,
+        start_node(node_config("c", dir, url)).await?,
     ];
     let js = jetstream::new(async_nats::connect(url).await?);
     // Let the consumers settle before measuring.
@@ -1205,6 +1259,7 @@ async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
         }
     }
     .await;
+    OPS.lock().unwrap().clear();
     let after = loadavg();
     if let Err(e) = result {
         println!("  {name} FAILED: {e:#}");
@@ -1281,6 +1336,29 @@ fn targets(r: &Report, sizes: &Sizes) -> Vec<Target> {
         goal: "< 150".into(),
         met: ob.map(|m| m.value < 150.0),
     });
+    let on = ratio(
+        r.get("replication+metrics", "batched"),
+        r.get("replication", "batched"),
+    );
+    if on.is_some() {
+        out.push(Target {
+            name: "replication with / without metrics",
+            measured: on,
+            unit: "x",
+            goal: ">= 0.95".into(),
+            met: on.map(|x| x >= 0.95),
+        });
+    }
+    let on = ratio(r.get("lag+metrics", "p99"), r.get("lag", "p99"));
+    if on.is_some() {
+        out.push(Target {
+            name: "lag p99 with / without metrics",
+            measured: on,
+            unit: "x",
+            goal: "<= 1.05".into(),
+            met: on.map(|x| x <= 1.05),
+        });
+    }
     let kv = ratio(r.get("replication", "batched"), r.get("kv", "batched"));
     out.push(Target {
         name: "replication / NATS KV",
@@ -1355,6 +1433,16 @@ async fn main() {
     // The order matters only for the ratios' readability: the limit first.
     for name in ALL.iter().filter(|n| chosen.iter().any(|c| c == *n)) {
         run_scenario(&mut report, name, &sizes).await;
+    }
+    if args.iter().any(|a| a == "--metrics") {
+        METRICS.store(true, std::sync::atomic::Ordering::Relaxed);
+        report.suffix = "+metrics";
+        for name in ["replication", "lag"] {
+            if chosen.iter().any(|c| c == name) {
+                run_scenario(&mut report, name, &sizes).await;
+            }
+        }
+        report.suffix = "";
     }
     let targets = targets(&report, &sizes);
 

@@ -22,11 +22,17 @@
 //! interval_secs = 3600
 //! tombstone_horizon_secs = 2592000   # 30 days: longer than any outage plus retention
 //!
-//! [limits]
+//! [limits]           # max_doc_bytes and max_clock_drift_secs are the deployment's: the
+//!                    # node that creates the stream pins them in its metadata and every
+//!                    # node adopts the pinned values (logging any it overrides)
 //! max_doc_bytes = 262144
 //! max_clock_drift_secs = 60
 //! fetch_batch = 1000
 //! publish_window = 1000
+//!
+//! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
+//! listen = "127.0.0.1:9464"
+//! ready_max_lag_secs = 30
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,6 +42,7 @@ use serde::Deserialize;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityName, NodeId, Scope};
+use crate::metrics::OpsSettings;
 use crate::node::{CompactionPolicy, EntityFilter, NodeConfig, SnapshotPolicy};
 use crate::store::StoreConfig;
 use crate::stream::{Retention, StreamSettings};
@@ -43,16 +50,31 @@ use crate::stream::{Retention, StreamSettings};
 /// A configuration that cannot be used, naming the key and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not valid TOML or does not fit the expected shape (e.g. an unknown key).
     #[error("config file {path}: {detail}")]
-    Parse { path: PathBuf, detail: String },
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message.
+        detail: String,
+    },
+    /// A key's value is missing or not allowed.
     #[error("config key `{key}`: {problem}")]
-    Invalid { key: String, problem: String },
+    Invalid {
+        /// The key, as a dotted path (e.g. `limits.fetch_batch`, `entities[0].entity`).
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -66,22 +88,34 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// This node's id (required; an override may supply it).
     pub node_id: Option<String>,
+    /// Directory of the store file (required; an override may supply it).
     pub data_dir: Option<PathBuf>,
+    /// NATS server URLs (at least one; an override may supply them).
     #[serde(default)]
     pub nats_urls: Vec<String>,
+    /// `[nats]`: authentication and TLS.
     #[serde(default)]
     pub nats: NatsAuth,
+    /// Entity types (and scopes) this node replicates; empty: every entity type.
     #[serde(default)]
     pub entities: Vec<FileEntity>,
+    /// `[stream]`: the shared stream.
     #[serde(default)]
     pub stream: FileStream,
+    /// `[limits]`: document, clock and batching limits.
     #[serde(default)]
     pub limits: FileLimits,
+    /// `[snapshots]`: the snapshot policy.
     #[serde(default)]
     pub snapshots: FileSnapshots,
+    /// `[compaction]`: when this node removes old tombstones.
     #[serde(default)]
     pub compaction: FileCompaction,
+    /// `[metrics]`: the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub metrics: FileMetrics,
 }
 
 /// `[compaction]`: how often this node removes old tombstones, and how old they must be.
@@ -104,6 +138,57 @@ impl Default for FileCompaction {
     }
 }
 
+/// `[metrics]`: the operations HTTP listener (`/metrics`, `/healthz`, `/readyz`) and the
+/// self-check. No `listen`: no listener and no metrics recorded.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileMetrics {
+    /// `host:port` to listen on.
+    pub listen: Option<String>,
+    /// `/readyz` fails while an entity type lags more than this many seconds.
+    pub ready_max_lag_secs: u64,
+    /// Seconds between self-check rounds (asking peers about this node's events).
+    pub selfcheck_interval_secs: u64,
+}
+
+impl Default for FileMetrics {
+    fn default() -> Self {
+        let s = OpsSettings::default();
+        FileMetrics {
+            listen: None,
+            ready_max_lag_secs: s.ready_max_lag.as_secs(),
+            selfcheck_interval_secs: s.selfcheck_interval.as_secs(),
+        }
+    }
+}
+
+impl FileMetrics {
+    /// The validated settings.
+    pub fn settings(&self) -> Result<OpsSettings, ConfigError> {
+        let listen =
+            match &self.listen {
+                None => None,
+                Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid("metrics.listen", format!("{a:?} is not host:port: {e}"))
+                })?),
+            };
+        if self.ready_max_lag_secs == 0 {
+            return Err(invalid("metrics.ready_max_lag_secs", "must be positive"));
+        }
+        if self.selfcheck_interval_secs == 0 {
+            return Err(invalid(
+                "metrics.selfcheck_interval_secs",
+                "must be positive",
+            ));
+        }
+        Ok(OpsSettings {
+            listen,
+            ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
+            selfcheck_interval: Duration::from_secs(self.selfcheck_interval_secs),
+        })
+    }
+}
+
 /// `[snapshots]`: when this node takes snapshots, how many it keeps, and whether it
 /// bootstraps from one on a retention gap.
 #[derive(Clone, Debug, Deserialize)]
@@ -111,9 +196,11 @@ impl Default for FileCompaction {
 pub struct FileSnapshots {
     /// Seconds between snapshots; 0: only on request.
     pub interval_secs: u64,
+    /// How many of this node's newest snapshots to keep (at least 1).
     pub keep: usize,
     /// Seconds; 0: no age limit.
     pub max_age_secs: u64,
+    /// On a retention gap, load the newest snapshot covering this node's filters.
     pub bootstrap: bool,
 }
 
@@ -129,21 +216,30 @@ impl Default for FileSnapshots {
     }
 }
 
+/// One element of `entities`: an entity type, narrowed to some scopes or not.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntity {
+    /// The entity type.
     pub entity: String,
+    /// Scopes to replicate; empty: every scope.
     #[serde(default)]
     pub scopes: Vec<String>,
 }
 
+/// `[stream]`: the stream settings ([`StreamSettings`]) as the file spells them.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileStream {
+    /// The stream's name.
     pub name: String,
+    /// Subject prefix; the stream captures `<prefix>.>`.
     pub prefix: String,
+    /// Stream replicas (1..=5).
     pub replicas: usize,
+    /// Publish de-duplication window, seconds.
     pub duplicate_window_secs: u64,
+    /// How long the stream keeps events.
     pub retention: Retention,
     /// JetStream domain, for nodes that reach the stream through a leaf node.
     pub domain: Option<String>,
@@ -163,12 +259,17 @@ impl Default for FileStream {
     }
 }
 
+/// `[limits]`: the store's limits and the node's batching.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileLimits {
+    /// Largest document accepted, in bytes of JSON.
     pub max_doc_bytes: usize,
+    /// How far an incoming stamp may be ahead of its stream timestamp, seconds.
     pub max_clock_drift_secs: u64,
+    /// Most messages applied in one transaction (1..=10000).
     pub fetch_batch: usize,
+    /// Most publishes awaiting PubAck at once (1..=100000).
     pub publish_window: usize,
     /// The store's page cache, MiB.
     pub cache_mib: usize,
@@ -190,12 +291,16 @@ impl Default for FileLimits {
 /// Values that override the file (from environment variables or flags).
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    /// Replaces `node_id`.
     pub node_id: Option<String>,
+    /// Replaces `data_dir`.
     pub data_dir: Option<PathBuf>,
+    /// Replaces `nats_urls`.
     pub nats_urls: Option<Vec<String>>,
 }
 
 impl FileConfig {
+    /// Reads and parses the file at `path` (without validating values).
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -207,6 +312,7 @@ impl FileConfig {
         })
     }
 
+    /// Parses TOML text (without validating values); the error is the parser's message.
     pub fn parse(text: &str) -> Result<FileConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
@@ -282,6 +388,7 @@ impl FileConfig {
             max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
             cache_bytes: self.limits.cache_mib << 20,
         };
+        let ops = self.metrics.settings()?;
         if self.snapshots.keep == 0 {
             return Err(invalid("snapshots.keep", "must be at least 1"));
         }
@@ -303,6 +410,7 @@ impl FileConfig {
             tombstone_horizon: Duration::from_secs(self.compaction.tombstone_horizon_secs),
         };
         Ok(NodeConfig {
+            ops,
             snapshots,
             compaction,
             node_id,
@@ -385,6 +493,23 @@ fetch_batch = 500
     }
 
     #[test]
+    fn metrics_are_off_unless_a_listen_address_is_set() {
+        let c = FileConfig::parse(FULL)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.ops.listen, None);
+        let text =
+            format!("{FULL}\n[metrics]\nlisten = \"127.0.0.1:9464\"\nready_max_lag_secs = 5\n");
+        let c = FileConfig::parse(&text)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.ops.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.ops.ready_max_lag, Duration::from_secs(5));
+    }
+
+    #[test]
     fn overrides_win_over_the_file() {
         let c = FileConfig::parse(FULL)
             .unwrap()
@@ -428,6 +553,10 @@ fetch_batch = 500
             "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[limits]\nfetch_batch=0",
         );
         assert!(e.contains("`limits.fetch_batch`"), "{e}");
+        let e = err(
+            "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[metrics]\nlisten=\"localhost\"",
+        );
+        assert!(e.contains("`metrics.listen`"), "{e}");
         let e =
             err("node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[nats]\nuser=\"u\"");
         assert!(e.contains("`nats`") && e.contains("password"), "{e}");

@@ -13,10 +13,13 @@ pub struct NatsAuth {
     /// A `.creds` file (JWT + nkey seed), as issued by `nsc`.
     #[serde(default)]
     pub creds_file: Option<PathBuf>,
+    /// User name (with `password`).
     #[serde(default)]
     pub user: Option<String>,
+    /// Password (with `user`).
     #[serde(default)]
     pub password: Option<String>,
+    /// An authentication token.
     #[serde(default)]
     pub token: Option<String>,
     /// An nkey seed (`SU…`).
@@ -28,8 +31,10 @@ pub struct NatsAuth {
     /// Client certificate and key (PEM) for mutual TLS.
     #[serde(default)]
     pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Require TLS on the connection (refuse a server that does not offer it).
     #[serde(default)]
     pub tls_required: bool,
     /// Use only `urls`, never the other cluster members a server advertises: for nodes that
@@ -37,20 +42,39 @@ pub struct NatsAuth {
     /// unreachable or would bypass it.
     #[serde(default)]
     pub ignore_discovered_servers: bool,
+    /// The subject prefix of this client's reply inboxes (default `_INBOX`). With a
+    /// per-user prefix (`_INBOX_berlin`) the server can allow each user only its own
+    /// replies, so no node reads another client's (see `deploy/secure/`).
+    #[serde(default)]
+    pub inbox_prefix: Option<String>,
 }
 
 /// Connecting failed before any attempt could be made (bad options).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// A URL does not parse (or none was given).
     #[error("invalid NATS URL {url:?}: {detail}")]
-    Url { url: String, detail: String },
+    Url {
+        /// The offending URL.
+        url: String,
+        /// The parser's message.
+        detail: String,
+    },
+    /// The auth options are inconsistent, a file they name is missing, or the creds file is unreadable.
     #[error("NATS auth: {0}")]
     Auth(String),
+    /// The first connection failed (only when not connecting in the background).
     #[error("cannot connect to NATS at {urls}: {detail}")]
-    Connect { urls: String, detail: String },
+    Connect {
+        /// The URLs tried, comma separated.
+        urls: String,
+        /// The client's error.
+        detail: String,
+    },
 }
 
 impl NatsAuth {
+    /// Checks the options are consistent (one auth method; user with password; cert with key) and the files they name exist.
     pub fn validate(&self) -> Result<(), ConnectError> {
         if self.user.is_some() != self.password.is_some() {
             return Err(ConnectError::Auth("user and password go together".into()));
@@ -65,6 +89,13 @@ impl NatsAuth {
             return Err(ConnectError::Auth(
                 "choose one of creds_file, user/password, token, nkey_seed".into(),
             ));
+        }
+        if let Some(p) = &self.inbox_prefix
+            && (p.is_empty() || p.contains(['*', '>', ' ', '\t']) || p.ends_with('.'))
+        {
+            return Err(ConnectError::Auth(format!(
+                "inbox_prefix {p:?} must be a subject prefix without wildcards"
+            )));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConnectError::Auth(
@@ -100,6 +131,24 @@ pub async fn connect(
     name: &str,
     background: bool,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_observed(urls, auth, name, background, None, || {}).await
+}
+
+/// Called with the text of every error the server reports on the connection (`-ERR`),
+/// such as a permissions violation, which no request or publish call returns.
+pub type ServerErrorHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// [`connect`], passing the server's error reports to `on_server_error` and calling
+/// `on_reconnect` each time the connection comes back after being lost (a node counts
+/// them in its metrics).
+pub async fn connect_observed(
+    urls: &[String],
+    auth: &NatsAuth,
+    name: &str,
+    background: bool,
+    on_server_error: Option<ServerErrorHook>,
+    on_reconnect: impl Fn() + Send + Sync + 'static,
+) -> Result<async_nats::Client, ConnectError> {
     auth.validate()?;
     let joined = urls.join(",");
     if urls.is_empty() {
@@ -127,6 +176,27 @@ pub async fn connect(
     if background {
         opts = opts.retry_on_initial_connect();
     }
+    // The first `Connected` is the initial connection; every later one is a reconnect.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_reconnect = std::sync::Arc::new(on_reconnect);
+    // One callback: async-nats keeps only the last one set.
+    opts = opts.event_callback(move |event| {
+        let (seen, on_reconnect) = (seen.clone(), on_reconnect.clone());
+        if let (
+            Some(hook),
+            async_nats::Event::ServerError(async_nats::ServerError::Other(message)),
+        ) = (&on_server_error, &event)
+        {
+            hook(message);
+        }
+        async move {
+            if matches!(event, async_nats::Event::Connected)
+                && seen.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                on_reconnect();
+            }
+        }
+    });
     if let Some(path) = &auth.creds_file {
         opts = opts
             .credentials_file(path)
@@ -153,6 +223,9 @@ pub async fn connect(
     }
     if auth.ignore_discovered_servers {
         opts = opts.ignore_discovered_servers();
+    }
+    if let Some(prefix) = &auth.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
     }
     opts.connect(addrs)
         .await

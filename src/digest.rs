@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::merge::Leaf;
 
+/// How many buckets a digest has (record ids are spread over them by hash).
 pub const BUCKETS: usize = 256;
 
 /// The bucket a record id falls in.
@@ -35,6 +36,7 @@ pub fn leaf_hash(id: &Uuid, leaf: &Leaf) -> u128 {
 /// The digest of one entity type.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Digest {
+    /// One XOR of leaf hashes per bucket; always [`BUCKETS`] long.
     pub buckets: Vec<u128>,
 }
 

@@ -5,21 +5,12 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+// The name and version errors live with the types they validate, so `ids` and `clock`
+// do not depend on this module; they are re-exported here with the other errors.
+pub use crate::clock::InvalidVersion;
 use crate::clock::Version;
 use crate::ids::EntityName;
-
-/// A node id, entity type or scope that does not follow its grammar.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} {value:?}: expected 1-64 of the allowed characters")]
-pub struct InvalidName {
-    pub kind: &'static str,
-    pub value: String,
-}
-
-/// A version that cannot be parsed or is out of range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid version: {0}")]
-pub struct InvalidVersion(pub String);
+pub use crate::ids::InvalidName;
 
 /// The local store failed underneath: redb itself, a stored value that does not decode, or
 /// the blocking task a store call ran on. The kinds say what a caller can do: a damaged
@@ -27,51 +18,85 @@ pub struct InvalidVersion(pub String);
 /// operator, a failed task can be retried, and the last kinds are caller mistakes or bugs.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// redb itself failed (I/O, a corrupted file, a transaction or commit error).
     #[error("redb: {0}")]
     Redb(#[from] redb::Error),
     /// A record value whose trailing checksum does not match its bytes.
     #[error("record {entity}/{id} fails its checksum")]
-    ChecksumMismatch { entity: EntityName, id: Uuid },
+    ChecksumMismatch {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+    },
     /// A record value that passes its checksum but does not decode into a record state,
     /// or whose stored document is not JSON.
     #[error("record {entity}/{id} does not decode: {detail}")]
     UndecodableRecord {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// What failed to decode.
         detail: String,
     },
     /// An entry of one of the store's other tables (outbox, unpublished, quarantine,
     /// damaged, digests) that does not decode.
     #[error("{table} entry {key} does not decode: {detail}")]
     UndecodableEntry {
+        /// The table's name.
         table: &'static str,
+        /// The entry's key, as text.
         key: String,
+        /// What failed to decode.
         detail: String,
     },
     /// A value in the store's `meta` table of the wrong shape.
     #[error("meta value {key:?} is malformed: {detail}")]
-    InvalidMeta { key: String, detail: String },
+    InvalidMeta {
+        /// The meta key.
+        key: String,
+        /// What is wrong with its value.
+        detail: String,
+    },
     /// A table named like a record table (`records.<entity>`) whose entity name is invalid.
     #[error("table {table:?} is not a valid record table: {source}")]
     InvalidTableName {
+        /// The table's name.
         table: String,
+        /// Why its entity part is not a valid entity name.
         #[source]
         source: InvalidName,
     },
     /// The conflict index names a record that does not exist.
     #[error("the conflict index names {entity}/{id}, which has no record")]
-    DanglingConflict { entity: EntityName, id: Uuid },
+    DanglingConflict {
+        /// The entity type the index names.
+        entity: EntityName,
+        /// The id the index names.
+        id: Uuid,
+    },
     /// A value could not be serialised for storing or exporting.
     #[error("cannot encode {what}: {detail}")]
-    Encode { what: &'static str, detail: String },
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The encoder's error.
+        detail: String,
+    },
     /// A metadata key the store keeps for itself; callers' keys start with `x.`.
     #[error("meta key {key:?} is reserved; use an \"x.\" prefix")]
-    ReservedMetaKey { key: String },
+    ReservedMetaKey {
+        /// The reserved key the caller used.
+        key: String,
+    },
     /// The blocking task a store call ran on panicked or was cancelled. Nothing is
     /// damaged: the call's transaction was not committed, or committed whole.
     #[error("{task} task failed: {source}")]
     TaskFailed {
+        /// Which task it was.
         task: &'static str,
+        /// The join error from tokio.
         #[source]
         source: tokio::task::JoinError,
     },
@@ -82,6 +107,53 @@ pub enum StorageError {
     /// A write batch returned no result for one of its writes (a bug).
     #[error("a write batch returned no result for its write")]
     NoWriteResult,
+    /// The disk holding the store is full. The store closes its file and reopens it by
+    /// itself (redb needs that after an I/O error) once there is space again.
+    #[error(
+        "the disk holding {path} is full ({detail}): free space or grow the volume; the store reopens and applying resumes by itself"
+    )]
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+    /// Reading or writing the store's file failed (other than a full disk); the store
+    /// closes and reopens it by itself.
+    #[error("I/O error on {path} ({detail}): the store is being reopened")]
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// Whether this is the disk being full: local writes fail until there is space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::DiskFull { .. })
+    }
+
+    /// The I/O error underneath, if redb reports one; `Some(true)` if it is a full disk.
+    /// After any I/O error redb answers every call with `PreviousIo` until reopened.
+    pub(crate) fn redb_io(&self) -> Option<bool> {
+        let StorageError::Redb(e) = self else {
+            return None;
+        };
+        match e {
+            redb::Error::Io(io) => Some(is_disk_full(io)),
+            redb::Error::PreviousIo | redb::Error::DatabaseClosed => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// ENOSPC, EDQUOT, or the portable kind for them.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 macro_rules! redb_into_storage {
@@ -104,30 +176,47 @@ redb_into_storage!(
 /// Opening a store file.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// redb cannot open or create the file (missing directory, locked by another process, corrupted).
     #[error("cannot open store {path}: {source}")]
     Database {
+        /// The store file.
         path: PathBuf,
+        /// redb's error.
         #[source]
         source: redb::DatabaseError,
     },
+    /// The file is a redb database without jetsync's metadata: it belongs to something else.
     #[error("{path} is a redb file but not a jetsync store (no jetsync metadata)")]
-    NotJetsync { path: PathBuf },
+    NotJetsync {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The store was written in a store format this version of jetsync does not read.
     #[error(
         "{path} has store format {found}, this jetsync reads format {supported}; migrate or use a matching jetsync version"
     )]
     IncompatibleFormat {
+        /// The store file.
         path: PathBuf,
+        /// The format version recorded in the file.
         found: u32,
+        /// The format version this build reads and writes.
         supported: u32,
     },
+    /// The store file was created for another node id.
     #[error("{path} belongs to node {stored:?}, not {given:?}; each node needs its own store file")]
     NodeMismatch {
+        /// The store file.
         path: PathBuf,
+        /// The node id recorded in the file.
         stored: String,
+        /// The node id this open asked for.
         given: String,
     },
+    /// The [`StoreConfig`](crate::store::StoreConfig) is invalid (e.g. a zero document size limit).
     #[error("invalid store configuration: {0}")]
     Config(String),
+    /// The store failed while reading or initialising its metadata.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -135,35 +224,98 @@ pub enum OpenError {
 /// A local write (put, put_if, delete, resolve, batch).
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    /// The write's expected version ([`Expect`](crate::store::Expect)) does not match the record's current state.
     #[error("version mismatch on {entity}/{id}: expected {expected}, current is {}", fmt_opt(.current))]
     VersionMismatch {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// What the write expected: a version, or "no live record".
         expected: String,
         /// The current winning version (`None`: no live record).
         current: Option<Version>,
     },
+    /// A delete of a record that has no live version (and resolves no conflict versions).
     #[error("{entity}/{id} not found")]
-    NotFound { entity: EntityName, id: Uuid },
+    NotFound {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+    },
+    /// The write asks for a scope other than the record's; a record's scope is fixed at creation.
     #[error(
         "{entity}/{id} has scope {current:?}; a record's scope cannot change (asked for {requested:?})"
     )]
     ScopeMismatch {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// The record's scope.
         current: String,
+        /// The scope the write asked for.
         requested: String,
     },
+    /// The document's JSON encoding is larger than the store's `max_doc_bytes`.
     #[error("document of {size} bytes exceeds the limit of {limit} bytes")]
-    DocTooLarge { size: usize, limit: usize },
+    DocTooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The document is not a JSON object, does not serialise, or is nested too deeply.
     #[error("invalid document: {0}")]
     InvalidDoc(String),
+    /// A resolve names a version the record has neither seen nor holds in its history.
     #[error("{entity}/{id}: cannot resolve unknown version {version}")]
     UnknownVersion {
+        /// The record's entity type.
         entity: EntityName,
+        /// The record's id.
         id: Uuid,
+        /// The unknown version.
         version: Version,
     },
+    /// The event this write would publish, with its headers, is larger than the NATS
+    /// server accepts (its `max_payload`): it could never replicate.
+    #[error(
+        "the event for {entity}/{id} would be {size} bytes plus headers, above the NATS server's max_payload of {limit} bytes: it could never replicate; write a smaller document or raise max_payload"
+    )]
+    EventTooLarge {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+        /// The encoded event's size in bytes, without headers.
+        size: usize,
+        /// The server's `max_payload` in bytes.
+        limit: usize,
+    },
+    /// The disk holding the store is full: nothing was written.
+    #[error(
+        "the disk holding {path} is full: nothing was written; free space and retry (the store reopens by itself)"
+    )]
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The clock reached its largest stamp: no greater version can be made.
+    #[error(transparent)]
+    ClockExhausted(#[from] crate::clock::ClockExhausted),
+    /// The write's version was already known, so it would change nothing (a clock fault).
+    #[error("{entity}/{id}: version {version} is known already; the write would be lost")]
+    NotApplied {
+        /// The record's entity type.
+        entity: EntityName,
+        /// The record's id.
+        id: Uuid,
+        /// The version that was already known.
+        version: Version,
+    },
+    /// The store failed underneath; nothing was written.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -176,14 +328,19 @@ fn fmt_opt(v: &Option<Version>) -> String {
 /// The umbrella error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Opening a store.
     #[error(transparent)]
     Open(#[from] OpenError),
+    /// A local write.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// An invalid node id, entity type or scope.
     #[error(transparent)]
     Name(#[from] InvalidName),
+    /// A version that does not parse.
     #[error(transparent)]
     Version(#[from] InvalidVersion),
+    /// The store failed underneath.
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -22,7 +22,9 @@ pub const ENVELOPE_VERSION: u32 = 1;
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
+    /// Write a document.
     Put,
+    /// Delete the record (a tombstone).
     Delete,
 }
 
@@ -32,9 +34,13 @@ pub enum Op {
 pub struct ChangeEvent {
     /// Envelope version, [`ENVELOPE_VERSION`].
     pub v: u32,
+    /// Whether the write is a put or a delete.
     pub op: Op,
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's scope.
     pub scope: Scope,
+    /// The record's id.
     #[serde(with = "canonical_uuid")]
     pub id: Uuid,
     /// The node that made the write; equal to `version.node` and to the subject's origin.
@@ -42,6 +48,7 @@ pub struct ChangeEvent {
     /// Per-origin counter, from 1, without gaps. The message is published with
     /// `Nats-Msg-Id = <origin>:<incarnation>:<origin_seq>` (see `Store::msg_id_prefix`).
     pub origin_seq: u64,
+    /// The write's version (stamped by the origin's clock).
     pub version: Version,
     /// The winner this write replaced at its origin.
     #[serde(
@@ -68,6 +75,7 @@ impl ChangeEvent {
         subject_for(prefix, &self.entity, &self.scope, &self.origin, &self.id)
     }
 
+    /// The event's JSON bytes, as published.
     pub fn encode(&self) -> Vec<u8> {
         // Every field is a string, number or pre-validated raw JSON: cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -96,20 +104,38 @@ pub enum QuarantineReason {
     UnsupportedEnvelope(u64),
     /// The subject's origin token differs from the body's origin.
     ForgedOrigin {
+        /// The origin token of the subject.
         subject_origin: String,
+        /// The origin in the event body.
         body_origin: String,
     },
     /// The subject does not match the body in another token.
-    SubjectMismatch { subject: String, expected: String },
+    SubjectMismatch {
+        /// The message's subject (cut to 300 characters).
+        subject: String,
+        /// The subject the event body implies.
+        expected: String,
+    },
     /// The document is larger than this node's limit.
-    DocTooLarge { size: usize, limit: usize },
+    DocTooLarge {
+        /// The document's size, bytes of JSON.
+        size: usize,
+        /// This node's limit, bytes.
+        limit: usize,
+    },
     /// The version does not belong to the origin, or base/resolves do not precede it.
     InvalidVersion(String),
     /// The stamp is further ahead of the stream's own timestamp than allowed.
-    ClockDrift { ahead_ms: u64, limit_ms: u64 },
+    ClockDrift {
+        /// How far the stamp is ahead of the stream timestamp, ms.
+        ahead_ms: u64,
+        /// The allowed drift, ms.
+        limit_ms: u64,
+    },
 }
 
 impl QuarantineReason {
+    /// A stable short name of the reason (`malformed`, `clock_drift`, ...) for tooling.
     pub fn code(&self) -> &'static str {
         match self {
             QuarantineReason::Malformed(_) => "malformed",
@@ -164,8 +190,11 @@ impl fmt::Display for QuarantineReason {
 /// What an incoming event is checked against.
 #[derive(Clone, Debug)]
 pub struct EventLimits {
+    /// Subject prefix the events must be published under.
     pub prefix: String,
+    /// Largest document accepted, in bytes of JSON.
     pub max_doc_bytes: usize,
+    /// How far an event's stamp may be ahead of its stream timestamp, ms.
     pub max_clock_drift_ms: u64,
 }
 
@@ -193,12 +222,7 @@ pub fn decode(
             });
         }
     };
-    if ev.v != ENVELOPE_VERSION {
-        return Err(QuarantineReason::UnsupportedEnvelope(ev.v as u64));
-    }
-    check_doc(ev.op, ev.doc.as_deref(), limits.max_doc_bytes)?;
-    check_versions(&ev)?;
-
+    check_content(&ev, limits)?;
     let expected = ev.subject(&limits.prefix);
     if subject != expected {
         let origin_token = subject
@@ -216,16 +240,48 @@ pub fn decode(
             },
         });
     }
+    check_drift(&ev.version, stream_time_ms, limits)?;
+    Ok(ev)
+}
 
-    let stamped = ev.version.hlc.physical_ms();
-    let ahead_ms = stamped.saturating_sub(stream_time_ms);
+/// The checks of an event's content, whatever brought it: envelope, document (shape, size,
+/// depth), versions (origin, order), and clock drift against `reference_ms`. For a stream
+/// message `reference_ms` is its JetStream timestamp (the same on every node); for a
+/// record state merged in (snapshot, repair) it is this node's wall clock, since the
+/// events behind such a state are not at hand. [`decode`] and [`check_state`] call it, so
+/// every way data comes in meets the same limits.
+pub fn check_event(
+    ev: &ChangeEvent,
+    reference_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    check_content(ev, limits)?;
+    check_drift(&ev.version, reference_ms, limits)
+}
+
+fn check_content(ev: &ChangeEvent, limits: &EventLimits) -> Result<(), QuarantineReason> {
+    if ev.v != ENVELOPE_VERSION {
+        return Err(QuarantineReason::UnsupportedEnvelope(ev.v as u64));
+    }
+    check_doc(ev.op, ev.doc.as_deref(), limits.max_doc_bytes)?;
+    check_versions(ev)
+}
+
+/// A version stamped further ahead of `reference_ms` than the drift limit is refused: it
+/// would drag every clock that observes it into the future.
+pub fn check_drift(
+    version: &Version,
+    reference_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    let ahead_ms = version.hlc.physical_ms().saturating_sub(reference_ms);
     if ahead_ms > limits.max_clock_drift_ms {
         return Err(QuarantineReason::ClockDrift {
             ahead_ms,
             limit_ms: limits.max_clock_drift_ms,
         });
     }
-    Ok(ev)
+    Ok(())
 }
 
 /// Deepest nesting of objects and arrays a document may have: serde_json refuses to parse

@@ -9,7 +9,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::InvalidName;
+/// A node id, entity type or scope that does not follow its grammar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {value:?}: expected 1-64 of the allowed characters")]
+pub struct InvalidName {
+    /// Which kind of name it is ("node id", "entity", "scope", ...).
+    pub kind: &'static str,
+    /// The rejected value, cut to its first 80 characters.
+    pub value: String,
+}
 
 fn check(kind: &'static str, s: &str, ok: impl Fn(u8) -> bool) -> Result<(), InvalidName> {
     if s.is_empty() || s.len() > 64 || !s.bytes().all(ok) {
@@ -40,6 +48,7 @@ macro_rules! name_type {
                 Ok(Self(s.into()))
             }
 
+            /// The name as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -144,6 +153,7 @@ mod tests {
 /// Which records a node replicates: an entity type, narrowed to some scopes or not.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct EntityFilter {
+    /// The entity type.
     pub entity: EntityName,
     /// Empty: every scope.
     #[serde(default)]

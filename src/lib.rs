@@ -25,6 +25,8 @@
 //!   status, and services run beside it ([`node::NodeService`]).
 //! - [`api`]: the request/reply API over NATS, a front end attached to a node as a service
 //!   ([`api::start_node`]), and its client.
+//! - [`ops`]: the operations surface beside a node: Prometheus metrics, `/healthz` and
+//!   `/readyz`, and the self-check for events other nodes refuse.
 //! - [`cli`]: the command line (`jetsync run`, `demo` with the `dev-server` feature, and
 //!   commands over the node API).
 //! - `devserver` (cargo feature `dev-server`, on by default): real `nats-server` processes
@@ -38,11 +40,14 @@
 //! stream batch ──► [redb txn: decode+validate, merge or quarantine, checkpoint] ──► ack
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connect;
+pub mod delivery;
 #[cfg(feature = "dev-server")]
 pub mod demo;
 #[cfg(feature = "dev-server")]
@@ -51,8 +56,13 @@ pub mod digest;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod lease;
 pub mod merge;
+pub mod metrics;
+pub mod msgid;
 pub mod node;
+pub mod ops;
+pub mod refusal;
 pub mod replay;
 pub mod snapshot;
 pub mod store;

@@ -64,25 +64,34 @@
 //! flight longer than the horizon (the compaction setting's contract).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
 
 use crate::clock::Version;
-use crate::event::{ChangeEvent, Op};
-use crate::ids::{NodeId, Scope};
+use crate::event::{
+    ChangeEvent, ENVELOPE_VERSION, EventLimits, Op, QuarantineReason, check_drift, check_event,
+};
+use crate::ids::{EntityName, NodeId, Scope};
 
 /// One current version of a record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leaf {
+    /// The leaf's version.
     pub version: Version,
+    /// The record's scope as the leaf's event carried it.
     pub scope: Scope,
     /// Kept so the original event can be re-published (repair) from the store alone.
     pub base: Option<Version>,
+    /// Conflict versions the leaf's event settled.
     pub resolves: Vec<Version>,
+    /// The origin's sequence number of the leaf's event.
     pub origin_seq: u64,
     /// The document JSON exactly as it travelled; `None` for a tombstone.
     pub doc: Option<String>,
 }
 
 impl Leaf {
+    /// Whether the leaf is a delete.
     pub fn is_tombstone(&self) -> bool {
         self.doc.is_none()
     }
@@ -108,10 +117,13 @@ pub enum Merge {
     /// Known already (a duplicate, a late version whose effects are in, or below the
     /// horizon): nothing changed.
     Duplicate,
+    /// The event was new: it is now recorded (as a leaf, as its origin's entry, or as
+    /// versions it names).
     Applied,
 }
 
 impl RecordState {
+    /// The greatest leaf (possibly a tombstone); `None` for a record never written.
     pub fn winner(&self) -> Option<&Leaf> {
         self.leaves.first()
     }
@@ -121,6 +133,7 @@ impl RecordState {
         self.winner().filter(|l| !l.is_tombstone())
     }
 
+    /// The leaves other than the winner, greatest first.
     pub fn conflicts(&self) -> &[Leaf] {
         self.leaves.get(1..).unwrap_or(&[])
     }
@@ -312,6 +325,103 @@ impl RecordState {
     }
 }
 
+/// The event a leaf keeps: a leaf holds every field of the event that made it. `None`
+/// doc JSON that is not valid JSON fails here.
+pub fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEvent, String> {
+    let doc = leaf
+        .doc
+        .as_ref()
+        .map(|d| RawValue::from_string(d.clone()))
+        .transpose()
+        .map_err(|e| format!("document of {entity}/{id}: {e}"))?;
+    Ok(ChangeEvent {
+        v: ENVELOPE_VERSION,
+        op: if doc.is_some() { Op::Put } else { Op::Delete },
+        entity: entity.clone(),
+        scope: leaf.scope.clone(),
+        id,
+        origin: leaf.version.node.clone(),
+        origin_seq: leaf.origin_seq,
+        version: leaf.version.clone(),
+        base: leaf.base.clone(),
+        resolves: leaf.resolves.clone(),
+        doc,
+    })
+}
+
+/// Checks a whole record state from outside (a snapshot being loaded, a peer's state in a
+/// repair) against this node's wall clock `now_ms`: each leaf with [`check_event`]; every
+/// origin entry and pending name within the drift limit (a far-future entry would make
+/// later writes look already seen); and the shape [`RecordState::apply`] and
+/// [`RecordState::merge_state`] rely on (see the module doc), so a forged state cannot
+/// make replicas that merge it disagree.
+pub fn check_state(
+    entity: &EntityName,
+    id: Uuid,
+    state: &RecordState,
+    now_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    for leaf in &state.leaves {
+        let ev = leaf_event(entity, id, leaf).map_err(QuarantineReason::Malformed)?;
+        check_event(&ev, now_ms, limits)?;
+    }
+    for v in state.origins.iter().chain(&state.pending) {
+        check_drift(v, now_ms, limits)?;
+    }
+    check_shape(state).map_err(|e| QuarantineReason::Malformed(format!("record state: {e}")))
+}
+
+/// The invariants of a [`RecordState`] built by the merge rule.
+fn check_shape(state: &RecordState) -> Result<(), String> {
+    if let Some(w) = state.origins.windows(2).find(|w| w[0].node >= w[1].node) {
+        return Err(format!(
+            "origin entries not one per node in node order at {}",
+            w[1]
+        ));
+    }
+    if let Some(w) = state
+        .leaves
+        .windows(2)
+        .find(|w| w[0].version <= w[1].version)
+    {
+        return Err(format!(
+            "leaves not in descending order at {}",
+            w[1].version
+        ));
+    }
+    if let Some(l) = state
+        .leaves
+        .iter()
+        .find(|l| state.watermark(&l.version.node) != Some(&l.version))
+    {
+        return Err(format!(
+            "leaf {} is not its origin's greatest version",
+            l.version
+        ));
+    }
+    // The greatest version seen is always the winner (nothing can name it).
+    let greatest = state.origins.iter().max();
+    if state.winner().map(|l| &l.version) != greatest {
+        return Err(match greatest {
+            Some(g) => format!("the greatest version seen, {g}, is not the winner"),
+            None => "leaves without origin entries".into(),
+        });
+    }
+    if let Some(w) = state.pending.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(format!("pending names not ascending at {}", w[1]));
+    }
+    // A pending name is above its origin's entry and below the version that named it.
+    if let Some(p) = state
+        .pending
+        .iter()
+        .find(|p| state.has_seen(p) || greatest.is_none_or(|g| *p >= g))
+    {
+        return Err(format!("pending name {p} is seen already or never named"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! The rule against its set definition, directly on states (the store-level property
@@ -319,13 +429,9 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
-    use serde_json::value::RawValue;
-    use uuid::Uuid;
 
     use super::*;
     use crate::clock::Hlc;
-    use crate::event::ENVELOPE_VERSION;
-    use crate::ids::EntityName;
 
     fn v(ms: u64, node: &str) -> Version {
         Version::new(
@@ -452,6 +558,11 @@ mod tests {
             rl.merge_state(left.clone());
             prop_assert_eq!(&lr, &in_order);
             prop_assert_eq!(&rl, &in_order);
+            // Every state the rule builds, partial ones included, has the shape
+            // `check_state` demands of states merged in.
+            for s in [&left, &right, &shuffled] {
+                prop_assert_eq!(check_shape(s), Ok(()));
+            }
             // Idempotent.
             let mut again = lr.clone();
             again.merge_state(right);
@@ -522,5 +633,126 @@ mod tests {
             !dead.removable(1_700_000_000_005),
             "not older than the cutoff"
         );
+    }
+
+    const NOW: u64 = 1_763_000_000_000;
+
+    fn limits() -> EventLimits {
+        EventLimits {
+            prefix: "jetsync".into(),
+            max_doc_bytes: 1000,
+            max_clock_drift_ms: 60_000,
+        }
+    }
+
+    fn at(ms: u64, node: &str) -> Version {
+        Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new(node).unwrap())
+    }
+
+    fn state(ms: u64, doc: Option<&str>) -> (EntityName, Uuid, RecordState) {
+        let (entity, id) = (EntityName::new("orders").unwrap(), Uuid::now_v7());
+        let version = at(ms, "x");
+        let mut s = RecordState::default();
+        s.apply(ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: if doc.is_some() { Op::Put } else { Op::Delete },
+            entity: entity.clone(),
+            scope: Scope::default(),
+            id,
+            origin: version.node.clone(),
+            origin_seq: 1,
+            version,
+            base: None,
+            resolves: vec![],
+            doc: doc.map(|d| RawValue::from_string(d.into()).unwrap()),
+        });
+        (entity, id, s)
+    }
+
+    fn check((e, id, s): (EntityName, Uuid, RecordState)) -> Result<(), &'static str> {
+        check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
+    }
+
+    #[test]
+    fn states_meet_the_event_checks() {
+        assert_eq!(check(state(NOW + 1000, Some("{}"))), Ok(()));
+        assert_eq!(check(state(NOW, None)), Ok(()));
+        assert_eq!(
+            check(state(NOW + 61_000, Some("{}"))),
+            Err("clock_drift"),
+            "a leaf beyond the drift limit"
+        );
+        assert_eq!(check(state(NOW, Some("null"))), Err("malformed"));
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(2000));
+        assert_eq!(check(state(NOW, Some(&big))), Err("doc_too_large"));
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.origins.push(at(NOW + 3_600_000, "y"));
+        assert_eq!(
+            check((e, id, s)),
+            Err("clock_drift"),
+            "a far-future origin entry would make later writes look seen"
+        );
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.pending.push(at(NOW + 3_600_000, "y"));
+        assert_eq!(check((e, id, s)), Err("clock_drift"), "a far-future name");
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.leaves[0].doc = Some("{not json".into());
+        assert_eq!(check((e, id, s)), Err("malformed"));
+    }
+
+    #[test]
+    fn states_the_merge_rule_cannot_build_are_refused() {
+        // A genuine state with a conflict and a pending name passes.
+        let good = || {
+            let mut s = RecordState::default();
+            s.apply(event(&v(1, "a"), None, &[]));
+            s.apply(event(&v(3, "b"), Some(&v(2, "c")), &[]));
+            s
+        };
+        let (e, id) = (EntityName::new("items").unwrap(), Uuid::nil());
+        let now = 1_700_000_000_100;
+        let check = |s: &RecordState| check_state(&e, id, s, now, &limits()).map_err(|r| r.code());
+        assert_eq!(check(&good()), Ok(()));
+        assert_eq!(good().pending, vec![v(2, "c")]);
+
+        let mut s = good();
+        s.origins.swap(0, 1);
+        assert_eq!(check(&s), Err("malformed"), "origins out of node order");
+        let mut s = good();
+        s.origins.push(v(0, "b"));
+        s.origins.sort_by(|x, y| x.node.cmp(&y.node));
+        assert_eq!(check(&s), Err("malformed"), "two entries for one origin");
+        let mut s = good();
+        s.leaves.reverse();
+        assert_eq!(check(&s), Err("malformed"), "leaves out of order");
+        let mut s = good();
+        let mut older = s.leaves[1].clone();
+        older.version = v(0, "a");
+        s.leaves.push(older);
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "an origin's earlier version as a leaf"
+        );
+        let mut s = good();
+        s.leaves.remove(0);
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "the greatest version seen is not a leaf"
+        );
+        let mut s = good();
+        s.pending.push(v(1, "a"));
+        assert_eq!(check(&s), Err("malformed"), "a pending name already seen");
+        let mut s = good();
+        s.pending.push(v(9, "c"));
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "a pending name above everything seen"
+        );
+        let mut s = good();
+        s.pending.insert(0, v(2, "c"));
+        assert_eq!(check(&s), Err("malformed"), "a pending name twice");
     }
 }

@@ -4,7 +4,9 @@
 //! versions), so a replay can be repeated or overlap what a node already has.
 //!
 //! The range ends at the stream's last sequence as of the start, so a replay of a busy
-//! stream finishes; events are read through an ephemeral pull consumer with no acks.
+//! stream finishes; events are read through an ephemeral pull consumer with no acks, and
+//! deliveries lost in transit (see [`crate::delivery`]) start a new one after the last
+//! message taken.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::api::{ApiClient, ApiError, StreamMessage};
+use crate::api::{ApiClient, ApiError};
+use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
 use crate::event::{self, EventLimits};
 use crate::ids::EntityFilter;
@@ -27,10 +30,13 @@ use crate::stream::StreamSettings;
 /// last one at the start of the replay.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayRange {
+    /// First stream sequence to read (inclusive).
     pub from_seq: Option<u64>,
+    /// Last stream sequence to read (inclusive).
     pub to_seq: Option<u64>,
     /// Stream (JetStream) timestamps, ms since the epoch.
     pub since_ms: Option<u64>,
+    /// Stop at the first message with a stream timestamp after this, ms since the epoch.
     pub until_ms: Option<u64>,
 }
 
@@ -42,47 +48,78 @@ pub enum Sink {
     /// Applied to a store (a new one builds a partial replica); its checkpoint moves to
     /// the last sequence replayed.
     Store(Arc<Store>),
-    /// Applied by a running node (`apply` API op); its checkpoint does not move.
-    Node { api: ApiClient, node: String },
+    /// Applied by a running node (`apply` API op, given the sequences: the node reads the
+    /// messages from the stream itself); its checkpoint does not move.
+    Node {
+        /// The API client that reaches the node.
+        api: ApiClient,
+        /// The node id.
+        node: String,
+    },
 }
 
 /// How far a replay got (for progress display).
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
+    /// The last stream sequence delivered so far.
     pub seq: u64,
+    /// The first sequence of the range (after clamping to the stream).
     pub start_seq: u64,
+    /// The last sequence of the range (after clamping to the stream).
     pub end_seq: u64,
+    /// Messages read so far.
     pub messages: u64,
+    /// Time since the replay started.
     pub elapsed: Duration,
 }
 
+/// What a replay did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReplayReport {
+    /// Messages read from the stream.
     pub messages: u64,
+    /// Events applied as new (JSON lines: events that decoded and were written).
     pub applied: u64,
+    /// Events the sink already had (including at or below a store's checkpoint).
     pub duplicates: u64,
     /// Messages that did not decode (JSON lines: written as `rejected`; stores: quarantined).
     pub rejected: u64,
+    /// Stream sequence of the first message read.
     pub first_seq: Option<u64>,
+    /// Stream sequence of the last message read.
     pub last_seq: Option<u64>,
+    /// Wall time the replay took, ms.
     pub millis: u64,
 }
 
+/// A replay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    /// A JetStream request failed or the consumer stalled.
     #[error("stream {stream}: {detail}")]
-    Nats { stream: String, detail: String },
+    Nats {
+        /// The stream's name.
+        stream: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The target store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The target node's API failed.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// Writing JSON lines failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    /// The range is invalid (from after to, or a time out of range).
     #[error("invalid range: {0}")]
     Range(String),
 }
 
 const BATCH: usize = 1000;
+/// Most times a replay starts a new consumer after lost deliveries before it gives up.
+const MAX_RESUMES: usize = 100;
 
 /// Replays `range` of the stream, admitting `filters` (empty: everything), into `sink`.
 pub async fn replay(
@@ -126,66 +163,94 @@ pub async fn replay(
             start_sequence: start_seq,
         },
     };
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subjects: subjects_for(&settings.prefix, filters),
-            deliver_policy,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats(&e))?;
-    let pending = consumer
-        .clone()
-        .info()
-        .await
-        .map_err(|e| nats(&e))?
-        .num_pending;
-    if pending == 0 {
-        return Ok(report);
-    }
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(BATCH)
-        .messages()
-        .await
-        .map_err(|e| nats(&e))?
-        .ready_chunks(BATCH);
+    let filter_subjects = subjects_for(&settings.prefix, filters);
+    let mut deliver_policy = deliver_policy;
+    let mut resumed = 0;
     let mut batch: Vec<(u64, String, bytes::Bytes, u64)> = Vec::with_capacity(BATCH);
     let mut done = false;
-    while !done {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), messages.next())
+    'consumers: while !done {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subjects: filter_subjects.clone(),
+                deliver_policy,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
             .await
-            .map_err(|_| nats(&"no message within 30 s while messages were pending"))?;
-        let Some(chunk) = chunk else {
-            return Err(nats(&"the consumer ended early"));
-        };
-        for m in chunk {
-            let m = m.map_err(|e| nats(&e))?;
-            let info = m.info().map_err(|e| nats(&e))?;
-            let seq = info.stream_sequence;
-            let time_ms = u64::try_from(info.published.timestamp_millis()).unwrap_or(0);
-            let past_time = range.until_ms.is_some_and(|u| time_ms > u);
-            if seq > end_seq || past_time {
-                done = true;
-                break;
-            }
-            batch.push((seq, m.subject.to_string(), m.payload.clone(), time_ms));
-            done = seq == end_seq || info.pending == 0;
-            if done {
-                break;
-            }
+            .map_err(|e| nats(&e))?;
+        let pending = consumer
+            .clone()
+            .info()
+            .await
+            .map_err(|e| nats(&e))?
+            .num_pending;
+        if pending == 0 {
+            break;
         }
-        if !batch.is_empty() {
-            deliver(&mut sink, &mut batch, &limits, &mut report).await?;
-            progress(Progress {
-                seq: report.last_seq.unwrap_or(start_seq),
-                start_seq,
-                end_seq,
-                messages: report.messages,
-                elapsed: started.elapsed(),
-            });
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .messages()
+            .await
+            .map_err(|e| nats(&e))?
+            .ready_chunks(BATCH);
+        let mut order = DeliveryOrder::new();
+        while !done {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .map_err(|_| nats(&"no message within 30 s while messages were pending"))?;
+            let Some(chunk) = chunk else {
+                return Err(nats(&"the consumer ended early"));
+            };
+            let mut lost = None;
+            for m in chunk {
+                let m = m.map_err(|e| nats(&e))?;
+                // This consumer never redelivers: past lost deliveries, start a new one
+                // after the last message taken.
+                if let Err(gap) = order.check(delivery_of(&m)) {
+                    lost = Some(gap);
+                    break;
+                }
+                let info = m.info().map_err(|e| nats(&e))?;
+                let seq = info.stream_sequence;
+                let time_ms = u64::try_from(info.published.timestamp_millis()).unwrap_or(0);
+                let past_time = range.until_ms.is_some_and(|u| time_ms > u);
+                if seq > end_seq || past_time {
+                    done = true;
+                    break;
+                }
+                batch.push((seq, m.subject.to_string(), m.payload.clone(), time_ms));
+                done = seq == end_seq || info.pending == 0;
+                if done {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                deliver(&mut sink, &mut batch, &limits, &mut report).await?;
+                progress(Progress {
+                    seq: report.last_seq.unwrap_or(start_seq),
+                    start_seq,
+                    end_seq,
+                    messages: report.messages,
+                    elapsed: started.elapsed(),
+                });
+            }
+            if let Some(gap) = lost {
+                resumed += 1;
+                if resumed > MAX_RESUMES {
+                    return Err(nats(&format!("{gap}, {MAX_RESUMES} times: giving up")));
+                }
+                tracing::warn!(%gap, after_seq = ?report.last_seq, "replay resuming");
+                deliver_policy = match report.last_seq {
+                    Some(last) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    },
+                    // Nothing taken yet: start over as asked.
+                    None => deliver_policy,
+                };
+                continue 'consumers;
+            }
         }
     }
     if let Sink::JsonLines(out) = &mut sink {
@@ -246,17 +311,11 @@ async fn deliver(
             report.rejected += r.quarantined as u64;
         }
         Sink::Node { api, node } => {
-            let messages: Vec<StreamMessage> = taken
-                .into_iter()
-                .map(|(seq, subject, payload, time_ms)| StreamMessage {
-                    seq,
-                    subject,
-                    payload: String::from_utf8_lossy(&payload).into_owned(),
-                    time_ms,
-                })
-                .collect();
+            // Only the sequences: the node reads each message from the stream itself, so
+            // its subject and timestamp are the stream's, not what a caller claims.
+            let seqs: Vec<u64> = taken.iter().map(|m| m.0).collect();
             for r in api
-                .call_batched(node, "apply", "messages", &messages, json!({}))
+                .call_batched(node, "apply", "seqs", &seqs, json!({}))
                 .await?
             {
                 report.applied += r["applied"].as_u64().unwrap_or(0);

@@ -48,34 +48,56 @@ const CHUNK_SIZE: usize = 256 * 1024;
 pub struct SnapshotMeta {
     /// The object's name in the bucket.
     pub name: String,
+    /// The node that took it.
     pub node: NodeId,
+    /// The stream the state came from.
     pub stream: StreamIdentity,
     /// The last stream sequence the state reflects: resume at `seq + 1`.
     pub seq: u64,
     /// The taking node's filters (empty: every entity type).
     pub filters: Vec<EntityFilter>,
+    /// When it was taken, ms since the epoch (the taking node's wall clock).
     pub created_ms: u64,
 }
 
 /// A snapshot taken, or loaded.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SnapshotReport {
+    /// The snapshot's metadata.
     pub meta: SnapshotMeta,
+    /// Records written (taking) or read (loading).
     pub records: u64,
+    /// Snapshot size in bytes (taking: the object; loading: the record frames read).
     pub bytes: u64,
     /// Damaged records left out (taking) or merged records that changed (loading).
     pub detail: u64,
+    /// Wall time the operation took, ms.
     pub millis: u64,
 }
 
+/// Taking, listing, loading or pruning snapshots failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// An object store request failed.
     #[error("snapshot bucket {bucket}: {detail}")]
-    Nats { bucket: String, detail: String },
+    Nats {
+        /// The bucket's name.
+        bucket: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The local store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The snapshot's bytes are not a valid snapshot (bad header, frame, record or trailer).
     #[error("snapshot {name} is unreadable: {detail}")]
-    Format { name: String, detail: String },
+    Format {
+        /// The snapshot's name.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The thing a snapshot operation needs is missing (no snapshot of that name, or no stream identity to snapshot against); the message says what.
     #[error("{0}")]
     NotFound(String),
 }

@@ -1,7 +1,14 @@
 //! The JetStream stream every node shares: its settings, provisioning (create it, or
-//! verify an existing one and refuse a conflicting config), and the identity a node
-//! remembers so it notices when the stream it was following was deleted and recreated.
+//! verify an existing one and refuse a conflicting config), the identity a node
+//! remembers so it notices when the stream it was following was deleted and recreated,
+//! and the deployment's limits pinned in the stream's metadata.
+//!
+//! The limits that decide quarantine (largest document, clock drift) must be the same on
+//! every node, or one node would quarantine what the others apply. The node that creates
+//! the stream writes its configured values into the stream's metadata; every node adopts
+//! those values, whatever its own file says (see [`DeploymentLimits`]).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -14,10 +21,13 @@ pub enum Retention {
     /// Keep events until a limit removes the oldest (0 = unlimited). Nodes that fall
     /// behind the first kept sequence need a snapshot.
     Limits {
+        /// Drop events older than this (0: no age limit).
         #[serde(default, with = "secs")]
         max_age: Duration,
+        /// Keep at most this many bytes (0: unlimited).
         #[serde(default)]
         max_bytes: i64,
+        /// Keep at most this many messages (0: unlimited).
         #[serde(default)]
         max_msgs: i64,
     },
@@ -49,9 +59,71 @@ mod secs {
     }
 }
 
+/// The limits that decide quarantine, one setting of the whole deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentLimits {
+    /// Largest document, in bytes.
+    pub max_doc_bytes: usize,
+    /// Largest clock drift ahead of the stream's timestamp, in ms.
+    pub max_clock_drift_ms: u64,
+}
+
+const META_MAX_DOC_BYTES: &str = "jetsync.max_doc_bytes";
+const META_MAX_CLOCK_DRIFT_MS: &str = "jetsync.max_clock_drift_ms";
+
+impl DeploymentLimits {
+    /// The limits recorded in a stream's metadata, if both are there and parse.
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Option<Self> {
+        Some(DeploymentLimits {
+            max_doc_bytes: meta.get(META_MAX_DOC_BYTES)?.parse().ok()?,
+            max_clock_drift_ms: meta.get(META_MAX_CLOCK_DRIFT_MS)?.parse().ok()?,
+        })
+    }
+
+    fn write_metadata(&self, meta: &mut HashMap<String, String>) {
+        meta.insert(META_MAX_DOC_BYTES.into(), self.max_doc_bytes.to_string());
+        meta.insert(
+            META_MAX_CLOCK_DRIFT_MS.into(),
+            self.max_clock_drift_ms.to_string(),
+        );
+    }
+
+    /// What differs from `configured`, as `key = configured -> deployment` phrases.
+    pub fn differences(&self, configured: &DeploymentLimits) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_doc_bytes != configured.max_doc_bytes {
+            out.push(format!(
+                "limits.max_doc_bytes {} -> {}",
+                configured.max_doc_bytes, self.max_doc_bytes
+            ));
+        }
+        if self.max_clock_drift_ms != configured.max_clock_drift_ms {
+            out.push(format!(
+                "limits.max_clock_drift {} ms -> {} ms",
+                configured.max_clock_drift_ms, self.max_clock_drift_ms
+            ));
+        }
+        out
+    }
+}
+
+/// The stream as provisioned: who it is, where it stands, and the deployment's limits.
+#[derive(Clone, Debug)]
+pub struct Provisioned {
+    /// Who the stream is.
+    pub identity: StreamIdentity,
+    /// Its first/last sequences and counts when provisioned.
+    pub state: stream::State,
+    /// The limits pinned in the stream's metadata (this node's own when it created the
+    /// stream or pinned them on a stream from before limits were pinned); `None` if none
+    /// are pinned and none were given.
+    pub limits: Option<DeploymentLimits>,
+}
+
 /// The stream a deployment replicates through.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamSettings {
+    /// The stream's name.
     pub name: String,
     /// Subject prefix; the stream captures `<prefix>.>`.
     pub prefix: String,
@@ -59,6 +131,7 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// Publish de-duplication window for `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// How long the stream keeps events.
     pub retention: Retention,
     /// JetStream domain of the servers holding the stream, when it is reached through a
     /// leaf node (`$JS.<domain>.API`); `None` for the local JetStream.
@@ -81,17 +154,26 @@ impl Default for StreamSettings {
 /// Provisioning the stream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// The stream exists with settings that differ from these.
     #[error(
         "stream {name:?} exists with a conflicting configuration: {detail}; fix the node config or the stream"
     )]
-    Conflict { name: String, detail: String },
+    Conflict {
+        /// The stream's name.
+        name: String,
+        /// The settings that differ.
+        detail: String,
+    },
+    /// The settings themselves are invalid (name, replicas).
     #[error("invalid stream settings: {0}")]
     Invalid(String),
+    /// A JetStream request failed.
     #[error("JetStream request failed: {0}")]
     Nats(String),
 }
 
 impl StreamSettings {
+    /// Checks the stream name and the replica count.
     pub fn validate(&self) -> Result<(), StreamError> {
         if self.name.is_empty() || self.name.contains(['.', ' ', '*', '>', '\t']) {
             return Err(StreamError::Invalid(format!(
@@ -187,17 +269,30 @@ impl StreamSettings {
 /// What a node remembers of the stream it follows, to notice a recreated stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamIdentity {
+    /// The stream's name.
     pub name: String,
     /// Creation time in ms since the epoch, as JetStream reports it.
     pub created_ms: i64,
 }
 
 /// Creates the stream, or verifies that the existing one matches `settings`. Returns its
-/// identity and current state.
+/// identity and current state (see [`provision`] for the deployment's limits too).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<(StreamIdentity, stream::State), StreamError> {
+    let p = provision(js, settings, None).await?;
+    Ok((p.identity, p.state))
+}
+
+/// Creates the stream (with `pin` in its metadata), or verifies that the existing one
+/// matches `settings`. A stream without pinned limits (made before they were pinned) gets
+/// `pin` written into its metadata (if the node may update it; else `pin` is used).
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    pin: Option<DeploymentLimits>,
+) -> Result<Provisioned, StreamError> {
     settings.validate()?;
     let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
     let mut stream = match js.get_stream(&settings.name).await {
@@ -206,7 +301,11 @@ pub async fn ensure_stream(
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je)
                 if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
-            match js.create_stream(settings.config()).await {
+            let mut config = settings.config();
+            if let Some(pin) = pin {
+                pin.write_metadata(&mut config.metadata);
+            }
+            match js.create_stream(config).await {
                 Ok(s) => s,
                 // Another node created it in between: verify theirs below.
                 Err(_) => js.get_stream(&settings.name).await.map_err(|e| nats(&e))?,
@@ -214,7 +313,7 @@ pub async fn ensure_stream(
         }
         Err(e) => return Err(nats(&e)),
     };
-    let info = stream.info().await.map_err(|e| nats(&e))?;
+    let mut info = stream.info().await.map_err(|e| nats(&e))?.clone();
     let conflicts = settings.conflicts(&info.config);
     if !conflicts.is_empty() {
         return Err(StreamError::Conflict {
@@ -222,13 +321,91 @@ pub async fn ensure_stream(
             detail: conflicts.join("; "),
         });
     }
-    Ok((
-        StreamIdentity {
+    let limits = match (DeploymentLimits::from_metadata(&info.config.metadata), pin) {
+        (Some(pinned), _) => Some(pinned),
+        (None, None) => None,
+        (None, Some(pin)) => Some({
+            let mut config = info.config.clone();
+            pin.write_metadata(&mut config.metadata);
+            match js.update_stream(config).await {
+                Ok(updated) => {
+                    info = updated;
+                    DeploymentLimits::from_metadata(&info.config.metadata).unwrap_or(pin)
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %settings.name, error = %e,
+                        "cannot pin the deployment's limits in the stream's metadata; using this node's");
+                    pin
+                }
+            }
+        }),
+    };
+    Ok(Provisioned {
+        identity: StreamIdentity {
             name: settings.name.clone(),
             created_ms: info.created.timestamp_millis(),
         },
-        info.state.clone(),
-    ))
+        state: info.state.clone(),
+        limits,
+    })
+}
+
+/// A message read back from the stream: subject and timestamp as the stream holds them.
+#[derive(Clone, Debug)]
+pub struct StoredMessage {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// Its subject.
+    pub subject: String,
+    /// Its payload.
+    pub payload: bytes::Bytes,
+    /// The JetStream timestamp, ms since the epoch.
+    pub time_ms: u64,
+    /// Its `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+}
+
+impl StoredMessage {
+    fn from_stream(m: jetstream::message::StreamMessage) -> Self {
+        StoredMessage {
+            seq: m.sequence,
+            subject: m.subject.to_string(),
+            msg_id: m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.to_string()),
+            payload: m.payload,
+            time_ms: u64::try_from(m.time.timestamp_millis()).unwrap_or(0),
+        }
+    }
+}
+
+/// The message at `seq`, read from the stream leader (not a replica that may lag behind a
+/// publish just acknowledged); `None` if the stream does not hold it (deleted, removed by
+/// retention, not yet written).
+pub async fn read_message(
+    stream: &stream::Stream,
+    seq: u64,
+) -> Result<Option<StoredMessage>, StreamError> {
+    match stream.get_raw_message(seq).await {
+        Ok(m) => Ok(Some(StoredMessage::from_stream(m))),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(StreamError::Nats(format!("reading sequence {seq}: {e}"))),
+    }
+}
+
+/// The last event the stream holds from `origin` (any entity, scope and record), if any.
+pub async fn last_of_origin(
+    stream: &stream::Stream,
+    prefix: &str,
+    origin: &str,
+) -> Result<Option<StoredMessage>, StreamError> {
+    let subject = format!("{prefix}.*.*.{origin}.*");
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(Some(StoredMessage::from_stream(m))),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(StreamError::Nats(format!("last event of {origin}: {e}"))),
+    }
 }
 
 #[cfg(test)]

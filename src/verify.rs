@@ -24,12 +24,19 @@ use crate::store::VerifyHashes;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Side {
+    /// The node has no record with this id (or it counts as absent: a lone tombstone).
     Missing,
+    /// The node's stored record is damaged.
     Damaged,
+    /// The node has the record.
     Present {
+        /// The winning version, as `<ms>.<counter>@<node>`.
         winner: String,
+        /// Whether the winner is a tombstone.
         deleted: bool,
+        /// How many conflict leaves it has.
         conflicts: usize,
+        /// The whole merge state (not serialised), for repair.
         #[serde(skip)]
         state: RecordState,
     },
@@ -62,9 +69,13 @@ impl Side {
 /// A record the two nodes disagree on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Difference {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
+    /// The record on node A.
     pub a: Side,
+    /// The record on node B.
     pub b: Side,
 }
 
@@ -84,24 +95,36 @@ impl Difference {
 /// The result for one entity type.
 #[derive(Clone, Debug, Serialize)]
 pub struct EntityReport {
+    /// The entity type.
     pub entity: EntityName,
+    /// The scopes compared (empty: every scope).
     pub scopes: Vec<Scope>,
+    /// Records on A counted in the hashes.
     pub records_a: u64,
+    /// Records on B counted in the hashes.
     pub records_b: u64,
+    /// Buckets compared record by record: hashes differ or hold a damaged record.
     pub differing_buckets: usize,
+    /// The records that differ.
     pub differences: Vec<Difference>,
     /// Set with repair: records merged into A and into B, and whether a second pass agreed.
     pub repaired_a: usize,
+    /// Records merged into B (with repair).
     pub repaired_b: usize,
+    /// Whether a second pass agreed after repair; `None` without repair.
     pub converged_after_repair: Option<bool>,
     /// Records neither side can repair (damaged on one, absent on the other).
     pub unrepairable: Vec<Uuid>,
 }
 
+/// The result of comparing two nodes.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
+    /// Node A's id.
     pub a: String,
+    /// Node B's id.
     pub b: String,
+    /// One report per entity type compared.
     pub entities: Vec<EntityReport>,
     /// Entity types only one of the nodes replicates, not compared.
     pub skipped: Vec<String>,
@@ -121,14 +144,20 @@ impl VerifyReport {
     }
 }
 
+/// Verifying or repairing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// A node API call failed.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// A node's reply does not have the expected shape.
     #[error("node {node} sent an unexpected {what}: {detail}")]
     Reply {
+        /// The node that sent it.
         node: String,
+        /// Which reply it was.
         what: &'static str,
+        /// What is wrong with it.
         detail: String,
     },
 }

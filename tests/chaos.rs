@@ -4,6 +4,8 @@
 //! - `node_kill`: SIGKILL a node process, start it again on the same store;
 //! - `server_kill`: SIGKILL a nats-server, restart it on the same store and ports;
 //! - `node_pause` / `server_pause`: SIGSTOP a node process or a nats-server, later SIGCONT;
+//! - `quorum_loss`: SIGKILL two of the three nats-servers at once (the R3 stream loses its
+//!   quorum: no publish is acknowledged, nothing is delivered), then restart both;
 //! - `cut`: cut a node off the network. Each node reaches the cluster only through TCP
 //!   proxies this test runs (one per server, `ignore_discovered_servers` so the client
 //!   never goes around them); a cut drops the node's open connections and refuses new
@@ -343,6 +345,8 @@ enum Fault {
     NodePause(usize),
     ServerPause(usize),
     Cut(usize),
+    /// Every server but this one killed at once.
+    QuorumLoss(usize),
 }
 
 impl Fault {
@@ -353,6 +357,7 @@ impl Fault {
             Fault::NodePause(_) => "node_pause",
             Fault::ServerPause(_) => "server_pause",
             Fault::Cut(_) => "cut",
+            Fault::QuorumLoss(_) => "quorum_loss",
         }
     }
     fn node(&self) -> Option<usize> {
@@ -363,24 +368,30 @@ impl Fault {
     }
     fn server(&self) -> Option<usize> {
         match *self {
-            Fault::ServerKill(i) | Fault::ServerPause(i) => Some(i),
+            // A quorum loss takes every server but one: it excludes any other server fault.
+            Fault::ServerKill(i) | Fault::ServerPause(i) | Fault::QuorumLoss(i) => Some(i),
             _ => None,
         }
     }
 }
 
-/// One or two faults on different targets, at most one server down (the R3 stream keeps
-/// its quorum, so acknowledged publishes must survive).
-fn pick_faults(rng: &mut Rng) -> Vec<Fault> {
+/// One or two faults on different targets, at most one server fault per round (a single
+/// server down, or a quorum loss: two of three down at once). `quorum_loss` forces one
+/// into the round, so every run has at least one.
+fn pick_faults(rng: &mut Rng, quorum_loss: bool) -> Vec<Fault> {
     let mut out: Vec<Fault> = Vec::new();
+    if quorum_loss {
+        out.push(Fault::QuorumLoss(rng.below(3) as usize));
+    }
     let count = 1 + rng.below(2);
     while out.len() < count as usize {
         let n = rng.below(3) as usize;
-        let f = match rng.below(5) {
+        let f = match rng.below(6) {
             0 => Fault::NodeKill(n),
             1 => Fault::ServerKill(n),
             2 => Fault::NodePause(n),
             3 => Fault::ServerPause(n),
+            4 => Fault::QuorumLoss(n),
             _ => Fault::Cut(n),
         };
         let clash = out.iter().any(|o| {
@@ -420,6 +431,14 @@ impl Chaos {
                 .pause()
                 .expect("SIGSTOP a server"),
             Fault::Cut(i) => self.proxies[i].iter().for_each(Proxy::cut),
+            Fault::QuorumLoss(keep) => {
+                for j in (0..3).filter(|j| *j != keep) {
+                    self.cluster
+                        .server_mut(j)
+                        .kill9()
+                        .expect("kill -9 a server");
+                }
+            }
         }
     }
 
@@ -438,6 +457,13 @@ impl Chaos {
                 .resume()
                 .expect("SIGCONT a server"),
             Fault::Cut(i) => self.proxies[i].iter().for_each(Proxy::heal),
+            Fault::QuorumLoss(keep) => {
+                for j in (0..3).filter(|j| *j != keep) {
+                    self.cluster.server_mut(j).restart().unwrap_or_else(|e| {
+                        panic!("server {j} does not restart after a quorum loss: {e}")
+                    });
+                }
+            }
         }
     }
 
@@ -729,7 +755,9 @@ async fn chaos_nodes_converge_and_lose_nothing() {
     for round in 0..rounds {
         // Let the workload run, then break things while it goes on.
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
-        let picked = pick_faults(&mut rng);
+        // One round in the middle loses the quorum for sure, unless one did already.
+        let force = round == rounds / 2 && !faults.contains_key("quorum_loss");
+        let picked = pick_faults(&mut rng, force);
         for f in &picked {
             *faults.entry(f.kind()).or_default() += 1;
             tokio::task::block_in_place(|| chaos.inject(*f));

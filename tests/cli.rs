@@ -385,3 +385,128 @@ fn operator_commands_snapshot_replay_verify_inspect() {
     sigterm(&mut b);
     sigterm(&mut c);
 }
+
+/// The CLI without `JETSYNC_NATS_URL`: the nats CLI's names must reach the server.
+fn bare(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write as _;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("JETSYNC_NATS_URL")
+        .env_remove("NATS_URL")
+        .env_remove("NATS_CONTEXT")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run the jetsync binary");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("jetsync output")
+}
+
+#[test]
+fn put_reads_large_documents_from_stdin_and_files_and_get_prints_the_record() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = start_node(dir.path(), "alpha", &url);
+    wait_for("alpha to answer", Duration::from_secs(20), || {
+        let out = stdout(&bare(&["nodes", "-s", &url], &[], None));
+        if out.contains("alpha") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+    // 200 KB: above the ~128 KiB a single argument may have, below max_doc_bytes.
+    let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(200_000));
+    let id = "0196f3a0-0000-7000-8000-0000000000aa";
+    let o = bare(
+        &[
+            "put", "orders", id, "-", "--node", "alpha", "--server", &url,
+        ],
+        &[],
+        Some(big.as_bytes()),
+    );
+    assert!(
+        o.status.success(),
+        "put -: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let file = dir.path().join("doc.json");
+    std::fs::write(&file, big.replace('x', "y")).unwrap();
+    let id2 = "0196f3a0-0000-7000-8000-0000000000bb";
+    let at = format!("@{}", file.display());
+    let o = bare(
+        &["put", "orders", id2, &at, "--node", "alpha"],
+        &[("NATS_URL", &url)],
+        None,
+    );
+    assert!(
+        o.status.success(),
+        "put @file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let rec = get_json(&url, "alpha", "orders", id2).expect("get --json");
+    assert_eq!(rec["doc"]["blob"].as_str().map(str::len), Some(200_000));
+    assert!(rec["doc"]["blob"].as_str().unwrap().starts_with('y'));
+
+    // Without --json a record prints as a record (it was taken for a conflicts table and
+    // printed as a lone header).
+    let o = cli(&url, &["get", "orders", id, "--node", "alpha"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!("id: {id}")) && text.contains("version: ") && text.contains("xxxx"),
+        "get prints the record: {}",
+        &text[..text.len().min(300)]
+    );
+    assert!(
+        !text.starts_with("ID"),
+        "not a table header: {}",
+        &text[..40.min(text.len())]
+    );
+
+    // A nats CLI context file gives the URL.
+    let ctx = dir.path().join("ctx.json");
+    std::fs::write(
+        &ctx,
+        format!("{{\"description\":\"test\",\"url\":\"{url}\"}}"),
+    )
+    .unwrap();
+    let o = bare(
+        &[
+            "status",
+            "--node",
+            "alpha",
+            "--json",
+            "--context",
+            ctx.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert!(
+        o.status.success(),
+        "--context: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = bare(
+        &["put", "orders", "-", "--node", "alpha", "-s", &url],
+        &[],
+        Some(b"[1]"),
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("standard input"),
+        "a bad DOC from stdin says where it came from: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    sigterm(&mut a);
+}

@@ -173,6 +173,16 @@ fn a_format_2_store_is_upgraded_in_place() {
         [hot, conflicted, waiting].map(|id| t.store.state(&orders, id).unwrap().unwrap());
     let digest = t.store.digest(&orders).unwrap();
     let outbox_before = t.outbox();
+    // The node-level meta keys (message-id secret and incarnation, adopted deployment
+    // limits) are not the records': the upgrade leaves them as they are.
+    t.store
+        .adopt_limits(jetsync::stream::DeploymentLimits {
+            max_doc_bytes: 4096,
+            max_clock_drift_ms: 7_000,
+        })
+        .unwrap();
+    let (msg_id, limits) = (t.store.msg_id(1), t.store.limits());
+    assert_eq!(limits.max_doc_bytes, 4096);
 
     // Rewrite the three records as format 2 had them, and a1's kept event away: format 2
     // kept it as a leaf, so it had none.
@@ -255,6 +265,13 @@ fn a_format_2_store_is_upgraded_in_place() {
         "the conflict index follows the upgraded leaves"
     );
     assert_eq!(t.outbox(), outbox_before, "a1 still publishes");
+    assert_eq!(t.store.msg_id(1), msg_id, "same incarnation and secret");
+    let after = t.store.limits();
+    assert_eq!(
+        (after.max_doc_bytes, after.max_clock_drift_ms),
+        (limits.max_doc_bytes, limits.max_clock_drift_ms),
+        "adopted limits kept"
+    );
     // Old duplicates and the pending version's late event are recognised.
     let r = t.deliver_outbox(&hot_events);
     assert_eq!((r.applied, r.duplicates), (0, 5));

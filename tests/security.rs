@@ -7,7 +7,10 @@
 //!   refuses it with a permissions violation, the stream never holds it, no node applies it;
 //! - a forged event (subject origin differs from the body's), from the unrestricted
 //!   operator user or from a node on its own subject, is quarantined by every node as
-//!   `forged_origin`, counted in status, and replication goes on.
+//!   `forged_origin`, counted in status, and replication goes on;
+//! - each node is confined to its own inbox prefix, its own consumer and its own lease
+//!   key, yet snapshots and bootstrap from a snapshot work; the read-only `viewer` role
+//!   reads (get, list, status, digest) and can change nothing.
 
 mod common;
 
@@ -74,6 +77,8 @@ impl Secure {
             },
             _ => self.user(name, &format!("change-me-{name}")),
         };
+        // The server allows each node replies on its own inbox prefix only.
+        c.nats_auth.inbox_prefix = Some(format!("_INBOX_{name}"));
         c
     }
 }
@@ -150,6 +155,10 @@ async fn raw_client(s: &Secure, auth: &NatsAuth) -> (async_nats::Client, Arc<Mut
     )
     .add_root_certificates(s.ca.clone())
     .require_tls(true)
+    .custom_inbox_prefix(format!(
+        "_INBOX_{}",
+        auth.user.as_deref().unwrap_or_default()
+    ))
     .event_callback(move |event| {
         let seen = seen.clone();
         async move {
@@ -371,5 +380,176 @@ fn the_secure_example_node_configs_load() {
             .unwrap_or_else(|e| panic!("{file} is valid: {e}"));
         assert_eq!(config.node_id.as_str(), node);
         assert!(config.nats_auth.tls_required && config.nats_auth.tls_ca.is_some());
+    }
+}
+
+/// Subscribes with `client` and reports whether the server refused the subscription
+/// (a permissions violation naming `subject` among `errors`).
+async fn refused_subscribe(
+    client: &async_nats::Client,
+    errors: &Arc<Mutex<Vec<String>>>,
+    subject: &str,
+) -> bool {
+    let _sub = client.subscribe(subject.to_owned()).await.unwrap();
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.to_lowercase().contains("permissions violation") && m.contains(subject))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_read() {
+    let s = secure_server();
+    let orders = entity("orders");
+    let berlin = start(s.node_config("berlin")).await;
+    let porto = start(s.node_config("porto")).await;
+    let mut ids = Vec::new();
+    for (i, n) in [&berlin, &porto].iter().enumerate() {
+        for k in 0..5 {
+            let id = Uuid::now_v7();
+            n.put(&orders, id, json!({"by": i, "k": k})).await.unwrap();
+            ids.push(id);
+        }
+    }
+    converge(&[&berlin, &porto], &orders, Duration::from_secs(30)).await;
+
+    // Confinement: berlin's user reads neither other inboxes nor lisbon's consumer.
+    let (as_berlin, errors) = raw_client(&s, &s.user("berlin", "change-me-berlin")).await;
+    assert!(
+        refused_subscribe(&as_berlin, &errors, "_INBOX.>").await,
+        "berlin may read every client's replies"
+    );
+    let pull = as_berlin
+        .publish(
+            "$JS.API.CONSUMER.MSG.NEXT.JETSYNC.jetsync_lisbon",
+            "{\"batch\":1}".into(),
+        )
+        .await;
+    as_berlin.flush().await.unwrap();
+    wait_for(
+        "the server to refuse berlin pulling from lisbon's consumer",
+        Duration::from_secs(10),
+        || async {
+            let e = errors.lock().unwrap().clone();
+            if pull.is_err()
+                || e.iter().any(|m| {
+                    m.contains("jetsync_lisbon")
+                        && m.to_lowercase().contains("permissions violation")
+                })
+            {
+                Ok(())
+            } else {
+                Err(format!("server errors so far: {e:?}"))
+            }
+        },
+    )
+    .await;
+
+    // A snapshot on berlin, then the stream loses everything before now: a new node
+    // (lisbon) bootstraps from the snapshot under its confined user.
+    let ops = connect(&[s.url()], &s.ops(), "ops", false).await.unwrap();
+    let api = ApiClient::new(ops.clone(), "jetsync").with_timeout(Duration::from_secs(30));
+    let snap = api
+        .call("berlin", "snapshot", json!({}))
+        .await
+        .expect("berlin takes a snapshot under its confined user");
+    assert_eq!(snap["records"], 10, "{snap}");
+    let ops_js = async_nats::jetstream::new(ops.clone());
+    let last = stream_last_seq(&ops_js).await;
+    ops_js
+        .get_stream("JETSYNC")
+        .await
+        .unwrap()
+        .purge()
+        .sequence(last + 1)
+        .await
+        .expect("ops purges the stream");
+    let lisbon = start(s.node_config("lisbon")).await;
+    wait_for(
+        "lisbon to bootstrap from berlin's snapshot",
+        Duration::from_secs(60),
+        || async {
+            let st = lisbon.status().await.map_err(|e| e.to_string())?;
+            let have = lisbon.store().list(&orders, None, 100).unwrap().items.len();
+            if st.bootstrapped.is_some() && have == 10 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "bootstrapped {:?}, {have} records, halted {:?}, error {:?}",
+                    st.bootstrapped, st.halted, st.last_error
+                ))
+            }
+        },
+    )
+    .await;
+    let late = Uuid::now_v7();
+    lisbon
+        .put(&orders, late, json!({"late": true}))
+        .await
+        .unwrap();
+    converge(
+        &[&berlin, &porto, &lisbon],
+        &orders,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The read-only role: reads work, changes are refused and change nothing.
+    let viewer = NatsAuth {
+        inbox_prefix: Some("_INBOX_viewer".into()),
+        ..s.user("viewer", "change-me-viewer")
+    };
+    let viewer = connect(&[s.url()], &viewer, "viewer", false)
+        .await
+        .expect("viewer connects");
+    let ro = ApiClient::new(viewer, "jetsync").with_timeout(Duration::from_secs(3));
+    let status = ro
+        .call("berlin", "status", json!({}))
+        .await
+        .expect("status");
+    assert_eq!(status["node"], "berlin");
+    let got = ro
+        .call("porto", "get", json!({"entity": "orders", "id": ids[0]}))
+        .await
+        .expect("get");
+    assert_eq!(got["doc"]["k"], 0);
+    let listed = ro
+        .call("lisbon", "list", json!({"entity": "orders"}))
+        .await
+        .expect("list");
+    assert_eq!(listed["records"].as_array().unwrap().len(), 11);
+    ro.call("berlin", "digest", json!({}))
+        .await
+        .expect("digest");
+    let denied = Uuid::now_v7();
+    for (op, body) in [
+        (
+            "put",
+            json!({"entity": "orders", "id": denied, "doc": {"x": 1}}),
+        ),
+        ("delete", json!({"entity": "orders", "id": ids[0]})),
+        ("snapshot", json!({})),
+        ("merge_records", json!({"entity": "orders", "states": []})),
+        ("quarantine", json!({})),
+    ] {
+        assert!(
+            ro.call("berlin", op, body).await.is_err(),
+            "the viewer may call {op}"
+        );
+    }
+    assert!(berlin.store().get(&orders, denied).unwrap().is_none());
+    assert!(berlin.store().get(&orders, ids[0]).unwrap().is_some());
+    for n in [berlin, porto, lisbon] {
+        n.shutdown().await.unwrap();
     }
 }

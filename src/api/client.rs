@@ -12,16 +12,41 @@ use super::wire::{RemoteError, api_root};
 /// Calling the API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// Nothing subscribes to the node's API subject: the node is not running, or uses another prefix or NATS account.
     #[error(
         "no node {node:?} answers on {subject} (is it running, with this prefix and NATS account?)"
     )]
-    NoResponders { node: String, subject: String },
+    NoResponders {
+        /// The node id asked.
+        node: String,
+        /// The request subject.
+        subject: String,
+    },
+    /// The node did not answer within the client's timeout.
     #[error("node {node:?} did not answer within {timeout:?}")]
-    Timeout { node: String, timeout: Duration },
+    Timeout {
+        /// The node id asked.
+        node: String,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// The NATS request failed otherwise (e.g. disconnected).
     #[error("request to {node:?} failed: {detail}")]
-    Request { node: String, detail: String },
+    Request {
+        /// The node id asked.
+        node: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// The reply is not an API reply (not JSON of the reply shape).
     #[error("node {node:?} sent a reply that is not an API reply: {detail}")]
-    BadReply { node: String, detail: String },
+    BadReply {
+        /// The node id asked.
+        node: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The node answered with an error reply.
     #[error(transparent)]
     Remote(#[from] RemoteError),
 }
@@ -35,6 +60,7 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A client for the API of nodes under subject prefix `prefix`, with a 5 s reply timeout.
     pub fn new(client: async_nats::Client, prefix: &str) -> Self {
         ApiClient {
             client,
@@ -83,6 +109,9 @@ impl ApiClient {
             }
             Ok(Ok(m)) => m,
         };
+        if let Some(e) = service_error(&msg) {
+            return Err(e.into());
+        }
         parse_reply(node, &msg.payload)
     }
 
@@ -117,7 +146,8 @@ impl ApiClient {
         Ok(replies)
     }
 
-    /// Every node that answers a ping within `wait`.
+    /// Every node of this prefix that answers `$SRV.PING.jetsync` (ADR-32 discovery) within
+    /// `wait`: `[{node, version, id}]`, sorted by node.
     pub async fn nodes(&self, wait: Duration) -> Result<Vec<Value>, ApiError> {
         let inbox = self.client.new_inbox();
         let err = |e: &dyn std::fmt::Display| ApiError::Request {
@@ -129,20 +159,45 @@ impl ApiClient {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| err(&e))?;
+        let ping = format!("$SRV.PING.{}", super::server::SERVICE_NAME);
         self.client
-            .publish_with_reply(format!("{}.ping", self.root), inbox, "{}".into())
+            .publish_with_reply(ping, inbox, "".into())
             .await
             .map_err(|e| err(&e))?;
+        let prefix = self.root.strip_suffix("_api").unwrap_or(&self.root);
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if let Ok(v) = parse_reply("*", &msg.payload) {
-                out.push(v);
+            let Ok(pong) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            let meta = &pong["metadata"];
+            if meta["prefix"].as_str() == Some(prefix) && meta["node"].is_string() {
+                out.push(
+                    json!({"node": meta["node"], "version": pong["version"], "id": pong["id"]}),
+                );
             }
         }
         out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Ok(out)
     }
+}
+
+/// The error a service error reply carries in its `Nats-Service-Error` header (a
+/// [`RemoteError`] as JSON; anything else becomes a `service_error` with that text).
+fn service_error(msg: &async_nats::Message) -> Option<RemoteError> {
+    let status = msg
+        .headers
+        .as_ref()?
+        .get(async_nats::service::NATS_SERVICE_ERROR)?
+        .as_str();
+    Some(
+        serde_json::from_str(status).unwrap_or_else(|_| RemoteError {
+            code: "service_error".into(),
+            message: status.to_owned(),
+            current: None,
+        }),
+    )
 }
 
 /// The `ok` value of a reply, or its `error` (a reply with neither is `null`).

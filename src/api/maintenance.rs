@@ -5,11 +5,11 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::server::{applied_reply, blocking, to_json};
-use super::wire::{RemoteError, Req};
+use super::server::{applied_reply, blocking, fit_reply, to_json};
+use super::wire::{RemoteError, Req, bad_request};
 use crate::merge::RecordState;
 use crate::node::NodeHandle;
-use crate::store::{Incoming, RecordSlot, VerifyHashes};
+use crate::store::{RecordSlot, VerifyHashes};
 
 pub(super) async fn snapshot(node: &NodeHandle) -> Result<Value, RemoteError> {
     let report = node
@@ -32,15 +32,16 @@ pub(super) async fn bucket_records(node: &NodeHandle, req: Req) -> Result<Value,
     let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
     let page = blocking(move || store.records_in_buckets(&entity, &buckets, &scopes, after, limit))
         .await?;
-    let records: Vec<Value> = page
+    let records: Vec<(Uuid, Value)> = page
         .items
         .into_iter()
         .map(|(id, slot)| match slot {
-            RecordSlot::State(state) => json!({"id": id, "state": state}),
-            RecordSlot::Damaged => json!({"id": id, "state": "damaged"}),
+            RecordSlot::State(state) => (id, json!({"id": id, "state": state})),
+            RecordSlot::Damaged => (id, json!({"id": id, "state": "damaged"})),
         })
         .collect();
-    Ok(json!({"records": records, "next": page.next}))
+    let (records, cut) = fit_reply(node, records);
+    Ok(json!({"records": records, "next": cut.or(page.next)}))
 }
 
 pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
@@ -49,7 +50,17 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
     let states: Vec<(Uuid, RecordState)> =
         req.states.into_iter().map(|e| (e.id, e.state)).collect();
     let report = blocking(move || store.merge_records(&entity, states)).await?;
-    let out = json!({"changed": report.changed, "repaired": report.repaired});
+    let refused: Vec<Value> = report
+        .refused
+        .iter()
+        .map(|(id, why)| json!({"id": id, "reason": why}))
+        .collect();
+    let out = json!({
+        "changed": report.changed,
+        "repaired": report.repaired,
+        "refused": refused.len(),
+        "refusals": refused,
+    });
     node.announce(report.changes);
     Ok(out)
 }
@@ -70,21 +81,25 @@ pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, Rem
     let next = (entries.len() == limit)
         .then(|| entries.last().map(|e| e.id))
         .flatten();
-    let entries: Vec<Value> = entries
+    let entries: Vec<(u64, Value)> = entries
         .iter()
         .map(|e| {
-            json!({
-                "id": e.id,
-                "stream_seq": e.stream_seq,
-                "subject": e.subject,
-                "reason": e.reason,
-                "received_ms": e.received_ms,
-                "stream_time_ms": e.stream_time_ms,
-                "payload": String::from_utf8_lossy(&e.payload),
-            })
+            (
+                e.id,
+                json!({
+                    "id": e.id,
+                    "stream_seq": e.stream_seq,
+                    "subject": e.subject,
+                    "reason": e.reason,
+                    "received_ms": e.received_ms,
+                    "stream_time_ms": e.stream_time_ms,
+                    "payload": String::from_utf8_lossy(&e.payload),
+                }),
+            )
         })
         .collect();
-    Ok(json!({"entries": entries, "next": next}))
+    let (entries, cut) = fit_reply(node, entries);
+    Ok(json!({"entries": entries, "next": cut.or(next)}))
 }
 
 pub(super) async fn quarantine_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
@@ -101,22 +116,42 @@ pub(super) async fn quarantine_retry(node: &NodeHandle, req: Req) -> Result<Valu
     Ok(applied_reply(node, report))
 }
 
-/// Applies replayed stream messages idempotently; the checkpoint does not move.
+/// Applies the stream messages at the given sequences idempotently; the checkpoint does
+/// not move. The node reads them from the stream itself: a caller names messages, it
+/// cannot supply them (their subject and timestamp decide the origin and drift checks).
 pub(super) async fn apply(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
-    let messages = req.messages;
-    let report = blocking(move || {
-        let incoming: Vec<Incoming<'_>> = messages
-            .iter()
-            .map(|m| Incoming {
-                stream_seq: m.seq,
-                subject: &m.subject,
-                payload: m.payload.as_bytes(),
-                stream_time_ms: m.time_ms,
-            })
-            .collect();
-        store.apply_backfill(&incoming)
-    })
-    .await?;
+    if !req.messages.is_empty() {
+        return Err(bad_request(
+            "\"messages\" is no longer accepted: send \"seqs\", the node reads the messages from the stream",
+        ));
+    }
+    let report = node
+        .apply_from_stream(&req.seqs)
+        .await
+        .map_err(|e| RemoteError::new("apply", e.to_string()))?;
     Ok(applied_reply(node, report))
+}
+
+/// The events this node parked as refused (the server will never take them as they are).
+pub(super) async fn refused(node: &NodeHandle) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let list = blocking(move || store.refused()).await?;
+    to_json(&list)
+}
+
+/// Puts refused events back into the outbox (`ids`: their origin sequences).
+pub(super) async fn refused_retry(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let ids = req.ids.clone();
+    let retried = blocking(move || store.refused_retry(&ids)).await?;
+    node.wake_publisher();
+    Ok(json!({"retried": retried}))
+}
+
+/// Forgets refused events for good.
+pub(super) async fn refused_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let ids = req.ids.clone();
+    let dropped = blocking(move || store.refused_drop(&ids)).await?;
+    Ok(json!({"dropped": dropped}))
 }

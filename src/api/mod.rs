@@ -8,9 +8,13 @@
 //! node (discovery). They sit outside `<prefix>.>` on purpose: the stream captures that,
 //! and API requests must never become events. NATS auth governs who may call.
 //!
-//! Bodies are JSON. A reply is `{"ok": <result>}` or `{"error": {"code", "message"}}`
-//! (plus `current` on a version mismatch), so callers get structured errors, never a
-//! timeout for a bad request.
+//! The server is a NATS micro service (ADR-32, async-nats `service`) named `jetsync`, one
+//! endpoint per op in the group `<prefix>_api.<node>`, so `$SRV.PING/INFO/STATS` discover
+//! the nodes and count requests, errors and processing time per op.
+//!
+//! Bodies are JSON. A reply is `{"ok": <result>}`; an error is a service error reply whose
+//! `Nats-Service-Error` header holds `{"code", "message"}` as JSON (plus `current` on a
+//! version mismatch), so callers get structured errors, never a timeout for a bad request.
 //!
 //! | op | request | result |
 //! |---|---|---|
@@ -26,12 +30,18 @@
 //! | `snapshot` | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
 //! | `verify_hashes` | `{entity, scopes?}` | recomputed [`VerifyHashes`](crate::store::VerifyHashes) |
 //! | `bucket_records` | `{entity, buckets, scopes?, after?, limit?}` | `{records: [{id, state \| "damaged"}], next}` |
-//! | `merge_records` | `{entity, states: [{id, state}]}` | `{changed, repaired}` |
+//! | `merge_records` | `{entity, states: [{id, state}]}` | `{changed, repaired, refused, refusals}` (states failing the event checks are refused whole) |
 //! | `damaged` | `{}` | damaged records set aside |
 //! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
-//! | `apply` | `{messages: [{seq, subject, payload, time_ms}]}` | replayed stream messages applied idempotently (the checkpoint does not move) |
-
+//! | `apply` | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
+//! | `refused` | `{}` | own events parked because the server will never take them: `[{origin_seq, entity, id, version, reason, ...}]` |
+//! | `refused_drop` / `refused_retry` | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
+//! | `quarantine_origins` | `{}` | `{origins: {<origin>: {<reason>: count}}}` (the self-check) |
+//!
+//! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
+//! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
+//! is answered with a `reply_too_large` error instead of being dropped by the server.
 //!
 //! Files: `wire` (subjects, request and reply types), `server` (the service, the
 //! subscription loop and dispatch), `records` and `maintenance` (the ops), `client`.

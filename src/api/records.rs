@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::server::blocking;
+use super::server::{blocking, fit_reply};
 use super::wire::{RemoteError, Req, bad_request, parse_version, record_json};
 use crate::error::StorageError;
 use crate::node::NodeHandle;
@@ -33,10 +33,9 @@ pub(super) async fn list(node: &NodeHandle, req: Req) -> Result<Value, RemoteErr
     let entity = req.entity()?;
     let (after, limit) = (req.after, req.limit.unwrap_or(100).min(10_000));
     let page = blocking(move || store.list(&entity, after, limit)).await?;
-    Ok(json!({
-        "records": page.items.iter().map(record_json).collect::<Vec<_>>(),
-        "next": page.next,
-    }))
+    let items = page.items.iter().map(|r| (r.id, record_json(r))).collect();
+    let (records, cut) = fit_reply(node, items);
+    Ok(json!({"records": records, "next": cut.or(page.next)}))
 }
 
 pub(super) async fn conflicts(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
@@ -44,21 +43,25 @@ pub(super) async fn conflicts(node: &NodeHandle, req: Req) -> Result<Value, Remo
     let entity = req.entity()?;
     let (after, limit) = (req.after, req.limit.unwrap_or(100).min(10_000));
     let page = blocking(move || store.conflicts(&entity, after, limit)).await?;
-    let items: Vec<Value> = page
+    let items: Vec<(Uuid, Value)> = page
         .items
         .iter()
         .map(|c| {
-            json!({
-                "id": c.id,
-                "leaves": c.leaves.iter().map(|l| json!({
-                    "version": l.version.to_string(),
-                    "deleted": l.is_tombstone(),
-                    "doc": l.doc.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()),
-                })).collect::<Vec<_>>(),
-            })
+            (
+                c.id,
+                json!({
+                    "id": c.id,
+                    "leaves": c.leaves.iter().map(|l| json!({
+                        "version": l.version.to_string(),
+                        "deleted": l.is_tombstone(),
+                        "doc": l.doc.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()),
+                    })).collect::<Vec<_>>(),
+                }),
+            )
         })
         .collect();
-    Ok(json!({"conflicts": items, "next": page.next}))
+    let (items, cut) = fit_reply(node, items);
+    Ok(json!({"conflicts": items, "next": cut.or(page.next)}))
 }
 
 pub(super) async fn digest(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {

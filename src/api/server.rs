@@ -38,49 +38,161 @@ pub async fn start_node(config: NodeConfig) -> Result<Node, NodeError> {
     Node::start_with(config, vec![Box::new(ApiService)]).await
 }
 
-/// Serves the API for `node` until `stop` turns true.
+/// The NATS micro service name every node registers (ADR-32): `$SRV.PING.jetsync`,
+/// `$SRV.INFO.jetsync` and `$SRV.STATS.jetsync` reach every node; its metadata carries
+/// `node`, `prefix` and `stream`.
+pub const SERVICE_NAME: &str = "jetsync";
+
+/// The ops served, one service endpoint each (`<prefix>_api.<node>.<op>`), so `$SRV.STATS`
+/// counts requests, errors and processing time per op.
+pub const OPS: [&str; 22] = [
+    "ping",
+    "refused",
+    "refused_retry",
+    "refused_drop",
+    "status",
+    "get",
+    "list",
+    "conflicts",
+    "digest",
+    "put",
+    "delete",
+    "resolve",
+    "snapshot",
+    "verify_hashes",
+    "bucket_records",
+    "merge_records",
+    "damaged",
+    "quarantine",
+    "quarantine_drop",
+    "quarantine_retry",
+    "apply",
+    "quarantine_origins",
+];
+
+/// Most requests handled at once; the rest wait in NATS's subscription buffers.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+
+/// Serves the API for `node` as a NATS micro service until `stop` turns true.
 pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let root = api_root(&node.config().stream.prefix);
-    let client = node.nats().clone();
-    let subs = futures::future::try_join(
-        client.subscribe(format!("{root}.{}.*", node.node_id())),
-        client.subscribe(format!("{root}.ping")),
-    )
-    .await;
-    let (ops, ping) = match subs {
+    use async_nats::service::ServiceExt;
+
+    let cfg = node.config();
+    let root = api_root(&cfg.stream.prefix);
+    let metadata = std::collections::HashMap::from([
+        ("node".to_owned(), node.node_id().to_string()),
+        ("prefix".to_owned(), cfg.stream.prefix.clone()),
+        ("stream".to_owned(), cfg.stream.name.clone()),
+    ]);
+    let service = node
+        .nats()
+        .service_builder()
+        .description("jetsync node API")
+        .metadata(metadata)
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await;
+    let service = match service {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve the API");
             return;
         }
     };
-    let mut requests = futures::stream::select(ops, ping);
-    loop {
-        let msg = tokio::select! {
-            m = requests.next() => m,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Some(msg) = msg else { return };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let (node, client) = (node.clone(), client.clone());
-        tokio::spawn(async move {
-            let op = msg
-                .subject
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let body = match handle(&node, &op, &msg.payload).await {
-                Ok(v) => json!({ "ok": v }),
-                Err(e) => json!({ "error": e }),
-            };
-            if let Err(e) = client.publish(reply, body.to_string().into()).await {
-                tracing::debug!(error = %e, "API reply not sent");
+    let group = service.group(format!("{root}.{}", node.node_id()));
+    let mut endpoints = Vec::with_capacity(OPS.len() + 1);
+    for op in OPS {
+        match group.endpoint_builder().name(op).add(op).await {
+            Ok(e) => endpoints.push(e.map(move |r| (op, r)).boxed()),
+            Err(e) => {
+                tracing::error!(error = %e, op, "cannot serve the API");
+                return;
             }
+        }
+    }
+    // `<prefix>_api.ping` reaches every node (discovery by older clients): a queue group
+    // of its own per node, so no node takes the others' share.
+    match service
+        .endpoint_builder()
+        .name("ping_all")
+        .queue_group(node.node_id().as_str())
+        .add(format!("{root}.ping"))
+        .await
+    {
+        Ok(e) => endpoints.push(e.map(|r| ("ping", r)).boxed()),
+        Err(e) => tracing::warn!(error = %e, "not answering {root}.ping"),
+    }
+    let mut requests = futures::stream::select_all(endpoints);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    loop {
+        // Wait for a free slot before taking a request: at the bound, requests queue.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Ok(permit) = permit else { break };
+        let next = tokio::select! {
+            r = requests.next() => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some((op, request)) = next else { break };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let limit = node.nats().server_info().max_payload;
+            let reply = match handle(&node, op, &request.message.payload).await {
+                Ok(v) => match json!({ "ok": v }).to_string() {
+                    text if limit > 0 && text.len() > limit => {
+                        // The server would drop it and the caller would only time out: say why.
+                        tracing::warn!(
+                            op,
+                            bytes = text.len(),
+                            limit,
+                            "API reply above the server's max_payload; answering with an error"
+                        );
+                        let e = RemoteError::new(
+                            "reply_too_large",
+                            format!(
+                                "the {op} reply is {} bytes, above the server's max_payload of {limit}; ask for a smaller page (limit)",
+                                text.len()
+                            ),
+                        );
+                        request.respond(Err(service_error(&e))).await
+                    }
+                    text => request.respond(Ok(text.into())).await,
+                },
+                Err(e) => request.respond(Err(service_error(&e))).await,
+            };
+            if let Err(e) = reply {
+                tracing::warn!(op, error = %e, "API reply not sent");
+            }
+            drop(permit);
         });
     }
+    let _ = service.stop().await;
+}
+
+/// An error reply in the micro-service form, so `$SRV.STATS` counts it: the status
+/// header (`Nats-Service-Error`) carries the [`RemoteError`] as JSON (compact JSON has no
+/// line breaks), the code an HTTP-like class.
+fn service_error(e: &RemoteError) -> async_nats::service::error::Error {
+    let code = match e.code.as_str() {
+        "bad_request" | "unknown_op" | "invalid_doc" | "doc_too_large" | "scope_mismatch"
+        | "unknown_version" => 400,
+        "not_found" => 404,
+        "version_mismatch" => 409,
+        _ => 500,
+    };
+    async_nats::service::error::Error {
+        status: serde_json::to_string(e).unwrap_or_else(|_| e.to_string()),
+        code,
+    }
+}
+
+/// `quarantine_origins`: this node's quarantine counted per origin and reason, for the
+/// other nodes' self-check.
+async fn quarantine_origins(node: &NodeHandle) -> Result<Value, RemoteError> {
+    let (store, prefix) = (node.store().clone(), node.config().stream.prefix.clone());
+    let origins = blocking(move || store.quarantine_by_origin(&prefix)).await?;
+    Ok(json!({ "origins": origins }))
 }
 
 /// Answers one request: `op` with its JSON body `payload`.
@@ -109,6 +221,10 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
         "quarantine_drop" => maintenance::quarantine_drop(node, req).await,
         "quarantine_retry" => maintenance::quarantine_retry(node, req).await,
         "apply" => maintenance::apply(node, req).await,
+        "refused" => maintenance::refused(node).await,
+        "refused_retry" => maintenance::refused_retry(node, req).await,
+        "refused_drop" => maintenance::refused_drop(node, req).await,
+        "quarantine_origins" => quarantine_origins(node).await,
         other => Err(RemoteError::new(
             "unknown_op",
             format!("unknown operation {other:?}"),
@@ -135,6 +251,27 @@ pub(super) fn applied_reply(node: &NodeHandle, report: ApplyReport) -> Value {
     });
     node.announce(report.changes);
     out
+}
+
+/// Keeps the leading `items` (each with its paging key) that fit in one reply well below
+/// the server's `max_payload`, at least one; returns them and, if some were cut, the key
+/// of the last one kept (where the next page starts).
+pub(super) fn fit_reply<K>(node: &NodeHandle, items: Vec<(K, Value)>) -> (Vec<Value>, Option<K>) {
+    // Room for the envelope and the escaping of large strings' neighbours.
+    let budget = (node.nats().max_payload() / 4 * 3).saturating_sub(4096);
+    let mut used = 0;
+    let mut kept = Vec::with_capacity(items.len());
+    let mut last = None;
+    for (key, v) in items {
+        let size = serde_json::to_string(&v).map_or(0, |t| t.len()) + 1;
+        if !kept.is_empty() && used + size > budget {
+            return (kept, last);
+        }
+        used += size;
+        kept.push(v);
+        last = Some(key);
+    }
+    (kept, None)
 }
 
 /// Serialises a reply value, as an error reply rather than a panic if it cannot be.

@@ -21,8 +21,11 @@ pub fn api_root(prefix: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct RemoteError {
+    /// A stable machine-readable code (`version_mismatch`, `not_found`, `bad_request`, `storage`, ...).
     pub code: String,
+    /// A human-readable message.
     pub message: String,
+    /// For `version_mismatch`: the record's current winning version (`None`: no live record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<String>,
 }
@@ -54,6 +57,10 @@ impl From<WriteError> for RemoteError {
             WriteError::DocTooLarge { .. } => ("doc_too_large", None),
             WriteError::InvalidDoc(_) => ("invalid_doc", None),
             WriteError::UnknownVersion { .. } => ("unknown_version", None),
+            WriteError::EventTooLarge { .. } => ("event_too_large", None),
+            WriteError::DiskFull { .. } => ("disk_full", None),
+            WriteError::ClockExhausted(_) => ("clock_exhausted", None),
+            WriteError::NotApplied { .. } => ("not_applied", None),
             WriteError::Storage(_) => ("storage", None),
         };
         RemoteError {
@@ -104,21 +111,32 @@ pub(super) struct Req {
     pub after_seq: Option<u64>,
     #[serde(default)]
     pub messages: Vec<StreamMessage>,
+    /// Stream sequences (`apply`).
+    #[serde(default)]
+    pub seqs: Vec<u64>,
 }
 
 /// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StateEntry {
+    /// The record's id.
     pub id: Uuid,
+    /// The record's merge state.
     pub state: RecordState,
 }
 
-/// A stream message carried over the API (replay into a running node).
+/// A stream message as `apply` once took it from the caller; now refused with a clear
+/// error (the node reads messages from the stream by sequence), kept so old clients get
+/// that error rather than a parse failure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamMessage {
+    /// The message's stream sequence.
     pub seq: u64,
+    /// The message's subject.
     pub subject: String,
+    /// The message's payload (a change event's JSON; lossily decoded as UTF-8).
     pub payload: String,
+    /// The message's JetStream timestamp, ms since the epoch.
     pub time_ms: u64,
 }
 

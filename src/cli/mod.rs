@@ -2,9 +2,12 @@
 //! (`src/main.rs`) only calls [`main`]; everything here is library code so tests can run
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
+mod context;
+mod health;
 mod ops;
 mod remote;
 mod run;
+pub mod top;
 
 use std::path::PathBuf;
 
@@ -16,10 +19,12 @@ use crate::connect::NatsAuth;
 #[derive(Debug, Parser)]
 #[command(name = "jetsync", version, about, long_about = None)]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The `jetsync` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a self-contained demo: a dev NATS server, three nodes, conflicts, an outage,
@@ -34,15 +39,20 @@ pub enum Command {
     Run(run::RunArgs),
     /// Read one record from a running node.
     Get {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
-    /// Write a record (a new UUIDv7 id when ID is omitted). DOC is a JSON object.
+    /// Write a record (a new UUIDv7 id when ID is omitted). DOC is a JSON object, `-` to
+    /// read it from standard input, or `@path` to read it from a file.
     Put {
+        /// Entity type.
         entity: String,
-        /// `[ID] DOC`: the id is optional.
+        /// `[ID] DOC`: the id is optional; DOC may be `-` or `@path`.
         #[arg(num_args = 1..=2, value_names = ["ID", "DOC"])]
         args: Vec<String>,
         /// Only if the current version is this (`<ms>.<counter>@<node>`).
@@ -54,66 +64,92 @@ pub enum Command {
         /// Scope of a new record.
         #[arg(long)]
         scope: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Delete a record (a tombstone that replicates like any write).
     Delete {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
+        /// Only if the current version is this (`<ms>.<counter>@<node>`).
         #[arg(long = "if", value_name = "VERSION")]
         if_version: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List live records of an entity type, in id order.
     List {
+        /// Entity type.
         entity: String,
+        /// List ids after this one (the `more: --after` of the previous page).
         #[arg(long)]
         after: Option<String>,
+        /// Most records to list.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List records with conflicts and their competing versions.
     Conflicts {
+        /// Entity type.
         entity: String,
+        /// Most records to list.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Settle conflicts: write DOC (or --delete) superseding the winner and VERSIONS.
     Resolve {
+        /// Entity type.
         entity: String,
+        /// Record id (UUID).
         id: String,
-        /// The resolved document (JSON object); omit with --delete.
+        /// The resolved document (JSON object, `-` or `@path`); omit with --delete.
         doc: Option<String>,
         /// Conflict versions this resolves (comma separated).
         #[arg(long, value_delimiter = ',', required = true)]
         versions: Vec<String>,
+        /// Settle with a delete instead of DOC.
         #[arg(long, conflicts_with = "doc")]
         delete: bool,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Show a node's replication status.
     Status {
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// Show a node's per-entity digests.
     Digest {
+        /// Only this entity type (default: all).
         entity: Option<String>,
+        /// The node to ask.
         #[command(flatten)]
         target: Target,
     },
     /// List the nodes that answer on this NATS account and prefix.
     Nodes {
+        /// How to reach NATS.
         #[command(flatten)]
         conn: Conn,
     },
+    /// Ask a node's ops listener whether it is alive (`/healthz`) or ready (`--ready`,
+    /// `/readyz`); exit 0 on 200. `--wait` retries (systemd's start-up check).
+    Health(health::HealthArgs),
+    /// A live view of every node (lag, outbox, rates, conflicts, halts), refreshed every
+    /// second; `--once` prints one frame.
+    Top(top::TopArgs),
     /// Snapshots in the stream's object store bucket: create, list, load (seed), prune.
     #[command(subcommand)]
     Snapshot(ops::SnapshotCmd),
@@ -128,14 +164,17 @@ pub enum Command {
     Inspect(ops::InspectCmd),
 }
 
-/// How the CLI reaches NATS.
+/// How the CLI reaches NATS. The nats CLI's names work too: `-s/--server`, `NATS_URL`,
+/// `--creds`, `--context` (a context file of the nats CLI), so its users need not relearn.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// NATS server URL(s), comma separated.
+    /// NATS server URL(s), comma separated [default: the context's, else
+    /// nats://127.0.0.1:4222]. `NATS_URL` is read when `JETSYNC_NATS_URL` is unset.
     #[arg(
         long,
+        short = 's',
+        visible_alias = "server",
         env = "JETSYNC_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
         value_delimiter = ',',
         global = true
     )]
@@ -146,12 +185,13 @@ pub struct Conn {
     /// The stream's name.
     #[arg(long, env = "JETSYNC_STREAM", default_value = "JETSYNC", global = true)]
     pub stream: String,
-    /// NATS credentials file.
+    /// NATS credentials file. `NATS_CREDS` is read when `JETSYNC_NATS_CREDS` is unset.
     #[arg(long, env = "JETSYNC_NATS_CREDS", global = true)]
     pub creds: Option<PathBuf>,
     /// NATS user (with --password).
     #[arg(long, env = "JETSYNC_NATS_USER", global = true)]
     pub user: Option<String>,
+    /// NATS password (with --user).
     #[arg(
         long,
         env = "JETSYNC_NATS_PASSWORD",
@@ -162,28 +202,65 @@ pub struct Conn {
     /// CA certificate to verify the server's TLS certificate.
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// A nats CLI context: a name (`~/.config/nats/context/<name>.json`) or a path to such
+    /// a file. Its url, creds, user/password, token, nkey and TLS files are used where no
+    /// flag or variable gives them.
+    #[arg(long, env = "NATS_CONTEXT", global = true)]
+    pub context: Option<String>,
+    /// Reply inbox prefix, when the server allows this user only its own (`_INBOX_ops`).
+    #[arg(long, env = "JETSYNC_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
 }
 
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
 impl Conn {
     /// A NATS connection for one CLI command (fails fast if NATS is unreachable).
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
         use anyhow::Context;
-        crate::connect::connect(&self.nats_url, &self.auth(), "jetsync-cli", false)
+        let (urls, auth) = self.resolve()?;
+        crate::connect::connect(&urls, &auth, "jetsync-cli", false)
             .await
             .context("connecting to NATS")
     }
 
-    pub fn auth(&self) -> NatsAuth {
-        NatsAuth {
-            creds_file: self.creds.clone(),
+    /// The URLs and auth to use: flags and `JETSYNC_*` variables first, then the nats
+    /// CLI's variables, then the context, then the default URL.
+    pub fn resolve(&self) -> anyhow::Result<(Vec<String>, NatsAuth)> {
+        let ctx = match &self.context {
+            Some(name) => context::load(name)?,
+            None => context::NatsContext::default(),
+        };
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let urls = if !self.nats_url.is_empty() {
+            self.nats_url.clone()
+        } else if let Some(u) = env("NATS_URL").or(ctx.url.clone()) {
+            u.split(',').map(|s| s.trim().to_owned()).collect()
+        } else {
+            vec![DEFAULT_NATS_URL.to_owned()]
+        };
+        let mut auth = NatsAuth {
+            creds_file: self
+                .creds
+                .clone()
+                .or_else(|| env("NATS_CREDS").map(PathBuf::from)),
             user: self.user.clone(),
             password: self.password.clone(),
             tls_ca: self.tls_ca.clone(),
+            inbox_prefix: self.inbox_prefix.clone(),
             ..NatsAuth::default()
+        };
+        // The context fills in only when no flag chose an auth method, so a flag never
+        // combines with a context's method into an invalid pair.
+        if auth.creds_file.is_none() && auth.user.is_none() {
+            ctx.apply(&mut auth)?;
+        } else if auth.tls_ca.is_none() {
+            auth.tls_ca = ctx.ca.clone();
         }
+        Ok((urls, auth))
     }
 }
 
@@ -193,6 +270,7 @@ pub struct Target {
     /// The node id to ask.
     #[arg(long, env = "JETSYNC_NODE")]
     pub node: String,
+    /// How to reach NATS.
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -232,6 +310,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
         Command::Run(args) => run::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Health(args) => Ok(
+            if tokio::task::spawn_blocking(move || health::run(&args)).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            },
+        ),
+        Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Snapshot(cmd) => ops::snapshot(cmd).await,
         Command::Replay(args) => ops::replay(args).await,
         Command::Verify(args) => ops::verify(args).await,

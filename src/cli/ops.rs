@@ -128,6 +128,18 @@ pub enum InspectCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// A node's own events the server refused for good (too large, no permission) or that
+    /// could not be rebuilt; retry them once the cause is fixed, or drop them.
+    Refused {
+        /// Origin sequences to forget.
+        #[arg(long, value_delimiter = ',')]
+        drop: Vec<u64>,
+        /// Origin sequences to put back into the outbox.
+        #[arg(long, value_delimiter = ',', conflicts_with = "drop")]
+        retry: Vec<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn settings(conn: &Conn) -> StreamSettings {
@@ -567,6 +579,39 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             let v = api.call(&target.node, "damaged", json!({})).await?;
             print(&target.conn, &v, || {
                 format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
+        }
+        InspectCmd::Refused {
+            drop,
+            retry,
+            target,
+        } => {
+            let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix);
+            let v = if !drop.is_empty() {
+                api.call(&target.node, "refused_drop", json!({"ids": drop}))
+                    .await?
+            } else if !retry.is_empty() {
+                api.call(&target.node, "refused_retry", json!({"ids": retry}))
+                    .await?
+            } else {
+                api.call(&target.node, "refused", json!({})).await?
+            };
+            print(&target.conn, &v, || match v.as_array() {
+                Some(list) if list.is_empty() => "no refused events\n".into(),
+                Some(list) => list
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} {}/{} {}: {}\n",
+                            e["origin_seq"],
+                            e["entity"].as_str().unwrap_or("?"),
+                            e["id"].as_str().unwrap_or("?"),
+                            e["version"].as_str().unwrap_or("?"),
+                            e["reason"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect(),
+                None => format!("{v}\n"),
             });
         }
     }

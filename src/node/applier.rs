@@ -10,13 +10,15 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 
 use super::backfill::backfill_new_entities;
-use super::batch::{Intake, Next, Own, Stop, apply_batch, blocking};
+use super::batch::{Intake, Next, Stop, apply_batch, blocking};
 use super::bootstrap::bootstrap;
+use super::guard;
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
-use crate::stream::{Retention, StreamError, StreamIdentity, ensure_stream};
+use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 
-/// How often a node halted on a retention gap looks for a snapshot that covers it.
+/// How often a node halted on a retention gap looks for a snapshot that covers it (and a
+/// node halted on a full disk tries again).
 const HALT_RECHECK: Duration = Duration::from_secs(5);
 
 /// Follows the stream until shutdown, starting over after transient errors and waiting on
@@ -26,11 +28,18 @@ pub(super) async fn apply_loop(shared: Arc<Shared>) {
     loop {
         match follow_stream(&shared).await {
             Stop::Shutdown => return,
+            Stop::Recheck => continue,
             Stop::Halt(halt) => {
                 tracing::error!(%halt, "applying stopped");
-                let gap = matches!(halt, Halt::RetentionGap { .. });
+                // A full disk clears by itself (the store reopens once there is space).
+                let recheck = match halt {
+                    Halt::RetentionGap { .. } => shared.config.snapshots.bootstrap,
+                    Halt::DiskFull { .. } => true,
+                    _ => false,
+                };
+                shared.metrics.halted(Some(halt.code()));
                 shared.live().halted = Some(halt);
-                if gap && shared.config.snapshots.bootstrap {
+                if recheck {
                     // A snapshot that covers the gap may be taken meanwhile: look again.
                     if shared.pause(HALT_RECHECK).await {
                         return;
@@ -63,13 +72,28 @@ async fn follow_stream(shared: &Arc<Shared>) -> Stop {
 
 async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let cfg = &shared.config;
-    let (identity, state) = match ensure_stream(&shared.js, &cfg.stream).await {
+    // Only the process holding the node id touches its consumer.
+    if !shared.wait_ready().await {
+        return Ok(());
+    }
+    let configured = guard::configured_limits_of(cfg);
+    let provisioned = shared
+        .or_stop(provision(&shared.js, &cfg.stream, Some(configured)))
+        .await;
+    let provisioned = match provisioned.ok_or(Stop::Shutdown)? {
         Ok(v) => v,
         Err(StreamError::Conflict { detail, .. }) => {
             return Err(Stop::Halt(Halt::StreamConflict { detail }));
         }
         Err(e) => return Err(Stop::Retry(e.to_string())),
     };
+    if guard::adopt_limits(&shared.store, configured, &provisioned)
+        .await
+        .map_err(|e| Stop::Retry(e.to_string()))?
+    {
+        shared.live().trust.limits_from_stream = true;
+    }
+    let (identity, state) = (provisioned.identity, provisioned.state);
     shared.live().stream_last_seq = Some(state.last_sequence);
     let mut checkpoint = check_same_stream(shared, &identity, state.last_sequence).await?;
     let compacted = cfg.stream.retention == Retention::Compacted;
@@ -77,13 +101,37 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
         checkpoint = bootstrap(shared, &identity, checkpoint, state.first_sequence).await?;
     }
 
-    backfill_new_entities(shared, checkpoint, state.first_sequence, compacted).await?;
-
-    let consumer = recreate_consumer(shared, checkpoint).await?;
+    let backfilled = backfill_new_entities(
+        shared,
+        &identity,
+        checkpoint,
+        state.first_sequence,
+        compacted,
+    )
+    .await?;
+    let checkpoint = backfilled.checkpoint;
+    // Added entity types that wait for a snapshot stay out of the filter meanwhile; the
+    // loop starts over every HALT_RECHECK to look for one.
+    let (filters, held) = match backfilled.held {
+        Some((filters, halt)) => (filters, Some(halt)),
+        None => (cfg.filter_subjects(), None),
+    };
+    let consumer = recreate_consumer(shared, checkpoint, filters.clone()).await?;
     shared.set_apply_error(None);
-    shared.live().halted = None;
-    tracing::info!(checkpoint, filters = ?cfg.filter_subjects(), "following the stream");
-    apply_messages(shared, consumer, checkpoint).await
+    let recheck = held
+        .is_some()
+        .then(|| tokio::time::Instant::now() + HALT_RECHECK);
+    if held.is_none() {
+        shared.metrics.halted(None);
+    }
+    shared.live().halted = held;
+    tracing::info!(checkpoint, ?filters, "following the stream");
+    tokio::select! {
+        r = apply_messages(shared, consumer, checkpoint, recheck) => r,
+        _ = shared.not_ready() => Err(Stop::Retry(
+            "node lease not held: applying paused until it is".into(),
+        )),
+    }
 }
 
 /// Halts unless the server's stream is the one this node followed (recorded on first
@@ -132,6 +180,7 @@ async fn check_same_stream(
 async fn recreate_consumer(
     shared: &Arc<Shared>,
     checkpoint: u64,
+    filters: Vec<String>,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, Stop> {
     let cfg = &shared.config;
     let name = format!("jetsync_{}", cfg.node_id);
@@ -141,7 +190,6 @@ async fn recreate_consumer(
         .await
         .map_err(|e| Stop::Retry(format!("get stream: {e}")))?;
     let _ = stream.delete_consumer(&name).await;
-    let filters = cfg.filter_subjects();
     let config = pull::Config {
         durable_name: Some(name),
         filter_subjects: filters,
@@ -159,22 +207,25 @@ async fn recreate_consumer(
         .map_err(|e| Stop::Retry(format!("create consumer: {e}")))
 }
 
-/// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown or
-/// an error.
+/// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown, an
+/// error, or the `recheck` time.
 async fn apply_messages(
     shared: &Arc<Shared>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     checkpoint: u64,
+    recheck: Option<tokio::time::Instant>,
 ) -> Result<(), Stop> {
     let cfg = &shared.config;
     let idle_probe = consumer.clone();
     let partial = !cfg.entities.is_empty();
-    let own = Own::new(shared);
     let mut intake = Intake::open(consumer, cfg.fetch_batch).await?;
     let mut stop = shared.shutdown.clone();
     let mut next_expected = checkpoint + 1;
     loop {
-        let batch = match intake.next(&mut stop, partial).await? {
+        if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            return Err(Stop::Recheck);
+        }
+        let batch = match intake.next(&mut stop, partial || recheck.is_some()).await? {
             Next::Shutdown => return Ok(()),
             Next::Idle => {
                 if let Some(seq) = idle_position(shared, &idle_probe, next_expected - 1).await {
@@ -187,7 +238,7 @@ async fn apply_messages(
         check_none_removed(shared, &batch.msgs, next_expected).await?;
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
-            let through = apply_batch(shared, &batch.msgs, &own).await?;
+            let through = apply_batch(shared, &batch.msgs).await?;
             next_expected = next_expected.max(through + 1);
         }
         if let Some(f) = batch.failure {

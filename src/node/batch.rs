@@ -1,6 +1,6 @@
 //! Batches of stream messages: gathering the consumer's deliveries into batches
-//! ([`Intake`]), applying one in a transaction and acknowledging it ([`apply_batch`],
-//! skipping this node's own events), and what the apply loop's steps share: [`Stop`], how
+//! ([`Intake`]), applying one in a transaction and acknowledging it ([`apply_batch`]),
+//! and what the apply loop's steps share: [`Stop`], how
 //! they end, and [`blocking`] store calls.
 
 use std::sync::Arc;
@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use super::idle::IDLE_PROBE;
 use super::{Halt, Shared};
+use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
+use crate::metrics::BatchOutcome;
 use crate::store::{ApplyReport, Incoming};
 
 /// Why following the stream stopped.
@@ -21,18 +23,24 @@ pub(super) enum Stop {
     /// Retry from provisioning after a pause.
     Retry(String),
     Halt(Halt),
+    /// Start over at once, quietly (to look again for what a partial halt waits for).
+    Recheck,
     Shutdown,
 }
 
 /// How long the apply loop waits for more messages to fill a batch.
 const BATCH_LINGER: Duration = Duration::from_millis(3);
 
-/// Runs a store call on the blocking pool; its failure is a reason to start over.
+/// Runs a store call on the blocking pool; its failure is a reason to start over, and a
+/// full disk halts applying until there is space (the store reopens itself meanwhile).
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, Stop> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(StorageError::DiskFull { path, detail })) => {
+            Err(Stop::Halt(Halt::DiskFull { path, detail }))
+        }
         Ok(Err(e)) => Err(Stop::Retry(format!("store: {e}"))),
         Err(e) => Err(Stop::Retry(format!("store task: {e}"))),
     }
@@ -65,7 +73,8 @@ pub(super) async fn apply_fetched(
     through: Option<u64>,
 ) -> Result<ApplyReport, Stop> {
     let store = shared.store.clone();
-    blocking(move || {
+    let (events, started) = (batch.len(), std::time::Instant::now());
+    let report = blocking(move || {
         let incoming: Vec<Incoming<'_>> = batch
             .iter()
             .map(|f| Incoming {
@@ -80,7 +89,29 @@ pub(super) async fn apply_fetched(
             None => store.apply_backfill(&incoming),
         }
     })
-    .await
+    .await?;
+    shared
+        .metrics
+        .apply_transaction(events, started.elapsed(), &outcome(&report));
+    Ok(report)
+}
+
+/// What the metrics count of an applied batch.
+fn outcome(report: &ApplyReport) -> BatchOutcome {
+    const OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
+    BatchOutcome {
+        by_entity: report
+            .by_entity
+            .iter()
+            .flat_map(|(e, n)| {
+                (0..3)
+                    .filter(move |i| n[*i] > 0)
+                    .map(move |i| (e.clone(), OUTCOMES[i], n[i]))
+            })
+            .collect(),
+        quarantined: report.quarantine_reasons.clone(),
+        max_ahead_ms: report.max_ahead_ms,
+    }
 }
 
 /// The consumer's deliveries, gathered into batches of at most `size` messages.
@@ -91,7 +122,7 @@ pub(super) struct Intake {
     carry: Vec<jetstream::Message>,
     /// The consumer numbers its deliveries 1, 2, 3…; a gap means deliveries were lost in
     /// transit (a dropped connection), and the server redelivers them only after ack_wait.
-    last_delivery: u64,
+    order: DeliveryOrder,
 }
 
 /// What waiting on the consumer produced.
@@ -128,7 +159,7 @@ impl Intake {
             chunks: messages.ready_chunks(size),
             size,
             carry: Vec::new(),
-            last_delivery: 0,
+            order: DeliveryOrder::new(),
         })
     }
 
@@ -177,24 +208,10 @@ impl Intake {
     /// redelivery would be skipped: keeps what came before the gap, then has following
     /// resume from the checkpoint with a new consumer.
     fn cut_at_lost_delivery(&mut self, batch: &mut Batch) {
-        let last_delivery = &mut self.last_delivery;
-        let gap = batch.msgs.iter().position(|m| {
-            let delivery = m.info().map_or(0, |i| i.consumer_sequence);
-            let next = delivery == *last_delivery + 1;
-            if next {
-                *last_delivery = delivery;
-            }
-            !next
-        });
-        if let Some(gap) = gap {
-            batch.msgs.truncate(gap);
+        if let Some((at, gap)) = self.order.first_gap(batch.msgs.iter().map(delivery_of)) {
+            batch.msgs.truncate(at);
             self.carry.clear();
-            let last_delivery = self.last_delivery;
-            batch.failure.get_or_insert_with(|| {
-                format!(
-                    "deliveries after {last_delivery} were lost in transit; resuming from the checkpoint"
-                )
-            });
+            batch.failure.get_or_insert_with(|| gap.to_string());
         }
     }
 }
@@ -214,56 +231,35 @@ impl Batch {
     }
 }
 
-/// Recognises this node's own events in the stream: written here, known already.
-pub(super) struct Own<'a> {
-    msg_id_prefix: String,
-    /// `<prefix>.<entity>.<scope>.<origin>.<id>`: the origin's index among the tokens.
-    origin_token: usize,
-    node: &'a str,
-}
-
-impl<'a> Own<'a> {
-    pub(super) fn new(shared: &'a Shared) -> Self {
-        Own {
-            msg_id_prefix: shared.store.msg_id_prefix(),
-            origin_token: shared.config.stream.prefix.split('.').count() + 2,
-            node: shared.config.node_id.as_str(),
-        }
-    }
-
-    /// Both the message id and the subject's origin token must be ours: a header alone
-    /// could be set by anyone, while publishing on our origin's subjects can be denied by
-    /// NATS permissions.
-    fn wrote(&self, m: &jetstream::Message) -> bool {
-        m.headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .is_some_and(|id| id.as_str().starts_with(self.msg_id_prefix.as_str()))
-            && m.subject.split('.').nth(self.origin_token) == Some(self.node)
-    }
-}
-
-/// Applies `msgs` (all but this node's own) in one transaction through the last one's
-/// sequence, acknowledges them and publishes their changes; returns that sequence.
+/// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
+/// and publishes their changes; returns that sequence. Events this store's incarnation
+/// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
+/// passed over, which keeps a busy writer's own echo cheap; every other event, this
+/// node's included, goes through the checks and the merge (it skips known versions), so a
+/// store restored from a backup gets back the writes it forgot.
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
-    own: &Own<'_>,
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
-    let mut pending = None;
     for m in msgs {
         let info = m
             .info()
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
-        pending = Some(info.pending);
-        if own.wrote(m) {
+        let ours = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| shared.store.wrote(id.as_str()));
+        if ours {
             continue;
         }
         batch.push(Fetched::new(m, &info));
     }
+    // Lag (status) is the stream's last sequence minus the checkpoint, so a batch that
+    // fails to apply counts in it without bookkeeping here.
     let report = apply_fetched(shared, batch, Some(through)).await?;
     if let Some(last) = msgs.last() {
         // AckPolicy::All: acknowledging the last acknowledges the batch.
@@ -273,7 +269,10 @@ pub(super) async fn apply_batch(
     }
     {
         let mut live = shared.live();
-        live.lag = pending;
+        if matches!(live.halted, Some(Halt::DiskFull { .. })) {
+            tracing::warn!("applying resumed: the store has space again");
+            live.halted = None;
+        }
         live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
     }
     tracing::debug!(

@@ -14,13 +14,17 @@ use crate::stream::StreamIdentity;
 /// A retention gap this node closed by loading a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Bootstrapped {
+    /// The name of the snapshot loaded.
     pub snapshot: String,
     /// The stream sequence the snapshot reflects; applying resumed after it.
     pub seq: u64,
     /// The sequences the stream no longer had when the node came back.
     pub gap_from: u64,
+    /// The last missing sequence (`gap_from..=gap_to`).
     pub gap_to: u64,
+    /// Records read from the snapshot.
     pub records: u64,
+    /// Wall time the load took, ms.
     pub millis: u64,
 }
 

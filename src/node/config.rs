@@ -7,27 +7,38 @@ use std::time::Duration;
 
 use crate::connect::NatsAuth;
 use crate::ids::{EntityFilter, NodeId};
+use crate::metrics::OpsSettings;
 use crate::store::StoreConfig;
 use crate::stream::StreamSettings;
 
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
+    /// This node's id; it stamps every version the node writes.
     pub node_id: NodeId,
     /// The store file is `<data_dir>/<node_id>.redb`.
     pub data_dir: PathBuf,
+    /// NATS server URLs to connect to.
     pub nats_urls: Vec<String>,
+    /// NATS authentication and TLS.
     pub nats_auth: NatsAuth,
+    /// The stream the deployment replicates through.
     pub stream: StreamSettings,
     /// Empty: every entity type.
     pub entities: Vec<EntityFilter>,
+    /// The store's limits and naming.
     pub store: StoreConfig,
     /// Most messages applied in one transaction.
     pub fetch_batch: usize,
     /// Most publishes awaiting PubAck at once.
     pub publish_window: usize,
+    /// When this node takes snapshots and whether it bootstraps from one.
     pub snapshots: SnapshotPolicy,
+    /// When this node removes old tombstones.
     pub compaction: CompactionPolicy,
+    /// Metrics, health endpoints and the self-check (see [`crate::ops`]); the node records
+    /// metrics only when `ops.listen` is set.
+    pub ops: OpsSettings,
 }
 
 /// When a node removes old tombstones (see [`crate::store::Store::compact`]).
@@ -76,6 +87,7 @@ impl Default for SnapshotPolicy {
 }
 
 impl NodeConfig {
+    /// A config with defaults: one NATS URL, every entity type, the default stream and limits.
     pub fn new(node_id: NodeId, data_dir: impl Into<PathBuf>, nats_url: impl Into<String>) -> Self {
         NodeConfig {
             node_id,
@@ -89,6 +101,7 @@ impl NodeConfig {
             publish_window: 1000,
             snapshots: SnapshotPolicy::default(),
             compaction: CompactionPolicy::default(),
+            ops: OpsSettings::default(),
         }
     }
 

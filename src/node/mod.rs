@@ -29,6 +29,7 @@ mod batch;
 mod bootstrap;
 mod compaction;
 mod config;
+mod guard;
 mod idle;
 mod publisher;
 mod snapshots;
@@ -36,6 +37,7 @@ mod status;
 mod watch;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,16 +49,20 @@ use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::guard::{LimitsStatus, Restored, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
 
-use crate::connect::{ConnectError, connect};
+use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
+use crate::lease::{Lease, LeaseError, LeaseState};
+use crate::metrics::{NodeMetrics, SelfCheck};
+use crate::refusal::DeniedSubjects;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, Write, Written};
-use crate::stream::{StreamError, ensure_stream};
+use crate::stream::{StreamError, provision};
 
 /// Store metadata key of the stream identity this node follows.
 pub const META_STREAM: &str = "x.stream";
@@ -64,18 +70,27 @@ pub const META_STREAM: &str = "x.stream";
 /// Starting or running a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The store could not be opened.
     #[error(transparent)]
     Open(#[from] OpenError),
+    /// The stream settings are invalid or conflict with the existing stream.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The node configuration is invalid (zero batch sizes, no NATS URL, an uncreatable data dir).
     #[error("invalid node configuration: {0}")]
     Config(String),
+    /// The NATS options are invalid, or the first connection failed.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A task of the node panicked or was cancelled (opening the store, a loop, a status read).
     #[error("node task failed: {0}")]
     Task(String),
+    /// The node id is held by another process, or the lease could not be taken.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// A task that lives beside a node and stops with it, such as a front end serving the
@@ -96,13 +111,16 @@ pub trait NodeService: Send + 'static {
 #[derive(Default)]
 struct Live {
     stream_last_seq: Option<u64>,
-    lag: Option<u64>,
     /// Kept apart so one loop recovering does not hide the other's error.
     publish_error: Option<String>,
     apply_error: Option<String>,
     halted: Option<Halt>,
     bootstrapped: Option<Bootstrapped>,
     last_snapshot: Option<String>,
+    /// Why the publisher last parked an event as refused.
+    publish_refused: Option<String>,
+    counts: status::Counts,
+    trust: guard::TrustLive,
 }
 
 /// What the node's loops, services and handles share.
@@ -115,6 +133,18 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     live: Mutex<Live>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Publish permissions violations the server reported on the connection.
+    denied: Arc<DeniedSubjects>,
+    /// Whether this process holds the node id (see [`crate::lease`]).
+    lease: tokio::sync::watch::Receiver<LeaseState>,
+    /// True while the publisher and the apply loop may run (see [`guard`]).
+    ready: tokio::sync::watch::Sender<bool>,
+    /// Counters and histograms the loops feed (a no-op unless metrics are on).
+    metrics: Arc<NodeMetrics>,
+    /// What the self-check learned about peers refusing this node's events.
+    selfcheck: Arc<SelfCheck>,
+    /// Events published since start (in `status`, for rates).
+    published: AtomicU64,
 }
 
 impl Shared {
@@ -144,6 +174,16 @@ impl Shared {
     }
 
     /// Sends changes to the watchers (none listening is fine).
+    /// Runs `fut` (a network wait, never a store call) unless shutdown comes first: a node
+    /// that cannot reach NATS must still stop promptly. `None` if shutting down.
+    async fn or_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut rx = self.shutdown.clone();
+        tokio::select! {
+            v = fut => Some(v),
+            _ = rx.wait_for(|s| *s) => None,
+        }
+    }
+
     fn announce(&self, changes: Vec<Change>) {
         for c in changes {
             let _ = self.changes.send(c);
@@ -181,11 +221,20 @@ impl Node {
         let path = config.data_dir.join(format!("{}.redb", config.node_id));
         let store = open_store(&path, &config).await?;
 
-        let client = connect(
+        let denied = Arc::new(DeniedSubjects::default());
+        let noted = denied.clone();
+        let metrics = Arc::new(match config.ops.listen {
+            Some(_) => NodeMetrics::new(config.node_id.as_str()),
+            None => NodeMetrics::disabled(),
+        });
+        let counted = metrics.clone();
+        let client = connect_observed(
             &config.nats_urls,
             &config.nats_auth,
             &format!("jetsync-{}", config.node_id),
             true,
+            Some(Arc::new(move |message: &str| noted.note(message))),
+            move || counted.reconnected(),
         )
         .await?;
         let js = match &config.stream.domain {
@@ -195,24 +244,66 @@ impl Node {
 
         // Refuse a conflicting stream now if the server answers quickly; otherwise the
         // apply loop keeps trying in the background.
-        if let Ok(Err(StreamError::Conflict { name, detail })) =
-            tokio::time::timeout(Duration::from_secs(3), ensure_stream(&js, &config.stream)).await
-        {
-            return Err(StreamError::Conflict { name, detail }.into());
-        }
+        // If NATS answers quickly: refuse a conflicting stream or a node id another process
+        // holds now, and adopt the deployment's limits. Otherwise the node starts offline
+        // (local writes only) and its lease task keeps trying.
+        let store = Arc::new(store);
+        let configured = guard::configured_limits_of(&config);
+        let early = tokio::time::timeout(Duration::from_secs(3), async {
+            let provisioned = provision(&js, &config.stream, Some(configured)).await?;
+            let lease =
+                Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir).await;
+            Ok::<_, StreamError>((provisioned, lease))
+        })
+        .await;
+        let (lease, limits_from_stream) = match early {
+            Ok(Err(e @ StreamError::Conflict { .. })) => return Err(e.into()),
+            Ok(Ok((_, Err(e @ LeaseError::Held { .. })))) => return Err(e.into()),
+            Ok(Ok((provisioned, lease))) => (
+                lease.ok(),
+                guard::adopt_limits(&store, configured, &provisioned).await?,
+            ),
+            _ => (None, false),
+        };
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (lease_tx, lease_rx) = tokio::sync::watch::channel(if lease.is_some() {
+            LeaseState::Held
+        } else {
+            LeaseState::Pending { error: None }
+        });
+        let mut live = Live::default();
+        live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
-            store: Arc::new(store),
+            store,
             config,
             js,
             client,
             outbox_ready: Notify::new(),
             changes: broadcast::channel(4096).0,
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(live),
             shutdown,
+            denied,
+            lease: lease_rx,
+            ready: tokio::sync::watch::channel(false).0,
+            metrics,
+            selfcheck: Arc::default(),
+            published: AtomicU64::new(0),
         });
         let mut tasks = vec![
+            (
+                "node lease",
+                tokio::spawn(crate::lease::keep(
+                    shared.js.clone(),
+                    shared.config.stream.name.clone(),
+                    shared.config.node_id.clone(),
+                    shared.config.data_dir.clone(),
+                    lease,
+                    lease_tx,
+                    shared.shutdown.clone(),
+                )),
+            ),
+            ("readiness", tokio::spawn(guard::ready_loop(shared.clone()))),
             (
                 "publisher",
                 tokio::spawn(publisher::publish_loop(shared.clone())),
@@ -252,7 +343,8 @@ impl Node {
             t.await
                 .map_err(|e| NodeError::Task(format!("{name}: {e}")))?;
         }
-        let _ = self.shared.client.flush().await;
+        // Bounded: a node that never reached NATS would wait on the flush forever.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
         Ok(())
     }
 }
@@ -317,22 +409,48 @@ impl NodeHandle {
         &self.0.client
     }
 
+    /// The node's store.
     pub fn store(&self) -> &Arc<Store> {
         &self.0.store
     }
 
+    /// The node's id.
     pub fn node_id(&self) -> &NodeId {
         &self.0.config.node_id
     }
 
+    /// The configuration the node runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.0.config
+    }
+
+    /// Wakes the publisher (after entries were put back into the outbox).
+    pub fn wake_publisher(&self) {
+        self.0.outbox_ready.notify_one();
+    }
+
+    /// The node's metrics (recording nothing unless `config.ops.listen` is set).
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.0.metrics
+    }
+
+    /// What the self-check learned (see [`crate::ops::selfcheck`]).
+    pub fn selfcheck(&self) -> &Arc<SelfCheck> {
+        &self.0.selfcheck
     }
 
     /// Commits local writes (all in one transaction, which concurrent calls may share:
     /// see [`Store::write_batch_with_changes`]) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        let started = std::time::Instant::now();
+        let (records, resolves) = (
+            writes.len(),
+            writes.iter().filter(|w| !w.resolves.is_empty()).count(),
+        );
         let store = self.0.store.clone();
+        // An event the server can never take would sit in the outbox forever: refuse it now
+        // (the client knows the server's max_payload, 1 MiB until it first connects).
+        store.set_max_payload(self.0.client.max_payload());
         let (written, changes) =
             tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
                 .await
@@ -342,6 +460,9 @@ impl NodeHandle {
                         source,
                     })
                 })??;
+        self.0
+            .metrics
+            .local_write(records, resolves, started.elapsed());
         self.0.outbox_ready.notify_one();
         self.0.announce(changes);
         Ok(written)

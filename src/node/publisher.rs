@@ -1,15 +1,22 @@
 //! The publisher: drains the outbox in `origin_seq` order, a window of publishes in flight
 //! at once, each with `Nats-Msg-Id` for de-duplication; entries leave the outbox only on
 //! PubAck. While NATS is away it backs off and retries; local writes never wait.
+//!
+//! An entry the server will never take (see [`crate::refusal`]), or whose event can no
+//! longer be rebuilt (its record was damaged), is parked in the store's refused table with
+//! the reason instead of being retried forever: the rest of the outbox goes on.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::{self};
 use tracing::Instrument;
 
 use super::Shared;
+use crate::metrics::publish_error;
+use crate::refusal::permanent;
 use crate::store::OutboxEntry;
 
 /// Longest wait for one publish to be sent or acknowledged before the window is retried.
@@ -24,14 +31,26 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
 async fn publish_loop_inner(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     while !shared.stopping() {
+        // Only while this process holds the node id (and has checked for a restore).
+        if !*shared.ready.borrow() && !shared.wait_ready().await {
+            break;
+        }
         let store = shared.store.clone();
         let window = shared.config.publish_window;
-        let entries = match tokio::task::spawn_blocking(move || store.outbox_peek(0, window)).await
-        {
-            Ok(Ok(e)) => e,
+        let peeked =
+            tokio::task::spawn_blocking(move || store.outbox_peek_stranded(0, window)).await;
+        let entries = match peeked {
+            Ok(Ok((e, stranded))) if !stranded.is_empty() => {
+                if !park(&shared, stranded).await {
+                    break;
+                }
+                e
+            }
+            Ok(Ok((e, _))) => e,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the outbox failed");
                 shared.set_publish_error(Some(format!("outbox: {e}")));
+                shared.metrics.publish_error(publish_error::STORE);
                 if shared.pause(Duration::from_secs(1)).await {
                     break;
                 }
@@ -49,15 +68,35 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             continue;
         }
         tracing::trace!(entries = entries.len(), "publishing a window");
-        let (pending, failure) = send_window(&shared, &entries).await;
-        tracing::trace!(sent = pending.len(), "publish window sent");
-        let (acked, mut failure) = collect_acks(pending, failure).await;
+        let mut refused = Vec::new();
+        // Unacknowledged entries stay queued: leaving the window at shutdown loses nothing.
+        let Some((acked, duplicates, failure)) = shared
+            .or_stop(async {
+                let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
+                tracing::trace!(sent = pending.len(), "publish window sent");
+                collect_acks(&shared, pending, failure, &mut refused).await
+            })
+            .await
+        else {
+            break;
+        };
+        let (acked, mut failure) =
+            check_duplicates(&shared, &entries, acked, duplicates, failure).await;
         tracing::trace!(acked = acked.len(), ?failure, "acks collected");
+        if !refused.is_empty() && !park(&shared, refused).await {
+            break;
+        }
         if !acked.is_empty() {
             let store = shared.store.clone();
             let n = acked.len();
             match tokio::task::spawn_blocking(move || store.outbox_remove(&acked)).await {
-                Ok(Ok(())) => tracing::debug!(published = n, "outbox drained"),
+                Ok(Ok(())) => {
+                    shared.metrics.published(n);
+                    shared
+                        .published
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(published = n, "outbox drained");
+                }
                 Ok(Err(e)) => failure = Some(format!("outbox remove: {e}")),
                 Err(_) => break,
             }
@@ -68,6 +107,7 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
                 shared.set_publish_error(None);
             }
             Some(err) => {
+                shared.metrics.publish_error(error_kind(&err));
                 tracing::warn!(error = %err, retry_in = ?backoff, "publishing paused");
                 shared.set_publish_error(Some(err));
                 if shared.pause(backoff).await {
@@ -79,12 +119,35 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
     }
 }
 
-/// Sends the window's entries in order, stopping at the first that cannot be sent; returns
-/// the acks to await and that failure.
+/// Moves entries that can never be published to the refused table; false if the store
+/// task failed. The reason shows in the status until the publisher next succeeds.
+async fn park(shared: &Arc<Shared>, refused: Vec<(u64, String)>) -> bool {
+    let reason = refused
+        .last()
+        .map(|(seq, r)| format!("event {seq} refused: {r}"));
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.outbox_refuse(&refused)).await {
+        Ok(Ok(())) => {
+            shared.live().publish_refused = reason;
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "parking refused events failed");
+            shared.set_publish_error(Some(format!("parking refused events: {e}")));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends the window's entries in order, stopping at the first that cannot be sent (one the
+/// server will never take goes to `refused` instead); returns the acks to await and that
+/// failure.
 async fn send_window(
     shared: &Shared,
     entries: &[OutboxEntry],
-) -> (Vec<(u64, PublishAckFuture)>, Option<String>) {
+    refused: &mut Vec<(u64, String)>,
+) -> (Vec<(u64, String, PublishAckFuture)>, Option<String>) {
     let mut pending = Vec::with_capacity(entries.len());
     for e in entries {
         let publish = jetstream::message::PublishMessage::build()
@@ -96,8 +159,11 @@ async fn send_window(
             shared.js.send_publish(e.subject.clone(), publish),
         );
         match sent.await {
-            Ok(Ok(ack)) => pending.push((e.origin_seq, ack)),
-            Ok(Err(err)) => return (pending, Some(format!("publish: {err}"))),
+            Ok(Ok(ack)) => pending.push((e.origin_seq, e.subject.clone(), ack)),
+            Ok(Err(err)) => match permanent(&err, &e.subject, &shared.denied) {
+                Some(reason) => refused.push((e.origin_seq, reason)),
+                None => return (pending, Some(format!("publish: {err}"))),
+            },
             Err(_) => {
                 let err = format!("publish: not sent within {PUBLISH_TIMEOUT:?}");
                 return (pending, Some(err));
@@ -108,31 +174,133 @@ async fn send_window(
 }
 
 /// Awaits the window's acks together: if a server restart lost them, the window costs one
-/// timeout, not one per message. Returns the acknowledged `origin_seq`s and the first
-/// failure (`failure` if sending already failed).
+/// timeout, not one per message. Returns the acknowledged `origin_seq`s, those acknowledged
+/// as duplicates (`origin_seq`, stream sequence) to check, and the first failure
+/// (`failure` if sending already failed). A publish the server refused for good goes to
+/// `refused`.
 async fn collect_acks(
-    pending: Vec<(u64, PublishAckFuture)>,
+    shared: &Shared,
+    pending: Vec<(u64, String, PublishAckFuture)>,
     mut failure: Option<String>,
-) -> (Vec<u64>, Option<String>) {
-    let acks = futures::future::join_all(pending.into_iter().map(|(seq, ack)| async move {
-        (
-            seq,
-            tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await,
-        )
-    }))
-    .await;
+    refused: &mut Vec<(u64, String)>,
+) -> (Vec<u64>, Vec<(u64, u64)>, Option<String>) {
+    let acks =
+        futures::future::join_all(pending.into_iter().map(|(seq, subject, ack)| async move {
+            (
+                seq,
+                subject,
+                tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await,
+            )
+        }))
+        .await;
     let mut acked = Vec::with_capacity(acks.len());
-    for (seq, result) in acks {
-        match result {
-            Ok(Ok(_)) => acked.push(seq),
-            Ok(Err(err)) => {
+    let mut duplicates = Vec::new();
+    for (seq, subject, result) in acks {
+        let err = match result {
+            Ok(Ok(ack)) if ack.duplicate => {
+                duplicates.push((seq, ack.sequence));
+                continue;
+            }
+            Ok(Ok(_)) => {
+                acked.push(seq);
+                continue;
+            }
+            Ok(Err(err)) => err,
+            Err(_) => PublishError::new(PublishErrorKind::TimedOut),
+        };
+        match permanent(&err, &subject, &shared.denied) {
+            Some(reason) => refused.push((seq, reason)),
+            None => {
                 failure.get_or_insert_with(|| format!("publish ack: {err}"));
             }
+        }
+    }
+    (acked, duplicates, failure)
+}
+
+/// A PubAck marked duplicate means JetStream already holds a message with that id: the
+/// node's own earlier attempt, or someone else's message that took the id. It counts as
+/// published only if the message stored at the ack's sequence is this event; otherwise
+/// the event is published again under a fresh id, and the squatting is reported.
+async fn check_duplicates(
+    shared: &Shared,
+    entries: &[OutboxEntry],
+    mut acked: Vec<u64>,
+    duplicates: Vec<(u64, u64)>,
+    mut failure: Option<String>,
+) -> (Vec<u64>, Option<String>) {
+    if duplicates.is_empty() {
+        return (acked, failure);
+    }
+    let stream = match shared.js.get_stream(&shared.config.stream.name).await {
+        Ok(s) => s,
+        Err(e) => {
+            failure.get_or_insert_with(|| format!("checking duplicate acks: {e}"));
+            return (acked, failure);
+        }
+    };
+    for (origin_seq, stream_seq) in duplicates {
+        let Some(entry) = entries.iter().find(|e| e.origin_seq == origin_seq) else {
+            continue;
+        };
+        let stored = match crate::stream::read_message(&stream, stream_seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                failure.get_or_insert_with(|| format!("checking a duplicate ack: {e}"));
+                continue;
+            }
+        };
+        // Gone (retention removed it): nothing to compare; republishing an old event into
+        // a compacted stream could displace a newer one, so take the ack.
+        let ours = stored.is_none_or(|m| {
+            m.subject == entry.subject && m.payload.as_ref() == entry.payload.as_slice()
+        });
+        if ours {
+            acked.push(origin_seq);
+            continue;
+        }
+        let fresh = shared.store.fresh_msg_id(origin_seq);
+        tracing::warn!(
+            origin_seq,
+            msg_id = %entry.msg_id,
+            taken_at = stream_seq,
+            %fresh,
+            "another message took this event's id: publishing it again under a fresh id"
+        );
+        shared.live().trust.publish_squatted += 1;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(entry.payload.clone().into())
+            .message_id(fresh.as_str());
+        let sent = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            shared
+                .js
+                .send_publish(entry.subject.clone(), publish)
+                .await?
+                .await
+        })
+        .await;
+        match sent {
+            Ok(Ok(_)) => acked.push(origin_seq),
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| format!("republishing under a fresh id: {e}"));
+            }
             Err(_) => {
-                failure
-                    .get_or_insert_with(|| format!("publish ack: none within {PUBLISH_TIMEOUT:?}"));
+                failure.get_or_insert_with(|| "republishing under a fresh id: timed out".into());
             }
         }
     }
     (acked, failure)
+}
+
+/// The metrics' kind of a publish failure, from the messages this loop builds.
+fn error_kind(err: &str) -> &'static str {
+    if err.contains("within") {
+        publish_error::TIMEOUT
+    } else if err.starts_with("publish ack:") {
+        publish_error::REJECTED
+    } else if err.starts_with("publish:") {
+        publish_error::SEND
+    } else {
+        publish_error::STORE
+    }
 }

@@ -34,6 +34,10 @@ pub(super) async fn take_snapshot(shared: &Arc<Shared>) -> Result<SnapshotReport
     )
     .await?;
     shared.live().last_snapshot = Some(report.meta.name.clone());
+    shared.metrics.snapshot_taken(
+        report.bytes,
+        std::time::Duration::from_millis(report.millis),
+    );
     let policy = &cfg.snapshots;
     let pruned = snapshot::prune(
         &shared.js,

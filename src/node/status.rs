@@ -1,22 +1,68 @@
 //! What a node reports about itself: [`Status`], the [`Halt`] reasons that stop the apply
 //! loop, and [`NodeHandle::status`].
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use serde::Serialize;
 
-use super::{Bootstrapped, NodeError, NodeHandle};
+use super::{Bootstrapped, NodeError, NodeHandle, Shared, subjects_for};
 use crate::error::StorageError;
-use crate::ids::EntityFilter;
+use crate::ids::{EntityFilter, EntityName};
 
 /// Why the apply loop stopped applying; it needs an operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Halt {
     /// Events this node never applied were removed from the stream.
-    RetentionGap { checkpoint: u64, first_seq: u64 },
+    RetentionGap {
+        /// The node's checkpoint: the last stream sequence it applied.
+        checkpoint: u64,
+        /// The stream's first kept sequence (greater than `checkpoint + 1`).
+        first_seq: u64,
+    },
     /// The stream was deleted and recreated (or replaced) since this node followed it.
-    StreamReset { detail: String },
+    StreamReset {
+        /// What changed about the stream.
+        detail: String,
+    },
     /// The stream exists with a config that conflicts with this node's.
-    StreamConflict { detail: String },
+    StreamConflict {
+        /// The settings that differ.
+        detail: String,
+    },
+    /// Entity types added to this node whose old events the stream no longer holds, with
+    /// no snapshot covering them yet: only they wait, the other types keep applying.
+    EntitiesGap {
+        /// Their filter subjects.
+        entities: Vec<String>,
+        /// The stream's first kept sequence.
+        first_seq: u64,
+    },
+    /// The disk holding the store is full; applying resumes by itself once there is space.
+    DiskFull {
+        /// The store file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+}
+
+impl Halt {
+    /// A stable code for metrics and tooling: `retention_gap`, `stream_reset`,
+    /// `stream_conflict`, `entities_gap`, `disk_full`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Halt::RetentionGap { .. } => "retention_gap",
+            Halt::StreamReset { .. } => "stream_reset",
+            Halt::StreamConflict { .. } => "stream_conflict",
+            Halt::EntitiesGap { .. } => "entities_gap",
+            Halt::DiskFull { .. } => "disk_full",
+        }
+    }
 }
 
 impl std::fmt::Display for Halt {
@@ -34,6 +80,21 @@ impl std::fmt::Display for Halt {
             ),
             Halt::StreamReset { detail } => write!(f, "stream reset: {detail}"),
             Halt::StreamConflict { detail } => write!(f, "stream config conflict: {detail}"),
+            Halt::EntitiesGap {
+                entities,
+                first_seq,
+            } => write!(
+                f,
+                "added entity types {} wait: the stream now starts at sequence {first_seq}, so their events 1..{} are gone and no snapshot covers them (one of this stream, taken at sequence {} or later, by a node whose filters include this node's). The other entity types keep applying. Take a snapshot on a node that has them (`jetsync snapshot create --node <id>`) and this node loads it within seconds",
+                entities.join(", "),
+                first_seq - 1,
+                first_seq - 1
+            ),
+            Halt::DiskFull { path, detail } => write!(
+                f,
+                "disk full: the store {} cannot be written ({detail}); applying stopped and local writes fail until there is space. Free space or grow the volume: the store reopens and applying resumes by itself",
+                path.display()
+            ),
         }
     }
 }
@@ -41,15 +102,32 @@ impl std::fmt::Display for Halt {
 /// A point-in-time view of a node.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    /// The node's id.
     pub node: String,
     /// `connected`, `disconnected` or `pending`.
     pub connection: String,
+    /// Local writes not yet published (outbox entries).
     pub outbox: u64,
+    /// The last stream sequence applied.
     pub checkpoint: u64,
     /// The stream's last sequence when last seen.
     pub stream_last_seq: Option<u64>,
-    /// Messages matching this node's filter not yet applied, per the consumer.
+    /// Stream messages past the checkpoint not applied yet: the stream's last sequence
+    /// (asked for now when connected) minus the checkpoint; for a partial replica an upper
+    /// bound until its idle checkpoint catches up. `jetsync_replication_lag_events`.
     pub lag: Option<u64>,
+    /// Per entity type: seconds since the oldest stream event past the checkpoint was
+    /// stored (0 when caught up); empty while the stream cannot be asked.
+    /// `jetsync_replication_lag_seconds`.
+    pub lag_seconds: BTreeMap<String, f64>,
+    /// Records keeping conflicts, all entity types.
+    pub conflicts: u64,
+    /// Events this node published since it started.
+    pub published: u64,
+    /// Per peer and reason: this node's events that peer has quarantined (the
+    /// self-check, [`crate::ops::selfcheck`]); empty when none.
+    pub refused_by: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Refused messages in the quarantine.
     pub quarantined: u64,
     /// The current transient errors of the publisher and the apply loop, each cleared when
     /// its loop recovers.
@@ -62,25 +140,89 @@ pub struct Status {
     pub last_snapshot: Option<String>,
     /// Damaged records set aside, awaiting `verify --repair`.
     pub damaged: u64,
+    /// Own events parked because they can never be published as they are (`jetsync
+    /// inspect refused`).
+    pub refused: u64,
+    /// Why the last of them was refused.
+    pub publish_refused: Option<String>,
     /// This node's entity filters (empty: every entity type).
     pub entities: Vec<EntityFilter>,
+    /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
+    #[serde(flatten)]
+    pub trust: super::TrustStatus,
+}
+
+/// The store's counters in a status, kept from the last time they could be read.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Counts {
+    outbox: u64,
+    checkpoint: u64,
+    quarantined: u64,
+    damaged: u64,
+    refused: u64,
 }
 
 impl NodeHandle {
     /// The node's state now: its store's counters and what its loops last saw.
     pub async fn status(&self) -> Result<Status, NodeError> {
         let store = self.0.store.clone();
-        let (outbox, checkpoint, quarantined, damaged) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StorageError>((
-                store.outbox_len()?,
-                store.checkpoint()?,
-                store.quarantine_len()?,
-                store.damaged_len()?,
-            ))
+        let counts = tokio::task::spawn_blocking(move || {
+            Ok::<_, StorageError>(Counts {
+                outbox: store.outbox_len()?,
+                checkpoint: store.checkpoint()?,
+                quarantined: store.quarantine_len()?,
+                damaged: store.damaged_len()?,
+                refused: store.refused_len()?,
+            })
         })
         .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
-        let live = self.0.live();
+        .map_err(|e| NodeError::Task(e.to_string()))?;
+        let store = self.0.store.clone();
+        let (entities, conflicts) = tokio::task::spawn_blocking(move || {
+            let entities = store.entities()?;
+            let mut conflicts = 0;
+            for e in &entities {
+                conflicts += store.conflict_count(e, CONFLICT_COUNT_CAP)?;
+            }
+            Ok::<_, StorageError>((entities, conflicts))
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))?
+        .unwrap_or_default();
+        let connected = matches!(
+            self.0.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        let mut lag_seconds = BTreeMap::new();
+        if connected {
+            if let Some(last) = stream_last_seq(&self.0).await {
+                self.0.live().stream_last_seq = Some(last);
+            }
+            let checkpoint = match &counts {
+                Ok(c) => c.checkpoint,
+                Err(_) => self.0.live().counts.checkpoint,
+            };
+            lag_seconds = entity_lag(&self.0, &entities, checkpoint).await;
+        }
+        // Before taking `live`: it locks it too.
+        let trust = self.trust_status();
+        let mut live = self.0.live();
+        // A store that cannot be read (closed after an I/O error, awaiting reopening) still
+        // gives a status: the last counts read, and the error.
+        let (counts, store_error) = match counts {
+            Ok(c) => {
+                live.counts = c;
+                (c, None)
+            }
+            Err(e) => (live.counts, Some(format!("store: {e}"))),
+        };
+        let Counts {
+            outbox,
+            checkpoint,
+            quarantined,
+            damaged,
+            refused,
+        } = counts;
         Ok(Status {
             node: self.0.config.node_id.to_string(),
             connection: match self.0.client.connection_state() {
@@ -92,19 +234,98 @@ impl NodeHandle {
             outbox,
             checkpoint,
             stream_last_seq: live.stream_last_seq,
-            lag: live.lag,
+            lag: live.stream_last_seq.map(|l| l.saturating_sub(checkpoint)),
+            lag_seconds,
+            conflicts,
+            published: self.0.published.load(Ordering::Relaxed),
+            refused_by: self.0.selfcheck.refused(),
             quarantined,
-            last_error: match (&live.publish_error, &live.apply_error) {
-                (None, None) => None,
-                (Some(p), None) => Some(p.clone()),
-                (None, Some(a)) => Some(a.clone()),
-                (Some(p), Some(a)) => Some(format!("{p}; {a}")),
+            last_error: {
+                let errors: Vec<&str> = [&live.publish_error, &live.apply_error, &store_error]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                (!errors.is_empty()).then(|| errors.join("; "))
             },
             halted: live.halted.clone(),
             bootstrapped: live.bootstrapped.clone(),
             last_snapshot: live.last_snapshot.clone(),
             damaged,
+            refused,
+            publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
+            trust,
         })
     }
+}
+
+/// Conflict counts stop at this many per entity type (counting is an index scan).
+const CONFLICT_COUNT_CAP: usize = 1_000_000;
+/// Longest wait for the stream when reporting status.
+const ASK_STREAM: Duration = Duration::from_secs(1);
+
+/// The stream's last sequence now, if the server answers quickly.
+async fn stream_last_seq(shared: &Shared) -> Option<u64> {
+    let name = &shared.config.stream.name;
+    let stream = tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(name))
+        .await
+        .ok()?
+        .ok()?;
+    let info = tokio::time::timeout(ASK_STREAM, stream.get_info())
+        .await
+        .ok()?
+        .ok()?;
+    Some(info.state.last_sequence)
+}
+
+/// Per entity type this node follows, the age of the oldest stream event past
+/// `checkpoint` (0 when there is none): one direct get per filter subject. A full replica
+/// asks per entity type its store knows.
+async fn entity_lag(
+    shared: &Shared,
+    known: &[EntityName],
+    checkpoint: u64,
+) -> BTreeMap<String, f64> {
+    let cfg = &shared.config;
+    let prefix = &cfg.stream.prefix;
+    let subjects: Vec<(String, String)> = if cfg.entities.is_empty() {
+        known
+            .iter()
+            .map(|e| (e.to_string(), format!("{prefix}.{e}.>")))
+            .collect()
+    } else {
+        cfg.entities
+            .iter()
+            .flat_map(|f| {
+                let e = f.entity.to_string();
+                subjects_for(prefix, std::slice::from_ref(f))
+                    .into_iter()
+                    .map(move |s| (e.clone(), s))
+            })
+            .collect()
+    };
+    let mut lag = BTreeMap::new();
+    let Ok(Ok(stream)) =
+        tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(&cfg.stream.name)).await
+    else {
+        return lag;
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    for (entity, subject) in subjects {
+        let next = tokio::time::timeout(
+            ASK_STREAM,
+            stream.direct_get_next_for_subject(subject, Some(checkpoint + 1)),
+        )
+        .await;
+        let secs = match next {
+            Ok(Ok(m)) => (now - m.time.timestamp_millis()).max(0) as f64 / 1000.0,
+            Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => 0.0,
+            // Unknown now: leave it out rather than report 0.
+            _ => continue,
+        };
+        let slot = lag.entry(entity).or_insert(0.0_f64);
+        *slot = slot.max(secs);
+    }
+    lag
 }

@@ -16,6 +16,7 @@ pub struct Watch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("watcher fell behind; {missed} changes were dropped")]
 pub struct Lagged {
+    /// How many changes were dropped.
     pub missed: u64,
 }
 

@@ -24,9 +24,8 @@ impl Store {
         self.apply_batch_through(batch, 0)
     }
 
-    /// [`Store::apply_batch`], advancing the checkpoint to at least `through`: the apply
-    /// loop leaves this node's own events (known already) out of `batch` but still moves
-    /// past them.
+    /// [`Store::apply_batch`], advancing the checkpoint to at least `through` (the last
+    /// sequence the apply loop fetched, though its batch may end earlier).
     pub fn apply_batch_through(
         &self,
         batch: &[Incoming<'_>],
@@ -58,15 +57,26 @@ impl Store {
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
-        let txn = self.db.begin_write()?;
+        self.apply_removing_inner(batch, through, retried)
+            .map_err(|e| self.checked(e))
+    }
+
+    fn apply_removing_inner(
+        &self,
+        batch: &[Incoming<'_>],
+        through: Option<u64>,
+        retried: &[u64],
+    ) -> Result<ApplyReport, StorageError> {
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
         {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META)?;
             let mut quarantine = txn.open_table(QUARANTINE)?;
-            let mut outbox = txn.open_table(OUTBOX)?;
+            let outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
+            let limits = self.limits();
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
             let mut quarantine_seq = read_u64(&meta, K_QUARANTINE_SEQ)?;
             for id in retried {
@@ -83,40 +93,40 @@ impl Store {
                 if through.is_some() {
                     applied_ms = applied_ms.max(msg.stream_time_ms);
                 }
-                match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &self.limits) {
+                match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &limits) {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
+                        let ahead = hlc.physical_ms() as i64 - msg.stream_time_ms as i64;
+                        report.max_ahead_ms =
+                            Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
+                        let entity = ev.entity.clone();
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
-                        // Another node superseding one of our queued versions has seen it
-                        // in the stream: it is published, and its leaf is about to go.
+                        // Another origin superseding one of our queued versions is no proof
+                        // that it was published (a stamp can be guessed), and an own event of
+                        // an earlier incarnation supersedes our queued versions below it (its
+                        // origin's later version): either way the leaf is about to go, so keep
+                        // its event until our own PubAck retires it.
                         for leaf in state.leaves.iter().filter(|l| {
                             l.version.node == self.node
                                 && (ev.base.as_ref() == Some(&l.version)
-                                    || ev.resolves.contains(&l.version))
+                                    || ev.resolves.contains(&l.version)
+                                    || (ev.version.node == self.node && l.version < ev.version))
                         }) {
-                            outbox.remove(leaf.origin_seq)?;
-                        }
-                        // An own event of an earlier incarnation of this store supersedes
-                        // our queued versions below it (its origin's later version): they
-                        // keep their events.
-                        if ev.version.node == self.node {
-                            for leaf in state
-                                .leaves
-                                .iter()
-                                .filter(|l| l.version.node == self.node && l.version < ev.version)
-                            {
-                                if outbox.get(leaf.origin_seq)?.is_some() {
-                                    let old = leaf_event(&ev.entity, ev.id, leaf)?;
-                                    unpublished.insert(leaf.origin_seq, old.encode().as_slice())?;
-                                }
+                            if outbox.get(leaf.origin_seq)?.is_some() {
+                                let queued = leaf_event(&ev.entity, ev.id, leaf)?;
+                                unpublished.insert(leaf.origin_seq, queued.encode().as_slice())?;
                             }
                         }
                         match tx.merge(state, ev)? {
                             Merge::Applied => {
                                 clock.observe(hlc);
                                 report.applied += 1;
+                                report.count(entity.as_str(), 0);
                             }
-                            Merge::Duplicate => report.duplicates += 1,
+                            Merge::Duplicate => {
+                                report.duplicates += 1;
+                                report.count(entity.as_str(), 1);
+                            }
                         }
                     }
                     Err(reason) => {
@@ -135,6 +145,20 @@ impl Store {
                             encode_postcard(&row, "quarantine")?.as_slice(),
                         )?;
                         report.quarantined += 1;
+                        let entity = msg
+                            .subject
+                            .split('.')
+                            .nth(self.config.prefix.split('.').count())
+                            .unwrap_or("?");
+                        report.count(entity, 2);
+                        match report
+                            .quarantine_reasons
+                            .iter_mut()
+                            .find(|(r, _)| *r == reason.code())
+                        {
+                            Some((_, n)) => *n += 1,
+                            None => report.quarantine_reasons.push((reason.code(), 1)),
+                        }
                     }
                 }
             }
@@ -151,7 +175,7 @@ impl Store {
             };
             report.changes = tx.finish()?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(report)
     }
 }

@@ -2,14 +2,14 @@
 //! other rows as postcard, outbox entries as a packed index, and the event a leaf records.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+
 use uuid::Uuid;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, Digest};
 use crate::error::StorageError;
-use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
+use crate::event::ChangeEvent;
 use crate::ids::EntityName;
 use crate::merge::{Leaf, RecordState};
 
@@ -124,34 +124,17 @@ pub(super) fn decode_outbox(bytes: &[u8]) -> Option<(EntityName, Uuid, Hlc)> {
     Some((entity, id, Hlc::from_u64(hlc)))
 }
 
-/// The event that created `leaf`: a leaf keeps every field of it.
+/// The event that created `leaf` ([`crate::merge::leaf_event`]), a document that is not
+/// JSON being a damaged record.
 pub(super) fn leaf_event(
     entity: &EntityName,
     id: Uuid,
     leaf: &Leaf,
 ) -> Result<ChangeEvent, StorageError> {
-    let doc = leaf
-        .doc
-        .as_ref()
-        .map(|d| RawValue::from_string(d.clone()))
-        .transpose()
-        .map_err(|e| StorageError::UndecodableRecord {
-            entity: entity.clone(),
-            id,
-            detail: format!("the document of version {} is not JSON: {e}", leaf.version),
-        })?;
-    Ok(ChangeEvent {
-        v: ENVELOPE_VERSION,
-        op: if doc.is_some() { Op::Put } else { Op::Delete },
+    crate::merge::leaf_event(entity, id, leaf).map_err(|detail| StorageError::UndecodableRecord {
         entity: entity.clone(),
-        scope: leaf.scope.clone(),
         id,
-        origin: leaf.version.node.clone(),
-        origin_seq: leaf.origin_seq,
-        version: leaf.version.clone(),
-        base: leaf.base.clone(),
-        resolves: leaf.resolves.clone(),
-        doc,
+        detail: format!("version {}: {detail}", leaf.version),
     })
 }
 

@@ -43,7 +43,7 @@ impl Store {
         for entity in self.entities()? {
             let mut start = 0u128;
             loop {
-                let txn = self.db.begin_write()?;
+                let txn = self.begin_write()?;
                 let mut last = None;
                 {
                     let mut table = txn.open_table(records_def(&records_table_name(&entity)))?;
@@ -84,7 +84,7 @@ impl Store {
                         report.tombstones_removed += 1;
                     }
                 }
-                txn.commit()?;
+                self.commit(txn)?;
                 match last {
                     Some(k) if k < u128::MAX => start = k + 1,
                     _ => break,

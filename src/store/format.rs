@@ -36,6 +36,8 @@ pub(super) const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition
 /// Per entity type, the cutoff of its last tombstone removal (ms): see
 /// [`Store::horizon`](super::Store::horizon).
 pub(super) const HORIZONS: TableDefinition<&str, u64> = TableDefinition::new("horizons");
+/// origin_seq -> an own event the server will never accept, parked with the reason.
+pub(super) const REFUSED: TableDefinition<u64, &[u8]> = TableDefinition::new("refused");
 pub(super) const RECORDS_PREFIX: &str = "records.";
 
 const K_MAGIC: &str = "magic";
@@ -45,7 +47,12 @@ pub(super) const K_HLC: &str = "hlc";
 pub(super) const K_ORIGIN_SEQ: &str = "origin_seq";
 pub(super) const K_CHECKPOINT: &str = "checkpoint";
 pub(super) const K_QUARANTINE_SEQ: &str = "quarantine_seq";
-const K_INCARNATION: &str = "incarnation";
+pub(super) const K_INCARNATION: &str = "incarnation";
+/// The secret of this incarnation's message ids (see [`crate::msgid`]).
+pub(super) const K_MSGID_SECRET: &str = "msgid_secret";
+/// The deployment's limits last adopted from the stream, JSON; used until the stream is
+/// reached again.
+pub(super) const K_LIMITS: &str = "limits";
 /// The greatest JetStream timestamp applied: compaction's clock (see
 /// [`Store::compact`](super::Store::compact)).
 pub(super) const K_APPLIED_MS: &str = "applied_stream_ms";
@@ -90,13 +97,22 @@ pub(super) fn read_u64(
     }
 }
 
+/// What opening a store reads from its meta table.
+pub(super) struct Opened {
+    pub hlc: Hlc,
+    pub incarnation: u64,
+    pub secret: Vec<u8>,
+    pub limits: Option<crate::stream::DeploymentLimits>,
+}
+
 /// Initialises a new file, or checks that an existing one is a jetsync store of this format
-/// and this node. Returns the persisted HLC.
+/// and this node. Returns the persisted HLC, incarnation, message-id secret (made now for
+/// a store from before secrets) and adopted limits.
 pub(super) fn init_or_check(
     db: &Database,
     path: &Path,
     node: &NodeId,
-) -> Result<(Hlc, u64), OpenError> {
+) -> Result<Opened, OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let hlc = {
         let fresh = txn
@@ -171,10 +187,29 @@ pub(super) fn init_or_check(
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
         txn.open_table(DAMAGED).map_err(StorageError::from)?;
         txn.open_table(HORIZONS).map_err(StorageError::from)?;
-        (
-            Hlc::from_u64(read_u64(&meta, K_HLC)?),
-            read_u64(&meta, K_INCARNATION)?,
-        )
+        txn.open_table(REFUSED).map_err(StorageError::from)?;
+        let secret = match meta.get(K_MSGID_SECRET).map_err(StorageError::from)? {
+            Some(g) => g.value().to_vec(),
+            None => Vec::new(),
+        };
+        let secret = if secret.is_empty() {
+            let s = crate::msgid::MsgIds::new_secret();
+            meta.insert(K_MSGID_SECRET, s.as_slice())
+                .map_err(StorageError::from)?;
+            s.to_vec()
+        } else {
+            secret
+        };
+        let limits = meta
+            .get(K_LIMITS)
+            .map_err(StorageError::from)?
+            .and_then(|g| serde_json::from_slice(g.value()).ok());
+        Opened {
+            hlc: Hlc::from_u64(read_u64(&meta, K_HLC)?),
+            incarnation: read_u64(&meta, K_INCARNATION)?,
+            secret,
+            limits,
+        }
     };
     txn.commit().map_err(StorageError::from)?;
     Ok(hlc)
@@ -373,9 +408,9 @@ impl Store {
                 key: key.to_owned(),
             });
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(META)?.insert(key, value)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 }
@@ -389,7 +424,7 @@ mod tests {
     fn a_truncated_meta_value_is_invalid_meta() {
         let (_dir, store) = temp_store();
         assert_eq!(store.checkpoint().unwrap(), 0);
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         txn.open_table(META)
             .unwrap()
             .insert(K_CHECKPOINT, [1u8, 2, 3].as_slice())

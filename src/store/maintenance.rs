@@ -21,6 +21,7 @@ use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, Scope};
+use crate::merge;
 use crate::merge::RecordState;
 use crate::store::{ApplyReport, Change, Page};
 
@@ -30,13 +31,16 @@ pub struct Export {
     txn: ReadTransaction,
     /// The stream sequence this view reflects.
     pub checkpoint: u64,
+    /// The greatest clock stamp the store had issued or observed at that moment.
     pub last_hlc: Hlc,
+    /// Every entity type with a record table.
     pub entities: Vec<EntityName>,
 }
 
 /// What [`Export::for_each`] wrote.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExportSummary {
+    /// Records written to the sink.
     pub records: u64,
     /// Records skipped because they failed their checksum.
     pub damaged: u64,
@@ -45,8 +49,10 @@ pub struct ExportSummary {
 /// Exporting failed in the store or in the sink.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The store failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The sink failed to write.
     #[error("snapshot sink: {0}")]
     Sink(#[from] std::io::Error),
 }
@@ -103,6 +109,10 @@ pub struct MergeReport {
     pub changed: usize,
     /// Damaged local records replaced by the incoming state.
     pub repaired: usize,
+    /// Incoming states refused whole (they failed the event checks, see
+    /// [`crate::merge::check_state`]), with why; nothing of them was merged.
+    pub refused: Vec<(Uuid, String)>,
+    /// The visible record changes the merge made.
     pub changes: Vec<Change>,
 }
 
@@ -116,6 +126,7 @@ pub struct VerifyHashes {
     pub buckets: Vec<u128>,
     /// Records that failed their checksum.
     pub damaged: Vec<Uuid>,
+    /// Records counted in the hashes (in scope and not counting as absent).
     pub records: u64,
 }
 
@@ -123,16 +134,22 @@ pub struct VerifyHashes {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordSlot {
+    /// The record's merge state.
     State(RecordState),
+    /// The record's stored value fails its checksum or does not decode.
     Damaged,
 }
 
 /// A damaged record set aside.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DamagedEntry {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
+    /// Why its stored value was refused.
     pub error: String,
+    /// When it was found damaged (wall clock, ms since the epoch).
     pub found_ms: u64,
 }
 
@@ -183,25 +200,54 @@ impl Store {
     /// Folds whole record states from another replica (a snapshot or a peer being
     /// repaired against) into this store, in one transaction: each record becomes the
     /// state of the union of both sides' events. A damaged local record is replaced.
+    ///
+    /// Every incoming state first meets the event checks leaf by leaf (document, versions,
+    /// drift against this node's wall clock: [`merge::check_state`]), and a leaf of this
+    /// node's own version must match the one it holds (it wrote it); a state that fails is
+    /// refused whole, logged and listed in [`MergeReport::refused`].
     pub fn merge_records(
         &self,
         entity: &EntityName,
         records: Vec<(Uuid, RecordState)>,
     ) -> Result<MergeReport, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = MergeReport::default();
+        let limits = self.limits();
         {
             let mut tx = Tx::new(&txn)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let mut meta = txn.open_table(META)?;
             for (id, incoming) in records {
+                let mut refuse = |why: String| {
+                    tracing::warn!(%entity, %id, reason = %why, "merged record state refused");
+                    report.refused.push((id, why));
+                };
+                if let Err(reason) =
+                    merge::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
+                {
+                    refuse(reason.to_string());
+                    continue;
+                }
                 let key = (entity.as_str(), id.as_u128());
                 // Loading moves a damaged value aside; either way a full state replaces it.
                 let loaded = tx.load(entity, &id)?;
                 let damaged_now = tx.damaged_rows.get(key)?.is_some();
                 let mut state = loaded.unwrap_or_default();
+                if let Some(theirs) = incoming.leaves.iter().find(|l| {
+                    l.version.node == self.node
+                        && state
+                            .leaves
+                            .iter()
+                            .any(|m| m.version == l.version && *m != **l)
+                }) {
+                    refuse(format!(
+                        "this node's own version {} differs from the one it wrote",
+                        theirs.version
+                    ));
+                    continue;
+                }
                 let before = Before::of(&id, &state);
                 let old = state.clone();
                 for leaf in &incoming.leaves {
@@ -237,20 +283,20 @@ impl Store {
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
             report.changes = tx.finish()?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(report)
     }
 
     /// Raises the checkpoint to `seq` (a loaded snapshot's); never lowers it.
     pub fn advance_checkpoint(&self, seq: u64) -> Result<u64, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let checkpoint = {
             let mut meta = txn.open_table(META)?;
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?.max(seq);
             meta.insert(K_CHECKPOINT, checkpoint.to_le_bytes().as_slice())?;
             checkpoint
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(checkpoint)
     }
 
@@ -360,6 +406,7 @@ impl Store {
         Ok(out)
     }
 
+    /// How many damaged records are set aside (not yet repaired).
     pub fn damaged_len(&self) -> Result<u64, StorageError> {
         Ok(self.read()?.open_table(DAMAGED)?.len()?)
     }
@@ -375,7 +422,7 @@ impl Store {
 
     /// Drops quarantine entries; returns how many existed.
     pub fn quarantine_drop(&self, ids: &[u64]) -> Result<usize, StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         let mut dropped = 0;
         {
             let mut table = txn.open_table(QUARANTINE)?;
@@ -383,7 +430,7 @@ impl Store {
                 dropped += usize::from(table.remove(*id)?.is_some());
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(dropped)
     }
 

@@ -11,6 +11,9 @@ use super::{OutboxEntry, Store};
 use crate::clock::Version;
 use crate::error::StorageError;
 
+/// An outbox entry that cannot be published, and why: `(origin_seq, reason)`.
+pub type Stranded = (u64, String);
+
 impl Store {
     /// Events written locally and not yet acknowledged.
     pub fn outbox_len(&self) -> Result<u64, StorageError> {
@@ -19,13 +22,27 @@ impl Store {
     }
 
     /// Up to `limit` outbox entries with `origin_seq > after`, in order, each rebuilt into
-    /// the event to publish.
+    /// the event to publish. Entries that cannot be rebuilt are left out (see
+    /// [`Store::outbox_peek_stranded`]).
     pub fn outbox_peek(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StorageError> {
+        Ok(self.outbox_peek_stranded(after, limit)?.0)
+    }
+
+    /// [`Store::outbox_peek`], also returning the entries whose event cannot be rebuilt
+    /// (their record is damaged, or gone) with the reason: they would never publish, so the
+    /// publisher parks them ([`Store::outbox_refuse`]) instead of stalling on them.
+    pub fn outbox_peek_stranded(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<OutboxEntry>, Vec<Stranded>), StorageError> {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;
+        let ids = self.ids();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
+        let mut stranded = Vec::new();
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
             let seq = k.value();
@@ -46,7 +63,21 @@ impl Store {
                     .map(|g| decode_state(&entity, &id, g.value())),
                 None => None,
             }
-            .transpose()?;
+            .transpose();
+            let state = match state {
+                Ok(s) => s,
+                Err(
+                    e @ (StorageError::ChecksumMismatch { .. }
+                    | StorageError::UndecodableRecord { .. }),
+                ) => {
+                    stranded.push((
+                        seq,
+                        format!("its record is damaged ({e}), so this write's event cannot be rebuilt; the record is set aside and `jetsync verify --repair` restores it from a peer, without this write"),
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let leaf = state
                 .as_ref()
                 .and_then(|s| s.leaves.iter().find(|l| l.version == version));
@@ -64,23 +95,27 @@ impl Store {
                         // Every path that removes a queued leaf keeps or retires its entry;
                         // reaching here means the store was altered underneath.
                         tracing::error!(seq, %entity, %id, "outbox entry has no event to publish");
+                        stranded.push((
+                            seq,
+                            format!("{entity}/{id} no longer holds version {version} and no copy of its event was kept, so it cannot be published"),
+                        ));
                         continue;
                     }
                 },
             };
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: format!("{}{seq}", self.msg_id_prefix()),
+                msg_id: ids.id(seq),
                 subject: ev.subject(&self.config.prefix),
                 payload: ev.encode(),
             });
         }
-        Ok(out)
+        Ok((out, stranded))
     }
 
     /// Removes acknowledged entries, in one transaction.
     pub fn outbox_remove(&self, origin_seqs: &[u64]) -> Result<(), StorageError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut table = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
@@ -89,7 +124,7 @@ impl Store {
                 unpublished.remove(*seq)?;
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 }
@@ -102,7 +137,7 @@ mod tests {
     #[test]
     fn a_malformed_outbox_entry_names_its_sequence() {
         let (_dir, store) = temp_store();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         txn.open_table(OUTBOX)
             .unwrap()
             .insert(5, [9u8, b'x'].as_slice())

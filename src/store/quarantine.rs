@@ -1,6 +1,8 @@
 //! The quarantine: incoming messages refused with their reason, as stored and as read.
 //! Retrying and dropping entries is operator work, in `maintenance`.
 
+use std::collections::BTreeMap;
+
 use redb::ReadableTableMetadata;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +32,9 @@ pub(super) struct QuarantineRowV1 {
     pub(super) received_ms: u64,
     pub(super) payload: Vec<u8>,
 }
+
+/// Most quarantine entries [`Store::quarantine_by_origin`] scans.
+const QUARANTINE_SCAN_CAP: u64 = 1_000_000;
 
 impl Store {
     /// How many refused messages the quarantine holds.
@@ -66,6 +71,37 @@ impl Store {
                 stream_time_ms: row.stream_time_ms,
                 payload: row.payload,
             });
+        }
+        Ok(out)
+    }
+
+    /// `{origin: {reason code: count}}` of the quarantine (at most the first million
+    /// entries); the origin is the subject's origin token (`?` when the subject has none).
+    /// The self-check asks peers for it.
+    pub fn quarantine_by_origin(
+        &self,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, BTreeMap<String, u64>>, StorageError> {
+        // <prefix>.<entity>.<scope>.<origin>.<id>
+        let origin_token = prefix.split('.').count() + 2;
+        let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let mut after = 0;
+        let mut seen = 0;
+        loop {
+            let page = self.quarantine(after, 1000)?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for e in &page {
+                let origin = e.subject.split('.').nth(origin_token).unwrap_or("?");
+                *out.entry(origin.to_owned())
+                    .or_default()
+                    .entry(e.reason.code().to_owned())
+                    .or_default() += 1;
+            }
+            seen += page.len() as u64;
+            if page.len() < 1000 || seen >= QUARANTINE_SCAN_CAP {
+                break;
+            }
         }
         Ok(out)
     }

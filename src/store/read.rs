@@ -100,6 +100,17 @@ impl Store {
         Ok(Page { items, next })
     }
 
+    /// How many records of `entity` keep conflicts, counting at most `cap` (an index scan
+    /// without loading the records, for metrics).
+    pub fn conflict_count(&self, entity: &EntityName, cap: usize) -> Result<u64, StorageError> {
+        let txn = self.read()?;
+        let Ok(index) = txn.open_table(CONFLICTS) else {
+            return Ok(0);
+        };
+        let range = index.range((entity.as_str(), 0)..=(entity.as_str(), u128::MAX))?;
+        Ok(range.take(cap).count() as u64)
+    }
+
     /// Records of `entity` that have conflicts, in id order, after `after`, at most `limit`.
     pub fn conflicts(
         &self,
@@ -233,7 +244,7 @@ mod tests {
     fn a_record_failing_its_checksum_is_reported_with_entity_and_id() {
         let (_dir, store) = temp_store();
         let (id, _) = store.insert(&orders(), json!({"n": 1})).unwrap();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         {
             let name = records_table_name(&orders());
             let mut table = txn.open_table(records_def(&name)).unwrap();
@@ -254,7 +265,7 @@ mod tests {
         let (_dir, store) = temp_store();
         store.insert(&orders(), json!({"n": 1})).unwrap();
         let missing = Uuid::now_v7();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         txn.open_table(CONFLICTS)
             .unwrap()
             .insert(("orders", missing.as_u128()), ())
@@ -270,7 +281,7 @@ mod tests {
     #[test]
     fn a_record_table_with_an_invalid_entity_name_is_reported() {
         let (_dir, store) = temp_store();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.begin_write().unwrap();
         let bad: TableDefinition<u128, &[u8]> = TableDefinition::new("records.Not Valid");
         txn.open_table(bad).unwrap();
         txn.commit().unwrap();

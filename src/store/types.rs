@@ -59,13 +59,16 @@ impl StoreConfig {
 /// What a local write does to a record.
 #[derive(Clone, Debug)]
 pub enum WriteOp {
+    /// Store this JSON document (a JSON object) as the record's new value.
     Put(serde_json::Value),
+    /// Delete the record (a tombstone version).
     Delete,
 }
 
 /// The optimistic-concurrency condition of a write.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Expect {
+    /// No condition: the write applies whatever the record's state.
     #[default]
     Any,
     /// The live winner must be exactly this version.
@@ -77,17 +80,22 @@ pub enum Expect {
 /// One local write, for [`Store::write_batch`].
 #[derive(Clone, Debug)]
 pub struct Write {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
     /// `None`: the record's current scope, or `_` for a new record.
     pub scope: Option<Scope>,
+    /// What the write does.
     pub op: WriteOp,
+    /// The condition the record's current state must meet, checked in the write's transaction.
     pub expect: Expect,
     /// Conflict versions this write settles.
     pub resolves: Vec<Version>,
 }
 
 impl Write {
+    /// A put of `doc` with no condition, in the record's current scope.
     pub fn put(entity: EntityName, id: Uuid, doc: serde_json::Value) -> Self {
         Write {
             entity,
@@ -99,6 +107,7 @@ impl Write {
         }
     }
 
+    /// A delete with no condition.
     pub fn delete(entity: EntityName, id: Uuid) -> Self {
         Write {
             op: WriteOp::Delete,
@@ -106,16 +115,19 @@ impl Write {
         }
     }
 
+    /// Sets the scope (for a new record; an existing record's scope cannot change).
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = Some(scope);
         self
     }
 
+    /// Sets the optimistic-concurrency condition.
     pub fn expect(mut self, expect: Expect) -> Self {
         self.expect = expect;
         self
     }
 
+    /// Sets the conflict versions this write settles (a resolve).
     pub fn resolving(mut self, versions: Vec<Version>) -> Self {
         self.resolves = versions;
         self
@@ -125,19 +137,28 @@ impl Write {
 /// The outcome of one local write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
+    /// The version this write was stamped with.
     pub version: Version,
+    /// This node's sequence number for the write's event (its outbox key and message id part).
     pub origin_seq: u64,
 }
 
 /// The live value of a record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
+    /// The record's scope.
     pub scope: Scope,
+    /// The winning version.
     pub version: Version,
+    /// The winning document (a JSON object).
     pub doc: serde_json::Value,
     /// Versions of the other leaves, greatest first.
     pub conflicts: Vec<Version>,
@@ -146,6 +167,7 @@ pub struct Record {
 /// One page of [`Store::list`].
 #[derive(Clone, Debug)]
 pub struct Page<T> {
+    /// The items of this page, in id order.
     pub items: Vec<T>,
     /// Pass as `after` to get the next page; `None` at the end.
     pub next: Option<Uuid>,
@@ -163,7 +185,9 @@ impl<T> Page<T> {
 /// A record with more than one leaf.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConflictSet {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
     /// Greatest first: `leaves[0]` is the winner.
     pub leaves: Vec<Leaf>,
@@ -172,8 +196,11 @@ pub struct ConflictSet {
 /// An incoming stream message, as the apply loop hands it over.
 #[derive(Clone, Copy, Debug)]
 pub struct Incoming<'a> {
+    /// The message's stream sequence.
     pub stream_seq: u64,
+    /// The message's subject.
     pub subject: &'a str,
+    /// The message's payload (a JSON change event).
     pub payload: &'a [u8],
     /// The JetStream timestamp of the message (ms since the epoch).
     pub stream_time_ms: u64,
@@ -182,10 +209,13 @@ pub struct Incoming<'a> {
 /// A visible change made to a record by applying events or writing locally.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
+    /// The record's entity type.
     pub entity: EntityName,
+    /// The record's id.
     pub id: Uuid,
     /// The winner after the change.
     pub winner: Option<Version>,
+    /// Whether the winner after the change is a tombstone (or there is none).
     pub deleted: bool,
     /// How many conflict leaves the record has now.
     pub conflicts: usize,
@@ -194,42 +224,80 @@ pub struct Change {
 /// What [`Store::apply_batch`] did.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyReport {
+    /// Events merged that were new to the store.
     pub applied: usize,
     /// Known versions (duplicates, late arrivals of superseded versions).
     pub duplicates: usize,
     /// Messages at or below the checkpoint (redelivery).
     pub below_checkpoint: usize,
+    /// Messages refused into the quarantine.
     pub quarantined: usize,
+    /// The store's checkpoint (last applied stream sequence) after the batch.
     pub checkpoint: u64,
+    /// The visible record changes the batch made.
     pub changes: Vec<Change>,
+    /// Per entity type (the subject's entity token for refused messages): how many were
+    /// `[applied, duplicate, quarantined]`, for the node's metrics.
+    pub by_entity: Vec<(String, [u64; 3])>,
+    /// Refused messages per reason code.
+    pub quarantine_reasons: Vec<(&'static str, u64)>,
+    /// The largest `event stamp − stream time` among the decoded events, ms.
+    pub max_ahead_ms: Option<i64>,
+}
+
+impl ApplyReport {
+    /// Counts one message of `entity` under outcome 0 (applied), 1 (duplicate) or 2
+    /// (quarantined).
+    pub(crate) fn count(&mut self, entity: &str, outcome: usize) {
+        match self.by_entity.iter_mut().find(|(e, _)| e == entity) {
+            Some((_, n)) => n[outcome] += 1,
+            None => {
+                let mut n = [0; 3];
+                n[outcome] = 1;
+                self.by_entity.push((entity.to_owned(), n));
+            }
+        }
+    }
 }
 
 /// An event waiting in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxEntry {
+    /// This node's sequence number for the event (the outbox key).
     pub origin_seq: u64,
+    /// The subject to publish to.
     pub subject: String,
     /// `<origin>:<origin_seq>`.
     pub msg_id: String,
+    /// The event's JSON bytes.
     pub payload: Vec<u8>,
 }
 
 /// A refused incoming message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuarantineEntry {
+    /// The entry's quarantine id: increasing, never reused.
     pub id: u64,
+    /// The message's stream sequence.
     pub stream_seq: u64,
+    /// The message's subject.
     pub subject: String,
+    /// Why it was refused.
     pub reason: QuarantineReason,
+    /// When the store refused it (wall clock, ms since the epoch).
     pub received_ms: u64,
+    /// The JetStream timestamp of the message (ms since the epoch).
     pub stream_time_ms: u64,
+    /// The message's payload as received.
     pub payload: Vec<u8>,
 }
 
 /// What [`Store::compact`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompactReport {
+    /// Records read.
     pub records_scanned: usize,
+    /// Records removed outright: a lone tombstone older than the horizon.
     pub tombstones_removed: usize,
     /// The cutoff used (ms): tombstones older than it were removed, and it is now the
     /// horizon of every entity type that had one removed.

@@ -17,7 +17,7 @@ use crate::clock::{HlcClock, Version};
 use crate::error::{StorageError, WriteError};
 use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use crate::ids::{EntityName, Scope};
-use crate::merge::RecordState;
+use crate::merge::{Merge, RecordState};
 
 impl Store {
     /// Writes `doc` to `entity/id` whatever its current version.
@@ -92,7 +92,8 @@ impl Store {
     /// transaction commits, the calls that arrive queue up and the next transaction
     /// commits them all. Each call keeps its own checks and its own outcome (a failed
     /// `Expect` fails that call alone, and none of its writes happen), and returns only
-    /// once its transaction is durable.
+    /// once its transaction is durable. A full disk is [`WriteError::DiskFull`]: nothing
+    /// was written.
     pub fn write_batch_with_changes(
         &self,
         writes: Vec<Write>,
@@ -112,12 +113,34 @@ impl Store {
         self.writes.submit(prepared, |jobs| self.commit_group(jobs))
     }
 
+    /// Refuses an event that would not fit [`Store::set_max_payload`] with its headers: it
+    /// could never be published.
+    fn check_event_size(&self, ev: &ChangeEvent) -> Result<(), WriteError> {
+        let limit = self.max_payload();
+        // The envelope around the document is a few hundred bytes plus the resolved
+        // versions: encode only when the size could be near the limit.
+        let doc = ev.doc.as_ref().map_or(0, |d| d.get().len());
+        if limit == 0 || doc + 1024 + ev.resolves.len() * 64 < limit {
+            return Ok(());
+        }
+        let size = ev.encode().len();
+        if size + super::HEADER_ALLOWANCE > limit {
+            return Err(WriteError::EventTooLarge {
+                entity: ev.entity.clone(),
+                id: ev.id,
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Commits queued write calls in one transaction; one outcome per call.
     fn commit_group(&self, jobs: Vec<Job>) -> Vec<(u64, WriteOutcome)> {
         let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
         let mut results = Vec::with_capacity(jobs.len());
         let committed = (|| -> Result<(), StorageError> {
-            let txn = self.db.begin_write()?;
+            let txn = self.begin_write()?;
             let mut clock = self.clock();
             {
                 let mut tx = Tx::new(&txn)?;
@@ -155,7 +178,13 @@ impl Store {
                             version: ev.version.clone(),
                             origin_seq,
                         });
-                        tx.merge(state, ev)?;
+                        // `plan` applied the same event to the same state: it cannot be a
+                        // duplicate here; should it be, abort rather than lose the write.
+                        if tx.merge(state, ev)? == Merge::Duplicate {
+                            return Err(StorageError::GroupCommitFailed(
+                                "a planned write did not apply".into(),
+                            ));
+                        }
                     }
                     let changes = tx.changes[first_change..].to_vec();
                     results.push((ticket, Ok((out, changes))));
@@ -164,27 +193,34 @@ impl Store {
                 meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
                 tx.finish()?;
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })();
-        match committed {
-            Ok(()) => results,
-            Err(e) => {
-                // Nothing of the group is committed: every call fails, the first with the
-                // error itself and the others with its description.
-                let detail = e.to_string();
-                let mut first = Some(e);
-                tickets
-                    .into_iter()
-                    .map(|t| {
-                        let e = first
-                            .take()
-                            .unwrap_or_else(|| StorageError::GroupCommitFailed(detail.clone()));
-                        (t, Err(e.into()))
-                    })
-                    .collect()
-            }
+        let e = match committed {
+            Ok(()) => return results,
+            Err(e) => self.checked(e),
+        };
+        // Nothing of the group is committed: every call fails, a full disk as such for
+        // all, otherwise the first with the error itself and the others with its
+        // description.
+        if let StorageError::DiskFull { path, .. } = &e {
+            let path = path.clone();
+            return tickets
+                .into_iter()
+                .map(|t| (t, Err(WriteError::DiskFull { path: path.clone() })))
+                .collect();
         }
+        let detail = e.to_string();
+        let mut first = Some(e);
+        tickets
+            .into_iter()
+            .map(|t| {
+                let e = first
+                    .take()
+                    .unwrap_or_else(|| StorageError::GroupCommitFailed(detail.clone()));
+                (t, Err(e.into()))
+            })
+            .collect()
     }
 
     /// Checks and stamps one call's writes against the group's transaction without
@@ -211,6 +247,20 @@ impl Store {
                 Err(e) => return Ok(Err(e)),
             };
             origin_seq += 1;
+            // Past every version this write supersedes, even one observing could not
+            // move the clock to (beyond the drift limit of this node's wall clock).
+            let floor = state
+                .winner()
+                .map(|l| l.version.hlc)
+                .into_iter()
+                .chain(w.resolves.iter().map(|v| v.hlc))
+                .max()
+                .unwrap_or_default();
+            let hlc = match clock.try_now_after(floor) {
+                Ok(hlc) => hlc,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            let version = Version::new(hlc, self.node.clone());
             let ev = ChangeEvent {
                 v: ENVELOPE_VERSION,
                 op: if doc.is_some() { Op::Put } else { Op::Delete },
@@ -219,13 +269,24 @@ impl Store {
                 id: w.id,
                 origin: self.node.clone(),
                 origin_seq,
-                version: Version::new(clock.now(), self.node.clone()),
+                version: version.clone(),
                 base: state.winner().map(|l| l.version.clone()),
                 resolves: w.resolves,
                 doc,
             };
+            if let Err(e) = self.check_event_size(&ev) {
+                return Ok(Err(e));
+            }
             let mut after = state.clone();
-            after.apply(ev.clone());
+            // A stamp is new by construction; should a clock fault ever repeat one, the
+            // write would vanish as a duplicate: refuse it instead of returning Ok.
+            if after.apply_above(ev.clone(), tx.horizon(&ev.entity)?) == Merge::Duplicate {
+                return Ok(Err(WriteError::NotApplied {
+                    entity: ev.entity,
+                    id: ev.id,
+                    version,
+                }));
+            }
             overlay.insert(key, after);
             planned.push((state, ev));
         }
@@ -248,11 +309,9 @@ impl Store {
             )));
         }
         let size = raw.get().len();
-        if size > self.config.max_doc_bytes {
-            return Err(WriteError::DocTooLarge {
-                size,
-                limit: self.config.max_doc_bytes,
-            });
+        let limit = self.limits().max_doc_bytes;
+        if size > limit {
+            return Err(WriteError::DocTooLarge { size, limit });
         }
         Ok(raw)
     }

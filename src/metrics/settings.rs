@@ -1,0 +1,25 @@
+//! Settings of the operations surface, part of the node's configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Settings of the operations surface (config `[metrics]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpsSettings {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: no listener.
+    pub listen: Option<SocketAddr>,
+    /// `/readyz` fails while some entity's lag exceeds this.
+    pub ready_max_lag: Duration,
+    /// How often the self-check asks the other nodes about this node's events.
+    pub selfcheck_interval: Duration,
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        OpsSettings {
+            listen: None,
+            ready_max_lag: Duration::from_secs(30),
+            selfcheck_interval: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The node side of the trust boundaries: holding the node id (a lease, see
+//! [`crate::lease`]), noticing a store restored from a backup, adopting the deployment's
+//! limits, reading messages from the stream for `apply`, and what the status shows of it.
+//!
+//! The publisher and the apply loop run only while the node is *ready*: it holds its lease
+//! and has checked, since it started, whether the stream holds own events its store does
+//! not know (then the store becomes a new incarnation before anything is published).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{NodeError, NodeHandle, Shared};
+use crate::event::ChangeEvent;
+use crate::lease::LeaseState;
+use crate::store::{ApplyReport, Incoming};
+use crate::stream::{self, DeploymentLimits, Provisioned};
+
+/// What a node shows of its trust boundaries (flattened into [`super::Status`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct TrustStatus {
+    /// Whether this process holds the node id; it publishes and applies only then.
+    pub lease: LeaseState,
+    /// The limits incoming events are checked against, and where they come from.
+    pub limits: LimitsStatus,
+    /// Publishes acknowledged as duplicates of a message that was not this node's event
+    /// (someone took its message id); each was published again under a fresh id.
+    pub publish_squatted: u64,
+    /// Set when the store was found restored from a backup and became a new incarnation.
+    pub restored: Option<Restored>,
+    /// How far this node's clock is ahead of its wall clock, if beyond the drift limit (a
+    /// clock poisoned before this was refused; its writes are quarantined elsewhere).
+    pub clock_ahead_ms: Option<u64>,
+}
+
+/// The limits in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LimitsStatus {
+    /// Largest document, in bytes.
+    pub max_doc_bytes: usize,
+    /// Largest clock drift, in ms.
+    pub max_clock_drift_ms: u64,
+    /// `stream` (the deployment's, pinned in the stream's metadata) or `config` (not yet
+    /// learnt from the stream).
+    pub source: &'static str,
+}
+
+/// A store found restored from a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Restored {
+    /// The store's last `origin_seq` when it was opened.
+    pub store_origin_seq: u64,
+    /// The greatest `origin_seq` of this node's events in the stream.
+    pub stream_origin_seq: u64,
+    /// The new incarnation, in hex as in message ids.
+    pub incarnation: String,
+}
+
+/// What the node keeps of it while running.
+#[derive(Default)]
+pub(super) struct TrustLive {
+    pub(super) publish_squatted: u64,
+    pub(super) restored: Option<Restored>,
+    pub(super) limits_from_stream: bool,
+}
+
+impl Shared {
+    /// Waits until the node may publish and apply; false if shutting down first.
+    pub(super) async fn wait_ready(&self) -> bool {
+        let mut ready = self.ready.subscribe();
+        let mut stop = self.shutdown.clone();
+        tokio::select! {
+            r = ready.wait_for(|r| *r) => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// Resolves when the node stops being ready (lease lost or unsure).
+    pub(super) async fn not_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        if ready.wait_for(|r| !*r).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The configured limits, as the deployment's are compared with them.
+pub(super) fn configured_limits_of(config: &super::NodeConfig) -> DeploymentLimits {
+    let c = &config.store;
+    DeploymentLimits {
+        max_doc_bytes: c.max_doc_bytes,
+        max_clock_drift_ms: c.max_clock_drift.as_millis().try_into().unwrap_or(u64::MAX),
+    }
+}
+
+/// Adopts the limits pinned in the stream, saying which configured values they override.
+pub(super) async fn adopt_limits(
+    store: &Arc<crate::store::Store>,
+    configured: DeploymentLimits,
+    provisioned: &Provisioned,
+) -> Result<bool, NodeError> {
+    let Some(pinned) = provisioned.limits else {
+        return Ok(false);
+    };
+    let current = store.limits();
+    if current.max_doc_bytes == pinned.max_doc_bytes
+        && current.max_clock_drift_ms == pinned.max_clock_drift_ms
+    {
+        return Ok(true);
+    }
+    let differences = pinned.differences(&configured);
+    if !differences.is_empty() {
+        tracing::warn!(
+            stream = %provisioned.identity.name,
+            overridden = %differences.join(", "),
+            "this node's configured limits differ from the deployment's (pinned in the stream's metadata): using the deployment's"
+        );
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.adopt_limits(pinned))
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+    Ok(true)
+}
+
+/// Keeps `shared.ready` true exactly while the lease is held, after the restore check.
+pub(super) async fn ready_loop(shared: Arc<Shared>) {
+    let mut lease = shared.lease.clone();
+    let mut stop = shared.shutdown.clone();
+    let mut checked = false;
+    loop {
+        tokio::select! {
+            held = lease.wait_for(LeaseState::is_held) => if held.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !checked {
+            match check_restored(&shared).await {
+                Ok(()) => checked = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check the stream for this node's own events yet");
+                    shared.set_publish_error(Some(format!("restore check: {e}")));
+                    if shared.pause(Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        shared.ready.send_replace(true);
+        tokio::select! {
+            gone = lease.wait_for(|s| !s.is_held()) => {
+                shared.ready.send_replace(false);
+                let state = match gone {
+                    Ok(s) => s.clone(),
+                    Err(_) => return,
+                };
+                shared.set_publish_error(Some(format!("node lease: {state:?}")));
+                if matches!(state, LeaseState::Lost { .. }) {
+                    return;
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Makes the store a new incarnation if the stream holds an event of this origin beyond
+/// the store's last `origin_seq` (the data dir was restored from a backup, or recreated).
+async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
+    let cfg = &shared.config;
+    let s = shared
+        .js
+        .get_stream(&cfg.stream.name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(last) = stream::last_of_origin(&s, &cfg.stream.prefix, cfg.node_id.as_str())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    let Ok(ev) = serde_json::from_slice::<ChangeEvent>(&last.payload) else {
+        return Ok(()); // not an event: it is quarantined, and says nothing of the store
+    };
+    let store = shared.store.clone();
+    let store_seq = tokio::task::spawn_blocking(move || store.last_origin_seq())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if ev.origin != cfg.node_id || ev.origin_seq <= store_seq {
+        return Ok(());
+    }
+    let store = shared.store.clone();
+    let (seq, hlc) = (ev.origin_seq, ev.version.hlc);
+    let incarnation = tokio::task::spawn_blocking(move || store.new_incarnation(seq, hlc))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let restored = Restored {
+        store_origin_seq: store_seq,
+        stream_origin_seq: seq,
+        incarnation: format!("{incarnation:016x}"),
+    };
+    tracing::warn!(
+        ?restored,
+        "the stream holds this node's events beyond its store (restored from a backup?): new incarnation; its later writes come back through the stream"
+    );
+    shared.live().trust.restored = Some(restored);
+    Ok(())
+}
+
+impl NodeHandle {
+    /// Applies the stream messages at `seqs`, read from the stream by this node (so their
+    /// subjects and timestamps are the stream's), through the same checks as the apply
+    /// loop; the checkpoint does not move. Sequences the stream no longer holds are
+    /// skipped. Replay into a running node uses it.
+    pub async fn apply_from_stream(&self, seqs: &[u64]) -> Result<ApplyReport, NodeError> {
+        let cfg = &self.0.config;
+        let s = self
+            .0
+            .js
+            .get_stream(&cfg.stream.name)
+            .await
+            .map_err(|e| NodeError::Stream(stream::StreamError::Nats(e.to_string())))?;
+        let mut msgs = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(m) = stream::read_message(&s, *seq).await? {
+                msgs.push(m);
+            }
+        }
+        let store = self.0.store.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let incoming: Vec<Incoming<'_>> = msgs
+                .iter()
+                .map(|m| Incoming {
+                    stream_seq: m.seq,
+                    subject: &m.subject,
+                    payload: &m.payload,
+                    stream_time_ms: m.time_ms,
+                })
+                .collect();
+            store.apply_backfill(&incoming)
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))??;
+        Ok(report)
+    }
+
+    /// The trust part of the status.
+    pub(super) fn trust_status(&self) -> TrustStatus {
+        let limits = self.0.store.limits();
+        let live = self.0.live();
+        let wall = crate::clock::WallClock::now_ms(&crate::clock::SystemClock);
+        let ahead = self.0.store.last_hlc().physical_ms().saturating_sub(wall);
+        TrustStatus {
+            lease: self.0.lease.borrow().clone(),
+            limits: LimitsStatus {
+                max_doc_bytes: limits.max_doc_bytes,
+                max_clock_drift_ms: limits.max_clock_drift_ms,
+                source: if live.trust.limits_from_stream {
+                    "stream"
+                } else {
+                    "config"
+                },
+            },
+            publish_squatted: live.trust.publish_squatted,
+            restored: live.trust.restored.clone(),
+            clock_ahead_ms: (ahead > limits.max_clock_drift_ms).then_some(ahead),
+        }
+    }
+}
