@@ -128,6 +128,10 @@ pub struct VerifyHashes {
     pub damaged: Vec<Uuid>,
     /// Records counted in the hashes (in scope and not counting as absent).
     pub records: u64,
+    /// The store format of the node that computed them (0: not reported, a node of format
+    /// 2 or older). Record states of different formats cannot be compared.
+    #[serde(default)]
+    pub format: u32,
 }
 
 /// A record as verification compares it: its state, or the fact that it is damaged.
@@ -312,6 +316,7 @@ impl Store {
             buckets: vec![0; BUCKETS],
             damaged: Vec::new(),
             records: 0,
+            format: super::FORMAT_VERSION,
         };
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
