@@ -6,11 +6,20 @@
 //! - `raw_redb/insert_1000/{uuid_v4,uuid_v7}`: plain redb inserts of the same keys and
 //!   300-byte values, 1,000 per transaction: the ceiling for the two above.
 //!
+//! - `hot_record`: one id updated 100,000 times, one durable `put` each: writes/s over the
+//!   first and the last 10,000, and the record's encoded size after 10 and after 100,000
+//!   updates (bounded records: the last 10,000 must run at >= 90% of the first, and the
+//!   size must stay <= 2x).
+//! - `concurrent_puts`: 64 tasks each `put` 1,000 new records through `spawn_blocking` (as
+//!   the node's API does), every write durable, beside one writer's `put` loop and plain
+//!   redb with one insert per transaction, measured in the same run.
+//!
 //! Documents are 300-byte JSON objects. Every iteration writes new records, so the stores
-//! grow over the run as real ones do. Run: `cargo bench --bench store`.
+//! grow over the run as real ones do. Run: `cargo bench --bench store` (a name after `--`
+//! picks scenarios, e.g. `-- 'hot_record|concurrent_puts'`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use jetsync::event::{ChangeEvent, ENVELOPE_VERSION, Op};
@@ -169,5 +178,136 @@ fn apply_and_raw(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, local_writes, apply_and_raw);
+/// Whether a scenario was asked for: no filter after `--`, or one naming it (criterion
+/// takes one filter, so several are given as `a|b`).
+fn selected(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .flat_map(|a| a.split('|').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// The record's encoded size as stored (postcard + 8-byte checksum).
+fn encoded_size(store: &Store, entity: &EntityName, id: Uuid) -> usize {
+    let state = store.state(entity, id).unwrap().unwrap();
+    postcard::to_stdvec(&state).unwrap().len() + 8
+}
+
+fn hot_record(_c: &mut Criterion) {
+    if !selected("hot_record") {
+        return;
+    }
+    const UPDATES: usize = 100_000;
+    const WINDOW: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir, "hot");
+    let entity = EntityName::new("bench").unwrap();
+    let id = Uuid::now_v7();
+    let doc: serde_json::Value = serde_json::from_str(&doc_300()).unwrap();
+    let (mut first, mut size_10) = (Duration::ZERO, 0);
+    let started = Instant::now();
+    let mut window = Instant::now();
+    for i in 1..=UPDATES {
+        store.put(&entity, id, doc.clone()).unwrap();
+        if i == 10 {
+            size_10 = encoded_size(&store, &entity, id);
+        }
+        if i == WINDOW {
+            first = window.elapsed();
+        }
+        if i == UPDATES - WINDOW {
+            window = Instant::now();
+        }
+    }
+    let last = window.elapsed();
+    let size_end = encoded_size(&store, &entity, id);
+    let rate = |d: Duration| WINDOW as f64 / d.as_secs_f64();
+    println!(
+        "hot_record: {UPDATES} durable puts of one id in {:.1} s; first {WINDOW}: {:.0} writes/s, last {WINDOW}: {:.0} writes/s ({:.0}%); encoded size after 10: {size_10} B, after {UPDATES}: {size_end} B ({:.2}x)",
+        started.elapsed().as_secs_f64(),
+        rate(first),
+        rate(last),
+        100.0 * rate(last) / rate(first),
+        size_end as f64 / size_10 as f64,
+    );
+}
+
+fn concurrent_puts(_c: &mut Criterion) {
+    if !selected("concurrent_puts") {
+        return;
+    }
+    const TASKS: usize = 64;
+    const PER_TASK: usize = 1_000;
+    const SERIAL: usize = 2_000;
+    let doc: serde_json::Value = serde_json::from_str(&doc_300()).unwrap();
+    let entity = EntityName::new("bench").unwrap();
+
+    // One writer, one durable put at a time.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir, "serial");
+    let t = Instant::now();
+    for _ in 0..SERIAL {
+        store.put(&entity, Uuid::now_v7(), doc.clone()).unwrap();
+    }
+    let serial = SERIAL as f64 / t.elapsed().as_secs_f64();
+
+    // Plain redb, one insert per durable transaction.
+    let db = redb::Database::create(dir.path().join("raw.redb")).unwrap();
+    let table: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("raw");
+    let value = doc_300().into_bytes();
+    let t = Instant::now();
+    for _ in 0..SERIAL {
+        let txn = db.begin_write().unwrap();
+        txn.open_table(table)
+            .unwrap()
+            .insert(Uuid::now_v7().as_u128(), value.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let raw = SERIAL as f64 / t.elapsed().as_secs_f64();
+
+    // 64 concurrent callers.
+    let store = Arc::new(open_store(&dir, "concurrent"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(TASKS)
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (store, entity, doc) = (store.clone(), entity.clone(), doc.clone());
+                tokio::spawn(async move {
+                    for _ in 0..PER_TASK {
+                        let (store, entity, doc) = (store.clone(), entity.clone(), doc.clone());
+                        tokio::task::spawn_blocking(move || {
+                            store.put(&entity, Uuid::now_v7(), doc).unwrap()
+                        })
+                        .await
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    let concurrent = (TASKS * PER_TASK) as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(store.outbox_len().unwrap(), (TASKS * PER_TASK) as u64);
+    println!(
+        "concurrent_puts: {TASKS} tasks x {PER_TASK} durable puts: {concurrent:.0} writes/s; one writer: {serial:.0} writes/s ({:.1}x); raw redb 1 insert/txn: {raw:.0} inserts/s",
+        concurrent / serial
+    );
+}
+
+criterion_group!(
+    benches,
+    local_writes,
+    apply_and_raw,
+    hot_record,
+    concurrent_puts
+);
 criterion_main!(benches);

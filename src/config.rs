@@ -22,6 +22,9 @@
 //! name = "shop42"     # the site's JetStream domain; the node follows the site stream there
 //! hub_domain = "hub"
 //! receive = [{ entity = "orders", scopes = ["shop42"] }]  # from the hub; default: all
+//! [compaction]       # removing old tombstones; 0: never
+//! interval_secs = 3600
+//! tombstone_horizon_secs = 2592000   # 30 days: longer than any outage plus retention
 //!
 //! [limits]           # max_doc_bytes and max_clock_drift_secs are the deployment's: the
 //!                    # node that creates the stream pins them in its metadata and every
@@ -44,7 +47,7 @@ use serde::Deserialize;
 use crate::connect::NatsAuth;
 use crate::ids::{EntityName, NodeId, Scope};
 use crate::metrics::OpsSettings;
-use crate::node::{EntityFilter, NodeConfig, SnapshotPolicy};
+use crate::node::{CompactionPolicy, EntityFilter, NodeConfig, SnapshotPolicy};
 use crate::store::StoreConfig;
 use crate::stream::{Retention, StreamSettings, Upstream};
 
@@ -111,6 +114,9 @@ pub struct FileConfig {
     /// `[snapshots]`: the snapshot policy.
     #[serde(default)]
     pub snapshots: FileSnapshots,
+    /// `[compaction]`: when this node removes old tombstones.
+    #[serde(default)]
+    pub compaction: FileCompaction,
     /// `[metrics]`: the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
     #[serde(default)]
     pub metrics: FileMetrics,
@@ -137,6 +143,26 @@ pub struct FileSite {
 
 fn default_hub_domain() -> String {
     "hub".into()
+}
+
+/// `[compaction]`: how often this node removes old tombstones, and how old they must be.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileCompaction {
+    /// Seconds between compactions; 0: never.
+    pub interval_secs: u64,
+    /// Seconds; must exceed the longest node outage plus the stream's retention.
+    pub tombstone_horizon_secs: u64,
+}
+
+impl Default for FileCompaction {
+    fn default() -> Self {
+        let p = CompactionPolicy::default();
+        FileCompaction {
+            interval_secs: p.interval.map_or(0, |d| d.as_secs()),
+            tombstone_horizon_secs: p.tombstone_horizon.as_secs(),
+        }
+    }
 }
 
 /// `[metrics]`: the operations HTTP listener (`/metrics`, `/healthz`, `/readyz`) and the
@@ -393,9 +419,20 @@ impl FileConfig {
             max_age: secs(self.snapshots.max_age_secs),
             bootstrap: self.snapshots.bootstrap,
         };
+        if self.compaction.interval_secs > 0 && self.compaction.tombstone_horizon_secs == 0 {
+            return Err(invalid(
+                "compaction.tombstone_horizon_secs",
+                "must be positive when compaction runs",
+            ));
+        }
+        let compaction = CompactionPolicy {
+            interval: secs(self.compaction.interval_secs),
+            tombstone_horizon: Duration::from_secs(self.compaction.tombstone_horizon_secs),
+        };
         Ok(NodeConfig {
             ops,
             snapshots,
+            compaction,
             node_id,
             data_dir,
             nats_urls: self.nats_urls,
@@ -491,6 +528,35 @@ fetch_batch = 500
         assert!(
             matches!(c.stream.retention, Retention::Limits { max_age, .. } if max_age == Duration::from_secs(3600))
         );
+        assert_eq!(c.compaction, CompactionPolicy::default());
+        assert!(
+            c.compaction.interval.is_some(),
+            "compaction runs by default"
+        );
+    }
+
+    #[test]
+    fn compaction_is_configured_by_its_keys() {
+        let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[compaction]\n";
+        let c = FileConfig::parse(&format!(
+            "{base}interval_secs=60\ntombstone_horizon_secs=86400"
+        ))
+        .unwrap()
+        .into_node_config(Overrides::default())
+        .unwrap();
+        assert_eq!(c.compaction.interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.compaction.tombstone_horizon, Duration::from_secs(86400));
+        let off = FileConfig::parse(&format!("{base}interval_secs=0"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(off.compaction.interval, None);
+        let e = FileConfig::parse(&format!("{base}tombstone_horizon_secs=0"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`compaction.tombstone_horizon_secs`"), "{e}");
     }
 
     #[test]

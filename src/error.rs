@@ -100,6 +100,10 @@ pub enum StorageError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// The transaction this write shared with other callers' writes (group commit) failed
+    /// before committing, for the reason given; none of its writes happened.
+    #[error("the shared write transaction failed: {0}")]
+    GroupCommitFailed(String),
     /// A write batch returned no result for one of its writes (a bug).
     #[error("a write batch returned no result for its write")]
     NoWriteResult,

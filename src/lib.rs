@@ -10,7 +10,7 @@
 //! - [`clock`]: hybrid logical clocks and [`Version`], the total order of writes.
 //! - [`event`]: the change event, its JSON form and subject, and the checks that decide
 //!   whether an incoming message is applied or quarantined.
-//! - [`merge`]: the merge rule for one record: leaves, winner, conflicts, history.
+//! - [`merge`]: the merge rule for one record: leaves, winner, conflicts, per-origin summary.
 //! - [`store`]: the redb store. A local write (put, put_if, delete, resolve, batches) runs
 //!   in one transaction that stamps a version, merges it, and appends the event to the
 //!   outbox; applying a batch of stream messages runs in one transaction that merges them

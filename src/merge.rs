@@ -1,31 +1,77 @@
 //! The merge rule: what one record looks like after any set of change events, whatever
-//! their order and however often each arrives.
+//! their order and however often each arrives, in metadata bounded by the number of
+//! origins that wrote the record, not by how often it was written.
 //!
-//! A record keeps the events it has *seen* and the versions those events *name* (as `base`
-//! or in `resolves`). Its leaves are `seen - named`; the winner is the greatest leaf and the
-//! other leaves are conflicts. Both sets only grow, so the result is a set union: the same
-//! for every delivery order and idempotent under duplicates. Named versions are kept in
-//! `history` with a flag saying whether their own event has arrived yet.
+//! # The rule
+//! For a set `S` of events of one record, a version is *superseded* if
+//! 1. a seen event names it (as `base` or in `resolves`), or
+//! 2. a greater version **of the same origin** has been seen.
 //!
-//! One departure from a literal reading of DESIGN.md: an event whose version is already
-//! named (its successor arrived first) is not simply skipped; its own `base` and
-//! `resolves` are still recorded as named. Skipping it would leave its base as a leaf on
-//! the nodes that saw the events out of order, and the replicas would disagree.
+//! The leaves are the seen versions that are not superseded; the winner is the greatest
+//! leaf and the other leaves are conflicts. Both "seen" and "named" only grow with `S`, so
+//! the state is a function of the set: the same for every delivery order, idempotent under
+//! duplicates, and merging two states ([`RecordState::merge_state`]) gives the state of the
+//! union of their events.
 //!
-//! The greatest version seen is always a leaf: decoding rejects events that name a
-//! version not smaller than their own, so nothing seen can name it.
+//! Clause 2 is this module's departure from DESIGN.md's merge section, which supersedes
+//! only what events name. An origin writes its versions of a record one after another from
+//! its own store, so its later version always follows its earlier one (in version-vector
+//! terms it dominates it); a conflict between two versions of one origin is not a conflict
+//! between writers. What changes: when node A's `a1` lost to a concurrent `b1` and A then
+//! writes `a2` (base `b1`), `a1` is no longer listed as a conflict. The winner is the same
+//! under both rules (clause 2 never supersedes an origin's greatest version, and the
+//! greatest version seen is that of its origin).
+//!
+//! # Why it is bounded
+//! Clause 2 makes "superseded or seen" summarisable per origin: every version of origin
+//! `O` at or below `O`'s greatest seen version `M_O` is either `M_O` itself or superseded.
+//! So a record keeps ([`RecordState`]):
+//! - `origins`: `M_O` for each origin (one entry per node that ever wrote the record);
+//! - `leaves`: the `M_O` that no seen event names (at most one per origin), with documents;
+//! - `pending`: versions named by seen events but above their origin's `M_O` (their
+//!   events, and every later one of their origin, have not arrived yet: empty once a
+//!   replica has every event, and bounded by what is in flight otherwise).
+//!
+//! That triple is a canonical function of the event set `S`:
+//! `origins = {max seen of O}`, `leaves = {M_O : M_O not named}`,
+//! `pending = {n named : n > M_{n.origin}}`. Proof sketch that [`RecordState::apply`]
+//! maps `F(S)` to `F(S ∪ {e})` for `e = (v of O, base b, resolves R)`:
+//! - `v == M_O`: `e` is in `S` already (a version is one event): nothing changes.
+//! - `v < M_O`: `v` is superseded by clause 2; `M_O` is unchanged and cannot be named by
+//!   `e` (decoding rejects names `>= v`); only `b` and `R` get named (below).
+//! - `v > M_O`: `M_O := v`; `O`'s previous leaf is superseded by clause 2; `v` is a leaf
+//!   unless it was named, and a named `v > M_O` is exactly a `pending` entry; pending
+//!   entries of `O` at or below `v` are now covered and leave `pending`.
+//! - naming `n`: if `n < M_{n.origin}` it is already superseded; if `n == M_{n.origin}`
+//!   its leaf (if any) goes (a seen `M` that is not a leaf is therefore named, so leaf
+//!   presence records that); if `n` is above, it joins `pending`.
+//!
+//! [`RecordState::merge_state`] takes the per-origin maxima, keeps a candidate leaf `M_O`
+//! only if no side names it (a side with the same `M_O` names it iff it lacks the leaf; a
+//! side below names it iff it is in that side's `pending`), and keeps the pending entries
+//! still above their origin's maximum: `F(S1 ∪ S2)`.
+//!
+//! The greatest version seen is always the winner: clause 2 never supersedes it and
+//! decoding rejects events that name a version not smaller than their own, so nothing seen
+//! names it.
+//!
+//! # Horizon
+//! With bounded records, only deleted records need a time horizon: removing a record whose
+//! only leaf is an old tombstone forgets its `origins`, so a late or replayed event of it
+//! would start it over. The store keeps, per entity type, the cutoff of its last tombstone
+//! removal; [`RecordState::apply_above`] and [`RecordState::merge_state_above`] take every
+//! version older than it as already applied. That is exact as long as no event stays in
+//! flight longer than the horizon (the compaction setting's contract).
 
 use serde::{Deserialize, Serialize};
-
-use crate::clock::Version;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::clock::Version;
 use crate::event::{
     ChangeEvent, ENVELOPE_VERSION, EventLimits, Op, QuarantineReason, check_drift, check_event,
 };
-use crate::ids::EntityName;
-use crate::ids::Scope;
+use crate::ids::{EntityName, NodeId, Scope};
 
 /// One current version of a record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,32 +97,28 @@ impl Leaf {
     }
 }
 
-/// A version some seen event named as superseded.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Named {
-    /// The named version.
-    pub version: Version,
-    /// Whether the event of this version itself has arrived.
-    pub seen: bool,
-}
-
-/// The whole merge state of one record.
+/// The whole merge state of one record (see the module doc for the rule and its proof).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordState {
-    /// Sorted by version, greatest first: `leaves[0]` is the winner.
+    /// Sorted by version, greatest first: `leaves[0]` is the winner. At most one per
+    /// origin: that origin's entry in `origins`.
     pub leaves: Vec<Leaf>,
-    /// Sorted by version, ascending.
-    pub history: Vec<Named>,
-    /// Set by compaction: versions at or below it are treated as already seen.
-    pub floor: Option<Version>,
+    /// For each origin that wrote the record, the greatest of its versions seen; sorted by
+    /// node id. Every version of that origin at or below it is seen or superseded.
+    pub origins: Vec<Version>,
+    /// Versions named by seen events that their origin's entry does not cover yet (their
+    /// events are still to come); ascending.
+    pub pending: Vec<Version>,
 }
 
 /// What applying one event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Merge {
-    /// Known already (duplicate, or below the compaction floor): nothing changed.
+    /// Known already (a duplicate, a late version whose effects are in, or below the
+    /// horizon): nothing changed.
     Duplicate,
-    /// The event was new: it is now recorded (as a leaf, or as seen history).
+    /// The event was new: it is now recorded (as a leaf, as its origin's entry, or as
+    /// versions it names).
     Applied,
 }
 
@@ -96,36 +138,57 @@ impl RecordState {
         self.leaves.get(1..).unwrap_or(&[])
     }
 
-    /// Whether an event of this version has been seen (as a leaf or superseded).
+    /// The greatest version of `node` seen, if any.
+    pub fn watermark(&self, node: &NodeId) -> Option<&Version> {
+        self.origin_slot(node).ok().map(|i| &self.origins[i])
+    }
+
+    /// Whether `v` is covered by its origin's entry: seen, or superseded by a later seen
+    /// version of its origin. An event of a covered version changes nothing but, on its
+    /// first arrival, what it names.
     pub fn has_seen(&self, v: &Version) -> bool {
-        if self.floor.as_ref().is_some_and(|f| v <= f) {
-            return true;
-        }
-        if self.leaves.iter().any(|l| &l.version == v) {
-            return true;
-        }
-        matches!(self.history.binary_search_by(|n| n.version.cmp(v)), Ok(i) if self.history[i].seen)
+        self.watermark(&v.node).is_some_and(|m| v <= m)
+    }
+
+    /// Whether `v` is known at all: covered, or named by a seen event.
+    pub fn knows(&self, v: &Version) -> bool {
+        self.has_seen(v) || self.pending.binary_search(v).is_ok()
     }
 
     /// Applies one (already validated) event with the merge rule.
     pub fn apply(&mut self, ev: ChangeEvent) -> Merge {
-        if self.has_seen(&ev.version) {
-            return Merge::Duplicate;
-        }
-        let superseded_already = match self
-            .history
-            .binary_search_by(|n| n.version.cmp(&ev.version))
-        {
+        let mut changed = false;
+        let new_max = match self.origin_slot(&ev.version.node) {
+            Ok(i) if self.origins[i] == ev.version => return Merge::Duplicate,
+            Ok(i) if self.origins[i] > ev.version => false,
             Ok(i) => {
-                self.history[i].seen = true;
+                self.origins[i] = ev.version.clone();
                 true
             }
-            Err(_) => false,
+            Err(i) => {
+                self.origins.insert(i, ev.version.clone());
+                true
+            }
         };
-        for named in ev.base.iter().chain(&ev.resolves) {
-            self.name(named);
+        let mut named_already = false;
+        if new_max {
+            changed = true;
+            // Clause 2: the origin's earlier leaf is superseded; pending names of the
+            // origin up to this version are covered now.
+            let origin = &ev.version.node;
+            self.leaves.retain(|l| &l.version.node != origin);
+            let v = &ev.version;
+            self.pending.retain(|p| {
+                let covered = &p.node == origin && p <= v;
+                named_already |= p == v;
+                !covered
+            });
         }
-        if !superseded_already {
+        // Names precede `ev.version`, so they never touch the leaf added below.
+        for named in ev.base.iter().chain(&ev.resolves) {
+            changed |= self.name(named);
+        }
+        if new_max && !named_already {
             let leaf = Leaf {
                 version: ev.version,
                 scope: ev.scope,
@@ -140,117 +203,126 @@ impl RecordState {
             let at = self.leaves.partition_point(|l| l.version > leaf.version);
             self.leaves.insert(at, leaf);
         }
-        Merge::Applied
+        if changed {
+            Merge::Applied
+        } else {
+            Merge::Duplicate
+        }
+    }
+
+    /// [`RecordState::apply`] with a horizon: an event whose version is older than
+    /// `horizon_ms` (physical time) is taken as applied already, so a replayed event of a
+    /// record removed by tombstone compaction does not start it over.
+    pub fn apply_above(&mut self, ev: ChangeEvent, horizon_ms: u64) -> Merge {
+        if ev.version.hlc.physical_ms() < horizon_ms {
+            return Merge::Duplicate;
+        }
+        self.apply(ev)
     }
 
     /// Folds another replica's state of the same record into this one: the result is the
-    /// state of the union of both replicas' events (seen and named sets both only grow),
-    /// so merging is order-independent and idempotent, like applying events. Snapshots
-    /// and repair use it.
+    /// state of the union of both replicas' events, so merging is order-independent and
+    /// idempotent, like applying events. Snapshots and repair use it.
     pub fn merge_state(&mut self, other: RecordState) {
-        if other.floor > self.floor {
-            self.floor = other.floor;
-        }
-        for named in other.history {
-            match self
-                .history
-                .binary_search_by(|n| n.version.cmp(&named.version))
+        let mine = std::mem::take(self);
+        // Per origin, the greater maximum.
+        let mut origins: Vec<Version> =
+            mine.origins.iter().chain(&other.origins).cloned().collect();
+        origins.sort_by(|x, y| x.node.cmp(&y.node).then(y.cmp(x)));
+        origins.dedup_by(|later, first| later.node == first.node);
+        let merged = RecordState {
+            leaves: Vec::new(),
+            origins,
+            pending: Vec::new(),
+        };
+        // A candidate is its origin's maximum, and no side names it.
+        let unnamed_by = |side: &RecordState, v: &Version| match side.watermark(&v.node) {
+            Some(m) if m == v => side.leaves.iter().any(|l| &l.version == v),
+            Some(m) if m > v => false,
+            _ => side.pending.binary_search(v).is_err(),
+        };
+        let mut leaves: Vec<Leaf> = Vec::new();
+        for leaf in mine.leaves.iter().chain(&other.leaves) {
+            let v = &leaf.version;
+            if merged.watermark(&v.node) != Some(v)
+                || !unnamed_by(&mine, v)
+                || !unnamed_by(&other, v)
             {
-                Ok(i) => self.history[i].seen |= named.seen,
-                Err(i) => self.history.insert(i, named),
+                continue;
             }
-        }
-        for leaf in other.leaves {
-            match self.leaves.iter().position(|l| l.version == leaf.version) {
+            match leaves.iter_mut().find(|l| &l.version == v) {
                 // Same version on both sides: the same event, unless one side is damaged;
                 // keep the greater so every replica picks the same one.
-                Some(i) => {
-                    if leaf.doc > self.leaves[i].doc {
-                        self.leaves[i] = leaf;
+                Some(kept) => {
+                    if leaf.doc > kept.doc {
+                        *kept = leaf.clone();
                     }
                 }
-                None => {
-                    let at = self.leaves.partition_point(|l| l.version > leaf.version);
-                    self.leaves.insert(at, leaf);
-                }
+                None => leaves.push(leaf.clone()),
             }
         }
-        // Leaves = seen - named: a leaf named by the other side is superseded (and seen).
-        let history = &mut self.history;
-        self.leaves.retain(
-            |l| match history.binary_search_by(|n| n.version.cmp(&l.version)) {
-                Ok(i) => {
-                    history[i].seen = true;
-                    false
-                }
-                Err(_) => true,
-            },
-        );
-    }
-
-    /// Records `v` as superseded, removing it from the leaves if it is one.
-    fn name(&mut self, v: &Version) {
-        if self.floor.as_ref().is_some_and(|f| v <= f) {
-            return;
-        }
-        let seen = match self.leaves.iter().position(|l| &l.version == v) {
-            Some(i) => {
-                self.leaves.remove(i);
-                true
-            }
-            None => false,
+        leaves.sort_by(|x, y| y.version.cmp(&x.version));
+        let mut pending: Vec<Version> = mine
+            .pending
+            .into_iter()
+            .chain(other.pending)
+            .filter(|p| !merged.has_seen(p))
+            .collect();
+        pending.sort();
+        pending.dedup();
+        *self = RecordState {
+            leaves,
+            pending,
+            ..merged
         };
-        if let Err(i) = self.history.binary_search_by(|n| n.version.cmp(v)) {
-            self.history.insert(
-                i,
-                Named {
-                    version: v.clone(),
-                    seen,
-                },
-            );
+    }
+
+    /// [`RecordState::merge_state`] with a horizon (see [`RecordState::apply_above`]): the
+    /// other side's leaves and origin entries older than `horizon_ms` are taken as known
+    /// already (this side's copy of them is kept), so an old snapshot's copy of a
+    /// compacted record neither starts it over nor reshapes its new state.
+    pub fn merge_state_above(&mut self, mut other: RecordState, horizon_ms: u64) {
+        let old = |v: &Version| v.hlc.physical_ms() < horizon_ms;
+        other
+            .leaves
+            .retain(|l| !old(&l.version) || self.leaves.iter().any(|m| m.version == l.version));
+        other.origins.retain(|v| !old(v));
+        self.merge_state(other);
+    }
+
+    /// Whether compaction with this cutoff may remove the record: nothing of it is live or
+    /// in conflict, and its newest version is older than the cutoff.
+    pub fn removable(&self, cutoff_ms: u64) -> bool {
+        let old = |v: &Version| v.hlc.physical_ms() < cutoff_ms;
+        match self.leaves.as_slice() {
+            [] => self.origins.iter().all(old),
+            [only] => only.is_tombstone() && old(&only.version),
+            _ => false,
         }
     }
 
-    /// Drops history older than `cutoff_ms` (physical time of the version), raising the
-    /// floor so those versions still count as seen. Returns true if the record can be
-    /// removed entirely: its only leaf is a tombstone older than the cutoff.
-    ///
-    /// Compaction assumes no event older than the horizon is still in flight; a horizon
-    /// shorter than the longest outage plus the stream's retention can resurrect deletes.
-    pub fn compact(&mut self, cutoff_ms: u64) -> Compacted {
-        let before = self.history.len();
-        let mut floor = self.floor.take();
-        self.history.retain(|n| {
-            let old = n.seen && n.version.hlc.physical_ms() < cutoff_ms;
-            if old && floor.as_ref().is_none_or(|f| &n.version > f) {
-                floor = Some(n.version.clone());
+    /// Records `v` as superseded (rule 1); returns whether anything changed.
+    fn name(&mut self, v: &Version) -> bool {
+        match self.origin_slot(&v.node) {
+            Ok(i) if v < &self.origins[i] => false,
+            Ok(i) if v == &self.origins[i] => {
+                let before = self.leaves.len();
+                self.leaves.retain(|l| &l.version != v);
+                self.leaves.len() != before
             }
-            !old
-        });
-        self.floor = floor;
-        let removable = self.history.is_empty()
-            && self.leaves.len() == 1
-            && self.leaves[0].is_tombstone()
-            && self.leaves[0].version.hlc.physical_ms() < cutoff_ms;
-        if removable {
-            Compacted::Remove
-        } else if self.history.len() != before {
-            Compacted::Shrunk
-        } else {
-            Compacted::Unchanged
+            _ => match self.pending.binary_search(v) {
+                Ok(_) => false,
+                Err(at) => {
+                    self.pending.insert(at, v.clone());
+                    true
+                }
+            },
         }
     }
-}
 
-/// The result of [`RecordState::compact`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compacted {
-    /// Nothing was old enough to drop.
-    Unchanged,
-    /// Old history was dropped; the record stays.
-    Shrunk,
-    /// The record is a lone old tombstone with no history: it can be removed.
-    Remove,
+    fn origin_slot(&self, node: &NodeId) -> Result<usize, usize> {
+        self.origins.binary_search_by(|v| v.node.cmp(node))
+    }
 }
 
 /// The event a leaf keeps: a leaf holds every field of the event that made it. `None`
@@ -278,9 +350,11 @@ pub fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEv
 }
 
 /// Checks a whole record state from outside (a snapshot being loaded, a peer's state in a
-/// repair) leaf by leaf with [`check_event`] against this node's wall clock `now_ms`;
-/// versions it names and its compaction floor must not be beyond the drift limit either
-/// (a far-future floor or named version would make later writes look already seen).
+/// repair) against this node's wall clock `now_ms`: each leaf with [`check_event`]; every
+/// origin entry and pending name within the drift limit (a far-future entry would make
+/// later writes look already seen); and the shape [`RecordState::apply`] and
+/// [`RecordState::merge_state`] rely on (see the module doc), so a forged state cannot
+/// make replicas that merge it disagree.
 pub fn check_state(
     entity: &EntityName,
     id: Uuid,
@@ -292,17 +366,274 @@ pub fn check_state(
         let ev = leaf_event(entity, id, leaf).map_err(QuarantineReason::Malformed)?;
         check_event(&ev, now_ms, limits)?;
     }
-    for v in state.history.iter().map(|n| &n.version).chain(&state.floor) {
+    for v in state.origins.iter().chain(&state.pending) {
         check_drift(v, now_ms, limits)?;
+    }
+    check_shape(state).map_err(|e| QuarantineReason::Malformed(format!("record state: {e}")))
+}
+
+/// The invariants of a [`RecordState`] built by the merge rule.
+fn check_shape(state: &RecordState) -> Result<(), String> {
+    if let Some(w) = state.origins.windows(2).find(|w| w[0].node >= w[1].node) {
+        return Err(format!(
+            "origin entries not one per node in node order at {}",
+            w[1]
+        ));
+    }
+    if let Some(w) = state
+        .leaves
+        .windows(2)
+        .find(|w| w[0].version <= w[1].version)
+    {
+        return Err(format!(
+            "leaves not in descending order at {}",
+            w[1].version
+        ));
+    }
+    if let Some(l) = state
+        .leaves
+        .iter()
+        .find(|l| state.watermark(&l.version.node) != Some(&l.version))
+    {
+        return Err(format!(
+            "leaf {} is not its origin's greatest version",
+            l.version
+        ));
+    }
+    // The greatest version seen is always the winner (nothing can name it).
+    let greatest = state.origins.iter().max();
+    if state.winner().map(|l| &l.version) != greatest {
+        return Err(match greatest {
+            Some(g) => format!("the greatest version seen, {g}, is not the winner"),
+            None => "leaves without origin entries".into(),
+        });
+    }
+    if let Some(w) = state.pending.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(format!("pending names not ascending at {}", w[1]));
+    }
+    // A pending name is above its origin's entry and below the version that named it.
+    if let Some(p) = state
+        .pending
+        .iter()
+        .find(|p| state.has_seen(p) || greatest.is_none_or(|g| *p >= g))
+    {
+        return Err(format!("pending name {p} is seen already or never named"));
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    //! The rule against its set definition, directly on states (the store-level property
+    //! tests in `tests/convergence.rs` cover the same through real stores).
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
     use super::*;
     use crate::clock::Hlc;
-    use crate::ids::NodeId;
+
+    fn v(ms: u64, node: &str) -> Version {
+        Version::new(
+            Hlc::new(1_700_000_000_000 + ms, 0).unwrap(),
+            NodeId::new(node).unwrap(),
+        )
+    }
+
+    fn event(ver: &Version, base: Option<&Version>, resolves: &[Version]) -> ChangeEvent {
+        ChangeEvent {
+            v: ENVELOPE_VERSION,
+            op: Op::Put,
+            entity: EntityName::new("items").unwrap(),
+            scope: Scope::default(),
+            id: Uuid::nil(),
+            origin: ver.node.clone(),
+            origin_seq: 1,
+            version: ver.clone(),
+            base: base.cloned(),
+            resolves: resolves.to_vec(),
+            doc: Some(RawValue::from_string(format!("{{\"v\":\"{ver}\"}}")).unwrap()),
+        }
+    }
+
+    /// The set definition: leaves = seen - named - (superseded by a later seen version of
+    /// the same origin).
+    fn model(events: &[ChangeEvent]) -> BTreeSet<Version> {
+        let seen: BTreeSet<Version> = events.iter().map(|e| e.version.clone()).collect();
+        let named: BTreeSet<Version> = events
+            .iter()
+            .flat_map(|e| e.base.iter().chain(&e.resolves).cloned())
+            .collect();
+        let mut max: BTreeMap<NodeId, Version> = BTreeMap::new();
+        for s in &seen {
+            max.insert(s.node.clone(), s.clone());
+        }
+        seen.into_iter()
+            .filter(|s| !named.contains(s) && max.get(&s.node) == Some(s))
+            .collect()
+    }
+
+    /// A history on up to four writers that see each other's versions partially: each
+    /// write names the writer's current winner and sometimes resolves its conflicts.
+    fn history(steps: &[(u8, u8, bool)]) -> Vec<ChangeEvent> {
+        let names = ["a", "b", "c", "d"];
+        let mut states: Vec<RecordState> = vec![RecordState::default(); names.len()];
+        let mut events: Vec<ChangeEvent> = Vec::new();
+        let mut clock = 0;
+        for &(who, see, resolve) in steps {
+            let w = who as usize % names.len();
+            // Learn part of what was written so far (a third of it, chosen by `see`).
+            for (i, e) in events.iter().enumerate() {
+                if (i + see as usize).is_multiple_of(3) {
+                    states[w].apply(e.clone());
+                }
+            }
+            clock += 1;
+            let ver = v(clock, names[w]);
+            let base = states[w].winner().map(|l| l.version.clone());
+            let resolves: Vec<Version> = if resolve {
+                states[w]
+                    .conflicts()
+                    .iter()
+                    .map(|l| l.version.clone())
+                    .collect()
+            } else {
+                vec![]
+            };
+            let ev = event(&ver, base.as_ref(), &resolves);
+            states[w].apply(ev.clone());
+            events.push(ev);
+        }
+        events
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_any_duplicates_any_split_gives_the_model(
+            steps in prop::collection::vec((0..4u8, 0..3u8, any::<bool>()), 1..40),
+            keys in prop::collection::vec(any::<u32>(), 80),
+            dups in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            split in any::<prop::sample::Index>(),
+        ) {
+            let events = history(&steps);
+            let expected = model(&events);
+            let mut feed: Vec<ChangeEvent> = events.clone();
+            feed.extend(dups.iter().map(|i| events[i.index(events.len())].clone()));
+            let mut keyed: Vec<(u32, usize, ChangeEvent)> = feed
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (keys[i % keys.len()], i, e))
+                .collect();
+            keyed.sort_by_key(|(k, i, _)| (*k, *i));
+            let mut shuffled = RecordState::default();
+            for (_, _, e) in keyed {
+                shuffled.apply(e);
+            }
+            let mut in_order = RecordState::default();
+            for e in &events {
+                in_order.apply(e.clone());
+            }
+            let got: BTreeSet<Version> = shuffled.leaves.iter().map(|l| l.version.clone()).collect();
+            prop_assert_eq!(&got, &expected);
+            prop_assert_eq!(&shuffled, &in_order);
+            prop_assert!(shuffled.pending.is_empty(), "a complete replica has nothing pending");
+            prop_assert!(shuffled.origins.len() <= 4);
+            prop_assert_eq!(
+                &shuffled.leaves[0].version,
+                events.iter().map(|e| &e.version).max().unwrap()
+            );
+
+            // Halves merged state by state (either way round) equal the whole.
+            let at = split.index(events.len() + 1);
+            let (mut left, mut right) = (RecordState::default(), RecordState::default());
+            for e in &events[..at] {
+                left.apply(e.clone());
+            }
+            for e in &events[at..] {
+                right.apply(e.clone());
+            }
+            let mut lr = left.clone();
+            lr.merge_state(right.clone());
+            let mut rl = right.clone();
+            rl.merge_state(left.clone());
+            prop_assert_eq!(&lr, &in_order);
+            prop_assert_eq!(&rl, &in_order);
+            // Every state the rule builds, partial ones included, has the shape
+            // `check_state` demands of states merged in.
+            for s in [&left, &right, &shuffled] {
+                prop_assert_eq!(check_shape(s), Ok(()));
+            }
+            // Idempotent.
+            let mut again = lr.clone();
+            again.merge_state(right);
+            prop_assert_eq!(&again, &in_order);
+        }
+    }
+
+    #[test]
+    fn an_origins_later_version_supersedes_its_earlier_conflict() {
+        let (a1, b1, a2) = (v(1, "a"), v(2, "b"), v(3, "a"));
+        let mut s = RecordState::default();
+        s.apply(event(&a1, None, &[]));
+        s.apply(event(&b1, None, &[]));
+        assert_eq!(s.leaves.len(), 2, "concurrent versions conflict");
+        s.apply(event(&a2, Some(&b1), &[]));
+        let leaves: Vec<&Version> = s.leaves.iter().map(|l| &l.version).collect();
+        assert_eq!(leaves, vec![&a2]);
+        // The late duplicate of a1 changes nothing.
+        assert_eq!(s.apply(event(&a1, None, &[])), Merge::Duplicate);
+        assert_eq!(s.origins.len(), 2);
+    }
+
+    #[test]
+    fn a_hot_record_stays_small() {
+        let mut s = RecordState::default();
+        let mut prev: Option<Version> = None;
+        for i in 0..10_000 {
+            let ver = v(i, if i % 2 == 0 { "a" } else { "b" });
+            s.apply(event(&ver, prev.as_ref(), &[]));
+            prev = Some(ver);
+        }
+        assert_eq!(s.leaves.len(), 1);
+        assert_eq!(s.origins.len(), 2);
+        assert!(s.pending.is_empty());
+    }
+
+    #[test]
+    fn the_horizon_drops_old_versions() {
+        let old = v(1, "a");
+        let mut s = RecordState::default();
+        assert_eq!(
+            s.apply_above(event(&old, None, &[]), 1_700_000_000_010),
+            Merge::Duplicate
+        );
+        assert_eq!(s, RecordState::default());
+        let mut snap = RecordState::default();
+        snap.apply(event(&old, None, &[]));
+        s.merge_state_above(snap.clone(), 1_700_000_000_010);
+        assert_eq!(
+            s,
+            RecordState::default(),
+            "an old state of a removed record adds nothing"
+        );
+        // A record written again after the horizon keeps its new state.
+        let new = v(20, "b");
+        s.apply_above(event(&new, None, &[]), 1_700_000_000_010);
+        let before = s.clone();
+        s.merge_state_above(snap, 1_700_000_000_010);
+        assert_eq!(s, before);
+        assert!(!s.removable(1_700_000_000_030));
+        let mut dead = RecordState::default();
+        let mut del = event(&v(5, "a"), None, &[]);
+        del.op = Op::Delete;
+        del.doc = None;
+        dead.apply(del);
+        assert!(dead.removable(1_700_000_000_010));
+        assert!(
+            !dead.removable(1_700_000_000_005),
+            "not older than the cutoff"
+        );
+    }
 
     const NOW: u64 = 1_763_000_000_000;
 
@@ -314,9 +645,13 @@ mod tests {
         }
     }
 
+    fn at(ms: u64, node: &str) -> Version {
+        Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new(node).unwrap())
+    }
+
     fn state(ms: u64, doc: Option<&str>) -> (EntityName, Uuid, RecordState) {
         let (entity, id) = (EntityName::new("orders").unwrap(), Uuid::now_v7());
-        let version = Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new("x").unwrap());
+        let version = at(ms, "x");
         let mut s = RecordState::default();
         s.apply(ChangeEvent {
             v: ENVELOPE_VERSION,
@@ -334,11 +669,12 @@ mod tests {
         (entity, id, s)
     }
 
+    fn check((e, id, s): (EntityName, Uuid, RecordState)) -> Result<(), &'static str> {
+        check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
+    }
+
     #[test]
     fn states_meet_the_event_checks() {
-        let check = |(e, id, s): (EntityName, Uuid, RecordState)| {
-            check_state(&e, id, &s, NOW, &limits()).map_err(|r| r.code())
-        };
         assert_eq!(check(state(NOW + 1000, Some("{}"))), Ok(()));
         assert_eq!(check(state(NOW, None)), Ok(()));
         assert_eq!(
@@ -350,17 +686,73 @@ mod tests {
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(2000));
         assert_eq!(check(state(NOW, Some(&big))), Err("doc_too_large"));
         let (e, id, mut s) = state(NOW, Some("{}"));
-        s.floor = Some(Version::new(
-            Hlc::new(NOW + 3_600_000, 0).unwrap(),
-            NodeId::new("x").unwrap(),
-        ));
+        s.origins.push(at(NOW + 3_600_000, "y"));
         assert_eq!(
             check((e, id, s)),
             Err("clock_drift"),
-            "a far-future floor would make later writes look seen"
+            "a far-future origin entry would make later writes look seen"
         );
+        let (e, id, mut s) = state(NOW, Some("{}"));
+        s.pending.push(at(NOW + 3_600_000, "y"));
+        assert_eq!(check((e, id, s)), Err("clock_drift"), "a far-future name");
         let (e, id, mut s) = state(NOW, Some("{}"));
         s.leaves[0].doc = Some("{not json".into());
         assert_eq!(check((e, id, s)), Err("malformed"));
+    }
+
+    #[test]
+    fn states_the_merge_rule_cannot_build_are_refused() {
+        // A genuine state with a conflict and a pending name passes.
+        let good = || {
+            let mut s = RecordState::default();
+            s.apply(event(&v(1, "a"), None, &[]));
+            s.apply(event(&v(3, "b"), Some(&v(2, "c")), &[]));
+            s
+        };
+        let (e, id) = (EntityName::new("items").unwrap(), Uuid::nil());
+        let now = 1_700_000_000_100;
+        let check = |s: &RecordState| check_state(&e, id, s, now, &limits()).map_err(|r| r.code());
+        assert_eq!(check(&good()), Ok(()));
+        assert_eq!(good().pending, vec![v(2, "c")]);
+
+        let mut s = good();
+        s.origins.swap(0, 1);
+        assert_eq!(check(&s), Err("malformed"), "origins out of node order");
+        let mut s = good();
+        s.origins.push(v(0, "b"));
+        s.origins.sort_by(|x, y| x.node.cmp(&y.node));
+        assert_eq!(check(&s), Err("malformed"), "two entries for one origin");
+        let mut s = good();
+        s.leaves.reverse();
+        assert_eq!(check(&s), Err("malformed"), "leaves out of order");
+        let mut s = good();
+        let mut older = s.leaves[1].clone();
+        older.version = v(0, "a");
+        s.leaves.push(older);
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "an origin's earlier version as a leaf"
+        );
+        let mut s = good();
+        s.leaves.remove(0);
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "the greatest version seen is not a leaf"
+        );
+        let mut s = good();
+        s.pending.push(v(1, "a"));
+        assert_eq!(check(&s), Err("malformed"), "a pending name already seen");
+        let mut s = good();
+        s.pending.push(v(9, "c"));
+        assert_eq!(
+            check(&s),
+            Err("malformed"),
+            "a pending name above everything seen"
+        );
+        let mut s = good();
+        s.pending.insert(0, v(2, "c"));
+        assert_eq!(check(&s), Err("malformed"), "a pending name twice");
     }
 }

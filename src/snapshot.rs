@@ -5,13 +5,15 @@
 //! A snapshot is written and read as a stream of frames, never held whole in memory:
 //!
 //! ```text
-//! "JSNAP1\n"  u32 LE header length, header JSON (SnapshotMeta)
+//! "JSNAP2\n"  u32 LE header length, header JSON (SnapshotMeta)
 //! frame*      1u8, u8 entity length, entity, 16-byte id, u32 LE length, stored record value
 //! trailer     0u8, u64 LE record count, u64 LE xxh3-64 of every frame byte
 //! ```
 //!
 //! Record values are the store's own (postcard state plus checksum), so each is checked
-//! on load; the trailer catches truncation, and the object store checks its SHA-256.
+//! on load. "JSNAP1" snapshots carry store format 2's values (every named version kept):
+//! they still load, converted to the bounded form; a node of that format refuses "JSNAP2"
+//! by its magic instead of misreading its values; the trailer catches truncation, and the object store checks its SHA-256.
 //! Loading merges each record into the local store with the merge rule (it never
 //! overwrites local writes not yet published), then raises the checkpoint to the
 //! snapshot's sequence.
@@ -33,7 +35,9 @@ use crate::merge::RecordState;
 use crate::store::{Change, ExportError, Store};
 use crate::stream::{StreamIdentity, StreamSettings};
 
-const MAGIC: &[u8] = b"JSNAP1\n";
+const MAGIC: &[u8] = b"JSNAP2\n";
+/// Snapshots written by store format 2, whose record values load through the upgrade.
+const MAGIC_FORMAT_2: &[u8] = b"JSNAP1\n";
 const META_KEY: &str = "jetsync-snapshot";
 /// Records merged per transaction while loading.
 const LOAD_BATCH: usize = 2000;
@@ -393,7 +397,8 @@ pub async fn merge_into(
     r.read_exact(&mut magic)
         .await
         .map_err(|e| bad(format!("header: {e}")))?;
-    if magic != MAGIC {
+    let format_2 = magic == MAGIC_FORMAT_2;
+    if magic != MAGIC && !format_2 {
         return Err(bad("not a jetsync snapshot (bad magic)".into()));
     }
     let len = r
@@ -481,7 +486,11 @@ pub async fn merge_into(
             .and_then(|e| EntityName::new(e).ok())
             .ok_or_else(|| bad(format!("record {records}: bad entity name")))?;
         let id = Uuid::from_slice(&scratch[elen..]).map_err(|e| bad(e.to_string()))?;
-        let state = crate::store::decode_stored_state(&entity, &id, &value)?;
+        let state = if format_2 {
+            crate::store::decode_format_2_state(&entity, &id, &value)?
+        } else {
+            crate::store::decode_stored_state(&entity, &id, &value)?
+        };
         let admitted = state
             .winner()
             .is_some_and(|w| EntityFilter::admits(filters, &entity, &w.scope));

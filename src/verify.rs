@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::api::{ApiClient, ApiError, StateEntry};
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
-use crate::store::VerifyHashes;
+use crate::store::{FORMAT_VERSION, VerifyHashes};
 
 /// One side of a differing record.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -160,6 +160,36 @@ pub enum VerifyError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A node keeps its records in another store format than this build: their record
+    /// states cannot be compared or merged (a rolling upgrade not finished).
+    #[error(
+        "node {node} keeps records in store format {}, this jetsync in format {supported}: \
+         record states cannot be compared across formats (they keep different conflict lists \
+         for the same events); upgrade node {node} (its store is upgraded in place on open) and \
+         verify again",
+        if *found == 0 { "2 or older".to_string() } else { found.to_string() }
+    )]
+    StoreFormat {
+        /// The node of the other format.
+        node: String,
+        /// The format it reported (0: none, a node of format 2 or older).
+        found: u32,
+        /// This build's format.
+        supported: u32,
+    },
+}
+
+/// Differing buckets lead to comparing record states, which only nodes of this build's
+/// store format can exchange.
+fn check_formats(sides: [(&str, &VerifyHashes); 2]) -> Result<(), VerifyError> {
+    match sides.iter().find(|(_, h)| h.format != FORMAT_VERSION) {
+        Some((node, h)) => Err(VerifyError::StoreFormat {
+            node: node.to_string(),
+            found: h.format,
+            supported: FORMAT_VERSION,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Compares nodes `a` and `b` (optionally only `only` entity types); with `repair`,
@@ -285,7 +315,7 @@ async fn bucket_records(
             .call(
                 node,
                 "bucket_records",
-                json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": 500}),
+                json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": 500, "format": FORMAT_VERSION}),
             )
             .await?;
         let bad = |detail: String| VerifyError::Reply {
@@ -366,6 +396,7 @@ async fn verify_entity(
     if buckets.is_empty() {
         return Ok(report);
     }
+    check_formats([(a, &ha), (b, &hb)])?;
     let (ra, rb) = futures::try_join!(
         bucket_records(api, a, entity, scopes, &buckets),
         bucket_records(api, b, entity, scopes, &buckets)
@@ -428,8 +459,35 @@ async fn send_states(
         "merge_records",
         "states",
         &states,
-        json!({"entity": entity}),
+        json!({"entity": entity, "format": FORMAT_VERSION}),
     )
     .await?;
     Ok(states.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(format: u32) -> VerifyHashes {
+        VerifyHashes {
+            buckets: vec![],
+            damaged: vec![],
+            records: 0,
+            format,
+        }
+    }
+
+    #[test]
+    fn states_are_compared_only_between_nodes_of_this_format() {
+        let (this, old) = (hashes(FORMAT_VERSION), hashes(0));
+        assert!(check_formats([("a", &this), ("b", &this)]).is_ok());
+        let e = check_formats([("a", &this), ("b", &old)]).unwrap_err();
+        assert!(matches!(&e, VerifyError::StoreFormat { node, found: 0, .. } if node == "b"));
+        let text = e.to_string();
+        assert!(
+            text.contains("store format 2 or older") && text.contains("upgrade node b"),
+            "{text}"
+        );
+    }
 }

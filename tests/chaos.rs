@@ -19,9 +19,9 @@
 //! outbox, no halt, equal checkpoints, digests and conflicts, asked over the node API.
 //!
 //! At the end the children stop, and the parent opens the three redb files and checks:
-//! - every record's whole merge state (leaves, documents, history) is equal on all nodes;
+//! - every record's whole merge state (leaves, documents, origins) is equal on all nodes;
 //! - every acknowledged write was seen everywhere: it is a leaf (winner or kept conflict)
-//!   or in history (a later write named it as base or resolved it); nothing is lost;
+//!   or covered by its origin's greatest version seen; nothing is lost;
 //! - every record's winner is at least every acknowledged version of it, and a winner that
 //!   is an acknowledged write has that write's op: a delete that won stays deleted.
 //!

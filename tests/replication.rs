@@ -1,5 +1,5 @@
 //! Replication through a real nats-server: nodes publish their outboxes to JetStream and
-//! apply everyone's events.
+//! apply everyone's events; the compaction schedule.
 
 mod common;
 
@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::entity;
 use common::nodes::*;
 use jetsync::devserver::NatsServer;
+use jetsync::node::CompactionPolicy;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -51,4 +52,41 @@ async fn three_nodes_converge_under_concurrent_conflicting_writes() {
     for n in nodes {
         n.shutdown().await.unwrap();
     }
+}
+
+/// A node removes old tombstones on its own schedule, and raises the entity's horizon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removes_old_tombstones_on_its_schedule() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config("n1", dir.path(), &server.client_url());
+    config.compaction = CompactionPolicy {
+        interval: Some(Duration::from_millis(200)),
+        tombstone_horizon: Duration::from_secs(1),
+    };
+    let node = start(config).await;
+    let e = entity("orders");
+    let (gone, kept) = (Uuid::now_v7(), Uuid::now_v7());
+    node.put(&e, gone, json!({"n": 1})).await.unwrap();
+    node.put(&e, kept, json!({"n": 1})).await.unwrap();
+    node.delete(&e, gone).await.unwrap();
+    let store = node.store().clone();
+    wait_for(
+        "the tombstone to be removed",
+        Duration::from_secs(30),
+        || {
+            let store = store.clone();
+            let e = e.clone();
+            async move {
+                match store.state(&e, gone).map_err(|err| err.to_string())? {
+                    None => Ok(()),
+                    Some(s) => Err(format!("still there: {s:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(store.horizon(&e).unwrap() > 0);
+    assert!(store.get(&e, kept).unwrap().is_some(), "live records stay");
+    node.shutdown().await.unwrap();
 }

@@ -539,7 +539,10 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
         ),
         ("delete", json!({"entity": "orders", "id": ids[0]})),
         ("snapshot", json!({})),
-        ("merge_records", json!({"entity": "orders", "states": []})),
+        (
+            "merge_records",
+            json!({"entity": "orders", "format": jetsync::store::FORMAT_VERSION, "states": []}),
+        ),
         ("quarantine", json!({})),
     ] {
         assert!(

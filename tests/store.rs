@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use jetsync::error::{OpenError, WriteError};
-use jetsync::store::{Expect, Write};
+use jetsync::store::{Expect, Incoming, Write};
 use jetsync::{Store, StoreConfig};
 use serde_json::json;
 use uuid::Uuid;
@@ -214,6 +214,87 @@ fn put_if_race_has_exactly_one_winner() {
             }
         }
     }
+}
+
+/// Concurrent write calls share transactions (group commit), and each keeps its own
+/// checks and outcome: a put_if with a stale version fails alone, a batch with one failing
+/// write leaves none of its writes behind, and every call that returned Ok is durable.
+#[test]
+fn concurrent_writes_share_commits_but_keep_their_own_outcomes() {
+    let t = open("a");
+    let path = t.dir.path().join("store.redb");
+    let store = Arc::new(t.store);
+    let e = entity("orders");
+    let shared = Uuid::now_v7();
+    let v0 = store.put(&e, shared, json!({"n": 0})).unwrap();
+    let bogus = version(T0 - 1, 0, "nobody");
+    const THREADS: usize = 16;
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|w| {
+            let (store, e, v0, bogus, barrier) = (
+                store.clone(),
+                e.clone(),
+                v0.clone(),
+                bogus.clone(),
+                barrier.clone(),
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                let (mut kept, mut dropped, mut won) = (Vec::new(), Vec::new(), 0);
+                for j in 0..30 {
+                    let id = Uuid::now_v7();
+                    store.put(&e, id, json!({"w": w, "j": j})).unwrap();
+                    kept.push(id);
+                    if j % 5 == 0 && store.put_if(&e, shared, json!({"w": w}), &v0).is_ok() {
+                        won += 1;
+                    }
+                    if j % 7 == 0 {
+                        let lost = Uuid::now_v7();
+                        let err = store
+                            .write_batch(vec![
+                                Write::put(e.clone(), lost, json!({"lost": true})),
+                                Write::put(e.clone(), shared, json!({}))
+                                    .expect(Expect::Version(bogus.clone())),
+                            ])
+                            .unwrap_err();
+                        assert!(matches!(err, WriteError::VersionMismatch { .. }), "{err}");
+                        dropped.push(lost);
+                    }
+                }
+                (kept, dropped, won)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let won: usize = results.iter().map(|r| r.2).sum();
+    assert_eq!(won, 1, "exactly one put_if on the shared version wins");
+    drop(store);
+
+    let store = Store::open(&path, node("a"), StoreConfig::default()).unwrap();
+    for (kept, dropped, _) in &results {
+        for id in kept {
+            assert!(
+                store.get(&e, *id).unwrap().is_some(),
+                "acknowledged put {id} is durable"
+            );
+        }
+        for id in dropped {
+            assert!(
+                store.state(&e, *id).unwrap().is_none(),
+                "a failed batch left {id} behind"
+            );
+        }
+    }
+    // Every write got its own origin_seq, none skipped: 1 + 16 x 30 puts + the winner.
+    assert_eq!(store.outbox_len().unwrap(), 1 + (THREADS * 30) as u64 + 1);
+    let seqs: Vec<u64> = store
+        .outbox_peek(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|o| o.origin_seq)
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
 }
 
 #[test]
@@ -568,56 +649,136 @@ fn opening_checks_format_identity_and_owner() {
     );
 }
 
+/// A hot record keeps one leaf and one origin entry however often it is written, and its
+/// old events are still recognised.
 #[test]
-fn compaction_drops_old_history_and_tombstones_but_still_rejects_old_duplicates() {
+fn a_record_keeps_no_history_and_still_rejects_old_duplicates() {
     let mut t = open("a");
+    let e = entity("orders");
+    let id = Uuid::now_v7();
+    for i in 0..50 {
+        t.store.put(&e, id, json!({"i": i})).unwrap();
+    }
+    let state = t.store.state(&e, id).unwrap().unwrap();
+    assert_eq!((state.leaves.len(), state.origins.len()), (1, 1));
+    assert!(state.pending.is_empty());
+    let events = t.outbox();
+    let r = t.deliver_outbox(&events);
+    assert_eq!((r.applied, r.duplicates), (0, 50));
+    assert_eq!(t.store.get(&e, id).unwrap().unwrap().doc, json!({"i": 49}));
+    assert_eq!(t.store.state(&e, id).unwrap().unwrap(), state);
+}
+
+/// Compaction removes old tombstones only, and a removed record is never brought back by
+/// its old events: delivered again, replayed into a store, or merged from an old snapshot
+/// state. A write made after the horizon still recreates it.
+#[test]
+fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
+    let mut a = open("a");
     let e = entity("orders");
     let kept = Uuid::now_v7();
     let gone = Uuid::now_v7();
     for i in 0..5 {
-        t.store.put(&e, kept, json!({"i": i})).unwrap();
-        t.store.put(&e, gone, json!({"i": i})).unwrap();
+        a.store.put(&e, kept, json!({"i": i})).unwrap();
+        a.store.put(&e, gone, json!({"i": i})).unwrap();
     }
-    t.store.delete(&e, gone).unwrap();
-    let old_events = t.outbox();
+    // An old snapshot's state of the record, taken before the delete.
+    let old_state = a.store.state(&e, gone).unwrap().unwrap();
+    a.store.delete(&e, gone).unwrap();
+    let stream = a.outbox();
     // Published and acknowledged: nothing holds the tombstone back any more.
-    let seqs: Vec<u64> = old_events.iter().map(|o| o.origin_seq).collect();
-    t.store.outbox_remove(&seqs).unwrap();
-    let digest = t.store.digest(&e).unwrap();
-    assert_eq!(t.store.state(&e, kept).unwrap().unwrap().history.len(), 4);
-
-    // Nothing is old enough yet.
-    let r = t.store.compact(Duration::from_secs(3600)).unwrap();
-    assert_eq!(
-        (r.records_scanned, r.records_shrunk, r.tombstones_removed),
-        (2, 0, 0)
-    );
-
-    t.clock.advance(2 * 3600 * 1000);
-    let r = t.store.compact(Duration::from_secs(3600)).unwrap();
-    assert_eq!(
-        (r.records_scanned, r.records_shrunk, r.tombstones_removed),
-        (2, 1, 1)
-    );
-    let state = t.store.state(&e, kept).unwrap().unwrap();
-    assert!(state.history.is_empty());
-    assert!(state.floor.is_some());
-    assert!(t.store.state(&e, gone).unwrap().is_none());
-    assert_eq!(
-        t.store.digest(&e).unwrap(),
-        digest,
-        "tombstones and history are not in the digest"
-    );
-
-    // Old events of the kept record are still recognised as seen.
-    let kept_events: Vec<_> = old_events
+    let seqs: Vec<u64> = stream.iter().map(|o| o.origin_seq).collect();
+    a.store.outbox_remove(&seqs).unwrap();
+    let gone_events: Vec<_> = stream
         .iter()
-        .filter(|o| o.subject.ends_with(&kept.to_string()))
+        .filter(|o| o.subject.ends_with(&gone.to_string()))
         .cloned()
         .collect();
-    let r = t.deliver_outbox(&kept_events);
-    assert_eq!((r.applied, r.duplicates), (0, 5));
-    assert_eq!(t.store.get(&e, kept).unwrap().unwrap().doc, json!({"i": 4}));
+    assert_eq!(gone_events.len(), 6);
+    let digest = a.store.digest(&e).unwrap();
+    let kept_state = a.store.state(&e, kept).unwrap().unwrap();
+
+    // Nothing is old enough yet.
+    let r = a.store.compact(Duration::from_secs(3600)).unwrap();
+    assert_eq!((r.records_scanned, r.tombstones_removed), (2, 0));
+    assert_eq!(
+        a.store.horizon(&e).unwrap(),
+        0,
+        "nothing removed, no horizon"
+    );
+
+    a.clock.advance(2 * 3600 * 1000);
+    let r = a.store.compact(Duration::from_secs(3600)).unwrap();
+    assert_eq!((r.records_scanned, r.tombstones_removed), (2, 1));
+    assert!(a.store.state(&e, gone).unwrap().is_none());
+    assert_eq!(a.store.horizon(&e).unwrap(), r.cutoff_ms);
+    assert_eq!(a.store.state(&e, kept).unwrap().unwrap(), kept_state);
+    assert_eq!(
+        a.store.digest(&e).unwrap(),
+        digest,
+        "tombstones are not in the digest"
+    );
+
+    // 1. The deleted record's old events, delivered again.
+    let r = a.deliver_outbox(&gone_events);
+    assert_eq!((r.applied, r.duplicates), (0, 6));
+    assert!(a.store.state(&e, gone).unwrap().is_none());
+    // Only its puts, in reverse, so no tombstone comes with them.
+    let mut puts = gone_events[..5].to_vec();
+    puts.reverse();
+    a.deliver_outbox(&puts);
+    assert!(a.store.get(&e, gone).unwrap().is_none());
+
+    // 2. The whole stream replayed into the store (as `replay` into a node or a backfill
+    //    does: the checkpoint neither filters nor moves).
+    let msgs: Vec<(u64, String, Vec<u8>)> = stream
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (i as u64 + 1, o.subject.clone(), o.payload.clone()))
+        .collect();
+    let batch: Vec<Incoming<'_>> = msgs
+        .iter()
+        .map(|(seq, subject, payload)| Incoming {
+            stream_seq: *seq,
+            subject,
+            payload,
+            stream_time_ms: T0,
+        })
+        .collect();
+    let r = a.store.apply_backfill(&batch).unwrap();
+    assert_eq!(r.applied, 0);
+    assert!(a.store.state(&e, gone).unwrap().is_none());
+    assert_eq!(a.store.state(&e, kept).unwrap().unwrap(), kept_state);
+
+    // 3. An old snapshot's state of it, merged (snapshot bootstrap and repair do this).
+    let r = a
+        .store
+        .merge_records(&e, vec![(gone, old_state.clone())])
+        .unwrap();
+    assert_eq!(r.changed, 0);
+    assert!(a.store.state(&e, gone).unwrap().is_none());
+    assert_eq!(a.store.digest(&e).unwrap(), digest);
+
+    // A replica that never compacted still holds the tombstone, and a write made there
+    // after the horizon (based on the tombstone) recreates the record here.
+    let mut b = open("b");
+    b.deliver_outbox(&stream);
+    b.clock.advance(3 * 3600 * 1000);
+    b.store.put(&e, gone, json!({"again": true})).unwrap();
+    a.deliver_outbox(&b.outbox());
+    assert_eq!(
+        a.store.get(&e, gone).unwrap().unwrap().doc,
+        json!({"again": true})
+    );
+    // Old versions still do not come back, now as conflicts of the new record either.
+    a.deliver_outbox(&gone_events[..5]);
+    a.store.merge_records(&e, vec![(gone, old_state)]).unwrap();
+    let state = a.store.state(&e, gone).unwrap().unwrap();
+    assert_eq!(state.leaves.len(), 1, "{state:?}");
+    assert_eq!(
+        a.store.get(&e, gone).unwrap(),
+        b.store.get(&e, gone).unwrap()
+    );
 }
 
 #[test]

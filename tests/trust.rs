@@ -140,7 +140,7 @@ async fn a_far_future_stamp_never_moves_a_clock_and_later_writes_replicate() {
         .call(
             "b",
             "merge_records",
-            json!({"entity": "orders", "states": [{"id": poison2, "state": state}]}),
+            json!({"entity": "orders", "format": jetsync::store::FORMAT_VERSION, "states": [{"id": poison2, "state": state}]}),
         )
         .await;
 
@@ -265,7 +265,7 @@ async fn api_apply_and_merge_records_take_nothing_unchecked() {
         .call(
             "a",
             "merge_records",
-            json!({"entity": "orders", "states": [{"id": null_doc, "state": state}]}),
+            json!({"entity": "orders", "format": jetsync::store::FORMAT_VERSION, "states": [{"id": null_doc, "state": state}]}),
         )
         .await;
     assert!(
@@ -277,6 +277,27 @@ async fn api_apply_and_merge_records_take_nothing_unchecked() {
     match reply {
         Ok(r) => assert_eq!(r["refused"], 1, "{r}"),
         Err(e) => assert!(e.to_string().contains("doc"), "{e}"),
+    }
+
+    // A caller of store format 2 (an older jetsync, mid rolling upgrade) sends states with
+    // every named version and no `format`, and would misread this node's: both ops refuse
+    // it by naming the formats, not with a parse error.
+    let old_state = json!({"leaves": [], "history": [], "floor": null});
+    for (op, body) in [
+        (
+            "merge_records",
+            json!({"entity": "orders", "states": [{"id": null_doc, "state": old_state}]}),
+        ),
+        (
+            "bucket_records",
+            json!({"entity": "orders", "buckets": [0]}),
+        ),
+    ] {
+        let e = api.call("a", op, body).await.unwrap_err().to_string();
+        assert!(
+            e.contains("store format 3") && e.contains("format 2 or older"),
+            "{op}: {e}"
+        );
     }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();

@@ -197,6 +197,7 @@ async fn quarantine_origins(node: &NodeHandle) -> Result<Value, RemoteError> {
 
 /// Answers one request: `op` with its JSON body `payload`.
 async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, RemoteError> {
+    super::wire::check_state_format(op, payload)?;
     let req = Req::parse(payload)?;
     match op {
         "ping" => Ok(json!({"node": node.node_id(), "version": env!("CARGO_PKG_VERSION")})),

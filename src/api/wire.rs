@@ -10,7 +10,7 @@ use crate::clock::Version;
 use crate::error::{StorageError, WriteError};
 use crate::ids::{EntityName, Scope};
 use crate::merge::RecordState;
-use crate::store::{Expect, Record};
+use crate::store::{Expect, FORMAT_VERSION, Record};
 
 /// The API subject root for a stream prefix.
 pub fn api_root(prefix: &str) -> String {
@@ -114,6 +114,47 @@ pub(super) struct Req {
     /// Stream sequences (`apply`).
     #[serde(default)]
     pub seqs: Vec<u64>,
+    /// The store format of the record states a request carries or wants back
+    /// (`bucket_records`, `merge_records`), accepted here and read by
+    /// [`check_state_format`] before the body is parsed.
+    #[serde(default, rename = "format")]
+    pub _format: Option<u32>,
+}
+
+/// Ops that carry record states, which are in the store's format.
+const STATE_OPS: [&str; 2] = ["bucket_records", "merge_records"];
+
+/// Refuses a request of an op carrying record states unless it says it is of this node's
+/// store format: a caller of another format would misread the states (or this node
+/// theirs), so both get an error naming the formats instead of a parse failure. Looks
+/// only at `format`, so a body whose states are of an older format still gets it.
+pub(super) fn check_state_format(op: &str, payload: &[u8]) -> Result<(), RemoteError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        format: Option<u32>,
+    }
+    if !STATE_OPS.contains(&op) {
+        return Ok(());
+    }
+    let format = serde_json::from_slice::<Probe>(payload)
+        .ok()
+        .and_then(|p| p.format);
+    if format == Some(FORMAT_VERSION) {
+        return Ok(());
+    }
+    Err(RemoteError::new(
+        "store_format",
+        format!(
+            "this node keeps record states in store format {FORMAT_VERSION}; the caller's {} \
+             (a jetsync of another version): upgrade the older side before comparing or \
+             repairing record states",
+            match format {
+                Some(f) => format!("are format {f}"),
+                None => "are format 2 or older".into(),
+            }
+        ),
+    ))
 }
 
 /// A record's full merge state, as `bucket_records` returns and `merge_records` takes it.

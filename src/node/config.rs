@@ -1,4 +1,4 @@
-//! A node's settings ([`NodeConfig`], [`SnapshotPolicy`]) and the consumer filter
+//! A node's settings ([`NodeConfig`], [`SnapshotPolicy`], [`CompactionPolicy`]) and the consumer filter
 //! subjects its entity filters map to.
 
 use std::path::PathBuf;
@@ -34,9 +34,31 @@ pub struct NodeConfig {
     pub publish_window: usize,
     /// When this node takes snapshots and whether it bootstraps from one.
     pub snapshots: SnapshotPolicy,
+    /// When this node removes old tombstones.
+    pub compaction: CompactionPolicy,
     /// Metrics, health endpoints and the self-check (see [`crate::ops`]); the node records
     /// metrics only when `ops.listen` is set.
     pub ops: OpsSettings,
+}
+
+/// When a node removes old tombstones (see [`crate::store::Store::compact`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Compact this often; `None`: never (tombstones are kept forever).
+    pub interval: Option<Duration>,
+    /// Tombstones older than this are removed, and events older than it are taken as
+    /// applied: it must exceed the longest time an event can stay in flight (the longest
+    /// node outage plus the stream's retention).
+    pub tombstone_horizon: Duration,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            interval: Some(Duration::from_secs(3600)),
+            tombstone_horizon: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 /// When a node takes snapshots and whether it loads one on a retention gap.
@@ -78,6 +100,7 @@ impl NodeConfig {
             fetch_batch: 1000,
             publish_window: 1000,
             snapshots: SnapshotPolicy::default(),
+            compaction: CompactionPolicy::default(),
             ops: OpsSettings::default(),
         }
     }

@@ -21,13 +21,14 @@
 //! `config` (settings), `status`, `publisher`, `applier` (the apply loop's steps from
 //! provisioning to applying), `batch` (gathering and applying batches), `bootstrap`
 //! (from a snapshot on a retention gap, or an edge site's upstream gap from a hub
-//! snapshot), `backfill` (added entity types), `idle` (partial replicas), `snapshots` and
-//! `watch` (change feeds).
+//! snapshot), `backfill` (added entity types), `idle` (partial replicas), `snapshots`,
+//! `compaction` (its schedule) and `watch` (change feeds).
 
 mod applier;
 mod backfill;
 mod batch;
 mod bootstrap;
+mod compaction;
 mod config;
 mod guard;
 mod idle;
@@ -48,7 +49,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
-pub use self::config::{NodeConfig, SnapshotPolicy, subjects_for};
+pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 pub use self::guard::{LimitsStatus, Restored, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
@@ -319,6 +320,10 @@ impl Node {
                 "snapshot schedule",
                 tokio::spawn(snapshots::snapshot_loop(shared.clone())),
             ),
+            (
+                "compaction schedule",
+                tokio::spawn(compaction::compaction_loop(shared.clone())),
+            ),
         ];
         for service in services {
             let name = service.name();
@@ -438,7 +443,8 @@ impl NodeHandle {
         &self.0.selfcheck
     }
 
-    /// Commits local writes (one transaction) and wakes the publisher.
+    /// Commits local writes (all in one transaction, which concurrent calls may share:
+    /// see [`Store::write_batch_with_changes`]) and wakes the publisher.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
         let started = std::time::Instant::now();
         let (records, resolves) = (

@@ -5,7 +5,8 @@ use redb::ReadableTable;
 
 use super::codec::{encode_postcard, leaf_event};
 use super::format::{
-    K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED, read_u64,
+    K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED,
+    read_u64,
 };
 use super::quarantine::QuarantineRow;
 use super::tx::Tx;
@@ -82,12 +83,16 @@ impl Store {
                 quarantine.remove(*id)?;
             }
             let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
+            let mut applied_ms = read_u64(&meta, K_APPLIED_MS)?;
             for msg in batch {
                 if through.is_some() && msg.stream_seq <= checkpoint {
                     report.below_checkpoint += 1;
                     continue;
                 }
                 new_checkpoint = new_checkpoint.max(msg.stream_seq);
+                if through.is_some() {
+                    applied_ms = applied_ms.max(msg.stream_time_ms);
+                }
                 match event::decode(msg.subject, msg.payload, msg.stream_time_ms, &limits) {
                     Ok(ev) => {
                         let hlc = ev.version.hlc;
@@ -97,12 +102,15 @@ impl Store {
                         let entity = ev.entity.clone();
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
                         // Another origin superseding one of our queued versions is no proof
-                        // that it was published (a stamp can be guessed): its leaf is about
-                        // to go, so keep its event until our own PubAck retires it.
+                        // that it was published (a stamp can be guessed), and an own event of
+                        // an earlier incarnation supersedes our queued versions below it (its
+                        // origin's later version): either way the leaf is about to go, so keep
+                        // its event until our own PubAck retires it.
                         for leaf in state.leaves.iter().filter(|l| {
                             l.version.node == self.node
                                 && (ev.base.as_ref() == Some(&l.version)
-                                    || ev.resolves.contains(&l.version))
+                                    || ev.resolves.contains(&l.version)
+                                    || (ev.version.node == self.node && l.version < ev.version))
                         }) {
                             if outbox.get(leaf.origin_seq)?.is_some() {
                                 let queued = leaf_event(&ev.entity, ev.id, leaf)?;
@@ -156,6 +164,7 @@ impl Store {
             }
             if through.is_some() {
                 meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;
+                meta.insert(K_APPLIED_MS, applied_ms.to_le_bytes().as_slice())?;
             }
             meta.insert(K_QUARANTINE_SEQ, quarantine_seq.to_le_bytes().as_slice())?;
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;

@@ -61,7 +61,8 @@ pub(super) fn encode_state(state: &RecordState) -> Result<Vec<u8>, StorageError>
         .iter()
         .map(|l| l.doc.as_ref().map_or(0, String::len))
         .sum();
-    let guess = 24 + docs + 96 * state.leaves.len() + 48 * state.history.len();
+    let guess =
+        24 + docs + 96 * state.leaves.len() + 24 * (state.origins.len() + state.pending.len());
     postcard::to_extend(state, Vec::with_capacity(guess))
         .map(append_checksum)
         .map_err(|e| StorageError::Encode {

@@ -1,28 +1,45 @@
-//! Compaction: dropping superseded history and old tombstones in bounded chunks.
+//! Compaction: removing old tombstones in bounded chunks, and the per-entity horizon that
+//! keeps removed records removed.
 
 use std::time::Duration;
 
 use redb::ReadableTable;
 use uuid::Uuid;
 
-use super::codec::{decode_state, encode_state};
-use super::format::{OUTBOX, records_def, records_table_name};
+use super::codec::decode_state;
+use super::format::{
+    HORIZONS, K_APPLIED_MS, META, OUTBOX, read_u64, records_def, records_table_name,
+};
 use super::{CompactReport, Store};
 use crate::error::StorageError;
-use crate::merge::Compacted;
+use crate::ids::EntityName;
 
 impl Store {
-    /// Drops superseded history and tombstones older than `horizon` (by the physical time of
-    /// their version), a bounded number of records per transaction so writers are not held
-    /// up for long. The horizon must exceed the longest time an event can stay in flight
-    /// (outages plus stream retention), or a late event could resurrect a deleted record.
+    /// Removes records whose only leaf is a tombstone older than `horizon` (by the physical
+    /// time of its version), a bounded number of records per transaction so writers are not
+    /// held up for long. Records keep no per-version history (see [`crate::merge`]), so
+    /// deleted records are all there is to compact.
+    ///
+    /// The cutoff (`now - horizon`) becomes the entity's horizon in the transaction that
+    /// removes its first record: from then on an event or a merged state older than it is
+    /// taken as applied already, so a late or replayed event of a removed record never
+    /// brings it back. `now` is the wall clock, or the stream time of the newest applied
+    /// message if that is older, so a node that has not read the stream for a while does
+    /// not forget deletes it may still have to recognise. The horizon must exceed the
+    /// longest time an event can stay in flight (outages plus stream retention): an event
+    /// older than it is dropped as applied.
     pub fn compact(&self, horizon: Duration) -> Result<CompactReport, StorageError> {
         const CHUNK: usize = 10_000;
-        let cutoff = self
-            .clock()
-            .wall_ms()
-            .saturating_sub(horizon.as_millis().try_into().unwrap_or(u64::MAX));
-        let mut report = CompactReport::default();
+        let wall = self.clock().wall_ms();
+        let now = match self.applied_stream_ms()? {
+            0 => wall,
+            applied => applied.min(wall),
+        };
+        let cutoff = now.saturating_sub(horizon.as_millis().try_into().unwrap_or(u64::MAX));
+        let mut report = CompactReport {
+            cutoff_ms: cutoff,
+            ..CompactReport::default()
+        };
         for entity in self.entities()? {
             let mut start = 0u128;
             loop {
@@ -31,34 +48,40 @@ impl Store {
                 {
                     let mut table = txn.open_table(records_def(&records_table_name(&entity)))?;
                     let outbox = txn.open_table(OUTBOX)?;
-                    let mut edits = Vec::new();
+                    let mut removable = Vec::new();
                     for row in table.range(start..)?.take(CHUNK) {
                         let (k, v) = row?;
                         let id = Uuid::from_u128(k.value());
                         last = Some(k.value());
                         report.records_scanned += 1;
-                        let mut state = decode_state(&entity, &id, v.value())?;
-                        match state.compact(cutoff) {
-                            Compacted::Unchanged => {}
-                            Compacted::Shrunk => edits.push((k.value(), Some(state))),
-                            // An own delete still waiting to be published stays until it is.
-                            Compacted::Remove
-                                if state.leaves[0].version.node == self.node
-                                    && outbox.get(state.leaves[0].origin_seq)?.is_some() => {}
-                            Compacted::Remove => edits.push((k.value(), None)),
+                        // A damaged record is left for repair.
+                        let Ok(state) = decode_state(&entity, &id, v.value()) else {
+                            continue;
+                        };
+                        if !state.removable(cutoff) {
+                            continue;
+                        }
+                        // An own delete still waiting to be published stays until it is.
+                        let queued = match state.winner() {
+                            Some(l) if l.version.node == self.node => {
+                                outbox.get(l.origin_seq)?.is_some()
+                            }
+                            _ => false,
+                        };
+                        if !queued {
+                            removable.push(k.value());
                         }
                     }
-                    for (key, state) in edits {
-                        match state {
-                            Some(state) => {
-                                report.records_shrunk += 1;
-                                table.insert(key, encode_state(&state)?.as_slice())?;
-                            }
-                            None => {
-                                report.tombstones_removed += 1;
-                                table.remove(key)?;
-                            }
+                    if !removable.is_empty() {
+                        let mut horizons = txn.open_table(HORIZONS)?;
+                        let old = horizons.get(entity.as_str())?.map_or(0, |g| g.value());
+                        if cutoff > old {
+                            horizons.insert(entity.as_str(), cutoff)?;
                         }
+                    }
+                    for key in removable {
+                        table.remove(key)?;
+                        report.tombstones_removed += 1;
                     }
                 }
                 self.commit(txn)?;
@@ -69,5 +92,21 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// The horizon of `entity` (ms): events and merged states older than it are taken as
+    /// applied already. 0 until compaction removed one of its tombstones.
+    pub fn horizon(&self, entity: &EntityName) -> Result<u64, StorageError> {
+        let txn = self.read()?;
+        Ok(txn
+            .open_table(HORIZONS)?
+            .get(entity.as_str())?
+            .map_or(0, |g| g.value()))
+    }
+
+    /// The greatest JetStream timestamp of an applied message (0: none yet).
+    fn applied_stream_ms(&self) -> Result<u64, StorageError> {
+        let txn = self.read()?;
+        read_u64(&txn.open_table(META)?, K_APPLIED_MS)
     }
 }

@@ -1,5 +1,5 @@
 //! The file format: table definitions and meta keys, creating a new file or checking an
-//! existing one (magic, format, node), upgrading format 1 in place, and the node-level
+//! existing one (magic, format, node), upgrading formats 1 and 2 in place, and the node-level
 //! metadata values kept beside the store's own.
 
 use std::path::Path;
@@ -7,17 +7,21 @@ use std::path::Path;
 use redb::{
     Database, ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction,
 };
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::Store;
-use super::codec::{append_checksum, decode_postcard, encode_postcard};
+use super::codec::{
+    append_checksum, checked_body, decode_postcard, encode_postcard, encode_state, leaf_event,
+};
 use super::quarantine::{QuarantineRow, QuarantineRowV1};
-use crate::clock::Hlc;
+use crate::clock::{Hlc, Version};
 use crate::error::{OpenError, StorageError};
 use crate::ids::{EntityName, NodeId};
+use crate::merge::{Leaf, RecordState};
 
 /// The on-disk format this build reads and writes. Bump on any layout change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: &[u8] = b"jetsync-store";
 
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -29,6 +33,9 @@ pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new(
 /// Record values that failed their checksum or did not decode, moved aside when a write
 /// transaction met them: `(entity, id)` -> postcard [`DamagedRow`](super::tx::DamagedRow).
 pub(super) const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("damaged");
+/// Per entity type, the cutoff of its last tombstone removal (ms): see
+/// [`Store::horizon`](super::Store::horizon).
+pub(super) const HORIZONS: TableDefinition<&str, u64> = TableDefinition::new("horizons");
 /// origin_seq -> an own event the server will never accept, parked with the reason.
 pub(super) const REFUSED: TableDefinition<u64, &[u8]> = TableDefinition::new("refused");
 pub(super) const RECORDS_PREFIX: &str = "records.";
@@ -46,6 +53,9 @@ pub(super) const K_MSGID_SECRET: &str = "msgid_secret";
 /// The deployment's limits last adopted from the stream, JSON; used until the stream is
 /// reached again.
 pub(super) const K_LIMITS: &str = "limits";
+/// The greatest JetStream timestamp applied: compaction's clock (see
+/// [`Store::compact`](super::Store::compact)).
+pub(super) const K_APPLIED_MS: &str = "applied_stream_ms";
 
 pub(super) type RecordTable<'t> = Table<'t, u128, &'static [u8]>;
 
@@ -141,9 +151,12 @@ pub(super) fn init_or_check(
             .and_then(|g| <[u8; 4]>::try_from(g.value()).ok())
             .map(u32::from_le_bytes)
             .unwrap_or(0);
-        if format == 1 {
+        if format == 1 || format == 2 {
             drop(meta);
-            upgrade_from_format_1(&txn)?;
+            if format == 1 {
+                upgrade_from_format_1(&txn)?;
+            }
+            upgrade_from_format_2(&txn, node)?;
             meta = txn.open_table(META).map_err(StorageError::from)?;
             meta.insert(K_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
                 .map_err(StorageError::from)?;
@@ -173,6 +186,7 @@ pub(super) fn init_or_check(
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
         txn.open_table(DAMAGED).map_err(StorageError::from)?;
+        txn.open_table(HORIZONS).map_err(StorageError::from)?;
         txn.open_table(REFUSED).map_err(StorageError::from)?;
         let secret = match meta.get(K_MSGID_SECRET).map_err(StorageError::from)? {
             Some(g) => g.value().to_vec(),
@@ -239,6 +253,142 @@ fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
     }
     for (k, row) in rows {
         quarantine.insert(k, encode_postcard(&row, "quarantine")?.as_slice())?;
+    }
+    Ok(())
+}
+
+/// A record state as format 2 stored it: every named version kept in `history`.
+#[derive(Deserialize)]
+struct RecordStateV2 {
+    leaves: Vec<Leaf>,
+    history: Vec<NamedV2>,
+    floor: Option<Version>,
+}
+
+#[derive(Deserialize)]
+struct NamedV2 {
+    version: Version,
+    seen: bool,
+}
+
+impl RecordStateV2 {
+    /// The bounded state of the same events (see [`crate::merge`]): per origin the
+    /// greatest version seen, the leaves that are their origin's greatest, and the named
+    /// versions above it. Also returns the leaves the bounded rule supersedes (an origin's
+    /// earlier versions kept as conflicts).
+    fn upgrade(self) -> (RecordState, Vec<Leaf>) {
+        let mut origins: Vec<Version> = self
+            .leaves
+            .iter()
+            .map(|l| l.version.clone())
+            .chain(
+                self.history
+                    .iter()
+                    .filter(|n| n.seen)
+                    .map(|n| n.version.clone()),
+            )
+            .chain(self.floor)
+            .collect();
+        origins.sort_by(|x, y| x.node.cmp(&y.node).then(y.cmp(x)));
+        origins.dedup_by(|later, first| later.node == first.node);
+        let mut state = RecordState {
+            origins,
+            ..RecordState::default()
+        };
+        let mut dropped = Vec::new();
+        for leaf in self.leaves {
+            if state.watermark(&leaf.version.node) == Some(&leaf.version) {
+                state.leaves.push(leaf);
+            } else {
+                dropped.push(leaf);
+            }
+        }
+        state.pending = self
+            .history
+            .into_iter()
+            .filter(|n| !n.seen)
+            .map(|n| n.version)
+            .filter(|v| !state.has_seen(v))
+            .collect();
+        (state, dropped)
+    }
+}
+
+/// Decodes a record value as format 2 stored it (snapshots taken before the upgrade carry
+/// them), checking its checksum, into the bounded state of the same events.
+pub fn decode_format_2_state(
+    entity: &EntityName,
+    id: &Uuid,
+    bytes: &[u8],
+) -> Result<RecordState, StorageError> {
+    let body = checked_body(bytes).ok_or_else(|| StorageError::ChecksumMismatch {
+        entity: entity.clone(),
+        id: *id,
+    })?;
+    let old: RecordStateV2 =
+        postcard::from_bytes(body).map_err(|e| StorageError::UndecodableRecord {
+            entity: entity.clone(),
+            id: *id,
+            detail: e.to_string(),
+        })?;
+    Ok(old.upgrade().0)
+}
+
+/// Format 2 kept every named version of a record: re-encode each record in the bounded
+/// form. Leaves the bounded rule supersedes that are still queued keep their events (as a
+/// local write superseding them would), the conflict index follows the new leaves, and a
+/// compaction floor becomes its entity's horizon.
+fn upgrade_from_format_2(txn: &WriteTransaction, node: &NodeId) -> Result<(), StorageError> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(RECORDS_PREFIX))
+        .collect();
+    let outbox = txn.open_table(OUTBOX)?;
+    let mut unpublished = txn.open_table(UNPUBLISHED)?;
+    let mut horizons = txn.open_table(HORIZONS)?;
+    let mut conflicts = txn.open_table(CONFLICTS)?;
+    for name in names {
+        let entity = EntityName::new(&name[RECORDS_PREFIX.len()..]).map_err(|source| {
+            StorageError::InvalidTableName {
+                table: name.clone(),
+                source,
+            }
+        })?;
+        let mut table = txn.open_table(records_def(&name))?;
+        let mut rows = Vec::new();
+        let mut horizon = 0;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let id = Uuid::from_u128(k.value());
+            // A damaged value stays as it is: the first write transaction that meets it
+            // sets it aside, as for any damaged record.
+            let Some(old) =
+                checked_body(v.value()).and_then(|b| postcard::from_bytes::<RecordStateV2>(b).ok())
+            else {
+                continue;
+            };
+            if let Some(f) = &old.floor {
+                horizon = horizon.max(f.hlc.physical_ms().saturating_add(1));
+            }
+            let (state, dropped) = old.upgrade();
+            if state.leaves.len() < 2 {
+                conflicts.remove((entity.as_str(), id.as_u128()))?;
+            }
+            for leaf in dropped.iter().filter(|l| &l.version.node == node) {
+                if outbox.get(leaf.origin_seq)?.is_some() {
+                    let ev = leaf_event(&entity, id, leaf)?;
+                    unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
+                }
+            }
+            rows.push((k.value(), encode_state(&state)?));
+        }
+        for (k, v) in rows {
+            table.insert(k, v.as_slice())?;
+        }
+        if horizon > 0 {
+            horizons.insert(entity.as_str(), horizon)?;
+        }
     }
     Ok(())
 }

@@ -128,6 +128,10 @@ pub struct VerifyHashes {
     pub damaged: Vec<Uuid>,
     /// Records counted in the hashes (in scope and not counting as absent).
     pub records: u64,
+    /// The store format of the node that computed them (0: not reported, a node of format
+    /// 2 or older). Record states of different formats cannot be compared.
+    #[serde(default)]
+    pub format: u32,
 }
 
 /// A record as verification compares it: its state, or the fact that it is damaged.
@@ -253,7 +257,13 @@ impl Store {
                 for leaf in &incoming.leaves {
                     clock.observe(leaf.version.hlc);
                 }
-                state.merge_state(incoming);
+                let absent = state == RecordState::default();
+                state.merge_state_above(incoming, tx.horizon(entity)?);
+                // Nothing but versions older than the horizon: a compacted record's old
+                // state (a stale snapshot, say), not to be started over.
+                if absent && state.leaves.is_empty() && !damaged_now {
+                    continue;
+                }
                 // An own version still queued that the other side superseded keeps its
                 // event, as when a local write supersedes it.
                 for leaf in old.leaves.iter().filter(|l| {
@@ -306,6 +316,7 @@ impl Store {
             buckets: vec![0; BUCKETS],
             damaged: Vec::new(),
             records: 0,
+            format: super::FORMAT_VERSION,
         };
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {

@@ -42,6 +42,7 @@
 //! | `codec.rs` | value encodings: checksummed record states, postcard rows, outbox entries |
 //! | `tx.rs` | one write transaction's record tables, conflict index, digests, damaged records |
 //! | `write.rs` | local writes and their checks |
+//! | `group.rs` | group commit: concurrent write calls sharing one transaction |
 //! | `apply.rs` | applying stream batches and backfills |
 //! | `read.rs` | record, page, conflict, digest and checkpoint reads |
 //! | `outbox.rs`, `quarantine.rs`, `compact.rs` | what their names say |
@@ -52,6 +53,7 @@ mod apply;
 mod codec;
 mod compact;
 mod format;
+mod group;
 mod maintenance;
 mod outbox;
 mod quarantine;
@@ -78,7 +80,7 @@ use crate::msgid::MsgIds;
 use crate::stream::DeploymentLimits;
 
 pub use codec::decode_stored_state;
-pub use format::FORMAT_VERSION;
+pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{
     DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
 };
@@ -88,8 +90,9 @@ pub use types::{
     QuarantineEntry, Record, StoreConfig, Write, WriteOp, Written,
 };
 
-/// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers, and
-/// calls block, so async code runs them on `spawn_blocking`.
+/// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers,
+/// concurrent local writes share transactions, and calls block, so async code runs them
+/// on `spawn_blocking`.
 pub struct Store {
     /// `None` while closed after an I/O error and not yet reopened. redb answers every
     /// call with `PreviousIo` after one until the database is closed and opened again, so
@@ -110,6 +113,8 @@ pub struct Store {
     /// its `Nats-Msg-Id`s, so an incarnation is never de-duplicated against another's.
     ids: RwLock<MsgIds>,
     clock: Mutex<HlcClock>,
+    /// Write calls waiting for a shared transaction.
+    writes: group::WriteQueue,
 }
 
 impl std::fmt::Debug for Store {
@@ -165,6 +170,7 @@ impl Store {
             limits: RwLock::new(limits),
             clock: Mutex::new(clock),
             ids: RwLock::new(ids),
+            writes: group::WriteQueue::default(),
         })
     }
 

@@ -15,7 +15,7 @@ use crate::ids::EntityName;
 use crate::merge::RecordState;
 
 impl Store {
-    /// The full merge state of a record (winner, conflicts, history), if any.
+    /// The full merge state of a record (winner, conflicts, per-origin summary), if any.
     pub fn state(
         &self,
         entity: &EntityName,

@@ -10,7 +10,9 @@ use uuid::Uuid;
 
 use super::Change;
 use super::codec::{checked_body, decode_digest, decode_state, encode_postcard, encode_state};
-use super::format::{CONFLICTS, DAMAGED, DIGESTS, RecordTable, records_def, records_table_name};
+use super::format::{
+    CONFLICTS, DAMAGED, DIGESTS, HORIZONS, RecordTable, records_def, records_table_name,
+};
 use crate::clock::{Version, WallClock};
 use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
 use crate::error::StorageError;
@@ -24,10 +26,12 @@ pub(super) struct Tx<'t> {
     records: HashMap<EntityName, RecordTable<'t>>,
     conflicts: Table<'t, (&'static str, u128), ()>,
     digest_delta: HashMap<EntityName, Digest>,
-    changes: Vec<Change>,
+    pub(super) changes: Vec<Change>,
     /// Entities where a damaged record was moved aside: their digests are recomputed.
     damaged: Vec<EntityName>,
     pub(super) damaged_rows: Table<'t, (&'static str, u128), &'static [u8]>,
+    /// Per entity, its horizon ([`super::Store::horizon`]), read once per transaction.
+    horizons: HashMap<EntityName, u64>,
 }
 
 /// What a record contributed before a change: enough to update digest and conflict index.
@@ -65,6 +69,7 @@ impl<'t> Tx<'t> {
             changes: Vec::new(),
             damaged: Vec::new(),
             damaged_rows: txn.open_table(DAMAGED)?,
+            horizons: HashMap::new(),
         })
     }
 
@@ -77,6 +82,20 @@ impl<'t> Tx<'t> {
                     .open_table(records_def(&records_table_name(entity)))?,
             ),
         })
+    }
+
+    /// The horizon of `entity`: versions older than it (ms) are taken as applied already.
+    pub(super) fn horizon(&mut self, entity: &EntityName) -> Result<u64, StorageError> {
+        if let Some(h) = self.horizons.get(entity) {
+            return Ok(*h);
+        }
+        let h = self
+            .txn
+            .open_table(HORIZONS)?
+            .get(entity.as_str())?
+            .map_or(0, |g| g.value());
+        self.horizons.insert(entity.clone(), h);
+        Ok(h)
     }
 
     pub(super) fn load(
@@ -121,7 +140,8 @@ impl<'t> Tx<'t> {
     ) -> Result<Merge, StorageError> {
         let (entity, id) = (ev.entity.clone(), ev.id);
         let before = Before::of(&id, &state);
-        if state.apply(ev) == Merge::Duplicate {
+        let horizon = self.horizon(&entity)?;
+        if state.apply_above(ev, horizon) == Merge::Duplicate {
             return Ok(Merge::Duplicate);
         }
         self.put_state(&entity, id, before, &state)?;

@@ -297,10 +297,11 @@ pub struct QuarantineEntry {
 pub struct CompactReport {
     /// Records read.
     pub records_scanned: usize,
-    /// Records whose history older than the horizon was dropped.
-    pub records_shrunk: usize,
     /// Records removed outright: a lone tombstone older than the horizon.
     pub tombstones_removed: usize,
+    /// The cutoff used (ms): tombstones older than it were removed, and it is now the
+    /// horizon of every entity type that had one removed.
+    pub cutoff_ms: u64,
 }
 
 impl From<&StoreConfig> for EventLimits {

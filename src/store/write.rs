@@ -1,5 +1,8 @@
 //! Local writes: put, insert, put_if, delete, resolve and batches of them, each checked
-//! against the record's state and queued in the outbox in the transaction that makes it.
+//! against the record's state and queued in the outbox in the transaction that makes it;
+//! concurrent calls share transactions (group commit).
+
+use std::collections::HashMap;
 
 use redb::ReadableTable;
 use serde_json::value::RawValue;
@@ -7,13 +10,14 @@ use uuid::Uuid;
 
 use super::codec::{encode_outbox, leaf_event};
 use super::format::{K_HLC, K_ORIGIN_SEQ, META, OUTBOX, UNPUBLISHED, read_u64};
+use super::group::{Job, PreparedWrite, WriteOutcome};
 use super::tx::Tx;
 use super::{Change, Expect, Store, Write, WriteOp, Written};
-use crate::clock::Version;
+use crate::clock::{HlcClock, Version};
 use crate::error::{StorageError, WriteError};
 use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use crate::ids::{EntityName, Scope};
-use crate::merge::RecordState;
+use crate::merge::{Merge, RecordState};
 
 impl Store {
     /// Writes `doc` to `entity/id` whatever its current version.
@@ -83,22 +87,30 @@ impl Store {
     }
 
     /// [`Store::write_batch`], also returning the visible changes it made (for watchers).
-    /// A full disk is [`WriteError::DiskFull`]: nothing was written.
+    ///
+    /// Concurrent calls share transactions (group commit, see `group.rs`): while one
+    /// transaction commits, the calls that arrive queue up and the next transaction
+    /// commits them all. Each call keeps its own checks and its own outcome (a failed
+    /// `Expect` fails that call alone, and none of its writes happen), and returns only
+    /// once its transaction is durable. A full disk is [`WriteError::DiskFull`]: nothing
+    /// was written.
     pub fn write_batch_with_changes(
         &self,
         writes: Vec<Write>,
     ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
-        self.write_batch_inner(writes)
-            .map_err(|e| match e {
-                WriteError::Storage(e) => WriteError::Storage(self.checked(e)),
-                other => other,
-            })
-            .map_err(|e| match e {
-                WriteError::Storage(StorageError::DiskFull { path, .. }) => {
-                    WriteError::DiskFull { path }
-                }
-                other => other,
-            })
+        // Serialise documents before queueing.
+        let mut prepared = Vec::with_capacity(writes.len());
+        for w in writes {
+            let doc = match &w.op {
+                WriteOp::Put(doc) => Some(self.prepare_doc(doc)?),
+                WriteOp::Delete => None,
+            };
+            prepared.push((w, doc));
+        }
+        if prepared.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        self.writes.submit(prepared, |jobs| self.commit_group(jobs))
     }
 
     /// Refuses an event that would not fit [`Store::set_max_payload`] with its headers: it
@@ -123,106 +135,162 @@ impl Store {
         Ok(())
     }
 
-    fn write_batch_inner(
-        &self,
-        writes: Vec<Write>,
-    ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
-        // Serialise documents before taking the write lock.
-        let mut prepared = Vec::with_capacity(writes.len());
-        for w in writes {
-            let doc = match &w.op {
-                WriteOp::Put(doc) => Some(self.prepare_doc(doc)?),
-                WriteOp::Delete => None,
-            };
-            prepared.push((w, doc));
-        }
-        let txn = self.begin_write()?;
-        let mut clock = self.clock();
-        let mut out = Vec::with_capacity(prepared.len());
-        let changes;
-        {
-            let mut tx = Tx::new(&txn)?;
-            let mut meta = txn.open_table(META).map_err(StorageError::from)?;
-            let mut outbox = txn.open_table(OUTBOX).map_err(StorageError::from)?;
-            let mut unpublished = txn.open_table(UNPUBLISHED).map_err(StorageError::from)?;
-            let mut origin_seq = read_u64(&meta, K_ORIGIN_SEQ)?;
-            for (w, doc) in prepared {
-                let state = tx.load(&w.entity, &w.id)?.unwrap_or_default();
-                let scope = check_write(&w, &state)?;
-                // Own leaves this write supersedes while still queued: keep their events.
-                let superseded = state.winner().into_iter().chain(
-                    state
-                        .leaves
-                        .iter()
-                        .filter(|l| w.resolves.contains(&l.version)),
-                );
-                for leaf in superseded.filter(|l| l.version.node == self.node) {
-                    if outbox
-                        .get(leaf.origin_seq)
-                        .map_err(StorageError::from)?
-                        .is_some()
-                    {
-                        let ev = leaf_event(&w.entity, w.id, leaf)?;
-                        unpublished
-                            .insert(leaf.origin_seq, ev.encode().as_slice())
-                            .map_err(StorageError::from)?;
+    /// Commits queued write calls in one transaction; one outcome per call.
+    fn commit_group(&self, jobs: Vec<Job>) -> Vec<(u64, WriteOutcome)> {
+        let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
+        let mut results = Vec::with_capacity(jobs.len());
+        let committed = (|| -> Result<(), StorageError> {
+            let txn = self.begin_write()?;
+            let mut clock = self.clock();
+            {
+                let mut tx = Tx::new(&txn)?;
+                let mut meta = txn.open_table(META)?;
+                let mut outbox = txn.open_table(OUTBOX)?;
+                let mut unpublished = txn.open_table(UNPUBLISHED)?;
+                let mut origin_seq = read_u64(&meta, K_ORIGIN_SEQ)?;
+                for (ticket, writes) in jobs {
+                    let planned = match self.plan(&mut tx, &mut clock, origin_seq, writes)? {
+                        Ok(planned) => planned,
+                        Err(e) => {
+                            results.push((ticket, Err(e)));
+                            continue;
+                        }
+                    };
+                    let first_change = tx.changes.len();
+                    let mut out = Vec::with_capacity(planned.len());
+                    for (state, ev) in planned {
+                        // The new version supersedes every own leaf (its origin's earlier
+                        // versions): those still queued keep their events.
+                        for leaf in state.leaves.iter().filter(|l| l.version.node == self.node) {
+                            if outbox.get(leaf.origin_seq)?.is_some() {
+                                let old = leaf_event(&ev.entity, ev.id, leaf)?;
+                                unpublished.insert(leaf.origin_seq, old.encode().as_slice())?;
+                            }
+                        }
+                        origin_seq = ev.origin_seq;
+                        outbox.insert(
+                            origin_seq,
+                            encode_outbox(&ev.entity, &ev.id, ev.version.hlc).as_slice(),
+                        )?;
+                        out.push(Written {
+                            entity: ev.entity.clone(),
+                            id: ev.id,
+                            version: ev.version.clone(),
+                            origin_seq,
+                        });
+                        // `plan` applied the same event to the same state: it cannot be a
+                        // duplicate here; should it be, abort rather than lose the write.
+                        if tx.merge(state, ev)? == Merge::Duplicate {
+                            return Err(StorageError::GroupCommitFailed(
+                                "a planned write did not apply".into(),
+                            ));
+                        }
                     }
+                    let changes = tx.changes[first_change..].to_vec();
+                    results.push((ticket, Ok((out, changes))));
                 }
-                origin_seq += 1;
-                // Past every version this write supersedes, even one observing could not
-                // move the clock to (beyond the drift limit of this node's wall clock).
-                let floor = state
-                    .winner()
-                    .map(|l| l.version.hlc)
-                    .into_iter()
-                    .chain(w.resolves.iter().map(|v| v.hlc))
-                    .max()
-                    .unwrap_or_default();
-                let version = Version::new(clock.try_now_after(floor)?, self.node.clone());
-                let ev = ChangeEvent {
-                    v: ENVELOPE_VERSION,
-                    op: if doc.is_some() { Op::Put } else { Op::Delete },
-                    entity: w.entity.clone(),
-                    scope,
-                    id: w.id,
-                    origin: self.node.clone(),
-                    origin_seq,
-                    version: version.clone(),
-                    base: state.winner().map(|l| l.version.clone()),
-                    resolves: w.resolves,
-                    doc,
-                };
-                self.check_event_size(&ev)?;
-                outbox
-                    .insert(
-                        origin_seq,
-                        encode_outbox(&w.entity, &w.id, version.hlc).as_slice(),
-                    )
-                    .map_err(StorageError::from)?;
-                // A stamp is new by construction; should a clock fault ever repeat one, the
-                // write would vanish as a duplicate: refuse it instead of returning Ok.
-                if tx.merge(state, ev)? == crate::merge::Merge::Duplicate {
-                    return Err(WriteError::NotApplied {
-                        entity: w.entity,
-                        id: w.id,
-                        version,
-                    });
-                }
-                out.push(Written {
-                    entity: w.entity,
-                    id: w.id,
-                    version,
-                    origin_seq,
-                });
+                meta.insert(K_ORIGIN_SEQ, origin_seq.to_le_bytes().as_slice())?;
+                meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
+                tx.finish()?;
             }
-            meta.insert(K_ORIGIN_SEQ, origin_seq.to_le_bytes().as_slice())
-                .map_err(StorageError::from)?;
-            meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())
-                .map_err(StorageError::from)?;
-            changes = tx.finish()?;
+            self.commit(txn)?;
+            Ok(())
+        })();
+        let e = match committed {
+            Ok(()) => return results,
+            Err(e) => self.checked(e),
+        };
+        // Nothing of the group is committed: every call fails, a full disk as such for
+        // all, otherwise the first with the error itself and the others with its
+        // description.
+        if let StorageError::DiskFull { path, .. } = &e {
+            let path = path.clone();
+            return tickets
+                .into_iter()
+                .map(|t| (t, Err(WriteError::DiskFull { path: path.clone() })))
+                .collect();
         }
-        self.commit(txn)?;
-        Ok((out, changes))
+        let detail = e.to_string();
+        let mut first = Some(e);
+        tickets
+            .into_iter()
+            .map(|t| {
+                let e = first
+                    .take()
+                    .unwrap_or_else(|| StorageError::GroupCommitFailed(detail.clone()));
+                (t, Err(e.into()))
+            })
+            .collect()
+    }
+
+    /// Checks and stamps one call's writes against the group's transaction without
+    /// storing anything: each write sees the ones before it (in this call and in earlier
+    /// calls of the group). Returns each write's record state before it and its event, or
+    /// the call's error, in which case none of its writes happen.
+    fn plan(
+        &self,
+        tx: &mut Tx<'_>,
+        clock: &mut HlcClock,
+        mut origin_seq: u64,
+        writes: Vec<PreparedWrite>,
+    ) -> Result<Result<Vec<(RecordState, ChangeEvent)>, WriteError>, StorageError> {
+        let mut overlay: HashMap<(EntityName, Uuid), RecordState> = HashMap::new();
+        let mut planned = Vec::with_capacity(writes.len());
+        for (w, doc) in writes {
+            let key = (w.entity.clone(), w.id);
+            let state = match overlay.remove(&key) {
+                Some(s) => s,
+                None => tx.load(&w.entity, &w.id)?.unwrap_or_default(),
+            };
+            let scope = match check_write(&w, &state) {
+                Ok(scope) => scope,
+                Err(e) => return Ok(Err(e)),
+            };
+            origin_seq += 1;
+            // Past every version this write supersedes, even one observing could not
+            // move the clock to (beyond the drift limit of this node's wall clock).
+            let floor = state
+                .winner()
+                .map(|l| l.version.hlc)
+                .into_iter()
+                .chain(w.resolves.iter().map(|v| v.hlc))
+                .max()
+                .unwrap_or_default();
+            let hlc = match clock.try_now_after(floor) {
+                Ok(hlc) => hlc,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            let version = Version::new(hlc, self.node.clone());
+            let ev = ChangeEvent {
+                v: ENVELOPE_VERSION,
+                op: if doc.is_some() { Op::Put } else { Op::Delete },
+                entity: w.entity,
+                scope,
+                id: w.id,
+                origin: self.node.clone(),
+                origin_seq,
+                version: version.clone(),
+                base: state.winner().map(|l| l.version.clone()),
+                resolves: w.resolves,
+                doc,
+            };
+            if let Err(e) = self.check_event_size(&ev) {
+                return Ok(Err(e));
+            }
+            let mut after = state.clone();
+            // A stamp is new by construction; should a clock fault ever repeat one, the
+            // write would vanish as a duplicate: refuse it instead of returning Ok.
+            if after.apply_above(ev.clone(), tx.horizon(&ev.entity)?) == Merge::Duplicate {
+                return Ok(Err(WriteError::NotApplied {
+                    entity: ev.entity,
+                    id: ev.id,
+                    version,
+                }));
+            }
+            overlay.insert(key, after);
+            planned.push((state, ev));
+        }
+        Ok(Ok(planned))
     }
 
     fn prepare_doc(&self, doc: &serde_json::Value) -> Result<Box<RawValue>, WriteError> {
@@ -274,11 +342,7 @@ fn check_write(w: &Write, state: &RecordState) -> Result<Scope, WriteError> {
             id: w.id,
         });
     }
-    if let Some(unknown) = w
-        .resolves
-        .iter()
-        .find(|v| !state.has_seen(v) && !is_named(state, v))
-    {
+    if let Some(unknown) = w.resolves.iter().find(|v| !state.knows(v)) {
         return Err(WriteError::UnknownVersion {
             entity: w.entity.clone(),
             id: w.id,
@@ -295,8 +359,4 @@ fn check_write(w: &Write, state: &RecordState) -> Result<Scope, WriteError> {
         (Some(l), _) => Ok(l.scope.clone()),
         (None, s) => Ok(s.clone().unwrap_or_default()),
     }
-}
-
-fn is_named(state: &RecordState, v: &Version) -> bool {
-    state.history.binary_search_by(|n| n.version.cmp(v)).is_ok()
 }

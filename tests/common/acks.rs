@@ -106,10 +106,7 @@ pub fn check(acks: &[Ack], nodes: &[(String, States)]) -> Verdict {
             };
             let winner = state.winner().expect("a record has a winner");
             let as_leaf = state.leaves.iter().position(|l| l.version == a.version);
-            let named = state
-                .history
-                .iter()
-                .any(|h| h.version == a.version && h.seen);
+            let named = state.has_seen(&a.version);
             if as_leaf.is_none() && !named {
                 v.lost.push(format!("{} (not seen by {name})", a.show()));
             }
@@ -136,7 +133,7 @@ pub fn check(acks: &[Ack], nodes: &[(String, States)]) -> Verdict {
     v
 }
 
-/// A record's leaves and history, short.
+/// A record's leaves, origins and pending names, short.
 pub fn describe(state: Option<&RecordState>) -> String {
     let Some(s) = state else {
         return "absent".into();
@@ -152,14 +149,12 @@ pub fn describe(state: Option<&RecordState>) -> String {
             )
         })
         .collect();
-    let history: Vec<String> = s
-        .history
-        .iter()
-        .map(|h| format!("{}{}", h.version, if h.seen { "" } else { "(unseen)" }))
-        .collect();
+    let origins: Vec<String> = s.origins.iter().map(ToString::to_string).collect();
+    let pending: Vec<String> = s.pending.iter().map(ToString::to_string).collect();
     format!(
-        "leaves [{}] history [{}]",
+        "leaves [{}] origins [{}] pending [{}]",
         leaves.join(" "),
-        history.join(" ")
+        origins.join(" "),
+        pending.join(" ")
     )
 }
