@@ -170,7 +170,8 @@ redb_into_storage!(
     redb::TransactionError,
     redb::TableError,
     redb::CommitError,
-    redb::DatabaseError
+    redb::DatabaseError,
+    redb::SetDurabilityError
 );
 
 /// Opening a store file.

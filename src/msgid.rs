@@ -18,6 +18,11 @@ use crate::ids::NodeId;
 /// Length of the secret kept in the store.
 pub const SECRET_LEN: usize = 32;
 
+/// Bytes of the HMAC kept in an id (128 bits: not guessable).
+const TAG_LEN: usize = 16;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Makes this node's message ids.
 #[derive(Clone)]
 pub struct MsgIds {
@@ -56,17 +61,61 @@ impl MsgIds {
     /// `<node>:<incarnation>:<origin_seq>:<tag>`: the id of the event with `origin_seq`.
     /// The same for every attempt, so a retried publish is de-duplicated.
     pub fn id(&self, origin_seq: u64) -> String {
-        let mut msg = Vec::with_capacity(self.node.as_str().len() + 17);
-        msg.extend_from_slice(self.node.as_str().as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(&self.incarnation.to_be_bytes());
-        msg.extend_from_slice(&origin_seq.to_be_bytes());
-        let tag = hmac::sign(&self.key, &msg);
-        let hex: String = tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{}:{:016x}:{origin_seq}:{hex}", self.node, self.incarnation)
+        use std::fmt::Write;
+        // One allocation: every published and every applied event of this node makes one.
+        let mut id = String::with_capacity(self.node.as_str().len() + 2 * TAG_LEN + 40);
+        let _ = write!(
+            id,
+            "{}:{:016x}:{origin_seq}:",
+            self.node.as_str(),
+            self.incarnation
+        );
+        for b in self.tag(origin_seq) {
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        id
+    }
+
+    /// Whether `msg_id` is [`MsgIds::id`] of some `origin_seq`, checked without building
+    /// the id: the apply loop asks this of every message it receives.
+    pub fn made(&self, msg_id: &str) -> bool {
+        let mut parts = msg_id.split(':');
+        let (Some(node), Some(incarnation), Some(seq), Some(tag), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return false;
+        };
+        let Ok(seq) = seq.parse::<u64>() else {
+            return false;
+        };
+        node == self.node.as_str()
+            && incarnation.len() == 16
+            && u64::from_str_radix(incarnation, 16) == Ok(self.incarnation)
+            // `parse` accepts a leading `+`, which `id` never writes.
+            && !msg_id.contains('+')
+            && tag.len() == 2 * TAG_LEN
+            && tag
+                .as_bytes()
+                .chunks_exact(2)
+                .zip(self.tag(seq))
+                .all(|(hex, b)| hex == [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
+    }
+
+    /// The first [`TAG_LEN`] bytes of the HMAC of `(node, incarnation, origin_seq)`.
+    fn tag(&self, origin_seq: u64) -> [u8; TAG_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(self.node.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&self.incarnation.to_be_bytes());
+        ctx.update(&origin_seq.to_be_bytes());
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+        out
     }
 
     /// An id never used before for `origin_seq`, to republish an event whose id someone
@@ -93,5 +142,40 @@ mod tests {
         // Another secret (another incarnation's, an attacker's guess) gives other ids.
         assert_ne!(ids.id(5), MsgIds::new(node, 7, &s2).id(5));
         assert_ne!(ids.fresh_id(5), ids.fresh_id(5));
+    }
+
+    #[test]
+    fn made_recognises_exactly_its_own_ids() {
+        let node = NodeId::new("a").unwrap();
+        let secret = MsgIds::new_secret();
+        let ids = MsgIds::new(node.clone(), 7, &secret);
+        for seq in [0, 1, 5, u64::MAX] {
+            assert!(ids.made(&ids.id(seq)), "{}", ids.id(seq));
+        }
+        let id = ids.id(5);
+        // The tag is the old formatting's: 32 lowercase hex digits of the HMAC's start.
+        let tag = id.rsplit(':').next().unwrap();
+        assert_eq!(tag.len(), 32);
+        assert!(
+            tag.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let other_secret = MsgIds::new(node.clone(), 7, &MsgIds::new_secret());
+        let other_incarnation = MsgIds::new(node, 8, &secret);
+        let other_node = MsgIds::new(NodeId::new("b").unwrap(), 7, &secret);
+        for (what, forged) in [
+            ("another secret", other_secret.id(5)),
+            ("another incarnation", other_incarnation.id(5)),
+            ("another node", other_node.id(5)),
+            ("another seq's tag", id.replace(":5:", ":6:")),
+            ("a fresh id", ids.fresh_id(5)),
+            ("uppercase tag", id.to_uppercase().replacen("A:", "a:", 1)),
+            ("plus sign", id.replace(":5:", ":+5:")),
+            ("truncated", id[..id.len() - 1].to_string()),
+            ("extra field", format!("{id}:x")),
+            ("empty", String::new()),
+        ] {
+            assert!(!ids.made(&forged), "{what}: {forged}");
+        }
     }
 }

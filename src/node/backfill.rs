@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 
-use super::batch::{Fetched, Stop, apply_fetched, blocking};
+use super::batch::{Fetched, Stop, Through, apply_fetched, blocking};
 use super::bootstrap::bootstrap;
 use super::{Halt, Shared};
 use crate::delivery::{DeliveryOrder, delivery_of};
@@ -175,7 +175,7 @@ async fn backfill(
                 batch.push(Fetched::new(&m, &info));
                 done |= info.stream_sequence == through || info.pending == 0;
             }
-            let report = apply_fetched(shared, batch, None).await?;
+            let report = apply_fetched(shared, batch, Through::Backfill).await?;
             shared.announce(report.changes);
             if done {
                 return Ok(());

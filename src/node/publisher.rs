@@ -6,6 +6,7 @@
 //! longer be rebuilt (its record was damaged), is parked in the store's refused table with
 //! the reason instead of being retried forever: the rest of the outbox goes on.
 
+use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,35 +31,57 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
 
 async fn publish_loop_inner(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
+    // Windows sent and not yet settled, oldest first; `sent_through` is the last
+    // `origin_seq` sent, where the next window starts.
+    let mut in_flight: VecDeque<Window> = VecDeque::new();
+    let mut sent_through = 0;
+    // A window whose sending failed is in flight: send nothing more until it is settled
+    // and publishing starts over.
+    let mut sending_failed = false;
     while !shared.stopping() {
         // Only while this process holds the node id (and has checked for a restore).
         if !*shared.ready.borrow() && !shared.wait_ready().await {
             break;
         }
-        let store = shared.store.clone();
-        let window = shared.config.publish_window;
-        let peeked =
-            tokio::task::spawn_blocking(move || store.outbox_peek_stranded(0, window)).await;
-        let entries = match peeked {
-            Ok(Ok((e, stranded))) if !stranded.is_empty() => {
-                if !park(&shared, stranded).await {
-                    break;
+        // Send windows ahead while earlier ones await their acks: the server stores one
+        // window while the acks of the one before come back and leave the outbox.
+        if !sending_failed && in_flight.len() < PIPELINE_DEPTH {
+            let Some(entries) = peek(&shared, sent_through).await else {
+                break;
+            };
+            match entries {
+                Ok(entries) if !entries.is_empty() => {
+                    tracing::trace!(entries = entries.len(), "publishing a window");
+                    let mut refused = Vec::new();
+                    let Some((pending, failure)) = shared
+                        .or_stop(send_window(&shared, &entries, &mut refused))
+                        .await
+                    else {
+                        break;
+                    };
+                    sending_failed = failure.is_some();
+                    sent_through = entries.last().map_or(sent_through, |e| e.origin_seq);
+                    in_flight.push_back(Window {
+                        entries,
+                        pending,
+                        failure,
+                        refused,
+                    });
+                    if !sending_failed {
+                        continue;
+                    }
                 }
-                e
-            }
-            Ok(Ok((e, _))) => e,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "reading the outbox failed");
-                shared.set_publish_error(Some(format!("outbox: {e}")));
-                shared.metrics.publish_error(publish_error::STORE);
-                if shared.pause(Duration::from_secs(1)).await {
-                    break;
+                Ok(_) => {}
+                Err(()) => {
+                    if shared.pause(Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
             }
-            Err(_) => break,
-        };
-        if entries.is_empty() {
+        }
+        let Some(window) = in_flight.pop_front() else {
+            // Nothing in flight and nothing queued: wait for a write.
             let mut rx = shared.shutdown.clone();
             tokio::select! {
                 _ = shared.outbox_ready.notified() => {}
@@ -66,47 +89,21 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
                 _ = rx.wait_for(|s| *s) => break,
             }
             continue;
-        }
-        tracing::trace!(entries = entries.len(), "publishing a window");
-        let mut refused = Vec::new();
-        // Unacknowledged entries stay queued: leaving the window at shutdown loses nothing.
-        let Some((acked, duplicates, failure)) = shared
-            .or_stop(async {
-                let (pending, failure) = send_window(&shared, &entries, &mut refused).await;
-                tracing::trace!(sent = pending.len(), "publish window sent");
-                collect_acks(&shared, pending, failure, &mut refused).await
-            })
-            .await
-        else {
+        };
+        let Some(settled) = shared.or_stop(settle(&shared, window)).await else {
             break;
         };
-        let (acked, mut failure) =
-            check_duplicates(&shared, &entries, acked, duplicates, failure).await;
-        tracing::trace!(acked = acked.len(), ?failure, "acks collected");
-        if !refused.is_empty() && !park(&shared, refused).await {
-            break;
-        }
-        if !acked.is_empty() {
-            let store = shared.store.clone();
-            let n = acked.len();
-            match tokio::task::spawn_blocking(move || store.outbox_remove(&acked)).await {
-                Ok(Ok(())) => {
-                    shared.metrics.published(n);
-                    shared
-                        .published
-                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(published = n, "outbox drained");
-                }
-                Ok(Err(e)) => failure = Some(format!("outbox remove: {e}")),
-                Err(_) => break,
-            }
-        }
-        match failure {
-            None => {
+        match settled {
+            Ok(()) => {
                 backoff = Duration::from_millis(50);
                 shared.set_publish_error(None);
             }
-            Some(err) => {
+            Err(err) => {
+                // Unacknowledged entries stay queued: start over from the outbox's oldest
+                // entry (windows still in flight are sent again; their ids de-duplicate).
+                in_flight.clear();
+                sent_through = 0;
+                sending_failed = false;
                 shared.metrics.publish_error(error_kind(&err));
                 tracing::warn!(error = %err, retry_in = ?backoff, "publishing paused");
                 shared.set_publish_error(Some(err));
@@ -117,6 +114,81 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Windows sent ahead of the oldest one awaiting its acks (with the default window of
+/// 1,000, within the 5,000 acks async-nats lets be pending).
+const PIPELINE_DEPTH: usize = 3;
+
+/// A window of outbox entries sent, awaiting its acks.
+struct Window {
+    entries: Vec<OutboxEntry>,
+    pending: Vec<(u64, String, PublishAckFuture)>,
+    /// Why sending stopped before the window's end.
+    failure: Option<String>,
+    /// Entries the server will never take.
+    refused: Vec<(u64, String)>,
+}
+
+/// The next window of outbox entries after `after`, parking the stranded ones; `None` if
+/// the store task is gone (shutdown), `Err` after a store error (reported).
+async fn peek(shared: &Arc<Shared>, after: u64) -> Option<Result<Vec<OutboxEntry>, ()>> {
+    let store = shared.store.clone();
+    let window = shared.config.publish_window;
+    let peeked =
+        tokio::task::spawn_blocking(move || store.outbox_peek_stranded(after, window)).await;
+    match peeked {
+        Ok(Ok((entries, stranded))) => {
+            if !stranded.is_empty() && !park(shared, stranded).await {
+                return None;
+            }
+            Some(Ok(entries))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reading the outbox failed");
+            shared.set_publish_error(Some(format!("outbox: {e}")));
+            shared.metrics.publish_error(publish_error::STORE);
+            Some(Err(()))
+        }
+        Err(_) => None,
+    }
+}
+
+/// Awaits a window's acks and settles it: acknowledged entries leave the outbox, refused
+/// ones are parked. Returns the window's failure, if any.
+async fn settle(shared: &Arc<Shared>, window: Window) -> Result<(), String> {
+    let Window {
+        entries,
+        pending,
+        failure,
+        mut refused,
+    } = window;
+    let (acked, duplicates, failure) = collect_acks(shared, pending, failure, &mut refused).await;
+    let (acked, mut failure) = check_duplicates(shared, &entries, acked, duplicates, failure).await;
+    tracing::trace!(acked = acked.len(), ?failure, "acks collected");
+    if !refused.is_empty() && !park(shared, refused).await {
+        return Err("parking refused events: store task failed".into());
+    }
+    if !acked.is_empty() {
+        let store = shared.store.clone();
+        let n = acked.len();
+        match tokio::task::spawn_blocking(move || store.outbox_remove(&acked)).await {
+            Ok(Ok(())) => {
+                shared.metrics.published(n);
+                shared
+                    .published
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(published = n, "outbox drained");
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| format!("outbox remove: {e}"));
+            }
+            Err(e) => {
+                failure.get_or_insert_with(|| format!("outbox remove task: {e}"));
+            }
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// Moves entries that can never be published to the refused table; false if the store

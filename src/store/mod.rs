@@ -375,10 +375,10 @@ impl Store {
     /// store restored from a backup becomes a new incarnation before it applies anything,
     /// so the writes it forgot do not pass for known.
     pub fn wrote(&self, msg_id: &str) -> bool {
-        let Some(seq) = msg_id.split(':').nth(2).and_then(|s| s.parse().ok()) else {
-            return false;
-        };
-        self.ids().id(seq) == msg_id
+        self.ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .made(msg_id)
     }
 
     /// A `Nats-Msg-Id` never used before, for republishing the event with `origin_seq`
