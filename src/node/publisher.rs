@@ -45,6 +45,11 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         }
         // Send windows ahead while earlier ones await their acks: the server stores one
         // window while the acks of the one before come back and leave the outbox.
+        if in_flight.is_empty() {
+            // Everything sent is settled: start from the outbox's oldest entry again, which
+            // also picks up entries queued again below the cursor (a retried refusal).
+            sent_through = 0;
+        }
         if !sending_failed && in_flight.len() < PIPELINE_DEPTH {
             let Some(entries) = peek(&shared, sent_through).await else {
                 break;
