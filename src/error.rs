@@ -170,8 +170,7 @@ redb_into_storage!(
     redb::TransactionError,
     redb::TableError,
     redb::CommitError,
-    redb::DatabaseError,
-    redb::SetDurabilityError
+    redb::DatabaseError
 );
 
 /// Opening a store file.

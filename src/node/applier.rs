@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 
 use super::backfill::backfill_new_entities;
-use super::batch::{Intake, MAX_DEFERRED, Next, Stop, apply_batch, blocking, storage_stop};
+use super::batch::{Intake, Next, Stop, apply_batch, blocking, storage_stop};
 use super::bootstrap::{bootstrap, upstream_check};
 use super::guard;
 use super::idle::idle_position;
@@ -128,23 +128,12 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     }
     shared.live().halted = held;
     tracing::info!(checkpoint, ?filters, "following the stream");
-    let followed = tokio::select! {
+    tokio::select! {
         r = apply_messages(shared, consumer, checkpoint, recheck) => r,
         _ = shared.not_ready() => Err(Stop::Retry(
             "node lease not held: applying paused until it is".into(),
         )),
-    };
-    // Following stopped, maybe right after a deferred batch: make it durable now rather
-    // than with whatever commit comes next.
-    let store = shared.store.clone();
-    let synced = tokio::task::spawn_blocking(move || store.sync())
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Err(error) = synced {
-        tracing::warn!(%error, "syncing the store after applying stopped failed");
     }
-    followed
 }
 
 /// Halts unless the server's stream is the one this node followed (recorded on first
@@ -238,7 +227,6 @@ async fn apply_messages(
     let mut upstream = UpstreamGuard::load(&shared.client, &cfg.stream, &shared.store)
         .await
         .map_err(storage_stop)?;
-    let mut last_durable = std::time::Instant::now();
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
@@ -271,15 +259,7 @@ async fn apply_messages(
                 // sequences too.
                 upstream_check(shared, guard, &batch.msgs).await?;
             }
-            // While the next batch is already here, its commit (or a later one) makes this
-            // one durable; the last batch of a burst is always durable itself.
-            let deferred = batch.failure.is_none()
-                && intake.more_waiting()
-                && last_durable.elapsed() < MAX_DEFERRED;
-            let through = apply_batch(shared, &batch.msgs, deferred).await?;
-            if !deferred {
-                last_durable = std::time::Instant::now();
-            }
+            let through = apply_batch(shared, &batch.msgs).await?;
             next_expected = next_expected.max(through + 1);
             if let Some(guard) = upstream.as_mut() {
                 guard.applied(&shared.store).await.map_err(storage_stop)?;

@@ -73,16 +73,11 @@ impl Fetched {
 /// How a fetched batch is applied.
 #[derive(Clone, Copy)]
 pub(super) enum Through {
-    /// Moving the checkpoint to this sequence, durable when the call returns.
+    /// Moving the checkpoint to this sequence.
     Checkpoint(u64),
-    /// The same, durable with the next durable commit (the next batch is already waiting).
-    Deferred(u64),
     /// A backfill that leaves the checkpoint alone.
     Backfill,
 }
-
-/// Longest a node leaves applied batches to ride on a later durable commit.
-pub(super) const MAX_DEFERRED: Duration = Duration::from_millis(250);
 
 /// Applies one fetched batch in one transaction.
 pub(super) async fn apply_fetched(
@@ -104,7 +99,6 @@ pub(super) async fn apply_fetched(
             .collect();
         match through {
             Through::Checkpoint(through) => store.apply_batch_through(&incoming, through),
-            Through::Deferred(through) => store.apply_batch_deferred(&incoming, through),
             Through::Backfill => store.apply_backfill(&incoming),
         }
     })
@@ -224,12 +218,6 @@ impl Intake {
         Ok(Next::Batch(batch))
     }
 
-    /// Whether messages beyond the last batch are already here (the next batch starts at
-    /// once).
-    pub(super) fn more_waiting(&self) -> bool {
-        !self.carry.is_empty()
-    }
-
     /// Applying past lost deliveries would move the checkpoint over them and their late
     /// redelivery would be skipped: keeps what came before the gap, then has following
     /// resume from the checkpoint with a new consumer.
@@ -257,9 +245,8 @@ impl Batch {
     }
 }
 
-/// Applies `msgs` in one transaction through the last one's sequence (`deferred`: durable
-/// with the next durable commit, see [`crate::store::Store::apply_batch_deferred`]),
-/// acknowledges them and publishes their changes; returns that sequence. Events this store's incarnation
+/// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
+/// and publishes their changes; returns that sequence. Events this store's incarnation
 /// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
 /// passed over, which keeps a busy writer's own echo cheap; every other event, this
 /// node's included, goes through the checks and the merge (it skips known versions), so a
@@ -267,7 +254,6 @@ impl Batch {
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
-    deferred: bool,
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
@@ -288,12 +274,7 @@ pub(super) async fn apply_batch(
     }
     // Lag (status) is the stream's last sequence minus the checkpoint, so a batch that
     // fails to apply counts in it without bookkeeping here.
-    let through_kind = if deferred {
-        Through::Deferred(through)
-    } else {
-        Through::Checkpoint(through)
-    };
-    let report = apply_fetched(shared, batch, through_kind).await?;
+    let report = apply_fetched(shared, batch, Through::Checkpoint(through)).await?;
     if let Some(last) = msgs.last() {
         // AckPolicy::All: acknowledging the last acknowledges the batch.
         if let Err(e) = last.ack().await {

@@ -34,27 +34,6 @@ impl Store {
         self.apply(batch, Some(through))
     }
 
-    /// [`Store::apply_batch_through`], committed without waiting for the disk: the batch is
-    /// visible at once and becomes durable with the next durable commit of this store (any
-    /// local write, any durable apply, [`Store::sync`]). A crash before that loses the
-    /// batch *and* its checkpoint together, so following resumes before it and applies it
-    /// again from the stream (applying is idempotent). For catch-up and bursts, where the
-    /// next batch is already waiting: one fsync then covers several batches.
-    pub fn apply_batch_deferred(
-        &self,
-        batch: &[Incoming<'_>],
-        through: u64,
-    ) -> Result<ApplyReport, StorageError> {
-        self.apply_removing_inner(batch, Some(through), &[], false)
-            .map_err(|e| self.checked(e))
-    }
-
-    /// Makes every earlier deferred commit durable (an empty durable transaction).
-    pub fn sync(&self) -> Result<(), StorageError> {
-        let txn = self.begin_write()?;
-        self.commit(txn)
-    }
-
     /// Applies older stream messages of newly replicated entity types (a backfill): the
     /// checkpoint neither filters them nor moves.
     pub fn apply_backfill(&self, batch: &[Incoming<'_>]) -> Result<ApplyReport, StorageError> {
@@ -78,7 +57,7 @@ impl Store {
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
-        self.apply_removing_inner(batch, through, retried, true)
+        self.apply_removing_inner(batch, through, retried)
             .map_err(|e| self.checked(e))
     }
 
@@ -87,12 +66,8 @@ impl Store {
         batch: &[Incoming<'_>],
         through: Option<u64>,
         retried: &[u64],
-        durable: bool,
     ) -> Result<ApplyReport, StorageError> {
-        let mut txn = self.begin_write()?;
-        if !durable {
-            txn.set_durability(redb::Durability::None)?;
-        }
+        let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
         {
