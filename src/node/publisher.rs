@@ -77,6 +77,8 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
                     }
                 }
                 Ok(_) => {}
+                // Windows in flight are still settled while the outbox cannot be read.
+                Err(()) if !in_flight.is_empty() => {}
                 Err(()) => {
                     if shared.pause(Duration::from_secs(1)).await {
                         break;
