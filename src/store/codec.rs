@@ -19,6 +19,16 @@ pub(super) fn decode_state(
     id: &Uuid,
     bytes: &[u8],
 ) -> Result<RecordState, StorageError> {
+    decode_checked_record(entity, id, bytes)
+}
+
+/// Decodes a checksummed record value of any stored layout (the current one, or an older
+/// format's during an upgrade).
+pub(super) fn decode_checked_record<T: serde::de::DeserializeOwned>(
+    entity: &EntityName,
+    id: &Uuid,
+    bytes: &[u8],
+) -> Result<T, StorageError> {
     let body = checked_body(bytes).ok_or_else(|| StorageError::ChecksumMismatch {
         entity: entity.clone(),
         id: *id,

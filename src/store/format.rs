@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use super::Store;
 use super::codec::{
-    append_checksum, checked_body, decode_postcard, encode_postcard, encode_state, leaf_event,
+    append_checksum, checked_body, decode_checked_record, decode_postcard, encode_postcard,
+    encode_state, leaf_event,
 };
 use super::quarantine::{QuarantineRow, QuarantineRowV1};
 use crate::clock::{Hlc, Version};
@@ -321,16 +322,7 @@ pub fn decode_format_2_state(
     id: &Uuid,
     bytes: &[u8],
 ) -> Result<RecordState, StorageError> {
-    let body = checked_body(bytes).ok_or_else(|| StorageError::ChecksumMismatch {
-        entity: entity.clone(),
-        id: *id,
-    })?;
-    let old: RecordStateV2 =
-        postcard::from_bytes(body).map_err(|e| StorageError::UndecodableRecord {
-            entity: entity.clone(),
-            id: *id,
-            detail: e.to_string(),
-        })?;
+    let old: RecordStateV2 = decode_checked_record(entity, id, bytes)?;
     Ok(old.upgrade().0)
 }
 
