@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::{self};
+use futures::StreamExt;
 use tracing::Instrument;
 
 use super::Shared;
@@ -122,6 +123,9 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         }
     }
 }
+
+/// Stored messages read at once to check a window's duplicate acks.
+const DUPLICATE_READS: usize = 32;
 
 /// Windows sent ahead of the oldest one awaiting its acks (with the default window of
 /// 1,000, within the 5,000 acks async-nats lets be pending).
@@ -318,11 +322,24 @@ async fn check_duplicates(
             return (acked, failure);
         }
     };
-    for (origin_seq, stream_seq) in duplicates {
-        let Some(entry) = entries.iter().find(|e| e.origin_seq == origin_seq) else {
+    // A window retried after a lost connection comes back as duplicates by the
+    // hundreds: read their stored messages concurrently, not one round trip after another.
+    let stream = &stream;
+    let reads = futures::stream::iter(duplicates)
+        .map(|(origin_seq, stream_seq)| async move {
+            let stored = crate::stream::read_message(stream, stream_seq).await;
+            (origin_seq, stream_seq, stored)
+        })
+        .buffered(DUPLICATE_READS)
+        .collect::<Vec<_>>()
+        .await;
+    for (origin_seq, stream_seq, stored) in reads {
+        // Entries are in origin_seq order (the outbox's).
+        let Ok(i) = entries.binary_search_by_key(&origin_seq, |e| e.origin_seq) else {
             continue;
         };
-        let stored = match crate::stream::read_message(&stream, stream_seq).await {
+        let entry = &entries[i];
+        let stored = match stored {
             Ok(m) => m,
             Err(e) => {
                 failure.get_or_insert_with(|| format!("checking a duplicate ack: {e}"));
