@@ -663,16 +663,6 @@ async fn wait_halted(node: &Node, what: &str, timeout: Duration, is: impl Fn(&Ha
     .await;
 }
 
-/// A node config whose stream keeps only the last 100 messages.
-fn limited_to_100(mut c: NodeConfig) -> NodeConfig {
-    c.stream.retention = Retention::Limits {
-        max_age: Duration::ZERO,
-        max_bytes: 0,
-        max_msgs: 100,
-    };
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_gap_is_reported_not_skipped() {
     let server = NatsServer::start().expect("nats-server starts");

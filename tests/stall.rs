@@ -22,14 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::entity;
-use common::nodes::{converge, node_config, start, wait_for};
+use common::nodes::{converge, limited_to_100, node_config, start, wait_for};
 use jetsync::EntityName;
 use jetsync::api::ApiClient;
 use jetsync::connect::NatsAuth;
 use jetsync::devserver::NatsServer;
-use jetsync::node::{EntityFilter, Node, NodeConfig};
+use jetsync::node::{EntityFilter, Node};
 use jetsync::store::Write;
-use jetsync::stream::Retention;
 use redb::ReadableTable as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -275,15 +274,6 @@ async fn a_damaged_record_does_not_strand_the_outbox() {
 }
 
 // ----- 3. an entity type added on a trimmed stream --------------------------------------
-
-fn limited_to_100(mut c: NodeConfig) -> NodeConfig {
-    c.stream.retention = Retention::Limits {
-        max_age: Duration::ZERO,
-        max_bytes: 0,
-        max_msgs: 100,
-    };
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entity_type_added_on_a_trimmed_stream_is_bootstrapped_not_halting_the_node() {

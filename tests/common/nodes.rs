@@ -27,6 +27,16 @@ where
     panic!("timed out after {timeout:?} waiting for {what}: {last}");
 }
 
+/// A node config whose stream keeps only the last 100 messages.
+pub fn limited_to_100(mut c: NodeConfig) -> NodeConfig {
+    c.stream.retention = jetsync::stream::Retention::Limits {
+        max_age: Duration::ZERO,
+        max_bytes: 0,
+        max_msgs: 100,
+    };
+    c
+}
+
 pub fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
     NodeConfig::new(NodeId::new(name).expect("node id"), dir.join(name), url)
 }
