@@ -71,6 +71,9 @@ pub struct SnapshotReport {
     pub bytes: u64,
     /// Damaged records left out (taking) or merged records that changed (loading).
     pub detail: u64,
+    /// Loading: record states refused by the state checks (logged at warn, not merged);
+    /// taking: 0.
+    pub refused: u64,
     /// Wall time the operation took, ms.
     pub millis: u64,
 }
@@ -307,8 +310,22 @@ pub async fn take(
         records,
         bytes: info.size as u64,
         detail: damaged,
+        refused: 0,
         millis: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Logs the first few states of a snapshot the state checks refused (the total goes in the
+/// load's report and its summary line); returns how many `batch` refused.
+fn note_refused(snapshot: &str, batch: &[(Uuid, String)], before: u64) -> u64 {
+    const LOGGED: u64 = 10;
+    for (i, (id, reason)) in batch.iter().enumerate() {
+        if before + i as u64 >= LOGGED {
+            break;
+        }
+        tracing::warn!(snapshot, %id, %reason, "snapshot state refused");
+    }
+    batch.len() as u64
 }
 
 /// Deletes this node's snapshots beyond the newest `keep`, and any older than `max_age`
@@ -418,6 +435,7 @@ pub async fn merge_into(
     let mut hash = Xxh3::new();
     let mut records = 0u64;
     let mut changed = 0u64;
+    let mut refused = 0u64;
     let mut bytes = (MAGIC.len() + 4 + len) as u64;
     let mut batch: Vec<(Uuid, RecordState)> = Vec::new();
     let mut batch_entity: Option<EntityName> = None;
@@ -501,6 +519,7 @@ pub async fn merge_into(
             let done = flush(batch_entity.take(), std::mem::take(&mut batch)).await?;
             if let Some(report) = done {
                 changed += report.changed as u64;
+                refused += note_refused(name, &report.refused, refused);
                 on_changes(report.changes);
             }
             batch_entity = Some(entity);
@@ -509,14 +528,27 @@ pub async fn merge_into(
     }
     if let Some(report) = flush(batch_entity.take(), std::mem::take(&mut batch)).await? {
         changed += report.changed as u64;
+        refused += note_refused(name, &report.refused, refused);
         on_changes(report.changes);
     }
-    tracing::info!(name, seq = meta.seq, records, changed, "snapshot merged");
+    if refused > 0 {
+        tracing::warn!(
+            name,
+            seq = meta.seq,
+            records,
+            changed,
+            refused,
+            "snapshot merged without the states that failed the state checks"
+        );
+    } else {
+        tracing::info!(name, seq = meta.seq, records, changed, "snapshot merged");
+    }
     Ok(SnapshotReport {
         meta,
         records,
         bytes,
         detail: changed,
+        refused,
         millis: started.elapsed().as_millis() as u64,
     })
 }

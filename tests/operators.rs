@@ -538,3 +538,71 @@ async fn scheduled_snapshots_are_taken_and_pruned_by_policy() {
     .await;
     s.shutdown().await.unwrap();
 }
+
+/// A snapshot holding a record state that fails the state checks (stamped a day ahead of
+/// the loading node's clock, past the drift limit) loads without it: the rest merges, and
+/// the load reports how many states it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_state_failing_the_checks_is_refused_and_counted() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    let orders = entity("orders");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let clock = std::sync::Arc::new(jetsync::ManualClock::new(now));
+    let source = std::sync::Arc::new(
+        Store::open_with_clock(
+            dir.path().join("source.redb"),
+            NodeId::new("src").unwrap(),
+            StoreConfig::default(),
+            clock.clone(),
+        )
+        .unwrap(),
+    );
+    let (good, forged) = (Uuid::now_v7(), Uuid::now_v7());
+    source.put(&orders, good, json!({"ok": true})).unwrap();
+    clock.advance(86_400_000);
+    source.put(&orders, forged, json!({"ahead": true})).unwrap();
+    let identity = jetsync::stream::StreamIdentity {
+        name: "JETSYNC".into(),
+        created_ms: 1,
+    };
+    let settings = StreamSettings::default();
+    let taken = jetsync::snapshot::take(&js, &settings, identity, source, Vec::new())
+        .await
+        .expect("snapshot taken");
+    let target = std::sync::Arc::new(
+        Store::open(
+            dir.path().join("target.redb"),
+            NodeId::new("dst").unwrap(),
+            StoreConfig::default(),
+        )
+        .unwrap(),
+    );
+    let loaded = jetsync::snapshot::load(
+        &js,
+        &settings,
+        &taken.meta.name,
+        target.clone(),
+        &[],
+        |_| {},
+    )
+    .await
+    .expect("snapshot loaded");
+    assert_eq!(loaded.records, 2, "{loaded:?}");
+    assert_eq!(
+        loaded.refused, 1,
+        "the day-ahead state is refused: {loaded:?}"
+    );
+    assert!(
+        target.get(&orders, good).unwrap().is_some(),
+        "the good record merges"
+    );
+    assert!(
+        target.get(&orders, forged).unwrap().is_none(),
+        "the refused state is not merged"
+    );
+}

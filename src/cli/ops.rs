@@ -246,8 +246,13 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
                 snapshot::load(&js, &cfg.stream, &meta.name, store, &cfg.entities, |_| {}).await?;
             print(&conn, &json!(report), || {
                 format!(
-                    "loaded {} ({} records, {} changed) in {} ms; the node resumes after stream sequence {}\n",
-                    report.meta.name, report.records, report.detail, report.millis, report.meta.seq
+                    "loaded {} ({} records, {} changed, {} refused by the state checks) in {} ms; the node resumes after stream sequence {}\n",
+                    report.meta.name,
+                    report.records,
+                    report.detail,
+                    report.refused,
+                    report.millis,
+                    report.meta.seq
                 )
             });
         }

@@ -134,6 +134,7 @@ struct Inner {
     snapshot_age: FloatGauge,
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
+    snapshot_states_refused: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
@@ -195,6 +196,7 @@ impl NodeMetrics {
             snapshot_age: FloatGauge::default(),
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
+            snapshot_states_refused: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             ahead_window: AtomicI64::new(i64::MIN),
@@ -345,6 +347,11 @@ impl NodeMetrics {
             Unit::Seconds,
             inner.snapshot_age.clone(),
         );
+        r.register(
+            "snapshot_states_refused",
+            "Record states in snapshots this node loaded that failed the state checks (not merged)",
+            inner.snapshot_states_refused.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -460,6 +467,13 @@ impl NodeMetrics {
             m.snapshot_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
+        }
+    }
+
+    /// `n` record states of a loaded snapshot refused by the state checks.
+    pub fn snapshot_states_refused(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.snapshot_states_refused.inc_by(n);
         }
     }
 

@@ -31,6 +31,8 @@ pub struct Bootstrapped {
     pub gap_to: u64,
     /// Records read from the snapshot.
     pub records: u64,
+    /// Record states in it that failed the state checks: not merged (the log names them).
+    pub refused: u64,
     /// Wall time the load took, ms.
     pub millis: u64,
 }
@@ -87,8 +89,10 @@ pub(super) async fn bootstrap(
         gap_from: checkpoint + 1,
         gap_to: first_seq - 1,
         records: report.records,
+        refused: report.refused,
         millis: report.millis,
     };
+    shared.metrics.snapshot_states_refused(report.refused);
     tracing::info!(?done, "bootstrapped from snapshot");
     shared.live().bootstrapped = Some(done);
     if cfg.stream.upstream.is_some() {
@@ -118,12 +122,14 @@ pub(super) async fn upstream_check(
     let mut live = shared.live();
     live.upstream_gap = guard.pending().cloned();
     if let Some(f) = filled {
+        shared.metrics.snapshot_states_refused(f.refused);
         live.bootstrapped = Some(Bootstrapped {
             snapshot: f.snapshot.name,
             seq: f.snapshot.seq,
             gap_from: f.gap.from,
             gap_to: f.gap.to,
             records: f.records,
+            refused: f.refused,
             millis: f.millis,
         });
     }

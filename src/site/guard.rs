@@ -63,6 +63,8 @@ pub struct Filled {
     pub snapshot: SnapshotMeta,
     /// Records read from it.
     pub records: u64,
+    /// Record states it held that failed the state checks (not merged).
+    pub refused: u64,
     /// Wall time the merge took, ms.
     pub millis: u64,
 }
@@ -358,6 +360,7 @@ impl UpstreamGuard {
             gap,
             snapshot: meta,
             records: report.records,
+            refused: report.refused,
             millis: report.millis,
         }))
     }
