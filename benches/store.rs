@@ -10,9 +10,10 @@
 //!   first and the last 10,000, and the record's encoded size after 10 and after 100,000
 //!   updates (bounded records: the last 10,000 must run at >= 90% of the first, and the
 //!   size must stay <= 2x).
-//! - `concurrent_puts`: 64 tasks each `put` 1,000 new records through `spawn_blocking` (as
-//!   the node's API does), every write durable, beside one writer's `put` loop and plain
-//!   redb with one insert per transaction, measured in the same run.
+//! - `concurrent_puts`: 64 tasks each `put` 1,000 new records, every write durable, once
+//!   awaiting `Store::write_batch_async` (as the node does) and once through
+//!   `spawn_blocking` + `Store::put`, beside one writer's `put` loop and plain redb with one
+//!   insert per transaction, measured in the same run.
 //!
 //! Documents are 300-byte JSON objects. Every iteration writes new records, so the stores
 //! grow over the run as real ones do. Run: `cargo bench --bench store` (a name after `--`
@@ -238,8 +239,6 @@ fn concurrent_puts(_c: &mut Criterion) {
     if !selected("concurrent_puts") {
         return;
     }
-    const TASKS: usize = 64;
-    const PER_TASK: usize = 1_000;
     const SERIAL: usize = 2_000;
     let doc: serde_json::Value = serde_json::from_str(&doc_300()).unwrap();
     let entity = EntityName::new("bench").unwrap();
@@ -268,8 +267,42 @@ fn concurrent_puts(_c: &mut Criterion) {
     }
     let raw = SERIAL as f64 / t.elapsed().as_secs_f64();
 
-    // 64 concurrent callers.
-    let store = Arc::new(open_store(&dir, "concurrent"));
+    // 64 concurrent callers, each way.
+    let blocking = concurrent_rate(&dir, "blocking", &entity, &doc, |store, entity, doc| {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.put(&entity, Uuid::now_v7(), doc).unwrap())
+                .await
+                .unwrap();
+        })
+    });
+    let awaited = concurrent_rate(&dir, "async", &entity, &doc, |store, entity, doc| {
+        Box::pin(async move {
+            let write = Write::put(entity, Uuid::now_v7(), doc);
+            store.write_batch_async(vec![write]).await.unwrap();
+        })
+    });
+    println!(
+        "concurrent_puts: {TASKS} tasks x {PER_TASK} durable puts: {awaited:.0} writes/s awaiting write_batch_async ({:.1}x one writer), {blocking:.0} writes/s through spawn_blocking + put ({:.1}x); one writer: {serial:.0} writes/s; raw redb 1 insert/txn: {raw:.0} inserts/s",
+        awaited / serial,
+        blocking / serial
+    );
+}
+
+const TASKS: usize = 64;
+const PER_TASK: usize = 1_000;
+
+type PutFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Writes/s of `TASKS` tasks each making `PER_TASK` durable single puts with `put` into a
+/// fresh store.
+fn concurrent_rate(
+    dir: &tempfile::TempDir,
+    name: &str,
+    entity: &EntityName,
+    doc: &serde_json::Value,
+    put: fn(Arc<Store>, EntityName, serde_json::Value) -> PutFuture,
+) -> f64 {
+    let store = Arc::new(open_store(dir, name));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(TASKS)
         .build()
@@ -281,12 +314,7 @@ fn concurrent_puts(_c: &mut Criterion) {
                 let (store, entity, doc) = (store.clone(), entity.clone(), doc.clone());
                 tokio::spawn(async move {
                     for _ in 0..PER_TASK {
-                        let (store, entity, doc) = (store.clone(), entity.clone(), doc.clone());
-                        tokio::task::spawn_blocking(move || {
-                            store.put(&entity, Uuid::now_v7(), doc).unwrap()
-                        })
-                        .await
-                        .unwrap();
+                        put(store.clone(), entity.clone(), doc.clone()).await;
                     }
                 })
             })
@@ -295,12 +323,9 @@ fn concurrent_puts(_c: &mut Criterion) {
             task.await.unwrap();
         }
     });
-    let concurrent = (TASKS * PER_TASK) as f64 / t.elapsed().as_secs_f64();
+    let rate = (TASKS * PER_TASK) as f64 / t.elapsed().as_secs_f64();
     assert_eq!(store.outbox_len().unwrap(), (TASKS * PER_TASK) as u64);
-    println!(
-        "concurrent_puts: {TASKS} tasks x {PER_TASK} durable puts: {concurrent:.0} writes/s; one writer: {serial:.0} writes/s ({:.1}x); raw redb 1 insert/txn: {raw:.0} inserts/s",
-        concurrent / serial
-    );
+    rate
 }
 
 criterion_group!(

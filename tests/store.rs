@@ -219,11 +219,17 @@ fn put_if_race_has_exactly_one_winner() {
 /// Concurrent write calls share transactions (group commit), and each keeps its own
 /// checks and outcome: a put_if with a stale version fails alone, a batch with one failing
 /// write leaves none of its writes behind, and every call that returned Ok is durable.
+/// Half the callers block (`write_batch`), half await (`write_batch_async`, the writer
+/// thread): both kinds share the same queue and commits.
 #[test]
 fn concurrent_writes_share_commits_but_keep_their_own_outcomes() {
     let t = open("a");
     let path = t.dir.path().join("store.redb");
     let store = Arc::new(t.store);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
     let e = entity("orders");
     let shared = Uuid::now_v7();
     let v0 = store.put(&e, shared, json!({"n": 0})).unwrap();
@@ -232,32 +238,41 @@ fn concurrent_writes_share_commits_but_keep_their_own_outcomes() {
     let barrier = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
         .map(|w| {
-            let (store, e, v0, bogus, barrier) = (
+            let (store, e, v0, bogus, barrier, rt) = (
                 store.clone(),
                 e.clone(),
                 v0.clone(),
                 bogus.clone(),
                 barrier.clone(),
+                rt.handle().clone(),
             );
             std::thread::spawn(move || {
+                let write = |writes: Vec<Write>| {
+                    if w % 2 == 0 {
+                        store.write_batch(writes)
+                    } else {
+                        rt.block_on(store.write_batch_async(writes)).map(|(w, _)| w)
+                    }
+                };
                 barrier.wait();
                 let (mut kept, mut dropped, mut won) = (Vec::new(), Vec::new(), 0);
                 for j in 0..30 {
                     let id = Uuid::now_v7();
-                    store.put(&e, id, json!({"w": w, "j": j})).unwrap();
+                    write(vec![Write::put(e.clone(), id, json!({"w": w, "j": j}))]).unwrap();
                     kept.push(id);
-                    if j % 5 == 0 && store.put_if(&e, shared, json!({"w": w}), &v0).is_ok() {
+                    let put_if = Write::put(e.clone(), shared, json!({"w": w}))
+                        .expect(Expect::Version(v0.clone()));
+                    if j % 5 == 0 && write(vec![put_if]).is_ok() {
                         won += 1;
                     }
                     if j % 7 == 0 {
                         let lost = Uuid::now_v7();
-                        let err = store
-                            .write_batch(vec![
-                                Write::put(e.clone(), lost, json!({"lost": true})),
-                                Write::put(e.clone(), shared, json!({}))
-                                    .expect(Expect::Version(bogus.clone())),
-                            ])
-                            .unwrap_err();
+                        let err = write(vec![
+                            Write::put(e.clone(), lost, json!({"lost": true})),
+                            Write::put(e.clone(), shared, json!({}))
+                                .expect(Expect::Version(bogus.clone())),
+                        ])
+                        .unwrap_err();
                         assert!(matches!(err, WriteError::VersionMismatch { .. }), "{err}");
                         dropped.push(lost);
                     }
@@ -270,6 +285,7 @@ fn concurrent_writes_share_commits_but_keep_their_own_outcomes() {
     let won: usize = results.iter().map(|r| r.2).sum();
     assert_eq!(won, 1, "exactly one put_if on the shared version wins");
     drop(store);
+    drop(rt);
 
     let store = Store::open(&path, node("a"), StoreConfig::default()).unwrap();
     for (kept, dropped, _) in &results {

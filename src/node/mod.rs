@@ -455,15 +455,7 @@ impl NodeHandle {
         // An event the server can never take would sit in the outbox forever: refuse it now
         // (the client knows the server's max_payload, 1 MiB until it first connects).
         store.set_max_payload(self.0.client.max_payload());
-        let (written, changes) =
-            tokio::task::spawn_blocking(move || store.write_batch_with_changes(writes))
-                .await
-                .map_err(|source| {
-                    WriteError::Storage(StorageError::TaskFailed {
-                        task: "write",
-                        source,
-                    })
-                })??;
+        let (written, changes) = store.write_batch_async(writes).await?;
         self.0
             .metrics
             .local_write(records, resolves, started.elapsed());

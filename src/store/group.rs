@@ -1,13 +1,21 @@
-//! Group commit: concurrent write calls share one transaction (and one fsync). A caller
-//! that finds no commit running commits everything queued (its own call and those that
+//! Group commit: concurrent write calls share one transaction (and one fsync). Whoever
+//! finds no commit running commits everything queued (its own call and those that
 //! arrived while the previous transaction was committing) and hands each call its own
-//! outcome; callers whose call was taken wait for theirs. No thread of its own, so a
-//! `Store` used as a library needs no runtime.
+//! outcome.
+//!
+//! Two kinds of caller share the queue. A blocking call ([`WriteQueue::submit`]) waits
+//! on its own condition variable and may lead a commit itself, so a `Store` used as a
+//! library needs no runtime and no thread. An async call ([`WriteQueue::enqueue`]) only
+//! queues its writes and awaits a oneshot: the store's writer thread, started on the first
+//! async call, commits for it. A leader of either kind hands the next commit to the head
+//! of the queue, so neither kind starves the other; and 64 async writers cost one thread
+//! hand-off per group, not one parked thread each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
 use super::{Change, Write, Written};
 use crate::error::{StorageError, WriteError};
@@ -22,49 +30,129 @@ pub(super) type Job = (u64, Vec<PreparedWrite>);
 /// Write calls waiting for, or being committed by, a group transaction.
 #[derive(Default)]
 pub(super) struct WriteQueue {
+    inner: Arc<QueueInner>,
+}
+
+#[derive(Default)]
+struct QueueInner {
     state: Mutex<QueueState>,
+    /// Wakes the writer thread: an async call is queued and no commit runs.
+    work: Condvar,
+}
+
+/// How a queued call learns its outcome.
+enum Waiter {
+    /// A blocking caller, parked on its own condition variable (so a commit wakes exactly
+    /// the calls it finished, and the next leader, not every waiter).
+    Thread(Arc<Condvar>),
+    /// An async caller.
+    Task(oneshot::Sender<WriteOutcome>),
 }
 
 #[derive(Default)]
 struct QueueState {
     next_ticket: u64,
     queued: Vec<Job>,
-    /// Each waiting call's own wake-up, so a commit wakes exactly the calls it finished
-    /// (and the next leader), not every waiter.
-    waiters: HashMap<u64, Arc<Condvar>>,
+    waiters: HashMap<u64, Waiter>,
+    /// Outcomes of blocking calls, until they wake and take them.
     done: HashMap<u64, WriteOutcome>,
     committing: bool,
+    writer_started: bool,
+    /// The store is gone: the writer thread ends.
+    closed: bool,
 }
 
 impl QueueState {
-    /// Wakes the first queued call, which leads the next commit.
-    fn wake_next_leader(&self) {
-        if let Some(w) = self.queued.first().and_then(|j| self.waiters.get(&j.0)) {
-            w.notify_one();
+    fn enqueue(&mut self, writes: Vec<PreparedWrite>, waiter: Waiter) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queued.push((ticket, writes));
+        self.waiters.insert(ticket, waiter);
+        ticket
+    }
+
+    /// Hands a call its outcome: an async caller at once, a blocking one when it wakes.
+    fn deliver(&mut self, ticket: u64, outcome: WriteOutcome) {
+        if let Some(Waiter::Thread(wake)) = self.waiters.get(&ticket) {
+            wake.notify_one();
+            self.done.insert(ticket, outcome);
+        } else if let Some(Waiter::Task(tx)) = self.waiters.remove(&ticket) {
+            // An error means the caller stopped waiting (its future was dropped): the
+            // write stands all the same.
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Wakes whoever leads the next commit: the first queued call if it blocks, the
+    /// writer thread if it is async.
+    fn wake_next_leader(&self, work: &Condvar) {
+        match self.queued.first().and_then(|j| self.waiters.get(&j.0)) {
+            Some(Waiter::Thread(w)) => w.notify_one(),
+            Some(Waiter::Task(_)) => work.notify_one(),
+            None => {}
         }
     }
 }
 
-impl WriteQueue {
+impl QueueInner {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         // Every update of the state is complete between statements: a panic elsewhere
         // cannot leave it torn.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Commits everything queued (the caller holds the lock and found no commit
+    /// running), delivers each call's outcome and wakes the next leader. A panicking
+    /// commit fails every call of its group; it is returned to be resumed by a blocking
+    /// leader (the writer thread carries on).
+    fn lead<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, QueueState>,
+        commit: &dyn Fn(Vec<Job>) -> Vec<(u64, WriteOutcome)>,
+    ) -> (
+        MutexGuard<'a, QueueState>,
+        Option<Box<dyn std::any::Any + Send>>,
+    ) {
+        st.committing = true;
+        let jobs = std::mem::take(&mut st.queued);
+        let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
+        drop(st);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(jobs)));
+        let mut st = self.lock();
+        st.committing = false;
+        let panicked = match outcome {
+            Ok(results) => {
+                for (t, outcome) in results {
+                    st.deliver(t, outcome);
+                }
+                None
+            }
+            Err(panic) => {
+                // The calls must not wait forever for a commit that died.
+                for t in tickets {
+                    let e = StorageError::GroupCommitFailed("the commit panicked".into());
+                    st.deliver(t, Err(e.into()));
+                }
+                Some(panic)
+            }
+        };
+        st.wake_next_leader(&self.work);
+        (st, panicked)
+    }
+}
+
+impl WriteQueue {
     /// Queues one call's writes and returns its outcome once the transaction that took
-    /// them has committed (or failed). `commit` runs a group: one outcome per job.
+    /// them has committed (or failed), blocking meanwhile. `commit` runs a group: one
+    /// outcome per job.
     pub(super) fn submit(
         &self,
         writes: Vec<PreparedWrite>,
         commit: impl Fn(Vec<Job>) -> Vec<(u64, WriteOutcome)>,
     ) -> WriteOutcome {
         let wake = Arc::new(Condvar::new());
-        let mut st = self.lock();
-        let ticket = st.next_ticket;
-        st.next_ticket += 1;
-        st.queued.push((ticket, writes));
-        st.waiters.insert(ticket, wake.clone());
+        let mut st = self.inner.lock();
+        let ticket = st.enqueue(writes, Waiter::Thread(wake.clone()));
         loop {
             if let Some(outcome) = st.done.remove(&ticket) {
                 st.waiters.remove(&ticket);
@@ -75,38 +163,76 @@ impl WriteQueue {
                 continue;
             }
             // No commit running and ours not done: ours is queued; commit the queue.
-            st.committing = true;
-            let jobs = std::mem::take(&mut st.queued);
-            let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
-            drop(st);
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(jobs)));
-            st = self.lock();
-            st.committing = false;
-            let results = match outcome {
-                Ok(results) => results,
-                Err(panic) => {
-                    // The other calls must not wait forever for a commit that died.
-                    for t in tickets.into_iter().filter(|t| *t != ticket) {
-                        let e = StorageError::GroupCommitFailed("the commit panicked".into());
-                        st.done.insert(t, Err(e.into()));
-                        if let Some(w) = st.waiters.get(&t) {
-                            w.notify_one();
-                        }
-                    }
-                    st.waiters.remove(&ticket);
-                    st.wake_next_leader();
-                    drop(st);
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            for (t, outcome) in results {
-                if let Some(w) = st.waiters.get(&t) {
-                    w.notify_one();
-                }
-                st.done.insert(t, outcome);
+            let (next, panicked) = self.inner.lead(st, &commit);
+            st = next;
+            if let Some(panic) = panicked {
+                st.done.remove(&ticket);
+                st.waiters.remove(&ticket);
+                drop(st);
+                std::panic::resume_unwind(panic);
             }
-            st.wake_next_leader();
         }
+    }
+
+    /// Queues one async call's writes; its outcome arrives on the returned receiver once
+    /// the writer thread (see [`WriteQueue::start_writer`]) or a blocking leader has
+    /// committed them.
+    pub(super) fn enqueue(&self, writes: Vec<PreparedWrite>) -> oneshot::Receiver<WriteOutcome> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.inner.lock();
+        st.enqueue(writes, Waiter::Task(tx));
+        if !st.committing {
+            self.inner.work.notify_one();
+        }
+        rx
+    }
+
+    /// Starts the writer thread that commits for async callers, once; `commit` returns
+    /// `None` when the store is gone. False if the thread could not be started.
+    pub(super) fn start_writer(
+        &self,
+        commit: impl Fn(Vec<Job>) -> Option<Vec<(u64, WriteOutcome)>> + Send + 'static,
+    ) -> bool {
+        {
+            let mut st = self.inner.lock();
+            if st.writer_started {
+                return true;
+            }
+            st.writer_started = true;
+        }
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("jetsync-writer".into())
+            .spawn(move || {
+                let commit = |jobs: Vec<Job>| {
+                    let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
+                    commit(jobs).unwrap_or_else(|| {
+                        let e = || StorageError::GroupCommitFailed("the store is closed".into());
+                        tickets.into_iter().map(|t| (t, Err(e().into()))).collect()
+                    })
+                };
+                let mut st = inner.lock();
+                loop {
+                    if st.closed {
+                        return;
+                    }
+                    if st.committing || st.queued.is_empty() {
+                        st = inner.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
+                    st = inner.lead(st, &commit).0;
+                }
+            });
+        if spawned.is_err() {
+            self.inner.lock().writer_started = false;
+        }
+        spawned.is_ok()
+    }
+
+    /// Ends the writer thread (the store is being dropped).
+    pub(super) fn close(&self) {
+        self.inner.lock().closed = true;
+        self.inner.work.notify_all();
     }
 }
 

@@ -92,7 +92,7 @@ pub use types::{
 
 /// A jetsync node's local store. Share it as `Arc<Store>`; redb serialises writers,
 /// concurrent local writes share transactions, and calls block, so async code runs them
-/// on `spawn_blocking`.
+/// on `spawn_blocking` (except local writes: [`Store::write_batch_async`]).
 pub struct Store {
     /// `None` while closed after an I/O error and not yet reopened. redb answers every
     /// call with `PreviousIo` after one until the database is closed and opened again, so
@@ -115,6 +115,13 @@ pub struct Store {
     clock: Mutex<HlcClock>,
     /// Write calls waiting for a shared transaction.
     writes: group::WriteQueue,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The writer thread holds only a weak reference: let it end.
+        self.writes.close();
+    }
 }
 
 impl std::fmt::Debug for Store {

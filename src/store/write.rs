@@ -3,6 +3,7 @@
 //! concurrent calls share transactions (group commit).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redb::ReadableTable;
 use serde_json::value::RawValue;
@@ -98,7 +99,51 @@ impl Store {
         &self,
         writes: Vec<Write>,
     ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
-        // Serialise documents before queueing.
+        let prepared = self.prepare(writes)?;
+        if prepared.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        self.writes.submit(prepared, |jobs| self.commit_group(jobs))
+    }
+
+    /// [`Store::write_batch_with_changes`] for async callers, without a blocking thread
+    /// per call: the writes are queued for the store's writer thread (started on the first
+    /// call), which commits every call queued meanwhile in one durable transaction. The
+    /// same checks, the same outcome per call; the future resolves once the transaction is
+    /// durable. Dropping the future does not withdraw the writes.
+    pub async fn write_batch_async(
+        self: &Arc<Self>,
+        writes: Vec<Write>,
+    ) -> Result<(Vec<Written>, Vec<Change>), WriteError> {
+        let prepared = self.prepare(writes)?;
+        if prepared.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let store = Arc::downgrade(self);
+        let started = self
+            .writes
+            .start_writer(move |jobs| store.upgrade().map(|s| s.commit_group(jobs)));
+        if !started {
+            // No thread to be had: a blocking call on the runtime's pool still works.
+            let store = self.clone();
+            return tokio::task::spawn_blocking(move || {
+                store
+                    .writes
+                    .submit(prepared, |jobs| store.commit_group(jobs))
+            })
+            .await
+            .map_err(|source| StorageError::TaskFailed {
+                task: "write",
+                source,
+            })?;
+        }
+        self.writes.enqueue(prepared).await.map_err(|_| {
+            StorageError::GroupCommitFailed("the writer thread ended before committing".into())
+        })?
+    }
+
+    /// Serialises and checks the documents before queueing.
+    fn prepare(&self, writes: Vec<Write>) -> Result<Vec<PreparedWrite>, WriteError> {
         let mut prepared = Vec::with_capacity(writes.len());
         for w in writes {
             let doc = match &w.op {
@@ -107,10 +152,7 @@ impl Store {
             };
             prepared.push((w, doc));
         }
-        if prepared.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        self.writes.submit(prepared, |jobs| self.commit_group(jobs))
+        Ok(prepared)
     }
 
     /// Refuses an event that would not fit [`Store::set_max_payload`] with its headers: it
