@@ -115,7 +115,12 @@ impl Store {
 
     /// Removes acknowledged entries, in one transaction.
     pub fn outbox_remove(&self, origin_seqs: &[u64]) -> Result<(), StorageError> {
-        let txn = self.begin_write()?;
+        let mut txn = self.begin_write()?;
+        // No fsync of its own: the next durable commit (a write, an applied batch) carries
+        // it. A crash before then only publishes these events again under the same ids,
+        // which the server de-duplicates and the merge skips; should the durability not be
+        // settable, the commit is durable, which is safe too.
+        let _ = txn.set_durability(redb::Durability::None);
         {
             let mut table = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
