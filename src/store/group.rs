@@ -141,6 +141,31 @@ impl QueueInner {
     }
 }
 
+/// Should the writer thread ever die outside a commit (which is caught), the async calls
+/// queued for it fail instead of waiting forever, and the next async call starts another.
+struct WriterExit(Arc<QueueInner>);
+
+impl Drop for WriterExit {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.writer_started = false;
+        if !std::thread::panicking() {
+            return;
+        }
+        st.committing = false;
+        let queued = std::mem::take(&mut st.queued);
+        for job in queued {
+            if let Some(Waiter::Task(_)) = st.waiters.get(&job.0) {
+                // Dropping the sender fails the call's future.
+                st.waiters.remove(&job.0);
+            } else {
+                st.queued.push(job);
+            }
+        }
+        st.wake_next_leader(&self.0.work);
+    }
+}
+
 impl WriteQueue {
     /// Queues one call's writes and returns its outcome once the transaction that took
     /// them has committed (or failed), blocking meanwhile. `commit` runs a group: one
@@ -204,6 +229,7 @@ impl WriteQueue {
         let spawned = std::thread::Builder::new()
             .name("jetsync-writer".into())
             .spawn(move || {
+                let _exit = WriterExit(inner.clone());
                 let commit = |jobs: Vec<Job>| {
                     let tickets: Vec<u64> = jobs.iter().map(|j| j.0).collect();
                     commit(jobs).unwrap_or_else(|| {
@@ -286,5 +312,90 @@ mod tests {
         let groups = groups.lock().unwrap();
         assert_eq!(groups.iter().sum::<usize>(), 8);
         assert!(groups.len() < 8, "calls were grouped: {groups:?}");
+    }
+    /// A commit for the tests: each call's outcome names its ticket; `panic_on` makes the
+    /// commit that takes that ticket panic.
+    fn naming_commit(
+        groups: Arc<Mutex<Vec<usize>>>,
+        panic_on: Option<u64>,
+    ) -> impl Fn(Vec<Job>) -> Option<Vec<(u64, WriteOutcome)>> + Send + 'static {
+        move |jobs: Vec<Job>| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if jobs.iter().any(|j| Some(j.0) == panic_on) {
+                panic!("a commit that dies");
+            }
+            groups.lock().unwrap().push(jobs.len());
+            Some(
+                jobs.into_iter()
+                    .map(|(t, _)| {
+                        (
+                            t,
+                            Err(StorageError::GroupCommitFailed(t.to_string()).into()),
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    fn ticket_of(outcome: WriteOutcome) -> u64 {
+        let Err(WriteError::Storage(StorageError::GroupCommitFailed(t))) = outcome else {
+            panic!("unexpected outcome");
+        };
+        t.parse().unwrap()
+    }
+
+    /// Async calls are committed by the writer thread, several per commit, each getting
+    /// its own outcome; blocking calls queued meanwhile share those commits.
+    #[test]
+    fn the_writer_thread_commits_async_calls_together_with_blocking_ones() {
+        let queue = Arc::new(WriteQueue::default());
+        let groups = Arc::new(Mutex::new(Vec::new()));
+        assert!(queue.start_writer(naming_commit(groups.clone(), None)));
+        let receivers: Vec<_> = (0..8).map(|_| queue.enqueue(Vec::new())).collect();
+        let blocking = {
+            let (queue, groups) = (queue.clone(), groups.clone());
+            std::thread::spawn(move || {
+                let commit = naming_commit(groups, None);
+                queue.submit(Vec::new(), |jobs| commit(jobs).unwrap())
+            })
+        };
+        let mut tickets: Vec<u64> = receivers
+            .into_iter()
+            .map(|rx| ticket_of(rx.blocking_recv().expect("the writer answered")))
+            .collect();
+        tickets.push(ticket_of(blocking.join().unwrap()));
+        tickets.sort();
+        assert_eq!(
+            tickets,
+            (0..9).collect::<Vec<_>>(),
+            "each call got its own outcome"
+        );
+        let groups = groups.lock().unwrap();
+        assert_eq!(groups.iter().sum::<usize>(), 9);
+        assert!(groups.len() < 9, "calls were grouped: {groups:?}");
+        queue.close();
+    }
+
+    /// A commit that panics fails every async call it took; the writer thread goes on and
+    /// commits the next ones.
+    #[test]
+    fn a_panicking_commit_fails_its_async_calls_and_the_writer_goes_on() {
+        let queue = WriteQueue::default();
+        let groups = Arc::new(Mutex::new(Vec::new()));
+        assert!(queue.start_writer(naming_commit(groups, Some(0))));
+        let doomed = queue.enqueue(Vec::new());
+        let Err(WriteError::Storage(StorageError::GroupCommitFailed(why))) =
+            doomed.blocking_recv().expect("the writer answered")
+        else {
+            panic!("a failed commit is an error");
+        };
+        assert!(why.contains("panicked"), "{why}");
+        let later = queue.enqueue(Vec::new());
+        assert_eq!(
+            ticket_of(later.blocking_recv().expect("the writer answered")),
+            1
+        );
+        queue.close();
     }
 }
