@@ -276,43 +276,22 @@ mod tests {
         let groups = Arc::new(Mutex::new(Vec::new()));
         let barrier = Arc::new(Barrier::new(8));
         let handles: Vec<_> = (0..8u64)
-            .map(|i| {
+            .map(|_| {
                 let (queue, groups, barrier) = (queue.clone(), groups.clone(), barrier.clone());
                 std::thread::spawn(move || {
+                    let commit = naming_commit(groups, None);
                     barrier.wait();
-                    let outcome = queue.submit(Vec::new(), |jobs| {
-                        // Slow enough that the others queue up behind the first commit.
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                        groups.lock().unwrap().push(jobs.len());
-                        jobs.into_iter()
-                            .map(|(t, _)| {
-                                let err = StorageError::GroupCommitFailed(t.to_string());
-                                (t, Err(err.into()))
-                            })
-                            .collect()
-                    });
-                    (i, outcome)
+                    queue.submit(Vec::new(), |jobs| commit(jobs).unwrap())
                 })
             })
             .collect();
-        let mut tickets = Vec::new();
-        for h in handles {
-            let (_, outcome) = h.join().unwrap();
-            let Err(WriteError::Storage(StorageError::GroupCommitFailed(t))) = outcome else {
-                panic!("unexpected outcome");
-            };
-            tickets.push(t.parse::<u64>().unwrap());
-        }
-        tickets.sort();
-        assert_eq!(
-            tickets,
-            (0..8).collect::<Vec<_>>(),
-            "each call got its own outcome"
-        );
-        let groups = groups.lock().unwrap();
-        assert_eq!(groups.iter().sum::<usize>(), 8);
-        assert!(groups.len() < 8, "calls were grouped: {groups:?}");
+        let tickets: Vec<u64> = handles
+            .into_iter()
+            .map(|h| ticket_of(h.join().unwrap()))
+            .collect();
+        assert_each_once_and_grouped(tickets, &groups);
     }
+
     /// A commit for the tests: each call's outcome names its ticket; `panic_on` makes the
     /// commit that takes that ticket panic.
     fn naming_commit(
@@ -320,6 +299,7 @@ mod tests {
         panic_on: Option<u64>,
     ) -> impl Fn(Vec<Job>) -> Option<Vec<(u64, WriteOutcome)>> + Send + 'static {
         move |jobs: Vec<Job>| {
+            // Slow enough that the other calls queue up behind the first commit.
             std::thread::sleep(std::time::Duration::from_millis(20));
             if jobs.iter().any(|j| Some(j.0) == panic_on) {
                 panic!("a commit that dies");
@@ -336,6 +316,20 @@ mod tests {
                     .collect(),
             )
         }
+    }
+
+    /// Every call got exactly its own outcome, and fewer commits than calls ran.
+    fn assert_each_once_and_grouped(mut tickets: Vec<u64>, groups: &Mutex<Vec<usize>>) {
+        let calls = tickets.len();
+        tickets.sort();
+        assert_eq!(
+            tickets,
+            (0..calls as u64).collect::<Vec<_>>(),
+            "each call got its own outcome"
+        );
+        let groups = groups.lock().unwrap();
+        assert_eq!(groups.iter().sum::<usize>(), calls);
+        assert!(groups.len() < calls, "calls were grouped: {groups:?}");
     }
 
     fn ticket_of(outcome: WriteOutcome) -> u64 {
@@ -365,15 +359,7 @@ mod tests {
             .map(|rx| ticket_of(rx.blocking_recv().expect("the writer answered")))
             .collect();
         tickets.push(ticket_of(blocking.join().unwrap()));
-        tickets.sort();
-        assert_eq!(
-            tickets,
-            (0..9).collect::<Vec<_>>(),
-            "each call got its own outcome"
-        );
-        let groups = groups.lock().unwrap();
-        assert_eq!(groups.iter().sum::<usize>(), 9);
-        assert!(groups.len() < 9, "calls were grouped: {groups:?}");
+        assert_each_once_and_grouped(tickets, &groups);
         queue.close();
     }
 
