@@ -747,17 +747,13 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
 
     // 2. The whole stream replayed into the store (as `replay` into a node or a backfill
     //    does: the checkpoint neither filters nor moves).
-    let msgs: Vec<(u64, String, Vec<u8>)> = stream
+    let batch: Vec<Incoming<'_>> = stream
         .iter()
         .enumerate()
-        .map(|(i, o)| (i as u64 + 1, o.subject.clone(), o.payload.clone()))
-        .collect();
-    let batch: Vec<Incoming<'_>> = msgs
-        .iter()
-        .map(|(seq, subject, payload)| Incoming {
-            stream_seq: *seq,
-            subject,
-            payload,
+        .map(|(i, o)| Incoming {
+            stream_seq: i as u64 + 1,
+            subject: &o.subject,
+            payload: &o.payload,
             stream_time_ms: T0,
         })
         .collect();
