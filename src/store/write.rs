@@ -12,13 +12,21 @@ use uuid::Uuid;
 use super::codec::{encode_outbox, leaf_event};
 use super::format::{K_HLC, K_ORIGIN_SEQ, META, OUTBOX, UNPUBLISHED, read_u64};
 use super::group::{Job, PreparedWrite, WriteOutcome};
-use super::tx::Tx;
+use super::tx::{Before, Tx};
 use super::{Change, Expect, Store, Write, WriteOp, Written};
 use crate::clock::{HlcClock, Version};
 use crate::error::{StorageError, WriteError};
 use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use crate::ids::{EntityName, Scope};
 use crate::merge::{Merge, RecordState};
+
+/// One write checked and stamped by [`Store::plan`]: its record before and after it, and
+/// what the caller gets back.
+struct Planned {
+    before: RecordState,
+    after: RecordState,
+    written: Written,
+}
 
 impl Store {
     /// Writes `doc` to `entity/id` whatever its current version.
@@ -200,33 +208,33 @@ impl Store {
                     };
                     let first_change = tx.changes.len();
                     let mut out = Vec::with_capacity(planned.len());
-                    for (state, ev) in planned {
+                    for p in planned {
+                        let Written {
+                            entity,
+                            id,
+                            version,
+                            ..
+                        } = &p.written;
                         // The new version supersedes every own leaf (its origin's earlier
                         // versions): those still queued keep their events.
-                        for leaf in state.leaves.iter().filter(|l| l.version.node == self.node) {
+                        for leaf in p
+                            .before
+                            .leaves
+                            .iter()
+                            .filter(|l| l.version.node == self.node)
+                        {
                             if outbox.get(leaf.origin_seq)?.is_some() {
-                                let old = leaf_event(&ev.entity, ev.id, leaf)?;
+                                let old = leaf_event(entity, *id, leaf)?;
                                 unpublished.insert(leaf.origin_seq, old.encode().as_slice())?;
                             }
                         }
-                        origin_seq = ev.origin_seq;
+                        origin_seq = p.written.origin_seq;
                         outbox.insert(
                             origin_seq,
-                            encode_outbox(&ev.entity, &ev.id, ev.version.hlc).as_slice(),
+                            encode_outbox(entity, id, version.hlc).as_slice(),
                         )?;
-                        out.push(Written {
-                            entity: ev.entity.clone(),
-                            id: ev.id,
-                            version: ev.version.clone(),
-                            origin_seq,
-                        });
-                        // `plan` applied the same event to the same state: it cannot be a
-                        // duplicate here; should it be, abort rather than lose the write.
-                        if tx.merge(state, ev)? == Merge::Duplicate {
-                            return Err(StorageError::GroupCommitFailed(
-                                "a planned write did not apply".into(),
-                            ));
-                        }
+                        tx.put_state(entity, *id, Before::of(id, &p.before), &p.after)?;
+                        out.push(p.written);
                     }
                     let changes = tx.changes[first_change..].to_vec();
                     results.push((ticket, Ok((out, changes))));
@@ -267,21 +275,22 @@ impl Store {
 
     /// Checks and stamps one call's writes against the group's transaction without
     /// storing anything: each write sees the ones before it (in this call and in earlier
-    /// calls of the group). Returns each write's record state before it and its event, or
-    /// the call's error, in which case none of its writes happen.
+    /// calls of the group). Returns each write's record state before and after it, or the
+    /// call's error, in which case none of its writes happen.
     fn plan(
         &self,
         tx: &mut Tx<'_>,
         clock: &mut HlcClock,
         mut origin_seq: u64,
         writes: Vec<PreparedWrite>,
-    ) -> Result<Result<Vec<(RecordState, ChangeEvent)>, WriteError>, StorageError> {
-        let mut overlay: HashMap<(EntityName, Uuid), RecordState> = HashMap::new();
-        let mut planned = Vec::with_capacity(writes.len());
+    ) -> Result<Result<Vec<Planned>, WriteError>, StorageError> {
+        // A record written again in the same call starts from its planned state.
+        let mut overlay: HashMap<(EntityName, Uuid), usize> = HashMap::new();
+        let mut planned: Vec<Planned> = Vec::with_capacity(writes.len());
         for (w, doc) in writes {
             let key = (w.entity.clone(), w.id);
-            let state = match overlay.remove(&key) {
-                Some(s) => s,
+            let state = match overlay.get(&key) {
+                Some(&i) => planned[i].after.clone(),
                 None => tx.load(&w.entity, &w.id)?.unwrap_or_default(),
             };
             let scope = match check_write(&w, &state) {
@@ -319,18 +328,28 @@ impl Store {
             if let Err(e) = self.check_event_size(&ev) {
                 return Ok(Err(e));
             }
+            let written = Written {
+                entity: ev.entity.clone(),
+                id: ev.id,
+                version,
+                origin_seq,
+            };
             let mut after = state.clone();
             // A stamp is new by construction; should a clock fault ever repeat one, the
             // write would vanish as a duplicate: refuse it instead of returning Ok.
-            if after.apply_above(ev.clone(), tx.horizon(&ev.entity)?) == Merge::Duplicate {
+            if after.apply_above(ev, tx.horizon(&written.entity)?) == Merge::Duplicate {
                 return Ok(Err(WriteError::NotApplied {
-                    entity: ev.entity,
-                    id: ev.id,
-                    version,
+                    entity: written.entity,
+                    id: written.id,
+                    version: written.version,
                 }));
             }
-            overlay.insert(key, after);
-            planned.push((state, ev));
+            overlay.insert(key, planned.len());
+            planned.push(Planned {
+                before: state,
+                after,
+                written,
+            });
         }
         Ok(Ok(planned))
     }
