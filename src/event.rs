@@ -98,8 +98,11 @@ pub fn subject_for(
 /// `<prefix>.>`, so no stream captures a plain publish to it: events get there only by
 /// sourcing.
 pub fn import_prefix(prefix: &str) -> String {
-    format!("{prefix}_in")
+    format!("{prefix}{IMPORT_SUFFIX}")
 }
+
+/// What [`import_prefix`] appends to the prefix.
+const IMPORT_SUFFIX: &str = "_in";
 
 /// Why an incoming message was refused. The same message gets the same reason on every
 /// node; [`QuarantineReason::code`] is stable for tooling.
@@ -236,12 +239,14 @@ pub fn decode(
     // Two shapes, the same on every node whatever its config: an event as published, and
     // as an edge site imported it from its hub (`<prefix>_in.<same tokens>`). The origin
     // check below holds for both.
-    let expected = ev.subject(&limits.prefix);
-    let import = import_prefix(&limits.prefix);
-    let tail = [limits.prefix.as_str(), import.as_str()]
-        .into_iter()
-        .find_map(|p| subject.strip_prefix(p)?.strip_prefix('.'));
-    if tail != expected[limits.prefix.len()..].strip_prefix('.') {
+    let tail = subject
+        .strip_prefix(limits.prefix.as_str())
+        .and_then(|rest| {
+            rest.strip_prefix(IMPORT_SUFFIX)
+                .unwrap_or(rest)
+                .strip_prefix('.')
+        });
+    if !tail.is_some_and(|tail| tokens_match(tail, &ev)) {
         let origin_token = tail.and_then(|rest| rest.split('.').nth(2));
         return Err(match origin_token {
             Some(token) if token != ev.origin.as_str() => QuarantineReason::ForgedOrigin {
@@ -250,12 +255,30 @@ pub fn decode(
             },
             _ => QuarantineReason::SubjectMismatch {
                 subject: subject.chars().take(300).collect(),
-                expected,
+                expected: ev.subject(&limits.prefix),
             },
         });
     }
     check_drift(&ev.version, stream_time_ms, limits)?;
     Ok(ev)
+}
+
+/// Whether `tail` (a subject after its prefix) is exactly `<entity>.<scope>.<origin>.<id>`
+/// of `ev`, compared token by token: this runs for every applied event, and building the
+/// expected subject would allocate each time.
+fn tokens_match(tail: &str, ev: &ChangeEvent) -> bool {
+    let mut id = uuid::Uuid::encode_buffer();
+    let id = ev.id.hyphenated().encode_lower(&mut id);
+    let mut tokens = tail.split('.');
+    [
+        ev.entity.as_str(),
+        ev.scope.as_str(),
+        ev.origin.as_str(),
+        id,
+    ]
+    .into_iter()
+    .all(|want| tokens.next() == Some(want))
+        && tokens.next().is_none()
 }
 
 /// The checks of an event's content, whatever brought it: envelope, document (shape, size,
@@ -302,21 +325,33 @@ pub fn check_drift(
 /// anything deeper into a `Value`, so such a document could be stored but never read.
 pub const MAX_DOC_DEPTH: usize = 127;
 
-/// The nesting depth of valid JSON text (`{}` is 1), counted without recursion.
+/// The nesting depth of valid JSON text (`{}` is 1), counted without recursion. Strings
+/// are skipped to their closing quote with `memchr`: a document is mostly string bytes,
+/// and this runs on every local write and every applied event.
 pub fn json_depth(json: &str) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for b in json.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+    let bytes = json.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                // To the closing quote, stepping over escaped characters.
+                loop {
+                    match bytes
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        Some(k) if bytes[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                        // Unterminated: not valid JSON, nothing deeper follows.
+                        None => return max,
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
@@ -324,6 +359,7 @@ pub fn json_depth(json: &str) -> usize {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     max
 }

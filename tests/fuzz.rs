@@ -329,3 +329,45 @@ fn json_depth_ignores_brackets_in_strings() {
     assert_eq!(json_depth(r#"{"a":[{"b":[]}],"c":{}}"#), 4);
     assert_eq!(json_depth("{}"), 1);
 }
+
+/// The byte-by-byte reading of the rule `json_depth` implements: brackets count outside
+/// strings, a string ends at an unescaped quote.
+fn json_depth_reference(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+proptest! {
+    /// Skipping strings with memchr gives the same depth as reading every byte, for any
+    /// text (valid JSON or not, escapes at the very end included).
+    #[test]
+    fn json_depth_matches_the_bytewise_rule(
+        text in prop::collection::vec(
+            prop::sample::select(vec!['{', '}', '[', ']', '"', '\\', 'a', ':', ',', 'é']),
+            0..64,
+        )
+    ) {
+        let text: String = text.into_iter().collect();
+        prop_assert_eq!(jetsync::event::json_depth(&text), json_depth_reference(&text));
+    }
+}
