@@ -6,7 +6,8 @@
 //! 2. a damaged record must not strand its queued write;
 //! 3. an entity type added on a stream that trimmed old events bootstraps from a snapshot,
 //!    and without one halts only that type;
-//! 4. deliveries lost with a dropped connection are not skipped by backfill or replay;
+//! 4. deliveries lost with a dropped connection are not skipped by backfill or replay,
+//!    and do not stall the apply loop when they were the stream's last;
 //! 5. API replies stay below the server's `max_payload` (pages bounded by bytes);
 //! 6. a full disk halts applying with a reason, refuses local writes with a typed error,
 //!    and applying resumes by itself once space returns.
@@ -342,6 +343,10 @@ struct Dropper {
     port: u16,
     /// Server-to-client bytes left before the cut; `u64::MAX`: not armed.
     budget: Arc<AtomicU64>,
+    /// Server-to-client bytes are read and thrown away (the connection stays up).
+    discard: Arc<AtomicBool>,
+    /// Bytes thrown away so far.
+    discarded: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
@@ -352,10 +357,19 @@ impl Dropper {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let budget = Arc::new(AtomicU64::new(u64::MAX));
+        let discard = Arc::new(AtomicBool::new(false));
+        let discarded = Arc::new(AtomicU64::new(0));
         let cuts = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let (b, c, s, cs) = (budget.clone(), cuts.clone(), stop.clone(), conns.clone());
+        let (b, d, dd, c, s, cs) = (
+            budget.clone(),
+            discard.clone(),
+            discarded.clone(),
+            cuts.clone(),
+            stop.clone(),
+            conns.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -369,14 +383,21 @@ impl Dropper {
                     .unwrap()
                     .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 let (c1, s1) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(c1, s1, None, None));
-                let (b, c) = (b.clone(), c.clone());
-                std::thread::spawn(move || pipe(server, client, Some(b), Some(c)));
+                std::thread::spawn(move || pipe(c1, s1, None));
+                let cut = Cut {
+                    budget: b.clone(),
+                    discard: d.clone(),
+                    discarded: dd.clone(),
+                    cuts: c.clone(),
+                };
+                std::thread::spawn(move || pipe(server, client, Some(cut)));
             }
         });
         Dropper {
             port,
             budget,
+            discard,
+            discarded,
             cuts,
             stop,
             conns,
@@ -394,6 +415,33 @@ impl Dropper {
     fn cuts(&self) -> u64 {
         self.cuts.load(Ordering::SeqCst)
     }
+
+    /// Throws away whatever the server sends from now on, as a link that went dark.
+    fn go_dark(&self) {
+        self.discard.store(true, Ordering::SeqCst);
+    }
+
+    /// Bytes thrown away while dark.
+    fn discarded(&self) -> u64 {
+        self.discarded.load(Ordering::SeqCst)
+    }
+
+    /// Drops every connection (what went dark is lost for good); new ones work again.
+    fn cut_all(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        self.discard.store(false, Ordering::SeqCst);
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How a server-to-client pipe loses bytes: after a budget, or all of them while dark.
+struct Cut {
+    budget: Arc<AtomicU64>,
+    discard: Arc<AtomicBool>,
+    discarded: Arc<AtomicU64>,
+    cuts: Arc<AtomicU64>,
 }
 
 impl Drop for Dropper {
@@ -406,31 +454,28 @@ impl Drop for Dropper {
     }
 }
 
-fn pipe(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    budget: Option<Arc<AtomicU64>>,
-    cuts: Option<Arc<AtomicU64>>,
-) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, cut: Option<Cut>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(b) = &budget {
-            let left = b.load(Ordering::SeqCst);
+        if let Some(cut) = &cut {
+            if cut.discard.load(Ordering::SeqCst) {
+                cut.discarded.fetch_add(n as u64, Ordering::SeqCst);
+                continue;
+            }
+            let left = cut.budget.load(Ordering::SeqCst);
             if left != u64::MAX {
                 if (n as u64) >= left {
                     // Forward part, drop the rest and the connection; disarm.
                     let _ = to.write_all(&buf[..left as usize]);
-                    b.store(u64::MAX, Ordering::SeqCst);
-                    if let Some(c) = &cuts {
-                        c.fetch_add(1, Ordering::SeqCst);
-                    }
+                    cut.budget.store(u64::MAX, Ordering::SeqCst);
+                    cut.cuts.fetch_add(1, Ordering::SeqCst);
                     break;
                 }
-                b.store(left - n as u64, Ordering::SeqCst);
+                cut.budget.store(left - n as u64, Ordering::SeqCst);
             }
         }
         if to.write_all(&buf[..n]).is_err() {
@@ -478,6 +523,62 @@ async fn backfill_does_not_skip_deliveries_lost_with_a_dropped_connection() {
     )
     .await;
     wait_count(&b, &users, 5000, Duration::from_secs(60)).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// A full replica's consumer takes no acks, so nothing redelivers deliveries lost at the
+/// end of the stream and no later delivery shows the hole: the apply loop must notice by
+/// itself while idle, not wait for the next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_loop_does_not_stall_on_deliveries_lost_at_the_streams_end() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let users = entity("users");
+    let a = start(node_config("a", dir.path(), &url)).await;
+    let proxy = Dropper::start(server.port());
+    let b = start(node_config("b", dir.path(), &proxy.url())).await;
+    let doc = json!({"pad": "p".repeat(400)});
+    a.write(puts(&users, 1, doc.clone())).await.unwrap();
+    wait_count(&b, &users, 1, Duration::from_secs(30)).await;
+
+    // b's link goes dark while 60 events are delivered to it, then drops: the server has
+    // delivered them all, b got none, and nothing is written afterwards.
+    proxy.go_dark();
+    a.write(puts(&users, 60, doc.clone())).await.unwrap();
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    wait_for(
+        "the server to deliver every event to b",
+        Duration::from_secs(30),
+        || async {
+            let mut stream = js.get_stream("JETSYNC").await.map_err(|e| e.to_string())?;
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            let mut consumer = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("jetsync_b")
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = consumer.info().await.map_err(|e| e.to_string())?;
+            // Delivered, and their bytes (60 documents of 400 bytes at least) thrown away.
+            let (delivered, lost) = (info.delivered.stream_sequence, proxy.discarded());
+            if delivered == last && lost >= 60 * 400 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "delivered {delivered} of {last}, {lost} bytes thrown away"
+                ))
+            }
+        },
+    )
+    .await;
+    proxy.cut_all();
+    wait_count(&b, &users, 61, Duration::from_secs(30)).await;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -118,7 +118,11 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
         Some((filters, halt)) => (filters, Some(halt)),
         None => (cfg.filter_subjects(), None),
     };
-    let consumer = recreate_consumer(shared, checkpoint, filters.clone()).await?;
+    // Following the whole stream, the checkpoint alone says what was applied: the consumer
+    // needs no acks. A partial replica's idle positioning asks the consumer whether
+    // everything it delivered was applied, which only acks tell.
+    let acked = !cfg.entities.is_empty() || held.is_some();
+    let consumer = recreate_consumer(shared, checkpoint, filters.clone(), acked).await?;
     shared.set_apply_error(None);
     let recheck = held
         .is_some()
@@ -129,7 +133,7 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     shared.live().halted = held;
     tracing::info!(checkpoint, ?filters, "following the stream");
     tokio::select! {
-        r = apply_messages(shared, consumer, checkpoint, recheck) => r,
+        r = apply_messages(shared, consumer, checkpoint, recheck, acked) => r,
         _ = shared.not_ready() => Err(Stop::Retry(
             "node lease not held: applying paused until it is".into(),
         )),
@@ -178,11 +182,17 @@ async fn check_same_stream(
 }
 
 /// The durable consumer, recreated at `checkpoint + 1` with this node's filters: whatever
-/// the server remembers, the local checkpoint decides where applying resumes.
+/// the server remembers, the local checkpoint decides where applying resumes. `acked`:
+/// each applied batch is acknowledged ([`AckPolicy::All`]); otherwise the consumer keeps
+/// no acknowledgement state at all, which spares the server tracking every delivered
+/// message until its batch's ack.
+///
+/// [`AckPolicy::All`]: jetstream::consumer::AckPolicy::All
 async fn recreate_consumer(
     shared: &Arc<Shared>,
     checkpoint: u64,
     filters: Vec<String>,
+    acked: bool,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, Stop> {
     let cfg = &shared.config;
     let name = format!("jetsync_{}", cfg.node_id);
@@ -198,10 +208,20 @@ async fn recreate_consumer(
         deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
             start_sequence: checkpoint + 1,
         },
-        ack_policy: jetstream::consumer::AckPolicy::All,
-        ack_wait: Duration::from_secs(60),
-        max_ack_pending: (cfg.fetch_batch as i64 * 20).max(10_000),
         ..Default::default()
+    };
+    let config = if acked {
+        pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: (cfg.fetch_batch as i64 * 20).max(10_000),
+            ..config
+        }
+    } else {
+        pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..config
+        }
     };
     stream
         .create_consumer(config)
@@ -210,12 +230,13 @@ async fn recreate_consumer(
 }
 
 /// Applies messages from `consumer` in batches, from `checkpoint + 1`, until shutdown, an
-/// error, or the `recheck` time.
+/// error, or the `recheck` time; `acked` as the consumer was created.
 async fn apply_messages(
     shared: &Arc<Shared>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     checkpoint: u64,
     recheck: Option<tokio::time::Instant>,
+    acked: bool,
 ) -> Result<(), Stop> {
     let cfg = &shared.config;
     let idle_probe = consumer.clone();
@@ -227,16 +248,22 @@ async fn apply_messages(
     let mut upstream = UpstreamGuard::load(&shared.client, &cfg.stream, &shared.store)
         .await
         .map_err(storage_stop)?;
+    // Without acks nothing redelivers what a dropped connection lost at the stream's end,
+    // and no later delivery reveals the hole: while idle, ask the consumer.
+    let mut undelivered = (!acked).then(UndeliveredTail::default);
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
         }
         // A pending upstream gap is looked at again while nothing arrives, too.
         let gap_pending = upstream.as_ref().is_some_and(|g| g.pending().is_some());
-        let probe_idle = partial || recheck.is_some() || gap_pending;
+        let probe_idle = partial || recheck.is_some() || gap_pending || undelivered.is_some();
         let batch = match intake.next(&mut stop, probe_idle).await? {
             Next::Shutdown => return Ok(()),
             Next::Idle => {
+                if let Some(tail) = undelivered.as_mut() {
+                    tail.check(&idle_probe, next_expected - 1).await?;
+                }
                 if let Some(guard) = upstream.as_mut() {
                     upstream_check(shared, guard, &[]).await?;
                 }
@@ -259,7 +286,7 @@ async fn apply_messages(
                 // sequences too.
                 upstream_check(shared, guard, &batch.msgs).await?;
             }
-            let through = apply_batch(shared, &batch.msgs).await?;
+            let through = apply_batch(shared, &batch.msgs, acked).await?;
             next_expected = next_expected.max(through + 1);
             if let Some(guard) = upstream.as_mut() {
                 guard.applied(&shared.store).await.map_err(storage_stop)?;
@@ -308,4 +335,42 @@ async fn check_none_removed(
         )));
     }
     Ok(())
+}
+
+/// Deliveries an ack-less consumer made that never arrived, with nothing after them: the
+/// consumer says it delivered past what was applied, twice in a row while nothing arrived
+/// (once could be a delivery still on its way).
+#[derive(Default)]
+struct UndeliveredTail {
+    /// The consumer's last delivered stream sequence at the previous idle probe, when it
+    /// was past what had been applied.
+    suspect: Option<u64>,
+}
+
+impl UndeliveredTail {
+    /// Called when nothing arrived for an idle probe's time; `applied` is the last stream
+    /// sequence applied. Errors (to resume from the checkpoint) once deliveries are lost.
+    async fn check(
+        &mut self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        applied: u64,
+    ) -> Result<(), Stop> {
+        // Unanswered: asked again at the next idle probe.
+        let mut consumer = consumer.clone();
+        let Ok(info) = consumer.info().await else {
+            return Ok(());
+        };
+        let delivered = info.delivered.stream_sequence;
+        if delivered <= applied {
+            self.suspect = None;
+            return Ok(());
+        }
+        if self.suspect == Some(delivered) {
+            return Err(Stop::Retry(format!(
+                "the consumer delivered through stream sequence {delivered}, this node received only through {applied}: deliveries were lost in transit; resuming from the checkpoint"
+            )));
+        }
+        self.suspect = Some(delivered);
+        Ok(())
+    }
 }

@@ -246,7 +246,8 @@ impl Batch {
 }
 
 /// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
-/// and publishes their changes; returns that sequence. Events this store's incarnation
+/// (if the consumer takes acks, `acked`) and publishes their changes; returns that
+/// sequence. Events this store's incarnation
 /// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
 /// passed over, which keeps a busy writer's own echo cheap; every other event, this
 /// node's included, goes through the checks and the merge (it skips known versions), so a
@@ -254,6 +255,7 @@ impl Batch {
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
+    acked: bool,
 ) -> Result<u64, Stop> {
     let mut batch = Vec::with_capacity(msgs.len());
     let mut through = 0;
@@ -275,7 +277,7 @@ pub(super) async fn apply_batch(
     // Lag (status) is the stream's last sequence minus the checkpoint, so a batch that
     // fails to apply counts in it without bookkeeping here.
     let report = apply_fetched(shared, batch, Through::Checkpoint(through)).await?;
-    if let Some(last) = msgs.last() {
+    if let Some(last) = msgs.last().filter(|_| acked) {
         // AckPolicy::All: acknowledging the last acknowledges the batch.
         if let Err(e) = last.ack().await {
             tracing::debug!(error = %e, "ack failed; redelivery is skipped by checkpoint");
