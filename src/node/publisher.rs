@@ -234,7 +234,7 @@ async fn send_window(
     let mut pending = Vec::with_capacity(entries.len());
     for e in entries {
         let publish = jetstream::message::PublishMessage::build()
-            .payload(e.payload.clone().into())
+            .payload(e.payload.clone())
             .message_id(e.msg_id.as_str());
         // Bounded here too: the publisher must never wait forever on one message.
         let sent = tokio::time::timeout(
@@ -348,9 +348,7 @@ async fn check_duplicates(
         };
         // Gone (retention removed it): nothing to compare; republishing an old event into
         // a compacted stream could displace a newer one, so take the ack.
-        let ours = stored.is_none_or(|m| {
-            m.subject == entry.subject && m.payload.as_ref() == entry.payload.as_slice()
-        });
+        let ours = stored.is_none_or(|m| m.subject == entry.subject && m.payload == entry.payload);
         if ours {
             acked.push(origin_seq);
             continue;
@@ -365,7 +363,7 @@ async fn check_duplicates(
         );
         shared.live().trust.publish_squatted += 1;
         let publish = jetstream::message::PublishMessage::build()
-            .payload(entry.payload.clone().into())
+            .payload(entry.payload.clone())
             .message_id(fresh.as_str());
         let sent = tokio::time::timeout(PUBLISH_TIMEOUT, async {
             shared

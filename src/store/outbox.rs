@@ -107,7 +107,7 @@ impl Store {
                 origin_seq: seq,
                 msg_id: ids.id(seq),
                 subject: ev.subject(&self.config.prefix),
-                payload: ev.encode(),
+                payload: ev.encode().into(),
             });
         }
         Ok((out, stranded))

@@ -270,7 +270,7 @@ pub struct OutboxEntry {
     /// `<origin>:<origin_seq>`.
     pub msg_id: String,
     /// The event's JSON bytes.
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// A refused incoming message.

@@ -116,7 +116,7 @@ impl TestStore {
     pub fn deliver_outbox(&mut self, entries: &[OutboxEntry]) -> ApplyReport {
         let msgs: Vec<_> = entries
             .iter()
-            .map(|e| (e.subject.clone(), e.payload.clone()))
+            .map(|e| (e.subject.clone(), e.payload.to_vec()))
             .collect();
         self.deliver_raw(&msgs)
     }
