@@ -2,7 +2,6 @@
 //! aside), storing merged states, and keeping the conflict index and digests in step.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -23,7 +22,8 @@ use crate::merge::{Merge, RecordState};
 /// The record tables, conflict index and digest deltas of one write transaction.
 pub(super) struct Tx<'t> {
     txn: &'t WriteTransaction,
-    records: HashMap<EntityName, RecordTable<'t>>,
+    /// Few per transaction: found by a scan, without hashing or cloning the name.
+    records: Vec<(EntityName, RecordTable<'t>)>,
     conflicts: Table<'t, (&'static str, u128), ()>,
     digest_delta: HashMap<EntityName, Digest>,
     pub(super) changes: Vec<Change>,
@@ -63,7 +63,7 @@ impl<'t> Tx<'t> {
     pub(super) fn new(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
         Ok(Tx {
             txn,
-            records: HashMap::new(),
+            records: Vec::new(),
             conflicts: txn.open_table(CONFLICTS)?,
             digest_delta: HashMap::new(),
             changes: Vec::new(),
@@ -75,13 +75,17 @@ impl<'t> Tx<'t> {
 
     /// The record table of `entity`, opened (and created) on first use.
     fn table(&mut self, entity: &EntityName) -> Result<&mut RecordTable<'t>, StorageError> {
-        Ok(match self.records.entry(entity.clone()) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(
-                self.txn
-                    .open_table(records_def(&records_table_name(entity)))?,
-            ),
-        })
+        let i = match self.records.iter().position(|(e, _)| e == entity) {
+            Some(i) => i,
+            None => {
+                let table = self
+                    .txn
+                    .open_table(records_def(&records_table_name(entity)))?;
+                self.records.push((entity.clone(), table));
+                self.records.len() - 1
+            }
+        };
+        Ok(&mut self.records[i].1)
     }
 
     /// The horizon of `entity`: versions older than it (ms) are taken as applied already.
