@@ -1,6 +1,8 @@
 //! Store throughput beside the raw limit of the same machine, in one run.
 //!
 //! - `local_write/single`: one `put` per transaction (each commit is durable: fsync).
+//! - `local_write/own_echoes_applied`: an applied batch of only this node's own echoes,
+//!   which moves the checkpoint and nothing else (a commit without fsync).
 //! - `local_write/batch_1000`: `write_batch` of 1,000 puts.
 //! - `apply/batch_1000/{uuid_v4,uuid_v7}`: `apply_batch` of 1,000 remote events.
 //! - `raw_redb/insert_1000/{uuid_v4,uuid_v7}`: plain redb inserts of the same keys and
@@ -102,6 +104,16 @@ fn local_writes(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("single", |b| {
         b.iter(|| store.put(&entity, Uuid::now_v7(), doc.clone()).unwrap())
+    });
+
+    // An applied batch of only this node's own echoes (passed over before the store):
+    // the transaction moves the checkpoint and nothing else.
+    let mut checkpoint = store.checkpoint().unwrap();
+    g.bench_function("own_echoes_applied", |b| {
+        b.iter(|| {
+            checkpoint += 10;
+            store.apply_batch_through(&[], checkpoint).unwrap()
+        })
     });
 
     g.throughput(Throughput::Elements(BATCH as u64));

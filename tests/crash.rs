@@ -12,7 +12,11 @@
 //! - the outbox holds exactly origin_seq 1..=N, every entry decodes, and the versions of the
 //!   records and of the outbox are the same set: no record change without its outbox entry
 //!   or the other way round (no publisher runs, so nothing leaves the outbox);
-//! - versions increase with origin_seq, across restarts too: the clock never goes back.
+//! - versions increase with origin_seq, across restarts too: the clock never goes back;
+//! - the apply checkpoint, which the child also moves now and then as a batch of only its
+//!   own echoes does (`CKPT <seq>` lines; a commit without fsync), is at least the last one
+//!   moved before the last acknowledged write (whose durable commit carries it) and at most
+//!   the greatest one moved.
 //!
 //! Every round restarts the writer on the same file, so later rounds also recover a file
 //! that was already crashed into. `JETSYNC_CRASH_SEED=<n>` replays a run's kill timings.
@@ -71,12 +75,24 @@ fn child_writer() {
         }
     }
     let mut rng = Rng(time_seed());
+    let mut checkpoint = store.checkpoint().expect("checkpoint");
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY").unwrap();
     out.flush().unwrap();
     let mut n: u64 = 0;
     loop {
         n += 1;
+        if rng.below(4) == 0 {
+            // A batch of only this node's own echoes: the checkpoint moves, without fsync.
+            checkpoint += 1 + rng.below(5);
+            let report = store
+                .apply_batch_through(&[], checkpoint)
+                .expect("moving the checkpoint");
+            assert_eq!(report.checkpoint, checkpoint);
+            writeln!(out, "CKPT {checkpoint}").unwrap();
+            out.flush().unwrap();
+            continue;
+        }
         let written: Vec<Written> = match rng.below(10) {
             // A delete of a live record.
             0..=1 if !live.is_empty() => {
@@ -266,9 +282,17 @@ fn wait_for(
     }
 }
 
+/// The checkpoints a writer moved: the last one before its last acknowledged write, and
+/// the greatest.
+#[derive(Debug, Default)]
+struct Moved {
+    before_last_ack: Option<u64>,
+    greatest: Option<u64>,
+}
+
 /// Runs one writer until a random moment, kills it with SIGKILL and returns the writes it
-/// acknowledged.
-fn run_and_kill(dir: &Path, round: usize, kill_after: Duration) -> Vec<Ack> {
+/// acknowledged and the checkpoints it moved.
+fn run_and_kill(dir: &Path, round: usize, kill_after: Duration) -> (Vec<Ack>, Moved) {
     let stderr = std::fs::File::create(dir.join(format!("writer-{round}.stderr"))).unwrap();
     let mut child = Command::new(std::env::current_exe().expect("test binary path"))
         .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
@@ -319,13 +343,21 @@ fn run_and_kill(dir: &Path, round: usize, kill_after: Duration) -> Vec<Ack> {
         cut.len() <= 1,
         "round {round}: several cut lines, only the last can be: {cut:?}"
     );
-    let acks: Vec<Ack> = lines
-        .iter()
-        .filter(|l| l.starts_with("ACK "))
-        .map(|l| parse_ack(l).unwrap_or_else(|| panic!("round {round}: bad ACK line {l:?}")))
-        .collect();
+    let (mut acks, mut moved, mut last) = (Vec::new(), Moved::default(), None);
+    for l in &lines {
+        if let Some(seq) = l.strip_prefix("CKPT ") {
+            let seq: u64 = seq
+                .parse()
+                .unwrap_or_else(|_| panic!("round {round}: bad CKPT line {l:?}"));
+            last = Some(seq);
+            moved.greatest = moved.greatest.max(Some(seq));
+        } else if l.starts_with("ACK ") {
+            acks.push(parse_ack(l).unwrap_or_else(|| panic!("round {round}: bad ACK line {l:?}")));
+            moved.before_last_ack = last;
+        }
+    }
     assert!(!acks.is_empty(), "round {round}: no acknowledged write");
-    acks
+    (acks, moved)
 }
 
 /// Everything the reopened store says, checked for consistency; returns the versions in
@@ -462,10 +494,11 @@ fn kill_nine_never_loses_an_acknowledged_write() {
     let path = dir.path().join("node.redb");
     let mut acked: Vec<Ack> = Vec::new();
     let mut before: Vec<Version> = Vec::new();
+    let mut last_checkpoint = 0;
 
     for round in 0..ROUNDS {
         let kill_after = Duration::from_millis(50 + rng.below(351));
-        let acks = run_and_kill(dir.path(), round, kill_after);
+        let (acks, moved) = run_and_kill(dir.path(), round, kill_after);
         // Acknowledgements come in commit order.
         for pair in acks.windows(2) {
             assert!(
@@ -496,14 +529,29 @@ fn kill_nine_never_loses_an_acknowledged_write() {
             panic!("round {round}: the store does not open after SIGKILL: {e}")
         });
         let versions = check_store(&store, round, &acked);
+        let checkpoint = store.checkpoint().expect("checkpoint");
+        if let Some(floor) = moved.before_last_ack {
+            assert!(
+                checkpoint >= floor,
+                "round {round}: checkpoint {checkpoint} after SIGKILL, but {floor} was moved before a write whose durable commit should carry it"
+            );
+        }
+        assert!(
+            checkpoint <= moved.greatest.unwrap_or(0).max(last_checkpoint),
+            "round {round}: checkpoint {checkpoint} after SIGKILL is beyond any moved ({moved:?}, {last_checkpoint} before the round)"
+        );
+        last_checkpoint = checkpoint;
+
         assert!(
             versions.len() >= before.len() && versions[..before.len()] == before[..],
             "round {round}: entries from earlier rounds changed"
         );
         eprintln!(
-            "round {round}: killed after {kill_after:?}; {} acknowledged, {} in the outbox",
+            "round {round}: killed after {kill_after:?}; {} acknowledged, {} in the outbox; checkpoint {} (moved up to {:?})",
             acked.len(),
-            versions.len()
+            versions.len(),
+            last_checkpoint,
+            moved.greatest
         );
         before = versions;
         // Dropped here: the next writer needs the file.

@@ -177,7 +177,6 @@ impl Shared {
         }
     }
 
-    /// Sends changes to the watchers (none listening is fine).
     /// Runs `fut` (a network wait, never a store call) unless shutdown comes first: a node
     /// that cannot reach NATS must still stop promptly. `None` if shutting down.
     async fn or_stop<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
@@ -188,6 +187,7 @@ impl Shared {
         }
     }
 
+    /// Sends changes to the watchers (none listening is fine).
     fn announce(&self, changes: Vec<Change>) {
         for c in changes {
             let _ = self.changes.send(c);

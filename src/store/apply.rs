@@ -67,7 +67,14 @@ impl Store {
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
-        let txn = self.begin_write()?;
+        let mut txn = self.begin_write()?;
+        if batch.is_empty() && retried.is_empty() {
+            // Only the checkpoint moves (a batch of this store's own echoes, passed over): a
+            // crash that loses it replays from the older one and passes over the same
+            // messages, so it owes no fsync. The next durable commit (every local write is
+            // one, and own echoes come only from writes) or closing the store carries it.
+            let _ = txn.set_durability(redb::Durability::None);
+        }
         let mut clock = self.clock();
         let mut report = ApplyReport::default();
         {
