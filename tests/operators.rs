@@ -50,13 +50,7 @@ async fn write_new(node: &Node, entity: &EntityName, n: usize, tag: &str) -> Vec
 async fn caught_up(node: &Node, js: &async_nats::jetstream::Context, what: &str) {
     wait_for(what, Duration::from_secs(60), || async {
         let s = node.status().await.map_err(|e| e.to_string())?;
-        let mut stream = js.get_stream("JETSYNC").await.map_err(|e| e.to_string())?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence;
+        let (_, last) = stream_state(js).await?;
         if s.outbox == 0 && s.checkpoint >= last {
             Ok(())
         } else {

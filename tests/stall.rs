@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::entity;
-use common::nodes::{converge, limited_to_100, node_config, start, wait_for};
+use common::nodes::{converge, limited_to_100, node_config, start, stream_state, wait_for};
 use jetsync::EntityName;
 use jetsync::api::ApiClient;
 use jetsync::connect::NatsAuth;
@@ -553,14 +553,11 @@ async fn the_apply_loop_does_not_stall_on_deliveries_lost_at_the_streams_end() {
         "the server to deliver every event to b",
         Duration::from_secs(30),
         || async {
-            let mut stream = js.get_stream("JETSYNC").await.map_err(|e| e.to_string())?;
-            let last = stream
-                .info()
+            let (_, last) = stream_state(&js).await?;
+            let mut consumer = js
+                .get_stream("JETSYNC")
                 .await
                 .map_err(|e| e.to_string())?
-                .state
-                .last_sequence;
-            let mut consumer = stream
                 .get_consumer::<async_nats::jetstream::consumer::pull::Config>("jetsync_b")
                 .await
                 .map_err(|e| e.to_string())?;
