@@ -341,13 +341,8 @@ async fn an_entity_type_added_on_a_trimmed_stream_is_bootstrapped_not_halting_th
 /// when a connection drops with deliveries in flight. New connections are then accepted.
 struct Dropper {
     port: u16,
-    /// Server-to-client bytes left before the cut; `u64::MAX`: not armed.
-    budget: Arc<AtomicU64>,
-    /// Server-to-client bytes are read and thrown away (the connection stays up).
-    discard: Arc<AtomicBool>,
-    /// Bytes thrown away so far.
-    discarded: Arc<AtomicU64>,
-    cuts: Arc<AtomicU64>,
+    /// What the server-to-client pipes share.
+    cut: Cut,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
@@ -356,20 +351,15 @@ impl Dropper {
     fn start(upstream: u16) -> Dropper {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let budget = Arc::new(AtomicU64::new(u64::MAX));
-        let discard = Arc::new(AtomicBool::new(false));
-        let discarded = Arc::new(AtomicU64::new(0));
-        let cuts = Arc::new(AtomicU64::new(0));
+        let cut = Cut {
+            budget: Arc::new(AtomicU64::new(u64::MAX)),
+            discard: Arc::default(),
+            discarded: Arc::default(),
+            cuts: Arc::default(),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let (b, d, dd, c, s, cs) = (
-            budget.clone(),
-            discard.clone(),
-            discarded.clone(),
-            cuts.clone(),
-            stop.clone(),
-            conns.clone(),
-        );
+        let (c, s, cs) = (cut.clone(), stop.clone(), conns.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -384,21 +374,13 @@ impl Dropper {
                     .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 let (c1, s1) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || pipe(c1, s1, None));
-                let cut = Cut {
-                    budget: b.clone(),
-                    discard: d.clone(),
-                    discarded: dd.clone(),
-                    cuts: c.clone(),
-                };
+                let cut = c.clone();
                 std::thread::spawn(move || pipe(server, client, Some(cut)));
             }
         });
         Dropper {
             port,
-            budget,
-            discard,
-            discarded,
-            cuts,
+            cut,
             stop,
             conns,
         }
@@ -409,37 +391,45 @@ impl Dropper {
     }
 
     fn arm(&self, bytes: u64) {
-        self.budget.store(bytes, Ordering::SeqCst);
+        self.cut.budget.store(bytes, Ordering::SeqCst);
     }
 
     fn cuts(&self) -> u64 {
-        self.cuts.load(Ordering::SeqCst)
+        self.cut.cuts.load(Ordering::SeqCst)
     }
 
     /// Throws away whatever the server sends from now on, as a link that went dark.
     fn go_dark(&self) {
-        self.discard.store(true, Ordering::SeqCst);
+        self.cut.discard.store(true, Ordering::SeqCst);
     }
 
     /// Bytes thrown away while dark.
     fn discarded(&self) -> u64 {
-        self.discarded.load(Ordering::SeqCst)
+        self.cut.discarded.load(Ordering::SeqCst)
     }
 
     /// Drops every connection (what went dark is lost for good); new ones work again.
     fn cut_all(&self) {
+        self.shut_conns();
+        self.cut.discard.store(false, Ordering::SeqCst);
+        self.cut.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn shut_conns(&self) {
         for c in self.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
-        self.discard.store(false, Ordering::SeqCst);
-        self.cuts.fetch_add(1, Ordering::SeqCst);
     }
 }
 
 /// How a server-to-client pipe loses bytes: after a budget, or all of them while dark.
+#[derive(Clone)]
 struct Cut {
+    /// Server-to-client bytes left before the cut; `u64::MAX`: not armed.
     budget: Arc<AtomicU64>,
+    /// Server-to-client bytes are read and thrown away (the connection stays up).
     discard: Arc<AtomicBool>,
+    /// Bytes thrown away so far.
     discarded: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
 }
@@ -447,9 +437,7 @@ struct Cut {
 impl Drop for Dropper {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(Shutdown::Both);
-        }
+        self.shut_conns();
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
