@@ -204,10 +204,11 @@ async fn bounded<T>(
 
 // ----- shared helpers -------------------------------------------------------------------
 
-fn payload(key: Uuid) -> bytes::Bytes {
-    let mut v = Vec::with_capacity(DOC_BYTES);
+/// `len` bytes (at least the key's 16) starting with `key`.
+fn payload(key: Uuid, len: usize) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(len);
     v.extend_from_slice(&key.as_u128().to_be_bytes());
-    v.resize(DOC_BYTES, b'x');
+    v.resize(len.max(16), b'x');
     v.into()
 }
 
@@ -331,6 +332,60 @@ async fn stream_last_seq(js: &jetstream::Context, name: &str) -> Result<u64> {
     Ok(s.info().await?.state.last_sequence)
 }
 
+/// The server's message and byte counters (`/varz`): what crossed the wire, both ways.
+#[derive(Clone, Copy, Default)]
+struct Wire {
+    /// Messages and bytes (payload and headers) the clients sent.
+    in_msgs: u64,
+    in_bytes: u64,
+    /// Messages and bytes the server delivered (consumer deliveries, PubAcks, API replies).
+    out_msgs: u64,
+    out_bytes: u64,
+}
+
+impl Wire {
+    fn read(server: &NatsServer) -> Result<Wire> {
+        let v: Value = serde_json::from_str(&server.monitor_get("/varz")?)?;
+        let n = |k: &str| {
+            v[k].as_u64()
+                .ok_or_else(|| anyhow!("/varz has no counter {k}"))
+        };
+        Ok(Wire {
+            in_msgs: n("in_msgs")?,
+            in_bytes: n("in_bytes")?,
+            out_msgs: n("out_msgs")?,
+            out_bytes: n("out_bytes")?,
+        })
+    }
+
+    /// Reports what crossed the wire between `self` and `now`, per record.
+    fn report_since(&self, now: Wire, report: &mut Report, scenario: &str, n: usize) {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
+        let note = "server /varz counters over the timed part, divided by records";
+        report.add(
+            scenario,
+            "wire_in_per_record",
+            per(now.in_bytes, self.in_bytes),
+            "B",
+            &format!("{note}: bytes the clients published (payload and headers)"),
+        );
+        report.add(
+            scenario,
+            "wire_out_per_record",
+            per(now.out_bytes, self.out_bytes),
+            "B",
+            &format!("{note}: bytes the server delivered (3 consumers, acks, replies)"),
+        );
+        report.add(
+            scenario,
+            "msgs_per_record",
+            per(now.in_msgs, self.in_msgs) + per(now.out_msgs, self.out_msgs),
+            "msg",
+            &format!("{note}: messages in and out"),
+        );
+    }
+}
+
 /// Waits until every node's outbox is empty, then until every node's checkpoint reaches the
 /// stream's last sequence; returns when the outboxes were found empty (to tell publishing
 /// from applying in a scenario's time). Progress is read from the stores, not from
@@ -394,7 +449,7 @@ async fn raw_publish(
     let mut inflight = FuturesUnordered::new();
     for _ in 0..n {
         let ack = js
-            .publish(subject.to_string(), payload(Uuid::now_v7()))
+            .publish(subject.to_string(), payload(Uuid::now_v7(), DOC_BYTES))
             .await
             .map_err(|e| anyhow!("publish: {e}"))?;
         inflight.push(ack.into_future());
@@ -592,10 +647,11 @@ async fn scenario_raw(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
 
 async fn scenario_replication(
     report: &mut Report,
-    url: &str,
+    server: &NatsServer,
     sizes: &Sizes,
     dir: &Path,
 ) -> Result<()> {
+    let url = &server.client_url();
     let js = jetstream::new(async_nats::connect(url).await?);
     let e = EntityName::new("bench").unwrap();
     let a = start_node(node_config("a", dir, url)).await?;
@@ -604,6 +660,7 @@ async fn scenario_replication(
     let limit = Duration::from_secs(600);
 
     let n = sizes.repl;
+    let wire = Wire::read(server)?;
     let t = Instant::now();
     let (ra, rb, rc) = tokio::join!(
         write_records(&a, &e, n / 3, TXN_BATCH),
@@ -628,6 +685,7 @@ async fn scenario_replication(
             t.elapsed().as_secs_f64()
         ),
     );
+    wire.report_since(Wire::read(server)?, report, "replication", n);
 
     // Single writes: 4 concurrent writers per node, one record per write call.
     let n = sizes.single;
@@ -824,11 +882,15 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// A fresh server; `JETSYNC_BENCH_SYNC_ALWAYS=1` runs it with `sync_interval: always`
-/// (what `deploy/` uses), to measure what fsync-before-ack costs.
+/// A fresh server, its monitoring endpoint on (the wire counters); with
+/// `JETSYNC_BENCH_SYNC_ALWAYS=1` it runs with `sync_interval: always` (what `deploy/` uses),
+/// to measure what fsync-before-ack costs.
 fn bench_server() -> Result<NatsServer> {
     let always = std::env::var("JETSYNC_BENCH_SYNC_ALWAYS").is_ok_and(|v| v == "1");
-    Ok(NatsServer::builder().sync_always(always).start()?)
+    Ok(NatsServer::builder()
+        .sync_always(always)
+        .monitoring(true)
+        .start()?)
 }
 
 // ----- 3. catch-up (+ 5. RSS during catch-up) ------------------------------------------
@@ -1140,16 +1202,63 @@ async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
 /// What a user could build instead: every "node" puts its records into one KV bucket and
 /// runs a watcher that materialises the bucket into its own redb file, 1,000 per
 /// transaction. Same shape as `replication/batched`: 3 writers of n/3, 3 stores of n.
-async fn scenario_kv(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) -> Result<()> {
+async fn scenario_kv(
+    report: &mut Report,
+    server: &NatsServer,
+    sizes: &Sizes,
+    dir: &Path,
+) -> Result<()> {
     let n = sizes.repl;
+    let wire = Wire::read(server)?;
+    let pass = kv_pass(server, "bench", DOC_BYTES, n, dir).await?;
+    report.add(
+        "kv",
+        "batched",
+        rate(n, pass.total),
+        "rec/s",
+        &format!("3 writers x {} puts of {DOC_BYTES} B (1,000 in flight), 3 watchers -> redb 1,000/txn; put in {:.2} s, all stored in {:.2} s", n / 3, pass.written.as_secs_f64(), pass.total.as_secs_f64()),
+    );
+    wire.report_since(Wire::read(server)?, report, "kv", n);
+    // The same again with values as large as what jetsync published per record in this run
+    // (its event and message id header): how much of the gap is bytes on the wire.
+    if let Some(bytes) = report.get("replication", "wire_in_per_record") {
+        let len = bytes.round() as usize;
+        let pass = kv_pass(server, "bench_sized", len, n, dir).await?;
+        report.add(
+            "kv",
+            "batched_same_bytes",
+            rate(n, pass.total),
+            "rec/s",
+            &format!("as batched, with {len} B values (replication's wire_in_per_record); put in {:.2} s, all stored in {:.2} s", pass.written.as_secs_f64(), pass.total.as_secs_f64()),
+        );
+    }
+    Ok(())
+}
+
+/// How long a KV pass took to put everything, and until every watcher stored it.
+struct KvPass {
+    written: Duration,
+    total: Duration,
+}
+
+/// A KV bucket with three writers putting `n` values of `len` bytes between them and three
+/// watchers each writing every value into its own redb file.
+async fn kv_pass(
+    server: &NatsServer,
+    name: &str,
+    len: usize,
+    n: usize,
+    dir: &Path,
+) -> Result<KvPass> {
+    let url = server.client_url();
     let mut stores = Vec::new();
     let mut watchers = Vec::new();
     let mut writers = Vec::new();
     for i in 0..3 {
-        let js = jetstream::new(async_nats::connect(url).await?);
+        let js = jetstream::new(async_nats::connect(&url).await?);
         let bucket = if i == 0 {
             js.create_key_value(kv::Config {
-                bucket: "bench".into(),
+                bucket: name.into(),
                 history: 1,
                 storage: stream::StorageType::File,
                 ..Default::default()
@@ -1157,11 +1266,11 @@ async fn scenario_kv(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) 
             .await
             .map_err(|e| anyhow!("create bucket: {e}"))?
         } else {
-            js.get_key_value("bench")
+            js.get_key_value(name)
                 .await
                 .map_err(|e| anyhow!("get bucket: {e}"))?
         };
-        let db = open_raw_db(&dir.join(format!("kv-{i}.redb")))?;
+        let db = open_raw_db(&dir.join(format!("{name}-{i}.redb")))?;
         stores.push(db.clone());
         let mut watch = bucket
             .watch_all()
@@ -1197,7 +1306,7 @@ async fn scenario_kv(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) 
                     let bucket = bucket.clone();
                     async move {
                         let id = Uuid::now_v7();
-                        bucket.put(id.to_string(), payload(id)).await
+                        bucket.put(id.to_string(), payload(id, len)).await
                     }
                 })
                 .buffer_unordered(1000)
@@ -1224,15 +1333,9 @@ async fn scenario_kv(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path) 
         )
         .await?;
     }
-    report.add(
-        "kv",
-        "batched",
-        rate(n, t.elapsed()),
-        "rec/s",
-        &format!("3 writers x {} puts (1,000 in flight), 3 watchers -> redb 1,000/txn; put in {:.2} s, all stored in {:.2} s", n / 3, written.as_secs_f64(), t.elapsed().as_secs_f64()),
-    );
+    let total = t.elapsed();
     drop(stores);
-    Ok(())
+    Ok(KvPass { written, total })
 }
 
 // ----- main ------------------------------------------------------------------------------
@@ -1261,9 +1364,9 @@ async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
                 let url = server.client_url();
                 match name {
                     "raw" => scenario_raw(report, &url, sizes, dir.path()).await,
-                    "replication" => scenario_replication(report, &url, sizes, dir.path()).await,
+                    "replication" => scenario_replication(report, &server, sizes, dir.path()).await,
                     "lag" => scenario_lag(report, &url, sizes, dir.path()).await,
-                    "kv" => scenario_kv(report, &url, sizes, dir.path()).await,
+                    "kv" => scenario_kv(report, &server, sizes, dir.path()).await,
                     other => bail!("unknown scenario {other}"),
                 }
             }
