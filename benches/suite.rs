@@ -1210,26 +1210,25 @@ async fn scenario_kv(
 ) -> Result<()> {
     let n = sizes.repl;
     let wire = Wire::read(server)?;
-    let pass = kv_pass(server, "bench", DOC_BYTES, n, dir).await?;
-    report.add(
-        "kv",
+    kv_pass(server, "bench", DOC_BYTES, n, dir).await?.report(
+        report,
         "batched",
-        rate(n, pass.total),
-        "rec/s",
-        &format!("3 writers x {} puts of {DOC_BYTES} B (1,000 in flight), 3 watchers -> redb 1,000/txn; put in {:.2} s, all stored in {:.2} s", n / 3, pass.written.as_secs_f64(), pass.total.as_secs_f64()),
+        n,
+        &format!(
+            "3 writers x {} puts of {DOC_BYTES} B (1,000 in flight), 3 watchers -> redb 1,000/txn",
+            n / 3
+        ),
     );
     wire.report_since(Wire::read(server)?, report, "kv", n);
     // The same again with values as large as what jetsync published per record in this run
     // (its event and message id header): how much of the gap is bytes on the wire.
     if let Some(bytes) = report.get("replication", "wire_in_per_record") {
         let len = bytes.round() as usize;
-        let pass = kv_pass(server, "bench_sized", len, n, dir).await?;
-        report.add(
-            "kv",
+        kv_pass(server, "bench_sized", len, n, dir).await?.report(
+            report,
             "batched_same_bytes",
-            rate(n, pass.total),
-            "rec/s",
-            &format!("as batched, with {len} B values (replication's wire_in_per_record); put in {:.2} s, all stored in {:.2} s", pass.written.as_secs_f64(), pass.total.as_secs_f64()),
+            n,
+            &format!("as batched, with {len} B values (replication's wire_in_per_record)"),
         );
     }
     Ok(())
@@ -1239,6 +1238,23 @@ async fn scenario_kv(
 struct KvPass {
     written: Duration,
     total: Duration,
+}
+
+impl KvPass {
+    /// Reports the pass's rate over `n` records as `kv <name>`.
+    fn report(&self, report: &mut Report, name: &str, n: usize, what: &str) {
+        report.add(
+            "kv",
+            name,
+            rate(n, self.total),
+            "rec/s",
+            &format!(
+                "{what}; put in {:.2} s, all stored in {:.2} s",
+                self.written.as_secs_f64(),
+                self.total.as_secs_f64()
+            ),
+        );
+    }
 }
 
 /// A KV bucket with three writers putting `n` values of `len` bytes between them and three
