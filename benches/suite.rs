@@ -333,7 +333,6 @@ async fn stream_last_seq(js: &jetstream::Context, name: &str) -> Result<u64> {
 }
 
 /// The server's message and byte counters (`/varz`): what crossed the wire, both ways.
-#[derive(Clone, Copy, Default)]
 struct Wire {
     /// Messages and bytes (payload and headers) the clients sent.
     in_msgs: u64,
