@@ -33,6 +33,8 @@
 //! max_clock_drift_secs = 60
 //! fetch_batch = 1000
 //! publish_window = 1000
+//! max_quarantine_per_origin = 10000  # refused messages kept per writer; oldest dropped, counted
+//! max_quarantine = 100000
 //!
 //! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
 //! listen = "127.0.0.1:9464"
@@ -300,6 +302,10 @@ pub struct FileLimits {
     pub publish_window: usize,
     /// The store's page cache, MiB.
     pub cache_mib: usize,
+    /// Most quarantine entries kept per origin; the oldest beyond it are dropped, counted.
+    pub max_quarantine_per_origin: u64,
+    /// Most quarantine entries kept in all; the oldest beyond it are dropped, counted.
+    pub max_quarantine: u64,
 }
 
 impl Default for FileLimits {
@@ -311,6 +317,8 @@ impl Default for FileLimits {
             fetch_batch: 1000,
             publish_window: 1000,
             cache_mib: s.cache_bytes >> 20,
+            max_quarantine_per_origin: s.max_quarantine_per_origin,
+            max_quarantine: s.max_quarantine,
         }
     }
 }
@@ -402,11 +410,22 @@ impl FileConfig {
         if self.limits.max_doc_bytes == 0 {
             return Err(invalid("limits.max_doc_bytes", "must be positive"));
         }
+        if self.limits.max_quarantine_per_origin == 0 {
+            return Err(invalid(
+                "limits.max_quarantine_per_origin",
+                "must be positive",
+            ));
+        }
+        if self.limits.max_quarantine == 0 {
+            return Err(invalid("limits.max_quarantine", "must be positive"));
+        }
         let store = StoreConfig {
             prefix: stream.prefix.clone(),
             max_doc_bytes: self.limits.max_doc_bytes,
             max_clock_drift: Duration::from_secs(self.limits.max_clock_drift_secs),
             cache_bytes: self.limits.cache_mib << 20,
+            max_quarantine_per_origin: self.limits.max_quarantine_per_origin,
+            max_quarantine: self.limits.max_quarantine,
         };
         let ops = self.metrics.settings()?;
         if self.snapshots.keep == 0 {

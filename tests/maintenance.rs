@@ -474,3 +474,131 @@ fn quarantined_messages_can_be_retried_after_a_limit_is_raised_or_dropped() {
     assert_eq!(t.store.quarantine_drop(&[malformed[0].id]).unwrap(), 1);
     assert_eq!(t.store.quarantine_len().unwrap(), 0);
 }
+
+/// One origin flooding the stream with refused messages (issue 27: 2,000 junk events in
+/// 1.4 s were all kept, on every node) fills at most its own share of the quarantine: its
+/// oldest entries are dropped and counted, the other origins' evidence stays, and the
+/// whole quarantine never passes its total bound. Retry and drop keep the origin index in
+/// step (a dropped entry frees its origin's room).
+#[test]
+fn the_quarantine_is_bounded_per_origin_and_in_all_and_counts_what_it_drops() {
+    let config = StoreConfig {
+        max_quarantine_per_origin: 5,
+        max_quarantine: 12,
+        ..StoreConfig::default()
+    };
+    let mut t = open_with("a", config.clone());
+    let junk = |origin: &str, n: usize| -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("jetsync.orders._.{origin}.{}", Uuid::now_v7()),
+                    format!("not json {i}").into_bytes(),
+                )
+            })
+            .collect()
+    };
+    // An honest origin's two refused messages, then a flood from `mallory`.
+    t.deliver_raw(&junk("honest", 2));
+    let report = t.deliver_raw(&junk("mallory", 40));
+    assert_eq!(report.quarantined, 40, "every message is still refused");
+    let origins = t.store.quarantine_by_origin("jetsync").unwrap();
+    assert_eq!(
+        count_of(&origins, "mallory"),
+        5,
+        "the flooding origin keeps only its bound"
+    );
+    assert_eq!(
+        count_of(&origins, "honest"),
+        2,
+        "the other origin's evidence stays"
+    );
+    assert_eq!(t.store.quarantine_dropped().unwrap(), 35);
+    // The newest of the flood are the ones kept.
+    let kept: Vec<String> = t
+        .store
+        .quarantine(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.subject.contains(".mallory."))
+        .map(|e| String::from_utf8(e.payload).unwrap())
+        .collect();
+    assert_eq!(
+        kept,
+        (35..40)
+            .map(|i| format!("not json {i}"))
+            .collect::<Vec<_>>()
+    );
+
+    // Many origin names (a writer's to choose) hit the total bound instead.
+    for i in 0..10 {
+        t.deliver_raw(&junk(&format!("m{i}"), 1));
+    }
+    assert_eq!(
+        t.store.quarantine_len().unwrap(),
+        12,
+        "the total bound holds"
+    );
+    assert_eq!(t.store.quarantine_dropped().unwrap(), 35 + 5);
+
+    // Dropping entries frees their origin's room, and the index stays in step.
+    let ids: Vec<u64> = t
+        .store
+        .quarantine(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.subject.contains(".m9."))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(t.store.quarantine_drop(&ids).unwrap(), 1);
+    let origins = t.store.quarantine_by_origin("jetsync").unwrap();
+    assert!(!origins.contains_key("m9"));
+    assert_eq!(t.store.quarantine_len().unwrap(), 11);
+
+    // A store whose quarantine predates the index gets it built at open: remove the
+    // index tables underneath, reopen with the same bounds, flood again.
+    let (t, ()) = with_raw(t, "a", |txn| {
+        txn.delete_table(TableDefinition::<(&str, u64), ()>::new(
+            "quarantine_by_origin",
+        ))
+        .unwrap();
+        txn.delete_table(TableDefinition::<&str, u64>::new("quarantine_counts"))
+            .unwrap();
+    });
+    let TestStore {
+        store,
+        clock,
+        dir,
+        next_seq,
+    } = t;
+    let path = store.path().to_owned();
+    drop(store);
+    let mut t = TestStore {
+        store: jetsync::Store::open_with_clock(
+            &path,
+            node("a"),
+            config,
+            std::sync::Arc::new(clock.clone()),
+        )
+        .expect("reopen with the bounds"),
+        clock,
+        dir,
+        next_seq,
+    };
+    let before = t.store.quarantine_dropped().unwrap();
+    t.deliver_raw(&junk("mallory", 6));
+    let origins = t.store.quarantine_by_origin("jetsync").unwrap();
+    assert!(
+        (1..=5).contains(&count_of(&origins, "mallory")),
+        "the rebuilt index bounds the origin: {origins:?}"
+    );
+    assert!(t.store.quarantine_len().unwrap() <= 12);
+    assert!(t.store.quarantine_dropped().unwrap() > before);
+}
+
+fn count_of(
+    origins: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    origin: &str,
+) -> u64 {
+    origins.get(origin).map_or(0, |r| r.values().sum())
+}

@@ -130,6 +130,10 @@ pub struct Status {
     pub refused_by: BTreeMap<String, BTreeMap<String, u64>>,
     /// Refused messages in the quarantine.
     pub quarantined: u64,
+    /// Quarantine entries dropped, oldest first, to keep the quarantine within its bounds
+    /// (`limits.max_quarantine_per_origin`, `limits.max_quarantine`): refusals that were
+    /// counted but whose messages are no longer kept.
+    pub quarantine_dropped: u64,
     /// The current transient errors of the publisher and the apply loop, each cleared when
     /// its loop recovers.
     pub last_error: Option<String>,
@@ -163,6 +167,7 @@ pub(super) struct Counts {
     outbox: u64,
     checkpoint: u64,
     quarantined: u64,
+    quarantine_dropped: u64,
     damaged: u64,
     refused: u64,
 }
@@ -176,6 +181,7 @@ impl NodeHandle {
                 outbox: store.outbox_len()?,
                 checkpoint: store.checkpoint()?,
                 quarantined: store.quarantine_len()?,
+                quarantine_dropped: store.quarantine_dropped()?,
                 damaged: store.damaged_len()?,
                 refused: store.refused_len()?,
             })
@@ -225,6 +231,7 @@ impl NodeHandle {
             outbox,
             checkpoint,
             quarantined,
+            quarantine_dropped,
             damaged,
             refused,
         } = counts;
@@ -245,6 +252,7 @@ impl NodeHandle {
             published: self.0.published.load(Ordering::Relaxed),
             refused_by: self.0.selfcheck.refused(),
             quarantined,
+            quarantine_dropped,
             last_error: {
                 let errors: Vec<&str> = [&live.publish_error, &live.apply_error, &store_error]
                     .into_iter()

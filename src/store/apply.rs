@@ -3,12 +3,11 @@
 
 use redb::ReadableTable;
 
-use super::codec::{encode_postcard, leaf_event};
+use super::codec::leaf_event;
 use super::format::{
-    K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, QUARANTINE, UNPUBLISHED,
-    read_u64,
+    K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, UNPUBLISHED, read_u64,
 };
-use super::quarantine::QuarantineRow;
+use super::quarantine::{QuarantineRow, QuarantineTables};
 use super::tx::Tx;
 use super::{ApplyReport, Incoming, Store};
 use crate::error::StorageError;
@@ -80,7 +79,7 @@ impl Store {
         {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META)?;
-            let mut quarantine = txn.open_table(QUARANTINE)?;
+            let mut quarantine = QuarantineTables::open(&txn, &self.config)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let limits = self.limits();
@@ -147,10 +146,7 @@ impl Store {
                             payload: msg.payload.to_vec(),
                             stream_time_ms: msg.stream_time_ms,
                         };
-                        quarantine.insert(
-                            quarantine_seq,
-                            encode_postcard(&row, "quarantine")?.as_slice(),
-                        )?;
+                        quarantine.insert(quarantine_seq, &row)?;
                         report.quarantined += 1;
                         let entity = msg
                             .subject
@@ -174,6 +170,7 @@ impl Store {
                 meta.insert(K_APPLIED_MS, applied_ms.to_le_bytes().as_slice())?;
             }
             meta.insert(K_QUARANTINE_SEQ, quarantine_seq.to_le_bytes().as_slice())?;
+            quarantine.finish(&mut meta)?;
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
             report.checkpoint = if through.is_some() {
                 new_checkpoint

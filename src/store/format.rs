@@ -31,6 +31,13 @@ pub(super) const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("d
 pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(super) const UNPUBLISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("unpublished");
 pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+/// The quarantine by origin (the subject's origin token): `(origin, entry id)`, so the
+/// oldest entry of a flooding origin is found at once (see `quarantine.rs`).
+pub(super) const QUARANTINE_BY_ORIGIN: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("quarantine_by_origin");
+/// Entries per origin in the quarantine; an origin with none has no row.
+pub(super) const QUARANTINE_COUNTS: TableDefinition<&str, u64> =
+    TableDefinition::new("quarantine_counts");
 /// Record values that failed their checksum or did not decode, moved aside when a write
 /// transaction met them: `(entity, id)` -> postcard [`DamagedRow`](super::tx::DamagedRow).
 pub(super) const DAMAGED: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("damaged");
@@ -48,6 +55,8 @@ pub(super) const K_HLC: &str = "hlc";
 pub(super) const K_ORIGIN_SEQ: &str = "origin_seq";
 pub(super) const K_CHECKPOINT: &str = "checkpoint";
 pub(super) const K_QUARANTINE_SEQ: &str = "quarantine_seq";
+/// Quarantine entries dropped to keep the quarantine within its bounds.
+pub(super) const K_QUARANTINE_DROPPED: &str = "quarantine_dropped";
 pub(super) const K_INCARNATION: &str = "incarnation";
 /// The secret of this incarnation's message ids (see [`crate::msgid`]).
 pub(super) const K_MSGID_SECRET: &str = "msgid_secret";
@@ -184,6 +193,9 @@ pub(super) fn init_or_check(
         txn.open_table(OUTBOX).map_err(StorageError::from)?;
         txn.open_table(UNPUBLISHED).map_err(StorageError::from)?;
         txn.open_table(QUARANTINE).map_err(StorageError::from)?;
+        // Added beside format 3 without a bump: a file whose quarantine predates the
+        // index gets it built here once.
+        super::quarantine::index_if_missing(&txn)?;
         txn.open_table(CONFLICTS).map_err(StorageError::from)?;
         txn.open_table(DIGESTS).map_err(StorageError::from)?;
         txn.open_table(DAMAGED).map_err(StorageError::from)?;

@@ -14,7 +14,7 @@ use super::format::{
     CONFLICTS, DAMAGED, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
 };
-use super::quarantine::QuarantineRow;
+use super::quarantine::{QuarantineRow, QuarantineTables};
 use super::tx::{Before, DamagedRow, Tx};
 use super::{Incoming, Store};
 use crate::clock::Hlc;
@@ -430,9 +430,9 @@ impl Store {
         let txn = self.begin_write()?;
         let mut dropped = 0;
         {
-            let mut table = txn.open_table(QUARANTINE)?;
+            let mut table = QuarantineTables::open(&txn, &self.config)?;
             for id in ids {
-                dropped += usize::from(table.remove(*id)?.is_some());
+                dropped += usize::from(table.remove(*id)?);
             }
         }
         self.commit(txn)?;

@@ -1,15 +1,27 @@
-//! The quarantine: incoming messages refused with their reason, as stored and as read.
-//! Retrying and dropping entries is operator work, in `maintenance`.
+//! The quarantine: incoming messages refused with their reason, as stored and as read,
+//! and its bounds. Retrying and dropping entries is operator work, in `maintenance`.
+//!
+//! Whoever may publish into the stream may make every node quarantine what it publishes,
+//! so the quarantine is bounded: at most `max_quarantine_per_origin` entries per origin
+//! (the subject's origin token, `?` when it is not a node id) and `max_quarantine` in all
+//! (origin names are the writers' to choose). Past a bound the oldest entry of that origin
+//! (or of all) is dropped and counted (`quarantine_dropped` in meta, the status and the
+//! metrics), so a flood costs bounded disk, keeps the newest evidence of every writer and
+//! never hides that something was dropped. The index `(origin, id)` and the per-origin
+//! counts move in the same transaction as the entries ([`QuarantineTables`]).
 
 use std::collections::BTreeMap;
 
-use redb::ReadableTableMetadata;
+use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::codec::decode_postcard;
-use super::format::QUARANTINE;
-use super::{QuarantineEntry, Store};
+use super::codec::{decode_postcard, encode_postcard};
+use super::format::{
+    K_QUARANTINE_DROPPED, META, QUARANTINE, QUARANTINE_BY_ORIGIN, QUARANTINE_COUNTS, read_u64,
+};
+use super::{QuarantineEntry, Store, StoreConfig};
 use crate::error::StorageError;
+use crate::ids::NodeId;
 
 /// A `quarantine` table value (postcard).
 #[derive(Serialize, Deserialize)]
@@ -33,6 +45,136 @@ pub(super) struct QuarantineRowV1 {
     pub(super) payload: Vec<u8>,
 }
 
+/// The origin a quarantined message is filed under: the subject's origin token, second
+/// from last in `<prefix>.<entity>.<scope>.<origin>.<id>` whatever the prefix, or `?` when
+/// the subject is shorter or the token is not a valid node id (bounded key size whatever
+/// the subject).
+pub(super) fn origin_of(subject: &str) -> &str {
+    let mut tokens = subject.rsplit('.');
+    match (tokens.next(), tokens.next(), tokens.nth(1)) {
+        (Some(_), Some(o), Some(_)) if NodeId::new(o).is_ok() => o,
+        _ => "?",
+    }
+}
+
+/// The quarantine's tables in one write transaction, kept in step: entries, the origin
+/// index and per-origin counts, and the count of entries dropped to stay within bounds.
+pub(super) struct QuarantineTables<'t> {
+    rows: Table<'t, u64, &'static [u8]>,
+    by_origin: Table<'t, (&'static str, u64), ()>,
+    counts: Table<'t, &'static str, u64>,
+    per_origin: u64,
+    total: u64,
+    /// Entries dropped by this transaction for the bounds.
+    pub(super) dropped: u64,
+}
+
+impl<'t> QuarantineTables<'t> {
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        config: &StoreConfig,
+    ) -> Result<Self, StorageError> {
+        Ok(QuarantineTables {
+            rows: txn.open_table(QUARANTINE)?,
+            by_origin: txn.open_table(QUARANTINE_BY_ORIGIN)?,
+            counts: txn.open_table(QUARANTINE_COUNTS)?,
+            per_origin: config.max_quarantine_per_origin.max(1),
+            total: config.max_quarantine.max(1),
+            dropped: 0,
+        })
+    }
+
+    /// Files `row` under `id`, first dropping the oldest entries its origin (or the whole
+    /// quarantine) holds beyond the bounds.
+    pub(super) fn insert(&mut self, id: u64, row: &QuarantineRow) -> Result<(), StorageError> {
+        let origin = origin_of(&row.subject).to_owned();
+        // A loop, not one drop: a lowered bound (or an index rebuilt over more) shrinks
+        // the origin back to it.
+        while self.held(&origin)? >= self.per_origin {
+            let oldest = self
+                .by_origin
+                .range((origin.as_str(), 0)..=(origin.as_str(), u64::MAX))?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().1);
+            let Some(oldest) = oldest else { break };
+            self.remove(oldest)?;
+            self.dropped += 1;
+        }
+        while self.rows.len()? >= self.total {
+            let Some(oldest) = self.rows.first()?.map(|(k, _)| k.value()) else {
+                break;
+            };
+            self.remove(oldest)?;
+            self.dropped += 1;
+        }
+        self.rows
+            .insert(id, encode_postcard(row, "quarantine")?.as_slice())?;
+        self.by_origin.insert((origin.as_str(), id), ())?;
+        let held = self.held(&origin)?;
+        self.counts.insert(origin.as_str(), held + 1)?;
+        Ok(())
+    }
+
+    fn held(&self, origin: &str) -> Result<u64, StorageError> {
+        Ok(self.counts.get(origin)?.map_or(0, |g| g.value()))
+    }
+
+    /// Removes entry `id` (and its index row); whether it existed.
+    pub(super) fn remove(&mut self, id: u64) -> Result<bool, StorageError> {
+        let row: QuarantineRow = match self.rows.remove(id)? {
+            Some(g) => decode_postcard(g.value(), "quarantine", id)?,
+            None => return Ok(false),
+        };
+        let origin = origin_of(&row.subject);
+        self.by_origin.remove((origin, id))?;
+        let held = self.held(origin)?;
+        if held <= 1 {
+            self.counts.remove(origin)?;
+        } else {
+            self.counts.insert(origin, held - 1)?;
+        }
+        Ok(true)
+    }
+
+    /// Adds this transaction's drops to the stored count (in `meta`).
+    pub(super) fn finish(self, meta: &mut Table<'_, &str, &[u8]>) -> Result<(), StorageError> {
+        if self.dropped > 0 {
+            let total = read_u64(meta, K_QUARANTINE_DROPPED)? + self.dropped;
+            meta.insert(K_QUARANTINE_DROPPED, total.to_le_bytes().as_slice())?;
+            tracing::warn!(
+                dropped = self.dropped,
+                total,
+                "quarantine full for an origin (or in all): oldest entries dropped"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds the origin index of a quarantine kept before it existed (run once at open, when
+/// there are entries and no counts).
+pub(super) fn index_if_missing(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let rows = txn.open_table(QUARANTINE)?;
+    let mut counts = txn.open_table(QUARANTINE_COUNTS)?;
+    let mut by_origin = txn.open_table(QUARANTINE_BY_ORIGIN)?;
+    if rows.is_empty()? || !counts.is_empty()? {
+        return Ok(());
+    }
+    let mut tally: BTreeMap<String, u64> = BTreeMap::new();
+    for row in rows.iter()? {
+        let (k, v) = row?;
+        let row: QuarantineRow = decode_postcard(v.value(), "quarantine", k.value())?;
+        let origin = origin_of(&row.subject).to_owned();
+        by_origin.insert((origin.as_str(), k.value()), ())?;
+        *tally.entry(origin).or_default() += 1;
+    }
+    for (origin, n) in tally {
+        counts.insert(origin.as_str(), n)?;
+    }
+    Ok(())
+}
+
 /// Most quarantine entries [`Store::quarantine_by_origin`] scans.
 const QUARANTINE_SCAN_CAP: u64 = 1_000_000;
 
@@ -41,6 +183,11 @@ impl Store {
     pub fn quarantine_len(&self) -> Result<u64, StorageError> {
         let txn = self.read()?;
         Ok(txn.open_table(QUARANTINE)?.len()?)
+    }
+
+    /// Quarantine entries dropped so far to keep within the bounds (see the module doc).
+    pub fn quarantine_dropped(&self) -> Result<u64, StorageError> {
+        read_u64(&self.read()?.open_table(META)?, K_QUARANTINE_DROPPED)
     }
 
     /// Up to `limit` quarantine entries with id `> after`.

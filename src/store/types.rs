@@ -27,6 +27,13 @@ pub struct StoreConfig {
     /// default (1 GiB) let a node's RSS grow with the data it reads or writes. Stores with
     /// random (UUIDv4) ids and many records write faster with more.
     pub cache_bytes: usize,
+    /// Most quarantine entries kept for one origin (the subject's origin token): past it
+    /// the origin's oldest entry is dropped and counted, so one writer cannot fill the disk
+    /// or crowd out the others' evidence.
+    pub max_quarantine_per_origin: u64,
+    /// Most quarantine entries kept in all (origin names are the writers' to choose):
+    /// past it the oldest entry is dropped and counted.
+    pub max_quarantine: u64,
 }
 
 impl Default for StoreConfig {
@@ -36,6 +43,8 @@ impl Default for StoreConfig {
             max_doc_bytes: 256 * 1024,
             max_clock_drift: Duration::from_secs(60),
             cache_bytes: 32 << 20,
+            max_quarantine_per_origin: 10_000,
+            max_quarantine: 100_000,
         }
     }
 }
@@ -51,6 +60,11 @@ impl StoreConfig {
         }
         if self.max_doc_bytes == 0 {
             return Err(OpenError::Config("max_doc_bytes must be positive".into()));
+        }
+        if self.max_quarantine_per_origin == 0 || self.max_quarantine == 0 {
+            return Err(OpenError::Config(
+                "max_quarantine and max_quarantine_per_origin must be positive".into(),
+            ));
         }
         Ok(())
     }
