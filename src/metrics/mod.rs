@@ -16,9 +16,9 @@
 //!   registry, in one place: `Inner::preinitialise`. A new labelled counter or gauge with a
 //!   closed set of values adds its line there.
 //! - **Label values from the wire are bounded.** A name that comes from the stream or from
-//!   peers (entity types, node ids) goes through a [`labels`] set: the configured entity
-//!   types (or, on a node following every type, the first [`ENTITY_LABEL_CAP`] seen) and
-//!   the first [`NODE_LABEL_CAP`] node ids get their own value, the rest share
+//!   peers (entity types, node ids) goes through a `labels::BoundedLabels`: the configured
+//!   entity types (or, on a node following every type, the first [`ENTITY_LABEL_CAP`]
+//!   seen) and the first [`NODE_LABEL_CAP`] node ids get their own value, the rest share
 //!   [`OVERFLOW`] (`_other`). A new metric labelled by such a name takes its value from
 //!   `Inner::entity_label` / `Inner::node_label`, never from the name itself.
 //!
@@ -733,7 +733,7 @@ mod tests {
 
     #[test]
     fn a_fresh_registry_shows_every_known_label_set_at_zero() {
-        let m = NodeMetrics::new("a").with_entity_types(["orders".to_owned()]);
+        let m = NodeMetrics::new("a");
         let text = m.encode();
         let mut want = Vec::new();
         for r in QUARANTINE_REASONS {
@@ -749,6 +749,14 @@ mod tests {
         for r in HALT_REASONS {
             want.push(format!("jetsync_halted{{node=\"a\",reason=\"{r}\"}} 0"));
         }
+        for line in want {
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        // The configured entity types' outcomes too.
+        let text = NodeMetrics::new("a")
+            .with_entity_types(["orders".to_owned()])
+            .encode();
+        let mut want = Vec::new();
         for o in APPLY_OUTCOMES {
             want.push(format!(
                 "jetsync_applied_events_total{{node=\"a\",entity=\"orders\",outcome=\"{o}\"}} 0"
