@@ -785,3 +785,64 @@ async fn first_events_show_from_zero_and_wire_names_stay_bounded() {
     b_ops.shutdown().await;
     b.shutdown().await.unwrap();
 }
+
+/// An added entity type whose old events are gone waits alone (`entities_gap`): that is a
+/// halt like the others, exported as `jetsync_halted{reason="entities_gap"}` (it was not:
+/// `JetsyncNodeHalted` never fired), and it clears once a snapshot covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_type_waiting_for_a_snapshot_shows_as_a_halt() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let (orders, items) = (entity("orders"), entity("items"));
+    let filter = |e: &jetsync::EntityName| jetsync::node::EntityFilter {
+        entity: e.clone(),
+        scopes: Vec::new(),
+    };
+    let a = start(limited(node_config("a", dir.path(), &url))).await;
+    let mut b_config = with_metrics(limited(node_config("b", dir.path(), &url)));
+    b_config.entities = vec![filter(&orders)];
+    let b = start(b_config.clone()).await;
+    a.write(puts(&orders, 10)).await.unwrap();
+    converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    a.write(puts(&items, 30)).await.unwrap();
+    // Retention (100 messages) drops the items' events; b keeps up with orders.
+    for _ in 0..4 {
+        a.write(puts(&orders, 50)).await.unwrap();
+        converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    }
+    b.shutdown().await.unwrap();
+
+    b_config.entities.push(filter(&items));
+    let b = start(b_config).await;
+    let ops = start_ops(&b).await;
+    let addr = ops.local_addr().unwrap();
+    wait_metric(
+        addr,
+        "b to hold the added entity type",
+        "jetsync_halted",
+        &[("reason", "entities_gap")],
+        |v| v == 1.0,
+    )
+    .await;
+    let s = b.status().await.unwrap();
+    assert!(
+        matches!(s.halted, Some(jetsync::node::Halt::EntitiesGap { .. })),
+        "{:?}",
+        s.halted
+    );
+
+    a.snapshot().await.expect("snapshot");
+    wait_metric(
+        addr,
+        "b to take the added type in after the snapshot",
+        "jetsync_halted",
+        &[("reason", "entities_gap")],
+        |v| v == 0.0,
+    )
+    .await;
+    converge(&[&a, &b], &items, Duration::from_secs(30)).await;
+    ops.shutdown().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
