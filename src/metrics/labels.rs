@@ -25,7 +25,7 @@ pub const NODE_LABEL_CAP: usize = 32;
 /// admitted first come while open, and [`OVERFLOW`].
 #[derive(Debug)]
 pub(crate) struct BoundedLabels {
-    /// What the names are, for the log line when the set first overflows.
+    /// What a name is ("an entity type"), for the log line when the set first overflows.
     what: &'static str,
     /// Whether a name follows its grammar (anything else overflows).
     valid: fn(&str) -> bool,
@@ -79,12 +79,22 @@ impl BoundedLabels {
             self.admitted.insert(name.to_owned());
             return name.to_owned();
         }
+        // Once per process: the first name refused its own label says why the overflow
+        // series exists; logging every one would let the wire flood the log instead.
         if !self.warned {
             self.warned = true;
+            let why = if !(self.valid)(name) {
+                "not a valid name"
+            } else if self.open {
+                "the metrics already label as many one by one"
+            } else {
+                "not one of the node's configured ones"
+            };
             tracing::warn!(
                 name = %name.chars().take(80).collect::<String>(),
-                limit = if self.open { self.cap } else { self.reserved.len() },
-                "more {} than the metrics label one by one: this one and any further ones are counted under the label value {OVERFLOW:?}",
+                why,
+                cap = self.cap,
+                "{} gets no metrics label of its own: it and any further such names are counted under {OVERFLOW:?}",
                 self.what,
             );
         }

@@ -285,12 +285,12 @@ impl NodeMetrics {
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
             entities: Mutex::new(BoundedLabels::open(
-                "entity types",
+                "an entity type",
                 |s| crate::ids::EntityName::new(s).is_ok(),
                 ENTITY_LABEL_CAP,
             )),
             nodes: Mutex::new(BoundedLabels::open(
-                "node ids",
+                "a node id",
                 |s| crate::ids::NodeId::new(s).is_ok(),
                 NODE_LABEL_CAP,
             )),
