@@ -146,6 +146,17 @@ pub enum QuarantineReason {
 }
 
 impl QuarantineReason {
+    /// Every [`QuarantineReason::code`]: the metrics create a series for each at start.
+    pub const CODES: [&'static str; 7] = [
+        "malformed",
+        "unsupported_envelope",
+        "forged_origin",
+        "subject_mismatch",
+        "doc_too_large",
+        "invalid_version",
+        "clock_drift",
+    ];
+
     /// A stable short name of the reason (`malformed`, `clock_drift`, ...) for tooling.
     pub fn code(&self) -> &'static str {
         match self {

@@ -648,3 +648,201 @@ fn the_dashboard_queries_only_metrics_the_nodes_export() {
         );
     }
 }
+
+/// Issue 22 case 8 / issue 23: every refusal shows from its first event (known label sets
+/// are exported at 0 before anything happens), entity type names read from the stream add
+/// a bounded number of series, and a refusing peer that left loses its series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_events_show_from_zero_and_wire_names_stay_bounded() {
+    use jetsync::event::QuarantineReason;
+    use jetsync::metrics::{ENTITY_LABEL_CAP, HALT_REASONS, OVERFLOW, publish_error};
+
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let a = start(with_metrics(node_config("a", dir.path(), &url))).await;
+    let b = start(with_metrics(node_config("b", dir.path(), &url))).await;
+    let a_ops = start_ops(&a).await;
+    let b_ops = start_ops(&b).await;
+    let (a_addr, b_addr) = (a_ops.local_addr().unwrap(), b_ops.local_addr().unwrap());
+
+    // Before any event, every known label set is there at 0: the first event is an
+    // increase Prometheus sees.
+    let s = Scrape::of(a_addr).await;
+    for r in QuarantineReason::CODES {
+        assert_eq!(
+            s.get("jetsync_quarantined_events_total", &[("reason", r)]),
+            0.0
+        );
+    }
+    for k in publish_error::KINDS {
+        assert_eq!(s.get("jetsync_publish_errors_total", &[("kind", k)]), 0.0);
+    }
+    for r in HALT_REASONS {
+        assert_eq!(s.get("jetsync_halted", &[("reason", r)]), 0.0);
+    }
+    let (_, small) = get(a_addr, "/metrics").await;
+
+    // 300 made-up entity types arrive over the stream (one record each, written on b).
+    let writes: Vec<Write> = (0..300)
+        .map(|i| {
+            Write::put(
+                entity(&format!("made_up_{i:03}")),
+                Uuid::now_v7(),
+                json!({"i": i}),
+            )
+        })
+        .collect();
+    b.write(writes).await.unwrap();
+    let rest = (300 - ENTITY_LABEL_CAP) as f64;
+    let s = wait_metric(
+        a_addr,
+        "a applying the 300 types' events",
+        "jetsync_applied_events_total",
+        &[("entity", OVERFLOW), ("outcome", "applied")],
+        |v| v >= rest,
+    )
+    .await;
+    let (_, big) = get(a_addr, "/metrics").await;
+    eprintln!(
+        "/metrics of a: {} bytes before, {} bytes after 300 wire entity types",
+        small.len(),
+        big.len()
+    );
+    for name in [
+        "jetsync_applied_events_total",
+        "jetsync_replication_lag_seconds",
+        "jetsync_conflicted_records",
+    ] {
+        let labels: std::collections::BTreeSet<&str> =
+            s.0.samples
+                .iter()
+                .filter(|x| x.metric == name)
+                .filter_map(|x| x.labels.get("entity"))
+                .collect();
+        assert!(
+            labels.len() <= ENTITY_LABEL_CAP + 1,
+            "{name} has {} entity label values",
+            labels.len()
+        );
+    }
+    assert_eq!(
+        s.get(
+            "jetsync_applied_events_total",
+            &[("entity", OVERFLOW), ("outcome", "applied")]
+        ),
+        rest
+    );
+
+    // a refuses an event published under b's origin: b's series for peer a appears…
+    let nats = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    js.publish(
+        format!("jetsync.orders._.b.{}", Uuid::now_v7()),
+        "not json".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_metric(
+        a_addr,
+        "a quarantining the malformed message",
+        "jetsync_quarantined_events_total",
+        &[("reason", "malformed")],
+        |v| v == 1.0,
+    )
+    .await;
+    wait_metric(
+        b_addr,
+        "b learning that a refuses its events",
+        "jetsync_own_events_refused",
+        &[("peer", "a")],
+        |v| v == 1.0,
+    )
+    .await;
+
+    // …and goes once a has left for a few self-check rounds, rather than staying forever.
+    a_ops.shutdown().await;
+    a.shutdown().await.unwrap();
+    let mut gone = false;
+    for _ in 0..200 {
+        let s = Scrape::of(b_addr).await;
+        if s.value("jetsync_own_events_refused", &[("peer", "a")])
+            .is_none()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "b still exports jetsync_own_events_refused for peer a 20 s after a left"
+    );
+    let status = b.status().await.unwrap();
+    assert!(status.refused_by.is_empty(), "{:?}", status.refused_by);
+    b_ops.shutdown().await;
+    b.shutdown().await.unwrap();
+}
+
+/// An added entity type whose old events are gone waits alone (`entities_gap`): that is a
+/// halt like the others, exported as `jetsync_halted{reason="entities_gap"}` (it was not:
+/// `JetsyncNodeHalted` never fired), and it clears once a snapshot covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_type_waiting_for_a_snapshot_shows_as_a_halt() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let (orders, items) = (entity("orders"), entity("items"));
+    let filter = |e: &jetsync::EntityName| jetsync::node::EntityFilter {
+        entity: e.clone(),
+        scopes: Vec::new(),
+    };
+    let a = start(limited(node_config("a", dir.path(), &url))).await;
+    let mut b_config = with_metrics(limited(node_config("b", dir.path(), &url)));
+    b_config.entities = vec![filter(&orders)];
+    let b = start(b_config.clone()).await;
+    a.write(puts(&orders, 10)).await.unwrap();
+    converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    a.write(puts(&items, 30)).await.unwrap();
+    // Retention (100 messages) drops the items' events; b keeps up with orders.
+    for _ in 0..4 {
+        a.write(puts(&orders, 50)).await.unwrap();
+        converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    }
+    b.shutdown().await.unwrap();
+
+    b_config.entities.push(filter(&items));
+    let b = start(b_config).await;
+    let ops = start_ops(&b).await;
+    let addr = ops.local_addr().unwrap();
+    wait_metric(
+        addr,
+        "b to hold the added entity type",
+        "jetsync_halted",
+        &[("reason", "entities_gap")],
+        |v| v == 1.0,
+    )
+    .await;
+    let s = b.status().await.unwrap();
+    assert!(
+        matches!(s.halted, Some(jetsync::node::Halt::EntitiesGap { .. })),
+        "{:?}",
+        s.halted
+    );
+
+    a.snapshot().await.expect("snapshot");
+    wait_metric(
+        addr,
+        "b to take the added type in after the snapshot",
+        "jetsync_halted",
+        &[("reason", "entities_gap")],
+        |v| v == 0.0,
+    )
+    .await;
+    converge(&[&a, &b], &items, Duration::from_secs(30)).await;
+    ops.shutdown().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -9,16 +9,33 @@
 //! conflicts, lag…) are set when scraped, from one [`StateSample`] taken then, so they
 //! cost nothing when nobody scrapes.
 //!
+//! Two rules keep every refusal visible and the series bounded:
+//! - **Known label sets start at 0.** Prometheus's `increase()` needs a sample before the
+//!   first event, so every label set known in advance (quarantine reasons, halt reasons,
+//!   publish error kinds, the configured entity types' outcomes) is created at 0 with the
+//!   registry, in one place: `Inner::preinitialise`. A new labelled counter or gauge with a
+//!   closed set of values adds its line there.
+//! - **Label values from the wire are bounded.** A name that comes from the stream or from
+//!   peers (entity types, node ids) goes through a `labels::BoundedLabels`: the configured
+//!   entity types (or, on a node following every type, the first [`ENTITY_LABEL_CAP`]
+//!   seen) and the first [`NODE_LABEL_CAP`] node ids get their own value, the rest share
+//!   [`OVERFLOW`] (`_other`). A new metric labelled by such a name takes its value from
+//!   `Inner::entity_label` / `Inner::node_label`, never from the name itself.
+//!
 //! A disabled [`NodeMetrics`] (metrics not configured) makes every call a no-op.
 
+mod labels;
 mod selfcheck;
 mod settings;
 
-pub use selfcheck::SelfCheck;
+pub use labels::{ENTITY_LABEL_CAP, NODE_LABEL_CAP, OVERFLOW};
+pub use selfcheck::{FORGET_AFTER_ROUNDS, SelfCheck};
 pub use settings::OpsSettings;
 
+use labels::BoundedLabels;
+
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,8 +50,22 @@ use prometheus_client::registry::{Registry, Unit};
 type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// Halt reasons a node reports; each has a `jetsync_halted{reason}` series, 0 or 1.
-pub const HALT_REASONS: [&str; 3] = ["retention_gap", "stream_reset", "stream_conflict"];
+/// Halt reasons a node reports (every `node::Halt::code`); each has a
+/// `jetsync_halted{reason}` series, 0 or 1.
+pub const HALT_REASONS: [&str; 5] = [
+    "retention_gap",
+    "stream_reset",
+    "stream_conflict",
+    "entities_gap",
+    "disk_full",
+];
+
+/// Every quarantine reason code: each has a `jetsync_quarantined_events_total{reason}`
+/// series from the start.
+pub const QUARANTINE_REASONS: [&str; 7] = crate::event::QuarantineReason::CODES;
+
+/// The outcomes counted in `jetsync_applied_events_total{entity,outcome}`.
+pub const APPLY_OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
 
 /// The kinds of publish errors counted in `jetsync_publish_errors_total{kind}`.
 pub mod publish_error {
@@ -46,6 +77,8 @@ pub mod publish_error {
     pub const REJECTED: &str = "rejected";
     /// Reading or trimming the outbox failed.
     pub const STORE: &str = "store";
+    /// Every kind, each with a series from the start.
+    pub const KINDS: [&str; 4] = [SEND, TIMEOUT, REJECTED, STORE];
 }
 
 /// What one applied batch did, for the counters: per entity and outcome, and quarantine
@@ -141,8 +174,57 @@ struct Inner {
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
     snapshot_at_ms: AtomicU64,
-    /// Entities that ever had a conflict gauge.
+    /// Entity label values that ever had a conflict gauge.
     conflict_entities: Mutex<BTreeSet<String>>,
+    /// The label values entity types from the wire may take.
+    entities: Mutex<BoundedLabels>,
+    /// The label values node ids (peers, origins) may take.
+    nodes: Mutex<BoundedLabels>,
+    /// Peer label values with an `own_events_refused` series now.
+    refused_peers: Mutex<BTreeSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Creates `family{key=value}` at its default (0) for every value.
+fn zero<M, C>(family: &Family<Labels, M, C>, key: &'static str, values: &[&str])
+where
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    for v in values {
+        drop(family.get_or_create(&vec![(key, (*v).to_owned())]));
+    }
+}
+
+impl Inner {
+    /// The one place that creates every label set known in advance at 0, so the first
+    /// event of each shows as an increase (see the module doc).
+    fn preinitialise(&self) {
+        zero(&self.quarantined, "reason", &QUARANTINE_REASONS);
+        zero(&self.publish_errors, "kind", &publish_error::KINDS);
+        zero(&self.halted, "reason", &HALT_REASONS);
+        let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
+        for entity in entities {
+            for outcome in APPLY_OUTCOMES {
+                drop(self.applied.get_or_create(&vec![
+                    ("entity", entity.clone()),
+                    ("outcome", outcome.to_owned()),
+                ]));
+            }
+        }
+    }
+
+    /// The label value of an entity type named on the wire.
+    fn entity_label(&self, entity: &str) -> String {
+        lock(&self.entities).label(entity)
+    }
+
+    /// The label value of a node id learnt from the wire or from peers.
+    fn node_label(&self, node: &str) -> String {
+        lock(&self.nodes).label(node)
+    }
 }
 
 /// Wall-clock milliseconds since the epoch.
@@ -202,6 +284,17 @@ impl NodeMetrics {
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
+            entities: Mutex::new(BoundedLabels::open(
+                "an entity type",
+                |s| crate::ids::EntityName::new(s).is_ok(),
+                ENTITY_LABEL_CAP,
+            )),
+            nodes: Mutex::new(BoundedLabels::open(
+                "a node id",
+                |s| crate::ids::NodeId::new(s).is_ok(),
+                NODE_LABEL_CAP,
+            )),
+            refused_peers: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
         r.register(
@@ -374,17 +467,23 @@ impl NodeMetrics {
             "Edge site: hub sequences trimmed before this site sourced them, until a hub snapshot fills them (0: none)",
             inner.upstream_gap.clone(),
         );
-        for reason in HALT_REASONS {
-            inner
-                .halted
-                .get_or_create(&vec![("reason", reason.to_owned())])
-                .set(0);
-        }
+        inner.preinitialise();
         let mut inner = inner;
         inner.registry = r;
         NodeMetrics {
             inner: Some(Box::new(inner)),
         }
+    }
+
+    /// Only `entities` (the node's configured entity types; none: it follows every type)
+    /// get their own `entity` label value, each pre-initialised; any other type read from
+    /// the stream is counted under [`OVERFLOW`].
+    pub fn with_entity_types(self, entities: impl IntoIterator<Item = String>) -> Self {
+        if let Some(m) = &self.inner {
+            lock(&m.entities).reserve(entities);
+            m.preinitialise();
+        }
+        self
     }
 
     /// Whether this node records metrics.
@@ -416,7 +515,7 @@ impl NodeMetrics {
         for (entity, what, n) in &outcome.by_entity {
             m.applied
                 .get_or_create(&vec![
-                    ("entity", entity.clone()),
+                    ("entity", m.entity_label(entity)),
                     ("outcome", (*what).into()),
                 ])
                 .inc_by(*n);
@@ -486,32 +585,40 @@ impl NodeMetrics {
         m.stream_last_seq.set(int(s.stream_last_seq.unwrap_or(0)));
         m.checkpoint.set(int(s.checkpoint));
         m.lag_events.set(int(s.lag_events.unwrap_or(0)));
+        // Types sharing the overflow label show the largest lag among them.
+        let mut lag: BTreeMap<String, f64> = BTreeMap::new();
         for (entity, secs) in &s.lag_seconds {
+            let v = lag.entry(m.entity_label(entity)).or_insert(*secs);
+            *v = v.max(*secs);
+        }
+        for (label, secs) in lag {
             m.lag_seconds
-                .get_or_create(&vec![("entity", entity.clone())])
-                .set(*secs);
+                .get_or_create(&vec![("entity", label)])
+                .set(secs);
         }
         m.outbox.set(int(s.outbox));
         m.outbox_age.set(s.outbox_oldest_age.map_or(0.0, seconds));
+        // Types sharing the overflow label add up.
+        let mut conflicts: BTreeMap<String, u64> = BTreeMap::new();
+        for (entity, n) in &s.conflicts {
+            *conflicts.entry(m.entity_label(entity)).or_default() += n;
+        }
         // An entity whose conflicts were all resolved drops to 0 rather than keeping its
         // last value.
-        let mut seen = m
-            .conflict_entities
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut seen = lock(&m.conflict_entities);
         for e in seen.iter() {
-            if !s.conflicts.iter().any(|(c, _)| c == e) {
+            if !conflicts.contains_key(e) {
                 m.conflicts
                     .get_or_create(&vec![("entity", e.clone())])
                     .set(0);
             }
         }
-        seen.extend(s.conflicts.iter().map(|(e, _)| e.clone()));
+        seen.extend(conflicts.keys().cloned());
         drop(seen);
-        for (entity, n) in &s.conflicts {
+        for (label, n) in conflicts {
             m.conflicts
-                .get_or_create(&vec![("entity", entity.clone())])
-                .set(int(*n));
+                .get_or_create(&vec![("entity", label)])
+                .set(int(n));
         }
         m.quarantine_entries.set(int(s.quarantine_entries));
         m.upstream_gap.set(int(s.upstream_gap));
@@ -523,10 +630,20 @@ impl NodeMetrics {
             m.snapshot_age
                 .set(now_ms().saturating_sub(taken) as f64 / 1000.0);
         }
+        // Peers sharing the overflow label add up; a peer the self-check forgot (gone
+        // from its answers) loses its series rather than keeping its last value.
+        let mut refused: BTreeMap<String, u64> = BTreeMap::new();
         for (peer, n) in &s.refused_by {
-            m.refused
-                .get_or_create(&vec![("peer", peer.clone())])
-                .set(int(*n));
+            *refused.entry(m.node_label(peer)).or_default() += n;
+        }
+        let mut shown = lock(&m.refused_peers);
+        for gone in shown.iter().filter(|p| !refused.contains_key(*p)) {
+            m.refused.remove(&vec![("peer", gone.clone())]);
+        }
+        *shown = refused.keys().cloned().collect();
+        drop(shown);
+        for (label, n) in refused {
+            m.refused.get_or_create(&vec![("peer", label)]).set(int(n));
         }
         let ahead = m.ahead_window.swap(i64::MIN, Ordering::Relaxed);
         if ahead != i64::MIN {
@@ -604,6 +721,236 @@ mod tests {
         assert!(
             m.encode()
                 .contains("jetsync_clock_event_ahead_max_seconds{node=\"a\"} 0.1")
+        );
+    }
+
+    /// The series of `name` in `text` (sample lines only).
+    fn series<'t>(text: &'t str, name: &str) -> Vec<&'t str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(name))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_registry_shows_every_known_label_set_at_zero() {
+        let m = NodeMetrics::new("a");
+        let text = m.encode();
+        let mut want = Vec::new();
+        for r in QUARANTINE_REASONS {
+            want.push(format!(
+                "jetsync_quarantined_events_total{{node=\"a\",reason=\"{r}\"}} 0"
+            ));
+        }
+        for k in publish_error::KINDS {
+            want.push(format!(
+                "jetsync_publish_errors_total{{node=\"a\",kind=\"{k}\"}} 0"
+            ));
+        }
+        for r in HALT_REASONS {
+            want.push(format!("jetsync_halted{{node=\"a\",reason=\"{r}\"}} 0"));
+        }
+        for line in want {
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        // The configured entity types' outcomes too.
+        let text = NodeMetrics::new("a")
+            .with_entity_types(["orders".to_owned()])
+            .encode();
+        let mut want = Vec::new();
+        for o in APPLY_OUTCOMES {
+            want.push(format!(
+                "jetsync_applied_events_total{{node=\"a\",entity=\"orders\",outcome=\"{o}\"}} 0"
+            ));
+        }
+        for line in want {
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        // A full disk and a held entity type are halts like the others.
+        m.halted(Some("disk_full"));
+        assert!(
+            m.encode()
+                .contains("jetsync_halted{node=\"a\",reason=\"disk_full\"} 1")
+        );
+    }
+
+    #[test]
+    fn every_quarantine_reason_and_halt_code_has_a_series_from_the_start() {
+        use crate::event::QuarantineReason as Q;
+        use crate::node::Halt as H;
+        // Exhaustive: a new variant does not compile until it is listed here, and then
+        // the assertions below require its code among the pre-initialised ones.
+        fn q(r: &Q) {
+            match r {
+                Q::Malformed(_)
+                | Q::UnsupportedEnvelope(_)
+                | Q::ForgedOrigin { .. }
+                | Q::SubjectMismatch { .. }
+                | Q::DocTooLarge { .. }
+                | Q::InvalidVersion(_)
+                | Q::ClockDrift { .. } => {}
+            }
+        }
+        fn h(r: &H) {
+            match r {
+                H::RetentionGap { .. }
+                | H::StreamReset { .. }
+                | H::StreamConflict { .. }
+                | H::EntitiesGap { .. }
+                | H::DiskFull { .. } => {}
+            }
+        }
+        let reasons = [
+            Q::Malformed(String::new()),
+            Q::UnsupportedEnvelope(9),
+            Q::ForgedOrigin {
+                subject_origin: String::new(),
+                body_origin: String::new(),
+            },
+            Q::SubjectMismatch {
+                subject: String::new(),
+                expected: String::new(),
+            },
+            Q::DocTooLarge { size: 2, limit: 1 },
+            Q::InvalidVersion(String::new()),
+            Q::ClockDrift {
+                ahead_ms: 2,
+                limit_ms: 1,
+            },
+        ];
+        let halts = [
+            H::RetentionGap {
+                checkpoint: 1,
+                first_seq: 3,
+            },
+            H::StreamReset {
+                detail: String::new(),
+            },
+            H::StreamConflict {
+                detail: String::new(),
+            },
+            H::EntitiesGap {
+                entities: Vec::new(),
+                first_seq: 3,
+            },
+            H::DiskFull {
+                path: std::path::PathBuf::new(),
+                detail: String::new(),
+            },
+        ];
+        let text = NodeMetrics::new("a").encode();
+        for r in &reasons {
+            q(r);
+            let line = format!(
+                "jetsync_quarantined_events_total{{node=\"a\",reason=\"{}\"}} 0",
+                r.code()
+            );
+            assert!(text.contains(&line), "missing {line:?}");
+        }
+        assert_eq!(reasons.len(), QUARANTINE_REASONS.len());
+        for r in &halts {
+            h(r);
+            let line = format!("jetsync_halted{{node=\"a\",reason=\"{}\"}} 0", r.code());
+            assert!(text.contains(&line), "missing {line:?}");
+        }
+        assert_eq!(halts.len(), HALT_REASONS.len());
+    }
+
+    /// One batch and one scrape naming 300 made-up entity types, as a stream anyone can
+    /// publish into may.
+    fn flood(m: &NodeMetrics, names: impl Iterator<Item = String> + Clone) {
+        m.apply_transaction(
+            300,
+            Duration::ZERO,
+            &BatchOutcome {
+                by_entity: names.clone().map(|e| (e, "applied", 1)).collect(),
+                ..BatchOutcome::default()
+            },
+        );
+        m.set_state(&StateSample {
+            lag_seconds: names.clone().map(|e| (e, 2.0)).collect(),
+            conflicts: names.map(|e| (e, 1)).collect(),
+            ..StateSample::default()
+        });
+    }
+
+    #[test]
+    fn three_hundred_wire_entity_names_add_a_bounded_number_of_series() {
+        let names = (0..300).map(|i| format!("made_up_{i:03}"));
+        let families = [
+            "jetsync_applied_events_total",
+            "jetsync_replication_lag_seconds",
+            "jetsync_conflicted_records",
+        ];
+
+        // Following every type: the first ENTITY_LABEL_CAP get their own label.
+        let m = NodeMetrics::new("a");
+        flood(&m, names.clone());
+        let text = m.encode();
+        // As many lines as with one type past the cap: 300 add nothing more.
+        let few = NodeMetrics::new("a");
+        flood(&few, names.clone().take(ENTITY_LABEL_CAP + 1));
+        assert_eq!(text.lines().count(), few.encode().lines().count());
+        for f in families {
+            assert_eq!(series(&text, f).len(), ENTITY_LABEL_CAP + 1, "{f}");
+        }
+        let rest = 300 - ENTITY_LABEL_CAP;
+        for line in [
+            format!(
+                "jetsync_applied_events_total{{node=\"a\",entity=\"_other\",outcome=\"applied\"}} {rest}"
+            ),
+            format!("jetsync_conflicted_records{{node=\"a\",entity=\"_other\"}} {rest}"),
+            "jetsync_replication_lag_seconds{node=\"a\",entity=\"_other\"} 2.0".to_owned(),
+            "jetsync_applied_events_total{node=\"a\",entity=\"made_up_000\",outcome=\"applied\"} 1"
+                .to_owned(),
+        ] {
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+
+        // With configured entity types, only they get their own label.
+        let m = NodeMetrics::new("a").with_entity_types(["orders".to_owned()]);
+        flood(&m, names.chain(["orders".to_owned()]));
+        let text = m.encode();
+        for f in families {
+            let labels: BTreeSet<&str> = series(&text, f)
+                .iter()
+                .filter_map(|l| l.split("entity=\"").nth(1)?.split('"').next())
+                .collect();
+            assert_eq!(labels, BTreeSet::from(["_other", "orders"]), "{f}");
+        }
+        assert!(text.contains(
+            "jetsync_applied_events_total{node=\"a\",entity=\"_other\",outcome=\"applied\"} 300"
+        ));
+    }
+
+    #[test]
+    fn refusing_peers_are_bounded_and_a_forgotten_one_loses_its_series() {
+        let m = NodeMetrics::new("a");
+        let peers: Vec<(String, u64)> = (0..100).map(|i| (format!("p{i:03}"), 1)).collect();
+        m.set_state(&StateSample {
+            refused_by: peers.clone(),
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        assert_eq!(
+            series(&text, "jetsync_own_events_refused").len(),
+            NODE_LABEL_CAP + 1
+        );
+        let rest = 100 - NODE_LABEL_CAP;
+        assert!(
+            text.contains(&format!(
+                "jetsync_own_events_refused{{node=\"a\",peer=\"_other\"}} {rest}"
+            )),
+            "{text}"
+        );
+        // The self-check forgot every peer but one: the others' series go.
+        m.set_state(&StateSample {
+            refused_by: vec![("p000".into(), 4)],
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        assert_eq!(
+            series(&text, "jetsync_own_events_refused"),
+            ["jetsync_own_events_refused{node=\"a\",peer=\"p000\"} 4"]
         );
     }
 

@@ -2,8 +2,13 @@
 //! exports in `status`, the metrics and `/readyz`; the check loop itself is
 //! [`crate::ops::selfcheck`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
+
+/// Rounds in a row a peer may be missing from discovery before what it refused is
+/// forgotten (status, metric): one missed ping must not reset it (and re-alert when it
+/// answers again), a peer that left must not show forever.
+pub const FORGET_AFTER_ROUNDS: u32 = 3;
 
 /// What the self-check last learned, shared by the check loop, `status`, the metrics and
 /// `/readyz`.
@@ -18,6 +23,8 @@ struct State {
     refused: BTreeMap<String, BTreeMap<String, u64>>,
     /// Peers whose count grew in the last round.
     growing: Vec<String>,
+    /// Per peer in `refused`: rounds in a row it was not discovered.
+    missing: BTreeMap<String, u32>,
 }
 
 impl SelfCheck {
@@ -64,9 +71,35 @@ impl SelfCheck {
         })
     }
 
-    /// Records one round's answers (peers that did not answer keep their last value).
-    pub fn record_round(&self, own: &str, answers: Vec<(String, BTreeMap<String, u64>)>) {
+    /// Records one round: the peers `discovered` and the `answers` of those that answered.
+    /// A discovered peer that did not answer keeps its last value; one not discovered for
+    /// [`FORGET_AFTER_ROUNDS`] rounds in a row is forgotten.
+    pub fn record_round(
+        &self,
+        own: &str,
+        discovered: &BTreeSet<String>,
+        answers: Vec<(String, BTreeMap<String, u64>)>,
+    ) {
         let mut s = self.state();
+        let known: Vec<String> = s.refused.keys().cloned().collect();
+        for peer in known {
+            if discovered.contains(&peer) {
+                s.missing.remove(&peer);
+                continue;
+            }
+            let missed = s.missing.entry(peer.clone()).or_insert(0);
+            *missed += 1;
+            if *missed >= FORGET_AFTER_ROUNDS {
+                tracing::info!(
+                    node = own,
+                    %peer,
+                    rounds = FORGET_AFTER_ROUNDS,
+                    "self-check: peer gone; forgetting the events of this node it refused"
+                );
+                s.missing.remove(&peer);
+                s.refused.remove(&peer);
+            }
+        }
         let mut growing = Vec::new();
         for (peer, reasons) in answers {
             let total: u64 = reasons.values().sum();
@@ -83,11 +116,49 @@ impl SelfCheck {
                 growing.push(peer.clone());
             }
             if total == 0 {
+                s.missing.remove(&peer);
                 s.refused.remove(&peer);
             } else {
                 s.refused.insert(peer, reasons);
             }
         }
         s.growing = growing;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(n: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([("malformed".to_owned(), n)])
+    }
+
+    #[test]
+    fn a_peer_gone_from_discovery_is_forgotten_after_some_rounds() {
+        let c = SelfCheck::new();
+        let both = BTreeSet::from(["b".to_owned(), "c".to_owned()]);
+        c.record_round(
+            "a",
+            &both,
+            vec![("b".into(), refused(2)), ("c".into(), refused(1))],
+        );
+        assert_eq!(c.refused_by(), [("b".to_owned(), 2), ("c".to_owned(), 1)]);
+        // c is discovered but does not answer: it keeps its value; b left.
+        let only_c = BTreeSet::from(["c".to_owned()]);
+        for round in 1..FORGET_AFTER_ROUNDS {
+            c.record_round("a", &only_c, Vec::new());
+            assert_eq!(c.refused_by().len(), 2, "round {round}");
+        }
+        c.record_round("a", &only_c, Vec::new());
+        assert_eq!(c.refused_by(), [("c".to_owned(), 1)]);
+        assert!(!c.refused().contains_key("b"));
+        // A peer back before then starts its count of missed rounds over.
+        c.record_round("a", &BTreeSet::new(), Vec::new());
+        c.record_round("a", &only_c, Vec::new());
+        for _ in 1..FORGET_AFTER_ROUNDS {
+            c.record_round("a", &BTreeSet::new(), Vec::new());
+        }
+        assert_eq!(c.refused_by(), [("c".to_owned(), 1)]);
     }
 }

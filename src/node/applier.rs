@@ -127,9 +127,8 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     let recheck = held
         .is_some()
         .then(|| tokio::time::Instant::now() + HALT_RECHECK);
-    if held.is_none() {
-        shared.metrics.halted(None);
-    }
+    // Added types waiting for a snapshot are a halt too (`entities_gap`).
+    shared.metrics.halted(held.as_ref().map(Halt::code));
     shared.live().halted = held;
     tracing::info!(checkpoint, ?filters, "following the stream");
     tokio::select! {

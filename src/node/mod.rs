@@ -228,7 +228,8 @@ impl Node {
         let denied = Arc::new(DeniedSubjects::default());
         let noted = denied.clone();
         let metrics = Arc::new(match config.ops.listen {
-            Some(_) => NodeMetrics::new(config.node_id.as_str()),
+            Some(_) => NodeMetrics::new(config.node_id.as_str())
+                .with_entity_types(config.entities.iter().map(|f| f.entity.to_string())),
             None => NodeMetrics::disabled(),
         });
         let counted = metrics.clone();
