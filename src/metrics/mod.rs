@@ -14,7 +14,7 @@
 mod selfcheck;
 mod settings;
 
-pub use selfcheck::SelfCheck;
+pub use selfcheck::{ProvenRefusals, SelfCheck};
 pub use settings::OpsSettings;
 
 use std::borrow::Cow;
