@@ -46,7 +46,8 @@ pub struct ChangeEvent {
     /// The node that made the write; equal to `version.node` and to the subject's origin.
     pub origin: NodeId,
     /// Per-origin counter, from 1, without gaps. The message is published with
-    /// `Nats-Msg-Id = <origin>:<incarnation>:<origin_seq>` (see `Store::msg_id_prefix`).
+    /// `Nats-Msg-Id = <origin>:<incarnation>:<origin_seq>:<tag>`, the tag binding the
+    /// subject's tokens and these bytes (see [`crate::msgid`]).
     pub origin_seq: u64,
     /// The write's version (stamped by the origin's clock).
     pub version: Version,
@@ -99,6 +100,19 @@ pub fn subject_for(
 /// sourcing.
 pub fn import_prefix(prefix: &str) -> String {
     format!("{prefix}{IMPORT_SUFFIX}")
+}
+
+/// The tokens after the prefix, `<entity>.<scope>.<origin>.<id>` if well formed, of a
+/// subject of either shape an event arrives on: as published (`<prefix>.<tail>`) or as an
+/// edge site imported it (`<prefix>_in.<tail>`). `None` if the subject is under neither.
+/// Decoding checks the tail against the body; a message id's tag covers it
+/// ([`crate::msgid`]), so a site's own echo verifies whichever way it came back.
+pub fn subject_tail<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
+    subject.strip_prefix(prefix).and_then(|rest| {
+        rest.strip_prefix(IMPORT_SUFFIX)
+            .unwrap_or(rest)
+            .strip_prefix('.')
+    })
 }
 
 /// What [`import_prefix`] appends to the prefix.
@@ -250,13 +264,7 @@ pub fn decode(
     // Two shapes, the same on every node whatever its config: an event as published, and
     // as an edge site imported it from its hub (`<prefix>_in.<same tokens>`). The origin
     // check below holds for both.
-    let tail = subject
-        .strip_prefix(limits.prefix.as_str())
-        .and_then(|rest| {
-            rest.strip_prefix(IMPORT_SUFFIX)
-                .unwrap_or(rest)
-                .strip_prefix('.')
-        });
+    let tail = subject_tail(subject, &limits.prefix);
     if !tail.is_some_and(|tail| tokens_match(tail, &ev)) {
         let origin_token = tail.and_then(|rest| rest.split('.').nth(2));
         return Err(match origin_token {

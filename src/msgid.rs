@@ -1,12 +1,46 @@
-//! Publish de-duplication ids (`Nats-Msg-Id`) that nobody else can predict.
+//! Publish de-duplication ids (`Nats-Msg-Id`) that nobody else can predict, and that prove
+//! "this node wrote this exact message".
 //!
 //! JetStream drops a publish whose `Nats-Msg-Id` it saw within the duplicate window and
 //! acknowledges it as a duplicate. If a node's next id could be guessed (it used to be
 //! `<node>:<incarnation>:<origin_seq>`, with the prefix visible in every stored message's
 //! headers), any client allowed to publish anywhere in the stream could take that id first
-//! and the node's real write would be acknowledged and dropped. So an id carries a tag:
-//! an HMAC-SHA256 of `(node, incarnation, origin_seq)` under a random secret kept in the
-//! node's store, which past ids do not reveal.
+//! and the node's real write would be acknowledged and dropped. So an id
+//! `<node>:<incarnation hex>:<origin_seq>:<tag>` carries a tag: the first 16 bytes of an
+//! HMAC-SHA256, under a random secret kept in the node's store (new with each
+//! incarnation), of
+//!
+//! `"jetsync-msgid-2" 0x00 ‖ node 0x00 ‖ incarnation (u64 BE) ‖ origin_seq (u64 BE) ‖
+//! len(tail) (u64 BE) ‖ tail ‖ len(payload) (u64 BE) ‖ payload`
+//!
+//! where `tail` is the subject after its prefix, `<entity>.<scope>.<origin>.<id>`, and
+//! `payload` the message body's bytes. Past ids do not reveal the secret.
+//!
+//! Why the subject and the body: the node passes over a message whose id verifies as its
+//! own echo, unread ([`crate::store::Store::wrote`]), and its self-check counts only
+//! refusals of messages it can prove it wrote. An id is readable in every stored
+//! message's headers; had the tag covered only `(node, incarnation, origin_seq)`, a copy
+//! of it on any other message (another event, published after the duplicate window)
+//! would have been skipped by this node alone and applied by every other: permanent
+//! divergence. Bound to the exact bytes, a copied id proves nothing about another
+//! message, which then goes through the checks and the merge like everyone's; the real
+//! message itself replayed is harmless (the merge skips known versions).
+//!
+//! The tail, not the whole subject: an edge site's own events come back to it on the
+//! import subject `<prefix>_in.<tail>` as well as on `<prefix>.<tail>` (see
+//! [`crate::event::subject_tail`]), and both must verify. The prefix carries nothing the
+//! merge reads; the tail's tokens (entity, scope, origin, id) are what decoding checks
+//! against the body.
+//!
+//! Retries: the outbox rebuilds an event from its leaf (or from the copy `unpublished`
+//! keeps, the same encoding) byte for byte on every attempt, so the id of a retried
+//! publish is unchanged and JetStream de-duplicates it. An id squatted by someone else is
+//! replaced by [`MsgIds::fresh_id`], the same tag plus `:r<32 hex>`: never used before,
+//! still bound to the content, so it verifies too.
+//!
+//! Ids in the pre-content format (tag over `(node, incarnation, origin_seq)` only),
+//! already in streams, no longer verify: those messages go through the merge like
+//! anyone's, which finds their versions known and changes nothing.
 //!
 //! The tag alone does not make a duplicate acknowledgement trustworthy (a leaked secret,
 //! a bug): the publisher also checks the stored message of every duplicate ack.
@@ -20,6 +54,12 @@ pub const SECRET_LEN: usize = 32;
 
 /// Bytes of the HMAC kept in an id (128 bits: not guessable).
 const TAG_LEN: usize = 16;
+
+/// What the HMAC input starts with: names this layout, apart from the earlier one.
+const DOMAIN: &[u8] = b"jetsync-msgid-2\0";
+
+/// Hex digits of a fresh id's random suffix (a simple UUID).
+const FRESH_LEN: usize = 32;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -58,11 +98,13 @@ impl MsgIds {
         out
     }
 
-    /// `<node>:<incarnation>:<origin_seq>:<tag>`: the id of the event with `origin_seq`.
-    /// The same for every attempt, so a retried publish is de-duplicated.
-    pub fn id(&self, origin_seq: u64) -> String {
+    /// `<node>:<incarnation>:<origin_seq>:<tag>`: the id of the event with `origin_seq`
+    /// published on a subject whose tail (after the prefix) is `tail`, with body
+    /// `payload`. The same for every attempt with the same bytes, so a retried publish is
+    /// de-duplicated.
+    pub fn id(&self, origin_seq: u64, tail: &str, payload: &[u8]) -> String {
         use std::fmt::Write;
-        // One allocation: every published and every applied event of this node makes one.
+        // One allocation: every published event of this node makes one.
         let mut id = String::with_capacity(self.node.as_str().len() + 2 * TAG_LEN + 40);
         let _ = write!(
             id,
@@ -70,31 +112,41 @@ impl MsgIds {
             self.node.as_str(),
             self.incarnation
         );
-        for b in self.tag(origin_seq) {
+        for b in self.tag(origin_seq, tail, payload) {
             id.push(char::from(HEX[usize::from(b >> 4)]));
             id.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         id
     }
 
-    /// Whether `msg_id` is [`MsgIds::id`] of some `origin_seq`, checked without building
-    /// the id: the apply loop asks this of every message it receives.
-    pub fn made(&self, msg_id: &str) -> bool {
+    /// Whether `msg_id` is [`MsgIds::id`] (or a [`MsgIds::fresh_id`]) of some
+    /// `origin_seq` for exactly this `tail` and `payload`, checked without building the
+    /// id or allocating: the apply loop asks this of every message it receives. Another
+    /// node's id costs a string comparison; this node's, one HMAC over the message.
+    pub fn made(&self, msg_id: &str, tail: &str, payload: &[u8]) -> bool {
         let mut parts = msg_id.split(':');
-        let (Some(node), Some(incarnation), Some(seq), Some(tag), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let (Some(node), Some(incarnation), Some(seq), Some(tag)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return false;
         };
+        // A fresh id's suffix: `r` and 32 lowercase hex digits; nothing after it.
+        let fresh_ok = match parts.next() {
+            None => true,
+            Some(fresh) => {
+                parts.next().is_none()
+                    && fresh.len() == 1 + FRESH_LEN
+                    && fresh.as_bytes()[0] == b'r'
+                    && fresh.as_bytes()[1..].iter().all(|b| HEX.contains(b))
+            }
+        };
+        if !fresh_ok || node != self.node.as_str() {
+            return false;
+        }
         let Ok(seq) = seq.parse::<u64>() else {
             return false;
         };
-        node == self.node.as_str()
-            && incarnation.len() == 16
+        incarnation.len() == 16
             && u64::from_str_radix(incarnation, 16) == Ok(self.incarnation)
             // `parse` accepts a leading `+`, which `id` never writes.
             && !msg_id.contains('+')
@@ -102,26 +154,37 @@ impl MsgIds {
             && tag
                 .as_bytes()
                 .chunks_exact(2)
-                .zip(self.tag(seq))
+                .zip(self.tag(seq, tail, payload))
                 .all(|(hex, b)| hex == [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
     }
 
-    /// The first [`TAG_LEN`] bytes of the HMAC of `(node, incarnation, origin_seq)`.
-    fn tag(&self, origin_seq: u64) -> [u8; TAG_LEN] {
+    /// The first [`TAG_LEN`] bytes of the HMAC of the layout in the module doc.
+    fn tag(&self, origin_seq: u64, tail: &str, payload: &[u8]) -> [u8; TAG_LEN] {
         let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(DOMAIN);
         ctx.update(self.node.as_str().as_bytes());
         ctx.update(&[0]);
         ctx.update(&self.incarnation.to_be_bytes());
         ctx.update(&origin_seq.to_be_bytes());
+        // Lengths first, so no two (tail, payload) pairs give the same input.
+        ctx.update(&(tail.len() as u64).to_be_bytes());
+        ctx.update(tail.as_bytes());
+        ctx.update(&(payload.len() as u64).to_be_bytes());
+        ctx.update(payload);
         let mut out = [0u8; TAG_LEN];
         out.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
         out
     }
 
-    /// An id never used before for `origin_seq`, to republish an event whose id someone
-    /// else's message took.
-    pub fn fresh_id(&self, origin_seq: u64) -> String {
-        format!("{}:r{}", self.id(origin_seq), uuid::Uuid::new_v4().simple())
+    /// An id never used before for the event with `origin_seq`, to republish it when
+    /// someone else's message took its id: [`MsgIds::id`] plus `:r<32 hex>`, so it is
+    /// bound to the same content and verifies as this node's.
+    pub fn fresh_id(&self, origin_seq: u64, tail: &str, payload: &[u8]) -> String {
+        format!(
+            "{}:r{}",
+            self.id(origin_seq, tail, payload),
+            uuid::Uuid::new_v4().simple()
+        )
     }
 }
 
@@ -129,19 +192,30 @@ impl MsgIds {
 mod tests {
     use super::*;
 
+    const TAIL: &str = "orders._.a.0195e5a4-7a3c-7cc2-9b6f-3c1f0a9d2e11";
+    const BODY: &[u8] = br#"{"v":1,"op":"put","doc":{"x":1}}"#;
+
+    fn ids() -> MsgIds {
+        MsgIds::new(NodeId::new("a").unwrap(), 7, &MsgIds::new_secret())
+    }
+
     #[test]
-    fn ids_are_stable_per_secret_and_unpredictable_without_it() {
+    fn ids_are_stable_per_secret_and_content_and_unpredictable_without_it() {
         let node = NodeId::new("a").unwrap();
         let s1 = MsgIds::new_secret();
         let s2 = MsgIds::new_secret();
         assert_ne!(s1, s2);
         let ids = MsgIds::new(node.clone(), 7, &s1);
-        assert_eq!(ids.id(5), ids.id(5));
-        assert_ne!(ids.id(5), ids.id(6));
-        assert!(ids.id(5).starts_with("a:0000000000000007:5:"));
+        // A retry of the same bytes gets the same id: JetStream de-duplicates it.
+        assert_eq!(ids.id(5, TAIL, BODY), ids.id(5, TAIL, BODY));
+        assert_ne!(ids.id(5, TAIL, BODY), ids.id(6, TAIL, BODY));
+        assert!(ids.id(5, TAIL, BODY).starts_with("a:0000000000000007:5:"));
         // Another secret (another incarnation's, an attacker's guess) gives other ids.
-        assert_ne!(ids.id(5), MsgIds::new(node, 7, &s2).id(5));
-        assert_ne!(ids.fresh_id(5), ids.fresh_id(5));
+        assert_ne!(
+            ids.id(5, TAIL, BODY),
+            MsgIds::new(node, 7, &s2).id(5, TAIL, BODY)
+        );
+        assert_ne!(ids.fresh_id(5, TAIL, BODY), ids.fresh_id(5, TAIL, BODY));
     }
 
     #[test]
@@ -150,10 +224,11 @@ mod tests {
         let secret = MsgIds::new_secret();
         let ids = MsgIds::new(node.clone(), 7, &secret);
         for seq in [0, 1, 5, u64::MAX] {
-            assert!(ids.made(&ids.id(seq)), "{}", ids.id(seq));
+            let id = ids.id(seq, TAIL, BODY);
+            assert!(ids.made(&id, TAIL, BODY), "{id}");
         }
-        let id = ids.id(5);
-        // The tag is the old formatting's: 32 lowercase hex digits of the HMAC's start.
+        let id = ids.id(5, TAIL, BODY);
+        // The tag: 32 lowercase hex digits of the HMAC's start.
         let tag = id.rsplit(':').next().unwrap();
         assert_eq!(tag.len(), 32);
         assert!(
@@ -163,19 +238,97 @@ mod tests {
         let other_secret = MsgIds::new(node.clone(), 7, &MsgIds::new_secret());
         let other_incarnation = MsgIds::new(node, 8, &secret);
         let other_node = MsgIds::new(NodeId::new("b").unwrap(), 7, &secret);
+        let fresh = ids.fresh_id(5, TAIL, BODY);
         for (what, forged) in [
-            ("another secret", other_secret.id(5)),
-            ("another incarnation", other_incarnation.id(5)),
-            ("another node", other_node.id(5)),
+            ("another secret", other_secret.id(5, TAIL, BODY)),
+            ("another incarnation", other_incarnation.id(5, TAIL, BODY)),
+            ("another node", other_node.id(5, TAIL, BODY)),
             ("another seq's tag", id.replace(":5:", ":6:")),
-            ("a fresh id", ids.fresh_id(5)),
             ("uppercase tag", id.to_uppercase().replacen("A:", "a:", 1)),
             ("plus sign", id.replace(":5:", ":+5:")),
             ("truncated", id[..id.len() - 1].to_string()),
             ("extra field", format!("{id}:x")),
+            (
+                "fresh suffix too short",
+                fresh[..fresh.len() - 1].to_string(),
+            ),
+            (
+                "fresh suffix uppercase",
+                fresh.to_uppercase().replacen("A:", "a:", 1),
+            ),
+            ("fields after a fresh suffix", format!("{fresh}:r")),
             ("empty", String::new()),
         ] {
-            assert!(!ids.made(&forged), "{what}: {forged}");
+            assert!(!ids.made(&forged, TAIL, BODY), "{what}: {forged}");
         }
+        // A fresh id is bound to the same content: it verifies for it, and only for it.
+        assert!(ids.made(&fresh, TAIL, BODY), "{fresh}");
+        assert!(!ids.made(&fresh, TAIL, b"{}"), "{fresh}");
+    }
+
+    #[test]
+    fn the_tag_proves_this_exact_subject_tail_and_payload() {
+        let ids = ids();
+        let id = ids.id(5, TAIL, BODY);
+        let fresh = ids.fresh_id(5, TAIL, BODY);
+        assert!(ids.made(&id, TAIL, BODY));
+        // One byte of the payload changed, anywhere; one byte more or less.
+        for i in 0..BODY.len() {
+            let mut body = BODY.to_vec();
+            body[i] ^= 1;
+            assert!(!ids.made(&id, TAIL, &body), "payload byte {i} flipped");
+            assert!(!ids.made(&fresh, TAIL, &body), "fresh, payload byte {i}");
+        }
+        assert!(!ids.made(&id, TAIL, &BODY[..BODY.len() - 1]));
+        assert!(!ids.made(&id, TAIL, &[BODY, b" "].concat()));
+        assert!(!ids.made(&id, TAIL, b""));
+        // One byte of the subject's tail changed, anywhere.
+        for i in 0..TAIL.len() {
+            let mut tail = TAIL.as_bytes().to_vec();
+            tail[i] ^= 1;
+            let tail = String::from_utf8(tail).unwrap();
+            assert!(!ids.made(&id, &tail, BODY), "subject byte {i}: {tail}");
+        }
+        // Each token replaced: entity, scope, the origin, the record id.
+        let tokens: Vec<&str> = TAIL.split('.').collect();
+        for (i, other) in [
+            "invoices",
+            "shop42",
+            "b",
+            "0195e5a4-7a3c-7cc2-9b6f-3c1f0a9d2e12",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut t = tokens.clone();
+            t[i] = other;
+            let tail = t.join(".");
+            assert!(!ids.made(&id, &tail, BODY), "token {i}: {tail}");
+        }
+        // The tail and the payload are not interchangeable at their boundary.
+        let (a, b) = BODY.split_at(4);
+        let moved = format!("{TAIL}{}", std::str::from_utf8(a).unwrap());
+        assert!(!ids.made(&ids.id(5, &moved, b), TAIL, BODY));
+        assert!(!ids.made(&id, &moved, b));
+    }
+
+    #[test]
+    fn an_id_of_the_old_layout_no_longer_verifies() {
+        // The tag over (node, incarnation, origin_seq) only, as ids were made before.
+        let secret = MsgIds::new_secret();
+        let ids = MsgIds::new(NodeId::new("a").unwrap(), 7, &secret);
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+        let mut ctx = hmac::Context::with_key(&key);
+        ctx.update(b"a");
+        ctx.update(&[0]);
+        ctx.update(&7u64.to_be_bytes());
+        ctx.update(&5u64.to_be_bytes());
+        let tag: String = ctx.sign().as_ref()[..TAG_LEN]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let old = format!("a:0000000000000007:5:{tag}");
+        assert!(!ids.made(&old, TAIL, BODY), "{old}");
+        assert!(!ids.made(&old, "", b""), "{old}");
     }
 }

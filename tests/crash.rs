@@ -382,7 +382,11 @@ fn check_store(store: &Store, round: usize, acked: &[Ack]) -> Vec<Version> {
             i as u64 + 1,
             "round {round}: the outbox is not 1..=N at index {i} (a gap or a lost entry)"
         );
-        assert_eq!(o.msg_id, store.msg_id(o.origin_seq), "round {round}");
+        assert_eq!(
+            o.msg_id,
+            store.msg_id(o.origin_seq, &o.subject, &o.payload),
+            "round {round}"
+        );
         let ev = decode(&o.subject, &o.payload, u64::MAX, &limits).unwrap_or_else(|r| {
             panic!(
                 "round {round}: outbox entry {} does not decode: {r}",

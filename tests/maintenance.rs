@@ -181,7 +181,12 @@ fn a_format_2_store_is_upgraded_in_place() {
             max_clock_drift_ms: 7_000,
         })
         .unwrap();
-    let (msg_id, limits) = (t.store.msg_id(1), t.store.limits());
+    let first = &outbox_before[0];
+    let (msg_id, limits) = (
+        t.store
+            .msg_id(first.origin_seq, &first.subject, &first.payload),
+        t.store.limits(),
+    );
     assert_eq!(limits.max_doc_bytes, 4096);
 
     // Rewrite the three records as format 2 had them, and a1's kept event away: format 2
@@ -265,7 +270,12 @@ fn a_format_2_store_is_upgraded_in_place() {
         "the conflict index follows the upgraded leaves"
     );
     assert_eq!(t.outbox(), outbox_before, "a1 still publishes");
-    assert_eq!(t.store.msg_id(1), msg_id, "same incarnation and secret");
+    assert_eq!(
+        t.store
+            .msg_id(first.origin_seq, &first.subject, &first.payload),
+        msg_id,
+        "same incarnation and secret"
+    );
     let after = t.store.limits();
     assert_eq!(
         (after.max_doc_bytes, after.max_clock_drift_ms),

@@ -90,6 +90,29 @@ impl Scrape {
     }
 }
 
+/// The last message of `origin` in the stream once it is `store`'s own (published).
+async fn wait_last_of(
+    js: &async_nats::jetstream::Context,
+    origin: &str,
+    store: &Store,
+) -> jetsync::stream::StoredMessage {
+    let stream = js.get_stream("JETSYNC").await.unwrap();
+    for _ in 0..200 {
+        let last = jetsync::stream::last_of_origin(&stream, "jetsync", origin)
+            .await
+            .unwrap();
+        if let Some(m) = last.filter(|m| {
+            m.msg_id
+                .as_deref()
+                .is_some_and(|id| store.wrote(id, &m.subject, &m.payload))
+        }) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{origin}'s write was not published within 10 s");
+}
+
 fn with_metrics(mut c: NodeConfig) -> NodeConfig {
     c.ops.listen = Some("127.0.0.1:0".parse().unwrap());
     c.ops.selfcheck_interval = Duration::from_millis(500);
@@ -285,8 +308,10 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     )
     .await;
 
-    // A message under b's origin that a refuses: b learns it from the self-check and must
-    // not look healthy.
+    // A message under b's origin that a refuses but b did not write proves nothing about
+    // b (anyone can publish there): the self-check counts only b's own messages. One that
+    // b wrote, refused by a (judged as if b's clock ran ten minutes ahead of the stream):
+    // b learns it from the self-check and must not look healthy.
     js.publish(
         format!("jetsync.orders._.b.{}", Uuid::now_v7()),
         "not json either".into(),
@@ -295,6 +320,24 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     .unwrap()
     .await
     .unwrap();
+    b.put(&orders, Uuid::now_v7(), json!({"b": "skewed"}))
+        .await
+        .unwrap();
+    let own = wait_last_of(&js, "b", b.store()).await;
+    let report = a
+        .store()
+        .apply_messages(
+            &[jetsync::Incoming {
+                stream_seq: own.seq,
+                subject: &own.subject,
+                payload: &own.payload,
+                stream_time_ms: own.time_ms.saturating_sub(600_000),
+            }],
+            &[own.msg_id.as_deref()],
+            None,
+        )
+        .unwrap();
+    assert_eq!(report.quarantined, 1, "{report:?}");
     let bm = wait_metric(
         b_addr,
         "b learning that a refuses its events",
@@ -309,9 +352,9 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     assert!(body.contains("quarantine this node's events"), "{body}");
     let s = b.status().await.unwrap();
     assert_eq!(
-        s.refused_by.get("a").and_then(|r| r.get("malformed")),
-        Some(&1),
-        "{s:?}"
+        s.refused_by.get("a"),
+        Some(&BTreeMap::from([("clock_drift".to_owned(), 1)])),
+        "only b's own message counts: {s:?}"
     );
 
     // The node API as a NATS micro service: $SRV verbs, discovery and per-endpoint stats.
@@ -734,25 +777,29 @@ async fn first_events_show_from_zero_and_wire_names_stay_bounded() {
         rest
     );
 
-    // a refuses an event published under b's origin: b's series for peer a appears…
+    // a refuses an event b wrote (judged as if b's clock ran ten minutes ahead of the
+    // stream; only b's own messages count, see the self-check): b's series for peer a
+    // appears…
     let nats = async_nats::connect(&url).await.unwrap();
     let js = async_nats::jetstream::new(nats);
-    js.publish(
-        format!("jetsync.orders._.b.{}", Uuid::now_v7()),
-        "not json".into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    wait_metric(
-        a_addr,
-        "a quarantining the malformed message",
-        "jetsync_quarantined_events_total",
-        &[("reason", "malformed")],
-        |v| v == 1.0,
-    )
-    .await;
+    b.put(&entity("orders"), Uuid::now_v7(), json!({"b": "skewed"}))
+        .await
+        .unwrap();
+    let own = wait_last_of(&js, "b", b.store()).await;
+    let report = a
+        .store()
+        .apply_messages(
+            &[jetsync::Incoming {
+                stream_seq: own.seq,
+                subject: &own.subject,
+                payload: &own.payload,
+                stream_time_ms: own.time_ms.saturating_sub(600_000),
+            }],
+            &[own.msg_id.as_deref()],
+            None,
+        )
+        .unwrap();
+    assert_eq!(report.quarantined, 1, "{report:?}");
     wait_metric(
         b_addr,
         "b learning that a refuses its events",

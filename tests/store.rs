@@ -84,7 +84,10 @@ fn every_write_lands_in_the_outbox_in_order() {
         "{}",
         out[1].msg_id
     );
-    assert_eq!(out[1].msg_id, t.store.msg_id(2));
+    assert_eq!(
+        out[1].msg_id,
+        t.store.msg_id(2, &out[1].subject, &out[1].payload)
+    );
     assert_eq!(out[0].subject, format!("jetsync.orders._.a.{id}"));
     let ev: jetsync::ChangeEvent = serde_json::from_slice(&out[1].payload).unwrap();
     assert_eq!((ev.version, ev.base), (v2.clone(), Some(v1)));

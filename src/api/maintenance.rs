@@ -93,6 +93,7 @@ pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, Rem
                     "reason": e.reason,
                     "received_ms": e.received_ms,
                     "stream_time_ms": e.stream_time_ms,
+                    "msg_id": e.msg_id,
                     "payload": String::from_utf8_lossy(&e.payload),
                 }),
             )

@@ -37,7 +37,7 @@
 //! | `apply` | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
 //! | `refused` | `{}` | own events parked because the server will never take them: `[{origin_seq, entity, id, version, reason, ...}]` |
 //! | `refused_drop` / `refused_retry` | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
-//! | `quarantine_origins` | `{}` | `{origins: {<origin>: {<reason>: count}}}` (the self-check) |
+//! | `quarantine_origins` | `{}`, or `{origin, limit?}` | `{origins: {<origin>: {<reason>: count}}}`; with `origin` also `entries: [{id, subject, msg_id, payload, reason}]`, its newest quarantined messages (the self-check verifies them) |
 //!
 //! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
 //! as by `limit`, well below the server's `max_payload`; a reply that still would not fit

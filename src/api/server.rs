@@ -187,12 +187,46 @@ fn service_error(e: &RemoteError) -> async_nats::service::error::Error {
     }
 }
 
-/// `quarantine_origins`: this node's quarantine counted per origin and reason, for the
-/// other nodes' self-check.
-async fn quarantine_origins(node: &NodeHandle) -> Result<Value, RemoteError> {
+/// Most entries `quarantine_origins` lists for an `origin` (`limit` asks for fewer).
+const ORIGIN_ENTRIES_MAX: usize = 100;
+
+/// `quarantine_origins`: this node's quarantine counted per origin and reason, and with
+/// `origin`, that origin's newest quarantined messages (`id`, `subject`, `msg_id`,
+/// `payload`, `reason`; at most `limit`, default 32, and what fits in a reply), for its
+/// self-check to count only those it can prove it wrote. The counts alone prove nothing:
+/// anyone allowed to publish can put a message under any origin's subject.
+async fn quarantine_origins(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let (store, prefix) = (node.store().clone(), node.config().stream.prefix.clone());
-    let origins = blocking(move || store.quarantine_by_origin(&prefix)).await?;
-    Ok(json!({ "origins": origins }))
+    let limit = req.limit.unwrap_or(32).min(ORIGIN_ENTRIES_MAX);
+    let origin = req.origin;
+    let (origins, entries) = blocking(move || {
+        let entries = match &origin {
+            Some(o) => Some(store.quarantined_from(o.as_str(), &prefix, limit)?),
+            None => None,
+        };
+        Ok((store.quarantine_by_origin(&prefix)?, entries))
+    })
+    .await?;
+    let Some(entries) = entries else {
+        return Ok(json!({ "origins": origins }));
+    };
+    let entries: Vec<(u64, Value)> = entries
+        .into_iter()
+        .map(|e| {
+            // A payload that is not UTF-8 was never a node's event: it cannot verify.
+            let payload = String::from_utf8(e.payload).ok();
+            let v = json!({
+                "id": e.id,
+                "subject": e.subject,
+                "msg_id": e.msg_id,
+                "payload": payload,
+                "reason": e.reason.code(),
+            });
+            (e.id, v)
+        })
+        .collect();
+    let (entries, _) = fit_reply(node, entries);
+    Ok(json!({ "origins": origins, "entries": entries }))
 }
 
 /// Answers one request: `op` with its JSON body `payload`.
@@ -225,7 +259,7 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
         "refused" => maintenance::refused(node).await,
         "refused_retry" => maintenance::refused_retry(node, req).await,
         "refused_drop" => maintenance::refused_drop(node, req).await,
-        "quarantine_origins" => quarantine_origins(node).await,
+        "quarantine_origins" => quarantine_origins(node, req).await,
         other => Err(RemoteError::new(
             "unknown_op",
             format!("unknown operation {other:?}"),

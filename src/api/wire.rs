@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::clock::Version;
 use crate::error::{StorageError, WriteError};
-use crate::ids::{EntityName, Scope};
+use crate::ids::{EntityName, NodeId, Scope};
 use crate::merge::RecordState;
 use crate::store::{Expect, FORMAT_VERSION, Record};
 
@@ -114,6 +114,10 @@ pub(super) struct Req {
     /// Stream sequences (`apply`).
     #[serde(default)]
     pub seqs: Vec<u64>,
+    /// The node whose quarantined messages `quarantine_origins` also lists, for its
+    /// self-check to verify.
+    #[serde(default)]
+    pub origin: Option<NodeId>,
     /// The store format of the record states a request carries or wants back
     /// (`bucket_records`, `merge_records`), accepted here and read by
     /// [`check_state_format`] before the body is parsed.

@@ -29,7 +29,7 @@ mod selfcheck;
 mod settings;
 
 pub use labels::{ENTITY_LABEL_CAP, NODE_LABEL_CAP, OVERFLOW};
-pub use selfcheck::{FORGET_AFTER_ROUNDS, SelfCheck};
+pub use selfcheck::{FORGET_AFTER_ROUNDS, ProvenRefusals, SelfCheck};
 pub use settings::OpsSettings;
 
 use labels::BoundedLabels;

@@ -19,12 +19,24 @@ pub struct SelfCheck {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Per peer: this node's events it holds in quarantine, by reason.
+    /// Per peer: this node's events it holds in quarantine (of those it listed), by reason.
     refused: BTreeMap<String, BTreeMap<String, u64>>,
-    /// Peers whose count grew in the last round.
+    /// Per peer: the quarantine id of the newest proven refusal seen.
+    newest: BTreeMap<String, u64>,
+    /// Peers with a proven refusal newer than any before, in the last round.
     growing: Vec<String>,
     /// Per peer in `refused`: rounds in a row it was not discovered.
     missing: BTreeMap<String, u32>,
+}
+
+/// What one peer's answer proves: its quarantined messages that this node verified as
+/// its own ([`crate::ops::selfcheck`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProvenRefusals {
+    /// How many, by reason code.
+    pub reasons: BTreeMap<String, u64>,
+    /// The peer's quarantine id of the newest (ids only grow on a peer).
+    pub newest: Option<u64>,
 }
 
 impl SelfCheck {
@@ -73,12 +85,14 @@ impl SelfCheck {
 
     /// Records one round: the peers `discovered` and the `answers` of those that answered.
     /// A discovered peer that did not answer keeps its last value; one not discovered for
-    /// [`FORGET_AFTER_ROUNDS`] rounds in a row is forgotten.
+    /// [`FORGET_AFTER_ROUNDS`] rounds in a row is forgotten. A peer is refusing if it holds
+    /// a proven refusal newer than the last round's: counts alone would miss new refusals
+    /// once a peer's list is full.
     pub fn record_round(
         &self,
         own: &str,
         discovered: &BTreeSet<String>,
-        answers: Vec<(String, BTreeMap<String, u64>)>,
+        answers: Vec<(String, ProvenRefusals)>,
     ) {
         let mut s = self.state();
         let known: Vec<String> = s.refused.keys().cloned().collect();
@@ -98,28 +112,33 @@ impl SelfCheck {
                 );
                 s.missing.remove(&peer);
                 s.refused.remove(&peer);
+                s.newest.remove(&peer);
             }
         }
         let mut growing = Vec::new();
-        for (peer, reasons) in answers {
-            let total: u64 = reasons.values().sum();
-            let before: u64 = s.refused.get(&peer).map_or(0, |r| r.values().sum());
-            if total > before {
+        for (peer, proven) in answers {
+            let total: u64 = proven.reasons.values().sum();
+            let before = s.newest.get(&peer).copied();
+            if proven.newest > before {
                 tracing::warn!(
                     node = own,
                     %peer,
                     refused = total,
-                    new = total - before,
-                    ?reasons,
+                    reasons = ?proven.reasons,
                     "another node quarantines this node's events: they are not applied there"
                 );
                 growing.push(peer.clone());
             }
-            if total == 0 {
-                s.missing.remove(&peer);
-                s.refused.remove(&peer);
-            } else {
-                s.refused.insert(peer, reasons);
+            match proven.newest {
+                Some(id) if total > 0 => {
+                    s.newest.insert(peer.clone(), id);
+                    s.refused.insert(peer, proven.reasons);
+                }
+                _ => {
+                    s.missing.remove(&peer);
+                    s.newest.remove(&peer);
+                    s.refused.remove(&peer);
+                }
             }
         }
         s.growing = growing;
@@ -130,8 +149,11 @@ impl SelfCheck {
 mod tests {
     use super::*;
 
-    fn refused(n: u64) -> BTreeMap<String, u64> {
-        BTreeMap::from([("malformed".to_owned(), n)])
+    fn refused(n: u64) -> ProvenRefusals {
+        ProvenRefusals {
+            reasons: BTreeMap::from([("malformed".to_owned(), n)]),
+            newest: Some(n),
+        }
     }
 
     #[test]
@@ -160,5 +182,54 @@ mod tests {
             c.record_round("a", &BTreeSet::new(), Vec::new());
         }
         assert_eq!(c.refused_by(), [("c".to_owned(), 1)]);
+    }
+
+    fn proven(n: u64, newest: u64) -> ProvenRefusals {
+        ProvenRefusals {
+            reasons: [("clock_drift".to_owned(), n)].into(),
+            newest: Some(newest),
+        }
+    }
+
+    #[test]
+    fn a_newer_proven_refusal_makes_the_node_not_ready_for_a_round() {
+        let check = SelfCheck::new();
+        check.record_round(
+            "b",
+            &BTreeSet::from(["a".to_owned()]),
+            vec![("a".into(), ProvenRefusals::default())],
+        );
+        assert_eq!(check.refusing(), None);
+        assert!(check.refused_by().is_empty());
+        check.record_round(
+            "b",
+            &BTreeSet::from(["a".to_owned()]),
+            vec![("a".into(), proven(1, 7))],
+        );
+        assert!(check.refusing().is_some());
+        assert_eq!(check.refused_by(), vec![("a".to_owned(), 1)]);
+        // Nothing newer: ready again, the count still shown.
+        check.record_round(
+            "b",
+            &BTreeSet::from(["a".to_owned()]),
+            vec![("a".into(), proven(1, 7))],
+        );
+        assert_eq!(check.refusing(), None);
+        assert_eq!(check.refused_by(), vec![("a".to_owned(), 1)]);
+        // A full list (same count) with a newer entry is a new refusal.
+        check.record_round(
+            "b",
+            &BTreeSet::from(["a".to_owned()]),
+            vec![("a".into(), proven(1, 9))],
+        );
+        assert!(check.refusing().is_some());
+        // The peer dropped them: nothing shown.
+        check.record_round(
+            "b",
+            &BTreeSet::from(["a".to_owned()]),
+            vec![("a".into(), ProvenRefusals::default())],
+        );
+        assert_eq!(check.refusing(), None);
+        assert!(check.refused_by().is_empty());
     }
 }

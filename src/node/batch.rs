@@ -58,6 +58,9 @@ pub(super) struct Fetched {
     subject: async_nats::Subject,
     payload: bytes::Bytes,
     stream_time_ms: u64,
+    /// Kept with the message if it is quarantined, so the node whose subject it is can
+    /// prove (or not) that it wrote it.
+    msg_id: Option<String>,
 }
 
 impl Fetched {
@@ -67,8 +70,17 @@ impl Fetched {
             subject: m.subject.clone(),
             payload: m.payload.clone(),
             stream_time_ms: u64::try_from(info.published.timestamp_millis()).unwrap_or(0),
+            msg_id: msg_id(m).map(str::to_owned),
         }
     }
+}
+
+/// A message's `Nats-Msg-Id` header.
+fn msg_id(m: &jetstream::Message) -> Option<&str> {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|id| id.as_str())
 }
 
 /// How a fetched batch is applied.
@@ -98,10 +110,12 @@ pub(super) async fn apply_fetched(
                 stream_time_ms: f.stream_time_ms,
             })
             .collect();
-        match through {
-            Through::Checkpoint(through) => store.apply_batch_through(&incoming, through),
-            Through::Backfill => store.apply_backfill(&incoming),
-        }
+        let msg_ids: Vec<Option<&str>> = batch.iter().map(|f| f.msg_id.as_deref()).collect();
+        let through = match through {
+            Through::Checkpoint(through) => Some(through),
+            Through::Backfill => None,
+        };
+        store.apply_messages(&incoming, &msg_ids, through)
     })
     .await?;
     shared
@@ -248,11 +262,12 @@ impl Batch {
 
 /// Applies `msgs` in one transaction through the last one's sequence, acknowledges them
 /// (if the consumer takes acks, `acked`) and publishes their changes; returns that
-/// sequence. Events this store's incarnation
-/// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
-/// passed over, which keeps a busy writer's own echo cheap; every other event, this
-/// node's included, goes through the checks and the merge (it skips known versions), so a
-/// store restored from a backup gets back the writes it forgot.
+/// sequence. Messages this store's incarnation provably wrote (their message id's tag
+/// covers this exact subject and payload, [`crate::store::Store::wrote`]) are known and
+/// passed over, which keeps a busy writer's own echo cheap; every other message, this
+/// node's included and any carrying a copy of one of its ids, goes through the checks and
+/// the merge (it skips known versions), so a store restored from a backup gets back the
+/// writes it forgot and a copied id changes nothing.
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
@@ -265,11 +280,8 @@ pub(super) async fn apply_batch(
             .info()
             .map_err(|e| Stop::Retry(format!("message info: {e}")))?;
         through = through.max(info.stream_sequence);
-        let ours = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .is_some_and(|id| shared.store.wrote(id.as_str()));
+        let ours =
+            msg_id(m).is_some_and(|id| shared.store.wrote(id, m.subject.as_str(), &m.payload));
         if ours {
             continue;
         }

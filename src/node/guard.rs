@@ -240,7 +240,8 @@ impl NodeHandle {
                     stream_time_ms: m.time_ms,
                 })
                 .collect();
-            store.apply_backfill(&incoming)
+            let msg_ids: Vec<Option<&str>> = msgs.iter().map(|m| m.msg_id.as_deref()).collect();
+            store.apply_messages(&incoming, &msg_ids, None)
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;

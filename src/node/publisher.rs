@@ -353,7 +353,9 @@ async fn check_duplicates(
             acked.push(origin_seq);
             continue;
         }
-        let fresh = shared.store.fresh_msg_id(origin_seq);
+        let fresh = shared
+            .store
+            .fresh_msg_id(origin_seq, &entry.subject, &entry.payload);
         tracing::warn!(
             origin_seq,
             msg_id = %entry.msg_id,

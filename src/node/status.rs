@@ -125,8 +125,9 @@ pub struct Status {
     pub conflicts: u64,
     /// Events this node published since it started.
     pub published: u64,
-    /// Per peer and reason: this node's events that peer has quarantined (the
-    /// self-check, [`crate::ops::selfcheck`]); empty when none.
+    /// Per peer and reason: this node's events that peer has quarantined, of its newest
+    /// listed, counting only messages this node proves it wrote (the self-check,
+    /// [`crate::ops::selfcheck`]); empty when none.
     pub refused_by: BTreeMap<String, BTreeMap<String, u64>>,
     /// Refused messages in the quarantine.
     pub quarantined: u64,

@@ -1,25 +1,36 @@
 //! The self-check: a node learns when the other nodes refuse its events.
 //!
 //! Every check (`decode`) is deterministic, so a node whose events others quarantine
-//! (a skewed clock beyond `max_clock_drift`, a document over a peer's smaller limit, a
-//! bug) keeps writing locally and publishing happily while its writes go nowhere. Each
-//! node therefore answers `quarantine_origins` (its quarantine counted per origin and
-//! reason), and every `[metrics] selfcheck_interval_secs` a node discovers its peers (`$SRV.PING`)
-//! and asks them how many of its own events they hold. A count that grew is logged as a
-//! warning, shown in `status.refused_by`, exported as `jetsync_own_events_refused{peer}`
-//! and makes `/readyz` fail until a round sees no growth. A peer missing from discovery
-//! for [`crate::metrics::FORGET_AFTER_ROUNDS`] rounds is forgotten (its series
-//! goes); answers from names that are not node ids are ignored.
+//! (a skewed clock beyond `max_clock_drift`, a bug) keeps writing locally and publishing
+//! happily while its writes go nowhere. Each node therefore answers `quarantine_origins`,
+//! and every `[metrics] selfcheck_interval_secs` a node discovers its peers (`$SRV.PING`)
+//! and asks each for the newest quarantined messages under its own origin (their subject,
+//! payload and `Nats-Msg-Id`). It counts only those it can prove it wrote: the message
+//! id's tag verifies for that exact subject and payload under its current incarnation
+//! ([`crate::store::Store::wrote`]). A message someone else published under this node's
+//! subject proves nothing about this node and is not counted, whatever peers do with it.
+//! A proven refusal newer than any seen before is logged as a warning, shown in
+//! `status.refused_by`, exported as `jetsync_own_events_refused{peer}` and makes
+//! `/readyz` fail until a round sees none newer. A peer missing from discovery for
+//! [`crate::metrics::FORGET_AFTER_ROUNDS`] rounds is forgotten (its series goes); answers
+//! from names that are not node ids are ignored.
+//!
+//! A peer of an older version answers without the messages (or refuses the `origin`
+//! field): nothing of it is proven, so it counts as refusing none. Refusals of an
+//! earlier incarnation's events do not verify either (their secret is gone).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ApiError};
 use crate::ids::NodeId;
-use crate::metrics::SelfCheck;
+use crate::metrics::{ProvenRefusals, SelfCheck};
 use crate::node::NodeHandle;
+
+/// Quarantined messages asked of each peer per round (the newest under this origin).
+const ASKED: usize = 32;
 
 /// One round: discover the peers and ask each for this node's quarantined events.
 pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
@@ -51,16 +62,47 @@ pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
             continue;
         }
         discovered.insert(name.to_owned());
-        match api.call(name, "quarantine_origins", json!({})).await {
-            Ok(v) => {
-                let reasons: BTreeMap<String, u64> =
-                    serde_json::from_value(v["origins"][own.as_str()].clone()).unwrap_or_default();
-                answers.push((name.to_owned(), reasons));
+        let asked = json!({"origin": own, "limit": ASKED});
+        match api.call(name, "quarantine_origins", asked).await {
+            Ok(v) => answers.push((name.to_owned(), proven(node, &v))),
+            Err(ApiError::Remote(e)) if e.code == "bad_request" => {
+                // A peer of an older version: its counts prove nothing (see the module doc).
+                tracing::debug!(peer = name, error = %e, "self-check: peer lists no messages; none counted");
+                answers.push((name.to_owned(), ProvenRefusals::default()));
             }
             Err(e) => tracing::debug!(peer = name, error = %e, "self-check: no answer"),
         }
     }
     check.record_round(&own, &discovered, answers);
+}
+
+/// The entries of a `quarantine_origins` reply this node can prove are its own messages
+/// (at most [`ASKED`] HMACs, each over one message: cheap enough inline).
+fn proven(node: &NodeHandle, reply: &Value) -> ProvenRefusals {
+    let mut out = ProvenRefusals::default();
+    let Some(entries) = reply["entries"].as_array() else {
+        return out;
+    };
+    let store = node.store();
+    for e in entries {
+        let (Some(id), Some(subject), Some(msg_id), Some(payload), Some(reason)) = (
+            e["id"].as_u64(),
+            e["subject"].as_str(),
+            e["msg_id"].as_str(),
+            e["payload"].as_str(),
+            e["reason"].as_str(),
+        ) else {
+            continue;
+        };
+        if !store.wrote(msg_id, subject, payload.as_bytes()) {
+            continue;
+        }
+        // Reason codes are bounded: they become label values and status keys.
+        let reason = reason.chars().take(40).collect::<String>();
+        *out.reasons.entry(reason).or_default() += 1;
+        out.newest = out.newest.max(Some(id));
+    }
+    out
 }
 
 /// Runs [`check_once`] every `interval` until the task is aborted.

@@ -39,30 +39,45 @@ impl Store {
         self.apply(batch, None)
     }
 
+    /// [`Store::apply_batch_through`] (`through = Some`) or [`Store::apply_backfill`]
+    /// (`None`), with each message's `Nats-Msg-Id` (`msg_ids[i]` for `batch[i]`; missing
+    /// ones count as none): a message quarantined keeps it, so the node whose subject it
+    /// is can later tell whether it wrote it (the self-check, [`crate::ops::selfcheck`]).
+    pub fn apply_messages(
+        &self,
+        batch: &[Incoming<'_>],
+        msg_ids: &[Option<&str>],
+        through: Option<u64>,
+    ) -> Result<ApplyReport, StorageError> {
+        self.apply_removing(batch, msg_ids, through, &[])
+    }
+
     /// `through = None` is a backfill.
     fn apply(
         &self,
         batch: &[Incoming<'_>],
         through: Option<u64>,
     ) -> Result<ApplyReport, StorageError> {
-        self.apply_removing(batch, through, &[])
+        self.apply_removing(batch, &[], through, &[])
     }
 
-    /// [`Store::apply`], also removing the quarantine entries `retried` in the same
-    /// transaction (a retry re-quarantines what still fails, under a new id).
+    /// [`Store::apply_messages`], also removing the quarantine entries `retried` in the
+    /// same transaction (a retry re-quarantines what still fails, under a new id).
     pub(super) fn apply_removing(
         &self,
         batch: &[Incoming<'_>],
+        msg_ids: &[Option<&str>],
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
-        self.apply_removing_inner(batch, through, retried)
+        self.apply_removing_inner(batch, msg_ids, through, retried)
             .map_err(|e| self.checked(e))
     }
 
     fn apply_removing_inner(
         &self,
         batch: &[Incoming<'_>],
+        msg_ids: &[Option<&str>],
         through: Option<u64>,
         retried: &[u64],
     ) -> Result<ApplyReport, StorageError> {
@@ -90,7 +105,7 @@ impl Store {
             }
             let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
             let mut applied_ms = read_u64(&meta, K_APPLIED_MS)?;
-            for msg in batch {
+            for (i, msg) in batch.iter().enumerate() {
                 if through.is_some() && msg.stream_seq <= checkpoint {
                     report.below_checkpoint += 1;
                     continue;
@@ -145,6 +160,7 @@ impl Store {
                             received_ms: clock.wall_ms(),
                             payload: msg.payload.to_vec(),
                             stream_time_ms: msg.stream_time_ms,
+                            msg_id: msg_ids.get(i).copied().flatten().map(str::to_owned),
                         };
                         quarantine.insert(quarantine_seq, &row)?;
                         report.quarantined += 1;

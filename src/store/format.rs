@@ -261,6 +261,7 @@ fn upgrade_from_format_1(txn: &WriteTransaction) -> Result<(), StorageError> {
                 payload: old.payload,
                 // Not recorded by format 1; the receive time is the closest known.
                 stream_time_ms: old.received_ms,
+                msg_id: None,
             },
         ));
     }

@@ -450,7 +450,7 @@ impl Store {
             let mut rows = Vec::new();
             for id in ids {
                 if let Some(v) = table.get(*id)? {
-                    rows.push((*id, decode_postcard(v.value(), "quarantine", id)?));
+                    rows.push((*id, QuarantineRow::decode(v.value(), *id)?));
                 }
             }
             rows
@@ -464,8 +464,9 @@ impl Store {
                 stream_time_ms: r.stream_time_ms,
             })
             .collect();
+        let msg_ids: Vec<Option<&str>> = rows.iter().map(|(_, r)| r.msg_id.as_deref()).collect();
         let found: Vec<u64> = rows.iter().map(|(id, _)| *id).collect();
-        self.apply_removing(&incoming, None, &found)
+        self.apply_removing(&incoming, &msg_ids, None, &found)
     }
 }
 

@@ -362,7 +362,7 @@ impl Store {
     /// `<node>:<incarnation>:`, the prefix of this store's `Nats-Msg-Id`s (the rest is the
     /// `origin_seq` and a tag only this incarnation can make, see [`crate::msgid`]).
     pub fn msg_id_prefix(&self) -> String {
-        let id = self.ids().id(0);
+        let id = self.ids().id(0, "", b"");
         let mut parts = id.splitn(3, ':');
         format!(
             "{}:{}:",
@@ -371,27 +371,41 @@ impl Store {
         )
     }
 
-    /// The `Nats-Msg-Id` of this node's event with `origin_seq`.
-    pub fn msg_id(&self, origin_seq: u64) -> String {
-        self.ids().id(origin_seq)
+    /// The subject's tokens after this deployment's prefix (either shape, see
+    /// [`crate::event::subject_tail`]); the whole subject if it is under neither, which
+    /// no own event is.
+    fn tail<'a>(&self, subject: &'a str) -> &'a str {
+        crate::event::subject_tail(subject, &self.config.prefix).unwrap_or(subject)
     }
 
-    /// Whether `msg_id` is one this incarnation made: its tag proves it, and nobody else
-    /// can make one (see [`crate::msgid`]). Such an event was written to this store in the
-    /// transaction that queued it, so applying it again is known to change nothing. A
-    /// store restored from a backup becomes a new incarnation before it applies anything,
-    /// so the writes it forgot do not pass for known.
-    pub fn wrote(&self, msg_id: &str) -> bool {
-        self.ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .made(msg_id)
+    /// The `Nats-Msg-Id` of this node's event with `origin_seq`, published on `subject`
+    /// with body `payload`: its tag binds all three (see [`crate::msgid`]).
+    pub fn msg_id(&self, origin_seq: u64, subject: &str, payload: &[u8]) -> String {
+        self.ids().id(origin_seq, self.tail(subject), payload)
+    }
+
+    /// Whether this incarnation wrote exactly this message: `msg_id`'s tag proves it for
+    /// this subject (its tokens after the prefix) and these payload bytes, and nobody
+    /// else can make one (see [`crate::msgid`]). Such an event was written to this store
+    /// in the transaction that queued it, so applying it again is known to change
+    /// nothing; a copied id on any other message proves nothing. A store restored from a
+    /// backup becomes a new incarnation before it applies anything, so the writes it
+    /// forgot do not pass for known.
+    pub fn wrote(&self, msg_id: &str, subject: &str, payload: &[u8]) -> bool {
+        // Another node's id fails on its first field: only this node's cost the HMAC.
+        crate::event::subject_tail(subject, &self.config.prefix).is_some_and(|tail| {
+            self.ids
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .made(msg_id, tail, payload)
+        })
     }
 
     /// A `Nats-Msg-Id` never used before, for republishing the event with `origin_seq`
-    /// whose id another message took.
-    pub fn fresh_msg_id(&self, origin_seq: u64) -> String {
-        self.ids().fresh_id(origin_seq)
+    /// (on `subject`, with `payload`) whose id another message took; bound to the same
+    /// content as [`Store::msg_id`].
+    pub fn fresh_msg_id(&self, origin_seq: u64, subject: &str, payload: &[u8]) -> String {
+        self.ids().fresh_id(origin_seq, self.tail(subject), payload)
     }
 
     /// The `origin_seq` of this node's latest write.

@@ -81,16 +81,25 @@ impl Store {
             let leaf = state
                 .as_ref()
                 .and_then(|s| s.leaves.iter().find(|l| l.version == version));
-            let ev = match leaf {
-                Some(leaf) => leaf_event(&entity, id, leaf)?,
+            // The message id binds the exact bytes (see `msgid`), so every attempt must
+            // publish the same ones: a leaf's event encodes the same each time, and the
+            // copy kept in `unpublished` when the leaf went is that encoding, sent as is.
+            let (ev, payload) = match leaf {
+                Some(leaf) => {
+                    let ev = leaf_event(&entity, id, leaf)?;
+                    let payload = ev.encode();
+                    (ev, payload)
+                }
                 None => match unpublished.get(seq)? {
-                    Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
-                        StorageError::UndecodableEntry {
-                            table: "unpublished",
-                            key: seq.to_string(),
-                            detail: e.to_string(),
-                        }
-                    })?,
+                    Some(g) => {
+                        let ev: crate::event::ChangeEvent = serde_json::from_slice(g.value())
+                            .map_err(|e| StorageError::UndecodableEntry {
+                                table: "unpublished",
+                                key: seq.to_string(),
+                                detail: e.to_string(),
+                            })?;
+                        (ev, g.value().to_vec())
+                    }
                     None => {
                         // Every path that removes a queued leaf keeps or retires its entry;
                         // reaching here means the store was altered underneath.
@@ -103,11 +112,12 @@ impl Store {
                     }
                 },
             };
+            let subject = ev.subject(&self.config.prefix);
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: ids.id(seq),
-                subject: ev.subject(&self.config.prefix),
-                payload: ev.encode().into(),
+                msg_id: ids.id(seq, self.tail(&subject), &payload),
+                subject,
+                payload: payload.into(),
             });
         }
         Ok((out, stranded))
@@ -138,6 +148,33 @@ impl Store {
 mod tests {
     use super::super::temp_store;
     use super::*;
+
+    #[test]
+    fn an_outbox_entry_proves_itself_on_either_subject_shape_and_nothing_else() {
+        let (_dir, store) = temp_store();
+        let orders = crate::ids::EntityName::new("orders").unwrap();
+        let id = uuid::Uuid::now_v7();
+        store.put(&orders, id, serde_json::json!({"x": 1})).unwrap();
+        store.put(&orders, id, serde_json::json!({"x": 2})).unwrap();
+        let out = store.outbox_peek(0, 10).unwrap();
+        // Every attempt rebuilds the same bytes, so the same id.
+        assert_eq!(out, store.outbox_peek(0, 10).unwrap());
+        let e = &out[1];
+        assert_eq!(e.msg_id, store.msg_id(2, &e.subject, &e.payload));
+        assert!(store.wrote(&e.msg_id, &e.subject, &e.payload));
+        // An edge site's import of it is the same message.
+        let imported = e.subject.replacen("jetsync.", "jetsync_in.", 1);
+        assert!(store.wrote(&e.msg_id, &imported, &e.payload));
+        let fresh = store.fresh_msg_id(2, &e.subject, &e.payload);
+        assert!(store.wrote(&fresh, &imported, &e.payload));
+        // The other entry's body, another prefix, no prefix: not proven.
+        assert!(!store.wrote(&e.msg_id, &e.subject, &out[0].payload));
+        assert!(!store.wrote(&out[0].msg_id, &e.subject, &e.payload));
+        let other = e.subject.replacen("jetsync.", "other.", 1);
+        assert!(!store.wrote(&e.msg_id, &other, &e.payload));
+        let bare = e.subject.replacen("jetsync.", "", 1);
+        assert!(!store.wrote(&e.msg_id, &bare, &e.payload));
+    }
 
     #[test]
     fn a_malformed_outbox_entry_names_its_sequence() {

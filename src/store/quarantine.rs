@@ -33,6 +33,44 @@ pub(super) struct QuarantineRow {
     pub(super) payload: Vec<u8>,
     /// The JetStream timestamp, so a retry judges clock drift exactly as the first try.
     pub(super) stream_time_ms: u64,
+    /// The message's `Nats-Msg-Id`, if it had one and the path that refused it knew it:
+    /// what lets the node whose subject it is prove it wrote it (the self-check). Added
+    /// after format 3's first rows, without a format change: see [`QuarantineRow::decode`].
+    pub(super) msg_id: Option<String>,
+}
+
+/// A quarantine row as format 3 first stored it, without the message id.
+#[derive(Deserialize)]
+struct QuarantineRowV3 {
+    stream_seq: u64,
+    subject: String,
+    reason_json: String,
+    received_ms: u64,
+    payload: Vec<u8>,
+    stream_time_ms: u64,
+}
+
+impl QuarantineRow {
+    /// Decodes a row of either layout. Postcard is not self-describing: a row written
+    /// before `msg_id` existed ends where the field would start, so decoding it as the new
+    /// layout fails (no byte left for the option tag), and it is read as the older one.
+    /// A build without the field reads a new row as the old layout and ignores the
+    /// trailing bytes, so the file stays readable both ways and keeps format 3.
+    pub(super) fn decode(bytes: &[u8], key: u64) -> Result<QuarantineRow, StorageError> {
+        if let Ok(row) = postcard::from_bytes::<QuarantineRow>(bytes) {
+            return Ok(row);
+        }
+        let old: QuarantineRowV3 = decode_postcard(bytes, "quarantine", key)?;
+        Ok(QuarantineRow {
+            stream_seq: old.stream_seq,
+            subject: old.subject,
+            reason_json: old.reason_json,
+            received_ms: old.received_ms,
+            payload: old.payload,
+            stream_time_ms: old.stream_time_ms,
+            msg_id: None,
+        })
+    }
 }
 
 /// A quarantine row as format 1 stored it.
@@ -201,23 +239,34 @@ impl Store {
         let mut out = Vec::new();
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
-            let row: QuarantineRow = decode_postcard(v.value(), "quarantine", k.value())?;
-            let reason = serde_json::from_str(&row.reason_json).map_err(|e| {
-                StorageError::UndecodableEntry {
-                    table: "quarantine",
-                    key: k.value().to_string(),
-                    detail: format!("reason: {e}"),
-                }
-            })?;
-            out.push(QuarantineEntry {
-                id: k.value(),
-                stream_seq: row.stream_seq,
-                subject: row.subject,
-                reason,
-                received_ms: row.received_ms,
-                stream_time_ms: row.stream_time_ms,
-                payload: row.payload,
-            });
+            out.push(entry(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The newest (at most `limit`) quarantine entries whose subject's origin token is
+    /// `origin`, newest first, looking at most at the newest million entries. The
+    /// self-check of `origin` asks peers for them, to count only the refusals it can
+    /// prove are of its own messages ([`Store::wrote`]).
+    pub fn quarantined_from(
+        &self,
+        origin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<QuarantineEntry>, StorageError> {
+        let origin_token = prefix.split('.').count() + 2;
+        let txn = self.read()?;
+        let table = txn.open_table(QUARANTINE)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev().take(QUARANTINE_SCAN_CAP as usize) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row?;
+            let row = QuarantineRow::decode(v.value(), k.value())?;
+            if row.subject.split('.').nth(origin_token) == Some(origin) {
+                out.push(entry_of(k.value(), row)?);
+            }
         }
         Ok(out)
     }
@@ -251,5 +300,117 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// The entry of the row stored under `key`.
+fn entry(key: u64, bytes: &[u8]) -> Result<QuarantineEntry, StorageError> {
+    entry_of(key, QuarantineRow::decode(bytes, key)?)
+}
+
+fn entry_of(key: u64, row: QuarantineRow) -> Result<QuarantineEntry, StorageError> {
+    let reason =
+        serde_json::from_str(&row.reason_json).map_err(|e| StorageError::UndecodableEntry {
+            table: "quarantine",
+            key: key.to_string(),
+            detail: format!("reason: {e}"),
+        })?;
+    Ok(QuarantineEntry {
+        id: key,
+        stream_seq: row.stream_seq,
+        subject: row.subject,
+        reason,
+        received_ms: row.received_ms,
+        stream_time_ms: row.stream_time_ms,
+        payload: row.payload,
+        msg_id: row.msg_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Serialize;
+
+    use super::super::temp_store;
+    use super::*;
+    use crate::store::Incoming;
+
+    /// A row as format 3 wrote it before message ids were kept.
+    #[derive(Serialize)]
+    struct RowWithoutMsgId {
+        stream_seq: u64,
+        subject: String,
+        reason_json: String,
+        received_ms: u64,
+        payload: Vec<u8>,
+        stream_time_ms: u64,
+    }
+
+    #[test]
+    fn rows_with_and_without_a_message_id_both_read() {
+        let (_dir, store) = temp_store();
+        let subject = format!("jetsync.orders._.x.{}", uuid::Uuid::now_v7());
+        let old = RowWithoutMsgId {
+            stream_seq: 3,
+            subject: subject.clone(),
+            reason_json: r#"{"code":"malformed","detail":"old"}"#.into(),
+            received_ms: 5,
+            payload: b"old".to_vec(),
+            stream_time_ms: 4,
+        };
+        let txn = store.begin_write().unwrap();
+        txn.open_table(QUARANTINE)
+            .unwrap()
+            .insert(1, postcard::to_stdvec(&old).unwrap().as_slice())
+            .unwrap();
+        txn.open_table(super::super::format::META)
+            .unwrap()
+            .insert(
+                super::super::format::K_QUARANTINE_SEQ,
+                1u64.to_le_bytes().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+        let report = store
+            .apply_messages(
+                &[Incoming {
+                    stream_seq: 9,
+                    subject: &subject,
+                    payload: b"new",
+                    stream_time_ms: 8,
+                }],
+                &[Some("x:1:2:3")],
+                Some(9),
+            )
+            .unwrap();
+        assert_eq!(report.quarantined, 1);
+        let q = store.quarantine(0, 10).unwrap();
+        assert_eq!(q.len(), 2, "{q:?}");
+        assert_eq!((q[0].stream_seq, q[0].msg_id.as_deref()), (3, None));
+        assert_eq!(q[0].payload, b"old");
+        assert_eq!(
+            (q[1].stream_seq, q[1].msg_id.as_deref()),
+            (9, Some("x:1:2:3"))
+        );
+        // A build without the field reads the new row as the old layout.
+        {
+            let txn = store.read().unwrap();
+            let table = txn.open_table(QUARANTINE).unwrap();
+            let new_row = table.get(2).unwrap().unwrap();
+            assert!(postcard::from_bytes::<QuarantineRowV3>(new_row.value()).is_ok());
+        }
+        // Newest first, by origin token, bounded; a retry keeps the id.
+        let from_x = store.quarantined_from("x", "jetsync", 1).unwrap();
+        assert_eq!(from_x.len(), 1);
+        assert_eq!(from_x[0].stream_seq, 9);
+        assert!(
+            store
+                .quarantined_from("y", "jetsync", 10)
+                .unwrap()
+                .is_empty()
+        );
+        store.quarantine_retry(&[2]).unwrap();
+        let q = store.quarantine(0, 10).unwrap();
+        assert_eq!(q.last().and_then(|e| e.msg_id.as_deref()), Some("x:1:2:3"));
     }
 }

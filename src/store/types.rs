@@ -281,7 +281,8 @@ pub struct OutboxEntry {
     pub origin_seq: u64,
     /// The subject to publish to.
     pub subject: String,
-    /// `<origin>:<origin_seq>`.
+    /// `<origin>:<incarnation>:<origin_seq>:<tag>`, the tag binding this subject and
+    /// payload (see [`crate::msgid`]).
     pub msg_id: String,
     /// The event's JSON bytes.
     pub payload: bytes::Bytes,
@@ -304,6 +305,9 @@ pub struct QuarantineEntry {
     pub stream_time_ms: u64,
     /// The message's payload as received.
     pub payload: Vec<u8>,
+    /// The message's `Nats-Msg-Id`, when known (entries stored before it was kept, and
+    /// messages refused outside the apply loop, have none).
+    pub msg_id: Option<String>,
 }
 
 /// What [`Store::compact`] did.
