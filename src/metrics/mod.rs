@@ -36,6 +36,11 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 /// Halt reasons a node reports; each has a `jetsync_halted{reason}` series, 0 or 1.
 pub const HALT_REASONS: [&str; 3] = ["retention_gap", "stream_reset", "stream_conflict"];
 
+/// Why the node API served no reply to a request, each a `jetsync_api_refused_total{reason}`
+/// series from 0: `no_reply` (the request had no reply subject), `not_inbox` (its reply
+/// subject was not an inbox, see [`crate::api::is_inbox`]).
+pub const API_REFUSED_REASONS: [&str; 2] = ["no_reply", "not_inbox"];
+
 /// The kinds of publish errors counted in `jetsync_publish_errors_total{kind}`.
 pub mod publish_error {
     /// The message could not be handed to the connection.
@@ -137,6 +142,7 @@ struct Inner {
     snapshot_states_refused: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
+    api_refused: Family<Labels, Counter>,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -199,6 +205,7 @@ impl NodeMetrics {
             snapshot_states_refused: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
+            api_refused: Family::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -374,6 +381,17 @@ impl NodeMetrics {
             "Edge site: hub sequences trimmed before this site sourced them, until a hub snapshot fills them (0: none)",
             inner.upstream_gap.clone(),
         );
+        r.register(
+            "api_refused",
+            "API requests served no reply because of their reply subject, by reason",
+            inner.api_refused.clone(),
+        );
+        for reason in API_REFUSED_REASONS {
+            inner
+                .api_refused
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc_by(0);
+        }
         for reason in HALT_REASONS {
             inner
                 .halted
@@ -437,6 +455,15 @@ impl NodeMetrics {
             m.local_writes.inc_by(records as u64);
             m.resolves.inc_by(resolves as u64);
             m.write_latency.observe(seconds(elapsed));
+        }
+    }
+
+    /// One API request refused for `reason` (one of [`API_REFUSED_REASONS`]).
+    pub fn api_refused(&self, reason: &'static str) {
+        if let Some(m) = &self.inner {
+            m.api_refused
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc();
         }
     }
 
