@@ -184,6 +184,31 @@ mod tests {
     }
 
     #[test]
+    fn refusals_are_each_counted_and_logged_at_most_once_per_period() {
+        let metrics = Arc::new(NodeMetrics::new("n1"));
+        let mut r = Refusals::new(metrics.clone());
+        assert!(r.admit("jetsync_api.n1.read.status", Some("_INBOX.x.y")));
+        for _ in 0..100 {
+            assert!(!r.admit(
+                "jetsync_api.n1.read.status",
+                Some("$JS.API.STREAM.DELETE.S")
+            ));
+        }
+        assert!(!r.admit("jetsync_api.n1.write.put", None));
+        // The first refusal logged; the flood after it within WARN_EVERY only counted.
+        assert_eq!(r.suppressed, 100);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"jetsync_api_refused_total{node="n1",reason="not_inbox"} 100"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"jetsync_api_refused_total{node="n1",reason="no_reply"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn only_inboxes_are_reply_subjects() {
         for ok in [
             "_INBOX.abc",
