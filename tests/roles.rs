@@ -212,6 +212,39 @@ async fn every_op_answers_on_its_group_subject_and_nothing_else_is_served() {
         assert_eq!(e["metadata"]["group"], group, "{e}");
     }
 
+    // `$SRV.STATS` counts error replies (sent with a body) as errors, unknown ops included.
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.STATS.jetsync", inbox, "".into())
+        .await
+        .unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("n1 answers $SRV.STATS")
+        .unwrap();
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    let endpoint = |name: &str| {
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no endpoint {name} in {stats}"))
+    };
+    let unknown = endpoint("unknown");
+    assert_eq!(unknown["subject"], "jetsync_api.n1.>", "{unknown}");
+    // One per op's pre-group subject and the seven others above.
+    let asked = (OPS.len() + 7) as u64;
+    assert_eq!(unknown["num_requests"], asked, "{unknown}");
+    assert_eq!(unknown["num_errors"], asked, "{unknown}");
+    let get = endpoint("get");
+    assert_eq!(
+        get["num_errors"], 1,
+        "get with {{}} is a bad request: {get}"
+    );
+
     // The client finds each op's group itself.
     let api = ApiClient::new(client.clone(), "jetsync");
     assert_eq!(
@@ -302,6 +335,25 @@ async fn a_reply_subject_that_is_not_an_inbox_gets_nothing_published() {
             );
         }
     }
+    // The micro-service verbs are the node's replies too: a `$SRV.PING` whose reply
+    // subject is an event subject put the ping into the stream as the node's event.
+    for verb in ["PING", "INFO", "STATS"] {
+        for subject in [format!("$SRV.{verb}"), format!("$SRV.{verb}.jetsync")] {
+            client
+                .publish_with_reply(subject, data.clone(), "".into())
+                .await
+                .unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    if let Ok(Some(m)) = tokio::time::timeout(QUIET, watch_data.next()).await {
+        panic!(
+            "the node answered a $SRV verb on {data}: {:?}",
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+    let verbs = 6.0;
+    wait_refused(&n1, "not_inbox", sends.len() as f64 + verbs).await;
     let stream = js.get_stream("JETSYNC").await;
     assert!(stream.is_ok(), "the stream is gone: {:?}", stream.err());
     let (_, last_after) = stream_state(&js).await.unwrap();
@@ -340,7 +392,7 @@ async fn a_reply_subject_that_is_not_an_inbox_gets_nothing_published() {
             .unwrap();
         assert_eq!(body(&inbox, &m)["ok"]["node"], "n1");
     }
-    assert_eq!(refused(&n1, "not_inbox"), Some(sends.len() as f64));
+    assert_eq!(refused(&n1, "not_inbox"), Some(sends.len() as f64 + verbs));
     assert_eq!(
         n1.store().get(&orders, kept).unwrap().map(|r| r.doc),
         Some(json!({"k": 1}))

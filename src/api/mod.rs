@@ -11,13 +11,14 @@
 //! who may call. Any other subject under `<prefix>_api.<node>.>` gets an `unknown_op`
 //! error naming the op.
 //!
-//! The server is a NATS micro service (ADR-32, async-nats `service`) named `jetsync`, one
-//! endpoint per op (named after the op, metadata `group`), so `$SRV.PING/INFO/STATS`
-//! discover the nodes and count requests and processing time per op (error replies in
-//! each endpoint's `data.errors`).
+//! The server is a NATS micro service (ADR-32, in async-nats's wire types) named
+//! `jetsync`, one endpoint per op (named after the op, metadata `group`) and one named
+//! `unknown` on `<prefix>_api.<node>.>`, so `$SRV.PING/INFO/STATS` discover the nodes and
+//! count requests, errors and processing time per op.
 //!
-//! A node replies only to an inbox ([`is_inbox`]: first token `_INBOX` or `_INBOX_<…>`);
-//! a request with another reply subject, or none, is not served, and is counted in
+//! A node replies only to an inbox ([`is_inbox`]: first token `_INBOX` or `_INBOX_<…>`),
+//! to the ops and the `$SRV` verbs alike; a request with another reply subject, or none,
+//! is not served, and is counted in
 //! `jetsync_api_refused_total{reason}`: otherwise a requester could have the node publish
 //! its reply (with the node's permissions) to any subject, such as the JetStream API.
 //!
@@ -54,12 +55,14 @@
 //! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
 //! is answered with a `reply_too_large` error instead of being dropped by the server.
 //!
-//! Files: `wire` (subjects, groups, request and reply types), `server` (the service, the
-//! subscription loop and dispatch), `reply` (the inbox rule, reply bodies), `records` and
-//! `maintenance` (the ops), `client`.
+//! Files: `wire` (subjects, groups, request and reply types), `server` (the subscription
+//! loop and dispatch), `micro` (the micro-service protocol: endpoints, `$SRV` verbs,
+//! stats), `reply` (the inbox rule, reply bodies), `records` and `maintenance` (the ops),
+//! `client`.
 
 mod client;
 mod maintenance;
+mod micro;
 mod records;
 mod reply;
 mod server;

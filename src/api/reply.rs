@@ -5,14 +5,16 @@
 //! the reply subject `$JS.API.STREAM.DELETE.<stream>` deleted the stream, since an error
 //! reply then had an empty body). Such requests are not served: counted in
 //! `jetsync_api_refused_total{reason}` and logged at warn, at most once per
-//! [`WARN_EVERY`]. Every reply has a JSON body: `{"ok": …}`, or `{"error": {code,
-//! message, current?}}` with the same error in the micro-service error headers.
+//! [`WARN_EVERY`]. The same holds for the `$SRV` verbs. Every reply has a JSON body:
+//! `{"ok": …}`, or `{"error": {code, message, current?}}` with the same error in the
+//! micro-service error headers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE, Request};
+use async_nats::HeaderMap;
+use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::wire::{GROUPS, RemoteError, is_inbox, op_group};
@@ -67,40 +69,31 @@ impl Refusals {
     }
 }
 
-/// Error replies per endpoint: they are sent as ordinary replies with a body, which
-/// `$SRV.STATS` does not count as errors, so they are counted here and shown as the
-/// endpoint's `data.errors`.
-#[derive(Clone, Default)]
-pub(super) struct ErrorCounts(Arc<Mutex<HashMap<String, u64>>>);
-
-impl ErrorCounts {
-    fn add(&self, endpoint: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(endpoint.to_owned()).or_default() += 1;
-    }
-
-    /// The `data` of `endpoint` in `$SRV.STATS`.
-    pub fn data(&self, endpoint: &str) -> Value {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        json!({ "errors": m.get(endpoint).copied().unwrap_or(0) })
-    }
+/// A reply ready to publish: its body (never empty), the micro-service error headers and
+/// the error for the stats, if it is an error reply.
+pub(super) struct Reply {
+    pub body: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub error: Option<(RemoteError, u16)>,
 }
 
-/// Sends `result` as the reply to `request` (whose reply subject passed
-/// [`Refusals::admit`]), counting an error under `endpoint`.
-pub(super) async fn send(
-    request: &Request,
+/// The reply of `endpoint` for `result`: `{"ok": …}`, or `{"error": …}` with the error
+/// also in the `Nats-Service-Error` headers (a result above `max_payload` becomes a
+/// `reply_too_large` error: the server would drop it and the caller only time out).
+pub(super) fn encode(
     endpoint: &str,
     result: Result<Value, RemoteError>,
     max_payload: usize,
-    errors: &ErrorCounts,
-) -> Result<(), async_nats::PublishError> {
+) -> Reply {
     let e = match result.map(|v| json!({ "ok": v }).to_string()) {
         Ok(text) if max_payload == 0 || text.len() <= max_payload => {
-            return request.respond(Ok(text.into())).await;
+            return Reply {
+                body: text.into(),
+                headers: None,
+                error: None,
+            };
         }
         Ok(text) => {
-            // The server would drop it and the caller would only time out: say why.
             tracing::warn!(
                 endpoint,
                 bytes = text.len(),
@@ -118,15 +111,18 @@ pub(super) async fn send(
         }
         Err(e) => e,
     };
-    errors.add(endpoint);
-    // Not `respond(Err(_))`: that sends an empty body, which the JetStream API (and other
-    // services) take as a valid request. The headers keep the micro-service error form.
+    // The body says it all; the headers keep the micro-service error form for clients
+    // that read those (compact JSON has no line breaks).
+    let code = error_code(&e);
     let status = serde_json::to_string(&e).unwrap_or_else(|_| e.to_string());
-    let mut headers = async_nats::HeaderMap::new();
+    let mut headers = HeaderMap::new();
     headers.insert(NATS_SERVICE_ERROR, status.as_str());
-    headers.insert(NATS_SERVICE_ERROR_CODE, error_code(&e).to_string().as_str());
-    let body = json!({ "error": e }).to_string();
-    request.respond_with_headers(Ok(body.into()), headers).await
+    headers.insert(NATS_SERVICE_ERROR_CODE, code.to_string().as_str());
+    Reply {
+        body: json!({ "error": e }).to_string().into(),
+        headers: Some(headers),
+        error: Some((e, code)),
+    }
 }
 
 /// The HTTP-like class of an error (the `Nats-Service-Error-Code` header).
@@ -206,6 +202,28 @@ mod tests {
             text.contains(r#"jetsync_api_refused_total{node="n1",reason="no_reply"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn error_replies_have_a_json_body_and_the_headers() {
+        let r = encode(
+            "get",
+            Err(RemoteError::new("not_found", "no such record")),
+            0,
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+        let h = r.headers.unwrap();
+        let e: RemoteError =
+            serde_json::from_str(h.get(NATS_SERVICE_ERROR).unwrap().as_str()).unwrap();
+        assert_eq!(e.code, "not_found");
+        assert_eq!(h.get(NATS_SERVICE_ERROR_CODE).unwrap().as_str(), "404");
+        let r = encode("list", Ok(json!("x".repeat(100))), 50);
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "reply_too_large");
+        let r = encode("ping", Ok(Value::Null), 50);
+        assert_eq!(&r.body[..], br#"{"ok":null}"#);
+        assert!(r.headers.is_none() && r.error.is_none());
     }
 
     #[test]

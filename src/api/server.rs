@@ -1,14 +1,17 @@
 //! Serving the API: [`ApiService`], the [`NodeService`] that attaches it to a node,
 //! [`start_node`], the subscription loop ([`serve`]) and the dispatch of each request to
-//! its op (the ops themselves are in `records` and `maintenance`; whether and how a
-//! request is answered, in `reply`).
+//! its op (the ops themselves are in `records` and `maintenance`; the micro-service
+//! protocol in `micro`; whether and how a request is answered, in `reply`).
+
+use std::collections::HashMap;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::reply::{self, ErrorCounts, Refusals};
+use super::micro::{Endpoint, Incoming, Service};
+use super::reply::{self, Refusals};
 use super::wire::{OPS, RemoteError, Req, api_root};
 use super::{maintenance, records};
 use crate::error::StorageError;
@@ -55,67 +58,47 @@ pub const MAX_CONCURRENT_REQUESTS: usize = 32;
 
 /// Serves the API for `node` as a NATS micro service until `stop` turns true: one
 /// endpoint per op on `<prefix>_api.<node>.<group>.<op>` (endpoint metadata `group`), so
-/// `$SRV.STATS` counts requests and processing time per op.
+/// `$SRV.STATS` counts requests, errors and processing time per op.
 pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
-    use async_nats::service::ServiceExt;
-
     let cfg = node.config();
     let node_root = format!("{}.{}", api_root(&cfg.stream.prefix), node.node_id());
-    let metadata = std::collections::HashMap::from([
+    let metadata = HashMap::from([
         ("node".to_owned(), node.node_id().to_string()),
         ("prefix".to_owned(), cfg.stream.prefix.clone()),
         ("stream".to_owned(), cfg.stream.name.clone()),
     ]);
-    let errors = ErrorCounts::default();
-    let stats_errors = errors.clone();
-    let service = node
-        .nats()
-        .service_builder()
-        .description("jetsync node API")
-        .metadata(metadata)
-        .stats_handler(move |endpoint, _| stats_errors.data(&endpoint))
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await;
-    let service = match service {
+    let mut endpoints: Vec<Endpoint> = OPS
+        .iter()
+        .map(|(op, group)| Endpoint {
+            name: op,
+            subject: format!("{node_root}.{group}.{op}"),
+            queue_group: "q",
+            metadata: HashMap::from([("group".to_owned(), (*group).to_owned())]),
+        })
+        .collect();
+    // A queue group of its own: NATS delivers a message to one member of a queue group
+    // even across subjects, so in the ops' group this would take their requests.
+    endpoints.push(Endpoint {
+        name: UNKNOWN,
+        subject: format!("{node_root}.>"),
+        queue_group: UNKNOWN,
+        metadata: HashMap::new(),
+    });
+    let started = Service::start(
+        node.nats(),
+        SERVICE_NAME,
+        "jetsync node API",
+        metadata,
+        endpoints,
+    )
+    .await;
+    let (service, mut requests) = match started {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve the API");
             return;
         }
     };
-    let mut endpoints = Vec::with_capacity(OPS.len() + 1);
-    let mut served = std::collections::HashSet::with_capacity(OPS.len());
-    for (op, group) in OPS {
-        let subject = format!("{node_root}.{group}.{op}");
-        let meta = std::collections::HashMap::from([("group".to_owned(), group.to_owned())]);
-        match service
-            .endpoint_builder()
-            .name(op)
-            .metadata(meta)
-            .add(subject.clone())
-            .await
-        {
-            Ok(e) => endpoints.push(e.map(move |r| (op, r)).boxed()),
-            Err(e) => {
-                tracing::error!(error = %e, op, "cannot serve the API");
-                return;
-            }
-        }
-        served.insert(subject);
-    }
-    // A queue group of its own: NATS delivers a message to one member of a queue group
-    // even across subjects, so in the ops' group this would take their requests.
-    match service
-        .endpoint_builder()
-        .name(UNKNOWN)
-        .queue_group(UNKNOWN)
-        .add(format!("{node_root}.>"))
-        .await
-    {
-        Ok(e) => endpoints.push(e.map(|r| (UNKNOWN, r)).boxed()),
-        Err(e) => tracing::warn!(error = %e, "unknown API ops will get no error reply"),
-    }
-    let mut requests = futures::stream::select_all(endpoints);
     let mut refusals = Refusals::new(node.metrics().clone());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
     loop {
@@ -129,31 +112,58 @@ pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool
             r = requests.next() => r,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let Some((op, request)) = next else { break };
-        let subject = request.message.subject.as_str();
-        if op == UNKNOWN && served.contains(subject) {
-            continue; // the op's own endpoint has it
-        }
+        let Some((incoming, msg)) = next else { break };
+        let (i, op) = match incoming {
+            Incoming::Verb(verb) => {
+                if let Some(reply) = admitted(&mut refusals, &msg) {
+                    let answer = service.answer(verb);
+                    if let Err(e) = node.nats().publish(reply, answer).await {
+                        tracing::warn!(?verb, error = %e, "$SRV reply not sent");
+                    }
+                }
+                continue;
+            }
+            Incoming::Endpoint(i) => match service.endpoint(i) {
+                Some(e) if e.name == UNKNOWN && service.serves(&msg.subject) => continue,
+                Some(e) => (i, e.name),
+                None => continue,
+            },
+        };
         // Checked before the op runs: a request that may not be answered is not served.
-        if !refusals.admit(subject, request.message.reply.as_deref()) {
+        let Some(reply) = admitted(&mut refusals, &msg) else {
             continue;
-        }
-        let (node, errors) = (node.clone(), errors.clone());
-        let node_root = node_root.clone();
+        };
+        let (node, service, node_root) = (node.clone(), service.clone(), node_root.clone());
         tokio::spawn(async move {
-            let limit = node.nats().server_info().max_payload;
+            let issued = std::time::Instant::now();
             let result = if op == UNKNOWN {
-                Err(reply::unknown_op(&node_root, &request.message.subject))
+                Err(reply::unknown_op(&node_root, &msg.subject))
             } else {
-                handle(&node, op, &request.message.payload).await
+                handle(&node, op, &msg.payload).await
             };
-            if let Err(e) = reply::send(&request, op, result, limit, &errors).await {
+            let limit = node.nats().server_info().max_payload;
+            let out = reply::encode(op, result, limit);
+            let sent = match out.headers {
+                Some(h) => node.nats().publish_with_headers(reply, h, out.body).await,
+                None => node.nats().publish(reply, out.body).await,
+            };
+            if let Err(e) = sent {
                 tracing::warn!(op, error = %e, "API reply not sent");
             }
+            let error = out.error.as_ref().map(|(e, code)| (e, *code));
+            service.record(i, issued.elapsed(), error);
             drop(permit);
         });
     }
-    let _ = service.stop().await;
+}
+
+/// The reply subject of `msg` if the node may answer it (see [`Refusals::admit`]).
+fn admitted(refusals: &mut Refusals, msg: &async_nats::Message) -> Option<async_nats::Subject> {
+    let reply = msg.reply.as_ref().map(|r| r.as_str());
+    refusals
+        .admit(&msg.subject, reply)
+        .then(|| msg.reply.clone())
+        .flatten()
 }
 
 /// `quarantine_origins`: this node's quarantine counted per origin and reason, for the
