@@ -7,11 +7,14 @@
 //!    data subject) or that has none is not served: nothing is published there, the stream
 //!    survives, nothing is written, and `jetsync_api_refused_total{reason}` counts it;
 //! 3. error replies carry a JSON body (before: an empty body, which the JetStream API took
-//!    as a valid delete request).
+//!    as a valid delete request);
+//! 4. NATS permissions on the group level (`jetsync_api.*.read.>` …) are the roles: a
+//!    viewer reads and changes nothing, an application also writes, an operator does all.
 //!
-//! Each failed on the code before the change: the flat subjects were served, an error reply
-//! to `$JS.API.STREAM.DELETE.JETSYNC` deleted the stream, a `get` reply landed in the
-//! stream as an event of the node's, and error bodies were empty.
+//! Each failed on the code before the change: the flat subjects were served (no group
+//! level to permit), an error reply to `$JS.API.STREAM.DELETE.JETSYNC` deleted the stream,
+//! a `get` reply or a `$SRV.PING` reply landed in the stream as an event of the node's,
+//! and error bodies were empty.
 
 mod common;
 
@@ -21,6 +24,7 @@ use async_nats::Client;
 use common::nodes::*;
 use futures::StreamExt;
 use jetsync::api::{ApiClient, ApiError, OPS, RemoteError, op_subject};
+use jetsync::connect::{NatsAuth, connect};
 use jetsync::devserver::NatsServer;
 use jetsync::node::{Node, NodeConfig};
 use serde_json::{Value, json};
@@ -463,4 +467,176 @@ async fn error_replies_carry_a_json_body() {
         other => panic!("not a remote error: {other:?}"),
     }
     n1.shutdown().await.unwrap();
+}
+
+/// Requesters' roles as NATS permissions on the group level, the node unrestricted.
+const ROLES: &str = r#"
+authorization {
+  users: [
+    { user: n1, password: n1 }
+    { user: viewer, password: viewer
+      permissions: { publish: { allow: ["jetsync_api.*.read.>"] }, subscribe: { allow: ["_INBOX_viewer.>"] } } }
+    { user: app, password: app
+      permissions: { publish: { allow: ["jetsync_api.*.read.>", "jetsync_api.*.write.>"] }, subscribe: { allow: ["_INBOX_app.>"] } } }
+    { user: ops, password: ops
+      permissions: { publish: { allow: ["jetsync_api.*.*.>"] }, subscribe: { allow: ["_INBOX_ops.>"] } } }
+  ]
+}
+"#;
+
+async fn role(url: &str, user: &str) -> Client {
+    let auth = NatsAuth {
+        user: Some(user.into()),
+        password: Some(user.into()),
+        inbox_prefix: Some(format!("_INBOX_{user}")),
+        ..NatsAuth::default()
+    };
+    connect(&[url.to_owned()], &auth, user, false)
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_on_the_group_level_are_the_roles() {
+    let server = NatsServer::builder()
+        .extra_config(ROLES)
+        .start()
+        .expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let mut config = with_metrics(node_config("n1", dir.path(), &url));
+    config.nats_auth = NatsAuth {
+        user: Some("n1".into()),
+        password: Some("n1".into()),
+        ..NatsAuth::default()
+    };
+    let (viewer, app, ops) = (
+        role(&url, "viewer").await,
+        role(&url, "app").await,
+        role(&url, "ops").await,
+    );
+    let n1 = start_serving(config, &ops).await;
+    let orders = common::entity("orders");
+    let id = Uuid::now_v7();
+    n1.put(&orders, id, json!({"v": 1})).await.unwrap();
+    let format = jetsync::store::FORMAT_VERSION;
+    let read = [
+        ("status", json!({})),
+        ("get", json!({"entity": "orders", "id": id})),
+        ("list", json!({"entity": "orders"})),
+        ("digest", json!({})),
+        ("quarantine", json!({})),
+    ];
+    let denied_id = Uuid::now_v7();
+    let write = [
+        (
+            "put",
+            json!({"entity": "orders", "id": denied_id, "doc": {"x": 1}}),
+        ),
+        ("delete", json!({"entity": "orders", "id": id})),
+    ];
+    let admin = [
+        ("snapshot", json!({})),
+        (
+            "merge_records",
+            json!({"entity": "orders", "format": format, "states": []}),
+        ),
+        ("quarantine_retry", json!({"ids": []})),
+        ("apply", json!({"seqs": []})),
+    ];
+    let allowed =
+        |c: &Client| ApiClient::new(c.clone(), "jetsync").with_timeout(Duration::from_secs(30));
+    // A denied publish gets no reply: the short timeout is how it shows.
+    let denied =
+        |c: &Client| ApiClient::new(c.clone(), "jetsync").with_timeout(Duration::from_secs(1));
+
+    for (who, client, may, may_not) in [
+        (
+            "viewer",
+            &viewer,
+            &read[..],
+            [&write[..], &admin[..]].concat(),
+        ),
+        ("app", &app, &read[..], admin.to_vec()),
+    ] {
+        for (op, body) in may {
+            allowed(client)
+                .call("n1", op, body.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{who} may call {op}: {e}"));
+        }
+        for (op, body) in may_not {
+            // The server drops the publish: no reply at all, not even an error of the node's.
+            let r = denied(client).call("n1", op, body.clone()).await;
+            assert!(
+                matches!(r, Err(ApiError::Timeout { .. } | ApiError::Request { .. })),
+                "{who} called {op}: {r:?}"
+            );
+        }
+    }
+    // The application writes; an operator does everything.
+    let app_id = Uuid::now_v7();
+    allowed(&app)
+        .call(
+            "n1",
+            "put",
+            json!({"entity": "orders", "id": app_id, "doc": {"by": "app"}}),
+        )
+        .await
+        .expect("app may put");
+    for (op, body) in read.iter().chain(&admin) {
+        allowed(&ops)
+            .call("n1", op, body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("ops may call {op}: {e}"));
+    }
+    assert!(n1.store().get(&orders, denied_id).unwrap().is_none());
+    assert!(
+        n1.store().get(&orders, id).unwrap().is_some(),
+        "the viewer deleted"
+    );
+    assert!(n1.store().get(&orders, app_id).unwrap().is_some());
+
+    // A write cannot be smuggled through the read group, nor the stream deleted through
+    // a read op's reply.
+    let e = error_of(
+        "read.put",
+        &ask(
+            &viewer,
+            "jetsync_api.n1.read.put",
+            &json!({"entity": "orders", "id": denied_id, "doc": {"x": 1}}).to_string(),
+        )
+        .await,
+    );
+    assert_eq!(e.code, "unknown_op", "{e}");
+    viewer
+        .publish_with_reply(
+            "jetsync_api.n1.read.status",
+            "$JS.API.STREAM.DELETE.JETSYNC",
+            "not json".into(),
+        )
+        .await
+        .unwrap();
+    viewer.flush().await.unwrap();
+    wait_refused(&n1, "not_inbox", 1.0).await;
+    assert!(n1.store().get(&orders, denied_id).unwrap().is_none());
+    assert!(
+        stream_state(&async_nats::jetstream::new(role_js(&url).await))
+            .await
+            .is_ok(),
+        "the stream is gone"
+    );
+    n1.shutdown().await.unwrap();
+}
+
+/// A client with the node's (unrestricted) rights, to look at the stream.
+async fn role_js(url: &str) -> Client {
+    let auth = NatsAuth {
+        user: Some("n1".into()),
+        password: Some("n1".into()),
+        ..NatsAuth::default()
+    };
+    connect(&[url.to_owned()], &auth, "look", false)
+        .await
+        .expect("connects")
 }
