@@ -376,8 +376,14 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
         .iter()
         .filter_map(|e| e["subject"].as_str())
         .collect();
-    assert!(subjects.contains(&"jetsync_api.a.status"), "{subjects:?}");
-    assert!(subjects.contains(&"jetsync_api.a.put"), "{subjects:?}");
+    assert!(
+        subjects.contains(&"jetsync_api.a.read.status"),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.contains(&"jetsync_api.a.write.put"),
+        "{subjects:?}"
+    );
     let api = jetsync::api::ApiClient::new(nats.clone(), "jetsync");
     let found = api.nodes(Duration::from_millis(500)).await.unwrap();
     let found: Vec<&str> = found.iter().filter_map(|n| n["node"].as_str()).collect();
@@ -465,7 +471,10 @@ async fn endpoint_stats(nats: &async_nats::Client, node: &str, op: &str) -> Valu
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["subject"] == format!("jetsync_api.{node}.{op}"))
+        .find(|e| {
+            Some(e["subject"].as_str().unwrap_or_default().to_owned())
+                == jetsync::api::op_subject("jetsync", node, op)
+        })
         .cloned()
         .unwrap_or_else(|| panic!("no {op} endpoint in {mine}"))
 }

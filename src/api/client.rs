@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::wire::{RemoteError, api_root};
+use super::wire::{RemoteError, api_root, op_group};
 
 /// Calling the API failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +76,19 @@ impl ApiClient {
         self
     }
 
-    /// Calls `op` on `node` and returns the `ok` value.
+    /// Calls `op` on `node` (on `<prefix>_api.<node>.<group>.<op>`, the op's group from
+    /// [`OPS`](super::OPS)) and returns the `ok` value; an op that does not exist is an
+    /// `unknown_op` error without a request.
     pub async fn call(&self, node: &str, op: &str, body: Value) -> Result<Value, ApiError> {
-        let subject = format!("{}.{node}.{op}", self.root);
+        let Some(group) = op_group(op) else {
+            return Err(RemoteError {
+                code: "unknown_op".into(),
+                message: format!("unknown operation {op:?}"),
+                current: None,
+            }
+            .into());
+        };
+        let subject = format!("{}.{node}.{group}.{op}", self.root);
         let req = self
             .client
             .request(subject.clone(), body.to_string().into());

@@ -4,54 +4,73 @@
 //! [`NodeService`](crate::node::NodeService) and [`start_node`] starts a node serving it
 //! (as `jetsync run` does); the node itself knows nothing of the API.
 //!
-//! Subjects: `<prefix>_api.<node>.<op>` for one node, `<prefix>_api.ping` answered by every
-//! node (discovery). They sit outside `<prefix>.>` on purpose: the stream captures that,
-//! and API requests must never become events. NATS auth governs who may call.
+//! Subjects: `<prefix>_api.<node>.<group>.<op>`, the group one of `read`, `write`,
+//! `admin` ([`OPS`] says which op is in which), so NATS permissions give each role its
+//! group (`<prefix>_api.*.read.>` for a viewer). They sit outside `<prefix>.>` on purpose:
+//! the stream captures that, and API requests must never become events. NATS auth governs
+//! who may call. Any other subject under `<prefix>_api.<node>.>` gets an `unknown_op`
+//! error naming the op.
 //!
-//! The server is a NATS micro service (ADR-32, async-nats `service`) named `jetsync`, one
-//! endpoint per op in the group `<prefix>_api.<node>`, so `$SRV.PING/INFO/STATS` discover
-//! the nodes and count requests, errors and processing time per op.
+//! The server is a NATS micro service (ADR-32, in async-nats's wire types) named
+//! `jetsync`, one endpoint per op (named after the op, metadata `group`) and one named
+//! `unknown` on `<prefix>_api.<node>.>`, so `$SRV.PING/INFO/STATS` discover the nodes and
+//! count requests, errors and processing time per op.
 //!
-//! Bodies are JSON. A reply is `{"ok": <result>}`; an error is a service error reply whose
-//! `Nats-Service-Error` header holds `{"code", "message"}` as JSON (plus `current` on a
-//! version mismatch), so callers get structured errors, never a timeout for a bad request.
+//! A node replies only to an inbox ([`is_inbox`]: first token `_INBOX` or `_INBOX_<…>`),
+//! to the ops and the `$SRV` verbs alike; a request with another reply subject, or none,
+//! is not served, and is counted in
+//! `jetsync_api_refused_total{reason}`: otherwise a requester could have the node publish
+//! its reply (with the node's permissions) to any subject, such as the JetStream API.
 //!
-//! | op | request | result |
-//! |---|---|---|
-//! | `get` | `{entity, id}` | the record or `null` |
-//! | `put` | `{entity, id?, doc, scope?, if_version?, if_absent?}` | `{entity, id, version}` |
-//! | `delete` | `{entity, id, if_version?}` | `{entity, id, version}` |
-//! | `list` | `{entity, after?, limit?}` | `{records, next}` |
-//! | `conflicts` | `{entity, after?, limit?}` | `{conflicts: [{id, leaves}], next}` |
-//! | `resolve` | `{entity, id, doc (null = delete), versions}` | `{entity, id, version}` |
-//! | `status` | `{}` | the node's [`Status`](crate::node::Status) |
-//! | `digest` | `{entity?}` | `{<entity>: "<hex>"}` |
-//! | `ping` | `{}` | `{node, version}` |
-//! | `snapshot` | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
-//! | `verify_hashes` | `{entity, scopes?}` | recomputed [`VerifyHashes`](crate::store::VerifyHashes) |
-//! | `bucket_records` | `{entity, buckets, format, scopes?, after?, limit?}` (`format`: the caller's store format, which must be the node's) | `{records: [{id, state \| "damaged"}], next}` |
-//! | `merge_records` | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals}` (states failing the event checks are refused whole) |
-//! | `damaged` | `{}` | damaged records set aside |
-//! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
-//! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
-//! | `apply` | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
-//! | `refused` | `{}` | own events parked because the server will never take them: `[{origin_seq, entity, id, version, reason, ...}]` |
-//! | `refused_drop` / `refused_retry` | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
-//! | `quarantine_origins` | `{}`, or `{origin, limit?}` | `{origins: {<origin>: {<reason>: count}}}`; with `origin` also `entries: [{id, subject, msg_id, payload, reason}]`, its newest quarantined messages (the self-check verifies them) |
+//! Bodies are JSON, never empty. A reply is `{"ok": <result>}`; an error reply is
+//! `{"error": {"code", "message", "current"?}}` (`current` on a version mismatch), the same
+//! error also in the `Nats-Service-Error` header as JSON and its class in
+//! `Nats-Service-Error-Code`, so callers get structured errors, never a timeout for a bad
+//! request.
+//!
+//! | op | group | request | result |
+//! |---|---|---|---|
+//! | `get` | read | `{entity, id}` | the record or `null` |
+//! | `put` | write | `{entity, id?, doc, scope?, if_version?, if_absent?}` | `{entity, id, version}` |
+//! | `delete` | write | `{entity, id, if_version?}` | `{entity, id, version}` |
+//! | `list` | read | `{entity, after?, limit?}` | `{records, next}` |
+//! | `conflicts` | read | `{entity, after?, limit?}` | `{conflicts: [{id, leaves}], next}` |
+//! | `resolve` | write | `{entity, id, doc (null = delete), versions}` | `{entity, id, version}` |
+//! | `status` | read | `{}` | the node's [`Status`](crate::node::Status) |
+//! | `digest` | read | `{entity?}` | `{<entity>: "<hex>"}` |
+//! | `ping` | read | `{}` | `{node, version}` |
+//! | `snapshot` | admin | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
+//! | `verify_hashes` | admin | `{entity, scopes?}` | recomputed [`VerifyHashes`](crate::store::VerifyHashes) |
+//! | `bucket_records` | admin | `{entity, buckets, format, scopes?, after?, limit?}` (`format`: the caller's store format, which must be the node's) | `{records: [{id, state \| "damaged"}], next}` |
+//! | `merge_records` | admin | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals}` (states failing the event checks are refused whole) |
+//! | `damaged` | read | `{}` | damaged records set aside |
+//! | `quarantine` | read | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
+//! | `quarantine_drop` / `quarantine_retry` | admin | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |
+//! | `apply` | admin | `{seqs: [<stream sequence>]}` | those stream messages, read from the stream by the node, applied idempotently (the checkpoint does not move) |
+//! | `refused` | read | `{}` | own events parked because the server will never take them: `[{origin_seq, entity, id, version, reason, ...}]` |
+//! | `refused_drop` / `refused_retry` | admin | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
+//! | `quarantine_origins` | read | `{}`, or `{origin, limit?}` | `{origins: {<origin>: {<reason>: count}}}`; with `origin` also `entries: [{id, subject, msg_id, payload, reason}]`, its newest quarantined messages (the self-check verifies them) |
 //!
 //! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
 //! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
 //! is answered with a `reply_too_large` error instead of being dropped by the server.
 //!
-//! Files: `wire` (subjects, request and reply types), `server` (the service, the
-//! subscription loop and dispatch), `records` and `maintenance` (the ops), `client`.
+//! Files: `wire` (subjects, groups, request and reply types), `server` (the subscription
+//! loop and dispatch), `micro` (the micro-service protocol: endpoints, `$SRV` verbs,
+//! stats), `reply` (the inbox rule, reply bodies), `records` and `maintenance` (the ops),
+//! `client`.
 
 mod client;
 mod maintenance;
+mod micro;
 mod records;
+mod reply;
 mod server;
 mod wire;
 
 pub use self::client::{ApiClient, ApiError};
 pub use self::server::{ApiService, serve, start_node};
-pub use self::wire::{RemoteError, StateEntry, StreamMessage, api_root, record_json};
+pub use self::wire::{
+    GROUPS, OPS, RemoteError, StateEntry, StreamMessage, api_root, is_inbox, op_group, op_subject,
+    record_json,
+};

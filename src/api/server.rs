@@ -1,20 +1,25 @@
 //! Serving the API: [`ApiService`], the [`NodeService`] that attaches it to a node,
 //! [`start_node`], the subscription loop ([`serve`]) and the dispatch of each request to
-//! its op (the ops themselves are in `records` and `maintenance`).
+//! its op (the ops themselves are in `records` and `maintenance`; the micro-service
+//! protocol in `micro`; whether and how a request is answered, in `reply`).
+
+use std::collections::HashMap;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::wire::{RemoteError, Req, api_root};
+use super::micro::{Endpoint, Incoming, Service};
+use super::reply::{self, Refusals};
+use super::wire::{OPS, RemoteError, Req, api_root};
 use super::{maintenance, records};
 use crate::error::StorageError;
 use crate::node::{Node, NodeConfig, NodeError, NodeHandle, NodeService, Status};
 use crate::store::ApplyReport;
 
-/// The API as a service beside a node: it answers on `<prefix>_api.<node>.*` and
-/// `<prefix>_api.ping` until the node stops.
+/// The API as a service beside a node: it answers on `<prefix>_api.<node>.<group>.<op>`
+/// until the node stops.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ApiService;
 
@@ -43,85 +48,58 @@ pub async fn start_node(config: NodeConfig) -> Result<Node, NodeError> {
 /// `node`, `prefix` and `stream`.
 pub const SERVICE_NAME: &str = "jetsync";
 
-/// The ops served, one service endpoint each (`<prefix>_api.<node>.<op>`), so `$SRV.STATS`
-/// counts requests, errors and processing time per op.
-pub const OPS: [&str; 22] = [
-    "ping",
-    "refused",
-    "refused_retry",
-    "refused_drop",
-    "status",
-    "get",
-    "list",
-    "conflicts",
-    "digest",
-    "put",
-    "delete",
-    "resolve",
-    "snapshot",
-    "verify_hashes",
-    "bucket_records",
-    "merge_records",
-    "damaged",
-    "quarantine",
-    "quarantine_drop",
-    "quarantine_retry",
-    "apply",
-    "quarantine_origins",
-];
+/// The endpoint that answers every subject under `<prefix>_api.<node>.>` that is no op
+/// (an unknown op or group, or a pre-group `<node>.<op>` subject) with an `unknown_op`
+/// error. Its subscription overlaps the ops', so it skips subjects an op serves.
+const UNKNOWN: &str = "unknown";
 
 /// Most requests handled at once; the rest wait in NATS's subscription buffers.
 pub const MAX_CONCURRENT_REQUESTS: usize = 32;
 
-/// Serves the API for `node` as a NATS micro service until `stop` turns true.
+/// Serves the API for `node` as a NATS micro service until `stop` turns true: one
+/// endpoint per op on `<prefix>_api.<node>.<group>.<op>` (endpoint metadata `group`), so
+/// `$SRV.STATS` counts requests, errors and processing time per op.
 pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
-    use async_nats::service::ServiceExt;
-
     let cfg = node.config();
-    let root = api_root(&cfg.stream.prefix);
-    let metadata = std::collections::HashMap::from([
+    let node_root = format!("{}.{}", api_root(&cfg.stream.prefix), node.node_id());
+    let metadata = HashMap::from([
         ("node".to_owned(), node.node_id().to_string()),
         ("prefix".to_owned(), cfg.stream.prefix.clone()),
         ("stream".to_owned(), cfg.stream.name.clone()),
     ]);
-    let service = node
-        .nats()
-        .service_builder()
-        .description("jetsync node API")
-        .metadata(metadata)
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await;
-    let service = match service {
+    let mut endpoints: Vec<Endpoint> = OPS
+        .iter()
+        .map(|(op, group)| Endpoint {
+            name: op,
+            subject: format!("{node_root}.{group}.{op}"),
+            queue_group: "q",
+            metadata: HashMap::from([("group".to_owned(), (*group).to_owned())]),
+        })
+        .collect();
+    // A queue group of its own: NATS delivers a message to one member of a queue group
+    // even across subjects, so in the ops' group this would take their requests.
+    endpoints.push(Endpoint {
+        name: UNKNOWN,
+        subject: format!("{node_root}.>"),
+        queue_group: UNKNOWN,
+        metadata: HashMap::new(),
+    });
+    let started = Service::start(
+        node.nats(),
+        SERVICE_NAME,
+        "jetsync node API",
+        metadata,
+        endpoints,
+    )
+    .await;
+    let (service, mut requests) = match started {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve the API");
             return;
         }
     };
-    let group = service.group(format!("{root}.{}", node.node_id()));
-    let mut endpoints = Vec::with_capacity(OPS.len() + 1);
-    for op in OPS {
-        match group.endpoint_builder().name(op).add(op).await {
-            Ok(e) => endpoints.push(e.map(move |r| (op, r)).boxed()),
-            Err(e) => {
-                tracing::error!(error = %e, op, "cannot serve the API");
-                return;
-            }
-        }
-    }
-    // `<prefix>_api.ping` reaches every node (discovery by older clients): a queue group
-    // of its own per node, so no node takes the others' share.
-    match service
-        .endpoint_builder()
-        .name("ping_all")
-        .queue_group(node.node_id().as_str())
-        .add(format!("{root}.ping"))
-        .await
-    {
-        Ok(e) => endpoints.push(e.map(|r| ("ping", r)).boxed()),
-        Err(e) => tracing::warn!(error = %e, "not answering {root}.ping"),
-    }
-    let mut requests = futures::stream::select_all(endpoints);
+    let mut refusals = Refusals::new(node.metrics().clone());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
     loop {
         // Wait for a free slot before taking a request: at the bound, requests queue.
@@ -134,57 +112,58 @@ pub async fn serve(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool
             r = requests.next() => r,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let Some((op, request)) = next else { break };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let limit = node.nats().server_info().max_payload;
-            let reply = match handle(&node, op, &request.message.payload).await {
-                Ok(v) => match json!({ "ok": v }).to_string() {
-                    text if limit > 0 && text.len() > limit => {
-                        // The server would drop it and the caller would only time out: say why.
-                        tracing::warn!(
-                            op,
-                            bytes = text.len(),
-                            limit,
-                            "API reply above the server's max_payload; answering with an error"
-                        );
-                        let e = RemoteError::new(
-                            "reply_too_large",
-                            format!(
-                                "the {op} reply is {} bytes, above the server's max_payload of {limit}; ask for a smaller page (limit)",
-                                text.len()
-                            ),
-                        );
-                        request.respond(Err(service_error(&e))).await
+        let Some((incoming, msg)) = next else { break };
+        let (i, op) = match incoming {
+            Incoming::Verb(verb) => {
+                if let Some(reply) = admitted(&mut refusals, &msg) {
+                    let answer = service.answer(verb);
+                    if let Err(e) = node.nats().publish(reply, answer).await {
+                        tracing::warn!(?verb, error = %e, "$SRV reply not sent");
                     }
-                    text => request.respond(Ok(text.into())).await,
-                },
-                Err(e) => request.respond(Err(service_error(&e))).await,
+                }
+                continue;
+            }
+            Incoming::Endpoint(i) => match service.endpoint(i) {
+                Some(e) if e.name == UNKNOWN && service.serves(&msg.subject) => continue,
+                Some(e) => (i, e.name),
+                None => continue,
+            },
+        };
+        // Checked before the op runs: a request that may not be answered is not served.
+        let Some(reply) = admitted(&mut refusals, &msg) else {
+            continue;
+        };
+        let (node, service, node_root) = (node.clone(), service.clone(), node_root.clone());
+        tokio::spawn(async move {
+            let issued = std::time::Instant::now();
+            let result = if op == UNKNOWN {
+                Err(reply::unknown_op(&node_root, &msg.subject))
+            } else {
+                handle(&node, op, &msg.payload).await
             };
-            if let Err(e) = reply {
+            let limit = node.nats().server_info().max_payload;
+            let out = reply::encode(op, result, limit);
+            let sent = match out.headers {
+                Some(h) => node.nats().publish_with_headers(reply, h, out.body).await,
+                None => node.nats().publish(reply, out.body).await,
+            };
+            if let Err(e) = sent {
                 tracing::warn!(op, error = %e, "API reply not sent");
             }
+            let error = out.error.as_ref().map(|(e, code)| (e, *code));
+            service.record(i, issued.elapsed(), error);
             drop(permit);
         });
     }
-    let _ = service.stop().await;
 }
 
-/// An error reply in the micro-service form, so `$SRV.STATS` counts it: the status
-/// header (`Nats-Service-Error`) carries the [`RemoteError`] as JSON (compact JSON has no
-/// line breaks), the code an HTTP-like class.
-fn service_error(e: &RemoteError) -> async_nats::service::error::Error {
-    let code = match e.code.as_str() {
-        "bad_request" | "unknown_op" | "invalid_doc" | "doc_too_large" | "scope_mismatch"
-        | "unknown_version" => 400,
-        "not_found" => 404,
-        "version_mismatch" => 409,
-        _ => 500,
-    };
-    async_nats::service::error::Error {
-        status: serde_json::to_string(e).unwrap_or_else(|_| e.to_string()),
-        code,
-    }
+/// The reply subject of `msg` if the node may answer it (see [`Refusals::admit`]).
+fn admitted(refusals: &mut Refusals, msg: &async_nats::Message) -> Option<async_nats::Subject> {
+    let reply = msg.reply.as_ref().map(|r| r.as_str());
+    refusals
+        .admit(&msg.subject, reply)
+        .then(|| msg.reply.clone())
+        .flatten()
 }
 
 /// Most entries `quarantine_origins` lists for an `origin` (`limit` asks for fewer).

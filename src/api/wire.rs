@@ -17,6 +17,67 @@ pub fn api_root(prefix: &str) -> String {
     format!("{prefix}_api")
 }
 
+/// The op groups, one subject level each (`<prefix>_api.<node>.<group>.<op>`), so NATS
+/// permissions give each role its group: `read` the viewer, `write` the application,
+/// `admin` the operator.
+pub const GROUPS: [&str; 3] = ["read", "write", "admin"];
+
+/// Every op and its group. `read`: ops that change nothing and reveal no more than the
+/// records and the node's health. `write`: the normal write path (each write becomes a
+/// signed event of this node). `admin`: everything that changes state outside that path
+/// (merging foreign states, replaying, snapshots, quarantine and refused-event handling)
+/// and verification's full record-state exchange and rescans.
+pub const OPS: [(&str, &str); 22] = [
+    ("ping", "read"),
+    ("status", "read"),
+    ("get", "read"),
+    ("list", "read"),
+    ("conflicts", "read"),
+    ("digest", "read"),
+    ("damaged", "read"),
+    ("quarantine", "read"),
+    ("quarantine_origins", "read"),
+    ("refused", "read"),
+    ("put", "write"),
+    ("delete", "write"),
+    ("resolve", "write"),
+    ("snapshot", "admin"),
+    ("verify_hashes", "admin"),
+    ("bucket_records", "admin"),
+    ("merge_records", "admin"),
+    ("apply", "admin"),
+    ("quarantine_drop", "admin"),
+    ("quarantine_retry", "admin"),
+    ("refused_drop", "admin"),
+    ("refused_retry", "admin"),
+];
+
+/// The group `op` is served in (`None`: no such op).
+pub fn op_group(op: &str) -> Option<&'static str> {
+    OPS.iter().find(|(o, _)| *o == op).map(|(_, g)| *g)
+}
+
+/// The subject `node` serves `op` on (`None`: no such op).
+pub fn op_subject(prefix: &str, node: &str, op: &str) -> Option<String> {
+    op_group(op).map(|g| format!("{}.{node}.{g}.{op}", api_root(prefix)))
+}
+
+/// Whether a node may reply to `subject`: only an inbox, whose first token is `_INBOX`
+/// (`_INBOX.<id>`, `_INBOX.<user>.<id>`) or starts with `_INBOX_` (a per-user inbox
+/// prefix such as `_INBOX_viewer`), or `_R_` (the server's own mapping of a reply that
+/// crossed accounts through a service import, which leads only back to the requester). The requester chooses the reply subject and a node
+/// may be allowed to publish where the requester may not, so any other subject would
+/// let a requester make the node publish there (a JetStream API call, an event).
+pub fn is_inbox(subject: &str) -> bool {
+    let first = subject.split('.').next().unwrap_or_default();
+    // `_R_`: the reply the server maps a request to when it crossed accounts through a
+    // service import (deploy/secure): it routes only back to the requester's account.
+    (first == "_INBOX" || first.starts_with("_INBOX_") || first == "_R_")
+        && !subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">")
+}
+
 /// A structured error reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]

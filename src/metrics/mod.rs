@@ -67,6 +67,11 @@ pub const QUARANTINE_REASONS: [&str; 7] = crate::event::QuarantineReason::CODES;
 /// The outcomes counted in `jetsync_applied_events_total{entity,outcome}`.
 pub const APPLY_OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
 
+/// Why the node API served no reply to a request, each a `jetsync_api_refused_total{reason}`
+/// series from 0: `no_reply` (the request had no reply subject), `not_inbox` (its reply
+/// subject was not an inbox, see [`crate::api::is_inbox`]).
+pub const API_REFUSED_REASONS: [&str; 2] = ["no_reply", "not_inbox"];
+
 /// The kinds of publish errors counted in `jetsync_publish_errors_total{kind}`.
 pub mod publish_error {
     /// The message could not be handed to the connection.
@@ -170,6 +175,7 @@ struct Inner {
     snapshot_states_refused: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
+    api_refused: Family<Labels, Counter>,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -205,6 +211,7 @@ impl Inner {
         zero(&self.quarantined, "reason", &QUARANTINE_REASONS);
         zero(&self.publish_errors, "kind", &publish_error::KINDS);
         zero(&self.halted, "reason", &HALT_REASONS);
+        zero(&self.api_refused, "reason", &API_REFUSED_REASONS);
         let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
         for entity in entities {
             for outcome in APPLY_OUTCOMES {
@@ -281,6 +288,7 @@ impl NodeMetrics {
             snapshot_states_refused: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
+            api_refused: Family::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -467,6 +475,11 @@ impl NodeMetrics {
             "Edge site: hub sequences trimmed before this site sourced them, until a hub snapshot fills them (0: none)",
             inner.upstream_gap.clone(),
         );
+        r.register(
+            "api_refused",
+            "API requests served no reply because of their reply subject, by reason",
+            inner.api_refused.clone(),
+        );
         inner.preinitialise();
         let mut inner = inner;
         inner.registry = r;
@@ -536,6 +549,15 @@ impl NodeMetrics {
             m.local_writes.inc_by(records as u64);
             m.resolves.inc_by(resolves as u64);
             m.write_latency.observe(seconds(elapsed));
+        }
+    }
+
+    /// One API request refused for `reason` (one of [`API_REFUSED_REASONS`]).
+    pub fn api_refused(&self, reason: &'static str) {
+        if let Some(m) = &self.inner {
+            m.api_refused
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc();
         }
     }
 
