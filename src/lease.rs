@@ -17,7 +17,7 @@
 //!   may have lost the lease: it stops publishing and applying (local writes go on into
 //!   the outbox) until it renews or retakes it, and says so in its status.
 //! - A holder that finds its key held by another process (`Lost`) accepts no writes,
-//!   stops publishing and applying and leaves the API; it keeps watching the key and takes
+//!   stops publishing and applying and leaves the API; it keeps checking the key and takes
 //!   its id back as soon as the key is free (deleted or expired), then resumes.
 //! - [`LeaseClock`] tells writers when the lease was last confirmed, by the monotonic and
 //!   the wall clock: after a pause longer than the time to live (`SIGSTOP`, a suspended
@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
@@ -505,29 +504,13 @@ pub struct KeepArgs {
     pub ttl: Duration,
 }
 
-/// Waits for a change of the lease key that this process did not make: any other
-/// revision while it holds the key, a delete or purge while another process does. Never
-/// resolves without a watch; a watch that ends or fails is dropped (made again later).
-async fn key_changed(watch: &mut Option<kv::Watch>, ours: u64, lost: bool) {
-    let Some(w) = watch.as_mut() else {
-        return std::future::pending().await;
-    };
-    loop {
-        match w.next().await {
-            Some(Ok(e)) if lost && e.operation == kv::Operation::Put => {}
-            Some(Ok(e)) if !lost && e.revision == ours => {}
-            Some(Ok(_)) => return,
-            _ => break,
-        }
-    }
-    *watch = None;
-}
-
 /// Keeps the lease while `stop` is false: takes it (if `lease` is `None`, retrying while
 /// NATS is away), renews it every quarter of its time to live (and at once when `clock`
-/// is asked to, or when someone else changes the key), reports every change on `state`,
-/// and releases it on stop. When another process holds the id it keeps checking the key
-/// and takes the id back once it is free.
+/// is asked to), reports every change on `state`, and releases it on stop. When another
+/// process holds the id it checks the key every second at most (a quarter of the time to
+/// live if shorter) and takes the id back once it is free. (Polled, not watched: a KV
+/// watch needs a consumer on the bucket, which a node confined to its own key, as in
+/// `deploy/secure/`, may not create.)
 pub async fn keep(
     args: KeepArgs,
     mut lease: Option<Lease>,
@@ -544,7 +527,6 @@ pub async fn keep(
     } = args;
     let mut last_ok = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(200);
-    let mut watch: Option<kv::Watch> = None;
     let set = |s: LeaseState| {
         state.send_if_modified(|cur| {
             let changed = *cur != s;
@@ -559,15 +541,12 @@ pub async fn keep(
         let lost = matches!(&*state.borrow(), LeaseState::Lost { .. });
         let wait = match &lease {
             None => backoff,
-            // Free keys are seen by the watch (deletes) or within a second (expiry).
             Some(l) if lost => (l.ttl() / 4).min(Duration::from_secs(1)),
             Some(l) => l.ttl() / 4,
         };
-        let ours = lease.as_ref().map_or(0, |l| l.revision);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = clock.renew_now.notified() => {}
-            _ = key_changed(&mut watch, ours, lost) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         let result = match &mut lease {
@@ -620,14 +599,15 @@ pub async fn keep(
                 } else {
                     tracing::debug!(node = %node, error = %e, "node lease not renewed");
                 }
+                // Expired by now: take it afresh, making the bucket again if the server lost
+                // it (a server restarted without its JetStream store). This process's own
+                // old entry is taken over: same host and data dir.
+                if lease.as_ref().is_some_and(|l| last_ok.elapsed() > l.ttl()) {
+                    lease = None;
+                }
             }
         }
         clock.attempts.send_modify(|n| *n += 1);
-        if watch.is_none()
-            && let Some(l) = &lease
-        {
-            watch = l.kv.watch(&l.me.node).await.ok();
-        }
     }
     if let Some(l) = lease {
         // Never release a key another process holds.

@@ -109,6 +109,11 @@ async fn a_node_whose_id_another_holds_refuses_writes_and_takes_its_id_back_when
 
     // Any client with access to the bucket puts a holder of its own into c's key.
     let kv = leases(&url).await;
+    let mut bucket = kv.stream.clone();
+    assert!(
+        !bucket.info().await.unwrap().config.allow_rollup,
+        "a new lease bucket allows rollups"
+    );
     let fake = Holder {
         node: "c".into(),
         host: "elsewhere".into(),
@@ -449,13 +454,6 @@ async fn a_rollup_on_ones_own_lease_key_removes_no_other_key() {
     .unwrap();
     let a = start(node_config("a", dir.path(), &url)).await;
     let b = start(node_config("b", dir.path(), &url)).await;
-    let mut s = js.get_stream(format!("KV_{BUCKET}")).await.unwrap();
-    let config = s.info().await.unwrap().config.clone();
-    assert!(
-        !config.allow_rollup,
-        "the lease bucket still allows rollups"
-    );
-
     // a's process (or anyone who may write a's key) publishes a rollup on a's key.
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Rollup", "all");
@@ -466,14 +464,20 @@ async fn a_rollup_on_ones_own_lease_key_removes_no_other_key() {
         Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    assert!(rolled.is_err(), "the server took a rollup on a lease key");
     let kv = leases(&url).await;
     let held = holder_of(&kv, "b").await.unwrap();
     assert!(
         held.is_some_and(|h| h.pid == std::process::id()),
         "b's lease key was removed by a rollup on a's"
     );
+    assert!(rolled.is_err(), "the server took a rollup on a lease key");
     assert!(lease_of(&b).await.is_held());
+    let mut s = js.get_stream(format!("KV_{BUCKET}")).await.unwrap();
+    let config = s.info().await.unwrap().config.clone();
+    assert!(
+        !config.allow_rollup,
+        "the lease bucket still allows rollups"
+    );
 
     // A clean shutdown still releases the id (a delete, not a rollup).
     a.shutdown().await.unwrap();
