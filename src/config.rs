@@ -570,6 +570,27 @@ fetch_batch = 500
     }
 
     #[test]
+    fn the_lease_ttl_is_configured_in_the_stream_section() {
+        let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[stream]\n";
+        let default = FileConfig::parse(base)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(default.lease_ttl, crate::lease::DEFAULT_TTL);
+        let c = FileConfig::parse(&format!("{base}lease_ttl_secs = 3"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        let e = FileConfig::parse(&format!("{base}lease_ttl_secs = 0"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`stream.lease_ttl_secs`"), "{e}");
+    }
+
+    #[test]
     fn metrics_are_off_unless_a_listen_address_is_set() {
         let c = FileConfig::parse(FULL)
             .unwrap()

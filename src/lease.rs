@@ -580,12 +580,16 @@ pub async fn keep(
             Err(LeaseError::Nats(e)) if lease.is_none() => {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 let error = Some(e.clone());
-                if !matches!(&*state.borrow(), LeaseState::Pending { error: old } if *old == error)
-                {
-                    tracing::warn!(node = %node, error = %e,
-                        "cannot take the node lease yet: publishing and applying wait for it");
+                match &*state.borrow() {
+                    LeaseState::Pending { error: old } if *old == error => {}
+                    // Held before and expired since: still unsure, not "never taken".
+                    LeaseState::Unsure { .. } => {}
+                    _ => tracing::warn!(node = %node, error = %e,
+                        "cannot take the node lease yet: publishing and applying wait for it"),
                 }
-                set(LeaseState::Pending { error });
+                if !matches!(&*state.borrow(), LeaseState::Unsure { .. }) {
+                    set(LeaseState::Pending { error });
+                }
             }
             Err(LeaseError::Nats(e)) => {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -614,5 +618,37 @@ pub async fn keep(
         if !matches!(&*state.borrow(), LeaseState::Lost { .. }) {
             l.release().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock_confirmed(ttl: Duration, mono_ago: Duration, wall_ago: Duration) -> LeaseClock {
+        let clock = LeaseClock::new(ttl);
+        clock.lock().confirmed = Some(Stamp {
+            mono: Instant::now() - mono_ago,
+            wall_ms: now_ms() - u64::try_from(wall_ago.as_millis()).unwrap(),
+        });
+        clock
+    }
+
+    #[test]
+    fn a_lease_is_stale_past_its_ttl_by_either_clock() {
+        let ttl = Duration::from_secs(30);
+        assert!(LeaseClock::new(ttl).stale(), "never confirmed is stale");
+        let fresh = clock_confirmed(ttl, Duration::from_secs(1), Duration::from_secs(1));
+        assert!(!fresh.stale());
+        // Paused (SIGSTOP): both clocks moved on.
+        let paused = clock_confirmed(ttl, Duration::from_secs(40), Duration::from_secs(40));
+        assert!(paused.stale());
+        // Suspended machine: the monotonic clock stood still, the wall clock did not.
+        let suspended = clock_confirmed(ttl, Duration::from_secs(1), Duration::from_secs(600));
+        assert!(suspended.stale());
+        assert!(suspended.since_confirmed().unwrap() >= Duration::from_secs(600));
+        // The wall clock stepped back: the monotonic clock still counts.
+        let stepped = clock_confirmed(ttl, Duration::from_secs(40), Duration::ZERO);
+        assert!(stepped.stale());
     }
 }
