@@ -435,7 +435,9 @@ pub enum LeaseState {
     /// This process holds the node id.
     Held,
     /// Not renewed for half its time to live (cut off from NATS): it may expire and be
-    /// taken by another process, so this one stopped publishing and applying.
+    /// taken by another process, so this one stopped publishing and applying and left
+    /// the API; past the whole time to live, a connected node's writes wait for the lease
+    /// to be confirmed.
     Unsure {
         /// Since when (ms since the epoch).
         since_ms: u64,
