@@ -17,6 +17,7 @@
 //! duplicate_window_secs = 120
 //! retention = { kind = "limits", max_age = 0, max_bytes = 0, max_msgs = 0 }  # or { kind = "compacted" }
 //! # domain = "hub"   # JetStream domain, when the stream is reached through a leaf node
+//! lease_ttl_secs = 30 # node leases' time to live, for a lease bucket this node creates
 //!
 //! [site]            # optional: a node at an edge site (see `jetsync::site`)
 //! name = "shop42"     # the site's JetStream domain; the node follows the site stream there
@@ -272,6 +273,9 @@ pub struct FileStream {
     pub retention: Retention,
     /// JetStream domain, for nodes that reach the stream through a leaf node.
     pub domain: Option<String>,
+    /// The node leases' time to live, seconds, for a lease bucket this node creates (an
+    /// existing bucket keeps its own; see [`crate::lease`]).
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for FileStream {
@@ -284,6 +288,7 @@ impl Default for FileStream {
             duplicate_window_secs: s.duplicate_window.as_secs(),
             retention: s.retention,
             domain: s.domain,
+            lease_ttl_secs: crate::lease::DEFAULT_TTL.as_secs(),
         }
     }
 }
@@ -381,6 +386,10 @@ impl FileConfig {
             .validate()
             .map_err(|e| invalid("nats", e.to_string()))?;
         let entities = filters("entities", self.entities)?;
+        if !(1..=3600).contains(&self.stream.lease_ttl_secs) {
+            return Err(invalid("stream.lease_ttl_secs", "must be 1..=3600"));
+        }
+        let lease_ttl = Duration::from_secs(self.stream.lease_ttl_secs);
         let stream_name = self.stream.name.clone();
         let (domain, upstream) = match self.site {
             None => (self.stream.domain, None),
@@ -461,6 +470,7 @@ impl FileConfig {
             store,
             fetch_batch: self.limits.fetch_batch,
             publish_window: self.limits.publish_window,
+            lease_ttl,
         })
     }
 }
@@ -576,6 +586,27 @@ fetch_batch = 500
             .unwrap_err()
             .to_string();
         assert!(e.contains("`compaction.tombstone_horizon_secs`"), "{e}");
+    }
+
+    #[test]
+    fn the_lease_ttl_is_configured_in_the_stream_section() {
+        let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[stream]\n";
+        let default = FileConfig::parse(base)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(default.lease_ttl, crate::lease::DEFAULT_TTL);
+        let c = FileConfig::parse(&format!("{base}lease_ttl_secs = 3"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        let e = FileConfig::parse(&format!("{base}lease_ttl_secs = 0"))
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`stream.lease_ttl_secs`"), "{e}");
     }
 
     #[test]

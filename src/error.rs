@@ -318,6 +318,31 @@ pub enum WriteError {
     /// The store failed underneath; nothing was written.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Another process holds this node's id (see [`crate::lease`]): this one accepts no
+    /// writes until it takes the id back; nothing was written.
+    #[error(
+        "node id {node:?} is held by another process: {holder}; this process accepts no writes until it takes the id back (when that process stops or its lease expires): write to the process that holds it"
+    )]
+    NodeIdHeld {
+        /// The node id.
+        node: String,
+        /// Who holds it.
+        holder: Box<crate::lease::Holder>,
+    },
+    /// This process had not confirmed its lease for longer than its time to live (it was
+    /// paused, or cut off from JetStream) and could not confirm it now although NATS is
+    /// connected: another process may hold the node id. Nothing was written; retry.
+    #[error(
+        "node id {node:?}: lease not confirmed for longer than its time to live of {ttl:?} and not confirmed now ({detail}): another process may hold the id; nothing was written, retry"
+    )]
+    LeaseUnconfirmed {
+        /// The node id.
+        node: String,
+        /// The lease's time to live.
+        ttl: std::time::Duration,
+        /// Where the lease stands.
+        detail: String,
+    },
 }
 
 fn fmt_opt(v: &Option<Version>) -> String {

@@ -5,7 +5,9 @@
 //! holds its id exclusively: the key `<node id>` in the bucket `<stream>_LEASES`, created
 //! with create-only semantics and renewed by compare-and-set on its revision. Entries
 //! expire with the bucket's `max_age` (the lease's time to live), so a holder that died
-//! without releasing frees the id after at most that long.
+//! without releasing frees the id after at most that long. The bucket refuses rollup
+//! headers (`allow_rollup_hdrs: false`, set on an older bucket at start), so a writer of
+//! one key cannot wipe the others with `Nats-Rollup: all`.
 //!
 //! - A second process finding the key held by someone else refuses to start, naming the
 //!   node id and where the holder runs (host, pid, data dir).
@@ -13,13 +15,19 @@
 //!   lease over at once: it holds the store file's lock, so the old holder is gone.
 //! - A holder that cannot renew (partitioned from NATS) for longer than the time to live
 //!   may have lost the lease: it stops publishing and applying (local writes go on into
-//!   the outbox) until it renews or retakes it, and says so in its status. A holder that
-//!   finds its key taken by another process stops for good.
+//!   the outbox) until it renews or retakes it, and says so in its status.
+//! - A holder that finds its key held by another process (`Lost`) accepts no writes,
+//!   stops publishing and applying and leaves the API; it keeps checking the key and takes
+//!   its id back as soon as the key is free (deleted or expired), then resumes.
+//! - [`LeaseClock`] tells writers when the lease was last confirmed, by the monotonic and
+//!   the wall clock: after a pause longer than the time to live (`SIGSTOP`, a suspended
+//!   VM) a connected node confirms its lease before it takes a write.
 //! - A node started while NATS is unreachable opens its store and accepts local writes;
 //!   it publishes and applies only once it holds the lease.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
@@ -82,6 +90,8 @@ pub struct Lease {
     me: Holder,
     revision: u64,
     ttl: Duration,
+    /// When the last successful take or renewal was sent.
+    confirmed: Stamp,
 }
 
 /// This machine's host name (best effort: for telling an operator where a holder runs).
@@ -104,42 +114,193 @@ pub fn bucket_name(stream: &str) -> String {
     format!("{stream}_LEASES")
 }
 
-async fn bucket(js: &jetstream::Context, stream: &str) -> Result<kv::Store, LeaseError> {
+/// The config of the stream under a lease bucket: what `create_key_value` makes (one
+/// value per key, expiring after `ttl`, direct gets, deletes only through the KV API),
+/// except that rollup headers are refused: a `Nats-Rollup: all` published on one key
+/// would otherwise remove every other node's key.
+fn bucket_stream_config(name: &str, ttl: Duration) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("jetsync node leases: one running process per node id".into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age: ttl,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: false,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    stream: &str,
+    ttl: Duration,
+) -> Result<kv::Store, LeaseError> {
     let name = bucket_name(stream);
     if let Ok(kv) = js.get_key_value(&name).await {
+        refuse_rollups(js, &kv).await;
         return Ok(kv);
     }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.clone(),
-            description: "jetsync node leases: one running process per node id".into(),
-            history: 1,
-            max_age: DEFAULT_TTL,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(kv) => Ok(kv),
+    let created = js.create_stream(bucket_stream_config(&name, ttl)).await;
+    match (created, js.get_key_value(&name).await) {
+        (Ok(_), Ok(kv)) => Ok(kv),
         // Another node created it in between.
-        Err(e) => js.get_key_value(&name).await.map_err(|_| nats(e)),
+        (Err(_), Ok(kv)) => {
+            refuse_rollups(js, &kv).await;
+            Ok(kv)
+        }
+        (Err(e), Err(_)) => Err(nats(e)),
+        (Ok(_), Err(e)) => Err(nats(e)),
+    }
+}
+
+/// Turns rollups off on a lease bucket created before they were refused. Only that one
+/// setting changes (the server allows it on a live stream); a bucket that is not a plain
+/// lease bucket (a mirror, a source) or cannot be updated (permissions) is left as it is,
+/// with a warning.
+async fn refuse_rollups(js: &jetstream::Context, kv: &kv::Store) {
+    let mut stream = kv.stream.clone();
+    let config = match stream.info().await {
+        Ok(info) if info.config.allow_rollup => info.config.clone(),
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the lease bucket's config");
+            return;
+        }
+    };
+    let plain = config.mirror.is_none()
+        && config.sources.as_ref().is_none_or(Vec::is_empty)
+        && config.subjects == [format!("$KV.{}.>", kv.name)];
+    if !plain {
+        tracing::warn!(bucket = %kv.name,
+            "the node lease bucket allows rollup headers and is not a plain bucket: left as it is; a Nats-Rollup publish on one key can remove every node's lease");
+        return;
+    }
+    let mut fixed = config;
+    fixed.allow_rollup = false;
+    match js.update_stream(fixed).await {
+        Ok(_) => tracing::info!(bucket = %kv.name, "node lease bucket: rollup headers now refused"),
+        Err(e) => tracing::warn!(bucket = %kv.name, error = %e,
+            "the node lease bucket allows rollup headers and cannot be changed: a Nats-Rollup publish on one key can remove every node's lease"),
+    }
+}
+
+/// A moment by both clocks: the monotonic one (immune to wall-clock steps) and the wall
+/// clock (which, unlike the monotonic one on Linux, advances while the machine sleeps).
+#[derive(Clone, Copy, Debug)]
+struct Stamp {
+    mono: Instant,
+    wall_ms: u64,
+}
+
+impl Stamp {
+    fn now() -> Stamp {
+        Stamp {
+            mono: Instant::now(),
+            wall_ms: now_ms(),
+        }
+    }
+
+    /// Time since this moment: the larger of the two clocks' readings, so neither a
+    /// process paused (`SIGSTOP`) nor a machine suspended looks fresh.
+    fn elapsed(&self) -> Duration {
+        let wall = Duration::from_millis(now_ms().saturating_sub(self.wall_ms));
+        self.mono.elapsed().max(wall)
+    }
+}
+
+/// When this process last confirmed its lease, shared by the lease task with the write
+/// path and the publisher. A confirmation counts from when its request was *sent*: a
+/// renewal answered before a pause and read after it proves nothing about the pause.
+pub struct LeaseClock {
+    inner: Mutex<ClockInner>,
+    /// Renewal attempts finished (bumped after each, whatever its outcome).
+    attempts: tokio::sync::watch::Sender<u64>,
+    /// Asks the lease task for a renewal now.
+    renew_now: tokio::sync::Notify,
+}
+
+struct ClockInner {
+    confirmed: Option<Stamp>,
+    ttl: Duration,
+}
+
+impl LeaseClock {
+    /// A clock that has confirmed nothing yet, for a lease of `ttl` (until the bucket's
+    /// own is known).
+    pub fn new(ttl: Duration) -> Self {
+        LeaseClock {
+            inner: Mutex::new(ClockInner {
+                confirmed: None,
+                ttl,
+            }),
+            attempts: tokio::sync::watch::channel(0).0,
+            renew_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a held lease's confirmation (and its time to live).
+    pub fn confirmed_by(&self, lease: &Lease) {
+        let mut c = self.lock();
+        c.confirmed = Some(lease.confirmed);
+        c.ttl = lease.ttl;
+    }
+
+    /// The lease's time to live.
+    pub fn ttl(&self) -> Duration {
+        self.lock().ttl
+    }
+
+    /// Time since the lease was last confirmed (`None`: never).
+    pub fn since_confirmed(&self) -> Option<Duration> {
+        self.lock().confirmed.map(|s| s.elapsed())
+    }
+
+    /// Whether the lease was not confirmed within its time to live (or never): another
+    /// process may hold the id by now.
+    pub fn stale(&self) -> bool {
+        let c = self.lock();
+        c.confirmed.is_none_or(|s| s.elapsed() > c.ttl)
+    }
+
+    /// Asks the lease task to renew now and waits (at most `bound`) for it to finish an
+    /// attempt; true if one finished.
+    pub async fn attempt_now(&self, bound: Duration) -> bool {
+        let mut attempts = self.attempts.subscribe();
+        attempts.borrow_and_update();
+        self.renew_now.notify_one();
+        matches!(
+            tokio::time::timeout(bound, attempts.changed()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
 impl Lease {
-    /// Takes the lease on `node` for this process, whose store lives in `data_dir`.
+    /// Takes the lease on `node` for this process, whose store lives in `data_dir`. A
+    /// lease bucket created here gets the time to live `ttl`; an existing one keeps its own.
     pub async fn acquire(
         js: &jetstream::Context,
         stream: &str,
         node: &NodeId,
         data_dir: &Path,
+        ttl: Duration,
     ) -> Result<Lease, LeaseError> {
-        let kv = bucket(js, stream).await?;
+        let kv = bucket(js, stream, ttl).await?;
         let ttl = {
             let mut s = kv.stream.clone();
             match s.info().await {
                 Ok(i) if !i.config.max_age.is_zero() => i.config.max_age,
-                _ => DEFAULT_TTL,
+                _ => ttl,
             }
         };
         let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
@@ -149,13 +310,14 @@ impl Lease {
             pid: std::process::id(),
             data_dir: data_dir.display().to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
-            since_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+            since_ms: now_ms(),
         };
         let mut lease = Lease {
             kv,
             me,
             revision: 0,
             ttl,
+            confirmed: Stamp::now(),
         };
         lease.take().await?;
         Ok(lease)
@@ -179,9 +341,11 @@ impl Lease {
     async fn take(&mut self) -> Result<(), LeaseError> {
         let key = self.me.node.clone();
         for _ in 0..5 {
+            let sent = Stamp::now();
             match self.kv.create(&key, self.value()).await {
                 Ok(rev) => {
                     self.revision = rev;
+                    self.confirmed = sent;
                     return Ok(());
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -208,12 +372,14 @@ impl Lease {
                     ttl: self.ttl,
                 });
             }
+            let sent = Stamp::now();
             match self.kv.update(&key, self.value(), entry.revision).await {
                 Ok(rev) => {
                     if let Some(h) = holder.filter(|h| h.token != self.me.token) {
                         tracing::warn!(previous = %h, "took over the node lease of a process that is gone");
                     }
                     self.revision = rev;
+                    self.confirmed = sent;
                     return Ok(());
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
@@ -228,6 +394,7 @@ impl Lease {
     /// Renews the lease. If it expired meanwhile (this process was cut off or paused) and
     /// nobody took it, it is taken again; if another process holds it, `Held`.
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        let sent = Stamp::now();
         match self
             .kv
             .update(&self.me.node, self.value(), self.revision)
@@ -235,6 +402,7 @@ impl Lease {
         {
             Ok(rev) => {
                 self.revision = rev;
+                self.confirmed = sent;
                 Ok(())
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => self.take().await,
@@ -267,12 +435,16 @@ pub enum LeaseState {
     /// This process holds the node id.
     Held,
     /// Not renewed for half its time to live (cut off from NATS): it may expire and be
-    /// taken by another process, so this one stopped publishing and applying.
+    /// taken by another process, so this one stopped publishing and applying and left
+    /// the API; past the whole time to live, a connected node's writes wait for the lease
+    /// to be confirmed.
     Unsure {
         /// Since when (ms since the epoch).
         since_ms: u64,
     },
-    /// Another process holds the node id: this one stays stopped.
+    /// Another process holds the node id: this one accepts no writes, does not publish or
+    /// apply and has left the API, until it takes the id back (the key is deleted or
+    /// expires).
     Lost {
         /// Who holds it now.
         holder: Holder,
@@ -284,24 +456,77 @@ impl LeaseState {
     pub fn is_held(&self) -> bool {
         matches!(self, LeaseState::Held)
     }
+
+    /// Whether the node serves its API now: while it holds its id, and before it first
+    /// tried to take it (started offline: nobody can reach it anyway, and its status
+    /// says why the lease is not taken). Not while another process holds the id or the
+    /// lease could not be renewed for half its time to live: requests for the node id go
+    /// to the process that holds it.
+    pub fn serves_api(&self) -> bool {
+        matches!(self, LeaseState::Held | LeaseState::Pending { .. })
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseState::Pending { error: None } => write!(f, "node lease not taken yet"),
+            LeaseState::Pending { error: Some(e) } => {
+                write!(f, "node lease not taken yet: {e}")
+            }
+            LeaseState::Held => write!(f, "node lease held"),
+            LeaseState::Unsure { since_ms } => write!(
+                f,
+                "node lease not renewed for half its time to live (since {since_ms} ms after the epoch): publishing and applying paused until it is"
+            ),
+            LeaseState::Lost { holder } => write!(
+                f,
+                "node id {:?} is held by another process: {holder}; this process accepts no writes, does not publish or apply and has left the API until it takes the id back",
+                holder.node
+            ),
+        }
+    }
 }
 
 fn now_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
+/// Where the lease task finds its node and bucket.
+pub struct KeepArgs {
+    /// The JetStream context of the node's connection.
+    pub js: jetstream::Context,
+    /// The stream whose lease bucket holds the id.
+    pub stream: String,
+    /// The node id.
+    pub node: NodeId,
+    /// The node's data dir.
+    pub data_dir: std::path::PathBuf,
+    /// The time to live of a lease bucket created by this node.
+    pub ttl: Duration,
+}
+
 /// Keeps the lease while `stop` is false: takes it (if `lease` is `None`, retrying while
-/// NATS is away), renews it every quarter of its time to live, reports every change on
-/// `state`, and releases it on stop.
+/// NATS is away), renews it every quarter of its time to live (and at once when `clock`
+/// is asked to), reports every change on `state`, and releases it on stop. When another
+/// process holds the id it checks the key every second at most (a quarter of the time to
+/// live if shorter) and takes the id back once it is free. (Polled, not watched: a KV
+/// watch needs a consumer on the bucket, which a node confined to its own key, as in
+/// `deploy/secure/`, may not create.)
 pub async fn keep(
-    js: jetstream::Context,
-    stream: String,
-    node: NodeId,
-    data_dir: std::path::PathBuf,
+    args: KeepArgs,
     mut lease: Option<Lease>,
     state: tokio::sync::watch::Sender<LeaseState>,
+    clock: Arc<LeaseClock>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let KeepArgs {
+        js,
+        stream,
+        node,
+        data_dir,
+        ttl,
+    } = args;
     let mut last_ok = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(200);
     let set = |s: LeaseState| {
@@ -311,17 +536,23 @@ pub async fn keep(
             changed
         });
     };
+    if let Some(l) = &lease {
+        clock.confirmed_by(l);
+    }
     loop {
+        let lost = matches!(&*state.borrow(), LeaseState::Lost { .. });
         let wait = match &lease {
             None => backoff,
+            Some(l) if lost => (l.ttl() / 4).min(Duration::from_secs(1)),
             Some(l) => l.ttl() / 4,
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = clock.renew_now.notified() => {}
             _ = stop.wait_for(|s| *s) => break,
         }
         let result = match &mut lease {
-            None => Lease::acquire(&js, &stream, &node, &data_dir)
+            None => Lease::acquire(&js, &stream, &node, &data_dir, ttl)
                 .await
                 .map(|l| lease = Some(l)),
             Some(l) => l.renew().await,
@@ -330,26 +561,37 @@ pub async fn keep(
             Ok(()) => {
                 last_ok = tokio::time::Instant::now();
                 backoff = Duration::from_millis(200);
-                if !state.borrow().is_held() {
+                if let Some(l) = &lease {
+                    clock.confirmed_by(l);
+                }
+                if lost {
+                    tracing::warn!(node = %node,
+                        "took the node id back (the other process's lease is gone): publishing, applying and serving the API again");
+                } else if !state.borrow().is_held() {
                     tracing::info!(node = %node, "node lease held: publishing and applying");
                 }
                 set(LeaseState::Held);
             }
             Err(LeaseError::Held { holder, .. }) => {
-                tracing::error!(node = %node, %holder,
-                    "node id taken by another process: this one stops publishing and applying");
+                if !matches!(&*state.borrow(), LeaseState::Lost { holder: h } if *h == *holder) {
+                    tracing::error!(node = %node, %holder,
+                        "node id taken by another process: this one accepts no writes, stops publishing and applying and leaves the API until it can take the id back");
+                }
                 set(LeaseState::Lost { holder: *holder });
-                return;
             }
             Err(LeaseError::Nats(e)) if lease.is_none() => {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 let error = Some(e.clone());
-                if !matches!(&*state.borrow(), LeaseState::Pending { error: old } if *old == error)
-                {
-                    tracing::warn!(node = %node, error = %e,
-                        "cannot take the node lease yet: publishing and applying wait for it");
+                match &*state.borrow() {
+                    LeaseState::Pending { error: old } if *old == error => {}
+                    // Held before and expired since: still unsure, not "never taken".
+                    LeaseState::Unsure { .. } => {}
+                    _ => tracing::warn!(node = %node, error = %e,
+                        "cannot take the node lease yet: publishing and applying wait for it"),
                 }
-                set(LeaseState::Pending { error });
+                if !matches!(&*state.borrow(), LeaseState::Unsure { .. }) {
+                    set(LeaseState::Pending { error });
+                }
             }
             Err(LeaseError::Nats(e)) => {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -363,10 +605,52 @@ pub async fn keep(
                 } else {
                     tracing::debug!(node = %node, error = %e, "node lease not renewed");
                 }
+                // Expired by now: take it afresh, making the bucket again if the server lost
+                // it (a server restarted without its JetStream store). This process's own
+                // old entry is taken over: same host and data dir.
+                if lease.as_ref().is_some_and(|l| last_ok.elapsed() > l.ttl()) {
+                    lease = None;
+                }
             }
         }
+        clock.attempts.send_modify(|n| *n += 1);
     }
     if let Some(l) = lease {
-        l.release().await;
+        // Never release a key another process holds.
+        if !matches!(&*state.borrow(), LeaseState::Lost { .. }) {
+            l.release().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock_confirmed(ttl: Duration, mono_ago: Duration, wall_ago: Duration) -> LeaseClock {
+        let clock = LeaseClock::new(ttl);
+        clock.lock().confirmed = Some(Stamp {
+            mono: Instant::now() - mono_ago,
+            wall_ms: now_ms() - u64::try_from(wall_ago.as_millis()).unwrap(),
+        });
+        clock
+    }
+
+    #[test]
+    fn a_lease_is_stale_past_its_ttl_by_either_clock() {
+        let ttl = Duration::from_secs(30);
+        assert!(LeaseClock::new(ttl).stale(), "never confirmed is stale");
+        let fresh = clock_confirmed(ttl, Duration::from_secs(1), Duration::from_secs(1));
+        assert!(!fresh.stale());
+        // Paused (SIGSTOP): both clocks moved on.
+        let paused = clock_confirmed(ttl, Duration::from_secs(40), Duration::from_secs(40));
+        assert!(paused.stale());
+        // Suspended machine: the monotonic clock stood still, the wall clock did not.
+        let suspended = clock_confirmed(ttl, Duration::from_secs(1), Duration::from_secs(600));
+        assert!(suspended.stale());
+        assert!(suspended.since_confirmed().unwrap() >= Duration::from_secs(600));
+        // The wall clock stepped back: the monotonic clock still counts.
+        let stepped = clock_confirmed(ttl, Duration::from_secs(40), Duration::ZERO);
+        assert!(stepped.stale());
     }
 }

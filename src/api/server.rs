@@ -15,6 +15,7 @@ use super::reply::{self, Refusals};
 use super::wire::{OPS, RemoteError, Req, api_root};
 use super::{maintenance, records};
 use crate::error::StorageError;
+use crate::lease::LeaseState;
 use crate::node::{Node, NodeConfig, NodeError, NodeHandle, NodeService, Status};
 use crate::store::ApplyReport;
 
@@ -33,7 +34,44 @@ impl NodeService for ApiService {
         node: NodeHandle,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(serve(node, stop))
+        Box::pin(serve_while_holding(node, stop))
+    }
+}
+
+/// [`serve`] only while this process may hold its node id ([`LeaseState::serves_api`]):
+/// it leaves the API (unsubscribes every endpoint) when another process holds the id or
+/// the lease cannot be renewed, so requests for the node go to the process that holds
+/// it, and joins again once it holds the id again.
+async fn serve_while_holding(node: NodeHandle, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut lease = node.lease();
+    let mut stopping = stop.clone();
+    loop {
+        tokio::select! {
+            held = lease.wait_for(LeaseState::serves_api) => if held.is_err() { return },
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let (leave, left) = tokio::sync::watch::channel(false);
+        let (mut l, mut s) = (lease.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            tokio::select! {
+                _ = l.wait_for(|st| !st.serves_api()) => {}
+                _ = s.wait_for(|s| *s) => {}
+            }
+            let _ = leave.send(true);
+        });
+        serve(node.clone(), left.clone()).await;
+        watcher.abort();
+        // Gave up by itself (and said why), or stopping.
+        if !*left.borrow() || *stop.borrow() {
+            return;
+        }
+        tracing::warn!(node = %node.node_id(), lease = %*lease.borrow(),
+            "left the API: requests for this node id go to the process that holds it");
+        tokio::select! {
+            held = lease.wait_for(LeaseState::serves_api) => if held.is_err() { return },
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        tracing::info!(node = %node.node_id(), "serving the API again");
     }
 }
 

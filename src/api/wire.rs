@@ -123,6 +123,8 @@ impl From<WriteError> for RemoteError {
             WriteError::ClockExhausted(_) => ("clock_exhausted", None),
             WriteError::NotApplied { .. } => ("not_applied", None),
             WriteError::Storage(_) => ("storage", None),
+            WriteError::NodeIdHeld { .. } => ("node_id_held", None),
+            WriteError::LeaseUnconfirmed { .. } => ("lease_unconfirmed", None),
         };
         RemoteError {
             code: code.into(),

@@ -173,6 +173,7 @@ struct Inner {
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
     snapshot_states_refused: Counter,
+    writes_refused: Family<Labels, Counter>,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
@@ -286,6 +287,7 @@ impl NodeMetrics {
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
             snapshot_states_refused: Counter::default(),
+            writes_refused: Family::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
@@ -453,6 +455,11 @@ impl NodeMetrics {
             "Record states in snapshots this node loaded that failed the state checks (not merged)",
             inner.snapshot_states_refused.clone(),
         );
+        r.register(
+            "writes_refused",
+            "Local writes refused because another process held the node id (node_id_held) or the lease could not be confirmed after a pause (lease_unconfirmed)",
+            inner.writes_refused.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -588,6 +595,16 @@ impl NodeMetrics {
             m.snapshot_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
+        }
+    }
+
+    /// A local write refused by the node lease (`reason`: `node_id_held` or
+    /// `lease_unconfirmed`, see [`crate::lease`]).
+    pub fn write_refused(&self, reason: &'static str) {
+        if let Some(m) = &self.inner {
+            m.writes_refused
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc();
         }
     }
 

@@ -122,6 +122,14 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     // needs no acks. A partial replica's idle positioning asks the consumer whether
     // everything it delivered was applied, which only acks tell.
     let acked = !cfg.entities.is_empty() || held.is_some();
+    // After a pause longer than the lease's time to live, another process may hold the id
+    // and follow the stream through this consumer: confirm before replacing it.
+    if shared.lease_clock.stale() {
+        shared
+            .confirm_lease()
+            .await
+            .map_err(|e| Stop::Retry(e.to_string()))?;
+    }
     let consumer = recreate_consumer(shared, checkpoint, filters.clone(), acked).await?;
     shared.set_apply_error(None);
     let recheck = held
@@ -253,6 +261,14 @@ async fn apply_messages(
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
+        }
+        // Resumed after a pause longer than the lease: stop pulling from the consumer
+        // (another process may own it now) until the lease is confirmed.
+        if shared.lease_clock.stale() {
+            shared
+                .confirm_lease()
+                .await
+                .map_err(|e| Stop::Retry(e.to_string()))?;
         }
         // A pending upstream gap is looked at again while nothing arrives, too.
         let gap_pending = upstream.as_ref().is_some_and(|g| g.pending().is_some());

@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// Metrics, health endpoints and the self-check (see [`crate::ops`]); the node records
     /// metrics only when `ops.listen` is set.
     pub ops: OpsSettings,
+    /// The node leases' time to live, for a lease bucket this node creates (an existing
+    /// bucket keeps its own): see [`crate::lease`].
+    pub lease_ttl: Duration,
 }
 
 /// When a node removes old tombstones (see [`crate::store::Store::compact`]).
@@ -102,6 +105,7 @@ impl NodeConfig {
             snapshots: SnapshotPolicy::default(),
             compaction: CompactionPolicy::default(),
             ops: OpsSettings::default(),
+            lease_ttl: crate::lease::DEFAULT_TTL,
         }
     }
 

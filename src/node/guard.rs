@@ -3,8 +3,11 @@
 //! limits, reading messages from the stream for `apply`, and what the status shows of it.
 //!
 //! The publisher and the apply loop run only while the node is *ready*: it holds its lease
-//! and has checked, since it started, whether the stream holds own events its store does
-//! not know (then the store becomes a new incarnation before anything is published).
+//! and has checked, since it started or last took its id back, whether the stream holds
+//! own events its store does not know (then the store becomes a new incarnation before
+//! anything is published). Writes are admitted here too ([`Shared::admit_write`]): none
+//! while another process holds the id, and none from a connected node whose lease was
+//! not confirmed within its time to live until it is confirmed again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{NodeError, NodeHandle, Shared};
+use crate::error::WriteError;
 use crate::event::ChangeEvent;
 use crate::lease::LeaseState;
 use crate::store::{ApplyReport, Incoming};
@@ -32,6 +36,11 @@ pub struct TrustStatus {
     /// How far this node's clock is ahead of its wall clock, if beyond the drift limit (a
     /// clock poisoned before this was refused; its writes are quarantined elsewhere).
     pub clock_ahead_ms: Option<u64>,
+    /// Writes refused since start because another process held the node id or the lease
+    /// could not be confirmed (`jetsync_writes_refused_total`).
+    pub writes_refused: u64,
+    /// Milliseconds since the lease was last confirmed (`None`: never).
+    pub lease_confirmed_ms_ago: Option<u64>,
 }
 
 /// The limits in force.
@@ -63,7 +72,15 @@ pub(super) struct TrustLive {
     pub(super) publish_squatted: u64,
     pub(super) restored: Option<Restored>,
     pub(super) limits_from_stream: bool,
+    pub(super) writes_refused: u64,
+    /// When a refused write was last logged (they are logged at most every few seconds).
+    pub(super) refusal_logged: Option<std::time::Instant>,
 }
+
+/// Longest a write waits for the lease to be confirmed after a pause.
+const CONFIRM_WAIT: Duration = Duration::from_secs(5);
+/// Refused writes are logged at most this often (each is counted).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// Waits until the node may publish and apply; false if shutting down first.
@@ -74,6 +91,84 @@ impl Shared {
             r = ready.wait_for(|r| *r) => r.is_ok(),
             _ = stop.wait_for(|s| *s) => false,
         }
+    }
+
+    /// Whether this process may take a write now: not while another process holds its id,
+    /// and, when connected, not before it confirmed a lease that was not confirmed within
+    /// its time to live (a pause, `SIGSTOP`): it asks for a renewal and waits for it,
+    /// bounded. A node cut off from NATS takes writes (they wait in the outbox for the
+    /// lease): offline writes are promised. Each refusal is counted, logged and in status.
+    pub(super) async fn admit_write(&self) -> Result<(), WriteError> {
+        let Err(e) = self.confirm_lease().await else {
+            return Ok(());
+        };
+        let code = match &e {
+            WriteError::NodeIdHeld { .. } => "node_id_held",
+            _ => "lease_unconfirmed",
+        };
+        self.metrics.write_refused(code);
+        let mut live = self.live();
+        live.trust.writes_refused += 1;
+        if live
+            .trust
+            .refusal_logged
+            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY)
+        {
+            live.trust.refusal_logged = Some(std::time::Instant::now());
+            tracing::warn!(node = %self.config.node_id, refused = live.trust.writes_refused, error = %e, "write refused");
+        }
+        Err(e)
+    }
+
+    /// Ok if the lease allows a write or a publish now (see [`Shared::admit_write`]).
+    pub(super) async fn confirm_lease(&self) -> Result<(), WriteError> {
+        let node = self.config.node_id.to_string();
+        let lost = |s: &LeaseState| match s {
+            LeaseState::Lost { holder } => Some(WriteError::NodeIdHeld {
+                node: node.clone(),
+                holder: Box::new(holder.clone()),
+            }),
+            _ => None,
+        };
+        if let Some(e) = lost(&self.lease.borrow()) {
+            return Err(e);
+        }
+        let clock = &self.lease_clock;
+        let connected = || {
+            matches!(
+                self.client.connection_state(),
+                async_nats::connection::State::Connected
+            )
+        };
+        if !clock.stale() || !connected() {
+            return Ok(());
+        }
+        // An attempt already under way may have been sent before the pause: it confirms
+        // nothing, so wait for up to two.
+        let deadline = tokio::time::Instant::now() + CONFIRM_WAIT;
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !clock.attempt_now(left).await {
+                break;
+            }
+            if let Some(e) = lost(&self.lease.borrow()) {
+                return Err(e);
+            }
+            if !clock.stale() {
+                return Ok(());
+            }
+        }
+        if !connected() {
+            return Ok(());
+        }
+        Err(WriteError::LeaseUnconfirmed {
+            node,
+            ttl: clock.ttl(),
+            detail: match clock.since_confirmed() {
+                Some(d) => format!("{}; last confirmed {d:.1?} ago", *self.lease.borrow()),
+                None => format!("{}; never confirmed", *self.lease.borrow()),
+            },
+        })
     }
 
     /// Resolves when the node stops being ready (lease lost or unsure).
@@ -148,6 +243,7 @@ pub(super) async fn ready_loop(shared: Arc<Shared>) {
             }
         }
         shared.ready.send_replace(true);
+        shared.set_publish_error(None);
         tokio::select! {
             gone = lease.wait_for(|s| !s.is_held()) => {
                 shared.ready.send_replace(false);
@@ -155,9 +251,11 @@ pub(super) async fn ready_loop(shared: Arc<Shared>) {
                     Ok(s) => s.clone(),
                     Err(_) => return,
                 };
-                shared.set_publish_error(Some(format!("node lease: {state:?}")));
+                shared.set_publish_error(Some(state.to_string()));
+                // Another process published under this id meanwhile: check again before
+                // publishing once the id is back.
                 if matches!(state, LeaseState::Lost { .. }) {
-                    return;
+                    checked = false;
                 }
             }
             _ = stop.wait_for(|s| *s) => return,
@@ -211,6 +309,12 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
 }
 
 impl NodeHandle {
+    /// Where this process stands with its node id's lease, as it changes: the API serves
+    /// only while [`LeaseState::serves_api`].
+    pub fn lease(&self) -> tokio::sync::watch::Receiver<LeaseState> {
+        self.0.lease.clone()
+    }
+
     /// Applies the stream messages at `seqs`, read from the stream by this node (so their
     /// subjects and timestamps are the stream's), through the same checks as the apply
     /// loop; the checkpoint does not move. Sequences the stream no longer holds are
@@ -268,6 +372,12 @@ impl NodeHandle {
             publish_squatted: live.trust.publish_squatted,
             restored: live.trust.restored.clone(),
             clock_ahead_ms: (ahead > limits.max_clock_drift_ms).then_some(ahead),
+            writes_refused: live.trust.writes_refused,
+            lease_confirmed_ms_ago: self
+                .0
+                .lease_clock
+                .since_confirmed()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }

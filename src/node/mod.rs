@@ -58,7 +58,7 @@ pub use crate::ids::EntityFilter;
 use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
-use crate::lease::{Lease, LeaseError, LeaseState};
+use crate::lease::{Lease, LeaseClock, LeaseError, LeaseState};
 use crate::metrics::{NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::site::UpstreamGap;
@@ -141,6 +141,8 @@ struct Shared {
     denied: Arc<DeniedSubjects>,
     /// Whether this process holds the node id (see [`crate::lease`]).
     lease: tokio::sync::watch::Receiver<LeaseState>,
+    /// When the lease was last confirmed: writes after a pause confirm it first.
+    lease_clock: Arc<LeaseClock>,
     /// True while the publisher and the apply loop may run (see [`guard`]).
     ready: tokio::sync::watch::Sender<bool>,
     /// Counters and histograms the loops feed (a no-op unless metrics are on).
@@ -256,8 +258,14 @@ impl Node {
         let configured = guard::configured_limits_of(&config);
         let early = tokio::time::timeout(Duration::from_secs(3), async {
             let provisioned = provision(&js, &config.stream, Some(configured)).await?;
-            let lease =
-                Lease::acquire(&js, &config.stream.name, &config.node_id, &config.data_dir).await;
+            let lease = Lease::acquire(
+                &js,
+                &config.stream.name,
+                &config.node_id,
+                &config.data_dir,
+                config.lease_ttl,
+            )
+            .await;
             Ok::<_, StreamError>((provisioned, lease))
         })
         .await;
@@ -277,6 +285,10 @@ impl Node {
         } else {
             LeaseState::Pending { error: None }
         });
+        let lease_clock = Arc::new(LeaseClock::new(config.lease_ttl));
+        if let Some(l) = &lease {
+            lease_clock.confirmed_by(l);
+        }
         let mut live = Live::default();
         live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
@@ -290,6 +302,7 @@ impl Node {
             shutdown,
             denied,
             lease: lease_rx,
+            lease_clock: lease_clock.clone(),
             ready: tokio::sync::watch::channel(false).0,
             metrics,
             selfcheck: Arc::default(),
@@ -299,12 +312,16 @@ impl Node {
             (
                 "node lease",
                 tokio::spawn(crate::lease::keep(
-                    shared.js.clone(),
-                    shared.config.stream.name.clone(),
-                    shared.config.node_id.clone(),
-                    shared.config.data_dir.clone(),
+                    crate::lease::KeepArgs {
+                        js: shared.js.clone(),
+                        stream: shared.config.stream.name.clone(),
+                        node: shared.config.node_id.clone(),
+                        data_dir: shared.config.data_dir.clone(),
+                        ttl: shared.config.lease_ttl,
+                    },
                     lease,
                     lease_tx,
+                    lease_clock,
                     shared.shutdown.clone(),
                 )),
             ),
@@ -445,8 +462,11 @@ impl NodeHandle {
     }
 
     /// Commits local writes (all in one transaction, which concurrent calls may share:
-    /// see [`Store::write_batch_with_changes`]) and wakes the publisher.
+    /// see [`Store::write_batch_with_changes`]) and wakes the publisher. Refused while
+    /// another process holds the node id, or when a connected node cannot confirm a lease
+    /// not confirmed for longer than its time to live (see [`crate::lease`]).
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
+        self.0.admit_write().await?;
         let started = std::time::Instant::now();
         let (records, resolves) = (
             writes.len(),

@@ -51,6 +51,14 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
             // also picks up entries queued again below the cursor (a retried refusal).
             sent_through = 0;
         }
+        // After a pause longer than the lease's time to live, publish nothing before the
+        // lease is confirmed: another process may hold the id by now.
+        if shared.lease_clock.stale() && shared.confirm_lease().await.is_err() {
+            if shared.pause(Duration::from_millis(200)).await {
+                break;
+            }
+            continue;
+        }
         if !sending_failed && in_flight.len() < PIPELINE_DEPTH {
             let Some(entries) = peek(&shared, sent_through).await else {
                 break;

@@ -1,6 +1,7 @@
 //! The node's operations HTTP listener: `GET /metrics` (Prometheus/OpenMetrics text),
-//! `GET /healthz` (the process answers) and `GET /readyz` (connected, not halted, no edge
-//! upstream gap, lag under the configured bound; 503 with the reasons otherwise).
+//! `GET /healthz` (the process answers) and `GET /readyz` (connected, holding its node
+//! lease, not halted, no edge upstream gap, lag under the configured bound; 503 with the
+//! reasons otherwise).
 //! HTTP/1.1 through hyper; connections are bounded in number and in how long their headers may take, so a slow or
 //! hostile client cannot tie the listener up.
 

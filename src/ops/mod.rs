@@ -79,6 +79,10 @@ impl NodeOps {
                 if let Some(h) = &s.halted {
                     reasons.push(format!("halted: {h}"));
                 }
+                // Not publishing or applying (another process may hold the node id).
+                if !s.trust.lease.is_held() {
+                    reasons.push(s.trust.lease.to_string());
+                }
                 if let Some(g) = &s.upstream_gap {
                     reasons.push(format!(
                         "upstream gap: {} sequences {}..={} may hold events this site never received; waiting for a hub snapshot covering them",
