@@ -61,6 +61,7 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
         "refused": refused.len(),
         "refusals": refused,
     });
+    node.equivocations_met(report.equivocations, report.reissued.len());
     node.announce(report.changes);
     Ok(out)
 }

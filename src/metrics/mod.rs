@@ -135,6 +135,7 @@ struct Inner {
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
     snapshot_states_refused: Counter,
+    equivocations: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
@@ -197,6 +198,7 @@ impl NodeMetrics {
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
             snapshot_states_refused: Counter::default(),
+            equivocations: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             ahead_window: AtomicI64::new(i64::MIN),
@@ -352,6 +354,11 @@ impl NodeMetrics {
             "Record states in snapshots this node loaded that failed the state checks (not merged)",
             inner.snapshot_states_refused.clone(),
         );
+        r.register(
+            "equivocations",
+            "Events met with the version of another event and different content (a broken or hostile writer), decided by the merge rule",
+            inner.equivocations.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -477,6 +484,13 @@ impl NodeMetrics {
         }
     }
 
+    /// `n` equivocations met (see [`crate::merge`]).
+    pub fn equivocations(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.equivocations.inc_by(n);
+        }
+    }
+
     /// Sets the gauges from a sample taken now.
     pub fn set_state(&self, s: &StateSample) {
         let Some(m) = &self.inner else { return };
@@ -574,6 +588,8 @@ mod tests {
             "jetsync_replication_lag_seconds{node=\"berlin\",entity=\"orders\"} 1.5",
             "jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 2",
             "jetsync_upstream_gap_sequences{node=\"berlin\"} 7",
+            // Initialised at 0, so an alert on any increase fires from the first one.
+            "jetsync_equivocations_total{node=\"berlin\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -3,13 +3,42 @@
 
 use std::collections::HashMap;
 
-use redb::ReadableTableMetadata;
+use redb::{ReadableTable, ReadableTableMetadata, Table};
+use uuid::Uuid;
 
 use super::codec::{decode_outbox, decode_state, leaf_event};
 use super::format::{OUTBOX, UNPUBLISHED, open_records_read};
 use super::{OutboxEntry, Store};
 use crate::clock::Version;
 use crate::error::StorageError;
+use crate::ids::EntityName;
+use crate::merge::Leaf;
+
+/// Keeps the event of an own version still queued whose leaf is about to go (superseded)
+/// or to be replaced (an equivocation kept another content), until its PubAck retires it.
+/// Only the queued version itself is kept: an event forged under this origin can carry
+/// any `origin_seq`, so the outbox entry must be this record's version; and the first copy
+/// kept stays, since a later one may be a forged content that displaced the one this node
+/// wrote.
+pub(super) fn keep_queued(
+    outbox: &impl ReadableTable<u64, &'static [u8]>,
+    unpublished: &mut Table<'_, u64, &'static [u8]>,
+    entity: &EntityName,
+    id: Uuid,
+    leaf: &Leaf,
+) -> Result<(), StorageError> {
+    let queued = match outbox.get(leaf.origin_seq)? {
+        Some(g) => decode_outbox(g.value())
+            .is_some_and(|(e, i, hlc)| &e == entity && i == id && hlc == leaf.version.hlc),
+        None => false,
+    };
+    if !queued || unpublished.get(leaf.origin_seq)?.is_some() {
+        return Ok(());
+    }
+    let ev = leaf_event(entity, id, leaf)?;
+    unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
+    Ok(())
+}
 
 /// An outbox entry that cannot be published, and why: `(origin_seq, reason)`.
 pub type Stranded = (u64, String);
@@ -78,19 +107,24 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            let leaf = state
-                .as_ref()
-                .and_then(|s| s.leaves.iter().find(|l| l.version == version));
-            let ev = match leaf {
-                Some(leaf) => leaf_event(&entity, id, leaf)?,
-                None => match unpublished.get(seq)? {
-                    Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
-                        StorageError::UndecodableEntry {
-                            table: "unpublished",
-                            key: seq.to_string(),
-                            detail: e.to_string(),
-                        }
-                    })?,
+            // A kept copy comes first: the leaf of the version may hold another content
+            // since (an equivocation), and a kept copy exists only once the leaf went or
+            // was replaced (`keep_queued`).
+            let leaf = state.as_ref().and_then(|s| {
+                s.leaves
+                    .iter()
+                    .find(|l| l.version == version && l.origin_seq == seq)
+            });
+            let ev = match unpublished.get(seq)? {
+                Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
+                    StorageError::UndecodableEntry {
+                        table: "unpublished",
+                        key: seq.to_string(),
+                        detail: e.to_string(),
+                    }
+                })?,
+                None => match leaf {
+                    Some(leaf) => leaf_event(&entity, id, leaf)?,
                     None => {
                         // Every path that removes a queued leaf keeps or retires its entry;
                         // reaching here means the store was altered underneath.
