@@ -15,11 +15,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::nodes::{node_config, wait_for};
+use common::nodes::{node_config, start, wait_for};
 use common::proxy::Proxy;
 use common::*;
+use jetsync::devserver::NatsServer;
 use jetsync::event::ChangeEvent;
 use jetsync::merge::{Leaf, RecordState};
+use jetsync::node::Node;
 use jetsync::store::OutboxEntry;
 use jetsync::{EntityName, Version};
 use proptest::prelude::*;
@@ -248,5 +250,230 @@ proptest! {
         // Whether an equivocation is seen depends on the order (a superseded version keeps
         // no content to compare), the outcome never does.
         let _ = met;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Real nats-server and nodes.
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn items() -> EntityName {
+    entity("items")
+}
+
+/// A node with metrics recorded (no listener is started: `start_node` is node + API).
+fn metered(name: &str, dir: &std::path::Path, url: &str) -> jetsync::node::NodeConfig {
+    let mut c = node_config(name, dir, url);
+    c.ops.listen = Some("127.0.0.1:0".parse().unwrap());
+    c
+}
+
+/// The record's merge state on `node`, as bytes (None: absent).
+fn state_bytes(node: &Node, id: Uuid) -> Option<Vec<u8>> {
+    node.store()
+        .state(&items(), id)
+        .expect("state")
+        .map(|s| postcard::to_stdvec(&s).expect("encode"))
+}
+
+fn live_doc(node: &Node, id: Uuid) -> Option<String> {
+    node.store()
+        .state(&items(), id)
+        .expect("state")
+        .and_then(|s| s.live().and_then(|l| l.doc.clone()))
+}
+
+/// Publishes `ev` from a raw client, as anyone allowed on the subject can (no message id).
+async fn publish_raw(js: &async_nats::jetstream::Context, ev: &ChangeEvent) {
+    js.publish(ev.subject("jetsync"), ev.encode().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the stream takes the forged event");
+}
+
+/// Waits until every node holds the same state of each record, with `docs[i]` live for
+/// `ids[i]`, and nothing left in any outbox.
+async fn wait_converged(nodes: &[&Node], ids: &[Uuid], docs: &[&str]) {
+    wait_for(
+        "every node to hold the same state with the expected live documents",
+        WAIT,
+        || async {
+            for n in nodes {
+                let status = n.status().await.map_err(|e| e.to_string())?;
+                if status.outbox > 0 {
+                    return Err(format!(
+                        "{} still has {} queued (connection {})",
+                        status.node, status.outbox, status.connection
+                    ));
+                }
+            }
+            for (id, doc) in ids.iter().zip(docs) {
+                let first = state_bytes(nodes[0], *id);
+                for n in nodes {
+                    let live = live_doc(n, *id);
+                    if live.as_deref() != Some(*doc) {
+                        return Err(format!(
+                            "{} has {live:?} live for {id}, not {doc}",
+                            n.node_id()
+                        ));
+                    }
+                    if state_bytes(n, *id) != first {
+                        return Err(format!(
+                            "{} holds another state of {id} than {}: {:?} vs {:?}",
+                            n.node_id(),
+                            nodes[0].node_id(),
+                            n.store().state(&items(), *id),
+                            nodes[0].store().state(&items(), *id)
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+}
+
+async fn equivocations(node: &Node) -> u64 {
+    node.status().await.expect("status").trust.equivocations
+}
+
+fn metric_line(node: &Node) -> Option<String> {
+    node.metrics()
+        .encode()
+        .lines()
+        .find(|l| l.starts_with("jetsync_equivocations_total"))
+        .map(str::to_owned)
+}
+
+/// The race of issue 22 case 3: node-b's write waits in its outbox (its link is cut)
+/// while a raw client publishes an event with exactly that version and another document.
+/// node-a and node-c see the forgery first, node-b its own write first. Before the fix,
+/// node-b kept GOOD and the others EVIL under one version, for good. Now all three hold
+/// the same state with GOOD live: for the record whose forged content is the greater,
+/// node-b re-issued its write as a new version; for the one whose forged content is the
+/// smaller, the rule keeps GOOD everywhere by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_event_racing_a_queued_write_ends_with_the_write_everywhere() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let url = server.client_url();
+    let proxy = Proxy::start(server.port());
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(metered("node-a", dir.path(), &url)).await;
+    let c = start(metered("node-c", dir.path(), &url)).await;
+    let b = start(metered("node-b", dir.path(), &proxy.url())).await;
+    for n in [&a, &b, &c] {
+        assert_eq!(
+            metric_line(n).as_deref(),
+            Some(format!("jetsync_equivocations_total{{node=\"{}\"}} 0", n.node_id()).as_str()),
+            "the counter starts at 0"
+        );
+    }
+    // node-b publishes and is seen before its link goes.
+    let warm = Uuid::now_v7();
+    b.put(&items(), warm, json!({"warm": 1})).await.unwrap();
+    wait_converged(&[&a, &b, &c], &[warm], &[r#"{"warm":1}"#]).await;
+
+    proxy.cut();
+    let (greater, smaller) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut forged_versions = Vec::new();
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for (id, evil) in [(greater, EVIL_GREATER), (smaller, EVIL_SMALLER)] {
+        let w = b.put(&items(), id, json!({"doc": "GOOD"})).await.unwrap();
+        assert_eq!(
+            b.status().await.unwrap().outbox,
+            if id == greater { 1 } else { 2 },
+            "node-b's writes wait in its outbox"
+        );
+        // The forger predicted the version (and the origin_seq).
+        let mut ev = forged(id, &w.version, evil);
+        ev.origin_seq = w.origin_seq;
+        publish_raw(&js, &ev).await;
+        forged_versions.push(w.version);
+    }
+    for n in [&a, &c] {
+        wait_for("node-a and node-c to take the forged events", WAIT, || async {
+            for (id, evil) in [(greater, EVIL_GREATER), (smaller, EVIL_SMALLER)] {
+                if live_doc(n, id).as_deref() != Some(evil) {
+                    return Err(format!("{} has {:?}", n.node_id(), live_doc(n, id)));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+    proxy.heal();
+    wait_converged(&[&a, &b, &c], &[greater, smaller], &[GOOD, GOOD]).await;
+
+    // The disputed version of the greater forgery was superseded by node-b's re-issue;
+    // the smaller one's was kept with node-b's content.
+    let s = b.store().state(&items(), greater).unwrap().unwrap();
+    assert!(s.leaves[0].version > forged_versions[0], "{s:?}");
+    assert_eq!(s.leaves[0].version.node.as_str(), "node-b");
+    let s = b.store().state(&items(), smaller).unwrap().unwrap();
+    assert_eq!(s.leaves[0].version, forged_versions[1], "{s:?}");
+
+    // Counted where seen: node-a and node-c met both forgeries with node-b's events.
+    let mut total = 0;
+    for n in [&a, &b, &c] {
+        let met = equivocations(n).await;
+        total += met;
+        let line = metric_line(n).unwrap_or_default();
+        assert!(
+            line.ends_with(&format!(" {met}")),
+            "metric {line:?} agrees with status {met} on {}",
+            n.node_id()
+        );
+    }
+    assert!(total >= 1, "the equivocation is counted somewhere");
+    assert!(equivocations(&a).await >= 2 && equivocations(&c).await >= 2);
+    let b_status = b.status().await.unwrap();
+    assert_eq!(
+        b_status.trust.equivocations_reissued, 1,
+        "node-b re-issued exactly the write the rule dropped"
+    );
+    for n in [a, b, c] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// A non-running origin `ghost` publishes two documents under one version, on two
+/// records in opposite orders. Each record ends with the greater document on every node
+/// (before the fix: whichever came first), and the nodes hold identical states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ghost_origins_two_documents_under_one_version_end_the_same_in_either_order() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(metered("node-a", dir.path(), &url)).await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let (one, two) = (r#"{"ghost":1}"#, r#"{"ghost":2}"#);
+    let vx = version(now, 0, "ghost");
+    let vy = version(now, 1, "ghost");
+    publish_raw(&js, &forged(x, &vx, one)).await;
+    publish_raw(&js, &forged(x, &vx, two)).await;
+    publish_raw(&js, &forged(y, &vy, two)).await;
+    publish_raw(&js, &forged(y, &vy, one)).await;
+    // node-c was offline meanwhile and catches up from the stream.
+    let c = start(metered("node-c", dir.path(), &url)).await;
+    wait_converged(&[&a, &c], &[x, y], &[two, two]).await;
+    for n in [&a, &c] {
+        assert_eq!(equivocations(n).await, 2, "both counted on {}", n.node_id());
+        assert_eq!(
+            metric_line(n).as_deref(),
+            Some(format!("jetsync_equivocations_total{{node=\"{}\"}} 2", n.node_id()).as_str())
+        );
+    }
+    for n in [a, c] {
+        n.shutdown().await.unwrap();
     }
 }
