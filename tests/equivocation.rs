@@ -395,14 +395,18 @@ async fn a_forged_event_racing_a_queued_write_ends_with_the_write_everywhere() {
         forged_versions.push(w.version);
     }
     for n in [&a, &c] {
-        wait_for("node-a and node-c to take the forged events", WAIT, || async {
-            for (id, evil) in [(greater, EVIL_GREATER), (smaller, EVIL_SMALLER)] {
-                if live_doc(n, id).as_deref() != Some(evil) {
-                    return Err(format!("{} has {:?}", n.node_id(), live_doc(n, id)));
+        wait_for(
+            "node-a and node-c to take the forged events",
+            WAIT,
+            || async {
+                for (id, evil) in [(greater, EVIL_GREATER), (smaller, EVIL_SMALLER)] {
+                    if live_doc(n, id).as_deref() != Some(evil) {
+                        return Err(format!("{} has {:?}", n.node_id(), live_doc(n, id)));
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .await;
     }
     proxy.heal();

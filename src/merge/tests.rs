@@ -383,7 +383,7 @@ fn twin(events: &[ChangeEvent], i: usize, kind: u8, salt: u8) -> ChangeEvent {
                 .nth(salt as usize % (i + 1));
         }
         3 => t.resolves.push(v(ms - 1, "z")),
-        4 => t.scope = Scope::new(&format!("s{salt}")).unwrap(),
+        4 => t.scope = Scope::new(format!("s{salt}")).unwrap(),
         _ => t.origin_seq += 1 + u64::from(salt),
     }
     t

@@ -252,7 +252,7 @@ impl Batch {
 /// sequence. Events this store's incarnation
 /// provably wrote (their message id's tag, [`crate::store::Store::wrote`]) are known and
 /// passed over, which keeps a busy writer's own echo cheap; every other event, this
-/// node's included, goes through the checks and the merge (it skips known versions), so a
+/// node's included, goes through the checks and the merge (a known event changes nothing), so a
 /// store restored from a backup gets back the writes it forgot.
 pub(super) async fn apply_batch(
     shared: &Arc<Shared>,

@@ -213,9 +213,11 @@ impl Store {
     /// state of the union of both sides' events. A damaged local record is replaced.
     ///
     /// Every incoming state first meets the event checks leaf by leaf (document, versions,
-    /// drift against this node's wall clock: [`merge::check_state`]), and a leaf of this
-    /// node's own version must match the one it holds (it wrote it); a state that fails is
-    /// refused whole, logged and listed in [`MergeReport::refused`].
+    /// drift against this node's wall clock: [`merge::check_state`]); a state that fails
+    /// is refused whole, logged and listed in [`MergeReport::refused`]. A leaf both sides
+    /// hold with different contents is an equivocation, decided by the merge rule as for
+    /// events; if it drops what this node held under its own version, the node re-issues
+    /// that content as a new write ([`MergeReport::reissued`]).
     pub fn merge_records(
         &self,
         entity: &EntityName,
