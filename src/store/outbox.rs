@@ -68,6 +68,8 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;
+        // Usually empty: then no entry has a kept copy to look up.
+        let any_kept = !unpublished.is_empty()?;
         let ids = self.ids();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
@@ -115,7 +117,12 @@ impl Store {
                     .iter()
                     .find(|l| l.version == version && l.origin_seq == seq)
             });
-            let ev = match unpublished.get(seq)? {
+            let kept = if any_kept {
+                unpublished.get(seq)?
+            } else {
+                None
+            };
+            let ev = match kept {
                 Some(g) => serde_json::from_slice(g.value()).map_err(|e| {
                     StorageError::UndecodableEntry {
                         table: "unpublished",
