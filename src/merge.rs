@@ -218,7 +218,8 @@ impl RecordState {
 
     /// Whether `v` is covered by its origin's entry: seen, or superseded by a later seen
     /// version of its origin. An event of a covered version changes nothing but, on its
-    /// first arrival, what it names.
+    /// first arrival, what it names (and, for an origin's greatest version with another
+    /// content than its leaf's, which content stays: an equivocation).
     pub fn has_seen(&self, v: &Version) -> bool {
         self.watermark(&v.node).is_some_and(|m| v <= m)
     }

@@ -138,6 +138,38 @@ fn an_own_write_the_rule_keeps_is_not_reissued() {
     assert_eq!(b.outbox().len(), 1);
 }
 
+/// A forgery with the write's document but other names and `origin_seq` wins the content
+/// order (a base is above none), yet the caller's document is live: nothing is re-issued.
+/// The outbox still publishes the honest event (not the forged one under b's message id),
+/// and replicas end with b's state.
+#[test]
+fn a_forgery_with_the_same_document_is_not_reissued_and_the_honest_event_is_published() {
+    let e = entity("items");
+    let id = Uuid::new_v4();
+    let mut b = open("b");
+    let v = b.store.put(&e, id, json!({"doc": "GOOD"})).expect("put");
+    let honest = decoded(&b.outbox()[0]);
+    let mut evil = forged(id, &v, GOOD);
+    evil.origin_seq = honest.origin_seq + 100;
+    evil.base = Some(version(T0 - 1, 0, "x"));
+    let report = b.deliver_events(std::slice::from_ref(&evil));
+    assert_eq!(report.equivocations, 1);
+    assert!(report.reissued.is_empty(), "{:?}", report.reissued);
+    let s = state(&b, &e, id);
+    assert_eq!(s.leaves[0].version, v);
+    assert_eq!(
+        s.leaves[0].origin_seq, evil.origin_seq,
+        "the rule kept the greater"
+    );
+    let outbox = b.outbox();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].payload.as_ref(), honest.encode().as_slice());
+    let mut a = open("a");
+    a.deliver_outbox(&outbox);
+    a.deliver_events(&[evil]);
+    assert!(snapshot(&a, &e) == snapshot(&b, &e));
+}
+
 /// Merging a record state (snapshot load, repair) that holds another content under this
 /// node's own version is the same equivocation with the same rule (it used to refuse the
 /// state, leaving this node apart from every node that merged it): the greater content is

@@ -30,7 +30,7 @@
 //! | `snapshot` | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
 //! | `verify_hashes` | `{entity, scopes?}` | recomputed [`VerifyHashes`](crate::store::VerifyHashes) |
 //! | `bucket_records` | `{entity, buckets, format, scopes?, after?, limit?}` (`format`: the caller's store format, which must be the node's) | `{records: [{id, state \| "damaged"}], next}` |
-//! | `merge_records` | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals}` (states failing the event checks are refused whole) |
+//! | `merge_records` | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals, equivocations, reissued}` (states failing the event checks are refused whole; a leaf with another content under the same version is an equivocation, decided by the merge rule) |
 //! | `damaged` | `{}` | damaged records set aside |
 //! | `quarantine` | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |

@@ -141,7 +141,11 @@ impl Store {
                             report.equivocations += 1;
                             if own {
                                 keep_queued(&outbox, &mut unpublished, &entity, id, &eq.dropped)?;
-                                dropped_own.push((entity.clone(), id, eq.dropped));
+                                // The write's document (or delete) is what its caller was told;
+                                // differing names are all applied anyway.
+                                if eq.dropped.doc != eq.kept.doc {
+                                    dropped_own.push((entity.clone(), id, eq.dropped));
+                                }
                             }
                         }
                         match merged {

@@ -267,7 +267,9 @@ impl Store {
                     report.equivocations += 1;
                     if own {
                         keep_queued(&outbox, &mut unpublished, entity, id, &eq.dropped)?;
-                        dropped_own.push((entity.clone(), id, eq.dropped));
+                        if eq.dropped.doc != eq.kept.doc {
+                            dropped_own.push((entity.clone(), id, eq.dropped));
+                        }
                     }
                 }
                 // Nothing but versions older than the horizon: a compacted record's old

@@ -284,8 +284,8 @@ impl Store {
 
     /// Re-issues, as new local writes in the caller's transaction, this node's own
     /// contents that an equivocation dropped (`own`: record and the content the node held
-    /// under its own version before another content with the same version won the merge
-    /// rule). Each is a put (or delete) of that content expecting the disputed version
+    /// under its own version before another content with the same version and another
+    /// document, or a delete for a document, won the merge rule). Each is a put (or delete) of that content expecting the disputed version
     /// to be the live winner still, stamped, queued and published like any write, so every
     /// replica converges on it as the origin's later version. A re-issue is never
     /// disputed by itself (its echo is this node's own), so it cannot start another. One
