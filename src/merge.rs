@@ -79,8 +79,8 @@
 //! ([`Equivocation`]) where it is seen (a leaf's content against an incoming one); it
 //! cannot be seen once the version is superseded (no content is kept), which changes no
 //! outcome. What the rule cannot do is tell the honest content from the forged one: the
-//! origin can, and re-issues its own as a new write if the rule dropped it (see the store's
-//! apply), which every replica then takes like any later write.
+//! origin can, and re-issues its own document as a new write if the rule dropped it (see
+//! the store's apply), which every replica then takes like any later write.
 //!
 //! # Horizon
 //! With bounded records, only deleted records need a time horizon: removing a record whose
