@@ -36,7 +36,8 @@
 //! `origins = {max seen of O}`, `leaves = {M_O : M_O not named}`,
 //! `pending = {n named : n > M_{n.origin}}`. Proof sketch that [`RecordState::apply`]
 //! maps `F(S)` to `F(S ∪ {e})` for `e = (v of O, base b, resolves R)`:
-//! - `v == M_O`: `e` is in `S` already (a version is one event): nothing changes.
+//! - `v == M_O`: `e` is in `S` already, if a version is one event: nothing changes (for
+//!   two events of one version, see *Equivocation* below).
 //! - `v < M_O`: `v` is superseded by clause 2; `M_O` is unchanged and cannot be named by
 //!   `e` (decoding rejects names `>= v`); only `b` and `R` get named (below).
 //! - `v > M_O`: `M_O := v`; `O`'s previous leaf is superseded by clause 2; `v` is a leaf
@@ -54,6 +55,32 @@
 //! The greatest version seen is always the winner: clause 2 never supersedes it and
 //! decoding rejects events that name a version not smaller than their own, so nothing seen
 //! names it.
+//!
+//! # Equivocation
+//! A version is meant to be one event, but only its origin's honesty makes it so: a broken
+//! or hostile writer can publish two events with the same version and different content
+//! (document, delete flag, scope, base, resolves, `origin_seq`). The rule stays a function
+//! of the *set* of events by treating the events of one version as a set too:
+//! - every event seen names what it names, whatever its version shares with another:
+//!   `named` is the union over all events, so leaves and `pending` are unchanged in form;
+//! - the content of a leaf `M_O` is the greatest, by [`Leaf::content_cmp`] (document, then
+//!   scope, base, resolves, `origin_seq`; a tombstone below any document), of the events
+//!   seen with version `M_O`.
+//!
+//! Proof-sketch additions: [`RecordState::apply`] of `e` with `v == M_O` no longer returns
+//! early: it names `b` and `R` (idempotent, so an exact duplicate still changes nothing),
+//! and if `M_O` is a leaf its content becomes the greater of the kept content and `e`'s,
+//! which is the greatest over `S ∪ {e}` because the kept one is the greatest over `S`
+//! (by induction). If `M_O` is not a leaf it is named, and stays so. `v > M_O` is the first
+//! event of its version (nothing seen is above `M_O`), and `v < M_O` keeps no content.
+//! [`RecordState::merge_state`] keeps, for a leaf both sides hold, the greater content:
+//! each side's is the greatest of its own events of that version, and a side below `M_O`
+//! has none, so it is the greatest of the union. A meeting of two contents is reported
+//! ([`Equivocation`]) where it is seen (a leaf's content against an incoming one); it
+//! cannot be seen once the version is superseded (no content is kept), which changes no
+//! outcome. What the rule cannot do is tell the honest content from the forged one: the
+//! origin can, and re-issues its own document as a new write if the rule dropped it (see
+//! the store's apply), which every replica then takes like any later write.
 //!
 //! # Horizon
 //! With bounded records, only deleted records need a time horizon: removing a record whose
@@ -95,6 +122,52 @@ impl Leaf {
     pub fn is_tombstone(&self) -> bool {
         self.doc.is_none()
     }
+
+    /// The leaf an event makes.
+    pub fn of(ev: ChangeEvent) -> Leaf {
+        Leaf {
+            version: ev.version,
+            scope: ev.scope,
+            base: ev.base,
+            resolves: ev.resolves,
+            origin_seq: ev.origin_seq,
+            doc: match ev.op {
+                Op::Put => ev.doc.map(|d| String::from(Box::<str>::from(d))),
+                Op::Delete => None,
+            },
+        }
+    }
+
+    /// The order that picks one content among events of the same version (an
+    /// equivocation; see the module doc): the greater is kept. It compares every field of
+    /// the event a leaf holds, so two different contents are never equal; a tombstone is
+    /// below any document. Any total order on the content would do; this one needs no
+    /// encoding.
+    pub fn content_cmp(&self, other: &Leaf) -> std::cmp::Ordering {
+        (
+            &self.doc,
+            &self.scope,
+            &self.base,
+            &self.resolves,
+            self.origin_seq,
+        )
+            .cmp(&(
+                &other.doc,
+                &other.scope,
+                &other.base,
+                &other.resolves,
+                other.origin_seq,
+            ))
+    }
+}
+
+/// Two contents under one version met (see the module doc): the rule kept `kept`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Equivocation {
+    /// The content the rule keeps (the greater by [`Leaf::content_cmp`]).
+    pub kept: Leaf,
+    /// The content it drops.
+    pub dropped: Leaf,
 }
 
 /// The whole merge state of one record (see the module doc for the rule and its proof).
@@ -145,7 +218,8 @@ impl RecordState {
 
     /// Whether `v` is covered by its origin's entry: seen, or superseded by a later seen
     /// version of its origin. An event of a covered version changes nothing but, on its
-    /// first arrival, what it names.
+    /// first arrival, what it names (and, for an origin's greatest version with another
+    /// content than its leaf's, which content stays: an equivocation).
     pub fn has_seen(&self, v: &Version) -> bool {
         self.watermark(&v.node).is_some_and(|m| v <= m)
     }
@@ -157,9 +231,14 @@ impl RecordState {
 
     /// Applies one (already validated) event with the merge rule.
     pub fn apply(&mut self, ev: ChangeEvent) -> Merge {
+        self.apply_noting(ev, &mut Vec::new())
+    }
+
+    /// [`RecordState::apply`], adding to `seen` the equivocation it meets, if any.
+    pub fn apply_noting(&mut self, ev: ChangeEvent, seen: &mut Vec<Equivocation>) -> Merge {
         let mut changed = false;
         let new_max = match self.origin_slot(&ev.version.node) {
-            Ok(i) if self.origins[i] == ev.version => return Merge::Duplicate,
+            Ok(i) if self.origins[i] == ev.version => return self.apply_same(ev, seen),
             Ok(i) if self.origins[i] > ev.version => false,
             Ok(i) => {
                 self.origins[i] = ev.version.clone();
@@ -189,19 +268,44 @@ impl RecordState {
             changed |= self.name(named);
         }
         if new_max && !named_already {
-            let leaf = Leaf {
-                version: ev.version,
-                scope: ev.scope,
-                base: ev.base,
-                resolves: ev.resolves,
-                origin_seq: ev.origin_seq,
-                doc: match ev.op {
-                    Op::Put => ev.doc.map(|d| String::from(Box::<str>::from(d))),
-                    Op::Delete => None,
-                },
-            };
+            let leaf = Leaf::of(ev);
             let at = self.leaves.partition_point(|l| l.version > leaf.version);
             self.leaves.insert(at, leaf);
+        }
+        if changed {
+            Merge::Applied
+        } else {
+            Merge::Duplicate
+        }
+    }
+
+    /// An event of its origin's greatest version seen: the same event again, or an
+    /// equivocation. Either way it names what it names (a no-op for a duplicate); if the
+    /// version is a leaf, the greater content stays.
+    fn apply_same(&mut self, ev: ChangeEvent, seen: &mut Vec<Equivocation>) -> Merge {
+        let mut changed = false;
+        // Names precede `ev.version`, so they never touch its leaf.
+        for named in ev.base.iter().chain(&ev.resolves) {
+            changed |= self.name(named);
+        }
+        if let Some(at) = self.leaves.iter().position(|l| l.version == ev.version) {
+            let incoming = Leaf::of(ev);
+            if incoming != self.leaves[at] {
+                let kept = &mut self.leaves[at];
+                if incoming.content_cmp(kept).is_gt() {
+                    let dropped = std::mem::replace(kept, incoming);
+                    seen.push(Equivocation {
+                        kept: kept.clone(),
+                        dropped,
+                    });
+                    changed = true;
+                } else {
+                    seen.push(Equivocation {
+                        kept: kept.clone(),
+                        dropped: incoming,
+                    });
+                }
+            }
         }
         if changed {
             Merge::Applied
@@ -214,16 +318,32 @@ impl RecordState {
     /// `horizon_ms` (physical time) is taken as applied already, so a replayed event of a
     /// record removed by tombstone compaction does not start it over.
     pub fn apply_above(&mut self, ev: ChangeEvent, horizon_ms: u64) -> Merge {
+        self.apply_above_noting(ev, horizon_ms, &mut Vec::new())
+    }
+
+    /// [`RecordState::apply_above`], adding to `seen` the equivocation it meets, if any.
+    pub fn apply_above_noting(
+        &mut self,
+        ev: ChangeEvent,
+        horizon_ms: u64,
+        seen: &mut Vec<Equivocation>,
+    ) -> Merge {
         if ev.version.hlc.physical_ms() < horizon_ms {
             return Merge::Duplicate;
         }
-        self.apply(ev)
+        self.apply_noting(ev, seen)
     }
 
     /// Folds another replica's state of the same record into this one: the result is the
     /// state of the union of both replicas' events, so merging is order-independent and
     /// idempotent, like applying events. Snapshots and repair use it.
     pub fn merge_state(&mut self, other: RecordState) {
+        self.merge_state_noting(other, &mut Vec::new());
+    }
+
+    /// [`RecordState::merge_state`], adding to `seen` the equivocations it meets (a leaf
+    /// both sides hold with different contents).
+    pub fn merge_state_noting(&mut self, other: RecordState, seen: &mut Vec<Equivocation>) {
         let mine = std::mem::take(self);
         // Per origin, the greater maximum.
         let mut origins: Vec<Version> =
@@ -251,11 +371,19 @@ impl RecordState {
                 continue;
             }
             match leaves.iter_mut().find(|l| &l.version == v) {
-                // Same version on both sides: the same event, unless one side is damaged;
-                // keep the greater so every replica picks the same one.
+                // Same version on both sides: the same event, or an equivocation (whose
+                // rule keeps the greater content, as applying both events would).
                 Some(kept) => {
-                    if leaf.doc > kept.doc {
-                        *kept = leaf.clone();
+                    if leaf != kept {
+                        let dropped = if leaf.content_cmp(kept).is_gt() {
+                            std::mem::replace(kept, leaf.clone())
+                        } else {
+                            leaf.clone()
+                        };
+                        seen.push(Equivocation {
+                            kept: kept.clone(),
+                            dropped,
+                        });
                     }
                 }
                 None => leaves.push(leaf.clone()),
@@ -281,13 +409,23 @@ impl RecordState {
     /// other side's leaves and origin entries older than `horizon_ms` are taken as known
     /// already (this side's copy of them is kept), so an old snapshot's copy of a
     /// compacted record neither starts it over nor reshapes its new state.
-    pub fn merge_state_above(&mut self, mut other: RecordState, horizon_ms: u64) {
+    pub fn merge_state_above(&mut self, other: RecordState, horizon_ms: u64) {
+        self.merge_state_above_noting(other, horizon_ms, &mut Vec::new());
+    }
+
+    /// [`RecordState::merge_state_above`], adding to `seen` the equivocations it meets.
+    pub fn merge_state_above_noting(
+        &mut self,
+        mut other: RecordState,
+        horizon_ms: u64,
+        seen: &mut Vec<Equivocation>,
+    ) {
         let old = |v: &Version| v.hlc.physical_ms() < horizon_ms;
         other
             .leaves
             .retain(|l| !old(&l.version) || self.leaves.iter().any(|m| m.version == l.version));
         other.origins.retain(|v| !old(v));
-        self.merge_state(other);
+        self.merge_state_noting(other, seen);
     }
 
     /// Whether compaction with this cutoff may remove the record: nothing of it is live or

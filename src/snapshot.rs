@@ -74,6 +74,13 @@ pub struct SnapshotReport {
     /// Loading: record states refused by the state checks (logged at warn, not merged);
     /// taking: 0.
     pub refused: u64,
+    /// Loading: equivocations met merging the states (see [`crate::merge`]), and own
+    /// contents they dropped that this node re-issued as new writes; taking: 0.
+    #[serde(default)]
+    pub equivocations: u64,
+    /// See `equivocations`.
+    #[serde(default)]
+    pub reissued: u64,
     /// Wall time the operation took, ms.
     pub millis: u64,
 }
@@ -311,6 +318,8 @@ pub async fn take(
         bytes: info.size as u64,
         detail: damaged,
         refused: 0,
+        equivocations: 0,
+        reissued: 0,
         millis: started.elapsed().as_millis() as u64,
     })
 }
@@ -436,6 +445,7 @@ pub async fn merge_into(
     let mut records = 0u64;
     let mut changed = 0u64;
     let mut refused = 0u64;
+    let (mut equivocations, mut reissued) = (0u64, 0u64);
     let mut bytes = (MAGIC.len() + 4 + len) as u64;
     let mut batch: Vec<(Uuid, RecordState)> = Vec::new();
     let mut batch_entity: Option<EntityName> = None;
@@ -520,6 +530,8 @@ pub async fn merge_into(
             if let Some(report) = done {
                 changed += report.changed as u64;
                 refused += note_refused(name, &report.refused, refused);
+                equivocations += report.equivocations;
+                reissued += report.reissued.len() as u64;
                 on_changes(report.changes);
             }
             batch_entity = Some(entity);
@@ -529,6 +541,8 @@ pub async fn merge_into(
     if let Some(report) = flush(batch_entity.take(), std::mem::take(&mut batch)).await? {
         changed += report.changed as u64;
         refused += note_refused(name, &report.refused, refused);
+        equivocations += report.equivocations;
+        reissued += report.reissued.len() as u64;
         on_changes(report.changes);
     }
     if refused > 0 {
@@ -549,6 +563,8 @@ pub async fn merge_into(
         bytes,
         detail: changed,
         refused,
+        equivocations,
+        reissued,
         millis: started.elapsed().as_millis() as u64,
     })
 }

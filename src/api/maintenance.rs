@@ -60,7 +60,10 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
         "repaired": report.repaired,
         "refused": refused.len(),
         "refusals": refused,
+        "equivocations": report.equivocations,
+        "reissued": report.reissued.len(),
     });
+    node.equivocations_met(report.equivocations, report.reissued.len());
     node.announce(report.changes);
     Ok(out)
 }

@@ -330,3 +330,210 @@ fn states_the_merge_rule_cannot_build_are_refused() {
     s.pending.insert(0, v(2, "c"));
     assert_eq!(check(&s), Err("malformed"), "a pending name twice");
 }
+
+/// The set definition with equivocations: the leaves of [`model`], each with the greatest
+/// content among the events of its version, and every name above its origin's greatest
+/// seen version pending.
+fn model_with_content(events: &[ChangeEvent]) -> (BTreeMap<Version, Leaf>, BTreeSet<Version>) {
+    let mut leaves: BTreeMap<Version, Leaf> = BTreeMap::new();
+    for v in model(events) {
+        let best = events
+            .iter()
+            .filter(|e| e.version == v)
+            .map(|e| Leaf::of(e.clone()))
+            .max_by(|x, y| x.content_cmp(y))
+            .unwrap();
+        leaves.insert(v, best);
+    }
+    let mut max: BTreeMap<NodeId, Version> = BTreeMap::new();
+    for e in events {
+        let m = max
+            .entry(e.version.node.clone())
+            .or_insert(e.version.clone());
+        if e.version > *m {
+            *m = e.version.clone();
+        }
+    }
+    let pending = events
+        .iter()
+        .flat_map(|e| e.base.iter().chain(&e.resolves))
+        .filter(|n| max.get(&n.node).is_none_or(|m| *n > m))
+        .cloned()
+        .collect();
+    (leaves, pending)
+}
+
+/// A second event under `events[i]`'s version with different content: `kind` picks what
+/// differs (document, delete, base, an extra name of a version never seen, scope,
+/// origin_seq).
+fn twin(events: &[ChangeEvent], i: usize, kind: u8, salt: u8) -> ChangeEvent {
+    let mut t = events[i].clone();
+    let ms = t.version.hlc.physical_ms() - 1_700_000_000_000;
+    match kind % 6 {
+        0 => t.doc = Some(RawValue::from_string(format!("{{\"twin\":{salt}}}")).unwrap()),
+        1 => {
+            t.op = Op::Delete;
+            t.doc = None;
+        }
+        2 => {
+            // Another earlier version of the history as base (or none).
+            t.base = events[..i]
+                .iter()
+                .map(|e| e.version.clone())
+                .nth(salt as usize % (i + 1));
+        }
+        3 => t.resolves.push(v(ms - 1, "z")),
+        4 => t.scope = Scope::new(format!("s{salt}")).unwrap(),
+        _ => t.origin_seq += 1 + u64::from(salt),
+    }
+    t
+}
+
+proptest! {
+    #[test]
+    fn equivocations_end_the_same_in_any_order(
+        steps in prop::collection::vec((0..4u8, 0..3u8, any::<bool>()), 1..30),
+        twins in prop::collection::vec((any::<prop::sample::Index>(), 0..6u8, 0..3u8), 1..8),
+        keys in prop::collection::vec(any::<u32>(), 80),
+        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        split in prop::collection::vec(any::<bool>(), 80),
+    ) {
+        let mut events = history(&steps);
+        let n = events.len();
+        for (i, kind, salt) in &twins {
+            let i = i.index(n);
+            events.push(twin(&events[..n], i, *kind, *salt));
+        }
+        let (leaves, pending) = model_with_content(&events);
+        let mut in_order = RecordState::default();
+        for e in &events {
+            in_order.apply(e.clone());
+        }
+        let mut feed: Vec<ChangeEvent> = events.clone();
+        feed.extend(dups.iter().map(|i| events[i.index(events.len())].clone()));
+        let mut keyed: Vec<(u32, usize, ChangeEvent)> = feed
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (keys[i % keys.len()], i, e))
+            .collect();
+        keyed.sort_by_key(|(k, i, _)| (*k, *i));
+        let mut shuffled = RecordState::default();
+        let mut noted = Vec::new();
+        for (_, _, e) in &keyed {
+            shuffled.apply_noting(e.clone(), &mut noted);
+        }
+        let got: BTreeMap<Version, Leaf> = shuffled
+            .leaves
+            .iter()
+            .map(|l| (l.version.clone(), l.clone()))
+            .collect();
+        prop_assert_eq!(&got, &leaves);
+        let got_pending: BTreeSet<Version> = shuffled.pending.iter().cloned().collect();
+        prop_assert_eq!(&got_pending, &pending);
+        prop_assert_eq!(&shuffled, &in_order);
+        // What is reported kept is what stays, whatever came first.
+        for eq in &noted {
+            prop_assert!(eq.kept.content_cmp(&eq.dropped).is_gt());
+            prop_assert_eq!(&eq.kept.version, &eq.dropped.version);
+        }
+
+        // Any split of the feed into two replicas, merged state by state either way
+        // round, equals the whole.
+        let (mut left, mut right) = (RecordState::default(), RecordState::default());
+        for (j, (_, _, e)) in keyed.iter().enumerate() {
+            if split[j % split.len()] {
+                left.apply(e.clone());
+            } else {
+                right.apply(e.clone());
+            }
+        }
+        let mut lr = left.clone();
+        lr.merge_state(right.clone());
+        let mut rl = right.clone();
+        rl.merge_state(left.clone());
+        prop_assert_eq!(&lr, &in_order);
+        prop_assert_eq!(&rl, &in_order);
+        for s in [&left, &right, &shuffled] {
+            prop_assert_eq!(check_shape(s), Ok(()));
+        }
+    }
+}
+
+fn with_doc(mut e: ChangeEvent, doc: &str) -> ChangeEvent {
+    e.doc = Some(RawValue::from_string(doc.into()).unwrap());
+    e
+}
+
+#[test]
+fn an_equivocation_keeps_the_greater_content_in_either_order_and_says_so() {
+    let b1 = v(1, "b");
+    let good = with_doc(event(&b1, None, &[]), r#"{"doc":"GOOD"}"#);
+    let evil = with_doc(event(&b1, None, &[]), r#"{"doc":"ZEVIL"}"#);
+    for (first, second) in [(&good, &evil), (&evil, &good)] {
+        let mut s = RecordState::default();
+        let mut noted = Vec::new();
+        s.apply_noting(first.clone(), &mut noted);
+        assert!(noted.is_empty());
+        let changed = s.apply_noting(second.clone(), &mut noted);
+        assert_eq!(s.leaves.len(), 1);
+        assert_eq!(s.leaves[0].doc.as_deref(), Some(r#"{"doc":"ZEVIL"}"#));
+        assert_eq!(noted.len(), 1, "the equivocation is reported");
+        assert_eq!(noted[0].kept, Leaf::of(evil.clone()));
+        assert_eq!(noted[0].dropped, Leaf::of(good.clone()));
+        // It changed the state only when the greater came second.
+        let expected = if std::ptr::eq(second, &evil) {
+            Merge::Applied
+        } else {
+            Merge::Duplicate
+        };
+        assert_eq!(changed, expected);
+        // The exact event again is a plain duplicate.
+        let mut again = Vec::new();
+        assert_eq!(s.apply_noting(evil.clone(), &mut again), Merge::Duplicate);
+        assert!(again.is_empty());
+    }
+    // A state merge meets the same equivocation and keeps the same content.
+    let (mut l, mut r) = (RecordState::default(), RecordState::default());
+    l.apply(good.clone());
+    r.apply(evil.clone());
+    let mut noted = Vec::new();
+    l.merge_state_noting(r, &mut noted);
+    assert_eq!(l.leaves, vec![Leaf::of(evil)]);
+    assert_eq!(noted.len(), 1);
+}
+
+#[test]
+fn every_event_of_an_equivocated_version_names_its_base_whatever_the_order() {
+    // b2 is equivocated: one event names a1, the other names c1. Whether the second event
+    // of b2 arrives while b2 is the greatest of b (no early return any more) or after b3
+    // superseded it, both names count.
+    let (a1, c1, b2, b3) = (v(1, "a"), v(1, "c"), v(2, "b"), v(3, "b"));
+    let x = event(&b2, Some(&a1), &[]);
+    let y = with_doc(event(&b2, Some(&c1), &[]), r#"{"y":1}"#);
+    let later = event(&b3, None, &[]);
+    let all = [
+        event(&a1, None, &[]),
+        event(&c1, None, &[]),
+        x.clone(),
+        y.clone(),
+        later,
+    ];
+    let mut states = Vec::new();
+    for order in [
+        [0, 1, 2, 3, 4],
+        [0, 1, 3, 2, 4],
+        [0, 1, 4, 2, 3],
+        [4, 3, 2, 1, 0],
+    ] {
+        let mut s = RecordState::default();
+        for i in order {
+            s.apply(all[i].clone());
+        }
+        states.push(s);
+    }
+    let leaves: Vec<&Version> = states[0].leaves.iter().map(|l| &l.version).collect();
+    assert_eq!(leaves, vec![&b3], "a1 and c1 are both named");
+    for s in &states[1..] {
+        assert_eq!(s, &states[0]);
+    }
+}

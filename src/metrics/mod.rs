@@ -72,6 +72,10 @@ pub const APPLY_OUTCOMES: [&str; 3] = ["applied", "duplicate", "quarantined"];
 /// subject was not an inbox, see [`crate::api::is_inbox`]).
 pub const API_REFUSED_REASONS: [&str; 2] = ["no_reply", "not_inbox"];
 
+/// Why the node lease refused a local write, each a `jetsync_writes_refused_total{reason}`
+/// series from 0 (see [`crate::lease`]).
+pub const WRITE_REFUSED_REASONS: [&str; 2] = ["node_id_held", "lease_unconfirmed"];
+
 /// The kinds of publish errors counted in `jetsync_publish_errors_total{kind}`.
 pub mod publish_error {
     /// The message could not be handed to the connection.
@@ -174,6 +178,7 @@ struct Inner {
     snapshot_duration: FloatGauge,
     snapshot_states_refused: Counter,
     writes_refused: Family<Labels, Counter>,
+    equivocations: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
@@ -213,6 +218,7 @@ impl Inner {
         zero(&self.publish_errors, "kind", &publish_error::KINDS);
         zero(&self.halted, "reason", &HALT_REASONS);
         zero(&self.api_refused, "reason", &API_REFUSED_REASONS);
+        zero(&self.writes_refused, "reason", &WRITE_REFUSED_REASONS);
         let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
         for entity in entities {
             for outcome in APPLY_OUTCOMES {
@@ -288,6 +294,7 @@ impl NodeMetrics {
             snapshot_duration: FloatGauge::default(),
             snapshot_states_refused: Counter::default(),
             writes_refused: Family::default(),
+            equivocations: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
@@ -460,6 +467,11 @@ impl NodeMetrics {
             "Local writes refused because another process held the node id (node_id_held) or the lease could not be confirmed after a pause (lease_unconfirmed)",
             inner.writes_refused.clone(),
         );
+        r.register(
+            "equivocations",
+            "Events met with the version of another event and different content (a broken or hostile writer), decided by the merge rule",
+            inner.equivocations.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -615,6 +627,13 @@ impl NodeMetrics {
         }
     }
 
+    /// `n` equivocations met (see [`crate::merge`]).
+    pub fn equivocations(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.equivocations.inc_by(n);
+        }
+    }
+
     /// Sets the gauges from a sample taken now.
     pub fn set_state(&self, s: &StateSample) {
         let Some(m) = &self.inner else { return };
@@ -730,6 +749,8 @@ mod tests {
             "jetsync_replication_lag_seconds{node=\"berlin\",entity=\"orders\"} 1.5",
             "jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 2",
             "jetsync_upstream_gap_sequences{node=\"berlin\"} 7",
+            // Initialised at 0, so an alert on any increase fires from the first one.
+            "jetsync_equivocations_total{node=\"berlin\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

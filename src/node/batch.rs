@@ -121,6 +121,7 @@ pub(super) async fn apply_fetched(
     shared
         .metrics
         .apply_transaction(events, started.elapsed(), &outcome(&report));
+    shared.equivocations_met(report.equivocations, report.reissued.len());
     Ok(report)
 }
 

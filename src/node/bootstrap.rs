@@ -93,6 +93,7 @@ pub(super) async fn bootstrap(
         millis: report.millis,
     };
     shared.metrics.snapshot_states_refused(report.refused);
+    shared.equivocations_met(report.equivocations, report.reissued as usize);
     tracing::info!(?done, "bootstrapped from snapshot");
     shared.live().bootstrapped = Some(done);
     if cfg.stream.upstream.is_some() {

@@ -31,6 +31,12 @@ pub struct TrustStatus {
     /// Publishes acknowledged as duplicates of a message that was not this node's event
     /// (someone took its message id); each was published again under a fresh id.
     pub publish_squatted: u64,
+    /// Equivocations met since start: two events with one version and different content
+    /// (a broken or hostile writer), decided by the merge rule's content order the same on
+    /// every node, each logged at warn naming the record and version.
+    pub equivocations: u64,
+    /// Own writes re-issued since start because an equivocation dropped their content.
+    pub equivocations_reissued: u64,
     /// Set when the store was found restored from a backup and became a new incarnation.
     pub restored: Option<Restored>,
     /// How far this node's clock is ahead of its wall clock, if beyond the drift limit (a
@@ -70,6 +76,8 @@ pub struct Restored {
 #[derive(Default)]
 pub(super) struct TrustLive {
     pub(super) publish_squatted: u64,
+    pub(super) equivocations: u64,
+    pub(super) equivocations_reissued: u64,
     pub(super) restored: Option<Restored>,
     pub(super) limits_from_stream: bool,
     pub(super) writes_refused: u64,
@@ -83,6 +91,23 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Shared {
+    /// Counts the equivocations a store call met (status, metric) and wakes the publisher
+    /// for the own writes it re-issued.
+    pub(super) fn equivocations_met(&self, met: u64, reissued: usize) {
+        if met == 0 && reissued == 0 {
+            return;
+        }
+        {
+            let mut live = self.live();
+            live.trust.equivocations += met;
+            live.trust.equivocations_reissued += reissued as u64;
+        }
+        self.metrics.equivocations(met);
+        if reissued > 0 {
+            self.outbox_ready.notify_one();
+        }
+    }
+
     /// Waits until the node may publish and apply; false if shutting down first.
     pub(super) async fn wait_ready(&self) -> bool {
         let mut ready = self.ready.subscribe();
@@ -349,7 +374,15 @@ impl NodeHandle {
         })
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;
+        self.0
+            .equivocations_met(report.equivocations, report.reissued.len());
         Ok(report)
+    }
+
+    /// Counts the equivocations a store call made outside the node's loops met (a merge
+    /// of record states, a replay) and wakes the publisher for the own writes it re-issued.
+    pub fn equivocations_met(&self, met: u64, reissued: usize) {
+        self.0.equivocations_met(met, reissued);
     }
 
     /// The trust part of the status.
@@ -370,6 +403,8 @@ impl NodeHandle {
                 },
             },
             publish_squatted: live.trust.publish_squatted,
+            equivocations: live.trust.equivocations,
+            equivocations_reissued: live.trust.equivocations_reissued,
             restored: live.trust.restored.clone(),
             clock_ahead_ms: (ahead > limits.max_clock_drift_ms).then_some(ahead),
             writes_refused: live.trust.writes_refused,

@@ -1,14 +1,12 @@
 //! Applying the stream: batches of incoming messages merged (or quarantined) in one
 //! transaction that also moves the checkpoint, and backfills that do not move it.
 
-use redb::ReadableTable;
-
-use super::codec::leaf_event;
 use super::format::{
     K_APPLIED_MS, K_CHECKPOINT, K_HLC, K_QUARANTINE_SEQ, META, OUTBOX, UNPUBLISHED, read_u64,
 };
+use super::outbox::keep_queued;
 use super::quarantine::{QuarantineRow, QuarantineTables};
-use super::tx::Tx;
+use super::tx::{Tx, warn_equivocation};
 use super::{ApplyReport, Incoming, Store};
 use crate::error::StorageError;
 use crate::event;
@@ -95,7 +93,7 @@ impl Store {
             let mut tx = Tx::new(&txn)?;
             let mut meta = txn.open_table(META)?;
             let mut quarantine = QuarantineTables::open(&txn, &self.config)?;
-            let outbox = txn.open_table(OUTBOX)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let limits = self.limits();
             let checkpoint = read_u64(&meta, K_CHECKPOINT)?;
@@ -105,6 +103,9 @@ impl Store {
             }
             let mut new_checkpoint = checkpoint.max(through.unwrap_or(0));
             let mut applied_ms = read_u64(&meta, K_APPLIED_MS)?;
+            // Own contents an equivocation dropped: re-issued once the batch is in.
+            let mut dropped_own = Vec::new();
+            let mut seen = Vec::new();
             for (i, msg) in batch.iter().enumerate() {
                 if through.is_some() && msg.stream_seq <= checkpoint {
                     report.below_checkpoint += 1;
@@ -120,8 +121,19 @@ impl Store {
                         let ahead = hlc.physical_ms() as i64 - msg.stream_time_ms as i64;
                         report.max_ahead_ms =
                             Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
-                        let entity = ev.entity.clone();
+                        let (entity, id) = (ev.entity.clone(), ev.id);
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
+                        // What this node holds under its own version, should another
+                        // content of that version come (an equivocation).
+                        let own_held = if ev.version.node == self.node {
+                            state
+                                .leaves
+                                .iter()
+                                .find(|l| l.version == ev.version)
+                                .cloned()
+                        } else {
+                            None
+                        };
                         // Another origin superseding one of our queued versions is no proof
                         // that it was published (a stamp can be guessed), and an own event of
                         // an earlier incarnation supersedes our queued versions below it (its
@@ -133,12 +145,23 @@ impl Store {
                                     || ev.resolves.contains(&l.version)
                                     || (ev.version.node == self.node && l.version < ev.version))
                         }) {
-                            if outbox.get(leaf.origin_seq)?.is_some() {
-                                let queued = leaf_event(&ev.entity, ev.id, leaf)?;
-                                unpublished.insert(leaf.origin_seq, queued.encode().as_slice())?;
+                            keep_queued(&outbox, &mut unpublished, &ev.entity, ev.id, leaf)?;
+                        }
+                        let merged = tx.merge(state, ev, &mut seen)?;
+                        for eq in seen.drain(..) {
+                            let own = own_held.as_ref() == Some(&eq.dropped);
+                            warn_equivocation(&entity, id, &eq, own);
+                            report.equivocations += 1;
+                            if own {
+                                keep_queued(&outbox, &mut unpublished, &entity, id, &eq.dropped)?;
+                                // The write's document (or delete) is what its caller was told;
+                                // differing names are all applied anyway.
+                                if eq.dropped.doc != eq.kept.doc {
+                                    dropped_own.push((entity.clone(), id, eq.dropped));
+                                }
                             }
                         }
-                        match tx.merge(state, ev)? {
+                        match merged {
                             Merge::Applied => {
                                 clock.observe(hlc);
                                 report.applied += 1;
@@ -180,6 +203,16 @@ impl Store {
                         }
                     }
                 }
+            }
+            if !dropped_own.is_empty() {
+                report.reissued = self.reissue(
+                    &mut tx,
+                    &mut clock,
+                    &mut meta,
+                    &mut outbox,
+                    &mut unpublished,
+                    dropped_own,
+                )?;
             }
             if through.is_some() {
                 meta.insert(K_CHECKPOINT, new_checkpoint.to_le_bytes().as_slice())?;

@@ -9,13 +9,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::codec::{decode_postcard, decode_state, leaf_event};
+use super::codec::{decode_postcard, decode_state};
 use super::format::{
     CONFLICTS, DAMAGED, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
 };
+use super::outbox::keep_queued;
 use super::quarantine::{QuarantineRow, QuarantineTables};
-use super::tx::{Before, DamagedRow, Tx};
+use super::tx::{Before, DamagedRow, Tx, warn_equivocation};
 use super::{Incoming, Store};
 use crate::clock::Hlc;
 use crate::digest::{BUCKETS, bucket_of};
@@ -23,7 +24,7 @@ use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge;
 use crate::merge::RecordState;
-use crate::store::{ApplyReport, Change, Page};
+use crate::store::{ApplyReport, Change, Page, Written};
 
 /// A consistent read of the whole store, for a snapshot: the checkpoint and every record
 /// as of one moment, while writers go on.
@@ -114,6 +115,12 @@ pub struct MergeReport {
     pub refused: Vec<(Uuid, String)>,
     /// The visible record changes the merge made.
     pub changes: Vec<Change>,
+    /// Equivocations met: a leaf both sides hold with different contents (see the merge
+    /// module doc); the same rule as applying events decides.
+    pub equivocations: u64,
+    /// Own contents an equivocation dropped, re-issued as new local writes (queued in the
+    /// outbox: wake the publisher).
+    pub reissued: Vec<Written>,
 }
 
 /// The recomputed verification hashes of one entity type.
@@ -206,9 +213,11 @@ impl Store {
     /// state of the union of both sides' events. A damaged local record is replaced.
     ///
     /// Every incoming state first meets the event checks leaf by leaf (document, versions,
-    /// drift against this node's wall clock: [`merge::check_state`]), and a leaf of this
-    /// node's own version must match the one it holds (it wrote it); a state that fails is
-    /// refused whole, logged and listed in [`MergeReport::refused`].
+    /// drift against this node's wall clock: [`merge::check_state`]); a state that fails
+    /// is refused whole, logged and listed in [`MergeReport::refused`]. A leaf both sides
+    /// hold with different contents is an equivocation, decided by the merge rule as for
+    /// events; if it drops what this node held under its own version, the node re-issues
+    /// that content as a new write ([`MergeReport::reissued`]).
     pub fn merge_records(
         &self,
         entity: &EntityName,
@@ -220,9 +229,11 @@ impl Store {
         let limits = self.limits();
         {
             let mut tx = Tx::new(&txn)?;
-            let outbox = txn.open_table(OUTBOX)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
             let mut unpublished = txn.open_table(UNPUBLISHED)?;
             let mut meta = txn.open_table(META)?;
+            let mut dropped_own = Vec::new();
+            let mut seen = Vec::new();
             for (id, incoming) in records {
                 let mut refuse = |why: String| {
                     tracing::warn!(%entity, %id, reason = %why, "merged record state refused");
@@ -239,26 +250,28 @@ impl Store {
                 let loaded = tx.load(entity, &id)?;
                 let damaged_now = tx.damaged_rows.get(key)?.is_some();
                 let mut state = loaded.unwrap_or_default();
-                if let Some(theirs) = incoming.leaves.iter().find(|l| {
-                    l.version.node == self.node
-                        && state
-                            .leaves
-                            .iter()
-                            .any(|m| m.version == l.version && *m != **l)
-                }) {
-                    refuse(format!(
-                        "this node's own version {} differs from the one it wrote",
-                        theirs.version
-                    ));
-                    continue;
-                }
                 let before = Before::of(&id, &state);
                 let old = state.clone();
                 for leaf in &incoming.leaves {
                     clock.observe(leaf.version.hlc);
                 }
                 let absent = state == RecordState::default();
-                state.merge_state_above(incoming, tx.horizon(entity)?);
+                // A leaf both sides hold with different contents is an equivocation, decided
+                // by the same rule as applying its events (this node's own version too: if
+                // the rule drops what this node held, it re-issues it below).
+                state.merge_state_above_noting(incoming, tx.horizon(entity)?, &mut seen);
+                for eq in seen.drain(..) {
+                    let own =
+                        eq.dropped.version.node == self.node && old.leaves.contains(&eq.dropped);
+                    warn_equivocation(entity, id, &eq, own);
+                    report.equivocations += 1;
+                    if own {
+                        keep_queued(&outbox, &mut unpublished, entity, id, &eq.dropped)?;
+                        if eq.dropped.doc != eq.kept.doc {
+                            dropped_own.push((entity.clone(), id, eq.dropped));
+                        }
+                    }
+                }
                 // Nothing but versions older than the horizon: a compacted record's old
                 // state (a stale snapshot, say), not to be started over.
                 if absent && state.leaves.is_empty() && !damaged_now {
@@ -270,10 +283,7 @@ impl Store {
                     l.version.node == self.node
                         && !state.leaves.iter().any(|n| n.version == l.version)
                 }) {
-                    if outbox.get(leaf.origin_seq)?.is_some() {
-                        let ev = leaf_event(entity, id, leaf)?;
-                        unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
-                    }
+                    keep_queued(&outbox, &mut unpublished, entity, id, leaf)?;
                 }
                 if damaged_now {
                     tx.damaged_rows.remove(key)?;
@@ -283,6 +293,16 @@ impl Store {
                     tx.put_state(entity, id, before, &state)?;
                     report.changed += 1;
                 }
+            }
+            if !dropped_own.is_empty() {
+                report.reissued = self.reissue(
+                    &mut tx,
+                    &mut clock,
+                    &mut meta,
+                    &mut outbox,
+                    &mut unpublished,
+                    dropped_own,
+                )?;
             }
             meta.insert(K_HLC, clock.last().to_u64().to_le_bytes().as_slice())?;
             report.changes = tx.finish()?;

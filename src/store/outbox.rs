@@ -3,13 +3,42 @@
 
 use std::collections::HashMap;
 
-use redb::ReadableTableMetadata;
+use redb::{ReadableTable, ReadableTableMetadata, Table};
+use uuid::Uuid;
 
 use super::codec::{decode_outbox, decode_state, leaf_event};
 use super::format::{OUTBOX, UNPUBLISHED, open_records_read};
 use super::{OutboxEntry, Store};
 use crate::clock::Version;
 use crate::error::StorageError;
+use crate::ids::EntityName;
+use crate::merge::Leaf;
+
+/// Keeps the event of an own version still queued whose leaf is about to go (superseded)
+/// or to be replaced (an equivocation kept another content), until its PubAck retires it.
+/// Only the queued version itself is kept: an event forged under this origin can carry
+/// any `origin_seq`, so the outbox entry must be this record's version; and the first copy
+/// kept stays, since a later one may be a forged content that displaced the one this node
+/// wrote.
+pub(super) fn keep_queued(
+    outbox: &impl ReadableTable<u64, &'static [u8]>,
+    unpublished: &mut Table<'_, u64, &'static [u8]>,
+    entity: &EntityName,
+    id: Uuid,
+    leaf: &Leaf,
+) -> Result<(), StorageError> {
+    let queued = match outbox.get(leaf.origin_seq)? {
+        Some(g) => decode_outbox(g.value())
+            .is_some_and(|(e, i, hlc)| &e == entity && i == id && hlc == leaf.version.hlc),
+        None => false,
+    };
+    if !queued || unpublished.get(leaf.origin_seq)?.is_some() {
+        return Ok(());
+    }
+    let ev = leaf_event(entity, id, leaf)?;
+    unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
+    Ok(())
+}
 
 /// An outbox entry that cannot be published, and why: `(origin_seq, reason)`.
 pub type Stranded = (u64, String);
@@ -39,6 +68,8 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let unpublished = txn.open_table(UNPUBLISHED)?;
+        // Usually empty: then no entry has a kept copy to look up.
+        let any_kept = !unpublished.is_empty()?;
         let ids = self.ids();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
@@ -78,27 +109,38 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            let leaf = state
-                .as_ref()
-                .and_then(|s| s.leaves.iter().find(|l| l.version == version));
-            // The message id binds the exact bytes (see `msgid`), so every attempt must
-            // publish the same ones: a leaf's event encodes the same each time, and the
-            // copy kept in `unpublished` when the leaf went is that encoding, sent as is.
-            let (ev, payload) = match leaf {
-                Some(leaf) => {
-                    let ev = leaf_event(&entity, id, leaf)?;
-                    let payload = ev.encode();
-                    (ev, payload)
-                }
-                None => match unpublished.get(seq)? {
-                    Some(g) => {
-                        let ev: crate::event::ChangeEvent = serde_json::from_slice(g.value())
-                            .map_err(|e| StorageError::UndecodableEntry {
+            // A kept copy comes first: the leaf of the version may hold another content
+            // since (an equivocation), and a kept copy exists only once the leaf went or
+            // was replaced (`keep_queued`). The message id binds the exact bytes (see
+            // `msgid`), so every attempt must publish the same ones: a leaf's event encodes
+            // the same each time, and a kept copy is that encoding, sent as is.
+            let leaf = state.as_ref().and_then(|s| {
+                s.leaves
+                    .iter()
+                    .find(|l| l.version == version && l.origin_seq == seq)
+            });
+            let kept = if any_kept {
+                unpublished.get(seq)?
+            } else {
+                None
+            };
+            let (ev, payload) = match kept {
+                Some(g) => {
+                    let ev: crate::event::ChangeEvent =
+                        serde_json::from_slice(g.value()).map_err(|e| {
+                            StorageError::UndecodableEntry {
                                 table: "unpublished",
                                 key: seq.to_string(),
                                 detail: e.to_string(),
-                            })?;
-                        (ev, g.value().to_vec())
+                            }
+                        })?;
+                    (ev, g.value().to_vec())
+                }
+                None => match leaf {
+                    Some(leaf) => {
+                        let ev = leaf_event(&entity, id, leaf)?;
+                        let payload = ev.encode();
+                        (ev, payload)
                     }
                     None => {
                         // Every path that removes a queued leaf keeps or retires its entry;

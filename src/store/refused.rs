@@ -66,12 +66,17 @@ impl Store {
                 let saved = unpublished.remove(*seq)?.map(|g| g.value().to_vec());
                 let version = Version::new(hlc, self.node.clone());
                 let state = tx.load(&entity, &id)?;
-                let event = match state
-                    .as_ref()
-                    .and_then(|s| s.leaves.iter().find(|l| l.version == version))
-                {
-                    Some(leaf) => Some(leaf_event(&entity, id, leaf)?.encode()),
-                    None => saved,
+                // A kept copy first, as the publisher does: the leaf may hold another
+                // content since (an equivocation).
+                let event = match (
+                    saved,
+                    state
+                        .as_ref()
+                        .and_then(|s| s.leaves.iter().find(|l| l.version == version)),
+                ) {
+                    (Some(saved), _) => Some(saved),
+                    (None, Some(leaf)) => Some(leaf_event(&entity, id, leaf)?.encode()),
+                    (None, None) => None,
                 };
                 tracing::warn!(origin_seq = seq, %entity, %id, %reason, "event refused: parked, the outbox goes on");
                 let row = RefusedRow {

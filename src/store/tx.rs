@@ -17,7 +17,7 @@ use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
 use crate::error::StorageError;
 use crate::event::ChangeEvent;
 use crate::ids::EntityName;
-use crate::merge::{Merge, RecordState};
+use crate::merge::{Equivocation, Merge, RecordState};
 
 /// The record tables, conflict index and digest deltas of one write transaction.
 pub(super) struct Tx<'t> {
@@ -136,16 +136,17 @@ impl<'t> Tx<'t> {
     }
 
     /// Applies `ev` to `state` (loaded from this transaction) and stores the result with
-    /// its conflict-index and digest updates.
+    /// its conflict-index and digest updates; an equivocation met is added to `seen`.
     pub(super) fn merge(
         &mut self,
         mut state: RecordState,
         ev: ChangeEvent,
+        seen: &mut Vec<Equivocation>,
     ) -> Result<Merge, StorageError> {
         let (entity, id) = (ev.entity.clone(), ev.id);
         let before = Before::of(&id, &state);
         let horizon = self.horizon(&entity)?;
-        if state.apply_above(ev, horizon) == Merge::Duplicate {
+        if state.apply_above_noting(ev, horizon, seen) == Merge::Duplicate {
             return Ok(Merge::Duplicate);
         }
         self.put_state(&entity, id, before, &state)?;
@@ -179,7 +180,8 @@ impl<'t> Tx<'t> {
             }
         }
         let winner = state.winner().map(|l| l.version.clone());
-        if winner != before.winner || before.leaves != after_leaves {
+        // The hash too: an equivocation can change the winner's content, not its version.
+        if winner != before.winner || before.leaves != after_leaves || before.hash != after_hash {
             self.changes.push(Change {
                 entity: entity.clone(),
                 id,
@@ -218,6 +220,22 @@ impl<'t> Tx<'t> {
         }
         Ok(self.changes)
     }
+}
+
+/// Says that two contents met under one version of `entity/id` (a broken or hostile
+/// writer; see the merge module doc): a warning naming the record, the version and which
+/// content stays.
+pub(super) fn warn_equivocation(entity: &EntityName, id: Uuid, eq: &Equivocation, own: bool) {
+    tracing::warn!(
+        %entity,
+        %id,
+        version = %eq.kept.version,
+        kept_origin_seq = eq.kept.origin_seq,
+        dropped_origin_seq = eq.dropped.origin_seq,
+        kept_deleted = eq.kept.is_tombstone(),
+        own_version = own,
+        "equivocation: two events with one version and different content; the greater content is kept everywhere"
+    );
 }
 
 /// The digest of a whole record table, recomputed. Damaged records contribute nothing.

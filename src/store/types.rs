@@ -257,6 +257,11 @@ pub struct ApplyReport {
     pub quarantine_reasons: Vec<(&'static str, u64)>,
     /// The largest `event stamp − stream time` among the decoded events, ms.
     pub max_ahead_ms: Option<i64>,
+    /// Equivocations met (two contents under one version; see the merge module doc).
+    pub equivocations: u64,
+    /// Own contents an equivocation dropped, re-issued as new local writes in the batch's
+    /// transaction (queued in the outbox: wake the publisher).
+    pub reissued: Vec<Written>,
 }
 
 impl ApplyReport {

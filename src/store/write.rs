@@ -5,20 +5,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redb::ReadableTable;
+use redb::Table;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::codec::{encode_outbox, leaf_event};
+use super::codec::encode_outbox;
 use super::format::{K_HLC, K_ORIGIN_SEQ, META, OUTBOX, UNPUBLISHED, read_u64};
 use super::group::{Job, PreparedWrite, WriteOutcome};
+use super::outbox::keep_queued;
 use super::tx::{Before, Tx};
 use super::{Change, Expect, Store, Write, WriteOp, Written};
 use crate::clock::{HlcClock, Version};
 use crate::error::{StorageError, WriteError};
 use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use crate::ids::{EntityName, Scope};
-use crate::merge::{Merge, RecordState};
+use crate::merge::{Leaf, Merge, RecordState};
 
 /// One write checked and stamped by [`Store::plan`]: its record before and after it, and
 /// what the caller gets back.
@@ -209,32 +210,8 @@ impl Store {
                     let first_change = tx.changes.len();
                     let mut out = Vec::with_capacity(planned.len());
                     for p in planned {
-                        let Written {
-                            entity,
-                            id,
-                            version,
-                            ..
-                        } = &p.written;
-                        // The new version supersedes every own leaf (its origin's earlier
-                        // versions): those still queued keep their events.
-                        for leaf in p
-                            .before
-                            .leaves
-                            .iter()
-                            .filter(|l| l.version.node == self.node)
-                        {
-                            if outbox.get(leaf.origin_seq)?.is_some() {
-                                let old = leaf_event(entity, *id, leaf)?;
-                                unpublished.insert(leaf.origin_seq, old.encode().as_slice())?;
-                            }
-                        }
                         origin_seq = p.written.origin_seq;
-                        outbox.insert(
-                            origin_seq,
-                            encode_outbox(entity, id, version.hlc).as_slice(),
-                        )?;
-                        tx.put_state(entity, *id, Before::of(id, &p.before), &p.after)?;
-                        out.push(p.written);
+                        out.push(self.queue(&mut tx, &mut outbox, &mut unpublished, p)?);
                     }
                     let changes = tx.changes[first_change..].to_vec();
                     results.push((ticket, Ok((out, changes))));
@@ -271,6 +248,97 @@ impl Store {
                 (t, Err(e.into()))
             })
             .collect()
+    }
+
+    /// Stores one planned write and queues it in the outbox.
+    fn queue(
+        &self,
+        tx: &mut Tx<'_>,
+        outbox: &mut Table<'_, u64, &'static [u8]>,
+        unpublished: &mut Table<'_, u64, &'static [u8]>,
+        p: Planned,
+    ) -> Result<Written, StorageError> {
+        let Written {
+            entity,
+            id,
+            version,
+            origin_seq,
+        } = &p.written;
+        // The new version supersedes every own leaf (its origin's earlier versions): those
+        // still queued keep their events.
+        for leaf in p
+            .before
+            .leaves
+            .iter()
+            .filter(|l| l.version.node == self.node)
+        {
+            keep_queued(outbox, unpublished, entity, *id, leaf)?;
+        }
+        outbox.insert(
+            *origin_seq,
+            encode_outbox(entity, id, version.hlc).as_slice(),
+        )?;
+        tx.put_state(entity, *id, Before::of(id, &p.before), &p.after)?;
+        Ok(p.written)
+    }
+
+    /// Re-issues, as new local writes in the caller's transaction, this node's own
+    /// contents that an equivocation dropped (`own`: record and the content the node held
+    /// under its own version before another content with the same version and another
+    /// document, or a delete for a document, won the merge rule). Each is a put (or delete) of that content expecting the disputed version
+    /// to be the live winner still, stamped, queued and published like any write, so every
+    /// replica converges on it as the origin's later version. A re-issue is never
+    /// disputed by itself (its echo is this node's own), so it cannot start another. One
+    /// whose expectation fails (the disputed version was superseded meanwhile, or is only
+    /// a conflict) is not made, with a warning.
+    pub(super) fn reissue(
+        &self,
+        tx: &mut Tx<'_>,
+        clock: &mut HlcClock,
+        meta: &mut Table<'_, &'static str, &'static [u8]>,
+        outbox: &mut Table<'_, u64, &'static [u8]>,
+        unpublished: &mut Table<'_, u64, &'static [u8]>,
+        own: Vec<(EntityName, Uuid, Leaf)>,
+    ) -> Result<Vec<Written>, StorageError> {
+        let mut origin_seq = read_u64(meta, K_ORIGIN_SEQ)?;
+        let mut out = Vec::new();
+        for (entity, id, leaf) in own {
+            let op = match leaf.doc.as_deref().map(serde_json::from_str) {
+                None => WriteOp::Delete,
+                Some(Ok(doc)) => WriteOp::Put(doc),
+                Some(Err(e)) => {
+                    tracing::warn!(%entity, %id, version = %leaf.version, error = %e, "own content dropped by an equivocation not re-issued: its document does not parse");
+                    continue;
+                }
+            };
+            let write = Write {
+                entity: entity.clone(),
+                id,
+                scope: None,
+                op,
+                expect: Expect::Version(leaf.version.clone()),
+                resolves: Vec::new(),
+            };
+            let planned = match self.prepare(vec![write]) {
+                Ok(prepared) => self.plan(tx, clock, origin_seq, prepared)?,
+                Err(e) => Err(e),
+            };
+            match planned {
+                Ok(planned) => {
+                    for p in planned {
+                        origin_seq = p.written.origin_seq;
+                        let written = self.queue(tx, outbox, unpublished, p)?;
+                        tracing::warn!(%entity, %id, disputed = %leaf.version, reissued = %written.version, "own content dropped by an equivocation re-issued as a new write");
+                        out.push(written);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%entity, %id, version = %leaf.version, error = %e, "own content dropped by an equivocation not re-issued");
+                }
+            }
+        }
+        meta.insert(K_ORIGIN_SEQ, origin_seq.to_le_bytes().as_slice())?;
+        Ok(out)
     }
 
     /// Checks and stamps one call's writes against the group's transaction without
