@@ -135,6 +135,8 @@ struct Inner {
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
     snapshot_states_refused: Counter,
+    snapshots_refused: Counter,
+    snapshot_entries_unreadable: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
@@ -197,6 +199,8 @@ impl NodeMetrics {
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
             snapshot_states_refused: Counter::default(),
+            snapshots_refused: Counter::default(),
+            snapshot_entries_unreadable: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             ahead_window: AtomicI64::new(i64::MIN),
@@ -352,6 +356,16 @@ impl NodeMetrics {
             "Record states in snapshots this node loaded that failed the state checks (not merged)",
             inner.snapshot_states_refused.clone(),
         );
+        r.register(
+            "snapshots_refused",
+            "Snapshots this node did not believe while bootstrapping: a claim that failed (stream, sequence, filters, header, checksum) or a position the retained events contradicted",
+            inner.snapshots_refused.clone(),
+        );
+        r.register(
+            "snapshot_entries_unreadable",
+            "Entries of the snapshot bucket skipped by this node's listings because they could not be read",
+            inner.snapshot_entries_unreadable.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -474,6 +488,20 @@ impl NodeMetrics {
     pub fn snapshot_states_refused(&self, n: u64) {
         if let Some(m) = &self.inner {
             m.snapshot_states_refused.inc_by(n);
+        }
+    }
+
+    /// A snapshot refused while bootstrapping (see `crate::snapshot`).
+    pub fn snapshot_refused(&self) {
+        if let Some(m) = &self.inner {
+            m.snapshots_refused.inc();
+        }
+    }
+
+    /// `n` unreadable entries skipped by a listing of the snapshot bucket.
+    pub fn snapshot_entries_unreadable(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.snapshot_entries_unreadable.inc_by(n);
         }
     }
 
