@@ -385,3 +385,133 @@ async fn a_malformed_bucket_entry_breaks_neither_listing_nor_bootstrap() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// The loader itself, against a store of its own: a header edited without recomputing the
+/// checksum no longer loads (`JSNAP3` covers the header); a legacy `JSNAP2` snapshot (its
+/// hash covers the frames only) still loads, and its claimed sequence goes through the same
+/// position check, so a raised one only brings the checkpoint to the last event its state
+/// reflects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_is_checksummed_and_legacy_snapshots_are_position_checked() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let a = start(node_config("a", dir.path(), &url)).await;
+    write_new(&a, &orders, 30).await;
+    caught_up(&a, &js, "a to apply its writes").await;
+    let real = a.snapshot().await.expect("snapshot");
+    let real_seq = real.meta.seq;
+    write_new(&a, &orders, 20).await;
+    caught_up(&a, &js, "a to apply its later writes").await;
+    let settings = StreamSettings::default();
+    let bucket = js.get_object_store(BUCKET).await.unwrap();
+    let bytes = object_bytes(&js, &real.meta.name).await;
+    let len = u32::from_le_bytes(bytes[7..11].try_into().unwrap()) as usize;
+    let header = |seq: u64, name: &str| {
+        let mut m: SnapshotMeta = serde_json::from_slice(&bytes[11..11 + len]).unwrap();
+        m.seq = seq;
+        m.name = name.to_string();
+        (serde_json::to_vec(&m).unwrap(), m)
+    };
+    let upload = |name: String, meta: SnapshotMeta, body: Vec<u8>| {
+        let bucket = bucket.clone();
+        async move {
+            bucket
+                .put(
+                    ObjectMetadata {
+                        name,
+                        metadata: [(
+                            "jetsync-snapshot".to_string(),
+                            serde_json::to_string(&meta).unwrap(),
+                        )]
+                        .into_iter()
+                        .collect(),
+                        ..Default::default()
+                    },
+                    &mut body.as_slice(),
+                )
+                .await
+                .expect("upload");
+        }
+    };
+    let fresh = |name: &str| {
+        std::sync::Arc::new(
+            jetsync::Store::open(
+                dir.path().join(format!("{name}.redb")),
+                jetsync::NodeId::new(name).unwrap(),
+                jetsync::StoreConfig::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let frames = &bytes[11 + len..bytes.len() - 17];
+    let raised = real_seq + 15;
+
+    // JSNAP3 with the header's sequence edited and the old checksum kept.
+    let (h, m) = header(raised, "edited");
+    let mut edited = b"JSNAP3\n".to_vec();
+    edited.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    edited.extend_from_slice(&h);
+    edited.extend_from_slice(&bytes[11 + len..]);
+    upload("edited".into(), m, edited).await;
+    let store = fresh("x");
+    let err = snapshot::load(&js, &settings, "edited", store.clone(), &[], |_| {})
+        .await
+        .expect_err("an edited header fails the checksum");
+    assert!(
+        matches!(err, snapshot::SnapshotError::Format { .. }),
+        "{err}"
+    );
+    assert_eq!(store.checkpoint().unwrap(), 0);
+
+    // The same snapshot as a legacy JSNAP2 (hash over the frames only), honest and raised.
+    let legacy = |seq: u64, name: &str| {
+        let (h, m) = header(seq, name);
+        let mut out = b"JSNAP2\n".to_vec();
+        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(frames);
+        out.push(0);
+        out.extend_from_slice(&real.records.to_le_bytes());
+        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(frames).to_le_bytes());
+        (out, m)
+    };
+    let (body, m) = legacy(real_seq, "honest2");
+    upload("honest2".into(), m, body).await;
+    let store = fresh("y");
+    let r = snapshot::load(&js, &settings, "honest2", store.clone(), &[], |_| {})
+        .await
+        .expect("a JSNAP2 snapshot loads");
+    let p = r.position.expect("position checked");
+    assert_eq!((p.lacked, p.checkpoint), (0, real_seq), "{p:?}");
+    assert_eq!(p.events, real_seq, "{p:?}");
+
+    let (body, m) = legacy(raised, "raised2");
+    upload("raised2".into(), m, body).await;
+    let store = fresh("z");
+    let r = snapshot::load(&js, &settings, "raised2", store.clone(), &[], |_| {})
+        .await
+        .expect("a JSNAP2 snapshot loads");
+    let p = r.position.expect("position checked");
+    assert_eq!(p.claimed, raised);
+    assert_eq!(p.lacked, 15, "{p:?}");
+    assert_eq!(p.first_lacked, Some(real_seq + 1), "{p:?}");
+    assert_eq!(store.checkpoint().unwrap(), real_seq);
+
+    // A header claiming a sequence past the stream's end is refused before anything merges.
+    let (body, m) = legacy(1_000_000, "beyond");
+    upload("beyond".into(), m, body).await;
+    let store = fresh("w");
+    let err = snapshot::load(&js, &settings, "beyond", store.clone(), &[], |_| {})
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, snapshot::SnapshotError::Refused { .. }),
+        "{err}"
+    );
+    assert!(store.get(&orders, Uuid::nil()).unwrap().is_none());
+    assert_eq!(store.entities().unwrap().len(), 0, "nothing merged");
+    a.shutdown().await.unwrap();
+}
