@@ -515,3 +515,37 @@ async fn the_header_is_checksummed_and_legacy_snapshots_are_position_checked() {
     assert_eq!(store.entities().unwrap().len(), 0, "nothing merged");
     a.shutdown().await.unwrap();
 }
+
+/// What the position check asks of the store, event by event: an event applied, one its
+/// origin superseded, and one whose name is recorded change nothing; an event never seen,
+/// and one naming a version the store has not recorded, would; a second event of a batch
+/// is judged after the first.
+#[test]
+fn unreflected_finds_exactly_the_events_applying_would_change() {
+    use common::{T0, open, remote_event, version};
+    let mut t = open("unreflected");
+    let (id, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let v1 = version(T0 + 1, 0, "w");
+    let v2 = version(T0 + 2, 0, "w");
+    let v3 = version(T0 + 3, 0, "w");
+    let named = version(T0, 0, "z");
+    let e1 = remote_event("orders", id, &v1, None, &[], Some("{}"));
+    let e2 = remote_event("orders", id, &v2, Some(&v1), &[], Some("{}"));
+    t.deliver_events(&[e1.clone(), e2.clone()]);
+    let unseen = remote_event("orders", other, &v1, None, &[], Some("{}"));
+    let names_new = remote_event("orders", id, &v1, Some(&named), &[], Some("{}"));
+    let after = remote_event("orders", id, &v3, Some(&v2), &[], Some("{}"));
+    let again = remote_event("orders", id, &v3, Some(&v2), &[], Some("{}"));
+    let found = t
+        .store
+        .unreflected(vec![
+            (1, e1),
+            (2, e2),
+            (3, unseen),
+            (4, names_new),
+            (5, after),
+            (6, again),
+        ])
+        .unwrap();
+    assert_eq!(found, vec![3, 4, 5]);
+}

@@ -178,7 +178,12 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
         }
         SnapshotCmd::List { conn } => {
             let js = async_nats::jetstream::new(conn.nats().await?);
-            let list = snapshot::list(&js, &settings(&conn)).await?;
+            let listing = snapshot::list_all(&js, &settings(&conn)).await?;
+            // Skipped entries (each logged) go to stderr, so the listing stays parseable.
+            for entry in &listing.unreadable {
+                eprintln!("unreadable bucket entry skipped: {entry}");
+            }
+            let list = listing.snapshots;
             let v = json!(list);
             print(&conn, &v, || {
                 let mut s = format!("{:<48}  {:<12}  {:>12}  FILTERS\n", "NAME", "NODE", "SEQ");

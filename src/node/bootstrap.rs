@@ -45,16 +45,19 @@ pub struct Bootstrapped {
     pub snapshots_refused: Vec<String>,
 }
 
-/// Snapshots loaded at most per bootstrap attempt: every load merges a whole snapshot, so
+/// Snapshots merged at most per bootstrap attempt: every load merges a whole snapshot, so
 /// a bucket full of forged ones cannot keep a node loading.
 const MAX_LOADS: usize = 3;
+/// Candidates looked at per attempt (one refused by its header costs a read of it).
+const MAX_CANDIDATES: usize = 16;
 
 /// Closes a retention gap (`checkpoint + 1 < first_seq`) from the snapshots that claim to
 /// cover this node's filters, newest first; returns the new checkpoint. Each is loaded
 /// with its claims checked ([`snapshot::load_listed`]): one whose header fails is refused
 /// and the next tried; one whose position the retained events contradict is merged but
 /// not believed (the checkpoint stops before the first event it lacked) and the next is
-/// tried, for a snapshot whose position holds. Every refusal is logged, counted and listed
+/// tried, for a snapshot whose position holds (at most [`MAX_LOADS`] merged, of
+/// [`MAX_CANDIDATES`]). Every refusal is logged, counted and listed
 /// in the status. Halts, naming the refusals, when snapshots are off or none could be
 /// loaded.
 pub(super) async fn bootstrap(
@@ -81,7 +84,11 @@ pub(super) async fn bootstrap(
     let mut refused: Vec<String> = Vec::new();
     // The last snapshot loaded whose position did not hold, if none holds.
     let mut corrected: Option<(snapshot::SnapshotReport, u64)> = None;
-    for meta in listing.snapshots.iter().take(MAX_LOADS) {
+    let mut merged = 0;
+    for meta in listing.snapshots.iter().take(MAX_CANDIDATES) {
+        if merged == MAX_LOADS {
+            break;
+        }
         tracing::warn!(
             missing_from = checkpoint + 1,
             missing_to = first_seq - 1,
@@ -117,6 +124,7 @@ pub(super) async fn bootstrap(
             }
             Err(e) => return Err(Stop::Retry(format!("loading snapshot {}: {e}", meta.name))),
         };
+        merged += 1;
         shared.metrics.snapshot_states_refused(report.refused);
         let position = report.position.clone().unwrap_or_default();
         if position.lacked == 0 {
