@@ -141,8 +141,10 @@ async fn names(js: &async_nats::jetstream::Context) -> Vec<String> {
 /// it, finds retained events at or below the claimed sequence that the state lacks,
 /// refuses its position (status, log, metric) and falls back to the honest snapshot; with
 /// the honest one deleted, another fresh node resumes at the first event the forgery
-/// lacked. Both end identical to the writer. The old code believed the forged sequence
-/// and never applied the events between the two.
+/// lacked. Both end identical to the writer. A header claiming a sequence past the
+/// stream's end is refused before merging, and a node with nothing else halts naming it.
+/// The old code believed the forged sequence and never applied the events between the two
+/// (checked: b ended at the stream's last sequence, lag 0, with another digest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_snapshot_position_never_skips_retained_events() {
     // SNAPSHOT_TRUST_EVENTS scales the run to measure the position check.
@@ -270,6 +272,36 @@ async fn a_forged_snapshot_position_never_skips_retained_events() {
             r.id
         );
     }
+
+    // A snapshot whose header claims a sequence past the stream's end is refused before
+    // anything merges; with nothing else to load, the next fresh node halts and says why.
+    let beyond = forge(&js, &forged.name, |m| {
+        m.seq = last_seq + 1_000;
+        m.name = format!("a.{:020}.{}", m.seq, m.created_ms);
+    })
+    .await;
+    bucket.delete(&forged.name).await.expect("delete forged");
+    let d = start(keeping(node_config("d", dir.path(), &url), max_msgs)).await;
+    wait_for(
+        "d to halt naming the refusal",
+        Duration::from_secs(30),
+        || async {
+            match d.status().await.unwrap().halted {
+                Some(h @ jetsync::node::Halt::RetentionGap { .. }) => {
+                    let text = h.to_string();
+                    if text.contains(&beyond.name) && text.contains("stream's last") {
+                        Ok(())
+                    } else {
+                        Err(format!("halt without the refusal: {text}"))
+                    }
+                }
+                other => Err(format!("halted {other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(d.status().await.unwrap().checkpoint, 0);
+    d.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
