@@ -25,8 +25,9 @@
 //!   stream (name and creation time), claiming a sequence beyond the stream's last, or
 //!   taken with filters that do not cover the loading node's.
 //! - The position check: after merging, the loader reads the retained events the node's
-//!   filters select between the stream's first sequence (or the node's own checkpoint + 1)
-//!   and the claimed sequence, and checks in one read transaction per batch of 1,000 that
+//!   filters select from the stream's first sequence through the claimed one (all of them,
+//!   not only those past the node's checkpoint: a node adding an entity type never applied
+//!   that type's events below it), and checks in one read transaction per batch of 1,000 that
 //!   applying them would change nothing ([`Store::unreflected`]: version seen or
 //!   superseded, names recorded, or below the entity's horizon). If every one is reflected
 //!   the checkpoint rises to the claimed sequence; otherwise the claim is false and the
@@ -123,7 +124,10 @@ pub struct PositionCheck {
     pub lacked: u64,
     /// The first of them.
     pub first_lacked: Option<u64>,
-    /// The node's checkpoint after the load: `claimed`, or `first_lacked - 1`.
+    /// The sequence the loaded state is known to reflect: `claimed` if the claim held,
+    /// else `first_lacked - 1`.
+    pub verified_through: u64,
+    /// The node's checkpoint after the load: raised to `verified_through` (never lowered).
     pub checkpoint: u64,
     /// Wall time the check took, ms.
     pub millis: u64,
@@ -642,22 +646,11 @@ async fn load_checked(
             meta.filters
         )));
     }
-    let before = {
-        let store = store.clone();
-        blocking("checkpoint", move || store.checkpoint()).await?
-    };
     let mut report = merge_frames(name, opened, store.clone(), filters, on_changes).await?;
     let claimed = report.meta.seq;
-    let mut position = check_position(
-        js,
-        settings,
-        &store,
-        filters,
-        claimed,
-        first_seq.max(before + 1),
-    )
-    .await?;
+    let mut position = check_position(js, settings, &store, filters, claimed, first_seq).await?;
     let target = position.first_lacked.map_or(claimed, |s| s - 1);
+    position.verified_through = target;
     position.checkpoint = {
         let store = store.clone();
         blocking("checkpoint", move || store.advance_checkpoint(target)).await?

@@ -1,6 +1,8 @@
 //! Snapshot bootstrap: closing a retention gap (events this node needs that the stream no
-//! longer holds) by loading the newest snapshot that covers this node's filters, and the
-//! [`Bootstrapped`] record of having done so. At an edge site, also the upstream gap
+//! longer holds) from the snapshots that claim to cover this node's filters, newest first,
+//! believing a snapshot's position only once the stream's retained events confirm it
+//! (`crate::snapshot`), and the [`Bootstrapped`] record of having done so, with every
+//! snapshot refused on the way. At an edge site, also the upstream gap
 //! (hub events trimmed before the site sourced them), closed by merging a hub snapshot
 //! ([`upstream_check`]).
 
@@ -179,7 +181,9 @@ fn finish(
     snapshots_refused: Vec<String>,
 ) -> u64 {
     let position = report.position.clone().unwrap_or_default();
-    let resumed_after = position.checkpoint.max(checkpoint);
+    // What the snapshot's state is known to reflect (a backfill, called with checkpoint 0,
+    // applies the added types' events after it even below the store's checkpoint).
+    let resumed_after = position.verified_through.max(checkpoint);
     let done = Bootstrapped {
         snapshot: report.meta.name.clone(),
         seq: report.meta.seq,
