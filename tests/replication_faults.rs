@@ -710,7 +710,8 @@ async fn retention_gap_is_reported_not_skipped() {
         halt,
         Halt::RetentionGap {
             checkpoint: b_checkpoint,
-            first_seq
+            first_seq,
+            refused: vec![],
         }
     );
     assert!(halt.to_string().contains("retention gap"), "{halt}");

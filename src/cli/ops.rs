@@ -178,7 +178,12 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
         }
         SnapshotCmd::List { conn } => {
             let js = async_nats::jetstream::new(conn.nats().await?);
-            let list = snapshot::list(&js, &settings(&conn)).await?;
+            let listing = snapshot::list_all(&js, &settings(&conn)).await?;
+            // Skipped entries (each logged) go to stderr, so the listing stays parseable.
+            for entry in &listing.unreadable {
+                eprintln!("unreadable bucket entry skipped: {entry}");
+            }
+            let list = listing.snapshots;
             let v = json!(list);
             print(&conn, &v, || {
                 let mut s = format!("{:<48}  {:<12}  {:>12}  FILTERS\n", "NAME", "NODE", "SEQ");
@@ -243,16 +248,28 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
                 store.meta_put(crate::node::META_STREAM, &serde_json::to_vec(&meta.stream)?)?;
             }
             let report =
-                snapshot::load(&js, &cfg.stream, &meta.name, store, &cfg.entities, |_| {}).await?;
+                snapshot::load_listed(&js, &cfg.stream, &meta, store, &cfg.entities, |_| {})
+                    .await?;
+            let position = report.position.clone().unwrap_or_default();
             print(&conn, &json!(report), || {
+                let lacked = if position.lacked > 0 {
+                    format!(
+                        "; its claimed sequence {} is false: it lacks {} retained event(s), the first at {}, which the node applies from the stream",
+                        position.claimed,
+                        position.lacked,
+                        position.first_lacked.unwrap_or(0)
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "loaded {} ({} records, {} changed, {} refused by the state checks) in {} ms; the node resumes after stream sequence {}\n",
+                    "loaded {} ({} records, {} changed, {} refused by the state checks) in {} ms; the node resumes after stream sequence {}{lacked}\n",
                     report.meta.name,
                     report.records,
                     report.detail,
                     report.refused,
                     report.millis,
-                    report.meta.seq
+                    position.checkpoint
                 )
             });
         }

@@ -179,6 +179,8 @@ struct Inner {
     snapshot_states_refused: Counter,
     writes_refused: Family<Labels, Counter>,
     equivocations: Counter,
+    snapshots_refused: Counter,
+    snapshot_entries_unreadable: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
@@ -295,6 +297,8 @@ impl NodeMetrics {
             snapshot_states_refused: Counter::default(),
             writes_refused: Family::default(),
             equivocations: Counter::default(),
+            snapshots_refused: Counter::default(),
+            snapshot_entries_unreadable: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
@@ -472,6 +476,16 @@ impl NodeMetrics {
             "Events met with the version of another event and different content (a broken or hostile writer), decided by the merge rule",
             inner.equivocations.clone(),
         );
+        r.register(
+            "snapshots_refused",
+            "Snapshots this node did not believe while bootstrapping: a claim that failed (stream, sequence, filters, header, checksum) or a position the retained events contradicted",
+            inner.snapshots_refused.clone(),
+        );
+        r.register(
+            "snapshot_entries_unreadable",
+            "Entries of the snapshot bucket skipped by this node's listings because they could not be read",
+            inner.snapshot_entries_unreadable.clone(),
+        );
         r.register_with_unit(
             "snapshot_size",
             "Size of the last snapshot this node took",
@@ -631,6 +645,20 @@ impl NodeMetrics {
     pub fn equivocations(&self, n: u64) {
         if let Some(m) = &self.inner {
             m.equivocations.inc_by(n);
+        }
+    }
+
+    /// A snapshot refused while bootstrapping (see `crate::snapshot`).
+    pub fn snapshot_refused(&self) {
+        if let Some(m) = &self.inner {
+            m.snapshots_refused.inc();
+        }
+    }
+
+    /// `n` unreadable entries skipped by a listing of the snapshot bucket.
+    pub fn snapshot_entries_unreadable(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.snapshot_entries_unreadable.inc_by(n);
         }
     }
 
@@ -881,6 +909,7 @@ mod tests {
             H::RetentionGap {
                 checkpoint: 1,
                 first_seq: 3,
+                refused: Vec::new(),
             },
             H::StreamReset {
                 detail: String::new(),

@@ -24,6 +24,9 @@ pub enum Halt {
         checkpoint: u64,
         /// The stream's first kept sequence (greater than `checkpoint + 1`).
         first_seq: u64,
+        /// Snapshots that claimed to cover the gap and were refused (`name: why`).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<String>,
     },
     /// The stream was deleted and recreated (or replaced) since this node followed it.
     StreamReset {
@@ -72,13 +75,19 @@ impl std::fmt::Display for Halt {
             Halt::RetentionGap {
                 checkpoint,
                 first_seq,
-            } => write!(
-                f,
-                "retention gap: this node applied up to sequence {checkpoint} but the stream now starts at {first_seq}; events {}..{} are gone and no snapshot covers them (one of this stream, taken at sequence {} or later, by a node whose filters include this node's). Take one on a node that has the data (`jetsync snapshot create --node <id>`) and this node loads it within seconds, or seed it with `jetsync snapshot load`",
-                checkpoint + 1,
-                first_seq - 1,
-                first_seq - 1
-            ),
+                refused,
+            } => {
+                if !refused.is_empty() {
+                    write!(f, "snapshots refused ({}); ", refused.join("; "))?;
+                }
+                write!(
+                    f,
+                    "retention gap: this node applied up to sequence {checkpoint} but the stream now starts at {first_seq}; events {}..{} are gone and no snapshot covers them (one of this stream, taken at sequence {} or later, by a node whose filters include this node's). Take one on a node that has the data (`jetsync snapshot create --node <id>`) and this node loads it within seconds, or seed it with `jetsync snapshot load`",
+                    checkpoint + 1,
+                    first_seq - 1,
+                    first_seq - 1
+                )
+            }
             Halt::StreamReset { detail } => write!(f, "stream reset: {detail}"),
             Halt::StreamConflict { detail } => write!(f, "stream config conflict: {detail}"),
             Halt::EntitiesGap {

@@ -315,14 +315,17 @@ impl UpstreamGuard {
             name: self.up.stream.clone(),
             created_ms: info.created.timestamp_millis(),
         };
-        let found = snapshot::find_covering(
+        // A listing claiming a sequence beyond the hub's last is not believed (nor tried).
+        let last = info.state.last_sequence;
+        let found = snapshot::covering(
             &self.hub,
             &self.hub_settings,
             &identity,
             entities,
             gap.to + 1,
         )
-        .await;
+        .await
+        .map(|l| l.snapshots.into_iter().find(|m| m.seq <= last));
         let meta = match found {
             Ok(Some(meta)) => meta,
             Ok(None) => {
@@ -337,10 +340,10 @@ impl UpstreamGuard {
                 return Ok(None);
             }
         };
-        let report = match snapshot::merge_into(
+        let report = match snapshot::merge_into_listed(
             &self.hub,
             &self.hub_settings,
-            &meta.name,
+            &meta,
             store.clone(),
             entities,
             &mut on_changes,

@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::codec::{decode_postcard, decode_state};
 use super::format::{
-    CONFLICTS, DAMAGED, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
+    CONFLICTS, DAMAGED, HORIZONS, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
 };
 use super::outbox::keep_queued;
@@ -322,6 +322,53 @@ impl Store {
         };
         self.commit(txn)?;
         Ok(checkpoint)
+    }
+
+    /// Of `events` (stream sequence, decoded event, in stream order), the sequences of
+    /// those that applying in that order would change this store: events it does not
+    /// reflect (version neither seen nor superseded, a name it carries not recorded, not
+    /// below its entity's horizon). One read transaction, nothing written: a snapshot's
+    /// claimed position is checked with it (`crate::snapshot`). A damaged record counts as
+    /// absent.
+    pub fn unreflected(
+        &self,
+        events: Vec<(u64, crate::event::ChangeEvent)>,
+    ) -> Result<Vec<u64>, StorageError> {
+        use std::collections::HashMap;
+        use std::collections::hash_map::Entry;
+        let txn = self.read()?;
+        let horizons_table = txn.open_table(HORIZONS)?;
+        let mut horizons: HashMap<EntityName, u64> = HashMap::new();
+        let mut states: HashMap<(EntityName, Uuid), RecordState> = HashMap::new();
+        let mut out = Vec::new();
+        for (seq, ev) in events {
+            let horizon = match horizons.get(&ev.entity) {
+                Some(h) => *h,
+                None => {
+                    let h = horizons_table
+                        .get(ev.entity.as_str())?
+                        .map_or(0, |g| g.value());
+                    horizons.insert(ev.entity.clone(), h);
+                    h
+                }
+            };
+            let state = match states.entry((ev.entity.clone(), ev.id)) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    let loaded = match open_records_read(&txn, &ev.entity)? {
+                        Some(table) => table
+                            .get(ev.id.as_u128())?
+                            .and_then(|g| decode_state(&ev.entity, &ev.id, g.value()).ok()),
+                        None => None,
+                    };
+                    v.insert(loaded.unwrap_or_default())
+                }
+            };
+            if state.apply_above(ev, horizon) == merge::Merge::Applied {
+                out.push(seq);
+            }
+        }
+        Ok(out)
     }
 
     /// Recomputes the verification hashes of `entity` from the records themselves (not
