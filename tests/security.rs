@@ -21,11 +21,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::entity;
 use common::nodes::*;
-use secure::*;
 use jetsync::api::ApiClient;
 use jetsync::config::{FileConfig, Overrides};
 use jetsync::connect::{NatsAuth, connect};
 use jetsync::node::Node;
+use secure::*;
 use serde_json::json;
 use uuid::Uuid;
 

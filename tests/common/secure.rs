@@ -33,7 +33,6 @@ pub fn deploy(file: &str) -> PathBuf {
         .join(file)
 }
 
-
 pub struct Secure {
     pub server: NatsServer,
     pub dir: TempDir,
@@ -65,7 +64,10 @@ impl Secure {
     }
 
     pub fn viewer(&self) -> NatsAuth {
-        self.user("viewer", "change-me-viewer")
+        NatsAuth {
+            inbox_prefix: Some("_INBOX_viewer".into()),
+            ..self.user("viewer", "change-me-viewer")
+        }
     }
 
     /// The credentials of node `name` (porto: the nkey), with its inbox prefix.
@@ -148,9 +150,10 @@ impl Secure {
             (None, Some(seed)) => ConnectOptions::with_nkey(seed.clone()),
             (None, None) => ConnectOptions::new(),
         };
-        let prefix = auth.inbox_prefix.clone().unwrap_or_else(|| {
-            format!("_INBOX_{}", auth.user.as_deref().unwrap_or_default())
-        });
+        let prefix = auth
+            .inbox_prefix
+            .clone()
+            .unwrap_or_else(|| format!("_INBOX_{}", auth.user.as_deref().unwrap_or_default()));
         let client = opts
             .add_root_certificates(self.ca.clone())
             .require_tls(true)
