@@ -444,3 +444,72 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// The features that talk across accounts: the self-check (peers named by the lease
+/// bucket, since `$SRV.PING` stays in the pinging node's account; each asked through
+/// its import of the peer's `quarantine_origins`), and the operator's and viewer's
+/// reads of every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_check_and_reads_cross_accounts() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let mut settings = porto.config().ops.clone();
+    settings.listen = None;
+    settings.selfcheck_interval = Duration::from_millis(500);
+    let _ops_surface = jetsync::ops::start((*porto).clone(), settings)
+        .await
+        .expect("porto's self-check starts");
+
+    // porto (its own credentials) publishes a message the others refuse.
+    let as_porto = s.connect(&s.node_auth("porto")).await;
+    jetstream::new(as_porto)
+        .publish(
+            format!("jetsync.orders._.porto.{}", Uuid::now_v7()),
+            "not json".into(),
+        )
+        .await
+        .expect("porto publishes on its own subject")
+        .await
+        .expect("the stream takes it");
+    wait_for(
+        "porto's self-check to learn that berlin and lisbon refuse its event",
+        Duration::from_secs(30),
+        || async {
+            let st = porto.status().await.map_err(|e| e.to_string())?;
+            let refused = |peer: &str| {
+                st.refused_by
+                    .get(peer)
+                    .and_then(|r| r.get("malformed"))
+                    .copied()
+            };
+            if refused("berlin") == Some(1) && refused("lisbon") == Some(1) {
+                Ok(())
+            } else {
+                Err(format!("refused_by {:?}", st.refused_by))
+            }
+        },
+    )
+    .await;
+
+    // Reads of every node: the operator (everything) and the viewer (the read ops).
+    let ops = connect(&[s.url()], &s.ops(), "ops", false).await.unwrap();
+    let viewer = connect(&[s.url()], &s.viewer(), "viewer", false)
+        .await
+        .unwrap();
+    for client in [ops, viewer] {
+        let api = ApiClient::new(client, "jetsync").with_timeout(Duration::from_secs(10));
+        for node in ["berlin", "lisbon", "porto"] {
+            let st = api
+                .call(node, "status", json!({}))
+                .await
+                .unwrap_or_else(|e| panic!("status of {node}: {e}"));
+            assert_eq!(st["node"], node);
+            api.call(node, "quarantine_origins", json!({}))
+                .await
+                .unwrap_or_else(|e| panic!("quarantine_origins of {node}: {e}"));
+        }
+    }
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
