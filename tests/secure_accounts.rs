@@ -513,3 +513,115 @@ async fn the_self_check_and_reads_cross_accounts() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// What bounds a node that floods: the snapshot bucket refuses bytes past its
+/// `max_bytes`, the bucket's stream refuses consumers past its `max_consumers`, the
+/// node's account refuses connections past `max_connections`; the other nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_node_is_bounded() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let as_porto = s.connect(&s.node_auth("porto")).await;
+    let js = jetstream::new(as_porto.clone());
+
+    // Bytes: 256 KiB chunks into the snapshot bucket until refused.
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let mut stored = 0i64;
+    let refusal = loop {
+        let subject = format!("$O.JETSYNC_SNAPSHOTS.C.flood{}", stored);
+        match js.publish(subject, chunk.clone()).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => stored += chunk.len() as i64,
+                Err(e) => break e.to_string(),
+            },
+            Err(e) => break e.to_string(),
+        }
+        assert!(
+            stored <= SNAPSHOTS_MAX_BYTES,
+            "the snapshot bucket took {stored} bytes, above its max_bytes"
+        );
+    };
+    assert!(
+        refusal.to_lowercase().contains("maximum bytes"),
+        "refused with {refusal}"
+    );
+
+    // Consumers on the snapshot bucket until refused.
+    let mut made = 0;
+    let refusal = loop {
+        let created = js
+            .create_consumer_on_stream(
+                jetstream::consumer::pull::Config {
+                    name: Some(format!("flood{made}")),
+                    ..Default::default()
+                },
+                "OBJ_JETSYNC_SNAPSHOTS",
+            )
+            .await;
+        match created {
+            Ok(_) => made += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(made <= SNAPSHOTS_MAX_CONSUMERS, "{made} consumers created");
+    };
+    assert!(
+        refusal.to_lowercase().contains("maximum consumers"),
+        "refused with {refusal}"
+    );
+
+    // Connections: porto's account holds the node's and this one; more are refused
+    // before the server's own limit.
+    let mut extra = Vec::new();
+    let refused = loop {
+        match async_nats::ConnectOptions::with_nkey(s.porto_seed.clone())
+            .add_root_certificates(s.ca.clone())
+            .require_tls(true)
+            .retry_on_initial_connect()
+            .max_reconnects(Some(1))
+            .connect(s.url())
+            .await
+        {
+            Ok(c) => {
+                // A refused connection may look open until its first round trip.
+                if c.flush().await.is_err()
+                    || tokio::time::timeout(Duration::from_secs(5), c.flush())
+                        .await
+                        .is_err()
+                {
+                    break true;
+                }
+                extra.push(c);
+            }
+            Err(_) => break true,
+        }
+        if extra.len() > 8 {
+            break false;
+        }
+    };
+    // The account allows 4: the node's, the raw client's, at most two more.
+    assert!(
+        refused && extra.len() <= 2,
+        "porto opened {} more connections",
+        extra.len()
+    );
+    drop(extra);
+
+    // The others go on: a write each, converged. (The full snapshot bucket refuses
+    // everyone's snapshots until pruned: the bound protects the server, see
+    // deploy/secure/README.md.)
+    let orders = entity("orders");
+    for n in [&berlin, &lisbon] {
+        n.put(&orders, Uuid::now_v7(), json!({"after_flood": true}))
+            .await
+            .unwrap();
+    }
+    converge(
+        &[&berlin, &lisbon, &porto],
+        &orders,
+        Duration::from_secs(30),
+    )
+    .await;
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}

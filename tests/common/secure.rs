@@ -23,9 +23,11 @@ pub const DEPLOY_NKEY: &str = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M
 
 /// The event stream's byte limit the operator provisions in these tests.
 pub const STREAM_MAX_BYTES: i64 = 64 * 1024 * 1024;
-/// The snapshot bucket's and the lease bucket's byte limits.
-pub const SNAPSHOTS_MAX_BYTES: i64 = 32 * 1024 * 1024;
+/// The snapshot bucket's and the lease bucket's byte limits, and the snapshot bucket's
+/// consumers (object reads: one each while it runs).
+pub const SNAPSHOTS_MAX_BYTES: i64 = 8 * 1024 * 1024;
 pub const LEASES_MAX_BYTES: i64 = 1024 * 1024;
+pub const SNAPSHOTS_MAX_CONSUMERS: i32 = 16;
 
 pub fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -128,6 +130,22 @@ impl Secure {
         })
         .await
         .expect("ops provisions the snapshot bucket");
+        // Nodes create (ordered) consumers on the snapshot bucket: bound them per stream,
+        // so one node cannot use up the account's consumers.
+        let name = format!("OBJ_{}", jetsync::snapshot::bucket_name(&config.stream));
+        let mut config = js
+            .get_stream(&name)
+            .await
+            .expect("the snapshot bucket's stream")
+            .info()
+            .await
+            .expect("its info")
+            .config
+            .clone();
+        config.max_consumers = SNAPSHOTS_MAX_CONSUMERS;
+        js.update_stream(config)
+            .await
+            .expect("ops bounds the snapshot bucket's consumers");
     }
 
     /// A raw client with `auth`.
