@@ -6,7 +6,8 @@
 //! one account (the config shipped before, kept in `tests/secure_accounts/`) that publish
 //! carries the account's rights: a node user stores bytes in the snapshot bucket and has
 //! the server "reply" them onto another node's event subject, its API, its lease key or
-//! `$JS.API.STREAM.PURGE/DELETE`; a viewer has a node reply onto a stream subject or
+//! `$JS.API.STREAM.PURGE/DELETE`; any JetStream API answer (STREAM.INFO) lands on another
+//! node's event subject; a viewer has a node reply onto a stream subject or
 //! `$JS.API.STREAM.DELETE`. `relays_widen_every_role_on_the_single_account_config` shows
 //! each of these working there. `no_relay_widens_a_role_on_the_shipped_config` runs the
 //! same attacks on `deploy/secure/nats-secure.conf` (one account per node, JetStream in an
@@ -55,6 +56,8 @@ fn berlin_event(id: Uuid) -> String {
 struct Targets {
     /// Relayed onto `jetsync.orders._.berlin.<event>` by a direct get (porto).
     event: Uuid,
+    /// A STREAM.INFO answer sent to `jetsync.orders._.berlin.<info_event>` (porto).
+    info_event: Uuid,
     /// Relayed onto berlin's `put` API by a direct get (porto).
     api_put: Uuid,
     /// Asked of berlin's `put` API directly (porto).
@@ -70,6 +73,7 @@ impl Targets {
     fn new() -> Self {
         Targets {
             event: Uuid::now_v7(),
+            info_event: Uuid::now_v7(),
             api_put: Uuid::now_v7(),
             direct_put: Uuid::now_v7(),
             // A holder on another host: berlin, finding it, believes its id taken.
@@ -116,7 +120,7 @@ async fn direct_get_relay(porto: &async_nats::Client, body: String, reply: &str)
 /// Runs every attack against the deployment: porto's direct-get relays onto berlin's
 /// event subject, berlin's API and berlin's lease key, porto calling berlin's API, and
 /// the viewer having berlin reply onto a stream subject. The destructive ones (purge,
-/// delete) are separate: [`destructive_attacks`].
+/// delete) are separate: [`direct_get_relay_purge`], [`relayed_deletes`].
 async fn attacks(s: &Secure, t: &Targets) {
     let porto = s.connect(&s.node_auth("porto")).await;
     direct_get_relay(
@@ -125,6 +129,20 @@ async fn attacks(s: &Secure, t: &Targets) {
         &format!("jetsync.orders._.berlin.{}", t.event),
     )
     .await;
+    // Any JetStream API answer: STREAM.INFO's JSON onto berlin's event subject.
+    let info = format!("$JS.API.STREAM.INFO.{SNAPSHOTS}");
+    porto
+        .publish_with_reply(
+            info.clone(),
+            format!("jetsync.orders._.berlin.{}", t.info_event),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), porto.request(info, "".into()))
+        .await
+        .expect("the server answers porto's STREAM.INFO within 10s")
+        .expect("porto may read the snapshot bucket's info");
     let put = json!({"entity": "orders", "id": t.api_put, "doc": {"relayed": "api"}}).to_string();
     // The API before and after its ops were grouped.
     for subject in ["jetsync_api.berlin.put", "jetsync_api.berlin.write.put"] {
@@ -158,10 +176,8 @@ async fn attacks(s: &Secure, t: &Targets) {
     viewer.flush().await.unwrap();
 }
 
-/// porto's direct-get relays onto `$JS.API.STREAM.PURGE.JETSYNC` and
-/// `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES`; the viewer has berlin reply (an error)
-/// onto `$JS.API.STREAM.DELETE.JETSYNC`.
-async fn destructive_attacks(s: &Secure) {
+/// porto's direct-get relay onto `$JS.API.STREAM.PURGE.JETSYNC`.
+async fn direct_get_relay_purge(s: &Secure) {
     let porto = s.connect(&s.node_auth("porto")).await;
     direct_get_relay(
         &porto,
@@ -169,6 +185,12 @@ async fn destructive_attacks(s: &Secure) {
         &format!("$JS.API.STREAM.PURGE.{EVENTS}"),
     )
     .await;
+}
+
+/// porto's direct-get relay onto `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES`; the viewer
+/// has berlin reply (an error) onto `$JS.API.STREAM.DELETE.JETSYNC`.
+async fn relayed_deletes(s: &Secure) {
+    let porto = s.connect(&s.node_auth("porto")).await;
     direct_get_relay(
         &porto,
         "{}".into(),
@@ -299,6 +321,19 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         },
     )
     .await;
+    // A STREAM.INFO answer landed in the stream as berlin's message.
+    wait_for(
+        "the STREAM.INFO answer to land in the event stream",
+        Duration::from_secs(20),
+        || async {
+            let subject = format!("jetsync.orders._.berlin.{}", t.info_event);
+            match stream_holds(&ops, EVENTS, &subject).await {
+                Some(_) => Ok(()),
+                None => Err("not in the stream".into()),
+            }
+        },
+    )
+    .await;
     // The viewer had berlin write into the event stream.
     wait_for(
         "berlin's reply to the viewer to land in the event stream",
@@ -312,12 +347,27 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         },
     )
     .await;
-    // porto purged the event stream and deleted the lease bucket; the viewer deleted
-    // the event stream (the nodes may create both anew: the creation time tells).
+    // porto purged the event stream through a direct get. (A JetStream API answer sent
+    // to `$JS.API.…` does not act: nats-server 2.15.1 does not pass an answer that came
+    // through a service import, as every JetStream API answer does, to another one.)
+    assert!(messages(&ops, EVENTS).await.unwrap() > 0);
+    direct_get_relay_purge(&s).await;
+    wait_for(
+        "the direct get answer to purge the stream",
+        Duration::from_secs(20),
+        || async {
+            match messages(&ops, EVENTS).await {
+                Some(0) => Ok(()),
+                n => Err(format!("event stream messages {n:?}")),
+            }
+        },
+    )
+    .await;
+    // porto deleted the lease bucket; the viewer deleted the event stream (the nodes may
+    // create both anew: the creation time tells).
     let events_created = created(&ops, EVENTS).await.unwrap();
     let leases_created = created(&ops, LEASES).await.unwrap();
-    assert!(messages(&ops, EVENTS).await.unwrap() > 0);
-    destructive_attacks(&s).await;
+    relayed_deletes(&s).await;
     wait_for(
         "the relayed purge and deletes to act",
         Duration::from_secs(20),
@@ -350,7 +400,8 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
     let events_before = messages(&ops, EVENTS).await.unwrap();
     let t = Targets::new();
     attacks(&s, &t).await;
-    destructive_attacks(&s).await;
+    direct_get_relay_purge(&s).await;
+    relayed_deletes(&s).await;
 
     // Every node writes once more and all converge: the stream is ordered, so anything
     // relayed above would be applied by now.
@@ -368,6 +419,7 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
     );
     for subject in [
         format!("jetsync.orders._.berlin.{}", t.event),
+        format!("jetsync.orders._.berlin.{}", t.info_event),
         format!("jetsync.orders._.berlin.{}", t.viewer_event),
     ] {
         assert!(
