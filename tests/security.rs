@@ -1,6 +1,8 @@
 //! Security end to end, on a nats-server started from `deploy/secure/nats-secure.conf`
 //! (its TLS paths pointed at a CA and server certificate generated here, its nkey user at
-//! a key pair generated here):
+//! a key pair generated here; one NATS account per node, the streams provisioned by the
+//! operator: `common/secure.rs`). The relays around these permissions are in
+//! tests/secure_accounts.rs.
 //! - nodes connect over TLS, two with user/password and one with an nkey, and replicate;
 //!   a wrong password and a client that does not trust the CA are refused;
 //! - a node's credentials cannot publish an event under another node's origin: the server
