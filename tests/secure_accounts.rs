@@ -669,3 +669,53 @@ async fn a_flooding_node_is_bounded() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Node accounts cannot create streams: a node started before the operator provisions
+/// creates nothing (so nothing exists without the operator's limits) and says why; once
+/// provisioned, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_creates_the_streams() {
+    let s = secure_server();
+    let started = jetsync::api::start_node(s.node_config("berlin")).await;
+    let ops = ops_js(&s).await;
+    // It may refuse to start, or start without its lease and say why in status.
+    let berlin = match started {
+        Err(_) => None,
+        Ok(node) => {
+            wait_for(
+                "berlin to report that it cannot take its lease",
+                Duration::from_secs(20),
+                || async {
+                    let st = node.status().await.map_err(|e| e.to_string())?;
+                    let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
+                    let lease = &st["lease"];
+                    if lease["state"] == "pending" && lease["error"].is_string() {
+                        Ok(())
+                    } else {
+                        Err(format!("status {st}"))
+                    }
+                },
+            )
+            .await;
+            Some(node)
+        }
+    };
+    for stream in [EVENTS, LEASES, SNAPSHOTS] {
+        assert!(
+            ops.get_stream(stream).await.is_err(),
+            "a node account created {stream}"
+        );
+    }
+    s.provision().await;
+    if let Some(n) = berlin {
+        n.shutdown().await.unwrap();
+    }
+    let berlin = start(s.node_config("berlin")).await;
+    let orders = entity("orders");
+    berlin
+        .put(&orders, Uuid::now_v7(), json!({"provisioned": true}))
+        .await
+        .unwrap();
+    converge(&[&berlin], &orders, Duration::from_secs(30)).await;
+    berlin.shutdown().await.unwrap();
+}
