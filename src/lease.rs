@@ -114,6 +114,33 @@ pub fn bucket_name(stream: &str) -> String {
     format!("{stream}_LEASES")
 }
 
+/// The node ids with an entry in the lease bucket (running, or stopped less than a TTL
+/// ago): the bucket's subjects, from one STREAM.INFO. The self-check's peer list where
+/// `$SRV` discovery does not cross NATS accounts (deploy/secure/README.md); a node
+/// account may write only its own key, so every id here is a node that took its lease.
+pub async fn holders(js: &jetstream::Context, stream: &str) -> Result<Vec<String>, LeaseError> {
+    use futures::TryStreamExt;
+
+    let name = bucket_name(stream);
+    let prefix = format!("$KV.{name}.");
+    let kv_stream = js.get_stream(format!("KV_{name}")).await.map_err(nats)?;
+    let subjects: Vec<(String, usize)> = kv_stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(nats)?
+        .try_collect()
+        .await
+        .map_err(nats)?;
+    let mut ids: Vec<String> = subjects
+        .into_iter()
+        .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned))
+        .filter(|id| NodeId::new(id).is_ok())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// The config of the stream under a lease bucket: what `create_key_value` makes (one
 /// value per key, expiring after `ttl`, direct gets, deletes only through the KV API),
 /// except that rollup headers are refused: a `Nats-Rollup: all` published on one key

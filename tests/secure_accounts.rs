@@ -1,1 +1,721 @@
-//! (placeholder: filled by the work on issues 22/27)
+//! The secure deployment holds against its own users (issue 27): no relay through the
+//! server or a node widens a role.
+//!
+//! The server answers a request (a JetStream direct get, any JetStream API call, a node's
+//! API reply) by publishing to the reply subject the requester chose. With every user in
+//! one account (the config shipped before, kept in `tests/secure_accounts/`) that publish
+//! carries the account's rights: a node user stores bytes in the snapshot bucket and has
+//! the server "reply" them onto another node's event subject, its API, its lease key or
+//! `$JS.API.STREAM.PURGE/DELETE`; any JetStream API answer (STREAM.INFO) lands on another
+//! node's event subject; a viewer has a node reply onto a stream subject or
+//! `$JS.API.STREAM.DELETE`. `relays_widen_every_role_on_the_single_account_config` shows
+//! each of these working there. `no_relay_widens_a_role_on_the_shipped_config` runs the
+//! same attacks on `deploy/secure/nats-secure.conf` (one account per node, JetStream in an
+//! account reached only through service imports, so every reply is routed back into the
+//! requester's own account) with three real nodes: every attack fails, and afterwards the
+//! deployment is converged and running, with no permission violation from the nodes' own
+//! work (stream direct gets, snapshots, leases, the API between nodes).
+
+mod common;
+#[path = "common/secure.rs"]
+mod secure;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use common::entity;
+use common::nodes::*;
+use jetsync::api::ApiClient;
+use jetsync::connect::connect;
+use jetsync::node::Node;
+use secure::*;
+use serde_json::json;
+use uuid::Uuid;
+
+const EVENTS: &str = "JETSYNC";
+const LEASES: &str = "KV_JETSYNC_LEASES";
+const SNAPSHOTS: &str = "OBJ_JETSYNC_SNAPSHOTS";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A valid put event of berlin's on `orders/<id>` (body), applied by every node if it
+/// reaches the stream on berlin's subject.
+fn berlin_event(id: Uuid) -> String {
+    format!(
+        r#"{{"v":1,"op":"put","entity":"orders","scope":"_","id":"{id}","origin":"berlin","origin_seq":999999,"version":{{"ms":{},"c":0,"node":"berlin"}},"doc":{{"relayed":true}}}}"#,
+        now_ms()
+    )
+}
+
+/// What the attacks aim at: one id or marker per attack.
+struct Targets {
+    /// Relayed onto `jetsync.orders._.berlin.<event>` by a direct get (porto).
+    event: Uuid,
+    /// A STREAM.INFO answer sent to `jetsync.orders._.berlin.<info_event>` (porto).
+    info_event: Uuid,
+    /// Relayed onto berlin's `put` API by a direct get (porto).
+    api_put: Uuid,
+    /// Asked of berlin's `put` API directly (porto).
+    direct_put: Uuid,
+    /// Relayed onto berlin's lease key by a direct get (porto): a lease entry of another
+    /// process.
+    lease_marker: String,
+    /// berlin's reply to the viewer, sent to `jetsync.orders._.berlin.<viewer_event>`.
+    viewer_event: Uuid,
+}
+
+impl Targets {
+    fn new() -> Self {
+        Targets {
+            event: Uuid::now_v7(),
+            info_event: Uuid::now_v7(),
+            api_put: Uuid::now_v7(),
+            direct_put: Uuid::now_v7(),
+            // A holder on another host: berlin, finding it, believes its id taken.
+            lease_marker: json!({
+                "node": "berlin", "host": "relayed-by-porto", "pid": 1,
+                "data_dir": "/elsewhere", "token": Uuid::now_v7().to_string(),
+                "since_ms": now_ms()
+            })
+            .to_string(),
+            viewer_event: Uuid::now_v7(),
+        }
+    }
+}
+
+/// As porto: stores `body` in the snapshot bucket (which every node may write) under a
+/// chunk subject of its own, then asks the server for it with `reply` as the reply
+/// subject. Returns once the direct get was sent and the server answered a second one
+/// sent after it to porto's own inbox (the first was handled).
+async fn direct_get_relay(porto: &async_nats::Client, body: String, reply: &str) {
+    let js = jetstream::new(porto.clone());
+    let chunk = format!("$O.JETSYNC_SNAPSHOTS.C.relay{}", Uuid::now_v7().simple());
+    js.publish(chunk.clone(), body.into())
+        .await
+        .expect("porto publishes into the snapshot bucket")
+        .await
+        .expect("the snapshot bucket stores porto's bytes");
+    let get = format!("$JS.API.DIRECT.GET.{SNAPSHOTS}");
+    let req = json!({ "last_by_subj": chunk }).to_string();
+    porto
+        .publish_with_reply(get.clone(), reply.to_owned(), req.clone().into())
+        .await
+        .unwrap();
+    // Barrier: the same request answered to porto's own inbox.
+    let own = tokio::time::timeout(Duration::from_secs(10), porto.request(get, req.into()))
+        .await
+        .expect("the server answers porto's own direct get within 10s")
+        .expect("porto may direct-get the snapshot bucket");
+    assert!(
+        own.headers.is_some(),
+        "porto's own direct get returned the stored message"
+    );
+}
+
+/// Runs every attack against the deployment: porto's direct-get relays onto berlin's
+/// event subject, berlin's API and berlin's lease key, porto calling berlin's API, and
+/// the viewer having berlin reply onto a stream subject. The destructive ones (purge,
+/// delete) are separate: [`direct_get_relay_purge`], [`relayed_deletes`].
+async fn attacks(s: &Secure, t: &Targets) {
+    let porto = s.connect(&s.node_auth("porto")).await;
+    direct_get_relay(
+        &porto,
+        berlin_event(t.event),
+        &format!("jetsync.orders._.berlin.{}", t.event),
+    )
+    .await;
+    // Any JetStream API answer: STREAM.INFO's JSON onto berlin's event subject.
+    let info = format!("$JS.API.STREAM.INFO.{SNAPSHOTS}");
+    porto
+        .publish_with_reply(
+            info.clone(),
+            format!("jetsync.orders._.berlin.{}", t.info_event),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), porto.request(info, "".into()))
+        .await
+        .expect("the server answers porto's STREAM.INFO within 10s")
+        .expect("porto may read the snapshot bucket's info");
+    let put = json!({"entity": "orders", "id": t.api_put, "doc": {"relayed": "api"}}).to_string();
+    // The API before and after its ops were grouped.
+    for subject in ["jetsync_api.berlin.put", "jetsync_api.berlin.write.put"] {
+        direct_get_relay(&porto, put.clone(), subject).await;
+    }
+    direct_get_relay(&porto, t.lease_marker.clone(), "$KV.JETSYNC_LEASES.berlin").await;
+    let direct = json!({"entity": "orders", "id": t.direct_put, "doc": {"direct": true}});
+    let asked = ApiClient::new(porto.clone(), "jetsync")
+        .with_timeout(Duration::from_secs(3))
+        .call("berlin", "put", direct)
+        .await;
+    assert!(asked.is_err(), "porto called berlin's put: {asked:?}");
+
+    // The viewer has berlin reply (its status) onto berlin's event subject.
+    let viewer = s.connect(&s.viewer()).await;
+    viewer
+        .publish_with_reply(
+            "jetsync_api.berlin.status",
+            format!("jetsync.orders._.berlin.{}", t.viewer_event),
+            "{}".into(),
+        )
+        .await
+        .unwrap();
+    // Barrier: the viewer's own status call answered after it.
+    ApiClient::new(viewer.clone(), "jetsync")
+        .with_timeout(Duration::from_secs(10))
+        .call("berlin", "status", json!({}))
+        .await
+        .expect("the viewer reads berlin's status");
+    porto.flush().await.unwrap();
+    viewer.flush().await.unwrap();
+}
+
+/// porto's direct-get relay onto `$JS.API.STREAM.PURGE.JETSYNC`.
+async fn direct_get_relay_purge(s: &Secure) {
+    let porto = s.connect(&s.node_auth("porto")).await;
+    direct_get_relay(
+        &porto,
+        "{}".into(),
+        &format!("$JS.API.STREAM.PURGE.{EVENTS}"),
+    )
+    .await;
+}
+
+/// porto's direct-get relay onto `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES`; the viewer
+/// has berlin reply (an error) onto `$JS.API.STREAM.DELETE.JETSYNC`.
+async fn relayed_deletes(s: &Secure) {
+    let porto = s.connect(&s.node_auth("porto")).await;
+    direct_get_relay(
+        &porto,
+        "{}".into(),
+        &format!("$JS.API.STREAM.DELETE.{LEASES}"),
+    )
+    .await;
+    // An error reply has an empty body (the error is in headers), which is what
+    // STREAM.DELETE wants: a bad `get` makes berlin send one.
+    let viewer = s.connect(&s.viewer()).await;
+    viewer
+        .publish_with_reply(
+            "jetsync_api.berlin.get",
+            format!("$JS.API.STREAM.DELETE.{EVENTS}"),
+            "not json".into(),
+        )
+        .await
+        .unwrap();
+    ApiClient::new(viewer.clone(), "jetsync")
+        .with_timeout(Duration::from_secs(10))
+        .call("berlin", "status", json!({}))
+        .await
+        .expect("the viewer reads berlin's status");
+}
+
+/// The stream's message on `subject`, if any (asked as the operator).
+async fn stream_holds(ops: &jetstream::Context, stream: &str, subject: &str) -> Option<Vec<u8>> {
+    let stream = ops.get_stream(stream).await.ok()?;
+    stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .ok()
+        .map(|m| m.payload.to_vec())
+}
+
+async fn messages(ops: &jetstream::Context, stream: &str) -> Option<u64> {
+    let mut s = ops.get_stream(stream).await.ok()?;
+    Some(s.info().await.ok()?.state.messages)
+}
+
+/// When `stream` was created; `None` if it does not exist.
+async fn created(ops: &jetstream::Context, stream: &str) -> Option<i64> {
+    let mut s = ops.get_stream(stream).await.ok()?;
+    s.info().await.ok()?.created.timestamp_nanos_opt()
+}
+
+async fn three_nodes(s: &Secure) -> [Node; 3] {
+    s.provision().await;
+    let berlin = start(s.node_config("berlin")).await;
+    let lisbon = start(s.node_config("lisbon")).await;
+    let porto = start(s.node_config("porto")).await;
+    let orders = entity("orders");
+    for (i, n) in [&berlin, &lisbon, &porto].iter().enumerate() {
+        for k in 0..3 {
+            n.put(&orders, Uuid::now_v7(), json!({"by": i, "k": k}))
+                .await
+                .unwrap();
+        }
+    }
+    converge(
+        &[&berlin, &lisbon, &porto],
+        &orders,
+        Duration::from_secs(30),
+    )
+    .await;
+    [berlin, lisbon, porto]
+}
+
+async fn ops_js(s: &Secure) -> jetstream::Context {
+    jetstream::new(s.connect(&s.ops()).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_widen_every_role_on_the_single_account_config() {
+    let s = secure_server_from(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/secure_accounts/nats-single-account.conf"),
+    );
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let ops = ops_js(&s).await;
+    let orders = entity("orders");
+    let t = Targets::new();
+    attacks(&s, &t).await;
+
+    // porto wrote as berlin: every node applies the relayed event.
+    for n in [&berlin, &lisbon, &porto] {
+        wait_for(
+            &format!(
+                "{} to apply the event porto relayed as berlin's",
+                n.node_id()
+            ),
+            Duration::from_secs(20),
+            || async {
+                match n.store().get(&orders, t.event).map_err(|e| e.to_string())? {
+                    Some(_) => Ok(()),
+                    None => Err("not applied".into()),
+                }
+            },
+        )
+        .await;
+    }
+    // porto called berlin's put through the server.
+    wait_for(
+        "berlin to apply the put porto relayed to its API",
+        Duration::from_secs(20),
+        || async {
+            match berlin
+                .store()
+                .get(&orders, t.api_put)
+                .map_err(|e| e.to_string())?
+            {
+                Some(_) => Ok(()),
+                None => Err("not written".into()),
+            }
+        },
+    )
+    .await;
+    // porto overwrote berlin's lease key.
+    wait_for(
+        "porto's bytes to be berlin's lease",
+        Duration::from_secs(20),
+        || async {
+            let held = stream_holds(&ops, LEASES, "$KV.JETSYNC_LEASES.berlin").await;
+            if held.as_deref() == Some(t.lease_marker.as_bytes()) {
+                Ok(())
+            } else {
+                Err(format!("lease value {held:?}"))
+            }
+        },
+    )
+    .await;
+    // A STREAM.INFO answer landed in the stream as berlin's message.
+    wait_for(
+        "the STREAM.INFO answer to land in the event stream",
+        Duration::from_secs(20),
+        || async {
+            let subject = format!("jetsync.orders._.berlin.{}", t.info_event);
+            match stream_holds(&ops, EVENTS, &subject).await {
+                Some(_) => Ok(()),
+                None => Err("not in the stream".into()),
+            }
+        },
+    )
+    .await;
+    // The viewer had berlin write into the event stream.
+    wait_for(
+        "berlin's reply to the viewer to land in the event stream",
+        Duration::from_secs(20),
+        || async {
+            let subject = format!("jetsync.orders._.berlin.{}", t.viewer_event);
+            match stream_holds(&ops, EVENTS, &subject).await {
+                Some(_) => Ok(()),
+                None => Err("not in the stream".into()),
+            }
+        },
+    )
+    .await;
+    // porto purged the event stream through a direct get. (A JetStream API answer sent
+    // to `$JS.API.…` does not act: nats-server 2.15.1 does not pass an answer that came
+    // through a service import, as every JetStream API answer does, to another one.)
+    assert!(messages(&ops, EVENTS).await.unwrap() > 0);
+    direct_get_relay_purge(&s).await;
+    wait_for(
+        "the direct get answer to purge the stream",
+        Duration::from_secs(20),
+        || async {
+            match messages(&ops, EVENTS).await {
+                Some(0) => Ok(()),
+                n => Err(format!("event stream messages {n:?}")),
+            }
+        },
+    )
+    .await;
+    // porto deleted the lease bucket; the viewer deleted the event stream (the nodes may
+    // create both anew: the creation time tells).
+    let events_created = created(&ops, EVENTS).await.unwrap();
+    let leases_created = created(&ops, LEASES).await.unwrap();
+    relayed_deletes(&s).await;
+    wait_for(
+        "the relayed purge and deletes to act",
+        Duration::from_secs(20),
+        || async {
+            let events = created(&ops, EVENTS).await;
+            let leases = created(&ops, LEASES).await;
+            if events != Some(events_created) && leases != Some(leases_created) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "event stream created {events:?} (was {events_created}), \
+                     lease bucket created {leases:?} (was {leases_created})"
+                ))
+            }
+        },
+    )
+    .await;
+    for n in [berlin, lisbon, porto] {
+        let _ = n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_relay_widens_a_role_on_the_shipped_config() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let nodes = [&berlin, &lisbon, &porto];
+    let ops = ops_js(&s).await;
+    let orders = entity("orders");
+    let events_before = messages(&ops, EVENTS).await.unwrap();
+    let t = Targets::new();
+    attacks(&s, &t).await;
+    direct_get_relay_purge(&s).await;
+    relayed_deletes(&s).await;
+
+    // Every node writes once more and all converge: the stream is ordered, so anything
+    // relayed above would be applied by now.
+    for n in nodes {
+        n.put(&orders, Uuid::now_v7(), json!({"after": true}))
+            .await
+            .unwrap();
+    }
+    converge(&nodes, &orders, Duration::from_secs(30)).await;
+    assert_eq!(
+        messages(&ops, EVENTS).await,
+        Some(events_before + 3),
+        "the event stream holds exactly the nodes' own events: nothing was purged, \
+         deleted or relayed into it"
+    );
+    for subject in [
+        format!("jetsync.orders._.berlin.{}", t.event),
+        format!("jetsync.orders._.berlin.{}", t.info_event),
+        format!("jetsync.orders._.berlin.{}", t.viewer_event),
+    ] {
+        assert!(
+            stream_holds(&ops, EVENTS, &subject).await.is_none(),
+            "a relay reached {subject}"
+        );
+    }
+    assert_ne!(
+        stream_holds(&ops, LEASES, "$KV.JETSYNC_LEASES.berlin")
+            .await
+            .as_deref(),
+        Some(t.lease_marker.as_bytes()),
+        "porto overwrote berlin's lease"
+    );
+    assert!(ops.get_stream(LEASES).await.is_ok(), "lease bucket deleted");
+    for n in nodes {
+        for id in [t.event, t.api_put, t.direct_put, t.viewer_event] {
+            assert!(
+                n.store().get(&orders, id).unwrap().is_none(),
+                "{} holds {id}",
+                n.node_id()
+            );
+        }
+        assert_eq!(n.store().list(&orders, None, 100).unwrap().items.len(), 12);
+    }
+
+    // The deployment runs on: connected, nothing halted or quarantined, every node
+    // asks the stream itself (direct gets: lag in seconds per entity type), the nodes'
+    // own work drew no permission violation, and the roles still do their work.
+    for n in nodes {
+        let st = n.status().await.unwrap();
+        assert_eq!(st.connection, "connected", "{}", st.node);
+        assert!(st.halted.is_none(), "{}: {:?}", st.node, st.halted);
+        assert!(st.last_error.is_none(), "{}: {:?}", st.node, st.last_error);
+        assert_eq!(st.quarantined, 0, "{}", st.node);
+        assert!(
+            st.lag_seconds.contains_key("orders"),
+            "{}: no lag in seconds (direct gets on the stream refused?): {:?}",
+            st.node,
+            st.lag_seconds
+        );
+    }
+    let ops_client = connect(&[s.url()], &s.ops(), "ops", false).await.unwrap();
+    let api = ApiClient::new(ops_client, "jetsync").with_timeout(Duration::from_secs(30));
+    let snap = api
+        .call("porto", "snapshot", json!({}))
+        .await
+        .expect("porto takes a snapshot");
+    assert_eq!(snap["records"], 12, "{snap}");
+    let report = jetsync::verify::verify(&api, "berlin", "lisbon", &[], false)
+        .await
+        .expect("verify berlin against lisbon");
+    assert!(report.agreed(), "{report:?}");
+    let viewer = connect(&[s.url()], &s.viewer(), "viewer", false)
+        .await
+        .unwrap();
+    let listed = ApiClient::new(viewer, "jetsync")
+        .with_timeout(Duration::from_secs(5))
+        .call("lisbon", "list", json!({"entity": "orders"}))
+        .await
+        .expect("the viewer lists lisbon's orders");
+    assert_eq!(listed["records"].as_array().unwrap().len(), 12);
+    let log = std::fs::read_to_string(s.server.log_path()).unwrap_or_default();
+    let node_violations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Violation") && l.contains(":jetsync-"))
+        .collect();
+    assert!(
+        node_violations.is_empty(),
+        "the nodes' own work was refused by the server:\n{}",
+        node_violations.join("\n")
+    );
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// The features that talk across accounts: the self-check (peers named by the lease
+/// bucket, since `$SRV.PING` stays in the pinging node's account; each asked through
+/// its import of the peer's `quarantine_origins`), and the operator's and viewer's
+/// reads of every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_check_and_reads_cross_accounts() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let mut settings = porto.config().ops.clone();
+    settings.listen = None;
+    settings.selfcheck_interval = Duration::from_millis(500);
+    let _ops_surface = jetsync::ops::start((*porto).clone(), settings)
+        .await
+        .expect("porto's self-check starts");
+
+    // porto (its own credentials) publishes a message the others refuse.
+    let as_porto = s.connect(&s.node_auth("porto")).await;
+    jetstream::new(as_porto)
+        .publish(
+            format!("jetsync.orders._.porto.{}", Uuid::now_v7()),
+            "not json".into(),
+        )
+        .await
+        .expect("porto publishes on its own subject")
+        .await
+        .expect("the stream takes it");
+    wait_for(
+        "porto's self-check to learn that berlin and lisbon refuse its event",
+        Duration::from_secs(30),
+        || async {
+            let st = porto.status().await.map_err(|e| e.to_string())?;
+            let refused = |peer: &str| {
+                st.refused_by
+                    .get(peer)
+                    .and_then(|r| r.get("malformed"))
+                    .copied()
+            };
+            if refused("berlin") == Some(1) && refused("lisbon") == Some(1) {
+                Ok(())
+            } else {
+                Err(format!("refused_by {:?}", st.refused_by))
+            }
+        },
+    )
+    .await;
+
+    // Reads of every node: the operator (everything) and the viewer (the read ops).
+    let ops = connect(&[s.url()], &s.ops(), "ops", false).await.unwrap();
+    let viewer = connect(&[s.url()], &s.viewer(), "viewer", false)
+        .await
+        .unwrap();
+    for client in [ops, viewer] {
+        let api = ApiClient::new(client, "jetsync").with_timeout(Duration::from_secs(10));
+        for node in ["berlin", "lisbon", "porto"] {
+            let st = api
+                .call(node, "status", json!({}))
+                .await
+                .unwrap_or_else(|e| panic!("status of {node}: {e}"));
+            assert_eq!(st["node"], node);
+            api.call(node, "quarantine_origins", json!({}))
+                .await
+                .unwrap_or_else(|e| panic!("quarantine_origins of {node}: {e}"));
+        }
+    }
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// What bounds a node that floods: the snapshot bucket refuses bytes past its
+/// `max_bytes`, the bucket's stream refuses consumers past its `max_consumers`, the
+/// node's account refuses connections past `max_connections`; the other nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_node_is_bounded() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let as_porto = s.connect(&s.node_auth("porto")).await;
+    let js = jetstream::new(as_porto.clone());
+
+    // Bytes: 256 KiB chunks into the snapshot bucket until refused.
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let mut stored = 0i64;
+    let refusal = loop {
+        let subject = format!("$O.JETSYNC_SNAPSHOTS.C.flood{}", stored);
+        match js.publish(subject, chunk.clone()).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => stored += chunk.len() as i64,
+                Err(e) => break e.to_string(),
+            },
+            Err(e) => break e.to_string(),
+        }
+        assert!(
+            stored <= SNAPSHOTS_MAX_BYTES,
+            "the snapshot bucket took {stored} bytes, above its max_bytes"
+        );
+    };
+    assert!(
+        refusal.to_lowercase().contains("maximum bytes"),
+        "refused with {refusal}"
+    );
+
+    // Consumers on the snapshot bucket until refused.
+    let mut made = 0;
+    let refusal = loop {
+        let created = js
+            .create_consumer_on_stream(
+                jetstream::consumer::pull::Config {
+                    name: Some(format!("flood{made}")),
+                    ..Default::default()
+                },
+                "OBJ_JETSYNC_SNAPSHOTS",
+            )
+            .await;
+        match created {
+            Ok(_) => made += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(made <= SNAPSHOTS_MAX_CONSUMERS, "{made} consumers created");
+    };
+    assert!(
+        refusal.to_lowercase().contains("maximum consumers"),
+        "refused with {refusal}"
+    );
+
+    // Connections: porto's account holds the node's and this one; more are refused
+    // before the server's own limit.
+    let mut extra = Vec::new();
+    let refusal = loop {
+        let opened = async_nats::ConnectOptions::with_nkey(s.porto_seed.clone())
+            .add_root_certificates(s.ca.clone())
+            .require_tls(true)
+            .connect(s.url())
+            .await;
+        match opened {
+            Ok(c) => extra.push(c),
+            Err(e) => break e.to_string(),
+        }
+        assert!(
+            extra.len() <= 2,
+            "porto opened {} more connections",
+            extra.len()
+        );
+    };
+    // The account allows 4: the node's, the raw client's, then one or two more.
+    assert!(!extra.is_empty(), "no extra connection at all: {refusal}");
+    assert!(
+        refusal
+            .to_lowercase()
+            .contains("maximum account active connections"),
+        "refused with {refusal}"
+    );
+    drop(extra);
+
+    // The others go on: a write each, converged. (The full snapshot bucket refuses
+    // everyone's snapshots until pruned: the bound protects the server, see
+    // deploy/secure/README.md.)
+    let orders = entity("orders");
+    for n in [&berlin, &lisbon] {
+        n.put(&orders, Uuid::now_v7(), json!({"after_flood": true}))
+            .await
+            .unwrap();
+    }
+    converge(
+        &[&berlin, &lisbon, &porto],
+        &orders,
+        Duration::from_secs(30),
+    )
+    .await;
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// Node accounts cannot create streams: a node started before the operator provisions
+/// creates nothing (so nothing exists without the operator's limits) and says why; once
+/// provisioned, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_creates_the_streams() {
+    let s = secure_server();
+    let started = jetsync::api::start_node(s.node_config("berlin")).await;
+    let ops = ops_js(&s).await;
+    // It may refuse to start, or start without its lease and say why in status.
+    let berlin = match started {
+        Err(_) => None,
+        Ok(node) => {
+            wait_for(
+                "berlin to report that it cannot take its lease",
+                Duration::from_secs(20),
+                || async {
+                    let st = node.status().await.map_err(|e| e.to_string())?;
+                    let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
+                    let lease = &st["lease"];
+                    if lease["state"] == "pending" && lease["error"].is_string() {
+                        Ok(())
+                    } else {
+                        Err(format!("status {st}"))
+                    }
+                },
+            )
+            .await;
+            Some(node)
+        }
+    };
+    for stream in [EVENTS, LEASES, SNAPSHOTS] {
+        assert!(
+            ops.get_stream(stream).await.is_err(),
+            "a node account created {stream}"
+        );
+    }
+    s.provision().await;
+    if let Some(n) = berlin {
+        n.shutdown().await.unwrap();
+    }
+    let berlin = start(s.node_config("berlin")).await;
+    let orders = entity("orders");
+    berlin
+        .put(&orders, Uuid::now_v7(), json!({"provisioned": true}))
+        .await
+        .unwrap();
+    converge(&[&berlin], &orders, Duration::from_secs(30)).await;
+    berlin.shutdown().await.unwrap();
+}

@@ -1,6 +1,8 @@
 //! Security end to end, on a nats-server started from `deploy/secure/nats-secure.conf`
 //! (its TLS paths pointed at a CA and server certificate generated here, its nkey user at
-//! a key pair generated here):
+//! a key pair generated here; one NATS account per node, the streams provisioned by the
+//! operator: `common/secure.rs`). The relays around these permissions are in
+//! tests/secure_accounts.rs.
 //! - nodes connect over TLS, two with user/password and one with an nkey, and replicate;
 //!   a wrong password and a client that does not trust the CA are refused;
 //! - a node's credentials cannot publish an event under another node's origin: the server
@@ -13,122 +15,21 @@
 //!   reads (get, list, status, digest) and can change nothing.
 
 mod common;
+#[path = "common/secure.rs"]
+mod secure;
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::ConnectOptions;
 use common::entity;
 use common::nodes::*;
 use jetsync::api::ApiClient;
 use jetsync::config::{FileConfig, Overrides};
 use jetsync::connect::{NatsAuth, connect};
-use jetsync::devserver::{NatsServer, start_from_config_file};
-use jetsync::node::{Node, NodeConfig};
+use jetsync::node::Node;
+use secure::*;
 use serde_json::json;
-use tempfile::TempDir;
 use uuid::Uuid;
-
-/// The nkey user's public key in the deploy config, replaced by a generated one.
-const DEPLOY_NKEY: &str = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
-
-fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(file)
-}
-
-struct Secure {
-    server: NatsServer,
-    dir: TempDir,
-    ca: PathBuf,
-    porto_seed: String,
-}
-
-impl Secure {
-    /// `tls://127.0.0.1:<port>`.
-    fn url(&self) -> String {
-        format!("tls://127.0.0.1:{}", self.server.port())
-    }
-
-    fn user(&self, user: &str, password: &str) -> NatsAuth {
-        NatsAuth {
-            user: Some(user.into()),
-            password: Some(password.into()),
-            tls_ca: Some(self.ca.clone()),
-            tls_required: true,
-            ..NatsAuth::default()
-        }
-    }
-
-    fn ops(&self) -> NatsAuth {
-        self.user("ops", "change-me-ops")
-    }
-
-    fn node_config(&self, name: &str) -> NodeConfig {
-        let mut c = node_config(name, self.dir.path(), &self.url());
-        c.nats_auth = match name {
-            "porto" => NatsAuth {
-                nkey_seed: Some(self.porto_seed.clone()),
-                tls_ca: Some(self.ca.clone()),
-                tls_required: true,
-                ..NatsAuth::default()
-            },
-            _ => self.user(name, &format!("change-me-{name}")),
-        };
-        // The server allows each node replies on its own inbox prefix only.
-        c.nats_auth.inbox_prefix = Some(format!("_INBOX_{name}"));
-        c
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost signed by it, an nkey user, and the
-/// deploy config rewritten to use them.
-fn secure_server() -> Secure {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "jetsync test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    let ca = tls.join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(tls.join("server.pem"), server_cert.pem()).unwrap();
-    std::fs::write(tls.join("server-key.pem"), server_key.serialize_pem()).unwrap();
-
-    let porto = nkeys::KeyPair::new_user();
-    let text = std::fs::read_to_string(deploy("secure/nats-secure.conf")).unwrap();
-    assert!(text.contains("/etc/nats/tls/") && text.contains(DEPLOY_NKEY));
-    assert!(
-        text.contains("sync_interval: always"),
-        "the secure deploy config fsyncs"
-    );
-    let text = text
-        .replace("/etc/nats/tls/", &format!("{}/", tls.display()))
-        .replace(DEPLOY_NKEY, &porto.public_key());
-    let conf = dir.path().join("nats-secure.conf");
-    std::fs::write(&conf, text).unwrap();
-    let server =
-        start_from_config_file(&conf, None).expect("nats-server starts from the secure config");
-    Secure {
-        server,
-        dir,
-        ca,
-        porto_seed: porto.seed().unwrap(),
-    }
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -143,34 +44,6 @@ fn event_body(origin: &str, id: Uuid) -> String {
         r#"{{"v":1,"op":"put","entity":"orders","scope":"_","id":"{id}","origin":"{origin}","origin_seq":1,"version":{{"ms":{},"c":0,"node":"{origin}"}},"doc":{{"forged":true}}}}"#,
         now_ms()
     )
-}
-
-/// A raw client with `auth` that records the errors the server sends it.
-async fn raw_client(s: &Secure, auth: &NatsAuth) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let seen = errors.clone();
-    let client = ConnectOptions::with_user_and_password(
-        auth.user.clone().unwrap(),
-        auth.password.clone().unwrap(),
-    )
-    .add_root_certificates(s.ca.clone())
-    .require_tls(true)
-    .custom_inbox_prefix(format!(
-        "_INBOX_{}",
-        auth.user.as_deref().unwrap_or_default()
-    ))
-    .event_callback(move |event| {
-        let seen = seen.clone();
-        async move {
-            if let async_nats::Event::ServerError(e) = event {
-                seen.lock().unwrap().push(e.to_string());
-            }
-        }
-    })
-    .connect(s.url())
-    .await
-    .expect("raw client connects");
-    (client, errors)
 }
 
 async fn stream_last_seq(js: &async_nats::jetstream::Context) -> u64 {
@@ -207,6 +80,7 @@ async fn wait_quarantined(node: &Node, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secured_nodes_replicate_and_cannot_write_as_each_other() {
     let s = secure_server();
+    s.provision().await;
     let orders = entity("orders");
 
     // Refused: a wrong password, and a client that does not trust the server's CA.
@@ -254,7 +128,7 @@ async fn secured_nodes_replicate_and_cannot_write_as_each_other() {
     // (b) berlin's credentials cannot publish an event under lisbon's origin.
     let ops_js = async_nats::jetstream::new(ops.clone());
     let before = stream_last_seq(&ops_js).await;
-    let (as_berlin, errors) = raw_client(&s, &s.user("berlin", "change-me-berlin")).await;
+    let (as_berlin, errors) = s.raw_client(&s.user("berlin", "change-me-berlin")).await;
     let stolen = Uuid::now_v7();
     let subject = format!("jetsync.orders._.lisbon.{stolen}");
     let js = async_nats::jetstream::new(as_berlin.clone());
@@ -410,6 +284,7 @@ async fn refused_subscribe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_read() {
     let s = secure_server();
+    s.provision().await;
     let orders = entity("orders");
     let berlin = start(s.node_config("berlin")).await;
     let porto = start(s.node_config("porto")).await;
@@ -424,7 +299,7 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
     converge(&[&berlin, &porto], &orders, Duration::from_secs(30)).await;
 
     // Confinement: berlin's user reads neither other inboxes nor lisbon's consumer.
-    let (as_berlin, errors) = raw_client(&s, &s.user("berlin", "change-me-berlin")).await;
+    let (as_berlin, errors) = s.raw_client(&s.user("berlin", "change-me-berlin")).await;
     assert!(
         refused_subscribe(&as_berlin, &errors, "_INBOX.>").await,
         "berlin may read every client's replies"
@@ -462,7 +337,12 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
     let snap = api
         .call("berlin", "snapshot", json!({}))
         .await
-        .expect("berlin takes a snapshot under its confined user");
+        .unwrap_or_else(|e| {
+            panic!(
+                "berlin takes a snapshot under its confined user: {e}\nserver log:\n{}",
+                s.server.log_tail()
+            )
+        });
     assert_eq!(snap["records"], 10, "{snap}");
     let ops_js = async_nats::jetstream::new(ops.clone());
     let last = stream_last_seq(&ops_js).await;

@@ -165,7 +165,12 @@ impl Shared {
                 async_nats::connection::State::Connected
             )
         };
-        if !clock.stale() || !connected() {
+        // A lease never taken (`Pending`: the bucket unusable so far) was taken from no
+        // one: writes wait in the outbox for it, as offline ones do. Another holder at the
+        // start shows as `Lost`.
+        let never_held = clock.since_confirmed().is_none()
+            && matches!(*self.lease.borrow(), LeaseState::Pending { .. });
+        if never_held || !clock.stale() || !connected() {
             return Ok(());
         }
         // An attempt already under way may have been sent before the pause: it confirms

@@ -3,7 +3,8 @@
 //! Every check (`decode`) is deterministic, so a node whose events others quarantine
 //! (a skewed clock beyond `max_clock_drift`, a bug) keeps writing locally and publishing
 //! happily while its writes go nowhere. Each node therefore answers `quarantine_origins`,
-//! and every `[metrics] selfcheck_interval_secs` a node discovers its peers (`$SRV.PING`)
+//! and every `[metrics] selfcheck_interval_secs` a node discovers its peers (`$SRV.PING`,
+//! and the lease bucket's holders, where `$SRV` does not cross NATS accounts)
 //! and asks each for the newest quarantined messages under its own origin (their subject,
 //! payload and `Nats-Msg-Id`). It counts only those it can prove it wrote: the message
 //! id's tag verifies for that exact subject and payload under its current incarnation
@@ -44,12 +45,27 @@ pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
     let Ok(peers) = api.nodes(Duration::from_millis(500)).await else {
         return;
     };
+    let mut names: Vec<String> = peers
+        .iter()
+        .filter_map(|p| p["node"].as_str().map(str::to_owned))
+        .collect();
+    // `$SRV.PING` reaches only this node's NATS account; with one account per node
+    // (deploy/secure) the lease bucket names the peers, each asked through its import.
+    let cfg = node.config();
+    let js = match &cfg.stream.domain {
+        Some(domain) => async_nats::jetstream::with_domain(node.nats().clone(), domain),
+        None => async_nats::jetstream::new(node.nats().clone()),
+    };
+    match crate::lease::holders(&js, &cfg.stream.name).await {
+        Ok(holders) => names.extend(holders),
+        Err(e) => tracing::debug!(error = %e, "self-check: lease holders not listed"),
+    }
+    names.sort();
+    names.dedup();
     let mut answers = Vec::new();
     let mut discovered = BTreeSet::new();
-    for peer in peers {
-        let Some(name) = peer["node"].as_str() else {
-            continue;
-        };
+    for name in &names {
+        let name = name.as_str();
         if name == own {
             continue;
         }
