@@ -24,7 +24,14 @@
 //! - `body`: a stored message's body truncated, made invalid or given an oversized
 //!   document;
 //! - `clock`: a stored event re-stamped a day ahead;
-//! - `lease`: a fake holder written into an honest node's lease key, later removed.
+//! - `lease`: a fake holder written into an honest node's lease key, later removed;
+//! - `relay`: node API requests whose reply subject is a data subject under the node's
+//!   own origin or the JetStream API (`$JS.API.STREAM.DELETE.JETSYNC`), with a bad body:
+//!   a reply there would be a message in the node's name or a stream deleted.
+//!
+//! Snapshot forgeries (a raised position, pruning steered by an upload, a malformed
+//! bucket entry) need a stream whose retention forces bootstrap: `tests/snapshot_trust.rs`
+//! runs them on real nodes.
 //!
 //! The run prints a table per class: attacks tried, records that diverged, acknowledged
 //! writes lost, messages refused (and whether every refusal showed in status and metrics).
@@ -64,7 +71,7 @@ const SHARED_KEYS: usize = 6;
 const DUP_WINDOW: Duration = Duration::from_secs(1);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
-const CLASSES: [&str; 7] = [
+const CLASSES: [&str; 8] = [
     "replay",
     "copied_id",
     "equivocation",
@@ -72,6 +79,7 @@ const CLASSES: [&str; 7] = [
     "body",
     "clock",
     "lease",
+    "relay",
 ];
 
 fn orders() -> EntityName {
@@ -186,8 +194,15 @@ async fn read_stored(js: &jetstream::Context, rng: &mut Rng, want_put: bool) -> 
         let Ok(event) = serde_json::from_slice::<ChangeEvent>(&m.payload) else {
             continue;
         };
-        // Only honest nodes' events on `orders` (the adversary works from those).
-        if event.entity != orders() || !NODES.contains(&event.origin.as_str()) {
+        // Only honest nodes' events on `orders` that every node applied (the adversary
+        // works from those, not from its own earlier forgeries, which would be refused
+        // again and spoil the count of what must be refused).
+        if event.entity != orders()
+            || !NODES.contains(&event.origin.as_str())
+            || event.subject("jetsync") != m.subject.as_str()
+            || event.version.hlc.physical_ms() > now_ms() + 60_000
+            || m.payload.len() > 200 * 1024
+        {
             continue;
         }
         if want_put && event.op != Op::Put {
@@ -201,6 +216,10 @@ async fn read_stored(js: &jetstream::Context, rng: &mut Rng, want_put: bool) -> 
         });
     }
     None
+}
+
+fn js_client(js: &jetstream::Context) -> async_nats::Client {
+    js.client()
 }
 
 /// Publishes through JetStream and waits for the ack, so the message is in the stream.
@@ -381,9 +400,11 @@ async fn honest_nodes_agree_and_lose_nothing_whatever_an_unauthenticated_client_
         let status = n.status().await.unwrap();
         let metric = metric_sum(&n.metrics().encode(), "jetsync_quarantined_events_total");
         refused_per_node.push(status.quarantined);
-        if (status.quarantined as usize) < must_refuse {
+        // Exactly: a message refused beyond those (a relayed reply stored in the node's
+        // name, a replay or a copied id taken for malformed) is a finding too.
+        if status.quarantined as usize != must_refuse {
             invisible.push(format!(
-                "{} quarantined {} of the {must_refuse} messages every node must refuse",
+                "{} quarantined {} messages; the adversary sent {must_refuse} that every node must refuse",
                 status.node, status.quarantined
             ));
         }
@@ -555,14 +576,15 @@ async fn attack(
                     serde_json::to_vec(&ev).unwrap()
                 }
                 _ => {
-                    // Above the default document limit (1 MiB), below max_payload.
+                    // Above the deployment's document limit (256 KiB), below the
+                    // server's max_payload (1 MiB): stored, refused by every node.
                     let mut ev = m.event.clone();
-                    ev.doc = raw(json!({"pad": "x".repeat(1024 * 1024 + 10)}));
+                    ev.doc = raw(json!({"pad": "x".repeat(300 * 1024)}));
                     ev.encode()
                 }
             };
             ledger.tried(class, Some(m.event.id));
-            // A body the server does not take (above max_payload) needs no refusing.
+            // A body the server does not take needs no refusing.
             if let Ok(ack) = js
                 .publish_with_headers(m.subject.clone(), HeaderMap::new(), body.into())
                 .await
@@ -605,6 +627,28 @@ async fn attack(
             tokio::time::sleep(Duration::from_secs(3)).await;
             // The fake holder goes away: the node must take its id back by itself.
             let _ = kv.delete(NODES[i]).await;
+        }
+        "relay" => {
+            let i = rng.below(NODES.len() as u64) as usize;
+            let subject = jetsync::api::op_subject("jetsync", NODES[i], "status").unwrap();
+            let reply = if rng.below(2) == 0 {
+                format!("jetsync.orders._.{}.{}", NODES[i], Uuid::now_v7())
+            } else {
+                "$JS.API.STREAM.DELETE.JETSYNC".to_owned()
+            };
+            ledger.tried(class, None);
+            let client = js_client(js);
+            client
+                .publish_with_reply(subject, reply, "not json".into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+            // Bounded: the node either answers at once or not at all.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                js.get_stream("JETSYNC").await.is_ok(),
+                "a relayed reply deleted the stream"
+            );
         }
         other => unreachable!("unknown class {other}"),
     }
