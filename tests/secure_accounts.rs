@@ -9,7 +9,9 @@
 //! `$JS.API.STREAM.PURGE/DELETE`; any JetStream API answer (STREAM.INFO) lands on another
 //! node's event subject; a viewer has a node reply onto a stream subject or
 //! `$JS.API.STREAM.DELETE`. `relays_widen_every_role_on_the_single_account_config` shows
-//! each of these working there. `no_relay_widens_a_role_on_the_shipped_config` runs the
+//! the server's relays working there (the node's own relays are closed by the node itself
+//! now, on any config: it serves no request without a reply and answers only inboxes, so
+//! that test checks they no longer land). `no_relay_widens_a_role_on_the_shipped_config` runs the
 //! same attacks on `deploy/secure/nats-secure.conf` (one account per node, JetStream in an
 //! account reached only through service imports, so every reply is routed back into the
 //! requester's own account) with three real nodes: every attack fails, and afterwards the
@@ -67,6 +69,8 @@ struct Targets {
     lease_marker: String,
     /// berlin's reply to the viewer, sent to `jetsync.orders._.berlin.<viewer_event>`.
     viewer_event: Uuid,
+    /// Asked of berlin's `put` by the viewer under subjects its `read.>` import covers.
+    viewer_put: Uuid,
 }
 
 impl Targets {
@@ -84,6 +88,7 @@ impl Targets {
             })
             .to_string(),
             viewer_event: Uuid::now_v7(),
+            viewer_put: Uuid::now_v7(),
         }
     }
 }
@@ -148,7 +153,6 @@ async fn attacks(s: &Secure, t: &Targets) {
     for subject in ["jetsync_api.berlin.put", "jetsync_api.berlin.write.put"] {
         direct_get_relay(&porto, put.clone(), subject).await;
     }
-    direct_get_relay(&porto, t.lease_marker.clone(), "$KV.JETSYNC_LEASES.berlin").await;
     let direct = json!({"entity": "orders", "id": t.direct_put, "doc": {"direct": true}});
     let asked = ApiClient::new(porto.clone(), "jetsync")
         .with_timeout(Duration::from_secs(3))
@@ -160,18 +164,48 @@ async fn attacks(s: &Secure, t: &Targets) {
     let viewer = s.connect(&s.viewer()).await;
     viewer
         .publish_with_reply(
-            "jetsync_api.berlin.status",
+            "jetsync_api.berlin.read.status",
             format!("jetsync.orders._.berlin.{}", t.viewer_event),
             "{}".into(),
         )
         .await
         .unwrap();
+    // The viewer asks for a put under subjects its `read.>` grant covers (and the
+    // pre-group one): only berlin's catch-all gets them, and it answers `unknown_op`.
+    let put = json!({"entity": "orders", "id": t.viewer_put, "doc": {"by": "viewer"}});
+    for subject in [
+        "jetsync_api.berlin.read.put",
+        "jetsync_api.berlin.read.write.put",
+        "jetsync_api.berlin.read.x.write.put",
+        "jetsync_api.berlin.put",
+    ] {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(20),
+            viewer.request(subject, put.to_string().into()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the viewer's request on {subject} not ended within 20s"));
+        if let Ok(m) = asked {
+            let code = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .map(|v| v.to_string());
+            let body = String::from_utf8_lossy(&m.payload).to_string();
+            assert!(
+                body.contains("unknown_op") || code.is_some(),
+                "{subject} answered the viewer without an error: {body} {code:?}"
+            );
+        }
+    }
     // Barrier: the viewer's own status call answered after it.
     ApiClient::new(viewer.clone(), "jetsync")
         .with_timeout(Duration::from_secs(10))
         .call("berlin", "status", json!({}))
         .await
         .expect("the viewer reads berlin's status");
+    // Last: where it works, berlin believes its id held elsewhere and leaves the API.
+    direct_get_relay(&porto, t.lease_marker.clone(), "$KV.JETSYNC_LEASES.berlin").await;
     porto.flush().await.unwrap();
     viewer.flush().await.unwrap();
 }
@@ -187,32 +221,36 @@ async fn direct_get_relay_purge(s: &Secure) {
     .await;
 }
 
-/// porto's direct-get relay onto `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES`; the viewer
-/// has berlin reply (an error) onto `$JS.API.STREAM.DELETE.JETSYNC`.
+/// porto's direct-get relays onto `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES` and
+/// `$JS.API.STREAM.DELETE.JETSYNC`; the viewer has berlin reply (an error) onto
+/// `$JS.API.STREAM.DELETE.JETSYNC`.
 async fn relayed_deletes(s: &Secure) {
     let porto = s.connect(&s.node_auth("porto")).await;
-    direct_get_relay(
-        &porto,
-        "{}".into(),
-        &format!("$JS.API.STREAM.DELETE.{LEASES}"),
-    )
-    .await;
+    for stream in [LEASES, EVENTS] {
+        direct_get_relay(
+            &porto,
+            "{}".into(),
+            &format!("$JS.API.STREAM.DELETE.{stream}"),
+        )
+        .await;
+    }
     // An error reply has an empty body (the error is in headers), which is what
     // STREAM.DELETE wants: a bad `get` makes berlin send one.
     let viewer = s.connect(&s.viewer()).await;
     viewer
         .publish_with_reply(
-            "jetsync_api.berlin.get",
+            "jetsync_api.berlin.read.get",
             format!("$JS.API.STREAM.DELETE.{EVENTS}"),
             "not json".into(),
         )
         .await
         .unwrap();
-    ApiClient::new(viewer.clone(), "jetsync")
+    // Barrier where berlin still serves (on the single-account config the relayed lease
+    // made it leave the API: no responders).
+    let _ = ApiClient::new(viewer.clone(), "jetsync")
         .with_timeout(Duration::from_secs(10))
         .call("berlin", "status", json!({}))
-        .await
-        .expect("the viewer reads berlin's status");
+        .await;
 }
 
 /// The stream's message on `subject`, if any (asked as the operator).
@@ -291,22 +329,6 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         )
         .await;
     }
-    // porto called berlin's put through the server.
-    wait_for(
-        "berlin to apply the put porto relayed to its API",
-        Duration::from_secs(20),
-        || async {
-            match berlin
-                .store()
-                .get(&orders, t.api_put)
-                .map_err(|e| e.to_string())?
-            {
-                Some(_) => Ok(()),
-                None => Err("not written".into()),
-            }
-        },
-    )
-    .await;
     // porto overwrote berlin's lease key.
     wait_for(
         "porto's bytes to be berlin's lease",
@@ -334,19 +356,29 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         },
     )
     .await;
-    // The viewer had berlin write into the event stream.
-    wait_for(
-        "berlin's reply to the viewer to land in the event stream",
-        Duration::from_secs(20),
-        || async {
-            let subject = format!("jetsync.orders._.berlin.{}", t.viewer_event);
-            match stream_holds(&ops, EVENTS, &subject).await {
-                Some(_) => Ok(()),
-                None => Err("not in the stream".into()),
-            }
-        },
-    )
-    .await;
+    // What the node itself now refuses, on any config: a request without a reply (a
+    // direct get answer relayed onto its API) is not served, and a reply goes only to an
+    // inbox (`_INBOX…`, `_R_`), so the viewer's relay through berlin's answer is gone.
+    // The ordered stream holds every relay above by now (the waits); berlin's API took
+    // porto's relayed put and the viewer's status request before its own status answer.
+    assert!(
+        berlin.store().get(&orders, t.api_put).unwrap().is_none(),
+        "berlin served a relayed request without a reply subject"
+    );
+    assert!(
+        berlin.store().get(&orders, t.viewer_put).unwrap().is_none(),
+        "the viewer reached berlin's put"
+    );
+    assert!(
+        stream_holds(
+            &ops,
+            EVENTS,
+            &format!("jetsync.orders._.berlin.{}", t.viewer_event)
+        )
+        .await
+        .is_none(),
+        "berlin answered the viewer onto its own event subject"
+    );
     // porto purged the event stream through a direct get. (A JetStream API answer sent
     // to `$JS.API.…` does not act: nats-server 2.15.1 does not pass an answer that came
     // through a service import, as every JetStream API answer does, to another one.)
@@ -363,8 +395,8 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         },
     )
     .await;
-    // porto deleted the lease bucket; the viewer deleted the event stream (the nodes may
-    // create both anew: the creation time tells).
+    // porto deleted the lease bucket and the event stream (the nodes may create both
+    // anew: the creation time tells).
     let events_created = created(&ops, EVENTS).await.unwrap();
     let leases_created = created(&ops, LEASES).await.unwrap();
     relayed_deletes(&s).await;
@@ -436,7 +468,13 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
     );
     assert!(ops.get_stream(LEASES).await.is_ok(), "lease bucket deleted");
     for n in nodes {
-        for id in [t.event, t.api_put, t.direct_put, t.viewer_event] {
+        for id in [
+            t.event,
+            t.api_put,
+            t.direct_put,
+            t.viewer_event,
+            t.viewer_put,
+        ] {
             assert!(
                 n.store().get(&orders, id).unwrap().is_none(),
                 "{} holds {id}",
@@ -499,7 +537,7 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
 
 /// The features that talk across accounts: the self-check (peers named by the lease
 /// bucket, since `$SRV.PING` stays in the pinging node's account; each asked through
-/// its import of the peer's `quarantine_origins`), and the operator's and viewer's
+/// its import of the peer's `read.quarantine_origins`), and the operator's and viewer's
 /// reads of every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_self_check_and_reads_cross_accounts() {
@@ -512,7 +550,8 @@ async fn the_self_check_and_reads_cross_accounts() {
         .await
         .expect("porto's self-check starts");
 
-    // porto (its own credentials) publishes a message the others refuse.
+    // A message under porto's origin that porto's node did not write (its credentials,
+    // a raw client) proves nothing about it: the self-check counts only its own.
     let as_porto = s.connect(&s.node_auth("porto")).await;
     jetstream::new(as_porto)
         .publish(
@@ -523,18 +562,59 @@ async fn the_self_check_and_reads_cross_accounts() {
         .expect("porto publishes on its own subject")
         .await
         .expect("the stream takes it");
+    // One porto wrote, refused by berlin and lisbon (judged as if porto's clock ran ten
+    // minutes ahead of the stream).
+    let orders = entity("orders");
+    porto
+        .put(&orders, Uuid::now_v7(), json!({"porto": "skewed"}))
+        .await
+        .unwrap();
+    let ops = ops_js(&s).await;
+    let events = ops.get_stream(EVENTS).await.unwrap();
+    let mut own = None;
+    for _ in 0..200 {
+        let last = jetsync::stream::last_of_origin(&events, "jetsync", "porto")
+            .await
+            .unwrap();
+        own = last.filter(|m| {
+            m.msg_id
+                .as_deref()
+                .is_some_and(|id| porto.store().wrote(id, &m.subject, &m.payload))
+        });
+        if own.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let own = own.expect("porto's write in the stream within 10s");
+    for peer in [&berlin, &lisbon] {
+        let report = peer
+            .store()
+            .apply_messages(
+                &[jetsync::Incoming {
+                    stream_seq: own.seq,
+                    subject: &own.subject,
+                    payload: &own.payload,
+                    stream_time_ms: own.time_ms.saturating_sub(600_000),
+                }],
+                &[own.msg_id.as_deref()],
+                None,
+            )
+            .unwrap();
+        assert_eq!(report.quarantined, 1, "{}: {report:?}", peer.node_id());
+    }
     wait_for(
         "porto's self-check to learn that berlin and lisbon refuse its event",
         Duration::from_secs(30),
         || async {
             let st = porto.status().await.map_err(|e| e.to_string())?;
-            let refused = |peer: &str| {
-                st.refused_by
-                    .get(peer)
-                    .and_then(|r| r.get("malformed"))
-                    .copied()
-            };
-            if refused("berlin") == Some(1) && refused("lisbon") == Some(1) {
+            // Only porto's own message counts, not the malformed one.
+            let refused = |peer: &str| st.refused_by.get(peer).cloned();
+            let expected = Some(std::collections::BTreeMap::from([(
+                "clock_drift".to_owned(),
+                1,
+            )]));
+            if refused("berlin") == expected && refused("lisbon") == expected {
                 Ok(())
             } else {
                 Err(format!("refused_by {:?}", st.refused_by))
@@ -718,4 +798,53 @@ async fn only_the_operator_creates_the_streams() {
         .unwrap();
     converge(&[&berlin], &orders, Duration::from_secs(30)).await;
     berlin.shutdown().await.unwrap();
+}
+
+/// The lease bucket refuses rollup headers from the start (the operator provisions it so,
+/// and a node may not update it): porto's `Nats-Rollup: all` on its own lease key, which
+/// it may publish on, removes no other node's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollup_on_a_lease_key_removes_no_other_key() {
+    let s = secure_server();
+    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    let ops = ops_js(&s).await;
+    let mut leases = ops.get_stream(LEASES).await.unwrap();
+    assert!(
+        !leases.info().await.unwrap().config.allow_rollup,
+        "the provisioned lease bucket allows rollups"
+    );
+    let held = |node: &'static str| {
+        let ops = ops.clone();
+        async move { stream_holds(&ops, LEASES, &format!("$KV.JETSYNC_LEASES.{node}")).await }
+    };
+    let (berlin_lease, lisbon_lease) = (held("berlin").await, held("lisbon").await);
+    assert!(berlin_lease.is_some() && lisbon_lease.is_some());
+
+    let as_porto = jetstream::new(s.connect(&s.node_auth("porto")).await);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let sent = as_porto
+        .publish_with_headers("$KV.JETSYNC_LEASES.porto", headers, "rollup".into())
+        .await;
+    let acked = match sent {
+        Ok(ack) => tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("the lease bucket answers porto's publish within 10s")
+            .map(|a| a.sequence),
+        Err(e) => Err(e),
+    };
+    for node in ["berlin", "lisbon"] {
+        assert!(
+            held(node).await.is_some(),
+            "porto's rollup removed {node}'s lease key"
+        );
+    }
+    let refusal = acked.expect_err("the lease bucket took a rollup");
+    assert!(
+        refusal.to_string().to_lowercase().contains("rollup"),
+        "refused with {refusal}"
+    );
+    for n in [berlin, lisbon, porto] {
+        n.shutdown().await.unwrap();
+    }
 }

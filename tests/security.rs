@@ -423,13 +423,20 @@ async fn secured_nodes_are_confined_yet_snapshot_and_bootstrap_and_viewers_only_
             "merge_records",
             json!({"entity": "orders", "format": jetsync::store::FORMAT_VERSION, "states": []}),
         ),
-        ("quarantine", json!({})),
+        ("quarantine_retry", json!({})),
+        ("quarantine_drop", json!({})),
+        ("verify_hashes", json!({})),
+        ("bucket_records", json!({})),
     ] {
         assert!(
             ro.call("berlin", op, body).await.is_err(),
             "the viewer may call {op}"
         );
     }
+    // The read group lists the quarantine (changing it is admin).
+    ro.call("berlin", "quarantine", json!({}))
+        .await
+        .expect("the viewer lists berlin's quarantine");
     assert!(berlin.store().get(&orders, denied).unwrap().is_none());
     assert!(berlin.store().get(&orders, ids[0]).unwrap().is_some());
     for n in [berlin, porto, lisbon] {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
-use async_nats::jetstream::{self, kv, object_store};
+use async_nats::jetstream::{self, object_store};
 use jetsync::connect::NatsAuth;
 use jetsync::devserver::{NatsServer, start_from_config_file};
 use jetsync::node::NodeConfig;
@@ -100,8 +100,8 @@ impl Secure {
     }
 
     /// The operator provisions the event stream (as the nodes are configured, with its
-    /// byte limit and the deployment's limits pinned) and both buckets with byte limits:
-    /// node accounts may not create streams.
+    /// byte limit and the deployment's limits pinned) and both buckets with byte limits
+    /// (the lease bucket refusing rollups): node accounts may not create streams.
     pub async fn provision(&self) {
         let ops = self.connect(&self.ops()).await;
         let js = jetstream::new(ops);
@@ -113,12 +113,23 @@ impl Secure {
         jetsync::stream::provision(&js, &config.stream, Some(pin))
             .await
             .expect("ops provisions the event stream");
-        js.create_key_value(kv::Config {
-            bucket: jetsync::lease::bucket_name(&config.stream.name),
-            history: 1,
+        // The lease bucket's stream as a node creates it (src/lease.rs), with its byte
+        // limit: rollups refused from the start, since a node may not update the stream
+        // and `Nats-Rollup: all` on its own key would remove every other node's key.
+        let leases = jetsync::lease::bucket_name(&config.stream.name);
+        js.create_stream(jetstream::stream::Config {
+            name: format!("KV_{leases}"),
+            subjects: vec![format!("$KV.{leases}.>")],
+            max_messages_per_subject: 1,
             max_age: jetsync::lease::DEFAULT_TTL,
             max_bytes: LEASES_MAX_BYTES,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_rollup: false,
+            deny_delete: true,
+            deny_purge: false,
+            allow_direct: true,
             ..Default::default()
         })
         .await
