@@ -24,6 +24,27 @@
 //!   VM) a connected node confirms its lease before it takes a write.
 //! - A node started while NATS is unreachable opens its store and accepts local writes;
 //!   it publishes and applies only once it holds the lease.
+//!
+//! **A node id is unique across the deployment, edge sites included.** A site node's
+//! stream, and so its lease bucket, lives in its site's JetStream domain, where a second
+//! site's bucket cannot see it: alone, one id could run at two sites and publish under one
+//! origin (colliding `origin_seq`s and versions, equivocations, lost writes). So a site
+//! node holds two [`Lease`]s, each kept by its own [`keep`] task on the same schedule and
+//! time to live: one in its site's bucket, one in the **hub's** (`<hub stream>_LEASES` in
+//! the hub's domain, the bucket hub nodes use), both entries naming the site
+//! ([`Holder::site`]). [`combine`] makes the node's one state of them: another holder of
+//! either wins (`Lost`: no writes, not ready, off the API, the id taken back when free,
+//! exactly as for the site lease); otherwise the site lease decides, so a hub lease not
+//! taken yet or not renewed because the WAN link is down stops nothing (offline writes
+//! are promised) and is taken or renewed once the hub answers. A site node finding the
+//! id held in the hub starts anyway, `Lost`, rather than refusing to start: the WAN link
+//! may as well be down at start and the conflict found later, and one outcome for both
+//! (wait, take the id when free) is simpler to run than two. Hub nodes hold only the
+//! hub's lease. *Not covered*: the same id started at two sites while one of them is cut
+//! off from the hub runs at both until the link is back (the later one to reach the hub
+//! then finds the id held and stops, but what it published at its site meanwhile stays);
+//! nor a hub lease that expired during a cut longer than its time to live and was taken
+//! by the other site meanwhile (the cut-off node learns it on heal and stops).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -66,7 +87,7 @@ impl std::fmt::Display for Holder {
         )?;
         match &self.site {
             Some(site) => write!(f, " at site {site:?}"),
-            None => write!(f, " in the hub"),
+            None => Ok(()),
         }
     }
 }

@@ -11,6 +11,7 @@
 //!   reach the hub (nats-server #7530's scenario);
 //! - a recreated site stream is reported (nats-server #6206) and the hub follows the new one;
 //! - provisioning with the CLI from deploy/edge/node-site.toml.
+//! - a node id held at one site is not taken at another (nor in the hub) until freed.
 //!
 //! Every wait is bounded and says what did not happen.
 
@@ -201,20 +202,48 @@ async fn two_sites_converge_within_and_across_a_cut() {
             );
         }
     }
-    // Each node's lease lives in its own stream's domain: the leaf link carries no site
-    // lease into the hub's bucket.
-    let leases = async_nats::jetstream::new(client.clone())
-        .get_key_value(format!("{STREAM}_LEASES"))
-        .await
-        .expect("the hub's lease bucket");
-    let keys: Vec<String> = leases
-        .keys()
-        .await
-        .expect("lease keys")
-        .map(|k| k.expect("lease key"))
-        .collect()
-        .await;
-    assert_eq!(keys, ["h"], "the hub's lease bucket");
+    // A node id is unique across the deployment: every node holds its id in the hub's
+    // lease bucket (a site node's entry naming its site), and a site node also in its own
+    // site's bucket, which holds only that site's nodes (the leaf link carries no lease
+    // put across).
+    let keys_in = |domain: &'static str| {
+        let client = client.clone();
+        async move {
+            let leases = async_nats::jetstream::with_domain(client, domain)
+                .get_key_value(format!("{STREAM}_LEASES"))
+                .await
+                .unwrap_or_else(|e| panic!("the lease bucket in {domain}: {e}"));
+            let mut keys: Vec<String> = leases
+                .keys()
+                .await
+                .expect("lease keys")
+                .map(|k| k.expect("lease key"))
+                .collect()
+                .await;
+            keys.sort();
+            (leases, keys)
+        }
+    };
+    let (hub_leases, keys) = keys_in(HUB_DOMAIN).await;
+    assert_eq!(
+        keys,
+        ["a1", "a2", "b1", "b2", "h"],
+        "the hub's lease bucket"
+    );
+    let a1_in_hub: jetsync::lease::Holder =
+        serde_json::from_slice(&hub_leases.get("a1").await.unwrap().expect("a1 in the hub"))
+            .unwrap();
+    assert_eq!(a1_in_hub.site.as_deref(), Some("site_a"));
+    assert_eq!(
+        keys_in("site_a").await.1,
+        ["a1", "a2"],
+        "site A's lease bucket"
+    );
+    assert_eq!(
+        keys_in("site_b").await.1,
+        ["b1", "b2"],
+        "site B's lease bucket"
+    );
     eprintln!("total {:?}", started.elapsed());
 }
 
@@ -688,6 +717,19 @@ async fn a_node_id_held_at_one_site_is_not_taken_at_another() {
     .await;
     let mut acks = Vec::new();
     put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a"})).await;
+    // The hub's lease bucket holds x, naming site A.
+    let hub_client = async_nats::connect(hub.url()).await.unwrap();
+    let hub_leases = async_nats::jetstream::with_domain(hub_client, HUB_DOMAIN)
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("the hub's lease bucket");
+    let entry = hub_leases
+        .entry("x")
+        .await
+        .unwrap()
+        .expect("x holds its id in the hub's lease bucket");
+    let in_hub: jetsync::lease::Holder = serde_json::from_slice(&entry.value).unwrap();
+    assert_eq!(in_hub.site.as_deref(), Some("site_a"), "{in_hub:?}");
 
     // Site B's x: its site's bucket has no x, the hub's has site A's.
     let xb = start(b.node("x", dir_b.path())).await;
@@ -708,7 +750,10 @@ async fn a_node_id_held_at_one_site_is_not_taken_at_another() {
         "the refusal does not name the holder's site: {holder:?}"
     );
     let status = xb.status().await.unwrap();
-    let leases = status.trust.site_leases.expect("a site node shows both leases");
+    let leases = status
+        .trust
+        .site_leases
+        .expect("a site node shows both leases");
     assert!(
         leases.site.is_held(),
         "site B's own bucket should hold its x: {leases:?}"
@@ -728,9 +773,23 @@ async fn a_node_id_held_at_one_site_is_not_taken_at_another() {
     // Site A's x goes on, also with its WAN link cut (offline writes are promised).
     put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a2"})).await;
     a.cut().await;
-    put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a-cut"})).await;
+    put(
+        &mut acks,
+        &xa,
+        &orders,
+        Uuid::now_v7(),
+        json!({"at": "a-cut"}),
+    )
+    .await;
     a.heal().await;
-    put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a-healed"})).await;
+    put(
+        &mut acks,
+        &xa,
+        &orders,
+        Uuid::now_v7(),
+        json!({"at": "a-healed"}),
+    )
+    .await;
     assert!(
         xa.status().await.unwrap().trust.lease.is_held(),
         "site A's x lost its id"

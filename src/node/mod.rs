@@ -50,8 +50,8 @@ use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
-pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
 use self::guard::{HubLease, site_of};
+pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -288,9 +288,9 @@ impl Node {
         };
 
         let hub = match (&site, &config.stream.upstream) {
-            (Some(_), Some(up)) => Some(
-                HubLease::start(&client, up, &config, site.as_deref(), lease.is_some()).await,
-            ),
+            (Some(_), Some(up)) => {
+                Some(HubLease::start(&client, up, &config, site.as_deref(), lease.is_some()).await)
+            }
             _ => None,
         };
         let (stop, shutdown) = tokio::sync::watch::channel(false);
