@@ -40,7 +40,8 @@
 //! id held in the hub starts anyway, `Lost`, rather than refusing to start: the WAN link
 //! may as well be down at start and the conflict found later, and one outcome for both
 //! (wait, take the id when free) is simpler to run than two. Hub nodes hold only the
-//! hub's lease. *Not covered*: the same id started at two sites while one of them is cut
+//! hub's lease. After a pause past the time to live a site node's write asks both keep
+//! tasks for a renewal, so an id taken at another site meanwhile refuses it. *Not covered*: the same id started at two sites while one of them is cut
 //! off from the hub runs at both until the link is back (the later one to reach the hub
 //! then finds the id held and stops, but what it published at its site meanwhile stays);
 //! nor a hub lease that expired during a cut longer than its time to live and was taken

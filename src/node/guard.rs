@@ -160,14 +160,23 @@ impl Shared {
     /// Ok if the lease allows a write or a publish now (see [`Shared::admit_write`]).
     pub(super) async fn confirm_lease(&self) -> Result<(), WriteError> {
         let node = self.config.node_id.to_string();
-        let lost = |s: &LeaseState| match s {
+        let lost_in = |s: &LeaseState| match s {
             LeaseState::Lost { holder } => Some(WriteError::NodeIdHeld {
                 node: node.clone(),
                 holder: Box::new(holder.clone()),
             }),
             _ => None,
         };
-        if let Some(e) = lost(&self.lease.borrow()) {
+        // A site node's hub lease read directly too: the combined state follows it a
+        // moment later.
+        let lost = || {
+            lost_in(&self.lease.borrow()).or_else(|| {
+                self.site_leases
+                    .as_ref()
+                    .and_then(|(_, hub)| lost_in(&hub.borrow()))
+            })
+        };
+        if let Some(e) = lost() {
             return Err(e);
         }
         let clock = &self.lease_clock;
@@ -190,10 +199,18 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + CONFIRM_WAIT;
         for _ in 0..2 {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if !clock.attempt_now(left).await {
+            // A site node renews its hub lease too: another site may have taken the id
+            // there during the pause (an unreachable hub decides nothing).
+            let hub = async {
+                if let Some(c) = &self.hub_clock {
+                    c.attempt_now(left).await;
+                }
+            };
+            let (attempted, ()) = tokio::join!(clock.attempt_now(left), hub);
+            if !attempted {
                 break;
             }
-            if let Some(e) = lost(&self.lease.borrow()) {
+            if let Some(e) = lost() {
                 return Err(e);
             }
             if !clock.stale() {
@@ -454,6 +471,7 @@ pub(super) struct HubLease {
     pub(super) args: crate::lease::KeepArgs,
     pub(super) lease: Option<crate::lease::Lease>,
     pub(super) state: tokio::sync::watch::Sender<LeaseState>,
+    pub(super) clock: Arc<crate::lease::LeaseClock>,
 }
 
 /// How long a starting site node asks the hub for its lease before going on without it
@@ -522,10 +540,15 @@ impl HubLease {
                 },
             ),
         };
+        let clock = Arc::new(crate::lease::LeaseClock::new(config.lease_ttl));
+        if let Some(l) = &lease {
+            clock.confirmed_by(l);
+        }
         HubLease {
             args,
             lease,
             state: tokio::sync::watch::channel(state).0,
+            clock,
         }
     }
 }

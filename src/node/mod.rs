@@ -147,6 +147,8 @@ struct Shared {
         tokio::sync::watch::Receiver<LeaseState>,
         tokio::sync::watch::Receiver<LeaseState>,
     )>,
+    /// A site node's hub lease clock: confirmed with the site's after a pause.
+    hub_clock: Option<Arc<LeaseClock>>,
     /// When the lease was last confirmed: writes after a pause confirm it first.
     lease_clock: Arc<LeaseClock>,
     /// True while the publisher and the apply loop may run (see [`guard`]).
@@ -328,6 +330,7 @@ impl Node {
             site_leases: site_leases
                 .as_ref()
                 .map(|(site, hub, _)| (site.clone(), hub.clone())),
+            hub_clock: hub.as_ref().map(|h| h.clock.clone()),
             lease_clock: lease_clock.clone(),
             ready: tokio::sync::watch::channel(false).0,
             metrics,
@@ -377,7 +380,7 @@ impl Node {
                     h.args,
                     h.lease,
                     h.state,
-                    Arc::new(LeaseClock::new(shared.config.lease_ttl)),
+                    h.clock,
                     shared.shutdown.clone(),
                 )),
             ));
