@@ -24,6 +24,28 @@
 //!   VM) a connected node confirms its lease before it takes a write.
 //! - A node started while NATS is unreachable opens its store and accepts local writes;
 //!   it publishes and applies only once it holds the lease.
+//!
+//! **A node id is unique across the deployment, edge sites included.** A site node's
+//! stream, and so its lease bucket, lives in its site's JetStream domain, where a second
+//! site's bucket cannot see it: alone, one id could run at two sites and publish under one
+//! origin (colliding `origin_seq`s and versions, equivocations, lost writes). So a site
+//! node holds two [`Lease`]s, each kept by its own [`keep`] task on the same schedule and
+//! time to live: one in its site's bucket, one in the **hub's** (`<hub stream>_LEASES` in
+//! the hub's domain, the bucket hub nodes use), both entries naming the site
+//! ([`Holder::site`]). [`combine`] makes the node's one state of them: another holder of
+//! either wins (`Lost`: no writes, not ready, off the API, the id taken back when free,
+//! exactly as for the site lease); otherwise the site lease decides, so a hub lease not
+//! taken yet or not renewed because the WAN link is down stops nothing (offline writes
+//! are promised) and is taken or renewed once the hub answers. A site node finding the
+//! id held in the hub starts anyway, `Lost`, rather than refusing to start: the WAN link
+//! may as well be down at start and the conflict found later, and one outcome for both
+//! (wait, take the id when free) is simpler to run than two. Hub nodes hold only the
+//! hub's lease. After a pause past the time to live a site node's write asks both keep
+//! tasks for a renewal, so an id taken at another site meanwhile refuses it. *Not covered*: the same id started at two sites while one of them is cut
+//! off from the hub runs at both until the link is back (the later one to reach the hub
+//! then finds the id held and stops, but what it published at its site meanwhile stays);
+//! nor a hub lease that expired during a cut longer than its time to live and was taken
+//! by the other site meanwhile (the cut-off node learns it on heal and stops).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -52,6 +74,9 @@ pub struct Holder {
     pub token: String,
     /// When the holder took the lease (ms since the epoch).
     pub since_ms: u64,
+    /// The edge site (JetStream domain) the holder runs at; `None`: in the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 impl std::fmt::Display for Holder {
@@ -60,7 +85,11 @@ impl std::fmt::Display for Holder {
             f,
             "pid {} on host {:?} (data dir {})",
             self.pid, self.host, self.data_dir
-        )
+        )?;
+        match &self.site {
+            Some(site) => write!(f, " at site {site:?}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -322,6 +351,19 @@ impl Lease {
         data_dir: &Path,
         ttl: Duration,
     ) -> Result<Lease, LeaseError> {
+        Lease::acquire_at(js, stream, node, data_dir, ttl, None).await
+    }
+
+    /// [`Lease::acquire`] for a process at edge site `site` (`None`: in the hub), which
+    /// its holder entry names.
+    pub async fn acquire_at(
+        js: &jetstream::Context,
+        stream: &str,
+        node: &NodeId,
+        data_dir: &Path,
+        ttl: Duration,
+        site: Option<&str>,
+    ) -> Result<Lease, LeaseError> {
         let kv = bucket(js, stream, ttl).await?;
         let ttl = {
             let mut s = kv.stream.clone();
@@ -338,6 +380,7 @@ impl Lease {
             data_dir: data_dir.display().to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
             since_ms: now_ms(),
+            site: site.map(str::to_owned),
         };
         let mut lease = Lease {
             kv,
@@ -388,8 +431,13 @@ impl Lease {
             let takeover = match &holder {
                 Some(h) if h.token == self.me.token => true,
                 // The store file is locked by this process: whoever wrote this entry from
-                // the same host and data dir is no longer running.
-                Some(h) => h.host == self.me.host && h.data_dir == self.me.data_dir,
+                // the same host and data dir (at the same site: edge machines are often
+                // imaged alike, one host name and data dir at every site) is gone.
+                Some(h) => {
+                    h.host == self.me.host
+                        && h.data_dir == self.me.data_dir
+                        && h.site == self.me.site
+                }
                 None => true, // not a lease: overwrite it
             };
             if !takeover {
@@ -515,6 +563,41 @@ impl std::fmt::Display for LeaseState {
     }
 }
 
+/// A site node's lease state from its two leases: the one in its site's bucket and the
+/// one in the hub's. Another holder of either wins (`Lost`: the id runs elsewhere in the
+/// deployment); otherwise the site's lease decides, so a hub lease not taken yet or not
+/// renewed (the WAN link is down) does not stop a site node: its offline writes are
+/// promised, and its keep task takes or renews the hub lease once the hub answers.
+pub fn combine(site: &LeaseState, hub: &LeaseState) -> LeaseState {
+    match (site, hub) {
+        (LeaseState::Lost { .. }, _) => site.clone(),
+        (_, LeaseState::Lost { .. }) => hub.clone(),
+        _ => site.clone(),
+    }
+}
+
+/// Keeps `out` at [`combine`] of a site node's two lease states while `stop` is false.
+pub async fn combine_loop(
+    mut site: tokio::sync::watch::Receiver<LeaseState>,
+    mut hub: tokio::sync::watch::Receiver<LeaseState>,
+    out: tokio::sync::watch::Sender<LeaseState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let s = combine(&site.borrow_and_update(), &hub.borrow_and_update());
+        out.send_if_modified(|cur| {
+            let changed = *cur != s;
+            *cur = s;
+            changed
+        });
+        tokio::select! {
+            r = site.changed() => if r.is_err() { return },
+            r = hub.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
 }
@@ -531,6 +614,8 @@ pub struct KeepArgs {
     pub data_dir: std::path::PathBuf,
     /// The time to live of a lease bucket created by this node.
     pub ttl: Duration,
+    /// The edge site the node runs at (named in its holder entry); `None`: in the hub.
+    pub site: Option<String>,
 }
 
 /// Keeps the lease while `stop` is false: takes it (if `lease` is `None`, retrying while
@@ -553,6 +638,7 @@ pub async fn keep(
         node,
         data_dir,
         ttl,
+        site,
     } = args;
     let mut last_ok = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(200);
@@ -579,7 +665,7 @@ pub async fn keep(
             _ = stop.wait_for(|s| *s) => break,
         }
         let result = match &mut lease {
-            None => Lease::acquire(&js, &stream, &node, &data_dir, ttl)
+            None => Lease::acquire_at(&js, &stream, &node, &data_dir, ttl, site.as_deref())
                 .await
                 .map(|l| lease = Some(l)),
             Some(l) => l.renew().await,
@@ -661,6 +747,33 @@ mod tests {
             wall_ms: now_ms() - u64::try_from(wall_ago.as_millis()).unwrap(),
         });
         clock
+    }
+
+    #[test]
+    fn another_holder_of_either_lease_wins_and_an_unreachable_hub_does_not_stop_a_site() {
+        let other = |site: &str| LeaseState::Lost {
+            holder: Holder {
+                node: "x".into(),
+                host: "h".into(),
+                pid: 1,
+                data_dir: "/d".into(),
+                token: "t".into(),
+                since_ms: 0,
+                site: Some(site.into()),
+            },
+        };
+        let pending = LeaseState::Pending { error: None };
+        let unsure = LeaseState::Unsure { since_ms: 1 };
+        let held = LeaseState::Held;
+        assert_eq!(combine(&held, &other("b")), other("b"));
+        assert_eq!(combine(&other("a"), &held), other("a"));
+        assert_eq!(combine(&other("a"), &other("b")), other("a"));
+        for hub in [&pending, &unsure, &held] {
+            assert_eq!(combine(&held, hub), held, "hub {hub:?}");
+            assert_eq!(combine(&unsure, hub), unsure, "hub {hub:?}");
+            assert_eq!(combine(&pending, hub), pending, "hub {hub:?}");
+        }
+        assert!(other("b").to_string().contains("at site \"b\""));
     }
 
     #[test]

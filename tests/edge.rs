@@ -11,6 +11,7 @@
 //!   reach the hub (nats-server #7530's scenario);
 //! - a recreated site stream is reported (nats-server #6206) and the hub follows the new one;
 //! - provisioning with the CLI from deploy/edge/node-site.toml.
+//! - a node id held at one site is not taken at another (nor in the hub) until freed.
 //!
 //! Every wait is bounded and says what did not happen.
 
@@ -201,20 +202,48 @@ async fn two_sites_converge_within_and_across_a_cut() {
             );
         }
     }
-    // Each node's lease lives in its own stream's domain: the leaf link carries no site
-    // lease into the hub's bucket.
-    let leases = async_nats::jetstream::new(client.clone())
-        .get_key_value(format!("{STREAM}_LEASES"))
-        .await
-        .expect("the hub's lease bucket");
-    let keys: Vec<String> = leases
-        .keys()
-        .await
-        .expect("lease keys")
-        .map(|k| k.expect("lease key"))
-        .collect()
-        .await;
-    assert_eq!(keys, ["h"], "the hub's lease bucket");
+    // A node id is unique across the deployment: every node holds its id in the hub's
+    // lease bucket (a site node's entry naming its site), and a site node also in its own
+    // site's bucket, which holds only that site's nodes (the leaf link carries no lease
+    // put across).
+    let keys_in = |domain: &'static str| {
+        let client = client.clone();
+        async move {
+            let leases = async_nats::jetstream::with_domain(client, domain)
+                .get_key_value(format!("{STREAM}_LEASES"))
+                .await
+                .unwrap_or_else(|e| panic!("the lease bucket in {domain}: {e}"));
+            let mut keys: Vec<String> = leases
+                .keys()
+                .await
+                .expect("lease keys")
+                .map(|k| k.expect("lease key"))
+                .collect()
+                .await;
+            keys.sort();
+            (leases, keys)
+        }
+    };
+    let (hub_leases, keys) = keys_in(HUB_DOMAIN).await;
+    assert_eq!(
+        keys,
+        ["a1", "a2", "b1", "b2", "h"],
+        "the hub's lease bucket"
+    );
+    let a1_in_hub: jetsync::lease::Holder =
+        serde_json::from_slice(&hub_leases.get("a1").await.unwrap().expect("a1 in the hub"))
+            .unwrap();
+    assert_eq!(a1_in_hub.site.as_deref(), Some("site_a"));
+    assert_eq!(
+        keys_in("site_a").await.1,
+        ["a1", "a2"],
+        "site A's lease bucket"
+    );
+    assert_eq!(
+        keys_in("site_b").await.1,
+        ["b1", "b2"],
+        "site B's lease bucket"
+    );
     eprintln!("total {:?}", started.elapsed());
 }
 
@@ -656,4 +685,144 @@ async fn the_deploy_configs_provision_with_the_cli() {
     assert_eq!(code, 0, "site remove: {out}");
     let (code, out) = jetsync(&["site", "status", "--config", config]);
     assert_eq!(code, 2, "status after remove: {out}");
+}
+
+/// A node id is unique across the deployment (ARCHITECTURE invariant 13): node `x` runs at
+/// site A; a second `x` (another data dir) started at site B holds the id in its own
+/// site's bucket but finds it held in the hub's, so it accepts no writes (naming the
+/// holder and its site), is not ready, and takes the id once A's `x` stops cleanly. A cut
+/// WAN link does not stop A's `x` from taking local writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_held_at_one_site_is_not_taken_at_another() {
+    use jetsync::WriteError;
+    use jetsync::lease::LeaseState;
+    use jetsync::ops::{NodeOps, OpsSettings};
+
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let orders = entity("orders");
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir_a.path())).await;
+    let a = Site::start(&hub, "site_a", vec![]).await;
+    let b = Site::start(&hub, "site_b", vec![]).await;
+    a.provision(&hub).await;
+    b.provision(&hub).await;
+    let xa = start(a.node("x", dir_a.path())).await;
+    wait_for("site A's x to hold both its leases", CONVERGE, || async {
+        let s = xa.status().await.map_err(|e| e.to_string())?;
+        match &s.trust.site_leases {
+            Some(l) if l.site.is_held() && l.hub.is_held() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let mut acks = Vec::new();
+    put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a"})).await;
+    // The hub's lease bucket holds x, naming site A.
+    let hub_client = async_nats::connect(hub.url()).await.unwrap();
+    let hub_leases = async_nats::jetstream::with_domain(hub_client, HUB_DOMAIN)
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("the hub's lease bucket");
+    let entry = hub_leases
+        .entry("x")
+        .await
+        .unwrap()
+        .expect("x holds its id in the hub's lease bucket");
+    let in_hub: jetsync::lease::Holder = serde_json::from_slice(&entry.value).unwrap();
+    assert_eq!(in_hub.site.as_deref(), Some("site_a"), "{in_hub:?}");
+
+    // Site B's x: its site's bucket has no x, the hub's has site A's.
+    let xb = start(b.node("x", dir_b.path())).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        match xb.put(&orders, Uuid::now_v7(), json!({"at": "b"})).await {
+            Err(WriteError::NodeIdHeld { holder, .. }) => break holder,
+            other => assert!(
+                Instant::now() < deadline,
+                "site B's x still takes writes while site A's x holds the id: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        holder.site.as_deref(),
+        Some("site_a"),
+        "the refusal does not name the holder's site: {holder:?}"
+    );
+    let status = xb.status().await.unwrap();
+    let leases = status
+        .trust
+        .site_leases
+        .expect("a site node shows both leases");
+    assert!(
+        leases.site.is_held(),
+        "site B's own bucket should hold its x: {leases:?}"
+    );
+    assert!(
+        matches!(&leases.hub, LeaseState::Lost { holder } if holder.site.as_deref() == Some("site_a")),
+        "the hub lease does not show site A's x holding it: {leases:?}"
+    );
+    let (_, ready) = NodeOps::new((*xb).clone(), OpsSettings::default())
+        .sample()
+        .await;
+    assert!(
+        !ready.ready && ready.reasons.iter().any(|r| r.contains("site \"site_a\"")),
+        "site B's x is ready or does not name the holder's site: {:?}",
+        ready.reasons
+    );
+    // Site A's x goes on, also with its WAN link cut (offline writes are promised).
+    put(&mut acks, &xa, &orders, Uuid::now_v7(), json!({"at": "a2"})).await;
+    a.cut().await;
+    put(
+        &mut acks,
+        &xa,
+        &orders,
+        Uuid::now_v7(),
+        json!({"at": "a-cut"}),
+    )
+    .await;
+    a.heal().await;
+    put(
+        &mut acks,
+        &xa,
+        &orders,
+        Uuid::now_v7(),
+        json!({"at": "a-healed"}),
+    )
+    .await;
+    assert!(
+        xa.status().await.unwrap().trust.lease.is_held(),
+        "site A's x lost its id"
+    );
+    assert!(
+        matches!(
+            xb.put(&orders, Uuid::now_v7(), json!({"at": "b2"})).await,
+            Err(WriteError::NodeIdHeld { .. })
+        ),
+        "site B's x took writes after site A's cut healed"
+    );
+
+    // Site A's x stops cleanly: site B's x takes the id.
+    xa.shutdown().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match xb.put(&orders, Uuid::now_v7(), json!({"at": "b3"})).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "site B's x did not take the id within 20 s of site A's x stopping: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("site B's x to hold both leases", CONVERGE, || async {
+        let s = xb.status().await.map_err(|e| e.to_string())?;
+        match &s.trust.site_leases {
+            Some(l) if s.trust.lease.is_held() && l.hub.is_held() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    xb.shutdown().await.unwrap();
+    h.shutdown().await.unwrap();
 }

@@ -121,6 +121,7 @@ async fn a_node_whose_id_another_holds_refuses_writes_and_takes_its_id_back_when
         data_dir: "/srv/fake".into(),
         token: "fake".into(),
         since_ms: 0,
+        site: None,
     };
     kv.put("c", serde_json::to_vec(&fake).unwrap().into())
         .await

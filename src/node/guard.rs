@@ -24,8 +24,11 @@ use crate::stream::{self, DeploymentLimits, Provisioned};
 /// What a node shows of its trust boundaries (flattened into [`super::Status`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct TrustStatus {
-    /// Whether this process holds the node id; it publishes and applies only then.
+    /// Whether this process holds the node id; it publishes and applies only then. At a
+    /// site, the two leases below combined ([`crate::lease::combine`]).
     pub lease: LeaseState,
+    /// A site node's two leases: in its site's bucket and in the hub's.
+    pub site_leases: Option<SiteLeases>,
     /// The limits incoming events are checked against, and where they come from.
     pub limits: LimitsStatus,
     /// Publishes acknowledged as duplicates of a message that was not this node's event
@@ -47,6 +50,15 @@ pub struct TrustStatus {
     pub writes_refused: u64,
     /// Milliseconds since the lease was last confirmed (`None`: never).
     pub lease_confirmed_ms_ago: Option<u64>,
+}
+
+/// A site node's two leases (a node id is unique across the deployment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SiteLeases {
+    /// In the site's lease bucket (the site's JetStream domain).
+    pub site: LeaseState,
+    /// In the hub's lease bucket: `pending`/`unsure` while the WAN link is down.
+    pub hub: LeaseState,
 }
 
 /// The limits in force.
@@ -148,14 +160,23 @@ impl Shared {
     /// Ok if the lease allows a write or a publish now (see [`Shared::admit_write`]).
     pub(super) async fn confirm_lease(&self) -> Result<(), WriteError> {
         let node = self.config.node_id.to_string();
-        let lost = |s: &LeaseState| match s {
+        let lost_in = |s: &LeaseState| match s {
             LeaseState::Lost { holder } => Some(WriteError::NodeIdHeld {
                 node: node.clone(),
                 holder: Box::new(holder.clone()),
             }),
             _ => None,
         };
-        if let Some(e) = lost(&self.lease.borrow()) {
+        // A site node's hub lease read directly too: the combined state follows it a
+        // moment later.
+        let lost = || {
+            lost_in(&self.lease.borrow()).or_else(|| {
+                self.site_leases
+                    .as_ref()
+                    .and_then(|(_, hub)| lost_in(&hub.borrow()))
+            })
+        };
+        if let Some(e) = lost() {
             return Err(e);
         }
         let clock = &self.lease_clock;
@@ -178,10 +199,18 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + CONFIRM_WAIT;
         for _ in 0..2 {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if !clock.attempt_now(left).await {
+            // A site node renews its hub lease too: another site may have taken the id
+            // there during the pause (an unreachable hub decides nothing).
+            let hub = async {
+                if let Some(c) = &self.hub_clock {
+                    c.attempt_now(left).await;
+                }
+            };
+            let (attempted, ()) = tokio::join!(clock.attempt_now(left), hub);
+            if !attempted {
                 break;
             }
-            if let Some(e) = lost(&self.lease.borrow()) {
+            if let Some(e) = lost() {
                 return Err(e);
             }
             if !clock.stale() {
@@ -398,6 +427,10 @@ impl NodeHandle {
         let ahead = self.0.store.last_hlc().physical_ms().saturating_sub(wall);
         TrustStatus {
             lease: self.0.lease.borrow().clone(),
+            site_leases: self.0.site_leases.as_ref().map(|(site, hub)| SiteLeases {
+                site: site.borrow().clone(),
+                hub: hub.borrow().clone(),
+            }),
             limits: LimitsStatus {
                 max_doc_bytes: limits.max_doc_bytes,
                 max_clock_drift_ms: limits.max_clock_drift_ms,
@@ -418,6 +451,104 @@ impl NodeHandle {
                 .lease_clock
                 .since_confirmed()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// The edge site a node runs at (its stream's domain, when that stream has an upstream):
+/// named in its lease entries. `None`: a hub node.
+pub(super) fn site_of(config: &super::NodeConfig) -> Option<String> {
+    config
+        .stream
+        .upstream
+        .as_ref()
+        .and(config.stream.domain.clone())
+}
+
+/// A site node's lease in the hub's bucket, as it starts: a node id is unique across the
+/// deployment, so a site node holds it in the hub too (see [`crate::lease`]).
+pub(super) struct HubLease {
+    pub(super) args: crate::lease::KeepArgs,
+    pub(super) lease: Option<crate::lease::Lease>,
+    pub(super) state: tokio::sync::watch::Sender<LeaseState>,
+    pub(super) clock: Arc<crate::lease::LeaseClock>,
+}
+
+/// How long a starting site node asks the hub for its lease before going on without it
+/// (the WAN link may be down: the keep task goes on trying).
+const HUB_EARLY: Duration = Duration::from_secs(3);
+
+impl HubLease {
+    /// Tries to take the hub lease now if the site's lease was taken (the site's server
+    /// answers). Another holder does not stop the start: the node starts `Lost` and takes
+    /// the id back once it is free, as a node that lost its site lease does; the WAN link
+    /// may as well be down now and come up later with the same outcome.
+    pub(super) async fn start(
+        client: &async_nats::Client,
+        up: &crate::stream::Upstream,
+        config: &super::NodeConfig,
+        site: Option<&str>,
+        try_now: bool,
+    ) -> HubLease {
+        let args = crate::lease::KeepArgs {
+            js: async_nats::jetstream::with_domain(client.clone(), &up.domain),
+            stream: up.stream.clone(),
+            node: config.node_id.clone(),
+            data_dir: config.data_dir.clone(),
+            ttl: config.lease_ttl,
+            site: site.map(str::to_owned),
+        };
+        let early = if try_now {
+            tokio::time::timeout(
+                HUB_EARLY,
+                crate::lease::Lease::acquire_at(
+                    &args.js,
+                    &args.stream,
+                    &args.node,
+                    &args.data_dir,
+                    args.ttl,
+                    site,
+                ),
+            )
+            .await
+        } else {
+            Ok(Err(crate::lease::LeaseError::Nats(
+                "not tried: the site's server did not answer".into(),
+            )))
+        };
+        let (lease, state) = match early {
+            Ok(Ok(l)) => (Some(l), LeaseState::Held),
+            Ok(Err(crate::lease::LeaseError::Held { holder, .. })) => {
+                tracing::error!(node = %args.node, %holder,
+                    "node id held elsewhere in the deployment (the hub's lease bucket): this process accepts no writes, does not publish or apply and stays off the API until it can take the id");
+                (None, LeaseState::Lost { holder: *holder })
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %args.node, error = %e,
+                    "cannot take the node's lease in the hub yet (WAN link down?): working on the site's lease, taking the hub's when it answers");
+                (
+                    None,
+                    LeaseState::Pending {
+                        error: Some(e.to_string()),
+                    },
+                )
+            }
+            Err(_) => (
+                None,
+                LeaseState::Pending {
+                    error: Some(format!("the hub did not answer within {HUB_EARLY:?}")),
+                },
+            ),
+        };
+        let clock = Arc::new(crate::lease::LeaseClock::new(config.lease_ttl));
+        if let Some(l) = &lease {
+            clock.confirmed_by(l);
+        }
+        HubLease {
+            args,
+            lease,
+            state: tokio::sync::watch::channel(state).0,
+            clock,
         }
     }
 }

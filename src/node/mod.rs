@@ -50,7 +50,8 @@ use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
-pub use self::guard::{LimitsStatus, Restored, TrustStatus};
+use self::guard::{HubLease, site_of};
+pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -141,6 +142,13 @@ struct Shared {
     denied: Arc<DeniedSubjects>,
     /// Whether this process holds the node id (see [`crate::lease`]).
     lease: tokio::sync::watch::Receiver<LeaseState>,
+    /// A site node's two leases, the site's and the hub's (`lease` combines them).
+    site_leases: Option<(
+        tokio::sync::watch::Receiver<LeaseState>,
+        tokio::sync::watch::Receiver<LeaseState>,
+    )>,
+    /// A site node's hub lease clock: confirmed with the site's after a pause.
+    hub_clock: Option<Arc<LeaseClock>>,
     /// When the lease was last confirmed: writes after a pause confirm it first.
     lease_clock: Arc<LeaseClock>,
     /// True while the publisher and the apply loop may run (see [`guard`]).
@@ -256,14 +264,16 @@ impl Node {
         // (local writes only) and its lease task keeps trying.
         let store = Arc::new(store);
         let configured = guard::configured_limits_of(&config);
+        let site = site_of(&config);
         let early = tokio::time::timeout(Duration::from_secs(3), async {
             let provisioned = provision(&js, &config.stream, Some(configured)).await?;
-            let lease = Lease::acquire(
+            let lease = Lease::acquire_at(
                 &js,
                 &config.stream.name,
                 &config.node_id,
                 &config.data_dir,
                 config.lease_ttl,
+                site.as_deref(),
             )
             .await;
             Ok::<_, StreamError>((provisioned, lease))
@@ -279,12 +289,27 @@ impl Node {
             _ => (None, false),
         };
 
+        let hub = match (&site, &config.stream.upstream) {
+            (Some(_), Some(up)) => {
+                Some(HubLease::start(&client, up, &config, site.as_deref(), lease.is_some()).await)
+            }
+            _ => None,
+        };
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let (lease_tx, lease_rx) = tokio::sync::watch::channel(if lease.is_some() {
             LeaseState::Held
         } else {
             LeaseState::Pending { error: None }
         });
+        // A site node: the node-wide state combines the site's lease with the hub's.
+        let (lease_tx, lease_rx, site_leases) = match &hub {
+            None => (lease_tx, lease_rx, None),
+            Some(h) => {
+                let combined = crate::lease::combine(&lease_rx.borrow(), &h.state.borrow());
+                let (tx, rx) = tokio::sync::watch::channel(combined);
+                (lease_tx, rx, Some((lease_rx, h.state.subscribe(), tx)))
+            }
+        };
         let lease_clock = Arc::new(LeaseClock::new(config.lease_ttl));
         if let Some(l) = &lease {
             lease_clock.confirmed_by(l);
@@ -302,6 +327,10 @@ impl Node {
             shutdown,
             denied,
             lease: lease_rx,
+            site_leases: site_leases
+                .as_ref()
+                .map(|(site, hub, _)| (site.clone(), hub.clone())),
+            hub_clock: hub.as_ref().map(|h| h.clock.clone()),
             lease_clock: lease_clock.clone(),
             ready: tokio::sync::watch::channel(false).0,
             metrics,
@@ -318,6 +347,7 @@ impl Node {
                         node: shared.config.node_id.clone(),
                         data_dir: shared.config.data_dir.clone(),
                         ttl: shared.config.lease_ttl,
+                        site: site.clone(),
                     },
                     lease,
                     lease_tx,
@@ -343,6 +373,27 @@ impl Node {
                 tokio::spawn(compaction::compaction_loop(shared.clone())),
             ),
         ];
+        if let (Some(h), Some((site_rx, hub_rx, tx))) = (hub, site_leases) {
+            tasks.push((
+                "hub lease",
+                tokio::spawn(crate::lease::keep(
+                    h.args,
+                    h.lease,
+                    h.state,
+                    h.clock,
+                    shared.shutdown.clone(),
+                )),
+            ));
+            tasks.push((
+                "lease states",
+                tokio::spawn(crate::lease::combine_loop(
+                    site_rx,
+                    hub_rx,
+                    tx,
+                    shared.shutdown.clone(),
+                )),
+            ));
+        }
         for service in services {
             let name = service.name();
             let span = tracing::info_span!("service", name, node = %shared.config.node_id);
