@@ -312,8 +312,24 @@ async fn a_process_resumed_after_its_lease_expired_takes_no_writes_and_leaves_th
     })
     .await;
 
-    // Frozen past its lease; a request for a waits in its socket meanwhile.
+    // Frozen past its lease; a request for a waits in its socket meanwhile. The request
+    // goes out only once the kernel shows the process stopped, so it cannot be served
+    // before the pause.
     signal(&old, "-STOP");
+    wait_for(
+        "the first a to be stopped",
+        Duration::from_secs(10),
+        || async {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", old.child.id()))
+                .map_err(|e| e.to_string())?;
+            // `pid (comm) state ...`: the state follows the last ')'.
+            match stat.rsplit(')').next().map(str::trim_start) {
+                Some(rest) if rest.starts_with('T') => Ok(()),
+                other => Err(format!("state {other:?}")),
+            }
+        },
+    )
+    .await;
     let early = Uuid::now_v7();
     let pending = tokio::spawn({
         let api = api.clone();

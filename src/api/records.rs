@@ -17,7 +17,7 @@ fn written_json(w: &Written) -> Value {
 
 /// Commits one write and replies with its result.
 async fn write_one(node: &NodeHandle, w: Write) -> Result<Value, RemoteError> {
-    let out = node.write(vec![w]).await?;
+    let out = node.write_remote(vec![w]).await?;
     Ok(out.first().map(written_json).unwrap_or(Value::Null))
 }
 

@@ -135,8 +135,13 @@ impl Shared {
     /// its time to live (a pause, `SIGSTOP`): it asks for a renewal and waits for it,
     /// bounded. A node cut off from NATS takes writes (they wait in the outbox for the
     /// lease): offline writes are promised. Each refusal is counted, logged and in status.
-    pub(super) async fn admit_write(&self) -> Result<(), WriteError> {
-        let Err(e) = self.confirm_lease().await else {
+    /// `remote`: the write came over NATS (the API). Such a write proves the process can
+    /// hear NATS, so "offline" excuses nothing: after a pause past the lease it waits for a
+    /// confirmation even if the connection is down this instant (a server that dropped the
+    /// frozen process's connection left the request in its socket, and the reply would go
+    /// out after the reconnect).
+    pub(super) async fn admit_write(&self, remote: bool) -> Result<(), WriteError> {
+        let Err(e) = self.confirm_lease_for(remote).await else {
             return Ok(());
         };
         let code = match &e {
@@ -159,6 +164,11 @@ impl Shared {
 
     /// Ok if the lease allows a write or a publish now (see [`Shared::admit_write`]).
     pub(super) async fn confirm_lease(&self) -> Result<(), WriteError> {
+        self.confirm_lease_for(false).await
+    }
+
+    /// [`Shared::confirm_lease`]; `remote` as in [`Shared::admit_write`].
+    async fn confirm_lease_for(&self, remote: bool) -> Result<(), WriteError> {
         let node = self.config.node_id.to_string();
         let lost_in = |s: &LeaseState| match s {
             LeaseState::Lost { holder } => Some(WriteError::NodeIdHeld {
@@ -191,7 +201,7 @@ impl Shared {
         // start shows as `Lost`.
         let never_held = clock.since_confirmed().is_none()
             && matches!(*self.lease.borrow(), LeaseState::Pending { .. });
-        if never_held || !clock.stale() || !connected() {
+        if never_held || !clock.stale() || (!remote && !connected()) {
             return Ok(());
         }
         // An attempt already under way may have been sent before the pause: it confirms
@@ -217,7 +227,7 @@ impl Shared {
                 return Ok(());
             }
         }
-        if !connected() {
+        if !remote && !connected() {
             return Ok(());
         }
         Err(WriteError::LeaseUnconfirmed {

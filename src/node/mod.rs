@@ -517,7 +517,25 @@ impl NodeHandle {
     /// another process holds the node id, or when a connected node cannot confirm a lease
     /// not confirmed for longer than its time to live (see [`crate::lease`]).
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
-        self.0.admit_write().await?;
+        self.write_admitted(writes, false).await
+    }
+
+    /// [`NodeHandle::write`] for a write that came over NATS (the node API): after a pause
+    /// past the lease it is taken only once the lease is confirmed, connected or not this
+    /// instant (see `Shared::admit_write`).
+    pub(crate) async fn write_remote(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Written>, WriteError> {
+        self.write_admitted(writes, true).await
+    }
+
+    async fn write_admitted(
+        &self,
+        writes: Vec<Write>,
+        remote: bool,
+    ) -> Result<Vec<Written>, WriteError> {
+        self.0.admit_write(remote).await?;
         let started = std::time::Instant::now();
         let (records, resolves) = (
             writes.len(),
