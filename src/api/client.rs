@@ -22,12 +22,13 @@ pub enum ApiError {
         /// The request subject.
         subject: String,
     },
-    /// The node did not answer within the client's timeout.
+    /// The node did not answer in time.
     #[error("node {node:?} did not answer within {timeout:?}")]
     Timeout {
         /// The node id asked.
         node: String,
-        /// The timeout that passed.
+        /// How long the request waited: the client's timeout, or the connection's request
+        /// timeout when that passed first.
         timeout: Duration,
     },
     /// The NATS request failed otherwise (e.g. disconnected).
@@ -92,6 +93,7 @@ impl ApiClient {
         let req = self
             .client
             .request(subject.clone(), body.to_string().into());
+        let started = std::time::Instant::now();
         let msg = match tokio::time::timeout(self.timeout, req).await {
             Err(_) => {
                 return Err(ApiError::Timeout {
@@ -105,10 +107,15 @@ impl ApiClient {
                     subject,
                 });
             }
+            // The connection's own request timeout can pass first: say how long it
+            // really waited, not the longer timeout of this client.
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
                 return Err(ApiError::Timeout {
                     node: node.into(),
-                    timeout: self.timeout,
+                    timeout: Duration::from_millis(
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    )
+                    .min(self.timeout),
                 });
             }
             Ok(Err(e)) => {
