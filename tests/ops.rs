@@ -90,29 +90,6 @@ impl Scrape {
     }
 }
 
-/// The last message of `origin` in the stream once it is `store`'s own (published).
-async fn wait_last_of(
-    js: &async_nats::jetstream::Context,
-    origin: &str,
-    store: &Store,
-) -> jetsync::stream::StoredMessage {
-    let stream = js.get_stream("JETSYNC").await.unwrap();
-    for _ in 0..200 {
-        let last = jetsync::stream::last_of_origin(&stream, "jetsync", origin)
-            .await
-            .unwrap();
-        if let Some(m) = last.filter(|m| {
-            m.msg_id
-                .as_deref()
-                .is_some_and(|id| store.wrote(id, &m.subject, &m.payload))
-        }) {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{origin}'s write was not published within 10 s");
-}
-
 fn with_metrics(mut c: NodeConfig) -> NodeConfig {
     c.ops.listen = Some("127.0.0.1:0".parse().unwrap());
     c.ops.selfcheck_interval = Duration::from_millis(500);
@@ -323,21 +300,9 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
     b.put(&orders, Uuid::now_v7(), json!({"b": "skewed"}))
         .await
         .unwrap();
-    let own = wait_last_of(&js, "b", b.store()).await;
-    let report = a
-        .store()
-        .apply_messages(
-            &[jetsync::Incoming {
-                stream_seq: own.seq,
-                subject: &own.subject,
-                payload: &own.payload,
-                stream_time_ms: own.time_ms.saturating_sub(600_000),
-            }],
-            &[own.msg_id.as_deref()],
-            None,
-        )
-        .unwrap();
-    assert_eq!(report.quarantined, 1, "{report:?}");
+    let stream = js.get_stream("JETSYNC").await.unwrap();
+    let own = published_own(&stream, "b", b.store()).await;
+    refuse_as_skewed(a.store(), &own);
     let bm = wait_metric(
         b_addr,
         "b learning that a refuses its events",
@@ -794,21 +759,9 @@ async fn first_events_show_from_zero_and_wire_names_stay_bounded() {
     b.put(&entity("orders"), Uuid::now_v7(), json!({"b": "skewed"}))
         .await
         .unwrap();
-    let own = wait_last_of(&js, "b", b.store()).await;
-    let report = a
-        .store()
-        .apply_messages(
-            &[jetsync::Incoming {
-                stream_seq: own.seq,
-                subject: &own.subject,
-                payload: &own.payload,
-                stream_time_ms: own.time_ms.saturating_sub(600_000),
-            }],
-            &[own.msg_id.as_deref()],
-            None,
-        )
-        .unwrap();
-    assert_eq!(report.quarantined, 1, "{report:?}");
+    let stream = js.get_stream("JETSYNC").await.unwrap();
+    let own = published_own(&stream, "b", b.store()).await;
+    refuse_as_skewed(a.store(), &own);
     wait_metric(
         b_addr,
         "b learning that a refuses its events",

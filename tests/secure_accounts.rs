@@ -571,37 +571,9 @@ async fn the_self_check_and_reads_cross_accounts() {
         .unwrap();
     let ops = ops_js(&s).await;
     let events = ops.get_stream(EVENTS).await.unwrap();
-    let mut own = None;
-    for _ in 0..200 {
-        let last = jetsync::stream::last_of_origin(&events, "jetsync", "porto")
-            .await
-            .unwrap();
-        own = last.filter(|m| {
-            m.msg_id
-                .as_deref()
-                .is_some_and(|id| porto.store().wrote(id, &m.subject, &m.payload))
-        });
-        if own.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let own = own.expect("porto's write in the stream within 10s");
+    let own = published_own(&events, "porto", porto.store()).await;
     for peer in [&berlin, &lisbon] {
-        let report = peer
-            .store()
-            .apply_messages(
-                &[jetsync::Incoming {
-                    stream_seq: own.seq,
-                    subject: &own.subject,
-                    payload: &own.payload,
-                    stream_time_ms: own.time_ms.saturating_sub(600_000),
-                }],
-                &[own.msg_id.as_deref()],
-                None,
-            )
-            .unwrap();
-        assert_eq!(report.quarantined, 1, "{}: {report:?}", peer.node_id());
+        refuse_as_skewed(peer.store(), &own);
     }
     wait_for(
         "porto's self-check to learn that berlin and lisbon refuse its event",

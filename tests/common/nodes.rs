@@ -114,3 +114,49 @@ pub async fn stream_state(js: &async_nats::jetstream::Context) -> Result<(u64, u
     let info = s.info().await.map_err(|e| format!("stream info: {e}"))?;
     Ok((info.state.first_sequence, info.state.last_sequence))
 }
+
+/// `origin`'s last message in `stream` once it is `store`'s own and published (its message
+/// id verifies), for tests that need a genuine own event.
+pub async fn published_own(
+    stream: &async_nats::jetstream::stream::Stream,
+    origin: &str,
+    store: &jetsync::Store,
+) -> jetsync::stream::StoredMessage {
+    for _ in 0..200 {
+        let last = jetsync::stream::last_of_origin(stream, "jetsync", origin)
+            .await
+            .expect("last message of the origin");
+        if let Some(m) = last.filter(|m| {
+            m.msg_id
+                .as_deref()
+                .is_some_and(|id| store.wrote(id, &m.subject, &m.payload))
+        }) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{origin}'s write was not published within 10 s");
+}
+
+/// Has `store` refuse `own` (another node's genuine message) as if its writer's clock ran
+/// ten minutes ahead of the stream: the one cheap way to make a peer quarantine a node's
+/// real event, for the self-check.
+pub fn refuse_as_skewed(
+    store: &jetsync::Store,
+    own: &jetsync::stream::StoredMessage,
+) -> jetsync::store::ApplyReport {
+    let report = store
+        .apply_messages(
+            &[jetsync::Incoming {
+                stream_seq: own.seq,
+                subject: &own.subject,
+                payload: &own.payload,
+                stream_time_ms: own.time_ms.saturating_sub(600_000),
+            }],
+            &[own.msg_id.as_deref()],
+            None,
+        )
+        .expect("apply the refused message");
+    assert_eq!(report.quarantined, 1, "{}: {report:?}", store.node_id());
+    report
+}
