@@ -404,8 +404,109 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
                     "doc nested {depth} levels deep, more than {MAX_DOC_DEPTH}"
                 )));
             }
+            // Refused like a duplicate in the envelope: JSON libraries keep the first,
+            // the last or both, so a consumer in another language could read another
+            // document than the node's (docs/consuming.md).
+            if let Some(name) = duplicate_member(doc.get()) {
+                return Err(QuarantineReason::Malformed(format!(
+                    "doc has the member name {name:?} twice"
+                )));
+            }
             Ok(())
         }
+    }
+}
+
+/// The first member name that occurs twice in one object of valid JSON text `json`, if
+/// any. Names compare after unescaping (`"a"` and `"\u0061"` are the same name), as any
+/// JSON library compares the keys it builds. Depth is bounded by [`MAX_DOC_DEPTH`] before
+/// this runs, so the recursion is too.
+pub fn duplicate_member(json: &str) -> Option<String> {
+    use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
+
+    struct Check;
+    impl<'de> DeserializeSeed<'de> for Check {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(Check)
+        }
+    }
+    impl<'de> Visitor<'de> for Check {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Check)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            // Most objects are small: a sorted check at the end beats hashing each name.
+            let mut names: Vec<Cow<'de, str>> = Vec::new();
+            while let Some(Name(name)) = map.next_key()? {
+                map.next_value_seed(Check)?;
+                names.push(name);
+            }
+            names.sort_unstable();
+            match names.windows(2).find(|w| w[0] == w[1]) {
+                Some(w) => Err(A::Error::custom(DUP.to_owned() + &w[0])),
+                None => Ok(()),
+            }
+        }
+    }
+    /// A member name, borrowed where it has no escapes.
+    struct Name<'de>(Cow<'de, str>);
+    impl<'de> Deserialize<'de> for Name<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Name<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a member name")
+                }
+                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Borrowed(s)))
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(s.to_owned())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    const DUP: &str = "\u{0}dup:";
+    let mut de = serde_json::Deserializer::from_str(json);
+    match Check.deserialize(&mut de) {
+        Err(e) => {
+            let msg = e.to_string();
+            let start = msg.find(DUP)? + DUP.len();
+            // serde_json appends " at line L column C" to the message.
+            let end = msg
+                .rfind(" at line ")
+                .filter(|&e| e >= start)
+                .unwrap_or(msg.len());
+            Some(msg[start..end].to_owned())
+        }
+        Ok(()) => None,
     }
 }
 
@@ -523,5 +624,25 @@ mod tests {
             decoded(&format!("jetsync_in.{tail}"), &big.encode()),
             Err(QuarantineReason::DocTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn duplicate_member_names_are_found_at_any_depth_after_unescaping() {
+        assert_eq!(duplicate_member(r#"{"a":1,"b":2}"#), None);
+        assert_eq!(duplicate_member(r#"{"a":1,"a":2}"#).as_deref(), Some("a"));
+        assert_eq!(
+            duplicate_member(r#"{"a":1,"\u0061":2}"#).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            duplicate_member(r#"{"x":[{"k":1},{"k":2,"k":3}]}"#).as_deref(),
+            Some("k")
+        );
+        // The same name in sibling objects is not a duplicate.
+        assert_eq!(duplicate_member(r#"{"x":{"k":1},"y":{"k":2}}"#), None);
+        assert_eq!(
+            duplicate_member(r#"{"at line 1":1,"at line 1":2}"#).as_deref(),
+            Some("at line 1")
+        );
     }
 }

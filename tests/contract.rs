@@ -1,1 +1,924 @@
-//! Placeholder: replaced by the helper that owns this file.
+//! The consumer contract (docs/consuming.md) made executable: the conformance vectors in
+//! `schemas/vectors/` are generated here from the Rust decoder and merge rule, compared
+//! byte for byte with the committed files (`JETSYNC_BLESS=1` rewrites them), and applied
+//! through a real `Store` (a redb file) in stream order and in reverse, so they cannot
+//! drift from what a node does. The Python reference consumer (clients/python) is run
+//! against the same files.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use jetsync::event::{self, ChangeEvent, ENVELOPE_VERSION, EventLimits, Op};
+use jetsync::merge::{Merge, RecordState};
+use jetsync::store::Incoming;
+use jetsync::{EntityName, Hlc, NodeId, Scope, Store, StoreConfig, Version};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Stamps of the vectors: a fixed time, so regenerating gives the same bytes.
+const T0: u64 = 1_763_000_000_000;
+const PREFIX: &str = "jetsync";
+/// Where a crafted body's document goes (see [`Ev::body_with_doc`]).
+const DOC_SLOT: &str = r#"{"__doc__":0}"#;
+
+fn ver(ms_after_t0: u64, c: u16, node: &str) -> Version {
+    Version::new(
+        Hlc::new(T0 + ms_after_t0, c).expect("hlc"),
+        NodeId::new(node).expect("node id"),
+    )
+}
+
+fn id(n: u128) -> Uuid {
+    // Version 7, variant bits set: a canonical UUID as the store makes them.
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n)
+}
+
+/// An event under construction.
+#[derive(Clone)]
+struct Ev(ChangeEvent);
+
+fn put(n: u128, version: Version, seq: u64, doc: &str) -> Ev {
+    Ev(ChangeEvent {
+        v: ENVELOPE_VERSION,
+        op: Op::Put,
+        entity: EntityName::new("orders").expect("entity"),
+        scope: Scope::default(),
+        id: id(n),
+        origin: version.node.clone(),
+        origin_seq: seq,
+        version,
+        base: None,
+        resolves: vec![],
+        doc: Some(RawValue::from_string(doc.to_owned()).expect("raw json")),
+    })
+}
+
+fn del(n: u128, version: Version, seq: u64) -> Ev {
+    let mut e = put(n, version, seq, "{}");
+    e.0.op = Op::Delete;
+    e.0.doc = None;
+    e
+}
+
+impl Ev {
+    fn base(mut self, v: Version) -> Self {
+        self.0.base = Some(v);
+        self
+    }
+    fn resolves(mut self, vs: Vec<Version>) -> Self {
+        self.0.resolves = vs;
+        self
+    }
+    fn scope(mut self, s: &str) -> Self {
+        self.0.scope = Scope::new(s).expect("scope");
+        self
+    }
+    fn entity(mut self, s: &str) -> Self {
+        self.0.entity = EntityName::new(s).expect("entity");
+        self
+    }
+    fn subject(&self) -> String {
+        self.0.subject(PREFIX)
+    }
+    fn body(&self) -> String {
+        String::from_utf8(self.0.encode()).expect("utf-8")
+    }
+    /// The body with `doc` written exactly as given (whitespace, escapes, duplicate names,
+    /// any depth): what a writer other than a jetsync node may publish.
+    fn body_with_doc(&self, doc: &str) -> String {
+        let mut e = self.0.clone();
+        e.doc = Some(RawValue::from_string(DOC_SLOT.to_owned()).expect("slot"));
+        Ev(e).body().replacen(DOC_SLOT, doc, 1)
+    }
+    /// The stream time a message published at its stamp gets (a little later).
+    fn time(&self) -> u64 {
+        self.0.version.hlc.physical_ms() + 5
+    }
+}
+
+/// One stream message of a vector.
+struct Msg {
+    subject: String,
+    body: String,
+    time_ms: u64,
+    /// The envelope version the body was written in (what a reader dispatches on).
+    envelope: u64,
+    msg_id: String,
+}
+
+fn msg(e: &Ev) -> Msg {
+    raw(&e.subject(), &e.body(), e.time(), e)
+}
+
+/// A message with a crafted subject or body; `like` gives the stream time and message id.
+fn raw(subject: &str, body: &str, time_ms: u64, like: &Ev) -> Msg {
+    Msg {
+        subject: subject.to_owned(),
+        body: body.to_owned(),
+        time_ms,
+        envelope: ENVELOPE_VERSION as u64,
+        // The published shape; vectors carry no real HMAC tag (consumers need not check it).
+        msg_id: format!(
+            "{}:00000000000000a1:{}:{}",
+            like.0.origin,
+            like.0.origin_seq,
+            "0".repeat(32)
+        ),
+    }
+}
+
+struct Case {
+    name: &'static str,
+    rule: &'static str,
+    max_doc_bytes: usize,
+    max_clock_drift_ms: u64,
+    messages: Vec<Msg>,
+}
+
+fn case(name: &'static str, rule: &'static str, messages: Vec<Msg>) -> Case {
+    Case {
+        name,
+        rule,
+        max_doc_bytes: 256 * 1024,
+        max_clock_drift_ms: 60_000,
+        messages,
+    }
+}
+
+fn limits(c: &Case) -> EventLimits {
+    EventLimits {
+        prefix: PREFIX.to_owned(),
+        max_doc_bytes: c.max_doc_bytes,
+        max_clock_drift_ms: c.max_clock_drift_ms,
+    }
+}
+
+/// The merge rule's cases.
+fn merge_cases() -> Vec<Case> {
+    let a = |ms, c| ver(ms, c, "node-a");
+    let b = |ms, c| ver(ms, c, "node-b");
+    let cc = |ms, c| ver(ms, c, "node-c");
+    let mut out = vec![];
+
+    let p = put(1, a(0, 0), 1, r#"{"n":1}"#);
+    out.push(case(
+        "single_put",
+        "One put: the record exists with its document and version, no conflicts.",
+        vec![msg(&p)],
+    ));
+
+    let x = put(2, a(100, 0), 1, r#"{"w":"a"}"#);
+    let y = put(2, b(50, 7), 1, r#"{"w":"b"}"#);
+    out.push(case(
+        "concurrent_puts_greater_ms_wins",
+        "Two origins write one id without seeing each other: the greater version wins (ms first), the other stays a conflict.",
+        vec![msg(&y), msg(&x)],
+    ));
+
+    let x = put(3, a(0, 3), 1, r#"{"w":"a"}"#);
+    let y = put(3, b(0, 2), 1, r#"{"w":"b"}"#);
+    out.push(case(
+        "same_ms_greater_counter_wins",
+        "Same ms: the greater counter c wins whatever the node ids.",
+        vec![msg(&x), msg(&y)],
+    ));
+
+    let x = put(4, ver(0, 0, "Node-z"), 1, r#"{"w":"Node-z"}"#);
+    let y = put(4, ver(0, 0, "node-a"), 1, r#"{"w":"node-a"}"#);
+    let z = put(4, ver(0, 0, "node_a"), 1, r#"{"w":"node_a"}"#);
+    out.push(case(
+        "same_stamp_node_ids_compare_as_bytes",
+        "Same ms and c: node ids compare as byte strings (ASCII: '-' 0x2D < digits < 'A'-'Z' < '_' 0x5F < 'a'-'z'; a proper prefix is smaller): node_a > node-a > Node-z.",
+        vec![msg(&x), msg(&y), msg(&z)],
+    ));
+
+    let x = put(5, ver(0, 0, "n1"), 1, r#"{"w":"n1"}"#);
+    let y = put(5, ver(0, 0, "n10"), 1, r#"{"w":"n10"}"#);
+    let z = put(5, ver(0, 0, "n2"), 1, r#"{"w":"n2"}"#);
+    out.push(case(
+        "node_ids_are_not_numbers",
+        "Node ids compare bytewise, not numerically: n2 > n10 > n1.",
+        vec![msg(&z), msg(&y), msg(&x)],
+    ));
+
+    let a1 = put(6, a(0, 0), 1, r#"{"v":1}"#);
+    let b1 = put(6, b(10, 0), 1, r#"{"v":2}"#).base(a(0, 0));
+    out.push(case(
+        "base_supersedes",
+        "Clause 1: an event names its base; the base stops being a leaf.",
+        vec![msg(&a1), msg(&b1)],
+    ));
+
+    // The 202-of-480 case: a1 loses to a concurrent b1; A then writes a2 on top of b1.
+    let a1 = put(7, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let b1 = put(7, b(5, 0), 1, r#"{"v":"b1"}"#);
+    let a2 = put(7, a(20, 0), 2, r#"{"v":"a2"}"#).base(b(5, 0));
+    out.push(case(
+        "same_origin_later_version_supersedes",
+        "Clause 2: a later version from the same origin supersedes its earlier one even when no event names it. a1 and b1 are concurrent; a2 (base b1) leaves a single leaf, a1 is not a conflict.",
+        vec![msg(&a1), msg(&b1), msg(&a2)],
+    ));
+
+    let a1 = put(8, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let b1 = put(8, b(5, 0), 1, r#"{"v":"b1"}"#);
+    let a2 = put(8, a(3, 0), 2, r#"{"v":"a2"}"#).base(a(0, 0));
+    out.push(case(
+        "same_origin_clause_keeps_concurrent_conflict",
+        "Clause 2 removes only the origin's own earlier versions: a2 (base a1) supersedes a1, b1 stays the winner and a2 its conflict.",
+        vec![msg(&a2), msg(&b1), msg(&a1)],
+    ));
+
+    let a1 = put(9, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let b1 = put(9, b(1, 0), 1, r#"{"v":"b1"}"#);
+    let c1 = put(9, cc(10, 0), 1, r#"{"v":"merged"}"#)
+        .base(b(1, 0))
+        .resolves(vec![a(0, 0)]);
+    out.push(case(
+        "resolves_settles_conflicts",
+        "A write whose resolves lists a conflict version settles it: one leaf left.",
+        vec![msg(&a1), msg(&b1), msg(&c1)],
+    ));
+
+    let a1 = put(10, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let upd = put(10, a(10, 0), 2, r#"{"v":"a2"}"#).base(a(0, 0));
+    let rm = del(10, b(12, 0), 1).base(a(0, 0));
+    out.push(case(
+        "delete_racing_update_delete_wins",
+        "A delete and an update of the same base race: the greater version (the delete) wins; the update stays a conflict; the record is deleted.",
+        vec![msg(&a1), msg(&upd), msg(&rm)],
+    ));
+
+    let a1 = put(11, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let upd = put(11, a(12, 0), 2, r#"{"v":"a2"}"#).base(a(0, 0));
+    let rm = del(11, b(10, 0), 1).base(a(0, 0));
+    out.push(case(
+        "delete_racing_update_update_wins",
+        "The same race, the update greater: the record is live and the tombstone is a conflict leaf (a conflict can be a delete).",
+        vec![msg(&rm), msg(&a1), msg(&upd)],
+    ));
+
+    let a1 = put(12, a(0, 0), 1, r#"{"v":1}"#);
+    let rm = del(12, b(5, 0), 1).base(a(0, 0));
+    let back = put(12, cc(9, 0), 1, r#"{"v":"again"}"#).base(b(5, 0));
+    out.push(case(
+        "put_after_delete_revives",
+        "A put whose base is the tombstone makes the record live again.",
+        vec![msg(&a1), msg(&rm), msg(&back)],
+    ));
+
+    let a1 = put(13, a(0, 0), 1, r#"{"v":1}"#);
+    out.push(case(
+        "duplicate_delivery",
+        "The same message twice (a redelivery or a republish): the second changes nothing.",
+        vec![msg(&a1), msg(&a1)],
+    ));
+
+    let a1 = put(14, a(0, 0), 1, r#"{"v":1}"#);
+    let a2 = put(14, a(5, 0), 2, r#"{"v":2}"#).base(a(0, 0));
+    out.push(case(
+        "late_earlier_version",
+        "An origin's earlier version arriving after its later one is already superseded (duplicate): it changes nothing.",
+        vec![msg(&a2), msg(&a1)],
+    ));
+
+    let b2 = put(15, b(20, 0), 2, r#"{"v":"b2"}"#).base(a(10, 0));
+    let a1 = put(15, a(10, 0), 1, r#"{"v":"a1"}"#);
+    out.push(case(
+        "named_before_seen",
+        "An event names a version not seen yet; when that version arrives it is already superseded (duplicate) and never shows as a conflict.",
+        vec![msg(&b2), msg(&a1)],
+    ));
+
+    let x = put(16, a(0, 0), 1, r#"{"v":"honest"}"#);
+    let y = put(16, a(0, 0), 1, r#"{"v":"forged"}"#);
+    out.push(case(
+        "equivocation_greater_doc_kept",
+        "Two events with one version and different documents (a broken or hostile writer): the content with the greater doc bytes is kept (Leaf::content_cmp: doc bytes, then scope, base, resolves, origin_seq; a tombstone below any doc), in any order.",
+        vec![msg(&x), msg(&y)],
+    ));
+    let x = put(17, a(0, 0), 1, r#"{"v":"live"}"#);
+    let y = del(17, a(0, 0), 1);
+    out.push(case(
+        "equivocation_tombstone_below_doc",
+        "A put and a delete under one version: the put is kept.",
+        vec![msg(&y), msg(&x)],
+    ));
+    let x = put(18, a(0, 0), 1, r#"{"v":1}"#);
+    let y = put(18, a(0, 0), 2, r#"{"v":1}"#);
+    out.push(case(
+        "equivocation_same_doc_greater_origin_seq",
+        "Same version and document, different origin_seq: the greater origin_seq is kept (the record looks the same).",
+        vec![msg(&y), msg(&x)],
+    ));
+
+    // A hot record: three origins, each writing on what it saw.
+    let mut hot = vec![];
+    let mut last = a(0, 0);
+    hot.push(put(19, last.clone(), 1, r#"{"n":0}"#));
+    for i in 1..=9u64 {
+        let who = ["node-a", "node-b", "node-c"][(i % 3) as usize];
+        let v = ver(i * 10, 0, who);
+        let mut e = put(19, v.clone(), i, &format!(r#"{{"n":{i}}}"#)).base(last.clone());
+        if i == 5 {
+            // A concurrent write beside the chain, later resolved.
+            hot.push(put(19, ver(41, 0, "node-d"), 1, r#"{"side":true}"#).base(last.clone()));
+        }
+        if i == 7 {
+            e = e.resolves(vec![ver(41, 0, "node-d")]);
+        }
+        hot.push(e);
+        last = v;
+    }
+    hot.reverse();
+    out.push(case(
+        "hot_record_chain_with_side_branch",
+        "Ten writes from three origins, a concurrent branch later resolved, delivered newest first.",
+        hot.iter().map(msg).collect(),
+    ));
+
+    out
+}
+
+/// Every refusal, each next to the accepted case on the other side of its boundary.
+fn refusal_cases() -> Vec<Case> {
+    let a = |ms, c| ver(ms, c, "node-a");
+    let mut out = vec![];
+
+    // Size: the bytes of `doc` exactly as written in the body. 64-byte limit.
+    let e = put(101, a(0, 0), 1, "{}");
+    let exact = format!(r#"{{ "s" : "{}" }}"#, "x".repeat(64 - 12));
+    let over = format!(r#"{{ "s" : "{}" }}"#, "x".repeat(64 - 11));
+    let escaped = format!(r#"{{"s":"{}"}}"#, r"\u00e9".repeat(10)); // 68 bytes, 10 characters
+    let literal = format!(r#"{{"s":"{}"}}"#, "é".repeat(10)); // 28 bytes
+    let mut size = case(
+        "doc_size_is_raw_bytes",
+        "doc_too_large: the size of a document is the number of bytes of its JSON text exactly as it appears in the body, from its '{' to its matching '}' (whitespace inside and escapes count as written; whitespace around the value does not). Limit 64 here: 64 bytes pass, 65 fail; ten \\u00e9 escapes are 60 bytes of text, ten literal é 20.",
+        vec![
+            raw(&e.subject(), &e.body_with_doc(&exact), e.time(), &e),
+            raw(
+                &e.subject(),
+                &put(102, a(0, 0), 1, "{}").body_with_doc(&over),
+                e.time(),
+                &e,
+            ),
+            raw(
+                &put(103, a(0, 0), 1, "{}").subject(),
+                &put(103, a(0, 0), 1, "{}").body_with_doc(&escaped),
+                e.time(),
+                &e,
+            ),
+            raw(
+                &put(104, a(0, 0), 1, "{}").subject(),
+                &put(104, a(0, 0), 1, "{}").body_with_doc(&literal).replacen(
+                    r#""doc":"#,
+                    "\"doc\" :\n  ",
+                    1,
+                ),
+                e.time(),
+                &e,
+            ),
+        ],
+    );
+    // The second message's subject must be its own record's.
+    size.messages[1].subject = put(102, a(0, 0), 1, "{}").subject();
+    size.max_doc_bytes = 64;
+    out.push(size);
+
+    let nest = |depth: usize| format!("{}{}", "[".repeat(depth - 1), "]".repeat(depth - 1));
+    let e127 = put(105, a(0, 0), 1, "{}");
+    let e128 = put(106, a(0, 0), 1, "{}");
+    out.push(case(
+        "doc_nesting_limit_127",
+        "malformed: a document nested more than 127 levels (objects and arrays; the doc object itself is level 1) is refused. 127 passes, 128 fails.",
+        vec![
+            raw(
+                &e127.subject(),
+                &e127.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(127))),
+                e127.time(),
+                &e127,
+            ),
+            raw(
+                &e128.subject(),
+                &e128.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(128))),
+                e128.time(),
+                &e128,
+            ),
+        ],
+    ));
+
+    let d1 = put(107, a(0, 0), 1, "{}");
+    let d2 = put(108, a(0, 0), 1, "{}");
+    let d3 = put(109, a(0, 0), 1, "{}");
+    let d4 = put(110, a(0, 0), 1, "{}");
+    out.push(case(
+        "duplicate_member_names",
+        "malformed: a member name twice in one object, in the envelope or anywhere inside doc (names compare after unescaping: \"a\" and \"\\u0061\" are the same). The same name in two different objects is fine.",
+        vec![
+            raw(
+                &d1.subject(),
+                &d1.body().replacen(r#""op":"put""#, r#""op":"put","op":"put""#, 1),
+                d1.time(),
+                &d1,
+            ),
+            raw(&d2.subject(), &d2.body_with_doc(r#"{"a":1,"a":2}"#), d2.time(), &d2),
+            raw(
+                &d3.subject(),
+                &d3.body_with_doc(r#"{"x":{"a":1,"\u0061":2}}"#),
+                d3.time(),
+                &d3,
+            ),
+            raw(
+                &d4.subject(),
+                &d4.body_with_doc(r#"{"x":{"a":1},"y":[{"a":2}],"a":3}"#),
+                d4.time(),
+                &d4,
+            ),
+        ],
+    ));
+
+    let z = put(111, a(0, 0), 1, "{}");
+    let mut z0 = z.clone();
+    z0.0.origin_seq = 0;
+    out.push(case(
+        "origin_seq_zero",
+        "invalid_version: origin_seq starts at 1; 0 is refused.",
+        vec![msg(&z0)],
+    ));
+
+    let f = put(112, a(0, 0), 1, r#"{"v":1}"#);
+    let forged_subject = f.subject().replace(".node-a.", ".node-b.");
+    let import = f.subject().replacen("jetsync.", "jetsync_in.", 1);
+    let import_forged = forged_subject.replacen("jetsync.", "jetsync_in.", 1);
+    out.push(case(
+        "forged_origin",
+        "forged_origin: the subject's origin token (4th after the prefix) differs from the body's origin. Also on an edge site's import subject <prefix>_in.<entity>.<scope>.<origin>.<id>, which is otherwise accepted like <prefix>.<...>.",
+        vec![
+            raw(&forged_subject, &f.body(), f.time(), &f),
+            raw(&import_forged, &f.body(), f.time(), &f),
+            raw(&import, &f.body(), f.time(), &f),
+        ],
+    ));
+
+    let s = put(113, a(0, 0), 1, r#"{"v":1}"#);
+    out.push(case(
+        "subject_mismatch",
+        "subject_mismatch: any other token differs (entity, scope, id), a token is missing or extra, or the prefix is not <prefix> or <prefix>_in.",
+        vec![
+            raw(&s.subject().replace(".orders.", ".invoices."), &s.body(), s.time(), &s),
+            raw(&s.subject().replace("._.", ".shop1."), &s.body(), s.time(), &s),
+            raw(&format!("{}.x", s.subject()), &s.body(), s.time(), &s),
+            raw(&s.subject().replacen("jetsync.", "jetsync_x.", 1), &s.body(), s.time(), &s),
+            raw(&s.subject().replace(&id(113).to_string(), &id(114).to_string()), &s.body(), s.time(), &s),
+        ],
+    ));
+
+    let d = put(114, a(0, 0), 1, r#"{"v":1}"#);
+    let d2 = put(115, a(0, 0), 1, r#"{"v":1}"#);
+    let stamp = T0;
+    let mut drift = case(
+        "clock_drift_against_stream_time",
+        "clock_drift: the version's ms is more than max_clock_drift_ms ahead of the message's JetStream timestamp (its stream time, the same for every consumer, not the consumer's clock). Limit 60000: exactly 60000 ahead passes, 60001 fails. Being behind is never refused.",
+        vec![
+            raw(&d.subject(), &d.body(), stamp - 60_000, &d),
+            raw(&d2.subject(), &d2.body(), stamp - 60_001, &d2),
+        ],
+    );
+    drift.max_clock_drift_ms = 60_000;
+    out.push(drift);
+
+    let u = put(116, a(0, 0), 1, r#"{"v":1}"#);
+    let mut v2 = raw(
+        &u.subject(),
+        &u.body().replacen(r#""v":1"#, r#""v":2"#, 1),
+        u.time(),
+        &u,
+    );
+    v2.envelope = 2;
+    let mut v2_other = raw(
+        &u.subject(),
+        r#"{"v":2,"shape":"anything a later envelope carries"}"#,
+        u.time(),
+        &u,
+    );
+    v2_other.envelope = 2;
+    out.push(case(
+        "unknown_envelope_version",
+        "unsupported_envelope: a body whose top-level v is a number other than 1, whatever else it holds.",
+        vec![v2, v2_other],
+    ));
+
+    // An id with hex letters, for the upper-case case.
+    let m = put(0xabcdef, a(0, 0), 1, r#"{"v":1}"#);
+    let t = |body: String| raw(&m.subject(), &body, m.time(), &m);
+    let del_body = del(0xabcdef, a(0, 0), 1).body();
+    let del_with_doc = format!(r#"{},"doc":{{}}}}"#, &del_body[..del_body.len() - 1]);
+    out.push(case(
+        "malformed_bodies",
+        "malformed: not JSON; an unknown member; a number with a fraction or exponent; a null optional member; a put without doc; a doc that is not an object; an id not in lowercase hyphenated form; a missing member.",
+        vec![
+            t("not json".into()),
+            t(m.body().replacen(r#""v":1"#, r#""v":1,"extra":true"#, 1)),
+            t(m.body().replacen(r#""origin_seq":1"#, r#""origin_seq":1.0"#, 1)),
+            t(m.body().replacen(r#""origin_seq":1"#, r#""origin_seq":1e0"#, 1)),
+            t(m.body().replacen(r#""doc":{"v":1}"#, r#""doc":null"#, 1)),
+            t(m.body().replacen(r#","doc":{"v":1}"#, "", 1)),
+            t(m.body().replacen(r#""doc":{"v":1}"#, r#""doc":[1]"#, 1)),
+            t(m.body().replacen(r#""op":"put""#, r#""op":"delete""#, 1)),
+            t(m.body().replace(&id(0xabcdef).to_string(), &id(0xabcdef).to_string().to_uppercase())),
+            t(m.body().replacen(r#""origin":"node-a","#, "", 1)),
+            t(del_with_doc),
+        ],
+    ));
+
+    let j = put(119, a(0, 0), 1, r#"{"v":1}"#);
+    let jt = |body: String| raw(&j.subject(), &body, j.time(), &j);
+    out.push(case(
+        "json_edge_cases",
+        "What a JSON library may read differently: a lone surrogate escape, a huge or negative-zero number, NaN, a BOM, trailing text, numbers as strings, an explicit empty resolves (accepted, same as absent), null where a member is optional. A consumer must agree with each outcome.",
+        vec![
+            jt(j.body_with_doc(r#"{"s":"\ud800"}"#)),
+            jt(j.body_with_doc(r#"{"n":1e400,"z":-0,"f":1.5E-3}"#)),
+            jt(j.body_with_doc(r#"{"n":NaN}"#)),
+            jt(format!("\u{feff}{}", j.body())),
+            jt(format!("{} x", j.body())),
+            jt(format!("{} \n", j.body())),
+            jt(j.body().replacen(r#""v":1"#, r#""v":"2""#, 1)),
+            jt(j.body().replacen(r#""v":1"#, r#""v":1.0"#, 1)),
+            jt(j.body().replacen(r#""v":1"#, r#""v":-1"#, 1)),
+            jt(j.body().replacen(r#""v":1"#, r#""v":4294967296"#, 1)),
+            jt(j.body().replacen(r#""op":"put""#, r#""op":"put","base":null"#, 1)),
+            jt(j.body().replacen(r#""op":"put""#, r#""op":"put","resolves":null"#, 1)),
+            jt(j.body().replacen(r#""op":"put""#, r#""op":"put","resolves":[]"#, 1)),
+            jt(j.body().replacen(r#""ms":"#, r#""ms":281474976710656,"x":"#, 1)),
+        ],
+    ));
+
+    let iv = put(118, a(10, 0), 1, r#"{"v":1}"#);
+    let mut not_own = iv.clone();
+    not_own.0.version = ver(10, 0, "node-b");
+    out.push(case(
+        "invalid_versions",
+        "invalid_version: version.node differs from origin; a base or resolves entry not strictly smaller than version (equal counts).",
+        vec![
+            msg(&not_own),
+            msg(&iv.clone().base(a(10, 0))),
+            msg(&iv.clone().base(a(11, 0))),
+            msg(&iv.clone().resolves(vec![a(5, 0), ver(10, 0, "node-b")])),
+            msg(&iv.clone().resolves(vec![a(5, 0), ver(10, 0, "node-0")])),
+        ],
+    ));
+    out
+}
+
+/// Scope and entity as record identity.
+fn scope_cases() -> Vec<Case> {
+    let a = |ms, c| ver(ms, c, "node-a");
+    let b = |ms, c| ver(ms, c, "node-b");
+    vec![
+        case(
+            "same_id_two_entities_are_two_records",
+            "A record is identified by entity and id: the same id under two entity types is two records.",
+            vec![
+                msg(&put(201, a(0, 0), 1, r#"{"k":"orders"}"#)),
+                msg(&put(201, a(1, 0), 2, r#"{"k":"invoices"}"#).entity("invoices")),
+            ],
+        ),
+        case(
+            "scope_of_a_record_is_its_winners",
+            "A record's scope is the scope of its winning leaf. A record created concurrently in two scopes (only possible by two origins writing one id at once) holds a leaf in each; see docs/consuming.md \"Scope\" for what a consumer filtering by scope must do.",
+            vec![
+                msg(&put(202, a(0, 0), 1, r#"{"s":"shop1"}"#).scope("shop1")),
+                msg(&put(202, b(1, 0), 1, r#"{"s":"shop2"}"#).scope("shop2")),
+            ],
+        ),
+    ]
+}
+
+fn version_json(v: &Version) -> Value {
+    serde_json::to_value(v).expect("version")
+}
+
+/// The expected outcome of each message and the final records, by the decoder and the
+/// merge rule alone.
+fn expect(c: &Case) -> (Vec<Value>, Value) {
+    let lim = limits(c);
+    let mut states: BTreeMap<(String, Uuid), RecordState> = BTreeMap::new();
+    let mut outcomes = vec![];
+    for m in &c.messages {
+        match event::decode(&m.subject, m.body.as_bytes(), m.time_ms, &lim) {
+            Err(reason) => {
+                let mut o = json!({"outcome": "quarantined", "reason": reason.code()});
+                if let event::QuarantineReason::DocTooLarge { size, .. } = reason {
+                    o["doc_bytes"] = json!(size);
+                }
+                outcomes.push(o);
+            }
+            Ok(ev) => {
+                let doc_bytes = ev.doc.as_ref().map(|d| d.get().len());
+                let key = (ev.entity.to_string(), ev.id);
+                let mut seen = vec![];
+                let outcome = match states.entry(key).or_default().apply_noting(ev, &mut seen) {
+                    Merge::Applied => "applied",
+                    Merge::Duplicate => "duplicate",
+                };
+                let mut o = json!({"outcome": outcome});
+                if let Some(n) = doc_bytes {
+                    o["doc_bytes"] = json!(n);
+                }
+                if !seen.is_empty() {
+                    o["equivocation"] = json!(true);
+                }
+                outcomes.push(o);
+            }
+        }
+    }
+    let records = states
+        .iter()
+        .map(|((entity, id), s)| record_json(entity, id, s))
+        .collect();
+    (outcomes, Value::Array(records))
+}
+
+fn record_json(entity: &str, id: &Uuid, s: &RecordState) -> Value {
+    let w = s.winner().expect("a record with events has a winner");
+    json!({
+        "entity": entity,
+        "id": id.to_string(),
+        "scope": w.scope.as_str(),
+        "deleted": w.is_tombstone(),
+        "version": version_json(&w.version),
+        "doc": w.doc,
+        "conflicts": s.conflicts().iter().map(|l| json!({
+            "version": version_json(&l.version),
+            "deleted": l.is_tombstone(),
+            "scope": l.scope.as_str(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn vector_file(title: &str, about: &str, cases: &[Case]) -> String {
+    let cases: Vec<Value> = cases
+        .iter()
+        .map(|c| {
+            let (outcomes, records) = expect(c);
+            let messages: Vec<Value> = c
+                .messages
+                .iter()
+                .zip(outcomes)
+                .enumerate()
+                .map(|(i, (m, expect))| {
+                    json!({
+                        "stream_seq": i as u64 + 1,
+                        "stream_time_ms": m.time_ms,
+                        "subject": m.subject,
+                        "headers": {"Nats-Msg-Id": m.msg_id},
+                        "envelope": m.envelope,
+                        "body": m.body,
+                        "expect": expect,
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "rule": c.rule,
+                "limits": {
+                    "prefix": PREFIX,
+                    "max_doc_bytes": c.max_doc_bytes,
+                    "max_clock_drift_ms": c.max_clock_drift_ms,
+                },
+                "messages": messages,
+                "records": records,
+            })
+        })
+        .collect();
+    let file = json!({
+        "format": "jetsync-vectors/1",
+        "title": title,
+        "about": about,
+        "generated_by": "tests/contract.rs (JETSYNC_BLESS=1 cargo test --test contract rewrites it; do not edit)",
+        "cases": cases,
+    });
+    serde_json::to_string_pretty(&file).expect("json") + "\n"
+}
+
+fn vectors() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "merge.json",
+            vector_file(
+                "The merge rule",
+                "Winner by version order, both supersession clauses, resolves, deletes, duplicates, late and early events, equivocation.",
+                &merge_cases(),
+            ),
+        ),
+        (
+            "refusals.json",
+            vector_file(
+                "Refusals",
+                "Every quarantine reason, next to the accepted case on the other side of each limit.",
+                &refusal_cases(),
+            ),
+        ),
+        (
+            "identity.json",
+            vector_file(
+                "Record identity and scope",
+                "What a record is: entity type and id; its scope is its winner's.",
+                &scope_cases(),
+            ),
+        ),
+    ]
+}
+
+fn vector_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/vectors")
+}
+
+/// The committed vectors are exactly what the code generates.
+#[test]
+fn vectors_are_generated_from_the_code() {
+    let dir = vector_dir();
+    let bless = std::env::var_os("JETSYNC_BLESS").is_some();
+    let mut stale = vec![];
+    for (name, text) in vectors() {
+        let path = dir.join(name);
+        if bless {
+            std::fs::create_dir_all(&dir).expect("create schemas/vectors");
+            std::fs::write(&path, &text).expect("write vector");
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(old) if old == text => {}
+            _ => stale.push(name),
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "schemas/vectors/{stale:?} differ from what the code generates: run \
+         `JETSYNC_BLESS=1 cargo test --test contract vectors_are_generated` and review the diff"
+    );
+}
+
+fn open_store(dir: &Path, file: &str, c: &Value) -> Store {
+    let lim = &c["limits"];
+    let config = StoreConfig {
+        prefix: PREFIX.to_owned(),
+        max_doc_bytes: lim["max_doc_bytes"].as_u64().expect("limit") as usize,
+        max_clock_drift: Duration::from_millis(lim["max_clock_drift_ms"].as_u64().expect("drift")),
+        ..StoreConfig::default()
+    };
+    Store::open(
+        dir.join(file),
+        NodeId::new("vector-checker").expect("node"),
+        config,
+    )
+    .expect("open store")
+}
+
+fn store_records(store: &Store, expected: &Value) -> Value {
+    let mut out = vec![];
+    for r in expected.as_array().expect("records") {
+        let entity = EntityName::new(r["entity"].as_str().expect("entity")).expect("entity");
+        let id: Uuid = r["id"].as_str().expect("id").parse().expect("uuid");
+        let state = store
+            .state(&entity, id)
+            .expect("read state")
+            .unwrap_or_else(|| panic!("the store has no record {entity}/{id}"));
+        out.push(record_json(entity.as_str(), &id, &state));
+    }
+    Value::Array(out)
+}
+
+/// Every vector applied through a real store, message by message in stream order (each
+/// outcome as expected) and all at once in reverse order (same final records).
+#[test]
+fn vectors_hold_in_a_real_store_in_any_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (file, text) in vectors() {
+        let v: Value = serde_json::from_str(&text).expect("vector json");
+        for (k, c) in v["cases"].as_array().expect("cases").iter().enumerate() {
+            let name = format!("{file}/{}", c["name"].as_str().expect("name"));
+            let msgs: Vec<(u64, u64, String, String)> = c["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| {
+                    (
+                        m["stream_seq"].as_u64().expect("seq"),
+                        m["stream_time_ms"].as_u64().expect("time"),
+                        m["subject"].as_str().expect("subject").to_owned(),
+                        m["body"].as_str().expect("body").to_owned(),
+                    )
+                })
+                .collect();
+            let store = open_store(dir.path(), &format!("{file}-{k}.redb"), c);
+            for ((seq, time, subject, body), m) in
+                msgs.iter().zip(c["messages"].as_array().expect("m"))
+            {
+                let report = store
+                    .apply_batch(&[Incoming {
+                        stream_seq: *seq,
+                        subject,
+                        payload: body.as_bytes(),
+                        stream_time_ms: *time,
+                    }])
+                    .expect("apply");
+                let got = match (report.applied, report.duplicates, report.quarantined) {
+                    (1, 0, 0) => json!("applied"),
+                    (0, 1, 0) => json!("duplicate"),
+                    (0, 0, 1) => json!("quarantined"),
+                    other => panic!("{name} message {seq}: unexpected report {other:?}"),
+                };
+                assert_eq!(got, m["expect"]["outcome"], "{name} message {seq}");
+                if let Some(reason) = m["expect"]["reason"].as_str() {
+                    assert_eq!(
+                        report.quarantine_reasons,
+                        vec![(
+                            jetsync::event::QuarantineReason::CODES
+                                .into_iter()
+                                .find(|c| *c == reason)
+                                .expect("known code"),
+                            1
+                        )],
+                        "{name} message {seq}"
+                    );
+                }
+            }
+            assert_eq!(
+                store_records(&store, &c["records"]),
+                c["records"],
+                "{name}: the store's records in stream order"
+            );
+            let quarantined = store.quarantine_len().expect("quarantine len");
+            drop(store);
+
+            let reverse = open_store(dir.path(), &format!("{file}-{k}-rev.redb"), c);
+            let batch: Vec<Incoming<'_>> = msgs
+                .iter()
+                .rev()
+                .map(|(seq, time, subject, body)| Incoming {
+                    stream_seq: *seq,
+                    subject,
+                    payload: body.as_bytes(),
+                    stream_time_ms: *time,
+                })
+                .collect();
+            reverse.apply_backfill(&batch).expect("apply reversed");
+            assert_eq!(
+                store_records(&reverse, &c["records"]),
+                c["records"],
+                "{name}: the store's records in reverse order"
+            );
+            assert_eq!(
+                reverse.quarantine_len().expect("len"),
+                quarantined,
+                "{name}"
+            );
+        }
+    }
+}
+
+/// The Python reference consumer's vector mode passes every vector.
+#[test]
+fn python_consumer_passes_the_vectors() {
+    let Some(python) = python_with_nats() else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python)
+        .arg(root.join("clients/python/jetsync_consumer.py"))
+        .arg("vectors")
+        .arg(vector_dir())
+        .output()
+        .expect("run python");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python vector run failed:\n{text}");
+    assert!(text.contains("0 failed"), "{text}");
+}
+
+/// `python3` if it and nats-py are importable, else `None` with the reason printed.
+fn python_with_nats() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", "import nats, sqlite3"])
+        .output();
+    match ok {
+        Ok(o) if o.status.success() => Some("python3"),
+        Ok(o) => {
+            eprintln!(
+                "SKIP: python3 cannot import nats-py (`pip install nats-py`, .ci/run does): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP: no python3 ({e})");
+            None
+        }
+    }
+}

@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""A jetsync reference consumer: keeps a SQLite read model of a jetsync stream.
+
+It implements docs/consuming.md and nothing else: decode and refuse exactly as a node
+does, merge with the node's rule, keep the checkpoint in the same SQLite transaction as
+the records, and resume by recreating its consumer at checkpoint + 1.
+
+    python3 jetsync_consumer.py follow nats://127.0.0.1:4222 model.sqlite [--stream JETSYNC]
+    python3 jetsync_consumer.py vectors schemas/vectors     # check against the vectors
+    python3 jetsync_consumer.py dump model.sqlite           # the live records, as JSON lines
+
+Needs Python 3.9+ and, for `follow` only, nats-py.
+"""
+
+import asyncio
+import json
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+ENVELOPE_VERSION = 1
+MAX_DOC_DEPTH = 127
+NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ENTITY_RE = re.compile(r"[a-z0-9_]{1,64}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+U64 = 2**64 - 1
+
+
+class Refused(Exception):
+    """A message every node quarantines, with its stable reason code."""
+
+    def __init__(self, code, detail=""):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+# --- decoding: docs/consuming.md "Refusals", in the order a node checks them ----------
+
+
+class _Obj(dict):
+    """A parsed JSON object that remembers whether a member name occurred twice in it."""
+
+    dup = False
+
+
+def _obj(pairs):
+    o = _Obj(pairs)
+    o.dup = len(o) != len(pairs)
+    return o
+
+
+def _reject_constant(name):
+    raise Refused("malformed", f"{name} is not JSON")
+
+
+def _raw_doc(text):
+    """The text of the body's top-level `doc` value exactly as written, or None."""
+    dec = json.JSONDecoder()
+    ws = " \t\n\r"
+    i = text.index("{") + 1
+    while True:
+        while text[i] in ws:
+            i += 1
+        if text[i] == "}":
+            return None
+        name, i = json.decoder.scanstring(text, i + 1)
+        while text[i] in ws + ":":
+            i += 1
+        _, end = dec.raw_decode(text, i)
+        if name == "doc":
+            return text[i:end]
+        i = end
+        while text[i] in ws + ",":
+            i += 1
+
+
+def _depth_and_dup(value):
+    """Nesting of objects and arrays ({} is 1), and whether any object has a name twice."""
+    deepest, dup, stack = 0, False, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            dup = dup or getattr(v, "dup", False)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest, dup
+
+
+def _u(v, bits):
+    return type(v) is int and 0 <= v < 2**bits
+
+
+def _version(v):
+    """A version as a comparable tuple (ms, c, node bytes)."""
+    if not (isinstance(v, dict) and not getattr(v, "dup", False) and set(v) == {"ms", "c", "node"}):
+        raise Refused("malformed", f"bad version {v!r}")
+    if not (_u(v["ms"], 48) and _u(v["c"], 16)):
+        raise Refused("malformed", f"version out of range {v!r}")
+    if not (type(v["node"]) is str and NODE_RE.fullmatch(v["node"])):
+        raise Refused("malformed", f"bad node id {v['node']!r}")
+    return (v["ms"], v["c"], v["node"].encode())
+
+
+def decode(subject, body, stream_time_ms, limits):
+    """The checked event of one stream message, or raises Refused (see docs/consuming.md)."""
+    try:
+        text = body.decode("utf-8")
+        ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant)
+        structure_error = _structure(ev)
+    except (ValueError, RecursionError, Refused) as e:
+        structure_error = e
+        ev = None
+    if structure_error is not None:
+        # A newer envelope is named as such, not as garbage.
+        try:
+            top = json.loads(body.decode("utf-8"), object_pairs_hook=lambda p: p)
+            vs = [v for k, v in top if k == "v"] if type(top) is list else []
+        except (ValueError, RecursionError):
+            vs = []
+        if len(vs) == 1 and _u(vs[0], 64) and vs[0] != ENVELOPE_VERSION:
+            raise Refused("unsupported_envelope", str(vs[0]))
+        raise Refused("malformed", str(structure_error))
+    if ev["v"] != ENVELOPE_VERSION:
+        raise Refused("unsupported_envelope", str(ev["v"]))
+    # The document: presence, size as written, object, depth, duplicate names.
+    if ev["op"] == "put" and "doc" not in ev:
+        raise Refused("malformed", "put without doc")
+    if ev["op"] == "delete" and "doc" in ev:
+        raise Refused("malformed", "delete with a doc")
+    raw = None
+    if ev["op"] == "put":
+        raw = _raw_doc(text)
+        size = len(raw.encode("utf-8"))
+        if size > limits["max_doc_bytes"]:
+            raise Refused("doc_too_large", str(size))
+        if not isinstance(ev["doc"], dict):
+            raise Refused("malformed", "doc must be a JSON object")
+        depth, dup = _depth_and_dup(ev["doc"])
+        if depth > MAX_DOC_DEPTH:
+            raise Refused("malformed", "doc nested too deep")
+        if dup:
+            raise Refused("malformed", "doc has a member name twice")
+    # Versions.
+    version = _version(ev["version"])
+    if version[2] != ev["origin"].encode():
+        raise Refused("invalid_version", "version not written by origin")
+    if ev["origin_seq"] == 0:
+        raise Refused("invalid_version", "origin_seq must start at 1")
+    base = _version(ev["base"]) if "base" in ev else None
+    resolves = [_version(r) for r in ev.get("resolves", [])]
+    if any(n >= version for n in ([base] if base else []) + resolves):
+        raise Refused("invalid_version", "names a version not older than its own")
+    # The subject: <prefix>.<entity>.<scope>.<origin>.<id> or <prefix>_in.<same>.
+    tokens = [ev["entity"], ev["scope"], ev["origin"], ev["id"]]
+    prefix = limits["prefix"]
+    tail = None
+    for p in (prefix + ".", prefix + "_in."):
+        if subject.startswith(p):
+            tail = subject[len(p):]
+    if tail is None or tail.split(".") != tokens:
+        got = tail.split(".") if tail is not None else []
+        if len(got) > 2 and got[2] != ev["origin"]:
+            raise Refused("forged_origin", f"subject origin {got[2]!r}")
+        raise Refused("subject_mismatch", subject)
+    # Drift against the message's stream timestamp, never this machine's clock.
+    if version[0] - stream_time_ms > limits["max_clock_drift_ms"]:
+        raise Refused("clock_drift", f"{version[0] - stream_time_ms} ms ahead")
+    return {
+        "entity": ev["entity"],
+        "scope": ev["scope"],
+        "id": ev["id"],
+        "origin_seq": ev["origin_seq"],
+        "version": version,
+        "base": base,
+        "resolves": resolves,
+        "doc": raw,
+    }
+
+
+def _structure(ev):
+    """None if `ev` has the change-event shape (schemas/change-event.schema.json), else why."""
+    if type(ev) is not _Obj:
+        return "not an object"
+    if ev.dup:
+        return "duplicate member name"
+    required = {"v", "op", "entity", "scope", "id", "origin", "origin_seq", "version"}
+    if not required <= set(ev) or not set(ev) <= required | {"base", "resolves", "doc"}:
+        return "missing or unknown members"
+    checks = [
+        _u(ev["v"], 32),
+        ev["op"] in ("put", "delete"),
+        type(ev["entity"]) is str and ENTITY_RE.fullmatch(ev["entity"]),
+        type(ev["scope"]) is str and NODE_RE.fullmatch(ev["scope"]),
+        type(ev["origin"]) is str and NODE_RE.fullmatch(ev["origin"]),
+        type(ev["id"]) is str and UUID_RE.fullmatch(ev["id"]),
+        _u(ev["origin_seq"], 64),
+        type(ev.get("resolves", [])) is list,
+    ]
+    if not all(checks):
+        return "a member has the wrong type or form"
+    for v in [ev["version"], ev.get("base", {"ms": 0, "c": 0, "node": "x"})] + ev.get("resolves", []):
+        _version(v)
+    return None
+
+
+# --- the merge rule: docs/consuming.md "The merge rule" ----------------------------------
+
+
+def _content_key(leaf):
+    """Leaf::content_cmp: doc (absent lowest, then by bytes), scope, base, resolves, origin_seq."""
+    doc = leaf["doc"]
+    return (
+        (0, b"") if doc is None else (1, doc.encode()),
+        leaf["scope"].encode(),
+        (0,) if leaf["base"] is None else (1, leaf["base"]),
+        leaf["resolves"],
+        leaf["origin_seq"],
+    )
+
+
+class Record:
+    """One record's state: origins (greatest version per origin), leaves, pending names."""
+
+    def __init__(self, state=None):
+        s = state or {"origins": {}, "leaves": [], "pending": []}
+        self.origins = {n.encode(): _t(v) for n, v in s["origins"].items()}
+        self.leaves = [dict(leaf, version=_t(leaf["version"]), base=leaf["base"] and _t(leaf["base"]),
+                            resolves=[_t(r) for r in leaf["resolves"]]) for leaf in s["leaves"]]
+        self.pending = {_t(p) for p in s["pending"]}
+
+    def to_json(self):
+        return {
+            "origins": {n.decode(): _j(v) for n, v in self.origins.items()},
+            "leaves": [dict(leaf, version=_j(leaf["version"]), base=leaf["base"] and _j(leaf["base"]),
+                            resolves=[_j(r) for r in leaf["resolves"]]) for leaf in self.leaves],
+            "pending": [_j(p) for p in sorted(self.pending)],
+        }
+
+    def _name(self, v):
+        """Clause 1: a named version stops being a leaf (now or when it arrives)."""
+        top = self.origins.get(v[2])
+        if top is not None and v <= top:
+            self.leaves = [leaf for leaf in self.leaves if leaf["version"] != v]
+        else:
+            self.pending.add(v)
+
+    def apply(self, ev):
+        v, origin = ev["version"], ev["version"][2]
+        names = ([ev["base"]] if ev["base"] else []) + ev["resolves"]
+        for n in names:
+            self._name(n)
+        top = self.origins.get(origin)
+        leaf = {k: ev[k] for k in ("version", "scope", "base", "resolves", "origin_seq", "doc")}
+        if top == v:
+            # The same version again: an exact duplicate, or an equivocation (greater content stays).
+            for i, kept in enumerate(self.leaves):
+                if kept["version"] == v and _content_key(leaf) > _content_key(kept):
+                    self.leaves[i] = leaf
+            return
+        if top is not None and v < top:
+            return  # Clause 2: superseded by a later version of its origin.
+        # Clause 2: this origin's earlier leaf goes; names of it up to v are covered.
+        self.origins[origin] = v
+        self.leaves = [x for x in self.leaves if x["version"][2] != origin]
+        named = v in self.pending
+        self.pending = {p for p in self.pending if not (p[2] == origin and p <= v)}
+        if not named:
+            self.leaves.append(leaf)
+        self.leaves.sort(key=lambda x: x["version"], reverse=True)
+
+    def winner(self):
+        return self.leaves[0] if self.leaves else None
+
+
+def _t(v):
+    return (v["ms"], v["c"], v["node"].encode())
+
+
+def _j(v):
+    return {"ms": v[0], "c": v[1], "node": v[2].decode()}
+
+
+# --- the read model: records and checkpoint in one SQLite transaction ---------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+  entity TEXT NOT NULL, id TEXT NOT NULL,
+  scope TEXT, deleted INTEGER, version TEXT, doc TEXT, conflicts INTEGER,
+  state TEXT NOT NULL,                     -- the merge state (Record.to_json)
+  PRIMARY KEY (entity, id));
+CREATE TABLE IF NOT EXISTS quarantine (stream_seq INTEGER PRIMARY KEY, subject TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS checkpoint (one INTEGER PRIMARY KEY CHECK (one = 1), seq INTEGER NOT NULL);
+"""
+
+
+class ReadModel:
+    def __init__(self, path, limits):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.executescript(SCHEMA)
+        self.limits = limits
+
+    def checkpoint(self):
+        row = self.db.execute("SELECT seq FROM checkpoint").fetchone()
+        return row[0] if row else 0
+
+    def handle(self, seq, subject, body, stream_time_ms):
+        """Applies one message and moves the checkpoint, in one transaction. Returns the
+        event or the Refused, or None for a message at or below the checkpoint."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if seq <= self.checkpoint():
+                self.db.execute("ROLLBACK")
+                return None
+            try:
+                ev = decode(subject, body, stream_time_ms, self.limits)
+                self._apply(ev)
+                result = ev
+            except Refused as r:
+                self.db.execute("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?)", (seq, subject, r.code))
+                result = r
+            self.db.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?)", (seq,))
+            self.db.execute("COMMIT")
+            return result
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def _apply(self, ev):
+        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND id = ?", (ev["entity"], ev["id"])).fetchone()
+        rec = Record(json.loads(row[0]) if row else None)
+        rec.apply(ev)
+        w = rec.winner()
+        self.db.execute(
+            "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev["entity"], ev["id"], w["scope"], w["doc"] is None, json.dumps(_j(w["version"])),
+             w["doc"], len(rec.leaves) - 1, json.dumps(rec.to_json())),
+        )
+
+    def record(self, entity, id):
+        """The expected-record shape of schemas/vectors (winner, conflicts)."""
+        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND id = ?", (entity, id)).fetchone()
+        if row is None:
+            return None
+        rec = Record(json.loads(row[0]))
+        w = rec.winner()
+        return {
+            "entity": entity, "id": id, "scope": w["scope"], "deleted": w["doc"] is None,
+            "version": _j(w["version"]), "doc": w["doc"],
+            "conflicts": [{"version": _j(x["version"]), "deleted": x["doc"] is None, "scope": x["scope"]}
+                          for x in rec.leaves[1:]],
+        }
+
+    def records(self):
+        for entity, id in self.db.execute("SELECT entity, id FROM records ORDER BY entity, id").fetchall():
+            yield self.record(entity, id)
+
+
+# --- following a live stream ---------------------------------------------------------------
+
+
+async def follow(url, path, stream="JETSYNC", prefix="jetsync", idle_exit=None):
+    """Follows the stream into the read model at `path`. Resumes at its own checkpoint + 1
+    with an ordered (ephemeral) consumer: never at a durable consumer's server-side
+    position, which can be ahead of what was committed here (docs/consuming.md)."""
+    import nats
+
+    nc = await nats.connect(url, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    meta = (await js.stream_info(stream)).config.metadata or {}
+    # The deployment's refusal limits are pinned in the stream's metadata.
+    limits = {
+        "prefix": prefix,
+        "max_doc_bytes": int(meta.get("jetsync.max_doc_bytes", 256 * 1024)),
+        "max_clock_drift_ms": int(meta.get("jetsync.max_clock_drift_ms", 60_000)),
+    }
+    model = ReadModel(path, limits)
+    start = model.checkpoint() + 1
+    sub = await js.subscribe(f"{prefix}.>", ordered_consumer=True, stream=stream,
+                             deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
+                             config=nats.js.api.ConsumerConfig(opt_start_seq=start, filter_subjects=[]))
+    print(f"following {stream} from {start}", flush=True)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=idle_exit or 3600)
+        except nats.errors.TimeoutError:
+            if idle_exit:
+                break
+            continue
+        seq, ms = _ack_meta(msg.reply)
+        model.handle(seq, msg.subject, msg.data, ms)
+    await nc.close()
+
+
+def _ack_meta(reply):
+    """(stream sequence, stream timestamp ms) from a JetStream message's reply subject,
+    exactly (nats-py's metadata timestamp goes through a float)."""
+    t = reply.split(".")
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>, or the form
+    # with <domain>.<account hash> after ACK and a random token at the end.
+    off = 0 if len(t) == 9 else 2
+    return int(t[5 + off]), int(t[7 + off]) // 1_000_000
+
+
+# --- the conformance vectors -----------------------------------------------------------------
+
+
+def run_vectors(directory):
+    failed = passed = 0
+    for f in sorted(Path(directory).glob("*.json")):
+        for case in json.loads(f.read_text())["cases"]:
+            model = ReadModel(":memory:", case["limits"])
+            errors = []
+            for m in case["messages"]:
+                got = model.handle(m["stream_seq"], m["subject"], m["body"].encode(), m["stream_time_ms"])
+                want = m["expect"]
+                if isinstance(got, Refused):
+                    if want["outcome"] != "quarantined" or want["reason"] != got.code:
+                        errors.append(f"message {m['stream_seq']}: refused {got} but expected {want}")
+                    elif "doc_bytes" in want and got.detail != str(want["doc_bytes"]):
+                        errors.append(f"message {m['stream_seq']}: size {got.detail} != {want['doc_bytes']}")
+                elif want["outcome"] == "quarantined":
+                    errors.append(f"message {m['stream_seq']}: accepted but expected {want}")
+                elif "doc_bytes" in want and len(got["doc"].encode()) != want["doc_bytes"]:
+                    errors.append(f"message {m['stream_seq']}: doc size {len(got['doc'].encode())}")
+            for want in case["records"]:
+                got = model.record(want["entity"], want["id"])
+                if got != want:
+                    errors.append(f"record {want['entity']}/{want['id']}: got {got}, expected {want}")
+            if len(list(model.records())) != len(case["records"]):
+                errors.append("records that the vector does not expect")
+            name = f"{f.name}/{case['name']}"
+            if errors:
+                failed += 1
+                print(f"FAIL {name}\n  " + "\n  ".join(errors))
+            else:
+                passed += 1
+    print(f"vectors: {passed} passed, {failed} failed")
+    return failed == 0
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "vectors":
+        return 0 if run_vectors(argv[1]) else 1
+    if len(argv) >= 2 and argv[0] == "dump":
+        model = ReadModel(argv[1], {})
+        for r in model.records():
+            print(json.dumps(r, sort_keys=True))
+        return 0
+    if len(argv) >= 3 and argv[0] == "follow":
+        opts = dict(zip(argv[3::2], argv[4::2]))
+        asyncio.run(follow(argv[1], argv[2], stream=opts.get("--stream", "JETSYNC"),
+                           prefix=opts.get("--prefix", "jetsync"),
+                           idle_exit=float(opts["--idle-exit"]) if "--idle-exit" in opts else None))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
