@@ -922,3 +922,344 @@ fn python_with_nats() -> Option<&'static str> {
         }
     }
 }
+
+// ----- the live test: three node processes, a workload, crashes, the Python consumer ----
+
+const BIN: &str = env!("CARGO_BIN_EXE_jetsync");
+const NODES: [&str; 3] = ["na", "nb", "nc"];
+const LIVE_ENTITY: &str = "contract_orders";
+/// Longest wait for anything the live test waits for.
+const WAIT: Duration = Duration::from_secs(120);
+
+fn spawn_node(dir: &Path, url: &str, name: &str) -> std::process::Child {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"{name}\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n",
+            dir.join(name).display()
+        ),
+    )
+    .expect("write node config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .expect("node log");
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn jetsync run")
+}
+
+fn spawn_consumer(python: &str, dir: &Path, url: &str) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("consumer.log"))
+        .expect("consumer log");
+    Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
+        .args(["follow", url])
+        .arg(dir.join("model.sqlite"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn the python consumer")
+}
+
+fn consumer_checkpoint(python: &str, dir: &Path) -> Result<u64, String> {
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
+        .arg("checkpoint")
+        .arg(dir.join("model.sqlite"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    common::nodes::wait_for(what, WAIT, &mut check).await;
+}
+
+/// One node's share of the workload: puts, deletes, `--if` writes and resolves on a small
+/// shared id set, so writes of different nodes race on the same records.
+async fn workload(
+    api: jetsync::api::ApiClient,
+    node: &'static str,
+    ids: Vec<Uuid>,
+    seed: u64,
+    ops: usize,
+    resolve: bool,
+) {
+    let mut rng = common::rng::Rng(seed);
+    for i in 0..ops {
+        let id = rng.pick(&ids).to_string();
+        let doc = json!({"node": node, "i": i, "pad": "x".repeat(rng.below(40) as usize)});
+        let call = match rng.below(if resolve { 10 } else { 9 }) {
+            0..=4 => {
+                api.call(
+                    node,
+                    "put",
+                    json!({"entity": LIVE_ENTITY, "id": id, "doc": doc}),
+                )
+                .await
+            }
+            5 | 6 => {
+                api.call(node, "delete", json!({"entity": LIVE_ENTITY, "id": id}))
+                    .await
+            }
+            7 | 8 => {
+                // A conditional write on the version this node sees now.
+                match api.call(node, "get", json!({"entity": LIVE_ENTITY, "id": id})).await {
+                    Ok(rec) if rec["version"].is_string() => {
+                        api.call(
+                            node,
+                            "put",
+                            json!({"entity": LIVE_ENTITY, "id": id, "doc": doc, "if_version": rec["version"]}),
+                        )
+                        .await
+                    }
+                    other => other,
+                }
+            }
+            _ => {
+                // Resolve whatever conflicts this node sees on one record.
+                match api
+                    .call(
+                        node,
+                        "conflicts",
+                        json!({"entity": LIVE_ENTITY, "limit": 5}),
+                    )
+                    .await
+                {
+                    Ok(c) => match c["conflicts"].as_array().and_then(|c| c.first()).cloned() {
+                        Some(rec) => {
+                            let versions: Vec<Value> = rec["leaves"]
+                                .as_array()
+                                .map(|l| l.iter().map(|l| l["version"].clone()).collect())
+                                .unwrap_or_default();
+                            api.call(
+                                node,
+                                "resolve",
+                                json!({"entity": LIVE_ENTITY, "id": rec["id"], "doc": doc, "versions": versions}),
+                            )
+                            .await
+                        }
+                        None => Ok(Value::Null),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        // Refused conditions and a node that is down are part of the workload.
+        let _ = call;
+    }
+}
+
+fn sigkill(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn sigterm(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("process {} did not stop within 30 s of SIGTERM", child.id());
+}
+
+/// Three `jetsync run` processes take a concurrent workload (shared ids, deletes racing
+/// updates, `if_version` writes, resolves); one node is SIGKILLed and restarted, and the
+/// Python consumer is SIGKILLed mid-stream and restarted on its SQLite file. At the end
+/// the consumer's every record (winner, deletion, document bytes, conflicts, scope) equals
+/// every node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_consumer_matches_three_nodes_through_crashes() {
+    let Some(python) = python_with_nats() else {
+        return;
+    };
+    let server = jetsync::devserver::NatsServer::start().expect("nats-server starts");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let mut nodes: Vec<std::process::Child> =
+        NODES.iter().map(|n| spawn_node(d, &url, n)).collect();
+    let nc = async_nats::connect(&url).await.expect("connect");
+    let api = jetsync::api::ApiClient::new(nc.clone(), PREFIX);
+    wait_until("the three nodes to answer", || {
+        let api = api.clone();
+        async move {
+            let found = api
+                .nodes(Duration::from_millis(500))
+                .await
+                .map_err(|e| e.to_string())?;
+            let names: Vec<String> = found
+                .iter()
+                .filter_map(|n| n["node"].as_str().map(str::to_owned))
+                .collect();
+            NODES
+                .iter()
+                .all(|n| names.iter().any(|m| m == n))
+                .then_some(())
+                .ok_or(format!("nodes answering: {names:?}"))
+        }
+    })
+    .await;
+    let ids: Vec<Uuid> = (0..24).map(|_| Uuid::now_v7()).collect();
+    let round = |ops: usize, seed: u64, which: &[&'static str], resolve: bool| {
+        let tasks: Vec<_> = which
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                tokio::spawn(workload(
+                    api.clone(),
+                    n,
+                    ids.clone(),
+                    seed + k as u64,
+                    ops,
+                    resolve,
+                ))
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await.expect("workload task");
+            }
+        }
+    };
+
+    // Phase 1, then the consumer starts on a backlog and is killed while it reads it.
+    round(150, 1, &NODES, true).await;
+    let mut consumer = spawn_consumer(python, d, &url);
+    wait_until("the consumer to apply its first events", || async {
+        match consumer_checkpoint(python, d) {
+            Ok(n) if n >= 50 => Ok(()),
+            other => Err(format!("checkpoint {other:?}")),
+        }
+    })
+    .await;
+    sigkill(&mut consumer);
+    let killed_at = consumer_checkpoint(python, d).expect("checkpoint after the kill");
+    // Phase 2 with node nb crashed, then restarted; the consumer restarts meanwhile.
+    sigkill(&mut nodes[1]);
+    let phase2 = round(100, 100, &["na", "nc"], true);
+    let mut consumer = spawn_consumer(python, d, &url);
+    phase2.await;
+    nodes[1] = spawn_node(d, &url, "nb");
+    // The last round resolves nothing, so conflicts are left for the comparison.
+    round(100, 200, &NODES, false).await;
+
+    // Everything published and applied everywhere, by the nodes and the consumer.
+    let js = async_nats::jetstream::new(nc.clone());
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    wait_until(
+        "the nodes to publish everything and apply the whole stream",
+        || {
+            let (api, js, reached) = (api.clone(), js.clone(), reached.clone());
+            async move {
+                let (_, stream_last) = common::nodes::stream_state(&js).await?;
+                for n in NODES {
+                    let s = api
+                        .call(n, "status", json!({}))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if s["outbox"] != 0 || s["checkpoint"] != stream_last {
+                        return Err(format!(
+                            "{n}: outbox {} checkpoint {} of {stream_last}",
+                            s["outbox"], s["checkpoint"]
+                        ));
+                    }
+                }
+                reached.store(stream_last, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let last = reached.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until("the consumer to reach the end of the stream", || async {
+        match consumer_checkpoint(python, d) {
+            Ok(n) if n == last => Ok(()),
+            other => Err(format!("checkpoint {other:?} of {last}")),
+        }
+    })
+    .await;
+    sigterm(&mut consumer);
+    for n in &mut nodes {
+        sigterm(n);
+    }
+
+    let dump = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
+        .arg("dump")
+        .arg(d.join("model.sqlite"))
+        .output()
+        .expect("dump");
+    let mut consumer_records: Vec<Value> = String::from_utf8_lossy(&dump.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dump line"))
+        .collect();
+    consumer_records.sort_by_key(|r| r["id"].as_str().map(str::to_owned));
+    let entity = EntityName::new(LIVE_ENTITY).expect("entity");
+    let mut mismatches = vec![];
+    let mut conflicted = 0;
+    for n in NODES {
+        let store = Store::open(
+            d.join(n).join(format!("{n}.redb")),
+            NodeId::new(n).expect("node"),
+            StoreConfig::default(),
+        )
+        .expect("open a node's store");
+        let node_records: Vec<Value> = store
+            .scan(&entity, None, usize::MAX)
+            .expect("scan")
+            .items
+            .iter()
+            .map(|(id, s)| record_json(LIVE_ENTITY, id, s))
+            .collect();
+        conflicted = node_records
+            .iter()
+            .filter(|r| r["conflicts"] != json!([]))
+            .count();
+        if node_records.len() != consumer_records.len() {
+            mismatches.push(format!(
+                "{n}: {} records, consumer {}",
+                node_records.len(),
+                consumer_records.len()
+            ));
+        }
+        for (a, b) in node_records.iter().zip(&consumer_records) {
+            if a != b {
+                mismatches.push(format!("{n}: {a}\n   consumer: {b}"));
+            }
+        }
+    }
+    eprintln!(
+        "live: {last} stream messages, {} records ({conflicted} with conflicts); consumer killed at checkpoint {killed_at}",
+        consumer_records.len()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}

@@ -7,7 +7,8 @@ the records, and resume by recreating its consumer at checkpoint + 1.
 
     python3 jetsync_consumer.py follow nats://127.0.0.1:4222 model.sqlite [--stream JETSYNC]
     python3 jetsync_consumer.py vectors schemas/vectors     # check against the vectors
-    python3 jetsync_consumer.py dump model.sqlite           # the live records, as JSON lines
+    python3 jetsync_consumer.py dump model.sqlite           # every record's state, as JSON lines
+    python3 jetsync_consumer.py checkpoint model.sqlite     # the last stream sequence applied
 
 Needs Python 3.9+ and, for `follow` only, nats-py.
 """
@@ -297,7 +298,8 @@ CREATE TABLE IF NOT EXISTS checkpoint (one INTEGER PRIMARY KEY CHECK (one = 1), 
 
 class ReadModel:
     def __init__(self, path, limits):
-        self.db = sqlite3.connect(path, isolation_level=None)
+        # Autocommit mode: transactions are the explicit BEGIN/COMMIT in handle().
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self.db.executescript(SCHEMA)
         self.limits = limits
 
@@ -447,6 +449,9 @@ def main(argv):
         model = ReadModel(argv[1], {})
         for r in model.records():
             print(json.dumps(r, sort_keys=True))
+        return 0
+    if len(argv) >= 2 and argv[0] == "checkpoint":
+        print(ReadModel(argv[1], {}).checkpoint())
         return 0
     if len(argv) >= 3 and argv[0] == "follow":
         opts = dict(zip(argv[3::2], argv[4::2]))
