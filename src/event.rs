@@ -461,20 +461,24 @@ pub fn duplicate_member(json: &str) -> Option<String> {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             // Most objects are small: a sorted check at the end beats hashing each name.
-            let mut names: Vec<Cow<'de, str>> = Vec::new();
+            let mut names: Vec<Cow<'de, [u8]>> = Vec::new();
             while let Some(Name(name)) = map.next_key()? {
                 map.next_value_seed(Check)?;
                 names.push(name);
             }
             names.sort_unstable();
             match names.windows(2).find(|w| w[0] == w[1]) {
-                Some(w) => Err(A::Error::custom(DUP.to_owned() + &w[0])),
+                Some(w) => Err(A::Error::custom(
+                    DUP.to_owned() + &String::from_utf8_lossy(&w[0]),
+                )),
                 None => Ok(()),
             }
         }
     }
-    /// A member name, borrowed where it has no escapes.
-    struct Name<'de>(Cow<'de, str>);
+    /// A member name, unescaped, borrowed where it has no escapes. Read as bytes: a lone
+    /// surrogate escape (`"\ud800"`) is valid JSON that no Rust string holds; serde_json
+    /// gives it as WTF-8, so such names compare too.
+    struct Name<'de>(Cow<'de, [u8]>);
     impl<'de> Deserialize<'de> for Name<'de> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V;
@@ -483,14 +487,20 @@ pub fn duplicate_member(json: &str) -> Option<String> {
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                     f.write_str("a member name")
                 }
-                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                fn visit_borrowed_bytes<E>(self, s: &'de [u8]) -> Result<Name<'de>, E> {
                     Ok(Name(Cow::Borrowed(s)))
                 }
-                fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                fn visit_bytes<E>(self, s: &[u8]) -> Result<Name<'de>, E> {
                     Ok(Name(Cow::Owned(s.to_owned())))
                 }
+                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Borrowed(s.as_bytes())))
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(s.as_bytes().to_owned())))
+                }
             }
-            d.deserialize_str(V)
+            d.deserialize_bytes(V)
         }
     }
     const DUP: &str = "\u{0}dup:";
@@ -638,6 +648,9 @@ mod tests {
             duplicate_member(r#"{"x":[{"k":1},{"k":2,"k":3}]}"#).as_deref(),
             Some("k")
         );
+        // A lone surrogate is valid JSON; twice, it is a duplicate name too.
+        assert!(duplicate_member(r#"{"\ud800":1,"\ud800":2}"#).is_some());
+        assert_eq!(duplicate_member(r#"{"\ud800":1,"\ud801":2}"#), None);
         // The same name in sibling objects is not a duplicate.
         assert_eq!(duplicate_member(r#"{"x":{"k":1},"y":{"k":2}}"#), None);
         assert_eq!(

@@ -411,13 +411,45 @@ fn refusal_cases() -> Vec<Case> {
         ],
     ));
 
+    // Which comes first when a document is both too large and too deep.
+    let big127 = put(120, a(0, 0), 1, "{}");
+    let big128 = put(121, a(0, 0), 1, "{}");
+    let big300 = put(122, a(0, 0), 1, "{}");
+    let mut deep_and_large = case(
+        "doc_too_deep_and_too_large",
+        "A document both over the size limit (64 here) and nested too deep, at any depth: the size is checked first, so the reason is doc_too_large (a consumer must not let its JSON parser's own nesting limit decide first).",
+        vec![
+            raw(
+                &big127.subject(),
+                &big127.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(127))),
+                big127.time(),
+                &big127,
+            ),
+            raw(
+                &big128.subject(),
+                &big128.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(128))),
+                big128.time(),
+                &big128,
+            ),
+            raw(
+                &big300.subject(),
+                &big300.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(300))),
+                big300.time(),
+                &big300,
+            ),
+        ],
+    );
+    deep_and_large.max_doc_bytes = 64;
+    out.push(deep_and_large);
+
     let d1 = put(107, a(0, 0), 1, "{}");
     let d2 = put(108, a(0, 0), 1, "{}");
     let d3 = put(109, a(0, 0), 1, "{}");
     let d4 = put(110, a(0, 0), 1, "{}");
+    let d5 = put(123, a(0, 0), 1, "{}");
     out.push(case(
         "duplicate_member_names",
-        "malformed: a member name twice in one object, in the envelope or anywhere inside doc (names compare after unescaping: \"a\" and \"\\u0061\" are the same). The same name in two different objects is fine.",
+        "malformed: a member name twice in one object, in the envelope or anywhere inside doc (names compare after unescaping: \"a\" and \"\\u0061\" are the same, and so are two equal lone surrogate escapes). The same name in two different objects is fine.",
         vec![
             raw(
                 &d1.subject(),
@@ -431,6 +463,12 @@ fn refusal_cases() -> Vec<Case> {
                 &d3.body_with_doc(r#"{"x":{"a":1,"\u0061":2}}"#),
                 d3.time(),
                 &d3,
+            ),
+            raw(
+                &d5.subject(),
+                &d5.body_with_doc(r#"{"\ud800":1,"\ud800":2}"#),
+                d5.time(),
+                &d5,
             ),
             raw(
                 &d4.subject(),
