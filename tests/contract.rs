@@ -921,6 +921,62 @@ fn vectors_hold_in_a_real_store_in_any_order() {
     }
 }
 
+/// The TypeScript reference consumer's vector mode passes every vector.
+#[test]
+fn typescript_consumer_passes_the_vectors() {
+    let Some(script) = typescript_consumer() else {
+        return;
+    };
+    let out = Command::new("node")
+        .arg(script)
+        .arg("vectors")
+        .arg(vector_dir())
+        .output()
+        .expect("run node");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "typescript vector run failed:\n{text}"
+    );
+    assert!(text.contains("0 failed"), "{text}");
+}
+
+/// The built TypeScript consumer (`npm ci` in clients/typescript, as .ci/run does; it is
+/// compiled here), or `None` with the reason printed.
+fn typescript_consumer() -> Option<PathBuf> {
+    // Once per test process: two tests compiling into one dist/ at once would race.
+    static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_typescript_consumer).clone()
+}
+
+fn build_typescript_consumer() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/typescript");
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIP: no node (Node 20 runs the TypeScript consumer)");
+        return None;
+    }
+    if !dir.join("node_modules/nats").exists() || !dir.join("node_modules/typescript").exists() {
+        eprintln!(
+            "SKIP: run `npm ci` in clients/typescript (.ci/run does) for the TypeScript consumer"
+        );
+        return None;
+    }
+    let built = Command::new("node")
+        .arg(dir.join("node_modules/typescript/bin/tsc"))
+        .arg("-p")
+        .arg(&dir)
+        .output()
+        .expect("run tsc");
+    assert!(
+        built.status.success(),
+        "the TypeScript consumer does not compile:\n{}",
+        String::from_utf8_lossy(&built.stdout)
+    );
+    Some(dir.join("dist/jetsync_consumer.js"))
+}
+
 /// The Python reference consumer's vector mode passes every vector.
 #[test]
 fn python_consumer_passes_the_vectors() {
@@ -993,33 +1049,61 @@ fn spawn_node(dir: &Path, url: &str, name: &str) -> std::process::Child {
         .expect("spawn jetsync run")
 }
 
-fn spawn_consumer(python: &str, dir: &Path, url: &str) -> std::process::Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("consumer.log"))
-        .expect("consumer log");
-    Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
-        .args(["follow", url])
-        .arg(dir.join("model.sqlite"))
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn the python consumer")
+/// A reference consumer: how to run it, and its read model file.
+struct Consumer {
+    program: &'static str,
+    script: PathBuf,
+    model: PathBuf,
+    log: PathBuf,
 }
 
-fn consumer_checkpoint(python: &str, dir: &Path) -> Result<u64, String> {
-    let out = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
-        .arg("checkpoint")
-        .arg(dir.join("model.sqlite"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
+impl Consumer {
+    fn run(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.program);
+        c.arg(&self.script).args(args);
+        c
+    }
+
+    fn spawn(&self, url: &str) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("consumer log");
+        self.run(&["follow", url])
+            .arg(&self.model)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn the consumer")
+    }
+
+    fn checkpoint(&self) -> Result<u64, String> {
+        let out = self
+            .run(&["checkpoint"])
+            .arg(&self.model)
+            .output()
+            .map_err(|e| e.to_string())?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn dump(&self) -> Vec<Value> {
+        let out = self.run(&["dump"]).arg(&self.model).output().expect("dump");
+        assert!(
+            out.status.success(),
+            "dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("dump line"))
+            .collect();
+        records.sort_by_key(|r| r["id"].as_str().map(str::to_owned));
+        records
+    }
 }
 
 async fn wait_until<F, Fut>(what: &str, mut check: F)
@@ -1134,10 +1218,35 @@ async fn python_consumer_matches_three_nodes_through_crashes() {
     let Some(python) = python_with_nats() else {
         return;
     };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let consumer = Consumer {
+        program: python,
+        script: Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"),
+        model: dir.path().join("model.sqlite"),
+        log: dir.path().join("consumer.log"),
+    };
+    consumer_matches_three_nodes_through_crashes(&consumer, dir.path()).await;
+}
+
+/// The same with the TypeScript consumer (Node 20, `nats` npm package).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_consumer_matches_three_nodes_through_crashes() {
+    let Some(script) = typescript_consumer() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let consumer = Consumer {
+        program: "node",
+        script,
+        model: dir.path().join("model.json"),
+        log: dir.path().join("consumer.log"),
+    };
+    consumer_matches_three_nodes_through_crashes(&consumer, dir.path()).await;
+}
+
+async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &Path) {
     let server = jetsync::devserver::NatsServer::start().expect("nats-server starts");
     let url = server.client_url();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let d = dir.path();
     let mut nodes: Vec<std::process::Child> =
         NODES.iter().map(|n| spawn_node(d, &url, n)).collect();
     let nc = async_nats::connect(&url).await.expect("connect");
@@ -1186,20 +1295,20 @@ async fn python_consumer_matches_three_nodes_through_crashes() {
 
     // Phase 1, then the consumer starts on a backlog and is killed while it reads it.
     round(150, 1, &NODES, true).await;
-    let mut consumer = spawn_consumer(python, d, &url);
+    let mut running = consumer.spawn(&url);
     wait_until("the consumer to apply its first events", || async {
-        match consumer_checkpoint(python, d) {
+        match consumer.checkpoint() {
             Ok(n) if n >= 50 => Ok(()),
             other => Err(format!("checkpoint {other:?}")),
         }
     })
     .await;
-    sigkill(&mut consumer);
-    let killed_at = consumer_checkpoint(python, d).expect("checkpoint after the kill");
+    sigkill(&mut running);
+    let killed_at = consumer.checkpoint().expect("checkpoint after the kill");
     // Phase 2 with node nb crashed, then restarted; the consumer restarts meanwhile.
     sigkill(&mut nodes[1]);
     let phase2 = round(100, 100, &["na", "nc"], true);
-    let mut consumer = spawn_consumer(python, d, &url);
+    let mut running = consumer.spawn(&url);
     phase2.await;
     nodes[1] = spawn_node(d, &url, "nb");
     // The last round resolves nothing, so conflicts are left for the comparison.
@@ -1234,28 +1343,18 @@ async fn python_consumer_matches_three_nodes_through_crashes() {
     .await;
     let last = reached.load(std::sync::atomic::Ordering::SeqCst);
     wait_until("the consumer to reach the end of the stream", || async {
-        match consumer_checkpoint(python, d) {
+        match consumer.checkpoint() {
             Ok(n) if n == last => Ok(()),
             other => Err(format!("checkpoint {other:?} of {last}")),
         }
     })
     .await;
-    sigterm(&mut consumer);
+    sigterm(&mut running);
     for n in &mut nodes {
         sigterm(n);
     }
 
-    let dump = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/jetsync_consumer.py"))
-        .arg("dump")
-        .arg(d.join("model.sqlite"))
-        .output()
-        .expect("dump");
-    let mut consumer_records: Vec<Value> = String::from_utf8_lossy(&dump.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dump line"))
-        .collect();
-    consumer_records.sort_by_key(|r| r["id"].as_str().map(str::to_owned));
+    let consumer_records = consumer.dump();
     let entity = EntityName::new(LIVE_ENTITY).expect("entity");
     let mut mismatches = vec![];
     let mut conflicted = 0;
