@@ -415,6 +415,7 @@ fn refusal_cases() -> Vec<Case> {
     let big127 = put(120, a(0, 0), 1, "{}");
     let big128 = put(121, a(0, 0), 1, "{}");
     let big300 = put(122, a(0, 0), 1, "{}");
+    let big5000 = put(124, a(0, 0), 1, "{}");
     let mut deep_and_large = case(
         "doc_too_deep_and_too_large",
         "A document both over the size limit (64 here) and nested too deep, at any depth: the size is checked first, so the reason is doc_too_large (a consumer must not let its JSON parser's own nesting limit decide first).",
@@ -436,6 +437,13 @@ fn refusal_cases() -> Vec<Case> {
                 &big300.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(300))),
                 big300.time(),
                 &big300,
+            ),
+            // Deeper than many JSON parsers go by default (Python's recursion limit).
+            raw(
+                &big5000.subject(),
+                &big5000.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(5000))),
+                big5000.time(),
+                &big5000,
             ),
         ],
     );

@@ -56,9 +56,27 @@ def _reject_constant(name):
     raise Refused("malformed", f"{name} is not JSON")
 
 
-def _raw_doc(text):
-    """The text of the body's top-level `doc` value exactly as written, or None."""
-    dec = json.JSONDecoder()
+def _skip_value(text, i):
+    """The end of the JSON value starting at text[i], without recursion (any depth)."""
+    if text[i] not in "{[":
+        return json.JSONDecoder().raw_decode(text, i)[1]
+    depth = 0
+    while True:
+        c = text[i]
+        if c == '"':
+            i = json.decoder.scanstring(text, i + 1)[1]
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+
+
+def _raw_doc_span(text):
+    """(start, end) of the body's top-level `doc` value exactly as written, or None."""
     ws = " \t\n\r"
     i = text.index("{") + 1
     while True:
@@ -69,9 +87,9 @@ def _raw_doc(text):
         name, i = json.decoder.scanstring(text, i + 1)
         while text[i] in ws + ":":
             i += 1
-        _, end = dec.raw_decode(text, i)
+        end = _skip_value(text, i)
         if name == "doc":
-            return text[i:end]
+            return i, end
         i = end
         while text[i] in ws + ",":
             i += 1
@@ -110,7 +128,10 @@ def decode(subject, body, stream_time_ms, limits):
         text = body.decode("utf-8")
         ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant)
         structure_error = _structure(ev)
-    except (ValueError, RecursionError, Refused) as e:
+    except RecursionError:
+        # Deeper than Python's parser goes, but a node checks the size before the depth.
+        return _too_deep(text, limits)
+    except (ValueError, Refused) as e:
         structure_error = e
         ev = None
     if structure_error is not None:
@@ -132,7 +153,8 @@ def decode(subject, body, stream_time_ms, limits):
         raise Refused("malformed", "delete with a doc")
     raw = None
     if ev["op"] == "put":
-        raw = _raw_doc(text)
+        start, end = _raw_doc_span(text)
+        raw = text[start:end]
         size = len(raw.encode("utf-8"))
         if size > limits["max_doc_bytes"]:
             raise Refused("doc_too_large", str(size))
@@ -178,6 +200,26 @@ def decode(subject, body, stream_time_ms, limits):
         "resolves": resolves,
         "doc": raw,
     }
+
+
+def _too_deep(text, limits):
+    """The reason for a body too deep for json.loads: the envelope checked with its
+    document replaced by {}, then the document's size as written, else its depth."""
+    try:
+        start, end = _raw_doc_span(text)
+    except (ValueError, IndexError, TypeError):
+        raise Refused("malformed", "too deep to parse") from None
+    envelope_only = text[:start] + "{}" + text[end:]
+    try:
+        decode("", envelope_only.encode(), 0, dict(limits, prefix="\0"))
+    except Refused as r:
+        # Only these come before the size; the rest (versions, subject) after it.
+        if r.code in ("malformed", "unsupported_envelope"):
+            raise
+    size = len(text[start:end].encode("utf-8"))
+    if size > limits["max_doc_bytes"]:
+        raise Refused("doc_too_large", str(size))
+    raise Refused("malformed", "doc nested too deep")
 
 
 def _structure(ev):

@@ -202,6 +202,69 @@ function depthAndDup(doc: J): [number, boolean] {
   return [deepest, dup];
 }
 
+/** The end of the JSON value at text[i], without recursion (any depth). */
+function skipValue(text: string, i: number): number {
+  if (text[i] === '"') {
+    for (i++; i < text.length && text[i] !== '"'; i++) if (text[i] === "\\") i++;
+    return i + 1;
+  }
+  if (text[i] !== "{" && text[i] !== "[") {
+    while (i < text.length && !",}] \t\n\r".includes(text[i])) i++;
+    return i;
+  }
+  let depth = 0;
+  for (;;) {
+    if (i >= text.length) throw new Bad("unterminated");
+    const c = text[i];
+    if (c === '"') {
+      for (i++; i < text.length && text[i] !== '"'; i++) if (text[i] === "\\") i++;
+    } else if (c === "{" || c === "[") depth++;
+    else if (c === "}" || c === "]") {
+      if (--depth === 0) return i + 1;
+    }
+    i++;
+  }
+}
+
+/** (start, end) of the body's top-level `doc` value as written, or null. */
+function rawDocSpan(text: string): [number, number] | null {
+  const ws = " \t\n\r";
+  let i = text.indexOf("{") + 1;
+  for (;;) {
+    while (ws.includes(text[i])) i++;
+    if (text[i] === "}") return null;
+    const nameStart = i;
+    for (i++; i < text.length && text[i] !== '"'; i++) if (text[i] === "\\") i++;
+    const name = (parse(text.slice(nameStart, ++i)) as { v: string }).v;
+    while (ws.includes(text[i]) || text[i] === ":") i++;
+    const end = skipValue(text, i);
+    if (name === "doc") return [i, end];
+    i = end;
+    while (ws.includes(text[i]) || text[i] === ",") i++;
+  }
+}
+
+/** The reason for a body too deep to parse: the envelope checked with its document
+ * replaced by {}, then the document's size as written, else its depth. */
+function tooDeep(text: string, limits: Limits): never {
+  let span: [number, number] | null;
+  try {
+    span = rawDocSpan(text);
+  } catch {
+    throw new Refused("malformed", "too deep to parse");
+  }
+  if (!span) throw new Refused("malformed", "too deep to parse");
+  try {
+    decode("", new TextEncoder().encode(text.slice(0, span[0]) + "{}" + text.slice(span[1])), 0n, { ...limits, prefix: "\u0000" });
+  } catch (r) {
+    // Only these come before the size; the rest (versions, subject) after it.
+    if (!(r instanceof Refused) || r.code === "malformed" || r.code === "unsupported_envelope") throw r;
+  }
+  const size = Buffer.byteLength(text.slice(span[0], span[1]), "utf8");
+  if (size > limits.max_doc_bytes) throw new Refused("doc_too_large", String(size));
+  throw new Refused("malformed", "doc nested too deep");
+}
+
 export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, limits: Limits): Event {
   let text: string;
   let ev: J;
@@ -211,6 +274,8 @@ export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, 
     ev = parse(text);
     structure(ev);
   } catch (e) {
+    // Deeper than this parser goes, but a node checks the size before the depth.
+    if (e instanceof RangeError) tooDeep(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body), limits);
     // A newer envelope is named as such, not as garbage.
     try {
       const top = parse(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body));
