@@ -83,6 +83,29 @@ impl ChangeEvent {
     }
 }
 
+/// The `Jetsync-Op` header a node publishes each event with: what the event does, so a
+/// service can filter without decoding. Advisory: nodes neither check nor read it (any
+/// publisher can set any header); the body decides.
+pub const OP_HEADER: &str = "Jetsync-Op";
+
+/// The [`OP_HEADER`] value of an encoded event: `resolve` if it settles conflicts (a
+/// put or a delete naming versions in `resolves`), else `put` or `delete`. Read from the
+/// bytes [`ChangeEvent::encode`] writes (members in declaration order, `doc` last), so no
+/// decoding: `op` is the second member, and `resolves`, if any, comes before `doc`.
+pub fn op_header(payload: &[u8]) -> &'static str {
+    let envelope = match memchr::memmem::find(payload, b",\"doc\":") {
+        Some(end) => &payload[..end],
+        None => payload,
+    };
+    if memchr::memmem::find(envelope, b",\"resolves\":").is_some() {
+        "resolve"
+    } else if payload.starts_with(b"{\"v\":1,\"op\":\"delete\"") {
+        "delete"
+    } else {
+        "put"
+    }
+}
+
 /// The subject an event for this record from `origin` is published on.
 pub fn subject_for(
     prefix: &str,
@@ -657,5 +680,21 @@ mod tests {
             duplicate_member(r#"{"at line 1":1,"at line 1":2}"#).as_deref(),
             Some("at line 1")
         );
+    }
+
+    #[test]
+    fn the_op_header_says_what_the_encoded_event_does() {
+        let put = event(r#"{"resolves":"not the member","doc":1}"#);
+        assert_eq!(op_header(&put.encode()), "put");
+        let mut delete = event("{}");
+        delete.op = Op::Delete;
+        delete.doc = None;
+        assert_eq!(op_header(&delete.encode()), "delete");
+        let older = Version::new(Hlc::new(1, 0).unwrap(), NodeId::new("x").unwrap());
+        delete.resolves = vec![older.clone()];
+        assert_eq!(op_header(&delete.encode()), "resolve");
+        let mut resolve = event("{}");
+        resolve.resolves = vec![older];
+        assert_eq!(op_header(&resolve.encode()), "resolve");
     }
 }

@@ -1197,6 +1197,48 @@ async fn workload(
     }
 }
 
+/// Every stream message carries `Jetsync-Op` saying what its body does (put, delete, or
+/// resolve when it names versions in `resolves`), and what the header costs per event.
+async fn check_op_headers(js: &async_nats::jetstream::Context, last: u64) {
+    let stream = js.get_stream("JETSYNC").await.expect("stream");
+    let (mut bytes, mut header_bytes, mut ops) = (0usize, 0usize, BTreeMap::new());
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.expect("stream message");
+        let ev: Value = serde_json::from_slice(&m.payload).expect("an event");
+        let want = match (ev.get("resolves").is_some(), ev["op"].as_str()) {
+            (true, _) => "resolve",
+            (false, Some("delete")) => "delete",
+            _ => "put",
+        };
+        let got = m
+            .headers
+            .get(event::OP_HEADER)
+            .map(|v| v.as_str().to_owned());
+        assert_eq!(got.as_deref(), Some(want), "message {seq}: {ev}");
+        // As stored: subject, headers block ("NATS/1.0\r\n", "Name: value\r\n"…, "\r\n"),
+        // payload.
+        let headers: usize = 12
+            + m.headers
+                .iter()
+                .map(|(k, vs)| {
+                    vs.iter()
+                        .map(|v| AsRef::<str>::as_ref(k).len() + 2 + v.as_str().len() + 2)
+                        .sum::<usize>()
+                })
+                .sum::<usize>();
+        bytes += m.subject.len() + headers + m.payload.len();
+        header_bytes += event::OP_HEADER.len() + 2 + want.len() + 2;
+        *ops.entry(want).or_insert(0) += 1;
+    }
+    eprintln!(
+        "Jetsync-Op: {last} events {ops:?}; {:.1} bytes per event stored (subject + headers + body), \
+         of which the Jetsync-Op header {:.1} ({:.1}%)",
+        bytes as f64 / last as f64,
+        header_bytes as f64 / last as f64,
+        100.0 * header_bytes as f64 / bytes as f64
+    );
+}
+
 fn sigkill(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -1319,8 +1361,19 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
     let mut running = consumer.spawn(&url);
     phase2.await;
     nodes[1] = spawn_node(d, &url, "nb");
-    // The last round resolves nothing, so conflicts are left for the comparison.
+    // The last round resolves nothing, so conflicts are left for the comparison; then the
+    // three nodes write the same ids at once, which leaves conflicts for certain.
     round(100, 200, &NODES, false).await;
+    for id in &ids[..8] {
+        let writes = NODES.map(|n| {
+            api.call(
+                n,
+                "put",
+                json!({"entity": LIVE_ENTITY, "id": id.to_string(), "doc": {"last": n}}),
+            )
+        });
+        let _ = futures::future::join_all(writes).await;
+    }
 
     // Everything published and applied everywhere, by the nodes and the consumer.
     let js = async_nats::jetstream::new(nc.clone());
@@ -1350,6 +1403,7 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
     )
     .await;
     let last = reached.load(std::sync::atomic::Ordering::SeqCst);
+    check_op_headers(&js, last).await;
     wait_until("the consumer to reach the end of the stream", || async {
         match consumer.checkpoint() {
             Ok(n) if n == last => Ok(()),

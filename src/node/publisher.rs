@@ -243,7 +243,8 @@ async fn send_window(
     for e in entries {
         let publish = jetstream::message::PublishMessage::build()
             .payload(e.payload.clone())
-            .message_id(e.msg_id.as_str());
+            .message_id(e.msg_id.as_str())
+            .header(crate::event::OP_HEADER, crate::event::op_header(&e.payload));
         // Bounded here too: the publisher must never wait forever on one message.
         let sent = tokio::time::timeout(
             PUBLISH_TIMEOUT,

@@ -448,7 +448,8 @@ impl Store {
     }
 }
 
-/// Room kept for a message's headers (`Nats-Msg-Id`) within the server's `max_payload`.
+/// Room kept for a message's headers (`Nats-Msg-Id`, at most ~170 bytes with a fresh suffix, and
+/// `Jetsync-Op`, at most 21) within the server's `max_payload`.
 pub const HEADER_ALLOWANCE: usize = 256;
 
 /// How often a store closed by an I/O error tries to reopen.

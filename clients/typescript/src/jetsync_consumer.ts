@@ -474,7 +474,7 @@ async function follow(url: string, path: string, stream: string, prefix: string)
   });
   console.log(`following ${stream} from ${model.checkpoint + 1}`);
   for (;;) {
-    const batch = await consumer.fetch({ max_messages: 500, expires: 1000 });
+    const batch = await consumer.fetch({ max_messages: 100, expires: 1000 });
     let n = 0;
     for await (const m of batch) {
       const reply = (m as unknown as { reply: string }).reply;
