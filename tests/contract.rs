@@ -416,9 +416,10 @@ fn refusal_cases() -> Vec<Case> {
     let big128 = put(121, a(0, 0), 1, "{}");
     let big300 = put(122, a(0, 0), 1, "{}");
     let big5000 = put(124, a(0, 0), 1, "{}");
+    let big_dup = put(125, a(0, 0), 1, "{}");
     let mut deep_and_large = case(
         "doc_too_deep_and_too_large",
-        "A document both over the size limit (64 here) and nested too deep, at any depth: the size is checked first, so the reason is doc_too_large (a consumer must not let its JSON parser's own nesting limit decide first).",
+        "A document both over the size limit (64 here) and nested too deep, at any depth, or with a duplicate name: the size is checked first, so the reason is doc_too_large (a consumer must not let its JSON parser's own nesting limit or duplicate check decide first).",
         vec![
             raw(
                 &big127.subject(),
@@ -437,6 +438,13 @@ fn refusal_cases() -> Vec<Case> {
                 &big300.body_with_doc(&format!(r#"{{"x":{}}}"#, nest(300))),
                 big300.time(),
                 &big300,
+            ),
+            // Duplicate names too are checked after the size.
+            raw(
+                &big_dup.subject(),
+                &big_dup.body_with_doc(&format!(r#"{{"a":1,"a":"{}"}}"#, "x".repeat(64))),
+                big_dup.time(),
+                &big_dup,
             ),
             // Deeper than many JSON parsers go by default (Python's recursion limit).
             raw(
