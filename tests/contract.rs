@@ -1459,9 +1459,11 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
             }
         }
     }
+    let log = std::fs::read_to_string(&consumer.log).unwrap_or_default();
     eprintln!(
-        "live: {last} stream messages, {} records ({conflicted} with conflicts); consumer killed at checkpoint {killed_at}",
-        consumer_records.len()
+        "live: {last} stream messages, {} records ({conflicted} with conflicts); consumer killed at checkpoint {killed_at}; {} origin_seq gap warnings",
+        consumer_records.len(),
+        log.matches("warning:").count()
     );
     assert!(
         mismatches.is_empty(),

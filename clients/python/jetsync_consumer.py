@@ -425,6 +425,7 @@ async def follow(url, path, stream="JETSYNC", prefix="jetsync", idle_exit=None):
                              deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
                              config=nats.js.api.ConsumerConfig(opt_start_seq=start, filter_subjects=[]))
     print(f"following {stream} from {start}", flush=True)
+    gaps = GapCheck()
     while True:
         try:
             msg = await sub.next_msg(timeout=idle_exit or 3600)
@@ -434,7 +435,28 @@ async def follow(url, path, stream="JETSYNC", prefix="jetsync", idle_exit=None):
             continue
         seq, ms = _ack_meta(msg.reply)
         model.handle(seq, msg.subject, msg.data, ms)
+        gaps.see((msg.headers or {}).get("Nats-Msg-Id", ""), seq)
     await nc.close()
+
+
+class GapCheck:
+    """Warns when an origin's origin_seq jumps (docs/consuming.md section 6): a hint of lost
+    messages when reading the whole stream, never a rule (filters, retention, parked
+    writes and retried publishes make gaps or late arrivals that are normal)."""
+
+    def __init__(self):
+        self.last = {}  # (origin, incarnation) -> greatest origin_seq seen
+
+    def see(self, msg_id, seq):
+        parts = msg_id.split(":")
+        if len(parts) < 4 or not parts[2].isdigit():
+            return
+        key, n = (parts[0], parts[1]), int(parts[2])
+        prev = self.last.get(key)
+        if prev is not None and n > prev + 1:
+            print(f"warning: {key[0]} origin_seq {prev} -> {n} at stream seq {seq}", flush=True)
+        if prev is None or n > prev:
+            self.last[key] = n
 
 
 def _ack_meta(reply):
