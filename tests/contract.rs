@@ -109,10 +109,15 @@ struct Msg {
     /// The envelope version the body was written in (what a reader dispatches on).
     envelope: u64,
     msg_id: String,
+    /// `Jetsync-Op`, on messages shaped as a node publishes them.
+    op: Option<&'static str>,
 }
 
+/// A message as a node publishes it: with the advisory `Jetsync-Op` header too.
 fn msg(e: &Ev) -> Msg {
-    raw(&e.subject(), &e.body(), e.time(), e)
+    let mut m = raw(&e.subject(), &e.body(), e.time(), e);
+    m.op = Some(event::op_header(m.body.as_bytes()));
+    m
 }
 
 /// A message with a crafted subject or body; `like` gives the stream time and message id.
@@ -129,6 +134,7 @@ fn raw(subject: &str, body: &str, time_ms: u64, like: &Ev) -> Msg {
             like.0.origin_seq,
             "0".repeat(32)
         ),
+        op: None,
     }
 }
 
@@ -726,11 +732,15 @@ fn vector_file(title: &str, about: &str, cases: &[Case]) -> String {
                 .zip(outcomes)
                 .enumerate()
                 .map(|(i, (m, expect))| {
+                    let mut headers = json!({"Nats-Msg-Id": m.msg_id});
+                    if let Some(op) = m.op {
+                        headers[event::OP_HEADER] = json!(op);
+                    }
                     json!({
                         "stream_seq": i as u64 + 1,
                         "stream_time_ms": m.time_ms,
                         "subject": m.subject,
-                        "headers": {"Nats-Msg-Id": m.msg_id},
+                        "headers": headers,
                         "envelope": m.envelope,
                         "body": m.body,
                         "expect": expect,
