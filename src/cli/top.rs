@@ -81,14 +81,15 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// `N nodes (M missing)`.
+    /// `N nodes, M missing`.
     pub fn summary(&self) -> String {
         let missing = self.rows.iter().filter(|r| r.missing).count();
         let n = self.rows.len() - missing;
+        let nodes = if n == 1 { "node" } else { "nodes" };
         if missing > 0 {
-            format!("{n} nodes, {missing} missing")
+            format!("{n} {nodes}, {missing} missing")
         } else {
-            format!("{n} nodes")
+            format!("{n} {nodes}")
         }
     }
 }
@@ -606,6 +607,51 @@ async fn interactive(
             if let Some(Event::Resize(..)) = key {
                 break;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(node: &str, missing: bool) -> NodeRow {
+        NodeRow {
+            node: node.into(),
+            status: (!missing).then(|| {
+                json!({"connection": "connected", "checkpoint": 123456, "lag": 0,
+                       "outbox": 0, "conflicts": 0, "quarantined": 0, "halted": null})
+            }),
+            error: missing.then(|| "holds a node lease; no reply".to_owned()),
+            missing,
+            ..NodeRow::default()
+        }
+    }
+
+    /// At 80 columns every name is whole and no line is wider; columns go instead, the
+    /// publish rate first; at 130 all are there.
+    #[test]
+    fn narrow_frames_drop_columns_before_names() {
+        let frame = Frame {
+            rows: vec![
+                row("berlin-frankfurt-1", false),
+                row("lisbon-porto-2", true),
+            ],
+            notes: vec![],
+        };
+        let text = render_text(&frame, 80);
+        for l in text.lines() {
+            assert!(l.chars().count() <= 80, "{l:?}\n{text}");
+        }
+        assert!(text.contains("│berlin-frankfurt-1 "), "{text}");
+        assert!(text.contains("│lisbon-porto-2 "), "{text}");
+        assert!(text.contains("MISSING"), "{text}");
+        assert!(!text.contains("PUBLISH"), "{text}");
+        assert!(text.contains("LAG"), "{text}");
+        assert!(text.contains("1 node, 1 missing"), "{text}");
+        let wide = render_text(&frame, 130);
+        for h in HEADERS {
+            assert!(wide.contains(h), "{h} missing at 130 columns:\n{wide}");
         }
     }
 }
