@@ -682,7 +682,18 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             } else {
                 api.call(&target.node, "refused", json!({})).await?
             };
+            let asked = drop.len().max(retry.len());
+            let done = v["retried"]
+                .as_u64()
+                .or_else(|| v["dropped"].as_u64())
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
             print(&target.conn, &v, || match v.as_array() {
+                None if v["retried"].is_u64() => {
+                    format!("put {} event(s) back into the outbox\n", v["retried"])
+                }
+                None if v["dropped"].is_u64() => {
+                    format!("dropped {} refused event(s)\n", v["dropped"])
+                }
                 Some(list) if list.is_empty() => "no refused events\n".into(),
                 Some(list) => list
                     .iter()
@@ -699,6 +710,17 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                     .collect(),
                 None => format!("{v}\n"),
             });
+            if let Some(done) = done
+                && done < asked
+            {
+                eprintln!(
+                    "error: {} of the {asked} origin sequence(s) given name no refused event on {} (list them with `jetsync inspect refused --node {}`)",
+                    asked - done,
+                    target.node,
+                    target.node
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -189,7 +189,11 @@ impl Sampler {
                 format!("NATS: {e}; showing the nodes read over HTTP (--http)")
             });
         }
-        self.sample_http(&mut rows).await;
+        for (node, addr, e) in self.sample_http(&mut rows).await {
+            frame
+                .notes
+                .push(format!("missing: {node} (--http {addr}): {e}"));
+        }
         let now = Instant::now();
         for row in rows.values_mut() {
             let Some(s) = &row.status else { continue };
@@ -238,8 +242,12 @@ impl Sampler {
     }
 
     /// Reads `/status` from every `--http` address into `rows` (a node NATS answered for
-    /// keeps that row).
-    async fn sample_http(&mut self, rows: &mut BTreeMap<String, NodeRow>) {
+    /// keeps that row); returns the nodes it could not read, with their address and why.
+    async fn sample_http(
+        &mut self,
+        rows: &mut BTreeMap<String, NodeRow>,
+    ) -> Vec<(String, String, String)> {
+        let mut failed = Vec::new();
         let reads = futures::future::join_all(self.http.iter().map(|addr| {
             let addr = addr.clone();
             async move {
@@ -279,16 +287,18 @@ impl Sampler {
                     rows.insert(
                         node.clone(),
                         NodeRow {
-                            node,
+                            node: node.clone(),
                             error: Some(format!("http {addr}: {e}")),
                             missing: true,
-                            via_http: Some(addr),
+                            via_http: Some(addr.clone()),
                             ..NodeRow::default()
                         },
                     );
+                    failed.push((node, addr, e));
                 }
             }
         }
+        failed
     }
 }
 
@@ -510,7 +520,8 @@ fn text_width(flag: Option<u16>) -> u16 {
 async fn connect(conn: &Conn) -> Result<Nats, String> {
     let client = conn.nats().await.map_err(|e| format!("{e:#}"))?;
     Ok(Nats {
-        api: ApiClient::new(client.clone(), &conn.prefix),
+        // A silent node must not hold the frame for the default 5 s.
+        api: ApiClient::new(client.clone(), &conn.prefix).with_timeout(Duration::from_secs(2)),
         client,
         stream: conn.stream.clone(),
     })
