@@ -285,16 +285,12 @@ async fn adopt(
     {
         return Ok(());
     }
-    if current.max_doc_bytes != pinned.max_doc_bytes
-        || current.max_clock_drift_ms != pinned.max_clock_drift_ms
-    {
-        tracing::warn!(
-            stream,
-            max_doc_bytes = pinned.max_doc_bytes,
-            max_clock_drift_ms = pinned.max_clock_drift_ms,
-            "adopting the deployment's limits pinned in the stream's metadata"
-        );
-    }
+    tracing::warn!(
+        stream,
+        max_doc_bytes = pinned.max_doc_bytes,
+        max_clock_drift_ms = pinned.max_clock_drift_ms,
+        "adopting the deployment's limits pinned in the stream's metadata"
+    );
     let differences = pinned.differences(&configured);
     if !differences.is_empty() {
         tracing::warn!(
