@@ -115,6 +115,8 @@ pub fn run(args: &HealthArgs) -> bool {
     let path = if args.ready { "/readyz" } else { "/healthz" };
     let per_request = Duration::from_secs(args.timeout.max(1));
     let deadline = Instant::now() + Duration::from_secs(args.wait);
+    // The longest a request was given: what "no answer within" reports at the end.
+    let mut longest = Duration::ZERO;
     loop {
         // With --wait, no request runs past the deadline.
         let timeout = if args.wait > 0 {
@@ -122,6 +124,7 @@ pub fn run(args: &HealthArgs) -> bool {
         } else {
             per_request
         };
+        longest = longest.max(timeout);
         let answer = get(args.addr, path, timeout);
         match &answer {
             Ok((200, body)) => {
@@ -133,6 +136,15 @@ pub fn run(args: &HealthArgs) -> bool {
             }
             Ok((code, body)) => {
                 eprint!("{} {path}: {code}\n{body}", args.addr);
+                return false;
+            }
+            Err(GetError::NoAnswer(_)) if args.wait > 0 => {
+                eprintln!(
+                    "{} {path}: {} (asked for {} s)",
+                    args.addr,
+                    GetError::NoAnswer(longest),
+                    args.wait
+                );
                 return false;
             }
             Err(e) => {
