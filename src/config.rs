@@ -29,7 +29,8 @@
 //!
 //! [limits]           # max_doc_bytes and max_clock_drift_secs are the deployment's: the
 //!                    # node that creates the stream pins them in its metadata and every
-//!                    # node adopts the pinned values (logging any it overrides)
+//!                    # node adopts the pinned values (logging any it overrides);
+//!                    # `jetsync limits set` changes them
 //! max_doc_bytes = 262144
 //! max_clock_drift_secs = 60
 //! fetch_batch = 1000

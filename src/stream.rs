@@ -469,6 +469,37 @@ pub async fn provision(
     })
 }
 
+/// The limits pinned in stream `name`'s metadata now (`None`: none pinned), with the
+/// stream's largest message (`max_msg_size`, -1 = the server's `max_payload`).
+pub async fn pinned_limits(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<(Option<DeploymentLimits>, i32), StreamError> {
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let mut stream = js.get_stream(name).await.map_err(|e| nats(&e))?;
+    let info = stream.info().await.map_err(|e| nats(&e))?;
+    Ok((
+        DeploymentLimits::from_metadata(&info.config.metadata),
+        info.config.max_message_size,
+    ))
+}
+
+/// Pins `limits` in stream `name`'s metadata, replacing what was pinned: `jetsync limits
+/// set`. Nodes adopt the new values the next time they read the stream's info (see
+/// `crate::node`'s limits adoption); the rest of the stream's config is left as it is.
+pub async fn pin_limits(
+    js: &jetstream::Context,
+    name: &str,
+    limits: DeploymentLimits,
+) -> Result<(), StreamError> {
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let mut stream = js.get_stream(name).await.map_err(|e| nats(&e))?;
+    let mut config = stream.info().await.map_err(|e| nats(&e))?.config.clone();
+    limits.write_metadata(&mut config.metadata);
+    js.update_stream(config).await.map_err(|e| nats(&e))?;
+    Ok(())
+}
+
 /// A message read back from the stream: subject and timestamp as the stream holds them.
 #[derive(Clone, Debug)]
 pub struct StoredMessage {

@@ -107,9 +107,10 @@ pub struct EntityReport {
     pub differing_buckets: usize,
     /// The records that differ.
     pub differences: Vec<Difference>,
-    /// Set with repair: records merged into A and into B, and whether a second pass agreed.
+    /// Set with repair: records whose state the merge changed on A (a record sent that A
+    /// already held as sent is not counted).
     pub repaired_a: usize,
-    /// Records merged into B (with repair).
+    /// Records whose state the merge changed on B (with repair).
     pub repaired_b: usize,
     /// Whether a second pass agreed after repair; `None` without repair.
     pub converged_after_repair: Option<bool>,
@@ -447,22 +448,33 @@ async fn verify_entity(
     Ok(report)
 }
 
-/// Sends states to `node` for merging; returns how many were sent.
+/// Sends states to `node` for merging; returns how many records it changed (a record it
+/// already held as sent is not counted).
 async fn send_states(
     api: &ApiClient,
     node: &str,
     entity: &EntityName,
     states: Vec<StateEntry>,
 ) -> Result<usize, VerifyError> {
-    api.call_batched(
-        node,
-        "merge_records",
-        "states",
-        &states,
-        json!({"entity": entity, "format": FORMAT_VERSION}),
-    )
-    .await?;
-    Ok(states.len())
+    if states.is_empty() {
+        return Ok(0);
+    }
+    let replies = api
+        .call_batched(
+            node,
+            "merge_records",
+            "states",
+            &states,
+            json!({"entity": entity, "format": FORMAT_VERSION}),
+        )
+        .await?;
+    Ok(replies
+        .iter()
+        .map(|r| {
+            // `changed` includes damaged records replaced.
+            usize::try_from(r["changed"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX)
+        })
+        .sum())
 }
 
 #[cfg(test)]

@@ -467,7 +467,7 @@ fn quarantined_messages_can_be_retried_after_a_limit_is_raised_or_dropped() {
     let entries = t.store.quarantine(0, 10).unwrap();
     assert_eq!(entries[0].reason.code(), "doc_too_large");
 
-    // Still too large: stays quarantined (under a new id), nothing applied.
+    // Still too large: stays quarantined (under its id), nothing applied.
     let again = t.store.quarantine_retry(&[entries[0].id]).unwrap();
     assert_eq!((again.applied, again.quarantined), (0, 1));
     let t = reopen(t, "a"); // default limits: 256 KiB

@@ -106,18 +106,44 @@ pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, Rem
     Ok(json!({"entries": entries, "next": cut.or(next)}))
 }
 
+/// Drops quarantine entries; `missing` lists the ids that named none (the CLI fails on
+/// them).
 pub(super) async fn quarantine_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let store = node.store().clone();
     let ids = req.ids.clone();
-    let dropped = blocking(move || store.quarantine_drop(&ids)).await?;
-    Ok(json!({"dropped": dropped}))
+    let (dropped, missing) = blocking(move || {
+        let missing = store.quarantine_missing(&ids)?;
+        Ok::<_, crate::error::StorageError>((store.quarantine_drop(&ids)?, missing))
+    })
+    .await?;
+    Ok(json!({"dropped": dropped, "missing": missing}))
 }
 
+/// Retries quarantine entries with the deployment's limits read from the stream now (so
+/// `jetsync limits set` counts at once); what still fails stays under its id
+/// (`still_quarantined`), `missing` lists ids that named no entry.
 pub(super) async fn quarantine_retry(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    if let Err(e) = node.refresh_limits().await {
+        tracing::warn!(error = %e, "quarantine retry: cannot read the deployment's limits; using the ones in force");
+    }
     let store = node.store().clone();
     let ids = req.ids.clone();
-    let report = blocking(move || store.quarantine_retry(&ids)).await?;
-    Ok(applied_reply(node, report))
+    let (report, missing, still) = blocking(move || {
+        let missing = store.quarantine_missing(&ids)?;
+        let report = store.quarantine_retry(&ids)?;
+        let gone = store.quarantine_missing(&ids)?;
+        let still: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !gone.contains(id))
+            .collect();
+        Ok::<_, crate::error::StorageError>((report, missing, still))
+    })
+    .await?;
+    let mut out = applied_reply(node, report);
+    out["missing"] = json!(missing);
+    out["still_quarantined"] = json!(still);
+    Ok(out)
 }
 
 /// Applies the stream messages at the given sequences idempotently; the checkpoint does

@@ -4,6 +4,7 @@
 
 mod context;
 mod health;
+mod limits;
 mod ops;
 mod remote;
 mod run;
@@ -163,6 +164,12 @@ pub enum Command {
     /// Stream, consumers and node status; a node's quarantine (drop/retry) or damaged records.
     #[command(subcommand)]
     Inspect(ops::InspectCmd),
+    /// The deployment's limits pinned in the stream (largest document, clock drift): show
+    /// them, or set them (`set --max-doc-bytes N`). Answering nodes adopt a new value at
+    /// once, the others at their next check; lowering needs `--allow-lower`. Exit 3 when
+    /// an answering node has not adopted the new values.
+    #[command(subcommand)]
+    Limits(limits::LimitsCmd),
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]
     Site(site::SiteCmd),
@@ -321,12 +328,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 ExitCode::FAILURE
             },
         ),
-        Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Top(args) => top::run(args).await,
         Command::Snapshot(cmd) => ops::snapshot(cmd).await,
         Command::Replay(args) => ops::replay(args).await,
         Command::Verify(args) => ops::verify(args).await,
         Command::Inspect(cmd) => ops::inspect(cmd).await,
         Command::Site(cmd) => site::site(cmd).await,
+        Command::Limits(cmd) => limits::limits(cmd).await,
         other => remote::run(other).await.map(|()| ExitCode::SUCCESS),
     }
 }

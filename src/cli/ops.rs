@@ -35,7 +35,8 @@ pub enum SnapshotCmd {
     /// Seed a stopped node's store from a snapshot (the newest covering its filters, or
     /// --name), so it resumes the stream after it.
     Load {
-        /// The node's config file (as for `jetsync run`).
+        /// The node's config file (as for `jetsync run`); its `nats_urls` and `[nats]`
+        /// are used unless `--nats-url` (`JETSYNC_NATS_URL`) is given.
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
@@ -208,7 +209,20 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
         SnapshotCmd::Load { config, name, conn } => {
             let file = FileConfig::load(&config)?;
             let cfg = file.into_node_config(Overrides::default())?;
-            let js = async_nats::jetstream::new(conn.nats().await?);
+            // The node's own NATS URLs and credentials, unless given on the command line.
+            let client = if conn.nats_url.is_empty() {
+                crate::connect::connect(&cfg.nats_urls, &cfg.nats_auth, "jetsync-cli", false)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to NATS at {} (the config's nats_urls)",
+                            cfg.nats_urls.join(",")
+                        )
+                    })?
+            } else {
+                conn.nats().await?
+            };
+            let js = async_nats::jetstream::new(client);
             let path = cfg.data_dir.join(format!("{}.redb", cfg.node_id));
             std::fs::create_dir_all(&cfg.data_dir)
                 .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -573,7 +587,31 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                 api.call(&target.node, "quarantine", json!({"limit": limit}))
                     .await?
             };
+            let ids = |k: &str| -> Vec<String> {
+                v[k].as_array()
+                    .map(|a| a.iter().map(Value::to_string).collect())
+                    .unwrap_or_default()
+            };
+            let missing = ids("missing");
             print(&target.conn, &v, || match v["entries"].as_array() {
+                None if !drop.is_empty() => {
+                    format!("dropped {} entr(y/ies)\n", v["dropped"])
+                }
+                None => {
+                    let still = ids("still_quarantined");
+                    let mut s = format!(
+                        "applied {}, duplicates {}, still quarantined {}\n",
+                        v["applied"], v["duplicates"], v["quarantined"]
+                    );
+                    if !still.is_empty() {
+                        s.push_str(&format!(
+                            "still quarantined under the same id(s): {} (see `jetsync inspect quarantine` for the reason)\n",
+                            still.join(",")
+                        ));
+                    }
+                    s
+                }
+                Some(entries) if entries.is_empty() => "quarantine empty\n".into(),
                 Some(entries) => {
                     let mut s = String::from("ID  SEQ  REASON  SUBJECT / MESSAGE\n");
                     for e in entries {
@@ -591,16 +629,42 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                                 .collect::<String>()
                         ));
                     }
+                    if let Some(next) = v["next"].as_u64() {
+                        s.push_str(&format!("more after id {next}\n"));
+                    }
                     s
                 }
-                None => format!("{v}\n"),
             });
+            if !missing.is_empty() {
+                eprintln!(
+                    "error: no quarantine entry with id {} on {} (already dropped or applied? list them with `jetsync inspect quarantine --node {}`)",
+                    missing.join(","),
+                    target.node,
+                    target.node
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
         InspectCmd::Damaged { target } => {
             let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix);
             let v = api.call(&target.node, "damaged", json!({})).await?;
-            print(&target.conn, &v, || {
-                format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+            print(&target.conn, &v, || match v.as_array() {
+                Some(list) if list.is_empty() => "no damaged records\n".into(),
+                Some(list) => {
+                    let mut s = String::from("ENTITY  ID  FOUND_MS  ERROR\n");
+                    for d in list {
+                        s.push_str(&format!(
+                            "{}  {}  {}  {}\n",
+                            d["entity"].as_str().unwrap_or("?"),
+                            d["id"].as_str().unwrap_or("?"),
+                            d["found_ms"],
+                            d["error"].as_str().unwrap_or("?")
+                        ));
+                    }
+                    s.push_str("repair with `jetsync verify <this node> <a peer> --repair`\n");
+                    s
+                }
+                None => format!("{v}\n"),
             });
         }
         InspectCmd::Refused {
@@ -618,7 +682,18 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             } else {
                 api.call(&target.node, "refused", json!({})).await?
             };
+            let asked = drop.len().max(retry.len());
+            let done = v["retried"]
+                .as_u64()
+                .or_else(|| v["dropped"].as_u64())
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
             print(&target.conn, &v, || match v.as_array() {
+                None if v["retried"].is_u64() => {
+                    format!("put {} event(s) back into the outbox\n", v["retried"])
+                }
+                None if v["dropped"].is_u64() => {
+                    format!("dropped {} refused event(s)\n", v["dropped"])
+                }
                 Some(list) if list.is_empty() => "no refused events\n".into(),
                 Some(list) => list
                     .iter()
@@ -635,6 +710,17 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                     .collect(),
                 None => format!("{v}\n"),
             });
+            if let Some(done) = done
+                && done < asked
+            {
+                eprintln!(
+                    "error: {} of the {asked} origin sequence(s) given name no refused event on {} (list them with `jetsync inspect refused --node {}`)",
+                    asked - done,
+                    target.node,
+                    target.node
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

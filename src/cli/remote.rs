@@ -216,9 +216,7 @@ pub fn human(v: &Value) -> String {
                 .map(|n| vec![text(&n["node"]), text(&n["version"])]),
         ));
     } else if let Some(obj) = v.as_object() {
-        for (k, val) in obj {
-            s.push_str(&format!("{k}: {}\n", text(val)));
-        }
+        flat(&mut s, "", obj);
     } else {
         s.push_str(&format!("{}\n", text(v)));
     }
@@ -243,6 +241,28 @@ pub fn human_record(rec: &Value) -> String {
         serde_json::to_string_pretty(&rec["doc"]).unwrap_or_default()
     ));
     s
+}
+
+/// `key: value` lines, nested objects as `key.sub: value` (a status's lease, limits,
+/// lag per entity), so no JSON reaches the plain output.
+fn flat(s: &mut String, prefix: &str, obj: &serde_json::Map<String, Value>) {
+    for (k, val) in obj {
+        let key = format!("{prefix}{k}");
+        match val {
+            Value::Object(o) if !o.is_empty() => flat(s, &format!("{key}."), o),
+            Value::Object(_) => s.push_str(&format!("{key}: -\n")),
+            Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
+                let items: Vec<String> = a.iter().map(text).collect();
+                let shown = if items.is_empty() {
+                    "-".to_owned()
+                } else {
+                    items.join(", ")
+                };
+                s.push_str(&format!("{key}: {shown}\n"));
+            }
+            other => s.push_str(&format!("{key}: {}\n", text(other))),
+        }
+    }
 }
 
 fn text(v: &Value) -> String {

@@ -121,6 +121,10 @@ pub(super) async fn apply_fetched(
     shared
         .metrics
         .apply_transaction(events, started.elapsed(), &outcome(&report));
+    let counted = report.applied + report.duplicates + report.quarantined;
+    shared
+        .applied_events
+        .fetch_add(counted as u64, std::sync::atomic::Ordering::Relaxed);
     shared.equivocations_met(report.equivocations, report.reissued.len());
     Ok(report)
 }

@@ -267,16 +267,34 @@ pub(super) async fn adopt_limits(
     let Some(pinned) = provisioned.limits else {
         return Ok(false);
     };
+    adopt(store, configured, &provisioned.identity.name, pinned).await?;
+    Ok(true)
+}
+
+/// Adopts `pinned` (the deployment's limits, read from stream `stream`'s metadata) if the
+/// store holds other values, logging which configured values they override.
+async fn adopt(
+    store: &Arc<crate::store::Store>,
+    configured: DeploymentLimits,
+    stream: &str,
+    pinned: DeploymentLimits,
+) -> Result<(), NodeError> {
     let current = store.limits();
     if current.max_doc_bytes == pinned.max_doc_bytes
         && current.max_clock_drift_ms == pinned.max_clock_drift_ms
     {
-        return Ok(true);
+        return Ok(());
     }
+    tracing::warn!(
+        stream,
+        max_doc_bytes = pinned.max_doc_bytes,
+        max_clock_drift_ms = pinned.max_clock_drift_ms,
+        "adopting the deployment's limits pinned in the stream's metadata"
+    );
     let differences = pinned.differences(&configured);
     if !differences.is_empty() {
         tracing::warn!(
-            stream = %provisioned.identity.name,
+            stream,
             overridden = %differences.join(", "),
             "this node's configured limits differ from the deployment's (pinned in the stream's metadata): using the deployment's"
         );
@@ -285,7 +303,29 @@ pub(super) async fn adopt_limits(
     tokio::task::spawn_blocking(move || store.adopt_limits(pinned))
         .await
         .map_err(|e| NodeError::Task(e.to_string()))??;
-    Ok(true)
+    Ok(())
+}
+
+/// Adopts the limits `pinned` in the stream's metadata when they differ from the ones in
+/// force: how a running node follows `jetsync limits set` without a restart. Called with
+/// the stream info every `status` reads (so each `status`, `/metrics` scrape, `/status` and
+/// `top` is a check) and before `quarantine_retry`.
+pub(super) async fn adopt_pinned(
+    shared: &Shared,
+    pinned: Option<DeploymentLimits>,
+) -> Result<(), NodeError> {
+    let Some(pinned) = pinned else {
+        return Ok(());
+    };
+    adopt(
+        &shared.store,
+        configured_limits_of(&shared.config),
+        &shared.config.stream.name,
+        pinned,
+    )
+    .await?;
+    shared.live().trust.limits_from_stream = true;
+    Ok(())
 }
 
 /// Keeps `shared.ready` true exactly while the lease is held, after the restore check.
@@ -378,6 +418,13 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
 }
 
 impl NodeHandle {
+    /// Reads the limits pinned in the stream now and adopts them if they changed (`jetsync
+    /// limits set`); `quarantine_retry` calls it so a raised limit counts at once.
+    pub async fn refresh_limits(&self) -> Result<(), NodeError> {
+        let (pinned, _) = stream::pinned_limits(&self.0.js, &self.0.config.stream.name).await?;
+        adopt_pinned(&self.0, pinned).await
+    }
+
     /// Where this process stands with its node id's lease, as it changes: the API serves
     /// only while [`LeaseState::serves_api`].
     pub fn lease(&self) -> tokio::sync::watch::Receiver<LeaseState> {

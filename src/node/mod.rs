@@ -159,6 +159,8 @@ struct Shared {
     selfcheck: Arc<SelfCheck>,
     /// Events published since start (in `status`, for rates).
     published: AtomicU64,
+    /// Stream events applied, duplicate or quarantined since start (`status`, for rates).
+    applied_events: AtomicU64,
 }
 
 impl Shared {
@@ -336,6 +338,7 @@ impl Node {
             metrics,
             selfcheck: Arc::default(),
             published: AtomicU64::new(0),
+            applied_events: AtomicU64::new(0),
         });
         let mut tasks = vec![
             (

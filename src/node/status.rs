@@ -134,6 +134,10 @@ pub struct Status {
     pub conflicts: u64,
     /// Events this node published since it started.
     pub published: u64,
+    /// Stream events taken through the checks since it started (applied, duplicate or
+    /// quarantined; own echoes passed over are not): the sum of
+    /// `jetsync_applied_events_total`, which `top`'s APPLY rate follows.
+    pub applied_events: u64,
     /// Per peer and reason: this node's events that peer has quarantined, of its newest
     /// listed, counting only messages this node proves it wrote (the self-check,
     /// [`crate::ops::selfcheck`]); empty when none.
@@ -216,8 +220,13 @@ impl NodeHandle {
         );
         let mut lag_seconds = BTreeMap::new();
         if connected {
-            if let Some(last) = stream_last_seq(&self.0).await {
-                self.0.live().stream_last_seq = Some(last);
+            if let Some(info) = stream_info(&self.0).await {
+                self.0.live().stream_last_seq = Some(info.state.last_sequence);
+                // Each status read is a limits check (`jetsync limits set`).
+                let pinned = crate::stream::DeploymentLimits::from_metadata(&info.config.metadata);
+                if let Err(e) = super::guard::adopt_pinned(&self.0, pinned).await {
+                    tracing::warn!(error = %e, "cannot adopt the deployment's limits");
+                }
             }
             let checkpoint = match &counts {
                 Ok(c) => c.checkpoint,
@@ -260,6 +269,7 @@ impl NodeHandle {
             lag_seconds,
             conflicts,
             published: self.0.published.load(Ordering::Relaxed),
+            applied_events: self.0.applied_events.load(Ordering::Relaxed),
             refused_by: self.0.selfcheck.refused(),
             quarantined,
             quarantine_dropped,
@@ -289,8 +299,8 @@ const CONFLICT_COUNT_CAP: usize = 1_000_000;
 /// Longest wait for the stream when reporting status.
 const ASK_STREAM: Duration = Duration::from_secs(1);
 
-/// The stream's last sequence now, if the server answers quickly.
-async fn stream_last_seq(shared: &Shared) -> Option<u64> {
+/// The stream's info now, if the server answers quickly.
+async fn stream_info(shared: &Shared) -> Option<async_nats::jetstream::stream::Info> {
     let name = &shared.config.stream.name;
     let stream = tokio::time::timeout(ASK_STREAM, shared.js.get_stream_no_info(name))
         .await
@@ -300,7 +310,7 @@ async fn stream_last_seq(shared: &Shared) -> Option<u64> {
         .await
         .ok()?
         .ok()?;
-    Some(info.state.last_sequence)
+    Some(info)
 }
 
 /// Per entity type this node follows, the age of the oldest stream event past

@@ -1,7 +1,8 @@
 //! The node's operations HTTP listener: `GET /metrics` (Prometheus/OpenMetrics text),
-//! `GET /healthz` (the process answers) and `GET /readyz` (connected, holding its node
+//! `GET /healthz` (the process answers), `GET /readyz` (connected, holding its node
 //! lease, not halted, no edge upstream gap, lag under the configured bound; 503 with the
-//! reasons otherwise).
+//! reasons otherwise) and `GET /status` (the node's status as JSON, for `jetsync top`
+//! while NATS is down).
 //! HTTP/1.1 through hyper; connections are bounded in number and in how long their headers may take, so a slow or
 //! hostile client cannot tie the listener up.
 
@@ -35,6 +36,9 @@ pub trait Probe: Send + Sync + 'static {
     fn metrics(&self) -> BoxFuture<'_, String>;
     /// The node's readiness now.
     fn readiness(&self) -> BoxFuture<'_, Readiness>;
+    /// The node's `status` as JSON (what `jetsync status --json` prints), or why not: read
+    /// by `jetsync top --http` when NATS is down.
+    fn status(&self) -> BoxFuture<'_, Result<String, String>>;
 }
 
 /// Most connections served at once; more wait in the accept queue.
@@ -114,7 +118,7 @@ pub async fn serve(listen: SocketAddr, probe: Arc<dyn Probe>) -> std::io::Result
             });
         }
     });
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /status");
     Ok(OpsServer {
         addr,
         stop,
@@ -147,6 +151,10 @@ async fn route(probe: &dyn Probe, req: Request<Incoming>) -> Response<Full<Bytes
     match req.uri().path() {
         "/metrics" => text(StatusCode::OK, OPENMETRICS, probe.metrics().await),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/status" => match probe.status().await {
+            Ok(json) => text(StatusCode::OK, "application/json", json),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n")),
+        },
         "/readyz" => {
             let r = probe.readiness().await;
             if r.ready {
@@ -163,7 +171,7 @@ async fn route(probe: &dyn Probe, req: Request<Incoming>) -> Response<Full<Bytes
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: try /metrics, /healthz, /readyz\n".into(),
+            "not found: try /metrics, /healthz, /readyz, /status\n".into(),
         ),
     }
 }

@@ -122,6 +122,13 @@ impl Probe for NodeOps {
     fn readiness(&self) -> BoxFuture<'_, Readiness> {
         Box::pin(async move { self.sample().await.1 })
     }
+
+    fn status(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let status = self.node.status().await.map_err(|e| e.to_string())?;
+            serde_json::to_string(&status).map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// What the store says, read in one blocking call.

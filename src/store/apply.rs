@@ -60,7 +60,8 @@ impl Store {
     }
 
     /// [`Store::apply_messages`], also removing the quarantine entries `retried` in the
-    /// same transaction (a retry re-quarantines what still fails, under a new id).
+    /// same transaction (a retry re-quarantines what still fails, under its id: `retried`
+    /// then names the entries of `batch`, in order).
     pub(super) fn apply_removing(
         &self,
         batch: &[Incoming<'_>],
@@ -175,7 +176,15 @@ impl Store {
                     }
                     Err(reason) => {
                         tracing::warn!(seq = msg.stream_seq, subject = msg.subject, %reason, "event quarantined");
-                        quarantine_seq += 1;
+                        // A retried entry that fails again keeps its id (the operator's
+                        // handle on it); `retried` lines up with `batch` then.
+                        let id = match retried.get(i) {
+                            Some(id) if retried.len() == batch.len() => *id,
+                            _ => {
+                                quarantine_seq += 1;
+                                quarantine_seq
+                            }
+                        };
                         let row = QuarantineRow {
                             stream_seq: msg.stream_seq,
                             subject: msg.subject.to_owned(),
@@ -185,7 +194,7 @@ impl Store {
                             stream_time_ms: msg.stream_time_ms,
                             msg_id: msg_ids.get(i).copied().flatten().map(str::to_owned),
                         };
-                        quarantine.insert(quarantine_seq, &row)?;
+                        quarantine.insert(id, &row)?;
                         report.quarantined += 1;
                         let entity = msg
                             .subject

@@ -506,10 +506,23 @@ impl Store {
         Ok(dropped)
     }
 
+    /// The ids of `ids` that name no quarantine entry (never did, or dropped).
+    pub fn quarantine_missing(&self, ids: &[u64]) -> Result<Vec<u64>, StorageError> {
+        let txn = self.read()?;
+        let table = txn.open_table(QUARANTINE)?;
+        let mut missing = Vec::new();
+        for id in ids {
+            if table.get(*id)?.is_none() {
+                missing.push(*id);
+            }
+        }
+        Ok(missing)
+    }
+
     /// Decodes quarantined messages again with the current limits (after an operator
-    /// raised one, say) and applies those that pass, in one transaction; the rest are
-    /// quarantined again with their current reason under a new id. The checkpoint does
-    /// not move: these messages are behind it already.
+    /// raised one, say) and applies those that pass, in one transaction; the rest stay
+    /// quarantined under their id, with their current reason. The checkpoint does not
+    /// move: these messages are behind it already.
     pub fn quarantine_retry(&self, ids: &[u64]) -> Result<ApplyReport, StorageError> {
         let rows: Vec<(u64, QuarantineRow)> = {
             let txn = self.read()?;
