@@ -33,18 +33,15 @@ use crate::node::NodeHandle;
 /// Quarantined messages asked of each peer per round (the newest under this origin).
 const ASKED: usize = 32;
 
-/// One round: discover the peers and ask each for this node's quarantined events.
-pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
+/// The other nodes now: the `$SRV.PING` answers and the lease bucket's holders, only
+/// valid node ids, without this node. `None` when discovery cannot run (disconnected, or
+/// the ping failed): that says nothing about who left. Shared with anti-entropy.
+pub(crate) async fn discover_peers(node: &NodeHandle, api: &ApiClient) -> Option<Vec<String>> {
     let own = node.node_id().to_string();
-    // Disconnected, discovery finds nobody: that round says nothing about who left.
     if node.nats().connection_state() != async_nats::connection::State::Connected {
-        return;
+        return None;
     }
-    let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
-        .with_timeout(Duration::from_secs(5));
-    let Ok(peers) = api.nodes(Duration::from_millis(500)).await else {
-        return;
-    };
+    let peers = api.nodes(Duration::from_millis(500)).await.ok()?;
     let mut names: Vec<String> = peers
         .iter()
         .filter_map(|p| p["node"].as_str().map(str::to_owned))
@@ -62,21 +59,33 @@ pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
     }
     names.sort();
     names.dedup();
+    names.retain(|name| {
+        // Its answers would name it in status and the metrics: only node ids qualify.
+        let valid = NodeId::new(name).is_ok();
+        if !valid {
+            tracing::warn!(
+                peer = %name.chars().take(80).collect::<String>(),
+                "ignoring an answer to the ping that is not a valid node id"
+            );
+        }
+        valid && *name != own
+    });
+    Some(names)
+}
+
+/// One round: discover the peers and ask each for this node's quarantined events.
+pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
+    let own = node.node_id().to_string();
+    let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
+        .with_timeout(Duration::from_secs(5));
+    // Disconnected, discovery finds nobody: that round says nothing about who left.
+    let Some(names) = discover_peers(node, &api).await else {
+        return;
+    };
     let mut answers = Vec::new();
     let mut discovered = BTreeSet::new();
     for name in &names {
         let name = name.as_str();
-        if name == own {
-            continue;
-        }
-        // Its answers would name it in status and the metrics: only node ids qualify.
-        if NodeId::new(name).is_err() {
-            tracing::warn!(
-                peer = %name.chars().take(80).collect::<String>(),
-                "self-check: ignoring an answer to the ping that is not a valid node id"
-            );
-            continue;
-        }
         discovered.insert(name.to_owned());
         let asked = json!({"origin": own, "limit": ASKED});
         match api.call(name, "quarantine_origins", asked).await {
