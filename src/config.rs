@@ -49,6 +49,7 @@
 //! max_records = 10000 # record states fetched per round
 //! page = 500
 //! deep_every = 10     # every 10th round compares every leaf, not the live winners
+//! origin_only = false # true: take from a peer only its own versions (deploy/secure)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,8 @@ pub struct FileAntiEntropy {
     pub page: usize,
     /// Every this many rounds compare every leaf (0: never).
     pub deep_every: u32,
+    /// Take from a peer only versions of its own origin.
+    pub origin_only: bool,
 }
 
 impl Default for FileAntiEntropy {
@@ -170,6 +173,7 @@ impl Default for FileAntiEntropy {
             max_records: s.max_records,
             page: s.page,
             deep_every: s.deep_every,
+            origin_only: s.origin_only,
         }
     }
 }
@@ -203,6 +207,7 @@ impl FileAntiEntropy {
             max_records: self.max_records,
             page: self.page,
             deep_every: self.deep_every,
+            origin_only: self.origin_only,
         })
     }
 }

@@ -36,6 +36,7 @@ fn fast(mut c: NodeConfig, settle: Duration) -> NodeConfig {
         // Small pages: the lost records span several.
         page: 4,
         deep_every: 3,
+        origin_only: false,
     };
     c
 }
@@ -432,6 +433,105 @@ async fn partial_replicas_compare_and_pull_only_what_both_replicate() {
     assert_eq!(a_ae.last.as_ref().map(|l| l.compared), Some(1), "{a_ae:?}");
     drop(ops);
     for n in [a, p] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// With `origin_only` (deploy/secure): events the stream lost are healed from their
+/// origins, but records merged into one node outside the stream under another origin
+/// (`x`, not a peer) stay there: no node brings its peers versions in another's name.
+/// Without the loop the lost events are not healed (the wait times out); without the
+/// rule x's records would spread to a and c (the last assertions fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_only_heals_from_origins_and_spreads_no_other_origins_versions() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let cfg = |name: &str| {
+        let mut c = fast(
+            node_config(name, dir.path(), &url),
+            Duration::from_millis(500),
+        );
+        c.ops.anti_entropy.origin_only = true;
+        c
+    };
+    let a = start(cfg("a")).await;
+    let b = start(cfg("b")).await;
+    write_new(&a, &orders, "_", 20).await;
+    write_new(&b, &orders, "_", 20).await;
+    converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    let seqs: Vec<u64> = (3..=39).step_by(4).collect();
+    let lost: BTreeSet<Uuid> = lose(&js, &seqs).await.into_iter().map(|l| l.0).collect();
+    let c = start(cfg("c")).await;
+    caught_up(&c, &js, "c to apply what the stream still has").await;
+
+    let x_dir = tempfile::tempdir().unwrap();
+    let x = Store::open(
+        x_dir.path().join("x.redb"),
+        NodeId::new("x").unwrap(),
+        StoreConfig::default(),
+    )
+    .unwrap();
+    let x_id = Uuid::now_v7();
+    x.write_batch(vec![Write::put(orders.clone(), x_id, json!({"by": "x"}))])
+        .unwrap();
+    let api = ApiClient::new(async_nats::connect(&url).await.unwrap(), "jetsync");
+    api.call(
+        "b",
+        "merge_records",
+        json!({"entity": orders, "format": jetsync::store::FORMAT_VERSION,
+               "states": [StateEntry { id: x_id, state: x.state(&orders, x_id).unwrap().unwrap() }]}),
+    )
+    .await
+    .expect("merge into b");
+
+    let ops = vec![
+        start_ops(&a).await,
+        start_ops(&b).await,
+        start_ops(&c).await,
+    ];
+    wait_for(
+        "c to hold every lost record, healed from its origin",
+        Duration::from_secs(60),
+        || async {
+            let missing: Vec<&Uuid> = lost
+                .iter()
+                .filter(|id| c.store().get(&orders, **id).unwrap().is_none())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("c lacks {missing:?}: {:?}", ae(&c).await))
+            }
+        },
+    )
+    .await;
+    wait_for(
+        "c to have left x's record to its origin in a round",
+        Duration::from_secs(60),
+        || async {
+            let s = ae(&c).await;
+            s.last
+                .as_ref()
+                .is_some_and(|l| l.not_own > 0)
+                .then_some(())
+                .ok_or(format!("{s:?}"))
+        },
+    )
+    .await;
+    assert!(
+        a.store().get(&orders, x_id).unwrap().is_none(),
+        "x's record spread to a"
+    );
+    assert!(
+        c.store().get(&orders, x_id).unwrap().is_none(),
+        "x's record spread to c"
+    );
+    assert_eq!(ae(&c).await.healed_total, lost.len() as u64);
+    drop(ops);
+    for n in [a, b, c] {
         n.shutdown().await.unwrap();
     }
 }

@@ -35,6 +35,12 @@ pub struct AntiEntropySettings {
     /// Every this many rounds the hashes are recomputed over every leaf (conflicts and
     /// damaged records included) instead of read from the live winners' digests; 0: never.
     pub deep_every: u32,
+    /// Merge a peer's state of a record only if every version in it this node lacks is
+    /// the peer's own (its origin): a node then cannot bring its peers versions in another
+    /// node's name, at the cost of healing a lost event only from its origin. For
+    /// deployments where nodes are authenticated (deploy/secure); without auth anyone may
+    /// publish under any origin, and any peer may heal.
+    pub origin_only: bool,
 }
 
 impl Default for AntiEntropySettings {
@@ -47,6 +53,7 @@ impl Default for AntiEntropySettings {
             max_records: 10_000,
             page: 500,
             deep_every: 10,
+            origin_only: false,
         }
     }
 }
@@ -80,6 +87,9 @@ pub struct RoundReport {
     pub healed: u64,
     /// Of those, refused by the state checks (`merge::check_state`).
     pub refused: u64,
+    /// Records lacked here but not merged because the peer's state carries versions of
+    /// other origins this node lacks (`origin_only`): left to those origins.
+    pub not_own: u64,
     /// What was not compared and why (`<peer>/<entity>: …`).
     pub skipped: Vec<String>,
     /// Peers that could not be compared, with the error.

@@ -29,6 +29,14 @@
 //! events arrive later as duplicates. "Divergent" counts only records whose merge changed
 //! this node or was refused, so a record the merge finds known (e.g. below a compaction
 //! horizon) is not reported again and again.
+//!
+//! **Whose versions.** By default a peer's whole state of a lacked record is merged: the
+//! state checks bound what it may hold, but not who wrote it (as for snapshots and
+//! repair); without NATS auth anyone may publish under any origin anyway. With
+//! `origin_only` (deploy/secure, where each node may publish only under its own origin) a
+//! state is merged only if every version in it this node lacks is the peer's own, so a
+//! node cannot bring its peers versions in another's name; a record lacking versions of
+//! other origins too is left to those origins' rounds (counted in `not_own`).
 
 use std::cmp::Ordering;
 use std::time::{Duration, Instant};
@@ -267,18 +275,33 @@ impl Round<'_> {
             self.report.fetched += page.len() as u64;
             let store = self.node.store().clone();
             let (e, unsure) = (entity.clone(), unsure.map(str::to_owned));
-            let lacked = tokio::task::spawn_blocking(move || {
-                page.into_iter()
+            let only = self.settings.origin_only.then(|| peer.to_owned());
+            let (lacked, not_own) = tokio::task::spawn_blocking(move || {
+                let mut not_own = 0u64;
+                let lacked = page
+                    .into_iter()
                     .filter_map(|(id, state)| Some((id, state?)))
-                    .filter(|(id, theirs)| match store.state(&e, *id) {
-                        Ok(mine) => lacks(mine.as_ref(), theirs, cutoff, unsure.as_deref()),
-                        // Damaged here (or unreadable): the peer's state repairs it.
-                        Err(_) => true,
+                    .filter(|(id, theirs)| {
+                        let mine = match store.state(&e, *id) {
+                            Ok(mine) => mine,
+                            // Damaged here (or unreadable): the peer's state repairs it.
+                            Err(_) => None,
+                        };
+                        if !lacks(mine.as_ref(), theirs, cutoff, unsure.as_deref()) {
+                            return false;
+                        }
+                        let foreign = only
+                            .as_deref()
+                            .is_some_and(|p| !only_own_lacked(mine.as_ref(), theirs, p));
+                        not_own += u64::from(foreign);
+                        !foreign
                     })
-                    .collect::<Vec<(Uuid, RecordState)>>()
+                    .collect::<Vec<(Uuid, RecordState)>>();
+                (lacked, not_own)
             })
             .await
             .map_err(|e| reply_error("self", e.to_string()))?;
+            self.report.not_own += not_own;
             if !lacked.is_empty() {
                 let merged = merge_peer_states(self.node, peer, entity, lacked)
                     .await
@@ -329,6 +352,20 @@ pub fn lacks(
                     .leaves
                     .iter()
                     .any(|m| m.version == l.version && l.content_cmp(m) == Ordering::Greater)
+        })
+}
+
+/// Whether every version `theirs` holds that `mine` lacks (an origin's entry not covered
+/// here, a pending name not known here, a content other than ours under a version) is of
+/// origin `peer`: merging it then adds only what `peer` claims about its own writes.
+pub fn only_own_lacked(mine: Option<&RecordState>, theirs: &RecordState, peer: &str) -> bool {
+    let empty = RecordState::default();
+    let mine = mine.unwrap_or(&empty);
+    let own = |v: &crate::clock::Version| v.node.as_str() == peer;
+    theirs.origins.iter().all(|v| own(v) || mine.has_seen(v))
+        && theirs.pending.iter().all(|v| own(v) || mine.knows(v))
+        && theirs.leaves.iter().all(|l| {
+            own(&l.version) || mine.leaves.iter().all(|m| m.version != l.version || m == l)
         })
 }
 
@@ -412,6 +449,20 @@ mod tests {
         // A later version of the same origin covers an earlier one.
         let later = state(&[v(2_000, "a"), v(5_000, "b")]);
         assert!(!lacks(Some(&later), &theirs, u64::MAX, None));
+    }
+
+    #[test]
+    fn origin_only_takes_a_peers_state_only_for_its_own_versions() {
+        let theirs = state(&[v(1_000, "a"), v(5_000, "b")]);
+        // Lacking only b's version: b may bring it, a may not.
+        let mine = state(&[v(1_000, "a")]);
+        assert!(only_own_lacked(Some(&mine), &theirs, "b"));
+        assert!(!only_own_lacked(Some(&mine), &theirs, "a"));
+        // Lacking both: neither alone may bring the state.
+        assert!(!only_own_lacked(None, &theirs, "a"));
+        assert!(!only_own_lacked(None, &theirs, "b"));
+        // Lacking nothing: nothing foreign.
+        assert!(only_own_lacked(Some(&theirs), &theirs, "a"));
     }
 
     #[test]
