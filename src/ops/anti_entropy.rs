@@ -68,7 +68,7 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
             _ = ae.requested() => {}
         }
         rounds += 1;
-        let deep = settings.deep_every > 0 && rounds % u64::from(settings.deep_every) == 0;
+        let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
         let report = round(&node, &settings, deep).await;
         finish(&node, &ae, &report);
     }
@@ -282,11 +282,8 @@ impl Round<'_> {
                     .into_iter()
                     .filter_map(|(id, state)| Some((id, state?)))
                     .filter(|(id, theirs)| {
-                        let mine = match store.state(&e, *id) {
-                            Ok(mine) => mine,
-                            // Damaged here (or unreadable): the peer's state repairs it.
-                            Err(_) => None,
-                        };
+                        // Damaged here (or unreadable): as absent; the peer's state repairs it.
+                        let mine = store.state(&e, *id).unwrap_or_default();
                         if !lacks(mine.as_ref(), theirs, cutoff, unsure.as_deref()) {
                             return false;
                         }
