@@ -326,7 +326,8 @@ async fn steady_writes_on_a_converged_deployment_report_no_divergence() {
 /// (c) A partial replica (orders in scope `eu` only) and a full one: the stream loses
 /// events of every kind before the partial replica reads them; the loop brings it the
 /// lost `eu` orders and nothing else (no `us` order, no customer), and the full replica,
-/// which lacks nothing, finds nothing. Without the loop the partial replica never gets
+/// which lacks nothing, finds nothing. The partial replica fetches one record state per
+/// round (`max_records = 1`): rounds end `partial` and the next goes on from there. Without the loop the partial replica never gets
 /// the lost `eu` orders (the wait times out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_replicas_compare_and_pull_only_what_both_replicate() {
@@ -358,6 +359,8 @@ async fn partial_replicas_compare_and_pull_only_what_both_replicate() {
     assert_eq!(lost_eu.len(), 4, "{lost:?}");
 
     let mut pc = fast(node_config("p", dir.path(), &url), settle);
+    // One record state per round: the rounds go on where the last stopped.
+    pc.ops.anti_entropy.max_records = 1;
     pc.entities = vec![EntityFilter {
         entity: orders.clone(),
         scopes: vec![Scope::new("eu").unwrap()],
@@ -419,6 +422,14 @@ async fn partial_replicas_compare_and_pull_only_what_both_replicate() {
     }
     let p_ae = ae(&p).await;
     assert_eq!(p_ae.healed_total, 4, "exactly the lost eu orders: {p_ae:?}");
+    assert!(
+        metric(
+            &p,
+            "jetsync_anti_entropy_rounds_total",
+            "result=\"partial\""
+        ) >= 1.0,
+        "{p_ae:?}"
+    );
     assert_eq!(p_ae.divergent_total, 4, "{p_ae:?}");
     let a_ae = ae(&a).await;
     assert_eq!(
@@ -532,6 +543,59 @@ async fn origin_only_heals_from_origins_and_spreads_no_other_origins_versions() 
     assert_eq!(ae(&c).await.healed_total, lost.len() as u64);
     drop(ops);
     for n in [a, b, c] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// A differing bucket holding more records than one round fetches: with
+/// `max_records = 1`, a round that stops at the bucket's first record (which agrees)
+/// leaves a cursor, and the next round goes on to the second (the lost one). Without
+/// the cursor every round would fetch the first record again and never heal the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_go_on_where_the_last_stopped_in_a_large_bucket() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    // Two ids in one digest bucket, in id order.
+    let mut seen = std::collections::HashMap::new();
+    let (first, second) = loop {
+        let id = Uuid::new_v4();
+        if let Some(other) = seen.insert(jetsync::digest::bucket_of(&id), id) {
+            break (other.min(id), other.max(id));
+        }
+    };
+    let settle = Duration::from_millis(500);
+    let a = start(fast(node_config("a", dir.path(), &url), settle)).await;
+    for id in [first, second, Uuid::now_v7()] {
+        a.write(vec![Write::put(orders.clone(), id, json!({"id": id}))])
+            .await
+            .unwrap();
+    }
+    caught_up(&a, &js, "a to publish its writes").await;
+    lose(&js, &[2]).await;
+    let mut cc = fast(node_config("c", dir.path(), &url), settle);
+    cc.ops.anti_entropy.max_records = 1;
+    let c = start(cc).await;
+    caught_up(&c, &js, "c to apply what the stream still has").await;
+    assert!(c.store().get(&orders, first).unwrap().is_some());
+    assert!(c.store().get(&orders, second).unwrap().is_none());
+    let ops = vec![start_ops(&a).await, start_ops(&c).await];
+    wait_for(
+        "c to heal the second record of the bucket",
+        Duration::from_secs(60),
+        || async {
+            match c.store().get(&orders, second).unwrap() {
+                Some(_) => Ok(()),
+                None => Err(format!("{:?}", ae(&c).await)),
+            }
+        },
+    )
+    .await;
+    assert_eq!(ae(&c).await.healed_total, 1);
+    drop(ops);
+    for n in [a, c] {
         n.shutdown().await.unwrap();
     }
 }

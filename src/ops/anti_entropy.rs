@@ -39,6 +39,7 @@
 //! other origins too is left to those origins' rounds (counted in `not_own`).
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -62,6 +63,7 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
     }
     ae.set_running(true);
     let mut rounds: u64 = 0;
+    let mut cursors = Cursors::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(jittered(settings.interval, settings.jitter)) => {}
@@ -69,7 +71,7 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
         }
         rounds += 1;
         let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
-        let report = round(&node, &settings, deep).await;
+        let report = round(&node, &settings, deep, rounds, &mut cursors).await;
         finish(&node, &ae, &report);
     }
 }
@@ -102,8 +104,21 @@ fn finish(node: &NodeHandle, ae: &AntiEntropy, report: &RoundReport) {
     }
 }
 
-/// One round now (see the module doc); what it saw.
-pub async fn round(node: &NodeHandle, settings: &AntiEntropySettings, deep: bool) -> RoundReport {
+/// Where the record pages of a (peer, entity type) stopped when a round reached
+/// `max_records`: the next round goes on from there (and starts over after the end), so
+/// differing buckets holding more records than one round fetches are still all compared.
+pub type Cursors = BTreeMap<(String, EntityName), Uuid>;
+
+/// Round number `number` now (see the module doc); what it saw. Peers are taken in a
+/// rotated order each round, so a peer early in the list cannot use up every round's
+/// `max_records`.
+pub async fn round(
+    node: &NodeHandle,
+    settings: &AntiEntropySettings,
+    deep: bool,
+    number: u64,
+    cursors: &mut Cursors,
+) -> RoundReport {
     let started = Instant::now();
     let mut report = RoundReport {
         at_ms: now_ms(),
@@ -117,7 +132,9 @@ pub async fn round(node: &NodeHandle, settings: &AntiEntropySettings, deep: bool
             "failed"
         }
         Some(peers) if peers.is_empty() => "no_peers",
-        Some(peers) => {
+        Some(mut peers) => {
+            let turn = usize::try_from(number % peers.len() as u64).unwrap_or(0);
+            peers.rotate_left(turn);
             let lag = match node.status().await {
                 Ok(s) => s.lag_seconds,
                 Err(e) => {
@@ -132,18 +149,27 @@ pub async fn round(node: &NodeHandle, settings: &AntiEntropySettings, deep: bool
                 deep,
                 lag,
                 budget: settings.max_records,
+                cursors,
                 report: &mut report,
             };
-            let mut compared = 0;
+            let (mut compared, mut failed) = (0, 0);
             for peer in &peers {
                 match round.peer(peer).await {
-                    Ok(()) => compared += 1,
-                    Err(e) => round.report.errors.push(format!("{peer}: {e}")),
+                    Ok(true) => compared += 1,
+                    // Shares no entity type or scope with this node.
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        round.report.errors.push(format!("{peer}: {e}"));
+                    }
                 }
             }
-            if compared == 0 {
+            let exhausted = round.budget == 0;
+            if compared == 0 && failed > 0 {
                 "failed"
-            } else if round.budget == 0 {
+            } else if compared == 0 {
+                "no_peers"
+            } else if exhausted {
                 "partial"
             } else if report.divergent > 0 {
                 "diverged"
@@ -167,11 +193,13 @@ struct Round<'a> {
     lag: std::collections::BTreeMap<String, f64>,
     /// Record states still to be fetched this round.
     budget: usize,
+    cursors: &'a mut Cursors,
     report: &'a mut RoundReport,
 }
 
 impl Round<'_> {
-    async fn peer(&mut self, peer: &str) -> Result<(), VerifyError> {
+    /// Compares with `peer`; whether they share anything to compare.
+    async fn peer(&mut self, peer: &str) -> Result<bool, VerifyError> {
         let status = self.api.call(peer, "status", json!({})).await?;
         let filters: Vec<EntityFilter> = serde_json::from_value(status["entities"].clone())
             .map_err(|e| VerifyError::Reply {
@@ -209,7 +237,7 @@ impl Round<'_> {
         if any {
             self.report.peers.push(peer.to_owned());
         }
-        Ok(())
+        Ok(any)
     }
 
     async fn entity(
@@ -251,12 +279,16 @@ impl Round<'_> {
         self.report.differing_buckets += buckets.len() as u64;
         let cutoff = now_ms()
             .saturating_sub(u64::try_from(self.settings.settle.as_millis()).unwrap_or(u64::MAX));
-        let mut after = None;
+        let key = (peer.to_owned(), entity.clone());
+        let mut after = self.cursors.get(&key).copied();
         loop {
             if self.budget == 0 {
                 self.report
                     .skipped
                     .push(format!("{peer}/{entity}: max_records reached this round"));
+                if let Some(a) = after {
+                    self.cursors.insert(key, a);
+                }
                 return Ok(());
             }
             let limit = self.settings.page.min(self.budget);
@@ -310,7 +342,10 @@ impl Round<'_> {
             }
             match next {
                 Some(n) => after = Some(n),
-                None => return Ok(()),
+                None => {
+                    self.cursors.remove(&key);
+                    return Ok(());
+                }
             }
         }
     }
