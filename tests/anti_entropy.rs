@@ -599,3 +599,42 @@ async fn rounds_go_on_where_the_last_stopped_in_a_large_bucket() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// An early round on request (what loss detection on the stream calls): with an
+/// interval of an hour, `request_round` runs one at once. Without the wake-up no round
+/// would run within the test (the wait times out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_round_runs_at_once() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let slow = |name: &str| {
+        let mut c = fast(
+            node_config(name, dir.path(), &url),
+            Duration::from_millis(500),
+        );
+        c.ops.anti_entropy.interval = Duration::from_secs(3600);
+        c
+    };
+    let a = start(slow("a")).await;
+    let b = start(slow("b")).await;
+    let orders = entity("orders");
+    write_new(&a, &orders, "_", 3).await;
+    converge(&[&a, &b], &orders, Duration::from_secs(30)).await;
+    let ops = vec![start_ops(&a).await, start_ops(&b).await];
+    assert_eq!(ae(&a).await.rounds, 0);
+    a.anti_entropy().request_round();
+    wait_for("the requested round", Duration::from_secs(30), || async {
+        let s = ae(&a).await;
+        match &s.last {
+            Some(l) if l.result == "converged" && l.peers == ["b"] => Ok(()),
+            _ => Err(format!("{s:?}")),
+        }
+    })
+    .await;
+    assert_eq!(ae(&b).await.rounds, 0, "b was not asked for a round");
+    drop(ops);
+    for n in [a, b] {
+        n.shutdown().await.unwrap();
+    }
+}
