@@ -9,8 +9,10 @@
 //!
 //! **A round** (at most one at a time: the loop runs them one after another; every
 //! `[anti_entropy] interval_secs`, jittered, or at once after
-//! [`crate::metrics::AntiEntropy::request_round`]): discover the peers as the self-check
-//! does (`$SRV.PING` and the lease bucket's holders); per peer, the entity types and
+//! [`crate::metrics::AntiEntropy::request_round`]): the peers are the holders of this
+//! node's lease bucket (the nodes on its stream; an edge site's nodes hold theirs in the
+//! site's bucket, so they do not pull from hub nodes, which hold records of entity types
+//! the site does not receive); per peer, the entity types and
 //! scopes both replicate ([`crate::verify::common_scopes`]; nothing else is asked for or
 //! merged); per entity type, both sides' 256 bucket hashes (the incremental digest, read
 //! without a scan; recomputed over every leaf, conflicts and damaged records included, on
@@ -126,9 +128,11 @@ pub async fn round(
     };
     let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
         .with_timeout(Duration::from_secs(30));
-    let result = match crate::ops::selfcheck::discover_peers(node, &api).await {
+    let result = match crate::ops::selfcheck::discover_peers(node, &api, false).await {
         None => {
-            report.errors.push("not connected to NATS".into());
+            report
+                .errors
+                .push("not connected to NATS, or the lease bucket cannot be listed".into());
             "failed"
         }
         Some(peers) if peers.is_empty() => "no_peers",
