@@ -139,12 +139,22 @@ pub async fn round(
         Some(mut peers) => {
             let turn = usize::try_from(number % peers.len() as u64).unwrap_or(0);
             peers.rotate_left(turn);
-            let lag = match node.status().await {
-                Ok(s) => s.lag_seconds,
+            let (lag, behind) = match node.status().await {
+                // Nothing applied yet and events waiting: every type counts as behind.
+                Ok(s) => {
+                    let behind = s.lag_seconds.is_empty() && s.lag.unwrap_or(0) > 0;
+                    (s.lag_seconds, behind)
+                }
                 Err(e) => {
                     report.errors.push(format!("own status: {e}"));
                     Default::default()
                 }
+            };
+            // A type this node holds nothing of yet has no lag of its own: the largest.
+            let unknown_lag = if behind {
+                f64::INFINITY
+            } else {
+                lag.values().copied().fold(0.0, f64::max)
             };
             let mut round = Round {
                 node,
@@ -152,6 +162,7 @@ pub async fn round(
                 settings,
                 deep,
                 lag,
+                unknown_lag,
                 budget: settings.max_records,
                 cursors,
                 report: &mut report,
@@ -195,6 +206,8 @@ struct Round<'a> {
     deep: bool,
     /// This node's lag per entity type, seconds (from its status).
     lag: std::collections::BTreeMap<String, f64>,
+    /// The lag taken for a type not in `lag` (this node holds none of it yet).
+    unknown_lag: f64,
     /// Record states still to be fetched this round.
     budget: usize,
     cursors: &'a mut Cursors,
@@ -227,7 +240,11 @@ impl Round<'_> {
             let Some(scopes) = common_scopes(&own, &filters, &entity) else {
                 continue;
             };
-            let lag = self.lag.get(entity.as_str()).copied().unwrap_or(0.0);
+            let lag = self
+                .lag
+                .get(entity.as_str())
+                .copied()
+                .unwrap_or(self.unknown_lag);
             if lag > self.settings.settle.as_secs_f64() {
                 self.report.skipped.push(format!(
                     "{peer}/{entity}: this node lags {lag:.0} s (more than settle_secs)"
