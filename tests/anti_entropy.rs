@@ -638,3 +638,49 @@ async fn a_requested_round_runs_at_once() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Not a check: what a round costs on a converged deployment of `JETSYNC_AE_RECORDS`
+/// records (default 20,000) on two nodes, printed (`cargo test --test anti_entropy
+/// measure -- --ignored --nocapture`; a debug build, so only the proportions mean much).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_a_converged_round() {
+    let n: usize = std::env::var("JETSYNC_AE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let orders = entity("orders");
+    let a = start(node_config("a", dir.path(), &url)).await;
+    let b = start(node_config("b", dir.path(), &url)).await;
+    for _ in 0..n / 1000 {
+        write_new(&a, &orders, "_", 1000).await;
+    }
+    converge(&[&a, &b], &orders, Duration::from_secs(600)).await;
+    let api = ApiClient::new(async_nats::connect(&url).await.unwrap(), "jetsync");
+    let size = |v: serde_json::Value| serde_json::to_string(&v).unwrap().len();
+    let status = size(api.call("b", "status", json!({})).await.unwrap());
+    let digest = size(api.call("b", "digest", json!({})).await.unwrap());
+    let hashes = size(
+        api.call("b", "sync_hashes", json!({"entity": orders}))
+            .await
+            .unwrap(),
+    );
+    let settings = AntiEntropySettings::default();
+    let mut cursors = Default::default();
+    for deep in [false, true] {
+        let t = std::time::Instant::now();
+        let r = jetsync::ops::anti_entropy::round(&a, &settings, deep, 1, &mut cursors).await;
+        println!(
+            "{n} records, deep {deep}: {} in {:?}, fetched {}, reply bytes: status {status}, digest {digest}, sync_hashes {hashes}",
+            r.result,
+            t.elapsed(),
+            r.fetched
+        );
+    }
+    for n in [a, b] {
+        n.shutdown().await.unwrap();
+    }
+}
