@@ -41,6 +41,16 @@
 //! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
 //! listen = "127.0.0.1:9464"
 //! ready_max_lag_secs = 30
+//!
+//! [anti_entropy]      # on by default: compare with peers, pull what this node lacks
+//! enabled = true
+//! interval_secs = 120
+//! jitter = 0.2        # each wait is interval × [0.8, 1.2]
+//! settle_secs = 30    # younger versions may still be in flight
+//! max_records = 10000 # record states fetched per round
+//! page = 500
+//! deep_every = 10     # every 10th round compares every leaf, not the live winners
+//! origin_only = false # true: take from a peer only its own versions (deploy/secure)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -126,6 +136,81 @@ pub struct FileConfig {
     pub metrics: FileMetrics,
     /// `[site]`: this node runs at an edge site.
     pub site: Option<FileSite>,
+    /// `[anti_entropy]`: comparing with peers and healing what this node lacks.
+    #[serde(default)]
+    pub anti_entropy: FileAntiEntropy,
+}
+
+/// `[anti_entropy]`: see [`crate::ops::anti_entropy`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileAntiEntropy {
+    /// Whether the loop runs.
+    pub enabled: bool,
+    /// Seconds between rounds.
+    pub interval_secs: u64,
+    /// Random spread of each wait, a fraction of the interval in `[0, 1)`.
+    pub jitter: f64,
+    /// Seconds a version may still be in flight.
+    pub settle_secs: u64,
+    /// Most record states fetched per round.
+    pub max_records: usize,
+    /// Record states per request.
+    pub page: usize,
+    /// Every this many rounds compare every leaf (0: never).
+    pub deep_every: u32,
+    /// Take from a peer only versions of its own origin.
+    pub origin_only: bool,
+}
+
+impl Default for FileAntiEntropy {
+    fn default() -> Self {
+        let s = crate::metrics::AntiEntropySettings::default();
+        FileAntiEntropy {
+            enabled: s.enabled,
+            interval_secs: s.interval.as_secs(),
+            jitter: s.jitter,
+            settle_secs: s.settle.as_secs(),
+            max_records: s.max_records,
+            page: s.page,
+            deep_every: s.deep_every,
+            origin_only: s.origin_only,
+        }
+    }
+}
+
+impl FileAntiEntropy {
+    /// The validated settings.
+    pub fn settings(&self) -> Result<crate::metrics::AntiEntropySettings, ConfigError> {
+        if self.interval_secs == 0 {
+            return Err(invalid("anti_entropy.interval_secs", "must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(invalid(
+                "anti_entropy.jitter",
+                format!("{} is not a fraction in [0, 1)", self.jitter),
+            ));
+        }
+        if self.max_records == 0 {
+            return Err(invalid("anti_entropy.max_records", "must be positive"));
+        }
+        if !(1..=2_000).contains(&self.page) {
+            return Err(invalid(
+                "anti_entropy.page",
+                "must be 1 to 2000 (a node answers at most 2000 states per request)",
+            ));
+        }
+        Ok(crate::metrics::AntiEntropySettings {
+            enabled: self.enabled,
+            interval: Duration::from_secs(self.interval_secs),
+            jitter: self.jitter,
+            settle: Duration::from_secs(self.settle_secs),
+            max_records: self.max_records,
+            page: self.page,
+            deep_every: self.deep_every,
+            origin_only: self.origin_only,
+        })
+    }
 }
 
 /// `[site]`: this node runs at an edge site, on the site's stream, which sources from the
@@ -216,6 +301,8 @@ impl FileMetrics {
             listen,
             ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
             selfcheck_interval: Duration::from_secs(self.selfcheck_interval_secs),
+            // `[anti_entropy]` sets it (`FileConfig::into_node_config`).
+            ..OpsSettings::default()
         })
     }
 }
@@ -437,7 +524,8 @@ impl FileConfig {
             max_quarantine_per_origin: self.limits.max_quarantine_per_origin,
             max_quarantine: self.limits.max_quarantine,
         };
-        let ops = self.metrics.settings()?;
+        let mut ops = self.metrics.settings()?;
+        ops.anti_entropy = self.anti_entropy.settings()?;
         if self.snapshots.keep == 0 {
             return Err(invalid("snapshots.keep", "must be at least 1"));
         }
@@ -563,6 +651,44 @@ fetch_batch = 500
             c.compaction.interval.is_some(),
             "compaction runs by default"
         );
+    }
+
+    #[test]
+    fn anti_entropy_is_on_by_default_and_configured_by_its_keys() {
+        let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n";
+        let c = FileConfig::parse(base)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap();
+        assert_eq!(
+            c.ops.anti_entropy,
+            crate::metrics::AntiEntropySettings::default()
+        );
+        assert!(c.ops.anti_entropy.enabled);
+        let c = FileConfig::parse(&format!(
+            "{base}[anti_entropy]\nenabled = false\ninterval_secs = 5\njitter = 0.5\nsettle_secs = 0\n"
+        ))
+        .unwrap()
+        .into_node_config(Overrides::default())
+        .unwrap();
+        let ae = &c.ops.anti_entropy;
+        assert!(!ae.enabled);
+        assert_eq!(ae.interval, Duration::from_secs(5));
+        assert_eq!(ae.jitter, 0.5);
+        assert_eq!(ae.settle, Duration::ZERO);
+        for (line, key) in [
+            ("interval_secs = 0", "anti_entropy.interval_secs"),
+            ("jitter = 1.5", "anti_entropy.jitter"),
+            ("max_records = 0", "anti_entropy.max_records"),
+            ("page = 5000", "anti_entropy.page"),
+        ] {
+            let e = FileConfig::parse(&format!("{base}[anti_entropy]\n{line}\n"))
+                .unwrap()
+                .into_node_config(Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{key}`")), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! the merge rule (a damaged record is replaced), so both end with the state of the union
 //! of their events: nothing either side had is lost, and the result is the same whichever
 //! node was right. Only entity types (and scopes) both nodes replicate are compared.
+//! The report also carries what each node's anti-entropy loop last saw (its status).
+//!
+//! The anti-entropy loop (`ops::anti_entropy`) reuses the pieces: [`common_scopes`],
+//! [`node_filters`], [`entity_names`], [`records_page`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +22,7 @@ use uuid::Uuid;
 use crate::api::{ApiClient, ApiError, StateEntry};
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
+use crate::metrics::AntiEntropyStatus;
 use crate::store::{FORMAT_VERSION, VerifyHashes};
 
 /// One side of a differing record.
@@ -129,6 +134,10 @@ pub struct VerifyReport {
     pub entities: Vec<EntityReport>,
     /// Entity types only one of the nodes replicates, not compared.
     pub skipped: Vec<String>,
+    /// What node A's anti-entropy loop last saw (`None`: a node without it).
+    pub anti_entropy_a: Option<AntiEntropyStatus>,
+    /// What node B's anti-entropy loop last saw.
+    pub anti_entropy_b: Option<AntiEntropyStatus>,
 }
 
 impl VerifyReport {
@@ -143,6 +152,35 @@ impl VerifyReport {
             .iter()
             .all(|e| e.differences.is_empty() || e.converged_after_repair == Some(true))
     }
+}
+
+/// One line on what a node's anti-entropy loop last saw, for `jetsync verify`.
+pub fn describe_anti_entropy(status: Option<&AntiEntropyStatus>) -> String {
+    let Some(s) = status else {
+        return "not reported (a node of an older version)".into();
+    };
+    if !s.running && s.rounds == 0 {
+        return "not running in this node's process".into();
+    }
+    let mut out = format!(
+        "{} round(s); since start {} divergent record(s) found, {} healed, {} refused",
+        s.rounds, s.divergent_total, s.healed_total, s.refused_total
+    );
+    if let Some(last) = &s.last {
+        out.push_str(&format!(
+            "; last round {} ({} peer(s), {} divergent, {} healed{})",
+            last.result,
+            last.peers.len(),
+            last.divergent,
+            last.healed,
+            if last.errors.is_empty() {
+                String::new()
+            } else {
+                format!(", errors: {}", last.errors.join("; "))
+            }
+        ));
+    }
+    out
 }
 
 /// Verifying or repairing failed.
@@ -182,7 +220,7 @@ pub enum VerifyError {
 
 /// Differing buckets lead to comparing record states, which only nodes of this build's
 /// store format can exchange.
-fn check_formats(sides: [(&str, &VerifyHashes); 2]) -> Result<(), VerifyError> {
+pub(crate) fn check_formats(sides: [(&str, &VerifyHashes); 2]) -> Result<(), VerifyError> {
     match sides.iter().find(|(_, h)| h.format != FORMAT_VERSION) {
         Some((node, h)) => Err(VerifyError::StoreFormat {
             node: node.to_string(),
@@ -203,8 +241,8 @@ pub async fn verify(
     repair: bool,
 ) -> Result<VerifyReport, VerifyError> {
     let api = api.clone().with_timeout(Duration::from_secs(120));
-    let filters_a = filters(&api, a).await?;
-    let filters_b = filters(&api, b).await?;
+    let (filters_a, anti_entropy_a) = node_filters(&api, a).await?;
+    let (filters_b, anti_entropy_b) = node_filters(&api, b).await?;
     let mut entities: Vec<EntityName> = if only.is_empty() {
         let mut all = entity_names(&api, a).await?;
         all.extend(entity_names(&api, b).await?);
@@ -220,6 +258,8 @@ pub async fn verify(
         b: b.into(),
         entities: Vec::new(),
         skipped: Vec::new(),
+        anti_entropy_a,
+        anti_entropy_b,
     };
     for entity in entities {
         let Some(scopes) = common_scopes(&filters_a, &filters_b, &entity) else {
@@ -235,7 +275,7 @@ pub async fn verify(
 
 /// The scopes of `entity` both filter lists replicate: `Some([])` for all of them, `None`
 /// if one side does not replicate the entity (or they share no scope).
-fn common_scopes(
+pub(crate) fn common_scopes(
     a: &[EntityFilter],
     b: &[EntityFilter],
     entity: &EntityName,
@@ -263,16 +303,27 @@ fn common_scopes(
     }
 }
 
-async fn filters(api: &ApiClient, node: &str) -> Result<Vec<EntityFilter>, VerifyError> {
+/// A node's entity filters and, if it reports one, its anti-entropy status (from `status`).
+pub(crate) async fn node_filters(
+    api: &ApiClient,
+    node: &str,
+) -> Result<(Vec<EntityFilter>, Option<AntiEntropyStatus>), VerifyError> {
     let status = api.call(node, "status", json!({})).await?;
-    serde_json::from_value(status["entities"].clone()).map_err(|e| VerifyError::Reply {
-        node: node.into(),
-        what: "status",
-        detail: e.to_string(),
-    })
+    let filters =
+        serde_json::from_value(status["entities"].clone()).map_err(|e| VerifyError::Reply {
+            node: node.into(),
+            what: "status",
+            detail: e.to_string(),
+        })?;
+    // A node of an older version reports none.
+    let anti_entropy = serde_json::from_value(status["anti_entropy"].clone()).ok();
+    Ok((filters, anti_entropy))
 }
 
-async fn entity_names(api: &ApiClient, node: &str) -> Result<Vec<EntityName>, VerifyError> {
+pub(crate) async fn entity_names(
+    api: &ApiClient,
+    node: &str,
+) -> Result<Vec<EntityName>, VerifyError> {
     let digests = api.call(node, "digest", json!({})).await?;
     let names = digests
         .as_object()
@@ -301,6 +352,51 @@ async fn hashes(
     })
 }
 
+/// The records of one page (`None` for a damaged one) and where the next starts.
+pub(crate) type RecordsPage = (BTreeMap<Uuid, Option<RecordState>>, Option<Uuid>);
+
+/// One page of the records in `buckets` on `node`, after `after`, from `op`
+/// (`bucket_records`, or anti-entropy's `sync_records`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn records_page(
+    api: &ApiClient,
+    node: &str,
+    op: &str,
+    entity: &EntityName,
+    scopes: &[Scope],
+    buckets: &[usize],
+    after: Option<Uuid>,
+    limit: usize,
+) -> Result<RecordsPage, VerifyError> {
+    let page = api
+        .call(
+            node,
+            op,
+            json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": limit, "format": FORMAT_VERSION}),
+        )
+        .await?;
+    let bad = |detail: String| VerifyError::Reply {
+        node: node.into(),
+        what: "record states reply",
+        detail,
+    };
+    let mut out = BTreeMap::new();
+    for r in page["records"].as_array().cloned().unwrap_or_default() {
+        let id: Uuid = serde_json::from_value(r["id"].clone()).map_err(|e| bad(e.to_string()))?;
+        let state = if r["state"] == "damaged" {
+            None
+        } else {
+            Some(serde_json::from_value(r["state"].clone()).map_err(|e| bad(e.to_string()))?)
+        };
+        out.insert(id, state);
+    }
+    let next = match page["next"].as_str() {
+        Some(n) => Some(n.parse().map_err(|e: uuid::Error| bad(e.to_string()))?),
+        None => None,
+    };
+    Ok((out, next))
+}
+
 /// Every record in `buckets` on `node`: `None` for a damaged one.
 async fn bucket_records(
     api: &ApiClient,
@@ -312,30 +408,20 @@ async fn bucket_records(
     let mut out = BTreeMap::new();
     let mut after: Option<Uuid> = None;
     loop {
-        let page = api
-            .call(
-                node,
-                "bucket_records",
-                json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": 500, "format": FORMAT_VERSION}),
-            )
-            .await?;
-        let bad = |detail: String| VerifyError::Reply {
-            node: node.into(),
-            what: "bucket_records reply",
-            detail,
-        };
-        for r in page["records"].as_array().cloned().unwrap_or_default() {
-            let id: Uuid =
-                serde_json::from_value(r["id"].clone()).map_err(|e| bad(e.to_string()))?;
-            let state = if r["state"] == "damaged" {
-                None
-            } else {
-                Some(serde_json::from_value(r["state"].clone()).map_err(|e| bad(e.to_string()))?)
-            };
-            out.insert(id, state);
-        }
-        match page["next"].as_str() {
-            Some(n) => after = Some(n.parse().map_err(|e: uuid::Error| bad(e.to_string()))?),
+        let (page, next) = records_page(
+            api,
+            node,
+            "bucket_records",
+            entity,
+            scopes,
+            buckets,
+            after,
+            500,
+        )
+        .await?;
+        out.extend(page);
+        match next {
+            Some(n) => after = Some(n),
             None => return Ok(out),
         }
     }

@@ -27,11 +27,36 @@ pub(super) async fn verify_hashes(node: &NodeHandle, req: Req) -> Result<Value, 
 }
 
 pub(super) async fn bucket_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    states_in_buckets(node, req, false).await
+}
+
+/// Anti-entropy's hashes of this node (`read`): the live digest's buckets, or recomputed
+/// (`deep`, or scoped) as `verify_hashes` does.
+pub(super) async fn sync_hashes(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store().clone();
+    let (entity, scopes, deep) = (req.entity()?, req.scopes.clone(), req.deep);
+    let hashes: VerifyHashes = blocking(move || store.sync_hashes(&entity, &scopes, deep)).await?;
+    to_json(&hashes)
+}
+
+/// Anti-entropy's record states of this node (`read`): `bucket_records` with deleted
+/// records too, so a peer can learn a delete it lacks.
+pub(super) async fn sync_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    states_in_buckets(node, req, true).await
+}
+
+async fn states_in_buckets(
+    node: &NodeHandle,
+    req: Req,
+    tombstones: bool,
+) -> Result<Value, RemoteError> {
     let store = node.store().clone();
     let (entity, scopes, buckets) = (req.entity()?, req.scopes.clone(), req.buckets.clone());
     let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
-    let page = blocking(move || store.records_in_buckets(&entity, &buckets, &scopes, after, limit))
-        .await?;
+    let page = blocking(move || {
+        store.states_in_buckets(&entity, &buckets, &scopes, after, limit, tombstones)
+    })
+    .await?;
     let records: Vec<(Uuid, Value)> = page
         .items
         .into_iter()

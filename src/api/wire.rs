@@ -26,8 +26,13 @@ pub const GROUPS: [&str; 3] = ["read", "write", "admin"];
 /// records and the node's health. `write`: the normal write path (each write becomes a
 /// signed event of this node). `admin`: everything that changes state outside that path
 /// (merging foreign states, replaying, snapshots, quarantine and refused-event handling)
-/// and verification's full record-state exchange and rescans.
-pub const OPS: [(&str, &str); 22] = [
+/// and verification's full record-state exchange and rescans. `sync_hashes` and
+/// `sync_records` are anti-entropy's reads of a peer (`ops::anti_entropy`), in `read` so
+/// that nodes, which may call only their peers' `read` group (deploy/secure), can pull:
+/// they reveal the records' merge states (leaves as `get`/`conflicts` show them, plus
+/// version metadata: each writer's greatest version, a deleted record's tombstone
+/// version), never a document that the other read ops would not show.
+pub const OPS: [(&str, &str); 24] = [
     ("ping", "read"),
     ("status", "read"),
     ("get", "read"),
@@ -38,6 +43,8 @@ pub const OPS: [(&str, &str); 22] = [
     ("quarantine", "read"),
     ("quarantine_origins", "read"),
     ("refused", "read"),
+    ("sync_hashes", "read"),
+    ("sync_records", "read"),
     ("put", "write"),
     ("delete", "write"),
     ("resolve", "write"),
@@ -166,6 +173,9 @@ pub(super) struct Req {
     pub scopes: Vec<Scope>,
     #[serde(default)]
     pub buckets: Vec<usize>,
+    /// `sync_hashes`: recompute over every leaf instead of reading the live digest.
+    #[serde(default)]
+    pub deep: bool,
     #[serde(default)]
     pub states: Vec<StateEntry>,
     #[serde(default)]
@@ -189,7 +199,7 @@ pub(super) struct Req {
 }
 
 /// Ops that carry record states, which are in the store's format.
-const STATE_OPS: [&str; 2] = ["bucket_records", "merge_records"];
+const STATE_OPS: [&str; 3] = ["bucket_records", "merge_records", "sync_records"];
 
 /// Refuses a request of an op carrying record states unless it says it is of this node's
 /// store format: a caller of another format would misread the states (or this node

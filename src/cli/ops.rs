@@ -463,6 +463,15 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         for e in &report.skipped {
             s.push_str(&format!("{e}: not replicated by both nodes; skipped\n"));
         }
+        for (node, ae) in [
+            (&report.a, &report.anti_entropy_a),
+            (&report.b, &report.anti_entropy_b),
+        ] {
+            s.push_str(&format!(
+                "{node}: anti-entropy {}\n",
+                crate::verify::describe_anti_entropy(ae.as_ref())
+            ));
+        }
         s.push_str(if report.agreed() {
             "nodes agree\n"
         } else if report.consistent() {

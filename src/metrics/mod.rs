@@ -24,10 +24,14 @@
 //!
 //! A disabled [`NodeMetrics`] (metrics not configured) makes every call a no-op.
 
+mod anti_entropy;
 mod labels;
 mod selfcheck;
 mod settings;
 
+pub use anti_entropy::{
+    AntiEntropy, AntiEntropySettings, AntiEntropyStatus, ROUND_RESULTS, RoundReport,
+};
 pub use labels::{ENTITY_LABEL_CAP, NODE_LABEL_CAP, OVERFLOW};
 pub use selfcheck::{FORGET_AFTER_ROUNDS, ProvenRefusals, SelfCheck};
 pub use settings::OpsSettings;
@@ -184,6 +188,7 @@ struct Inner {
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
+    anti_entropy: anti_entropy::AntiEntropyMetrics,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -221,6 +226,7 @@ impl Inner {
         zero(&self.halted, "reason", &HALT_REASONS);
         zero(&self.api_refused, "reason", &API_REFUSED_REASONS);
         zero(&self.writes_refused, "reason", &WRITE_REFUSED_REASONS);
+        self.anti_entropy.preinitialise();
         let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
         for entity in entities {
             for outcome in APPLY_OUTCOMES {
@@ -302,6 +308,7 @@ impl NodeMetrics {
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
+            anti_entropy: Default::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -513,6 +520,7 @@ impl NodeMetrics {
             "API requests served no reply because of their reply subject, by reason",
             inner.api_refused.clone(),
         );
+        inner.anti_entropy.register(&mut r);
         inner.preinitialise();
         let mut inner = inner;
         inner.registry = r;
@@ -638,6 +646,13 @@ impl NodeMetrics {
     pub fn snapshot_states_refused(&self, n: u64) {
         if let Some(m) = &self.inner {
             m.snapshot_states_refused.inc_by(n);
+        }
+    }
+
+    /// One anti-entropy round ended (see [`crate::ops::anti_entropy`]).
+    pub fn anti_entropy_round(&self, round: &RoundReport) {
+        if let Some(m) = &self.inner {
+            m.anti_entropy.round(round);
         }
     }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Settings of the operations surface (config `[metrics]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct OpsSettings {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: no listener.
     pub listen: Option<SocketAddr>,
@@ -12,6 +12,8 @@ pub struct OpsSettings {
     pub ready_max_lag: Duration,
     /// How often the self-check asks the other nodes about this node's events.
     pub selfcheck_interval: Duration,
+    /// The anti-entropy loop (config `[anti_entropy]`, see [`crate::ops::anti_entropy`]).
+    pub anti_entropy: super::AntiEntropySettings,
 }
 
 impl Default for OpsSettings {
@@ -20,6 +22,7 @@ impl Default for OpsSettings {
             listen: None,
             ready_max_lag: Duration::from_secs(30),
             selfcheck_interval: Duration::from_secs(30),
+            anti_entropy: super::AntiEntropySettings::default(),
         }
     }
 }

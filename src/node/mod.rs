@@ -60,7 +60,7 @@ use crate::connect::{ConnectError, connect_observed};
 use crate::error::{OpenError, StorageError, WriteError};
 use crate::ids::{EntityName, NodeId};
 use crate::lease::{Lease, LeaseClock, LeaseError, LeaseState};
-use crate::metrics::{NodeMetrics, SelfCheck};
+use crate::metrics::{AntiEntropy, NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::site::UpstreamGap;
 use crate::snapshot::{SnapshotError, SnapshotReport};
@@ -157,6 +157,8 @@ struct Shared {
     metrics: Arc<NodeMetrics>,
     /// What the self-check learned about peers refusing this node's events.
     selfcheck: Arc<SelfCheck>,
+    /// What the anti-entropy loop last saw, and its early-round request.
+    anti_entropy: Arc<AntiEntropy>,
     /// Events published since start (in `status`, for rates).
     published: AtomicU64,
     /// Stream events applied, duplicate or quarantined since start (`status`, for rates).
@@ -337,6 +339,7 @@ impl Node {
             ready: tokio::sync::watch::channel(false).0,
             metrics,
             selfcheck: Arc::default(),
+            anti_entropy: Arc::default(),
             published: AtomicU64::new(0),
             applied_events: AtomicU64::new(0),
         });
@@ -513,6 +516,12 @@ impl NodeHandle {
     /// What the self-check learned (see [`crate::ops::selfcheck`]).
     pub fn selfcheck(&self) -> &Arc<SelfCheck> {
         &self.0.selfcheck
+    }
+
+    /// The anti-entropy loop's state (see `ops::anti_entropy`):
+    /// `node.anti_entropy().request_round()` asks for a round now.
+    pub fn anti_entropy(&self) -> &Arc<AntiEntropy> {
+        &self.0.anti_entropy
     }
 
     /// Commits local writes (all in one transaction, which concurrent calls may share:

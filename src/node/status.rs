@@ -170,6 +170,8 @@ pub struct Status {
     /// before the site sourced them), waiting for a hub snapshot; the node applies
     /// everything else meanwhile (see [`crate::site::UpstreamGuard`]).
     pub upstream_gap: Option<UpstreamGap>,
+    /// What the anti-entropy loop last saw (`ops::anti_entropy`).
+    pub anti_entropy: crate::metrics::AntiEntropyStatus,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -289,6 +291,7 @@ impl NodeHandle {
             publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
             upstream_gap: live.upstream_gap.clone(),
+            anti_entropy: self.0.anti_entropy.status(),
             trust,
         })
     }

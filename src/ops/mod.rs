@@ -1,6 +1,7 @@
 //! The operations surface a node runs beside it: Prometheus metrics ([`metrics`]), an
 //! HTTP listener with `/metrics`, `/healthz` and `/readyz` ([`http`]), and the self-check
-//! that learns whether other nodes refuse this node's events ([`selfcheck`]).
+//! that learns whether other nodes refuse this node's events ([`selfcheck`]), and the
+//! anti-entropy loop that finds and heals divergence from peers ([`anti_entropy`]).
 //!
 //! [`NodeOps`] ties them to one node: it samples the node's state when scraped (so the
 //! gauges cost nothing between scrapes) and decides readiness. Lag is what the node has
@@ -8,6 +9,7 @@
 //! age of the oldest stream event past the checkpoint, both taken from `status`, so the
 //! metric and `jetsync status` always agree.
 
+pub mod anti_entropy;
 pub mod http;
 pub mod selfcheck;
 
@@ -163,11 +165,12 @@ fn local_state(store: &crate::store::Store) -> LocalState {
     out
 }
 
-/// A node's running operations surface: the HTTP listener (when configured) and the
-/// self-check. Stops when dropped.
+/// A node's running operations surface: the HTTP listener (when configured), the
+/// self-check and the anti-entropy loop. Stops when dropped.
 pub struct Ops {
     server: Option<OpsServer>,
     selfcheck: tokio::task::JoinHandle<()>,
+    anti_entropy: tokio::task::JoinHandle<()>,
 }
 
 impl Ops {
@@ -179,8 +182,10 @@ impl Ops {
     /// Stops the listener and the self-check.
     pub async fn shutdown(mut self) {
         self.selfcheck.abort();
-        // Wait for it to be dropped: it holds the node (and so the store file) open.
+        self.anti_entropy.abort();
+        // Wait for them to be dropped: they hold the node (and so the store file) open.
         let _ = (&mut self.selfcheck).await;
+        let _ = (&mut self.anti_entropy).await;
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }
@@ -190,17 +195,23 @@ impl Ops {
 impl Drop for Ops {
     fn drop(&mut self) {
         self.selfcheck.abort();
+        self.anti_entropy.abort();
     }
 }
 
-/// Starts the operations surface of `node`: the self-check, and the HTTP listener when
-/// `settings.listen` is set.
+/// Starts the operations surface of `node`: the self-check, the anti-entropy loop (unless
+/// `settings.anti_entropy.enabled` is off), and the HTTP listener when `settings.listen`
+/// is set.
 pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<Ops> {
     let check = node.selfcheck().clone();
     let selfcheck = tokio::spawn(selfcheck::run(
         node.clone(),
         check.clone(),
         settings.selfcheck_interval,
+    ));
+    let anti_entropy = tokio::spawn(anti_entropy::run(
+        node.clone(),
+        settings.anti_entropy.clone(),
     ));
     let server = match settings.listen {
         Some(addr) => {
@@ -209,5 +220,9 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
         }
         None => None,
     };
-    Ok(Ops { server, selfcheck })
+    Ok(Ops {
+        server,
+        selfcheck,
+        anti_entropy,
+    })
 }

@@ -33,22 +33,29 @@ use crate::node::NodeHandle;
 /// Quarantined messages asked of each peer per round (the newest under this origin).
 const ASKED: usize = 32;
 
-/// One round: discover the peers and ask each for this node's quarantined events.
-pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
+/// The other nodes now: the `$SRV.PING` answers (with `ping`) and the lease bucket's
+/// holders, only valid node ids, without this node. `None` when discovery cannot run
+/// (disconnected, or the ping failed): that says nothing about who left. Anti-entropy
+/// asks without `ping`: the holders of this node's own lease bucket are the nodes on its
+/// stream (`$SRV` also answers for nodes of other streams, e.g. a hub's from a site).
+pub(crate) async fn discover_peers(
+    node: &NodeHandle,
+    api: &ApiClient,
+    ping: bool,
+) -> Option<Vec<String>> {
     let own = node.node_id().to_string();
-    // Disconnected, discovery finds nobody: that round says nothing about who left.
     if node.nats().connection_state() != async_nats::connection::State::Connected {
-        return;
+        return None;
     }
-    let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
-        .with_timeout(Duration::from_secs(5));
-    let Ok(peers) = api.nodes(Duration::from_millis(500)).await else {
-        return;
-    };
-    let mut names: Vec<String> = peers
-        .iter()
-        .filter_map(|p| p["node"].as_str().map(str::to_owned))
-        .collect();
+    let mut names: Vec<String> = Vec::new();
+    if ping {
+        let peers = api.nodes(Duration::from_millis(500)).await.ok()?;
+        names.extend(
+            peers
+                .iter()
+                .filter_map(|p| p["node"].as_str().map(str::to_owned)),
+        );
+    }
     // `$SRV.PING` reaches only this node's NATS account; with one account per node
     // (deploy/secure) the lease bucket names the peers, each asked through its import.
     let cfg = node.config();
@@ -58,25 +65,42 @@ pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
     };
     match crate::lease::holders(&js, &cfg.stream.name).await {
         Ok(holders) => names.extend(holders),
-        Err(e) => tracing::debug!(error = %e, "self-check: lease holders not listed"),
+        Err(e) if ping => tracing::debug!(error = %e, "lease holders not listed"),
+        // Without the ping the holders are the only source: discovery did not run.
+        Err(e) => {
+            tracing::debug!(error = %e, "lease holders not listed");
+            return None;
+        }
     }
     names.sort();
     names.dedup();
+    names.retain(|name| {
+        // Its answers would name it in status and the metrics: only node ids qualify.
+        let valid = NodeId::new(name).is_ok();
+        if !valid {
+            tracing::warn!(
+                peer = %name.chars().take(80).collect::<String>(),
+                "ignoring an answer to the ping that is not a valid node id"
+            );
+        }
+        valid && *name != own
+    });
+    Some(names)
+}
+
+/// One round: discover the peers and ask each for this node's quarantined events.
+pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
+    let own = node.node_id().to_string();
+    let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
+        .with_timeout(Duration::from_secs(5));
+    // Disconnected, discovery finds nobody: that round says nothing about who left.
+    let Some(names) = discover_peers(node, &api, true).await else {
+        return;
+    };
     let mut answers = Vec::new();
     let mut discovered = BTreeSet::new();
     for name in &names {
         let name = name.as_str();
-        if name == own {
-            continue;
-        }
-        // Its answers would name it in status and the metrics: only node ids qualify.
-        if NodeId::new(name).is_err() {
-            tracing::warn!(
-                peer = %name.chars().take(80).collect::<String>(),
-                "self-check: ignoring an answer to the ping that is not a valid node id"
-            );
-            continue;
-        }
         discovered.insert(name.to_owned());
         let asked = json!({"origin": own, "limit": ASKED});
         match api.call(name, "quarantine_origins", asked).await {

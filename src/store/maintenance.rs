@@ -419,6 +419,41 @@ impl Store {
         after: Option<Uuid>,
         limit: usize,
     ) -> Result<Page<(Uuid, RecordSlot)>, StorageError> {
+        self.states_in_buckets(entity, buckets, scopes, after, limit, false)
+    }
+
+    /// The per-bucket hashes anti-entropy compares: with `deep` (or `scopes`, which the
+    /// incremental digest does not know), [`Store::verify_hashes`], recomputed over every
+    /// leaf; otherwise the incremental digest's buckets (live winners only), read without
+    /// a scan, which is what keeps a round on a converged deployment cheap.
+    pub fn sync_hashes(
+        &self,
+        entity: &EntityName,
+        scopes: &[Scope],
+        deep: bool,
+    ) -> Result<VerifyHashes, StorageError> {
+        if deep || !scopes.is_empty() {
+            return self.verify_hashes(entity, scopes);
+        }
+        Ok(VerifyHashes {
+            buckets: self.digest(entity)?.buckets,
+            damaged: Vec::new(),
+            records: 0,
+            format: super::FORMAT_VERSION,
+        })
+    }
+
+    /// [`Store::records_in_buckets`], with `tombstones` also the records whose only leaf
+    /// is a tombstone (anti-entropy: a delete the other side lacks).
+    pub fn states_in_buckets(
+        &self,
+        entity: &EntityName,
+        buckets: &[usize],
+        scopes: &[Scope],
+        after: Option<Uuid>,
+        limit: usize,
+        tombstones: bool,
+    ) -> Result<Page<(Uuid, RecordSlot)>, StorageError> {
         let wanted: BTreeSet<usize> = buckets.iter().copied().collect();
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
@@ -443,7 +478,9 @@ impl Store {
             }
             match decode_state(entity, &id, v.value()) {
                 Ok(state) => {
-                    if in_scopes(scopes, &state) && verify_hash(&id, &state).is_some() {
+                    if in_scopes(scopes, &state)
+                        && (tombstones || verify_hash(&id, &state).is_some())
+                    {
                         items.push((id, RecordSlot::State(state)));
                     }
                 }

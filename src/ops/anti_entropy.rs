@@ -1,0 +1,535 @@
+//! Anti-entropy: every node, on a schedule, compares itself with its peers and pulls what
+//! it lacks, so divergence between live replicas (events the stream lost, a store changed
+//! outside the stream, a damaged record) is found and healed without an operator.
+//!
+//! **Pull only.** A round merges into this node only record states it fetched from peers;
+//! each peer heals itself in its own round. So a node needs no more than its peers' `read`
+//! group (`sync_hashes`, `sync_records`, `status`, `digest`), which deploy/secure already
+//! grants between nodes, and no node ever changes another.
+//!
+//! **A round** (at most one at a time: the loop runs them one after another; every
+//! `[anti_entropy] interval_secs`, jittered, or at once after
+//! [`crate::metrics::AntiEntropy::request_round`]): the peers are the holders of this
+//! node's lease bucket (the nodes on its stream; an edge site's nodes hold theirs in the
+//! site's bucket, so they do not pull from hub nodes, which hold records of entity types
+//! the site does not receive); per peer, the entity types and
+//! scopes both replicate ([`crate::verify::common_scopes`]; nothing else is asked for or
+//! merged); per entity type, both sides' 256 bucket hashes (the incremental digest, read
+//! without a scan; recomputed over every leaf, conflicts and damaged records included, on
+//! every `deep_every`-th round and for scoped comparisons); record states only of the
+//! buckets that differ, in pages, at most `max_records` per round; and of those, only the
+//! records where the peer holds a *settled* version this node lacks are merged, through
+//! [`merge_peer_states`] (`Store::merge_records`: `merge::check_state` on every state, the
+//! same checks as every other input path; refusals counted and logged).
+//!
+//! **Transient differences.** While events are in flight, digests differ; the round does
+//! not chase them: a version counts only once it is older than `settle_secs` (by its HLC),
+//! an entity type this node lags on by more than that is skipped this round (what it has
+//! not applied yet is not divergence), and while a peer's outbox is not empty its own
+//! versions are not counted (they may not be published yet). Versions merged anyway (a
+//! lacked record's whole state is merged, younger leaves included) are harmless: their
+//! events arrive later as duplicates. "Divergent" counts only records whose merge changed
+//! this node or was refused, so a record the merge finds known (e.g. below a compaction
+//! horizon) is not reported again and again.
+//!
+//! **Whose versions.** By default a peer's whole state of a lacked record is merged: the
+//! state checks bound what it may hold, but not who wrote it (as for snapshots and
+//! repair); without NATS auth anyone may publish under any origin anyway. With
+//! `origin_only` (deploy/secure, where each node may publish only under its own origin) a
+//! state is merged only if every version in it this node lacks is the peer's own, so a
+//! node cannot bring its peers versions in another's name; a record lacking versions of
+//! other origins too is left to those origins' rounds (counted in `not_own`).
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::api::ApiClient;
+use crate::ids::{EntityFilter, EntityName, Scope};
+use crate::merge::RecordState;
+use crate::metrics::{AntiEntropy, AntiEntropySettings, RoundReport, now_ms};
+use crate::node::NodeHandle;
+use crate::store::{MergeReport, VerifyHashes};
+use crate::verify::{VerifyError, check_formats, common_scopes, entity_names, records_page};
+
+/// Runs rounds until the task is aborted: one after each jittered interval, or sooner
+/// when one is requested.
+pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
+    let ae = node.anti_entropy().clone();
+    if !settings.enabled {
+        ae.set_running(false);
+        return;
+    }
+    ae.set_running(true);
+    let mut rounds: u64 = 0;
+    let mut cursors = Cursors::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(jittered(settings.interval, settings.jitter)) => {}
+            _ = ae.requested() => {}
+        }
+        rounds += 1;
+        let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
+        let report = round(&node, &settings, deep, rounds, &mut cursors).await;
+        finish(&node, &ae, &report);
+    }
+}
+
+/// `interval` times a random factor in `[1 − jitter, 1 + jitter]`.
+fn jittered(interval: Duration, jitter: f64) -> Duration {
+    let unit = (Uuid::new_v4().as_u128() & 0xffff_ffff) as f64 / f64::from(u32::MAX);
+    interval.mul_f64((1.0 + jitter * (2.0 * unit - 1.0)).max(0.0))
+}
+
+/// Records a round: status, metrics, log.
+fn finish(node: &NodeHandle, ae: &AntiEntropy, report: &RoundReport) {
+    ae.record(report);
+    node.metrics().anti_entropy_round(report);
+    if report.divergent > 0 {
+        tracing::warn!(
+            divergent = report.divergent,
+            healed = report.healed,
+            refused = report.refused,
+            peers = ?report.peers,
+            "anti-entropy: peers held records this node lacked (lost or never received events); merged"
+        );
+    } else if report.result == "failed" {
+        tracing::warn!(errors = ?report.errors, "anti-entropy: no peer could be compared");
+    } else {
+        tracing::debug!(result = %report.result, peers = ?report.peers, fetched = report.fetched, "anti-entropy round");
+    }
+    if report.result != "failed" && !report.errors.is_empty() {
+        tracing::info!(errors = ?report.errors, "anti-entropy: some peers could not be compared");
+    }
+}
+
+/// Where the record pages of a (peer, entity type) stopped when a round reached
+/// `max_records`: the next round goes on from there (and starts over after the end), so
+/// differing buckets holding more records than one round fetches are still all compared.
+pub type Cursors = BTreeMap<(String, EntityName), Uuid>;
+
+/// Round number `number` now (see the module doc); what it saw. Peers are taken in a
+/// rotated order each round, so a peer early in the list cannot use up every round's
+/// `max_records`.
+pub async fn round(
+    node: &NodeHandle,
+    settings: &AntiEntropySettings,
+    deep: bool,
+    number: u64,
+    cursors: &mut Cursors,
+) -> RoundReport {
+    let started = Instant::now();
+    let mut report = RoundReport {
+        at_ms: now_ms(),
+        ..RoundReport::default()
+    };
+    let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
+        .with_timeout(Duration::from_secs(30));
+    let result = match crate::ops::selfcheck::discover_peers(node, &api, false).await {
+        None => {
+            report
+                .errors
+                .push("not connected to NATS, or the lease bucket cannot be listed".into());
+            "failed"
+        }
+        Some(peers) if peers.is_empty() => "no_peers",
+        Some(mut peers) => {
+            let turn = usize::try_from(number % peers.len() as u64).unwrap_or(0);
+            peers.rotate_left(turn);
+            let (lag, behind) = match node.status().await {
+                // Nothing applied yet and events waiting: every type counts as behind.
+                Ok(s) => {
+                    let behind = s.lag_seconds.is_empty() && s.lag.unwrap_or(0) > 0;
+                    (s.lag_seconds, behind)
+                }
+                Err(e) => {
+                    report.errors.push(format!("own status: {e}"));
+                    Default::default()
+                }
+            };
+            // A type this node holds nothing of yet has no lag of its own: the largest.
+            let unknown_lag = if behind {
+                f64::INFINITY
+            } else {
+                lag.values().copied().fold(0.0, f64::max)
+            };
+            let mut round = Round {
+                node,
+                api: &api,
+                settings,
+                deep,
+                lag,
+                unknown_lag,
+                budget: settings.max_records,
+                cursors,
+                report: &mut report,
+            };
+            let (mut compared, mut failed) = (0, 0);
+            for peer in &peers {
+                match round.peer(peer).await {
+                    Ok(true) => compared += 1,
+                    // Shares no entity type or scope with this node.
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        round.report.errors.push(format!("{peer}: {e}"));
+                    }
+                }
+            }
+            let exhausted = round.budget == 0;
+            if compared == 0 && failed > 0 {
+                "failed"
+            } else if compared == 0 {
+                "no_peers"
+            } else if exhausted {
+                "partial"
+            } else if report.divergent > 0 {
+                "diverged"
+            } else {
+                "converged"
+            }
+        }
+    };
+    report.result = result.into();
+    report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report
+}
+
+/// One round's state while it compares peers.
+struct Round<'a> {
+    node: &'a NodeHandle,
+    api: &'a ApiClient,
+    settings: &'a AntiEntropySettings,
+    deep: bool,
+    /// This node's lag per entity type, seconds (from its status).
+    lag: std::collections::BTreeMap<String, f64>,
+    /// The lag taken for a type not in `lag` (this node holds none of it yet).
+    unknown_lag: f64,
+    /// Record states still to be fetched this round.
+    budget: usize,
+    cursors: &'a mut Cursors,
+    report: &'a mut RoundReport,
+}
+
+impl Round<'_> {
+    /// Compares with `peer`; whether they share anything to compare.
+    async fn peer(&mut self, peer: &str) -> Result<bool, VerifyError> {
+        let status = self.api.call(peer, "status", json!({})).await?;
+        let filters: Vec<EntityFilter> = serde_json::from_value(status["entities"].clone())
+            .map_err(|e| VerifyError::Reply {
+                node: peer.into(),
+                what: "status",
+                detail: e.to_string(),
+            })?;
+        // Its own versions may still wait in its outbox: not counted while it has one.
+        let unsure = (status["outbox"].as_u64() != Some(0)).then_some(peer);
+        let own = self.node.config().entities.clone();
+        let store = self.node.store().clone();
+        let mut entities = tokio::task::spawn_blocking(move || store.entities())
+            .await
+            .map_err(|e| reply_error("self", e.to_string()))?
+            .map_err(|e| reply_error("self", e.to_string()))?;
+        entities.extend(entity_names(self.api, peer).await?);
+        entities.sort();
+        entities.dedup();
+        let mut any = false;
+        for entity in entities {
+            let Some(scopes) = common_scopes(&own, &filters, &entity) else {
+                continue;
+            };
+            let lag = self
+                .lag
+                .get(entity.as_str())
+                .copied()
+                .unwrap_or(self.unknown_lag);
+            if lag > self.settings.settle.as_secs_f64() {
+                self.report.skipped.push(format!(
+                    "{peer}/{entity}: this node lags {lag:.0} s (more than settle_secs)"
+                ));
+                continue;
+            }
+            any = true;
+            self.report.compared += 1;
+            self.entity(peer, &entity, &scopes, unsure).await?;
+        }
+        if any {
+            self.report.peers.push(peer.to_owned());
+        }
+        Ok(any)
+    }
+
+    async fn entity(
+        &mut self,
+        peer: &str,
+        entity: &EntityName,
+        scopes: &[Scope],
+        unsure: Option<&str>,
+    ) -> Result<(), VerifyError> {
+        let theirs: VerifyHashes = {
+            let v = self
+                .api
+                .call(
+                    peer,
+                    "sync_hashes",
+                    json!({"entity": entity, "scopes": scopes, "deep": self.deep}),
+                )
+                .await?;
+            serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?
+        };
+        let store = self.node.store().clone();
+        let (e, s, deep) = (entity.clone(), scopes.to_vec(), self.deep);
+        let ours = tokio::task::spawn_blocking(move || store.sync_hashes(&e, &s, deep))
+            .await
+            .map_err(|e| reply_error("self", e.to_string()))?
+            .map_err(|e| reply_error("self", e.to_string()))?;
+        let mut buckets: Vec<usize> = (0..ours.buckets.len().min(theirs.buckets.len()))
+            .filter(|&i| ours.buckets[i] != theirs.buckets[i])
+            .collect();
+        // A damaged record here counts as absent in the hashes: its peer's state repairs it.
+        buckets.extend(ours.damaged.iter().map(crate::digest::bucket_of));
+        buckets.sort_unstable();
+        buckets.dedup();
+        if buckets.is_empty() {
+            return Ok(());
+        }
+        let own = self.node.node_id().to_string();
+        check_formats([(own.as_str(), &ours), (peer, &theirs)])?;
+        self.report.differing_buckets += buckets.len() as u64;
+        let cutoff = now_ms()
+            .saturating_sub(u64::try_from(self.settings.settle.as_millis()).unwrap_or(u64::MAX));
+        let key = (peer.to_owned(), entity.clone());
+        let mut after = self.cursors.get(&key).copied();
+        loop {
+            if self.budget == 0 {
+                self.report
+                    .skipped
+                    .push(format!("{peer}/{entity}: max_records reached this round"));
+                if let Some(a) = after {
+                    self.cursors.insert(key, a);
+                }
+                return Ok(());
+            }
+            let limit = self.settings.page.min(self.budget);
+            let (page, next) = records_page(
+                self.api,
+                peer,
+                "sync_records",
+                entity,
+                scopes,
+                &buckets,
+                after,
+                limit,
+            )
+            .await?;
+            self.budget = self.budget.saturating_sub(page.len().max(1));
+            self.report.fetched += page.len() as u64;
+            let store = self.node.store().clone();
+            let (e, unsure) = (entity.clone(), unsure.map(str::to_owned));
+            let only = self.settings.origin_only.then(|| peer.to_owned());
+            let (lacked, not_own) = tokio::task::spawn_blocking(move || {
+                let mut not_own = 0u64;
+                let lacked = page
+                    .into_iter()
+                    .filter_map(|(id, state)| Some((id, state?)))
+                    .filter(|(id, theirs)| {
+                        // Damaged here (or unreadable): as absent; the peer's state repairs it.
+                        let mine = store.state(&e, *id).unwrap_or_default();
+                        if !lacks(mine.as_ref(), theirs, cutoff, unsure.as_deref()) {
+                            return false;
+                        }
+                        let foreign = only
+                            .as_deref()
+                            .is_some_and(|p| !only_own_lacked(mine.as_ref(), theirs, p));
+                        not_own += u64::from(foreign);
+                        !foreign
+                    })
+                    .collect::<Vec<(Uuid, RecordState)>>();
+                (lacked, not_own)
+            })
+            .await
+            .map_err(|e| reply_error("self", e.to_string()))?;
+            self.report.not_own += not_own;
+            if !lacked.is_empty() {
+                let merged = merge_peer_states(self.node, peer, entity, lacked)
+                    .await
+                    .map_err(|e| reply_error("self", format!("merging: {e}")))?;
+                let refused = merged.refused.len() as u64;
+                self.report.divergent += merged.changed as u64 + refused;
+                self.report.healed += merged.changed as u64;
+                self.report.refused += refused;
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => {
+                    self.cursors.remove(&key);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn reply_error(node: &str, detail: String) -> VerifyError {
+    VerifyError::Reply {
+        node: node.into(),
+        what: "anti-entropy step",
+        detail,
+    }
+}
+
+/// Whether `theirs` holds a settled version (at or before `cutoff_ms`) that `mine`
+/// lacks: one its origin's entry here does not cover, or a greater content under a
+/// version both hold (an equivocation the merge rule settles toward theirs). Versions
+/// of `unsure` (a peer whose outbox is not empty) do not count.
+pub fn lacks(
+    mine: Option<&RecordState>,
+    theirs: &RecordState,
+    cutoff_ms: u64,
+    unsure: Option<&str>,
+) -> bool {
+    let empty = RecordState::default();
+    let mine = mine.unwrap_or(&empty);
+    let settled = |v: &crate::clock::Version| {
+        v.hlc.physical_ms() <= cutoff_ms && unsure != Some(v.node.as_str())
+    };
+    theirs
+        .origins
+        .iter()
+        .any(|v| settled(v) && !mine.has_seen(v))
+        || theirs.leaves.iter().any(|l| {
+            settled(&l.version)
+                && mine
+                    .leaves
+                    .iter()
+                    .any(|m| m.version == l.version && l.content_cmp(m) == Ordering::Greater)
+        })
+}
+
+/// Whether every version `theirs` holds that `mine` lacks (an origin's entry not covered
+/// here, a pending name not known here, a content other than ours under a version) is of
+/// origin `peer`: merging it then adds only what `peer` claims about its own writes.
+pub fn only_own_lacked(mine: Option<&RecordState>, theirs: &RecordState, peer: &str) -> bool {
+    let empty = RecordState::default();
+    let mine = mine.unwrap_or(&empty);
+    let own = |v: &crate::clock::Version| v.node.as_str() == peer;
+    theirs.origins.iter().all(|v| own(v) || mine.has_seen(v))
+        && theirs.pending.iter().all(|v| own(v) || mine.knows(v))
+        && theirs.leaves.iter().all(|l| {
+            own(&l.version) || mine.leaves.iter().all(|m| m.version != l.version || m == l)
+        })
+}
+
+/// Merges record states pulled from `peer` into this node, through the checks every
+/// input path makes (`Store::merge_records`: `merge::check_state`, the merge rule,
+/// equivocations counted, own contents an equivocation dropped re-issued), and tells
+/// watchers. The one place anti-entropy changes a store.
+pub async fn merge_peer_states(
+    node: &NodeHandle,
+    peer: &str,
+    entity: &EntityName,
+    states: Vec<(Uuid, RecordState)>,
+) -> Result<MergeReport, crate::error::StorageError> {
+    let store = node.store().clone();
+    let e = entity.clone();
+    let report = tokio::task::spawn_blocking(move || store.merge_records(&e, states))
+        .await
+        .map_err(|source| crate::error::StorageError::TaskFailed {
+            task: "anti-entropy merge",
+            source,
+        })??;
+    node.equivocations_met(report.equivocations, report.reissued.len());
+    node.announce(report.changes.clone());
+    for (id, why) in &report.refused {
+        tracing::warn!(%peer, %entity, %id, reason = %why, "anti-entropy: a peer's record state refused");
+    }
+    // heal: republish own versions the peer lacked
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Hlc, Version};
+    use crate::ids::{NodeId, Scope};
+    use crate::merge::Leaf;
+
+    fn v(ms: u64, node: &str) -> Version {
+        Version {
+            hlc: Hlc::new(ms, 0).unwrap(),
+            node: NodeId::new(node).unwrap(),
+        }
+    }
+
+    fn state(versions: &[Version]) -> RecordState {
+        let mut s = RecordState::default();
+        for (i, ver) in versions.iter().enumerate() {
+            let leaf = Leaf {
+                version: ver.clone(),
+                scope: Scope::new("_").unwrap(),
+                base: None,
+                resolves: vec![],
+                origin_seq: i as u64 + 1,
+                doc: Some(format!("{{\"n\":{i}}}")),
+            };
+            s.merge_state(RecordState {
+                leaves: vec![leaf],
+                origins: vec![ver.clone()],
+                pending: vec![],
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn only_settled_versions_this_node_lacks_count() {
+        let theirs = state(&[v(1_000, "a"), v(5_000, "b")]);
+        // Lacking the record entirely: settled at 1 000 (a's), not before.
+        assert!(lacks(None, &theirs, 1_000, None));
+        assert!(!lacks(None, &theirs, 999, None));
+        // Holding a's version, lacking b's: only once b's has settled.
+        let mine = state(&[v(1_000, "a")]);
+        assert!(!lacks(Some(&mine), &theirs, 4_999, None));
+        assert!(lacks(Some(&mine), &theirs, 5_000, None));
+        // b's own versions do not count while b's outbox is not empty.
+        assert!(!lacks(Some(&mine), &theirs, 5_000, Some("b")));
+        // Holding everything they hold (or more): nothing lacked.
+        assert!(!lacks(Some(&theirs), &theirs, u64::MAX, None));
+        let more = state(&[v(1_000, "a"), v(5_000, "b"), v(6_000, "c")]);
+        assert!(!lacks(Some(&more), &theirs, u64::MAX, None));
+        // A later version of the same origin covers an earlier one.
+        let later = state(&[v(2_000, "a"), v(5_000, "b")]);
+        assert!(!lacks(Some(&later), &theirs, u64::MAX, None));
+    }
+
+    #[test]
+    fn origin_only_takes_a_peers_state_only_for_its_own_versions() {
+        let theirs = state(&[v(1_000, "a"), v(5_000, "b")]);
+        // Lacking only b's version: b may bring it, a may not.
+        let mine = state(&[v(1_000, "a")]);
+        assert!(only_own_lacked(Some(&mine), &theirs, "b"));
+        assert!(!only_own_lacked(Some(&mine), &theirs, "a"));
+        // Lacking both: neither alone may bring the state.
+        assert!(!only_own_lacked(None, &theirs, "a"));
+        assert!(!only_own_lacked(None, &theirs, "b"));
+        // Lacking nothing: nothing foreign.
+        assert!(only_own_lacked(Some(&theirs), &theirs, "a"));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bounds() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(100), 0.2);
+            assert!(
+                d >= Duration::from_secs(80) && d <= Duration::from_secs(120),
+                "{d:?}"
+            );
+        }
+        assert_eq!(
+            jittered(Duration::from_secs(7), 0.0),
+            Duration::from_secs(7)
+        );
+    }
+}
