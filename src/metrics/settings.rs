@@ -12,6 +12,10 @@ pub struct OpsSettings {
     pub ready_max_lag: Duration,
     /// How often the self-check asks the other nodes about this node's events.
     pub selfcheck_interval: Duration,
+    /// `/readyz` fails while the oldest unpublished local write is older than this: the
+    /// node's writes are not reaching the stream (full stream, refused publishes, no
+    /// connection).
+    pub ready_max_outbox_age: Duration,
 }
 
 impl Default for OpsSettings {
@@ -20,6 +24,7 @@ impl Default for OpsSettings {
             listen: None,
             ready_max_lag: Duration::from_secs(30),
             selfcheck_interval: Duration::from_secs(30),
+            ready_max_outbox_age: Duration::from_secs(60),
         }
     }
 }

@@ -23,6 +23,10 @@ use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 /// node halted on a full disk tries again).
 const HALT_RECHECK: Duration = Duration::from_secs(5);
 
+/// A halt that lasts is logged again at error this often (between, each recheck logs at
+/// debug): once per state change, not every [`HALT_RECHECK`].
+pub(super) const HALT_REMINDER: Duration = Duration::from_secs(600);
+
 /// Follows the stream until shutdown, starting over after transient errors and waiting on
 /// a halt (looking again for a snapshot when the halt is a retention gap).
 pub(super) async fn apply_loop(shared: Arc<Shared>) {
@@ -32,7 +36,21 @@ pub(super) async fn apply_loop(shared: Arc<Shared>) {
             Stop::Shutdown => return,
             Stop::Recheck => continue,
             Stop::Halt(halt) => {
-                tracing::error!(%halt, "applying stopped");
+                let remind = {
+                    let mut live = shared.live();
+                    let fresh = live.halt_logged.is_none_or(|(code, at)| {
+                        code != halt.code() || at.elapsed() >= HALT_REMINDER
+                    });
+                    if fresh {
+                        live.halt_logged = Some((halt.code(), std::time::Instant::now()));
+                    }
+                    fresh
+                };
+                if remind {
+                    tracing::error!(%halt, "applying stopped");
+                } else {
+                    tracing::debug!(%halt, "applying still stopped");
+                }
                 // A full disk clears by itself (the store reopens once there is space).
                 let recheck = match halt {
                     Halt::RetentionGap { .. } => shared.config.snapshots.bootstrap,

@@ -7,6 +7,11 @@
 //! not applied: the stream's last sequence minus the checkpoint, and per entity type the
 //! age of the oldest stream event past the checkpoint, both taken from `status`, so the
 //! metric and `jetsync status` always agree.
+//!
+//! What the node cannot say about itself when it is frozen (SIGSTOP, a hung process) its
+//! peers say for it: each scrape lists the stream's durable consumers (one JetStream API
+//! request, at most [`CONSUMERS_LISTED`]) and exports every other node's pending count and
+//! idle time as the server sees them (`jetsync_peer_consumer_*{peer}`).
 
 pub mod http;
 pub mod selfcheck;
@@ -18,6 +23,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 pub use crate::metrics::{self, NodeMetrics, OpsSettings, SelfCheck, StateSample};
+use crate::metrics::{DiskSpace, PeerConsumer};
 use crate::node::NodeHandle;
 pub use http::{OpsServer, Probe, Readiness};
 
@@ -38,6 +44,11 @@ impl NodeOps {
     /// Reads the node's state now: its status (lag against the stream included), outbox
     /// age, conflicts per entity type, file size, clocks; and decides readiness.
     pub async fn sample(&self) -> (StateSample, Readiness) {
+        self.sample_with(false).await
+    }
+
+    /// [`Self::sample`], with the peers' consumers too when `consumers` (for a scrape).
+    async fn sample_with(&self, consumers: bool) -> (StateSample, Readiness) {
         let node = &self.node;
         let status = node.status().await.ok();
         let store = node.store().clone();
@@ -60,14 +71,24 @@ impl NodeOps {
             quarantine_entries: status.as_ref().map_or(0, |s| s.quarantined),
             damaged: status.as_ref().map_or(0, |s| s.damaged),
             store_file_bytes: local.file_bytes,
-            hlc_offset_ms: i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
-                - i64::try_from(now_ms()).unwrap_or(i64::MAX),
+            // Ahead only: an idle node's last stamp falls behind the wall clock by one
+            // second per second, which is no drift.
+            hlc_offset_ms: (i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
+                - i64::try_from(now_ms()).unwrap_or(i64::MAX))
+            .max(0),
             refused_by: node.selfcheck().refused_by(),
             upstream_gap: status
                 .as_ref()
                 .and_then(|s| s.upstream_gap.as_ref())
                 .map_or(0, |g| g.to - g.from + 1),
             ready: false,
+            own_refused: status.as_ref().map_or(0, |s| s.refused),
+            disk: local.disk,
+            peer_consumers: if consumers {
+                peer_consumers(node).await
+            } else {
+                Vec::new()
+            },
         };
         let mut reasons = Vec::new();
         match &status {
@@ -100,6 +121,26 @@ impl NodeOps {
         if let Some(r) = node.selfcheck().refusing() {
             reasons.push(r);
         }
+        if let Some(s) = status.as_ref().filter(|s| s.refused > 0) {
+            reasons.push(format!(
+                "{} own writes refused for good by the stream and parked ({}); see jetsync inspect refused",
+                s.refused,
+                s.publish_refused.as_deref().unwrap_or("reason not kept since the restart")
+            ));
+        }
+        let outbox_bound = self.settings.ready_max_outbox_age;
+        if let Some(age) = sample.outbox_oldest_age.filter(|a| *a > outbox_bound) {
+            reasons.push(format!(
+                "{} local writes not published, the oldest for {:.0} s (bound {} s): {}",
+                sample.outbox,
+                age.as_secs_f64(),
+                outbox_bound.as_secs(),
+                status
+                    .as_ref()
+                    .and_then(|s| s.last_error.as_deref())
+                    .unwrap_or("no error reported")
+            ));
+        }
         sample.ready = reasons.is_empty();
         let ready = Readiness {
             ready: sample.ready,
@@ -112,7 +153,7 @@ impl NodeOps {
 impl Probe for NodeOps {
     fn metrics(&self) -> BoxFuture<'_, String> {
         Box::pin(async move {
-            let (sample, _) = self.sample().await;
+            let (sample, _) = self.sample_with(true).await;
             let m = self.node.metrics();
             m.set_state(&sample);
             m.encode()
@@ -131,6 +172,7 @@ struct LocalState {
     conflicts: Vec<(String, u64)>,
     file_bytes: u64,
     hlc_ms: u64,
+    disk: Option<DiskSpace>,
 }
 
 /// Conflict counts stop at this many per entity type (reading them is a scan).
@@ -140,6 +182,7 @@ fn local_state(store: &crate::store::Store) -> LocalState {
     let mut out = LocalState {
         file_bytes: std::fs::metadata(store.path()).map_or(0, |m| m.len()),
         hlc_ms: store.last_hlc().physical_ms(),
+        disk: disk_space(store.path()),
         ..LocalState::default()
     };
     // The oldest entry's version stamp is when it was written.
@@ -154,6 +197,73 @@ fn local_state(store: &crate::store::Store) -> LocalState {
         out.conflicts.push((entity.to_string(), n));
     }
     out
+}
+
+/// Free and total bytes of the filesystem holding `file`.
+#[cfg(unix)]
+fn disk_space(file: &std::path::Path) -> Option<DiskSpace> {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let v = rustix::fs::statvfs(dir).ok()?;
+    Some(DiskSpace {
+        free: v.f_bavail.saturating_mul(v.f_frsize),
+        size: v.f_blocks.saturating_mul(v.f_frsize),
+    })
+}
+
+#[cfg(not(unix))]
+fn disk_space(_: &std::path::Path) -> Option<DiskSpace> {
+    None
+}
+
+/// Most consumers one scrape lists (the API pages by 256).
+pub const CONSUMERS_LISTED: usize = 256;
+/// Longest wait for the consumer listing in a scrape.
+const ASK_CONSUMERS: Duration = Duration::from_secs(2);
+
+/// The other nodes' durable consumers on this node's stream (`jetsync_<node>`), as the
+/// server reports them; empty when the server does not answer in time.
+async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
+    use futures::StreamExt;
+    let cfg = node.config();
+    if node.nats().connection_state() != async_nats::connection::State::Connected {
+        return Vec::new();
+    }
+    let js = match &cfg.stream.domain {
+        Some(domain) => async_nats::jetstream::with_domain(node.nats().clone(), domain),
+        None => async_nats::jetstream::new(node.nats().clone()),
+    };
+    let own = cfg.node_id.to_string();
+    let listed = tokio::time::timeout(ASK_CONSUMERS, async {
+        let stream = js.get_stream_no_info(&cfg.stream.name).await.ok()?;
+        Some(
+            stream
+                .consumers()
+                .take(CONSUMERS_LISTED)
+                .collect::<Vec<_>>()
+                .await,
+        )
+    })
+    .await;
+    let Ok(Some(infos)) = listed else {
+        return Vec::new();
+    };
+    let now = chrono::Utc::now();
+    infos
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|i| {
+            let peer = i.name.strip_prefix("jetsync_")?;
+            if peer == own {
+                return None;
+            }
+            let last = i.delivered.last_active.unwrap_or(i.created);
+            Some(PeerConsumer {
+                peer: peer.to_owned(),
+                pending: i.num_pending,
+                idle_seconds: (now - last).num_milliseconds().max(0) as f64 / 1000.0,
+            })
+        })
+        .collect()
 }
 
 /// A node's running operations surface: the HTTP listener (when configured) and the
