@@ -701,6 +701,7 @@ impl NodeMetrics {
         if let Some(m) = &self.inner {
             m.snapshots.inc();
             m.snapshot_at_ms.store(now_ms(), Ordering::Relaxed);
+            m.snapshot_age.get_or_create(&vec![]).set(0.0);
             m.snapshot_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
@@ -1165,6 +1166,62 @@ mod tests {
         assert_eq!(
             series(&text, "jetsync_own_events_refused"),
             ["jetsync_own_events_refused{node=\"a\",peer=\"p000\"} 4"]
+        );
+    }
+
+    #[test]
+    fn what_stops_writes_or_applying_is_exported_and_an_idle_node_reads_zero() {
+        let m = NodeMetrics::new("a");
+        // Before a snapshot there is no age (0 would read as "just taken").
+        m.set_state(&StateSample::default());
+        let text = m.encode();
+        assert!(
+            series(&text, "jetsync_snapshot_age_seconds").is_empty(),
+            "{text}"
+        );
+        assert!(series(&text, "jetsync_snapshot_interval_seconds").is_empty());
+        for line in [
+            "jetsync_refused_own_events{node=\"a\"} 0",
+            "jetsync_snapshot_failures_total{node=\"a\"} 0",
+            "jetsync_clock_event_ahead_max_seconds{node=\"a\"} 0.0",
+            "jetsync_hlc_offset_seconds{node=\"a\"} 0.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        m.snapshot_taken(10, Duration::from_millis(5));
+        m.snapshot_interval(Some(Duration::from_secs(3600)));
+        let peer = |p: &str, pending| PeerConsumer {
+            peer: p.into(),
+            pending,
+            idle_seconds: 90.0,
+        };
+        m.set_state(&StateSample {
+            own_refused: 2,
+            disk: Some(DiskSpace { free: 5, size: 100 }),
+            peer_consumers: vec![peer("b", 7), peer("c", 0)],
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        for line in [
+            "jetsync_snapshot_age_seconds{node=\"a\"} 0.",
+            "jetsync_snapshot_interval_seconds{node=\"a\"} 3600.0",
+            "jetsync_refused_own_events{node=\"a\"} 2",
+            "jetsync_store_disk_free_bytes{node=\"a\"} 5",
+            "jetsync_store_disk_size_bytes{node=\"a\"} 100",
+            "jetsync_peer_consumer_pending{node=\"a\",peer=\"b\"} 7",
+            "jetsync_peer_consumer_idle_seconds{node=\"a\",peer=\"c\"} 90.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A consumer the server no longer lists loses its series.
+        m.set_state(&StateSample {
+            peer_consumers: vec![peer("b", 0)],
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        assert_eq!(
+            series(&text, "jetsync_peer_consumer_pending"),
+            ["jetsync_peer_consumer_pending{node=\"a\",peer=\"b\"} 0"]
         );
     }
 
