@@ -9,9 +9,11 @@
 //! metric and `jetsync status` always agree.
 //!
 //! What the node cannot say about itself when it is frozen (SIGSTOP, a hung process) its
-//! peers say for it: each scrape lists the stream's durable consumers (one JetStream API
-//! request, at most [`CONSUMERS_LISTED`]) and exports every other node's pending count and
-//! idle time as the server sees them (`jetsync_peer_consumer_*{peer}`).
+//! peers say for it: each scrape reads the stream's durable consumer names and, for the
+//! [`WATCHED_PEERS`] nodes after this one in id order, their pending count and idle time
+//! as the server sees them (`jetsync_peer_consumer_*{peer}`): every node is watched by
+//! that many others, at a cost per scrape that does not grow with the fleet but for the
+//! name listing.
 
 pub mod http;
 pub mod selfcheck;
@@ -215,13 +217,31 @@ fn disk_space(_: &std::path::Path) -> Option<DiskSpace> {
     None
 }
 
-/// Most consumers one scrape lists (the API pages by 256).
-pub const CONSUMERS_LISTED: usize = 256;
+/// How many peers each node watches: the next ones after it among the stream's durable
+/// consumers, in node id order (a ring), so every node is watched by this many others
+/// and a scrape costs a name listing plus this many consumer infos, not one info per
+/// node (which would be quadratic over the fleet).
+pub const WATCHED_PEERS: usize = 2;
+/// Most consumer names one scrape reads (the API pages by 1,024).
+const NAMES_LISTED: usize = 4096;
 /// Longest wait for the consumer listing in a scrape.
 const ASK_CONSUMERS: Duration = Duration::from_secs(2);
 
-/// The other nodes' durable consumers on this node's stream (`jetsync_<node>`), as the
-/// server reports them; empty when the server does not answer in time.
+/// The [`WATCHED_PEERS`] node ids after `own` in `peers` (sorted, deduplicated), wrapping
+/// around, `own` excluded.
+fn watched<'a>(peers: &'a [String], own: &str) -> Vec<&'a str> {
+    let start = peers.partition_point(|p| p.as_str() <= own);
+    peers[start..]
+        .iter()
+        .chain(&peers[..start])
+        .map(String::as_str)
+        .filter(|p| *p != own)
+        .take(WATCHED_PEERS)
+        .collect()
+}
+
+/// The durable consumers (`jetsync_<node>`) of the peers this node watches on its stream,
+/// as the server reports them; empty when the server does not answer in time.
 async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
     use futures::StreamExt;
     let cfg = node.config();
@@ -233,35 +253,44 @@ async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
         None => async_nats::jetstream::new(node.nats().clone()),
     };
     let own = cfg.node_id.to_string();
-    let listed = tokio::time::timeout(ASK_CONSUMERS, async {
+    let asked = tokio::time::timeout(ASK_CONSUMERS, async {
         let stream = js.get_stream_no_info(&cfg.stream.name).await.ok()?;
-        Some(
-            stream
-                .consumers()
-                .take(CONSUMERS_LISTED)
-                .collect::<Vec<_>>()
-                .await,
-        )
+        let names: Vec<String> = stream
+            .consumer_names()
+            .take(NAMES_LISTED)
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await;
+        let mut peers: Vec<String> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix("jetsync_"))
+            .filter(|p| crate::ids::NodeId::new(*p).is_ok())
+            .map(str::to_owned)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        let mut infos = Vec::new();
+        for peer in watched(&peers, &own) {
+            if let Ok(info) = stream.consumer_info(format!("jetsync_{peer}")).await {
+                infos.push((peer.to_owned(), info));
+            }
+        }
+        Some(infos)
     })
     .await;
-    let Ok(Some(infos)) = listed else {
+    let Ok(Some(infos)) = asked else {
         return Vec::new();
     };
     let now = chrono::Utc::now();
     infos
         .into_iter()
-        .filter_map(Result::ok)
-        .filter_map(|i| {
-            let peer = i.name.strip_prefix("jetsync_")?;
-            if peer == own {
-                return None;
-            }
+        .map(|(peer, i)| {
             let last = i.delivered.last_active.unwrap_or(i.created);
-            Some(PeerConsumer {
-                peer: peer.to_owned(),
+            PeerConsumer {
+                peer,
                 pending: i.num_pending,
                 idle_seconds: (now - last).num_milliseconds().max(0) as f64 / 1000.0,
-            })
+            }
         })
         .collect()
 }
@@ -313,4 +342,29 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
         None => None,
     };
     Ok(Ops { server, selfcheck })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_watches_the_next_ones_in_a_ring() {
+        let peers: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        assert_eq!(watched(&peers, "a"), ["b", "c"]);
+        assert_eq!(watched(&peers, "c"), ["d", "a"]);
+        assert_eq!(watched(&peers, "d"), ["a", "b"]);
+        // Not among them (its consumer not created yet): the next ones all the same.
+        assert_eq!(watched(&peers, "bb"), ["c", "d"]);
+        // Every node is watched by WATCHED_PEERS others.
+        let mut count = std::collections::BTreeMap::new();
+        for own in &peers {
+            for w in watched(&peers, own) {
+                *count.entry(w).or_insert(0) += 1;
+            }
+        }
+        assert!(count.values().all(|n| *n == WATCHED_PEERS), "{count:?}");
+        assert_eq!(watched(&["a".to_owned()], "a"), Vec::<&str>::new());
+        assert_eq!(watched(&["a".to_owned(), "b".to_owned()], "a"), ["b"]);
+    }
 }
