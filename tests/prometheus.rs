@@ -709,3 +709,127 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         r.node.shutdown().await.unwrap();
     }
 }
+
+/// An 8 MiB tmpfs (needs root); unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { path, _dir: dir })
+    }
+
+    fn grow(&self, megabytes: u32) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={megabytes}m")])
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remounting the tmpfs larger failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The value of the sample line starting with `series` (name and labels) in `/metrics`.
+async fn metric(addr: SocketAddr, series: &'static str) -> Option<f64> {
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap()?;
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A node halted on a full disk stays halted while nothing arrives (its rechecks reopen
+/// the store, and reads work on a full disk: before, that cleared the halt within 5 s, so
+/// `/readyz` and `jetsync_halted` said all was well while local writes failed), shows the
+/// free space, and resumes once a write fits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stays_halted_while_idle_and_clears_when_space_returns() {
+    let Some(disk) = SmallDisk::mount(8) else {
+        eprintln!("SKIPPED: cannot mount a size-limited tmpfs here (needs root)");
+        return;
+    };
+    let server = NatsServer::start().expect("nats-server starts");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let things = entity("things");
+    let a = start(node_config("a", dir.path(), &url)).await;
+    let mut b_config = config("b", disk.path.as_path(), &url, "JETSYNC", "jetsync");
+    b_config.data_dir = disk.path.clone();
+    b_config.fetch_batch = 200;
+    let b = Running::start(b_config).await;
+    let doc = json!({"pad": "x".repeat(2000)});
+    for _ in 0..12 {
+        let writes = (0..500)
+            .map(|_| jetsync::Write::put(things.clone(), Uuid::now_v7(), doc.clone()))
+            .collect();
+        a.write(writes).await.unwrap();
+    }
+    wait_for(
+        "b to halt on the full disk",
+        Duration::from_secs(90),
+        || async {
+            let s = b.node.status().await.map_err(|e| e.to_string())?;
+            matches!(s.halted, Some(jetsync::node::Halt::DiskFull { .. }))
+                .then_some(())
+                .ok_or(format!("{:?}", s.halted))
+        },
+    )
+    .await;
+    let free = metric(b.addr(), "jetsync_store_disk_free_bytes{")
+        .await
+        .expect("free space exported");
+    assert!(free < 1_000_000.0, "{free} bytes free on a full 8 MiB disk");
+    // Take what redb could still fit, then nothing more arrives: three rechecks later it
+    // is still halted, everywhere it shows.
+    let mut filler = std::fs::File::create(disk.path.join("filler")).unwrap();
+    while filler.write_all(&[0u8; 65536]).is_ok() {}
+    drop(filler);
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let s = b.node.status().await.unwrap();
+    assert!(
+        matches!(s.halted, Some(jetsync::node::Halt::DiskFull { .. })),
+        "still halted while the disk is full: {:?}",
+        s.halted
+    );
+    let (code, body) = readyz(b.addr()).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disk full"), "{body}");
+    assert_eq!(
+        metric(b.addr(), "jetsync_halted{node=\"b\",reason=\"disk_full\"}").await,
+        Some(1.0)
+    );
+
+    std::fs::remove_file(disk.path.join("filler")).unwrap();
+    disk.grow(64);
+    wait_for("b to resume", Duration::from_secs(90), || async {
+        let s = b.node.status().await.map_err(|e| e.to_string())?;
+        (s.halted.is_none() && s.lag == Some(0))
+            .then_some(())
+            .ok_or(format!("halted {:?}, lag {:?}", s.halted, s.lag))
+    })
+    .await;
+    assert_eq!(
+        metric(b.addr(), "jetsync_halted{node=\"b\",reason=\"disk_full\"}").await,
+        Some(0.0)
+    );
+    b.ops.shutdown().await;
+    b.node.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

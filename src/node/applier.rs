@@ -23,6 +23,9 @@ use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 /// node halted on a full disk tries again).
 const HALT_RECHECK: Duration = Duration::from_secs(5);
 
+/// Store meta key written to learn whether a full disk has space again.
+const DISK_PROBE: &str = "x.disk_probe";
+
 /// A halt that lasts is logged again at error this often (between, each recheck logs at
 /// debug): once per state change, not every [`HALT_RECHECK`].
 pub(super) const HALT_REMINDER: Duration = Duration::from_secs(600);
@@ -147,6 +150,15 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
             .confirm_lease()
             .await
             .map_err(|e| Stop::Retry(e.to_string()))?;
+    }
+    // A full disk is not over because the store reopened (reads work on a full disk):
+    // only a write says so. Until one succeeds the halt stays, so status, /readyz and
+    // `jetsync_halted` keep showing it on an idle node too.
+    if matches!(shared.live().halted, Some(Halt::DiskFull { .. })) {
+        let store = shared.store.clone();
+        let now = crate::metrics::now_ms().to_be_bytes();
+        blocking(move || store.meta_put(DISK_PROBE, &now)).await?;
+        tracing::warn!("the store can be written again: applying resumes");
     }
     let consumer = recreate_consumer(shared, checkpoint, filters.clone(), acked).await?;
     shared.set_apply_error(None);
