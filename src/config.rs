@@ -41,6 +41,7 @@
 //! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
 //! listen = "127.0.0.1:9464"
 //! ready_max_lag_secs = 30
+//! ready_max_outbox_age_secs = 60   # not ready while a local write waits longer to publish
 //!
 //! [anti_entropy]      # on by default: compare with peers, pull what this node lacks
 //! enabled = true
@@ -265,6 +266,8 @@ pub struct FileMetrics {
     pub ready_max_lag_secs: u64,
     /// Seconds between self-check rounds (asking peers about this node's events).
     pub selfcheck_interval_secs: u64,
+    /// `/readyz` fails while a local write has waited longer than this to be published.
+    pub ready_max_outbox_age_secs: u64,
 }
 
 impl Default for FileMetrics {
@@ -274,6 +277,7 @@ impl Default for FileMetrics {
             listen: None,
             ready_max_lag_secs: s.ready_max_lag.as_secs(),
             selfcheck_interval_secs: s.selfcheck_interval.as_secs(),
+            ready_max_outbox_age_secs: s.ready_max_outbox_age.as_secs(),
         }
     }
 }
@@ -297,10 +301,17 @@ impl FileMetrics {
                 "must be positive",
             ));
         }
+        if self.ready_max_outbox_age_secs == 0 {
+            return Err(invalid(
+                "metrics.ready_max_outbox_age_secs",
+                "must be positive",
+            ));
+        }
         Ok(OpsSettings {
             listen,
             ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
             selfcheck_interval: Duration::from_secs(self.selfcheck_interval_secs),
+            ready_max_outbox_age: Duration::from_secs(self.ready_max_outbox_age_secs),
             // `[anti_entropy]` sets it (`FileConfig::into_node_config`).
             ..OpsSettings::default()
         })

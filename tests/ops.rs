@@ -631,6 +631,12 @@ fn the_dashboard_queries_only_metrics_the_nodes_export() {
         lag_seconds: vec![("orders".into(), 1.0)],
         conflicts: vec![("orders".into(), 1)],
         refused_by: vec![("y".into(), 1)],
+        disk: Some(jetsync::ops::metrics::DiskSpace { free: 1, size: 2 }),
+        peer_consumers: vec![jetsync::ops::metrics::PeerConsumer {
+            peer: "y".into(),
+            pending: 1,
+            idle_seconds: 1.0,
+        }],
         ..Default::default()
     });
     m.snapshot_taken(1, Duration::from_secs(1));

@@ -132,7 +132,8 @@ pub struct StateSample {
     pub damaged: u64,
     /// The store file's size in bytes.
     pub store_file_bytes: u64,
-    /// The node's HLC minus the wall clock, milliseconds.
+    /// How far the node's HLC runs ahead of the wall clock, milliseconds (0 when it does
+    /// not: an idle node's last stamp falls behind the wall clock, which is no drift).
     pub hlc_offset_ms: i64,
     /// Per peer: this node's events that peer has quarantined.
     pub refused_by: Vec<(String, u64)>,
@@ -141,6 +142,32 @@ pub struct StateSample {
     pub upstream_gap: u64,
     /// What `/readyz` answers.
     pub ready: bool,
+    /// Own writes parked because the stream refuses them for good (`status.refused`).
+    pub own_refused: u64,
+    /// Free and total bytes of the filesystem holding the store, when known.
+    pub disk: Option<DiskSpace>,
+    /// Peers' durable consumers on this node's stream, as the server reports them.
+    pub peer_consumers: Vec<PeerConsumer>,
+}
+
+/// Free and total bytes of a filesystem.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskSpace {
+    /// Bytes available to this process.
+    pub free: u64,
+    /// The filesystem's size.
+    pub size: u64,
+}
+
+/// What the server says of another node's durable consumer on the stream.
+#[derive(Clone, Debug, Default)]
+pub struct PeerConsumer {
+    /// The node id the consumer belongs to.
+    pub peer: String,
+    /// Stream messages (matching its filters) not delivered to it yet.
+    pub pending: u64,
+    /// Seconds since the server last delivered to it (or since it was created).
+    pub idle_seconds: f64,
 }
 
 /// A node's metrics; cheap to share (`Arc`), every method a no-op when disabled.
@@ -177,7 +204,16 @@ struct Inner {
     store_bytes: Gauge,
     clock_ahead: FloatGauge,
     hlc_offset: FloatGauge,
-    snapshot_age: FloatGauge,
+    snapshot_age: Family<Labels, FloatGauge>,
+    snapshot_interval: Family<Labels, FloatGauge>,
+    snapshot_failures: Counter,
+    refused_own: Gauge,
+    disk_free: Family<Labels, Gauge>,
+    disk_size: Family<Labels, Gauge>,
+    peer_pending: Family<Labels, Gauge>,
+    peer_idle: Family<Labels, FloatGauge>,
+    /// Peer label values with `peer_consumer_*` series now.
+    consumer_peers: Mutex<BTreeSet<String>>,
     snapshot_bytes: Gauge,
     snapshot_duration: FloatGauge,
     snapshot_states_refused: Counter,
@@ -297,7 +333,15 @@ impl NodeMetrics {
             store_bytes: Gauge::default(),
             clock_ahead: FloatGauge::default(),
             hlc_offset: FloatGauge::default(),
-            snapshot_age: FloatGauge::default(),
+            snapshot_age: Family::default(),
+            snapshot_interval: Family::default(),
+            snapshot_failures: Counter::default(),
+            refused_own: Gauge::default(),
+            disk_free: Family::default(),
+            disk_size: Family::default(),
+            peer_pending: Family::default(),
+            peer_idle: Family::default(),
+            consumer_peers: Mutex::new(BTreeSet::new()),
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
             snapshot_states_refused: Counter::default(),
@@ -458,7 +502,7 @@ impl NodeMetrics {
         );
         r.register_with_unit(
             "hlc_offset",
-            "This node's hybrid logical clock minus its wall clock",
+            "How far this node's hybrid logical clock runs ahead of its wall clock (0 when not ahead)",
             Unit::Seconds,
             inner.hlc_offset.clone(),
         );
@@ -467,6 +511,45 @@ impl NodeMetrics {
             "Time since this node last took a snapshot (absent before the first)",
             Unit::Seconds,
             inner.snapshot_age.clone(),
+        );
+        r.register_with_unit(
+            "snapshot_interval",
+            "The configured snapshots.interval_secs (absent: snapshots only on request)",
+            Unit::Seconds,
+            inner.snapshot_interval.clone(),
+        );
+        r.register(
+            "snapshot_failures",
+            "Scheduled snapshots that failed",
+            inner.snapshot_failures.clone(),
+        );
+        r.register(
+            "refused_own_events",
+            "This node's writes parked because the stream refuses them for good (jetsync inspect refused)",
+            inner.refused_own.clone(),
+        );
+        r.register_with_unit(
+            "store_disk_free",
+            "Bytes available on the filesystem holding the store",
+            Unit::Bytes,
+            inner.disk_free.clone(),
+        );
+        r.register_with_unit(
+            "store_disk_size",
+            "Size of the filesystem holding the store",
+            Unit::Bytes,
+            inner.disk_size.clone(),
+        );
+        r.register(
+            "peer_consumer_pending",
+            "Per peer: stream messages its durable consumer has not been delivered yet, as the server reports it",
+            inner.peer_pending.clone(),
+        );
+        r.register_with_unit(
+            "peer_consumer_idle",
+            "Per peer: time since the server last delivered to its durable consumer",
+            Unit::Seconds,
+            inner.peer_idle.clone(),
         );
         r.register(
             "snapshot_states_refused",
@@ -626,9 +709,24 @@ impl NodeMetrics {
         if let Some(m) = &self.inner {
             m.snapshots.inc();
             m.snapshot_at_ms.store(now_ms(), Ordering::Relaxed);
+            m.snapshot_age.get_or_create(&vec![]).set(0.0);
             m.snapshot_bytes
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             m.snapshot_duration.set(seconds(elapsed));
+        }
+    }
+
+    /// Snapshots are scheduled every `interval` (`None`: only on request).
+    pub fn snapshot_interval(&self, interval: Option<Duration>) {
+        if let (Some(m), Some(i)) = (&self.inner, interval) {
+            m.snapshot_interval.get_or_create(&vec![]).set(seconds(i));
+        }
+    }
+
+    /// A scheduled snapshot failed.
+    pub fn snapshot_failed(&self) {
+        if let Some(m) = &self.inner {
+            m.snapshot_failures.inc();
         }
     }
 
@@ -729,7 +827,34 @@ impl NodeMetrics {
         let taken = m.snapshot_at_ms.load(Ordering::Relaxed);
         if taken > 0 {
             m.snapshot_age
+                .get_or_create(&vec![])
                 .set(now_ms().saturating_sub(taken) as f64 / 1000.0);
+        }
+        m.refused_own.set(int(s.own_refused));
+        if let Some(d) = s.disk {
+            m.disk_free.get_or_create(&vec![]).set(int(d.free));
+            m.disk_size.get_or_create(&vec![]).set(int(d.size));
+        }
+        // Peers sharing the overflow label show the worst of them; a consumer gone from
+        // the server loses its series.
+        let mut consumers: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        for c in &s.peer_consumers {
+            let v = consumers
+                .entry(m.node_label(&c.peer))
+                .or_insert((c.pending, c.idle_seconds));
+            *v = (v.0.max(c.pending), v.1.max(c.idle_seconds));
+        }
+        let mut shown = lock(&m.consumer_peers);
+        for gone in shown.iter().filter(|p| !consumers.contains_key(*p)) {
+            m.peer_pending.remove(&vec![("peer", gone.clone())]);
+            m.peer_idle.remove(&vec![("peer", gone.clone())]);
+        }
+        *shown = consumers.keys().cloned().collect();
+        drop(shown);
+        for (label, (pending, idle)) in consumers {
+            let key = vec![("peer", label)];
+            m.peer_pending.get_or_create(&key).set(int(pending));
+            m.peer_idle.get_or_create(&key).set(idle);
         }
         // Peers sharing the overflow label add up; a peer the self-check forgot (gone
         // from its answers) loses its series rather than keeping its last value.
@@ -746,10 +871,11 @@ impl NodeMetrics {
         for (label, n) in refused {
             m.refused.get_or_create(&vec![("peer", label)]).set(int(n));
         }
+        // No event applied since the last scrape says nothing of drift: 0, not the last
+        // value, which would otherwise stay up on an idle node forever.
         let ahead = m.ahead_window.swap(i64::MIN, Ordering::Relaxed);
-        if ahead != i64::MIN {
-            m.clock_ahead.set(ahead as f64 / 1000.0);
-        }
+        let ahead = if ahead == i64::MIN { 0 } else { ahead };
+        m.clock_ahead.set(ahead as f64 / 1000.0);
     }
 
     /// The registry in the Prometheus/OpenMetrics text format (empty when disabled).
@@ -1055,6 +1181,62 @@ mod tests {
         assert_eq!(
             series(&text, "jetsync_own_events_refused"),
             ["jetsync_own_events_refused{node=\"a\",peer=\"p000\"} 4"]
+        );
+    }
+
+    #[test]
+    fn what_stops_writes_or_applying_is_exported_and_an_idle_node_reads_zero() {
+        let m = NodeMetrics::new("a");
+        // Before a snapshot there is no age (0 would read as "just taken").
+        m.set_state(&StateSample::default());
+        let text = m.encode();
+        assert!(
+            series(&text, "jetsync_snapshot_age_seconds").is_empty(),
+            "{text}"
+        );
+        assert!(series(&text, "jetsync_snapshot_interval_seconds").is_empty());
+        for line in [
+            "jetsync_refused_own_events{node=\"a\"} 0",
+            "jetsync_snapshot_failures_total{node=\"a\"} 0",
+            "jetsync_clock_event_ahead_max_seconds{node=\"a\"} 0.0",
+            "jetsync_hlc_offset_seconds{node=\"a\"} 0.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        m.snapshot_taken(10, Duration::from_millis(5));
+        m.snapshot_interval(Some(Duration::from_secs(3600)));
+        let peer = |p: &str, pending| PeerConsumer {
+            peer: p.into(),
+            pending,
+            idle_seconds: 90.0,
+        };
+        m.set_state(&StateSample {
+            own_refused: 2,
+            disk: Some(DiskSpace { free: 5, size: 100 }),
+            peer_consumers: vec![peer("b", 7), peer("c", 0)],
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        for line in [
+            "jetsync_snapshot_age_seconds{node=\"a\"} 0.",
+            "jetsync_snapshot_interval_seconds{node=\"a\"} 3600.0",
+            "jetsync_refused_own_events{node=\"a\"} 2",
+            "jetsync_store_disk_free_bytes{node=\"a\"} 5",
+            "jetsync_store_disk_size_bytes{node=\"a\"} 100",
+            "jetsync_peer_consumer_pending{node=\"a\",peer=\"b\"} 7",
+            "jetsync_peer_consumer_idle_seconds{node=\"a\",peer=\"c\"} 90.0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A consumer the server no longer lists loses its series.
+        m.set_state(&StateSample {
+            peer_consumers: vec![peer("b", 0)],
+            ..StateSample::default()
+        });
+        let text = m.encode();
+        assert_eq!(
+            series(&text, "jetsync_peer_consumer_pending"),
+            ["jetsync_peer_consumer_pending{node=\"a\",peer=\"b\"} 0"]
         );
     }
 

@@ -14,6 +14,10 @@ pub struct OpsSettings {
     pub selfcheck_interval: Duration,
     /// The anti-entropy loop (config `[anti_entropy]`, see [`crate::ops::anti_entropy`]).
     pub anti_entropy: super::AntiEntropySettings,
+    /// `/readyz` fails while the oldest unpublished local write is older than this: the
+    /// node's writes are not reaching the stream (full stream, refused publishes, no
+    /// connection).
+    pub ready_max_outbox_age: Duration,
 }
 
 impl Default for OpsSettings {
@@ -23,6 +27,7 @@ impl Default for OpsSettings {
             ready_max_lag: Duration::from_secs(30),
             selfcheck_interval: Duration::from_secs(30),
             anti_entropy: super::AntiEntropySettings::default(),
+            ready_max_outbox_age: Duration::from_secs(60),
         }
     }
 }

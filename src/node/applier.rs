@@ -23,6 +23,13 @@ use crate::stream::{Retention, StreamError, StreamIdentity, provision};
 /// node halted on a full disk tries again).
 const HALT_RECHECK: Duration = Duration::from_secs(5);
 
+/// Store meta key written to learn whether a full disk has space again.
+const DISK_PROBE: &str = "x.disk_probe";
+
+/// A halt that lasts is logged again at error this often (between, each recheck logs at
+/// debug): once per state change, not every [`HALT_RECHECK`].
+pub(super) const HALT_REMINDER: Duration = Duration::from_secs(600);
+
 /// Follows the stream until shutdown, starting over after transient errors and waiting on
 /// a halt (looking again for a snapshot when the halt is a retention gap).
 pub(super) async fn apply_loop(shared: Arc<Shared>) {
@@ -32,7 +39,21 @@ pub(super) async fn apply_loop(shared: Arc<Shared>) {
             Stop::Shutdown => return,
             Stop::Recheck => continue,
             Stop::Halt(halt) => {
-                tracing::error!(%halt, "applying stopped");
+                let remind = {
+                    let mut live = shared.live();
+                    let fresh = live.halt_logged.is_none_or(|(code, at)| {
+                        code != halt.code() || at.elapsed() >= HALT_REMINDER
+                    });
+                    if fresh {
+                        live.halt_logged = Some((halt.code(), std::time::Instant::now()));
+                    }
+                    fresh
+                };
+                if remind {
+                    tracing::error!(%halt, "applying stopped");
+                } else {
+                    tracing::debug!(%halt, "applying still stopped");
+                }
                 // A full disk clears by itself (the store reopens once there is space).
                 let recheck = match halt {
                     Halt::RetentionGap { .. } => shared.config.snapshots.bootstrap,
@@ -129,6 +150,15 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
             .confirm_lease()
             .await
             .map_err(|e| Stop::Retry(e.to_string()))?;
+    }
+    // A full disk is not over because the store reopened (reads work on a full disk):
+    // only a write says so. Until one succeeds the halt stays, so status, /readyz and
+    // `jetsync_halted` keep showing it on an idle node too.
+    if matches!(shared.live().halted, Some(Halt::DiskFull { .. })) {
+        let store = shared.store.clone();
+        let now = crate::metrics::now_ms().to_be_bytes();
+        blocking(move || store.meta_put(DISK_PROBE, &now)).await?;
+        tracing::warn!("the store can be written again: applying resumes");
     }
     let consumer = recreate_consumer(shared, checkpoint, filters.clone(), acked).await?;
     shared.set_apply_error(None);

@@ -307,6 +307,8 @@ pub(super) async fn apply_batch(
             tracing::warn!("applying resumed: the store has space again");
             live.halted = None;
         }
+        // Applying works: the next halt is news, logged at once.
+        live.halt_logged = None;
         live.stream_last_seq = Some(live.stream_last_seq.unwrap_or(0).max(through));
     }
     tracing::debug!(

@@ -126,6 +126,9 @@ struct Live {
     trust: guard::TrustLive,
     /// At an edge site: hub sequences waiting for a hub snapshot (see [`crate::site`]).
     upstream_gap: Option<UpstreamGap>,
+    /// The halt last logged at error and when: a halt rechecked every few seconds logs
+    /// once per change and then as a reminder (`applier::HALT_REMINDER`).
+    halt_logged: Option<(&'static str, std::time::Instant)>,
 }
 
 /// What the node's loops, services and handles share.

@@ -108,11 +108,13 @@ pub(super) async fn snapshot_loop(shared: Arc<Shared>) {
     let Some(interval) = shared.config.snapshots.interval else {
         return;
     };
+    shared.metrics.snapshot_interval(Some(interval));
     loop {
         if shared.pause(interval).await {
             return;
         }
         if let Err(e) = take_snapshot(&shared).await {
+            shared.metrics.snapshot_failed();
             tracing::warn!(error = %e, "scheduled snapshot failed");
         }
     }

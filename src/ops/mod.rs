@@ -8,6 +8,13 @@
 //! not applied: the stream's last sequence minus the checkpoint, and per entity type the
 //! age of the oldest stream event past the checkpoint, both taken from `status`, so the
 //! metric and `jetsync status` always agree.
+//!
+//! What the node cannot say about itself when it is frozen (SIGSTOP, a hung process) its
+//! peers say for it: each scrape reads the stream's durable consumer names and, for the
+//! [`WATCHED_PEERS`] nodes after this one in id order, their pending count and idle time
+//! as the server sees them (`jetsync_peer_consumer_*{peer}`): every node is watched by
+//! that many others, at a cost per scrape that does not grow with the fleet but for the
+//! name listing.
 
 pub mod anti_entropy;
 pub mod http;
@@ -20,6 +27,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 pub use crate::metrics::{self, NodeMetrics, OpsSettings, SelfCheck, StateSample};
+use crate::metrics::{DiskSpace, PeerConsumer};
 use crate::node::NodeHandle;
 pub use http::{OpsServer, Probe, Readiness};
 
@@ -40,6 +48,11 @@ impl NodeOps {
     /// Reads the node's state now: its status (lag against the stream included), outbox
     /// age, conflicts per entity type, file size, clocks; and decides readiness.
     pub async fn sample(&self) -> (StateSample, Readiness) {
+        self.sample_with(false).await
+    }
+
+    /// [`Self::sample`], with the peers' consumers too when `consumers` (for a scrape).
+    async fn sample_with(&self, consumers: bool) -> (StateSample, Readiness) {
         let node = &self.node;
         let status = node.status().await.ok();
         let store = node.store().clone();
@@ -62,14 +75,24 @@ impl NodeOps {
             quarantine_entries: status.as_ref().map_or(0, |s| s.quarantined),
             damaged: status.as_ref().map_or(0, |s| s.damaged),
             store_file_bytes: local.file_bytes,
-            hlc_offset_ms: i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
-                - i64::try_from(now_ms()).unwrap_or(i64::MAX),
+            // Ahead only: an idle node's last stamp falls behind the wall clock by one
+            // second per second, which is no drift.
+            hlc_offset_ms: (i64::try_from(local.hlc_ms).unwrap_or(i64::MAX)
+                - i64::try_from(now_ms()).unwrap_or(i64::MAX))
+            .max(0),
             refused_by: node.selfcheck().refused_by(),
             upstream_gap: status
                 .as_ref()
                 .and_then(|s| s.upstream_gap.as_ref())
                 .map_or(0, |g| g.to - g.from + 1),
             ready: false,
+            own_refused: status.as_ref().map_or(0, |s| s.refused),
+            disk: local.disk,
+            peer_consumers: if consumers {
+                peer_consumers(node).await
+            } else {
+                Vec::new()
+            },
         };
         let mut reasons = Vec::new();
         match &status {
@@ -102,6 +125,26 @@ impl NodeOps {
         if let Some(r) = node.selfcheck().refusing() {
             reasons.push(r);
         }
+        if let Some(s) = status.as_ref().filter(|s| s.refused > 0) {
+            reasons.push(format!(
+                "{} own writes refused for good by the stream and parked ({}); see jetsync inspect refused",
+                s.refused,
+                s.publish_refused.as_deref().unwrap_or("reason not kept since the restart")
+            ));
+        }
+        let outbox_bound = self.settings.ready_max_outbox_age;
+        if let Some(age) = sample.outbox_oldest_age.filter(|a| *a > outbox_bound) {
+            reasons.push(format!(
+                "{} local writes not published, the oldest for {:.0} s (bound {} s): {}",
+                sample.outbox,
+                age.as_secs_f64(),
+                outbox_bound.as_secs(),
+                status
+                    .as_ref()
+                    .and_then(|s| s.last_error.as_deref())
+                    .unwrap_or("no error reported")
+            ));
+        }
         sample.ready = reasons.is_empty();
         let ready = Readiness {
             ready: sample.ready,
@@ -114,7 +157,7 @@ impl NodeOps {
 impl Probe for NodeOps {
     fn metrics(&self) -> BoxFuture<'_, String> {
         Box::pin(async move {
-            let (sample, _) = self.sample().await;
+            let (sample, _) = self.sample_with(true).await;
             let m = self.node.metrics();
             m.set_state(&sample);
             m.encode()
@@ -140,6 +183,7 @@ struct LocalState {
     conflicts: Vec<(String, u64)>,
     file_bytes: u64,
     hlc_ms: u64,
+    disk: Option<DiskSpace>,
 }
 
 /// Conflict counts stop at this many per entity type (reading them is a scan).
@@ -149,6 +193,7 @@ fn local_state(store: &crate::store::Store) -> LocalState {
     let mut out = LocalState {
         file_bytes: std::fs::metadata(store.path()).map_or(0, |m| m.len()),
         hlc_ms: store.last_hlc().physical_ms(),
+        disk: disk_space(store.path()),
         ..LocalState::default()
     };
     // The oldest entry's version stamp is when it was written.
@@ -163,6 +208,100 @@ fn local_state(store: &crate::store::Store) -> LocalState {
         out.conflicts.push((entity.to_string(), n));
     }
     out
+}
+
+/// Free and total bytes of the filesystem holding `file`.
+#[cfg(unix)]
+fn disk_space(file: &std::path::Path) -> Option<DiskSpace> {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let v = rustix::fs::statvfs(dir).ok()?;
+    Some(DiskSpace {
+        free: v.f_bavail.saturating_mul(v.f_frsize),
+        size: v.f_blocks.saturating_mul(v.f_frsize),
+    })
+}
+
+#[cfg(not(unix))]
+fn disk_space(_: &std::path::Path) -> Option<DiskSpace> {
+    None
+}
+
+/// How many peers each node watches: the next ones after it among the stream's durable
+/// consumers, in node id order (a ring), so every node is watched by this many others
+/// and a scrape costs a name listing plus this many consumer infos, not one info per
+/// node (which would be quadratic over the fleet).
+pub const WATCHED_PEERS: usize = 2;
+/// Most consumer names one scrape reads (the API pages by 1,024).
+const NAMES_LISTED: usize = 4096;
+/// Longest wait for the consumer listing in a scrape.
+const ASK_CONSUMERS: Duration = Duration::from_secs(2);
+
+/// The [`WATCHED_PEERS`] node ids after `own` in `peers` (sorted, deduplicated), wrapping
+/// around, `own` excluded.
+fn watched<'a>(peers: &'a [String], own: &str) -> Vec<&'a str> {
+    let start = peers.partition_point(|p| p.as_str() <= own);
+    peers[start..]
+        .iter()
+        .chain(&peers[..start])
+        .map(String::as_str)
+        .filter(|p| *p != own)
+        .take(WATCHED_PEERS)
+        .collect()
+}
+
+/// The durable consumers (`jetsync_<node>`) of the peers this node watches on its stream,
+/// as the server reports them; empty when the server does not answer in time.
+async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
+    use futures::StreamExt;
+    let cfg = node.config();
+    if node.nats().connection_state() != async_nats::connection::State::Connected {
+        return Vec::new();
+    }
+    let js = match &cfg.stream.domain {
+        Some(domain) => async_nats::jetstream::with_domain(node.nats().clone(), domain),
+        None => async_nats::jetstream::new(node.nats().clone()),
+    };
+    let own = cfg.node_id.to_string();
+    let asked = tokio::time::timeout(ASK_CONSUMERS, async {
+        let stream = js.get_stream_no_info(&cfg.stream.name).await.ok()?;
+        let names: Vec<String> = stream
+            .consumer_names()
+            .take(NAMES_LISTED)
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await;
+        let mut peers: Vec<String> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix("jetsync_"))
+            .filter(|p| crate::ids::NodeId::new(*p).is_ok())
+            .map(str::to_owned)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        let mut infos = Vec::new();
+        for peer in watched(&peers, &own) {
+            if let Ok(info) = stream.consumer_info(format!("jetsync_{peer}")).await {
+                infos.push((peer.to_owned(), info));
+            }
+        }
+        Some(infos)
+    })
+    .await;
+    let Ok(Some(infos)) = asked else {
+        return Vec::new();
+    };
+    let now = chrono::Utc::now();
+    infos
+        .into_iter()
+        .map(|(peer, i)| {
+            let last = i.delivered.last_active.unwrap_or(i.created);
+            PeerConsumer {
+                peer,
+                pending: i.num_pending,
+                idle_seconds: (now - last).num_milliseconds().max(0) as f64 / 1000.0,
+            }
+        })
+        .collect()
 }
 
 /// A node's running operations surface: the HTTP listener (when configured), the
@@ -225,4 +364,29 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
         selfcheck,
         anti_entropy,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_watches_the_next_ones_in_a_ring() {
+        let peers: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        assert_eq!(watched(&peers, "a"), ["b", "c"]);
+        assert_eq!(watched(&peers, "c"), ["d", "a"]);
+        assert_eq!(watched(&peers, "d"), ["a", "b"]);
+        // Not among them (its consumer not created yet): the next ones all the same.
+        assert_eq!(watched(&peers, "bb"), ["c", "d"]);
+        // Every node is watched by WATCHED_PEERS others.
+        let mut count = std::collections::BTreeMap::new();
+        for own in &peers {
+            for w in watched(&peers, own) {
+                *count.entry(w).or_insert(0) += 1;
+            }
+        }
+        assert!(count.values().all(|n| *n == WATCHED_PEERS), "{count:?}");
+        assert_eq!(watched(&["a".to_owned()], "a"), Vec::<&str>::new());
+        assert_eq!(watched(&["a".to_owned(), "b".to_owned()], "a"), ["b"]);
+    }
 }
