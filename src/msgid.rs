@@ -188,6 +188,17 @@ impl MsgIds {
     }
 }
 
+impl MsgIds {
+    /// The id of the event with `origin_seq` published again after the stream lost it
+    /// (see `store::republish`): [`MsgIds::id`] plus `:r<nonce as 32 hex>`, the shape of a
+    /// [`MsgIds::fresh_id`], so it verifies as this node's and binds the same content; the
+    /// nonce, kept with the outbox entry, keeps it the same on every retry of that entry
+    /// and apart from the original's, which the server's duplicate window may still hold.
+    pub fn republish_id(&self, origin_seq: u64, tail: &str, payload: &[u8], nonce: u64) -> String {
+        format!("{}:r{:032x}", self.id(origin_seq, tail, payload), nonce)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,6 +184,8 @@ struct Inner {
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
+    republished: Counter,
+    stream_loss: Family<Labels, Counter>,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -221,6 +223,7 @@ impl Inner {
         zero(&self.halted, "reason", &HALT_REASONS);
         zero(&self.api_refused, "reason", &API_REFUSED_REASONS);
         zero(&self.writes_refused, "reason", &WRITE_REFUSED_REASONS);
+        zero(&self.stream_loss, "kind", &crate::node::STREAM_LOSS_KINDS);
         let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
         for entity in entities {
             for outcome in APPLY_OUTCOMES {
@@ -302,6 +305,8 @@ impl NodeMetrics {
             refused: Family::default(),
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
+            republished: Counter::default(),
+            stream_loss: Family::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -472,6 +477,16 @@ impl NodeMetrics {
             inner.writes_refused.clone(),
         );
         r.register(
+            "republished_events",
+            "Own events published again because a peer lacked them (the stream lost them, or the peer never got them)",
+            inner.republished.clone(),
+        );
+        r.register(
+            "stream_loss_detected",
+            "Times the stream showed acknowledged messages were gone (sequence_hole: sequences missing inside the retained range, seen by a full replica)",
+            inner.stream_loss.clone(),
+        );
+        r.register(
             "equivocations",
             "Events met with the version of another event and different content (a broken or hostile writer), decided by the merge rule",
             inner.equivocations.clone(),
@@ -638,6 +653,22 @@ impl NodeMetrics {
     pub fn snapshot_states_refused(&self, n: u64) {
         if let Some(m) = &self.inner {
             m.snapshot_states_refused.inc_by(n);
+        }
+    }
+
+    /// `n` own events queued again for a peer that lacked them.
+    pub fn republished(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.republished.inc_by(n);
+        }
+    }
+
+    /// The stream lost acknowledged messages (`kind`: a `node::STREAM_LOSS_KINDS` value).
+    pub fn stream_loss(&self, kind: &str) {
+        if let Some(m) = &self.inner {
+            m.stream_loss
+                .get_or_create(&vec![("kind", kind.to_owned())])
+                .inc();
         }
     }
 

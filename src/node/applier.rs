@@ -293,7 +293,13 @@ async fn apply_messages(
             }
             Next::Batch(batch) => batch,
         };
-        check_none_removed(shared, &batch.msgs, next_expected).await?;
+        check_none_removed(
+            shared,
+            &batch.msgs,
+            next_expected,
+            !partial && recheck.is_none(),
+        )
+        .await?;
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
             if let Some(guard) = upstream.as_mut() {
@@ -315,20 +321,37 @@ async fn apply_messages(
 
 /// A jump past the next sequence is either messages outside this node's filter or
 /// messages retention removed while this node was behind: only the stream's first
-/// sequence tells which, and a removed one must halt, not be skipped.
+/// sequence tells which, and a removed one must halt, not be skipped. On a `full` replica
+/// (no filter: it is delivered every message) of a stream whose retention removes only
+/// from the head, a jump over sequences the stream still retains is messages deleted from
+/// inside it: stream loss, reported at once (see [`super::heal`]); applying goes on.
 async fn check_none_removed(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
     next_expected: u64,
+    full: bool,
 ) -> Result<(), Stop> {
     let cfg = &shared.config;
-    let first = msgs
-        .first()
-        .and_then(|m| m.info().ok())
-        .map(|i| i.stream_sequence);
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| m.info().ok())
+        .map(|i| i.stream_sequence)
+        .collect();
     let compacted = cfg.stream.retention == Retention::Compacted;
-    let jumped = !compacted && first.is_some_and(|f| f > next_expected);
-    if !jumped {
+    let jumped = !compacted && seqs.first().is_some_and(|f| *f > next_expected);
+    // Sequences skipped between deliveries (lost deliveries were cut off the batch
+    // already, see `Intake`): on a full replica, nothing but removed messages.
+    let mut holes = Vec::new();
+    if full && !compacted {
+        let mut prev = next_expected - 1;
+        for &seq in &seqs {
+            if seq > prev + 1 {
+                holes.push((prev + 1, seq - 1));
+            }
+            prev = prev.max(seq);
+        }
+    }
+    if !jumped && holes.is_empty() {
         return Ok(());
     }
     let mut stream = shared
@@ -342,12 +365,24 @@ async fn check_none_removed(
         .map_err(|e| Stop::Retry(format!("stream info: {e}")))?
         .state
         .first_sequence;
-    if first_seq > next_expected {
+    if jumped && first_seq > next_expected {
         // Start over: provisioning sees the gap and bootstraps or halts.
         return Err(Stop::Retry(format!(
             "retention removed sequences {next_expected}..{} before they were applied",
             first_seq - 1
         )));
+    }
+    for (from, to) in holes {
+        // Below the first sequence: retention's (head) removal, handled above.
+        let from = from.max(first_seq);
+        if from <= to && shared.heal.new_hole(to) {
+            shared.stream_loss(
+                "sequence_hole",
+                format!(
+                    "stream sequences {from}..{to} were removed from inside the stream (it retains from {first_seq}); the events they held were acknowledged and are gone from the stream"
+                ),
+            );
+        }
     }
     Ok(())
 }

@@ -166,6 +166,8 @@ pub struct Status {
     /// before the site sourced them), waiting for a hub snapshot; the node applies
     /// everything else meanwhile (see [`crate::site::UpstreamGuard`]).
     pub upstream_gap: Option<UpstreamGap>,
+    /// Own events republished and stream loss seen: see [`super::HealStatus`].
+    pub heal: super::HealStatus,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -279,6 +281,7 @@ impl NodeHandle {
             publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
             upstream_gap: live.upstream_gap.clone(),
+            heal: self.0.heal.snapshot(),
             trust,
         })
     }
