@@ -483,7 +483,7 @@ impl NodeMetrics {
         );
         r.register(
             "stream_loss_detected",
-            "Times the stream showed acknowledged messages were gone (sequence_hole: sequences missing inside the retained range, seen by a full replica)",
+            "Times the stream showed acknowledged messages were gone (sequence_hole: sequences missing inside the retained range; origin_seq_gap_suspected: an origin's events skipped and not delivered within 60 s), seen by a full replica",
             inner.stream_loss.clone(),
         );
         r.register(

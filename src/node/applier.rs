@@ -14,6 +14,7 @@ use super::backfill::backfill_new_entities;
 use super::batch::{Intake, Next, Stop, apply_batch, blocking, storage_stop};
 use super::bootstrap::{bootstrap, upstream_check};
 use super::guard;
+use super::heal::{ORIGIN_GAP_GRACE, OriginGaps, claimed_origin_seq};
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
 use crate::site::UpstreamGuard;
@@ -258,6 +259,12 @@ async fn apply_messages(
     // Without acks nothing redelivers what a dropped connection lost at the stream's end,
     // and no later delivery reveals the hole: while idle, ask the consumer.
     let mut undelivered = (!acked).then(UndeliveredTail::default);
+    // A full replica of a limits stream that is no edge site's tracks every origin's
+    // `origin_seq` (see `heal`).
+    let full = !partial && recheck.is_none();
+    let mut origin_gaps =
+        (full && cfg.stream.retention != Retention::Compacted && cfg.stream.upstream.is_none())
+            .then(OriginGaps::default);
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
@@ -293,13 +300,10 @@ async fn apply_messages(
             }
             Next::Batch(batch) => batch,
         };
-        check_none_removed(
-            shared,
-            &batch.msgs,
-            next_expected,
-            !partial && recheck.is_none(),
-        )
-        .await?;
+        check_none_removed(shared, &batch.msgs, next_expected, full).await?;
+        if let Some(gaps) = origin_gaps.as_mut() {
+            track_origin_seqs(shared, gaps, &batch.msgs);
+        }
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
             if let Some(guard) = upstream.as_mut() {
@@ -385,6 +389,34 @@ async fn check_none_removed(
         }
     }
     Ok(())
+}
+
+/// Notes the `origin_seq` each message's id claims on its origin's subject, and reports
+/// the gaps left open past the grace (see `heal`).
+fn track_origin_seqs(shared: &Shared, gaps: &mut OriginGaps, msgs: &[jetstream::Message]) {
+    let now = std::time::Instant::now();
+    for m in msgs {
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+        // `<prefix>.<entity>.<scope>.<origin>.<id>`: the origin is the next to last token.
+        let origin = m.subject.as_str().rsplit('.').nth(1);
+        if let (Some(id), Some(origin)) = (id, origin)
+            && let Some((origin, seq)) = claimed_origin_seq(id.as_str(), origin)
+        {
+            gaps.observe(origin, seq, now);
+        }
+    }
+    for (origin, from, to) in gaps.due(now, ORIGIN_GAP_GRACE) {
+        shared.stream_loss(
+            "origin_seq_gap_suspected",
+            format!(
+                "origin {origin}'s events {from}..{to} (origin_seq) never arrived within {}s while later ones did: lost by the stream (suspected: an event its origin parked as refused, or a made-up message id, shows the same)",
+                ORIGIN_GAP_GRACE.as_secs()
+            ),
+        );
+    }
 }
 
 /// Deliveries an ack-less consumer made that never arrived, with nothing after them: the

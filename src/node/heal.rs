@@ -11,10 +11,23 @@
 //! that lost acknowledged writes). It says so at once (status, warn log,
 //! `jetsync_stream_loss_detected_total{kind}`) and wakes the anti-entropy loop, which
 //! heals what the lost events carried from peers.
+//!
+//! A stream can also lose messages without a hole (a server that lost acknowledged writes
+//! at its end and reused their sequences). What shows it is an origin's `origin_seq`,
+//! which has no gaps at its origin: a full replica of such a stream (and not an edge
+//! site's, whose imports are filtered) tracks each origin's greatest `origin_seq` (from
+//! the message id, `<origin>:<incarnation>:<origin_seq>:…`, on the origin's own subject)
+//! and reports a gap still open after [`ORIGIN_GAP_GRACE`] as
+//! `origin_seq_gap_suspected`: suspected, because a gap also comes from an event its
+//! origin parked as refused (never in the stream), and, without auth, from anyone
+//! publishing a made-up id; a publish retried after a failure that lands out of order
+//! fills its gap within the grace. Tracking starts over with each consumer (a
+//! bootstrap moves past whole ranges) and is bounded ([`MAX_ORIGINS`], [`MAX_GAPS`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -25,10 +38,104 @@ use crate::ids::EntityName;
 use crate::merge::RecordState;
 
 /// Kinds of stream loss a node reports (`jetsync_stream_loss_detected_total{kind}`).
-pub const STREAM_LOSS_KINDS: [&str; 1] = [
+pub const STREAM_LOSS_KINDS: [&str; 2] = [
     // Stream sequences missing inside the retained range, seen by a full replica.
     "sequence_hole",
+    // An origin's `origin_seq` skipped and not filled within the grace.
+    "origin_seq_gap_suspected",
 ];
+
+/// How long an origin's `origin_seq` gap may stay open before it is reported: a window
+/// retried after a failed publish fills its gap within seconds.
+pub const ORIGIN_GAP_GRACE: Duration = Duration::from_secs(60);
+/// Origins tracked at most (an unauthenticated publisher can name any).
+const MAX_ORIGINS: usize = 1024;
+/// Open gaps kept per origin at most; the oldest are dropped unreported beyond it.
+const MAX_GAPS: usize = 32;
+
+/// Per origin, the greatest `origin_seq` seen and the gaps below it still open (see the
+/// module doc). Owned by one run of the apply loop.
+#[derive(Default)]
+pub(super) struct OriginGaps {
+    origins: HashMap<String, Tracked>,
+}
+
+#[derive(Default)]
+struct Tracked {
+    greatest: u64,
+    /// `(from, to, first seen)`, disjoint, ascending.
+    gaps: Vec<(u64, u64, Instant)>,
+}
+
+impl OriginGaps {
+    /// Notes `origin`'s event `seq` seen at `now`.
+    pub(super) fn observe(&mut self, origin: &str, seq: u64, now: Instant) {
+        let room = self.origins.len() < MAX_ORIGINS;
+        let Some(tracked) = self.origins.get_mut(origin) else {
+            // The first seen is the baseline: this run may start anywhere in the stream.
+            if room {
+                self.origins.insert(
+                    origin.to_owned(),
+                    Tracked {
+                        greatest: seq,
+                        gaps: Vec::new(),
+                    },
+                );
+            }
+            return;
+        };
+        if seq > tracked.greatest {
+            if seq > tracked.greatest + 1 {
+                if tracked.gaps.len() == MAX_GAPS {
+                    tracked.gaps.remove(0);
+                }
+                tracked.gaps.push((tracked.greatest + 1, seq - 1, now));
+            }
+            tracked.greatest = seq;
+            return;
+        }
+        // A late one: it fills (part of) a gap.
+        if let Some(i) = tracked
+            .gaps
+            .iter()
+            .position(|(from, to, _)| (*from..=*to).contains(&seq))
+        {
+            let (from, to, at) = tracked.gaps.remove(i);
+            if seq < to {
+                tracked.gaps.insert(i, (seq + 1, to, at));
+            }
+            if from < seq {
+                tracked.gaps.insert(i, (from, seq - 1, at));
+            }
+        }
+    }
+
+    /// Removes and returns the gaps open since `grace` before `now`: `(origin, from, to)`.
+    pub(super) fn due(&mut self, now: Instant, grace: Duration) -> Vec<(String, u64, u64)> {
+        let mut out = Vec::new();
+        for (origin, t) in &mut self.origins {
+            t.gaps.retain(|(from, to, at)| {
+                let due = now.saturating_duration_since(*at) >= grace;
+                if due {
+                    out.push((origin.clone(), *from, *to));
+                }
+                !due
+            });
+        }
+        out.sort();
+        out
+    }
+}
+
+/// The origin and `origin_seq` a message's id claims, if the id has the shape of a node's
+/// and names the subject's origin (`origin`).
+pub(super) fn claimed_origin_seq<'a>(msg_id: &'a str, origin: &str) -> Option<(&'a str, u64)> {
+    let mut parts = msg_id.split(':');
+    let node = parts.next()?;
+    let _incarnation = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    (node == origin).then_some((node, seq))
+}
 
 /// What self-healing did and saw, in [`super::Status::heal`].
 #[derive(Clone, Debug, Default, Serialize)]
@@ -121,5 +228,42 @@ impl NodeHandle {
     /// Resolves at the next [`NodeHandle::anti_entropy_wake`] (or one made before).
     pub fn anti_entropy_notified(&self) -> impl std::future::Future<Output = ()> + '_ {
         self.0.heal.anti_entropy.notified()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_is_due_only_if_nothing_fills_it_within_the_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(60);
+        let mut g = OriginGaps::default();
+        // The first seen is the baseline, whatever it is.
+        g.observe("a", 10, t0);
+        g.observe("a", 11, t0);
+        // 12..=14 skipped; 13 arrives late (a retried window): 12 and 14 stay open.
+        g.observe("a", 15, t0);
+        g.observe("a", 13, t0);
+        // Another origin's gap, filled completely.
+        g.observe("b", 1, t0);
+        g.observe("b", 3, t0);
+        g.observe("b", 2, t0);
+        // Republishes of old events change nothing.
+        g.observe("a", 5, t0);
+        assert!(g.due(t0 + Duration::from_secs(59), grace).is_empty());
+        assert_eq!(
+            g.due(t0 + grace, grace),
+            vec![("a".to_owned(), 12, 12), ("a".to_owned(), 14, 14)]
+        );
+        // Reported once.
+        assert!(g.due(t0 + 2 * grace, grace).is_empty());
+        assert_eq!(
+            claimed_origin_seq("a:00000000000000ff:15:abc", "a"),
+            Some(("a", 15))
+        );
+        assert_eq!(claimed_origin_seq("a:00000000000000ff:15:abc", "b"), None);
+        assert_eq!(claimed_origin_seq("a:x", "a"), None);
     }
 }
