@@ -415,3 +415,73 @@ async fn a_full_replica_reports_an_interior_hole_in_the_stream_at_once() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origins_events_skipped_without_a_hole_are_reported_as_suspected_loss() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let f = start(with_metrics(node_config("f", dir.path(), &url))).await;
+    wait_for("the node to provision the stream", WAIT, || async {
+        stream_state(&js).await.map(|_| ())
+    })
+    .await;
+    // An origin's events 1, 2, 5, then 6: the stream's own sequences have no hole (as
+    // after a server lost acknowledged writes and reused their sequences).
+    let publish = |seq: u64| {
+        let js = js.clone();
+        async move {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let mut ev = common::remote_event(
+                "orders",
+                Uuid::now_v7(),
+                &common::version(now, 0, "ghost"),
+                None,
+                &[],
+                Some(r#"{"x":1}"#),
+            );
+            ev.origin_seq = seq;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("ghost:0000000000000001:{seq}:00").as_str(),
+            );
+            js.publish_with_headers(ev.subject("jetsync"), headers, ev.encode().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+    };
+    for seq in [1, 2, 5] {
+        publish(seq).await;
+    }
+    caught_up(&f, &js, "f to apply the ghost's events").await;
+    // A retried window lands out of order within seconds: only a gap left open past the
+    // grace is reported, when later messages arrive.
+    tokio::time::sleep(jetsync::node::ORIGIN_GAP_GRACE + Duration::from_secs(1)).await;
+    publish(6).await;
+    wait_for("the suspected gap to be reported", WAIT, || async {
+        let s = f.status().await.map_err(|e| e.to_string())?;
+        match s.heal.stream_loss_detected.get("origin_seq_gap_suspected") {
+            Some(1) => Ok(()),
+            _ => Err(format!("status: {:?}", s.heal)),
+        }
+    })
+    .await;
+    let s = f.status().await.unwrap();
+    assert!(!s.heal.stream_loss_detected.contains_key("sequence_hole"));
+    let last = s.heal.last_stream_loss.unwrap();
+    assert!(last.contains("ghost") && last.contains("3..4"), "{last}");
+    let counted = metric(&f, "jetsync_stream_loss_detected_total");
+    assert!(
+        counted.contains("kind=\"origin_seq_gap_suspected\"} 1"),
+        "{counted}"
+    );
+    f.shutdown().await.unwrap();
+}

@@ -53,7 +53,7 @@ pub use self::bootstrap::Bootstrapped;
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 use self::guard::{HubLease, site_of};
 pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
-pub use self::heal::{HealStatus, STREAM_LOSS_KINDS};
+pub use self::heal::{HealStatus, ORIGIN_GAP_GRACE, STREAM_LOSS_KINDS};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
