@@ -461,7 +461,7 @@ async fn verify_entity(
     Ok(report)
 }
 
-/// Sends states to `node` for merging; returns how many were sent.
+/// Sends states to `node` for merging; returns how many were not empty.
 async fn send_states(
     api: &ApiClient,
     node: &str,
@@ -476,7 +476,11 @@ async fn send_states(
         json!({"entity": entity, "format": FORMAT_VERSION}),
     )
     .await?;
-    Ok(states.len())
+    // The empty states (asking the node to republish) merged nothing.
+    Ok(states
+        .iter()
+        .filter(|s| s.state != RecordState::default())
+        .count())
 }
 
 #[cfg(test)]
