@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -158,6 +158,10 @@ pub(super) struct Heal {
     /// The greatest stream sequence of a hole reported: following again from the
     /// checkpoint after a restart of the loop meets the same holes, counted once.
     holes_through: AtomicU64,
+    /// Own events were queued again below the publisher's cursor: it starts over from the
+    /// outbox's oldest entry, as it does when nothing is in flight (under a steady write
+    /// load that may not happen for long).
+    requeued: AtomicBool,
 }
 
 impl Heal {
@@ -167,6 +171,12 @@ impl Heal {
 
     pub(super) fn snapshot(&self) -> HealStatus {
         self.status().clone()
+    }
+
+    /// Whether own events were queued again since the publisher last asked (see
+    /// `requeued`).
+    pub(super) fn take_requeued(&self) -> bool {
+        self.requeued.swap(false, Ordering::Relaxed)
     }
 
     /// Whether a hole ending at stream sequence `to` is news (not reported before).
@@ -214,6 +224,7 @@ impl NodeHandle {
             );
             self.0.metrics.republished(n as u64);
             self.0.heal.status().republished += n as u64;
+            self.0.heal.requeued.store(true, Ordering::Relaxed);
             self.0.outbox_ready.notify_one();
         }
         Ok(n)
