@@ -36,7 +36,10 @@
 //! keeps, the same encoding) byte for byte on every attempt, so the id of a retried
 //! publish is unchanged and JetStream de-duplicates it. An id squatted by someone else is
 //! replaced by [`MsgIds::fresh_id`], the same tag plus `:r<32 hex>`: never used before,
-//! still bound to the content, so it verifies too.
+//! still bound to the content, so it verifies too. An event published again because the
+//! stream lost it (see `store::republish`) takes the same shape with a nonce kept in its
+//! outbox entry ([`MsgIds::republish_id`]): the original id may still be in the server's
+//! duplicate window, which would drop the republish although the message is gone.
 //!
 //! Ids in the pre-content format (tag over `(node, incarnation, origin_seq)` only),
 //! already in streams, no longer verify: those messages go through the merge like
@@ -188,6 +191,17 @@ impl MsgIds {
     }
 }
 
+impl MsgIds {
+    /// The id of the event with `origin_seq` published again after the stream lost it
+    /// (see `store::republish`): [`MsgIds::id`] plus `:r<nonce as 32 hex>`, the shape of a
+    /// [`MsgIds::fresh_id`], so it verifies as this node's and binds the same content; the
+    /// nonce, kept with the outbox entry, keeps it the same on every retry of that entry
+    /// and apart from the original's, which the server's duplicate window may still hold.
+    pub fn republish_id(&self, origin_seq: u64, tail: &str, payload: &[u8], nonce: u64) -> String {
+        format!("{}:r{:032x}", self.id(origin_seq, tail, payload), nonce)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +230,17 @@ mod tests {
             MsgIds::new(node, 7, &s2).id(5, TAIL, BODY)
         );
         assert_ne!(ids.fresh_id(5, TAIL, BODY), ids.fresh_id(5, TAIL, BODY));
+    }
+
+    #[test]
+    fn a_republish_id_is_its_own_stable_and_proves_the_same_content() {
+        let ids = ids();
+        let id = ids.republish_id(5, TAIL, BODY, 42);
+        assert_eq!(id, ids.republish_id(5, TAIL, BODY, 42));
+        assert_ne!(id, ids.republish_id(5, TAIL, BODY, 43));
+        assert!(id.starts_with(&ids.id(5, TAIL, BODY)));
+        assert!(ids.made(&id, TAIL, BODY));
+        assert!(!ids.made(&id, TAIL, br#"{"v":1,"op":"delete"}"#));
     }
 
     #[test]

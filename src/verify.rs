@@ -520,6 +520,20 @@ async fn verify_entity(
                 state: y.clone(),
             });
         }
+        // A record one side does not hold at all: the other side gets an empty state, so
+        // it republishes its own versions of it (the stream may have lost them).
+        if let (Some(Some(_)), None) = (sa, sb) {
+            to_a.push(StateEntry {
+                id,
+                state: RecordState::default(),
+            });
+        }
+        if let (None, Some(Some(_))) = (sa, sb) {
+            to_b.push(StateEntry {
+                id,
+                state: RecordState::default(),
+            });
+        }
     }
     if repair {
         report.repaired_a = send_states(api, a, entity, to_a).await?;

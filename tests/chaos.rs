@@ -9,12 +9,21 @@
 //! - `cut`: cut a node off the network. Each node reaches the cluster only through TCP
 //!   proxies this test runs (one per server, `ignore_discovered_servers` so the client
 //!   never goes around them); a cut drops the node's open connections and refuses new
-//!   ones until healed.
+//!   ones until healed;
+//! - `stream_loss` (only with `JETSYNC_CHAOS_STREAM_LOSS=1`): the stream loses
+//!   acknowledged messages while the round's other faults keep a node behind: message
+//!   deletes of random recent events, and a removed range (consecutive messages deleted
+//!   one by one: a purge up to a sequence would remove the stream's head, which nodes
+//!   see as retention, not loss). Nothing but the nodes themselves (anti-entropy,
+//!   republishing) may heal it: no operator command runs.
 //!
 //! The test binary runs itself as the node processes (`chaos_child`, selected with `--exact`
 //! and configured by `JETSYNC_CHAOS_CHILD`, like tests/crash.rs). A child appends every
 //! acknowledged write (`ACK <entity> <id> <version> <op>`) to its log, one `write` call per
-//! line, before it starts the next write. The parent pauses the workloads through a file
+//! line, before it starts the next write. Besides the shared keys, each child inserts
+//! records of its own (each id written once) and later deletes some of them: on a shared
+//! key a lost event shows only if it was its origin's last for the record, while every
+//! lost insert or delete of a unique id does. The parent pauses the workloads through a file
 //! after each round's faults are healed and waits (bounded) until the nodes converge: no
 //! outbox, no halt, equal checkpoints, digests and conflicts, asked over the node API.
 //!
@@ -53,6 +62,8 @@ use uuid::Uuid;
 const CHILD_ENV: &str = "JETSYNC_CHAOS_CHILD";
 const ROUNDS_ENV: &str = "JETSYNC_CHAOS_ROUNDS";
 const SEED_ENV: &str = "JETSYNC_CHAOS_SEED";
+/// `1`: the `stream_loss` fault is picked too (its healing needs the anti-entropy loop).
+const STREAM_LOSS_ENV: &str = "JETSYNC_CHAOS_STREAM_LOSS";
 const CI_ROUNDS: usize = 8;
 const NODES: [&str; 3] = ["a", "b", "c"];
 const ENTITIES: [&str; 2] = ["chaos_x", "chaos_y"];
@@ -133,6 +144,9 @@ async fn child_main(spec: ChildSpec) {
     let mut rng = Rng(spec.seed ^ time_seed());
     let mut paused_gen = String::new();
     let mut n = 0u64;
+    // This incarnation's unique records not deleted yet (one incarnation's are enough: a
+    // restart simply starts a new list).
+    let mut inserted: Vec<(EntityName, Uuid)> = Vec::new();
     loop {
         if exit_file(&spec.dir).exists() {
             node.shutdown().await.expect("graceful shutdown");
@@ -151,7 +165,19 @@ async fn child_main(spec: ChildSpec) {
         let entity = rng.pick(&entities).clone();
         let id = *rng.pick(&spec.keys);
         let doc = json!({"by": spec.node, "n": n});
-        let (op, write) = match rng.below(10) {
+        let (op, write) = match rng.below(14) {
+            // A record of this node's own, written once.
+            10..=11 => {
+                let id = Uuid::now_v7();
+                inserted.push((entity.clone(), id));
+                ("insert", Write::put(entity.clone(), id, doc))
+            }
+            // The delete of one of them (each deleted at most once).
+            12..=13 if !inserted.is_empty() => {
+                let (entity, id) = inserted.swap_remove(rng.below(inserted.len() as u64) as usize);
+                ("unique_delete", Write::delete(entity, id))
+            }
+            12..=13 => ("put", Write::put(entity.clone(), id, doc)),
             0..=3 => ("put", Write::put(entity.clone(), id, doc)),
             4..=5 => ("delete", Write::delete(entity.clone(), id)),
             // Settle the conflicts this node sees (a delete half of the time).
@@ -275,6 +301,8 @@ enum Fault {
     Cut(usize),
     /// Every server but this one killed at once.
     QuorumLoss(usize),
+    /// The stream loses acknowledged messages (see the module doc).
+    StreamLoss,
 }
 
 impl Fault {
@@ -286,6 +314,7 @@ impl Fault {
             Fault::ServerPause(_) => "server_pause",
             Fault::Cut(_) => "cut",
             Fault::QuorumLoss(_) => "quorum_loss",
+            Fault::StreamLoss => "stream_loss",
         }
     }
     fn node(&self) -> Option<usize> {
@@ -298,6 +327,8 @@ impl Fault {
         match *self {
             // A quorum loss takes every server but one: it excludes any other server fault.
             Fault::ServerKill(i) | Fault::ServerPause(i) | Fault::QuorumLoss(i) => Some(i),
+            // Deleting messages needs every server up: it excludes server faults.
+            Fault::StreamLoss => Some(usize::MAX),
             _ => None,
         }
     }
@@ -306,7 +337,8 @@ impl Fault {
 /// One or two faults on different targets, at most one server fault per round (a single
 /// server down, or a quorum loss: two of three down at once). `quorum_loss` forces one
 /// into the round, so every run has at least one.
-fn pick_faults(rng: &mut Rng, quorum_loss: bool) -> Vec<Fault> {
+/// With `stream_loss`, one fault in seven is the stream losing messages.
+fn pick_faults(rng: &mut Rng, quorum_loss: bool, stream_loss: bool) -> Vec<Fault> {
     let mut out: Vec<Fault> = Vec::new();
     if quorum_loss {
         out.push(Fault::QuorumLoss(rng.below(3) as usize));
@@ -314,7 +346,8 @@ fn pick_faults(rng: &mut Rng, quorum_loss: bool) -> Vec<Fault> {
     let count = 1 + rng.below(2);
     while out.len() < count as usize {
         let n = rng.below(3) as usize;
-        let f = match rng.below(6) {
+        let f = match rng.below(if stream_loss { 7 } else { 6 }) {
+            6 => Fault::StreamLoss,
             0 => Fault::NodeKill(n),
             1 => Fault::ServerKill(n),
             2 => Fault::NodePause(n),
@@ -367,6 +400,8 @@ impl Chaos {
                         .expect("kill -9 a server");
                 }
             }
+            // Done apart, by `lose_messages` (it talks to the servers).
+            Fault::StreamLoss => {}
         }
     }
 
@@ -392,6 +427,8 @@ impl Chaos {
                     });
                 }
             }
+            // Lost messages stay lost: the nodes must heal what they carried.
+            Fault::StreamLoss => {}
         }
     }
 
@@ -553,6 +590,37 @@ async fn stream_versions(client: &async_nats::Client) -> BTreeMap<String, (u64, 
     out
 }
 
+/// The `stream_loss` fault: deletes a few random messages among the stream's recent ones
+/// and a range of consecutive ones, never the first (that would be a retention gap).
+/// Returns how many were deleted; a delete the servers do not answer is skipped.
+async fn lose_messages(client: &async_nats::Client, rng: &mut Rng) -> usize {
+    let js = async_nats::jetstream::new(client.clone());
+    let ask = Duration::from_secs(5);
+    let Ok(Ok(mut stream)) = tokio::time::timeout(ask, js.get_stream("JETSYNC")).await else {
+        return 0;
+    };
+    let Ok(Ok(info)) = tokio::time::timeout(ask, stream.info()).await else {
+        return 0;
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    if last < first + 20 {
+        return 0;
+    }
+    // Recent messages: those a node kept behind by this round's other fault lacks.
+    let low = (first + 1).max(last.saturating_sub(200));
+    let span = last - low + 1;
+    let mut seqs: BTreeSet<u64> = (0..4).map(|_| low + rng.below(span)).collect();
+    let start = low + rng.below(span.saturating_sub(8).max(1));
+    seqs.extend(start..start + 3 + rng.below(6));
+    let mut deleted = 0;
+    for seq in seqs.into_iter().filter(|s| *s <= last) {
+        if let Ok(Ok(true)) = tokio::time::timeout(ask, stream.delete_message(seq)).await {
+            deleted += 1;
+        }
+    }
+    deleted
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
@@ -569,7 +637,11 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(time_seed);
-    eprintln!("chaos: {rounds} rounds, seed {seed} (set {SEED_ENV}={seed} to replay the schedule)");
+    let stream_loss = std::env::var(STREAM_LOSS_ENV).is_ok_and(|v| v == "1");
+    eprintln!(
+        "chaos: {rounds} rounds, seed {seed} (set {SEED_ENV}={seed} to replay the schedule), stream loss {} ({STREAM_LOSS_ENV})",
+        if stream_loss { "on" } else { "off" }
+    );
     let mut rng = Rng(seed);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -635,18 +707,25 @@ async fn chaos_nodes_converge_and_lose_nothing() {
 
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let mut converge_times = Vec::new();
+    // Messages the `stream_loss` fault deleted.
+    let mut lost_messages = 0;
     let mut not_converged = None;
     for round in 0..rounds {
         // Let the workload run, then break things while it goes on.
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
         // One round in the middle loses the quorum for sure, unless one did already.
         let force = round == rounds / 2 && !faults.contains_key("quorum_loss");
-        let picked = pick_faults(&mut rng, force);
+        let picked = pick_faults(&mut rng, force, stream_loss);
         for f in &picked {
             *faults.entry(f.kind()).or_default() += 1;
             tokio::task::block_in_place(|| chaos.inject(*f));
         }
         tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
+        // The stream loses messages at the end of the fault window: the recent ones are
+        // what a node kept behind has not applied.
+        if picked.contains(&Fault::StreamLoss) {
+            lost_messages += lose_messages(&raw, &mut rng).await;
+        }
         for f in picked.iter().rev() {
             tokio::task::block_in_place(|| chaos.heal(*f));
         }
@@ -753,7 +832,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         .map(|n| format!("{n} {}", acks.iter().filter(|a| a.node == *n).count()))
         .collect();
     eprintln!(
-        "chaos figures: rounds {rounds}, faults {faults:?} ({} in all), writes acknowledged {} ({}), \
+        "chaos figures: rounds {rounds}, faults {faults:?} ({} in all; stream messages deleted {lost_messages}), writes acknowledged {} ({}), \
          of which winners {winners}, kept conflicts {conflicts}, superseded {superseded}; \
          lost {}, wrong winners {}, diverged records {} of {}; converge after heal: median {:?}, max {:?}; \
          node incarnations {:?}; total {:?}",

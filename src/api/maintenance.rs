@@ -74,7 +74,15 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
     let entity = req.entity()?;
     let states: Vec<(Uuid, RecordState)> =
         req.states.into_iter().map(|e| (e.id, e.state)).collect();
-    let report = blocking(move || store.merge_records(&entity, states)).await?;
+    // Kept to compare after the merge: this node republishes its own versions the peer
+    // lacked, so the stream learns the repair (see `store::republish`).
+    let peer = states.clone();
+    let merging = entity.clone();
+    let report = blocking(move || store.merge_records(&merging, states)).await?;
+    let republished = node
+        .republish_lacking(&entity, &peer)
+        .await
+        .map_err(|e| RemoteError::new("merge_records", e.to_string()))?;
     let refused: Vec<Value> = report
         .refused
         .iter()
@@ -87,6 +95,7 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
         "refusals": refused,
         "equivocations": report.equivocations,
         "reissued": report.reissued.len(),
+        "republished": republished,
     });
     node.equivocations_met(report.equivocations, report.reissued.len());
     node.announce(report.changes);

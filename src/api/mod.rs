@@ -42,7 +42,7 @@
 //! | `snapshot` | admin | `{}` | a [`SnapshotReport`](crate::snapshot::SnapshotReport) of a snapshot taken now |
 //! | `verify_hashes` | admin | `{entity, scopes?}` | recomputed [`VerifyHashes`](crate::store::VerifyHashes) |
 //! | `bucket_records` | admin | `{entity, buckets, format, scopes?, after?, limit?}` (`format`: the caller's store format, which must be the node's) | `{records: [{id, state \| "damaged"}], next}` |
-//! | `merge_records` | admin | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals, equivocations, reissued}` (states failing the event checks are refused whole; a leaf with another content under the same version is an equivocation, decided by the merge rule) |
+//! | `merge_records` | admin | `{entity, format, states: [{id, state}]}` | `{changed, repaired, refused, refusals, equivocations, reissued, republished}` (states failing the event checks are refused whole; a leaf with another content under the same version is an equivocation, decided by the merge rule; `republished`: own versions the sent states lack, queued for publishing again; send an empty state for a record the peer does not hold) |
 //! | `damaged` | read | `{}` | damaged records set aside |
 //! | `quarantine` | read | `{after?, limit?}` | `{entries: [{id, stream_seq, subject, reason, payload, ...}], next}` |
 //! | `quarantine_drop` / `quarantine_retry` | admin | `{ids}` | `{dropped}` / `{applied, quarantined, ...}` |

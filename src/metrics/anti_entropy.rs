@@ -90,6 +90,9 @@ pub struct RoundReport {
     /// Records lacked here but not merged because the peer's state carries versions of
     /// other origins this node lacks (`origin_only`): left to those origins.
     pub not_own: u64,
+    /// This node's own versions a caught-up peer lacked (settled, so lost on the way),
+    /// queued for publishing again (invariant 21).
+    pub republished: u64,
     /// What was not compared and why (`<peer>/<entity>: …`).
     pub skipped: Vec<String>,
     /// Peers that could not be compared, with the error.

@@ -225,6 +225,8 @@ struct Inner {
     upstream_gap: Gauge,
     api_refused: Family<Labels, Counter>,
     anti_entropy: anti_entropy::AntiEntropyMetrics,
+    republished: Counter,
+    stream_loss: Family<Labels, Counter>,
     /// Largest event-ahead seen since the last scrape, ms (`i64::MIN`: none).
     ahead_window: AtomicI64,
     /// When this node last took a snapshot (unix ms; 0: not since it started).
@@ -263,6 +265,7 @@ impl Inner {
         zero(&self.api_refused, "reason", &API_REFUSED_REASONS);
         zero(&self.writes_refused, "reason", &WRITE_REFUSED_REASONS);
         self.anti_entropy.preinitialise();
+        zero(&self.stream_loss, "kind", &crate::node::STREAM_LOSS_KINDS);
         let entities: Vec<String> = lock(&self.entities).reserved().map(str::to_owned).collect();
         for entity in entities {
             for outcome in APPLY_OUTCOMES {
@@ -353,6 +356,8 @@ impl NodeMetrics {
             upstream_gap: Gauge::default(),
             api_refused: Family::default(),
             anti_entropy: Default::default(),
+            republished: Counter::default(),
+            stream_loss: Family::default(),
             ahead_window: AtomicI64::new(i64::MIN),
             snapshot_at_ms: AtomicU64::new(0),
             conflict_entities: Mutex::new(BTreeSet::new()),
@@ -562,6 +567,16 @@ impl NodeMetrics {
             inner.writes_refused.clone(),
         );
         r.register(
+            "republished_events",
+            "Own events published again because a peer lacked them (the stream lost them, or the peer never got them)",
+            inner.republished.clone(),
+        );
+        r.register(
+            "stream_loss_detected",
+            "Times the stream showed acknowledged messages were gone (sequence_hole: sequences missing inside the retained range; origin_seq_gap_suspected: an origin's events skipped and not delivered within 60 s), seen by a full replica",
+            inner.stream_loss.clone(),
+        );
+        r.register(
             "equivocations",
             "Events met with the version of another event and different content (a broken or hostile writer), decided by the merge rule",
             inner.equivocations.clone(),
@@ -751,6 +766,22 @@ impl NodeMetrics {
     pub fn anti_entropy_round(&self, round: &RoundReport) {
         if let Some(m) = &self.inner {
             m.anti_entropy.round(round);
+        }
+    }
+
+    /// `n` own events queued again for a peer that lacked them.
+    pub fn republished(&self, n: u64) {
+        if let Some(m) = &self.inner {
+            m.republished.inc_by(n);
+        }
+    }
+
+    /// The stream lost acknowledged messages (`kind`: a `node::STREAM_LOSS_KINDS` value).
+    pub fn stream_loss(&self, kind: &str) {
+        if let Some(m) = &self.inner {
+            m.stream_loss
+                .get_or_create(&vec![("kind", kind.to_owned())])
+                .inc();
         }
     }
 

@@ -14,6 +14,7 @@ use super::backfill::backfill_new_entities;
 use super::batch::{Intake, Next, Stop, apply_batch, blocking, storage_stop};
 use super::bootstrap::{bootstrap, upstream_check};
 use super::guard;
+use super::heal::{ORIGIN_GAP_GRACE, OriginGaps, claimed_origin_seq};
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
 use crate::site::UpstreamGuard;
@@ -288,6 +289,12 @@ async fn apply_messages(
     // Without acks nothing redelivers what a dropped connection lost at the stream's end,
     // and no later delivery reveals the hole: while idle, ask the consumer.
     let mut undelivered = (!acked).then(UndeliveredTail::default);
+    // A full replica of a limits stream that is no edge site's tracks every origin's
+    // `origin_seq` (see `heal`).
+    let full = !partial && recheck.is_none();
+    let mut origin_gaps =
+        (full && cfg.stream.retention != Retention::Compacted && cfg.stream.upstream.is_none())
+            .then(OriginGaps::default);
     loop {
         if recheck.is_some_and(|t| tokio::time::Instant::now() >= t) {
             return Err(Stop::Recheck);
@@ -323,7 +330,10 @@ async fn apply_messages(
             }
             Next::Batch(batch) => batch,
         };
-        check_none_removed(shared, &batch.msgs, next_expected).await?;
+        check_none_removed(shared, &batch.msgs, next_expected, full).await?;
+        if let Some(gaps) = origin_gaps.as_mut() {
+            track_origin_seqs(shared, gaps, &batch.msgs);
+        }
         // Apply what arrived before the error, then start over from the checkpoint.
         if !batch.msgs.is_empty() {
             if let Some(guard) = upstream.as_mut() {
@@ -345,20 +355,37 @@ async fn apply_messages(
 
 /// A jump past the next sequence is either messages outside this node's filter or
 /// messages retention removed while this node was behind: only the stream's first
-/// sequence tells which, and a removed one must halt, not be skipped.
+/// sequence tells which, and a removed one must halt, not be skipped. On a `full` replica
+/// (no filter: it is delivered every message) of a stream whose retention removes only
+/// from the head, a jump over sequences the stream still retains is messages deleted from
+/// inside it: stream loss, reported at once (see [`super::heal`]); applying goes on.
 async fn check_none_removed(
     shared: &Arc<Shared>,
     msgs: &[jetstream::Message],
     next_expected: u64,
+    full: bool,
 ) -> Result<(), Stop> {
     let cfg = &shared.config;
-    let first = msgs
-        .first()
-        .and_then(|m| m.info().ok())
-        .map(|i| i.stream_sequence);
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| m.info().ok())
+        .map(|i| i.stream_sequence)
+        .collect();
     let compacted = cfg.stream.retention == Retention::Compacted;
-    let jumped = !compacted && first.is_some_and(|f| f > next_expected);
-    if !jumped {
+    let jumped = !compacted && seqs.first().is_some_and(|f| *f > next_expected);
+    // Sequences skipped between deliveries (lost deliveries were cut off the batch
+    // already, see `Intake`): on a full replica, nothing but removed messages.
+    let mut holes = Vec::new();
+    if full && !compacted {
+        let mut prev = next_expected - 1;
+        for &seq in &seqs {
+            if seq > prev + 1 {
+                holes.push((prev + 1, seq - 1));
+            }
+            prev = prev.max(seq);
+        }
+    }
+    if !jumped && holes.is_empty() {
         return Ok(());
     }
     let mut stream = shared
@@ -372,14 +399,54 @@ async fn check_none_removed(
         .map_err(|e| Stop::Retry(format!("stream info: {e}")))?
         .state
         .first_sequence;
-    if first_seq > next_expected {
+    if jumped && first_seq > next_expected {
         // Start over: provisioning sees the gap and bootstraps or halts.
         return Err(Stop::Retry(format!(
             "retention removed sequences {next_expected}..{} before they were applied",
             first_seq - 1
         )));
     }
+    for (from, to) in holes {
+        // Below the first sequence: retention's (head) removal, handled above.
+        let from = from.max(first_seq);
+        if from <= to && shared.heal.new_hole(to) {
+            shared.stream_loss(
+                "sequence_hole",
+                format!(
+                    "stream sequences {from}..{to} were removed from inside the stream (it retains from {first_seq}); the events they held were acknowledged and are gone from the stream"
+                ),
+            );
+        }
+    }
     Ok(())
+}
+
+/// Notes the `origin_seq` each message's id claims on its origin's subject, and reports
+/// the gaps left open past the grace (see `heal`).
+fn track_origin_seqs(shared: &Shared, gaps: &mut OriginGaps, msgs: &[jetstream::Message]) {
+    let now = std::time::Instant::now();
+    for m in msgs {
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+        // `<prefix>.<entity>.<scope>.<origin>.<id>`: the origin is the next to last token.
+        let origin = m.subject.as_str().rsplit('.').nth(1);
+        if let (Some(id), Some(origin)) = (id, origin)
+            && let Some((origin, seq)) = claimed_origin_seq(id.as_str(), origin)
+        {
+            gaps.observe(origin, seq, now);
+        }
+    }
+    for (origin, from, to) in gaps.due(now, ORIGIN_GAP_GRACE) {
+        shared.stream_loss(
+            "origin_seq_gap_suspected",
+            format!(
+                "origin {origin}'s events {from}..{to} (origin_seq) never arrived within {}s while later ones did: lost by the stream (suspected: an event its origin parked as refused, or a made-up message id, shows the same)",
+                ORIGIN_GAP_GRACE.as_secs()
+            ),
+        );
+    }
 }
 
 /// Deliveries an ack-less consumer made that never arrived, with nothing after them: the

@@ -31,6 +31,7 @@ mod bootstrap;
 mod compaction;
 mod config;
 mod guard;
+mod heal;
 mod idle;
 mod publisher;
 mod snapshots;
@@ -52,6 +53,7 @@ pub use self::bootstrap::Bootstrapped;
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 use self::guard::{HubLease, site_of};
 pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
+pub use self::heal::{HealStatus, ORIGIN_GAP_GRACE, STREAM_LOSS_KINDS};
 pub use self::status::{Halt, Status};
 pub use self::watch::{Lagged, Watch};
 pub use crate::ids::EntityFilter;
@@ -166,6 +168,8 @@ struct Shared {
     published: AtomicU64,
     /// Stream events applied, duplicate or quarantined since start (`status`, for rates).
     applied_events: AtomicU64,
+    /// Republishes, stream loss seen, the anti-entropy wake-up (see [`heal`]).
+    heal: heal::Heal,
 }
 
 impl Shared {
@@ -345,6 +349,7 @@ impl Node {
             anti_entropy: Arc::default(),
             published: AtomicU64::new(0),
             applied_events: AtomicU64::new(0),
+            heal: heal::Heal::default(),
         });
         let mut tasks = vec![
             (

@@ -46,9 +46,11 @@ async fn publish_loop_inner(shared: Arc<Shared>) {
         }
         // Send windows ahead while earlier ones await their acks: the server stores one
         // window while the acks of the one before come back and leave the outbox.
-        if in_flight.is_empty() {
+        if in_flight.is_empty() || shared.heal.take_requeued() {
             // Everything sent is settled: start from the outbox's oldest entry again, which
-            // also picks up entries queued again below the cursor (a retried refusal).
+            // also picks up entries queued again below the cursor (a retried refusal). A
+            // republish does not wait for that (windows in flight are sent again, and
+            // their ids de-duplicate).
             sent_through = 0;
         }
         // After a pause longer than the lease's time to live, publish nothing before the

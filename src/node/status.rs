@@ -172,6 +172,8 @@ pub struct Status {
     pub upstream_gap: Option<UpstreamGap>,
     /// What the anti-entropy loop last saw (`ops::anti_entropy`).
     pub anti_entropy: crate::metrics::AntiEntropyStatus,
+    /// Own events republished and stream loss seen: see [`super::HealStatus`].
+    pub heal: super::HealStatus,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -292,6 +294,7 @@ impl NodeHandle {
             entities: self.0.config.entities.clone(),
             upstream_gap: live.upstream_gap.clone(),
             anti_entropy: self.0.anti_entropy.status(),
+            heal: self.0.heal.snapshot(),
             trust,
         })
     }

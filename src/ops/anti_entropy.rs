@@ -226,6 +226,11 @@ impl Round<'_> {
             })?;
         // Its own versions may still wait in its outbox: not counted while it has one.
         let unsure = (status["outbox"].as_u64() != Some(0)).then_some(peer);
+        // How far the peer lags per entity type: while it is still catching up, what it
+        // lacks is on its way through the stream, not lost, and nothing is republished.
+        let peer_lag: BTreeMap<String, f64> =
+            serde_json::from_value(status["lag_seconds"].clone()).unwrap_or_default();
+        let peer_idle = status["lag"].as_u64() == Some(0);
         let own = self.node.config().entities.clone();
         let store = self.node.store().clone();
         let mut entities = tokio::task::spawn_blocking(move || store.entities())
@@ -253,7 +258,12 @@ impl Round<'_> {
             }
             any = true;
             self.report.compared += 1;
-            self.entity(peer, &entity, &scopes, unsure).await?;
+            let caught_up = match peer_lag.get(entity.as_str()) {
+                Some(l) => *l <= self.settings.settle.as_secs_f64(),
+                None => peer_idle,
+            };
+            self.entity(peer, &entity, &scopes, unsure, caught_up)
+                .await?;
         }
         if any {
             self.report.peers.push(peer.to_owned());
@@ -267,6 +277,7 @@ impl Round<'_> {
         entity: &EntityName,
         scopes: &[Scope],
         unsure: Option<&str>,
+        peer_caught_up: bool,
     ) -> Result<(), VerifyError> {
         let theirs: VerifyHashes = {
             let v = self
@@ -329,7 +340,53 @@ impl Round<'_> {
             let store = self.node.store().clone();
             let (e, unsure) = (entity.clone(), unsure.map(str::to_owned));
             let only = self.settings.origin_only.then(|| peer.to_owned());
-            let (lacked, not_own) = tokio::task::spawn_blocking(move || {
+            let (own_node, range_end) = (self.node.node_id().clone(), next);
+            let (scopes_v, buckets_v, page_limit) = (scopes.to_vec(), buckets.clone(), limit);
+            let (lacked, not_own, peer_lacks) = tokio::task::spawn_blocking(move || {
+                // The stream learns a repair (invariant 21): records whose settled own
+                // version the peer lacks, an empty state for those it does not hold at
+                // all (this node's records in the same buckets and id range). Only asked
+                // of a peer that is caught up: one still catching up gets them from the
+                // stream.
+                let mut peer_lacks: Vec<(Uuid, RecordState)> = Vec::new();
+                if peer_caught_up {
+                    let settled_own = |mine: &RecordState| {
+                        mine.leaves
+                            .iter()
+                            .find(|l| l.version.node == own_node)
+                            .filter(|l| l.version.hlc.physical_ms() <= cutoff)
+                            .map(|l| l.version.clone())
+                    };
+                    if let Ok(mine_page) = store.states_in_buckets(
+                        &e,
+                        &buckets_v,
+                        &scopes_v,
+                        after,
+                        page_limit.saturating_mul(2),
+                        true,
+                    ) {
+                        for (id, slot) in mine_page.items {
+                            if range_end.is_some_and(|end| id > end) {
+                                break;
+                            }
+                            let crate::store::RecordSlot::State(mine) = slot else {
+                                continue;
+                            };
+                            let Some(v) = settled_own(&mine) else {
+                                continue;
+                            };
+                            match page.get(&id) {
+                                None => peer_lacks.push((id, RecordState::default())),
+                                Some(Some(theirs))
+                                    if theirs.watermark(&own_node).is_none_or(|w| *w < v) =>
+                                {
+                                    peer_lacks.push((id, theirs.clone()));
+                                }
+                                Some(_) => {}
+                            }
+                        }
+                    }
+                }
                 let mut not_own = 0u64;
                 let lacked = page
                     .into_iter()
@@ -347,11 +404,19 @@ impl Round<'_> {
                         !foreign
                     })
                     .collect::<Vec<(Uuid, RecordState)>>();
-                (lacked, not_own)
+                (lacked, not_own, peer_lacks)
             })
             .await
             .map_err(|e| reply_error("self", e.to_string()))?;
             self.report.not_own += not_own;
+            if !peer_lacks.is_empty() {
+                let n = self
+                    .node
+                    .republish_lacking(entity, &peer_lacks)
+                    .await
+                    .map_err(|e| reply_error("self", format!("republishing: {e}")))?;
+                self.report.republished += n as u64;
+            }
             if !lacked.is_empty() {
                 let merged = merge_peer_states(self.node, peer, entity, lacked)
                     .await
@@ -445,7 +510,6 @@ pub async fn merge_peer_states(
     for (id, why) in &report.refused {
         tracing::warn!(%peer, %entity, %id, reason = %why, "anti-entropy: a peer's record state refused");
     }
-    // heal: republish own versions the peer lacked
     Ok(report)
 }
 

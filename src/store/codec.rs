@@ -125,7 +125,30 @@ pub(super) fn encode_outbox(entity: &EntityName, id: &Uuid, hlc: Hlc) -> Vec<u8>
     out
 }
 
-/// The `(entity, id, hlc)` of an outbox value; `None` if it is malformed.
+/// [`encode_outbox`] of an own version queued again by a republish (see
+/// `store::republish`), followed by `nonce`: the entry's message id must differ from the
+/// original's, which the server may still hold in its duplicate window.
+pub(super) fn encode_outbox_republish(
+    entity: &EntityName,
+    id: &Uuid,
+    hlc: Hlc,
+    nonce: u64,
+) -> Vec<u8> {
+    let mut out = encode_outbox(entity, id, hlc);
+    out.extend_from_slice(&nonce.to_le_bytes());
+    out
+}
+
+/// The republish nonce of an outbox value, if it has one.
+pub(super) fn outbox_nonce(bytes: &[u8]) -> Option<u64> {
+    let len = usize::from(*bytes.first()?);
+    Some(u64::from_le_bytes(
+        bytes.get(25 + len..33 + len)?.try_into().ok()?,
+    ))
+}
+
+/// The `(entity, id, hlc)` of an outbox value (a republish nonce after it is ignored);
+/// `None` if it is malformed.
 pub(super) fn decode_outbox(bytes: &[u8]) -> Option<(EntityName, Uuid, Hlc)> {
     let len = *bytes.first()? as usize;
     let entity = EntityName::new(std::str::from_utf8(bytes.get(1..1 + len)?).ok()?).ok()?;

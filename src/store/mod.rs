@@ -59,6 +59,7 @@ mod outbox;
 mod quarantine;
 mod read;
 mod refused;
+mod republish;
 mod tx;
 mod types;
 mod write;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use redb::{ReadableTable, ReadableTableMetadata, Table};
 use uuid::Uuid;
 
-use super::codec::{decode_outbox, decode_state, leaf_event};
+use super::codec::{decode_outbox, decode_state, leaf_event, outbox_nonce};
 use super::format::{OUTBOX, UNPUBLISHED, open_records_read};
 use super::{OutboxEntry, Store};
 use crate::clock::Version;
@@ -77,6 +77,7 @@ impl Store {
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = row?;
             let seq = k.value();
+            let nonce = outbox_nonce(v.value());
             let (entity, id, hlc) =
                 decode_outbox(v.value()).ok_or_else(|| StorageError::UndecodableEntry {
                     table: "outbox",
@@ -155,9 +156,14 @@ impl Store {
                 },
             };
             let subject = ev.subject(&self.config.prefix);
+            let tail = self.tail(&subject);
             out.push(OutboxEntry {
                 origin_seq: seq,
-                msg_id: ids.id(seq, self.tail(&subject), &payload),
+                // A republish (see `republish`) must not reuse the original's id.
+                msg_id: match nonce {
+                    Some(n) => ids.republish_id(seq, tail, &payload, n),
+                    None => ids.id(seq, tail, &payload),
+                },
                 subject,
                 payload: payload.into(),
             });
