@@ -159,6 +159,8 @@ struct Shared {
     selfcheck: Arc<SelfCheck>,
     /// Events published since start (in `status`, for rates).
     published: AtomicU64,
+    /// The SQL mirrors' states (see [`crate::mirror`]).
+    mirrors: Vec<Arc<crate::mirror::MirrorHandle>>,
 }
 
 impl Shared {
@@ -239,7 +241,8 @@ impl Node {
         let noted = denied.clone();
         let metrics = Arc::new(match config.ops.listen {
             Some(_) => NodeMetrics::new(config.node_id.as_str())
-                .with_entity_types(config.entities.iter().map(|f| f.entity.to_string())),
+                .with_entity_types(config.entities.iter().map(|f| f.entity.to_string()))
+                .with_mirrors(config.mirrors.iter().map(|m| m.name.as_str())),
             None => NodeMetrics::disabled(),
         });
         let counted = metrics.clone();
@@ -314,6 +317,11 @@ impl Node {
         if let Some(l) = &lease {
             lease_clock.confirmed_by(l);
         }
+        let config_mirrors: Vec<_> = config
+            .mirrors
+            .iter()
+            .map(|m| crate::mirror::MirrorHandle::new(m.clone()))
+            .collect();
         let mut live = Live::default();
         live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
@@ -336,6 +344,7 @@ impl Node {
             metrics,
             selfcheck: Arc::default(),
             published: AtomicU64::new(0),
+            mirrors: config_mirrors,
         });
         let mut tasks = vec![
             (
@@ -373,6 +382,16 @@ impl Node {
                 tokio::spawn(compaction::compaction_loop(shared.clone())),
             ),
         ];
+        for m in &shared.mirrors {
+            let run = crate::mirror::run(
+                shared.store.clone(),
+                m.clone(),
+                shared.metrics.clone(),
+                shared.changes.subscribe(),
+                shared.shutdown.clone(),
+            );
+            tasks.push(("sql mirror", tokio::spawn(run)));
+        }
         if let (Some(h), Some((site_rx, hub_rx, tx))) = (hub, site_leases) {
             tasks.push((
                 "hub lease",
@@ -449,9 +468,18 @@ async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError
         config.node_id.clone(),
         config.store.clone(),
     );
-    let store = tokio::task::spawn_blocking(move || Store::open(path, node_id, store_config))
-        .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
+    // The change log is kept only while a mirror follows the store (see `store::changelog`).
+    let mirrored = !config.mirrors.is_empty();
+    let store = tokio::task::spawn_blocking(move || {
+        let store = Store::open(path, node_id, store_config)?;
+        match mirrored {
+            true => store.change_log_enable().map(drop)?,
+            false => store.change_log_disable()?,
+        }
+        Ok::<_, NodeError>(store)
+    })
+    .await
+    .map_err(|e| NodeError::Task(e.to_string()))??;
     Ok(store)
 }
 

@@ -169,6 +169,9 @@ pub struct Status {
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
+    /// The SQL mirrors ([`crate::mirror`]); empty when none is configured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<crate::mirror::MirrorStatus>,
 }
 
 /// The store's counters in a status, kept from the last time they could be read.
@@ -280,6 +283,7 @@ impl NodeHandle {
             entities: self.0.config.entities.clone(),
             upstream_gap: live.upstream_gap.clone(),
             trust,
+            mirrors: self.0.mirrors.iter().map(|m| m.status()).collect(),
         })
     }
 }
