@@ -40,6 +40,12 @@
 //! [metrics]           # optional: Prometheus /metrics, /healthz, /readyz
 //! listen = "127.0.0.1:9464"
 //! ready_max_lag_secs = 30
+//!
+//! [[mirror]]          # optional, repeatable: an SQL read model (see `jetsync::mirror`)
+//! kind = "sqlite"     # or "postgres" with url = "host=… user=… dbname=…"
+//! path = "mirror.sqlite"   # relative to data_dir
+//! entities = ["orders"]    # default: all
+//! indexes = [{ entity = "orders", field = "customer.id" }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -735,6 +741,56 @@ fetch_batch = 500
             c.compaction.interval.is_some(),
             "compaction runs by default"
         );
+    }
+
+    #[test]
+    fn mirrors_are_configured_and_validated_naming_the_key() {
+        let base = "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n";
+        let c = FileConfig::parse(&format!(
+            "{base}[[mirror]]\nkind=\"sqlite\"\npath=\"m.sqlite\"\nentities=[\"orders\"]\nindexes=[{{ entity=\"orders\", field=\"customer.id\" }}]\n\
+             [[mirror]]\nkind=\"postgres\"\nurl=\"host=db user=x\"\n"
+        ))
+        .unwrap()
+        .into_node_config(Overrides::default())
+        .unwrap();
+        assert_eq!(c.mirrors.len(), 2);
+        assert_eq!(c.mirrors[0].name, "sqlite");
+        assert_eq!(
+            c.mirrors[0].sink,
+            crate::mirror::SinkConfig::Sqlite {
+                path: "/x/m.sqlite".into()
+            }
+        );
+        assert_eq!(c.mirrors[0].indexes[0].name(), "orders$customer.id");
+        assert_eq!(c.mirrors[1].name, "postgres");
+        assert_eq!(c.mirrors[1].batch, 1000);
+        let err = |extra: &str| {
+            FileConfig::parse(&format!("{base}{extra}"))
+                .unwrap()
+                .into_node_config(Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[[mirror]]\nkind=\"mysql\"\n");
+        assert!(e.contains("`mirror[0].kind`"), "{e}");
+        let e = err("[[mirror]]\nkind=\"sqlite\"\n");
+        assert!(e.contains("`mirror[0].path`"), "{e}");
+        let e = err("[[mirror]]\nkind=\"postgres\"\n");
+        assert!(e.contains("`mirror[0].url`"), "{e}");
+        let e = err(
+            "[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\nindexes=[{ entity=\"orders\", field=\"a') --\" }]\n",
+        );
+        assert!(e.contains("`mirror[0].indexes[0].field`"), "{e}");
+        let e = err(
+            "[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\nentities=[\"notes\"]\nindexes=[{ entity=\"orders\", field=\"a\" }]\n",
+        );
+        assert!(e.contains("`mirror[0].indexes[0].entity`"), "{e}");
+        let e = err("[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\nbatch=0\n");
+        assert!(e.contains("`mirror[0].batch`"), "{e}");
+        let e = err(
+            "[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\n[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\n",
+        );
+        assert!(e.contains("`mirror[1].path`"), "{e}");
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub struct MirrorStatus {
     pub checkpoint: u64,
     /// Changed records not written yet.
     pub behind: u64,
-    /// Seconds since it was last caught up (0: caught up).
+    /// About how long the oldest change not written yet has waited, seconds (0: caught up).
     pub lag_seconds: f64,
     /// The last step's error, while it keeps failing.
     pub error: Option<String>,
@@ -170,10 +170,38 @@ pub struct MirrorStatus {
 struct Live {
     checkpoint: u64,
     behind: u64,
-    behind_since: Option<Instant>,
+    /// Log heads seen past the checkpoint, each with when it was first seen (bounded):
+    /// the first one's age is how long the oldest unwritten change has waited, give or
+    /// take a poll.
+    heads: std::collections::VecDeque<(u64, Instant)>,
     error: Option<String>,
     failing_since: Option<Instant>,
     rebuilds: u64,
+}
+
+impl Live {
+    /// Notes the log's head `head` seen now.
+    fn saw(&mut self, head: u64) {
+        self.behind = head.saturating_sub(self.checkpoint);
+        let checkpoint = self.checkpoint;
+        while self.heads.front().is_some_and(|(s, _)| *s <= checkpoint) {
+            self.heads.pop_front();
+        }
+        let full = self.heads.len() >= 1024;
+        match self.heads.back_mut() {
+            Some((s, _)) if *s >= head => {}
+            // Bounded: past it the newest entry stands for the later heads too.
+            Some((s, _)) if full => *s = head,
+            _ if head > checkpoint => self.heads.push_back((head, Instant::now())),
+            _ => {}
+        }
+    }
+
+    fn lag(&self) -> f64 {
+        self.heads
+            .front()
+            .map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+    }
 }
 
 /// A running mirror's shared state (status reads it).
@@ -209,7 +237,7 @@ impl MirrorHandle {
             kind: self.config.kind().to_owned(),
             checkpoint: l.checkpoint,
             behind: l.behind,
-            lag_seconds: l.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            lag_seconds: l.lag(),
             error: l.error.clone(),
             failing_seconds: failing,
             broken: l.failing_since.is_some() && failing > self.config.max_broken.as_secs_f64(),
@@ -225,14 +253,8 @@ impl MirrorHandle {
         l.error = None;
         l.failing_since = None;
         l.checkpoint = checkpoint;
-        l.behind = head.saturating_sub(checkpoint);
-        if l.behind == 0 {
-            l.behind_since = None;
-        } else if l.behind_since.is_none() {
-            l.behind_since = Some(Instant::now());
-        }
-        let lag = l.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        metrics.mirror_state(&self.config.name, l.behind, lag, false);
+        l.saw(head);
+        metrics.mirror_state(&self.config.name, l.behind, l.lag(), false);
     }
 
     fn failed(&self, err: &MirrorError, head: Option<u64>, metrics: &NodeMetrics) {
@@ -244,14 +266,10 @@ impl MirrorHandle {
         l.error = Some(detail);
         l.failing_since.get_or_insert_with(Instant::now);
         if let Some(h) = head {
-            l.behind = h.saturating_sub(l.checkpoint);
-            if l.behind > 0 {
-                l.behind_since.get_or_insert_with(Instant::now);
-            }
+            l.saw(h);
         }
-        let lag = l.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
         metrics.mirror_error(&self.config.name);
-        metrics.mirror_state(&self.config.name, l.behind, lag, true);
+        metrics.mirror_state(&self.config.name, l.behind, l.lag(), true);
     }
 }
 

@@ -99,6 +99,11 @@ pub struct ChangeBatch {
     pub last: u64,
 }
 
+type RecordsRead = redb::ReadOnlyTable<u128, &'static [u8]>;
+
+/// A page of live rows and the `after` of the next page (`None`: the last page).
+pub type LivePage = (Vec<(Uuid, LiveRow)>, Option<Uuid>);
+
 /// Appends `keys` (deduplicated) to the log, if it is kept; part of the caller's
 /// transaction.
 pub(super) fn record<'a>(
@@ -224,8 +229,7 @@ impl Store {
         };
         let mut rows = Vec::new();
         let mut last = after;
-        let mut tables: Vec<(EntityName, Option<redb::ReadOnlyTable<u128, &'static [u8]>>)> =
-            Vec::new();
+        let mut tables: Vec<(EntityName, Option<RecordsRead>)> = Vec::new();
         for entry in log.range(after.saturating_add(1)..)?.take(limit) {
             let (k, v) = entry?;
             last = k.value();
@@ -264,7 +268,7 @@ impl Store {
         entity: &EntityName,
         after: Option<Uuid>,
         limit: usize,
-    ) -> Result<(Vec<(Uuid, LiveRow)>, Option<Uuid>), StorageError> {
+    ) -> Result<LivePage, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
             return Ok((Vec::new(), None));
