@@ -114,6 +114,10 @@ pub fn valid_field(field: &str) -> bool {
 }
 
 /// `name` as a quoted SQL identifier (entity and index names hold no `"`).
+#[cfg_attr(
+    not(any(feature = "mirror-sqlite", feature = "mirror-postgres")),
+    allow(dead_code)
+)]
 pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -279,6 +283,9 @@ enum Sink {
     Sqlite(sqlite::SqliteSink),
     #[cfg(feature = "mirror-postgres")]
     Postgres(postgres::PgSink),
+    /// Keeps the matches below whole in a build with neither feature.
+    #[allow(dead_code)]
+    Never(std::convert::Infallible),
 }
 
 /// A mirror checkpoint: the log epoch and sequence written.
@@ -308,6 +315,7 @@ impl Sink {
             Sink::Sqlite(s) => s.checkpoint().await,
             #[cfg(feature = "mirror-postgres")]
             Sink::Postgres(s) => s.checkpoint().await,
+            Sink::Never(n) => match *n {},
         }
     }
 
@@ -317,11 +325,14 @@ impl Sink {
         rows: Vec<ChangedRow>,
         checkpoint: Option<Checkpoint>,
     ) -> Result<(), MirrorError> {
+        #[cfg(not(any(feature = "mirror-sqlite", feature = "mirror-postgres")))]
+        let _ = (rows, checkpoint);
         match self {
             #[cfg(feature = "mirror-sqlite")]
             Sink::Sqlite(s) => s.apply(rows, checkpoint).await,
             #[cfg(feature = "mirror-postgres")]
             Sink::Postgres(s) => s.apply(rows, checkpoint).await,
+            Sink::Never(n) => match *n {},
         }
     }
 
@@ -332,6 +343,7 @@ impl Sink {
             Sink::Sqlite(s) => s.clear().await,
             #[cfg(feature = "mirror-postgres")]
             Sink::Postgres(s) => s.clear().await,
+            Sink::Never(n) => match *n {},
         }
     }
 }
