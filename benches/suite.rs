@@ -977,7 +977,8 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     let label = size_label(n);
     if mirror_on() {
         let (mirrored, _, _) = watch_process(&c, &api, limit, "c's mirror caught up", |s| {
-            s["mirrors"][0]["behind"].as_u64() == Some(0) && s["mirrors"][0]["checkpoint"].as_u64() > Some(0)
+            s["mirrors"][0]["behind"].as_u64() == Some(0)
+                && s["mirrors"][0]["checkpoint"].as_u64() > Some(0)
         })
         .await?;
         report.add(

@@ -310,13 +310,16 @@ impl Sink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, MirrorError> {
-        match self {
-            #[cfg(feature = "mirror-sqlite")]
-            Sink::Sqlite(s) => s.checkpoint().await,
-            #[cfg(feature = "mirror-postgres")]
-            Sink::Postgres(s) => s.checkpoint().await,
-            Sink::Never(n) => match *n {},
-        }
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.checkpoint().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.checkpoint().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
     }
 
     /// Writes `rows` and, if given, the checkpoint, in one transaction.
@@ -327,25 +330,45 @@ impl Sink {
     ) -> Result<(), MirrorError> {
         #[cfg(not(any(feature = "mirror-sqlite", feature = "mirror-postgres")))]
         let _ = (rows, checkpoint);
-        match self {
-            #[cfg(feature = "mirror-sqlite")]
-            Sink::Sqlite(s) => s.apply(rows, checkpoint).await,
-            #[cfg(feature = "mirror-postgres")]
-            Sink::Postgres(s) => s.apply(rows, checkpoint).await,
-            Sink::Never(n) => match *n {},
-        }
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.apply(rows, checkpoint).await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.apply(rows, checkpoint).await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
     }
 
     /// Removes the checkpoint and every row of the mirror's tables, in one transaction.
     async fn clear(&mut self) -> Result<(), MirrorError> {
-        match self {
-            #[cfg(feature = "mirror-sqlite")]
-            Sink::Sqlite(s) => s.clear().await,
-            #[cfg(feature = "mirror-postgres")]
-            Sink::Postgres(s) => s.clear().await,
-            Sink::Never(n) => match *n {},
-        }
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.clear().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.clear().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
     }
+}
+
+/// Longest one SQL call (a batch's transaction, say) may take: a database that hangs
+/// (paused, network gone without a reset) fails the step instead of stalling the mirror.
+const SQL_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, MirrorError>>,
+) -> Result<T, MirrorError> {
+    tokio::time::timeout(SQL_TIMEOUT, fut).await.map_err(|_| {
+        MirrorError::Task(format!(
+            "no answer from the database within {SQL_TIMEOUT:?}"
+        ))
+    })?
 }
 
 /// Asks a mirror to rebuild from the store: removes its checkpoint, so the node (now, if
@@ -376,7 +399,12 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        let pause = match step(&store, &handle, &metrics, &mut sink).await {
+        // Shutdown does not wait for a hung database.
+        let outcome = tokio::select! {
+            r = step(&store, &handle, &metrics, &mut sink) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let pause = match outcome {
             Ok(true) => {
                 backoff = MIN_BACKOFF;
                 continue;
@@ -427,7 +455,7 @@ async fn step(
 ) -> Result<bool, MirrorError> {
     let config = handle.config();
     if sink.is_none() {
-        *sink = Some(Sink::open(config).await?);
+        *sink = Some(timed(Sink::open(config)).await?);
     }
     let Some(s) = sink.as_mut() else {
         return Ok(false);
