@@ -315,6 +315,38 @@ async fn sqlite_mirrors_equal_each_nodes_live_records_and_answer_queries_by_an_i
         "jetsync query returned other rows than the store's open orders"
     );
 
+    // Bad conditions are refused with the database's reason; the file is only read.
+    for (filter, says) in [
+        ("no_such_column = 1", "no such column"),
+        ("1 = 1); DELETE FROM orders; --", ""),
+    ] {
+        let out = Command::new(BIN)
+            .args(["query", "orders", filter, "--db"])
+            .arg(&a_db)
+            .output()
+            .expect("run jetsync query");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{filter}: {err}"
+        );
+    }
+    assert_eq!(
+        sqlite_rows(&a_db, "orders").unwrap().len(),
+        store_rows(a.store(), &orders).len(),
+        "a refused query changed the mirror"
+    );
+    let out = Command::new(BIN)
+        .args(["query", "orders", "--db"])
+        .arg(dir.path().join("missing.sqlite"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no mirror file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let status = a.status().await.unwrap();
     let m = &status.mirrors[0];
     assert_eq!((m.error.as_ref(), m.behind), (None, 0), "{m:?}");
