@@ -381,6 +381,8 @@ pub async fn request_rebuild(config: &MirrorConfig) -> Result<(), MirrorError> {
 /// Pause after a failed step; doubled per failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a mirror tells the store how far it has written.
+const CONFIRM_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait for a change before looking at the log anyway.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -395,9 +397,25 @@ pub async fn run(
 ) {
     let mut sink: Option<Sink> = None;
     let mut backoff = MIN_BACKOFF;
+    // Confirmed to the store (so compaction may drop entries of removed records): the
+    // checkpoint of one period ago, long written to disk even where the last
+    // transactions of a power loss are lost.
+    let mut confirm_at = Instant::now() + CONFIRM_EVERY;
+    let mut to_confirm: Option<u64> = None;
     loop {
         if *stop.borrow() {
             return;
+        }
+        if Instant::now() >= confirm_at {
+            confirm_at = Instant::now() + CONFIRM_EVERY;
+            if let Some(seq) = to_confirm {
+                let name = handle.config().name.clone();
+                if let Err(e) = blocking(&store, move |s| s.change_log_confirm(&name, seq)).await {
+                    tracing::debug!(mirror = %handle.config().name, error = %e, "confirming the mirror's checkpoint failed");
+                }
+            }
+            let l = handle.live();
+            to_confirm = l.error.is_none().then_some(l.checkpoint);
         }
         // Shutdown does not wait for a hung database.
         let outcome = tokio::select! {

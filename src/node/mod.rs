@@ -469,12 +469,15 @@ async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError
         config.store.clone(),
     );
     // The change log is kept only while a mirror follows the store (see `store::changelog`).
-    let mirrored = !config.mirrors.is_empty();
+    let mirrors: Vec<String> = config.mirrors.iter().map(|m| m.name.clone()).collect();
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open(path, node_id, store_config)?;
-        match mirrored {
-            true => store.change_log_enable().map(drop)?,
-            false => store.change_log_disable()?,
+        if mirrors.is_empty() {
+            store.change_log_disable()?;
+        } else {
+            store.change_log_enable()?;
+            let names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+            store.change_log_keep_followers(&names)?;
         }
         Ok::<_, NodeError>(store)
     })

@@ -5,8 +5,9 @@
 //! Written in the same redb transaction as each visible record change (`Tx::finish`):
 //! `change_log` (seq → (entity, id)) and `change_at` ((entity, id) → its seq); a record's
 //! previous entry is removed when it changes again, so the log holds one row per record
-//! (tombstones removed by compaction keep theirs: a lagging follower must still see the
-//! delete). A follower reads the records' *current* states for the entries past its
+//! (the entry of a tombstone compaction removes is dropped by a later compaction once
+//! every follower has confirmed writing past it, [`Store::change_log_confirm`]; before
+//! that a lagging follower must still see the delete). A follower reads the records' *current* states for the entries past its
 //! checkpoint, so replaying an entry twice changes nothing.
 //!
 //! The log is kept only while the store's meta holds `change_epoch` (turned on by
@@ -33,12 +34,20 @@ use crate::merge::RecordState;
 
 const CHANGE_LOG: TableDefinition<u64, (&str, u128)> = TableDefinition::new("change_log");
 const CHANGE_AT: TableDefinition<(&str, u128), u64> = TableDefinition::new("change_at");
+/// Records compaction removed whose entries a follower had not confirmed yet: dropped by
+/// a later compaction once confirmed (so the log stays one entry per stored record plus
+/// the removals of one confirmation period).
+const CHANGE_GONE: TableDefinition<(&str, u128), ()> = TableDefinition::new("change_gone");
 /// The log's own meta (not `meta`: writers hold that table open while they call `Tx::finish`).
 const CHANGE_META: TableDefinition<&str, u64> = TableDefinition::new("change_meta");
 /// Present while the log is kept: the log's epoch (random, never 0).
 const K_EPOCH: &str = "epoch";
 /// The sequence of the last entry written.
 const K_SEQ: &str = "seq";
+/// `confirmed.<follower>`: the sequence that follower has durably written
+/// ([`Store::change_log_confirm`]); compaction may drop the entries of removed records at
+/// or below the least of them.
+const K_CONFIRMED: &str = "confirmed.";
 
 /// Where the change log stands: its epoch and last sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,7 +159,111 @@ fn position(txn: &ReadTransaction) -> Result<Option<LogPosition>, StorageError> 
     Ok(Some(LogPosition { epoch, seq }))
 }
 
+/// The least sequence every follower confirmed, `None` if the log is off or none did.
+fn confirmed(txn: &WriteTransaction) -> Result<Option<u64>, StorageError> {
+    let meta = txn.open_table(CHANGE_META)?;
+    if meta.get(K_EPOCH)?.is_none() {
+        return Ok(None);
+    }
+    let mut confirmed = None::<u64>;
+    for row in meta.range(K_CONFIRMED..)? {
+        let (k, v) = row?;
+        if !k.value().starts_with(K_CONFIRMED) {
+            break;
+        }
+        confirmed = Some(confirmed.map_or(v.value(), |c| c.min(v.value())));
+    }
+    Ok(confirmed)
+}
+
+/// Notes that compaction removes `ids` of `entity`: their entries go once every follower
+/// has confirmed them ([`forget_gone`]); part of the compaction's transaction.
+pub(super) fn removed(
+    txn: &WriteTransaction,
+    entity: &EntityName,
+    ids: &[u128],
+) -> Result<(), StorageError> {
+    if ids.is_empty() || txn.open_table(CHANGE_META)?.get(K_EPOCH)?.is_none() {
+        return Ok(());
+    }
+    let mut gone = txn.open_table(CHANGE_GONE)?;
+    for id in ids {
+        gone.insert((entity.as_str(), *id), ())?;
+    }
+    Ok(())
+}
+
+/// Drops the entries of removed records that every follower has confirmed (and that no
+/// write brought back since); part of the compaction's transaction.
+pub(super) fn forget_gone(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let Some(confirmed) = confirmed(txn)? else {
+        return Ok(());
+    };
+    let mut gone = txn.open_table(CHANGE_GONE)?;
+    let mut at = txn.open_table(CHANGE_AT)?;
+    let mut log = txn.open_table(CHANGE_LOG)?;
+    let mut done = Vec::new();
+    for row in gone.iter()? {
+        let (k, _) = row?;
+        let (name, id) = k.value();
+        let seq = at.get((name, id))?.map(|g| g.value());
+        match seq {
+            Some(seq) if seq > confirmed => continue,
+            _ => done.push((name.to_owned(), id, seq)),
+        }
+    }
+    for (name, id, seq) in done {
+        gone.remove((name.as_str(), id))?;
+        let Some(seq) = seq else { continue };
+        // Written again since it was removed: it lives, its entry stays.
+        let back = EntityName::new(&name).ok().is_some_and(|e| {
+            txn.open_table(super::format::records_def(
+                &super::format::records_table_name(&e),
+            ))
+            .ok()
+            .and_then(|t| t.get(id).ok().flatten().map(|_| ()))
+            .is_some()
+        });
+        if !back {
+            at.remove((name.as_str(), id))?;
+            log.remove(seq)?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
+    /// Notes that `follower` has durably written the log up to `seq`.
+    pub fn change_log_confirm(&self, follower: &str, seq: u64) -> Result<(), StorageError> {
+        let txn = self.begin_write()?;
+        txn.open_table(CHANGE_META)?
+            .insert(format!("{K_CONFIRMED}{follower}").as_str(), seq)?;
+        self.commit(txn)
+    }
+
+    /// Forgets the confirmations of followers not in `followers` (mirrors no longer
+    /// configured), so they hold nothing back.
+    pub fn change_log_keep_followers(&self, followers: &[&str]) -> Result<(), StorageError> {
+        let txn = self.begin_write()?;
+        {
+            let mut meta = txn.open_table(CHANGE_META)?;
+            let mut stale = Vec::new();
+            for row in meta.range(K_CONFIRMED..)? {
+                let (k, _) = row?;
+                let Some(name) = k.value().strip_prefix(K_CONFIRMED) else {
+                    break;
+                };
+                if !followers.contains(&name) {
+                    stale.push(k.value().to_owned());
+                }
+            }
+            for k in stale {
+                meta.remove(k.as_str())?;
+            }
+        }
+        self.commit(txn)
+    }
+
     /// Turns the change log on (a no-op when it is on) and returns its position. Turned
     /// on anew, it starts empty under a new epoch.
     pub fn change_log_enable(&self) -> Result<LogPosition, StorageError> {
@@ -162,6 +275,8 @@ impl Store {
         let epoch = (uuid::Uuid::new_v4().as_u64_pair().0 >> 2).max(1);
         txn.delete_table(CHANGE_LOG)?;
         txn.delete_table(CHANGE_AT)?;
+        txn.delete_table(CHANGE_META)?;
+        txn.delete_table(CHANGE_GONE)?;
         txn.open_table(CHANGE_LOG)?;
         txn.open_table(CHANGE_AT)?;
         {
@@ -180,7 +295,8 @@ impl Store {
             return Ok(());
         }
         let txn = self.begin_write()?;
-        txn.open_table(CHANGE_META)?.remove(K_EPOCH)?;
+        txn.delete_table(CHANGE_META)?;
+        txn.delete_table(CHANGE_GONE)?;
         txn.delete_table(CHANGE_LOG)?;
         txn.delete_table(CHANGE_AT)?;
         self.commit(txn)?;
@@ -349,7 +465,56 @@ mod tests {
         store.change_log_disable().unwrap();
         assert_eq!(store.change_log_position().unwrap(), None);
         let again = store.change_log_enable().unwrap();
+        assert_eq!(again.seq, 0);
         assert_ne!(again.epoch, p.epoch);
+        assert_eq!(store.change_log_len().unwrap(), 0);
+    }
+
+    #[test]
+    fn compaction_drops_a_removed_records_entry_only_once_every_follower_confirmed_it() {
+        let (_dir, store) = temp_store();
+        store.change_log_enable().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        store
+            .write_batch(vec![
+                Write::put(orders(), a, json!({"n": 1})),
+                Write::put(orders(), b, json!({"n": 1})),
+            ])
+            .unwrap();
+        store.write_batch(vec![Write::delete(orders(), a)]).unwrap();
+        store.change_log_confirm("m1", 3).unwrap();
+        store.change_log_confirm("m2", 2).unwrap();
+        // Own deletes stay until published.
+        let published = |store: &Store| {
+            let seqs: Vec<u64> = store
+                .outbox_peek(0, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.origin_seq)
+                .collect();
+            store.outbox_remove(&seqs).unwrap();
+        };
+        published(&store);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let report = store.compact(std::time::Duration::ZERO).unwrap();
+        assert_eq!(report.tombstones_removed, 1);
+        // Entries go at the next compaction, and only those every follower confirmed:
+        // m2 has not written the delete (seq 3) yet.
+        store.compact(std::time::Duration::ZERO).unwrap();
+        assert_eq!(store.change_log_len().unwrap(), 2);
+        store.change_log_keep_followers(&["m1"]).unwrap();
+        store.write_batch(vec![Write::delete(orders(), b)]).unwrap();
+        published(&store);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.compact(std::time::Duration::ZERO).unwrap();
+        store.compact(std::time::Duration::ZERO).unwrap();
+        // m1 confirmed 3: a's entry goes, b's (seq 4) stays until confirmed.
+        let batch = store.changes_since(0, 10).unwrap().unwrap();
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.rows[0].id, b);
+        assert!(batch.rows[0].row.is_none());
+        store.change_log_confirm("m1", 4).unwrap();
+        store.compact(std::time::Duration::ZERO).unwrap();
         assert_eq!(store.change_log_len().unwrap(), 0);
     }
 }
