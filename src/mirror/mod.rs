@@ -555,3 +555,43 @@ async fn rebuild(
     tracing::info!(mirror = %config.name, rows, "SQL mirror rebuilt");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_head_not_written_and_bounded() {
+        let mut l = Live::default();
+        l.saw(0);
+        assert_eq!((l.behind, l.heads.len()), (0, 0));
+        l.saw(10);
+        l.saw(20);
+        assert_eq!((l.behind, l.heads.len()), (20, 2));
+        let first = l.heads[0].1;
+        l.checkpoint = 10;
+        l.saw(20);
+        // The head 10 is written: the next one waited less long.
+        assert_eq!((l.behind, l.heads.len()), (10, 1));
+        assert!(l.heads[0].1 >= first);
+        l.checkpoint = 20;
+        l.saw(20);
+        assert_eq!((l.behind, l.lag()), (0, 0.0));
+        for h in 21..3000 {
+            l.saw(h);
+        }
+        assert_eq!(l.heads.len(), 1024);
+        assert_eq!(l.heads.back().map(|h| h.0), Some(2999));
+    }
+
+    #[test]
+    fn index_fields_are_plain_member_paths() {
+        for ok in ["status", "customer.id", "_x1.y_2"] {
+            assert!(valid_field(ok), "{ok}");
+        }
+        for bad in ["", "a..b", "1a", "a'b", "a) --", "a.b.", "$.a", "a b"] {
+            assert!(!valid_field(bad), "{bad}");
+        }
+        assert_eq!(ident("orders$status"), "\"orders$status\"");
+    }
+}
