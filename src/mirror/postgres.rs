@@ -119,7 +119,13 @@ impl PgSink {
             )
             .await
             .map_err(sql)?;
-        Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)))
+        row.map(|r| {
+            Ok((
+                r.try_get::<_, i64>(0).map_err(sql)? as u64,
+                r.try_get::<_, i64>(1).map_err(sql)? as u64,
+            ))
+        })
+        .transpose()
     }
 
     pub(super) async fn apply(
@@ -210,8 +216,8 @@ impl PgSink {
             .await
             .map_err(sql)?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| r.try_get(0).map_err(sql))
+            .collect::<Result<_, _>>()?;
         for t in tables {
             tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
                 .await
