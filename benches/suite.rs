@@ -6,7 +6,11 @@
 //! cargo bench --bench suite -- --quick            # every scenario, small sizes (~2 min)
 //! cargo bench --bench suite -- raw replication    # only these scenarios
 //! cargo bench --bench suite -- replication lag --metrics   # each without, then with metrics
+//! cargo bench --bench suite -- replication catchup --mirror # each without, then with a SQLite mirror
 //! ```
+//! `--mirror` runs the `replication` and `catchup` scenarios a second time with every node
+//! keeping a SQLite mirror (`[[mirror]]`, `jetsync::mirror`) of its records, reported as
+//! `replication+mirror` / `catchup+mirror` (the catch-up also says when c's mirror caught up).
 //! `--metrics` runs the `replication` and `lag` scenarios a second time with every node's
 //! metrics on, its ops listener up and scraped every second (as Prometheus would), and
 //! reports them as `replication+metrics` / `lag+metrics`, to measure the overhead.
@@ -261,12 +265,37 @@ fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
 
 /// Whether nodes run with metrics on (the `--metrics` runs).
 static METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether nodes keep a SQLite mirror (the `--mirror` runs).
+static MIRROR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn mirror_on() -> bool {
+    MIRROR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A SQLite mirror of every entity type in the node's data dir.
+fn with_mirror(mut config: NodeConfig) -> NodeConfig {
+    if mirror_on() {
+        config.mirrors = vec![jetsync::mirror::MirrorConfig {
+            name: "sqlite".into(),
+            sink: jetsync::mirror::SinkConfig::Sqlite {
+                path: config.data_dir.join("mirror.sqlite"),
+            },
+            entities: Vec::new(),
+            indexes: Vec::new(),
+            batch: 1000,
+            max_broken: Duration::from_secs(30),
+        }];
+    }
+    config
+}
+
 /// The ops listeners of the nodes of the current scenario, kept until it ends.
 static OPS: Mutex<Vec<jetsync::ops::Ops>> = Mutex::new(Vec::new());
 
 /// Starts a node; with metrics on, also its ops listener and a scraper that reads
 /// `/metrics` every second while the node runs.
-async fn start_node(mut config: NodeConfig) -> Result<Node> {
+async fn start_node(config: NodeConfig) -> Result<Node> {
+    let mut config = with_mirror(config);
     let metrics = METRICS.load(std::sync::atomic::Ordering::Relaxed);
     if metrics {
         config.ops.listen = Some("127.0.0.1:0".parse()?);
@@ -750,8 +779,13 @@ impl NodeProcess {
         std::fs::write(
             &config,
             format!(
-                "node_id = \"{name}\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n",
-                data.display()
+                "node_id = \"{name}\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n{}",
+                data.display(),
+                if mirror_on() {
+                    "[[mirror]]\nkind = \"sqlite\"\npath = \"mirror.sqlite\"\n"
+                } else {
+                    ""
+                }
             ),
         )?;
         let log = dir.join(format!("{name}.log"));
@@ -901,8 +935,8 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     let js = jetstream::new(client.clone());
     let api = ApiClient::new(client, "jetsync");
     let e = EntityName::new("bench").unwrap();
-    let a = jetsync::api::start_node(node_config("a", dir, &url)).await?;
-    let b = jetsync::api::start_node(node_config("b", dir, &url)).await?;
+    let a = jetsync::api::start_node(with_mirror(node_config("a", dir, &url))).await?;
+    let b = jetsync::api::start_node(with_mirror(node_config("b", dir, &url))).await?;
     let limit = Duration::from_secs(900);
 
     // c joins and applies a first 1,000 records, then leaves.
@@ -941,6 +975,20 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     })
     .await?;
     let label = size_label(n);
+    if mirror_on() {
+        let (mirrored, _, _) = watch_process(&c, &api, limit, "c's mirror caught up", |s| {
+            s["mirrors"][0]["behind"].as_u64() == Some(0)
+                && s["mirrors"][0]["checkpoint"].as_u64() > Some(0)
+        })
+        .await?;
+        report.add(
+            "catchup",
+            &format!("{label}_mirror_time"),
+            (took + mirrored).as_secs_f64(),
+            "s",
+            "process start to c's SQLite mirror caught up",
+        );
+    }
     report.add(
         "catchup",
         &format!("{label}_rate"),
@@ -1478,6 +1526,33 @@ fn targets(r: &Report, sizes: &Sizes) -> Vec<Target> {
             met: on.map(|x| x >= 0.95),
         });
     }
+    let on = ratio(
+        r.get("replication+mirror", "batched"),
+        r.get("replication", "batched"),
+    );
+    if on.is_some() {
+        out.push(Target {
+            name: "replication with / without a SQLite mirror",
+            measured: on,
+            unit: "x",
+            goal: ">= 0.8".into(),
+            met: on.map(|x| x >= 0.8),
+        });
+    }
+    if let Some(&n) = sizes.catchup.last() {
+        let label = size_label(n);
+        let rate = format!("{label}_rate");
+        let on = ratio(r.get("catchup+mirror", &rate), r.get("catchup", &rate));
+        if on.is_some() {
+            out.push(Target {
+                name: "catch-up with / without a SQLite mirror",
+                measured: on,
+                unit: "x",
+                goal: ">= 0.8".into(),
+                met: on.map(|x| x >= 0.8),
+            });
+        }
+    }
     let on = ratio(r.get("lag+metrics", "p99"), r.get("lag", "p99"));
     if on.is_some() {
         out.push(Target {
@@ -1567,6 +1642,17 @@ async fn main() {
         METRICS.store(true, std::sync::atomic::Ordering::Relaxed);
         report.suffix = "+metrics";
         for name in ["replication", "lag"] {
+            if chosen.iter().any(|c| c == name) {
+                run_scenario(&mut report, name, &sizes).await;
+            }
+        }
+        report.suffix = "";
+        METRICS.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    if args.iter().any(|a| a == "--mirror") {
+        MIRROR.store(true, std::sync::atomic::Ordering::Relaxed);
+        report.suffix = "+mirror";
+        for name in ["replication", "catchup"] {
             if chosen.iter().any(|c| c == name) {
                 run_scenario(&mut report, name, &sizes).await;
             }

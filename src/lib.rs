@@ -62,6 +62,7 @@ pub mod ids;
 pub mod lease;
 pub mod merge;
 pub mod metrics;
+pub mod mirror;
 pub mod msgid;
 pub mod node;
 pub mod ops;

@@ -5,6 +5,7 @@
 mod context;
 mod health;
 mod limits;
+mod mirror;
 mod ops;
 mod remote;
 mod run;
@@ -173,6 +174,12 @@ pub enum Command {
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]
     Site(site::SiteCmd),
+    /// Rows of a node's SQLite mirror (`[[mirror]]`), read-only: `jetsync query orders
+    /// "json_extract(doc, '$.status') = 'open'" --config node.toml`.
+    Query(mirror::QueryArgs),
+    /// A node's SQL mirrors: `rebuild` rewrites one from the store.
+    #[command(subcommand)]
+    Mirror(mirror::MirrorCmd),
 }
 
 /// How the CLI reaches NATS. The nats CLI's names work too: `-s/--server`, `NATS_URL`,
@@ -335,6 +342,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Inspect(cmd) => ops::inspect(cmd).await,
         Command::Site(cmd) => site::site(cmd).await,
         Command::Limits(cmd) => limits::limits(cmd).await,
+        Command::Query(args) => tokio::task::spawn_blocking(move || mirror::query(args))
+            .await?
+            .map(|()| ExitCode::SUCCESS),
+        Command::Mirror(cmd) => mirror::mirror(cmd).await.map(|()| ExitCode::SUCCESS),
         other => remote::run(other).await.map(|()| ExitCode::SUCCESS),
     }
 }

@@ -26,6 +26,7 @@
 
 mod anti_entropy;
 mod labels;
+mod mirror;
 mod selfcheck;
 mod settings;
 
@@ -239,6 +240,7 @@ struct Inner {
     nodes: Mutex<BoundedLabels>,
     /// Peer label values with an `own_events_refused` series now.
     refused_peers: Mutex<BTreeSet<String>>,
+    mirror: mirror::MirrorSeries,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -372,8 +374,10 @@ impl NodeMetrics {
                 NODE_LABEL_CAP,
             )),
             refused_peers: Mutex::new(BTreeSet::new()),
+            mirror: mirror::MirrorSeries::default(),
             registry: Registry::default(),
         };
+        inner.mirror.register(&mut r);
         r.register(
             "published_events",
             "Events this node published and the stream acknowledged",

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     /// The node leases' time to live, for a lease bucket this node creates (an existing
     /// bucket keeps its own): see [`crate::lease`].
     pub lease_ttl: Duration,
+    /// SQL read models kept of the live records (`[[mirror]]`, [`crate::mirror`]).
+    pub mirrors: Vec<crate::mirror::MirrorConfig>,
 }
 
 /// When a node removes old tombstones (see [`crate::store::Store::compact`]).
@@ -106,6 +108,7 @@ impl NodeConfig {
             compaction: CompactionPolicy::default(),
             ops: OpsSettings::default(),
             lease_ttl: crate::lease::DEFAULT_TTL,
+            mirrors: Vec::new(),
         }
     }
 

@@ -170,6 +170,8 @@ struct Shared {
     applied_events: AtomicU64,
     /// Republishes, stream loss seen, the anti-entropy wake-up (see [`heal`]).
     heal: heal::Heal,
+    /// The SQL mirrors' states (see [`crate::mirror`]).
+    mirrors: Vec<Arc<crate::mirror::MirrorHandle>>,
 }
 
 impl Shared {
@@ -250,7 +252,8 @@ impl Node {
         let noted = denied.clone();
         let metrics = Arc::new(match config.ops.listen {
             Some(_) => NodeMetrics::new(config.node_id.as_str())
-                .with_entity_types(config.entities.iter().map(|f| f.entity.to_string())),
+                .with_entity_types(config.entities.iter().map(|f| f.entity.to_string()))
+                .with_mirrors(config.mirrors.iter().map(|m| m.name.as_str())),
             None => NodeMetrics::disabled(),
         });
         let counted = metrics.clone();
@@ -325,6 +328,11 @@ impl Node {
         if let Some(l) = &lease {
             lease_clock.confirmed_by(l);
         }
+        let config_mirrors: Vec<_> = config
+            .mirrors
+            .iter()
+            .map(|m| crate::mirror::MirrorHandle::new(m.clone()))
+            .collect();
         let mut live = Live::default();
         live.trust.limits_from_stream = limits_from_stream;
         let shared = Arc::new(Shared {
@@ -350,6 +358,7 @@ impl Node {
             published: AtomicU64::new(0),
             applied_events: AtomicU64::new(0),
             heal: heal::Heal::default(),
+            mirrors: config_mirrors,
         });
         let mut tasks = vec![
             (
@@ -387,6 +396,16 @@ impl Node {
                 tokio::spawn(compaction::compaction_loop(shared.clone())),
             ),
         ];
+        for m in &shared.mirrors {
+            let run = crate::mirror::run(
+                shared.store.clone(),
+                m.clone(),
+                shared.metrics.clone(),
+                shared.changes.subscribe(),
+                shared.shutdown.clone(),
+            );
+            tasks.push(("sql mirror", tokio::spawn(run)));
+        }
         if let (Some(h), Some((site_rx, hub_rx, tx))) = (hub, site_leases) {
             tasks.push((
                 "hub lease",
@@ -463,9 +482,21 @@ async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError
         config.node_id.clone(),
         config.store.clone(),
     );
-    let store = tokio::task::spawn_blocking(move || Store::open(path, node_id, store_config))
-        .await
-        .map_err(|e| NodeError::Task(e.to_string()))??;
+    // The change log is kept only while a mirror follows the store (see `store::changelog`).
+    let mirrors: Vec<String> = config.mirrors.iter().map(|m| m.name.clone()).collect();
+    let store = tokio::task::spawn_blocking(move || {
+        let store = Store::open(path, node_id, store_config)?;
+        if mirrors.is_empty() {
+            store.change_log_disable()?;
+        } else {
+            store.change_log_enable()?;
+            let names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+            store.change_log_keep_followers(&names)?;
+        }
+        Ok::<_, NodeError>(store)
+    })
+    .await
+    .map_err(|e| NodeError::Task(e.to_string()))??;
     Ok(store)
 }
 

@@ -177,6 +177,9 @@ pub struct Status {
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
+    /// The SQL mirrors ([`crate::mirror`]); empty when none is configured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<crate::mirror::MirrorStatus>,
 }
 
 /// The store's counters in a status, kept from the last time they could be read.
@@ -296,6 +299,7 @@ impl NodeHandle {
             anti_entropy: self.0.anti_entropy.status(),
             heal: self.0.heal.snapshot(),
             trust,
+            mirrors: self.0.mirrors.iter().map(|m| m.status()).collect(),
         })
     }
 }

@@ -108,6 +108,14 @@ impl NodeOps {
                 if !s.trust.lease.is_held() {
                     reasons.push(s.trust.lease.to_string());
                 }
+                for m in s.mirrors.iter().filter(|m| m.broken) {
+                    reasons.push(format!(
+                        "SQL mirror {} failing for {:.0} s: {}",
+                        m.name,
+                        m.failing_seconds,
+                        m.error.as_deref().unwrap_or("unknown error")
+                    ));
+                }
                 if let Some(g) = &s.upstream_gap {
                     reasons.push(format!(
                         "upstream gap: {} sequences {}..={} may hold events this site never received; waiting for a hub snapshot covering them",

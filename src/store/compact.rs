@@ -40,6 +40,10 @@ impl Store {
             cutoff_ms: cutoff,
             ..CompactReport::default()
         };
+        // The change log's entries of records removed earlier, now confirmed by its followers.
+        let txn = self.begin_write()?;
+        super::changelog::forget_gone(&txn)?;
+        self.commit(txn)?;
         for entity in self.entities()? {
             let mut start = 0u128;
             loop {
@@ -79,6 +83,7 @@ impl Store {
                             horizons.insert(entity.as_str(), cutoff)?;
                         }
                     }
+                    super::changelog::removed(&txn, &entity, &removable)?;
                     for key in removable {
                         table.remove(key)?;
                         report.tombstones_removed += 1;

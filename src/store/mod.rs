@@ -50,6 +50,7 @@
 //! | `maintenance.rs` | operator work: exports, merging whole states, verification, repair |
 
 mod apply;
+mod changelog;
 mod codec;
 mod compact;
 mod format;
@@ -80,6 +81,7 @@ use crate::ids::NodeId;
 use crate::msgid::MsgIds;
 use crate::stream::DeploymentLimits;
 
+pub use changelog::{ChangeBatch, ChangedRow, LivePage, LiveRow, LogPosition};
 pub use codec::decode_stored_state;
 pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{

@@ -29,6 +29,8 @@ pub(super) struct Tx<'t> {
     pub(super) changes: Vec<Change>,
     /// Entities where a damaged record was moved aside: their digests are recomputed.
     damaged: Vec<EntityName>,
+    /// Records moved aside: gone for the change log's followers too.
+    set_aside: Vec<(EntityName, Uuid)>,
     pub(super) damaged_rows: Table<'t, (&'static str, u128), &'static [u8]>,
     /// Per entity, its horizon ([`super::Store::horizon`]), read once per transaction.
     horizons: HashMap<EntityName, u64>,
@@ -68,6 +70,7 @@ impl<'t> Tx<'t> {
             digest_delta: HashMap::new(),
             changes: Vec::new(),
             damaged: Vec::new(),
+            set_aside: Vec::new(),
             damaged_rows: txn.open_table(DAMAGED)?,
             horizons: HashMap::new(),
         })
@@ -127,6 +130,7 @@ impl<'t> Tx<'t> {
                     encode_postcard(&row, "damaged")?.as_slice(),
                 )?;
                 self.table(entity)?.remove(id.as_u128())?;
+                self.set_aside.push((entity.clone(), *id));
                 if !self.damaged.contains(entity) {
                     self.damaged.push(entity.clone());
                 }
@@ -197,6 +201,11 @@ impl<'t> Tx<'t> {
 
     /// Folds the digest deltas into the digest table; returns the changes made.
     pub(super) fn finish(mut self) -> Result<Vec<Change>, StorageError> {
+        super::changelog::record(
+            self.txn,
+            (self.changes.iter().map(|c| (&c.entity, c.id)))
+                .chain(self.set_aside.iter().map(|(e, id)| (e, *id))),
+        )?;
         for entity in std::mem::take(&mut self.damaged) {
             // The damaged record's old contribution is unknown: recompute from the records.
             self.digest_delta.remove(&entity);

@@ -1,0 +1,597 @@
+//! SQL read models kept by the node: each configured `[[mirror]]` copies the store's live
+//! records into SQL (SQLite, feature `mirror-sqlite`; Postgres, feature
+//! `mirror-postgres`), one table per entity type: `id`, `scope`, `version`, `doc` (JSON),
+//! `conflicts`; deleted records have no row.
+//!
+//! How it follows: the store's change log ([`Store::changes_since`], written in the redb
+//! transaction of every record change) from the mirror's **own checkpoint**, kept in the
+//! SQL database (`"jetsync$mirror"`) and written in the same SQL transaction as each
+//! batch's rows. So a crash anywhere resumes where the SQL database says, and replaying
+//! an entry twice writes the same row. A checkpoint of another log epoch, or past the
+//! log's end (no checkpoint, a store replaced or restored), rebuilds the mirror from the
+//! records; `jetsync mirror rebuild` ([`request_rebuild`]) asks for one.
+//!
+//! It never blocks replication: it runs as its own task, reading the store in short read
+//! transactions off the apply path; a failing sink is retried with backoff and shows in
+//! status ([`MirrorStatus`]), metrics (`jetsync_mirror_*`) and `/readyz` (once failing
+//! longer than `max_broken_secs`), and catches up from its checkpoint when it works again.
+
+#[cfg(feature = "mirror-postgres")]
+pub mod postgres;
+#[cfg(feature = "mirror-sqlite")]
+pub mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+
+use crate::error::StorageError;
+use crate::ids::EntityName;
+use crate::metrics::NodeMetrics;
+use crate::store::{Change, ChangedRow, LiveRow, Store};
+
+/// The checkpoint table in every mirror database (`$` is never in an entity name).
+pub const CHECKPOINT_TABLE: &str = "jetsync$mirror";
+/// The entity tables a mirror created, so a rebuild clears only its own.
+pub const TABLES_TABLE: &str = "jetsync$tables";
+
+/// Where a mirror writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkConfig {
+    /// A SQLite file (WAL mode; services open it read-only).
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A Postgres database.
+    Postgres {
+        /// A libpq-style connection string or `postgres://` URL.
+        url: String,
+    },
+}
+
+/// A JSON field of an entity type's documents to index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorIndex {
+    /// The entity type.
+    pub entity: EntityName,
+    /// A dotted path of member names (`customer.id`).
+    pub field: String,
+}
+
+impl MirrorIndex {
+    /// The index's name in SQL: `<entity>$<field>`.
+    pub fn name(&self) -> String {
+        format!("{}${}", self.entity, self.field)
+    }
+}
+
+/// One `[[mirror]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Its name (status, metrics label).
+    pub name: String,
+    /// Where it writes.
+    pub sink: SinkConfig,
+    /// Entity types mirrored; empty: every type the node holds.
+    pub entities: Vec<EntityName>,
+    /// JSON fields indexed.
+    pub indexes: Vec<MirrorIndex>,
+    /// Most change-log entries written in one SQL transaction.
+    pub batch: usize,
+    /// `/readyz` fails once the mirror has been failing this long.
+    pub max_broken: Duration,
+}
+
+impl MirrorConfig {
+    /// Whether `entity` is mirrored.
+    pub fn admits(&self, entity: &EntityName) -> bool {
+        self.entities.is_empty() || self.entities.contains(entity)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self.sink {
+            SinkConfig::Sqlite { .. } => "sqlite",
+            SinkConfig::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+/// Whether `field` is a dotted path of plain member names (safe to put in SQL text).
+pub fn valid_field(field: &str) -> bool {
+    !field.is_empty()
+        && field.len() <= 128
+        && field.split('.').all(|p| {
+            p.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+}
+
+/// `name` as a quoted SQL identifier (entity and index names hold no `"`).
+#[cfg_attr(
+    not(any(feature = "mirror-sqlite", feature = "mirror-postgres")),
+    allow(dead_code)
+)]
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A mirror step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The SQL database refused or failed.
+    #[error("{kind}: {detail}")]
+    Sql {
+        /// `sqlite` or `postgres`.
+        kind: &'static str,
+        /// The database's message.
+        detail: String,
+    },
+    /// Reading the store failed.
+    #[error("store: {0}")]
+    Store(#[from] StorageError),
+    /// This build has no support for the configured kind.
+    #[error("this build has no {0} mirror support (cargo feature mirror-{0})")]
+    Unsupported(&'static str),
+    /// The store's change log is off.
+    #[error("the store's change log is off")]
+    LogOff,
+    /// A task running a blocking step failed.
+    #[error("mirror task: {0}")]
+    Task(String),
+}
+
+/// A mirror's state as status shows it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct MirrorStatus {
+    /// The mirror's name.
+    pub name: String,
+    /// `sqlite` or `postgres`.
+    pub kind: String,
+    /// The change-log sequence written (the mirror's checkpoint).
+    pub checkpoint: u64,
+    /// Changed records not written yet.
+    pub behind: u64,
+    /// About how long the oldest change not written yet has waited, seconds (0: caught up).
+    pub lag_seconds: f64,
+    /// The last step's error, while it keeps failing.
+    pub error: Option<String>,
+    /// Seconds it has been failing (0: not failing).
+    pub failing_seconds: f64,
+    /// Whether it has been failing longer than its bound (`/readyz` fails).
+    pub broken: bool,
+    /// Rebuilds from the store since the node started.
+    pub rebuilds: u64,
+}
+
+#[derive(Default)]
+struct Live {
+    checkpoint: u64,
+    behind: u64,
+    /// Log heads seen past the checkpoint, each with when it was first seen (bounded):
+    /// the first one's age is how long the oldest unwritten change has waited, give or
+    /// take a poll.
+    heads: std::collections::VecDeque<(u64, Instant)>,
+    error: Option<String>,
+    failing_since: Option<Instant>,
+    rebuilds: u64,
+}
+
+impl Live {
+    /// Notes the log's head `head` seen now.
+    fn saw(&mut self, head: u64) {
+        self.behind = head.saturating_sub(self.checkpoint);
+        let checkpoint = self.checkpoint;
+        while self.heads.front().is_some_and(|(s, _)| *s <= checkpoint) {
+            self.heads.pop_front();
+        }
+        let full = self.heads.len() >= 1024;
+        match self.heads.back_mut() {
+            Some((s, _)) if *s >= head => {}
+            // Bounded: past it the newest entry stands for the later heads too.
+            Some((s, _)) if full => *s = head,
+            _ if head > checkpoint => self.heads.push_back((head, Instant::now())),
+            _ => {}
+        }
+    }
+
+    fn lag(&self) -> f64 {
+        self.heads
+            .front()
+            .map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+    }
+}
+
+/// A running mirror's shared state (status reads it).
+pub struct MirrorHandle {
+    config: MirrorConfig,
+    live: Mutex<Live>,
+}
+
+impl MirrorHandle {
+    /// The state of a mirror about to start.
+    pub fn new(config: MirrorConfig) -> Arc<MirrorHandle> {
+        Arc::new(MirrorHandle {
+            config,
+            live: Mutex::default(),
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &MirrorConfig {
+        &self.config
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its status now.
+    pub fn status(&self) -> MirrorStatus {
+        let l = self.live();
+        let failing = l.failing_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        MirrorStatus {
+            name: self.config.name.clone(),
+            kind: self.config.kind().to_owned(),
+            checkpoint: l.checkpoint,
+            behind: l.behind,
+            lag_seconds: l.lag(),
+            error: l.error.clone(),
+            failing_seconds: failing,
+            broken: l.failing_since.is_some() && failing > self.config.max_broken.as_secs_f64(),
+            rebuilds: l.rebuilds,
+        }
+    }
+
+    fn progressed(&self, checkpoint: u64, head: u64, metrics: &NodeMetrics) {
+        let mut l = self.live();
+        if l.error.is_some() {
+            tracing::info!(mirror = %self.config.name, "SQL mirror works again");
+        }
+        l.error = None;
+        l.failing_since = None;
+        l.checkpoint = checkpoint;
+        l.saw(head);
+        metrics.mirror_state(&self.config.name, l.behind, l.lag(), false);
+    }
+
+    fn failed(&self, err: &MirrorError, head: Option<u64>, metrics: &NodeMetrics) {
+        let mut l = self.live();
+        let detail = err.to_string();
+        if l.error.as_deref() != Some(detail.as_str()) {
+            tracing::warn!(mirror = %self.config.name, error = %detail, "SQL mirror step failed; replication goes on, the mirror retries");
+        }
+        l.error = Some(detail);
+        l.failing_since.get_or_insert_with(Instant::now);
+        if let Some(h) = head {
+            l.saw(h);
+        }
+        metrics.mirror_error(&self.config.name);
+        metrics.mirror_state(&self.config.name, l.behind, l.lag(), true);
+    }
+}
+
+/// An open SQL database a mirror writes to.
+enum Sink {
+    #[cfg(feature = "mirror-sqlite")]
+    Sqlite(sqlite::SqliteSink),
+    #[cfg(feature = "mirror-postgres")]
+    Postgres(postgres::PgSink),
+    /// Keeps the matches below whole in a build with neither feature.
+    #[allow(dead_code)]
+    Never(std::convert::Infallible),
+}
+
+/// A mirror checkpoint: the log epoch and sequence written.
+pub type Checkpoint = (u64, u64);
+
+impl Sink {
+    async fn open(config: &MirrorConfig) -> Result<Sink, MirrorError> {
+        match &config.sink {
+            #[cfg(feature = "mirror-sqlite")]
+            SinkConfig::Sqlite { path } => Ok(Sink::Sqlite(
+                sqlite::SqliteSink::open(path.clone(), config.clone()).await?,
+            )),
+            #[cfg(not(feature = "mirror-sqlite"))]
+            SinkConfig::Sqlite { .. } => Err(MirrorError::Unsupported("sqlite")),
+            #[cfg(feature = "mirror-postgres")]
+            SinkConfig::Postgres { url } => Ok(Sink::Postgres(
+                postgres::PgSink::open(url, config.clone()).await?,
+            )),
+            #[cfg(not(feature = "mirror-postgres"))]
+            SinkConfig::Postgres { .. } => Err(MirrorError::Unsupported("postgres")),
+        }
+    }
+
+    async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, MirrorError> {
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.checkpoint().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.checkpoint().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    }
+
+    /// Writes `rows` and, if given, the checkpoint, in one transaction.
+    async fn apply(
+        &mut self,
+        rows: Vec<ChangedRow>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), MirrorError> {
+        #[cfg(not(any(feature = "mirror-sqlite", feature = "mirror-postgres")))]
+        let _ = (rows, checkpoint);
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.apply(rows, checkpoint).await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.apply(rows, checkpoint).await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    }
+
+    /// Removes the checkpoint and every row of the mirror's tables, in one transaction.
+    async fn clear(&mut self) -> Result<(), MirrorError> {
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.clear().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.clear().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    }
+}
+
+/// Longest one SQL call (a batch's transaction, say) may take: a database that hangs
+/// (paused, network gone without a reset) fails the step instead of stalling the mirror.
+const SQL_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, MirrorError>>,
+) -> Result<T, MirrorError> {
+    tokio::time::timeout(SQL_TIMEOUT, fut).await.map_err(|_| {
+        MirrorError::Task(format!(
+            "no answer from the database within {SQL_TIMEOUT:?}"
+        ))
+    })?
+}
+
+/// Asks a mirror to rebuild from the store: removes its checkpoint, so the node (now, if
+/// it runs, or when it starts) rewrites every row (`jetsync mirror rebuild`).
+pub async fn request_rebuild(config: &MirrorConfig) -> Result<(), MirrorError> {
+    let mut sink = Sink::open(config).await?;
+    sink.clear().await
+}
+
+/// Pause after a failed step; doubled per failure up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a mirror tells the store how far it has written.
+const CONFIRM_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait for a change before looking at the log anyway.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Follows the store's change log into the mirror's database until `stop` turns true.
+/// `wake` (the node's change feed) only shortens the wait for new entries.
+pub async fn run(
+    store: Arc<Store>,
+    handle: Arc<MirrorHandle>,
+    metrics: Arc<NodeMetrics>,
+    mut wake: broadcast::Receiver<Change>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut sink: Option<Sink> = None;
+    let mut backoff = MIN_BACKOFF;
+    // Confirmed to the store (so compaction may drop entries of removed records): the
+    // checkpoint of one period ago, long written to disk even where the last
+    // transactions of a power loss are lost.
+    let mut confirm_at = Instant::now() + CONFIRM_EVERY;
+    let mut to_confirm: Option<u64> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if Instant::now() >= confirm_at {
+            confirm_at = Instant::now() + CONFIRM_EVERY;
+            if let Some(seq) = to_confirm {
+                let name = handle.config().name.clone();
+                if let Err(e) = blocking(&store, move |s| s.change_log_confirm(&name, seq)).await {
+                    tracing::debug!(mirror = %handle.config().name, error = %e, "confirming the mirror's checkpoint failed");
+                }
+            }
+            let l = handle.live();
+            to_confirm = l.error.is_none().then_some(l.checkpoint);
+        }
+        // Shutdown does not wait for a hung database.
+        let outcome = tokio::select! {
+            r = step(&store, &handle, &metrics, &mut sink) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let pause = match outcome {
+            Ok(true) => {
+                backoff = MIN_BACKOFF;
+                continue;
+            }
+            Ok(false) => {
+                backoff = MIN_BACKOFF;
+                POLL
+            }
+            Err(e) => {
+                // Reconnect next time: a broken connection is not reused.
+                sink = None;
+                let head = blocking(&store, |s| s.change_log_position())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|p| p.seq);
+                handle.failed(&e, head, &metrics);
+                let b = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                b
+            }
+        };
+        tokio::select! {
+            _ = wake.recv() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, MirrorError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| MirrorError::Task(e.to_string()))?
+        .map_err(MirrorError::from)
+}
+
+/// One batch (or a whole rebuild); true if it wrote something.
+async fn step(
+    store: &Arc<Store>,
+    handle: &MirrorHandle,
+    metrics: &NodeMetrics,
+    sink: &mut Option<Sink>,
+) -> Result<bool, MirrorError> {
+    let config = handle.config();
+    if sink.is_none() {
+        *sink = Some(timed(Sink::open(config)).await?);
+    }
+    let Some(s) = sink.as_mut() else {
+        return Ok(false);
+    };
+    let Some(head) = blocking(store, |s| s.change_log_position()).await? else {
+        return Err(MirrorError::LogOff);
+    };
+    let at = match s.checkpoint().await? {
+        Some((epoch, seq)) if epoch == head.epoch && seq <= head.seq => seq,
+        found => {
+            rebuild(store, handle, metrics, s, found).await?;
+            return Ok(true);
+        }
+    };
+    let limit = config.batch;
+    let Some(batch) = blocking(store, move |s| s.changes_since(at, limit)).await? else {
+        return Err(MirrorError::LogOff);
+    };
+    if batch.last == at {
+        handle.progressed(at, batch.position.seq, metrics);
+        return Ok(false);
+    }
+    let rows: Vec<ChangedRow> = batch
+        .rows
+        .into_iter()
+        .filter(|r| config.admits(&r.entity))
+        .collect();
+    let n = rows.len() as u64;
+    s.apply(rows, Some((head.epoch, batch.last))).await?;
+    metrics.mirror_rows(&config.name, n);
+    handle.progressed(batch.last, batch.position.seq, metrics);
+    Ok(true)
+}
+
+/// Rewrites the mirror from the records: clears it, copies every live record in pages,
+/// then sets the checkpoint to the log position read before the copy (entries after it
+/// are replayed, which rewrites the same or newer values).
+async fn rebuild(
+    store: &Arc<Store>,
+    handle: &MirrorHandle,
+    metrics: &NodeMetrics,
+    sink: &mut Sink,
+    found: Option<Checkpoint>,
+) -> Result<(), MirrorError> {
+    let config = handle.config();
+    let Some(start) = blocking(store, |s| s.change_log_position()).await? else {
+        return Err(MirrorError::LogOff);
+    };
+    tracing::info!(mirror = %config.name, ?found, epoch = start.epoch, seq = start.seq, "rebuilding the SQL mirror from the store");
+    sink.clear().await?;
+    let entities = blocking(store, |s| s.entities()).await?;
+    let mut rows = 0u64;
+    for entity in entities.into_iter().filter(|e| config.admits(e)) {
+        let mut after = None;
+        loop {
+            let (e, limit) = (entity.clone(), config.batch);
+            let (page, next) = blocking(store, move |s| s.live_rows(&e, after, limit)).await?;
+            rows += page.len() as u64;
+            let page: Vec<ChangedRow> = page
+                .into_iter()
+                .map(|(id, row): (uuid::Uuid, LiveRow)| ChangedRow {
+                    entity: entity.clone(),
+                    id,
+                    row: Some(row),
+                })
+                .collect();
+            sink.apply(page, None).await?;
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+    }
+    sink.apply(Vec::new(), Some((start.epoch, start.seq)))
+        .await?;
+    metrics.mirror_rows(&config.name, rows);
+    handle.live().rebuilds += 1;
+    handle.progressed(start.seq, start.seq, metrics);
+    tracing::info!(mirror = %config.name, rows, "SQL mirror rebuilt");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_head_not_written_and_bounded() {
+        let mut l = Live::default();
+        l.saw(0);
+        assert_eq!((l.behind, l.heads.len()), (0, 0));
+        l.saw(10);
+        l.saw(20);
+        assert_eq!((l.behind, l.heads.len()), (20, 2));
+        let first = l.heads[0].1;
+        l.checkpoint = 10;
+        l.saw(20);
+        // The head 10 is written: the next one waited less long.
+        assert_eq!((l.behind, l.heads.len()), (10, 1));
+        assert!(l.heads[0].1 >= first);
+        l.checkpoint = 20;
+        l.saw(20);
+        assert_eq!((l.behind, l.lag()), (0, 0.0));
+        for h in 21..3000 {
+            l.saw(h);
+        }
+        assert_eq!(l.heads.len(), 1024);
+        assert_eq!(l.heads.back().map(|h| h.0), Some(2999));
+    }
+
+    #[test]
+    fn index_fields_are_plain_member_paths() {
+        for ok in ["status", "customer.id", "_x1.y_2"] {
+            assert!(valid_field(ok), "{ok}");
+        }
+        for bad in ["", "a..b", "1a", "a'b", "a) --", "a.b.", "$.a", "a b"] {
+            assert!(!valid_field(bad), "{bad}");
+        }
+        assert_eq!(ident("orders$status"), "\"orders$status\"");
+    }
+}

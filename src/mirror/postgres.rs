@@ -1,0 +1,228 @@
+//! The Postgres mirror (tokio-postgres): a table per entity type (`id uuid PRIMARY KEY,
+//! scope, version, doc jsonb, conflicts`), JSON indexes as expression indexes on
+//! `(doc #>> '{<path>}')`, the checkpoint in `"jetsync$mirror"`, each batch one
+//! transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{
+    CHECKPOINT_TABLE, ChangedRow, Checkpoint, MirrorConfig, MirrorError, TABLES_TABLE, ident,
+};
+
+fn sql(e: tokio_postgres::Error) -> MirrorError {
+    // The server's own message (`db_error`) says more than the error's display.
+    let detail = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    MirrorError::Sql {
+        kind: "postgres",
+        detail,
+    }
+}
+
+/// An open connection to a Postgres mirror.
+pub(super) struct PgSink {
+    client: Client,
+    connection: tokio::task::JoinHandle<()>,
+    config: MirrorConfig,
+    tables: HashSet<String>,
+    /// Per table, its prepared upsert and delete.
+    stmts: HashMap<String, (Statement, Statement)>,
+}
+
+impl Drop for PgSink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl PgSink {
+    pub(super) async fn open(url: &str, config: MirrorConfig) -> Result<Self, MirrorError> {
+        let connect = tokio_postgres::connect(url, NoTls);
+        let (client, connection) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                .await
+                .map_err(|_| MirrorError::Sql {
+                    kind: "postgres",
+                    detail: "connecting timed out after 10 s".into(),
+                })?
+                .map_err(sql)?;
+        let connection = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres mirror connection ended");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (k text PRIMARY KEY, epoch bigint NOT NULL, seq bigint NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY);",
+                ident(CHECKPOINT_TABLE),
+                ident(TABLES_TABLE)
+            ))
+            .await
+            .map_err(sql)?;
+        let mut sink = PgSink {
+            client,
+            connection,
+            config,
+            tables: HashSet::new(),
+            stmts: HashMap::new(),
+        };
+        let entities: Vec<String> = sink.config.entities.iter().map(|e| e.to_string()).collect();
+        for e in entities {
+            sink.create_table(&e).await?;
+        }
+        Ok(sink)
+    }
+
+    async fn create_table(&mut self, table: &str) -> Result<(), MirrorError> {
+        if self.tables.contains(table) {
+            return Ok(());
+        }
+        let t = ident(table);
+        let mut text = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (id uuid PRIMARY KEY, scope text NOT NULL, \
+             version text NOT NULL, doc jsonb NOT NULL, conflicts integer NOT NULL);
+             INSERT INTO {} (name) VALUES ('{table}') ON CONFLICT (name) DO NOTHING;",
+            ident(TABLES_TABLE)
+        );
+        for ix in self
+            .config
+            .indexes
+            .iter()
+            .filter(|i| i.entity.as_str() == table)
+        {
+            // Validated as plain member names: safe inside the literal.
+            let path = ix.field.replace('.', ",");
+            text.push_str(&format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t} ((doc #>> '{{{path}}}'));",
+                ident(&ix.name())
+            ));
+        }
+        self.client.batch_execute(&text).await.map_err(sql)?;
+        self.tables.insert(table.to_owned());
+        Ok(())
+    }
+
+    pub(super) async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, MirrorError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "SELECT epoch, seq FROM {} WHERE k = 'checkpoint'",
+                    ident(CHECKPOINT_TABLE)
+                ),
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+        row.map(|r| {
+            Ok((
+                r.try_get::<_, i64>(0).map_err(sql)? as u64,
+                r.try_get::<_, i64>(1).map_err(sql)? as u64,
+            ))
+        })
+        .transpose()
+    }
+
+    pub(super) async fn apply(
+        &mut self,
+        rows: Vec<ChangedRow>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), MirrorError> {
+        // Tables first: DDL outside the batch's transaction keeps it short.
+        let mut new: Vec<String> = rows
+            .iter()
+            .map(|r| r.entity.to_string())
+            .filter(|e| !self.tables.contains(e))
+            .collect();
+        new.dedup();
+        for e in new {
+            self.create_table(&e).await?;
+        }
+        for r in &rows {
+            let table = r.entity.as_str();
+            if self.stmts.contains_key(table) {
+                continue;
+            }
+            let t = ident(table);
+            let upsert = self
+                .client
+                .prepare(&format!(
+                    "INSERT INTO {t} (id, scope, version, doc, conflicts) \
+                     VALUES ($1::text::uuid, $2, $3, $4::text::jsonb, $5) \
+                     ON CONFLICT (id) DO UPDATE SET scope = EXCLUDED.scope, \
+                     version = EXCLUDED.version, doc = EXCLUDED.doc, conflicts = EXCLUDED.conflicts"
+                ))
+                .await
+                .map_err(sql)?;
+            let delete = self
+                .client
+                .prepare(&format!("DELETE FROM {t} WHERE id = $1::text::uuid"))
+                .await
+                .map_err(sql)?;
+            self.stmts.insert(table.to_owned(), (upsert, delete));
+        }
+        let tx = self.client.transaction().await.map_err(sql)?;
+        for r in &rows {
+            let Some((upsert, delete)) = self.stmts.get(r.entity.as_str()) else {
+                continue;
+            };
+            let id = r.id.to_string();
+            match &r.row {
+                Some(row) => {
+                    let conflicts = i32::try_from(row.conflicts).unwrap_or(i32::MAX);
+                    tx.execute(
+                        upsert,
+                        &[&id, &row.scope, &row.version, &row.doc, &conflicts],
+                    )
+                    .await
+                    .map_err(sql)?;
+                }
+                None => {
+                    tx.execute(delete, &[&id]).await.map_err(sql)?;
+                }
+            }
+        }
+        if let Some((epoch, seq)) = checkpoint {
+            let (e, s) = (
+                i64::try_from(epoch).unwrap_or(i64::MAX),
+                i64::try_from(seq).unwrap_or(i64::MAX),
+            );
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (k, epoch, seq) VALUES ('checkpoint', $1, $2) \
+                     ON CONFLICT (k) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq",
+                    ident(CHECKPOINT_TABLE)
+                ),
+                &[&e, &s],
+            )
+            .await
+            .map_err(sql)?;
+        }
+        tx.commit().await.map_err(sql)
+    }
+
+    pub(super) async fn clear(&mut self) -> Result<(), MirrorError> {
+        let tx = self.client.transaction().await.map_err(sql)?;
+        tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
+            .await
+            .map_err(sql)?;
+        let tables: Vec<String> = tx
+            .query(&format!("SELECT name FROM {}", ident(TABLES_TABLE)), &[])
+            .await
+            .map_err(sql)?
+            .iter()
+            .map(|r| r.try_get(0).map_err(sql))
+            .collect::<Result<_, _>>()?;
+        for t in tables {
+            tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
+                .await
+                .map_err(sql)?;
+        }
+        tx.commit().await.map_err(sql)
+    }
+}
