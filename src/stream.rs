@@ -381,6 +381,19 @@ impl StreamSettings {
         {
             out.push(problem);
         }
+        // A site stream followed by a node without `[site]`: it would read only the
+        // site's own writes, never the imports, and lag forever.
+        let import = format!("{}.", import_prefix(&self.prefix));
+        let imports = existing.sources.iter().flatten().any(|s| {
+            s.subject_transforms
+                .iter()
+                .any(|t| t.destination.starts_with(&import))
+        });
+        if self.upstream.is_none() && imports {
+            out.push(format!(
+                "it is an edge site's stream (it sources its hub into {import}>): a node at a site needs a `[site]` section (`[site] name` = the site's JetStream domain)"
+            ));
+        }
         out
     }
 }

@@ -1,1 +1,156 @@
-//! Placeholder: replaced by the helper that owns this file.
+//! Operating edge sites: a misconfigured site node refuses to start naming the key, and a
+//! site node shows its link to the hub (status, metric). Real hub and site servers from
+//! `deploy/edge/`, each site's leaf link through a proxy a test can cut.
+
+mod common;
+
+use std::time::Duration;
+
+use common::edge::{Hub, Site};
+use common::nodes::*;
+use jetsync::node::NodeError;
+use jetsync::ops::NodeOps;
+
+/// A site's stream (its consumers' names, for "nothing left behind").
+async fn consumers(url: &str, domain: &str) -> Vec<String> {
+    use futures::StreamExt;
+    let nats = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::with_domain(nats, domain);
+    let Ok(stream) = js.get_stream("JETSYNC").await else {
+        return Vec::new();
+    };
+    let names: Vec<_> = stream.consumer_names().collect().await;
+    names.into_iter().filter_map(Result::ok).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_node_on_another_sites_server_refuses_to_start_naming_site_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    let b = Site::start(&hub, "shop_b", vec![]).await;
+    a.provision(&hub).await;
+    b.provision(&hub).await;
+
+    // Another site's name on site A's server: it would follow B's stream over the WAN.
+    let mut other = a.node("x1", dir.path());
+    other.stream.domain = Some("shop_b".into());
+    // A typo in the name: no such site.
+    let mut typo = a.node("x2", dir.path());
+    typo.stream.domain = Some("shop_aa".into());
+    for (what, config) in [("another site's name", other), ("a typo", typo)] {
+        let err = match jetsync::api::start_node(config).await {
+            Ok(node) => {
+                let status = node.status().await.unwrap();
+                panic!("a site node with {what} in [site] name started: {status:?}");
+            }
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(
+            matches!(err, NodeError::Config(_)) && text.contains("`site.name`"),
+            "{what}: {text}"
+        );
+        assert!(
+            text.contains("\"shop_a\""),
+            "{what}: names the server's domain: {text}"
+        );
+    }
+    // Nothing left behind in the other site's stream.
+    let left = consumers(&hub.url(), "shop_b").await;
+    assert!(
+        left.is_empty(),
+        "consumers left in site B's stream: {left:?}"
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_site_section_on_a_site_stream_refuses_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    a.provision(&hub).await;
+    // Connected to the site's server, no [site]: it would read the site's own writes only.
+    let config = node_config("plain", dir.path(), &a.url());
+    let err = match jetsync::api::start_node(config).await {
+        Ok(node) => {
+            let status = node.status().await.unwrap();
+            panic!("a node without [site] started on a site stream: {status:?}");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("`[site]`"), "{err}");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_node_shows_its_link_to_the_hub_cut_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    a.provision(&hub).await;
+    let mut c = a.node("a1", dir.path());
+    c.ops.listen = Some("127.0.0.1:0".parse().unwrap());
+    let a1 = start(c).await;
+    let ops = NodeOps::new((*a1).clone(), a1.config().ops.clone());
+    let link_is = |up: bool| {
+        let (a1, ops) = (&a1, &ops);
+        async move {
+            let status = a1.status().await.map_err(|e| e.to_string())?;
+            let link = status
+                .site_link
+                .ok_or("no site_link in a site node's status")?;
+            if link.misconfigured.is_some() {
+                return Err(format!("misconfigured: {link:?}"));
+            }
+            if link.up != up {
+                return Err(format!("link {link:?}"));
+            }
+            let (sample, ready) = ops.sample().await;
+            a1.metrics().set_state(&sample);
+            let line = format!(
+                "jetsync_site_link_up{{node=\"a1\",hub=\"hub\"}} {}",
+                u8::from(up)
+            );
+            let text = a1.metrics().encode();
+            if !text.contains(&line) {
+                return Err(format!("no {line} in the metrics"));
+            }
+            Ok((link, ready))
+        }
+    };
+    wait_for(
+        "a1 to show its link up",
+        Duration::from_secs(20),
+        || async { link_is(true).await.map(|_| ()) },
+    )
+    .await;
+    // The hub node has no such series: it is no site node.
+    assert!(h.status().await.unwrap().site_link.is_none());
+
+    a.cut().await;
+    wait_for(
+        "a1 to show its link cut",
+        Duration::from_secs(20),
+        || async { link_is(false).await.map(|_| ()) },
+    )
+    .await;
+    let (link, _) = link_is(false).await.unwrap();
+    assert!(
+        link.error.as_deref().is_some_and(|e| e.contains("hub")),
+        "a cut link says why: {link:?}"
+    );
+    a.heal().await;
+    wait_for(
+        "a1 to show its link back",
+        Duration::from_secs(30),
+        || async { link_is(true).await.map(|_| ()) },
+    )
+    .await;
+    a1.shutdown().await.unwrap();
+    h.shutdown().await.unwrap();
+}

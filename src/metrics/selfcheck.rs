@@ -27,6 +27,8 @@ struct State {
     growing: Vec<String>,
     /// Per peer in `refused`: rounds in a row it was not discovered.
     missing: BTreeMap<String, u32>,
+    /// Peers still to be asked directly, one per round (see [`SelfCheck::next_direct`]).
+    rotation: Vec<String>,
 }
 
 /// What one peer's answer proves: its quarantined messages that this node verified as
@@ -81,6 +83,25 @@ impl SelfCheck {
                 detail.join(", ")
             )
         })
+    }
+
+    /// The next peer to ask directly this round, from `refill` (the lease holders, listed
+    /// only when the previous list is used up): one peer per round, so each is asked
+    /// once every as many rounds as there are peers. It reaches the peers the one
+    /// aggregate request does not (one NATS account per node, deploy/secure).
+    pub async fn next_direct<F>(&self, refill: F) -> Option<String>
+    where
+        F: std::future::Future<Output = Vec<String>>,
+    {
+        if self.state().rotation.is_empty() {
+            let mut peers = refill.await;
+            // Popped from the end: asked in name order.
+            peers.sort();
+            peers.dedup();
+            peers.reverse();
+            self.state().rotation = peers;
+        }
+        self.state().rotation.pop()
     }
 
     /// Records one round: the peers `discovered` and the `answers` of those that answered.

@@ -166,6 +166,9 @@ pub struct Status {
     /// before the site sourced them), waiting for a hub snapshot; the node applies
     /// everything else meanwhile (see [`crate::site::UpstreamGuard`]).
     pub upstream_gap: Option<UpstreamGap>,
+    /// At an edge site: its link to the hub now, and whether the node runs on its site's
+    /// server (see [`crate::site::link`]).
+    pub site_link: Option<crate::site::SiteLink>,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -225,6 +228,7 @@ impl NodeHandle {
             };
             lag_seconds = entity_lag(&self.0, &entities, checkpoint).await;
         }
+        let site_link = site_link(&self.0, connected).await;
         // Before taking `live`: it locks it too.
         let trust = self.trust_status();
         let mut live = self.0.live();
@@ -279,9 +283,26 @@ impl NodeHandle {
             publish_refused: live.publish_refused.clone(),
             entities: self.0.config.entities.clone(),
             upstream_gap: live.upstream_gap.clone(),
+            site_link,
             trust,
         })
     }
+}
+
+/// A site node's link to its hub, asked now ([`crate::site::link::probe`]).
+async fn site_link(shared: &Shared, connected: bool) -> Option<crate::site::SiteLink> {
+    let site = super::guard::site_of(&shared.config)?;
+    let hub = &shared.config.stream.upstream.as_ref()?.domain;
+    if !connected {
+        return Some(crate::site::SiteLink {
+            hub: hub.clone(),
+            up: false,
+            error: Some("not connected to NATS".into()),
+            local_domain: None,
+            misconfigured: None,
+        });
+    }
+    Some(crate::site::link::probe(&shared.client, &site, hub).await)
 }
 
 /// Conflict counts stop at this many per entity type (counting is an index scan).

@@ -67,6 +67,10 @@ impl NodeOps {
                 .as_ref()
                 .and_then(|s| s.upstream_gap.as_ref())
                 .map_or(0, |g| g.to - g.from + 1),
+            site_link_up: status
+                .as_ref()
+                .and_then(|s| s.site_link.as_ref())
+                .map(|l| (l.hub.clone(), l.up)),
             ready: false,
         };
         let mut reasons = Vec::new();
@@ -82,6 +86,11 @@ impl NodeOps {
                 // Not publishing or applying (another process may hold the node id).
                 if !s.trust.lease.is_held() {
                     reasons.push(s.trust.lease.to_string());
+                }
+                // A cut link is shown (status, metric, alert), not a reason: the site
+                // keeps working and converging on its own stream meanwhile.
+                if let Some(m) = s.site_link.as_ref().and_then(|l| l.misconfigured.as_ref()) {
+                    reasons.push(m.clone());
                 }
                 if let Some(g) = &s.upstream_gap {
                     reasons.push(format!(

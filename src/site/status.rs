@@ -180,7 +180,7 @@ async fn view(
         Ok(Ok(m)) => serde_json::from_slice(&m.payload).unwrap_or_default(),
         Ok(Err(e)) => {
             return StreamView {
-                error: Some(e.to_string()),
+                error: Some(request_error_text(&e.to_string())),
                 ..Default::default()
             };
         }
@@ -232,6 +232,23 @@ async fn view(
             .filter(|ns| *ns >= 0)
             .map(|ns| ns as u64 / 1_000_000),
         source_seq: source.and_then(|s| s["seq"].as_u64()),
+    }
+}
+
+/// A request error as an operator reads it: async-nats repeats its kind ("no
+/// responders: no responders"); no responders means nothing in that domain answered.
+pub(super) fn request_error_text(e: &str) -> String {
+    let e = e.to_ascii_lowercase();
+    if e.contains("no responders") {
+        "no responders: nothing answers for that JetStream domain from this server (leaf link down, or no such domain)".into()
+    } else if e.contains("timed out") || e.contains("timeout") {
+        "no answer in time (link down or server overloaded?)".into()
+    } else {
+        // "kind: detail" where the detail repeats the kind: keep one.
+        match e.split_once(": ") {
+            Some((kind, detail)) if kind == detail => kind.to_owned(),
+            _ => e,
+        }
     }
 }
 
