@@ -40,8 +40,10 @@ pub fn quarantine_of_subject(prefix: &str, origin: &str) -> String {
 pub(super) async fn answer(node: NodeHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
     let prefix = node.config().stream.prefix.clone();
     let refusals = Arc::new(Mutex::new(Refusals::new(node.metrics().clone())));
-    // Per origin: the task answering on its subject (aborting it unsubscribes).
-    let mut serving: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    // Per origin: the task answering on its subject (aborting it unsubscribes). Aborted
+    // when dropped too: this future is aborted when the node leaves the API or stops,
+    // and a task left running would keep the node's connection and store open.
+    let mut serving: BTreeMap<String, AbortOnDrop> = BTreeMap::new();
     let mut seen_len = None;
     let mut scanned = Instant::now();
     loop {
@@ -60,13 +62,7 @@ pub(super) async fn answer(node: NodeHandle, mut stop: tokio::sync::watch::Recei
                 seen_len = len;
                 scanned = Instant::now();
                 let want: BTreeSet<String> = origins.into_keys().collect();
-                serving.retain(|origin, task| {
-                    let keep = want.contains(origin);
-                    if !keep {
-                        task.abort();
-                    }
-                    keep
-                });
+                serving.retain(|origin, _| want.contains(origin));
                 for origin in want {
                     if serving.contains_key(&origin) {
                         continue;
@@ -80,7 +76,7 @@ pub(super) async fn answer(node: NodeHandle, mut stop: tokio::sync::watch::Recei
                                 sub,
                                 refusals.clone(),
                             ));
-                            serving.insert(origin, task);
+                            serving.insert(origin, AbortOnDrop(task));
                         }
                         Err(e) => {
                             tracing::debug!(%origin, error = %e, "self-check: cannot subscribe")
@@ -94,8 +90,14 @@ pub(super) async fn answer(node: NodeHandle, mut stop: tokio::sync::watch::Recei
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    for task in serving.into_values() {
-        task.abort();
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -62,7 +62,9 @@ async fn serve_while_holding(node: NodeHandle, stop: tokio::sync::watch::Receive
         // The self-check's aggregate requests, answered beside the ops (see `selfcheck`).
         let answering = tokio::spawn(super::selfcheck::answer(node.clone(), left.clone()));
         serve(node.clone(), left.clone()).await;
+        // Awaited: it holds the node (its connection and store) until it is gone.
         answering.abort();
+        let _ = answering.await;
         watcher.abort();
         // Gave up by itself (and said why), or stopping.
         if !*left.borrow() || *stop.borrow() {
