@@ -113,7 +113,7 @@ pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
                             ms as f64 / 1000.0
                         )),
                         seq.map_or(
-                            "highest sequence sourced not reported (nats-server < 2.15)".to_owned(),
+                            "highest sequence sourced not reported (none yet, or nats-server < 2.15)".to_owned(),
                             |s| { format!("sourced up to sequence {s}") }
                         )
                     ),

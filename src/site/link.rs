@@ -65,7 +65,10 @@ pub async fn probe(client: &async_nats::Client, site: &str, hub: &str) -> SiteLi
         let started = Instant::now();
         match tokio::time::timeout(PROBE_TIMEOUT, js.query_account()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("the hub's JetStream (domain {hub:?}): {e}")),
+            Ok(Err(e)) => Err(format!(
+                "the hub's JetStream (domain {hub:?}): {}",
+                super::status::request_error_text(&e.to_string())
+            )),
             Err(_) => Err(format!(
                 "the hub's JetStream (domain {hub:?}) did not answer within {:?}",
                 started.elapsed()

@@ -237,17 +237,21 @@ async fn view(
 
 /// A request error as an operator reads it: async-nats repeats its kind ("no
 /// responders: no responders"); no responders means nothing in that domain answered.
-pub(super) fn request_error_text(e: &str) -> String {
-    let e = e.to_ascii_lowercase();
-    if e.contains("no responders") {
+pub(crate) fn request_error_text(e: &str) -> String {
+    let lower = e.to_ascii_lowercase();
+    // async-nats reports JetStream's no-responders as "requested JetStream resource
+    // does not exist", which reads like a missing stream.
+    if lower.contains("no responders")
+        || lower.contains("requested jetstream resource does not exist")
+    {
         "no responders: nothing answers for that JetStream domain from this server (leaf link down, or no such domain)".into()
-    } else if e.contains("timed out") || e.contains("timeout") {
+    } else if lower.contains("timed out") || lower.contains("timeout") {
         "no answer in time (link down or server overloaded?)".into()
     } else {
         // "kind: detail" where the detail repeats the kind: keep one.
         match e.split_once(": ") {
-            Some((kind, detail)) if kind == detail => kind.to_owned(),
-            _ => e,
+            Some((kind, detail)) if kind.eq_ignore_ascii_case(detail) => kind.to_owned(),
+            _ => e.to_owned(),
         }
     }
 }
