@@ -154,3 +154,65 @@ async fn a_site_node_shows_its_link_to_the_hub_cut_and_back() {
     a1.shutdown().await.unwrap();
     h.shutdown().await.unwrap();
 }
+
+/// A site node config file (deploy/edge/node-site.toml) for `site`, with its data in `dir`.
+fn site_toml(dir: &std::path::Path, site: &Site) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/edge/node-site.toml"),
+    )
+    .unwrap();
+    let text = text
+        .replace("/var/lib/jetsync", &dir.join("data").to_string_lossy())
+        .replace("nats://127.0.0.1:4222", &site.url())
+        .replace("shop42", &site.name);
+    let path = dir.join("node-site.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn jetsync(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jetsync"))
+        .args(args)
+        .output()
+        .expect("run jetsync");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_commands_say_the_hub_is_unreachable_during_a_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    let config = site_toml(dir.path(), &a);
+    let config = config.to_str().unwrap();
+    let (code, out) = jetsync(&["site", "add", "--config", config]);
+    assert_eq!(code, 0, "site add: {out}");
+    let (code, out) = jetsync(&["site", "status", "--config", config]);
+    assert_eq!(code, 0, "status: {out}");
+    for raw in ["Some(", "None"] {
+        assert!(!out.contains(raw), "status prints Rust debug output: {out}");
+    }
+
+    a.cut().await;
+    let (code, out) = jetsync(&["site", "status", "--config", config]);
+    assert_eq!(code, 2, "status during a cut: {out}");
+    assert!(out.contains("hub hub: unreachable"), "{out}");
+    for raw in ["Some(", "None", "no responders: no responders"] {
+        assert!(!out.contains(raw), "status prints {raw:?}: {out}");
+    }
+    let (code, out) = jetsync(&["site", "add", "--config", config]);
+    assert_eq!(code, 1, "site add during a cut: {out}");
+    assert!(out.contains("unreachable"), "{out}");
+    assert!(
+        !out.contains("does not exist") && !out.contains("start a hub node first"),
+        "site add blames a missing hub stream during a cut: {out}"
+    );
+    a.heal().await;
+    h.shutdown().await.unwrap();
+}

@@ -341,6 +341,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn request_errors_read_as_what_they_mean() {
+        for e in [
+            "no responders: no responders",
+            "request error: requested JetStream resource does not exist",
+        ] {
+            let t = request_error_text(e);
+            assert!(
+                t.starts_with("no responders: nothing answers"),
+                "{e} -> {t}"
+            );
+            assert!(!t.contains("does not exist"), "{t}");
+        }
+        assert_eq!(
+            request_error_text("timed out: timed out"),
+            "no answer in time (link down or server overloaded?)"
+        );
+        assert_eq!(request_error_text("Other: Other"), "Other");
+        assert_eq!(request_error_text("Kind: Detail"), "Kind: Detail");
+    }
+
+    #[test]
     fn the_link_verdicts() {
         let site = StreamView {
             reachable: true,
