@@ -630,4 +630,22 @@ mod tests {
         config.sources = None;
         assert!(settings.conflicts(&config)[0].contains("no source"));
     }
+
+    #[test]
+    fn a_node_without_site_conflicts_with_a_site_stream() {
+        let site = StreamSettings {
+            upstream: Some(up(vec![])),
+            ..StreamSettings::default()
+        };
+        let plain = StreamSettings::default();
+        let conflicts = plain.conflicts(&site.config());
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].contains("`[site]`"), "{conflicts:?}");
+        // A hub stream sources its sites unchanged: no import namespace, no conflict.
+        let mut hub = plain.config();
+        hub.sources = Some(vec![crate::site::site_source(
+            "jetsync", "shop42", "JETSYNC",
+        )]);
+        assert!(plain.conflicts(&hub).is_empty());
+    }
 }

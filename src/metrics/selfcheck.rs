@@ -205,6 +205,28 @@ mod tests {
         assert_eq!(c.refused_by(), [("c".to_owned(), 1)]);
     }
 
+    #[tokio::test]
+    async fn one_peer_per_round_in_turn_listing_them_again_when_done() {
+        let c = SelfCheck::new();
+        let mut listed = 0;
+        let mut asked = Vec::new();
+        for _ in 0..5 {
+            let next = c
+                .next_direct(async {
+                    listed += 1;
+                    vec!["c".to_owned(), "b".to_owned(), "b".to_owned()]
+                })
+                .await;
+            asked.extend(next);
+        }
+        assert_eq!(asked, ["b", "c", "b", "c", "b"]);
+        assert_eq!(listed, 3, "listed only when the turn was over");
+        assert_eq!(
+            SelfCheck::new().next_direct(async { Vec::new() }).await,
+            None
+        );
+    }
+
     fn proven(n: u64, newest: u64) -> ProvenRefusals {
         ProvenRefusals {
             reasons: [("clock_drift".to_owned(), n)].into(),
