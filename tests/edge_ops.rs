@@ -216,3 +216,56 @@ async fn site_commands_say_the_hub_is_unreachable_during_a_cut() {
     a.heal().await;
     h.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_node_finding_the_wrong_server_after_an_offline_start_is_not_ready_naming_site_name()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = node_config("late", dir.path(), &format!("nats://127.0.0.1:{port}"));
+    c.stream.domain = Some("shop_a".into());
+    c.stream.upstream = Some(jetsync::site::Upstream {
+        domain: "hub".into(),
+        stream: "JETSYNC".into(),
+        entities: vec![],
+    });
+    // No server yet: the node starts offline, nothing to check against.
+    let node = jetsync::node::Node::start(c)
+        .await
+        .expect("a site node starts offline");
+    // The server that comes up is another site's.
+    let conf = dir.path().join("site_b.conf");
+    std::fs::write(
+        &conf,
+        "server_name: site_b\njetstream {\n  domain: shop_b\n}\n",
+    )
+    .unwrap();
+    let _server = tokio::task::block_in_place(|| {
+        jetsync::devserver::NatsServer::builder()
+            .config_file(&conf)
+            .port(port)
+            .start()
+            .expect("site B's server starts")
+    });
+    let ops = NodeOps::new((*node).clone(), node.config().ops.clone());
+    wait_for(
+        "the node to be not ready, naming site.name",
+        Duration::from_secs(30),
+        || async {
+            let (_, ready) = ops.sample().await;
+            if !ready.ready && ready.reasons.iter().any(|r| r.contains("`site.name`")) {
+                Ok(())
+            } else {
+                Err(format!("ready {}: {:?}", ready.ready, ready.reasons))
+            }
+        },
+    )
+    .await;
+    let status = node.status().await.unwrap();
+    let link = status.site_link.expect("site_link");
+    assert_eq!(link.local_domain.as_deref(), Some("shop_b"), "{link:?}");
+    node.shutdown().await.unwrap();
+}

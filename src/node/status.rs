@@ -302,7 +302,11 @@ async fn site_link(shared: &Shared, connected: bool) -> Option<crate::site::Site
             misconfigured: None,
         });
     }
-    Some(crate::site::link::probe(&shared.client, &site, hub).await)
+    let link = crate::site::link::probe(&shared.client, &site, hub).await;
+    if let Some(why) = &link.misconfigured {
+        crate::site::link::warn_misconfigured(shared.config.node_id.as_str(), why);
+    }
+    Some(link)
 }
 
 /// Conflict counts stop at this many per entity type (counting is an index scan).

@@ -57,6 +57,19 @@ pub fn domain_mismatch(site: &str, local: Option<&str>) -> Option<String> {
     }
 }
 
+/// Logs a misconfiguration found after the start (the server did not answer then) at
+/// warn, at most once a minute per node: the status is read on every scrape and probe.
+pub fn warn_misconfigured(node: &str, why: &str) {
+    static LAST: std::sync::Mutex<Vec<(String, Instant)>> = std::sync::Mutex::new(Vec::new());
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    last.retain(|(_, at)| at.elapsed() < Duration::from_secs(60));
+    if last.iter().any(|(n, _)| n == node) {
+        return;
+    }
+    last.push((node.to_owned(), Instant::now()));
+    tracing::warn!(node, "not ready: {why}");
+}
+
 /// Asks the local server's domain and the hub's JetStream, each within
 /// [`PROBE_TIMEOUT`].
 pub async fn probe(client: &async_nats::Client, site: &str, hub: &str) -> SiteLink {
