@@ -269,3 +269,75 @@ async fn a_site_node_finding_the_wrong_server_after_an_offline_start_is_not_read
     assert_eq!(link.local_domain.as_deref(), Some("shop_b"), "{link:?}");
     node.shutdown().await.unwrap();
 }
+
+/// Messages in `domain`'s stream now (0 if it cannot be read).
+async fn stream_messages(client: &async_nats::Client, domain: &str) -> u64 {
+    let js = async_nats::jetstream::with_domain(client.clone(), domain);
+    match js.get_stream("JETSYNC").await {
+        Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
+        Err(_) => 0,
+    }
+}
+
+/// Heal time against cut length: after each cut, how long until the hub holds the site's
+/// write made during the cut, and the site the hub's. Evidence for deploy/edge/README.md
+/// ("Link state, and what to expect after a cut"): the delay is the sources' retry
+/// back-off, not jetsync. `JETSYNC_EDGE_CUTS=5,20,45` (seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: cargo test --test edge_ops -- --ignored --nocapture heal_time"]
+async fn heal_time_against_cut_length() {
+    let cuts: Vec<u64> = std::env::var("JETSYNC_EDGE_CUTS")
+        .unwrap_or_else(|_| "5,20,45".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    a.provision(&hub).await;
+    let a1 = start(a.node("a1", dir.path())).await;
+    let client = async_nats::connect(hub.url()).await.unwrap();
+    let orders = common::entity("orders");
+    for secs in cuts {
+        // Settled: both streams hold everything so far.
+        let before_hub = stream_messages(&client, "hub").await;
+        a.cut().await;
+        a1.put(
+            &orders,
+            uuid::Uuid::now_v7(),
+            serde_json::json!({"cut": secs}),
+        )
+        .await
+        .unwrap();
+        h.put(
+            &orders,
+            uuid::Uuid::now_v7(),
+            serde_json::json!({"hub": secs}),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let before_site = stream_messages(&client, "shop_a").await;
+        a.heal().await;
+        let healed = std::time::Instant::now();
+        let (mut up, mut down) = (None, None);
+        while (up.is_none() || down.is_none()) && healed.elapsed() < Duration::from_secs(300) {
+            if up.is_none() && stream_messages(&client, "hub").await >= before_hub + 2 {
+                up = Some(healed.elapsed());
+            }
+            if down.is_none() && stream_messages(&client, "shop_a").await > before_site {
+                down = Some(healed.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "heal_time: cut {secs} s: site write at the hub {:.1?} after the heal, hub write at the site {:.1?}",
+            up, down
+        );
+        // Let both sides settle before the next cut.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    a1.shutdown().await.unwrap();
+    h.shutdown().await.unwrap();
+}
