@@ -144,6 +144,15 @@ async fn a_site_node_shows_its_link_to_the_hub_cut_and_back() {
         link.error.as_deref().is_some_and(|e| e.contains("hub")),
         "a cut link says why: {link:?}"
     );
+    // `top` shows it in the NATS column.
+    let row = jetsync::cli::top::NodeRow {
+        node: "a1".into(),
+        status: Some(serde_json::json!(a1.status().await.unwrap())),
+        error: None,
+        apply_rate: None,
+        publish_rate: None,
+    };
+    assert_eq!(jetsync::cli::top::cells(&row)[1], "hub cut");
     a.heal().await;
     wait_for(
         "a1 to show its link back",
