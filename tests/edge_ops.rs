@@ -288,6 +288,32 @@ async fn stream_messages(client: &async_nats::Client, domain: &str) -> u64 {
     }
 }
 
+/// The hub stream's source of `site` as its stream info shows it: last activity and
+/// the last error (the server's own view of a source waiting to retry).
+async fn hub_source_of(client: &async_nats::Client, site: &str) -> String {
+    let reply = client
+        .request("$JS.hub.API.STREAM.INFO.JETSYNC", "".into())
+        .await;
+    let Ok(m) = reply else {
+        return format!("{reply:?}");
+    };
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+    let source = v["sources"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|s| s["external"]["api"] == format!("$JS.{site}.API").as_str())
+        })
+        .cloned()
+        .unwrap_or_default();
+    format!(
+        "active {} ms ago, lag {}, error {}",
+        source["active"].as_i64().map_or(-1, |ns| ns / 1_000_000),
+        source["lag"],
+        source["error"]
+    )
+}
+
 /// Heal time against cut length: after each cut, how long until the hub holds the site's
 /// write made during the cut, and the site the hub's. Evidence for deploy/edge/README.md
 /// ("Link state, and what to expect after a cut"): the delay is the sources' retry
@@ -328,6 +354,7 @@ async fn heal_time_against_cut_length() {
         .unwrap();
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let before_site = stream_messages(&client, "shop_a").await;
+        let at_cut_end = hub_source_of(&client, "shop_a").await;
         a.heal().await;
         let healed = std::time::Instant::now();
         let (mut up, mut down) = (None, None);
@@ -341,7 +368,7 @@ async fn heal_time_against_cut_length() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         println!(
-            "heal_time: cut {secs} s: site write at the hub {:.1?} after the heal, hub write at the site {:.1?}",
+            "heal_time: cut {secs} s: site write at the hub {:.1?} after the heal, hub write at the site {:.1?}; the hub's source of the site as the cut ended: {at_cut_end}",
             up, down
         );
         // Let both sides settle before the next cut.
