@@ -2,7 +2,9 @@
 //! node per site, all in this process) and a hub with one node. Every site's link runs
 //! through a TCP proxy; all links are cut, every site writes W records, the links heal, and
 //! the bench measures:
-//! - how long until the hub holds every event, and until all N + 1 nodes converge;
+//! - how long until the hub stream's first new event (the sources' retry after the heal,
+//!   set by nats-server's back-off), until the hub holds every event, and until all N + 1
+//!   nodes converge;
 //! - the hub server's CPU time over that catch-up and its memory (from /proc of its pid);
 //! - events stored per site stream and in the hub (the duplication factor; 1.0 = each
 //!   event once), and how many of a site's own events came back as imports (echo).
@@ -11,6 +13,7 @@
 //! cargo bench --bench edge                                  # N = 10 and 50, W = 1000
 //! JETSYNC_EDGE_SITES=10,50,100 cargo bench --bench edge     # more sites
 //! JETSYNC_EDGE_WRITES=200 cargo bench --bench edge          # fewer writes per site
+//! JETSYNC_EDGE_SITES=1 JETSYNC_EDGE_WRITES=50000 cargo bench --bench edge  # one site's 50k backlog
 //! ```
 //! deploy/edge/README.md records the figures of a run and what they say about scale.
 
@@ -84,6 +87,7 @@ struct Figures {
     start_secs: f64,
     warm_secs: f64,
     offline_write_secs: f64,
+    hub_first_secs: f64,
     hub_all_secs: f64,
     converge_secs: f64,
     hub_cpu_secs: f64,
@@ -99,23 +103,29 @@ struct Figures {
 }
 
 /// Waits until the hub holds `total` events and every node has the hub node's digest;
-/// returns when the hub had them all (seconds from the call).
+/// returns when the hub stream first grew past `before` (the sources resumed: their retry
+/// back-off, not jetsync, sets that) and when it had them all (seconds from the call).
 async fn wait_converged(
     central: &Node,
     nodes: &[Node],
     orders: &EntityName,
-    total: u64,
+    (before, total): (u64, u64),
     client: &async_nats::Client,
-) -> f64 {
+) -> (f64, f64) {
     let start = Instant::now();
     let mut hub_all = None;
+    let mut hub_first = None;
     let mut trace = Instant::now();
     loop {
         assert!(
             start.elapsed() < CONVERGE_TIMEOUT,
             "not converged within {CONVERGE_TIMEOUT:?}"
         );
-        if hub_all.is_none() && stream_messages(client, HUB_DOMAIN).await >= total {
+        let at_hub = stream_messages(client, HUB_DOMAIN).await;
+        if hub_first.is_none() && at_hub > before {
+            hub_first = Some(start.elapsed().as_secs_f64());
+        }
+        if hub_all.is_none() && at_hub >= total {
             hub_all = Some(start.elapsed().as_secs_f64());
         }
         let applied = central.store().checkpoint().unwrap_or(0);
@@ -126,7 +136,7 @@ async fn wait_converged(
                 .filter(|n| n.store().digest(orders).unwrap() != target)
                 .count();
             if behind == 0 {
-                return t;
+                return (hub_first.unwrap_or(t), t);
             }
         }
         if std::env::var_os("JETSYNC_EDGE_TRACE").is_some() && trace.elapsed().as_secs() >= 2 {
@@ -176,7 +186,7 @@ async fn run(n: usize, w: usize) -> Figures {
             .await
             .expect("warm-up write");
     }
-    wait_converged(&central, &nodes, &orders, n as u64, &client).await;
+    wait_converged(&central, &nodes, &orders, (0, n as u64), &client).await;
     let warm_secs = t_warm.elapsed().as_secs_f64();
     let hub_rss_idle = memory_mib(hub_pid).0;
     eprintln!("N={n}: warm-up converged in {warm_secs:.1} s, hub RSS {hub_rss_idle:.0} MiB");
@@ -218,12 +228,14 @@ async fn run(n: usize, w: usize) -> Figures {
     let offline_write_secs = t_write.elapsed().as_secs_f64();
 
     let cpu0 = cpu_secs(hub_pid);
+    let hub_before = stream_messages(&client, HUB_DOMAIN).await;
     let healed = Instant::now();
     for s in &sites {
         s.proxy.heal();
     }
     let total = (n * (w + 1)) as u64;
-    let hub_all_secs = wait_converged(&central, &nodes, &orders, total, &client).await;
+    let (hub_first_secs, hub_all_secs) =
+        wait_converged(&central, &nodes, &orders, (hub_before, total), &client).await;
     let converge_secs = healed.elapsed().as_secs_f64();
     let hub_cpu_secs = cpu_secs(hub_pid) - cpu0;
     let (hub_rss, hub_hwm) = memory_mib(hub_pid);
@@ -254,6 +266,7 @@ async fn run(n: usize, w: usize) -> Figures {
         start_secs,
         warm_secs,
         offline_write_secs,
+        hub_first_secs,
         hub_all_secs,
         converge_secs,
         hub_cpu_secs,
@@ -280,23 +293,24 @@ fn main() {
     for n in sizes {
         let f = runtime.block_on(run(n, writes));
         eprintln!(
-            "N={n}: hub has all after {:.1} s, converged after {:.1} s",
-            f.hub_all_secs, f.converge_secs
+            "N={n}: hub's first new event after {:.1} s (source retry), all after {:.1} s, converged after {:.1} s",
+            f.hub_first_secs, f.hub_all_secs, f.converge_secs
         );
         rows.push(f);
     }
     println!(
-        "| sites | writes/site | setup s | warm-up converge s | offline writes s | heal→hub has all s | heal→all converged s | hub CPU s | hub RSS idle/after/peak MiB | stored/event hub | stored/event site (min–max) | echoes stored | site server RSS MiB (avg) | bench RSS MiB |"
+        "| sites | writes/site | setup s | warm-up converge s | offline writes s | heal→hub's first new event s | heal→hub has all s | heal→all converged s | hub CPU s | hub RSS idle/after/peak MiB | stored/event hub | stored/event site (min–max) | echoes stored | site server RSS MiB (avg) | bench RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.3} | {:.3}–{:.3} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.3} | {:.3}–{:.3} | {} | {:.0} | {:.0} |",
             f.sites,
             f.writes,
             f.start_secs,
             f.warm_secs,
             f.offline_write_secs,
+            f.hub_first_secs,
             f.hub_all_secs,
             f.converge_secs,
             f.hub_cpu_secs,

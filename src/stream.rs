@@ -381,6 +381,19 @@ impl StreamSettings {
         {
             out.push(problem);
         }
+        // A site stream followed by a node without `[site]`: it would read only the
+        // site's own writes, never the imports, and lag forever.
+        let import = format!("{}.", import_prefix(&self.prefix));
+        let imports = existing.sources.iter().flatten().any(|s| {
+            s.subject_transforms
+                .iter()
+                .any(|t| t.destination.starts_with(&import))
+        });
+        if self.upstream.is_none() && imports {
+            out.push(format!(
+                "it is an edge site's stream (it sources its hub into {import}>): a node at a site needs a `[site]` section (`[site] name` = the site's JetStream domain)"
+            ));
+        }
         out
     }
 }
@@ -647,5 +660,23 @@ mod tests {
         );
         config.sources = None;
         assert!(settings.conflicts(&config)[0].contains("no source"));
+    }
+
+    #[test]
+    fn a_node_without_site_conflicts_with_a_site_stream() {
+        let site = StreamSettings {
+            upstream: Some(up(vec![])),
+            ..StreamSettings::default()
+        };
+        let plain = StreamSettings::default();
+        let conflicts = plain.conflicts(&site.config());
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].contains("`[site]`"), "{conflicts:?}");
+        // A hub stream sources its sites unchanged: no import namespace, no conflict.
+        let mut hub = plain.config();
+        hub.sources = Some(vec![crate::site::site_source(
+            "jetsync", "shop42", "JETSYNC",
+        )]);
+        assert!(plain.conflicts(&hub).is_empty());
     }
 }

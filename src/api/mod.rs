@@ -51,6 +51,11 @@
 //! | `refused_drop` / `refused_retry` | admin | `{ids}` (origin sequences) | `{dropped}` / `{retried}` (back into the outbox) |
 //! | `quarantine_origins` | read | `{}`, or `{origin, limit?}` | `{origins: {<origin>: {<reason>: count}}}`; with `origin` also `entries: [{id, subject, msg_id, payload, reason}]`, its newest quarantined messages (the self-check verifies them) |
 //!
+//! Beside the ops, a node holding quarantined messages of an origin answers the
+//! self-check's one request per round on `<prefix>_selfcheck.<origin>` (subscribed only
+//! while it holds some; `{node, origins, entries}` as `quarantine_origins` with `origin`;
+//! silence otherwise): see `selfcheck`.
+//!
 //! Pages (`list`, `conflicts`, `bucket_records`, `quarantine`) are bounded by bytes as well
 //! as by `limit`, well below the server's `max_payload`; a reply that still would not fit
 //! is answered with a `reply_too_large` error instead of being dropped by the server.
@@ -58,17 +63,19 @@
 //! Files: `wire` (subjects, groups, request and reply types), `server` (the subscription
 //! loop and dispatch), `micro` (the micro-service protocol: endpoints, `$SRV` verbs,
 //! stats), `reply` (the inbox rule, reply bodies), `records` and `maintenance` (the ops),
-//! `client`.
+//! `selfcheck` (answering the self-check's aggregate request), `client`.
 
 mod client;
 mod maintenance;
 mod micro;
 mod records;
 mod reply;
+mod selfcheck;
 mod server;
 mod wire;
 
 pub use self::client::{ApiClient, ApiError};
+pub use self::selfcheck::quarantine_of_subject;
 pub use self::server::{ApiService, serve, start_node};
 pub use self::wire::{
     GROUPS, OPS, RemoteError, StateEntry, StreamMessage, api_root, is_inbox, op_group, op_subject,

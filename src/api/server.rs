@@ -59,7 +59,12 @@ async fn serve_while_holding(node: NodeHandle, stop: tokio::sync::watch::Receive
             }
             let _ = leave.send(true);
         });
+        // The self-check's aggregate requests, answered beside the ops (see `selfcheck`).
+        let answering = tokio::spawn(super::selfcheck::answer(node.clone(), left.clone()));
         serve(node.clone(), left.clone()).await;
+        // Awaited: it holds the node (its connection and store) until it is gone.
+        answering.abort();
+        let _ = answering.await;
         watcher.abort();
         // Gave up by itself (and said why), or stopping.
         if !*left.borrow() || *stop.borrow() {
@@ -212,7 +217,7 @@ const ORIGIN_ENTRIES_MAX: usize = 100;
 /// `payload`, `reason`; at most `limit`, default 32, and what fits in a reply), for its
 /// self-check to count only those it can prove it wrote. The counts alone prove nothing:
 /// anyone allowed to publish can put a message under any origin's subject.
-async fn quarantine_origins(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+pub(super) async fn quarantine_origins(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let (store, prefix) = (node.store().clone(), node.config().stream.prefix.clone());
     let limit = req.limit.unwrap_or(32).min(ORIGIN_ENTRIES_MAX);
     let origin = req.origin;

@@ -97,17 +97,30 @@ pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
         SiteCmd::Status(_) => {
             let s = site::status(&client, &spec).await?;
             let side = |name: &str, v: &site::StreamView| {
+                let error = v.error.as_deref().unwrap_or("no detail");
                 if !v.reachable {
-                    return format!("{name}: unreachable\n");
+                    return format!("{name}: unreachable ({error})\n");
                 }
+                if !v.exists {
+                    return format!("{name}: no stream ({error})\n");
+                }
+                let source = match (v.source_lag, v.source_active_ms, v.source_seq) {
+                    (None, _, _) => "no source of the other side".to_owned(),
+                    (Some(lag), active, seq) => format!(
+                        "source of the other side: {lag} behind, {}, {}",
+                        active.map_or("not active".to_owned(), |ms| format!(
+                            "last active {:.1} s ago",
+                            ms as f64 / 1000.0
+                        )),
+                        seq.map_or(
+                            "highest sequence sourced not reported (none yet, or nats-server < 2.15)".to_owned(),
+                            |s| { format!("sourced up to sequence {s}") }
+                        )
+                    ),
+                };
                 format!(
-                    "{name}: messages {} (seq {}..{}), source lag {:?}, active {:?} ms ago, sourced up to {:?}\n",
-                    v.messages,
-                    v.first_seq,
-                    v.last_seq,
-                    v.source_lag,
-                    v.source_active_ms,
-                    v.source_seq
+                    "{name}: {} messages (sequences {}..{}); {source}\n",
+                    v.messages, v.first_seq, v.last_seq
                 )
             };
             let mut text = side(&format!("site {}", s.site), &s.site_stream);

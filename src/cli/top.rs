@@ -414,7 +414,11 @@ pub fn cells(row: &NodeRow) -> Vec<String> {
         .unwrap_or(0);
     vec![
         row.node.clone(),
-        num(&s["connection"]),
+        // An edge site node cut off from its hub (connected to its own site's server).
+        match s["site_link"]["up"].as_bool() {
+            Some(false) if s["connection"] == "connected" => "hub cut".to_owned(),
+            _ => num(&s["connection"]),
+        },
         num(&s["checkpoint"]),
         num(&s["lag"]),
         lag_secs,

@@ -141,6 +141,9 @@ pub struct StateSample {
     /// At an edge site: hub sequences that may hold events the site never sourced,
     /// waiting for a hub snapshot (0: none).
     pub upstream_gap: u64,
+    /// At an edge site: (hub domain, whether the hub's JetStream answered); `None`
+    /// elsewhere (no series then).
+    pub site_link_up: Option<(String, bool)>,
     /// What `/readyz` answers.
     pub ready: bool,
     /// Own writes parked because the stream refuses them for good (`status.refused`).
@@ -224,6 +227,7 @@ struct Inner {
     snapshot_entries_unreadable: Counter,
     refused: Family<Labels, Gauge>,
     upstream_gap: Gauge,
+    site_link_up: Family<Labels, Gauge>,
     api_refused: Family<Labels, Counter>,
     anti_entropy: anti_entropy::AntiEntropyMetrics,
     republished: Counter,
@@ -356,6 +360,7 @@ impl NodeMetrics {
             snapshot_entries_unreadable: Counter::default(),
             refused: Family::default(),
             upstream_gap: Gauge::default(),
+            site_link_up: Family::default(),
             api_refused: Family::default(),
             anti_entropy: Default::default(),
             republished: Counter::default(),
@@ -618,6 +623,11 @@ impl NodeMetrics {
             inner.upstream_gap.clone(),
         );
         r.register(
+            "site_link_up",
+            "Edge site: 1 while the hub's JetStream answers across the site's leaf link, 0 while cut (site nodes only)",
+            inner.site_link_up.clone(),
+        );
+        r.register(
             "api_refused",
             "API requests served no reply because of their reply subject, by reason",
             inner.api_refused.clone(),
@@ -856,6 +866,11 @@ impl NodeMetrics {
         }
         m.quarantine_entries.set(int(s.quarantine_entries));
         m.upstream_gap.set(int(s.upstream_gap));
+        if let Some((hub, up)) = &s.site_link_up {
+            m.site_link_up
+                .get_or_create(&vec![("hub", hub.clone())])
+                .set(i64::from(*up));
+        }
         m.damaged.set(int(s.damaged));
         m.store_bytes.set(int(s.store_file_bytes));
         m.hlc_offset.set(s.hlc_offset_ms as f64 / 1000.0);
@@ -939,6 +954,7 @@ mod tests {
             lag_seconds: vec![("orders".into(), 1.5)],
             conflicts: vec![("orders".into(), 2)],
             upstream_gap: 7,
+            site_link_up: Some(("hub".into(), false)),
             ..StateSample::default()
         });
         let text = m.encode();
@@ -953,6 +969,7 @@ mod tests {
             "jetsync_replication_lag_seconds{node=\"berlin\",entity=\"orders\"} 1.5",
             "jetsync_conflicted_records{node=\"berlin\",entity=\"orders\"} 2",
             "jetsync_upstream_gap_sequences{node=\"berlin\"} 7",
+            "jetsync_site_link_up{node=\"berlin\",hub=\"hub\"} 0",
             // Initialised at 0, so an alert on any increase fires from the first one.
             "jetsync_equivocations_total{node=\"berlin\"} 0",
         ] {

@@ -27,6 +27,8 @@ struct State {
     growing: Vec<String>,
     /// Per peer in `refused`: rounds in a row it was not discovered.
     missing: BTreeMap<String, u32>,
+    /// Peers still to be asked directly, one per round (see [`SelfCheck::next_direct`]).
+    rotation: Vec<String>,
 }
 
 /// What one peer's answer proves: its quarantined messages that this node verified as
@@ -81,6 +83,25 @@ impl SelfCheck {
                 detail.join(", ")
             )
         })
+    }
+
+    /// The next peer to ask directly this round, from `refill` (the lease holders, listed
+    /// only when the previous list is used up): one peer per round, so each is asked
+    /// once every as many rounds as there are peers. It reaches the peers the one
+    /// aggregate request does not (one NATS account per node, deploy/secure).
+    pub async fn next_direct<F>(&self, refill: F) -> Option<String>
+    where
+        F: std::future::Future<Output = Vec<String>>,
+    {
+        if self.state().rotation.is_empty() {
+            let mut peers = refill.await;
+            // Popped from the end: asked in name order.
+            peers.sort();
+            peers.dedup();
+            peers.reverse();
+            self.state().rotation = peers;
+        }
+        self.state().rotation.pop()
     }
 
     /// Records one round: the peers `discovered` and the `answers` of those that answered.
@@ -182,6 +203,28 @@ mod tests {
             c.record_round("a", &BTreeSet::new(), Vec::new());
         }
         assert_eq!(c.refused_by(), [("c".to_owned(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn one_peer_per_round_in_turn_listing_them_again_when_done() {
+        let c = SelfCheck::new();
+        let mut listed = 0;
+        let mut asked = Vec::new();
+        for _ in 0..5 {
+            let next = c
+                .next_direct(async {
+                    listed += 1;
+                    vec!["c".to_owned(), "b".to_owned(), "b".to_owned()]
+                })
+                .await;
+            asked.extend(next);
+        }
+        assert_eq!(asked, ["b", "c", "b", "c", "b"]);
+        assert_eq!(listed, 3, "listed only when the turn was over");
+        assert_eq!(
+            SelfCheck::new().next_direct(async { Vec::new() }).await,
+            None
+        );
     }
 
     fn proven(n: u64, newest: u64) -> ProvenRefusals {

@@ -279,6 +279,16 @@ impl Node {
         let store = Arc::new(store);
         let configured = guard::configured_limits_of(&config);
         let site = site_of(&config);
+        // A site node must run on its site's server (a typo in `[site] name`, another
+        // site's name): else it follows a stream it cannot keep up with when cut off.
+        // Unanswered (started offline): `status.site_link` and `/readyz` say it later.
+        if let Some(site) = &site
+            && let Ok(local) = crate::site::link::local_domain(&client).await
+            && let Some(why) = crate::site::link::domain_mismatch(site, local.as_deref())
+        {
+            tracing::error!(node = %config.node_id, "{why}");
+            return Err(NodeError::Config(why));
+        }
         let early = tokio::time::timeout(Duration::from_secs(3), async {
             let provisioned = provision(&js, &config.stream, Some(configured)).await?;
             let lease = Lease::acquire_at(

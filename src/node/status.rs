@@ -174,6 +174,9 @@ pub struct Status {
     pub anti_entropy: crate::metrics::AntiEntropyStatus,
     /// Own events republished and stream loss seen: see [`super::HealStatus`].
     pub heal: super::HealStatus,
+    /// At an edge site: its link to the hub now, and whether the node runs on its site's
+    /// server (see [`crate::site::link`]).
+    pub site_link: Option<crate::site::SiteLink>,
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
@@ -241,6 +244,7 @@ impl NodeHandle {
             };
             lag_seconds = entity_lag(&self.0, &entities, checkpoint).await;
         }
+        let site_link = site_link(&self.0, connected).await;
         // Before taking `live`: it locks it too.
         let trust = self.trust_status();
         let mut live = self.0.live();
@@ -298,10 +302,31 @@ impl NodeHandle {
             upstream_gap: live.upstream_gap.clone(),
             anti_entropy: self.0.anti_entropy.status(),
             heal: self.0.heal.snapshot(),
+            site_link,
             trust,
             mirrors: self.0.mirrors.iter().map(|m| m.status()).collect(),
         })
     }
+}
+
+/// A site node's link to its hub, asked now ([`crate::site::link::probe`]).
+async fn site_link(shared: &Shared, connected: bool) -> Option<crate::site::SiteLink> {
+    let site = super::guard::site_of(&shared.config)?;
+    let hub = &shared.config.stream.upstream.as_ref()?.domain;
+    if !connected {
+        return Some(crate::site::SiteLink {
+            hub: hub.clone(),
+            up: false,
+            error: Some("not connected to NATS".into()),
+            local_domain: None,
+            misconfigured: None,
+        });
+    }
+    let link = crate::site::link::probe(&shared.client, &site, hub).await;
+    if let Some(why) = &link.misconfigured {
+        crate::site::link::warn_misconfigured(shared.config.node_id.as_str(), why);
+    }
+    Some(link)
 }
 
 /// Conflict counts stop at this many per entity type (counting is an index scan).

@@ -128,7 +128,7 @@ pub async fn round(
     };
     let api = ApiClient::new(node.nats().clone(), &node.config().stream.prefix)
         .with_timeout(Duration::from_secs(30));
-    let result = match crate::ops::selfcheck::discover_peers(node, &api, false).await {
+    let result = match crate::ops::selfcheck::stream_peers(node).await {
         None => {
             report
                 .errors

@@ -85,6 +85,10 @@ impl NodeOps {
                 .as_ref()
                 .and_then(|s| s.upstream_gap.as_ref())
                 .map_or(0, |g| g.to - g.from + 1),
+            site_link_up: status
+                .as_ref()
+                .and_then(|s| s.site_link.as_ref())
+                .map(|l| (l.hub.clone(), l.up)),
             ready: false,
             own_refused: status.as_ref().map_or(0, |s| s.refused),
             disk: local.disk,
@@ -115,6 +119,11 @@ impl NodeOps {
                         m.failing_seconds,
                         m.error.as_deref().unwrap_or("unknown error")
                     ));
+                }
+                // A cut link is shown (status, metric, alert), not a reason: the site
+                // keeps working and converging on its own stream meanwhile.
+                if let Some(m) = s.site_link.as_ref().and_then(|l| l.misconfigured.as_ref()) {
+                    reasons.push(m.clone());
                 }
                 if let Some(g) = &s.upstream_gap {
                     reasons.push(format!(

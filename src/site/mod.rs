@@ -4,7 +4,7 @@
 //! (`external.api = $JS.<domain>.API`) carries events between the site and the hub; this
 //! module owns the provisioning of both ends ([`provision`]), their health check
 //! ([`status`]), and the guard that notices events the hub trimmed before a site could
-//! source them ([`guard`]). The site stream's own source from its hub is part of its
+//! source them ([`guard`]), and what a site node sees of its link ([`link`]). The site stream's own source from its hub is part of its
 //! settings ([`crate::stream::Upstream`]), so a site node creates it like any stream.
 //!
 //! ```text
@@ -41,10 +41,12 @@
 //!   the other checks agree everywhere.
 
 mod guard;
+pub mod link;
 mod provision;
 mod status;
 
 pub use self::guard::{Filled, META_UPSTREAM, UpstreamGap, UpstreamGuard};
+pub use self::link::SiteLink;
 pub use self::provision::{AddReport, Provisioned, add, remove, site_source};
 pub use self::status::{NewestLocal, STALL_AFTER, SiteStatus, StreamView, judge, stalled, status};
 pub use crate::event::import_prefix;

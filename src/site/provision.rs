@@ -64,12 +64,10 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
     let up = spec.upstream()?;
     let hub_js = jetstream::with_domain(client.clone(), &up.domain);
     let hub_err = |e: &dyn std::fmt::Display| nats_err("hub", &up.domain, e);
-    let mut hub = hub_js.get_stream(&up.stream).await.map_err(|e| {
-        hub_err(&format!(
-            "stream {:?}: {e} (start a hub node first, it creates the stream)",
-            up.stream
-        ))
-    })?;
+    let mut hub = hub_js
+        .get_stream(&up.stream)
+        .await
+        .map_err(|e| hub_err(&hub_stream_error(&up.stream, &up.domain, &e)))?;
     let mut config = hub.info().await.map_err(|e| hub_err(&e))?.config.clone();
     let limits = DeploymentLimits::from_metadata(&config.metadata);
 
@@ -103,6 +101,26 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
         site_stream,
         hub_source,
     })
+}
+
+/// Why the hub stream could not be read, in words: missing (a hub node creates it) is
+/// not the same as unreachable (the link, or the domain's name).
+fn hub_stream_error(stream: &str, domain: &str, e: &jetstream::context::GetStreamError) -> String {
+    use jetstream::context::GetStreamErrorKind;
+    match e.kind() {
+        GetStreamErrorKind::JetStream(je)
+            if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+        {
+            format!(
+                "stream {stream:?} does not exist (start a hub node first, it creates the stream)"
+            )
+        }
+        GetStreamErrorKind::Request => format!(
+            "the hub's JetStream is unreachable from this server ({}): is the site's leaf link up, and is {domain:?} the hub server's `jetstream.domain`? `site add` needs the link",
+            super::status::request_error_text(&e.to_string())
+        ),
+        _ => format!("stream {stream:?}: {e}"),
+    }
 }
 
 /// The site stream: created with the hub's limits pinned, or its upstream source set to

@@ -180,7 +180,7 @@ async fn view(
         Ok(Ok(m)) => serde_json::from_slice(&m.payload).unwrap_or_default(),
         Ok(Err(e)) => {
             return StreamView {
-                error: Some(e.to_string()),
+                error: Some(request_error_text(&e.to_string())),
                 ..Default::default()
             };
         }
@@ -232,6 +232,27 @@ async fn view(
             .filter(|ns| *ns >= 0)
             .map(|ns| ns as u64 / 1_000_000),
         source_seq: source.and_then(|s| s["seq"].as_u64()),
+    }
+}
+
+/// A request error as an operator reads it: async-nats repeats its kind ("no
+/// responders: no responders"); no responders means nothing in that domain answered.
+pub(crate) fn request_error_text(e: &str) -> String {
+    let lower = e.to_ascii_lowercase();
+    // async-nats reports JetStream's no-responders as "requested JetStream resource
+    // does not exist", which reads like a missing stream.
+    if lower.contains("no responders")
+        || lower.contains("requested jetstream resource does not exist")
+    {
+        "no responders: nothing answers for that JetStream domain from this server (leaf link down, or no such domain)".into()
+    } else if lower.contains("timed out") || lower.contains("timeout") {
+        "no answer in time (link down or server overloaded?)".into()
+    } else {
+        // "kind: detail" where the detail repeats the kind: keep one.
+        match e.split_once(": ") {
+            Some((kind, detail)) if kind.eq_ignore_ascii_case(detail) => kind.to_owned(),
+            _ => e.to_owned(),
+        }
     }
 }
 
@@ -318,6 +339,27 @@ pub fn judge(site: &StreamView, hub: &StreamView) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_errors_read_as_what_they_mean() {
+        for e in [
+            "no responders: no responders",
+            "request error: requested JetStream resource does not exist",
+        ] {
+            let t = request_error_text(e);
+            assert!(
+                t.starts_with("no responders: nothing answers"),
+                "{e} -> {t}"
+            );
+            assert!(!t.contains("does not exist"), "{t}");
+        }
+        assert_eq!(
+            request_error_text("timed out: timed out"),
+            "no answer in time (link down or server overloaded?)"
+        );
+        assert_eq!(request_error_text("Other: Other"), "Other");
+        assert_eq!(request_error_text("Kind: Detail"), "Kind: Detail");
+    }
 
     #[test]
     fn the_link_verdicts() {
