@@ -10,7 +10,8 @@
 //!   proxies this test runs (one per server, `ignore_discovered_servers` so the client
 //!   never goes around them); a cut drops the node's open connections and refuses new
 //!   ones until healed;
-//! - `stream_loss` (only with `JETSYNC_CHAOS_STREAM_LOSS=1`): the stream loses
+//! - `stream_loss` (on unless `JETSYNC_CHAOS_STREAM_LOSS=0`; one round of every run has
+//!   it): the stream loses
 //!   acknowledged messages while the round's other faults keep a node behind: message
 //!   deletes of random recent events, and a removed range (consecutive messages deleted
 //!   one by one: a purge up to a sequence would remove the stream's head, which nodes
@@ -62,7 +63,7 @@ use uuid::Uuid;
 const CHILD_ENV: &str = "JETSYNC_CHAOS_CHILD";
 const ROUNDS_ENV: &str = "JETSYNC_CHAOS_ROUNDS";
 const SEED_ENV: &str = "JETSYNC_CHAOS_SEED";
-/// `1`: the `stream_loss` fault is picked too (its healing needs the anti-entropy loop).
+/// `0`: the `stream_loss` fault is never picked (on by default: anti-entropy heals it).
 const STREAM_LOSS_ENV: &str = "JETSYNC_CHAOS_STREAM_LOSS";
 const CI_ROUNDS: usize = 8;
 const NODES: [&str; 3] = ["a", "b", "c"];
@@ -124,9 +125,16 @@ async fn child_main(spec: ChildSpec) {
     config.nats_urls = spec.urls.clone();
     config.nats_auth.ignore_discovered_servers = true;
     config.stream.replicas = 3;
+    // Anti-entropy on a short schedule: the `stream_loss` fault is healed by it, with no
+    // operator command.
+    config.ops.anti_entropy.interval = Duration::from_secs(2);
+    config.ops.anti_entropy.settle = Duration::from_secs(2);
     let node = jetsync::api::start_node(config)
         .await
         .expect("the node starts");
+    let ops = jetsync::ops::start((*node).clone(), node.config().ops.clone())
+        .await
+        .expect("the ops surface starts");
     let entities: Vec<EntityName> = ENTITIES.iter().map(|e| e.parse().unwrap()).collect();
 
     let path = ack_log(&spec.dir, &spec.node);
@@ -149,6 +157,7 @@ async fn child_main(spec: ChildSpec) {
     let mut inserted: Vec<(EntityName, Uuid)> = Vec::new();
     loop {
         if exit_file(&spec.dir).exists() {
+            ops.shutdown().await;
             node.shutdown().await.expect("graceful shutdown");
             return;
         }
@@ -637,7 +646,7 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(time_seed);
-    let stream_loss = std::env::var(STREAM_LOSS_ENV).is_ok_and(|v| v == "1");
+    let stream_loss = std::env::var(STREAM_LOSS_ENV).map_or(true, |v| v != "0");
     eprintln!(
         "chaos: {rounds} rounds, seed {seed} (set {SEED_ENV}={seed} to replay the schedule), stream loss {} ({STREAM_LOSS_ENV})",
         if stream_loss { "on" } else { "off" }
@@ -715,7 +724,12 @@ async fn chaos_nodes_converge_and_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
         // One round in the middle loses the quorum for sure, unless one did already.
         let force = round == rounds / 2 && !faults.contains_key("quorum_loss");
-        let picked = pick_faults(&mut rng, force, stream_loss);
+        let mut picked = pick_faults(&mut rng, force, stream_loss);
+        // One round in the first third loses stream messages for sure, unless one did
+        // already; it excludes server faults, so it replaces the round's other faults.
+        if stream_loss && round == rounds / 3 && !faults.contains_key("stream_loss") && !force {
+            picked = vec![Fault::StreamLoss, Fault::NodeKill(rng.below(3) as usize)];
+        }
         for f in &picked {
             *faults.entry(f.kind()).or_default() += 1;
             tokio::task::block_in_place(|| chaos.inject(*f));
