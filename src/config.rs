@@ -52,6 +52,7 @@
 //! page = 500
 //! deep_every = 10     # every 10th round compares every leaf, not the live winners
 //! origin_only = false # true: take from a peer only its own versions (deploy/secure)
+//! republish = true    # publish again own versions a caught-up peer lacks
 //!
 //! [[mirror]]          # optional, repeatable: an SQL read model (see `jetsync::mirror`)
 //! kind = "sqlite"     # or "postgres" with url = "host=… user=… dbname=…"
@@ -171,6 +172,8 @@ pub struct FileAntiEntropy {
     pub deep_every: u32,
     /// Take from a peer only versions of its own origin.
     pub origin_only: bool,
+    /// Publish again own versions a caught-up peer lacks.
+    pub republish: bool,
 }
 
 impl Default for FileAntiEntropy {
@@ -185,6 +188,7 @@ impl Default for FileAntiEntropy {
             page: s.page,
             deep_every: s.deep_every,
             origin_only: s.origin_only,
+            republish: s.republish,
         }
     }
 }
@@ -219,6 +223,7 @@ impl FileAntiEntropy {
             page: self.page,
             deep_every: self.deep_every,
             origin_only: self.origin_only,
+            republish: self.republish,
         })
     }
 }

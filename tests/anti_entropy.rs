@@ -37,6 +37,9 @@ fn fast(mut c: NodeConfig, settle: Duration) -> NodeConfig {
         page: 4,
         deep_every: 3,
         origin_only: false,
+        // These tests follow what a node pulls; republishing (which lets the stream carry
+        // the same records back) has its own test below and in tests/stream_loss.rs.
+        republish: false,
     };
     c
 }
@@ -596,6 +599,75 @@ async fn rounds_go_on_where_the_last_stopped_in_a_large_bucket() {
     assert_eq!(ae(&c).await.healed_total, 1);
     drop(ops);
     for n in [a, c] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// The stream learns the repair through anti-entropy (invariant 21): messages of a live
+/// origin lost before a fresh node read them; with `republish` on, the origin's round
+/// finds the caught-up peer lacking its settled versions and publishes them again, so a
+/// node rebuilt later from the stream alone (no anti-entropy of its own) holds every
+/// record. Without the republish the rebuilt node lacks the lost records (the wait times
+/// out naming them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_republishes_what_a_caught_up_peer_lacks_so_a_rebuilt_node_needs_no_repair() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let settle = Duration::from_millis(300);
+    let republishing = |c: NodeConfig| {
+        let mut c = fast(c, settle);
+        c.ops.anti_entropy.republish = true;
+        c
+    };
+    let a = start(republishing(node_config("a", dir.path(), &url))).await;
+    let ids = write_new(&a, &orders, "_", 12).await;
+    caught_up(&a, &js, "a to publish its writes").await;
+    let lost = lose(&js, &[2, 5, 9]).await;
+    let c = start(republishing(node_config("c", dir.path(), &url))).await;
+    caught_up(&c, &js, "c to apply what the stream still has").await;
+    assert_eq!(count(c.store(), &orders), 9, "c lacks the 3 lost records");
+    // Only a's loop runs: c, lacking, is what a's round finds; c then gets the records
+    // through the stream, not by pulling.
+    let ops = vec![start_ops(&a).await];
+    wait_for(
+        "a to republish the 3 records the stream lost",
+        Duration::from_secs(60),
+        || async {
+            let s = a.status().await.map_err(|e| e.to_string())?;
+            (s.heal.republished >= 3).then_some(()).ok_or(format!(
+                "a republished {}: {:?}",
+                s.heal.republished, s.anti_entropy.last
+            ))
+        },
+    )
+    .await;
+    caught_up(&c, &js, "c to apply the republished events").await;
+    assert_eq!(
+        count(c.store(), &orders),
+        12,
+        "c got the lost records from the stream"
+    );
+    drop(ops);
+    let d = start(node_config("d", dir.path(), &url)).await;
+    wait_for(
+        "d, rebuilt from the stream, to hold all 12 records",
+        Duration::from_secs(60),
+        || async {
+            let missing: Vec<&Uuid> = ids
+                .iter()
+                .filter(|id| d.store().get(&orders, **id).ok().flatten().is_none())
+                .collect();
+            missing
+                .is_empty()
+                .then_some(())
+                .ok_or(format!("d lacks {missing:?} (lost: {lost:?})"))
+        },
+    )
+    .await;
+    for n in [a, c, d] {
         n.shutdown().await.unwrap();
     }
 }

@@ -41,6 +41,10 @@ pub struct AntiEntropySettings {
     /// deployments where nodes are authenticated (deploy/secure); without auth anyone may
     /// publish under any origin, and any peer may heal.
     pub origin_only: bool,
+    /// Queue this node's own settled versions a caught-up peer lacks for publishing again,
+    /// so the stream learns the repair (invariant 21). Off: peers heal only by pulling,
+    /// and a node rebuilt from the stream lacks what the stream lost.
+    pub republish: bool,
 }
 
 impl Default for AntiEntropySettings {
@@ -54,6 +58,7 @@ impl Default for AntiEntropySettings {
             page: 500,
             deep_every: 10,
             origin_only: false,
+            republish: true,
         }
     }
 }

@@ -258,10 +258,11 @@ impl Round<'_> {
             }
             any = true;
             self.report.compared += 1;
-            let caught_up = match peer_lag.get(entity.as_str()) {
-                Some(l) => *l <= self.settings.settle.as_secs_f64(),
-                None => peer_idle,
-            };
+            let caught_up = self.settings.republish
+                && match peer_lag.get(entity.as_str()) {
+                    Some(l) => *l <= self.settings.settle.as_secs_f64(),
+                    None => peer_idle,
+                };
             self.entity(peer, &entity, &scopes, unsure, caught_up)
                 .await?;
         }
