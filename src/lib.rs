@@ -46,8 +46,10 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "config-file")]
 pub mod config;
 pub mod connect;
 pub mod delivery;

@@ -8,20 +8,41 @@
 //! age of the oldest stream event past the checkpoint, both taken from `status`, so the
 //! metric and `jetsync status` always agree.
 
+#[cfg(feature = "ops-http")]
 pub mod http;
 pub mod selfcheck;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 pub use crate::metrics::{self, NodeMetrics, OpsSettings, SelfCheck, StateSample};
 use crate::node::NodeHandle;
-pub use http::{OpsServer, Probe, Readiness};
+#[cfg(feature = "ops-http")]
+pub use http::OpsServer;
 
 use crate::metrics::now_ms;
+
+/// Whether a node should receive traffic, and why not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Whether it should.
+    pub ready: bool,
+    /// Why it is not ready (empty when ready).
+    pub reasons: Vec<String>,
+}
+
+/// What the HTTP listener (cargo feature `ops-http`) serves: implemented by [`super::NodeOps`].
+pub trait Probe: Send + Sync + 'static {
+    /// The metrics text, with the state gauges refreshed now.
+    fn metrics(&self) -> BoxFuture<'_, String>;
+    /// The node's readiness now.
+    fn readiness(&self) -> BoxFuture<'_, Readiness>;
+    /// The node's `status` as JSON (what `jetsync status --json` prints), or why not: read
+    /// by `jetsync top --http` when NATS is down.
+    fn status(&self) -> BoxFuture<'_, Result<String, String>>;
+}
 
 /// One node's operations surface: the [`Probe`] the HTTP listener serves.
 pub struct NodeOps {
@@ -166,6 +187,7 @@ fn local_state(store: &crate::store::Store) -> LocalState {
 /// A node's running operations surface: the HTTP listener (when configured) and the
 /// self-check. Stops when dropped.
 pub struct Ops {
+    #[cfg(feature = "ops-http")]
     server: Option<OpsServer>,
     selfcheck: tokio::task::JoinHandle<()>,
 }
@@ -173,7 +195,10 @@ pub struct Ops {
 impl Ops {
     /// Where the HTTP listener listens, if there is one.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.server.as_ref().map(OpsServer::local_addr)
+        #[cfg(feature = "ops-http")]
+        return self.server.as_ref().map(OpsServer::local_addr);
+        #[cfg(not(feature = "ops-http"))]
+        None
     }
 
     /// Stops the listener and the self-check.
@@ -181,6 +206,7 @@ impl Ops {
         self.selfcheck.abort();
         // Wait for it to be dropped: it holds the node (and so the store file) open.
         let _ = (&mut self.selfcheck).await;
+        #[cfg(feature = "ops-http")]
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }
@@ -194,7 +220,8 @@ impl Drop for Ops {
 }
 
 /// Starts the operations surface of `node`: the self-check, and the HTTP listener when
-/// `settings.listen` is set.
+/// `settings.listen` is set. Without the cargo feature `ops-http` a `listen` address is
+/// refused (`ErrorKind::Unsupported`): the library was built without the HTTP listener.
 pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<Ops> {
     let check = node.selfcheck().clone();
     let selfcheck = tokio::spawn(selfcheck::run(
@@ -202,12 +229,25 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
         check.clone(),
         settings.selfcheck_interval,
     ));
+    #[cfg(feature = "ops-http")]
     let server = match settings.listen {
         Some(addr) => {
-            let probe = Arc::new(NodeOps::new(node, settings.clone()));
+            let probe = std::sync::Arc::new(NodeOps::new(node, settings.clone()));
             Some(http::serve(addr, probe).await?)
         }
         None => None,
     };
-    Ok(Ops { server, selfcheck })
+    #[cfg(not(feature = "ops-http"))]
+    if settings.listen.is_some() {
+        selfcheck.abort();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "jetsync was built without the `ops-http` feature: no HTTP listener",
+        ));
+    }
+    Ok(Ops {
+        #[cfg(feature = "ops-http")]
+        server,
+        selfcheck,
+    })
 }
