@@ -1,5 +1,5 @@
 //! The operations surface a node runs beside it: Prometheus metrics ([`metrics`]), an
-//! HTTP listener with `/metrics`, `/healthz` and `/readyz` ([`http`]), and the self-check
+//! HTTP listener with `/metrics`, `/healthz` and `/readyz` (`http`, cargo feature `ops-http`), and the self-check
 //! that learns whether other nodes refuse this node's events ([`selfcheck`]).
 //!
 //! [`NodeOps`] ties them to one node: it samples the node's state when scraped (so the
@@ -33,7 +33,7 @@ pub struct Readiness {
     pub reasons: Vec<String>,
 }
 
-/// What the HTTP listener (cargo feature `ops-http`) serves: implemented by [`super::NodeOps`].
+/// What the HTTP listener (cargo feature `ops-http`) serves: implemented by [`NodeOps`].
 pub trait Probe: Send + Sync + 'static {
     /// The metrics text, with the state gauges refreshed now.
     fn metrics(&self) -> BoxFuture<'_, String>;
