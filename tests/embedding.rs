@@ -223,8 +223,8 @@ async fn after_shutdown_calls_fail_typed_and_the_watch_ends() {
 }
 
 /// A store file in use is refused with `OpenError::Locked` (no redb type to match), by
-/// `Store::open` and by a second `Node::start`; dropping the node without `shutdown`
-/// releases it.
+/// `Store::open` and by a second `Node::start`; dropping an idle node without `shutdown`
+/// releases it before `drop` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_store_is_its_own_error() {
     let server = NatsServer::start().expect("nats-server starts");
@@ -258,17 +258,21 @@ async fn a_locked_store_is_its_own_error() {
         "the message says why: {umbrella}"
     );
 
-    // Dropped without shutdown: the file is closed in `drop` (or, if a transaction was
-    // running at that instant, when it commits).
+    // Dropped without shutdown: the file is closed before `drop` returns. (Had a
+    // transaction been running at that instant, it would close when that commits: so
+    // first let the node go idle, its event published and its echo applied.)
+    let settled = || {
+        let node = NodeHandle::clone(&node);
+        async move {
+            match node.status().await {
+                Ok(s) if s.outbox == 0 && s.checkpoint >= 1 => Ok(()),
+                Ok(s) => Err(format!("outbox {}, checkpoint {}", s.outbox, s.checkpoint)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    wait_for("the node to publish and apply its insert", WAIT, settled).await;
     let id = node.node_id().clone();
     drop(node);
-    wait_for("the dropped node's store file to be released", WAIT, || {
-        let (path, id) = (path.clone(), id.clone());
-        async move {
-            Store::open(&path, id, StoreConfig::default())
-                .map(drop)
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await;
+    Store::open(&path, id, StoreConfig::default()).expect("the file is released when drop returns");
 }
