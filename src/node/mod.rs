@@ -65,7 +65,7 @@ use crate::metrics::{NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::site::UpstreamGap;
 use crate::snapshot::{SnapshotError, SnapshotReport};
-use crate::store::{Change, Store, Write, Written};
+use crate::store::{Change, Store, StoreReader, Write, Written};
 use crate::stream::{StreamError, provision};
 
 /// Store metadata key of the stream identity this node follows.
@@ -507,8 +507,23 @@ impl NodeHandle {
         &self.0.client
     }
 
-    /// The node's store.
-    pub fn store(&self) -> &Arc<Store> {
+    /// Read-only access to the node's store (blocking calls): the node owns its writes and
+    /// replication state, so write through the handle ([`NodeHandle::write`], ...).
+    pub fn store(&self) -> StoreReader {
+        StoreReader(self.0.store.clone())
+    }
+
+    /// Not part of the API: the store with its replication internals, for tests that
+    /// must reach into a running node (feeding it messages as the apply loop would).
+    /// Writing through it bypasses the node (watchers, publisher, lease): use the handle.
+    #[doc(hidden)]
+    pub fn raw_store(&self) -> &Arc<Store> {
+        &self.0.store
+    }
+
+    /// The store itself, for the crate's own front ends and operator paths (repair,
+    /// quarantine retry) that change it on the node's behalf.
+    pub(crate) fn store_full(&self) -> &Arc<Store> {
         &self.0.store
     }
 

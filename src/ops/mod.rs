@@ -61,7 +61,7 @@ impl NodeOps {
     pub async fn sample(&self) -> (StateSample, Readiness) {
         let node = &self.node;
         let status = node.status().await.ok();
-        let store = node.store().clone();
+        let store = node.store_full().clone();
         let local = tokio::task::spawn_blocking(move || local_state(&store))
             .await
             .unwrap_or_default();

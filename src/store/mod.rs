@@ -58,6 +58,7 @@ mod maintenance;
 mod outbox;
 mod quarantine;
 mod read;
+mod reader;
 mod refused;
 mod tx;
 mod types;
@@ -84,6 +85,7 @@ pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{
     DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
 };
+pub use reader::StoreReader;
 pub use refused::RefusedEntry;
 pub use types::{
     ApplyReport, Change, CompactReport, ConflictSet, Expect, Incoming, OutboxEntry, Page,
