@@ -166,6 +166,7 @@ async fn after_shutdown_calls_fail_typed_and_the_watch_ends() {
     let e = orders();
     let handle = NodeHandle::clone(&node);
     let mut feed = handle.watch(&e);
+    let stream = handle.watch(&e).into_stream();
     let before = handle
         .insert(&e, json!({"n": 1}))
         .await
@@ -209,6 +210,15 @@ async fn after_shutdown_calls_fail_typed_and_the_watch_ends() {
     assert!(
         handle.watch(&e).next().await.is_none(),
         "a watch taken after shutdown ends at once"
+    );
+    let streamed: Vec<_> = tokio::time::timeout(WAIT, futures::StreamExt::collect(stream))
+        .await
+        .unwrap_or_else(|_| panic!("the watch stream did not end within {WAIT:?}"));
+    assert!(
+        streamed
+            .iter()
+            .any(|c| c.as_ref().is_ok_and(|c| c.id == before.id)),
+        "the stream carried the insert: {streamed:?}"
     );
 
     // The file is free although the handle still lives, and the write made before the

@@ -23,6 +23,12 @@ pub struct Lagged {
 }
 
 impl Watch {
+    /// The feed as a [`futures::Stream`] (same items as [`Watch::next`]; it ends when the
+    /// node stops), for `StreamExt` combinators and `select!` over several feeds.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Change, Lagged>> + Send {
+        futures::stream::unfold(self, |mut w| async move { w.next().await.map(|c| (c, w)) })
+    }
+
     /// The next change, `None` once the node has stopped (after the changes made before
     /// the stop).
     pub async fn next(&mut self) -> Option<Result<Change, Lagged>> {
