@@ -118,6 +118,13 @@ pub enum StorageError {
         /// The I/O error.
         detail: String,
     },
+    /// The store was closed for good: its node shut down (or was dropped). Nothing was
+    /// read or written; open the store again (or start the node again) to use it.
+    #[error("store {path} is closed: its node has shut down")]
+    Closed {
+        /// The store file.
+        path: PathBuf,
+    },
     /// Reading or writing the store's file failed (other than a full disk); the store
     /// closes and reopens it by itself.
     #[error("I/O error on {path} ({detail}): the store is being reopened")]
@@ -184,6 +191,15 @@ pub enum OpenError {
         /// redb's error.
         #[source]
         source: redb::DatabaseError,
+    },
+    /// The store file is open elsewhere: another `Store` or running node (in this process or
+    /// another) holds it. A node releases it when it shuts down or is dropped.
+    #[error(
+        "store {path} is already open (locked by another Store or node, in this process or another); stop that one first"
+    )]
+    Locked {
+        /// The store file.
+        path: PathBuf,
     },
     /// The file is a redb database without jetsync's metadata: it belongs to something else.
     #[error("{path} is a redb file but not a jetsync store (no jetsync metadata)")]
@@ -329,6 +345,11 @@ pub enum WriteError {
         /// Who holds it.
         holder: Box<crate::lease::Holder>,
     },
+    /// The node has stopped ([`Node::shutdown`](crate::node::Node::shutdown), or the
+    /// [`Node`](crate::node::Node) was dropped): a handle kept past that takes no writes.
+    /// Nothing was written.
+    #[error("the node has stopped; nothing was written")]
+    NodeStopped,
     /// This process had not confirmed its lease for longer than its time to live (it was
     /// paused, or cut off from JetStream) and could not confirm it now although NATS is
     /// connected: another process may hold the node id. Nothing was written; retry.
@@ -368,4 +389,7 @@ pub enum Error {
     /// The store failed underneath.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Starting or running a node, or a node call (including [`crate::node::NodeError::Stopped`]).
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
 }

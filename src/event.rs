@@ -327,7 +327,7 @@ fn tokens_match(tail: &str, ev: &ChangeEvent) -> bool {
 /// depth), versions (origin, order), and clock drift against `reference_ms`. For a stream
 /// message `reference_ms` is its JetStream timestamp (the same on every node); for a
 /// record state merged in (snapshot, repair) it is this node's wall clock, since the
-/// events behind such a state are not at hand. [`decode`] and [`check_state`] call it, so
+/// events behind such a state are not at hand. [`decode`] and [`check_state`](crate::merge::check_state) call it, so
 /// every way data comes in meets the same limits.
 pub fn check_event(
     ev: &ChangeEvent,

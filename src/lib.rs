@@ -21,7 +21,7 @@
 //! - [`site`]: edge sites: a site stream on the site's own leaf server, sourced to and
 //!   from the hub stream, its provisioning and health, and the guard for hub events
 //!   trimmed before a site sourced them.
-//! - [`config`]: the node's TOML configuration file, validated key by key.
+//! - `config` (cargo feature `config-file`): the node's TOML configuration file, validated key by key.
 //! - [`connect`]: NATS URLs, authentication and TLS options shared by nodes and the CLI.
 //! - [`node`]: a running replica: the outbox publisher and the apply loop over a durable
 //!   pull consumer, gap/reset detection, partial replication with backfill, change feeds,
@@ -30,11 +30,43 @@
 //!   ([`api::start_node`]), and its client.
 //! - [`ops`]: the operations surface beside a node: Prometheus metrics, `/healthz` and
 //!   `/readyz`, and the self-check for events other nodes refuse.
-//! - [`cli`]: the command line (`jetsync run`, `demo` with the `dev-server` feature, and
+//! - `cli` (cargo feature `cli`): the command line (`jetsync run`, `demo` with the `dev-server` feature, and
 //!   commands over the node API).
 //! - `devserver` (cargo feature `dev-server`, on by default): real `nats-server` processes
 //!   (single or clustered) for tests, the demo and examples, installed on first use if the
 //!   machine has none; `demo` (same feature): the `jetsync demo` tour.
+//!
+//! ## Quick start
+//! A service embeds a [`Node`] (default features off: `jetsync = { version = "0.1",
+//! default-features = false }`) and uses its [`NodeHandle`] for everything:
+//! ```no_run
+//! use jetsync::{EntityName, Node, NodeConfig, NodeError, NodeHandle, NodeId, WriteError};
+//! use serde_json::json;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), jetsync::Error> {
+//!     let config = NodeConfig::new(NodeId::new("a")?, "data", "nats://127.0.0.1:4222");
+//!     let node = Node::start(config).await?; // offline is fine: it connects in the background
+//!     let orders = EntityName::new("orders")?;
+//!     let handle = NodeHandle::clone(&node);
+//!     let mut feed = handle.watch(&orders);
+//!
+//!     let w = handle.insert(&orders, json!({"item": "tea"})).await?;
+//!     match handle.put_if(&orders, w.id, json!({"item": "coffee"}), &w.version).await {
+//!         Ok(_) | Err(WriteError::VersionMismatch { .. }) => {}
+//!         Err(e) => return Err(e.into()),
+//!     }
+//!     if let Some(Ok(change)) = feed.next().await {
+//!         println!("{}/{} is now {:?}", change.entity, change.id, change.winner);
+//!     }
+//!     let page = handle.list(&orders, None, 100).await?;
+//!     println!("{} orders", page.items.len());
+//!
+//!     node.shutdown().await?;
+//!     assert!(matches!(handle.get(&orders, w.id).await, Err(NodeError::Stopped)));
+//!     Ok(())
+//! }
+//! ```
 //!
 //! The write path, in short:
 //! ```text
@@ -46,8 +78,10 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "config-file")]
 pub mod config;
 pub mod connect;
 pub mod delivery;
@@ -78,4 +112,14 @@ pub use clock::{Hlc, ManualClock, SystemClock, Version, WallClock};
 pub use error::{Error, OpenError, StorageError, WriteError};
 pub use event::{ChangeEvent, Op, QuarantineReason};
 pub use ids::{EntityName, NodeId, Scope};
-pub use store::{Expect, Incoming, Record, Store, StoreConfig, Write, WriteOp};
+pub use merge::Leaf;
+pub use node::{Lagged, Node, NodeConfig, NodeError, NodeHandle, Status, Watch};
+/// The README's library sections, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+pub use store::{
+    Change, ConflictSet, Expect, Incoming, Page, Record, Store, StoreConfig, Write, WriteOp,
+    Written,
+};

@@ -116,7 +116,7 @@ fn metric(node: &Node, name: &str, labels: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in\n{text}"))
 }
 
-fn count(store: &Store, entity: &EntityName) -> usize {
+fn count(store: jetsync::store::StoreReader, entity: &EntityName) -> usize {
     store.list(entity, None, usize::MAX).unwrap().items.len()
 }
 

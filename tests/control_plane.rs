@@ -172,8 +172,8 @@ async fn only_a_node_holding_an_origins_messages_answers_and_a_drop_clears_it() 
     .await
     .unwrap();
     let stream = js.get_stream("JETSYNC").await.unwrap();
-    let own = published_own(&stream, "a", a.store()).await;
-    refuse_as_skewed(z.store(), &own);
+    let own = published_own(&stream, "a", a.raw_store()).await;
+    refuse_as_skewed(z.raw_store(), &own);
 
     // z subscribes for origin a (it follows its quarantine every second) and answers.
     wait_for(
@@ -218,13 +218,13 @@ async fn only_a_node_holding_an_origins_messages_answers_and_a_drop_clears_it() 
 
     // z drops it: it stops answering; a asks z directly (it was refusing) and clears it.
     let ids: Vec<u64> = z
-        .store()
+        .raw_store()
         .quarantined_from("a", "jetsync", 10)
         .unwrap()
         .iter()
         .map(|e| e.id)
         .collect();
-    assert_eq!(z.store().quarantine_drop(&ids).unwrap(), 1);
+    assert_eq!(z.raw_store().quarantine_drop(&ids).unwrap(), 1);
     jetsync::ops::selfcheck::check_once(a, &check).await;
     assert!(
         check.refused_by().is_empty(),

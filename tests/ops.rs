@@ -301,8 +301,8 @@ async fn metrics_follow_writes_conflicts_quarantine_and_refused_events() {
         .await
         .unwrap();
     let stream = js.get_stream("JETSYNC").await.unwrap();
-    let own = published_own(&stream, "b", b.store()).await;
-    refuse_as_skewed(a.store(), &own);
+    let own = published_own(&stream, "b", b.raw_store()).await;
+    refuse_as_skewed(a.raw_store(), &own);
     let bm = wait_metric(
         b_addr,
         "b learning that a refuses its events",
@@ -766,8 +766,8 @@ async fn first_events_show_from_zero_and_wire_names_stay_bounded() {
         .await
         .unwrap();
     let stream = js.get_stream("JETSYNC").await.unwrap();
-    let own = published_own(&stream, "b", b.store()).await;
-    refuse_as_skewed(a.store(), &own);
+    let own = published_own(&stream, "b", b.raw_store()).await;
+    refuse_as_skewed(a.raw_store(), &own);
     wait_metric(
         b_addr,
         "b learning that a refuses its events",

@@ -502,8 +502,8 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         .await
         .unwrap();
     let stream = js.get_stream("JETSYNC").await.unwrap();
-    let own = published_own(&stream, "writer", writer.node.store()).await;
-    refuse_as_skewed(judge.node.store(), &own);
+    let own = published_own(&stream, "writer", writer.node.raw_store()).await;
+    refuse_as_skewed(judge.node.raw_store(), &own);
     // 3. A new node on a stream that no longer holds its first events: halted.
     let mut halted_config = config("halted", d, &url, "HALT", "halt");
     halted_config.stream.retention = halt_source.stream.retention.clone();
@@ -617,16 +617,16 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
 
     // The faults removed: each alert resolves.
     // 1. Nothing new quarantined (and the entry handled).
-    let entries = quar.node.store().quarantine(0, 10).unwrap();
+    let entries = quar.node.raw_store().quarantine(0, 10).unwrap();
     quar.node
-        .store()
+        .raw_store()
         .quarantine_drop(&entries.iter().map(|e| e.id).collect::<Vec<_>>())
         .unwrap();
     // 2. judge drops the refused entry.
-    let entries = judge.node.store().quarantine(0, 10).unwrap();
+    let entries = judge.node.raw_store().quarantine(0, 10).unwrap();
     judge
         .node
-        .store()
+        .raw_store()
         .quarantine_drop(&entries.iter().map(|e| e.id).collect::<Vec<_>>())
         .unwrap();
     // 3. A snapshot covering the gap: the halted node loads it and resumes.
@@ -640,13 +640,13 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     js.update_stream(c).await.unwrap();
     let parked: Vec<u64> = parker
         .node
-        .store()
+        .raw_store()
         .refused()
         .unwrap()
         .iter()
         .map(|e| e.origin_seq)
         .collect();
-    assert_eq!(parker.node.store().refused_retry(&parked).unwrap(), 1);
+    assert_eq!(parker.node.raw_store().refused_retry(&parked).unwrap(), 1);
     parker.node.wake_publisher();
     // 5. The stream's limit lifted.
     js.update_stream(stuck_original).await.unwrap();

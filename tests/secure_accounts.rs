@@ -571,9 +571,9 @@ async fn the_self_check_and_reads_cross_accounts() {
         .unwrap();
     let ops = ops_js(&s).await;
     let events = ops.get_stream(EVENTS).await.unwrap();
-    let own = published_own(&events, "porto", porto.store()).await;
+    let own = published_own(&events, "porto", porto.raw_store()).await;
     for peer in [&berlin, &lisbon] {
-        refuse_as_skewed(peer.store(), &own);
+        refuse_as_skewed(peer.raw_store(), &own);
     }
     wait_for(
         "porto's self-check to learn that berlin and lisbon refuse its event",

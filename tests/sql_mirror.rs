@@ -141,7 +141,7 @@ fn diff(want: &Rows, got: &Rows) -> Result<(), String> {
 /// Waits until `node`'s SQLite mirror at `path` equals its live records of `entities`.
 async fn sqlite_matches(node: &Node, path: &Path, entities: &[&EntityName]) {
     for e in entities {
-        let (store, path, e) = (node.store().clone(), path.to_owned(), (*e).clone());
+        let (store, path, e) = (node.raw_store().clone(), path.to_owned(), (*e).clone());
         wait_for(
             &format!(
                 "{}'s SQLite mirror of {e} to equal its records",
@@ -284,7 +284,7 @@ async fn sqlite_mirrors_equal_each_nodes_live_records_and_answer_queries_by_an_i
         plan.contains("orders$status"),
         "the index is not used: {plan}"
     );
-    let want: Vec<String> = store_rows(a.store(), &orders)
+    let want: Vec<String> = store_rows(a.raw_store(), &orders)
         .into_iter()
         .filter(|(_, r)| {
             serde_json::from_str::<serde_json::Value>(&r.doc).unwrap()["status"] == "open"
@@ -333,7 +333,7 @@ async fn sqlite_mirrors_equal_each_nodes_live_records_and_answer_queries_by_an_i
     }
     assert_eq!(
         sqlite_rows(&a_db, "orders").unwrap().len(),
-        store_rows(a.store(), &orders).len(),
+        store_rows(a.raw_store(), &orders).len(),
         "a refused query changed the mirror"
     );
     let out = Command::new(BIN)
@@ -449,7 +449,7 @@ async fn a_node_killed_mid_stream_resumes_its_mirror_from_the_mirrors_own_checkp
     })
     .await;
     // b has caught up once its mirror equals a's records (b applies everything a wrote).
-    let a_rows = store_rows(a.store(), &orders);
+    let a_rows = store_rows(a.raw_store(), &orders);
     wait_for("b's mirror to equal a's records", WAIT, || async {
         diff(&a_rows, &sqlite_rows(&db, "orders")?)
     })
@@ -521,7 +521,7 @@ async fn a_locked_mirror_does_not_stop_replication_shows_in_status_metrics_and_r
     a.write(puts(&orders, &more, "a", 1)).await.unwrap();
     // Replication goes on: b applies all of it.
     converge(&[&a, &b], &orders, WAIT).await;
-    assert_eq!(store_rows(b.store(), &orders).len(), 150);
+    assert_eq!(store_rows(b.raw_store(), &orders).len(), 150);
     wait_for(
         "b's status and /readyz to report the broken mirror",
         WAIT,
@@ -587,7 +587,7 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
     for id in &ids[..30] {
         a.delete(&orders, *id).await.unwrap();
     }
-    assert_eq!(a.store().change_log_position().unwrap(), None);
+    assert_eq!(a.raw_store().change_log_position().unwrap(), None);
     a.shutdown().await.unwrap();
 
     let config_file = write_config(
@@ -628,7 +628,7 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
     }
     assert!(
         diff(
-            &store_rows(a.store(), &orders),
+            &store_rows(a.raw_store(), &orders),
             &sqlite_rows(&db, "orders").unwrap()
         )
         .is_err()
@@ -657,7 +657,7 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
     a.shutdown().await.unwrap();
     // Without a mirror the log is dropped again, so re-enabling starts a new epoch.
     let a = start(plain).await;
-    assert_eq!(a.store().change_log_position().unwrap(), None);
+    assert_eq!(a.raw_store().change_log_position().unwrap(), None);
     a.shutdown().await.unwrap();
 }
 
@@ -821,7 +821,7 @@ async fn pg_matches(node: &Node, url: &str, e: &EntityName) {
         ),
         WAIT,
         || async {
-            let want: BTreeMap<_, _> = store_rows(node.store(), e)
+            let want: BTreeMap<_, _> = store_rows(node.raw_store(), e)
                 .into_iter()
                 .map(|(id, r)| {
                     (
@@ -914,7 +914,7 @@ async fn a_postgres_mirror_equals_the_records_survives_a_stopped_server_and_inde
         .await
         .unwrap()
         .get(0);
-    let want = store_rows(b.store(), &orders)
+    let want = store_rows(b.raw_store(), &orders)
         .values()
         .filter(|r| {
             serde_json::from_str::<serde_json::Value>(&r.doc).unwrap()["customer"]["id"] == 3

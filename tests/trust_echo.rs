@@ -262,7 +262,7 @@ async fn a_forged_message_under_a_nodes_subject_does_not_count_as_its_refused_ev
     // a's stamp), through b's own checks, with a's id kept.
     let earlier = real.time_ms.saturating_sub(600_000);
     let report = b
-        .store()
+        .raw_store()
         .apply_messages(
             &[Incoming {
                 stream_seq: real.seq,

@@ -20,7 +20,7 @@ pub(super) async fn snapshot(node: &NodeHandle) -> Result<Value, RemoteError> {
 }
 
 pub(super) async fn verify_hashes(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let (entity, scopes) = (req.entity()?, req.scopes.clone());
     let hashes: VerifyHashes = blocking(move || store.verify_hashes(&entity, &scopes)).await?;
     to_json(&hashes)
@@ -33,7 +33,7 @@ pub(super) async fn bucket_records(node: &NodeHandle, req: Req) -> Result<Value,
 /// Anti-entropy's hashes of this node (`read`): the live digest's buckets, or recomputed
 /// (`deep`, or scoped) as `verify_hashes` does.
 pub(super) async fn sync_hashes(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let (entity, scopes, deep) = (req.entity()?, req.scopes.clone(), req.deep);
     let hashes: VerifyHashes = blocking(move || store.sync_hashes(&entity, &scopes, deep)).await?;
     to_json(&hashes)
@@ -50,7 +50,7 @@ async fn states_in_buckets(
     req: Req,
     tombstones: bool,
 ) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let (entity, scopes, buckets) = (req.entity()?, req.scopes.clone(), req.buckets.clone());
     let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
     let page = blocking(move || {
@@ -70,7 +70,7 @@ async fn states_in_buckets(
 }
 
 pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let entity = req.entity()?;
     let states: Vec<(Uuid, RecordState)> =
         req.states.into_iter().map(|e| (e.id, e.state)).collect();
@@ -103,13 +103,13 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
 }
 
 pub(super) async fn damaged(node: &NodeHandle) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let list = blocking(move || store.damaged()).await?;
     to_json(&list)
 }
 
 pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let (after, limit) = (
         req.after_seq.unwrap_or(0),
         req.limit.unwrap_or(100).min(1_000),
@@ -143,7 +143,7 @@ pub(super) async fn quarantine(node: &NodeHandle, req: Req) -> Result<Value, Rem
 /// Drops quarantine entries; `missing` lists the ids that named none (the CLI fails on
 /// them).
 pub(super) async fn quarantine_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let ids = req.ids.clone();
     let (dropped, missing) = blocking(move || {
         let missing = store.quarantine_missing(&ids)?;
@@ -160,7 +160,7 @@ pub(super) async fn quarantine_retry(node: &NodeHandle, req: Req) -> Result<Valu
     if let Err(e) = node.refresh_limits().await {
         tracing::warn!(error = %e, "quarantine retry: cannot read the deployment's limits; using the ones in force");
     }
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let ids = req.ids.clone();
     let (report, missing, still) = blocking(move || {
         let missing = store.quarantine_missing(&ids)?;
@@ -198,14 +198,14 @@ pub(super) async fn apply(node: &NodeHandle, req: Req) -> Result<Value, RemoteEr
 
 /// The events this node parked as refused (the server will never take them as they are).
 pub(super) async fn refused(node: &NodeHandle) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let list = blocking(move || store.refused()).await?;
     to_json(&list)
 }
 
 /// Puts refused events back into the outbox (`ids`: their origin sequences).
 pub(super) async fn refused_retry(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let ids = req.ids.clone();
     let retried = blocking(move || store.refused_retry(&ids)).await?;
     node.wake_publisher();
@@ -214,7 +214,7 @@ pub(super) async fn refused_retry(node: &NodeHandle, req: Req) -> Result<Value, 
 
 /// Forgets refused events for good.
 pub(super) async fn refused_drop(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let ids = req.ids.clone();
     let dropped = blocking(move || store.refused_drop(&ids)).await?;
     Ok(json!({"dropped": dropped}))

@@ -132,6 +132,7 @@ impl From<WriteError> for RemoteError {
             WriteError::Storage(_) => ("storage", None),
             WriteError::NodeIdHeld { .. } => ("node_id_held", None),
             WriteError::LeaseUnconfirmed { .. } => ("lease_unconfirmed", None),
+            WriteError::NodeStopped => ("node_stopped", None),
         };
         RemoteError {
             code: code.into(),

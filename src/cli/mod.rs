@@ -10,6 +10,7 @@ mod ops;
 mod remote;
 mod run;
 mod site;
+#[cfg(feature = "tui")]
 pub mod top;
 
 use std::path::PathBuf;
@@ -152,6 +153,7 @@ pub enum Command {
     Health(health::HealthArgs),
     /// A live view of every node (lag, outbox, rates, conflicts, halts), refreshed every
     /// second; `--once` prints one frame.
+    #[cfg(feature = "tui")]
     Top(top::TopArgs),
     /// Snapshots in the stream's object store bucket: create, list, load (seed), prune.
     #[command(subcommand)]
@@ -335,6 +337,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 ExitCode::FAILURE
             },
         ),
+        #[cfg(feature = "tui")]
         Command::Top(args) => top::run(args).await,
         Command::Snapshot(cmd) => ops::snapshot(cmd).await,
         Command::Replay(args) => ops::replay(args).await,

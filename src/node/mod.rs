@@ -34,6 +34,7 @@ mod guard;
 mod heal;
 mod idle;
 mod publisher;
+mod records;
 mod snapshots;
 mod status;
 mod watch;
@@ -66,7 +67,7 @@ use crate::metrics::{AntiEntropy, NodeMetrics, SelfCheck};
 use crate::refusal::DeniedSubjects;
 use crate::site::UpstreamGap;
 use crate::snapshot::{SnapshotError, SnapshotReport};
-use crate::store::{Change, Store, Write, Written};
+use crate::store::{Change, Store, StoreReader, Write, Written};
 use crate::stream::{StreamError, provision};
 
 /// Store metadata key of the stream identity this node follows.
@@ -96,6 +97,15 @@ pub enum NodeError {
     /// The node id is held by another process, or the lease could not be taken.
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// The node has stopped ([`Node::shutdown`], or the [`Node`] was dropped): a
+    /// [`NodeHandle`] kept past that answers every call with this (writes with
+    /// [`WriteError::NodeStopped`]).
+    #[error("the node has stopped")]
+    Stopped,
+    /// A write through the node failed (in [`Error`](crate::Error) and wherever a call
+    /// both reads and writes).
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 /// A task that lives beside a node and stops with it, such as a front end serving the
@@ -451,7 +461,12 @@ impl Node {
         })
     }
 
-    /// Stops the loops (after their current batch) and the services, and waits for them.
+    /// Stops the loops (after their current batch) and the services, waits for them, and
+    /// closes the store file (its lock is released when this returns, unless a handle's
+    /// read is still running: then when it ends). Handles kept past this answer
+    /// [`NodeError::Stopped`] (writes: [`WriteError::NodeStopped`]) and their
+    /// [`Watch`]es end. A write that committed before the stop stays in the outbox and is
+    /// published on the next start.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         let _ = self.stop.send(true);
         self.shared.outbox_ready.notify_one();
@@ -461,6 +476,7 @@ impl Node {
         }
         // Bounded: a node that never reached NATS would wait on the flush forever.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
+        self.shared.store.close();
         Ok(())
     }
 }
@@ -510,12 +526,18 @@ async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError
     Ok(store)
 }
 
+/// Dropping a node without [`Node::shutdown`] stops it too: the loops are aborted (an
+/// applied batch not yet acknowledged is fetched again on the next start, and applying it
+/// again changes nothing) and the store file is closed before `drop` returns, unless a
+/// transaction is running at that instant (then when it commits). Prefer `shutdown().await`:
+/// it waits for the loops and for the file to be released.
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         for (_, t) in &self.tasks {
             t.abort();
         }
+        self.shared.store.close();
     }
 }
 
@@ -537,8 +559,23 @@ impl NodeHandle {
         &self.0.client
     }
 
-    /// The node's store.
-    pub fn store(&self) -> &Arc<Store> {
+    /// Read-only access to the node's store (blocking calls): the node owns its writes and
+    /// replication state, so write through the handle ([`NodeHandle::write`], ...).
+    pub fn store(&self) -> StoreReader {
+        StoreReader(self.0.store.clone())
+    }
+
+    /// Not part of the API: the store with its replication internals, for tests that
+    /// must reach into a running node (feeding it messages as the apply loop would).
+    /// Writing through it bypasses the node (watchers, publisher, lease): use the handle.
+    #[doc(hidden)]
+    pub fn raw_store(&self) -> &Arc<Store> {
+        &self.0.store
+    }
+
+    /// The store itself, for the crate's own front ends and operator paths (repair,
+    /// quarantine retry) that change it on the node's behalf.
+    pub(crate) fn store_full(&self) -> &Arc<Store> {
         &self.0.store
     }
 
@@ -577,6 +614,10 @@ impl NodeHandle {
     /// see [`Store::write_batch_with_changes`]) and wakes the publisher. Refused while
     /// another process holds the node id, or when a connected node cannot confirm a lease
     /// not confirmed for longer than its time to live (see [`crate::lease`]).
+    ///
+    /// This is the batch call: all of `writes` commit together or none does. Every other
+    /// write of the handle ([`NodeHandle::put`], [`NodeHandle::put_if`],
+    /// [`NodeHandle::resolve`], ...) goes through it, so watchers and the publisher see it.
     pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, WriteError> {
         self.write_admitted(writes, false).await
     }
@@ -596,6 +637,9 @@ impl NodeHandle {
         writes: Vec<Write>,
         remote: bool,
     ) -> Result<Vec<Written>, WriteError> {
+        if self.0.stopping() {
+            return Err(WriteError::NodeStopped);
+        }
         self.0.admit_write(remote).await?;
         let started = std::time::Instant::now();
         let (records, resolves) = (
@@ -606,7 +650,13 @@ impl NodeHandle {
         // An event the server can never take would sit in the outbox forever: refuse it now
         // (the client knows the server's max_payload, 1 MiB until it first connects).
         store.set_max_payload(self.0.client.max_payload());
-        let (written, changes) = store.write_batch_async(writes).await?;
+        let (written, changes) = match store.write_batch_async(writes).await {
+            // The node stopped while the write waited: nothing was written.
+            Err(WriteError::Storage(StorageError::Closed { .. })) => {
+                return Err(WriteError::NodeStopped);
+            }
+            r => r?,
+        };
         self.0
             .metrics
             .local_write(records, resolves, started.elapsed());
@@ -636,11 +686,13 @@ impl NodeHandle {
             .ok_or_else(|| WriteError::Storage(StorageError::NoWriteResult))
     }
 
-    /// Changes to `entity` as they are applied or written, in order.
+    /// Changes to `entity` as they are applied or written, in order. The feed ends
+    /// (`next` returns `None`) once the node stops.
     pub fn watch(&self, entity: &EntityName) -> Watch {
         Watch {
             entity: entity.clone(),
             rx: self.0.changes.subscribe(),
+            stop: self.0.shutdown.clone(),
         }
     }
 

@@ -199,6 +199,7 @@ pub(super) struct Counts {
 impl NodeHandle {
     /// The node's state now: its store's counters and what its loops last saw.
     pub async fn status(&self) -> Result<Status, NodeError> {
+        self.running()?;
         let store = self.0.store.clone();
         let counts = tokio::task::spawn_blocking(move || {
             Ok::<_, StorageError>(Counts {

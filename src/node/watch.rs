@@ -1,5 +1,5 @@
-//! Change feeds: [`Watch`], one entity type's changes as they are applied or written, and
-//! [`Lagged`], the error a feed that fell behind reports.
+//! Change feeds: [`Watch`], one entity type's changes as they are applied or written (ending
+//! when the node stops), and [`Lagged`], the error a feed that fell behind reports.
 
 use tokio::sync::broadcast;
 
@@ -10,6 +10,8 @@ use crate::store::Change;
 pub struct Watch {
     pub(super) entity: EntityName,
     pub(super) rx: broadcast::Receiver<Change>,
+    /// The node's stop signal: a handle may outlive the node, and with it the sender.
+    pub(super) stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The feed fell behind and `missed` changes were dropped; re-read the state.
@@ -21,10 +23,36 @@ pub struct Lagged {
 }
 
 impl Watch {
-    /// The next change, `None` once the node has stopped.
+    /// The feed as a [`futures::Stream`] (same items as [`Watch::next`]; it ends when the
+    /// node stops), for `StreamExt` combinators and `select!` over several feeds.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Change, Lagged>> + Send {
+        futures::stream::unfold(self, |mut w| async move { w.next().await.map(|c| (c, w)) })
+    }
+
+    /// The next change, `None` once the node has stopped (after the changes made before
+    /// the stop).
     pub async fn next(&mut self) -> Option<Result<Change, Lagged>> {
         loop {
-            match self.rx.recv().await {
+            if *self.stop.borrow() {
+                // Stopped: hand out what was sent before, then end.
+                match self.rx.try_recv() {
+                    Ok(c) if c.entity == self.entity => return Some(Ok(c)),
+                    Ok(_) => continue,
+                    Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                        return Some(Err(Lagged { missed }));
+                    }
+                    Err(_) => return None,
+                }
+            }
+            let received = tokio::select! {
+                r = self.rx.recv() => r,
+                // The node sends `true` before it goes; a sender gone without it ends too.
+                stopped = self.stop.wait_for(|s| *s) => match stopped {
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                },
+            };
+            match received {
                 Ok(c) if c.entity == self.entity => return Some(Ok(c)),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {

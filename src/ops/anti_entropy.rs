@@ -232,7 +232,7 @@ impl Round<'_> {
             serde_json::from_value(status["lag_seconds"].clone()).unwrap_or_default();
         let peer_idle = status["lag"].as_u64() == Some(0);
         let own = self.node.config().entities.clone();
-        let store = self.node.store().clone();
+        let store = self.node.store_full().clone();
         let mut entities = tokio::task::spawn_blocking(move || store.entities())
             .await
             .map_err(|e| reply_error("self", e.to_string()))?
@@ -291,7 +291,7 @@ impl Round<'_> {
                 .await?;
             serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?
         };
-        let store = self.node.store().clone();
+        let store = self.node.store_full().clone();
         let (e, s, deep) = (entity.clone(), scopes.to_vec(), self.deep);
         let ours = tokio::task::spawn_blocking(move || store.sync_hashes(&e, &s, deep))
             .await
@@ -338,7 +338,7 @@ impl Round<'_> {
             .await?;
             self.budget = self.budget.saturating_sub(page.len().max(1));
             self.report.fetched += page.len() as u64;
-            let store = self.node.store().clone();
+            let store = self.node.store_full().clone();
             let (e, unsure) = (entity.clone(), unsure.map(str::to_owned));
             let only = self.settings.origin_only.then(|| peer.to_owned());
             let (own_node, range_end) = (self.node.node_id().clone(), next);
@@ -498,7 +498,7 @@ pub async fn merge_peer_states(
     entity: &EntityName,
     states: Vec<(Uuid, RecordState)>,
 ) -> Result<MergeReport, crate::error::StorageError> {
-    let store = node.store().clone();
+    let store = node.store_full().clone();
     let e = entity.clone();
     let report = tokio::task::spawn_blocking(move || store.merge_records(&e, states))
         .await

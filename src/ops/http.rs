@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,25 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-/// Whether a node should receive traffic, and why not.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Readiness {
-    /// Whether it should.
-    pub ready: bool,
-    /// Why it is not ready (empty when ready).
-    pub reasons: Vec<String>,
-}
-
-/// What the listener serves: implemented by [`super::NodeOps`].
-pub trait Probe: Send + Sync + 'static {
-    /// The metrics text, with the state gauges refreshed now.
-    fn metrics(&self) -> BoxFuture<'_, String>;
-    /// The node's readiness now.
-    fn readiness(&self) -> BoxFuture<'_, Readiness>;
-    /// The node's `status` as JSON (what `jetsync status --json` prints), or why not: read
-    /// by `jetsync top --http` when NATS is down.
-    fn status(&self) -> BoxFuture<'_, Result<String, String>>;
-}
+use super::Probe;
 
 /// Most connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 64;

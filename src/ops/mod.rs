@@ -1,5 +1,5 @@
 //! The operations surface a node runs beside it: Prometheus metrics ([`metrics`]), an
-//! HTTP listener with `/metrics`, `/healthz` and `/readyz` ([`http`]), and the self-check
+//! HTTP listener with `/metrics`, `/healthz` and `/readyz` (`http`, cargo feature `ops-http`), and the self-check
 //! that learns whether other nodes refuse this node's events ([`selfcheck`]), and the
 //! anti-entropy loop that finds and heals divergence from peers ([`anti_entropy`]).
 //!
@@ -17,11 +17,11 @@
 //! name listing.
 
 pub mod anti_entropy;
+#[cfg(feature = "ops-http")]
 pub mod http;
 pub mod selfcheck;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -29,9 +29,30 @@ use futures::future::BoxFuture;
 pub use crate::metrics::{self, NodeMetrics, OpsSettings, SelfCheck, StateSample};
 use crate::metrics::{DiskSpace, PeerConsumer};
 use crate::node::NodeHandle;
-pub use http::{OpsServer, Probe, Readiness};
+#[cfg(feature = "ops-http")]
+pub use http::OpsServer;
 
 use crate::metrics::now_ms;
+
+/// Whether a node should receive traffic, and why not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Whether it should.
+    pub ready: bool,
+    /// Why it is not ready (empty when ready).
+    pub reasons: Vec<String>,
+}
+
+/// What the HTTP listener (cargo feature `ops-http`) serves: implemented by [`NodeOps`].
+pub trait Probe: Send + Sync + 'static {
+    /// The metrics text, with the state gauges refreshed now.
+    fn metrics(&self) -> BoxFuture<'_, String>;
+    /// The node's readiness now.
+    fn readiness(&self) -> BoxFuture<'_, Readiness>;
+    /// The node's `status` as JSON (what `jetsync status --json` prints), or why not: read
+    /// by `jetsync top --http` when NATS is down.
+    fn status(&self) -> BoxFuture<'_, Result<String, String>>;
+}
 
 /// One node's operations surface: the [`Probe`] the HTTP listener serves.
 pub struct NodeOps {
@@ -55,7 +76,7 @@ impl NodeOps {
     async fn sample_with(&self, consumers: bool) -> (StateSample, Readiness) {
         let node = &self.node;
         let status = node.status().await.ok();
-        let store = node.store().clone();
+        let store = node.store_full().clone();
         let local = tokio::task::spawn_blocking(move || local_state(&store))
             .await
             .unwrap_or_default();
@@ -324,6 +345,7 @@ async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
 /// A node's running operations surface: the HTTP listener (when configured), the
 /// self-check and the anti-entropy loop. Stops when dropped.
 pub struct Ops {
+    #[cfg(feature = "ops-http")]
     server: Option<OpsServer>,
     selfcheck: tokio::task::JoinHandle<()>,
     anti_entropy: tokio::task::JoinHandle<()>,
@@ -332,7 +354,10 @@ pub struct Ops {
 impl Ops {
     /// Where the HTTP listener listens, if there is one.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.server.as_ref().map(OpsServer::local_addr)
+        #[cfg(feature = "ops-http")]
+        return self.server.as_ref().map(OpsServer::local_addr);
+        #[cfg(not(feature = "ops-http"))]
+        None
     }
 
     /// Stops the listener and the self-check.
@@ -342,6 +367,7 @@ impl Ops {
         // Wait for them to be dropped: they hold the node (and so the store file) open.
         let _ = (&mut self.selfcheck).await;
         let _ = (&mut self.anti_entropy).await;
+        #[cfg(feature = "ops-http")]
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }
@@ -357,7 +383,8 @@ impl Drop for Ops {
 
 /// Starts the operations surface of `node`: the self-check, the anti-entropy loop (unless
 /// `settings.anti_entropy.enabled` is off), and the HTTP listener when `settings.listen`
-/// is set.
+/// is set. Without the cargo feature `ops-http` a `listen` address is refused
+/// (`ErrorKind::Unsupported`): the library was built without the HTTP listener.
 pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<Ops> {
     let check = node.selfcheck().clone();
     let selfcheck = tokio::spawn(selfcheck::run(
@@ -369,14 +396,25 @@ pub async fn start(node: NodeHandle, settings: OpsSettings) -> std::io::Result<O
         node.clone(),
         settings.anti_entropy.clone(),
     ));
+    #[cfg(feature = "ops-http")]
     let server = match settings.listen {
         Some(addr) => {
-            let probe = Arc::new(NodeOps::new(node, settings.clone()));
+            let probe = std::sync::Arc::new(NodeOps::new(node, settings.clone()));
             Some(http::serve(addr, probe).await?)
         }
         None => None,
     };
+    #[cfg(not(feature = "ops-http"))]
+    if settings.listen.is_some() {
+        selfcheck.abort();
+        anti_entropy.abort();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "jetsync was built without the `ops-http` feature: no HTTP listener",
+        ));
+    }
     Ok(Ops {
+        #[cfg(feature = "ops-http")]
         server,
         selfcheck,
         anti_entropy,

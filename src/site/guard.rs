@@ -84,7 +84,7 @@ pub struct Filled {
 /// status shows the gap: a false alarm (a range that was all echoes, trimmed before the
 /// jump was seen) costs one snapshot merge, never a stall.
 ///
-/// The position is saved every [`SAVE_EVERY`] and with every gap, not in the batch's
+/// The position is saved every `SAVE_EVERY` and with every gap, not in the batch's
 /// transaction: after a crash it can be behind, which can only raise a false alarm. It is
 /// unknown after a site-snapshot bootstrap (the next sourced message sets it).
 pub struct UpstreamGuard {
@@ -273,7 +273,7 @@ impl UpstreamGuard {
             .first_sequence)
     }
 
-    /// Tries to close the pending gap (at most every [`RETRY_EVERY`]): clears it if the
+    /// Tries to close the pending gap (at most every `RETRY_EVERY`): clears it if the
     /// hub still holds it after all, or merges a hub snapshot covering it.
     pub async fn retry(
         &mut self,

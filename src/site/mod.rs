@@ -2,9 +2,9 @@
 //! that the site's nodes publish to and consume from, so they converge with each other
 //! whether or not the WAN link to the hub is up. NATS stream sourcing across domains
 //! (`external.api = $JS.<domain>.API`) carries events between the site and the hub; this
-//! module owns the provisioning of both ends ([`provision`]), their health check
+//! module owns the provisioning of both ends (`provision`), their health check
 //! ([`status`]), and the guard that notices events the hub trimmed before a site could
-//! source them ([`guard`]), and what a site node sees of its link ([`link`]). The site stream's own source from its hub is part of its
+//! source them (`guard`), and what a site node sees of its link ([`link`]). The site stream's own source from its hub is part of its
 //! settings ([`crate::stream::Upstream`]), so a site node creates it like any stream.
 //!
 //! ```text

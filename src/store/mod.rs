@@ -59,6 +59,7 @@ mod maintenance;
 mod outbox;
 mod quarantine;
 mod read;
+mod reader;
 mod refused;
 mod republish;
 mod tx;
@@ -87,6 +88,7 @@ pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{
     DamagedEntry, Export, ExportError, ExportSummary, MergeReport, RecordSlot, VerifyHashes,
 };
+pub use reader::StoreReader;
 pub use refused::RefusedEntry;
 pub use types::{
     ApplyReport, Change, CompactReport, ConflictSet, Expect, Incoming, OutboxEntry, Page,
@@ -118,6 +120,8 @@ pub struct Store {
     clock: Mutex<HlcClock>,
     /// Write calls waiting for a shared transaction.
     writes: group::WriteQueue,
+    /// Closed for good ([`Store::close`]): every call fails with [`StorageError::Closed`].
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Store {
@@ -158,9 +162,14 @@ impl Store {
         let db = redb::Builder::new()
             .set_cache_size(config.cache_bytes)
             .create(&path)
-            .map_err(|source| OpenError::Database {
-                path: path.clone(),
-                source,
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    OpenError::Locked { path: path.clone() }
+                }
+                source => OpenError::Database {
+                    path: path.clone(),
+                    source,
+                },
             })?;
         let opened = init_or_check(&db, &path, &node)?;
         let mut limits = EventLimits::from(&config);
@@ -181,6 +190,7 @@ impl Store {
             clock: Mutex::new(clock),
             ids: RwLock::new(ids),
             writes: group::WriteQueue::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -223,6 +233,11 @@ impl Store {
     /// close and reopen the file, which succeeds once no transaction of the old handle is
     /// left and, for a full disk, once there is space for redb's repair.
     fn db(&self) -> Result<Arc<Database>, StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed {
+                path: self.path.clone(),
+            });
+        }
         let failure = {
             let mut io = self.io();
             match &io.failure {
@@ -246,6 +261,15 @@ impl Store {
                 detail: "the store is closed".into(),
             }))),
         }
+    }
+
+    /// Closes the file for good (a node stopping): every later call fails with
+    /// [`StorageError::Closed`]. The file lock is released now, or, if a transaction is
+    /// still running, when it ends.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let db = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(db);
     }
 
     /// Closes the database and opens it again; clears the failure on success.

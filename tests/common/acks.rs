@@ -43,10 +43,27 @@ impl Ack {
 /// Every record state of `entities` in a store.
 pub type States = BTreeMap<(EntityName, Uuid), RecordState>;
 
-pub fn states(store: &Store, entities: &[EntityName]) -> States {
+/// A store file or a running node's read-only view of one.
+pub trait Scan {
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)>;
+}
+
+impl Scan for Store {
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)> {
+        self.scan(e, None, usize::MAX).expect("scan").items
+    }
+}
+
+impl Scan for jetsync::store::StoreReader {
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)> {
+        self.scan(e, None, usize::MAX).expect("scan").items
+    }
+}
+
+pub fn states(store: &impl Scan, entities: &[EntityName]) -> States {
     let mut all = BTreeMap::new();
     for e in entities {
-        for (id, state) in store.scan(e, None, usize::MAX).expect("scan").items {
+        for (id, state) in store.scan_all(e) {
             all.insert((e.clone(), id), state);
         }
     }
