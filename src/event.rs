@@ -265,6 +265,14 @@ pub fn decode(
     stream_time_ms: u64,
     limits: &EventLimits,
 ) -> Result<ChangeEvent, QuarantineReason> {
+    // JSON text must be valid Unicode (RFC 8259 §8.2): JSON libraries keep, replace or
+    // refuse a lone surrogate, so a node and a consumer in another language could read
+    // another document. A byte scan, the same in every language, before any parsing.
+    if let Some(at) = lone_surrogate(payload) {
+        return Err(QuarantineReason::Malformed(format!(
+            "lone surrogate escape at byte {at}"
+        )));
+    }
     let ev: ChangeEvent = match serde_json::from_slice(payload) {
         Ok(ev) => ev,
         Err(err) => {
@@ -367,11 +375,70 @@ pub fn check_drift(
 /// anything deeper into a `Value`, so such a document could be stored but never read.
 pub const MAX_DOC_DEPTH: usize = 127;
 
+/// Deepest nesting of the API's requests and replies: a document at [`MAX_DOC_DEPTH`]
+/// inside a few levels of reply (`{"ok":{"records":[{"doc":…}]}}`), which is more than
+/// serde_json's default limit of 128.
+pub const MAX_WIRE_DEPTH: usize = MAX_DOC_DEPTH + 16;
+
+/// Parses JSON text nested at most [`MAX_WIRE_DEPTH`] levels, such as an API request or
+/// reply carrying any accepted document. The depth is measured first without recursion,
+/// so lifting serde_json's own limit cannot overflow the stack.
+pub fn from_slice_nested<T: serde::de::DeserializeOwned>(
+    json: &[u8],
+) -> Result<T, serde_json::Error> {
+    let depth = json_depth_bytes(json);
+    if depth > MAX_WIRE_DEPTH {
+        return Err(serde::de::Error::custom(format!(
+            "nested {depth} levels deep, more than {MAX_WIRE_DEPTH}"
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// The byte offset of the first lone surrogate escape in JSON text: a `\uD800`–`\uDBFF`
+/// escape not directly followed by a `\uDC00`–`\uDFFF` escape, or such a low surrogate
+/// escape not directly after a high one. In JSON, a backslash occurs only inside a string,
+/// so a scan from backslash to backslash sees every escape, in names and values alike.
+pub fn lone_surrogate(json: &[u8]) -> Option<usize> {
+    let escape = |at: usize| -> Option<u16> {
+        let hex = json.get(at..at + 6)?;
+        if hex[1] != b'u' {
+            return None;
+        }
+        std::str::from_utf8(&hex[2..])
+            .ok()
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut i = 0;
+    while let Some(k) = memchr::memchr(b'\\', json.get(i..)?) {
+        let at = i + k;
+        match escape(at) {
+            Some(0xD800..=0xDBFF) => match escape(at + 6) {
+                Some(0xDC00..=0xDFFF) => i = at + 12,
+                _ => return Some(at),
+            },
+            Some(0xDC00..=0xDFFF) => return Some(at),
+            Some(_) => i = at + 6,
+            // `\\`, `\"`, ...: the escaped character is not the start of another escape.
+            None => i = at + 2,
+        }
+    }
+    None
+}
+
 /// The nesting depth of valid JSON text (`{}` is 1), counted without recursion. Strings
 /// are skipped to their closing quote with `memchr`: a document is mostly string bytes,
 /// and this runs on every local write and every applied event.
 pub fn json_depth(json: &str) -> usize {
-    let bytes = json.as_bytes();
+    json_depth_bytes(json.as_bytes())
+}
+
+/// [`json_depth`] of text not yet known to be UTF-8.
+fn json_depth_bytes(bytes: &[u8]) -> usize {
     let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
     while i < bytes.len() {
         match bytes[i] {
@@ -420,6 +487,12 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
                 return Err(QuarantineReason::Malformed(
                     "doc must be a JSON object".into(),
                 ));
+            }
+            // Already refused for a stream message; this covers states merged in.
+            if let Some(at) = lone_surrogate(doc.get().as_bytes()) {
+                return Err(QuarantineReason::Malformed(format!(
+                    "doc has a lone surrogate escape at byte {at}"
+                )));
             }
             let depth = json_depth(doc.get());
             if depth > MAX_DOC_DEPTH {
@@ -671,7 +744,8 @@ mod tests {
             duplicate_member(r#"{"x":[{"k":1},{"k":2,"k":3}]}"#).as_deref(),
             Some("k")
         );
-        // A lone surrogate is valid JSON; twice, it is a duplicate name too.
+        // Lone surrogates are refused before this runs; should one get here, equal
+        // escapes are still the same name.
         assert!(duplicate_member(r#"{"\ud800":1,"\ud800":2}"#).is_some());
         assert_eq!(duplicate_member(r#"{"\ud800":1,"\ud801":2}"#), None);
         // The same name in sibling objects is not a duplicate.
@@ -680,6 +754,42 @@ mod tests {
             duplicate_member(r#"{"at line 1":1,"at line 1":2}"#).as_deref(),
             Some("at line 1")
         );
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_are_found_in_names_and_values() {
+        for ok in [
+            r#"{"a":"\ud83d\ude00"}"#,
+            r#"{"\uD83D\uDE00":1}"#,
+            r#"{"a":"\\ud800"}"#,
+            r#"{"a":"\\\\","b":"\u00e9\"\/"}"#,
+            r#"{"a":"\ud7ff\ue000"}"#,
+        ] {
+            assert_eq!(lone_surrogate(ok.as_bytes()), None, "{ok}");
+        }
+        for (bad, at) in [
+            (r#"{"a":"\ud800"}"#, 6),
+            (r#"{"a":"x\udfff"}"#, 7),
+            (r#"{"\ud800":1}"#, 2),
+            (r#"{"a":"\ud800\ud800\udc00"}"#, 6),
+            (r#"{"a":"\udc00\ud800"}"#, 6),
+            (r#"{"a":"\\\ud800x"}"#, 8),
+            (r#"{"a":"\ud800\n"}"#, 6),
+        ] {
+            assert_eq!(lone_surrogate(bad.as_bytes()), Some(at), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nested_wire_json_parses_to_the_deepest_accepted_document() {
+        let doc = format!("{}{}", "[".repeat(MAX_DOC_DEPTH), "]".repeat(MAX_DOC_DEPTH));
+        let reply = format!(r#"{{"ok":{{"records":[{{"doc":{doc}}}]}}}}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&reply).is_err());
+        let v: serde_json::Value = from_slice_nested(reply.as_bytes()).unwrap();
+        assert!(v["ok"]["records"][0]["doc"].is_array());
+        let deeper = "[".repeat(MAX_WIRE_DEPTH + 1) + &"]".repeat(MAX_WIRE_DEPTH + 1);
+        assert!(from_slice_nested::<serde_json::Value>(deeper.as_bytes()).is_err());
+        assert!(from_slice_nested::<serde_json::Value>(b"{} x").is_err());
     }
 
     #[test]

@@ -471,7 +471,7 @@ fn refusal_cases() -> Vec<Case> {
     let d5 = put(123, a(0, 0), 1, "{}");
     out.push(case(
         "duplicate_member_names",
-        "malformed: a member name twice in one object, in the envelope or anywhere inside doc (names compare after unescaping: \"a\" and \"\\u0061\" are the same, and so are two equal lone surrogate escapes). The same name in two different objects is fine.",
+        "malformed: a member name twice in one object, in the envelope or anywhere inside doc (names compare after unescaping: \"a\" and \"\\u0061\" are the same, and so are \"\\u00e9\" and a literal \"é\"). The same name in two different objects is fine.",
         vec![
             raw(
                 &d1.subject(),
@@ -488,7 +488,7 @@ fn refusal_cases() -> Vec<Case> {
             ),
             raw(
                 &d5.subject(),
-                &d5.body_with_doc(r#"{"\ud800":1,"\ud800":2}"#),
+                &d5.body_with_doc(r#"{"\u00e9":1,"é":2}"#),
                 d5.time(),
                 &d5,
             ),
@@ -617,6 +617,77 @@ fn refusal_cases() -> Vec<Case> {
             jt(j.body().replacen(r#""ms":"#, r#""ms":281474976710656,"x":"#, 1)),
         ],
     ));
+
+    // Lone surrogates: JSON text must be valid Unicode (RFC 8259 section 8.2).
+    let ls = put(126, a(0, 0), 1, r#"{"v":1}"#);
+    let lt = |body: String| raw(&ls.subject(), &body, ls.time(), &ls);
+    let mut ls_v2 = lt(ls
+        .body()
+        .replacen(r#""v":1"#, r#""v":2,"note":"\ud800""#, 1));
+    ls_v2.envelope = 2;
+    out.push(case(
+        "lone_surrogates",
+        "malformed: a \\u escape of a high surrogate (D800-DBFF) not directly followed by a \\u escape of a low surrogate (DC00-DFFF), or a low surrogate escape not directly after a high one, anywhere in the body: in a string or a member name, inside doc or not, whatever v says (checked before anything else). A pair is one character and passes; an escaped backslash followed by the text ud800 is no escape and passes.",
+        vec![
+            lt(ls.body_with_doc(r#"{"s":"\ud800"}"#)),
+            lt(ls.body_with_doc(r#"{"\ud800":1}"#)),
+            lt(ls.body_with_doc(r#"{"s":["ok","x\udc00y"]}"#)),
+            lt(ls.body_with_doc(r#"{"s":"\ud800\ud800\udc00"}"#)),
+            lt(ls.body_with_doc(r#"{"s":"\ud800\n"}"#)),
+            ls_v2,
+            lt(ls.body_with_doc(r#"{"s":"\ud83d\ude00","\uD83D\uDE00":"\\ud800"}"#)),
+        ],
+    ));
+
+    // Integers and the envelope: what "an integer" and "the v member" mean exactly.
+    let n = put(127, a(0, 0), 1, r#"{"v":1}"#);
+    let nt = |body: String| raw(&n.subject(), &body, n.time(), &n);
+    let v2 = |body: String| {
+        let mut m = nt(body);
+        m.envelope = 2;
+        m
+    };
+    out.push(case(
+        "envelope_numbers_and_names",
+        "The envelope's integers have no sign, fraction or exponent: -0 is malformed (not 0), so are 2.0 and 2e0. unsupported_envelope needs v to be an integer in 0..2^64 (2^64-1 is in, 2^64 is out: malformed), occurring once, in a body that is valid JSON with nothing after it; duplicates elsewhere do not matter then. Member names compare after unescaping: \"\\u0076\" is the member v.",
+        vec![
+            nt(n.body().replacen(r#""origin_seq":1"#, r#""origin_seq":-0"#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":-0"#, 1)),
+            nt(n.body().replacen(r#""c":0"#, r#""c":-0"#, 1)),
+            v2(n.body().replacen(r#""v":1"#, r#""v":18446744073709551615"#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":18446744073709551616"#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":2.0"#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":2e0"#, 1)),
+            v2(n.body().replacen(r#""v":1"#, r#""v":2,"op":"x""#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":2,"v":2"#, 1)),
+            nt(n.body().replacen(r#""v":1"#, r#""v":2"#, 1) + " {}"),
+            nt(n.body().replacen(r#""v":1"#, r#""\u0076":1"#, 1)),
+        ],
+    ));
+
+    // The size comes before "must be an object", measured over the value's span whatever
+    // its type. Limit 64.
+    let nb = |k| put(k, a(0, 0), 1, r#"{"v":1}"#);
+    let (x1, x2, x3, x4) = (nb(128), nb(129), nb(130), nb(131));
+    let big_array = format!("[{}]", r#""xxxxxxxxxxxxxxxxxx","#.repeat(3) + "1");
+    let big_string = format!(r#""{}""#, "y".repeat(63));
+    let mut non_object = case(
+        "doc_not_an_object_size_first",
+        "A doc that is not an object is measured like any other, over its value's text as written (an array from its [ to its matching ], a string from quote to quote, a number or literal its characters): over max_doc_bytes (64 here) it is doc_too_large, else malformed.",
+        vec![
+            raw(&x1.subject(), &x1.body_with_doc(&big_array), x1.time(), &x1),
+            raw(
+                &x2.subject(),
+                &x2.body_with_doc(&big_string),
+                x2.time(),
+                &x2,
+            ),
+            raw(&x3.subject(), &x3.body_with_doc("[1,2]"), x3.time(), &x3),
+            raw(&x4.subject(), &x4.body_with_doc("true"), x4.time(), &x4),
+        ],
+    );
+    non_object.max_doc_bytes = 64;
+    out.push(non_object);
 
     let iv = put(118, a(10, 0), 1, r#"{"v":1}"#);
     let mut not_own = iv.clone();
@@ -1481,4 +1552,78 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
         mismatches.len(),
         mismatches.join("\n")
     );
+}
+
+/// A document at the deepest nesting the contract accepts (127 levels) goes in and comes
+/// back out through the CLI and the API (`put`, `get`, `list`), although each request and
+/// reply nests it a few levels deeper than serde_json's default limit of 128. And the CLI
+/// stops quietly when its standard output is a closed pipe (`jetsync list … | head`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deepest_accepted_document_round_trips_through_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = jetsync::devserver::NatsServer::start().expect("nats-server starts");
+    let url = server.client_url();
+    let mut node = spawn_node(dir.path(), &url, "na");
+    let nc = async_nats::connect(&url).await.expect("connect");
+    let api = jetsync::api::ApiClient::new(nc, PREFIX);
+    wait_until("node na to answer", || {
+        let api = api.clone();
+        async move {
+            let found = api
+                .nodes(Duration::from_millis(500))
+                .await
+                .map_err(|e| e.to_string())?;
+            found
+                .iter()
+                .any(|n| n["node"] == "na")
+                .then_some(())
+                .ok_or(format!("nodes answering: {found:?}"))
+        }
+    })
+    .await;
+
+    let doc = format!(r#"{{"x":{}{}}}"#, "[".repeat(126), "]".repeat(126));
+    assert_eq!(event::json_depth(&doc), event::MAX_DOC_DEPTH);
+    let file = dir.path().join("deep.json");
+    std::fs::write(&file, &doc).expect("write the document");
+    let id = Uuid::now_v7().to_string();
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--node", "na", "--server", &url, "--json"])
+            .output()
+            .expect("run the jetsync CLI");
+        assert!(
+            out.status.success(),
+            "jetsync {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        event::from_slice_nested::<Value>(&out.stdout).expect("the CLI prints JSON")
+    };
+    cli(&["put", "deep", &id, &format!("@{}", file.display())]);
+    let got = cli(&["get", "deep", &id]);
+    assert_eq!(got["doc"].to_string(), doc, "get returns the document");
+    let listed = cli(&["list", "deep"]);
+    assert_eq!(
+        listed["records"][0]["doc"].to_string(),
+        doc,
+        "list returns the document"
+    );
+
+    // Our end of the pipe is closed before the CLI writes: it meets a broken pipe.
+    let mut child = Command::new(BIN)
+        .args(["list", "deep", "--node", "na", "--server", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run jetsync list");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("jetsync list ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "jetsync list into a closed pipe: {:?}, {stderr}",
+        out.status
+    );
+    sigterm(&mut node);
 }

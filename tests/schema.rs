@@ -1,7 +1,8 @@
 //! `schemas/change-event.schema.json` describes the events jetsync writes exactly: real
 //! events from a store validate and decode, hand-written bad ones fail both the schema and
-//! the decoder, the checks only the decoder can make are pinned down, and random valid
-//! events pass both.
+//! the decoder, the checks only the decoder can make are pinned down, random valid events
+//! pass both, and where the schema refuses a conformance vector the node's reason is a
+//! step-1 code (the schema is that step's validator).
 //!
 //! Agreement between the schema and `jetsync::event::decode` is the point. Where the
 //! decoder accepts something writers never produce, the schema follows the decoder only
@@ -231,9 +232,6 @@ fn bad_events_fail_the_schema_and_the_decoder() {
             "delete with doc",
             with(&good, |e| e["op"] = json!("delete")),
         ),
-        ("put with null doc", with(&good, |e| e["doc"] = json!(null))),
-        ("doc an array", with(&good, |e| e["doc"] = json!([1, 2]))),
-        ("doc a string", with(&good, |e| e["doc"] = json!("{}"))),
         (
             "uppercase entity",
             with(&good, |e| e["entity"] = json!("Orders")),
@@ -267,7 +265,6 @@ fn bad_events_fail_the_schema_and_the_decoder() {
             "origin with a wildcard",
             with(&good, |e| e["origin"] = json!("n*")),
         ),
-        ("origin_seq 0", with(&good, |e| e["origin_seq"] = json!(0))),
         (
             "negative origin_seq",
             with(&good, |e| e["origin_seq"] = json!(-1)),
@@ -445,6 +442,32 @@ fn checks_beyond_the_schema_are_the_decoders() {
             subject.as_str(),
             |r| matches!(r, QuarantineReason::DocTooLarge { .. }),
         ),
+        // Left to the later steps on purpose (the schema's $comment): the node refuses
+        // them with another code (origin_seq 0) or after the size check (doc not an object).
+        (
+            "origin_seq 0",
+            text(&with(&good, |e| e["origin_seq"] = json!(0))),
+            subject.as_str(),
+            invalid_version,
+        ),
+        (
+            "put with null doc",
+            text(&with(&good, |e| e["doc"] = json!(null))),
+            subject.as_str(),
+            malformed,
+        ),
+        (
+            "doc an array",
+            text(&with(&good, |e| e["doc"] = json!([1, 2]))),
+            subject.as_str(),
+            malformed,
+        ),
+        (
+            "doc a string",
+            text(&with(&good, |e| e["doc"] = json!("{}"))),
+            subject.as_str(),
+            malformed,
+        ),
         (
             "v written as 1.0",
             text(&good).replacen("\"v\":1", "\"v\":1.0", 1),
@@ -478,6 +501,47 @@ fn checks_beyond_the_schema_are_the_decoders() {
         decode(&subject, at_t0.as_bytes(), T0 - 1, &limits()),
         Err(QuarantineReason::ClockDrift { .. })
     ));
+}
+
+/// The schema is step 1's validator (its top-level `$comment`): wherever it refuses a
+/// conformance vector's body, the node's reason is a step-1 code (`malformed` or
+/// `unsupported_envelope`), never one of a later step, so a consumer validating with it
+/// gets the node's codes. Bodies deeper than [`jetsync::event::MAX_WIRE_DEPTH`] are left
+/// out: docs/consuming.md says to measure the size before parsing such a body.
+#[test]
+fn where_the_schema_refuses_a_vector_the_node_refuses_in_step_1() {
+    let v = validator();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/vectors");
+    let mut checked = 0;
+    for file in ["refusals.json", "merge.json", "identity.json"] {
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).expect("read a vector file");
+        let vectors: Value = serde_json::from_str(&text).expect("vectors are JSON");
+        for case in vectors["cases"].as_array().expect("cases") {
+            for m in case["messages"].as_array().expect("messages") {
+                let body = m["body"].as_str().expect("body");
+                if jetsync::event::json_depth(body) > jetsync::event::MAX_WIRE_DEPTH {
+                    continue;
+                }
+                // What serde_json cannot read (not JSON, lone surrogates, 1e400) is not
+                // the schema's verdict.
+                let Ok(instance) = jetsync::event::from_slice_nested::<Value>(body.as_bytes())
+                else {
+                    continue;
+                };
+                let refused = !errors(v, &instance).is_empty();
+                let reason = m["expect"]["reason"].as_str();
+                if refused {
+                    assert!(
+                        matches!(reason, Some("malformed" | "unsupported_envelope")),
+                        "{file} {}: the schema refuses a body the node accepts or refuses later ({reason:?}): {body}",
+                        case["name"]
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} vector messages checked");
 }
 
 /// Members writers omit rather than write as null: both the schema and the decoder refuse

@@ -52,6 +52,41 @@ def _obj(pairs):
     return o
 
 
+def _int(text):
+    """Envelope integers have no sign: `-0` becomes a float, which no integer check takes
+    (the node reads it as -0.0). Inside the document it does not matter."""
+    return -0.0 if text == "-0" else int(text)
+
+
+def _lone_surrogate(text):
+    """The index of the first lone surrogate escape: a \\uD800-\\uDBFF escape not directly
+    followed by a \\uDC00-\\uDFFF one, or such a low one not directly after a high one.
+    Python's json keeps lone surrogates, so check the text. A backslash occurs only inside
+    strings, so scanning from backslash to backslash sees every escape."""
+
+    def unit(at):
+        h = text[at + 2 : at + 6]
+        if text[at + 1 : at + 2] != "u" or len(h) != 4 or not all(c in "0123456789abcdefABCDEF" for c in h):
+            return None
+        return int(h, 16)
+
+    i = text.find("\\")
+    while i >= 0:
+        u = unit(i)
+        if u is None:
+            i = text.find("\\", i + 2)
+        elif 0xD800 <= u <= 0xDBFF:
+            low = unit(i + 6)
+            if low is None or not 0xDC00 <= low <= 0xDFFF:
+                return i
+            i = text.find("\\", i + 12)
+        elif 0xDC00 <= u <= 0xDFFF:
+            return i
+        else:
+            i = text.find("\\", i + 6)
+    return None
+
+
 def _reject_constant(name):
     raise Refused("malformed", f"{name} is not JSON")
 
@@ -126,7 +161,13 @@ def decode(subject, body, stream_time_ms, limits):
     """The checked event of one stream message, or raises Refused (see docs/consuming.md)."""
     try:
         text = body.decode("utf-8")
-        ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise Refused("malformed", str(e)) from None
+    # Before anything else, whatever v says: JSON text must be valid Unicode.
+    if _lone_surrogate(text) is not None:
+        raise Refused("malformed", "lone surrogate escape")
+    try:
+        ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant, parse_int=_int)
         structure_error = _structure(ev)
     except RecursionError:
         # Deeper than Python's parser goes, but a node checks the size before the depth.
@@ -137,7 +178,7 @@ def decode(subject, body, stream_time_ms, limits):
     if structure_error is not None:
         # A newer envelope is named as such, not as garbage.
         try:
-            top = json.loads(body.decode("utf-8"), object_pairs_hook=lambda p: p)
+            top = json.loads(text, object_pairs_hook=lambda p: p, parse_int=_int)
             vs = [v for k, v in top if k == "v"] if type(top) is list else []
         except (ValueError, RecursionError):
             vs = []

@@ -224,10 +224,12 @@ fn parse_reply(node: &str, payload: &[u8]) -> Result<Value, ApiError> {
         ok: Option<Value>,
         error: Option<RemoteError>,
     }
-    let reply: Reply = serde_json::from_slice(payload).map_err(|e| ApiError::BadReply {
-        node: node.into(),
-        detail: e.to_string(),
-    })?;
+    // A reply nests a document a few levels deeper than the document itself.
+    let reply: Reply =
+        crate::event::from_slice_nested(payload).map_err(|e| ApiError::BadReply {
+            node: node.into(),
+            detail: e.to_string(),
+        })?;
     match (reply.ok, reply.error) {
         (_, Some(e)) => Err(e.into()),
         (Some(v), None) => Ok(v),

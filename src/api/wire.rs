@@ -265,7 +265,9 @@ impl Req {
         if payload.is_empty() {
             serde_json::from_str("{}").map_err(|e| bad_request(e.to_string()))
         } else {
-            serde_json::from_slice(payload).map_err(|e| bad_request(format!("request body: {e}")))
+            // A write request nests its document a level or two deeper than the document.
+            crate::event::from_slice_nested(payload)
+                .map_err(|e| bad_request(format!("request body: {e}")))
         }
     }
     pub fn entity(&self) -> Result<EntityName, RemoteError> {

@@ -121,6 +121,9 @@ pub enum InspectCmd {
         retry: Vec<u64>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// List entries after this id (the `more: --after` of the previous page).
+        #[arg(long)]
+        after: Option<u64>,
         #[command(flatten)]
         target: Target,
     },
@@ -583,6 +586,7 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
             drop,
             retry,
             limit,
+            after,
             target,
         } => {
             let api = ApiClient::new(target.conn.nats().await?, &target.conn.prefix);
@@ -593,8 +597,12 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                 api.call(&target.node, "quarantine_retry", json!({"ids": retry}))
                     .await?
             } else {
-                api.call(&target.node, "quarantine", json!({"limit": limit}))
-                    .await?
+                api.call(
+                    &target.node,
+                    "quarantine",
+                    json!({"limit": limit, "after_seq": after}),
+                )
+                .await?
             };
             let ids = |k: &str| -> Vec<String> {
                 v[k].as_array()
@@ -639,7 +647,7 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                         ));
                     }
                     if let Some(next) = v["next"].as_u64() {
-                        s.push_str(&format!("more after id {next}\n"));
+                        s.push_str(&format!("more: --after {next}\n"));
                     }
                     s
                 }

@@ -51,7 +51,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let rec = c
                 .call(&target.node, "get", json!({"entity": entity, "id": id}))
                 .await?;
-            anyhow::ensure!(!rec.is_null(), "{entity}/{id} not found on {}", target.node);
+            // Worded like the API's own `not_found` errors; a deleted record reads as
+            // absent (its tombstone is merge state, not a record).
+            anyhow::ensure!(
+                !rec.is_null(),
+                "not_found: {entity}/{id} not found on {} (never written there, or deleted)",
+                target.node
+            );
             if !target.conn.json {
                 // A record has a `conflicts` list too: render it as a record, not as the
                 // conflicts table `human` would take it for.

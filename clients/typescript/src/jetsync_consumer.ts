@@ -124,9 +124,10 @@ function parse(text: string): J {
   return v;
 }
 
-/** An unsigned integer written without fraction or exponent, below 2^bits, or null. */
+/** An unsigned integer written without sign, fraction or exponent, below 2^bits, or null
+ * (`-0` is refused: the node reads it as a float). */
 function uint(j: J | undefined, bits: number): bigint | null {
-  if (!j || j.t !== "num" || !/^-?(0|[1-9][0-9]*)$/.test(j.raw)) return null;
+  if (!j || j.t !== "num" || !/^(0|[1-9][0-9]*)$/.test(j.raw)) return null;
   const n = BigInt(j.raw);
   return n >= 0n && n < 1n << BigInt(bits) ? n : null;
 }
@@ -265,20 +266,47 @@ function tooDeep(text: string, limits: Limits): never {
   throw new Refused("malformed", "doc nested too deep");
 }
 
+/** The index of the first lone surrogate escape: a \\uD800-\\uDBFF escape not directly
+ * followed by a \\uDC00-\\uDFFF one, or such a low one not directly after a high one. A
+ * backslash occurs only inside strings, so scanning from backslash to backslash sees every
+ * escape, in names and values. */
+export function loneSurrogate(text: string): number | null {
+  const unit = (at: number): number | null =>
+    text[at + 1] === "u" && /^[0-9a-fA-F]{4}$/.test(text.slice(at + 2, at + 6)) ? parseInt(text.slice(at + 2, at + 6), 16) : null;
+  let i = text.indexOf("\\");
+  while (i >= 0) {
+    const u = unit(i);
+    if (u === null) i = text.indexOf("\\", i + 2);
+    else if (u >= 0xd800 && u <= 0xdbff) {
+      const low = unit(i + 6);
+      if (low === null || low < 0xdc00 || low > 0xdfff) return i;
+      i = text.indexOf("\\", i + 12);
+    } else if (u >= 0xdc00 && u <= 0xdfff) return i;
+    else i = text.indexOf("\\", i + 6);
+  }
+  return null;
+}
+
 export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, limits: Limits): Event {
   let text: string;
   let ev: J;
   try {
     // ignoreBOM: a BOM stays in the text, and is refused as JSON.
     text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body);
+  } catch (e) {
+    throw new Refused("malformed", String(e));
+  }
+  // Before anything else, whatever v says: JSON text must be valid Unicode.
+  if (loneSurrogate(text) !== null) throw new Refused("malformed", "lone surrogate escape");
+  try {
     ev = parse(text);
     structure(ev);
   } catch (e) {
     // Deeper than this parser goes, but a node checks the size before the depth.
-    if (e instanceof RangeError) tooDeep(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body), limits);
+    if (e instanceof RangeError) tooDeep(text, limits);
     // A newer envelope is named as such, not as garbage.
     try {
-      const top = parse(new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(body));
+      const top = parse(text);
       const vs = top.t === "obj" ? top.m.filter(([k]) => k === "v") : [];
       const v = vs.length === 1 ? uint(vs[0][1], 64) : null;
       if (v !== null && v !== ENVELOPE_VERSION) throw new Refused("unsupported_envelope", String(v));
