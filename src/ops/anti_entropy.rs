@@ -447,8 +447,9 @@ fn reply_error(node: &str, detail: String) -> VerifyError {
 }
 
 /// Whether `theirs` holds a settled version (at or before `cutoff_ms`) that `mine`
-/// lacks: one its origin's entry here does not cover, or a greater content under a
-/// version both hold (an equivocation the merge rule settles toward theirs). Versions
+/// lacks: one its origin's entry here does not cover, a greater content under a
+/// version both hold (an equivocation the merge rule settles toward theirs), or the
+/// knowledge that a leaf here was superseded (theirs has seen it, holds it no more). Versions
 /// of `unsure` (a peer whose outbox is not empty) do not count.
 pub fn lacks(
     mine: Option<&RecordState>,
@@ -471,6 +472,14 @@ pub fn lacks(
                     .leaves
                     .iter()
                     .any(|m| m.version == l.version && l.content_cmp(m) == Ordering::Greater)
+        })
+        // A leaf here that theirs has seen as its origin's newest but no longer holds: an
+        // event named it (a resolve, a base, an equivocating content's names) that this
+        // node lacks; merging their state drops the leaf (the merge rule's `unnamed_by`).
+        || mine.leaves.iter().any(|m| {
+            settled(&m.version)
+                && theirs.watermark(&m.version.node) == Some(&m.version)
+                && !theirs.leaves.iter().any(|l| l.version == m.version)
         })
 }
 
@@ -567,6 +576,19 @@ mod tests {
         // A later version of the same origin covers an earlier one.
         let later = state(&[v(2_000, "a"), v(5_000, "b")]);
         assert!(!lacks(Some(&later), &theirs, u64::MAX, None));
+        // Their state saw c's version as c's newest but holds it no more (an event named
+        // it): a leaf of c here is superseded there, and merging their state drops it.
+        let with_c = state(&[v(1_000, "a"), v(5_000, "b"), v(3_000, "c")]);
+        let mut named = theirs.clone();
+        named.origins.push(v(3_000, "c"));
+        named.origins.sort_by(|x, y| x.node.cmp(&y.node));
+        assert!(lacks(Some(&with_c), &named, u64::MAX, None));
+        assert!(!lacks(Some(&with_c), &named, 2_999, None), "not settled yet");
+        let mut merged = with_c.clone();
+        merged.merge_state(named.clone());
+        assert!(!merged.leaves.iter().any(|l| l.version == v(3_000, "c")));
+        // Holding c's leaf on both sides: nothing lacked.
+        assert!(!lacks(Some(&with_c), &with_c, u64::MAX, None));
     }
 
     #[test]
