@@ -7,6 +7,7 @@
 //! cargo bench --bench suite -- raw replication    # only these scenarios
 //! cargo bench --bench suite -- replication lag --metrics   # each without, then with metrics
 //! cargo bench --bench suite -- replication catchup --mirror # each without, then with a SQLite mirror
+//! cargo bench --bench suite -- replication lag --anti-entropy # each without, then with anti-entropy every 2 s
 //! ```
 //! `--mirror` runs the `replication` and `catchup` scenarios a second time with every node
 //! keeping a SQLite mirror (`[[mirror]]`, `jetsync::mirror`) of its records, reported as
@@ -268,6 +269,12 @@ static METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// Whether nodes keep a SQLite mirror (the `--mirror` runs).
 static MIRROR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether nodes run anti-entropy on a short schedule (the `--anti-entropy` runs).
+static ANTI_ENTROPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The `--anti-entropy` runs' round interval: far shorter than the default 120 s, so the
+/// cost measured is an upper bound of what the default schedule adds.
+const BENCH_AE_INTERVAL: Duration = Duration::from_secs(2);
+
 fn mirror_on() -> bool {
     MIRROR.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -302,6 +309,13 @@ async fn start_node(config: NodeConfig) -> Result<Node> {
     }
     let settings = config.ops.clone();
     let node = jetsync::api::start_node(config).await?;
+    if ANTI_ENTROPY.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut s = settings.clone();
+        s.listen = None;
+        s.anti_entropy.interval = BENCH_AE_INTERVAL;
+        let ops = jetsync::ops::start(NodeHandle::clone(&node), s).await?;
+        OPS.lock().unwrap().push(ops);
+    }
     if metrics {
         let ops = jetsync::ops::start(NodeHandle::clone(&node), settings).await?;
         let addr = ops.local_addr().context("ops listener address")?;
@@ -1648,6 +1662,17 @@ async fn main() {
         }
         report.suffix = "";
         METRICS.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    if args.iter().any(|a| a == "--anti-entropy") {
+        ANTI_ENTROPY.store(true, std::sync::atomic::Ordering::Relaxed);
+        report.suffix = "+anti_entropy";
+        for name in ["replication", "lag"] {
+            if chosen.iter().any(|c| c == name) {
+                run_scenario(&mut report, name, &sizes).await;
+            }
+        }
+        report.suffix = "";
+        ANTI_ENTROPY.store(false, std::sync::atomic::Ordering::Relaxed);
     }
     if args.iter().any(|a| a == "--mirror") {
         MIRROR.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -521,6 +521,10 @@ impl Chaos {
             let mut conflicts = Vec::new();
             for e in ENTITIES {
                 conflicts.push(call("conflicts", json!({"entity": e, "limit": 10_000})).await?);
+                // Every leaf, deletes included (what anti-entropy's deep rounds compare): a
+                // delete one node lacks, its record absent there, leaves the digests equal.
+                let deep = call("sync_hashes", json!({"entity": e, "deep": true})).await?;
+                conflicts.push(deep["buckets"].clone());
             }
             views.push((n.name, status["checkpoint"].clone(), digest, conflicts));
         }
@@ -539,7 +543,10 @@ impl Chaos {
                 ));
             }
             if v.3 != first.3 {
-                return Err(format!("conflicts differ between {} and {}", first.0, v.0));
+                return Err(format!(
+                    "conflicts or leaves (deletes included) differ between {} and {}",
+                    first.0, v.0
+                ));
             }
         }
         Ok(())

@@ -583,7 +583,10 @@ mod tests {
         named.origins.push(v(3_000, "c"));
         named.origins.sort_by(|x, y| x.node.cmp(&y.node));
         assert!(lacks(Some(&with_c), &named, u64::MAX, None));
-        assert!(!lacks(Some(&with_c), &named, 2_999, None), "not settled yet");
+        assert!(
+            !lacks(Some(&with_c), &named, 2_999, None),
+            "not settled yet"
+        );
         let mut merged = with_c.clone();
         merged.merge_state(named.clone());
         assert!(!merged.leaves.iter().any(|l| l.version == v(3_000, "c")));
