@@ -64,23 +64,6 @@ async fn write_new(node: &Node, entity: &EntityName, scope: &str, n: usize) -> V
     ids
 }
 
-/// Waits until `node` has published everything and applied the whole stream.
-async fn caught_up(node: &Node, js: &async_nats::jetstream::Context, what: &str) {
-    wait_for(what, Duration::from_secs(60), || async {
-        let s = node.status().await.map_err(|e| e.to_string())?;
-        let (_, last) = stream_state(js).await?;
-        if s.outbox == 0 && s.checkpoint >= last {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: outbox {}, checkpoint {} of {last}, halted {:?}, error {:?}",
-                s.node, s.outbox, s.checkpoint, s.halted, s.last_error
-            ))
-        }
-    })
-    .await;
-}
-
 /// Deletes the stream messages at `seqs` (acknowledged events) with the JetStream
 /// message-delete API; returns the ids of the records they carried and their scopes.
 async fn lose(js: &async_nats::jetstream::Context, seqs: &[u64]) -> Vec<(Uuid, String, String)> {

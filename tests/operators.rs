@@ -46,23 +46,6 @@ async fn write_new(node: &Node, entity: &EntityName, n: usize, tag: &str) -> Vec
     ids
 }
 
-/// Waits until `node` has published everything and applied the whole stream.
-async fn caught_up(node: &Node, js: &async_nats::jetstream::Context, what: &str) {
-    wait_for(what, Duration::from_secs(60), || async {
-        let s = node.status().await.map_err(|e| e.to_string())?;
-        let (_, last) = stream_state(js).await?;
-        if s.outbox == 0 && s.checkpoint >= last {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: outbox {}, checkpoint {} of {last}, halted {:?}, error {:?}",
-                s.node, s.outbox, s.checkpoint, s.halted, s.last_error
-            ))
-        }
-    })
-    .await;
-}
-
 fn small_stream(mut c: NodeConfig) -> NodeConfig {
     // About 100 of the 300-byte events: a node away for a few hundred writes falls behind.
     c.stream.retention = Retention::Limits {

@@ -105,6 +105,23 @@ pub async fn converge(nodes: &[&Node], entity: &EntityName, timeout: Duration) {
     .await;
 }
 
+/// Waits until `node` has published everything and applied the whole stream.
+pub async fn caught_up(node: &Node, js: &async_nats::jetstream::Context, what: &str) {
+    wait_for(what, Duration::from_secs(60), || async {
+        let s = node.status().await.map_err(|e| e.to_string())?;
+        let (_, last) = stream_state(js).await?;
+        if s.outbox == 0 && s.checkpoint >= last {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: outbox {}, checkpoint {} of {last}, halted {:?}, error {:?}",
+                s.node, s.outbox, s.checkpoint, s.halted, s.last_error
+            ))
+        }
+    })
+    .await;
+}
+
 /// The stream `JETSYNC`'s (first, last) sequences now.
 pub async fn stream_state(js: &async_nats::jetstream::Context) -> Result<(u64, u64), String> {
     let mut s = js
@@ -159,4 +176,33 @@ pub fn refuse_as_skewed(
         .expect("apply the refused message");
     assert_eq!(report.quarantined, 1, "{}: {report:?}", store.node_id());
     report
+}
+
+/// A plain HTTP/1.1 GET: status code and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the ops listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    // hyper sends small bodies with Content-Length, never chunked, for full bodies.
+    (status, body.to_owned())
+}
+
+/// [`http_get`] off the async runtime.
+pub async fn get(addr: std::net::SocketAddr, path: &'static str) -> (u16, String) {
+    tokio::task::spawn_blocking(move || http_get(addr, path))
+        .await
+        .unwrap()
 }
