@@ -9,8 +9,8 @@
 //! node was right. Only entity types (and scopes) both nodes replicate are compared.
 //! The report also carries what each node's anti-entropy loop last saw (its status).
 //!
-//! The anti-entropy loop (`ops::anti_entropy`) reuses the pieces: [`common_scopes`],
-//! [`node_filters`], [`entity_names`], [`records_page`].
+//! The anti-entropy loop (`ops::anti_entropy`) reuses the pieces: `common_scopes`,
+//! `node_filters`, `entity_names`, `records_page`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

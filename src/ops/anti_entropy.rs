@@ -13,7 +13,7 @@
 //! node's lease bucket (the nodes on its stream; an edge site's nodes hold theirs in the
 //! site's bucket, so they do not pull from hub nodes, which hold records of entity types
 //! the site does not receive); per peer, the entity types and
-//! scopes both replicate ([`crate::verify::common_scopes`]; nothing else is asked for or
+//! scopes both replicate (`verify::common_scopes`; nothing else is asked for or
 //! merged); per entity type, both sides' 256 bucket hashes (the incremental digest, read
 //! without a scan; recomputed over every leaf, conflicts and damaged records included, on
 //! every `deep_every`-th round and for scoped comparisons); record states only of the
