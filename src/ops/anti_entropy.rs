@@ -41,7 +41,7 @@
 //! other origins too is left to those origins' rounds (counted in `not_own`).
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -52,7 +52,7 @@ use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
 use crate::metrics::{AntiEntropy, AntiEntropySettings, RoundReport, now_ms};
 use crate::node::NodeHandle;
-use crate::store::{MergeReport, VerifyHashes};
+use crate::store::{CellHashes, MergeReport, VerifyHashes};
 use crate::verify::{VerifyError, check_formats, common_scopes, entity_names, records_page};
 
 /// Runs rounds until the task is aborted: one after each jittered interval, or sooner
@@ -313,6 +313,10 @@ impl Round<'_> {
         let own = self.node.node_id().to_string();
         check_formats([(own.as_str(), &ours), (peer, &theirs)])?;
         self.report.differing_buckets += buckets.len() as u64;
+        let cells = self.differing_cells(peer, entity, scopes, &buckets).await?;
+        if cells.as_ref().is_some_and(BTreeSet::is_empty) {
+            return Ok(());
+        }
         let cutoff = now_ms()
             .saturating_sub(u64::try_from(self.settings.settle.as_millis()).unwrap_or(u64::MAX));
         let key = (peer.to_owned(), entity.clone());
@@ -335,6 +339,7 @@ impl Round<'_> {
                 entity,
                 scopes,
                 &buckets,
+                cells.as_ref(),
                 after,
                 limit,
             )
@@ -346,6 +351,7 @@ impl Round<'_> {
             let only = self.settings.origin_only.then(|| peer.to_owned());
             let (own_node, range_end) = (self.node.node_id().clone(), next);
             let (scopes_v, buckets_v, page_limit) = (scopes.to_vec(), buckets.clone(), limit);
+            let cells_v = cells.clone();
             let (lacked, not_own, peer_lacks) = tokio::task::spawn_blocking(move || {
                 // The stream learns a repair (invariant 21): records whose settled own
                 // version the peer lacks, an empty state for those it does not hold at
@@ -361,14 +367,25 @@ impl Round<'_> {
                             .filter(|l| l.version.hlc.physical_ms() <= cutoff)
                             .map(|l| l.version.clone())
                     };
-                    if let Ok(mine_page) = store.states_in_buckets(
-                        &e,
-                        &buckets_v,
-                        &scopes_v,
-                        after,
-                        page_limit.saturating_mul(2),
-                        true,
-                    ) {
+                    let mine_page = match &cells_v {
+                        Some(cells) => store.states_in_cells(
+                            &e,
+                            cells,
+                            &scopes_v,
+                            after,
+                            page_limit.saturating_mul(2),
+                            true,
+                        ),
+                        None => store.states_in_buckets(
+                            &e,
+                            &buckets_v,
+                            &scopes_v,
+                            after,
+                            page_limit.saturating_mul(2),
+                            true,
+                        ),
+                    };
+                    if let Ok(mine_page) = mine_page {
                         for (id, slot) in mine_page.items {
                             if range_end.is_some_and(|end| id > end) {
                                 break;
@@ -438,6 +455,48 @@ impl Round<'_> {
                 }
             }
         }
+    }
+}
+
+/// Buckets per `sync_cells` call: 32 buckets' cell hashes are ~131 KB of JSON, well
+/// inside any account's `max_payload`.
+const CELL_BUCKETS_PER_CALL: usize = 32;
+
+impl Round<'_> {
+    /// The cells of `buckets` whose hashes differ from `peer`'s (with this round's `deep`),
+    /// so only their records are fetched; `None` if the peer predates `sync_cells` (then
+    /// whole buckets are).
+    async fn differing_cells(
+        &mut self,
+        peer: &str,
+        entity: &EntityName,
+        scopes: &[Scope],
+        buckets: &[usize],
+    ) -> Result<Option<BTreeSet<u16>>, VerifyError> {
+        let mut theirs = CellHashes::default();
+        for chunk in buckets.chunks(CELL_BUCKETS_PER_CALL) {
+            let body =
+                json!({"entity": entity, "scopes": scopes, "buckets": chunk, "deep": self.deep});
+            match self.api.call(peer, "sync_cells", body).await {
+                Ok(v) => {
+                    let part: CellHashes =
+                        serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?;
+                    theirs.buckets.extend(part.buckets);
+                    theirs.damaged.extend(part.damaged);
+                }
+                Err(crate::api::ApiError::Remote(e)) if e.code == "unknown_op" => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let store = self.node.store_full().clone();
+        let (e, s, b, deep) = (entity.clone(), scopes.to_vec(), buckets.to_vec(), self.deep);
+        let ours = tokio::task::spawn_blocking(move || store.cell_hashes(&e, &s, &b, deep))
+            .await
+            .map_err(|e| reply_error("self", e.to_string()))?
+            .map_err(|e| reply_error("self", e.to_string()))?;
+        let cells = ours.differing(&theirs);
+        self.report.differing_cells += cells.len() as u64;
+        Ok(Some(cells))
     }
 }
 
