@@ -186,7 +186,7 @@ mod tests {
         h.buckets.insert(
             7,
             (0..CELLS_PER_BUCKET as u64)
-                .map(|i| i * 0x0123_4567_89ab_cdef)
+                .map(|i| i.wrapping_mul(0x0123_4567_89ab_cdef))
                 .collect(),
         );
         let json = serde_json::to_string(&h).unwrap();
