@@ -783,3 +783,94 @@ async fn a_round_fetches_only_the_differing_cells_of_a_bucket() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Not a check: the time from a loss in the stream to the node that lacked it holding
+/// every record, at the default schedule (or `JETSYNC_AE_INTERVAL_SECS` /
+/// `JETSYNC_AE_SETTLE_SECS`), for a loss the node sees as a hole (interior messages
+/// deleted before it read them: a round at once, and one more once they have settled)
+/// and for one it cannot see (the stream's newest messages deleted: the next scheduled
+/// round). `cargo test --test anti_entropy measure_time_to_heal -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_time_to_heal() {
+    let secs = |name: &str, default: Duration| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+            .unwrap_or(default)
+    };
+    let defaults = AntiEntropySettings::default();
+    let settings = AntiEntropySettings {
+        interval: secs("JETSYNC_AE_INTERVAL_SECS", defaults.interval),
+        settle: secs("JETSYNC_AE_SETTLE_SECS", defaults.settle),
+        ..defaults
+    };
+    let orders = entity("orders");
+    for (case, tail) in [
+        ("hole (interior messages)", false),
+        ("tail (newest messages)", true),
+    ] {
+        let server = NatsServer::start().expect("nats-server starts");
+        let dir = tempfile::tempdir().unwrap();
+        let url = server.client_url();
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        let with = |id: &str| {
+            let mut c = node_config(id, dir.path(), &url);
+            c.ops.listen = Some("127.0.0.1:0".parse().unwrap());
+            c.ops.selfcheck_interval = Duration::from_secs(3600);
+            c.ops.anti_entropy = settings.clone();
+            c
+        };
+        let a = start(with("a")).await;
+        let ops_a = start_ops(&a).await;
+        for _ in 0..10 {
+            write_new(&a, &orders, "_", 100).await;
+        }
+        caught_up(&a, &js, "a to publish its writes").await;
+        let last = js
+            .get_stream("JETSYNC")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
+        let seqs: Vec<u64> = if tail {
+            (last - 9..=last).collect()
+        } else {
+            (1..=10).map(|i| i * 90).collect()
+        };
+        let lost_at = std::time::Instant::now();
+        lose(&js, &seqs).await;
+        let c = start(with("c")).await;
+        let ops_c = start_ops(&c).await;
+        wait_for(
+            "c to hold every record",
+            settings.interval * 3 + settings.settle * 2,
+            || async {
+                let n = count(c.store(), &orders);
+                if n == 1000 {
+                    Ok(())
+                } else {
+                    Err(format!("c holds {n} of 1000: {:?}", ae(&c).await))
+                }
+            },
+        )
+        .await;
+        println!(
+            "{case}: {} messages lost, healed on every node {:.1} s after the loss (interval {:?}, jitter {}, settle {:?}); c's anti-entropy: {:?}",
+            seqs.len(),
+            lost_at.elapsed().as_secs_f64(),
+            settings.interval,
+            settings.jitter,
+            settings.settle,
+            ae(&c).await.last
+        );
+        drop((ops_a, ops_c));
+        for n in [a, c] {
+            n.shutdown().await.unwrap();
+        }
+    }
+}

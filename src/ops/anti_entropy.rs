@@ -66,10 +66,24 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
     ae.set_running(true);
     let mut rounds: u64 = 0;
     let mut cursors = Cursors::new();
+    // A requested round (a loss the stream showed, an operator) runs at once, and once
+    // more when what was young then has settled: the lost events are usually seconds old
+    // when their hole is seen, too young to count until `settle` has passed.
+    let mut follow_up: Option<Instant> = None;
     loop {
+        let mut wait = jittered(settings.interval, settings.jitter);
+        if let Some(at) = follow_up {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
         tokio::select! {
-            _ = tokio::time::sleep(jittered(settings.interval, settings.jitter)) => {}
-            _ = ae.requested() => {}
+            _ = tokio::time::sleep(wait) => {
+                if follow_up.is_some_and(|at| at <= Instant::now()) {
+                    follow_up = None;
+                }
+            }
+            _ = ae.requested() => {
+                follow_up = Some(Instant::now() + settings.settle + Duration::from_secs(1));
+            }
         }
         rounds += 1;
         let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
