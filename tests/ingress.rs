@@ -1,0 +1,1 @@
+//! Placeholder: the ingress helper replaces this file.
