@@ -39,6 +39,9 @@ pub fn deploy(file: &str) -> PathBuf {
 }
 
 pub struct Secure {
+    /// The event stream's byte limit the nodes are configured with (and the operator
+    /// provisions): [`STREAM_MAX_BYTES`] unless a test sets it before provisioning.
+    pub stream_max_bytes: std::sync::atomic::AtomicI64,
     pub server: NatsServer,
     pub dir: TempDir,
     pub ca: PathBuf,
@@ -96,7 +99,9 @@ impl Secure {
         c.nats_auth = self.node_auth(name);
         c.stream.retention = Retention::Limits {
             max_age: Duration::ZERO,
-            max_bytes: STREAM_MAX_BYTES,
+            max_bytes: self
+                .stream_max_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
             max_msgs: 0,
         };
         c
@@ -280,6 +285,7 @@ pub fn secure_server_from(config: &Path) -> Secure {
     let server =
         start_from_config_file(&conf, None).expect("nats-server starts from the secure config");
     Secure {
+        stream_max_bytes: std::sync::atomic::AtomicI64::new(STREAM_MAX_BYTES),
         server,
         dir,
         ca,
