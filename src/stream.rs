@@ -511,6 +511,10 @@ pub async fn provision_ingress(
     settings.validate()?;
     let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
     let names: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
+    if settings.config().max_age.is_zero() {
+        tracing::warn!(stream = %settings.name,
+            "ingress streams without max_age free no space by themselves: a node that has published its quota is refused until its ingress is purged or its quota raised");
+    }
     let main = match js.get_stream(&settings.name).await {
         Ok(mut s) => {
             let existing = s.info().await.map_err(|e| nats(&e))?.config.clone();
