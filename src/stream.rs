@@ -851,6 +851,27 @@ mod tests {
         assert!(s.conflicts(&r3.config())[0].contains("replicas 3"));
     }
 
+    #[test]
+    fn the_ingress_layout_is_recognised_by_its_sources() {
+        let s = StreamSettings::default();
+        let main = s.ingress_main_config(["berlin", "porto"]);
+        assert!(main.subjects.is_empty());
+        assert_eq!(s.ingress_sources(&main), ["berlin", "porto"]);
+        // No subjects of its own is fine when it sources ingresses, not otherwise.
+        assert!(s.conflicts(&main).is_empty(), "{:?}", s.conflicts(&main));
+        let mut bare = main.clone();
+        bare.sources = None;
+        assert!(s.conflicts(&bare)[0].contains("subjects"));
+        let ingress = s.ingress_config("porto", 1024);
+        assert_eq!(ingress.name, "JETSYNC_IN_porto");
+        assert_eq!(ingress.subjects, ["jetsync.*.*.porto.>"]);
+        assert_eq!(ingress.discard, stream::DiscardPolicy::New);
+        assert_eq!(ingress.max_bytes, 1024);
+        assert_eq!(ingress.max_age, main.max_age);
+        // A plain stream sources no ingress.
+        assert!(s.ingress_sources(&s.config()).is_empty());
+    }
+
     fn up(entities: Vec<EntityFilter>) -> Upstream {
         Upstream {
             domain: "hub".into(),
