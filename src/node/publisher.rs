@@ -306,11 +306,29 @@ async fn collect_acks(
         match permanent(&err, &subject, &shared.denied) {
             Some(reason) => refused.push((seq, reason)),
             None => {
-                failure.get_or_insert_with(|| format!("publish ack: {err}"));
+                failure.get_or_insert_with(|| {
+                    format!("publish ack: {err}{}", full_hint(shared, &err))
+                });
             }
         }
     }
     (acked, duplicates, failure)
+}
+
+/// What a refusal for bytes means for this node: a `discard: new` stream is full. In the
+/// ingress layout that is the node's own quota (`stream::provision_ingress`); the entries
+/// stay queued and go out once space frees.
+fn full_hint(shared: &Shared, err: &PublishError) -> String {
+    if !err.to_string().contains("maximum bytes exceeded") {
+        return String::new();
+    }
+    let ingress = shared
+        .config
+        .stream
+        .ingress_name(shared.config.node_id.as_str());
+    format!(
+        " (a stream that refuses new messages is full: in the ingress layout this node's quota, {ingress}; the writes wait in the outbox until space frees by age or the operator raises the quota)"
+    )
 }
 
 /// A PubAck marked duplicate means JetStream already holds a message with that id: the
