@@ -1,0 +1,1 @@
+//! Placeholder: the embed2 helper replaces this file.
