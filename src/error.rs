@@ -392,4 +392,35 @@ pub enum Error {
     /// Starting or running a node, or a node call (including [`crate::node::NodeError::Stopped`]).
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
+    /// A typed document that does not serialise, or a stored one that does not fit the
+    /// collection's type ([`crate::node::Collection`]).
+    #[error(transparent)]
+    Doc(#[from] crate::node::DocError),
+    /// A resumable change feed cannot start or could not deliver an item
+    /// ([`crate::node::ChangeFeed`]).
+    #[error(transparent)]
+    Feed(#[from] crate::node::FeedError),
+    /// A [`crate::node::Watch`] fell behind.
+    #[error(transparent)]
+    Lagged(#[from] crate::node::Lagged),
+    /// Taking a snapshot ([`crate::node::NodeHandle::snapshot`]).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Invalid NATS options, or a connection that failed ([`crate::connect`]).
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+}
+
+impl Error {
+    /// Whether the call failed because the node has stopped (a handle kept past
+    /// [`Node::shutdown`](crate::node::Node::shutdown)), whichever call it was.
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self,
+            Error::Node(crate::node::NodeError::Stopped)
+                | Error::Node(crate::node::NodeError::Write(WriteError::NodeStopped))
+                | Error::Write(WriteError::NodeStopped)
+                | Error::Feed(crate::node::FeedError::Stopped)
+        )
+    }
 }

@@ -113,7 +113,10 @@ pub use error::{Error, OpenError, StorageError, WriteError};
 pub use event::{ChangeEvent, Op, QuarantineReason};
 pub use ids::{EntityName, NodeId, Scope};
 pub use merge::Leaf;
-pub use node::{Lagged, Node, NodeConfig, NodeError, NodeHandle, Status, Watch};
+pub use node::{
+    ChangeFeed, Collection, Conflict, Doc, DocError, FeedError, Lagged, Node, NodeConfig,
+    NodeError, NodeHandle, Position, Status, Update, Watch,
+};
 /// The README's library sections, compiled as doctests so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
