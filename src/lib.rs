@@ -84,7 +84,7 @@ pub mod clock;
 #[cfg(feature = "config-file")]
 pub mod config;
 pub mod connect;
-pub mod delivery;
+pub(crate) mod delivery;
 #[cfg(feature = "dev-server")]
 pub mod demo;
 #[cfg(feature = "dev-server")]
@@ -100,7 +100,7 @@ pub mod mirror;
 pub mod msgid;
 pub mod node;
 pub mod ops;
-pub mod refusal;
+pub(crate) mod refusal;
 pub mod replay;
 pub mod site;
 pub mod snapshot;

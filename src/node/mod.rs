@@ -620,7 +620,9 @@ impl NodeHandle {
         &self.0.config
     }
 
-    /// Wakes the publisher (after entries were put back into the outbox).
+    /// Not part of the API: wakes the publisher after entries were put back into the
+    /// outbox (the crate's repair paths; a test that parks events).
+    #[doc(hidden)]
     pub fn wake_publisher(&self) {
         self.0.outbox_ready.notify_one();
     }
@@ -732,8 +734,9 @@ impl NodeHandle {
         snapshots::take_snapshot(&self.0).await
     }
 
-    /// Broadcasts visible changes made outside the loops (repair, replay, retry).
-    pub fn announce(&self, changes: Vec<Change>) {
+    /// Broadcasts visible changes made outside the loops (repair, replay, retry): the
+    /// crate's own paths only, so a service cannot send feeds changes that did not happen.
+    pub(crate) fn announce(&self, changes: Vec<Change>) {
         self.0.announce(changes);
     }
 }

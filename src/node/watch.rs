@@ -168,9 +168,9 @@ pub enum FeedError {
         entity: EntityName,
         /// The record's id.
         id: Uuid,
-        /// Why.
+        /// Why (boxed: it is large and rare).
         #[source]
-        source: StorageError,
+        source: Box<StorageError>,
     },
     /// The stored document does not deserialise into the collection's type. The feed goes
     /// on past it.
@@ -182,7 +182,7 @@ pub enum FeedError {
         #[source]
         source: DocError,
     },
-    /// Reading the change log failed; the feed retries on the next change.
+    /// Reading the change log failed; the feed goes on, reading again a second later.
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// The node has stopped.
@@ -251,6 +251,8 @@ struct Follow {
     stop: tokio::sync::watch::Receiver<bool>,
     ready: VecDeque<Result<Raw, FeedError>>,
     done: bool,
+    /// The last read failed (a storage error): wait before the next.
+    failed: bool,
 }
 
 impl Follow {
@@ -262,13 +264,23 @@ impl Follow {
             if self.done {
                 return None;
             }
+            if std::mem::take(&mut self.failed) {
+                // The last read failed: not again at once (a consumer polling on would spin).
+                tokio::select! {
+                    _ = self.stop.wait_for(|s| *s) => {}
+                    _ = tokio::time::sleep(FEED_POLL) => {}
+                }
+            }
             let stopped = *self.stop.borrow();
             match self.read().await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 // The store closed: the node has stopped.
                 Err(FeedError::Stopped) => return None,
-                Err(e) => self.ready.push_back(Err(e)),
+                Err(e) => {
+                    self.failed = true;
+                    self.ready.push_back(Err(e));
+                }
             }
             if stopped {
                 // What was committed before the stop has been read: end.
@@ -359,7 +371,7 @@ fn decode<T: DeserializeOwned>(raw: Result<Raw, FeedError>) -> Result<Update<T>,
         position: raw.position,
         entity: raw.entity.clone(),
         id: raw.id,
-        source,
+        source: Box::new(source),
     })?;
     let winner = state.as_ref().and_then(|s| s.winner());
     let doc = match winner.and_then(|l| l.doc.as_deref()) {
@@ -454,6 +466,7 @@ impl NodeHandle {
             stop: self.0.shutdown.clone(),
             ready: VecDeque::new(),
             done: false,
+            failed: false,
         };
         let stream = futures::stream::unfold(follow, |mut f| async move {
             let item = f.next().await?;
