@@ -632,4 +632,61 @@ mod tests {
         store.compact(std::time::Duration::ZERO).unwrap();
         assert_eq!(store.change_log_len().unwrap(), 0);
     }
+
+    #[test]
+    fn state_reads_filter_by_type_and_compaction_without_followers_records_what_it_trimmed() {
+        let (_dir, store) = temp_store();
+        store.change_log_enable().unwrap();
+        let customers = EntityName::new("customers").unwrap();
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        store
+            .write_batch(vec![
+                Write::put(orders(), a, json!({"n": 1})),
+                Write::put(customers.clone(), c, json!({"n": 1})),
+                Write::put(orders(), b, json!({"n": 1})),
+            ])
+            .unwrap();
+        store.write_batch(vec![Write::delete(orders(), a)]).unwrap();
+        // Filtered: only orders, in log order, the deleted one with its tombstone; the
+        // customer's entry counts towards the limit and moves `last`.
+        let batch = store
+            .change_states_since(0, 10, Some(&orders()))
+            .unwrap()
+            .unwrap();
+        let got: Vec<(u64, Uuid, bool)> = batch
+            .entries
+            .iter()
+            .map(|e| {
+                let s = e.state.as_ref().unwrap().as_ref().unwrap();
+                (e.seq, e.id, s.live().is_some())
+            })
+            .collect();
+        assert_eq!(got, vec![(3, b, true), (4, a, false)]);
+        assert_eq!(batch.last, 4);
+        let first = store
+            .change_states_since(0, 1, Some(&orders()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.entries.len(), 0);
+        assert_eq!(first.last, 2);
+        assert_eq!(store.change_log_position().unwrap().unwrap().trimmed, 0);
+
+        // No follower: the removed tombstone's entry goes at the next compaction, and the
+        // log says how far it trimmed.
+        let seqs: Vec<u64> = store
+            .outbox_peek(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.origin_seq)
+            .collect();
+        store.outbox_remove(&seqs).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.compact(std::time::Duration::ZERO).unwrap();
+        store.compact(std::time::Duration::ZERO).unwrap();
+        let p = store.change_log_position().unwrap().unwrap();
+        assert_eq!((p.seq, p.trimmed), (4, 4));
+        let after = store.change_states_since(0, 10, None).unwrap().unwrap();
+        let ids: Vec<Uuid> = after.entries.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![c, b]);
+    }
 }
