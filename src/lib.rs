@@ -68,6 +68,12 @@
 //! }
 //! ```
 //!
+//! Typed documents: [`NodeHandle::collection`] gives a [`Collection<T>`] over one entity
+//! type for any `T: Serialize + DeserializeOwned`; [`NodeHandle::watch_from`] (and
+//! [`Collection::watch_from`]) a [`ChangeFeed`], a `futures::Stream` of [`Update`]s that
+//! carries each document and resumes from a kept [`Position`] after a lag or a restart.
+//! README's "Typed documents and a resumable change feed" runs both as a doctest.
+//!
 //! The write path, in short:
 //! ```text
 //! put ──► [redb txn: check expected version, stamp HLC, merge, outbox += event] ──► Ok(version)
