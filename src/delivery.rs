@@ -32,6 +32,7 @@ impl DeliveryOrder {
     }
 
     /// The last delivery number accepted.
+    #[cfg(test)]
     pub fn last(&self) -> u64 {
         self.last
     }

@@ -392,4 +392,95 @@ pub enum Error {
     /// Starting or running a node, or a node call (including [`crate::node::NodeError::Stopped`]).
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
+    /// A typed document that does not serialise, or a stored one that does not fit the
+    /// collection's type ([`crate::node::Collection`]).
+    #[error(transparent)]
+    Doc(#[from] crate::node::DocError),
+    /// A resumable change feed cannot start or could not deliver an item
+    /// ([`crate::node::ChangeFeed`]).
+    #[error(transparent)]
+    Feed(#[from] crate::node::FeedError),
+    /// A [`crate::node::Watch`] fell behind.
+    #[error(transparent)]
+    Lagged(#[from] crate::node::Lagged),
+    /// Taking a snapshot ([`crate::node::NodeHandle::snapshot`]).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Invalid NATS options, or a connection that failed ([`crate::connect`]).
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+    /// A call of the node API's client ([`crate::api::ApiClient`]).
+    #[error(transparent)]
+    Api(Box<crate::api::ApiError>),
+    /// Provisioning or checking the stream ([`crate::stream`]).
+    #[error(transparent)]
+    Stream(Box<crate::stream::StreamError>),
+    /// Taking or keeping a node id's lease ([`crate::lease`]).
+    #[error(transparent)]
+    Lease(Box<crate::lease::LeaseError>),
+    /// An edge site's provisioning or status ([`crate::site`]).
+    #[error(transparent)]
+    Site(Box<crate::site::SiteError>),
+    /// Replaying a stream range ([`crate::replay`]).
+    #[error(transparent)]
+    Replay(Box<crate::replay::ReplayError>),
+    /// Comparing or repairing two nodes ([`crate::verify`]).
+    #[error(transparent)]
+    Verify(Box<crate::verify::VerifyError>),
+    /// Exporting a store ([`crate::store::Store`]'s consistent export).
+    #[error(transparent)]
+    Export(Box<crate::store::ExportError>),
+    /// A SQL mirror ([`crate::mirror`]).
+    #[error(transparent)]
+    Mirror(Box<crate::mirror::MirrorError>),
+    /// The node's configuration file (cargo feature `config-file`).
+    #[cfg(feature = "config-file")]
+    #[error(transparent)]
+    Config(Box<crate::config::ConfigError>),
+    /// Starting a dev nats-server (cargo feature `dev-server`).
+    #[cfg(feature = "dev-server")]
+    #[error(transparent)]
+    DevServer(Box<crate::devserver::DevServerError>),
+}
+
+/// `From` for the umbrella's boxed variants (boxed: they are large and rare, and
+/// `Result<_, Error>` stays small).
+macro_rules! boxed_from {
+    ($($(#[$m:meta])* $variant:ident($ty:ty)),* $(,)?) => {$(
+        $(#[$m])*
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Error {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Api(crate::api::ApiError),
+    Stream(crate::stream::StreamError),
+    Lease(crate::lease::LeaseError),
+    Site(crate::site::SiteError),
+    Replay(crate::replay::ReplayError),
+    Verify(crate::verify::VerifyError),
+    Export(crate::store::ExportError),
+    Mirror(crate::mirror::MirrorError),
+    #[cfg(feature = "config-file")]
+    Config(crate::config::ConfigError),
+    #[cfg(feature = "dev-server")]
+    DevServer(crate::devserver::DevServerError),
+);
+
+impl Error {
+    /// Whether the call failed because the node has stopped (a handle kept past
+    /// [`Node::shutdown`](crate::node::Node::shutdown)), whichever call it was.
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self,
+            Error::Node(crate::node::NodeError::Stopped)
+                | Error::Node(crate::node::NodeError::Write(WriteError::NodeStopped))
+                | Error::Write(WriteError::NodeStopped)
+                | Error::Feed(crate::node::FeedError::Stopped)
+        )
+    }
 }

@@ -68,6 +68,12 @@
 //! }
 //! ```
 //!
+//! Typed documents: [`NodeHandle::collection`] gives a [`Collection<T>`] over one entity
+//! type for any `T: Serialize + DeserializeOwned`; [`NodeHandle::watch_from`] (and
+//! [`Collection::watch_from`]) a [`ChangeFeed`], a `futures::Stream` of [`Update`]s that
+//! carries each document and resumes from a kept [`Position`] after a lag or a restart.
+//! README's "Typed documents and a resumable change feed" runs both as a doctest.
+//!
 //! The write path, in short:
 //! ```text
 //! put ──► [redb txn: check expected version, stamp HLC, merge, outbox += event] ──► Ok(version)
@@ -84,7 +90,7 @@ pub mod clock;
 #[cfg(feature = "config-file")]
 pub mod config;
 pub mod connect;
-pub mod delivery;
+pub(crate) mod delivery;
 #[cfg(feature = "dev-server")]
 pub mod demo;
 #[cfg(feature = "dev-server")]
@@ -100,7 +106,7 @@ pub mod mirror;
 pub mod msgid;
 pub mod node;
 pub mod ops;
-pub mod refusal;
+pub(crate) mod refusal;
 pub mod replay;
 pub mod site;
 pub mod snapshot;
@@ -113,7 +119,10 @@ pub use error::{Error, OpenError, StorageError, WriteError};
 pub use event::{ChangeEvent, Op, QuarantineReason};
 pub use ids::{EntityName, NodeId, Scope};
 pub use merge::Leaf;
-pub use node::{Lagged, Node, NodeConfig, NodeError, NodeHandle, Status, Watch};
+pub use node::{
+    ChangeFeed, Collection, Conflict, Doc, DocError, FeedError, Lagged, Node, NodeConfig,
+    NodeError, NodeHandle, Position, Status, Update, Watch,
+};
 /// The README's library sections, compiled as doctests so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

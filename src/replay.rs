@@ -5,7 +5,7 @@
 //!
 //! The range ends at the stream's last sequence as of the start, so a replay of a busy
 //! stream finishes; events are read through an ephemeral pull consumer with no acks, and
-//! deliveries lost in transit (see [`crate::delivery`]) start a new one after the last
+//! deliveries lost in transit (the `delivery` check) start a new one after the last
 //! message taken.
 
 use std::io::Write as _;

@@ -60,3 +60,18 @@ fn partial_replica_backfills() {
 fn conflicts_are_settled_in_application_code() {
     assert!(run("local_conflicts").contains("conflicts []"));
 }
+
+#[test]
+fn the_example_service_runs_two_nodes_a_feed_a_conflict_and_a_clean_stop() {
+    let out = run("service");
+    for step in [
+        "shop has the warehouse's order",
+        "conflict on both nodes",
+        "resolved on both nodes",
+        "its feed ended at position",
+        "shop resumed at",
+        "service: done, both nodes stopped cleanly",
+    ] {
+        assert!(out.contains(step), "missing {step:?} in:\n{out}");
+    }
+}

@@ -482,7 +482,8 @@ async fn step(
         return Err(MirrorError::LogOff);
     };
     let at = match s.checkpoint().await? {
-        Some((epoch, seq)) if epoch == head.epoch && seq <= head.seq => seq,
+        // Below `trimmed`, compaction may have dropped a delete the mirror never wrote.
+        Some((epoch, seq)) if epoch == head.epoch && seq <= head.seq && seq >= head.trimmed => seq,
         found => {
             rebuild(store, handle, metrics, s, found).await?;
             return Ok(true);

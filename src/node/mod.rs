@@ -22,12 +22,13 @@
 //! provisioning to applying), `batch` (gathering and applying batches), `bootstrap`
 //! (from a snapshot on a retention gap, or an edge site's upstream gap from a hub
 //! snapshot), `backfill` (added entity types), `idle` (partial replicas), `snapshots`,
-//! `compaction` (its schedule) and `watch` (change feeds).
+//! `compaction` (its schedule), `watch` (change feeds) and `collection` (typed documents).
 
 mod applier;
 mod backfill;
 mod batch;
 mod bootstrap;
+mod collection;
 mod compaction;
 mod config;
 mod guard;
@@ -51,12 +52,13 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use self::bootstrap::Bootstrapped;
+pub use self::collection::{Collection, Conflict, Doc, DocError};
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 use self::guard::{HubLease, site_of};
 pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
 pub use self::heal::{HealStatus, ORIGIN_GAP_GRACE, STREAM_LOSS_KINDS};
-pub use self::status::{Halt, Status};
-pub use self::watch::{Lagged, Watch};
+pub use self::status::{Connection, Halt, Status};
+pub use self::watch::{ChangeFeed, FeedError, Lagged, Position, Update, Watch};
 pub use crate::ids::EntityFilter;
 
 use crate::connect::{ConnectError, connect_observed};
@@ -292,21 +294,28 @@ impl Node {
         // A site node must run on its site's server (a typo in `[site] name`, another
         // site's name): else it follows a stream it cannot keep up with when cut off.
         // Unanswered (started offline): `status.site_link` and `/readyz` say it later.
-        if let Some(site) = &site
+        // Offline (no server accepts a connection): start at once, no early checks.
+        let reachable = any_reachable(&config.nats_urls, EARLY_WAIT).await;
+        if reachable
+            && let Some(site) = &site
             && let Ok(local) = crate::site::link::local_domain(&client).await
             && let Some(why) = crate::site::link::domain_mismatch(site, local.as_deref())
         {
             tracing::error!(node = %config.node_id, "{why}");
             return Err(NodeError::Config(why));
         }
-        let early = tokio::time::timeout(Duration::from_secs(3), async {
+        let early = tokio::time::timeout(EARLY_WAIT, async {
+            if !reachable {
+                return Err(None);
+            }
             let provisioned = provision_node(
                 &js,
                 &config.stream,
                 config.node_id.as_str(),
                 Some(configured),
             )
-            .await?;
+            .await
+            .map_err(Some)?;
             let lease = Lease::acquire_at(
                 &js,
                 &config.stream.name,
@@ -316,11 +325,11 @@ impl Node {
                 site.as_deref(),
             )
             .await;
-            Ok::<_, StreamError>((provisioned, lease))
+            Ok::<_, Option<StreamError>>((provisioned, lease))
         })
         .await;
         let (lease, limits_from_stream) = match early {
-            Ok(Err(e @ StreamError::Conflict { .. })) => return Err(e.into()),
+            Ok(Err(Some(e @ StreamError::Conflict { .. }))) => return Err(e.into()),
             Ok(Ok((_, Err(e @ LeaseError::Held { .. })))) => return Err(e.into()),
             Ok(Ok((provisioned, lease))) => (
                 lease.ok(),
@@ -480,11 +489,35 @@ impl Node {
             t.await
                 .map_err(|e| NodeError::Task(format!("{name}: {e}")))?;
         }
-        // Bounded: a node that never reached NATS would wait on the flush forever.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
+        // Only when connected (offline there is nothing to flush, and the flush would wait
+        // for a connection); bounded all the same.
+        if self.shared.client.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.client.flush()).await;
+        }
         self.shared.store.close();
         Ok(())
     }
+}
+
+/// How long `start` waits on NATS for its early checks (a conflicting stream, a held node
+/// id) before it starts offline.
+const EARLY_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether any server of `urls` accepts a TCP connection within `wait`. Offline, the
+/// connection is usually refused at once, so `start` returns promptly instead of waiting
+/// `EARLY_WAIT` for a server that is not there.
+async fn any_reachable(urls: &[String], wait: Duration) -> bool {
+    let probes = urls
+        .iter()
+        .filter_map(|u| u.parse::<async_nats::ServerAddr>().ok())
+        .map(|a| async move {
+            let connect = tokio::net::TcpStream::connect((a.host().to_owned(), a.port()));
+            matches!(tokio::time::timeout(wait, connect).await, Ok(Ok(_)))
+        });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .any(|up| up)
 }
 
 /// Validates `config` and prepares its data dir; the store takes the stream's prefix.
@@ -514,17 +547,14 @@ async fn open_store(path: &Path, config: &NodeConfig) -> Result<Store, NodeError
         config.node_id.clone(),
         config.store.clone(),
     );
-    // The change log is kept only while a mirror follows the store (see `store::changelog`).
+    // The change log is always kept: the node's resumable feeds (`watch_from`) and the
+    // SQL mirrors read it (see `store::changelog`).
     let mirrors: Vec<String> = config.mirrors.iter().map(|m| m.name.clone()).collect();
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open(path, node_id, store_config)?;
-        if mirrors.is_empty() {
-            store.change_log_disable()?;
-        } else {
-            store.change_log_enable()?;
-            let names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
-            store.change_log_keep_followers(&names)?;
-        }
+        store.change_log_enable()?;
+        let names: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+        store.change_log_keep_followers(&names)?;
         Ok::<_, NodeError>(store)
     })
     .await
@@ -595,7 +625,9 @@ impl NodeHandle {
         &self.0.config
     }
 
-    /// Wakes the publisher (after entries were put back into the outbox).
+    /// Not part of the API: wakes the publisher after entries were put back into the
+    /// outbox (the crate's repair paths; a test that parks events).
+    #[doc(hidden)]
     pub fn wake_publisher(&self) {
         self.0.outbox_ready.notify_one();
     }
@@ -707,8 +739,9 @@ impl NodeHandle {
         snapshots::take_snapshot(&self.0).await
     }
 
-    /// Broadcasts visible changes made outside the loops (repair, replay, retry).
-    pub fn announce(&self, changes: Vec<Change>) {
+    /// Broadcasts visible changes made outside the loops (repair, replay, retry): the
+    /// crate's own paths only, so a service cannot send feeds changes that did not happen.
+    pub(crate) fn announce(&self, changes: Vec<Change>) {
         self.0.announce(changes);
     }
 }

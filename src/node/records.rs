@@ -118,7 +118,7 @@ impl NodeHandle {
         self.write_one(write.resolving(resolves)).await
     }
 
-    async fn write_one(&self, write: Write) -> Result<Written, WriteError> {
+    pub(super) async fn write_one(&self, write: Write) -> Result<Written, WriteError> {
         self.write(vec![write])
             .await?
             .pop()

@@ -109,13 +109,50 @@ impl std::fmt::Display for Halt {
     }
 }
 
+/// The node's NATS connection, in [`Status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Connection {
+    /// Connected to a server.
+    Connected,
+    /// Was connected, lost the connection, reconnecting (the node works offline).
+    Disconnected,
+    /// Never connected since the node started: no server in `nats_urls` has answered
+    /// (`last_error` says so). The node works offline and keeps trying.
+    Pending,
+}
+
+impl Connection {
+    /// The name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Connection::Connected => "connected",
+            Connection::Disconnected => "disconnected",
+            Connection::Pending => "pending",
+        }
+    }
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So `status.connection == "connected"` reads as it did when it was a string.
+impl PartialEq<&str> for Connection {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A point-in-time view of a node.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     /// The node's id.
     pub node: String,
-    /// `connected`, `disconnected` or `pending`.
-    pub connection: String,
+    /// The NATS connection (`"connected"`, `"disconnected"` or `"pending"` in JSON).
+    pub connection: Connection,
     /// Local writes not yet published (outbox entries).
     pub outbox: u64,
     /// The last stream sequence applied.
@@ -266,14 +303,14 @@ impl NodeHandle {
             damaged,
             refused,
         } = counts;
+        let connection = match self.0.client.connection_state() {
+            async_nats::connection::State::Connected => Connection::Connected,
+            async_nats::connection::State::Disconnected => Connection::Disconnected,
+            async_nats::connection::State::Pending => Connection::Pending,
+        };
         Ok(Status {
             node: self.0.config.node_id.to_string(),
-            connection: match self.0.client.connection_state() {
-                async_nats::connection::State::Connected => "connected",
-                async_nats::connection::State::Disconnected => "disconnected",
-                async_nats::connection::State::Pending => "pending",
-            }
-            .into(),
+            connection,
             outbox,
             checkpoint,
             stream_last_seq: live.stream_last_seq,
@@ -286,11 +323,18 @@ impl NodeHandle {
             quarantined,
             quarantine_dropped,
             last_error: {
-                let errors: Vec<&str> = [&live.publish_error, &live.apply_error, &store_error]
-                    .into_iter()
-                    .flatten()
-                    .map(String::as_str)
-                    .collect();
+                let never = (connection == Connection::Pending).then(|| {
+                    format!(
+                        "no NATS server has answered since the node started (nats_urls: {}); working offline, still trying",
+                        self.0.config.nats_urls.join(", ")
+                    )
+                });
+                let errors: Vec<&str> =
+                    [&never, &live.publish_error, &live.apply_error, &store_error]
+                        .into_iter()
+                        .flatten()
+                        .map(String::as_str)
+                        .collect();
                 (!errors.is_empty()).then(|| errors.join("; "))
             },
             halted: live.halted.clone(),

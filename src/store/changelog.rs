@@ -1,6 +1,7 @@
 //! The local change log: which records changed, in commit order, so a follower that keeps
-//! its own checkpoint (the SQL mirror, [`crate::mirror`]) can resume after a crash and
-//! never miss a change, unlike the broadcast feed of `node::watch`, which can lag.
+//! its own checkpoint (the SQL mirror, [`crate::mirror`], and the node's resumable change
+//! feeds, `node::watch`'s `ChangeFeed`) can resume after a lag, a crash or a restart and
+//! never miss a change, unlike the broadcast `Watch`, which can lag.
 //!
 //! Written in the same redb transaction as each visible record change (`Tx::finish`):
 //! `change_log` (seq → (entity, id)) and `change_at` ((entity, id) → its seq); a record's
@@ -11,8 +12,8 @@
 //! checkpoint, so replaying an entry twice changes nothing.
 //!
 //! The log is kept only while the store's meta holds `change_epoch` (turned on by
-//! [`Store::change_log_enable`] when a node has mirrors, off by
-//! [`Store::change_log_disable`]): a store without followers pays nothing. Each time it is
+//! [`Store::change_log_enable`], which a running node always does since its change feeds
+//! read it; off by [`Store::change_log_disable`], for a bare store). Each time it is
 //! turned on, it starts empty under a new epoch, so a follower whose checkpoint names
 //! another epoch (or a sequence past the log's end: a store restored from a backup)
 //! rebuilds from the records. The tables sit beside format 3 without a bump: a store
@@ -48,6 +49,9 @@ const K_SEQ: &str = "seq";
 /// ([`Store::change_log_confirm`]); compaction may drop the entries of removed records at
 /// or below the least of them.
 const K_CONFIRMED: &str = "confirmed.";
+/// The greatest sequence whose entry compaction dropped ([`forget_gone`]): a follower
+/// whose checkpoint is below it may have missed a delete and must re-read the records.
+const K_TRIMMED: &str = "trimmed";
 
 /// Where the change log stands: its epoch and last sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +60,9 @@ pub struct LogPosition {
     pub epoch: u64,
     /// The last sequence written (0: nothing yet).
     pub seq: u64,
+    /// The greatest sequence whose entry compaction has dropped (0: none): a checkpoint
+    /// below it may have missed the delete of a removed record.
+    pub trimmed: u64,
 }
 
 /// A record's live value as a mirror keeps it: the winner's scope, version, document
@@ -108,6 +115,31 @@ pub struct ChangeBatch {
     pub last: u64,
 }
 
+/// One log entry with its record's whole state now (`Ok(None)`: the record is gone).
+#[derive(Debug)]
+pub struct LoggedState {
+    /// The entry's sequence.
+    pub seq: u64,
+    /// Its entity type.
+    pub entity: EntityName,
+    /// Its id.
+    pub id: Uuid,
+    /// The record's state now; an error if it does not decode.
+    pub state: Result<Option<RecordState>, StorageError>,
+}
+
+/// Entries past a sequence with their records' states ([`Store::change_states_since`]).
+#[derive(Debug)]
+pub struct StateBatch {
+    /// The log's position when read.
+    pub position: LogPosition,
+    /// The entries, in log order.
+    pub entries: Vec<LoggedState>,
+    /// The sequence of the last entry scanned (the next `after`); the `after` asked for
+    /// when there were none.
+    pub last: u64,
+}
+
 type RecordsRead = redb::ReadOnlyTable<u128, &'static [u8]>;
 
 /// A page of live rows and the `after` of the next page (`None`: the last page).
@@ -156,7 +188,12 @@ fn position(txn: &ReadTransaction) -> Result<Option<LogPosition>, StorageError> 
         return Ok(None);
     };
     let seq = meta.get(K_SEQ)?.map_or(0, |g| g.value());
-    Ok(Some(LogPosition { epoch, seq }))
+    let trimmed = meta.get(K_TRIMMED)?.map_or(0, |g| g.value());
+    Ok(Some(LogPosition {
+        epoch,
+        seq,
+        trimmed,
+    }))
 }
 
 /// The least sequence every follower confirmed, `None` if the log is off or none did.
@@ -196,9 +233,17 @@ pub(super) fn removed(
 /// Drops the entries of removed records that every follower has confirmed (and that no
 /// write brought back since); part of the compaction's transaction.
 pub(super) fn forget_gone(txn: &WriteTransaction) -> Result<(), StorageError> {
-    let Some(confirmed) = confirmed(txn)? else {
-        return Ok(());
+    let head = {
+        let meta = txn.open_table(CHANGE_META)?;
+        if meta.get(K_EPOCH)?.is_none() {
+            return Ok(());
+        }
+        meta.get(K_SEQ)?.map_or(0, |g| g.value())
     };
+    // No follower has confirmed anything (only the node's change feeds read the log):
+    // nothing holds the entries back; a feed behind them gets `trimmed` and re-reads.
+    let confirmed = confirmed(txn)?.unwrap_or(head);
+    let mut trimmed = 0u64;
     let mut gone = txn.open_table(CHANGE_GONE)?;
     let mut at = txn.open_table(CHANGE_AT)?;
     let mut log = txn.open_table(CHANGE_LOG)?;
@@ -227,7 +272,13 @@ pub(super) fn forget_gone(txn: &WriteTransaction) -> Result<(), StorageError> {
         if !back {
             at.remove((name.as_str(), id))?;
             log.remove(seq)?;
+            trimmed = trimmed.max(seq);
         }
+    }
+    if trimmed > 0 {
+        let mut meta = txn.open_table(CHANGE_META)?;
+        let before = meta.get(K_TRIMMED)?.map_or(0, |g| g.value());
+        meta.insert(K_TRIMMED, before.max(trimmed))?;
     }
     Ok(())
 }
@@ -285,8 +336,12 @@ impl Store {
             meta.insert(K_SEQ, 0)?;
         }
         self.commit(txn)?;
-        tracing::info!(epoch, "change log started (a mirror follows this store)");
-        Ok(LogPosition { epoch, seq: 0 })
+        tracing::info!(epoch, "change log started");
+        Ok(LogPosition {
+            epoch,
+            seq: 0,
+            trimmed: 0,
+        })
     }
 
     /// Turns the change log off and drops it (no follower is configured).
@@ -375,6 +430,66 @@ impl Store {
             rows,
             last,
         }))
+    }
+
+    /// Up to `limit` entries after `after` (of `entity` only, when given; entries of other
+    /// types count towards `limit` and are skipped), each with its record's whole state now
+    /// (a change feed's read), in one transaction; `None` when the log is off. A record
+    /// that fails to decode is an error for that entry, not for the read.
+    pub fn change_states_since(
+        &self,
+        after: u64,
+        limit: usize,
+        entity: Option<&EntityName>,
+    ) -> Result<Option<StateBatch>, StorageError> {
+        let txn = self.read()?;
+        let Some(position) = position(&txn)? else {
+            return Ok(None);
+        };
+        let mut batch = StateBatch {
+            position,
+            entries: Vec::new(),
+            last: after,
+        };
+        let log = match txn.open_table(CHANGE_LOG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(batch)),
+            Err(e) => return Err(e.into()),
+        };
+        let mut tables: Vec<(EntityName, Option<RecordsRead>)> = Vec::new();
+        for entry in log.range(after.saturating_add(1)..)?.take(limit) {
+            let (k, v) = entry?;
+            batch.last = k.value();
+            let (name, raw) = v.value();
+            if entity.is_some_and(|e| e.as_str() != name) {
+                continue;
+            }
+            let Ok(name) = EntityName::new(name) else {
+                continue;
+            };
+            let id = Uuid::from_u128(raw);
+            let i = match tables.iter().position(|(e, _)| e == &name) {
+                Some(i) => i,
+                None => {
+                    tables.push((name.clone(), open_records_read(&txn, &name)?));
+                    tables.len() - 1
+                }
+            };
+            let state = match &tables[i].1 {
+                None => Ok(None),
+                Some(t) => match t.get(raw)? {
+                    None => Ok(None),
+                    Some(g) => decode_state(&name, &id, g.value()).map(Some),
+                },
+            };
+            batch.entries.push(LoggedState {
+                seq: batch.last,
+                entity: name,
+                id,
+                state,
+            });
+        }
+        Ok(Some(batch))
     }
 
     /// Live rows of `entity` after `after` in id order, at most `limit` (a mirror's
@@ -516,5 +631,62 @@ mod tests {
         store.change_log_confirm("m1", 4).unwrap();
         store.compact(std::time::Duration::ZERO).unwrap();
         assert_eq!(store.change_log_len().unwrap(), 0);
+    }
+
+    #[test]
+    fn state_reads_filter_by_type_and_compaction_without_followers_records_what_it_trimmed() {
+        let (_dir, store) = temp_store();
+        store.change_log_enable().unwrap();
+        let customers = EntityName::new("customers").unwrap();
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        store
+            .write_batch(vec![
+                Write::put(orders(), a, json!({"n": 1})),
+                Write::put(customers.clone(), c, json!({"n": 1})),
+                Write::put(orders(), b, json!({"n": 1})),
+            ])
+            .unwrap();
+        store.write_batch(vec![Write::delete(orders(), a)]).unwrap();
+        // Filtered: only orders, in log order, the deleted one with its tombstone; the
+        // customer's entry counts towards the limit and moves `last`.
+        let batch = store
+            .change_states_since(0, 10, Some(&orders()))
+            .unwrap()
+            .unwrap();
+        let got: Vec<(u64, Uuid, bool)> = batch
+            .entries
+            .iter()
+            .map(|e| {
+                let s = e.state.as_ref().unwrap().as_ref().unwrap();
+                (e.seq, e.id, s.live().is_some())
+            })
+            .collect();
+        assert_eq!(got, vec![(3, b, true), (4, a, false)]);
+        assert_eq!(batch.last, 4);
+        let first = store
+            .change_states_since(0, 1, Some(&orders()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.entries.len(), 0);
+        assert_eq!(first.last, 2);
+        assert_eq!(store.change_log_position().unwrap().unwrap().trimmed, 0);
+
+        // No follower: the removed tombstone's entry goes at the next compaction, and the
+        // log says how far it trimmed.
+        let seqs: Vec<u64> = store
+            .outbox_peek(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.origin_seq)
+            .collect();
+        store.outbox_remove(&seqs).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.compact(std::time::Duration::ZERO).unwrap();
+        store.compact(std::time::Duration::ZERO).unwrap();
+        let p = store.change_log_position().unwrap().unwrap();
+        assert_eq!((p.seq, p.trimmed), (4, 4));
+        let after = store.change_states_since(0, 10, None).unwrap().unwrap();
+        let ids: Vec<Uuid> = after.entries.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![c, b]);
     }
 }

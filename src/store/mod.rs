@@ -84,7 +84,9 @@ use crate::msgid::MsgIds;
 use crate::stream::DeploymentLimits;
 
 pub use cells::CellHashes;
-pub use changelog::{ChangeBatch, ChangedRow, LivePage, LiveRow, LogPosition};
+pub use changelog::{
+    ChangeBatch, ChangedRow, LivePage, LiveRow, LogPosition, LoggedState, StateBatch,
+};
 pub use codec::decode_stored_state;
 pub use format::{FORMAT_VERSION, decode_format_2_state};
 pub use maintenance::{
