@@ -1,0 +1,1 @@
+//! Placeholder: the envelope helper replaces this file.
