@@ -161,6 +161,7 @@ fn limits(c: &Case) -> EventLimits {
         prefix: PREFIX.to_owned(),
         max_doc_bytes: c.max_doc_bytes,
         max_clock_drift_ms: c.max_clock_drift_ms,
+        max_envelope: jetsync::event::ENVELOPE_LATEST,
     }
 }
 

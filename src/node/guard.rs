@@ -258,12 +258,14 @@ pub(super) fn configured_limits_of(config: &super::NodeConfig) -> DeploymentLimi
     }
 }
 
-/// Adopts the limits pinned in the stream, saying which configured values they override.
+/// Adopts the limits pinned in the stream, saying which configured values they override,
+/// and the envelope it writes.
 pub(super) async fn adopt_limits(
     store: &Arc<crate::store::Store>,
     configured: DeploymentLimits,
     provisioned: &Provisioned,
 ) -> Result<bool, NodeError> {
+    store.set_write_envelope(provisioned.envelope);
     let Some(pinned) = provisioned.limits else {
         return Ok(false);
     };
