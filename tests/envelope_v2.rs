@@ -262,3 +262,60 @@ fn a_node_reading_v1_only_refuses_v2_as_a_build_before_it() {
     let report = new.deliver_outbox(&out);
     assert_eq!((report.applied, report.quarantined), (1, 0), "{report:?}");
 }
+
+/// `schemas/change-event-v2.schema.json` is step 1's validator for v2 bodies: the events a
+/// node writes validate, and wherever it refuses a v2 vector body the node's reason is
+/// `malformed` (never a later step's code, never an accepted event).
+#[test]
+fn the_v2_schema_is_step_1_of_the_v2_vectors() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/schemas/change-event-v2.schema.json"))
+            .expect("read the v2 schema"),
+    )
+    .expect("the v2 schema is JSON");
+    let v = jsonschema::draft202012::new(&schema).expect("the v2 schema compiles");
+    // What a node writes.
+    let writer = common::open("a");
+    writer.store.set_write_envelope(event::ENVELOPE_V2);
+    let id = uuid::Uuid::now_v7();
+    writer
+        .store
+        .put(&orders(), id, serde_json::json!({"x": 1}))
+        .expect("put");
+    writer.store.delete(&orders(), id).expect("delete");
+    for e in writer.outbox() {
+        let body: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+        let errors: Vec<String> = v.iter_errors(&body).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{body}: {errors:?}");
+    }
+    // Every v2 vector body.
+    let text = std::fs::read_to_string(format!("{root}/schemas/vectors/envelope_v2.json"))
+        .expect("read the v2 vectors");
+    let vectors: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
+    let (mut checked, mut refused) = (0, 0);
+    for case in vectors["cases"].as_array().expect("cases") {
+        for m in case["messages"].as_array().expect("messages") {
+            if m["envelope"] != 2 {
+                continue;
+            }
+            let body = m["body"].as_str().expect("body");
+            let Ok(instance) = serde_json::from_str::<serde_json::Value>(body) else {
+                continue;
+            };
+            checked += 1;
+            if !v.is_valid(&instance) {
+                refused += 1;
+                assert_eq!(
+                    m["expect"]["reason"], "malformed",
+                    "{}: the v2 schema refuses a body the node does not call malformed: {body}",
+                    case["name"]
+                );
+            }
+        }
+    }
+    assert!(
+        checked > 30 && refused > 10,
+        "{checked} checked, {refused} refused"
+    );
+}
