@@ -367,7 +367,15 @@ impl Store {
     /// both envelopes, and the merge finds the second one's version known.
     pub fn set_write_envelope(&self, v: u32) {
         let v = v.clamp(crate::event::ENVELOPE_V1, self.limits().max_envelope);
-        self.write_envelope.store(v, Ordering::Relaxed);
+        let before = self.write_envelope.swap(v, Ordering::Relaxed);
+        if before != v {
+            tracing::warn!(
+                node = %self.node,
+                from = before,
+                to = v,
+                "publishing in the envelope pinned in the stream's metadata (jetsync envelope set)"
+            );
+        }
     }
 
     /// The envelope this node publishes now.
