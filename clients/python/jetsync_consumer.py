@@ -573,7 +573,7 @@ async def follow(url, path, stream="JETSYNC", prefix="jetsync", idle_exit=None):
             continue
         seq, ms = _ack_meta(msg.reply)
         model.handle(seq, msg.subject, msg.data, ms)
-        gaps.see((msg.headers or {}).get("Nats-Msg-Id", ""), seq)
+        gaps.see((msg.headers or {}).get("Nats-Msg-Id", ""), seq, msg.subject, msg.data)
     await nc.close()
 
 
@@ -585,11 +585,18 @@ class GapCheck:
     def __init__(self):
         self.last = {}  # (origin, incarnation) -> greatest origin_seq seen
 
-    def see(self, msg_id, seq):
+    def see(self, msg_id, seq, subject="", body=b""):
         parts = msg_id.split(":")
-        if len(parts) < 4 or not parts[2].isdigit():
-            return
-        key, n = (parts[0], parts[1]), int(parts[2])
+        if len(parts) >= 4 and parts[2].isdigit():
+            key, n = (parts[0], parts[1]), int(parts[2])
+        else:
+            # Envelope v2: the id is a bare tag; the origin is the subject's next to last
+            # token and the body (as nodes write it) starts with its seq.
+            m = re.match(rb'\{"v":2,"seq":([0-9]+)[,}]', body)
+            tokens = subject.split(".")
+            if not m or len(tokens) < 2:
+                return
+            key, n = (tokens[-2], "v2"), int(m.group(1))
         prev = self.last.get(key)
         if prev is not None and n > prev + 1:
             print(f"warning: {key[0]} origin_seq {prev} -> {n} at stream seq {seq}", flush=True)

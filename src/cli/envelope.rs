@@ -3,8 +3,9 @@
 //!
 //! The rolling rule: every node of this build reads v1 and v2 and advertises it (`status`
 //! → `envelope.reads`); nothing publishes v2 until `set v2` pins it. `set v2` refuses
-//! while any live node (answering `$SRV` discovery, or holding a lease entry: running, or
-//! stopped less than a lease TTL ago) does not list 2: a build from before v2 advertises
+//! while any live node (answering `$SRV` discovery, or with a lease entry holding a value:
+//! running, or dead less than a lease TTL ago; a clean shutdown releases it) does not
+//! list 2: a build from before v2 advertises
 //! nothing, and would quarantine every v2 event as `unsupported_envelope`. Once pinned,
 //! answering nodes adopt at once (asking their status makes them read the stream's info),
 //! the others at their next check, as for `jetsync limits set`. Going back to v1 needs no
@@ -171,7 +172,27 @@ async fn live_nodes(
         .filter_map(|n| n["node"].as_str().map(str::to_owned))
         .collect();
     match crate::lease::holders(js, &conn.stream).await {
-        Ok(holders) => names.extend(holders),
+        Ok(holders) => {
+            // A key with a value is a running node, or one that died less than a lease
+            // TTL ago (it may come back as it was); a released key (clean shutdown)
+            // keeps its subject until its delete marker expires, but no value.
+            let kv = js
+                .get_key_value(crate::lease::bucket_name(&conn.stream))
+                .await
+                .ok();
+            for h in holders {
+                if names.contains(&h) {
+                    continue;
+                }
+                let released = match &kv {
+                    Some(kv) => matches!(kv.get(&h).await, Ok(None)),
+                    None => false,
+                };
+                if !released {
+                    names.insert(h);
+                }
+            }
+        }
         Err(e) => eprintln!(
             "warning: cannot list the lease holders ({e}): checking the nodes that answer discovery only"
         ),

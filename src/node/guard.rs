@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::{NodeError, NodeHandle, Shared};
 use crate::error::WriteError;
-use crate::event::ChangeEvent;
 use crate::lease::LeaseState;
 use crate::store::{ApplyReport, Incoming};
 use crate::stream::{self, DeploymentLimits, Provisioned};
@@ -389,7 +388,8 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let Ok(ev) = serde_json::from_slice::<ChangeEvent>(&last.payload) else {
+    // Either envelope (v2 carries the origin in the subject only).
+    let Some(ev) = crate::event::read_any(&last.subject, &last.payload, &cfg.stream.prefix) else {
         return Ok(()); // not an event: it is quarantined, and says nothing of the store
     };
     let store = shared.store.clone();
