@@ -47,6 +47,33 @@
 //!
 //! The tag alone does not make a duplicate acknowledgement trustworthy (a leaked secret,
 //! a bug): the publisher also checks the stored message of every duplicate ack.
+//!
+//! ## The compact id (envelope v2)
+//!
+//! A v2 event (its body starts `{"v":2,`, see [`crate::event::V2_START`]) is published
+//! with a 16-character id: the first 12 bytes of the HMAC, in base64url without padding,
+//! of
+//!
+//! `"jetsync-msgid-3" 0x00 ‖ node 0x00 ‖ incarnation (u64 BE) ‖ len(tail) (u64 BE) ‖ tail ‖
+//! len(payload) (u64 BE) ‖ payload`
+//!
+//! The node, the incarnation and `origin_seq` are not spelled out: the subject carries the
+//! origin (and [`MsgIds::made`] checks the tail's origin token is this node before any
+//! HMAC, so another node's message still costs no HMAC), the body carries `seq`, and the
+//! incarnation only selects the secret, which the verifying node holds. Fresh and
+//! republish ids append `:r<32 hex>` as for v1. A v1 event keeps the v1 layout above, so a
+//! node upgraded mid-outbox retries with the very id its old build used and JetStream
+//! de-duplicates it.
+//!
+//! Why 96 bits are enough: every stored id is readable, but HMAC-SHA256 is a PRF, so ids
+//! on known content reveal nothing about the tag of any other content. What a reader can
+//! do is guess: publish a message carrying a guessed tag for content of its choosing, on
+//! this node's subject, hoping this node passes over it as its own echo (while the others
+//! apply it). Each guess is one published message and succeeds with probability 2^-96; at
+//! a million messages a second that is one success in ~2.5·10^15 years. Uniqueness within
+//! the server's duplicate window is what the id is also for: two different events of any
+//! nodes share an id with probability ~n²/2^97, negligible for any window. (Squatting a
+//! not yet published id needs the tag of unpublished content: the same guess.)
 
 use ring::hmac;
 
@@ -60,6 +87,17 @@ const TAG_LEN: usize = 16;
 
 /// What the HMAC input starts with: names this layout, apart from the earlier one.
 const DOMAIN: &[u8] = b"jetsync-msgid-2\0";
+
+/// The compact layout's (envelope v2) domain.
+const DOMAIN_COMPACT: &[u8] = b"jetsync-msgid-3\0";
+
+/// Bytes of the HMAC kept in a compact id (96 bits, see the module doc).
+const COMPACT_TAG_LEN: usize = 12;
+
+/// Characters of a compact id: [`COMPACT_TAG_LEN`] bytes in unpadded base64url.
+const COMPACT_LEN: usize = COMPACT_TAG_LEN * 4 / 3;
+
+const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// Hex digits of a fresh id's random suffix (a simple UUID).
 const FRESH_LEN: usize = 32;
@@ -104,9 +142,12 @@ impl MsgIds {
     /// `<node>:<incarnation>:<origin_seq>:<tag>`: the id of the event with `origin_seq`
     /// published on a subject whose tail (after the prefix) is `tail`, with body
     /// `payload`. The same for every attempt with the same bytes, so a retried publish is
-    /// de-duplicated.
+    /// de-duplicated. A v2 body gets the compact id instead ([`MsgIds::compact_id`]).
     pub fn id(&self, origin_seq: u64, tail: &str, payload: &[u8]) -> String {
         use std::fmt::Write;
+        if payload.starts_with(crate::event::V2_START) {
+            return self.compact_id(tail, payload);
+        }
         // One allocation: every published event of this node makes one.
         let mut id = String::with_capacity(self.node.as_str().len() + 2 * TAG_LEN + 40);
         let _ = write!(
@@ -127,6 +168,58 @@ impl MsgIds {
     /// id or allocating: the apply loop asks this of every message it receives. Another
     /// node's id costs a string comparison; this node's, one HMAC over the message.
     pub fn made(&self, msg_id: &str, tail: &str, payload: &[u8]) -> bool {
+        // The v1 layout has three or four `:`-separated fields after the first; a compact
+        // id none, or a fresh suffix.
+        let (base, fresh) = match msg_id.split_once(':') {
+            Some((_, rest)) if rest.contains(':') => {
+                return self.made_v1(msg_id, tail, payload);
+            }
+            Some((base, rest)) => (base, Some(rest)),
+            None => (msg_id, None),
+        };
+        // A fresh id's suffix: `r` and 32 lowercase hex digits; nothing after it.
+        let fresh_ok = fresh.is_none_or(|f| {
+            f.len() == 1 + FRESH_LEN
+                && f.as_bytes()[0] == b'r'
+                && f.as_bytes()[1..].iter().all(|b| HEX.contains(b))
+        });
+        // The subject names the origin: another node's message costs no HMAC.
+        fresh_ok
+            && base.len() == COMPACT_LEN
+            && tail.split('.').nth(2) == Some(self.node.as_str())
+            && base.as_bytes() == self.compact_tag(tail, payload).as_slice()
+    }
+
+    /// The compact id of a v2 event on `tail` with body `payload` (see the module doc).
+    pub fn compact_id(&self, tail: &str, payload: &[u8]) -> String {
+        // Base64url of 12 bytes is 16 characters, ASCII.
+        String::from_utf8(self.compact_tag(tail, payload).to_vec()).unwrap_or_default()
+    }
+
+    /// The compact tag, already in base64url.
+    fn compact_tag(&self, tail: &str, payload: &[u8]) -> [u8; COMPACT_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(DOMAIN_COMPACT);
+        ctx.update(self.node.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&self.incarnation.to_be_bytes());
+        ctx.update(&(tail.len() as u64).to_be_bytes());
+        ctx.update(tail.as_bytes());
+        ctx.update(&(payload.len() as u64).to_be_bytes());
+        ctx.update(payload);
+        let mac = ctx.sign();
+        let mut out = [0u8; COMPACT_LEN];
+        for (i, chunk) in mac.as_ref()[..COMPACT_TAG_LEN].chunks_exact(3).enumerate() {
+            let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+            for j in 0..4 {
+                out[4 * i + j] = B64URL[((n >> (18 - 6 * j)) & 63) as usize];
+            }
+        }
+        out
+    }
+
+    /// [`MsgIds::made`] for the v1 layout.
+    fn made_v1(&self, msg_id: &str, tail: &str, payload: &[u8]) -> bool {
         let mut parts = msg_id.split(':');
         let (Some(node), Some(incarnation), Some(seq), Some(tag)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -355,5 +448,80 @@ mod tests {
         let old = format!("a:0000000000000007:5:{tag}");
         assert!(!ids.made(&old, TAIL, BODY), "{old}");
         assert!(!ids.made(&old, "", b""), "{old}");
+    }
+
+    const BODY_V2: &[u8] = br#"{"v":2,"seq":5,"ver":[1796000000000,0],"doc":{"x":1}}"#;
+
+    #[test]
+    fn a_v2_payload_gets_a_compact_id_that_proves_exactly_its_content() {
+        let ids = ids();
+        let id = ids.id(5, TAIL, BODY_V2);
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{id}"
+        );
+        assert_eq!(id, ids.id(5, TAIL, BODY_V2), "a retry gets the same id");
+        assert!(ids.made(&id, TAIL, BODY_V2));
+        // The v1 layout is still made for a v1 body, and both verify.
+        assert!(ids.id(5, TAIL, BODY).starts_with("a:0000000000000007:5:"));
+        assert!(ids.made(&ids.id(5, TAIL, BODY), TAIL, BODY));
+        for i in 0..BODY_V2.len() {
+            let mut body = BODY_V2.to_vec();
+            body[i] ^= 1;
+            assert!(!ids.made(&id, TAIL, &body), "payload byte {i} flipped");
+        }
+        for i in 0..TAIL.len() {
+            let mut tail = TAIL.as_bytes().to_vec();
+            tail[i] ^= 1;
+            let tail = String::from_utf8(tail).unwrap();
+            assert!(!ids.made(&id, &tail, BODY_V2), "subject byte {i}: {tail}");
+        }
+        let fresh = ids.fresh_id(5, TAIL, BODY_V2);
+        assert!(fresh.starts_with(&format!("{id}:r")), "{fresh}");
+        assert!(ids.made(&fresh, TAIL, BODY_V2));
+        assert!(ids.made(&ids.republish_id(5, TAIL, BODY_V2, 9), TAIL, BODY_V2));
+        let node = NodeId::new("a").unwrap();
+        let secret = MsgIds::new_secret();
+        let mine = MsgIds::new(node.clone(), 7, &secret);
+        let id = mine.id(5, TAIL, BODY_V2);
+        for (what, other) in [
+            (
+                "another secret",
+                MsgIds::new(node.clone(), 7, &MsgIds::new_secret()),
+            ),
+            ("another incarnation", MsgIds::new(node, 8, &secret)),
+            (
+                "another node",
+                MsgIds::new(NodeId::new("b").unwrap(), 7, &secret),
+            ),
+        ] {
+            assert!(!other.made(&id, TAIL, BODY_V2), "{what}");
+        }
+        for forged in [
+            id[..15].to_string(),
+            format!("{id}x"),
+            format!("{id}:r"),
+            format!("{id}:x:y"),
+            id.to_uppercase(),
+            String::new(),
+        ] {
+            assert!(!mine.made(&forged, TAIL, BODY_V2), "{forged}");
+        }
+    }
+
+    #[test]
+    fn v1_ids_of_a_node_named_like_a_compact_id_still_verify() {
+        // 16 characters, the length of a compact id.
+        let ids = MsgIds::new(
+            NodeId::new("abcdefghijklmnop").unwrap(),
+            7,
+            &MsgIds::new_secret(),
+        );
+        let tail = "orders._.abcdefghijklmnop.0195e5a4-7a3c-7cc2-9b6f-3c1f0a9d2e11";
+        let id = ids.id(5, tail, BODY);
+        assert!(ids.made(&id, tail, BODY), "{id}");
+        assert!(ids.made(&ids.fresh_id(5, tail, BODY), tail, BODY));
     }
 }

@@ -274,9 +274,13 @@ async fn deliver(
         Sink::JsonLines(out) => {
             for (seq, subject, payload, time_ms) in &taken {
                 let line = match event::decode(subject, payload, *time_ms, limits) {
-                    Ok(ev) => {
+                    Ok(mut ev) => {
                         report.applied += 1;
-                        json!({"seq": seq, "time_ms": time_ms, "subject": subject, "event": ev})
+                        // Written in v1's self-contained form whatever it arrived in (a v2
+                        // body leaves the record to the subject); `envelope` says which.
+                        let envelope = ev.v;
+                        ev.v = event::ENVELOPE_V1;
+                        json!({"seq": seq, "time_ms": time_ms, "subject": subject, "envelope": envelope, "event": ev})
                     }
                     Err(reason) => {
                         report.rejected += 1;

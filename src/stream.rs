@@ -124,6 +124,8 @@ pub struct Provisioned {
     /// stream or pinned them on a stream from before limits were pinned); `None` if none
     /// are pinned and none were given.
     pub limits: Option<DeploymentLimits>,
+    /// The envelope the deployment writes ([`pinned_envelope`]).
+    pub envelope: u32,
 }
 
 /// The stream a deployment replicates through.
@@ -732,7 +734,31 @@ pub async fn provision(
         },
         state: info.state.clone(),
         limits,
+        envelope: pinned_envelope(&info.config.metadata),
     })
+}
+
+/// Where the envelope the deployment writes is pinned in the stream's metadata.
+const META_ENVELOPE: &str = "jetsync.envelope";
+
+/// The envelope version pinned in a stream's metadata by `jetsync envelope set`: v1
+/// when none is (a deployment that never switched), or when the value does not parse.
+pub fn pinned_envelope(meta: &HashMap<String, String>) -> u32 {
+    meta.get(META_ENVELOPE)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(crate::event::ENVELOPE_V1)
+}
+
+/// Pins envelope `v` in stream `name`'s metadata (`jetsync envelope set`, which checks
+/// first that every live node reads it); nodes adopt it as they adopt the limits. The
+/// rest of the stream's config is left as it is.
+pub async fn pin_envelope(js: &jetstream::Context, name: &str, v: u32) -> Result<(), StreamError> {
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let mut stream = js.get_stream(name).await.map_err(|e| nats(&e))?;
+    let mut config = stream.info().await.map_err(|e| nats(&e))?.config.clone();
+    config.metadata.insert(META_ENVELOPE.into(), v.to_string());
+    js.update_stream(config).await.map_err(|e| nats(&e))?;
+    Ok(())
 }
 
 /// The limits pinned in stream `name`'s metadata now (`None`: none pinned), with the

@@ -113,7 +113,7 @@ async fn hostile_messages_are_quarantined_by_running_nodes_and_good_ones_replica
         (format!("jetsync.orders._.x.{id}"), truncated, "malformed"),
         (
             format!("jetsync.orders._.x.{id}"),
-            body("orders", &id, "x", now, "{}").replacen("\"v\":1", "\"v\":2", 1),
+            body("orders", &id, "x", now, "{}").replacen("\"v\":1", "\"v\":3", 1),
             "unsupported_envelope",
         ),
         // Valid, but for an entity type `partial` does not replicate.

@@ -74,6 +74,11 @@ impl Ev {
         self.0.resolves = vs;
         self
     }
+    /// The same event in envelope v2.
+    fn v2(mut self) -> Self {
+        self.0.v = 2;
+        self
+    }
     fn scope(mut self, s: &str) -> Self {
         self.0.scope = Scope::new(s).expect("scope");
         self
@@ -126,14 +131,18 @@ fn raw(subject: &str, body: &str, time_ms: u64, like: &Ev) -> Msg {
         subject: subject.to_owned(),
         body: body.to_owned(),
         time_ms,
-        envelope: ENVELOPE_VERSION as u64,
+        envelope: u64::from(like.0.v),
         // The published shape; vectors carry no real HMAC tag (consumers need not check it).
-        msg_id: format!(
-            "{}:00000000000000a1:{}:{}",
-            like.0.origin,
-            like.0.origin_seq,
-            "0".repeat(32)
-        ),
+        msg_id: if like.0.v == 2 {
+            "AAAAAAAAAAAAAAAA".to_owned()
+        } else {
+            format!(
+                "{}:00000000000000a1:{}:{}",
+                like.0.origin,
+                like.0.origin_seq,
+                "0".repeat(32)
+            )
+        },
         op: None,
     }
 }
@@ -161,6 +170,7 @@ fn limits(c: &Case) -> EventLimits {
         prefix: PREFIX.to_owned(),
         max_doc_bytes: c.max_doc_bytes,
         max_clock_drift_ms: c.max_clock_drift_ms,
+        max_envelope: jetsync::event::ENVELOPE_LATEST,
     }
 }
 
@@ -552,24 +562,26 @@ fn refusal_cases() -> Vec<Case> {
     out.push(drift);
 
     let u = put(116, a(0, 0), 1, r#"{"v":1}"#);
-    let mut v2 = raw(
+    let mut v3 = raw(
         &u.subject(),
-        &u.body().replacen(r#""v":1"#, r#""v":2"#, 1),
+        &u.body().replacen(r#""v":1"#, r#""v":3"#, 1),
         u.time(),
         &u,
     );
-    v2.envelope = 2;
-    let mut v2_other = raw(
+    v3.envelope = 3;
+    let mut v3_other = raw(
         &u.subject(),
-        r#"{"v":2,"shape":"anything a later envelope carries"}"#,
+        r#"{"v":3,"shape":"anything a later envelope carries"}"#,
         u.time(),
         &u,
     );
-    v2_other.envelope = 2;
+    v3_other.envelope = 3;
+    let mut v0 = raw(&u.subject(), r#"{"v":0}"#, u.time(), &u);
+    v0.envelope = 0;
     out.push(case(
         "unknown_envelope_version",
-        "unsupported_envelope: a body whose top-level v is a number other than 1, whatever else it holds.",
-        vec![v2, v2_other],
+        "unsupported_envelope: a body whose top-level v is a number other than 1 and 2, whatever else it holds.",
+        vec![v3, v3_other, v0],
     ));
 
     // An id with hex letters, for the upper-case case.
@@ -647,9 +659,14 @@ fn refusal_cases() -> Vec<Case> {
         m.envelope = 2;
         m
     };
+    let v3 = |body: String| {
+        let mut m = nt(body);
+        m.envelope = 3;
+        m
+    };
     out.push(case(
         "envelope_numbers_and_names",
-        "The envelope's integers have no sign, fraction or exponent: -0 is malformed (not 0), so are 2.0 and 2e0. unsupported_envelope needs v to be an integer in 0..2^64 (2^64-1 is in, 2^64 is out: malformed), occurring once, in a body that is valid JSON with nothing after it; duplicates elsewhere do not matter then. Member names compare after unescaping: \"\\u0076\" is the member v.",
+        "The envelope's integers have no sign, fraction or exponent: -0 is malformed (not 0), so are 2.0 and 2e0. unsupported_envelope needs v to be an integer in 0..2^64 other than 1 and 2 (2^64-1 is in, 2^64 is out: malformed), occurring once, in a body that is valid JSON with nothing after it; duplicates elsewhere do not matter then. A v of 2 decodes as envelope v2, whose members are strict: a v1 body relabelled 2 is malformed. Member names compare after unescaping: \"\\u0076\" is the member v.",
         vec![
             nt(n.body().replacen(r#""origin_seq":1"#, r#""origin_seq":-0"#, 1)),
             nt(n.body().replacen(r#""v":1"#, r#""v":-0"#, 1)),
@@ -658,6 +675,7 @@ fn refusal_cases() -> Vec<Case> {
             nt(n.body().replacen(r#""v":1"#, r#""v":18446744073709551616"#, 1)),
             nt(n.body().replacen(r#""v":1"#, r#""v":2.0"#, 1)),
             nt(n.body().replacen(r#""v":1"#, r#""v":2e0"#, 1)),
+            v3(n.body().replacen(r#""v":1"#, r#""v":3,"op":"x""#, 1)),
             v2(n.body().replacen(r#""v":1"#, r#""v":2,"op":"x""#, 1)),
             nt(n.body().replacen(r#""v":1"#, r#""v":2,"v":2"#, 1)),
             nt(n.body().replacen(r#""v":1"#, r#""v":2"#, 1) + " {}"),
@@ -728,6 +746,152 @@ fn scope_cases() -> Vec<Case> {
             ],
         ),
     ]
+}
+
+/// Envelope v2: the record from the subject, compact versions, `op` implied; mixed with
+/// v1 in one stream, as during the rolling upgrade.
+fn v2_cases() -> Vec<Case> {
+    let a = |ms, c| ver(ms, c, "node-a");
+    let b = |ms, c| ver(ms, c, "node-b");
+    let cc = |ms, c| ver(ms, c, "node-c");
+    let mut out = vec![];
+
+    let a1 = put(301, a(0, 0), 1, r#"{"v":"a1"}"#);
+    let b1 = put(301, b(5, 0), 1, r#"{"v":"b1"}"#).base(a(0, 0)).v2();
+    let a2 = put(301, a(3, 0), 2, r#"{"v":"a2"}"#).base(a(0, 0)).v2();
+    let c1 = del(301, cc(9, 1), 1)
+        .base(b(5, 0))
+        .resolves(vec![a(3, 0)])
+        .v2();
+    out.push(case(
+        "v2_mixed_with_v1",
+        "One record written in both envelopes: a v1 put, then v2 events naming it (a version's node left out when it is the subject's origin, spelled out otherwise), a v2 delete (no doc) resolving a conflict. Same merge rule, whatever the envelope.",
+        vec![msg(&a2), msg(&c1), msg(&a1), msg(&b1)],
+    ));
+
+    let p = put(302, a(0, 0), 7, r#"{"n":1}"#);
+    out.push(case(
+        "v2_same_event_in_both_envelopes",
+        "The same event published in v1 and in v2 (a retry across the switch): one version, the second is a duplicate.",
+        vec![msg(&p), msg(&p.clone().v2())],
+    ));
+
+    let imp = put(303, a(0, 0), 1, r#"{"n":1}"#).v2();
+    out.push(case(
+        "v2_import_subject",
+        "An edge site's import subject <prefix>_in.<entity>.<scope>.<origin>.<id> names the record as <prefix>.<...> does.",
+        vec![raw(
+            &imp.subject().replacen("jetsync.", "jetsync_in.", 1),
+            &imp.body(),
+            imp.time(),
+            &imp,
+        )],
+    ));
+
+    let o = put(304, a(0, 0), 1, r#"{"n":1}"#).v2();
+    let ob = o.body();
+    let ot = |body: String| raw(&o.subject(), &body, o.time(), &o);
+    out.push(case(
+        "v2_members",
+        "malformed in v2: a member v1 has (op, entity, scope, id, origin, origin_seq, version), any other unknown member, a member twice, null for base or doc, a missing seq or ver, seq not an integer. Accepted: members in another order, an explicit empty resolves.",
+        vec![
+            ot(ob.replacen(r#"{"v":2,"#, r#"{"v":2,"op":"put","#, 1)),
+            ot(ob.replacen(r#"{"v":2,"#, r#"{"v":2,"origin":"node-a","#, 1)),
+            ot(ob.replacen(r#"{"v":2,"#, r#"{"v":2,"entity":"orders","#, 1)),
+            ot(ob.replacen(r#"{"v":2,"#, r#"{"v":2,"x":1,"#, 1)),
+            ot(ob.replacen(r#""seq":1"#, r#""seq":1,"seq":1"#, 1)),
+            ot(ob.replacen(r#""seq":1"#, r#""seq":1,"base":null"#, 1)),
+            ot(ob.replacen(r#""doc":{"n":1}"#, r#""doc":null"#, 1)),
+            ot(ob.replacen(r#""seq":1,"#, "", 1)),
+            ot(ob.replacen(r#""seq":1"#, r#""seq":1.0"#, 1)),
+            ot(ob.replacen(r#""seq":1"#, r#""seq":"1""#, 1)),
+            ot(format!(
+                r#"{{"doc":{{"n":1}},"ver":[{},0],"seq":1,"v":2}}"#,
+                T0
+            )),
+            ot(ob.replacen(r#""seq":1"#, r#""seq":1,"resolves":[]"#, 1)),
+        ],
+    ));
+
+    let w = put(305, a(10, 0), 1, r#"{"n":1}"#).v2();
+    let wb = w.body();
+    let wt = |body: String| raw(&w.subject(), &body, w.time(), &w);
+    let at = |ms: u64| format!("[{},0]", T0 + ms);
+    out.push(case(
+        "v2_versions",
+        "Versions in v2 are [ms, c] (node: the subject's origin) or [ms, c, node] with node not the origin: spelling the origin out is malformed, as are an object, a wrong length, c above 65535, ms at or above 2^48, a negative or fractional number. A ver naming another node, seq 0, and a base or resolves entry not strictly smaller than ver are invalid_version, as in v1.",
+        vec![
+            wt(wb.replacen(&at(10), &format!(r#"[{},0,"node-a"]"#, T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!(r#"{{"ms":{},"c":0}}"#, T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!("[{}]", T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!(r#"[{},0,"node-b",1]"#, T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!("[{},65536]", T0 + 10), 1)),
+            wt(wb.replacen(&at(10), "[281474976710656,0]", 1)),
+            wt(wb.replacen(&at(10), &format!("[{},-0]", T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!("[{}.0,0]", T0 + 10), 1)),
+            wt(wb.replacen(&at(10), &format!(r#"[{},0,"node-b"]"#, T0 + 10), 1)),
+            wt(wb.replacen(r#""seq":1"#, r#""seq":0"#, 1)),
+            wt(wb.replacen(r#""seq":1"#, &format!(r#""seq":1,"base":{}"#, at(10)), 1)),
+            wt(wb.replacen(
+                r#""seq":1"#,
+                &format!(r#""seq":1,"base":[{},0,"node-0"]"#, T0 + 10),
+                1,
+            )),
+            wt(wb.replacen(
+                r#""seq":1"#,
+                &format!(r#""seq":1,"resolves":[{},[{},0,"node-b"]]"#, at(5), T0 + 10),
+                1,
+            )),
+            wt(wb.replacen(
+                r#""seq":1"#,
+                &format!(r#""seq":1,"base":[{},0,"node-b"]"#, T0 + 9),
+                1,
+            )),
+        ],
+    ));
+
+    let s = put(0xabc306, a(0, 0), 1, r#"{"n":1}"#).v2();
+    let st = |subject: String| raw(&subject, &s.body(), s.time(), &s);
+    out.push(case(
+        "v2_subject_is_the_record",
+        "malformed in v2 (where v1 says forged_origin or subject_mismatch: v2 has nothing to compare): a subject not <prefix>.<entity>.<scope>.<origin>.<id> or <prefix>_in.<...>, a token missing or extra, a token that is not a valid name (entity, scope, node id: the rules of schemas/change-event.schema.json), an id not a lowercase hyphenated UUID. Any valid origin token is the origin: the body cannot disagree.",
+        vec![
+            st(s.subject().replace(".node-a.", ".node-b.")),
+            st(s.subject().replacen("jetsync.", "jetsync_x.", 1)),
+            st(format!("{}.x", s.subject())),
+            st(s.subject().replace("._.", ".")),
+            st(s.subject().replace(".orders.", ".Orders!.")),
+            st(s.subject().replace(".node-a.", ".node a.")),
+            st(s.subject().replace(&id(0xabc306).to_string(), &id(0xabc306).simple().to_string())),
+            st(s.subject().replace(&id(0xabc306).to_string(), &id(0xabc306).to_string().to_uppercase())),
+        ],
+    ));
+
+    let big = put(307, a(0, 0), 1, "{}").v2();
+    let deep = put(308, a(0, 0), 1, "{}").v2();
+    let drift = put(309, a(0, 0), 1, r#"{"n":1}"#).v2();
+    let mut docs = case(
+        "v2_document_rules_unchanged",
+        "The document rules are v1's: its size is the bytes of doc as written (64 here), then object, depth, duplicate names, lone surrogates; the drift against the stream time too.",
+        vec![
+            raw(
+                &big.subject(),
+                &big.body_with_doc(&format!(r#"{{ "s" : "{}" }}"#, "x".repeat(53))),
+                big.time(),
+                &big,
+            ),
+            raw(
+                &deep.subject(),
+                &deep.body_with_doc(r#"{"a":1,"\u0061":2}"#),
+                deep.time(),
+                &deep,
+            ),
+            raw(&drift.subject(), &drift.body(), T0 - 60_001, &drift),
+        ],
+    );
+    docs.max_doc_bytes = 64;
+    out.push(docs);
+    out
 }
 
 fn version_json(v: &Version) -> Value {
@@ -857,6 +1021,14 @@ fn vectors() -> Vec<(&'static str, String)> {
                 "Refusals",
                 "Every quarantine reason, next to the accepted case on the other side of each limit.",
                 &refusal_cases(),
+            ),
+        ),
+        (
+            "envelope_v2.json",
+            vector_file(
+                "Envelope v2",
+                "The compact envelope: the record and origin from the subject only, versions as arrays, op implied; mixed with v1 as during the rolling upgrade; the refusals that differ from v1's.",
+                &v2_cases(),
             ),
         ),
         (
@@ -1291,12 +1463,17 @@ async fn workload(
 async fn check_op_headers(js: &async_nats::jetstream::Context, last: u64) {
     let stream = js.get_stream("JETSYNC").await.expect("stream");
     let (mut bytes, mut header_bytes, mut ops) = (0usize, 0usize, BTreeMap::new());
+    let mut envelopes = BTreeMap::new();
     for seq in 1..=last {
         let m = stream.get_raw_message(seq).await.expect("stream message");
         let ev: Value = serde_json::from_slice(&m.payload).expect("an event");
+        // v1 says `op`; in v2 a delete is the event without `doc`.
+        let v2 = ev["v"] == 2;
+        *envelopes.entry(ev["v"].to_string()).or_insert(0) += 1;
         let want = match (ev.get("resolves").is_some(), ev["op"].as_str()) {
             (true, _) => "resolve",
             (false, Some("delete")) => "delete",
+            (false, None) if v2 && ev.get("doc").is_none() => "delete",
             _ => "put",
         };
         let got = m
@@ -1325,6 +1502,11 @@ async fn check_op_headers(js: &async_nats::jetstream::Context, last: u64) {
         bytes as f64 / last as f64,
         header_bytes as f64 / last as f64,
         100.0 * header_bytes as f64 / bytes as f64
+    );
+    // The deployment switched to v2 after phase 1: the consumer read both envelopes.
+    assert!(
+        envelopes.len() == 2,
+        "the stream should hold v1 and v2 events: {envelopes:?}"
     );
 }
 
@@ -1444,6 +1626,16 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
     .await;
     sigkill(&mut running);
     let killed_at = consumer.checkpoint().expect("checkpoint after the kill");
+    // The deployment switches to envelope v2 (as `jetsync envelope set v2` does: pin, then
+    // ask each node's status, which adopts it): phases 2 and 3 publish v2, so the consumer
+    // reads a stream holding both envelopes.
+    jetsync::stream::pin_envelope(&async_nats::jetstream::new(nc.clone()), "JETSYNC", 2)
+        .await
+        .expect("pin envelope v2");
+    for n in NODES {
+        let s = api.call(n, "status", json!({})).await.expect("status");
+        assert_eq!(s["envelope"]["writes"], 2, "{n} did not adopt v2: {s}");
+    }
     // Phase 2 with node nb crashed, then restarted; the consumer restarts meanwhile.
     sigkill(&mut nodes[1]);
     let phase2 = round(100, 100, &["na", "nc"], true);

@@ -367,6 +367,7 @@ fn check_store(store: &Store, round: usize, acked: &[Ack]) -> Vec<Version> {
         prefix: store.config().prefix.clone(),
         max_doc_bytes: store.config().max_doc_bytes,
         max_clock_drift_ms: 0,
+        max_envelope: jetsync::event::ENVELOPE_LATEST,
     };
     // The outbox: origin_seq 1..=N, each entry an event of this node that decodes.
     let outbox = store.outbox_peek(0, usize::MAX).expect("outbox_peek");

@@ -24,6 +24,7 @@ fn limits() -> EventLimits {
         prefix: c.prefix,
         max_doc_bytes: c.max_doc_bytes,
         max_clock_drift_ms: c.max_clock_drift.as_millis() as u64,
+        max_envelope: jetsync::event::ENVELOPE_LATEST,
     }
 }
 

@@ -46,6 +46,7 @@ fn limits() -> EventLimits {
         prefix: "jetsync".into(),
         max_doc_bytes: 1 << 20,
         max_clock_drift_ms: 0,
+        max_envelope: jetsync::event::ENVELOPE_LATEST,
     }
 }
 const STREAM_TIME: u64 = u64::MAX;

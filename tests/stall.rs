@@ -605,6 +605,7 @@ async fn replay_does_not_skip_deliveries_lost_with_a_dropped_connection() {
             prefix: "jetsync".into(),
             max_doc_bytes: 256 * 1024,
             max_clock_drift_ms: 60_000,
+            max_envelope: jetsync::event::ENVELOPE_LATEST,
         },
         jetsync::replay::Sink::Store(target.clone()),
         |_| {},

@@ -444,7 +444,7 @@ fn each_bad_event_is_quarantined_with_its_reason_and_the_batch_goes_on() {
     ));
     msgs.push((
         "jetsync.orders._.b.x".into(),
-        br#"{"v":2,"op":"teleport"}"#.to_vec(),
+        br#"{"v":3,"op":"teleport"}"#.to_vec(),
         "unsupported_envelope",
     ));
     let e = ev(&ok_v);

@@ -20,7 +20,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 1  # the envelope of the v1 decoder below
+ENVELOPES = (1, 2)  # every envelope this consumer reads
 MAX_DOC_DEPTH = 127
 NODE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ENTITY_RE = re.compile(r"[a-z0-9_]{1,64}")
@@ -157,6 +158,22 @@ def _version(v):
     return (v["ms"], v["c"], v["node"].encode())
 
 
+def _envelope_of(text):
+    """The body's envelope version as a node dispatches on it: the writers' own bodies start
+    with it; otherwise `v` occurring once at the top level of valid JSON, an integer in
+    0..2^64. None when neither (the v1 decoder then names what is wrong)."""
+    if text.startswith('{"v":1,'):
+        return 1
+    if text.startswith('{"v":2,'):
+        return 2
+    try:
+        top = json.loads(text, object_pairs_hook=lambda p: p, parse_int=_int)
+    except (ValueError, RecursionError):
+        return None
+    vs = [v for k, v in top if k == "v"] if type(top) is list else []
+    return vs[0] if len(vs) == 1 and _u(vs[0], 64) else None
+
+
 def decode(subject, body, stream_time_ms, limits):
     """The checked event of one stream message, or raises Refused (see docs/consuming.md)."""
     try:
@@ -166,12 +183,17 @@ def decode(subject, body, stream_time_ms, limits):
     # Before anything else, whatever v says: JSON text must be valid Unicode.
     if _lone_surrogate(text) is not None:
         raise Refused("malformed", "lone surrogate escape")
+    envelope = _envelope_of(text)
+    if envelope == 2:
+        return _decode_v2(subject, text, stream_time_ms, limits)
+    if envelope is not None and envelope != ENVELOPE_VERSION:
+        raise Refused("unsupported_envelope", str(envelope))
     try:
         ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant, parse_int=_int)
         structure_error = _structure(ev)
     except RecursionError:
         # Deeper than Python's parser goes, but a node checks the size before the depth.
-        return _too_deep(text, limits)
+        return _too_deep(subject, text, limits)
     except (ValueError, Refused) as e:
         structure_error = e
         ev = None
@@ -182,7 +204,7 @@ def decode(subject, body, stream_time_ms, limits):
             vs = [v for k, v in top if k == "v"] if type(top) is list else []
         except (ValueError, RecursionError):
             vs = []
-        if len(vs) == 1 and _u(vs[0], 64) and vs[0] != ENVELOPE_VERSION:
+        if len(vs) == 1 and _u(vs[0], 64) and vs[0] not in ENVELOPES:
             raise Refused("unsupported_envelope", str(vs[0]))
         raise Refused("malformed", str(structure_error))
     if ev["v"] != ENVELOPE_VERSION:
@@ -192,20 +214,7 @@ def decode(subject, body, stream_time_ms, limits):
         raise Refused("malformed", "put without doc")
     if ev["op"] == "delete" and "doc" in ev:
         raise Refused("malformed", "delete with a doc")
-    raw = None
-    if ev["op"] == "put":
-        start, end = _raw_doc_span(text)
-        raw = text[start:end]
-        size = len(raw.encode("utf-8"))
-        if size > limits["max_doc_bytes"]:
-            raise Refused("doc_too_large", str(size))
-        if not isinstance(ev["doc"], dict):
-            raise Refused("malformed", "doc must be a JSON object")
-        depth, dup = _depth_and_dup(ev["doc"])
-        if depth > MAX_DOC_DEPTH:
-            raise Refused("malformed", "doc nested too deep")
-        if dup:
-            raise Refused("malformed", "doc has a member name twice")
+    raw = _check_doc(text, ev["doc"], limits) if ev["op"] == "put" else None
     # Versions.
     version = _version(ev["version"])
     if version[2] != ev["origin"].encode():
@@ -243,7 +252,94 @@ def decode(subject, body, stream_time_ms, limits):
     }
 
 
-def _too_deep(text, limits):
+def _check_doc(text, doc, limits):
+    """The document's checks, the same in both envelopes: its size as written, then that
+    it is an object, its depth, duplicate names. Returns its text as written."""
+    start, end = _raw_doc_span(text)
+    raw = text[start:end]
+    size = len(raw.encode("utf-8"))
+    if size > limits["max_doc_bytes"]:
+        raise Refused("doc_too_large", str(size))
+    if not isinstance(doc, dict):
+        raise Refused("malformed", "doc must be a JSON object")
+    depth, dup = _depth_and_dup(doc)
+    if depth > MAX_DOC_DEPTH:
+        raise Refused("malformed", "doc nested too deep")
+    if dup:
+        raise Refused("malformed", "doc has a member name twice")
+    return raw
+
+
+def _compact(v, origin):
+    """A v2 version [ms, c] (node: the subject's origin) or [ms, c, node] (another node) as
+    a comparable tuple; spelling the origin out is malformed."""
+    if not (type(v) is list and len(v) in (2, 3) and _u(v[0], 48) and _u(v[1], 16)):
+        raise Refused("malformed", f"bad version {v!r}")
+    if len(v) == 2:
+        return (v[0], v[1], origin.encode())
+    if not (type(v[2]) is str and NODE_RE.fullmatch(v[2])):
+        raise Refused("malformed", f"bad node id {v[2]!r}")
+    if v[2] == origin:
+        raise Refused("malformed", "a version names the subject's origin, which v2 leaves out")
+    return (v[0], v[1], v[2].encode())
+
+
+def _decode_v2(subject, text, stream_time_ms, limits):
+    """Envelope v2 (docs/consuming.md "Envelope v2"): the record and origin from the
+    subject alone, versions as arrays, put if doc is present. In a node's order: the body's
+    shape, the subject, the document, the versions, the drift."""
+    try:
+        ev = json.loads(text, object_pairs_hook=_obj, parse_constant=_reject_constant, parse_int=_int)
+    except RecursionError:
+        return _too_deep(subject, text, limits)
+    except (ValueError, Refused) as e:
+        raise Refused("malformed", str(e)) from None
+    if type(ev) is not _Obj or ev.dup:
+        raise Refused("malformed", "not an object, or a member name twice")
+    if not {"v", "seq", "ver"} <= set(ev) or not set(ev) <= {"v", "seq", "ver", "base", "resolves", "doc"}:
+        raise Refused("malformed", "missing or unknown members")
+    if not _u(ev["seq"], 64) or type(ev.get("resolves", [])) is not list:
+        raise Refused("malformed", "a member has the wrong type")
+    named = [ev["ver"]] + ([ev["base"]] if "base" in ev else []) + ev.get("resolves", [])
+    for v in named:
+        _compact(v, "\0")
+    prefix = limits["prefix"]
+    tail = None
+    for p in (prefix + ".", prefix + "_in."):
+        if subject.startswith(p):
+            tail = subject[len(p):]
+    tokens = tail.split(".") if tail is not None else []
+    if len(tokens) != 4:
+        raise Refused("malformed", f"subject {subject!r} is not <prefix>.<entity>.<scope>.<origin>.<id>")
+    entity, scope, origin, rid = tokens
+    if not (ENTITY_RE.fullmatch(entity) and NODE_RE.fullmatch(scope) and NODE_RE.fullmatch(origin)
+            and UUID_RE.fullmatch(rid)):
+        raise Refused("malformed", f"subject {subject!r} has an invalid token")
+    version = _compact(ev["ver"], origin)
+    base = _compact(ev["base"], origin) if "base" in ev else None
+    resolves = [_compact(r, origin) for r in ev.get("resolves", [])]
+    raw = _check_doc(text, ev["doc"], limits) if "doc" in ev else None
+    if version[2] != origin.encode():
+        raise Refused("invalid_version", "version not written by origin")
+    if ev["seq"] == 0:
+        raise Refused("invalid_version", "seq must start at 1")
+    if any(n >= version for n in ([base] if base else []) + resolves):
+        raise Refused("invalid_version", "names a version not older than its own")
+    if version[0] - stream_time_ms > limits["max_clock_drift_ms"]:
+        raise Refused("clock_drift", f"{version[0] - stream_time_ms} ms ahead")
+    return {
+        "entity": entity,
+        "scope": scope,
+        "id": rid,
+        "origin_seq": ev["seq"],
+        "version": version,
+        "base": base,
+        "resolves": resolves,
+        "doc": raw,
+    }
+
+
+def _too_deep(subject, text, limits):
     """The reason for a body too deep for json.loads: the envelope checked with its
     document replaced by {}, then the document's size as written, else its depth."""
     try:
@@ -252,9 +348,10 @@ def _too_deep(text, limits):
         raise Refused("malformed", "too deep to parse") from None
     envelope_only = text[:start] + "{}" + text[end:]
     try:
-        decode("", envelope_only.encode(), 0, dict(limits, prefix="\0"))
+        decode(subject, envelope_only.encode(), 0, limits)
     except Refused as r:
-        # Only these come before the size; the rest (versions, subject) after it.
+        # Only these come before the size; the rest (versions, v1's subject checks,
+        # drift) after it.
         if r.code in ("malformed", "unsupported_envelope"):
             raise
     size = len(text[start:end].encode("utf-8"))
@@ -476,7 +573,7 @@ async def follow(url, path, stream="JETSYNC", prefix="jetsync", idle_exit=None):
             continue
         seq, ms = _ack_meta(msg.reply)
         model.handle(seq, msg.subject, msg.data, ms)
-        gaps.see((msg.headers or {}).get("Nats-Msg-Id", ""), seq)
+        gaps.see((msg.headers or {}).get("Nats-Msg-Id", ""), seq, msg.subject, msg.data)
     await nc.close()
 
 
@@ -488,11 +585,18 @@ class GapCheck:
     def __init__(self):
         self.last = {}  # (origin, incarnation) -> greatest origin_seq seen
 
-    def see(self, msg_id, seq):
+    def see(self, msg_id, seq, subject="", body=b""):
         parts = msg_id.split(":")
-        if len(parts) < 4 or not parts[2].isdigit():
-            return
-        key, n = (parts[0], parts[1]), int(parts[2])
+        if len(parts) >= 4 and parts[2].isdigit():
+            key, n = (parts[0], parts[1]), int(parts[2])
+        else:
+            # Envelope v2: the id is a bare tag; the origin is the subject's next to last
+            # token and the body (as nodes write it) starts with its seq.
+            m = re.match(rb'\{"v":2,"seq":([0-9]+)[,}]', body)
+            tokens = subject.split(".")
+            if not m or len(tokens) < 2:
+                return
+            key, n = (tokens[-2], "v2"), int(m.group(1))
         prev = self.last.get(key)
         if prev is not None and n > prev + 1:
             print(f"warning: {key[0]} origin_seq {prev} -> {n} at stream seq {seq}", flush=True)

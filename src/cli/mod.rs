@@ -3,6 +3,7 @@
 //! it. Errors are `anyhow` here, at the edge, with the typed library errors inside.
 
 mod context;
+mod envelope;
 mod health;
 mod limits;
 mod mirror;
@@ -173,6 +174,11 @@ pub enum Command {
     /// an answering node has not adopted the new values.
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
+    /// The envelope the deployment publishes, pinned in the stream (`show`, `set v2`).
+    /// `set v2` refuses while a live node cannot read v2; answering nodes adopt at once,
+    /// the others at their next check. Exit 3 when an answering node has not adopted it.
+    #[command(subcommand)]
+    Envelope(envelope::EnvelopeCmd),
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]
     Site(site::SiteCmd),
@@ -364,6 +370,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Inspect(cmd) => ops::inspect(cmd).await,
         Command::Site(cmd) => site::site(cmd).await,
         Command::Limits(cmd) => limits::limits(cmd).await,
+        Command::Envelope(cmd) => envelope::envelope(cmd).await,
         Command::Query(args) => tokio::task::spawn_blocking(move || mirror::query(args))
             .await?
             .map(|()| ExitCode::SUCCESS),

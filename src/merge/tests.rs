@@ -217,6 +217,7 @@ fn limits() -> EventLimits {
         prefix: "jetsync".into(),
         max_doc_bytes: 1000,
         max_clock_drift_ms: 60_000,
+        max_envelope: crate::event::ENVELOPE_LATEST,
     }
 }
 

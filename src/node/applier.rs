@@ -14,7 +14,7 @@ use super::backfill::backfill_new_entities;
 use super::batch::{Intake, Next, Stop, apply_batch, blocking, storage_stop};
 use super::bootstrap::{bootstrap, upstream_check};
 use super::guard;
-use super::heal::{ORIGIN_GAP_GRACE, OriginGaps, claimed_origin_seq};
+use super::heal::{ORIGIN_GAP_GRACE, OriginGaps, claimed_origin_seq, claimed_v2_seq};
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
 use crate::site::UpstreamGuard;
@@ -440,6 +440,9 @@ fn track_origin_seqs(shared: &Shared, gaps: &mut OriginGaps, msgs: &[jetstream::
         if let (Some(id), Some(origin)) = (id, origin)
             && let Some((origin, seq)) = claimed_origin_seq(id.as_str(), origin)
         {
+            gaps.observe(origin, seq, now);
+        } else if let (Some(origin), Some(seq)) = (origin, claimed_v2_seq(&m.payload)) {
+            // Envelope v2: the id is a bare tag; the body says the seq.
             gaps.observe(origin, seq, now);
         }
     }

@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::{NodeError, NodeHandle, Shared};
 use crate::error::WriteError;
-use crate::event::ChangeEvent;
 use crate::lease::LeaseState;
 use crate::store::{ApplyReport, Incoming};
 use crate::stream::{self, DeploymentLimits, Provisioned};
@@ -258,12 +257,14 @@ pub(super) fn configured_limits_of(config: &super::NodeConfig) -> DeploymentLimi
     }
 }
 
-/// Adopts the limits pinned in the stream, saying which configured values they override.
+/// Adopts the limits pinned in the stream, saying which configured values they override,
+/// and the envelope it writes.
 pub(super) async fn adopt_limits(
     store: &Arc<crate::store::Store>,
     configured: DeploymentLimits,
     provisioned: &Provisioned,
 ) -> Result<bool, NodeError> {
+    store.set_write_envelope(provisioned.envelope);
     let Some(pinned) = provisioned.limits else {
         return Ok(false);
     };
@@ -387,7 +388,8 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let Ok(ev) = serde_json::from_slice::<ChangeEvent>(&last.payload) else {
+    // Either envelope (v2 carries the origin in the subject only).
+    let Some(ev) = crate::event::read_any(&last.subject, &last.payload, &cfg.stream.prefix) else {
         return Ok(()); // not an event: it is quarantined, and says nothing of the store
     };
     let store = shared.store.clone();

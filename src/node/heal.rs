@@ -16,7 +16,8 @@
 //! at its end and reused their sequences). What shows it is an origin's `origin_seq`,
 //! which has no gaps at its origin: a full replica of such a stream (and not an edge
 //! site's, whose imports are filtered) tracks each origin's greatest `origin_seq` (from
-//! the message id, `<origin>:<incarnation>:<origin_seq>:…`, on the origin's own subject)
+//! the message id, `<origin>:<incarnation>:<origin_seq>:…`, or a v2 body's `seq`, on the
+//! origin's own subject)
 //! and reports a gap still open after [`ORIGIN_GAP_GRACE`] as
 //! `origin_seq_gap_suspected`: suspected, because a gap also comes from an event its
 //! origin parked as refused (never in the stream), and, without auth, from anyone
@@ -134,6 +135,14 @@ pub(super) fn claimed_origin_seq<'a>(msg_id: &'a str, origin: &str) -> Option<(&
     let _incarnation = parts.next()?;
     let seq = parts.next()?.parse().ok()?;
     (node == origin).then_some((node, seq))
+}
+
+/// The `seq` a v2 body as nodes write it (`{"v":2,"seq":<N>,…`) claims: a v2 message id
+/// is a bare tag, so the body says it (as unauthenticated as a v1 id's claim).
+pub(super) fn claimed_v2_seq(payload: &[u8]) -> Option<u64> {
+    let rest = payload.strip_prefix(b"{\"v\":2,\"seq\":".as_slice())?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 /// What self-healing did and saw, in [`super::Status::heal`].
@@ -262,5 +271,8 @@ mod tests {
         );
         assert_eq!(claimed_origin_seq("a:00000000000000ff:15:abc", "b"), None);
         assert_eq!(claimed_origin_seq("a:x", "a"), None);
+        assert_eq!(claimed_v2_seq(br#"{"v":2,"seq":15,"ver":[1,0]}"#), Some(15));
+        assert_eq!(claimed_v2_seq(br#"{"v":2,"seq":-1}"#), None);
+        assert_eq!(claimed_v2_seq(br#"{"v":1,"seq":15,"#), None);
     }
 }

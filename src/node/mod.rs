@@ -57,7 +57,7 @@ pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_fo
 use self::guard::{HubLease, site_of};
 pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
 pub use self::heal::{HealStatus, ORIGIN_GAP_GRACE, STREAM_LOSS_KINDS};
-pub use self::status::{Connection, Halt, Status};
+pub use self::status::{Connection, EnvelopeStatus, Halt, Status};
 pub use self::watch::{ChangeFeed, FeedError, Lagged, Position, Update, Watch};
 pub use crate::ids::EntityFilter;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::DirectGetErrorKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Bootstrapped, NodeError, NodeHandle, Shared, subjects_for};
 use crate::error::StorageError;
@@ -217,9 +217,30 @@ pub struct Status {
     /// Lease, limits in force, squatted message ids, restore: see [`super::TrustStatus`].
     #[serde(flatten)]
     pub trust: super::TrustStatus,
+    /// The envelopes this node reads and the one it writes (`jetsync envelope set`).
+    pub envelope: EnvelopeStatus,
     /// The SQL mirrors ([`crate::mirror`]); empty when none is configured.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<crate::mirror::MirrorStatus>,
+}
+
+/// What a node advertises of the envelopes: `jetsync envelope set v2` refuses while a live
+/// node does not list 2 in `reads` (a build from before v2 lists nothing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeStatus {
+    /// The envelope versions this node decodes.
+    pub reads: Vec<u32>,
+    /// The envelope version it publishes now (pinned in the stream's metadata).
+    pub writes: u32,
+}
+
+impl EnvelopeStatus {
+    fn of(store: &crate::store::Store) -> Self {
+        EnvelopeStatus {
+            reads: (crate::event::ENVELOPE_V1..=store.limits().max_envelope).collect(),
+            writes: store.write_envelope(),
+        }
+    }
 }
 
 /// The store's counters in a status, kept from the last time they could be read.
@@ -272,6 +293,8 @@ impl NodeHandle {
                 self.0.live().stream_last_seq = Some(info.state.last_sequence);
                 // Each status read is a limits check (`jetsync limits set`).
                 let pinned = crate::stream::DeploymentLimits::from_metadata(&info.config.metadata);
+                (self.0.store)
+                    .set_write_envelope(crate::stream::pinned_envelope(&info.config.metadata));
                 if let Err(e) = super::guard::adopt_pinned(&self.0, pinned).await {
                     tracing::warn!(error = %e, "cannot adopt the deployment's limits");
                 }
@@ -349,6 +372,7 @@ impl NodeHandle {
             heal: self.0.heal.snapshot(),
             site_link,
             trust,
+            envelope: EnvelopeStatus::of(&self.0.store),
             mirrors: self.0.mirrors.iter().map(|m| m.status()).collect(),
         })
     }

@@ -112,6 +112,8 @@ pub struct Store {
     /// The NATS server's `max_payload`: a local write's event and its headers must fit;
     /// 0: unknown, not checked.
     max_payload: AtomicUsize,
+    /// The envelope this node publishes ([`Store::set_write_envelope`]).
+    write_envelope: std::sync::atomic::AtomicU32,
     path: PathBuf,
     node: NodeId,
     config: StoreConfig,
@@ -187,6 +189,7 @@ impl Store {
             db: RwLock::new(Some(Arc::new(db))),
             io: Mutex::new(IoHealth::default()),
             max_payload: AtomicUsize::new(0),
+            write_envelope: std::sync::atomic::AtomicU32::new(crate::event::ENVELOPE_VERSION),
             path,
             node,
             config,
@@ -358,6 +361,43 @@ impl Store {
 
     fn max_payload(&self) -> usize {
         self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// Publishes events in envelope `v` from now on: the version pinned in the stream's
+    /// metadata, which the node adopts as it adopts the limits (`jetsync envelope set`).
+    /// Capped at the newest envelope this node reads: a node never writes what it would
+    /// refuse. An entry already in the outbox is encoded anew on its next attempt, so its
+    /// retry across a switch goes out under another id; the stream may then hold it in
+    /// both envelopes, and the merge finds the second one's version known.
+    pub fn set_write_envelope(&self, v: u32) {
+        let v = v.clamp(crate::event::ENVELOPE_V1, self.limits().max_envelope);
+        let before = self.write_envelope.swap(v, Ordering::Relaxed);
+        if before != v {
+            tracing::warn!(
+                node = %self.node,
+                from = before,
+                to = v,
+                "publishing in the envelope pinned in the stream's metadata (jetsync envelope set)"
+            );
+        }
+    }
+
+    /// The envelope this node publishes now.
+    pub fn write_envelope(&self) -> u32 {
+        self.write_envelope.load(Ordering::Relaxed)
+    }
+
+    /// Makes this store read envelopes up to `v` only, refusing newer ones as
+    /// `unsupported_envelope` exactly as a build from before them does (it cannot decode
+    /// them and names their `v`), and write nothing newer. For the rolling-upgrade tests,
+    /// which cannot run an old binary: set before the node applies anything.
+    #[doc(hidden)]
+    pub fn simulate_max_envelope(&self, v: u32) {
+        self.limits
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_envelope = v;
+        self.set_write_envelope(self.write_envelope());
     }
 
     /// The limits incoming events and local writes are checked against now.

@@ -1,5 +1,6 @@
 //! The outbox: own versions not yet acknowledged by the stream, rebuilt into the events
-//! to publish, and removed once acknowledged.
+//! to publish (in the envelope the node writes, [`Store::write_envelope`]), and removed
+//! once acknowledged.
 
 use std::collections::HashMap;
 
@@ -71,6 +72,7 @@ impl Store {
         // Usually empty: then no entry has a kept copy to look up.
         let any_kept = !unpublished.is_empty()?;
         let ids = self.ids();
+        let envelope = self.write_envelope();
         let mut records = HashMap::new();
         let mut out = Vec::with_capacity(limit.min(4096));
         let mut stranded = Vec::new();
@@ -127,19 +129,26 @@ impl Store {
             };
             let (ev, payload) = match kept {
                 Some(g) => {
-                    let ev: crate::event::ChangeEvent =
-                        serde_json::from_slice(g.value()).map_err(|e| {
-                            StorageError::UndecodableEntry {
-                                table: "unpublished",
-                                key: seq.to_string(),
-                                detail: e.to_string(),
-                            }
+                    let mut ev: crate::event::ChangeEvent = serde_json::from_slice(g.value())
+                        .map_err(|e| StorageError::UndecodableEntry {
+                            table: "unpublished",
+                            key: seq.to_string(),
+                            detail: e.to_string(),
                         })?;
-                    (ev, g.value().to_vec())
+                    // Kept copies are v1 (self-contained); v1 goes out as kept, v2 is
+                    // encoded from it, the same bytes on every attempt.
+                    if envelope == crate::event::ENVELOPE_V1 {
+                        (ev, g.value().to_vec())
+                    } else {
+                        ev.v = envelope;
+                        let payload = ev.encode();
+                        (ev, payload)
+                    }
                 }
                 None => match leaf {
                     Some(leaf) => {
-                        let ev = leaf_event(&entity, id, leaf)?;
+                        let mut ev = leaf_event(&entity, id, leaf)?;
+                        ev.v = envelope;
                         let payload = ev.encode();
                         (ev, payload)
                     }

@@ -337,6 +337,7 @@ impl From<&StoreConfig> for EventLimits {
                 .as_millis()
                 .try_into()
                 .unwrap_or(u64::MAX),
+            max_envelope: crate::event::ENVELOPE_LATEST,
         }
     }
 }

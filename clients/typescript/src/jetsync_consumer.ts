@@ -13,7 +13,8 @@
 import { existsSync, readFileSync, readdirSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
-const ENVELOPE_VERSION = 1n;
+const ENVELOPE_VERSION = 1n; // the envelope of the v1 decoder below
+const ENVELOPES = [1n, 2n]; // every envelope this consumer reads
 const MAX_DOC_DEPTH = 127;
 const NODE_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const ENTITY_RE = /^[a-z0-9_]{1,64}$/;
@@ -247,7 +248,7 @@ function rawDocSpan(text: string): [number, number] | null {
 
 /** The reason for a body too deep to parse: the envelope checked with its document
  * replaced by {}, then the document's size as written, else its depth. */
-function tooDeep(text: string, limits: Limits): never {
+function tooDeep(subject: string, text: string, limits: Limits): never {
   let span: [number, number] | null;
   try {
     span = rawDocSpan(text);
@@ -256,9 +257,10 @@ function tooDeep(text: string, limits: Limits): never {
   }
   if (!span) throw new Refused("malformed", "too deep to parse");
   try {
-    decode("", new TextEncoder().encode(text.slice(0, span[0]) + "{}" + text.slice(span[1])), 0n, { ...limits, prefix: "\u0000" });
+    decode(subject, new TextEncoder().encode(text.slice(0, span[0]) + "{}" + text.slice(span[1])), 0n, limits);
   } catch (r) {
-    // Only these come before the size; the rest (versions, subject) after it.
+    // Only these come before the size; the rest (versions, v1's subject checks, drift)
+    // after it.
     if (!(r instanceof Refused) || r.code === "malformed" || r.code === "unsupported_envelope") throw r;
   }
   const size = Buffer.byteLength(text.slice(span[0], span[1]), "utf8");
@@ -298,18 +300,21 @@ export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, 
   }
   // Before anything else, whatever v says: JSON text must be valid Unicode.
   if (loneSurrogate(text) !== null) throw new Refused("malformed", "lone surrogate escape");
+  const envelope = envelopeOf(text);
+  if (envelope === 2n) return decodeV2(subject, text, streamTimeMs, limits);
+  if (envelope !== null && envelope !== ENVELOPE_VERSION) throw new Refused("unsupported_envelope", String(envelope));
   try {
     ev = parse(text);
     structure(ev);
   } catch (e) {
     // Deeper than this parser goes, but a node checks the size before the depth.
-    if (e instanceof RangeError) tooDeep(text, limits);
+    if (e instanceof RangeError) tooDeep(subject, text, limits);
     // A newer envelope is named as such, not as garbage.
     try {
       const top = parse(text);
       const vs = top.t === "obj" ? top.m.filter(([k]) => k === "v") : [];
       const v = vs.length === 1 ? uint(vs[0][1], 64) : null;
-      if (v !== null && v !== ENVELOPE_VERSION) throw new Refused("unsupported_envelope", String(v));
+      if (v !== null && !ENVELOPES.includes(v)) throw new Refused("unsupported_envelope", String(v));
     } catch (inner) {
       if (inner instanceof Refused) throw inner;
     }
@@ -322,16 +327,7 @@ export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, 
   const docJ = member(ev, "doc");
   if (op === "put" && !docJ) throw new Refused("malformed", "put without doc");
   if (op === "delete" && docJ) throw new Refused("malformed", "delete with a doc");
-  let doc: string | null = null;
-  if (docJ) {
-    doc = text.slice(docJ.s, docJ.e); // the text exactly as written
-    const size = Buffer.byteLength(doc, "utf8");
-    if (size > limits.max_doc_bytes) throw new Refused("doc_too_large", String(size));
-    if (docJ.t !== "obj") throw new Refused("malformed", "doc must be a JSON object");
-    const [depth, dup] = depthAndDup(docJ);
-    if (depth > MAX_DOC_DEPTH) throw new Refused("malformed", "doc nested too deep");
-    if (dup) throw new Refused("malformed", "doc has a member name twice");
-  }
+  const doc = docJ ? checkDoc(text, docJ, limits) : null;
   const ver = version(member(ev, "version"));
   const origin = str("origin");
   if (ver.node !== origin) throw new Refused("invalid_version", "version not written by origin");
@@ -353,6 +349,91 @@ export function decode(subject: string, body: Uint8Array, streamTimeMs: bigint, 
   // Against the message's stream timestamp, never this machine's clock.
   if (ver.ms - streamTimeMs > BigInt(limits.max_clock_drift_ms)) throw new Refused("clock_drift", String(ver.ms - streamTimeMs));
   return { entity: tokens[0], scope: tokens[1], id: tokens[3], originSeq, version: ver, base, resolves, doc };
+}
+
+/** The document's checks, the same in both envelopes: its size as written, then that it is
+ * an object, its depth, duplicate names. Returns its text as written. */
+function checkDoc(text: string, docJ: J, limits: Limits): string {
+  const doc = text.slice(docJ.s, docJ.e); // the text exactly as written
+  const size = Buffer.byteLength(doc, "utf8");
+  if (size > limits.max_doc_bytes) throw new Refused("doc_too_large", String(size));
+  if (docJ.t !== "obj") throw new Refused("malformed", "doc must be a JSON object");
+  const [depth, dup] = depthAndDup(docJ);
+  if (depth > MAX_DOC_DEPTH) throw new Refused("malformed", "doc nested too deep");
+  if (dup) throw new Refused("malformed", "doc has a member name twice");
+  return doc;
+}
+
+/** The body's envelope version as a node dispatches on it: the writers' own bodies start
+ * with it; otherwise `v` occurring once at the top level of valid JSON, an integer in
+ * 0..2^64. null when neither (the v1 decoder then names what is wrong). */
+function envelopeOf(text: string): bigint | null {
+  if (text.startsWith('{"v":1,')) return 1n;
+  if (text.startsWith('{"v":2,')) return 2n;
+  try {
+    const top = parse(text);
+    const vs = top.t === "obj" ? top.m.filter(([k]) => k === "v") : [];
+    return vs.length === 1 ? uint(vs[0][1], 64) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A v2 version [ms, c] (node: the subject's origin) or [ms, c, node] (another node);
+ * spelling the origin out is malformed. */
+function compact(j: J | undefined, origin: string): Version {
+  if (!j || j.t !== "arr" || (j.v.length !== 2 && j.v.length !== 3)) throw new Refused("malformed", "bad version");
+  const ms = uint(j.v[0], 48);
+  const c = uint(j.v[1], 16);
+  if (ms === null || c === null) throw new Refused("malformed", "bad version");
+  if (j.v.length === 2) return { ms, c, node: origin };
+  const node = j.v[2];
+  if (node.t !== "str" || !NODE_RE.test(node.v)) throw new Refused("malformed", "bad node id");
+  if (node.v === origin) throw new Refused("malformed", "a version names the subject's origin, which v2 leaves out");
+  return { ms, c, node: node.v };
+}
+
+const MEMBERS_V2 = ["v", "seq", "ver", "base", "resolves", "doc"];
+
+/** Envelope v2 (docs/consuming.md "Envelope v2"): the record and origin from the subject
+ * alone, versions as arrays, put if doc is present. In a node's order: the body's shape,
+ * the subject, the document, the versions, the drift. */
+function decodeV2(subject: string, text: string, streamTimeMs: bigint, limits: Limits): Event {
+  let ev: J;
+  try {
+    ev = parse(text);
+  } catch (e) {
+    if (e instanceof RangeError) tooDeep(subject, text, limits);
+    throw new Refused("malformed", String(e));
+  }
+  if (ev.t !== "obj" || ev.dup) throw new Refused("malformed", "not an object, or a member name twice");
+  const names = ev.m.map(([k]) => k);
+  if (!["v", "seq", "ver"].every((k) => names.includes(k)) || !names.every((k) => MEMBERS_V2.includes(k)))
+    throw new Refused("malformed", "missing or unknown members");
+  const seq = uint(member(ev, "seq"), 64);
+  const r = member(ev, "resolves");
+  if (seq === null || (r && r.t !== "arr")) throw new Refused("malformed", "a member has the wrong type");
+  const baseJ = member(ev, "base");
+  const resolvesJ = r && r.t === "arr" ? r.v : [];
+  [member(ev, "ver"), ...(baseJ ? [baseJ] : []), ...resolvesJ].forEach((j) => compact(j, "\u0000"));
+  let tail: string | null = null;
+  for (const p of [limits.prefix + ".", limits.prefix + "_in."]) if (subject.startsWith(p)) tail = subject.slice(p.length);
+  const tokens = tail === null ? [] : tail.split(".");
+  if (tokens.length !== 4) throw new Refused("malformed", `subject ${subject} is not <prefix>.<entity>.<scope>.<origin>.<id>`);
+  const [entity, scope, origin, id] = tokens;
+  if (!ENTITY_RE.test(entity) || !NODE_RE.test(scope) || !NODE_RE.test(origin) || !UUID_RE.test(id))
+    throw new Refused("malformed", `subject ${subject} has an invalid token`);
+  const ver = compact(member(ev, "ver"), origin);
+  const base = baseJ ? compact(baseJ, origin) : null;
+  const resolves = resolvesJ.map((j) => compact(j, origin));
+  const docJ = member(ev, "doc");
+  const doc = docJ ? checkDoc(text, docJ, limits) : null;
+  if (ver.node !== origin) throw new Refused("invalid_version", "version not written by origin");
+  if (seq === 0n) throw new Refused("invalid_version", "seq must start at 1");
+  if ([...(base ? [base] : []), ...resolves].some((n) => cmpVersion(n, ver) >= 0))
+    throw new Refused("invalid_version", "names a version not older than its own");
+  if (ver.ms - streamTimeMs > BigInt(limits.max_clock_drift_ms)) throw new Refused("clock_drift", String(ver.ms - streamTimeMs));
+  return { entity, scope, id, originSeq: seq, version: ver, base, resolves, doc };
 }
 
 // --- the merge rule: docs/consuming.md "The merge rule" -------------------------------------
