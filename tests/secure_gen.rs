@@ -1,0 +1,1 @@
+//! Placeholder: the secgen helper replaces this file.
