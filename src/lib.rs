@@ -102,6 +102,8 @@ pub mod node;
 pub mod ops;
 pub mod refusal;
 pub mod replay;
+#[cfg(feature = "config-file")]
+pub mod secure;
 pub mod site;
 pub mod snapshot;
 pub mod store;

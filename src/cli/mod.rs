@@ -9,6 +9,7 @@ mod mirror;
 mod ops;
 mod remote;
 mod run;
+mod secure;
 mod site;
 #[cfg(feature = "tui")]
 pub mod top;
@@ -173,6 +174,13 @@ pub enum Command {
     /// an answering node has not adopted the new values.
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
+    /// The secure deployment (deploy/secure/): `config` generates the server config (one
+    /// NATS account per node) and the node configs from a node list.
+    #[command(subcommand)]
+    Secure(secure::SecureCmd),
+    /// Create or update the event stream, the lease bucket and the snapshot bucket with
+    /// their limits (operators' credentials); idempotent, prints what it changed.
+    Provision(secure::ProvisionArgs),
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]
     Site(site::SiteCmd),
@@ -363,6 +371,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Verify(args) => ops::verify(args).await,
         Command::Inspect(cmd) => ops::inspect(cmd).await,
         Command::Site(cmd) => site::site(cmd).await,
+        Command::Secure(cmd) => secure::secure(cmd),
+        Command::Provision(args) => secure::provision_cmd(args).await,
         Command::Limits(cmd) => limits::limits(cmd).await,
         Command::Query(args) => tokio::task::spawn_blocking(move || mirror::query(args))
             .await?
