@@ -25,8 +25,11 @@ use jetsync::devserver::start_from_config_file;
 use jetsync::node::NodeConfig;
 use jetsync::secure::provision::{Action, ProvisionPlan, provision};
 use jetsync::secure::{DeploymentSpec, NodeSpec, generate, write_dir};
+
 use serde_json::json;
 use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_jetsync");
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -169,17 +172,49 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
         "berlin=password:berlin-given-pw".to_owned(),
         "lisbon".into(),
         format!("porto=nkey:{}", porto.public_key()),
-        "oslo".into(),
     ];
     let (mut spec, ca) = spec_in(dir.path(), &nodes);
     spec.limits.stream_max_bytes = 64 * 1024 * 1024;
     spec.limits.snapshots_max_bytes = 8 * 1024 * 1024;
-    let generated = spec.fill_passwords().unwrap();
-    assert_eq!(generated, ["ops", "viewer", "lisbon", "oslo"]);
+    // Through the command: a spec file plus one more node as a flag; the passwords not
+    // given are generated, written to the files (and the complete spec) only.
+    let spec_file = dir.path().join("spec.toml");
+    std::fs::write(&spec_file, toml::to_string(&spec).unwrap()).unwrap();
+    let out_dir = dir.path().join("out");
+    let run = std::process::Command::new(BIN)
+        .args(["secure", "config", "--node", "oslo", "--spec"])
+        .arg(&spec_file)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("passwords generated for: ops, viewer, lisbon, oslo"),
+        "{stdout}"
+    );
+    let spec =
+        DeploymentSpec::parse(&std::fs::read_to_string(out_dir.join("deployment.toml")).unwrap())
+            .expect("the complete spec is written beside the configs");
+    let secrets: Vec<String> = [spec.ops.password.clone(), spec.viewer.password.clone()]
+        .into_iter()
+        .chain(spec.nodes.iter().map(|n| n.password.clone()))
+        .flatten()
+        .collect();
+    assert_eq!(secrets.len(), 5, "ops, viewer, berlin, lisbon, oslo");
+    for secret in &secrets {
+        assert!(!stdout.contains(secret.as_str()), "a password was printed");
+    }
     let out = generate(&spec).unwrap();
-    let files = write_dir(&dir.path().join("out"), &out).unwrap();
-    let server = start_from_config_file(&files[0], None)
-        .expect("nats-server starts from the generated config");
+    let conf = out_dir.join("nats-secure.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), out.server_conf);
+    let server =
+        start_from_config_file(&conf, None).expect("nats-server starts from the generated config");
     let url = format!("tls://127.0.0.1:{}", server.port());
     let ops_auth = NatsAuth {
         inbox_prefix: Some("_INBOX_ops".into()),
@@ -197,9 +232,35 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
         first.iter().all(|p| p.action == Action::Created),
         "{first:?}"
     );
-    let again = provision(&js, &plan).await.expect("provisioning again");
+    // Again, through the command: nothing changes, and it says so.
+    let again = std::process::Command::new(BIN)
+        .args([
+            "provision",
+            "--json",
+            "--inbox-prefix",
+            "_INBOX_ops",
+            "--user",
+            "ops",
+        ])
+        .arg("--spec")
+        .arg(out_dir.join("deployment.toml"))
+        .args(["-s", &url, "--tls-ca"])
+        .arg(&ca)
+        .env(
+            "JETSYNC_NATS_PASSWORD",
+            spec.ops.password.as_deref().unwrap(),
+        )
+        .output()
+        .unwrap();
     assert!(
-        again.iter().all(|p| p.action == Action::Unchanged),
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let again: Vec<serde_json::Value> = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again.len(), 3, "{again:?}");
+    assert!(
+        again.iter().all(|p| p["action"] == "unchanged"),
         "{again:?}"
     );
     let leases = js
