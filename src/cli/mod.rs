@@ -178,8 +178,10 @@ pub enum Command {
     /// NATS account per node) and the node configs from a node list.
     #[command(subcommand)]
     Secure(secure::SecureCmd),
-    /// Create or update the event stream, the lease bucket and the snapshot bucket with
-    /// their limits (operators' credentials); idempotent, prints what it changed.
+    /// Create or update the secure deployment's streams with their limits (operators'
+    /// credentials, `--spec` the node list): each node's ingress stream and snapshot
+    /// bucket, the event stream sourcing them, the lease bucket; idempotent, prints what
+    /// it changed.
     Provision(secure::ProvisionArgs),
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]

@@ -40,20 +40,22 @@ pub struct ConfigArgs {
     pub out: PathBuf,
 }
 
-/// `jetsync provision`: run with the operators' credentials.
+/// `jetsync provision`: run with the operators' credentials. Creates or updates each
+/// node's ingress stream and snapshot bucket, the event stream sourcing them, and the
+/// lease bucket.
 #[derive(Debug, Args)]
 pub struct ProvisionArgs {
-    /// The deployment spec the configs were generated from (its stream, prefix and
-    /// limits); without it, the defaults and `--stream`/`--prefix`.
+    /// The deployment spec the configs were generated from: its nodes (one ingress stream
+    /// and snapshot bucket each), stream, prefix and limits.
     #[arg(long)]
     pub spec: Option<PathBuf>,
     /// The event stream's `max_bytes` (must equal the nodes' `[stream] retention`).
     #[arg(long)]
     pub stream_max_bytes: Option<i64>,
-    /// The snapshot bucket's `max_bytes`.
+    /// Each node's snapshot bucket's `max_bytes` (unless its `[[node]]` sets one).
     #[arg(long)]
     pub snapshots_max_bytes: Option<i64>,
-    /// The snapshot bucket's `max_consumers`.
+    /// Each snapshot bucket's `max_consumers`.
     #[arg(long)]
     pub snapshots_max_consumers: Option<i32>,
     /// The lease bucket's `max_bytes`.
@@ -137,6 +139,10 @@ pub async fn provision_cmd(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
     ] {
         anyhow::ensure!(v > 0, "{flag} must be positive: every store is bounded");
     }
+    // The node list decides the ingress streams and buckets: without it there is nothing
+    // to provision (and the event stream would source nothing).
+    spec.validate()
+        .context("provisioning needs the deployment's node list: give --spec")?;
     let plan = ProvisionPlan::of(&spec);
     let js = async_nats::jetstream::new(args.conn.nats().await?);
     let done = provision(&js, &plan).await?;

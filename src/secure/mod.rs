@@ -107,37 +107,46 @@ impl Names {
         crate::api::api_root(&self.prefix)
     }
 
+    /// Node `n`'s snapshot bucket (`<stream>_SNAPSHOTS_<n>`, `snapshot::node_bucket_name`).
+    pub fn node_bucket(&self, n: &str) -> String {
+        format!("{}_{n}", self.snapshots)
+    }
+
+    /// Node `n`'s ingress stream (`<stream>_IN_<n>`, `StreamSettings::ingress_name`).
+    pub fn ingress(&self, n: &str) -> String {
+        format!("{}_IN_{n}", self.stream)
+    }
+
     /// What every node uses alike: the account's limits, the event stream's info and
-    /// reads, the lease bucket's key list, the shared snapshot bucket.
-    pub fn shared_grants(&self) -> Vec<Grant> {
-        let (s, kv, obj, b) = (
-            &self.stream,
-            format!("KV_{}", self.leases),
-            format!("OBJ_{}", self.snapshots),
-            &self.snapshots,
-        );
-        [
+    /// reads, the lease bucket's key list, the stream names (which find the snapshot
+    /// buckets), and every node's snapshot bucket, read only: info, message gets,
+    /// ordered consumers (object reads, listings) and their flow control.
+    pub fn shared_grants(&self, nodes: &[&str]) -> Vec<Grant> {
+        let s = &self.stream;
+        let mut out: Vec<String> = vec![
             "$JS.API.INFO".to_owned(),
             format!("$JS.API.STREAM.INFO.{s}"),
             format!("$JS.API.STREAM.MSG.GET.{s}"),
             format!("$JS.API.DIRECT.GET.{s}"),
             format!("$JS.API.DIRECT.GET.{s}.>"),
-            format!("$JS.API.STREAM.INFO.{kv}"),
-            format!("$JS.API.STREAM.INFO.{obj}"),
-            format!("$JS.API.STREAM.PURGE.{obj}"),
-            format!("$JS.API.STREAM.MSG.GET.{obj}"),
-            format!("$JS.API.DIRECT.GET.{obj}"),
-            format!("$JS.API.DIRECT.GET.{obj}.>"),
-            format!("$JS.API.CONSUMER.CREATE.{obj}"),
-            format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
-            format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
-            format!("$JS.API.CONSUMER.INFO.{obj}.>"),
-            format!("$JS.FC.{obj}.>"),
-            format!("$O.{b}.>"),
-        ]
-        .into_iter()
-        .map(service)
-        .collect()
+            self.lease_list(),
+            "$JS.API.STREAM.NAMES".into(),
+        ];
+        for n in nodes {
+            let obj = format!("OBJ_{}", self.node_bucket(n));
+            out.extend([
+                format!("$JS.API.STREAM.INFO.{obj}"),
+                format!("$JS.API.STREAM.MSG.GET.{obj}"),
+                format!("$JS.API.DIRECT.GET.{obj}"),
+                format!("$JS.API.DIRECT.GET.{obj}.>"),
+                format!("$JS.API.CONSUMER.CREATE.{obj}"),
+                format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
+                format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
+                format!("$JS.API.CONSUMER.INFO.{obj}.>"),
+                format!("$JS.FC.{obj}.>"),
+            ]);
+        }
+        out.into_iter().map(service).collect()
     }
 
     /// The lease bucket's key list (one STREAM.INFO): what discovery reads
@@ -147,11 +156,24 @@ impl Names {
         format!("$JS.API.STREAM.INFO.KV_{}", self.leases)
     }
 
-    /// Node `n`'s own: its events, its two durable consumers and their acks, its lease
-    /// key, its inbox.
+    /// Node `n`'s own: its events (captured by its ingress stream), its ingress stream's
+    /// reads, its snapshot bucket's writes, its two durable consumers and their acks, its
+    /// lease key, its inbox.
     pub fn node_grants(&self, n: &str) -> Vec<Grant> {
         let s = &self.stream;
-        let mut out = vec![service(format!("{}.*.*.{n}.*", self.prefix))];
+        let (ingress, bucket) = (self.ingress(n), self.node_bucket(n));
+        let mut out: Vec<Grant> = [
+            format!("{}.*.*.{n}.*", self.prefix),
+            // its ingress stream, whose info and messages it reads for its duplicate check
+            format!("$JS.API.STREAM.INFO.{ingress}"),
+            format!("$JS.API.STREAM.MSG.GET.{ingress}"),
+            // its own snapshot bucket: writes, deletes, purges (prune)
+            format!("$JS.API.STREAM.PURGE.OBJ_{bucket}"),
+            format!("$O.{bucket}.>"),
+        ]
+        .into_iter()
+        .map(service)
+        .collect();
         for consumer in [format!("jetsync_{n}"), format!("jetsync_{n}_backfill")] {
             out.extend([
                 service(format!("$JS.API.CONSUMER.CREATE.{s}.{consumer}")),
@@ -269,14 +291,18 @@ reply to a `_R_.` subject and routes the answer back into the requester's OWN ac
 where it reaches only what that account imports (tests/secure_accounts.rs).
 
 Accounts:
-- JETSYNC holds the streams (the event stream, the lease and snapshot buckets), has no
-  users and imports nothing: nothing the server delivers inside it reaches an API or
-  another account, except the inbox streams exported below (_INBOX_<node>.>).
+- JETSYNC holds the streams (the event stream, which captures no subject and sources
+  every node's ingress stream `<stream>_IN_<node>`; the lease bucket; each node's
+  snapshot bucket `<stream>_SNAPSHOTS_<node>`), has no users and imports nothing: nothing
+  the server delivers inside it reaches an API or another account, except the inbox
+  streams exported below (_INBOX_<node>.>).
 - NODE_<node>, one per node, one user: publishes only its own events
-  (`<prefix>.<entity>.<scope>.<node>.<id>`), pulls and acks only its own consumers
-  `jetsync_<node>` / `jetsync_<node>_backfill`, reads and writes only its own lease key,
-  reads the stream by sequence and direct get, uses the shared snapshot bucket, gets
-  push deliveries (object store reads) on `_INBOX_<node>.>` only (node config:
+  (`<prefix>.<entity>.<scope>.<node>.<id>`, stored in its ingress stream up to its
+  quota), pulls and acks only its own consumers `jetsync_<node>` /
+  `jetsync_<node>_backfill`, reads and writes only its own lease key, reads the stream by
+  sequence and direct get, writes, deletes and purges only in its own snapshot bucket and
+  reads every node's (STREAM.NAMES finds them), gets push deliveries (object store
+  reads) on `_INBOX_<node>.>` only (node config:
   `nats.inbox_prefix = \"_INBOX_<node>\"`). It serves its API `<prefix>_api.<node>.>`:
   everything to OPS, the `read` group to VIEWER and to the other nodes (self-check,
   digests), the `write` group to the applications that name it. A reply leaves the
@@ -289,8 +315,9 @@ Accounts:
   only its catch-all, which answers `unknown_op`.
 - APP_<user>: an application; the `read` and `write` groups of the nodes it names.
 
-Streams and buckets are PROVISIONED BY OPS before nodes start, with their byte limits:
-`jetsync provision --spec deployment.toml` with the ops credentials.
+Streams and buckets are PROVISIONED BY OPS before nodes start, with their byte limits
+(each node's ingress quota and bucket, the event stream, the leases), and again after a
+node is added: `jetsync provision --spec deployment.toml` with the ops credentials.
 
 Passwords are plain text here: keep this file readable by the server only (the
 generator writes it with mode 0600), or use nkeys.";
@@ -319,27 +346,32 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
 
     // JETSYNC: the streams, exported grant by grant.
     let mut exports = Vec::new();
-    for (i, g) in names.shared_grants().into_iter().enumerate() {
+    let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    let mut first_bucket = true;
+    for (i, g) in names.shared_grants(&ids).into_iter().enumerate() {
         let mut accounts = node_accounts.clone();
         let viewer = g.subject == names.lease_list();
         if viewer {
             // discovery's node list, the viewer's only JetStream request (see viewer_imports)
             accounts.push(VIEWER_ACCOUNT.into());
         }
+        let bucket = first_bucket && g.subject.starts_with("$JS.API.STREAM.INFO.OBJ_");
+        first_bucket &= !bucket;
+        let comment = if i == 0 {
+            Some(
+                "every node: the account's limits, the event stream's info and reads, the lease keys, the stream names",
+            )
+        } else if viewer {
+            Some("the viewer too: the lease keys name the nodes for discovery (read only)")
+        } else if bucket {
+            Some(
+                "every node's snapshot bucket, read by every node (info, gets, ordered consumers, flow control); writing, deleting and purging: each node its own only (below)",
+            )
+        } else {
+            None
+        };
         exports.push(Export {
-            comment: if i == 0 {
-                Some(
-                    "every node: the account's limits, stream info and reads, the snapshot bucket"
-                        .into(),
-                )
-            } else if viewer {
-                Some(
-                    "the viewer too: the lease keys name the nodes for discovery (read only)"
-                        .into(),
-                )
-            } else {
-                None
-            },
+            comment: comment.map(str::to_owned),
             kind: g.kind,
             subject: g.subject,
             response_stream: g.response_stream,
@@ -351,7 +383,7 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
             exports.push(Export {
                 comment: (i == 0).then(|| {
                     format!(
-                        "{} only: its events, its consumers and their acks, its lease key, its inbox",
+                        "{} only: its events (into its ingress stream, whose info and messages it reads), its snapshot bucket's writes, its consumers and their acks, its lease key, its inbox",
                         n.id
                     )
                 }),
@@ -381,7 +413,7 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
         jetstream: Some(JetStreamLimits {
             max_mem: 0,
             max_file: spec.limits.account_max_file,
-            max_streams: 3,
+            max_streams: spec.account_max_streams(),
             max_consumers: spec.account_max_consumers(),
         }),
         limits: None,
@@ -395,7 +427,7 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
     for n in &nodes {
         let id = &n.id;
         let others: Vec<&&NodeSpec> = nodes.iter().filter(|o| o.id != *id).collect();
-        let shared = names.shared_grants();
+        let shared = names.shared_grants(&ids);
         let own = names.node_grants(id);
         let mut publish: Vec<Line> = shared
             .iter()
@@ -766,6 +798,12 @@ mod tests {
         assert!(berlin.contains("\"jetsync.*.*.berlin.*\""));
         assert!(!berlin.contains("jetsync.*.*.porto"));
         assert!(!berlin.contains("$KV.JETSYNC_LEASES.porto"));
+        // its own snapshot bucket to write, every bucket to read
+        assert!(berlin.contains("\"$O.JETSYNC_SNAPSHOTS_berlin.>\""));
+        assert!(!berlin.contains("$O.JETSYNC_SNAPSHOTS_porto"));
+        assert!(!berlin.contains("PURGE.OBJ_JETSYNC_SNAPSHOTS_porto"));
+        assert!(berlin.contains("\"$JS.API.STREAM.INFO.OBJ_JETSYNC_SNAPSHOTS_porto\""));
+        assert!(!berlin.contains("JETSYNC_IN_porto"));
         assert!(!berlin.contains("jetsync_api.porto.write"));
         assert!(berlin.contains(
             "{ service: { account: NODE_PORTO, subject: \"jetsync_api.porto.read.>\" } }"
@@ -783,6 +821,6 @@ mod tests {
         assert_eq!(spec(&["a"]).account_max_consumers(), 64);
         let ids: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        assert_eq!(spec(&refs).account_max_consumers(), 80 + 16 + 16);
+        assert_eq!(spec(&refs).account_max_consumers(), 40 * 18 + 16);
     }
 }

@@ -1,14 +1,15 @@
 //! `jetsync provision`: the operator creates or updates, in one idempotent step, what node
-//! accounts may not create: the event stream (the deployment's limits pinned, as
-//! [`crate::stream::provision`] does), the lease bucket (rollups refused, bounded) and the
-//! snapshot bucket (bounded in bytes and consumers).
+//! accounts may not create: the ingress layout ([`crate::stream::provision_ingress`]: each
+//! node's ingress stream with its quota and its snapshot bucket, the event stream sourcing
+//! them with the deployment's limits pinned) and the lease bucket (rollups refused,
+//! bounded). It reports per stream what changed, from the configs before and after.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, object_store, stream};
+use async_nats::jetstream::{self, stream};
 use serde::Serialize;
 
-use crate::stream::{DeploymentLimits, Retention, StreamSettings};
+use crate::stream::{DeploymentLimits, NodeQuota, Retention, StreamSettings};
 
 use super::DeploymentSpec;
 
@@ -19,14 +20,12 @@ pub struct ProvisionPlan {
     pub stream: StreamSettings,
     /// The limits pinned in the stream's metadata.
     pub pin: DeploymentLimits,
+    /// Each node's ingress quota and snapshot bucket limits.
+    pub nodes: Vec<NodeQuota>,
     /// The lease bucket's `max_bytes`.
     pub leases_max_bytes: i64,
     /// The lease entries' TTL (the nodes' `stream.lease_ttl_secs`).
     pub lease_ttl: Duration,
-    /// The snapshot bucket's `max_bytes`.
-    pub snapshots_max_bytes: i64,
-    /// The snapshot bucket's `max_consumers`.
-    pub snapshots_max_consumers: i32,
 }
 
 impl ProvisionPlan {
@@ -51,11 +50,39 @@ impl ProvisionPlan {
                 max_clock_drift_ms: u64::try_from(store.max_clock_drift.as_millis())
                     .unwrap_or(u64::MAX),
             },
+            nodes: spec
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    // validated specs hold valid ids only
+                    Some(NodeQuota {
+                        node: crate::ids::NodeId::new(&n.id).ok()?,
+                        ingress_bytes: spec.ingress_bytes(n),
+                        snapshot_bytes: spec.snapshot_bytes(n),
+                        snapshot_consumers: spec.limits.snapshots_max_consumers,
+                    })
+                })
+                .collect(),
             leases_max_bytes: spec.limits.leases_max_bytes,
             lease_ttl: crate::lease::DEFAULT_TTL,
-            snapshots_max_bytes: spec.limits.snapshots_max_bytes,
-            snapshots_max_consumers: spec.limits.snapshots_max_consumers,
         }
+    }
+
+    /// Every stream this plan provisions, in the order reported.
+    fn streams(&self) -> Vec<String> {
+        let mut out = vec![self.stream.name.clone()];
+        for n in &self.nodes {
+            out.push(self.stream.ingress_name(n.node.as_str()));
+            out.push(format!(
+                "OBJ_{}",
+                crate::snapshot::node_bucket_name(&self.stream, n.node.as_str())
+            ));
+        }
+        out.push(format!(
+            "KV_{}",
+            crate::lease::bucket_name(&self.stream.name)
+        ));
+        out
     }
 }
 
@@ -162,43 +189,95 @@ async fn update(
     Ok(Action::Updated { changes })
 }
 
-/// Creates or updates the event stream and both buckets as `plan` says; idempotent (a
-/// second run changes nothing and says so).
+/// What differs between two configs of a stream, in the settings provisioning sets.
+fn changes(before: &stream::Config, after: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut field = |name: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{name}: {a} -> {b}"));
+        }
+    };
+    field(
+        "max_bytes",
+        before.max_bytes.to_string(),
+        after.max_bytes.to_string(),
+    );
+    field(
+        "max_age",
+        format!("{:?}", before.max_age),
+        format!("{:?}", after.max_age),
+    );
+    field(
+        "max_messages",
+        before.max_messages.to_string(),
+        after.max_messages.to_string(),
+    );
+    field(
+        "max_messages_per_subject",
+        before.max_messages_per_subject.to_string(),
+        after.max_messages_per_subject.to_string(),
+    );
+    field(
+        "max_consumers",
+        before.max_consumers.to_string(),
+        after.max_consumers.to_string(),
+    );
+    field(
+        "allow_rollup",
+        before.allow_rollup.to_string(),
+        after.allow_rollup.to_string(),
+    );
+    field(
+        "discard",
+        format!("{:?}", before.discard),
+        format!("{:?}", after.discard),
+    );
+    field(
+        "subjects",
+        format!("{:?}", before.subjects),
+        format!("{:?}", after.subjects),
+    );
+    let sources = |c: &stream::Config| -> Vec<String> {
+        c.sources.iter().flatten().map(|s| s.name.clone()).collect()
+    };
+    field(
+        "sources",
+        format!("{:?}", sources(before)),
+        format!("{:?}", sources(after)),
+    );
+    field(
+        "pinned limits",
+        format!("{:?}", DeploymentLimits::from_metadata(&before.metadata)),
+        format!("{:?}", DeploymentLimits::from_metadata(&after.metadata)),
+    );
+    out
+}
+
+/// Creates or updates the ingress layout and the lease bucket as `plan` says; idempotent
+/// (a second run changes nothing and says so). The ingress streams and snapshot buckets
+/// are `stream::provision_ingress`'s; this adds the event stream's retention (which the
+/// nodes' configs say), the lease bucket, and the report.
 pub async fn provision(
     js: &jetstream::Context,
     plan: &ProvisionPlan,
 ) -> Result<Vec<Provisioned>, ProvisionError> {
-    let mut out = Vec::new();
+    let names = plan.streams();
+    let mut before = Vec::new();
+    for name in &names {
+        before.push(existing(js, name).await?);
+    }
 
-    // The event stream: its retention limits follow the plan (the nodes' configs say the
-    // same), then the nodes' own check verifies it and pins the deployment's limits.
-    let name = plan.stream.name.clone();
-    let action = match existing(js, &name).await? {
-        None => Action::Created,
-        Some(mut config) => {
-            let want = plan.stream.config();
-            let mut changes = Vec::new();
-            set!(changes, config.max_bytes, want.max_bytes);
-            set!(changes, config.max_age, want.max_age);
-            set!(changes, config.max_messages, want.max_messages);
-            update(js, config, changes).await?
-        }
-    };
-    let pinned = crate::stream::provision(js, &plan.stream, Some(plan.pin))
-        .await?
-        .limits;
-    let action = match (action, pinned) {
-        (Action::Unchanged, Some(p)) if p != plan.pin => Action::Updated {
-            changes: vec![format!(
-                "pinned limits stay {p:?} (`jetsync limits set` changes them)"
-            )],
-        },
-        (a, _) => a,
-    };
-    out.push(Provisioned {
-        stream: name,
-        action,
-    });
+    // The event stream's retention follows the plan (the nodes' configs say the same);
+    // `provision_ingress` refuses a stream whose retention differs.
+    if let Some(mut config) = before[0].clone() {
+        let want = plan.stream.config();
+        let mut changes = Vec::new();
+        set!(changes, config.max_bytes, want.max_bytes);
+        set!(changes, config.max_age, want.max_age);
+        set!(changes, config.max_messages, want.max_messages);
+        update(js, config, changes).await?;
+    }
+    crate::stream::provision_ingress(js, &plan.stream, &plan.nodes, Some(plan.pin)).await?;
 
     // The lease bucket: rollups refused from the start (a node may not update it), bounded.
     let bucket = crate::lease::bucket_name(&plan.stream.name);
@@ -206,12 +285,11 @@ pub async fn provision(
     want.max_bytes = plan.leases_max_bytes;
     want.num_replicas = plan.stream.replicas;
     let name = want.name.clone();
-    let action = match existing(js, &name).await? {
+    match before.last().cloned().flatten() {
         None => {
             js.create_stream(want)
                 .await
                 .map_err(|e| nats(format!("creating stream {name}"))(&e))?;
-            Action::Created
         }
         Some(mut config) => {
             let mut changes = Vec::new();
@@ -219,49 +297,29 @@ pub async fn provision(
             set!(changes, config.allow_rollup, false);
             set!(changes, config.max_messages_per_subject, 1);
             set!(changes, config.max_age, want.max_age);
-            update(js, config, changes).await?
+            update(js, config, changes).await?;
         }
-    };
-    out.push(Provisioned {
-        stream: name,
-        action,
-    });
+    }
 
-    // The snapshot bucket: bounded in bytes, and in consumers (object reads), so one node
-    // cannot use up the account's consumers the durable ones need.
-    let bucket = crate::snapshot::bucket_name(&plan.stream);
-    let name = format!("OBJ_{bucket}");
-    let (created, config) = match existing(js, &name).await? {
-        Some(config) => (false, config),
-        None => {
-            js.create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                max_bytes: plan.snapshots_max_bytes,
-                num_replicas: plan.stream.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats(format!("creating bucket {bucket}"))(&e))?;
-            let config = existing(js, &name)
-                .await?
-                .ok_or_else(|| ProvisionError::Nats {
-                    what: format!("creating bucket {bucket}"),
-                    detail: "its stream is missing right after creation".into(),
-                })?;
-            (true, config)
-        }
-    };
-    let mut config = config;
-    let mut changes = Vec::new();
-    set!(changes, config.max_bytes, plan.snapshots_max_bytes);
-    set!(changes, config.max_consumers, plan.snapshots_max_consumers);
-    let action = match (created, update(js, config, changes).await?) {
-        (true, _) => Action::Created,
-        (false, a) => a,
-    };
-    out.push(Provisioned {
-        stream: name,
-        action,
-    });
+    let mut out = Vec::new();
+    for (name, before) in names.into_iter().zip(before) {
+        let after = existing(js, &name)
+            .await?
+            .ok_or_else(|| ProvisionError::Nats {
+                what: format!("provisioning {name}"),
+                detail: "the stream is missing afterwards".into(),
+            })?;
+        let action = match before {
+            None => Action::Created,
+            Some(before) => match changes(&before, &after) {
+                c if c.is_empty() => Action::Unchanged,
+                changes => Action::Updated { changes },
+            },
+        };
+        out.push(Provisioned {
+            stream: name,
+            action,
+        });
+    }
     Ok(out)
 }

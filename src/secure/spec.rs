@@ -107,14 +107,18 @@ impl Default for ServerSpec {
 pub struct LimitsSpec {
     /// The `JETSYNC` account's file storage (all its streams together).
     pub account_max_file: u64,
-    /// The `JETSYNC` account's consumers; 0 = `max(64, 2 × nodes + snapshot consumers + 16)`
-    /// (each node has two durable consumers).
+    /// The `JETSYNC` account's consumers; 0 = `max(64, nodes × (2 + snapshot consumers) +
+    /// 16)` (each node has two durable consumers and a bucket others read).
     pub account_max_consumers: u64,
     /// The event stream's `max_bytes` (the same `[stream] retention` in every node config).
+    /// At least twice the nodes' ingress quotas together, so no node's flood reaches it.
     pub stream_max_bytes: i64,
-    /// The snapshot bucket's `max_bytes`.
+    /// Each node's ingress stream's `max_bytes` (what one node may have stored, `discard:
+    /// new`), unless its `[[node]]` says otherwise; 0 = `stream_max_bytes / (2 × nodes)`.
+    pub node_ingress_bytes: i64,
+    /// Each node's snapshot bucket's `max_bytes`, unless its `[[node]]` says otherwise.
     pub snapshots_max_bytes: i64,
-    /// The snapshot bucket's `max_consumers` (object reads at once).
+    /// Each snapshot bucket's `max_consumers` (object reads at once).
     pub snapshots_max_consumers: i32,
     /// The lease bucket's `max_bytes`.
     pub leases_max_bytes: i64,
@@ -141,7 +145,8 @@ impl Default for LimitsSpec {
             account_max_file: 50 * GIB,
             account_max_consumers: 0,
             stream_max_bytes: 10 * GIB as i64,
-            snapshots_max_bytes: 10 * GIB as i64,
+            node_ingress_bytes: 0,
+            snapshots_max_bytes: GIB as i64,
             snapshots_max_consumers: 16,
             leases_max_bytes: MIB as i64,
             node_max_connections: 4,
@@ -177,6 +182,12 @@ pub struct NodeSpec {
     /// Its nkey's public key (`U…`); the seed stays with the node (`nats.nkey_seed`).
     #[serde(default)]
     pub nkey: Option<String>,
+    /// Its ingress stream's `max_bytes` (default `limits.node_ingress_bytes`).
+    #[serde(default)]
+    pub ingress_bytes: Option<i64>,
+    /// Its snapshot bucket's `max_bytes` (default `limits.snapshots_max_bytes`).
+    #[serde(default)]
+    pub snapshot_bytes: Option<i64>,
 }
 
 /// An application: its own account, importing the `write` and `read` groups of `nodes`.
@@ -250,6 +261,8 @@ impl NodeSpec {
             id: id.to_owned(),
             password: None,
             nkey: None,
+            ingress_bytes: None,
+            snapshot_bytes: None,
         };
         match auth.map(|a| a.split_once(':').unwrap_or((a, ""))) {
             None => {}
@@ -367,10 +380,74 @@ impl DeploymentSpec {
                 "must be positive",
             ));
         }
-        if l.account_max_file == 0 {
-            return Err(invalid("limits.account_max_file", "must be positive"));
+        if l.node_ingress_bytes < 0 {
+            return Err(invalid(
+                "limits.node_ingress_bytes",
+                "0 (derived) or positive",
+            ));
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (key, v) in [
+                ("ingress_bytes", n.ingress_bytes),
+                ("snapshot_bytes", n.snapshot_bytes),
+            ] {
+                if v.is_some_and(|v| v <= 0) {
+                    return Err(invalid(format!("node[{i}].{key}"), "must be positive"));
+                }
+            }
+        }
+        let ingress: i64 = self.nodes.iter().map(|n| self.ingress_bytes(n)).sum();
+        if ingress.saturating_mul(2) > l.stream_max_bytes {
+            return Err(invalid(
+                "limits.stream_max_bytes",
+                format!(
+                    "{} is less than twice the nodes' ingress quotas ({ingress} together): a \
+                     flood within one node's quota could evict the others' events",
+                    l.stream_max_bytes
+                ),
+            ));
+        }
+        let stored = i128::from(l.stream_max_bytes)
+            + i128::from(ingress)
+            + self
+                .nodes
+                .iter()
+                .map(|n| i128::from(self.snapshot_bytes(n)))
+                .sum::<i128>()
+            + i128::from(l.leases_max_bytes);
+        if stored > i128::from(l.account_max_file) {
+            return Err(invalid(
+                "limits.account_max_file",
+                format!(
+                    "{} is less than the streams' limits together ({stored}: event stream, \
+                     ingress streams, snapshot buckets, leases)",
+                    l.account_max_file
+                ),
+            ));
         }
         Ok(())
+    }
+
+    /// Node `n`'s ingress quota (its own, else the deployment's, else an even share of half
+    /// the event stream).
+    pub fn ingress_bytes(&self, n: &NodeSpec) -> i64 {
+        n.ingress_bytes
+            .unwrap_or(match self.limits.node_ingress_bytes {
+                0 => self.limits.stream_max_bytes / (2 * self.nodes.len().max(1) as i64),
+                q => q,
+            })
+    }
+
+    /// Node `n`'s snapshot bucket's byte limit.
+    pub fn snapshot_bytes(&self, n: &NodeSpec) -> i64 {
+        n.snapshot_bytes.unwrap_or(self.limits.snapshots_max_bytes)
+    }
+
+    /// The `JETSYNC` account's stream limit: per node an ingress stream and a snapshot
+    /// bucket, the event stream, the lease bucket, the old shared snapshot bucket (kept
+    /// readable for migration), and 3 to spare.
+    pub fn account_max_streams(&self) -> u64 {
+        2 * self.nodes.len() as u64 + 6
     }
 
     /// Fills every missing password with a random one (24 characters from 144 random
@@ -400,8 +477,9 @@ impl DeploymentSpec {
     /// The `JETSYNC` account's consumer limit (see [`LimitsSpec::account_max_consumers`]).
     pub fn account_max_consumers(&self) -> u64 {
         match self.limits.account_max_consumers {
-            0 => (2 * self.nodes.len() as u64
-                + self.limits.snapshots_max_consumers.max(0) as u64
+            // two durable consumers per node, each bucket's object reads, operators
+            0 => (self.nodes.len() as u64
+                * (2 + self.limits.snapshots_max_consumers.max(0) as u64)
                 + 16)
                 .max(64),
             n => n,
@@ -500,6 +578,30 @@ mod tests {
         assert!(spec.validate().is_err(), "a quote");
         spec.nodes[1] = NodeSpec::parse_arg("ops").unwrap();
         assert!(spec.validate().is_err(), "a node named like the ops user");
+    }
+
+    #[test]
+    fn quotas_must_fit_the_event_stream_and_the_account() {
+        let mut spec = DeploymentSpec::default();
+        for n in ["a", "b", "c", "d"] {
+            spec.nodes.push(NodeSpec::parse_arg(n).unwrap());
+        }
+        spec.validate().unwrap();
+        // the derived share: half the event stream, evenly
+        assert_eq!(
+            spec.ingress_bytes(&spec.nodes[0]),
+            spec.limits.stream_max_bytes / 8
+        );
+        spec.nodes[0].ingress_bytes = Some(spec.limits.stream_max_bytes / 2);
+        assert!(
+            matches!(spec.validate(), Err(SpecError::Invalid { key, .. }) if key == "limits.stream_max_bytes"),
+            "one node's flood could evict the others' events"
+        );
+        spec.nodes[0].ingress_bytes = None;
+        spec.limits.account_max_file = 1024 * 1024;
+        assert!(
+            matches!(spec.validate(), Err(SpecError::Invalid { key, .. }) if key == "limits.account_max_file")
+        );
     }
 
     #[test]
