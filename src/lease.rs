@@ -173,8 +173,9 @@ pub async fn holders(js: &jetstream::Context, stream: &str) -> Result<Vec<String
 /// The config of the stream under a lease bucket: what `create_key_value` makes (one
 /// value per key, expiring after `ttl`, direct gets, deletes only through the KV API),
 /// except that rollup headers are refused: a `Nats-Rollup: all` published on one key
-/// would otherwise remove every other node's key.
-fn bucket_stream_config(name: &str, ttl: Duration) -> jetstream::stream::Config {
+/// would otherwise remove every other node's key. The operator's `jetsync provision`
+/// creates it from this too (with a byte limit), so both make the same bucket.
+pub fn bucket_stream_config(name: &str, ttl: Duration) -> jetstream::stream::Config {
     jetstream::stream::Config {
         name: format!("KV_{name}"),
         description: Some("jetsync node leases: one running process per node id".into()),

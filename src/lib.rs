@@ -108,6 +108,8 @@ pub mod node;
 pub mod ops;
 pub(crate) mod refusal;
 pub mod replay;
+#[cfg(feature = "config-file")]
+pub mod secure;
 pub mod site;
 pub mod snapshot;
 pub mod store;

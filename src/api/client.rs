@@ -56,7 +56,9 @@ pub enum ApiError {
 #[derive(Clone)]
 pub struct ApiClient {
     client: async_nats::Client,
-    root: String,
+    /// `(<prefix>_api, the event stream)`: the stream's lease bucket names the nodes for
+    /// [`ApiClient::nodes`]. Shared: the client sits in enums that should stay small.
+    names: std::sync::Arc<(String, String)>,
     timeout: Duration,
 }
 
@@ -65,9 +67,19 @@ impl ApiClient {
     pub fn new(client: async_nats::Client, prefix: &str) -> Self {
         ApiClient {
             client,
-            root: api_root(prefix),
+            names: std::sync::Arc::new((
+                api_root(prefix),
+                crate::stream::StreamSettings::default().name,
+            )),
             timeout: Duration::from_secs(5),
         }
+    }
+
+    /// The same client for the nodes of stream `stream` (default `JETSYNC`): discovery
+    /// reads that stream's lease bucket.
+    pub fn with_stream(mut self, stream: &str) -> Self {
+        self.names = std::sync::Arc::new((self.names.0.clone(), stream.to_owned()));
+        self
     }
 
     /// The same client with another reply timeout (verification and snapshots of large
@@ -89,7 +101,7 @@ impl ApiClient {
             }
             .into());
         };
-        let subject = format!("{}.{node}.{group}.{op}", self.root);
+        let subject = format!("{}.{node}.{group}.{op}", self.names.0);
         let req = self
             .client
             .request(subject.clone(), body.to_string().into());
@@ -163,9 +175,62 @@ impl ApiClient {
         Ok(replies)
     }
 
-    /// Every node of this prefix that answers `$SRV.PING.jetsync` (ADR-32 discovery) within
-    /// `wait`: `[{node, version, id}]`, sorted by node.
+    /// Every node of this prefix that answers within `wait`: `[{node, version, id}]`,
+    /// sorted by node. Two ways, together: `$SRV.PING.jetsync` (ADR-32 discovery), which
+    /// reaches only the services of this NATS account; and the holders of the stream's
+    /// lease bucket (`lease::holders`, one STREAM.INFO) asked `read.ping` each through
+    /// this account's imports, which finds the nodes of other accounts (the secure
+    /// deployment's `ops` and `viewer`; deploy/secure/README.md "Discovery"). A node found
+    /// only by its lease has `id: null`. Neither way answering is an empty list.
     pub async fn nodes(&self, wait: Duration) -> Result<Vec<Value>, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let js = async_nats::jetstream::new(self.client.clone());
+        // The viewer of the secure deployment has no JetStream of its own: the server
+        // answers `$JS.API.…` there itself ("not enabled"), so its one import of the lease
+        // bucket's info is mapped under another prefix (`discovery_js_prefix`).
+        let mapped = async_nats::jetstream::with_prefix(
+            self.client.clone(),
+            &discovery_js_prefix(self.names.0.strip_suffix("_api").unwrap_or(&self.names.0)),
+        );
+        let held = async {
+            let (a, b) = tokio::join!(
+                tokio::time::timeout_at(deadline, crate::lease::holders(&js, &self.names.1)),
+                tokio::time::timeout_at(deadline, crate::lease::holders(&mapped, &self.names.1)),
+            );
+            let mut all: Vec<String> = [a, b]
+                .into_iter()
+                .filter_map(|r| r.ok().and_then(Result::ok))
+                .flatten()
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        };
+        let (pinged, held) = tokio::join!(self.srv_ping(deadline), held);
+        let mut out = pinged?;
+        let known: std::collections::HashSet<String> = out
+            .iter()
+            .filter_map(|p| p["node"].as_str().map(str::to_owned))
+            .collect();
+        let ask = self.clone().with_timeout(wait);
+        let pings = held.into_iter().filter(|n| !known.contains(n)).map(|n| {
+            let ask = ask.clone();
+            async move { (n.clone(), ask.call(&n, "ping", json!({})).await) }
+        });
+        for (node, pong) in futures::future::join_all(pings).await {
+            // A lease outlives its process by up to a TTL: only an answer counts.
+            if let Ok(pong) = pong
+                && pong["node"].as_str() == Some(node.as_str())
+            {
+                out.push(json!({"node": node, "version": pong["version"], "id": null}));
+            }
+        }
+        out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+        Ok(out)
+    }
+
+    /// The `$SRV.PING.jetsync` answers of this prefix's nodes until `deadline`.
+    async fn srv_ping(&self, deadline: tokio::time::Instant) -> Result<Vec<Value>, ApiError> {
         let inbox = self.client.new_inbox();
         let err = |e: &dyn std::fmt::Display| ApiError::Request {
             node: "*".into(),
@@ -181,9 +246,8 @@ impl ApiClient {
             .publish_with_reply(ping, inbox, "".into())
             .await
             .map_err(|e| err(&e))?;
-        let prefix = self.root.strip_suffix("_api").unwrap_or(&self.root);
+        let prefix = self.names.0.strip_suffix("_api").unwrap_or(&self.names.0);
         let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
             let Ok(pong) = serde_json::from_slice::<Value>(&msg.payload) else {
                 continue;
@@ -195,9 +259,15 @@ impl ApiClient {
                 );
             }
         }
-        out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Ok(out)
     }
+}
+
+/// The JetStream API prefix under which an account without JetStream (the secure
+/// deployment's viewer) imports the lease bucket's STREAM.INFO, for discovery:
+/// `<prefix>_discovery.API` (so `<prefix>_discovery.API.STREAM.INFO.KV_<stream>_LEASES`).
+pub fn discovery_js_prefix(prefix: &str) -> String {
+    format!("{prefix}_discovery.API")
 }
 
 /// The error a service error reply carries in its `Nats-Service-Error` header (a

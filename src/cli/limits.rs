@@ -58,7 +58,9 @@ pub async fn limits(cmd: LimitsCmd) -> anyhow::Result<ExitCode> {
             let (pinned, max_msg) = stream::pinned_limits(&js, &conn.stream)
                 .await
                 .with_context(|| format!("reading stream {}", conn.stream))?;
-            let nodes = node_limits(&ApiClient::new(client, &conn.prefix)).await?;
+            let nodes =
+                node_limits(&ApiClient::new(client, &conn.prefix).with_stream(&conn.stream))
+                    .await?;
             report(&conn, pinned, max_msg, &nodes, None);
             Ok(ExitCode::SUCCESS)
         }
@@ -133,7 +135,8 @@ async fn set(args: SetArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Asking a node's status makes it read the stream's info, and so adopt.
-    let nodes = node_limits(&ApiClient::new(client, &conn.prefix)).await?;
+    let nodes =
+        node_limits(&ApiClient::new(client, &conn.prefix).with_stream(&conn.stream)).await?;
     report(conn, Some(after), max_msg, &nodes, Some(after));
     let behind = nodes.iter().filter(|n| !adopted(n, &after)).count();
     Ok(if behind == 0 {

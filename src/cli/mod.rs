@@ -10,6 +10,7 @@ mod mirror;
 mod ops;
 mod remote;
 mod run;
+mod secure;
 mod site;
 #[cfg(feature = "tui")]
 pub mod top;
@@ -179,6 +180,15 @@ pub enum Command {
     /// the others at their next check. Exit 3 when an answering node has not adopted it.
     #[command(subcommand)]
     Envelope(envelope::EnvelopeCmd),
+    /// The secure deployment (deploy/secure/): `config` generates the server config (one
+    /// NATS account per node) and the node configs from a node list.
+    #[command(subcommand)]
+    Secure(secure::SecureCmd),
+    /// Create or update the secure deployment's streams with their limits (operators'
+    /// credentials, `--spec` the node list): each node's ingress stream and snapshot
+    /// bucket, the event stream sourcing them, the lease bucket; idempotent, prints what
+    /// it changed.
+    Provision(secure::ProvisionArgs),
     /// Edge sites: provision a site's stream and the hub's aggregation of it, or check the link.
     #[command(subcommand)]
     Site(site::SiteCmd),
@@ -369,6 +379,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Verify(args) => ops::verify(args).await,
         Command::Inspect(cmd) => ops::inspect(cmd).await,
         Command::Site(cmd) => site::site(cmd).await,
+        Command::Secure(cmd) => secure::secure(cmd),
+        Command::Provision(args) => secure::provision_cmd(args).await,
         Command::Limits(cmd) => limits::limits(cmd).await,
         Command::Envelope(cmd) => envelope::envelope(cmd).await,
         Command::Query(args) => tokio::task::spawn_blocking(move || mirror::query(args))

@@ -532,7 +532,7 @@ pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {
                     "ack_pending": c.num_ack_pending,
                 }));
             }
-            let api = ApiClient::new(client, &conn.prefix);
+            let api = ApiClient::new(client, &conn.prefix).with_stream(&conn.stream);
             let mut nodes = Vec::new();
             for n in api.nodes(Duration::from_millis(700)).await? {
                 let id = n["node"].as_str().unwrap_or_default().to_string();

@@ -10,7 +10,7 @@ use super::{Command, Conn};
 use crate::api::ApiClient;
 
 async fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
-    Ok(ApiClient::new(conn.nats().await?, &conn.prefix))
+    Ok(ApiClient::new(conn.nats().await?, &conn.prefix).with_stream(&conn.stream))
 }
 
 /// A DOC argument: JSON text, `-` for standard input, or `@path` for a file (as curl

@@ -525,7 +525,9 @@ async fn connect(conn: &Conn) -> Result<Nats, String> {
     let client = conn.nats().await.map_err(|e| format!("{e:#}"))?;
     Ok(Nats {
         // A silent node must not hold the frame for the default 5 s.
-        api: ApiClient::new(client.clone(), &conn.prefix).with_timeout(Duration::from_secs(2)),
+        api: ApiClient::new(client.clone(), &conn.prefix)
+            .with_stream(&conn.stream)
+            .with_timeout(Duration::from_secs(2)),
         client,
         stream: conn.stream.clone(),
     })
