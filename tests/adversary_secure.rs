@@ -1,0 +1,1 @@
+//! Placeholder: the advsec helper replaces this file.
