@@ -1301,3 +1301,114 @@ async fn attack(
         other => unreachable!("unknown class {other}"),
     }
 }
+
+/// What the harness found (`clock`, then `lease`): a message every node quarantines,
+/// published under porto's subject with porto's credentials (stamped a day ahead, with a
+/// huge `origin_seq`), made porto's node a new incarnation when it took its id back after
+/// losing it, its `origin_seq` moved to the forged one and its clock to the drift bound
+/// (through its events, every node's clock). Now only an event the nodes apply counts:
+/// porto's `origin_seq` and clock stay its own. (Checked on the code before: porto's
+/// `origin_seq` became 4611686018427387903 and its next write was stamped ~60 s ahead.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_event_under_a_nodes_subject_does_not_make_it_a_new_incarnation() {
+    let s = secure_server();
+    s.provision().await;
+    let berlin = start(s.node_config("berlin")).await;
+    let porto = start(s.node_config("porto")).await;
+    porto
+        .put(&orders(), Uuid::now_v7(), json!({"n": 1}))
+        .await
+        .unwrap();
+    let adversary = Raw::new(&s, &s.node_auth("porto")).await;
+    let mut ev = event_of("porto", Uuid::now_v7(), json!({"forged": true}));
+    ev.version = version(now_ms() + 86_400_000, "porto");
+    ev.origin_seq = u64::MAX / 4;
+    publish(
+        &adversary.js,
+        ev.subject("jetsync"),
+        HeaderMap::new(),
+        ev.encode(),
+    )
+    .await;
+    for n in [&berlin, &porto] {
+        wait_for(
+            &format!("{} to quarantine the forged event", n.node_id()),
+            Duration::from_secs(30),
+            || async {
+                let st = n.status().await.map_err(|e| e.to_string())?;
+                if st.quarantined == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("quarantined {}", st.quarantined))
+                }
+            },
+        )
+        .await;
+    }
+
+    // porto loses its id to a fake holder, then takes it back.
+    let kv = adversary
+        .js
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("porto's lease bucket");
+    let fake = json!({
+        "node": "porto", "host": "mallory", "pid": 666, "data_dir": "/nowhere",
+        "token": "forged", "since_ms": now_ms(),
+    });
+    kv.put("porto", serde_json::to_vec(&fake).unwrap().into())
+        .await
+        .expect("porto's credentials write porto's key");
+    wait_for(
+        "porto to find its id held by the fake holder",
+        Duration::from_secs(60),
+        || async {
+            let st = porto.status().await.map_err(|e| e.to_string())?;
+            let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
+            match st["lease"]["state"].as_str() {
+                Some("lost") => Ok(()),
+                other => Err(format!("lease {other:?}")),
+            }
+        },
+    )
+    .await;
+    kv.delete("porto").await.expect("porto's key deleted");
+    // Published and applied by berlin: porto took its id back and checked the stream.
+    let id = Uuid::now_v7();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        match porto.put(&orders(), id, json!({"n": 2})).await {
+            Ok(w) => break w,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "porto takes no writes 60 s after its key was freed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_for(
+        "berlin to apply porto's write",
+        Duration::from_secs(60),
+        || async {
+            match berlin.store().get(&orders(), id) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("berlin holds {other:?}")),
+            }
+        },
+    )
+    .await;
+    let seq = porto.raw_store().last_origin_seq().unwrap();
+    assert!(
+        seq < 1_000,
+        "porto's origin_seq moved to {seq}: it became a new incarnation on a forged event"
+    );
+    let ahead = written.version.hlc.physical_ms().saturating_sub(now_ms());
+    assert!(
+        ahead < 5_000,
+        "porto's write is stamped {ahead} ms ahead of the wall clock: {}",
+        written.version
+    );
+    for n in [berlin, porto] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::{NodeError, NodeHandle, Shared};
 use crate::error::WriteError;
-use crate::event::ChangeEvent;
 use crate::lease::LeaseState;
 use crate::store::{ApplyReport, Incoming};
 use crate::stream::{self, DeploymentLimits, Provisioned};
@@ -387,8 +386,18 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
     else {
         return Ok(());
     };
-    let Ok(ev) = serde_json::from_slice::<ChangeEvent>(&last.payload) else {
-        return Ok(()); // not an event: it is quarantined, and says nothing of the store
+    // Only a message every node applies says anything of the store. One they all
+    // quarantine (not an event, or stamped a day ahead under this node's subject by
+    // another client) must not make this store a new incarnation: that moved its
+    // `origin_seq` to the forged one and its clock to the drift bound
+    // (tests/adversary_secure.rs).
+    let Ok(ev) = crate::event::decode(
+        &last.subject,
+        &last.payload,
+        last.time_ms,
+        &shared.store.limits(),
+    ) else {
+        return Ok(());
     };
     let store = shared.store.clone();
     let store_seq = tokio::task::spawn_blocking(move || store.last_origin_seq())
