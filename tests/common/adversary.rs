@@ -389,7 +389,8 @@ pub async fn judge(
                 status.node, status.quarantined, status.quarantine_dropped, ledger.must_refuse
             ));
         }
-        if metric < refused as f64 {
+        // The counter counts each refusal once, whether its entry is kept or dropped.
+        if metric != refused as f64 {
             invisible.push(format!(
                 "{}: jetsync_quarantined_events_total sums to {metric}, status says {} kept + {} dropped",
                 status.node, status.quarantined, status.quarantine_dropped
