@@ -9,7 +9,7 @@
 //! - `refused`: the server refuses it where the client sees it (a permissions violation,
 //!   a JetStream error, no responder, an API error);
 //! - `quarantined`: stored, and every node refuses it with a reason (status, metric);
-//! - `skipped`: a bucket entry the snapshot listing skips and reports;
+//! - `skipped`: a bucket entry the snapshot listing or loader refuses and reports;
 //! - `own`: it acts on porto's own data only (its events, its lease key), as porto's
 //!   node could itself;
 //! - `inert`: the server takes the request but nothing reaches anyone else (a reply
@@ -50,6 +50,7 @@ use async_nats::jetstream::{self, object_store::ObjectMetadata};
 use common::nodes::*;
 use common::proxy::Proxy;
 use common::rng::Rng;
+use futures::StreamExt;
 use jetsync::api::ApiClient;
 use jetsync::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use jetsync::node::Node;
@@ -160,6 +161,8 @@ struct Deployment {
     relayed_own: Vec<String>,
     /// What porto did to others' snapshots in the shared bucket ([`open_shared`]).
     shared_open: Vec<String>,
+    /// berlin's latest snapshot, which the snapshot attacks go after.
+    berlin_snapshot: Option<String>,
 }
 
 async fn deployment() -> Deployment {
@@ -207,6 +210,7 @@ async fn deployment() -> Deployment {
         lease_markers: Vec::new(),
         relayed_own: Vec::new(),
         shared_open: Vec::new(),
+        berlin_snapshot: None,
     }
 }
 
@@ -261,11 +265,6 @@ async fn porto_and_the_viewer_widen_nothing_while_honest_nodes_write_under_the_s
     // With the first events in: the stream starts at sequence 1 for good.
     let events_before = identity(&d.ops, EVENTS).await.expect("the event stream");
     let leases_before = identity(&d.ops, LEASES).await.expect("the lease bucket");
-    // berlin's snapshot, which the snapshot attacks go after.
-    d.nodes[BERLIN]
-        .snapshot()
-        .await
-        .expect("berlin takes a snapshot");
 
     for round in 0..attacks {
         for class in classes.iter().copied() {
@@ -510,40 +509,39 @@ async fn object_bytes(js: &jetstream::Context, bucket: &str, name: &str) -> Opti
 }
 
 /// berlin's newest snapshot in its bucket (taking one if the attacks removed them all).
-async fn berlin_snapshot(d: &Deployment) -> String {
-    let listed = jetsync::snapshot::list(&d.ops, &StreamSettings::default())
-        .await
-        .unwrap_or_default();
-    if let Some(m) = listed
-        .iter()
-        .rev()
-        .find(|m| m.node.as_str() == "berlin" && !m.name.contains("-forged"))
-    {
-        return m.name.clone();
+async fn berlin_snapshot(d: &mut Deployment) -> String {
+    // Asked by name, not listed: each listing or object read leaves an ordered consumer
+    // on the bucket for 30 s, and the bucket allows 16.
+    if let Some(name) = d.berlin_snapshot.clone() {
+        let bucket = d.ops.get_object_store(BERLIN_BUCKET).await;
+        if let Ok(bucket) = bucket
+            && bucket.info(&name).await.is_ok_and(|i| !i.deleted)
+        {
+            return name;
+        }
     }
-    d.nodes[BERLIN]
+    let name = d.nodes[BERLIN]
         .snapshot()
         .await
         .expect("berlin takes a snapshot")
         .meta
-        .name
+        .name;
+    d.berlin_snapshot = Some(name.clone());
+    name
 }
 
 /// What an attacker does with a real snapshot (tests/snapshot_trust.rs): raises its
 /// header's position, recomputes the trailer's checksum (xxh3 needs no key) and uploads it
-/// under a new name into porto's bucket. Returns whether the upload was taken.
-async fn forge_position(d: &Deployment, real: &str, round: usize) -> bool {
-    let Some(bytes) = object_bytes(&d.porto.js, BERLIN_BUCKET, real).await else {
-        return false;
-    };
+/// under a new name into porto's bucket, claiming stream sequence `seq`. Returns the
+/// forgery's name if the upload was taken.
+async fn forge_position(d: &Deployment, real: &str, round: usize, seq: u64) -> Option<String> {
+    let bytes = object_bytes(&d.porto.js, BERLIN_BUCKET, real).await?;
     if bytes.len() < 19 || &bytes[..7] != b"JSNAP3\n" {
-        return false;
+        return None;
     }
     let len = u32::from_le_bytes(bytes[7..11].try_into().unwrap()) as usize;
-    let Ok(mut meta) = serde_json::from_slice::<SnapshotMeta>(&bytes[11..11 + len]) else {
-        return false;
-    };
-    meta.seq += 1_000_000;
+    let mut meta = serde_json::from_slice::<SnapshotMeta>(&bytes[11..11 + len]).ok()?;
+    meta.seq = meta.seq.max(seq);
     meta.name = format!("{}-forged{round}", meta.name);
     let header = serde_json::to_vec(&meta).unwrap();
     let mut out = Vec::new();
@@ -553,9 +551,7 @@ async fn forge_position(d: &Deployment, real: &str, round: usize) -> bool {
     out.extend_from_slice(&bytes[11 + len..bytes.len() - 8]);
     let sum = xxhash_rust::xxh3::xxh3_64(&out);
     out.extend_from_slice(&sum.to_le_bytes());
-    let Ok(bucket) = d.porto.js.get_object_store(PORTO_BUCKET).await else {
-        return false;
-    };
+    let bucket = d.porto.js.get_object_store(PORTO_BUCKET).await.ok()?;
     bucket
         .put(
             ObjectMetadata {
@@ -571,7 +567,8 @@ async fn forge_position(d: &Deployment, real: &str, round: usize) -> bool {
             &mut out.as_slice(),
         )
         .await
-        .is_ok()
+        .ok()?;
+    Some(meta.name)
 }
 
 /// The variants of a class: each round runs every one.
@@ -974,13 +971,48 @@ async fn attack(
             };
             match variant {
                 0 => {
-                    // A forged position under a new name: nodes load a snapshot only to
-                    // bootstrap, and then check the header against the stream
-                    // (tests/snapshot_trust.rs); here none bootstraps.
-                    if forge_position(d, &real, round).await {
-                        ledger.outcome(class, "inert");
-                    } else {
+                    // A forged position under a new name: it claims the stream's last
+                    // sequence now while it holds berlin's state of earlier. A node loads
+                    // a snapshot only to bootstrap: load it as one would, into a fresh
+                    // store (tests/snapshot_trust.rs does it on real nodes).
+                    let (_, last) = stream_state(&d.ops).await.unwrap_or((0, 0));
+                    let Some(name) = forge_position(d, &real, round, last).await else {
                         ledger.outcome(class, "refused");
+                        return;
+                    };
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = Arc::new(
+                        jetsync::Store::open(
+                            dir.path().join("loader.redb"),
+                            NodeId::new("loader").unwrap(),
+                            jetsync::StoreConfig::default(),
+                        )
+                        .unwrap(),
+                    );
+                    let loaded = jetsync::snapshot::load(
+                        &d.ops,
+                        &StreamSettings::default(),
+                        &name,
+                        store,
+                        &[],
+                        |_| {},
+                    )
+                    .await;
+                    match loaded {
+                        Err(jetsync::snapshot::SnapshotError::Refused { .. }) => {
+                            ledger.outcome(class, "skipped")
+                        }
+                        Ok(r) if r.position.as_ref().is_some_and(|p| p.lacked > 0) => {
+                            ledger.outcome(class, "skipped")
+                        }
+                        other => open(
+                            ledger,
+                            class,
+                            format!(
+                                "the forged position of {name} was believed: {:?}",
+                                other.map(|r| r.position)
+                            ),
+                        ),
                     }
                 }
                 1 => {
@@ -1044,16 +1076,49 @@ async fn attack(
                 4 => {
                     // Another client's consumer on the bucket's stream (the operator's).
                     let name = format!("ops_reader{round}");
-                    d.ops
-                        .create_consumer_on_stream(
-                            jetstream::consumer::pull::Config {
-                                durable_name: Some(name.clone()),
-                                ..Default::default()
-                            },
-                            format!("OBJ_{BERLIN_BUCKET}"),
-                        )
-                        .await
-                        .expect("ops creates a consumer on the snapshot bucket");
+                    let stream = format!("OBJ_{BERLIN_BUCKET}");
+                    let config = jetstream::consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        ..Default::default()
+                    };
+                    // Object reads leave their ordered consumers until they go inactive:
+                    // wait (bounded) for a free place under the bucket's max_consumers.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match d
+                            .ops
+                            .create_consumer_on_stream(config.clone(), &stream)
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(e) => {
+                                let mut names = Vec::new();
+                                if let Ok(st) = d.ops.get_stream(&stream).await {
+                                    let mut list = st.consumer_names();
+                                    while let Some(Ok(n)) = list.next().await {
+                                        let who = match st.consumer_info(&n).await {
+                                            Ok(i) => format!(
+                                                "{n} -> {:?} (inactive {:?}, delivered {})",
+                                                i.config.deliver_subject,
+                                                i.config.inactive_threshold,
+                                                i.delivered.stream_sequence
+                                            ),
+                                            Err(e) => format!("{n}: {e}"),
+                                        };
+                                        names.push(who);
+                                    }
+                                }
+                                assert!(
+                                    std::time::Instant::now() < deadline,
+                                    "ops cannot create a consumer on the snapshot bucket for 60 s: {e}; consumers {names:?}"
+                                );
+                                eprintln!(
+                                    "adversary_secure: no consumer place yet ({e}): {names:?}"
+                                );
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
                     let _ = js
                         .delete_consumer_from_stream(&name, format!("OBJ_{BERLIN_BUCKET}"))
                         .await;
