@@ -20,7 +20,8 @@
 //! `lease` (a fake holder in porto's key, berlin's key, `Nats-Rollup: all` on porto's key),
 //! `relay` (berlin's read API replying onto a data subject, `$JS.API.STREAM.DELETE`, and
 //! calling berlin's write API), `direct_get` (stored bytes delivered by the server onto
-//! berlin's event subject, API, lease key, `$JS.API.STREAM.PURGE/DELETE`), `snapshot` (a
+//! berlin's event subject, API, lease key, `$JS.API.STREAM.PURGE/DELETE`; a STREAM.INFO
+//! answer onto berlin's event subject), `snapshot` (a
 //! forged position, berlin's snapshot rewritten or deleted, the bucket purged, another
 //! client's consumer deleted, a malformed object-info entry), `flood` (the snapshot bucket
 //! until refused, junk on porto's own subject past the quarantine's bound). Viewer
@@ -576,7 +577,7 @@ fn variants(class: &str) -> usize {
     match class {
         "lease" | "viewer_relay" | "viewer_publish" | "viewer_jetstream" => 3,
         "relay" | "viewer_write" => 4,
-        "direct_get" => 6,
+        "direct_get" => 7,
         "snapshot" => 6,
         "flood" => 2,
         // Porto's own subject, and another node's.
@@ -919,6 +920,28 @@ async fn attack(
         }
         "direct_get" => {
             ledger.tried(class, None);
+            if variant == 6 {
+                // Any JetStream API answer (STREAM.INFO's JSON) onto berlin's event
+                // subject.
+                let id = Uuid::now_v7();
+                let reply = format!("jetsync.orders._.berlin.{id}");
+                d.forbidden_subjects.push(reply.clone());
+                let info = format!("$JS.API.STREAM.INFO.{EVENTS}");
+                d.porto
+                    .client
+                    .publish_with_reply(info.clone(), reply, "".into())
+                    .await
+                    .unwrap();
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    d.porto.client.request(info, "".into()),
+                )
+                .await
+                .expect("the server answers porto's STREAM.INFO within 10s")
+                .expect("porto may read the event stream's info");
+                ledger.outcome(class, "inert");
+                return;
+            }
             let (body, reply) = match variant {
                 0 => {
                     let id = Uuid::now_v7();
