@@ -213,9 +213,20 @@ pub async fn read_stored(
         if want_put && event.op != Op::Put {
             continue;
         }
+        // The headers as the writer published them: without the one the server adds to
+        // a message sourced from an ingress stream (it refuses it on a publish).
+        let mut headers = HeaderMap::new();
+        for (name, values) in m.headers.iter() {
+            if name.to_string().eq_ignore_ascii_case("Nats-Stream-Source") {
+                continue;
+            }
+            for v in values {
+                headers.append(name.clone(), v.clone());
+            }
+        }
         return Some(Stored {
             subject: m.subject.to_string(),
-            headers: m.headers,
+            headers,
             event,
             raw: m.payload.to_vec(),
         });
