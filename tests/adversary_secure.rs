@@ -554,8 +554,8 @@ async fn berlin_snapshot(d: &mut Deployment) -> String {
     name
 }
 
-/// What an attacker does with a real snapshot (tests/snapshot_trust.rs): raises its
-/// header's position, recomputes the trailer's checksum (xxh3 needs no key) and uploads it
+/// What an attacker does with a real snapshot (tests/snapshot_trust.rs): makes it porto's,
+/// raises its header's position, recomputes the trailer's checksum (xxh3 needs no key) and uploads it
 /// under a new name into porto's bucket, claiming stream sequence `seq`. Returns the
 /// forgery's name if the upload was taken.
 async fn forge_position(d: &Deployment, real: &str, round: usize, seq: u64) -> Option<String> {
@@ -566,7 +566,10 @@ async fn forge_position(d: &Deployment, real: &str, round: usize, seq: u64) -> O
     let len = u32::from_le_bytes(bytes[7..11].try_into().unwrap()) as usize;
     let mut meta = serde_json::from_slice::<SnapshotMeta>(&bytes[11..11 + len]).ok()?;
     meta.seq = meta.seq.max(seq);
-    meta.name = format!("{}-forged{round}", meta.name);
+    // porto's own snapshot (its bucket holds only porto's), so the loader's owner check
+    // passes and the position check must catch it.
+    meta.node = NodeId::new("porto").unwrap();
+    meta.name = format!("{}-forged{round}", meta.name.replacen("berlin", "porto", 1));
     let header = serde_json::to_vec(&meta).unwrap();
     let mut out = Vec::new();
     out.extend_from_slice(b"JSNAP3\n");
@@ -1017,10 +1020,10 @@ async fn attack(
             };
             match variant {
                 0 => {
-                    // A forged position under a new name: it claims the stream's last
-                    // sequence now while it holds berlin's state of earlier. A node loads
-                    // a snapshot only to bootstrap: load it as one would, into a fresh
-                    // store (tests/snapshot_trust.rs does it on real nodes).
+                    // A forged position: berlin's state of earlier uploaded as porto's
+                    // snapshot claiming the stream's last sequence now. A node loads a
+                    // snapshot only to bootstrap: load it as one would, into a fresh store
+                    // (tests/snapshot_trust.rs does it on real nodes).
                     let (_, last) = stream_state(&d.ops).await.unwrap_or((0, 0));
                     let Some(name) = forge_position(d, &real, round, last).await else {
                         ledger.outcome(class, "refused");
