@@ -427,19 +427,6 @@ pub fn decode(
     Ok(ev)
 }
 
-/// The event a stream message carries, in either envelope, checked as [`decode`] does but
-/// under no limits (any size, any drift): for reading the stream's history (the last own
-/// event at start), where the deployment's limits do not matter. `None` if it is no event.
-pub fn read_any(subject: &str, payload: &[u8], prefix: &str) -> Option<ChangeEvent> {
-    let limits = EventLimits {
-        prefix: prefix.to_owned(),
-        max_doc_bytes: usize::MAX,
-        max_clock_drift_ms: u64::MAX,
-        max_envelope: ENVELOPE_LATEST,
-    };
-    decode(subject, payload, 0, &limits).ok()
-}
-
 /// The v2 body, decoded strictly: exactly its members, each at most once, versions as
 /// `[ms,c]` or `[ms,c,"node"]`.
 #[derive(Deserialize)]

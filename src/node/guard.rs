@@ -388,9 +388,18 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
     else {
         return Ok(());
     };
-    // Either envelope (v2 carries the origin in the subject only).
-    let Some(ev) = crate::event::read_any(&last.subject, &last.payload, &cfg.stream.prefix) else {
-        return Ok(()); // not an event: it is quarantined, and says nothing of the store
+    // Only a message every node applies says anything of the store. One they all
+    // quarantine (not an event, or stamped a day ahead under this node's subject by
+    // another client) must not make this store a new incarnation: that moved its
+    // `origin_seq` to the forged one and its clock to the drift bound
+    // (tests/adversary_secure.rs).
+    let Ok(ev) = crate::event::decode(
+        &last.subject,
+        &last.payload,
+        last.time_ms,
+        &shared.store.limits(),
+    ) else {
+        return Ok(());
     };
     let store = shared.store.clone();
     let store_seq = tokio::task::spawn_blocking(move || store.last_origin_seq())
