@@ -1,0 +1,1 @@
+//! Placeholder: the edgesec helper replaces this file.
