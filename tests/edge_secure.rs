@@ -10,9 +10,12 @@ mod edge_secure;
 
 use std::time::Duration;
 
-use common::nodes::{converge, start};
+use async_nats::jetstream;
+use common::acks::{self, Ack};
+use common::nodes::{converge, fingerprint, start};
 use edge_secure::*;
 use jetsync::EntityName;
+use jetsync::node::Node;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -85,4 +88,296 @@ fn assert_no_violations(edge: &SecureEdge) {
             refused.join("\n")
         );
     }
+}
+
+/// Violation lines of a server's log that name `subject`.
+fn violations(log: &std::path::Path, subject: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation") && l.contains(&format!("\"{subject}\"")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends `subject` a request as `client`: it must get no answer (refused by a permission
+/// or by an account boundary: nothing answers), within 2 s.
+async fn refused(client: &async_nats::Client, who: &str, subject: &str, body: &str) {
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subject.to_owned(), body.to_owned().into()),
+    )
+    .await;
+    if let Ok(Ok(m)) = r {
+        panic!(
+            "{who}: {subject} answered {:?}",
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+}
+
+/// Messages in `stream` of domain `domain`, read as an operator.
+async fn messages(client: &async_nats::Client, domain: &str, stream: &str) -> u64 {
+    jetstream::with_domain(client.clone(), domain)
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream} in {domain}: {e}"))
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+/// A valid-looking put event of `origin`'s, to publish raw.
+fn event_body(origin: &str, id: Uuid) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    format!(
+        r#"{{"v":1,"op":"put","entity":"orders","scope":"_","id":"{id}","origin":"{origin}","origin_seq":1,"version":{{"ms":{ms},"c":0,"node":"{origin}"}},"doc":{{"forged":true}}}}"#
+    )
+}
+
+/// A hub node, two site nodes, all converged; the operators' clients on both sides.
+struct Running {
+    edge: SecureEdge,
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+async fn running(edge: SecureEdge) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    edge.provision(Side::Hub).await;
+    edge.provision(Side::Site).await;
+    let hub = start(edge.hub_node(HUB_NODE, dir.path())).await;
+    edge.site_add().await;
+    let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
+    let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
+    let orders = entity("orders");
+    for n in [&hub, &t1, &t2] {
+        n.put(&orders, Uuid::now_v7(), json!({"by": n.node_id().as_str()}))
+            .await
+            .unwrap();
+    }
+    converge(&[&hub, &t1, &t2], &orders, CONVERGE).await;
+    Running {
+        edge,
+        nodes: vec![hub, t1, t2],
+        _dir: dir,
+    }
+}
+
+impl Running {
+    /// One more write on every node, and all three converge: the deployment still works.
+    async fn still_converges(&self, what: &str) {
+        let orders = entity("orders");
+        for n in &self.nodes {
+            n.put(&orders, Uuid::now_v7(), json!({"after": what}))
+                .await
+                .unwrap_or_else(|e| panic!("{} put after {what}: {e}", n.node_id()));
+        }
+        let all: Vec<&Node> = self.nodes.iter().collect();
+        converge(&all, &orders, CONVERGE).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_and_heal_of_the_leaf_link_lose_nothing() {
+    let r = running(SecureEdge::start(extra()).await).await;
+    let (hub, t1, t2) = (&r.nodes[0], &r.nodes[1], &r.nodes[2]);
+    let orders = entity("orders");
+    let mut acks = Vec::new();
+    let contested = Uuid::now_v7();
+
+    r.edge.cut().await;
+    for (n, tag) in [(hub, "hub"), (t1, "t1"), (t2, "t2")] {
+        for i in 0..10 {
+            let w = n
+                .put(&orders, Uuid::now_v7(), json!({"cut": tag, "i": i}))
+                .await
+                .unwrap_or_else(|e| panic!("{tag} put during the cut: {e}"));
+            acks.push(Ack::new(n.node_id().as_str(), &w, false));
+        }
+        let w = n.put(&orders, contested, json!({"at": tag})).await.unwrap();
+        acks.push(Ack::new(n.node_id().as_str(), &w, false));
+    }
+    // The site converges on its own while cut off; the hub cannot have its writes.
+    converge(&[t1, t2], &orders, CONVERGE).await;
+    assert_ne!(
+        fingerprint(hub, &orders).await,
+        fingerprint(t1, &orders).await,
+        "the hub holds the site's writes through a cut link"
+    );
+
+    r.edge.heal().await;
+    // The hub's source of the site resumes at its next retry (deploy/edge/README.md: up
+    // to ~40 s after a short cut), then the catch-up.
+    converge(&[hub, t1, t2], &orders, Duration::from_secs(120)).await;
+    let mut states = Vec::new();
+    for n in [hub, t1, t2] {
+        let (store, es) = (n.store().clone(), vec![orders.clone()]);
+        let s = tokio::task::spawn_blocking(move || acks::states(&store, &es))
+            .await
+            .unwrap();
+        states.push((n.node_id().to_string(), s));
+    }
+    acks::check(&acks, &states).assert_ok("after the heal");
+    assert_no_violations(&r.edge);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
+    let r = running(SecureEdge::start(extra()).await).await;
+    let edge = &r.edge;
+    let hub_ops = edge.connect(Side::Hub, &edge.ops(Side::Hub)).await;
+    let hub_before = messages(&hub_ops, HUB_DOMAIN, STREAM).await;
+    let site_before = messages(&hub_ops, SITE, STREAM).await;
+    let node = SITE_NODES[0];
+    let (till, errors) = edge.raw_client(Side::Site, &edge.node_auth(node)).await;
+
+    // The hub's stream admin API, its other streams, another site's stream, the site's
+    // own stream's admin API, another node's lease key in the hub, and sourcing's own
+    // subject: no answer (refused at the site server: no import, no permission).
+    for subject in [
+        "$JS.hub.API.STREAM.PURGE.JETSYNC",
+        "$JS.hub.API.STREAM.DELETE.JETSYNC",
+        "$JS.hub.API.STREAM.UPDATE.JETSYNC",
+        "$JS.hub.API.STREAM.PURGE.KV_JETSYNC_LEASES",
+        "$JS.hub.API.CONSUMER.CREATE.JETSYNC",
+        "$JS.hub.API.DIRECT.GET.KV_JETSYNC_LEASES.$KV.JETSYNC_LEASES.berlin",
+        "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",
+        "$JS.hub.API.$KV.JETSYNC_LEASES.shop42-till-2",
+        "$JS.shop43.API.STREAM.INFO.JETSYNC",
+        "$JS.shop43.API.STREAM.PURGE.JETSYNC",
+        "$JS.shop42.API.STREAM.PURGE.JETSYNC",
+        "$JS.API.STREAM.DELETE.JETSYNC",
+    ] {
+        refused(&till, node, subject, "{}").await;
+        assert!(
+            !violations(&edge.logs().1, subject).is_empty(),
+            "the site server logged no violation for {node} on {subject}"
+        );
+    }
+    // Events under a hub node's origin, or another site node's: refused at the site
+    // server, stored nowhere.
+    for origin in [HUB_NODE, SITE_NODES[1]] {
+        let subject = format!("jetsync.orders._.{origin}.{}", Uuid::now_v7());
+        let body = event_body(origin, Uuid::now_v7());
+        till.publish(subject.clone(), body.into()).await.unwrap();
+        till.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !violations(&edge.logs().1, &subject).is_empty(),
+            "{node} published {subject} without a violation"
+        );
+    }
+    assert!(
+        errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("Permissions Violation")),
+        "{node}'s client was told of no violation: {:?}",
+        errors.lock().unwrap()
+    );
+    assert_eq!(messages(&hub_ops, HUB_DOMAIN, STREAM).await, hub_before);
+    assert_eq!(messages(&hub_ops, SITE, STREAM).await, site_before);
+    // What it needs across the link works: the hub's JetStream answers its probe.
+    let info = till
+        .request("$JS.hub.API.INFO", "".into())
+        .await
+        .expect("the hub's JetStream answers a site node's probe");
+    assert!(
+        String::from_utf8_lossy(&info.payload).contains("\"domain\":\"hub\""),
+        "{:?}",
+        info.payload
+    );
+    r.still_converges("a site node's attempts").await;
+}
+
+/// The site's operator widens its own server's config (its OPS account imports the whole
+/// `$JS.hub.API.>` from the account the leaf link carries, and JETSYNC exports it): the
+/// hub's permissions on the link user still refuse everything beyond sourcing and the
+/// site nodes' lease keys. The same for the hub's side: a hub node user reaches nothing
+/// of the site, and even the hub's operator only what `site add`/`site status` use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaf_link_carries_sourcing_and_site_leases_only_whatever_the_site_config() {
+    let widen = |t: String| {
+        let exports = "      # the site's operators: everything on this server\n";
+        let imports = "      { stream: { account: JETSYNC, subject: \"_INBOX_ops.>\" } }\n";
+        assert!(t.contains(exports) && t.contains(imports));
+        t.replacen(
+            exports,
+            &format!("      {{ service: \"$JS.hub.API.>\", accounts: [OPS] }}\n{exports}"),
+            1,
+        )
+        .replacen(
+            imports,
+            &format!(
+                "{imports}      {{ service: {{ account: JETSYNC, subject: \"$JS.hub.API.>\" }} }}\n"
+            ),
+            1,
+        )
+    };
+    let r = running(SecureEdge::start_patched(extra(), widen).await).await;
+    let edge = &r.edge;
+    let (hub_log, _) = edge.logs();
+    let hub_ops = edge.connect(Side::Hub, &edge.ops(Side::Hub)).await;
+    let hub_before = messages(&hub_ops, HUB_DOMAIN, STREAM).await;
+    let site_before = messages(&hub_ops, SITE, STREAM).await;
+    let rogue = edge.connect(Side::Site, &edge.ops(Side::Site)).await;
+
+    // The path is there: what the link grants answers.
+    let info = rogue
+        .request("$JS.hub.API.INFO", "".into())
+        .await
+        .expect("the widened site ops reaches the hub's JetStream probe");
+    assert!(String::from_utf8_lossy(&info.payload).contains("\"domain\":\"hub\""));
+    // Everything else is refused on the link: the hub told the site server its link
+    // user's permissions and the site server does not forward the rest (nothing arrives
+    // at the hub, nothing answers); a site server that did would have its link closed by
+    // the hub (nats-server `leafPermViolation`).
+    for subject in [
+        "$JS.hub.API.STREAM.PURGE.JETSYNC",
+        "$JS.hub.API.STREAM.DELETE.JETSYNC",
+        "$JS.hub.API.STREAM.UPDATE.JETSYNC",
+        "$JS.hub.API.STREAM.MSG.GET.JETSYNC",
+        "$JS.hub.API.STREAM.PURGE.KV_JETSYNC_LEASES",
+        "$JS.hub.API.STREAM.DELETE.OBJ_JETSYNC_SNAPSHOTS",
+        "$JS.hub.API.CONSUMER.DELETE.JETSYNC.jetsync_berlin",
+        "$JS.hub.API.DIRECT.GET.KV_JETSYNC_LEASES.$KV.JETSYNC_LEASES.berlin",
+        "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",
+    ] {
+        refused(&rogue, "the widened site ops", subject, "{}").await;
+    }
+    // A hub node's user reaches nothing of the site (no import, no permission).
+    let (berlin, _) = edge
+        .raw_client(Side::Hub, &edge.node_auth(HUB_NODE))
+        .await;
+    for subject in [
+        "$JS.shop42.API.STREAM.INFO.JETSYNC",
+        "$JS.shop42.API.STREAM.PURGE.JETSYNC",
+        "$JS.shop42.API.CONSUMER.CREATE.JETSYNC",
+    ] {
+        refused(&berlin, HUB_NODE, subject, "{}").await;
+        assert!(
+            !violations(&hub_log, subject).is_empty(),
+            "the hub logged no violation for {HUB_NODE} on {subject}"
+        );
+    }
+    // The hub's operator reaches the site only for `site add` and `site status`.
+    for subject in [
+        "$JS.shop42.API.STREAM.PURGE.JETSYNC",
+        "$JS.shop42.API.STREAM.DELETE.JETSYNC",
+        "$JS.shop42.API.STREAM.PURGE.KV_JETSYNC_LEASES",
+    ] {
+        refused(&hub_ops, "the hub's ops", subject, "{}").await;
+    }
+    // The link stayed up throughout: nothing was refused by closing it.
+    edge.wait_linked(true, Duration::from_secs(1)).await;
+    assert_eq!(messages(&hub_ops, HUB_DOMAIN, STREAM).await, hub_before);
+    assert_eq!(messages(&hub_ops, SITE, STREAM).await, site_before);
+    r.still_converges("the widened site's attempts").await;
 }

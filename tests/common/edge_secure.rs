@@ -99,6 +99,12 @@ impl SecureEdge {
     /// (its leaf remote through a proxy), waits for the leaf link. `extra` is appended to
     /// both configs (e.g. `trace: true` while measuring).
     pub async fn start(extra: &str) -> SecureEdge {
+        Self::start_patched(extra, |t| t).await
+    }
+
+    /// As [`SecureEdge::start`], with `patch` applied to the site's config text (a site
+    /// operator who widened their own server's config).
+    pub async fn start_patched(extra: &str, patch: impl FnOnce(String) -> String) -> SecureEdge {
         let dir = tempfile::tempdir().unwrap();
         let tls = dir.path().join("tls");
         let ca = make_tls(&tls);
@@ -133,6 +139,7 @@ impl SecureEdge {
                 proxy.port()
             ),
         );
+        let site_text = patch(site_text);
         let site_conf = dir.path().join("site.conf");
         std::fs::write(&site_conf, format!("{site_text}\n{extra}\n")).unwrap();
         let site = tokio::task::block_in_place(|| {
