@@ -43,7 +43,14 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
     edge.provision(Side::Hub).await;
     edge.provision(Side::Site).await;
     let hub = start(edge.hub_node(HUB_NODE, dir.path())).await;
-    eprintln!("site add: {:?}", edge.site_add().await);
+    // `jetsync site add` as the hub's operator, from the deploy file.
+    let out = edge.site_cli("add").await;
+    assert!(
+        out.status.success(),
+        "jetsync site add as the hub's ops: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
     let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
     let all = [&hub, &t1, &t2];
@@ -56,7 +63,16 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
     }
     converge(&all, &orders, CONVERGE).await;
 
-    // `site status` as the hub's operator: both streams, both sources, no problem.
+    // `jetsync site status` as the hub's operator: exit code 0, no problem.
+    let out = edge.site_cli("status").await;
+    assert!(
+        out.status.success(),
+        "jetsync site status as the hub's ops: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same through the library: both streams, both sources, the site's newest event
+    // at the hub.
     let ops = edge.connect(Side::Hub, &edge.ops(Side::Hub)).await;
     let status = jetsync::site::status(&ops, &edge.spec())
         .await
@@ -70,8 +86,13 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
     assert!(newest.at_hub, "{newest:?}");
     // The hub's viewer has no JetStream at all: `site status` tells it nothing.
     let viewer = edge.connect(Side::Hub, &edge.viewer(Side::Hub)).await;
-    let seen = jetsync::site::status(&viewer, &edge.spec()).await;
-    eprintln!("site status as the hub's viewer: {seen:?}");
+    let seen = jetsync::site::status(&viewer, &edge.spec())
+        .await
+        .expect("site status as the hub's viewer answers");
+    assert!(
+        !seen.site_stream.exists && !seen.hub_stream.exists && !seen.problems.is_empty(),
+        "the hub's viewer read a stream: {seen:?}"
+    );
     assert_no_violations(&edge);
 }
 
@@ -353,9 +374,7 @@ async fn the_leaf_link_carries_sourcing_and_site_leases_only_whatever_the_site_c
         refused(&rogue, "the widened site ops", subject, "{}").await;
     }
     // A hub node's user reaches nothing of the site (no import, no permission).
-    let (berlin, _) = edge
-        .raw_client(Side::Hub, &edge.node_auth(HUB_NODE))
-        .await;
+    let (berlin, _) = edge.raw_client(Side::Hub, &edge.node_auth(HUB_NODE)).await;
     for subject in [
         "$JS.shop42.API.STREAM.INFO.JETSYNC",
         "$JS.shop42.API.STREAM.PURGE.JETSYNC",

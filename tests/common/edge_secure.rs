@@ -356,6 +356,53 @@ impl SecureEdge {
         }
     }
 
+    /// `jetsync site <cmd>` (the CLI) as the hub's operator, from
+    /// `deploy/edge-secure/site-shop42-ops.toml` (the hub's address, the CA and the
+    /// stream's byte limit adapted), against the hub server. `add` is retried a while: a
+    /// leaf link that just came up may not carry the site's JetStream API yet.
+    pub async fn site_cli(&self, cmd: &str) -> std::process::Output {
+        let text = std::fs::read_to_string(deploy("site-shop42-ops.toml"))
+            .expect("read deploy/edge-secure/site-shop42-ops.toml");
+        for from in [
+            "tls://hub.example.internal:4222",
+            "/etc/jetsync/ca.pem",
+            "max_bytes = 10737418240",
+        ] {
+            assert!(text.contains(from), "site-shop42-ops.toml has no {from}");
+        }
+        let text = text
+            .replace("tls://hub.example.internal:4222", &self.url(Side::Hub))
+            .replace("/etc/jetsync/ca.pem", &self.ca.display().to_string())
+            .replace(
+                "max_bytes = 10737418240",
+                &format!("max_bytes = {STREAM_MAX_BYTES}"),
+            );
+        let path = self.dir.path().join("site-shop42-ops.toml");
+        std::fs::write(&path, text).unwrap();
+        let start = Instant::now();
+        loop {
+            let path = path.clone();
+            let cmd_owned = cmd.to_owned();
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_jetsync"))
+                    .args(["site", &cmd_owned, "--config"])
+                    .arg(&path)
+                    .output()
+                    .expect("run jetsync")
+            })
+            .await
+            .unwrap();
+            if out.status.success() || cmd != "add" || start.elapsed() > Duration::from_secs(15) {
+                return out;
+            }
+            eprintln!(
+                "jetsync site add: {}; retrying",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     pub async fn connect(&self, side: Side, auth: &NatsAuth) -> async_nats::Client {
         self.raw_client(side, auth).await.0
     }
