@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::acks::{self, Ack};
-use common::nodes::{converge, fingerprint, start};
+use common::nodes::{converge, fingerprint, start, stream_state, wait_for};
 use edge_secure::*;
 use jetsync::EntityName;
 use jetsync::node::Node;
+use jetsync::stream::Retention;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -399,4 +400,108 @@ async fn the_leaf_link_carries_sourcing_and_site_leases_only_whatever_the_site_c
     assert_eq!(messages(&hub_ops, HUB_DOMAIN, STREAM).await, hub_before);
     assert_eq!(messages(&hub_ops, SITE, STREAM).await, site_before);
     r.still_converges("the widened site's attempts").await;
+}
+
+/// A site cut off longer than the hub stream's retention fills the gap from a hub
+/// snapshot, read across the link with the site node's own credentials (the hub's
+/// snapshot bucket's info, consumers and deliveries to the node's inbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
+    let edge = SecureEdge::start(extra()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let orders = entity("orders");
+    let mut hc = edge.hub_node(HUB_NODE, dir.path());
+    hc.stream.retention = Retention::Limits {
+        max_age: Duration::from_secs(3),
+        max_bytes: STREAM_MAX_BYTES,
+        max_msgs: 0,
+    };
+    hc.stream.duplicate_window = Duration::from_secs(1);
+    edge.provision_as(Side::Hub, &hc).await;
+    edge.provision(Side::Site).await;
+    let h = start(hc).await;
+    edge.site_add().await;
+    let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
+    let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
+    let mut acks = Vec::new();
+    let mut put = async |n: &Node, doc: serde_json::Value| {
+        let w = n
+            .put(&orders, Uuid::now_v7(), doc)
+            .await
+            .unwrap_or_else(|e| panic!("{} put: {e}", n.node_id()));
+        acks.push(Ack::new(n.node_id().as_str(), &w, false));
+    };
+    for i in 0..5 {
+        put(&h, json!({"h": i})).await;
+        put(&t1, json!({"t1": i})).await;
+    }
+    converge(&[&h, &t1, &t2], &orders, CONVERGE).await;
+
+    edge.cut().await;
+    for i in 0..20 {
+        put(&h, json!({"h-cut": i})).await;
+    }
+    for i in 0..5 {
+        put(&t2, json!({"t2-cut": i})).await;
+    }
+    let ops = edge.connect(Side::Hub, &edge.ops(Side::Hub)).await;
+    let js = jetstream::new(ops);
+    let (_, last_cut) = stream_state(&js).await.unwrap();
+    wait_for(
+        "the hub to trim the events the site missed",
+        Duration::from_secs(15),
+        || {
+            let js = js.clone();
+            async move {
+                let (first, _) = stream_state(&js).await?;
+                if first > last_cut {
+                    Ok(())
+                } else {
+                    Err(format!("first sequence {first}, the cut's last {last_cut}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    edge.heal().await;
+    put(&h, json!({"after": "heal"})).await;
+    for n in [&t1, &t2] {
+        wait_for(
+            "the upstream gap in the status",
+            Duration::from_secs(90),
+            || async {
+                let s = n.status().await.map_err(|e| e.to_string())?;
+                match (&s.upstream_gap, &s.halted) {
+                    (Some(g), None) if g.to <= last_cut => Ok(()),
+                    other => Err(format!("{} (gap, halt): {other:?}", s.node)),
+                }
+            },
+        )
+        .await;
+    }
+    let snap = h.snapshot().await.expect("hub snapshot");
+    converge(&[&h, &t1, &t2], &orders, Duration::from_secs(90)).await;
+    for n in [&t1, &t2] {
+        let s = n.status().await.unwrap();
+        let b = s
+            .bootstrapped
+            .unwrap_or_else(|| panic!("{} converged without merging a hub snapshot", s.node));
+        assert_eq!(
+            b.snapshot, snap.meta.name,
+            "{} merged another snapshot",
+            s.node
+        );
+        assert_eq!(s.upstream_gap, None, "{}: the gap is still pending", s.node);
+    }
+    let mut states = Vec::new();
+    for n in [&h, &t1, &t2] {
+        let (store, es) = (n.store().clone(), vec![orders.clone()]);
+        let s = tokio::task::spawn_blocking(move || acks::states(&store, &es))
+            .await
+            .unwrap();
+        states.push((n.node_id().to_string(), s));
+    }
+    acks::check(&acks, &states).assert_ok("after the heal");
+    assert_no_violations(&edge);
 }

@@ -283,12 +283,17 @@ impl SecureEdge {
     /// accounts may not create streams. The site's stream is created by `site add`
     /// instead (it needs the hub's limits and source).
     pub async fn provision(&self, side: Side) {
-        let ops = self.connect(side, &self.ops(side)).await;
-        let js = jetstream::new(ops);
         let config = match side {
             Side::Hub => self.hub_node(HUB_NODE, Path::new("/nonexistent")),
             Side::Site => self.site_node(SITE_NODES[0], Path::new("/nonexistent")),
         };
+        self.provision_as(side, &config).await;
+    }
+
+    /// As [`SecureEdge::provision`], the stream as `config` has it.
+    pub async fn provision_as(&self, side: Side, config: &NodeConfig) {
+        let ops = self.connect(side, &self.ops(side)).await;
+        let js = jetstream::new(ops);
         if side == Side::Hub {
             let pin = DeploymentLimits {
                 max_doc_bytes: config.store.max_doc_bytes,
