@@ -15,6 +15,7 @@ use common::acks::{self, Ack};
 use common::nodes::{converge, fingerprint, start, stream_state, wait_for};
 use edge_secure::*;
 use jetsync::EntityName;
+use jetsync::api::ApiClient;
 use jetsync::node::Node;
 use jetsync::stream::Retention;
 use serde_json::json;
@@ -93,6 +94,30 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
     assert!(
         !seen.site_stream.exists && !seen.hub_stream.exists && !seen.problems.is_empty(),
         "the hub's viewer read a stream: {seen:?}"
+    );
+    // The site's viewer reads a site node's status, its link to the hub included, and
+    // can change nothing.
+    let site_viewer = edge.connect(Side::Site, &edge.viewer(Side::Site)).await;
+    let ro = ApiClient::new(site_viewer, "jetsync").with_timeout(Duration::from_secs(3));
+    let st = ro
+        .call(SITE_NODES[0], "status", json!({}))
+        .await
+        .expect("the site's viewer reads a site node's status");
+    assert_eq!(
+        st["site_link"]["up"],
+        json!(true),
+        "site_link as the site's viewer sees it: {}",
+        st["site_link"]
+    );
+    assert!(
+        ro.call(
+            SITE_NODES[0],
+            "put",
+            json!({"entity": "orders", "id": Uuid::now_v7(), "doc": {"x": 1}})
+        )
+        .await
+        .is_err(),
+        "the site's viewer wrote through a site node"
     );
     assert_no_violations(&edge);
 }
@@ -267,6 +292,8 @@ async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
         "$JS.hub.API.STREAM.DELETE.JETSYNC",
         "$JS.hub.API.STREAM.UPDATE.JETSYNC",
         "$JS.hub.API.STREAM.PURGE.KV_JETSYNC_LEASES",
+        "$JS.hub.API.STREAM.PURGE.OBJ_JETSYNC_SNAPSHOTS",
+        "$JS.hub.API.CONSUMER.DELETE.OBJ_JETSYNC_SNAPSHOTS.x",
         "$JS.hub.API.CONSUMER.CREATE.JETSYNC",
         "$JS.hub.API.DIRECT.GET.KV_JETSYNC_LEASES.$KV.JETSYNC_LEASES.berlin",
         "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",
