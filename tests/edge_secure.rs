@@ -510,16 +510,19 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
     let snap = h.snapshot().await.expect("hub snapshot");
     converge(&[&h, &t1, &t2], &orders, Duration::from_secs(90)).await;
     for n in [&t1, &t2] {
-        let s = n.status().await.unwrap();
-        let b = s
-            .bootstrapped
-            .unwrap_or_else(|| panic!("{} converged without merging a hub snapshot", s.node));
-        assert_eq!(
-            b.snapshot, snap.meta.name,
-            "{} merged another snapshot",
-            s.node
-        );
-        assert_eq!(s.upstream_gap, None, "{}: the gap is still pending", s.node);
+        // The store holds the merge before the status records it: wait for the record.
+        wait_for(
+            "the site node's status to record the hub snapshot merge",
+            Duration::from_secs(10),
+            || async {
+                let s = n.status().await.map_err(|e| e.to_string())?;
+                match (&s.bootstrapped, &s.upstream_gap) {
+                    (Some(b), None) if b.snapshot == snap.meta.name => Ok(()),
+                    other => Err(format!("{} (bootstrapped, gap): {other:?}", s.node)),
+                }
+            },
+        )
+        .await;
     }
     let mut states = Vec::new();
     for n in [&h, &t1, &t2] {
