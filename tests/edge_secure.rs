@@ -331,8 +331,48 @@ async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
         "{node}'s client was told of no violation: {:?}",
         errors.lock().unwrap()
     );
+    // Relays: what it may ask the hub, with a reply subject of its choosing (the hub's
+    // stream admin API, a hub node's event subject). The answers come back through the
+    // server's `_R_` mapping into its own account, where those subjects lead nowhere
+    // (issue 27: an empty direct-get answer is a valid STREAM.DELETE request).
+    for (subject, reply) in [
+        (
+            "$JS.hub.API.INFO",
+            "$JS.hub.API.STREAM.PURGE.JETSYNC".to_owned(),
+        ),
+        (
+            "$JS.hub.API.DIRECT.GET.OBJ_JETSYNC_SNAPSHOTS.$O.JETSYNC_SNAPSHOTS.M.none",
+            "$JS.hub.API.STREAM.DELETE.JETSYNC".to_owned(),
+        ),
+        (
+            "$JS.hub.API.STREAM.INFO.JETSYNC",
+            format!("jetsync.orders._.{HUB_NODE}.{}", Uuid::now_v7()),
+        ),
+        (
+            "$JS.hub.API.STREAM.INFO.KV_JETSYNC_LEASES",
+            format!("$JS.hub.API.$KV.JETSYNC_LEASES.{HUB_NODE}"),
+        ),
+    ] {
+        till.publish_with_reply(subject, reply, "".into())
+            .await
+            .unwrap();
+    }
+    till.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(messages(&hub_ops, HUB_DOMAIN, STREAM).await, hub_before);
     assert_eq!(messages(&hub_ops, SITE, STREAM).await, site_before);
+    let berlin_lease = jetstream::new(hub_ops.clone())
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("the hub's lease bucket")
+        .get(HUB_NODE)
+        .await
+        .expect("berlin's lease key");
+    assert!(
+        berlin_lease
+            .is_some_and(|v| !v.is_empty() && String::from_utf8_lossy(&v).contains("berlin")),
+        "berlin's lease entry in the hub was overwritten"
+    );
     // What it needs across the link works: the hub's JetStream answers its probe.
     let info = till
         .request("$JS.hub.API.INFO", "".into())
