@@ -2,8 +2,9 @@
 //! (`hub.conf`, `site.conf`): TLS everywhere (a CA and a server certificate for
 //! 127.0.0.1 generated here), one NATS account per node on each server, the site's leaf
 //! link authenticated as the hub's `leaf-shop42` user and run through a [`Proxy`] so a
-//! test can cut it. Streams and buckets are provisioned by the operators of each side, as
-//! the README there says. Included by tests/edge_secure.rs with `#[path]`.
+//! test can cut it; nodes configured from the node configs there, `jetsync site` run from
+//! `site-shop42-ops.toml`. Streams and buckets are provisioned by the operators of each
+//! side, as the README there says. Included by tests/edge_secure.rs with `#[path]`.
 
 #![allow(dead_code)]
 
@@ -20,7 +21,7 @@ use jetsync::site::{self, SiteSpec, Upstream};
 use jetsync::stream::{DeploymentLimits, Retention};
 use tempfile::TempDir;
 
-use super::common::nodes::{node_config, wait_for};
+use super::common::nodes::wait_for;
 use super::common::proxy::Proxy;
 
 pub const HUB_DOMAIN: &str = "hub";
@@ -245,11 +246,42 @@ impl SecureEdge {
         }
     }
 
-    /// The hub's node.
+    /// A node config from `deploy/edge-secure/<file>` as written (its id replaced by
+    /// `name`), adapted: the server addresses, the CA, the data dir under `dir`, the
+    /// stream's byte limit.
+    fn deploy_node(&self, file: &str, id: &str, name: &str, dir: &Path) -> NodeConfig {
+        let text = std::fs::read_to_string(deploy(file))
+            .unwrap_or_else(|e| panic!("read deploy/edge-secure/{file}: {e}"));
+        for from in [
+            "/etc/jetsync/ca.pem",
+            "/var/lib/jetsync",
+            "max_bytes = 10737418240",
+        ] {
+            assert!(text.contains(from), "{file} has no {from}");
+        }
+        let text = text
+            .replace("tls://hub.example.internal:4222", &self.url(Side::Hub))
+            .replace("tls://127.0.0.1:4222", &self.url(Side::Site))
+            .replace("/etc/jetsync/ca.pem", &self.ca.display().to_string())
+            .replace(
+                "\"/var/lib/jetsync\"",
+                &format!("{:?}", dir.join(name).display().to_string()),
+            )
+            .replace(
+                "max_bytes = 10737418240",
+                &format!("max_bytes = {STREAM_MAX_BYTES}"),
+            )
+            .replace(id, name);
+        let file = jetsync::config::FileConfig::parse(&text)
+            .unwrap_or_else(|e| panic!("deploy/edge-secure/{file} parses: {e}"));
+        file.into_node_config(jetsync::config::Overrides::default())
+            .unwrap_or_else(|e| panic!("deploy/edge-secure node config for {name}: {e}"))
+    }
+
+    /// The hub's node, from `node-berlin.toml`.
     pub fn hub_node(&self, name: &str, dir: &Path) -> NodeConfig {
-        let mut c = node_config(name, dir, &self.url(Side::Hub));
-        c.nats_auth = self.node_auth(name);
-        c.stream.retention = Self::retention();
+        let c = self.deploy_node("node-berlin.toml", "berlin", name, dir);
+        assert_eq!(c.stream.retention, Self::retention());
         c
     }
 
@@ -261,13 +293,11 @@ impl SecureEdge {
         }
     }
 
-    /// A node at the site, following the site stream.
+    /// A node at the site, following the site stream, from `node-shop42-till-1.toml`.
     pub fn site_node(&self, name: &str, dir: &Path) -> NodeConfig {
-        let mut c = node_config(name, dir, &self.url(Side::Site));
-        c.nats_auth = self.node_auth(name);
-        c.stream.retention = Self::retention();
-        c.stream.domain = Some(SITE.into());
-        c.stream.upstream = Some(Self::upstream());
+        let c = self.deploy_node("node-shop42-till-1.toml", "shop42-till-1", name, dir);
+        assert_eq!(c.stream.domain.as_deref(), Some(SITE));
+        assert_eq!(c.stream.upstream, Some(Self::upstream()));
         c
     }
 
