@@ -373,6 +373,22 @@ async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
             .is_some_and(|v| !v.is_empty() && String::from_utf8_lossy(&v).contains("berlin")),
         "berlin's lease entry in the hub was overwritten"
     );
+    // The site's other users reach nothing in the hub: its operator (everything on the
+    // site server) and its viewer import no `$JS.hub.API` at all.
+    for (who, auth) in [
+        ("the site's ops", edge.ops(Side::Site)),
+        ("the site's viewer", edge.viewer(Side::Site)),
+    ] {
+        let c = edge.connect(Side::Site, &auth).await;
+        for subject in [
+            "$JS.hub.API.INFO",
+            "$JS.hub.API.STREAM.INFO.JETSYNC",
+            "$JS.hub.API.STREAM.PURGE.JETSYNC",
+            "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",
+        ] {
+            refused(&c, who, subject, "{}").await;
+        }
+    }
     // What it needs across the link works: the hub's JetStream answers its probe.
     let info = till
         .request("$JS.hub.API.INFO", "".into())
