@@ -433,6 +433,23 @@ async fn the_leaf_link_carries_sourcing_and_site_leases_only_whatever_the_site_c
     let hub_before = messages(&hub_ops, HUB_DOMAIN, STREAM).await;
     let site_before = messages(&hub_ops, SITE, STREAM).await;
     let rogue = edge.connect(Side::Site, &edge.ops(Side::Site)).await;
+    // The link's credentials are for a leaf node connection only.
+    let link_user = async_nats::ConnectOptions::with_user_and_password(
+        "leaf-shop42".into(),
+        "change-me-leaf-shop42".into(),
+    )
+    .add_root_certificates(edge.ca.clone())
+    .require_tls(true)
+    .connect(edge.url(Side::Hub))
+    .await;
+    let refused_login = link_user
+        .err()
+        .map(|e| e.to_string())
+        .expect("a client logged in to the hub with the leaf link's credentials");
+    assert!(
+        refused_login.to_lowercase().contains("authorization"),
+        "the leaf link's credentials were refused to a client, but not by authorization: {refused_login}"
+    );
 
     // The path is there: what the link grants answers.
     let info = rogue
