@@ -3,6 +3,21 @@
 //! each server, the leaf link bound to the JetStream accounts under the hub's
 //! `leaf-shop42` user, streams provisioned by the operators, the site by `site add` as
 //! the hub's ops): `common/edge_secure.rs`.
+//!
+//! - a hub node and two site nodes converge both ways; `jetsync site add`/`status` work as
+//!   the hub's ops, the hub's viewer reads no stream, the site's viewer reads a site
+//!   node's link; no server logs a permissions violation;
+//! - a cut of the leaf link and its heal lose no acknowledged write;
+//! - a site cut off past the hub's retention fills the gap from a hub snapshot, read
+//!   across the link with the site node's own credentials;
+//! - a site node reaches nothing of the hub beyond its lease, the probe, the hub stream's
+//!   info and snapshot reads (admin API, other keys, other domains, other origins, relays);
+//! - with the site's own config widened, the link user's permissions still stop all but
+//!   sourcing and the site nodes' needs; hub node users reach nothing of the site.
+//!
+//! Every wait is bounded and says what did not happen. `JETSYNC_EDGESEC_LOGS=<dir>`
+//! turns on `trace` in both servers and keeps their logs there (deploy/edge-secure/README.md,
+//! "What crosses the link").
 
 mod common;
 #[path = "common/edge_secure.rs"]
