@@ -22,6 +22,16 @@ pub fn bucket_of(id: &Uuid) -> usize {
     (xxh3_64(id.as_bytes()) & 0xff) as usize
 }
 
+/// Cells per bucket: anti-entropy narrows a bucket whose hashes differ to its cells
+/// before fetching record states (a hash tree one level deeper than the digest).
+pub const CELLS_PER_BUCKET: usize = 256;
+
+/// The cell a record id falls in: `bucket | sub << 8`, the low 16 bits of the same
+/// hash [`bucket_of`] takes its low 8 bits from, so `cell_of(id) & 0xff == bucket_of(id)`.
+pub fn cell_of(id: &Uuid) -> u16 {
+    (xxh3_64(id.as_bytes()) & 0xffff) as u16
+}
+
 /// The hash a live winner contributes.
 pub fn leaf_hash(id: &Uuid, leaf: &Leaf) -> u128 {
     let mut h = Xxh3::new();

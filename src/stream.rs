@@ -331,7 +331,10 @@ impl StreamSettings {
     fn conflicts(&self, existing: &stream::Config) -> Vec<String> {
         let want = self.config();
         let mut out = Vec::new();
-        if !existing.subjects.iter().any(|s| s == &want.subjects[0]) {
+        // The ingress layout: the stream captures nothing itself and sources every node's
+        // ingress stream (which node's must be among them is `provision_node`'s check).
+        let ingress = existing.subjects.is_empty() && !self.ingress_sources(existing).is_empty();
+        if !ingress && !existing.subjects.iter().any(|s| s == &want.subjects[0]) {
             out.push(format!(
                 "subjects {:?} do not include {:?}",
                 existing.subjects, want.subjects[0]
@@ -396,6 +399,256 @@ impl StreamSettings {
         }
         out
     }
+}
+
+/// The ingress layout (the secure deployment): each node publishes into its own stream
+/// `<stream>_IN_<node>`, which captures only that node's event subjects and refuses new
+/// messages beyond the node's byte quota (`discard: new`); the main stream captures no
+/// subject and sources every ingress stream. Nodes consume the main stream as in the
+/// plain layout. A flood by one node fills only its own ingress: the main stream's byte
+/// limit is never reached through it if `max_bytes >= 2 * sum(quotas)` (see
+/// deploy/secure/README.md), so no other node's events are discarded.
+impl StreamSettings {
+    /// The ingress stream of `node`: `<stream>_IN_<node>`.
+    pub fn ingress_name(&self, node: &str) -> String {
+        format!("{}{INGRESS_INFIX}{node}", self.name)
+    }
+
+    /// The subjects `node`'s ingress stream captures: the node's own events,
+    /// `<prefix>.<entity>.<scope>.<node>.<id>` (an edge site's imports, `<prefix>_in.…`,
+    /// come in through the site stream's upstream source, never through an ingress).
+    pub fn ingress_subject(&self, node: &str) -> String {
+        format!("{}.*.*.{node}.>", self.prefix)
+    }
+
+    /// The config of `node`'s ingress stream with a quota of `quota_bytes`: the main
+    /// stream's storage, replicas, age limit, per-subject limit and duplicate window,
+    /// and `discard: new`, so a full ingress refuses its own node's publishes (the
+    /// outbox keeps them and retries) instead of dropping anything stored.
+    pub fn ingress_config(&self, node: &str, quota_bytes: i64) -> stream::Config {
+        let main = self.config();
+        stream::Config {
+            name: self.ingress_name(node),
+            description: Some(format!(
+                "jetsync: node {node}'s events, sourced by {}",
+                self.name
+            )),
+            subjects: vec![self.ingress_subject(node)],
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age: main.max_age,
+            max_bytes: if quota_bytes <= 0 { -1 } else { quota_bytes },
+            max_messages_per_subject: main.max_messages_per_subject,
+            discard: stream::DiscardPolicy::New,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// The main stream's config in the ingress layout: no subjects, sourcing the ingress
+    /// streams of `nodes` (and the upstream of an edge site, if any).
+    pub fn ingress_main_config<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a str>,
+    ) -> stream::Config {
+        let mut config = self.config();
+        config.subjects = Vec::new();
+        let mut sources = config.sources.take().unwrap_or_default();
+        sources.extend(nodes.into_iter().map(|n| stream::Source {
+            name: self.ingress_name(n),
+            ..Default::default()
+        }));
+        config.sources = Some(sources);
+        config
+    }
+
+    /// The ingress streams `existing` (the main stream's config) sources, by node.
+    pub fn ingress_sources(&self, existing: &stream::Config) -> Vec<String> {
+        let infix = format!("{}{INGRESS_INFIX}", self.name);
+        existing
+            .sources
+            .iter()
+            .flatten()
+            .filter(|s| s.external.is_none())
+            .filter_map(|s| s.name.strip_prefix(&infix))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Between the main stream's name and a node id in an ingress stream's name.
+const INGRESS_INFIX: &str = "_IN_";
+
+/// One node of the ingress layout and what it may fill.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeQuota {
+    /// The node.
+    pub node: crate::ids::NodeId,
+    /// Its ingress stream's `max_bytes` (0: unlimited; do not, in a shared deployment).
+    pub ingress_bytes: i64,
+    /// Its snapshot bucket's `max_bytes` (0: unlimited).
+    pub snapshot_bytes: i64,
+    /// Its snapshot bucket's `max_consumers` (object reads at once, by every node; 0:
+    /// unlimited).
+    pub snapshot_consumers: i32,
+}
+
+/// The operator's provisioning of the ingress layout (the secure deployment; see
+/// [`StreamSettings::ingress_name`]): creates or updates each node's ingress stream and
+/// snapshot bucket with its quotas, and the main stream (with `pin` in its metadata when
+/// it creates it) sourcing every ingress. Idempotent: run it again with the longer list
+/// to add a node (sources of nodes missing from `nodes` are kept: removing a node is a
+/// deliberate edit of the stream). A main stream of the plain layout (capturing
+/// `<prefix>.>` itself) is converted: its subjects are dropped first, since an ingress
+/// stream may not overlap them; events stored so far stay.
+pub async fn provision_ingress(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    nodes: &[NodeQuota],
+    pin: Option<DeploymentLimits>,
+) -> Result<Provisioned, StreamError> {
+    settings.validate()?;
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let names: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
+    if settings.config().max_age.is_zero() {
+        tracing::warn!(stream = %settings.name,
+            "ingress streams without max_age free no space by themselves: a node that has published its quota is refused until its ingress is purged or its quota raised");
+    }
+    let main = match js.get_stream(&settings.name).await {
+        Ok(mut s) => {
+            let existing = s.info().await.map_err(|e| nats(&e))?.config.clone();
+            let conflicts: Vec<String> = settings
+                .conflicts(&existing)
+                .into_iter()
+                .filter(|c| !c.starts_with("subjects "))
+                .collect();
+            if !conflicts.is_empty() {
+                return Err(StreamError::Conflict {
+                    name: settings.name.clone(),
+                    detail: conflicts.join("; "),
+                });
+            }
+            let mut config = existing.clone();
+            config.subjects = Vec::new();
+            let mut sources = config.sources.take().unwrap_or_default();
+            let have = settings.ingress_sources(&existing);
+            for n in &names {
+                if !have.iter().any(|h| h == n) {
+                    sources.push(stream::Source {
+                        name: settings.ingress_name(n),
+                        ..Default::default()
+                    });
+                }
+            }
+            config.sources = Some(sources);
+            if config != existing {
+                js.update_stream(config).await.map_err(|e| nats(&e))?;
+            }
+            s
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            let mut config = settings.ingress_main_config(names.iter().copied());
+            if let Some(pin) = pin {
+                pin.write_metadata(&mut config.metadata);
+            }
+            js.create_stream(config).await.map_err(|e| nats(&e))?
+        }
+        Err(e) => return Err(nats(&e)),
+    };
+    drop(main);
+    for n in nodes {
+        let want = settings.ingress_config(n.node.as_str(), n.ingress_bytes);
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let existing = s.info().await.map_err(|e| nats(&e))?.config.clone();
+                let mut config = existing.clone();
+                config.subjects = want.subjects.clone();
+                config.max_bytes = want.max_bytes;
+                config.max_age = want.max_age;
+                config.discard = want.discard;
+                config.duplicate_window = want.duplicate_window;
+                config.max_messages_per_subject = want.max_messages_per_subject;
+                if config != existing {
+                    js.update_stream(config).await.map_err(|e| nats(&e))?;
+                }
+            }
+            Err(_) => {
+                js.create_stream(want).await.map_err(|e| nats(&e))?;
+            }
+        }
+        crate::snapshot::provision_node_bucket(
+            js,
+            settings,
+            &n.node,
+            n.snapshot_bytes,
+            n.snapshot_consumers,
+        )
+        .await
+        .map_err(|e| nats(&e))?;
+    }
+    provision(js, settings, pin).await
+}
+
+/// A node's [`provision`]: also, in the ingress layout, checks that the main stream
+/// sources this node's ingress stream and that the ingress captures the node's event
+/// subjects. A node whose ingress is not sourced must not start: its writes would be
+/// acknowledged and reach no one.
+pub async fn provision_node(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    node: &str,
+    pin: Option<DeploymentLimits>,
+) -> Result<Provisioned, StreamError> {
+    let provisioned = provision(js, settings, pin).await?;
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats(e.to_string());
+    let mut main = js.get_stream(&settings.name).await.map_err(|e| nats(&e))?;
+    let config = main.info().await.map_err(|e| nats(&e))?.config.clone();
+    let sourced = settings.ingress_sources(&config);
+    if !config.subjects.is_empty() && sourced.is_empty() {
+        return Ok(provisioned); // the plain layout: the stream captures the events itself
+    }
+    let ingress = settings.ingress_name(node);
+    if !sourced.iter().any(|n| n == node) {
+        return Err(StreamError::Conflict {
+            name: settings.name.clone(),
+            detail: format!(
+                "it sources the ingress streams of {sourced:?} but not {ingress:?}: this node's events would reach no one; the operator adds the node (stream::provision_ingress)"
+            ),
+        });
+    }
+    let conflict = |detail: String| StreamError::Conflict {
+        name: ingress.clone(),
+        detail,
+    };
+    let mut stream = match js.get_stream(&ingress).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Err(conflict(format!(
+                "stream {:?} sources it but it does not exist; the operator creates it (stream::provision_ingress)",
+                settings.name
+            )));
+        }
+        Err(e) => return Err(nats(&e)),
+    };
+    let info = stream.info().await.map_err(|e| nats(&e))?;
+    let want = settings.ingress_subject(node);
+    if !info.config.subjects.iter().any(|s| s == &want) {
+        return Err(conflict(format!(
+            "its subjects {:?} do not include {want:?}: this node's events would not be captured",
+            info.config.subjects
+        )));
+    }
+    if info.config.storage != stream::StorageType::File {
+        return Err(conflict("storage is not file".into()));
+    }
+    Ok(provisioned)
 }
 
 /// What a node remembers of the stream it follows, to notice a recreated stream.
@@ -546,8 +799,8 @@ impl StoredMessage {
 /// The message at `seq`, read from the stream leader (not a replica that may lag behind a
 /// publish just acknowledged); `None` if the stream does not hold it (deleted, removed by
 /// retention, not yet written).
-pub async fn read_message(
-    stream: &stream::Stream,
+pub async fn read_message<I>(
+    stream: &stream::Stream<I>,
     seq: u64,
 ) -> Result<Option<StoredMessage>, StreamError> {
     match stream.get_raw_message(seq).await {
@@ -596,6 +849,27 @@ mod tests {
             ..Default::default()
         };
         assert!(s.conflicts(&r3.config())[0].contains("replicas 3"));
+    }
+
+    #[test]
+    fn the_ingress_layout_is_recognised_by_its_sources() {
+        let s = StreamSettings::default();
+        let main = s.ingress_main_config(["berlin", "porto"]);
+        assert!(main.subjects.is_empty());
+        assert_eq!(s.ingress_sources(&main), ["berlin", "porto"]);
+        // No subjects of its own is fine when it sources ingresses, not otherwise.
+        assert!(s.conflicts(&main).is_empty(), "{:?}", s.conflicts(&main));
+        let mut bare = main.clone();
+        bare.sources = None;
+        assert!(s.conflicts(&bare)[0].contains("subjects"));
+        let ingress = s.ingress_config("porto", 1024);
+        assert_eq!(ingress.name, "JETSYNC_IN_porto");
+        assert_eq!(ingress.subjects, ["jetsync.*.*.porto.>"]);
+        assert_eq!(ingress.discard, stream::DiscardPolicy::New);
+        assert_eq!(ingress.max_bytes, 1024);
+        assert_eq!(ingress.max_age, main.max_age);
+        // A plain stream sources no ingress.
+        assert!(s.ingress_sources(&s.config()).is_empty());
     }
 
     fn up(entities: Vec<EntityFilter>) -> Upstream {

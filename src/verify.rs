@@ -365,16 +365,16 @@ pub(crate) async fn records_page(
     entity: &EntityName,
     scopes: &[Scope],
     buckets: &[usize],
+    cells: Option<&std::collections::BTreeSet<u16>>,
     after: Option<Uuid>,
     limit: usize,
 ) -> Result<RecordsPage, VerifyError> {
-    let page = api
-        .call(
-            node,
-            op,
-            json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": limit, "format": FORMAT_VERSION}),
-        )
-        .await?;
+    let mut body = json!({"entity": entity, "scopes": scopes, "buckets": buckets, "after": after, "limit": limit, "format": FORMAT_VERSION});
+    if let Some(cells) = cells {
+        // The cells narrow the buckets (anti-entropy's `sync_records` only).
+        body["cells"] = json!(cells);
+    }
+    let page = api.call(node, op, body).await?;
     let bad = |detail: String| VerifyError::Reply {
         node: node.into(),
         what: "record states reply",
@@ -415,6 +415,7 @@ async fn bucket_records(
             entity,
             scopes,
             buckets,
+            None,
             after,
             500,
         )

@@ -36,7 +36,10 @@ use uuid::Uuid;
 
 const EVENTS: &str = "JETSYNC";
 const LEASES: &str = "KV_JETSYNC_LEASES";
-const SNAPSHOTS: &str = "OBJ_JETSYNC_SNAPSHOTS";
+/// The shared snapshot bucket of the single-account config (and of earlier versions).
+const SHARED_BUCKET: &str = "JETSYNC_SNAPSHOTS";
+/// porto's own snapshot bucket on the shipped config (ingress layout).
+const PORTO_BUCKET: &str = "JETSYNC_SNAPSHOTS_porto";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -71,11 +74,14 @@ struct Targets {
     viewer_event: Uuid,
     /// Asked of berlin's `put` by the viewer under subjects its `read.>` import covers.
     viewer_put: Uuid,
+    /// The snapshot bucket porto stores its relayed bytes in.
+    bucket: &'static str,
 }
 
 impl Targets {
-    fn new() -> Self {
+    fn new(bucket: &'static str) -> Self {
         Targets {
+            bucket,
             event: Uuid::now_v7(),
             info_event: Uuid::now_v7(),
             api_put: Uuid::now_v7(),
@@ -93,19 +99,20 @@ impl Targets {
     }
 }
 
-/// As porto: stores `body` in the snapshot bucket (which every node may write) under a
-/// chunk subject of its own, then asks the server for it with `reply` as the reply
-/// subject. Returns once the direct get was sent and the server answered a second one
-/// sent after it to porto's own inbox (the first was handled).
-async fn direct_get_relay(porto: &async_nats::Client, body: String, reply: &str) {
+/// As porto: stores `body` in a snapshot bucket porto may write (`bucket`: the shared one
+/// of the single-account config, its own on the shipped one) under a chunk subject of its
+/// own, then asks the server for it with `reply` as the reply subject. Returns once the
+/// direct get was sent and the server answered a second one sent after it to porto's own
+/// inbox (the first was handled).
+async fn direct_get_relay(porto: &async_nats::Client, bucket: &str, body: String, reply: &str) {
     let js = jetstream::new(porto.clone());
-    let chunk = format!("$O.JETSYNC_SNAPSHOTS.C.relay{}", Uuid::now_v7().simple());
+    let chunk = format!("$O.{bucket}.C.relay{}", Uuid::now_v7().simple());
     js.publish(chunk.clone(), body.into())
         .await
         .expect("porto publishes into the snapshot bucket")
         .await
         .expect("the snapshot bucket stores porto's bytes");
-    let get = format!("$JS.API.DIRECT.GET.{SNAPSHOTS}");
+    let get = format!("$JS.API.DIRECT.GET.OBJ_{bucket}");
     let req = json!({ "last_by_subj": chunk }).to_string();
     porto
         .publish_with_reply(get.clone(), reply.to_owned(), req.clone().into())
@@ -130,12 +137,13 @@ async fn attacks(s: &Secure, t: &Targets) {
     let porto = s.connect(&s.node_auth("porto")).await;
     direct_get_relay(
         &porto,
+        t.bucket,
         berlin_event(t.event),
         &format!("jetsync.orders._.berlin.{}", t.event),
     )
     .await;
     // Any JetStream API answer: STREAM.INFO's JSON onto berlin's event subject.
-    let info = format!("$JS.API.STREAM.INFO.{SNAPSHOTS}");
+    let info = format!("$JS.API.STREAM.INFO.OBJ_{}", t.bucket);
     porto
         .publish_with_reply(
             info.clone(),
@@ -151,7 +159,7 @@ async fn attacks(s: &Secure, t: &Targets) {
     let put = json!({"entity": "orders", "id": t.api_put, "doc": {"relayed": "api"}}).to_string();
     // The API before and after its ops were grouped.
     for subject in ["jetsync_api.berlin.put", "jetsync_api.berlin.write.put"] {
-        direct_get_relay(&porto, put.clone(), subject).await;
+        direct_get_relay(&porto, t.bucket, put.clone(), subject).await;
     }
     let direct = json!({"entity": "orders", "id": t.direct_put, "doc": {"direct": true}});
     let asked = ApiClient::new(porto.clone(), "jetsync")
@@ -205,16 +213,23 @@ async fn attacks(s: &Secure, t: &Targets) {
         .await
         .expect("the viewer reads berlin's status");
     // Last: where it works, berlin believes its id held elsewhere and leaves the API.
-    direct_get_relay(&porto, t.lease_marker.clone(), "$KV.JETSYNC_LEASES.berlin").await;
+    direct_get_relay(
+        &porto,
+        t.bucket,
+        t.lease_marker.clone(),
+        "$KV.JETSYNC_LEASES.berlin",
+    )
+    .await;
     porto.flush().await.unwrap();
     viewer.flush().await.unwrap();
 }
 
 /// porto's direct-get relay onto `$JS.API.STREAM.PURGE.JETSYNC`.
-async fn direct_get_relay_purge(s: &Secure) {
+async fn direct_get_relay_purge(s: &Secure, bucket: &str) {
     let porto = s.connect(&s.node_auth("porto")).await;
     direct_get_relay(
         &porto,
+        bucket,
         "{}".into(),
         &format!("$JS.API.STREAM.PURGE.{EVENTS}"),
     )
@@ -224,11 +239,12 @@ async fn direct_get_relay_purge(s: &Secure) {
 /// porto's direct-get relays onto `$JS.API.STREAM.DELETE.KV_JETSYNC_LEASES` and
 /// `$JS.API.STREAM.DELETE.JETSYNC`; the viewer has berlin reply (an error) onto
 /// `$JS.API.STREAM.DELETE.JETSYNC`.
-async fn relayed_deletes(s: &Secure) {
+async fn relayed_deletes(s: &Secure, bucket: &str) {
     let porto = s.connect(&s.node_auth("porto")).await;
     for stream in [LEASES, EVENTS] {
         direct_get_relay(
             &porto,
+            bucket,
             "{}".into(),
             &format!("$JS.API.STREAM.DELETE.{stream}"),
         )
@@ -276,6 +292,10 @@ async fn created(ops: &jetstream::Context, stream: &str) -> Option<i64> {
 
 async fn three_nodes(s: &Secure) -> [Node; 3] {
     s.provision().await;
+    start_three(s).await
+}
+
+async fn start_three(s: &Secure) -> [Node; 3] {
     let berlin = start(s.node_config("berlin")).await;
     let lisbon = start(s.node_config("lisbon")).await;
     let porto = start(s.node_config("porto")).await;
@@ -306,10 +326,11 @@ async fn relays_widen_every_role_on_the_single_account_config() {
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/secure_accounts/nats-single-account.conf"),
     );
-    let [berlin, lisbon, porto] = three_nodes(&s).await;
+    s.provision_plain().await;
+    let [berlin, lisbon, porto] = start_three(&s).await;
     let ops = ops_js(&s).await;
     let orders = entity("orders");
-    let t = Targets::new();
+    let t = Targets::new(SHARED_BUCKET);
     attacks(&s, &t).await;
 
     // porto wrote as berlin: every node applies the relayed event.
@@ -383,7 +404,7 @@ async fn relays_widen_every_role_on_the_single_account_config() {
     // to `$JS.API.…` does not act: nats-server 2.15.1 does not pass an answer that came
     // through a service import, as every JetStream API answer does, to another one.)
     assert!(messages(&ops, EVENTS).await.unwrap() > 0);
-    direct_get_relay_purge(&s).await;
+    direct_get_relay_purge(&s, SHARED_BUCKET).await;
     wait_for(
         "the direct get answer to purge the stream",
         Duration::from_secs(20),
@@ -399,7 +420,7 @@ async fn relays_widen_every_role_on_the_single_account_config() {
     // anew: the creation time tells).
     let events_created = created(&ops, EVENTS).await.unwrap();
     let leases_created = created(&ops, LEASES).await.unwrap();
-    relayed_deletes(&s).await;
+    relayed_deletes(&s, SHARED_BUCKET).await;
     wait_for(
         "the relayed purge and deletes to act",
         Duration::from_secs(20),
@@ -430,10 +451,10 @@ async fn no_relay_widens_a_role_on_the_shipped_config() {
     let ops = ops_js(&s).await;
     let orders = entity("orders");
     let events_before = messages(&ops, EVENTS).await.unwrap();
-    let t = Targets::new();
+    let t = Targets::new(PORTO_BUCKET);
     attacks(&s, &t).await;
-    direct_get_relay_purge(&s).await;
-    relayed_deletes(&s).await;
+    direct_get_relay_purge(&s, PORTO_BUCKET).await;
+    relayed_deletes(&s, PORTO_BUCKET).await;
 
     // Every node writes once more and all converge: the stream is ordered, so anything
     // relayed above would be applied by now.
@@ -618,9 +639,10 @@ async fn the_self_check_and_reads_cross_accounts() {
     }
 }
 
-/// What bounds a node that floods: the snapshot bucket refuses bytes past its
+/// What bounds a node that floods: its own snapshot bucket refuses bytes past its
 /// `max_bytes`, the bucket's stream refuses consumers past its `max_consumers`, the
-/// node's account refuses connections past `max_connections`; the other nodes go on.
+/// node's account refuses connections past `max_connections`; the other nodes go on,
+/// and snapshot into their own buckets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_node_is_bounded() {
     let s = secure_server();
@@ -628,11 +650,11 @@ async fn a_flooding_node_is_bounded() {
     let as_porto = s.connect(&s.node_auth("porto")).await;
     let js = jetstream::new(as_porto.clone());
 
-    // Bytes: 256 KiB chunks into the snapshot bucket until refused.
+    // Bytes: 256 KiB chunks into its own snapshot bucket until refused.
     let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
     let mut stored = 0i64;
     let refusal = loop {
-        let subject = format!("$O.JETSYNC_SNAPSHOTS.C.flood{}", stored);
+        let subject = format!("$O.{PORTO_BUCKET}.C.flood{}", stored);
         match js.publish(subject, chunk.clone()).await {
             Ok(ack) => match ack.await {
                 Ok(_) => stored += chunk.len() as i64,
@@ -659,7 +681,7 @@ async fn a_flooding_node_is_bounded() {
                     name: Some(format!("flood{made}")),
                     ..Default::default()
                 },
-                "OBJ_JETSYNC_SNAPSHOTS",
+                &format!("OBJ_{PORTO_BUCKET}"),
             )
             .await;
         match created {
@@ -702,10 +724,13 @@ async fn a_flooding_node_is_bounded() {
     );
     drop(extra);
 
-    // The others go on: a write each, converged. (The full snapshot bucket refuses
-    // everyone's snapshots until pruned: the bound protects the server, see
-    // deploy/secure/README.md.)
+    // The others go on: a write each, converged, and berlin snapshots into its own
+    // bucket (porto's full one refuses only porto's).
     let orders = entity("orders");
+    berlin
+        .snapshot()
+        .await
+        .expect("berlin snapshots while porto's bucket is full");
     for n in [&berlin, &lisbon] {
         n.put(&orders, Uuid::now_v7(), json!({"after_flood": true}))
             .await
@@ -752,7 +777,12 @@ async fn only_the_operator_creates_the_streams() {
             Some(node)
         }
     };
-    for stream in [EVENTS, LEASES, SNAPSHOTS] {
+    for stream in [
+        EVENTS,
+        LEASES,
+        "JETSYNC_IN_berlin",
+        "OBJ_JETSYNC_SNAPSHOTS_berlin",
+    ] {
         assert!(
             ops.get_stream(stream).await.is_err(),
             "a node account created {stream}"

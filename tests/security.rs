@@ -185,6 +185,19 @@ async fn secured_nodes_replicate_and_cannot_write_as_each_other() {
     .expect("publish on berlin's own subject")
     .await
     .expect("berlin may publish on its own subject");
+    // The event stream sources them from the ingress streams (lisbon's, berlin's): wait
+    // for both; the refused one was stored nowhere, so it cannot come later.
+    wait_for(
+        "the event stream to source the two forged messages",
+        Duration::from_secs(10),
+        || async {
+            match stream_last_seq(&ops_js).await {
+                n if n >= before + 2 => Ok(()),
+                n => Err(format!("last sequence {n}, before {before}")),
+            }
+        },
+    )
+    .await;
     assert_eq!(
         stream_last_seq(&ops_js).await,
         before + 2,

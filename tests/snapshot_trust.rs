@@ -24,7 +24,16 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
-const BUCKET: &str = "JETSYNC_SNAPSHOTS";
+/// Node a's own snapshot bucket (each node writes only its own).
+const BUCKET: &str = "JETSYNC_SNAPSHOTS_a";
+
+/// The bucket of the node whose snapshot `name` (`<node>.<seq>.<ms>`) is.
+fn bucket_of(name: &str) -> String {
+    format!(
+        "JETSYNC_SNAPSHOTS_{}",
+        name.split('.').next().unwrap_or_default()
+    )
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -62,7 +71,7 @@ async fn write_new(node: &Node, entity: &EntityName, n: usize) -> Vec<Uuid> {
 }
 
 async fn object_bytes(js: &async_nats::jetstream::Context, name: &str) -> Vec<u8> {
-    let bucket = js.get_object_store(BUCKET).await.expect("bucket");
+    let bucket = js.get_object_store(bucket_of(name)).await.expect("bucket");
     let mut object = bucket.get(name).await.expect("snapshot object");
     let mut bytes = Vec::new();
     object.read_to_end(&mut bytes).await.expect("read object");
@@ -90,7 +99,11 @@ async fn forge(
     out.extend_from_slice(&bytes[11 + len..bytes.len() - 8]);
     let sum = xxhash_rust::xxh3::xxh3_64(&out);
     out.extend_from_slice(&sum.to_le_bytes());
-    let bucket = js.get_object_store(BUCKET).await.expect("bucket");
+    // Into the bucket of the node it claims: where the node's credentials could write it.
+    let bucket = js
+        .get_object_store(format!("JETSYNC_SNAPSHOTS_{}", meta.node))
+        .await
+        .expect("bucket");
     bucket
         .put(
             ObjectMetadata {

@@ -39,8 +39,21 @@ pub(super) async fn sync_hashes(node: &NodeHandle, req: Req) -> Result<Value, Re
     to_json(&hashes)
 }
 
+/// Anti-entropy's cell hashes of this node (`read`): `buckets` split into cells, so a
+/// peer fetches only the records of the cells that differ.
+pub(super) async fn sync_cells(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
+    let store = node.store_full().clone();
+    let (entity, scopes, deep) = (req.entity()?, req.scopes.clone(), req.deep);
+    let buckets = req.buckets.clone();
+    if buckets.iter().any(|&b| b >= crate::digest::BUCKETS) {
+        return Err(RemoteError::new("bad_request", "a bucket is 0..=255"));
+    }
+    let hashes = blocking(move || store.cell_hashes(&entity, &scopes, &buckets, deep)).await?;
+    to_json(&hashes)
+}
+
 /// Anti-entropy's record states of this node (`read`): `bucket_records` with deleted
-/// records too, so a peer can learn a delete it lacks.
+/// records too, so a peer can learn a delete it lacks; only those in `cells` if given.
 pub(super) async fn sync_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     states_in_buckets(node, req, true).await
 }
@@ -53,8 +66,13 @@ async fn states_in_buckets(
     let store = node.store_full().clone();
     let (entity, scopes, buckets) = (req.entity()?, req.scopes.clone(), req.buckets.clone());
     let (after, limit) = (req.after, req.limit.unwrap_or(200).min(2_000));
+    let cells: std::collections::BTreeSet<u16> = req.cells.iter().copied().collect();
     let page = blocking(move || {
-        store.states_in_buckets(&entity, &buckets, &scopes, after, limit, tombstones)
+        if cells.is_empty() {
+            store.states_in_buckets(&entity, &buckets, &scopes, after, limit, tombstones)
+        } else {
+            store.states_in_cells(&entity, &cells, &scopes, after, limit, tombstones)
+        }
     })
     .await?;
     let records: Vec<(Uuid, Value)> = page

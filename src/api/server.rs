@@ -273,6 +273,7 @@ async fn handle(node: &NodeHandle, op: &str, payload: &[u8]) -> Result<Value, Re
         "verify_hashes" => maintenance::verify_hashes(node, req).await,
         "bucket_records" => maintenance::bucket_records(node, req).await,
         "sync_hashes" => maintenance::sync_hashes(node, req).await,
+        "sync_cells" => maintenance::sync_cells(node, req).await,
         "sync_records" => maintenance::sync_records(node, req).await,
         "merge_records" => maintenance::merge_records(node, req).await,
         "damaged" => maintenance::damaged(node).await,

@@ -26,13 +26,13 @@ pub const GROUPS: [&str; 3] = ["read", "write", "admin"];
 /// records and the node's health. `write`: the normal write path (each write becomes a
 /// signed event of this node). `admin`: everything that changes state outside that path
 /// (merging foreign states, replaying, snapshots, quarantine and refused-event handling)
-/// and verification's full record-state exchange and rescans. `sync_hashes` and
-/// `sync_records` are anti-entropy's reads of a peer (`ops::anti_entropy`), in `read` so
+/// and verification's full record-state exchange and rescans. `sync_hashes`,
+/// `sync_cells` and `sync_records` are anti-entropy's reads of a peer (`ops::anti_entropy`), in `read` so
 /// that nodes, which may call only their peers' `read` group (deploy/secure), can pull:
 /// they reveal the records' merge states (leaves as `get`/`conflicts` show them, plus
 /// version metadata: each writer's greatest version, a deleted record's tombstone
 /// version), never a document that the other read ops would not show.
-pub const OPS: [(&str, &str); 24] = [
+pub const OPS: [(&str, &str); 25] = [
     ("ping", "read"),
     ("status", "read"),
     ("get", "read"),
@@ -44,6 +44,7 @@ pub const OPS: [(&str, &str); 24] = [
     ("quarantine_origins", "read"),
     ("refused", "read"),
     ("sync_hashes", "read"),
+    ("sync_cells", "read"),
     ("sync_records", "read"),
     ("put", "write"),
     ("delete", "write"),
@@ -174,6 +175,10 @@ pub(super) struct Req {
     pub scopes: Vec<Scope>,
     #[serde(default)]
     pub buckets: Vec<usize>,
+    /// `sync_records`: only the records in these cells (`digest::cell_of`) instead of
+    /// `buckets`.
+    #[serde(default)]
+    pub cells: Vec<u16>,
     /// `sync_hashes`: recompute over every leaf instead of reading the live digest.
     #[serde(default)]
     pub deep: bool,

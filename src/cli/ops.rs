@@ -185,12 +185,26 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
             let listing = snapshot::list_all(&js, &settings(&conn)).await?;
             // Skipped entries (each logged) go to stderr, so the listing stays parseable.
             for entry in &listing.unreadable {
-                eprintln!("unreadable bucket entry skipped: {entry}");
+                eprintln!("unreadable snapshot bucket entry skipped: {entry}");
             }
             let list = listing.snapshots;
-            let v = json!(list);
+            // Each entry with the bucket it is in: the taking node's own (whose owner the
+            // header must name), or the shared bucket of earlier versions.
+            let bucket_of = |name: &str| listing.buckets.get(name).cloned().unwrap_or_default();
+            let v = json!(
+                list.iter()
+                    .map(|m| {
+                        let mut e = json!(m);
+                        e["bucket"] = json!(bucket_of(&m.name));
+                        e
+                    })
+                    .collect::<Vec<_>>()
+            );
             print(&conn, &v, || {
-                let mut s = format!("{:<48}  {:<12}  {:>12}  FILTERS\n", "NAME", "NODE", "SEQ");
+                let mut s = format!(
+                    "{:<48}  {:<12}  {:>12}  {:<28}  FILTERS\n",
+                    "NAME", "NODE", "SEQ", "BUCKET"
+                );
                 for m in &list {
                     let filters = if m.filters.is_empty() {
                         "all".to_string()
@@ -202,8 +216,11 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
                             .join(" ")
                     };
                     s.push_str(&format!(
-                        "{:<48}  {:<12}  {:>12}  {filters}\n",
-                        m.name, m.node, m.seq
+                        "{:<48}  {:<12}  {:>12}  {:<28}  {filters}\n",
+                        m.name,
+                        m.node,
+                        m.seq,
+                        bucket_of(&m.name)
                     ));
                 }
                 s

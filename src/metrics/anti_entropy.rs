@@ -83,6 +83,10 @@ pub struct RoundReport {
     pub compared: u64,
     /// Digest buckets that differed, over all pairs.
     pub differing_buckets: u64,
+    /// Of their cells (`digest::cell_of`), those that differed: only their records are
+    /// fetched (0 with a peer that predates cell hashes: whole buckets are).
+    #[serde(default)]
+    pub differing_cells: u64,
     /// Record states fetched from peers.
     pub fetched: u64,
     /// Records a peer held settled versions of that this node lacked (merging them

@@ -18,7 +18,7 @@ use super::heal::{ORIGIN_GAP_GRACE, OriginGaps, claimed_origin_seq};
 use super::idle::idle_position;
 use super::{Halt, META_STREAM, Shared};
 use crate::site::UpstreamGuard;
-use crate::stream::{Retention, StreamError, StreamIdentity, provision};
+use crate::stream::{Retention, StreamError, StreamIdentity, provision_node};
 
 /// How often a node halted on a retention gap looks for a snapshot that covers it (and a
 /// node halted on a full disk tries again).
@@ -102,7 +102,12 @@ async fn follow_stream_inner(shared: &Arc<Shared>) -> Result<(), Stop> {
     }
     let configured = guard::configured_limits_of(cfg);
     let provisioned = shared
-        .or_stop(provision(&shared.js, &cfg.stream, Some(configured)))
+        .or_stop(provision_node(
+            &shared.js,
+            &cfg.stream,
+            cfg.node_id.as_str(),
+            Some(configured),
+        ))
         .await;
     let provisioned = match provisioned.ok_or(Stop::Shutdown)? {
         Ok(v) => v,

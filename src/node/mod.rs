@@ -68,7 +68,7 @@ use crate::refusal::DeniedSubjects;
 use crate::site::UpstreamGap;
 use crate::snapshot::{SnapshotError, SnapshotReport};
 use crate::store::{Change, Store, StoreReader, Write, Written};
-use crate::stream::{StreamError, provision};
+use crate::stream::{StreamError, provision_node};
 
 /// Store metadata key of the stream identity this node follows.
 pub const META_STREAM: &str = "x.stream";
@@ -300,7 +300,13 @@ impl Node {
             return Err(NodeError::Config(why));
         }
         let early = tokio::time::timeout(Duration::from_secs(3), async {
-            let provisioned = provision(&js, &config.stream, Some(configured)).await?;
+            let provisioned = provision_node(
+                &js,
+                &config.stream,
+                config.node_id.as_str(),
+                Some(configured),
+            )
+            .await?;
             let lease = Lease::acquire_at(
                 &js,
                 &config.stream.name,

@@ -269,7 +269,8 @@ async fn send_window(
 
 /// Awaits the window's acks together: if a server restart lost them, the window costs one
 /// timeout, not one per message. Returns the acknowledged `origin_seq`s, those acknowledged
-/// as duplicates (`origin_seq`, stream sequence) to check, and the first failure
+/// as duplicates (`origin_seq`, the stream that acknowledged it and its sequence there) to
+/// check, and the first failure
 /// (`failure` if sending already failed). A publish the server refused for good goes to
 /// `refused`.
 async fn collect_acks(
@@ -277,7 +278,7 @@ async fn collect_acks(
     pending: Vec<(u64, String, PublishAckFuture)>,
     mut failure: Option<String>,
     refused: &mut Vec<(u64, String)>,
-) -> (Vec<u64>, Vec<(u64, u64)>, Option<String>) {
+) -> (Vec<u64>, Vec<(u64, String, u64)>, Option<String>) {
     let acks =
         futures::future::join_all(pending.into_iter().map(|(seq, subject, ack)| async move {
             (
@@ -292,7 +293,7 @@ async fn collect_acks(
     for (seq, subject, result) in acks {
         let err = match result {
             Ok(Ok(ack)) if ack.duplicate => {
-                duplicates.push((seq, ack.sequence));
+                duplicates.push((seq, ack.stream, ack.sequence));
                 continue;
             }
             Ok(Ok(_)) => {
@@ -305,40 +306,84 @@ async fn collect_acks(
         match permanent(&err, &subject, &shared.denied) {
             Some(reason) => refused.push((seq, reason)),
             None => {
-                failure.get_or_insert_with(|| format!("publish ack: {err}"));
+                failure.get_or_insert_with(|| {
+                    format!("publish ack: {err}{}", full_hint(shared, &err))
+                });
             }
         }
     }
     (acked, duplicates, failure)
 }
 
+/// What a refusal for bytes means for this node: a `discard: new` stream is full. In the
+/// ingress layout that is the node's own quota (`stream::provision_ingress`); the entries
+/// stay queued and go out once space frees.
+fn full_hint(shared: &Shared, err: &PublishError) -> String {
+    if !err.to_string().contains("maximum bytes exceeded") {
+        return String::new();
+    }
+    let ingress = shared
+        .config
+        .stream
+        .ingress_name(shared.config.node_id.as_str());
+    format!(
+        " (a stream that refuses new messages is full: in the ingress layout this node's quota, {ingress}; the writes wait in the outbox until space frees by age or the operator raises the quota)"
+    )
+}
+
 /// A PubAck marked duplicate means JetStream already holds a message with that id: the
 /// node's own earlier attempt, or someone else's message that took the id. It counts as
 /// published only if the message stored at the ack's sequence is this event; otherwise
 /// the event is published again under a fresh id, and the squatting is reported.
+///
+/// The message is read from the stream the ack names: the main stream in the plain layout,
+/// the node's own ingress stream in the ingress layout (`stream::provision_ingress`),
+/// whose sequences are its own. An ack naming any other stream is not believed.
 async fn check_duplicates(
     shared: &Shared,
     entries: &[OutboxEntry],
     mut acked: Vec<u64>,
-    duplicates: Vec<(u64, u64)>,
+    duplicates: Vec<(u64, String, u64)>,
     mut failure: Option<String>,
 ) -> (Vec<u64>, Option<String>) {
     if duplicates.is_empty() {
         return (acked, failure);
     }
-    let stream = match shared.js.get_stream(&shared.config.stream.name).await {
-        Ok(s) => s,
-        Err(e) => {
-            failure.get_or_insert_with(|| format!("checking duplicate acks: {e}"));
+    let settings = &shared.config.stream;
+    let ingress = settings.ingress_name(shared.config.node_id.as_str());
+    let mut streams = std::collections::HashMap::new();
+    for (_, name, _) in &duplicates {
+        if streams.contains_key(name) {
+            continue;
+        }
+        if name != &settings.name && name != &ingress {
+            failure.get_or_insert_with(|| {
+                format!("checking duplicate acks: acknowledged by stream {name:?}, neither {:?} nor this node's ingress {ingress:?}", settings.name)
+            });
             return (acked, failure);
         }
-    };
+        // No STREAM.INFO: reading by sequence is all the check needs.
+        match shared.js.get_stream_no_info(name).await {
+            Ok(s) => {
+                streams.insert(name.clone(), s);
+            }
+            Err(e) => {
+                failure.get_or_insert_with(|| format!("checking duplicate acks: {e}"));
+                return (acked, failure);
+            }
+        }
+    }
     // A window retried after a lost connection comes back as duplicates by the
     // hundreds: read their stored messages concurrently, not one round trip after another.
-    let stream = &stream;
+    let streams = &streams;
     let reads = futures::stream::iter(duplicates)
-        .map(|(origin_seq, stream_seq)| async move {
-            let stored = crate::stream::read_message(stream, stream_seq).await;
+        .map(|(origin_seq, name, stream_seq)| async move {
+            let stored = match streams.get(&name) {
+                Some(stream) => crate::stream::read_message(stream, stream_seq).await,
+                None => Err(crate::stream::StreamError::Nats(format!(
+                    "stream {name:?} not opened"
+                ))),
+            };
             (origin_seq, stream_seq, stored)
         })
         .buffered(DUPLICATE_READS)

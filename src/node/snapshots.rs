@@ -58,8 +58,15 @@ pub(super) async fn take_snapshot(shared: &Arc<Shared>) -> Result<SnapshotReport
     });
     write_taken(shared, &taken).await?;
     let policy = &cfg.snapshots;
-    let (pruned, kept) =
-        snapshot::prune_taken(&shared.js, &cfg.stream, &taken, policy.keep, policy.max_age).await?;
+    let (pruned, kept) = snapshot::prune_taken(
+        &shared.js,
+        &cfg.stream,
+        &cfg.node_id,
+        &taken,
+        policy.keep,
+        policy.max_age,
+    )
+    .await?;
     if kept != taken {
         write_taken(shared, &kept).await?;
     }

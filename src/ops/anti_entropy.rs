@@ -41,18 +41,19 @@
 //! other origins too is left to those origins' rounds (counted in `not_own`).
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::api::ApiClient;
+use crate::digest::BUCKETS;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
 use crate::metrics::{AntiEntropy, AntiEntropySettings, RoundReport, now_ms};
 use crate::node::NodeHandle;
-use crate::store::{MergeReport, VerifyHashes};
+use crate::store::{CellHashes, MergeReport, VerifyHashes};
 use crate::verify::{VerifyError, check_formats, common_scopes, entity_names, records_page};
 
 /// Runs rounds until the task is aborted: one after each jittered interval, or sooner
@@ -66,10 +67,24 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
     ae.set_running(true);
     let mut rounds: u64 = 0;
     let mut cursors = Cursors::new();
+    // A requested round (a loss the stream showed, an operator) runs at once, and once
+    // more when what was young then has settled: the lost events are usually seconds old
+    // when their hole is seen, too young to count until `settle` has passed.
+    let mut follow_up: Option<Instant> = None;
     loop {
+        let mut wait = jittered(settings.interval, settings.jitter);
+        if let Some(at) = follow_up {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
         tokio::select! {
-            _ = tokio::time::sleep(jittered(settings.interval, settings.jitter)) => {}
-            _ = ae.requested() => {}
+            _ = tokio::time::sleep(wait) => {
+                if follow_up.is_some_and(|at| at <= Instant::now()) {
+                    follow_up = None;
+                }
+            }
+            _ = ae.requested() => {
+                follow_up = Some(Instant::now() + settings.settle + Duration::from_secs(1));
+            }
         }
         rounds += 1;
         let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
@@ -161,6 +176,7 @@ pub async fn round(
                 api: &api,
                 settings,
                 deep,
+                number,
                 lag,
                 unknown_lag,
                 outbox_empty,
@@ -205,6 +221,8 @@ struct Round<'a> {
     api: &'a ApiClient,
     settings: &'a AntiEntropySettings,
     deep: bool,
+    /// The round's number (from 1), which rotates the buckets a round narrows to cells.
+    number: u64,
     /// This node's lag per entity type, seconds (from its status).
     lag: std::collections::BTreeMap<String, f64>,
     /// The lag taken for a type not in `lag` (this node holds none of it yet).
@@ -313,6 +331,26 @@ impl Round<'_> {
         let own = self.node.node_id().to_string();
         check_formats([(own.as_str(), &ours), (peer, &theirs)])?;
         self.report.differing_buckets += buckets.len() as u64;
+        // Many differing buckets mean writes in flight everywhere (a steady load): narrow
+        // and fetch only a rotating share of them per round, so a round costs a bounded
+        // scan; every bucket is reached within BUCKETS / CELL_BUCKETS_PER_ROUND rounds.
+        if buckets.len() > CELL_BUCKETS_PER_ROUND {
+            let offset = usize::try_from(
+                self.number.wrapping_mul(CELL_BUCKETS_PER_ROUND as u64) % BUCKETS as u64,
+            )
+            .unwrap_or(0);
+            buckets.sort_by_key(|&b| (b + BUCKETS - offset) % BUCKETS);
+            let left = buckets.split_off(CELL_BUCKETS_PER_ROUND);
+            buckets.sort_unstable();
+            self.report.skipped.push(format!(
+                "{peer}/{entity}: {} more differing buckets left to the next rounds",
+                left.len()
+            ));
+        }
+        let cells = self.differing_cells(peer, entity, scopes, &buckets).await?;
+        if cells.as_ref().is_some_and(BTreeSet::is_empty) {
+            return Ok(());
+        }
         let cutoff = now_ms()
             .saturating_sub(u64::try_from(self.settings.settle.as_millis()).unwrap_or(u64::MAX));
         let key = (peer.to_owned(), entity.clone());
@@ -335,6 +373,7 @@ impl Round<'_> {
                 entity,
                 scopes,
                 &buckets,
+                cells.as_ref(),
                 after,
                 limit,
             )
@@ -346,6 +385,7 @@ impl Round<'_> {
             let only = self.settings.origin_only.then(|| peer.to_owned());
             let (own_node, range_end) = (self.node.node_id().clone(), next);
             let (scopes_v, buckets_v, page_limit) = (scopes.to_vec(), buckets.clone(), limit);
+            let cells_v = cells.clone();
             let (lacked, not_own, peer_lacks) = tokio::task::spawn_blocking(move || {
                 // The stream learns a repair (invariant 21): records whose settled own
                 // version the peer lacks, an empty state for those it does not hold at
@@ -361,14 +401,25 @@ impl Round<'_> {
                             .filter(|l| l.version.hlc.physical_ms() <= cutoff)
                             .map(|l| l.version.clone())
                     };
-                    if let Ok(mine_page) = store.states_in_buckets(
-                        &e,
-                        &buckets_v,
-                        &scopes_v,
-                        after,
-                        page_limit.saturating_mul(2),
-                        true,
-                    ) {
+                    let mine_page = match &cells_v {
+                        Some(cells) => store.states_in_cells(
+                            &e,
+                            cells,
+                            &scopes_v,
+                            after,
+                            page_limit.saturating_mul(2),
+                            true,
+                        ),
+                        None => store.states_in_buckets(
+                            &e,
+                            &buckets_v,
+                            &scopes_v,
+                            after,
+                            page_limit.saturating_mul(2),
+                            true,
+                        ),
+                    };
+                    if let Ok(mine_page) = mine_page {
                         for (id, slot) in mine_page.items {
                             if range_end.is_some_and(|end| id > end) {
                                 break;
@@ -438,6 +489,52 @@ impl Round<'_> {
                 }
             }
         }
+    }
+}
+
+/// At most this many differing buckets are narrowed and fetched per peer and entity type
+/// in one round (an eighth: the cell scan then decodes at most an eighth of the records).
+const CELL_BUCKETS_PER_ROUND: usize = 32;
+
+/// Buckets per `sync_cells` call: 32 buckets' cell hashes are ~131 KB of JSON, well
+/// inside any account's `max_payload`.
+const CELL_BUCKETS_PER_CALL: usize = 32;
+
+impl Round<'_> {
+    /// The cells of `buckets` whose hashes differ from `peer`'s (with this round's `deep`),
+    /// so only their records are fetched; `None` if the peer predates `sync_cells` (then
+    /// whole buckets are).
+    async fn differing_cells(
+        &mut self,
+        peer: &str,
+        entity: &EntityName,
+        scopes: &[Scope],
+        buckets: &[usize],
+    ) -> Result<Option<BTreeSet<u16>>, VerifyError> {
+        let mut theirs = CellHashes::default();
+        for chunk in buckets.chunks(CELL_BUCKETS_PER_CALL) {
+            let body =
+                json!({"entity": entity, "scopes": scopes, "buckets": chunk, "deep": self.deep});
+            match self.api.call(peer, "sync_cells", body).await {
+                Ok(v) => {
+                    let part: CellHashes =
+                        serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?;
+                    theirs.buckets.extend(part.buckets);
+                    theirs.damaged.extend(part.damaged);
+                }
+                Err(crate::api::ApiError::Remote(e)) if e.code == "unknown_op" => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let store = self.node.store_full().clone();
+        let (e, s, b, deep) = (entity.clone(), scopes.to_vec(), buckets.to_vec(), self.deep);
+        let ours = tokio::task::spawn_blocking(move || store.cell_hashes(&e, &s, &b, deep))
+            .await
+            .map_err(|e| reply_error("self", e.to_string()))?
+            .map_err(|e| reply_error("self", e.to_string()))?;
+        let cells = ours.differing(&theirs);
+        self.report.differing_cells += cells.len() as u64;
+        Ok(Some(cells))
     }
 }
 

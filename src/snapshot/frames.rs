@@ -18,19 +18,41 @@ pub(super) struct Opened {
     pub(super) bytes: u64,
 }
 
+/// Opens snapshot `name` in the first bucket holding it: `node`'s own (given, or the
+/// name's first token), then the other nodes', then the shared bucket of earlier versions.
+/// An object in a node's bucket whose header names another node is refused.
 pub(super) async fn open(
     js: &jetstream::Context,
     settings: &StreamSettings,
     name: &str,
+    node: Option<&NodeId>,
 ) -> Result<Opened, SnapshotError> {
-    let bucket = bucket(js, settings).await?;
-    let object = bucket.get(name).await.map_err(|e| match e.kind() {
-        object_store::GetErrorKind::NotFound => SnapshotError::NotFound(format!(
-            "no snapshot named {name:?} in bucket {}",
-            bucket_name(settings)
-        )),
-        _ => nats_err(settings, e),
-    })?;
+    let node = node
+        .cloned()
+        .or_else(|| name.split('.').next().and_then(|n| NodeId::new(n).ok()));
+    let mut candidates = buckets(js, settings).await?;
+    // Stable: the named node's bucket first, the others in their order.
+    candidates.sort_by_key(|l| l.owner.is_none() || l.owner != node);
+    let mut found = None;
+    for located in candidates {
+        let Ok(bucket) = js.get_object_store(&located.bucket).await else {
+            continue;
+        };
+        match bucket.get(name).await {
+            Ok(object) => {
+                found = Some((object, located));
+                break;
+            }
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {}
+            Err(e) => return Err(bucket_err(&located.bucket, e)),
+        }
+    }
+    let Some((object, located)) = found else {
+        return Err(SnapshotError::NotFound(format!(
+            "no snapshot named {name:?} in the snapshot buckets of stream {}",
+            settings.name
+        )));
+    };
     let bad = |detail: String| SnapshotError::Format {
         name: name.to_string(),
         detail,
@@ -58,6 +80,17 @@ pub(super) async fn open(
         .map_err(|e| bad(format!("header: {e}")))?;
     let meta: SnapshotMeta =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    if let Some(owner) = &located.owner
+        && owner != &meta.node
+    {
+        return Err(SnapshotError::Refused {
+            name: name.to_string(),
+            reason: format!(
+                "its header names node {} but it is in node {owner}'s bucket {}",
+                meta.node, located.bucket
+            ),
+        });
+    }
     let mut hash = Xxh3::new();
     if covers_header {
         hash.update(&magic);

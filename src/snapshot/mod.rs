@@ -1,6 +1,16 @@
-//! Snapshots: a node's whole state and the stream sequence it reflects, kept in a
-//! JetStream object store bucket (`<stream>_SNAPSHOTS`), so a node that fell behind the
-//! stream's retention, or a new one, can start from it and resume the stream after it.
+//! Snapshots: a node's whole state and the stream sequence it reflects, kept in JetStream
+//! object store buckets, so a node that fell behind the stream's retention, or a new one,
+//! can start from it and resume the stream after it.
+//!
+//! Buckets: each node writes only into its own bucket `<stream>_SNAPSHOTS_<node>` (created
+//! on its first snapshot where it may create streams; by the operator in the secure
+//! deployment, with its own byte and consumer limits, [`provision_node_bucket`]) and
+//! prunes only there. Listing and loading read every node's bucket (found through
+//! `STREAM.NAMES`) and the shared bucket of earlier versions, `<stream>_SNAPSHOTS`, if it
+//! exists (read only: kept for migration, never created or written). An entry of a node's
+//! bucket whose header names another node is refused: where the server confines each node
+//! to its own bucket (deploy/secure), the bucket proves who wrote it. One unreadable bucket
+//! or entry is skipped and reported, never fails a listing.
 //!
 //! A snapshot is written and read as a stream of frames, never held whole in memory:
 //!
@@ -208,17 +218,21 @@ pub enum SnapshotError {
     NotFound(String),
 }
 
-/// A listing of the bucket: the snapshots it could read, oldest first (by sequence, then
+/// A listing of the buckets: the snapshots it could read, oldest first (by sequence, then
 /// time), and the entries it skipped.
 #[derive(Clone, Debug, Default)]
 pub struct Listing {
     /// Readable snapshot entries.
     pub snapshots: Vec<SnapshotMeta>,
-    /// Entries that could not be read (`name or position: why`), each logged at warn.
+    /// Entries or buckets that could not be read (`bucket: name or position: why`), each
+    /// logged at warn.
     pub unreadable: Vec<String>,
+    /// The bucket each listed snapshot is in, by name.
+    pub buckets: std::collections::BTreeMap<String, String>,
 }
 
-/// The object store bucket of a stream's snapshots.
+/// The shared snapshot bucket of earlier versions (`<stream>_SNAPSHOTS`): read for
+/// migration, never written.
 pub fn bucket_name(settings: &StreamSettings) -> String {
     let base: String = settings
         .name
@@ -234,6 +248,11 @@ pub fn bucket_name(settings: &StreamSettings) -> String {
     format!("{base}_SNAPSHOTS")
 }
 
+/// Node `node`'s own snapshot bucket: `<stream>_SNAPSHOTS_<node>`.
+pub fn node_bucket_name(settings: &StreamSettings, node: &str) -> String {
+    format!("{}_{node}", bucket_name(settings))
+}
+
 fn nats_err(settings: &StreamSettings, e: impl std::fmt::Display) -> SnapshotError {
     SnapshotError::Nats {
         bucket: bucket_name(settings),
@@ -241,27 +260,120 @@ fn nats_err(settings: &StreamSettings, e: impl std::fmt::Display) -> SnapshotErr
     }
 }
 
-/// The bucket, created (with the stream's replica count) if missing.
-pub async fn bucket(
+fn bucket_err(bucket: &str, e: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Nats {
+        bucket: bucket.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Node `node`'s own bucket, created (with the stream's replica count) if missing; where
+/// the node may not create streams (deploy/secure) the operator has created it.
+pub async fn own_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    node: &str,
 ) -> Result<object_store::ObjectStore, SnapshotError> {
-    let name = bucket_name(settings);
+    let name = node_bucket_name(settings, node);
     match js.get_object_store(&name).await {
         Ok(b) => Ok(b),
         Err(_) => js
             .create_object_store(object_store::Config {
                 bucket: name.clone(),
-                description: Some(format!("jetsync snapshots of stream {}", settings.name)),
+                description: Some(format!(
+                    "jetsync snapshots of stream {} taken by node {node}",
+                    settings.name
+                )),
                 num_replicas: settings.replicas,
                 ..Default::default()
             })
             .await
-            .map_err(|e| nats_err(settings, e)),
+            .map_err(|e| bucket_err(&name, e)),
     }
 }
 
-/// Every snapshot in the bucket, oldest first (by sequence, then time). Entries that
+/// The operator's provisioning of node `node`'s bucket with its limits (`max_bytes`,
+/// `max_consumers`; 0: unlimited), created or updated: part of
+/// `crate::stream::provision_ingress`.
+pub async fn provision_node_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    node: &crate::ids::NodeId,
+    max_bytes: i64,
+    max_consumers: i32,
+) -> Result<(), SnapshotError> {
+    let name = node_bucket_name(settings, node.as_str());
+    let bucket = own_bucket(js, settings, node.as_str()).await?;
+    drop(bucket);
+    let stream_name = format!("OBJ_{name}");
+    let mut stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| bucket_err(&name, e))?;
+    let existing = stream
+        .info()
+        .await
+        .map_err(|e| bucket_err(&name, e))?
+        .config
+        .clone();
+    let mut config = existing.clone();
+    config.max_bytes = if max_bytes <= 0 { -1 } else { max_bytes };
+    config.max_consumers = if max_consumers <= 0 {
+        -1
+    } else {
+        max_consumers
+    };
+    // A full bucket refuses new chunks rather than dropping stored ones (an object
+    // store's meta subjects keep one message each; their rollups stay within the bucket).
+    config.discard = jetstream::stream::DiscardPolicy::New;
+    if config != existing {
+        js.update_stream(config)
+            .await
+            .map_err(|e| bucket_err(&name, e))?;
+    }
+    Ok(())
+}
+
+/// A bucket to read: its name and the node it belongs to (`None`: the shared bucket of
+/// earlier versions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Located {
+    bucket: String,
+    owner: Option<NodeId>,
+}
+
+/// Every snapshot bucket of the stream that exists now: the nodes' (by their streams'
+/// names, `OBJ_<stream>_SNAPSHOTS_<node>`) and the shared one of earlier versions.
+async fn buckets(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<Vec<Located>, SnapshotError> {
+    let shared = bucket_name(settings);
+    let prefix = format!("OBJ_{shared}_");
+    let mut names = js.stream_names();
+    let mut out = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.map_err(|e| nats_err(settings, format!("listing streams: {e}")))?;
+        if name == format!("OBJ_{shared}") {
+            out.push(Located {
+                bucket: shared.clone(),
+                owner: None,
+            });
+        } else if let Some(node) = name.strip_prefix(&prefix)
+            && let Ok(owner) = NodeId::new(node)
+        {
+            out.push(Located {
+                bucket: name["OBJ_".len()..].to_owned(),
+                owner: Some(owner),
+            });
+        }
+    }
+    // The nodes' own buckets first, the shared one of earlier versions last.
+    out.sort_by(|a, b| (a.owner.is_none(), &a.bucket).cmp(&(b.owner.is_none(), &b.bucket)));
+    Ok(out)
+}
+
+/// Every snapshot in every bucket, oldest first (by sequence, then time). Entries that
 /// cannot be read are skipped, each logged at warn (see [`list_all`] for how many).
 pub async fn list(
     js: &jetstream::Context,
@@ -270,31 +382,49 @@ pub async fn list(
     Ok(list_all(js, settings).await?.snapshots)
 }
 
-/// [`list`], with the entries it skipped.
+/// [`list`], with the entries and buckets it skipped and where each snapshot is.
 pub async fn list_all(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<Listing, SnapshotError> {
-    list_in(&bucket(js, settings).await?, settings).await
+    let mut out = Listing::default();
+    for located in buckets(js, settings).await? {
+        let bucket = match js.get_object_store(&located.bucket).await {
+            Ok(b) => b,
+            Err(e) => {
+                skip(&mut out, &located.bucket, format!("the bucket: {e}"))?;
+                continue;
+            }
+        };
+        if let Err(e) = list_in(&bucket, &located, &mut out).await {
+            skip(&mut out, &located.bucket, format!("listing: {e}"))?;
+        }
+    }
+    out.snapshots.sort_by_key(|m| (m.seq, m.created_ms));
+    Ok(out)
+}
+
+/// Notes an unreadable bucket or entry; fails only past [`MAX_UNREADABLE`] of them.
+fn skip(out: &mut Listing, bucket: &str, what: String) -> Result<(), SnapshotError> {
+    tracing::warn!(%bucket, entry = %what, "unreadable snapshot bucket entry skipped");
+    out.unreadable.push(format!("{bucket}: {what}"));
+    if out.unreadable.len() > MAX_UNREADABLE {
+        return Err(bucket_err(
+            bucket,
+            format!("more than {MAX_UNREADABLE} unreadable entries"),
+        ));
+    }
+    Ok(())
 }
 
 async fn list_in(
     bucket: &object_store::ObjectStore,
-    settings: &StreamSettings,
-) -> Result<Listing, SnapshotError> {
-    let mut objects = bucket.list().await.map_err(|e| nats_err(settings, e))?;
-    let mut out = Listing::default();
-    let skip = |out: &mut Listing, what: String| -> Result<(), SnapshotError> {
-        tracing::warn!(bucket = %bucket_name(settings), entry = %what, "unreadable snapshot bucket entry skipped");
-        out.unreadable.push(what);
-        if out.unreadable.len() > MAX_UNREADABLE {
-            return Err(nats_err(
-                settings,
-                format!("more than {MAX_UNREADABLE} unreadable entries"),
-            ));
-        }
-        Ok(())
-    };
+    located: &Located,
+    out: &mut Listing,
+) -> Result<(), SnapshotError> {
+    let name = &located.bucket;
+    let mut objects = bucket.list().await.map_err(|e| bucket_err(name, e))?;
+    let skip = |out: &mut Listing, what: String| skip(out, name, what);
     let mut position = 0u64;
     while let Some(info) = objects.next().await {
         position += 1;
@@ -303,7 +433,7 @@ async fn list_in(
         let info = match info {
             Ok(i) => i,
             Err(e) => {
-                skip(&mut out, format!("entry {position}: {e}"))?;
+                skip(out, format!("entry {position}: {e}"))?;
                 continue;
             }
         };
@@ -315,13 +445,28 @@ async fn list_in(
             .get(META_KEY)
             .map(|m| serde_json::from_str::<SnapshotMeta>(m))
         {
-            Some(Ok(meta)) => out.snapshots.push(meta),
-            Some(Err(e)) => skip(&mut out, format!("{}: snapshot metadata: {e}", info.name))?,
+            Some(Ok(meta)) if located.owner.as_ref().is_some_and(|o| o != &meta.node) => skip(
+                out,
+                format!(
+                    "{}: claims node {} in another node's bucket",
+                    info.name, meta.node
+                ),
+            )?,
+            // The same name in two buckets (copied by hand): the node's own bucket, read
+            // first, wins; the load reads from the bucket listed.
+            Some(Ok(meta)) if out.buckets.contains_key(&meta.name) => skip(
+                out,
+                format!("{}: also in bucket {}", info.name, out.buckets[&meta.name]),
+            )?,
+            Some(Ok(meta)) => {
+                out.buckets.insert(meta.name.clone(), name.clone());
+                out.snapshots.push(meta);
+            }
+            Some(Err(e)) => skip(out, format!("{}: snapshot metadata: {e}", info.name))?,
             None => tracing::debug!(object = %info.name, "not a jetsync snapshot; ignored"),
         }
     }
-    out.snapshots.sort_by_key(|m| (m.seq, m.created_ms));
-    Ok(out)
+    Ok(())
 }
 
 /// The snapshots of `stream` that a node with `filters` could resume from at `first_seq`
@@ -358,7 +503,7 @@ pub async fn find_covering(
         .next())
 }
 
-/// Takes a snapshot of `store` now and stores it in the bucket.
+/// Takes a snapshot of `store` now and stores it in its node's own bucket.
 pub async fn take(
     js: &jetstream::Context,
     settings: &StreamSettings,
@@ -367,7 +512,8 @@ pub async fn take(
     filters: Vec<EntityFilter>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = std::time::Instant::now();
-    let bucket = bucket(js, settings).await?;
+    let bucket_name = node_bucket_name(settings, store.node_id().as_str());
+    let bucket = own_bucket(js, settings, store.node_id().as_str()).await?;
     let export = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.export())
@@ -456,8 +602,8 @@ pub async fn take(
     let failure = match (put, produced) {
         (Ok(_), Ok(Ok((records, damaged)))) => Ok((records, damaged)),
         (_, Err(e)) | (_, Ok(Err(ExportError::Storage(e)))) => Err(e.into()),
-        (Err(e), _) => Err(nats_err(settings, e)),
-        (Ok(_), Ok(Err(e))) => Err(nats_err(settings, e)),
+        (Err(e), _) => Err(bucket_err(&bucket_name, e)),
+        (Ok(_), Ok(Err(e))) => Err(bucket_err(&bucket_name, e)),
     };
     let (records, damaged) = match failure {
         Ok(v) => v,
@@ -470,7 +616,7 @@ pub async fn take(
     let info = bucket
         .info(&meta.name)
         .await
-        .map_err(|e| nats_err(settings, e))?;
+        .map_err(|e| bucket_err(&bucket_name, e))?;
     tracing::info!(name = %meta.name, seq = meta.seq, records, bytes = info.size, "snapshot taken");
     Ok(SnapshotReport {
         meta,
@@ -509,8 +655,9 @@ pub async fn prune(
     keep: usize,
     max_age: Option<Duration>,
 ) -> Result<Vec<String>, SnapshotError> {
-    let mine: Vec<TakenSnapshot> = list(js, settings)
-        .await?
+    let listing = list_all(js, settings).await?;
+    let mine: Vec<TakenSnapshot> = listing
+        .snapshots
         .into_iter()
         .filter(|m| &m.node == node)
         .map(|m| TakenSnapshot {
@@ -519,39 +666,76 @@ pub async fn prune(
             created_ms: m.created_ms,
         })
         .collect();
-    Ok(prune_taken(js, settings, &mine, keep, max_age).await?.0)
+    let mut deleted = Vec::new();
+    for name in doomed(&mine, keep, max_age) {
+        // In the bucket it was listed in: the node's own, or the shared one of earlier
+        // versions (the operator may delete there).
+        let Some(bucket) = listing.buckets.get(&name) else {
+            continue;
+        };
+        let store = js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| bucket_err(bucket, e))?;
+        match store.delete(&name).await {
+            Ok(()) => deleted.push(name),
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+            Err(e) => return Err(bucket_err(bucket, e)),
+        }
+    }
+    Ok(deleted)
 }
 
-/// Deletes, of `taken` (the snapshots a node recorded taking, oldest first), those beyond
-/// the newest `keep` and any older than `max_age` (never the newest). Nothing else in the
-/// bucket is looked at, so no uploaded object can steer what goes. Returns the names
-/// deleted and the entries to keep recording.
+/// Of `taken` (oldest first), the names beyond the newest `keep` and any older than
+/// `max_age`, never the newest.
+fn doomed(taken: &[TakenSnapshot], keep: usize, max_age: Option<Duration>) -> Vec<String> {
+    let now = SystemClock.now_ms();
+    let n = taken.len();
+    taken
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| {
+            let newest = i + 1 == n;
+            let beyond_keep = n - i > keep.max(1);
+            let too_old =
+                max_age.is_some_and(|a| now.saturating_sub(m.created_ms) > a.as_millis() as u64);
+            !newest && (beyond_keep || too_old)
+        })
+        .map(|(_, m)| m.name.clone())
+        .collect()
+}
+
+/// Deletes, of `taken` (the snapshots node `node` recorded taking, oldest first), those
+/// beyond the newest `keep` and any older than `max_age` (never the newest), from the
+/// node's own bucket. Nothing else is looked at, so no uploaded object can steer what
+/// goes. Returns the names deleted and the entries to keep recording.
 pub async fn prune_taken(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    node: &NodeId,
     taken: &[TakenSnapshot],
     keep: usize,
     max_age: Option<Duration>,
 ) -> Result<(Vec<String>, Vec<TakenSnapshot>), SnapshotError> {
-    let bucket = bucket(js, settings).await?;
-    let now = SystemClock.now_ms();
+    let doomed = doomed(taken, keep, max_age);
+    if doomed.is_empty() {
+        return Ok((Vec::new(), taken.to_vec()));
+    }
+    let name = node_bucket_name(settings, node.as_str());
+    let bucket = own_bucket(js, settings, node.as_str()).await?;
     let mut deleted = Vec::new();
     let mut kept = Vec::new();
-    let n = taken.len();
-    for (i, m) in taken.iter().enumerate() {
-        let newest = i + 1 == n;
-        let beyond_keep = n - i > keep.max(1);
-        let too_old =
-            max_age.is_some_and(|a| now.saturating_sub(m.created_ms) > a.as_millis() as u64);
-        if newest || !(beyond_keep || too_old) {
+    for m in taken {
+        if !doomed.contains(&m.name) {
             kept.push(m.clone());
             continue;
         }
         match bucket.delete(&m.name).await {
             Ok(()) => deleted.push(m.name.clone()),
-            // Gone already (deleted by an operator): nothing left to prune.
+            // Gone already (deleted by an operator, or taken into the shared bucket of
+            // an earlier version): nothing left to prune here.
             Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
-            Err(e) => return Err(nats_err(settings, e)),
+            Err(e) => return Err(bucket_err(&name, e)),
         }
     }
     Ok((deleted, kept))
@@ -629,7 +813,7 @@ async fn load_checked(
     on_changes: impl FnMut(Vec<Change>),
 ) -> Result<SnapshotReport, SnapshotError> {
     let (identity, first_seq, last_seq) = stream_now(js, settings).await?;
-    let opened = open(js, settings, name).await?;
+    let opened = open(js, settings, name, listed.map(|l| &l.node)).await?;
     let meta = &opened.meta;
     let refuse = |reason: String| SnapshotError::Refused {
         name: name.to_string(),
@@ -698,7 +882,7 @@ pub async fn merge_into(
     filters: &[EntityFilter],
     on_changes: impl FnMut(Vec<Change>),
 ) -> Result<SnapshotReport, SnapshotError> {
-    let opened = open(js, settings, name).await?;
+    let opened = open(js, settings, name, None).await?;
     check_header(name, &opened.meta, None)?;
     merge_frames(name, opened, store, filters, on_changes).await
 }
@@ -713,7 +897,7 @@ pub async fn merge_into_listed(
     filters: &[EntityFilter],
     on_changes: impl FnMut(Vec<Change>),
 ) -> Result<SnapshotReport, SnapshotError> {
-    let opened = open(js, settings, &listed.name).await?;
+    let opened = open(js, settings, &listed.name, Some(&listed.node)).await?;
     check_header(&listed.name, &opened.meta, Some(listed))?;
     merge_frames(&listed.name, opened, store, filters, on_changes).await
 }

@@ -174,7 +174,7 @@ pub fn verify_hash(id: &Uuid, state: &RecordState) -> Option<u128> {
 
 /// A record's leaves hashed, a record whose only leaf is a tombstone included (what
 /// anti-entropy's deep rounds compare: a delete one node lacks shows).
-fn leaves_hash(id: &Uuid, state: &RecordState) -> u128 {
+pub(super) fn leaves_hash(id: &Uuid, state: &RecordState) -> u128 {
     let mut h = Xxh3::new();
     h.update(id.as_bytes());
     for leaf in &state.leaves {
@@ -193,7 +193,7 @@ fn leaves_hash(id: &Uuid, state: &RecordState) -> u128 {
     h.digest128()
 }
 
-fn in_scopes(scopes: &[Scope], state: &RecordState) -> bool {
+pub(super) fn in_scopes(scopes: &[Scope], state: &RecordState) -> bool {
     scopes.is_empty() || state.winner().is_some_and(|w| scopes.contains(&w.scope))
 }
 
@@ -482,6 +482,23 @@ impl Store {
         tombstones: bool,
     ) -> Result<Page<(Uuid, RecordSlot)>, StorageError> {
         let wanted: BTreeSet<usize> = buckets.iter().copied().collect();
+        self.states_where(entity, scopes, after, limit, tombstones, |id| {
+            wanted.contains(&bucket_of(id))
+        })
+    }
+
+    /// The record states (or damage) of `entity` whose id `keep` selects, in id order
+    /// after `after`, at most `limit`: the scan behind [`Store::states_in_buckets`] and
+    /// [`Store::states_in_cells`].
+    pub(super) fn states_where(
+        &self,
+        entity: &EntityName,
+        scopes: &[Scope],
+        after: Option<Uuid>,
+        limit: usize,
+        tombstones: bool,
+        keep: impl Fn(&Uuid) -> bool,
+    ) -> Result<Page<(Uuid, RecordSlot)>, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
             return Ok(Page::empty());
@@ -496,7 +513,7 @@ impl Store {
         for row in range {
             let (k, v) = row?;
             let id = Uuid::from_u128(k.value());
-            if !wanted.contains(&bucket_of(&id)) {
+            if !keep(&id) {
                 continue;
             }
             if items.len() == limit {

@@ -50,6 +50,7 @@
 //! | `maintenance.rs` | operator work: exports, merging whole states, verification, repair |
 
 mod apply;
+mod cells;
 mod changelog;
 mod codec;
 mod compact;
@@ -82,6 +83,7 @@ use crate::ids::NodeId;
 use crate::msgid::MsgIds;
 use crate::stream::DeploymentLimits;
 
+pub use cells::CellHashes;
 pub use changelog::{ChangeBatch, ChangedRow, LivePage, LiveRow, LogPosition};
 pub use codec::decode_stored_state;
 pub use format::{FORMAT_VERSION, decode_format_2_state};

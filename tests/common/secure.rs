@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
-use async_nats::jetstream::{self, object_store};
+use async_nats::jetstream;
 use jetsync::connect::NatsAuth;
 use jetsync::devserver::{NatsServer, start_from_config_file};
 use jetsync::node::NodeConfig;
-use jetsync::stream::{DeploymentLimits, Retention};
+use jetsync::stream::{DeploymentLimits, NodeQuota, Retention};
 use tempfile::TempDir;
 
 /// The nkey user's public key in the deploy config, replaced by a generated one.
@@ -23,8 +23,11 @@ pub const DEPLOY_NKEY: &str = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M
 
 /// The event stream's byte limit the operator provisions in these tests.
 pub const STREAM_MAX_BYTES: i64 = 64 * 1024 * 1024;
-/// The snapshot bucket's and the lease bucket's byte limits, and the snapshot bucket's
-/// consumers (object reads: one each while it runs).
+/// Each node's ingress stream's byte limit (its quota): 2 x 3 x 8 MiB fits the event
+/// stream's 64 MiB, so no flood through an ingress makes the event stream discard.
+pub const INGRESS_MAX_BYTES: i64 = 8 * 1024 * 1024;
+/// Each node's snapshot bucket's and the lease bucket's byte limits, and each snapshot
+/// bucket's consumers (object reads: one each while it runs).
 pub const SNAPSHOTS_MAX_BYTES: i64 = 8 * 1024 * 1024;
 pub const LEASES_MAX_BYTES: i64 = 1024 * 1024;
 pub const SNAPSHOTS_MAX_CONSUMERS: i32 = 16;
@@ -36,6 +39,9 @@ pub fn deploy(file: &str) -> PathBuf {
 }
 
 pub struct Secure {
+    /// The event stream's byte limit the nodes are configured with (and the operator
+    /// provisions): [`STREAM_MAX_BYTES`] unless a test sets it before provisioning.
+    pub stream_max_bytes: std::sync::atomic::AtomicI64,
     pub server: NatsServer,
     pub dir: TempDir,
     pub ca: PathBuf,
@@ -93,18 +99,58 @@ impl Secure {
         c.nats_auth = self.node_auth(name);
         c.stream.retention = Retention::Limits {
             max_age: Duration::ZERO,
-            max_bytes: STREAM_MAX_BYTES,
+            max_bytes: self
+                .stream_max_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
             max_msgs: 0,
         };
         c
     }
 
-    /// The operator provisions the event stream (as the nodes are configured, with its
-    /// byte limit and the deployment's limits pinned) and both buckets with byte limits
-    /// (the lease bucket refusing rollups): node accounts may not create streams.
+    /// The operator provisions the ingress layout (`stream::provision_ingress`): each
+    /// node's ingress stream with [`INGRESS_MAX_BYTES`] and its snapshot bucket with byte
+    /// and consumer limits, the event stream (as the nodes are configured, with its byte
+    /// limit and the deployment's limits pinned) sourcing them, and the lease bucket with a
+    /// byte limit, refusing rollups: node accounts may not create streams.
     pub async fn provision(&self) {
+        self.provision_with(&[
+            ("berlin", INGRESS_MAX_BYTES),
+            ("lisbon", INGRESS_MAX_BYTES),
+            ("porto", INGRESS_MAX_BYTES),
+        ])
+        .await
+    }
+
+    /// [`Secure::provision`] with these nodes and ingress quotas (run again to add a node or
+    /// change a quota).
+    pub async fn provision_with(&self, nodes: &[(&str, i64)]) {
         let ops = self.connect(&self.ops()).await;
         let js = jetstream::new(ops);
+        let config = self.node_config("berlin");
+        let pin = DeploymentLimits {
+            max_doc_bytes: config.store.max_doc_bytes,
+            max_clock_drift_ms: config.store.max_clock_drift.as_millis() as u64,
+        };
+        let quotas: Vec<NodeQuota> = nodes
+            .iter()
+            .map(|(n, q)| NodeQuota {
+                node: jetsync::ids::NodeId::new(*n).unwrap(),
+                ingress_bytes: *q,
+                snapshot_bytes: SNAPSHOTS_MAX_BYTES,
+                snapshot_consumers: SNAPSHOTS_MAX_CONSUMERS,
+            })
+            .collect();
+        jetsync::stream::provision_ingress(&js, &config.stream, &quotas, Some(pin))
+            .await
+            .expect("ops provisions the ingress streams, the buckets and the event stream");
+        self.provision_leases(&js).await;
+    }
+
+    /// The layout before ingress streams, for the single-account config that only shows
+    /// the old attacks: one event stream capturing every node's subjects and one shared
+    /// snapshot bucket (now read only, for migration), with the lease bucket.
+    pub async fn provision_plain(&self) {
+        let js = jetstream::new(self.connect(&self.ops()).await);
         let config = self.node_config("berlin");
         let pin = DeploymentLimits {
             max_doc_bytes: config.store.max_doc_bytes,
@@ -113,10 +159,25 @@ impl Secure {
         jetsync::stream::provision(&js, &config.stream, Some(pin))
             .await
             .expect("ops provisions the event stream");
+        js.create_object_store(jetstream::object_store::Config {
+            bucket: jetsync::snapshot::bucket_name(&config.stream),
+            max_bytes: SNAPSHOTS_MAX_BYTES,
+            ..Default::default()
+        })
+        .await
+        .expect("ops provisions the shared snapshot bucket");
+        self.provision_leases(&js).await;
+    }
+
+    async fn provision_leases(&self, js: &jetstream::Context) {
+        let config = self.node_config("berlin");
         // The lease bucket's stream as a node creates it (src/lease.rs), with its byte
         // limit: rollups refused from the start, since a node may not update the stream
         // and `Nats-Rollup: all` on its own key would remove every other node's key.
         let leases = jetsync::lease::bucket_name(&config.stream.name);
+        if js.get_stream(format!("KV_{leases}")).await.is_ok() {
+            return;
+        }
         js.create_stream(jetstream::stream::Config {
             name: format!("KV_{leases}"),
             subjects: vec![format!("$KV.{leases}.>")],
@@ -134,29 +195,6 @@ impl Secure {
         })
         .await
         .expect("ops provisions the lease bucket");
-        js.create_object_store(object_store::Config {
-            bucket: jetsync::snapshot::bucket_name(&config.stream),
-            max_bytes: SNAPSHOTS_MAX_BYTES,
-            ..Default::default()
-        })
-        .await
-        .expect("ops provisions the snapshot bucket");
-        // Nodes create (ordered) consumers on the snapshot bucket: bound them per stream,
-        // so one node cannot use up the account's consumers.
-        let name = format!("OBJ_{}", jetsync::snapshot::bucket_name(&config.stream));
-        let mut config = js
-            .get_stream(&name)
-            .await
-            .expect("the snapshot bucket's stream")
-            .info()
-            .await
-            .expect("its info")
-            .config
-            .clone();
-        config.max_consumers = SNAPSHOTS_MAX_CONSUMERS;
-        js.update_stream(config)
-            .await
-            .expect("ops bounds the snapshot bucket's consumers");
     }
 
     /// A raw client with `auth`.
@@ -247,6 +285,7 @@ pub fn secure_server_from(config: &Path) -> Secure {
     let server =
         start_from_config_file(&conf, None).expect("nats-server starts from the secure config");
     Secure {
+        stream_max_bytes: std::sync::atomic::AtomicI64::new(STREAM_MAX_BYTES),
         server,
         dir,
         ca,
