@@ -307,8 +307,8 @@ async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
         "$JS.hub.API.STREAM.DELETE.JETSYNC",
         "$JS.hub.API.STREAM.UPDATE.JETSYNC",
         "$JS.hub.API.STREAM.PURGE.KV_JETSYNC_LEASES",
-        "$JS.hub.API.STREAM.PURGE.OBJ_JETSYNC_SNAPSHOTS",
-        "$JS.hub.API.CONSUMER.DELETE.OBJ_JETSYNC_SNAPSHOTS.x",
+        "$JS.hub.API.STREAM.PURGE.OBJ_JETSYNC_SNAPSHOTS_berlin",
+        "$JS.hub.API.CONSUMER.DELETE.OBJ_JETSYNC_SNAPSHOTS_berlin.x",
         "$JS.hub.API.CONSUMER.CREATE.JETSYNC",
         "$JS.hub.API.DIRECT.GET.KV_JETSYNC_LEASES.$KV.JETSYNC_LEASES.berlin",
         "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",
@@ -356,7 +356,7 @@ async fn a_site_node_reaches_nothing_of_the_hub_beyond_its_own_lease() {
             "$JS.hub.API.STREAM.PURGE.JETSYNC".to_owned(),
         ),
         (
-            "$JS.hub.API.DIRECT.GET.OBJ_JETSYNC_SNAPSHOTS.$O.JETSYNC_SNAPSHOTS.M.none",
+            "$JS.hub.API.DIRECT.GET.OBJ_JETSYNC_SNAPSHOTS_berlin.$O.JETSYNC_SNAPSHOTS_berlin.M.none",
             "$JS.hub.API.STREAM.DELETE.JETSYNC".to_owned(),
         ),
         (
@@ -482,7 +482,7 @@ async fn the_leaf_link_carries_sourcing_and_site_leases_only_whatever_the_site_c
         "$JS.hub.API.STREAM.UPDATE.JETSYNC",
         "$JS.hub.API.STREAM.MSG.GET.JETSYNC",
         "$JS.hub.API.STREAM.PURGE.KV_JETSYNC_LEASES",
-        "$JS.hub.API.STREAM.DELETE.OBJ_JETSYNC_SNAPSHOTS",
+        "$JS.hub.API.STREAM.DELETE.OBJ_JETSYNC_SNAPSHOTS_berlin",
         "$JS.hub.API.CONSUMER.DELETE.JETSYNC.jetsync_berlin",
         "$JS.hub.API.DIRECT.GET.KV_JETSYNC_LEASES.$KV.JETSYNC_LEASES.berlin",
         "$JS.hub.API.$KV.JETSYNC_LEASES.berlin",

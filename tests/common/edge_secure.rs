@@ -351,27 +351,36 @@ impl SecureEdge {
         })
         .await
         .expect("ops provisions the lease bucket");
-        js.create_object_store(object_store::Config {
-            bucket: jetsync::snapshot::bucket_name(&config.stream),
-            max_bytes: SNAPSHOTS_MAX_BYTES,
-            ..Default::default()
-        })
-        .await
-        .expect("ops provisions the snapshot bucket");
-        let name = format!("OBJ_{}", jetsync::snapshot::bucket_name(&config.stream));
-        let mut sconfig = js
-            .get_stream(&name)
+        // One snapshot bucket per node, each node writing only its own (the nodes
+        // cannot create them).
+        let nodes: Vec<&str> = match side {
+            Side::Hub => vec![HUB_NODE],
+            Side::Site => SITE_NODES.to_vec(),
+        };
+        for node in nodes {
+            let bucket = jetsync::snapshot::node_bucket_name(&config.stream, node);
+            js.create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                max_bytes: SNAPSHOTS_MAX_BYTES,
+                ..Default::default()
+            })
             .await
-            .expect("the snapshot bucket's stream")
-            .info()
-            .await
-            .expect("its info")
-            .config
-            .clone();
-        sconfig.max_consumers = SNAPSHOTS_MAX_CONSUMERS;
-        js.update_stream(sconfig)
-            .await
-            .expect("ops bounds the snapshot bucket's consumers");
+            .unwrap_or_else(|e| panic!("ops provisions the snapshot bucket {bucket}: {e}"));
+            let name = format!("OBJ_{bucket}");
+            let mut sconfig = js
+                .get_stream(&name)
+                .await
+                .expect("the snapshot bucket's stream")
+                .info()
+                .await
+                .expect("its info")
+                .config
+                .clone();
+            sconfig.max_consumers = SNAPSHOTS_MAX_CONSUMERS;
+            js.update_stream(sconfig)
+                .await
+                .expect("ops bounds the snapshot bucket's consumers");
+        }
     }
 
     /// `jetsync site add` as the hub's operator, through the hub server. A leaf link that
