@@ -68,6 +68,7 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    edge.provision_site_ingress().await;
     let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
     let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
     let all = [&hub, &t1, &t2];
@@ -79,6 +80,45 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
         }
     }
     converge(&all, &orders, CONVERGE).await;
+
+    // The ingress layout on both sides: the hub stream and the site stream capture no
+    // subject themselves; each sources its nodes' ingress streams, and the other side.
+    for (domain, own, other) in [
+        (HUB_DOMAIN, vec![HUB_NODE], SITE),
+        (SITE, SITE_NODES.to_vec(), HUB_DOMAIN),
+    ] {
+        let ops = edge.connect(Side::Hub, &edge.ops(Side::Hub)).await;
+        let config = jetstream::with_domain(ops, domain)
+            .get_stream(STREAM)
+            .await
+            .unwrap_or_else(|e| panic!("{domain}'s stream: {e}"))
+            .info()
+            .await
+            .expect("stream info")
+            .config
+            .clone();
+        assert!(
+            config.subjects.is_empty(),
+            "{domain}'s stream captures {:?}",
+            config.subjects
+        );
+        let sources: Vec<(String, Option<String>)> = config
+            .sources
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.name, s.external.map(|e| e.api_prefix)))
+            .collect();
+        for n in own {
+            assert!(
+                sources.contains(&(format!("{STREAM}_IN_{n}"), None)),
+                "{domain}'s stream does not source {n}'s ingress: {sources:?}"
+            );
+        }
+        assert!(
+            sources.contains(&(STREAM.to_owned(), Some(format!("$JS.{other}.API")))),
+            "{domain}'s stream does not source {other}'s: {sources:?}"
+        );
+    }
 
     // `jetsync site status` as the hub's operator: exit code 0, no problem.
     let out = edge.site_cli("status").await;
@@ -215,6 +255,7 @@ async fn running(edge: SecureEdge) -> Running {
     edge.provision(Side::Site).await;
     let hub = start(edge.hub_node(HUB_NODE, dir.path())).await;
     edge.site_add().await;
+    edge.provision_site_ingress().await;
     let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
     let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
     let orders = entity("orders");
@@ -536,6 +577,7 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
     edge.provision(Side::Site).await;
     let h = start(hc).await;
     edge.site_add().await;
+    edge.provision_site_ingress().await;
     let t1 = start(edge.site_node(SITE_NODES[0], dir.path())).await;
     let t2 = start(edge.site_node(SITE_NODES[1], dir.path())).await;
     let mut acks = Vec::new();

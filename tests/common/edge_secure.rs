@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::ConnectOptions;
-use async_nats::jetstream::{self, object_store};
+use async_nats::jetstream;
 use jetsync::connect::NatsAuth;
 use jetsync::devserver::NatsServer;
 use jetsync::node::NodeConfig;
@@ -78,6 +78,21 @@ fn make_tls(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
     std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
     ca
+}
+
+/// Each node's ingress stream's quota.
+pub const INGRESS_MAX_BYTES: i64 = 16 * 1024 * 1024;
+
+fn quotas(nodes: &[&str]) -> Vec<jetsync::stream::NodeQuota> {
+    nodes
+        .iter()
+        .map(|n| jetsync::stream::NodeQuota {
+            node: jetsync::NodeId::new(*n).expect("node id"),
+            ingress_bytes: INGRESS_MAX_BYTES,
+            snapshot_bytes: SNAPSHOTS_MAX_BYTES,
+            snapshot_consumers: SNAPSHOTS_MAX_CONSUMERS,
+        })
+        .collect()
 }
 
 /// Which server a client connects to.
@@ -329,9 +344,14 @@ impl SecureEdge {
                 max_doc_bytes: config.store.max_doc_bytes,
                 max_clock_drift_ms: config.store.max_clock_drift.as_millis() as u64,
             };
-            jetsync::stream::provision(&js, &config.stream, Some(pin))
-                .await
-                .expect("ops provisions the hub stream");
+            jetsync::stream::provision_ingress(
+                &js,
+                &config.stream,
+                &quotas(&[HUB_NODE]),
+                Some(pin),
+            )
+            .await
+            .expect("ops provisions the hub stream, its ingress streams and buckets");
         }
         let leases = jetsync::lease::bucket_name(&config.stream.name);
         js.create_stream(jetstream::stream::Config {
@@ -351,36 +371,18 @@ impl SecureEdge {
         })
         .await
         .expect("ops provisions the lease bucket");
-        // One snapshot bucket per node, each node writing only its own (the nodes
-        // cannot create them).
-        let nodes: Vec<&str> = match side {
-            Side::Hub => vec![HUB_NODE],
-            Side::Site => SITE_NODES.to_vec(),
-        };
-        for node in nodes {
-            let bucket = jetsync::snapshot::node_bucket_name(&config.stream, node);
-            js.create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                max_bytes: SNAPSHOTS_MAX_BYTES,
-                ..Default::default()
-            })
+    }
+
+    /// The site's operator converts the site stream (made by `site add`, with the hub's
+    /// limits pinned and its hub source) to the ingress layout: each site node's ingress
+    /// stream and snapshot bucket, the site stream sourcing them and the hub.
+    pub async fn provision_site_ingress(&self) {
+        let ops = self.connect(Side::Site, &self.ops(Side::Site)).await;
+        let js = jetstream::new(ops);
+        let config = self.site_node(SITE_NODES[0], Path::new("/nonexistent"));
+        jetsync::stream::provision_ingress(&js, &config.stream, &quotas(&SITE_NODES), None)
             .await
-            .unwrap_or_else(|e| panic!("ops provisions the snapshot bucket {bucket}: {e}"));
-            let name = format!("OBJ_{bucket}");
-            let mut sconfig = js
-                .get_stream(&name)
-                .await
-                .expect("the snapshot bucket's stream")
-                .info()
-                .await
-                .expect("its info")
-                .config
-                .clone();
-            sconfig.max_consumers = SNAPSHOTS_MAX_CONSUMERS;
-            js.update_stream(sconfig)
-                .await
-                .expect("ops bounds the snapshot bucket's consumers");
-        }
+            .expect("the site's ops provisions the site's ingress streams and buckets");
     }
 
     /// `jetsync site add` as the hub's operator, through the hub server. A leaf link that
