@@ -81,8 +81,18 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
     }
     converge(&all, &orders, CONVERGE).await;
 
+    // `site add` again, after the site's ingress conversion: it leaves the site stream
+    // as it is (it compares only the upstream source).
+    let out = edge.site_cli("add").await;
+    assert!(
+        out.status.success(),
+        "jetsync site add again: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The ingress layout on both sides: the hub stream and the site stream capture no
-    // subject themselves; each sources its nodes' ingress streams, and the other side.
+    // subject themselves; each sources its nodes' ingress streams, and the other side;
+    // both pin the deployment's limits.
     for (domain, own, other) in [
         (HUB_DOMAIN, vec![HUB_NODE], SITE),
         (SITE, SITE_NODES.to_vec(), HUB_DOMAIN),
@@ -101,6 +111,11 @@ async fn a_hub_node_and_two_site_nodes_converge_both_ways() {
             config.subjects.is_empty(),
             "{domain}'s stream captures {:?}",
             config.subjects
+        );
+        assert!(
+            jetsync::stream::DeploymentLimits::from_metadata(&config.metadata).is_some(),
+            "{domain}'s stream pins no deployment limits: {:?}",
+            config.metadata
         );
         let sources: Vec<(String, Option<String>)> = config
             .sources
