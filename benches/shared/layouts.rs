@@ -15,7 +15,7 @@ use std::path::Path;
 use redb::{ReadableTable, TableDefinition};
 use uuid::Uuid;
 
-use super::random_ids::{BATCH, Run, timed_run};
+use super::random_ids::{BATCH, Run, timed_run, usage};
 
 const KEYED: TableDefinition<u128, &[u8]> = TableDefinition::new("keyed");
 const MAP: TableDefinition<u128, u64> = TableDefinition::new("map");
@@ -112,6 +112,11 @@ pub fn layout_run(dir: &Path, layout: Layout, n: usize, cache_bytes: usize, valu
         txn.commit().expect("commit");
     });
     drop(db);
+    let (used_bytes, stored_bytes) = usage(&path);
     let _ = std::fs::remove_file(&path);
-    run
+    Run {
+        used_bytes,
+        stored_bytes,
+        ..run
+    }
 }

@@ -95,7 +95,7 @@ fn mib(b: u64) -> f64 {
 }
 
 /// Pages in use and bytes stored in the closed redb file at `path`.
-fn usage(path: &Path) -> (u64, u64) {
+pub fn usage(path: &Path) -> (u64, u64) {
     let stats = (|| -> Result<redb::DatabaseStats, redb::Error> {
         let db = redb::Database::open(path)?;
         let txn = db.begin_write()?;
