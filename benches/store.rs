@@ -17,7 +17,15 @@
 //!   `spawn_blocking` + `Store::put`, beside one writer's `put` loop and plain redb with one
 //!   insert per transaction, measured in the same run.
 //!
-//! Documents are 300-byte JSON objects. Every iteration writes new records, so the stores
+//! - `random_ids_store` (only when named, as is the next): `JETSYNC_BENCH_STORE_N` records (default 1,000,000) through
+//!   `write_batch` of 1,000 puts of 200-byte documents, UUIDv7 then UUIDv4 ids, beside plain
+//!   redb inserting as many u128 keys at the store's cache size: rate over the first and
+//!   last 10%, CPU and bytes written per record, file size and page use (see
+//!   `benches/shared/random_ids.rs`).
+//! - `random_ids_layouts`: plain redb keyed four ways for random ids (see
+//!   `benches/shared/layouts.rs`), same figures.
+//!
+//! Documents are 300-byte JSON objects (200 in `random_ids`). Every iteration writes new records, so the stores
 //! grow over the run as real ones do. Run: `cargo bench --bench store` (a name after `--`
 //! picks scenarios, e.g. `-- 'hot_record|concurrent_puts'`).
 
@@ -30,6 +38,11 @@ use jetsync::store::{Incoming, Write};
 use jetsync::{EntityName, Hlc, NodeId, Scope, Store, StoreConfig, SystemClock, Version};
 use serde_json::value::RawValue;
 use uuid::Uuid;
+
+#[path = "shared/layouts.rs"]
+mod layouts;
+#[path = "shared/random_ids.rs"]
+mod random_ids;
 
 const BATCH: usize = 1000;
 
@@ -202,6 +215,14 @@ fn selected(name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// Whether a long scenario was named after `--` (they do not run by default).
+fn named(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .any(|a| a.split('|').any(|f| name.contains(f)))
+}
+
 /// The record's encoded size as stored (postcard + 8-byte checksum).
 fn encoded_size(store: &Store, entity: &EntityName, id: Uuid) -> usize {
     let state = store.state(entity, id).unwrap().unwrap();
@@ -340,8 +361,75 @@ fn concurrent_rate(
     rate
 }
 
+fn random_ids_case(_c: &mut Criterion) {
+    if !named("random_ids_store") {
+        return;
+    }
+    use random_ids::{Ids, raw_run, store_run};
+    let n = std::env::var("JETSYNC_BENCH_STORE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let config = StoreConfig::default();
+    let cache = config.cache_bytes;
+    let dir = tempfile::tempdir().unwrap();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "random_ids_store: {n} records, batches of 1,000 x 200 B, cache {} MiB, loadavg {}",
+        cache >> 20,
+        load.trim()
+    );
+    let mut rates = Vec::new();
+    for ids in [Ids::V7, Ids::V4] {
+        let run = store_run(dir.path(), ids, n, config.clone());
+        println!("  store {}: {}", ids.label(), run.describe());
+        rates.push(run);
+    }
+    for ids in [Ids::V7, Ids::V4] {
+        let run = raw_run(dir.path(), ids, n, cache);
+        println!("  raw_redb {}: {}", ids.label(), run.describe());
+    }
+    println!(
+        "  store uuid_v4 / uuid_v7, last 10%: {:.2}",
+        rates[1].last / rates[0].last
+    );
+}
+
+/// Plain redb layouts for random ids (see `benches/shared/layouts.rs`).
+fn random_ids_layouts(_c: &mut Criterion) {
+    if !named("random_ids_layouts") {
+        return;
+    }
+    use layouts::{Layout, layout_run};
+    let n = std::env::var("JETSYNC_BENCH_STORE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let cache = StoreConfig::default().cache_bytes;
+    let dir = tempfile::tempdir().unwrap();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "random_ids_layouts: {n} records of 300 B, cache {} MiB, loadavg {}",
+        cache >> 20,
+        load.trim()
+    );
+    for layout in [
+        Layout::KeyedV7,
+        Layout::Deferred(100_000),
+        Layout::Deferred(250_000),
+        Layout::Map,
+        Layout::KeyedSorted,
+        Layout::Keyed,
+    ] {
+        let run = layout_run(dir.path(), layout, n, cache, 300);
+        println!("  {}: {}", layout.label(), run.describe());
+    }
+}
+
 criterion_group!(
     benches,
+    random_ids_case,
+    random_ids_layouts,
     local_writes,
     apply_and_raw,
     hot_record,

@@ -15,7 +15,7 @@
 //! `--metrics` runs the `replication` and `lag` scenarios a second time with every node's
 //! metrics on, its ops listener up and scraped every second (as Prometheus would), and
 //! reports them as `replication+metrics` / `lag+metrics`, to measure the overhead.
-//! Scenarios: `raw`, `replication`, `catchup`, `lag`, `outbox`, `kv` (also settable with
+//! Scenarios: `raw`, `replication`, `catchup`, `lag`, `outbox`, `kv`, `store` (also settable with
 //! `JETSYNC_BENCH_SCENARIOS=raw,lag`). Sizes: see [`Sizes::from_env`]. The table goes to
 //! stdout, the same figures as JSON to `target/bench/suite.json` (`JETSYNC_BENCH_JSON`
 //! overrides the path). BENCHMARKS.md says what each figure means.
@@ -47,7 +47,18 @@ const RAW_TABLE: TableDefinition<u128, &[u8]> = TableDefinition::new("raw");
 
 // ----- configuration ------------------------------------------------------------------
 
-const ALL: [&str; 6] = ["raw", "replication", "catchup", "lag", "outbox", "kv"];
+const ALL: [&str; 7] = [
+    "raw",
+    "replication",
+    "catchup",
+    "lag",
+    "outbox",
+    "kv",
+    "store",
+];
+
+#[path = "shared/random_ids.rs"]
+mod random_ids;
 
 #[derive(Clone, Debug)]
 struct Sizes {
@@ -65,6 +76,8 @@ struct Sizes {
     lag_batch: usize,
     /// Events queued in a node's outbox.
     outbox: usize,
+    /// Records written by each run of the `store` scenario (random and time-ordered ids).
+    store: usize,
 }
 
 fn env_usize(name: &str) -> Option<usize> {
@@ -73,7 +86,7 @@ fn env_usize(name: &str) -> Option<usize> {
 
 impl Sizes {
     /// Defaults, overridable with `JETSYNC_BENCH_{RAW_N,REPL_N,SINGLE_N,CATCHUP,LAG_RATE,
-    /// LAG_SECS,LAG_BATCH,OUTBOX_N}` (`CATCHUP` is a comma separated list).
+    /// LAG_SECS,LAG_BATCH,OUTBOX_N,STORE_N}` (`CATCHUP` is a comma separated list).
     fn from_env(quick: bool) -> Sizes {
         let mut s = if quick {
             Sizes {
@@ -85,6 +98,7 @@ impl Sizes {
                 lag_secs: 10,
                 lag_batch: 10,
                 outbox: 100_000,
+                store: 100_000,
             }
         } else {
             Sizes {
@@ -96,6 +110,7 @@ impl Sizes {
                 lag_secs: 30,
                 lag_batch: 10,
                 outbox: 1_000_000,
+                store: 1_000_000,
             }
         };
         let set = |v: &mut usize, name: &str| {
@@ -109,6 +124,7 @@ impl Sizes {
         set(&mut s.lag_rate, "JETSYNC_BENCH_LAG_RATE");
         set(&mut s.lag_batch, "JETSYNC_BENCH_LAG_BATCH");
         set(&mut s.outbox, "JETSYNC_BENCH_OUTBOX_N");
+        set(&mut s.store, "JETSYNC_BENCH_STORE_N");
         if let Some(x) = env_usize("JETSYNC_BENCH_LAG_SECS") {
             s.lag_secs = x as u64;
         }
@@ -1436,6 +1452,7 @@ async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
                 Ok(())
             }
             "outbox" => scenario_outbox(report, sizes.outbox, dir.path()).await,
+            "store" => scenario_store(report, sizes.store, dir.path()).await,
             _ => {
                 let server = bench_server()?;
                 let url = server.client_url();
@@ -1457,6 +1474,48 @@ async fn run_scenario(report: &mut Report, name: &str, sizes: &Sizes) {
         report.errors.push((name.into(), format!("{e:#}")));
     }
     report.loads.push((name.into(), before, after));
+}
+
+/// The random-id store case (see `benches/shared/random_ids.rs`): the library's
+/// `write_batch` with UUIDv7 and UUIDv4 ids, and plain redb with the same cache.
+async fn scenario_store(report: &mut Report, n: usize, dir: &Path) -> Result<()> {
+    use random_ids::{Ids, raw_run, store_run};
+    let dir = dir.to_path_buf();
+    let runs = tokio::task::spawn_blocking(move || {
+        let config = StoreConfig::default();
+        let cache = config.cache_bytes;
+        [Ids::V7, Ids::V4]
+            .into_iter()
+            .map(|ids| ("write_batch", ids, store_run(&dir, ids, n, config.clone())))
+            .chain(
+                [Ids::V7, Ids::V4]
+                    .into_iter()
+                    .map(|ids| ("raw_redb", ids, raw_run(&dir, ids, n, cache))),
+            )
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    let label = size_label(n);
+    for (what, ids, run) in runs {
+        let name = format!("{what}_{}_{label}", ids.label());
+        let note = run.describe();
+        report.add(
+            "store",
+            &format!("{name}_first10"),
+            run.first,
+            "rec/s",
+            &note,
+        );
+        report.add("store", &format!("{name}_last10"), run.last, "rec/s", "");
+        report.add(
+            "store",
+            &format!("{name}_file"),
+            mib(run.file_bytes),
+            "MiB",
+            "",
+        );
+    }
+    Ok(())
 }
 
 struct Target {
@@ -1577,6 +1636,25 @@ fn targets(r: &Report, sizes: &Sizes) -> Vec<Target> {
             met: on.map(|x| x <= 1.05),
         });
     }
+    let label = size_label(sizes.store);
+    let store =
+        |ids: &str, part: &str| r.get("store", &format!("write_batch_{ids}_{label}_{part}"));
+    let v4 = ratio(store("uuid_v4", "last10"), store("uuid_v4", "first10"));
+    out.push(Target {
+        name: "store: UUIDv4 last 10% / first 10%",
+        measured: v4,
+        unit: "x",
+        goal: ">= 0.80".into(),
+        met: v4.map(|x| x >= 0.8),
+    });
+    let v4 = ratio(store("uuid_v4", "last10"), store("uuid_v7", "last10"));
+    out.push(Target {
+        name: "store: UUIDv4 / UUIDv7, last 10%",
+        measured: v4,
+        unit: "x",
+        goal: ">= 0.50".into(),
+        met: v4.map(|x| x >= 0.5),
+    });
     let kv = ratio(r.get("replication", "batched"), r.get("kv", "batched"));
     out.push(Target {
         name: "replication / NATS KV",

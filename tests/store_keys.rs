@@ -1,0 +1,1 @@
+//! Placeholder: the randomids helper replaces this file.
