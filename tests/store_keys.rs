@@ -1,1 +1,0 @@
-//! Placeholder: the randomids helper replaces this file.
