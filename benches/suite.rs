@@ -288,8 +288,15 @@ static MIRROR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 /// Whether nodes run anti-entropy on a short schedule (the `--anti-entropy` runs).
 static ANTI_ENTROPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// The `--anti-entropy` runs' round interval: far shorter than the default 120 s, so the
-/// cost measured is an upper bound of what the default schedule adds.
-const BENCH_AE_INTERVAL: Duration = Duration::from_secs(2);
+/// cost measured is an upper bound of what the default schedule adds. 2 s, or
+/// `JETSYNC_BENCH_AE_INTERVAL_SECS`.
+fn bench_ae_interval() -> Duration {
+    std::env::var("JETSYNC_BENCH_AE_INTERVAL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(2))
+}
 
 fn mirror_on() -> bool {
     MIRROR.load(std::sync::atomic::Ordering::Relaxed)
@@ -328,7 +335,7 @@ async fn start_node(config: NodeConfig) -> Result<Node> {
     if ANTI_ENTROPY.load(std::sync::atomic::Ordering::Relaxed) {
         let mut s = settings.clone();
         s.listen = None;
-        s.anti_entropy.interval = BENCH_AE_INTERVAL;
+        s.anti_entropy.interval = bench_ae_interval();
         let ops = jetsync::ops::start(NodeHandle::clone(&node), s).await?;
         OPS.lock().unwrap().push(ops);
     }

@@ -230,7 +230,13 @@ impl Shared {
     }
 }
 
-/// A running replica.
+/// A running replica: [`Node::start`] it, use it, [`Node::shutdown`] it.
+///
+/// Everything else a service calls (reads, writes, typed collections, change feeds,
+/// status) is on [`NodeHandle`], which `Node` dereferences to: `node.get(..)`,
+/// `node.collection::<T>(..)`, `node.watch_from(..)` are [`NodeHandle`]'s methods. Give
+/// each task its own `NodeHandle::clone(&node)`; the `Node` itself owns the tasks and
+/// stops them.
 pub struct Node {
     shared: Arc<Shared>,
     handle: NodeHandle,
