@@ -758,8 +758,8 @@ async fn measure_a_converged_round() {
 /// A round fetches the records of the differing cells of a differing bucket, not the
 /// whole bucket: one event lost among 10,000 records (a bucket holds ~39 of them, a cell
 /// ~0.15) is healed by fetching a handful of record states. Before cells, the round
-/// fetched the whole bucket (~39). With more than 32 differing buckets a round takes a
-/// rotating share of them.
+/// fetched the whole bucket (~39). With more than 32 differing buckets (a steady write
+/// load) a round fetches whole buckets again, in bounded pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_fetches_only_the_differing_cells_of_a_bucket() {
     let server = NatsServer::start().expect("nats-server starts");
@@ -796,9 +796,9 @@ async fn a_round_fetches_only_the_differing_cells_of_a_bucket() {
     );
     assert!(c.store().get(&orders, lost[0].0).unwrap().is_some());
 
-    // 60 more lost before a fresh node d read them: more than 32 buckets differ, so a
-    // round narrows 32 of them (rotating) and says the rest are left; every one is
-    // healed within 8 rounds.
+    // 60 more lost before a fresh node d read them: more than 32 buckets differ, so the
+    // round fetches those buckets whole (in pages, bounded by `max_records`) instead of
+    // scanning for cell hashes, and heals every one.
     let more: Vec<u64> = (0..60).map(|i| 100 + i * 150).collect();
     lose(&js, &more).await;
     let d = start(node_config("d", dir.path(), &url)).await;
@@ -808,27 +808,13 @@ async fn a_round_fetches_only_the_differing_cells_of_a_bucket() {
         9_939,
         "d lacks the 61 lost records"
     );
-    let first = jetsync::ops::anti_entropy::round(&d, &settings, false, 1, &mut cursors).await;
-    assert!(first.differing_buckets > 32, "{first:?}");
-    // (The second peer's comparison, after the first healed its 32 buckets' records,
-    // may find the rest within its own share.)
-    assert!(
-        first
-            .skipped
-            .iter()
-            .any(|s| s.contains("left to the next rounds")),
-        "{first:?}"
-    );
-    for number in 2..=9 {
-        if count(d.store(), &orders) == 10_000 {
-            break;
-        }
-        jetsync::ops::anti_entropy::round(&d, &settings, false, number, &mut cursors).await;
-    }
+    let r = jetsync::ops::anti_entropy::round(&d, &settings, false, 1, &mut cursors).await;
+    assert!(r.differing_buckets > 32, "{r:?}");
+    assert_eq!(r.differing_cells, 0, "whole buckets, no cell scan: {r:?}");
     assert_eq!(
         count(d.store(), &orders),
         10_000,
-        "d healed every bucket within 8 rounds"
+        "d healed every record: {r:?}"
     );
     for n in [a, c, d] {
         n.shutdown().await.unwrap();
