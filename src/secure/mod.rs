@@ -151,7 +151,7 @@ impl Names {
 
     /// The lease bucket's key list (one STREAM.INFO): what discovery reads
     /// (`lease::holders`). Also exported to the viewer, which reads nothing else of
-    /// JetStream; see [`viewer_imports`].
+    /// JetStream; see `viewer_imports`.
     pub fn lease_list(&self) -> String {
         format!("$JS.API.STREAM.INFO.KV_{}", self.leases)
     }
