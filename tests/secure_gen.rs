@@ -67,32 +67,9 @@ fn the_shipped_secure_files_are_the_generators_output() {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 (as tests/common/secure.rs makes them).
-fn tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let (ca, crt, k) = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(&crt, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (ca, crt, k)
-}
-
 /// A spec for `nodes` (`id` or `id=nkey:…`) with the server's TLS files in `dir`.
 fn spec_in(dir: &Path, nodes: &[String]) -> (DeploymentSpec, PathBuf) {
-    let (ca, cert, key) = tls(dir);
+    let common::tls::Tls { ca, cert, key } = common::tls::make(dir);
     let mut spec = DeploymentSpec::default();
     spec.server.tls_cert = cert.display().to_string();
     spec.server.tls_key = key.display().to_string();

@@ -48,6 +48,15 @@ pub(super) async fn sync_cells(node: &NodeHandle, req: Req) -> Result<Value, Rem
     if buckets.iter().any(|&b| b >= crate::digest::BUCKETS) {
         return Err(RemoteError::new("bad_request", "a bucket is 0..=255"));
     }
+    if buckets.len() > crate::store::MAX_CELL_BUCKETS {
+        return Err(RemoteError::new(
+            "bad_request",
+            format!(
+                "at most {} buckets per request",
+                crate::store::MAX_CELL_BUCKETS
+            ),
+        ));
+    }
     let hashes = blocking(move || store.cell_hashes(&entity, &scopes, &buckets, deep)).await?;
     to_json(&hashes)
 }

@@ -233,8 +233,7 @@ fn report(conn: &Conn, pinned: u32, nodes: &[NodeEnvelope]) {
         return;
     }
     println!("stream {}: envelope v{pinned} pinned", conn.stream);
-    let mut rows = vec![["NODE".to_owned(), "READS".into(), "WRITES".into()]];
-    for n in nodes {
+    let rows = nodes.iter().map(|n| {
         let reads = match (&n.error, &n.reads) {
             (Some(e), _) => format!("error: {e}"),
             (None, None) => "- (before v2)".into(),
@@ -245,19 +244,12 @@ fn report(conn: &Conn, pinned: u32, nodes: &[NodeEnvelope]) {
                 .join(","),
         };
         let writes = n.writes.map_or("-".into(), |w| format!("v{w}"));
-        rows.push([n.node.clone(), reads, writes]);
-    }
-    let widths: Vec<usize> = (0..3)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+        vec![n.node.clone(), reads, writes]
+    });
+    print!(
+        "{}",
+        super::remote::table(&["NODE", "READS", "WRITES"], rows)
+    );
     if nodes.is_empty() {
         println!("no live node found");
     }

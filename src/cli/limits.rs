@@ -201,24 +201,16 @@ fn report(
             conn.stream
         ),
     }
-    let mut rows = vec![[
-        "NODE".to_owned(),
-        "MAX_DOC_BYTES".into(),
-        "MAX_DRIFT_S".into(),
-        "SOURCE".into(),
-        "STATE".into(),
-    ]];
-    for n in nodes {
+    let rows = nodes.iter().map(|n| {
         let node = n["node"].as_str().unwrap_or("?").to_owned();
         if let Some(e) = n.get("error").and_then(Value::as_str) {
-            rows.push([
+            return vec![
                 node,
                 "-".into(),
                 "-".into(),
                 "-".into(),
                 format!("error: {e}"),
-            ]);
-            continue;
+            ];
         }
         let l = &n["limits"];
         let state = match pinned {
@@ -226,7 +218,7 @@ fn report(
             Some(_) => "differs: adopts at its next check".to_owned(),
             None => "-".to_owned(),
         };
-        rows.push([
+        vec![
             node,
             l["max_doc_bytes"].to_string(),
             l["max_clock_drift_ms"]
@@ -234,19 +226,10 @@ fn report(
                 .map_or("-".into(), |ms| format!("{}", ms / 1000.0)),
             l["source"].as_str().unwrap_or("-").to_owned(),
             state,
-        ]);
-    }
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+        ]
+    });
+    let headers = ["NODE", "MAX_DOC_BYTES", "MAX_DRIFT_S", "SOURCE", "STATE"];
+    print!("{}", super::remote::table(&headers, rows));
     if nodes.is_empty() {
         println!("no node answered; each adopts the pinned limits at its next check");
     } else if want.is_some() {

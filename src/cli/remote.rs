@@ -279,7 +279,9 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+/// `headers` and `rows` as left-aligned columns two spaces apart (a column no wider than
+/// 60 characters for its longest cell), one line each.
+pub(super) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = rows.collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {

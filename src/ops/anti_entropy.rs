@@ -481,16 +481,13 @@ impl Round<'_> {
     }
 }
 
-/// Up to this many differing buckets are narrowed to cells (the cell scan then decodes at
-/// most an eighth of the records); more are fetched whole, in pages.
-const CELL_BUCKETS_PER_ROUND: usize = 32;
-
-/// Buckets per `sync_cells` call: 32 buckets' cell hashes are ~131 KB of JSON, well
-/// inside any account's `max_payload`.
-const CELL_BUCKETS_PER_CALL: usize = 32;
+/// Up to this many differing buckets are narrowed to cells, in one `sync_cells` request
+/// (the cell scan then decodes at most an eighth of the records); more are fetched whole,
+/// in pages.
+const CELL_BUCKETS_PER_ROUND: usize = crate::store::MAX_CELL_BUCKETS;
 
 impl Round<'_> {
-    /// The cells of `buckets` whose hashes differ from `peer`'s (with this round's `deep`),
+    /// The cells of `buckets` (at most [`CELL_BUCKETS_PER_ROUND`]) whose hashes differ from `peer`'s (with this round's `deep`),
     /// so only their records are fetched; `None` if the peer predates `sync_cells` (then
     /// whole buckets are).
     async fn differing_cells(
@@ -500,21 +497,13 @@ impl Round<'_> {
         scopes: &[Scope],
         buckets: &[usize],
     ) -> Result<Option<BTreeSet<u16>>, VerifyError> {
-        let mut theirs = CellHashes::default();
-        for chunk in buckets.chunks(CELL_BUCKETS_PER_CALL) {
-            let body =
-                json!({"entity": entity, "scopes": scopes, "buckets": chunk, "deep": self.deep});
-            match self.api.call(peer, "sync_cells", body).await {
-                Ok(v) => {
-                    let part: CellHashes =
-                        serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?;
-                    theirs.buckets.extend(part.buckets);
-                    theirs.damaged.extend(part.damaged);
-                }
-                Err(crate::api::ApiError::Remote(e)) if e.code == "unknown_op" => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let body =
+            json!({"entity": entity, "scopes": scopes, "buckets": buckets, "deep": self.deep});
+        let theirs: CellHashes = match self.api.call(peer, "sync_cells", body).await {
+            Ok(v) => serde_json::from_value(v).map_err(|e| reply_error(peer, e.to_string()))?,
+            Err(crate::api::ApiError::Remote(e)) if e.code == "unknown_op" => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         let store = self.node.store_full().clone();
         let (e, s, b, deep) = (entity.clone(), scopes.to_vec(), buckets.to_vec(), self.deep);
         let ours = tokio::task::spawn_blocking(move || store.cell_hashes(&e, &s, &b, deep))

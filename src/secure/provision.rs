@@ -189,68 +189,42 @@ async fn update(
     Ok(Action::Updated { changes })
 }
 
+/// One setting of a stream config, shown for a report.
+type Shown = fn(&stream::Config) -> String;
+
 /// What differs between two configs of a stream, in the settings provisioning sets.
 fn changes(before: &stream::Config, after: &stream::Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut field = |name: &str, a: String, b: String| {
-        if a != b {
-            out.push(format!("{name}: {a} -> {b}"));
-        }
-    };
-    field(
-        "max_bytes",
-        before.max_bytes.to_string(),
-        after.max_bytes.to_string(),
-    );
-    field(
-        "max_age",
-        format!("{:?}", before.max_age),
-        format!("{:?}", after.max_age),
-    );
-    field(
-        "max_messages",
-        before.max_messages.to_string(),
-        after.max_messages.to_string(),
-    );
-    field(
-        "max_messages_per_subject",
-        before.max_messages_per_subject.to_string(),
-        after.max_messages_per_subject.to_string(),
-    );
-    field(
-        "max_consumers",
-        before.max_consumers.to_string(),
-        after.max_consumers.to_string(),
-    );
-    field(
-        "allow_rollup",
-        before.allow_rollup.to_string(),
-        after.allow_rollup.to_string(),
-    );
-    field(
-        "discard",
-        format!("{:?}", before.discard),
-        format!("{:?}", after.discard),
-    );
-    field(
-        "subjects",
-        format!("{:?}", before.subjects),
-        format!("{:?}", after.subjects),
-    );
-    let sources = |c: &stream::Config| -> Vec<String> {
-        c.sources.iter().flatten().map(|s| s.name.clone()).collect()
-    };
-    field(
-        "sources",
-        format!("{:?}", sources(before)),
-        format!("{:?}", sources(after)),
-    );
-    field(
-        "pinned limits",
-        format!("{:?}", DeploymentLimits::from_metadata(&before.metadata)),
-        format!("{:?}", DeploymentLimits::from_metadata(&after.metadata)),
-    );
-    out
+    let fields: [(&str, Shown); 10] = [
+        ("max_bytes", |c| c.max_bytes.to_string()),
+        ("max_age", |c| format!("{:?}", c.max_age)),
+        ("max_messages", |c| c.max_messages.to_string()),
+        ("max_messages_per_subject", |c| {
+            c.max_messages_per_subject.to_string()
+        }),
+        ("max_consumers", |c| c.max_consumers.to_string()),
+        ("allow_rollup", |c| c.allow_rollup.to_string()),
+        ("discard", |c| format!("{:?}", c.discard)),
+        ("subjects", |c| format!("{:?}", c.subjects)),
+        ("sources", |c| {
+            let names: Vec<&str> = c
+                .sources
+                .iter()
+                .flatten()
+                .map(|s| s.name.as_str())
+                .collect();
+            format!("{names:?}")
+        }),
+        ("pinned limits", |c| {
+            format!("{:?}", DeploymentLimits::from_metadata(&c.metadata))
+        }),
+    ];
+    fields
+        .iter()
+        .filter_map(|(name, show)| {
+            let (a, b) = (show(before), show(after));
+            (a != b).then(|| format!("{name}: {a} -> {b}"))
+        })
+        .collect()
 }
 
 /// Creates or updates the ingress layout and the lease bucket as `plan` says; idempotent

@@ -18,6 +18,10 @@ use crate::error::StorageError;
 use crate::ids::{EntityName, Scope};
 use crate::store::{Page, RecordSlot};
 
+/// The most buckets one `sync_cells` request may ask for: their hashes are ~131 KB of
+/// JSON, well inside any account's `max_payload`.
+pub const MAX_CELL_BUCKETS: usize = 32;
+
 /// The cell hashes of some buckets of one entity type.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellHashes {

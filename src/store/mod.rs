@@ -83,7 +83,7 @@ use crate::ids::NodeId;
 use crate::msgid::MsgIds;
 use crate::stream::DeploymentLimits;
 
-pub use cells::CellHashes;
+pub use cells::{CellHashes, MAX_CELL_BUCKETS};
 pub use changelog::{
     ChangeBatch, ChangedRow, LivePage, LiveRow, LogPosition, LoggedState, StateBatch,
 };

@@ -37,9 +37,25 @@ fn without_fsync(text: &str) -> String {
         .collect()
 }
 
-fn varz(server: &NatsServer, path: &str) -> Result<serde_json::Value, String> {
+/// `path` of `server`'s monitoring endpoint, as JSON.
+pub fn varz(server: &NatsServer, path: &str) -> Result<serde_json::Value, String> {
     let body = server.monitor_get(path).map_err(|e| e.to_string())?;
     serde_json::from_str(&body).map_err(|e| e.to_string())
+}
+
+/// Waits until `server` (a site's) has a leaf connection (`up`) or none.
+pub async fn wait_leaf_link(server: &NatsServer, up: bool, what: &str, timeout: Duration) {
+    let what = format!("{what} to be {}", if up { "up" } else { "down" });
+    wait_for(&what, timeout, || async {
+        let leafz = tokio::task::block_in_place(|| varz(server, "/leafz"))?;
+        let n = leafz["leafnodes"].as_u64().unwrap_or(0);
+        if (n > 0) == up {
+            Ok(())
+        } else {
+            Err(format!("{n} leaf connections"))
+        }
+    })
+    .await;
 }
 
 /// The hub server, from deploy/edge/hub.conf.
@@ -147,21 +163,8 @@ impl Site {
 
     /// Waits until the site's leaf link is up (or down).
     pub async fn wait_linked(&self, up: bool, timeout: Duration) {
-        let what = format!(
-            "site {}'s leaf link to be {}",
-            self.name,
-            if up { "up" } else { "down" }
-        );
-        wait_for(&what, timeout, || async {
-            let leafz = tokio::task::block_in_place(|| varz(&self.server, "/leafz"))?;
-            let n = leafz["leafnodes"].as_u64().unwrap_or(0);
-            if (n > 0) == up {
-                Ok(())
-            } else {
-                Err(format!("{n} leaf connections"))
-            }
-        })
-        .await;
+        let what = format!("site {}'s leaf link", self.name);
+        wait_leaf_link(&self.server, up, &what, timeout).await;
     }
 
     /// Cuts the WAN link (the site keeps running).

@@ -21,7 +21,6 @@ use jetsync::site::{self, SiteSpec, Upstream};
 use jetsync::stream::{DeploymentLimits, Retention};
 use tempfile::TempDir;
 
-use super::common::nodes::wait_for;
 use super::common::proxy::Proxy;
 
 pub const HUB_DOMAIN: &str = "hub";
@@ -50,34 +49,6 @@ fn adapt(text: &str, tls: &Path) -> String {
         .map(|l| format!("{l}\n"))
         .collect();
     text.replace("/etc/nats/tls/", &format!("{}/", tls.display()))
-}
-
-fn varz(server: &NatsServer, path: &str) -> Result<serde_json::Value, String> {
-    let body = server.monitor_get(path).map_err(|e| e.to_string())?;
-    serde_json::from_str(&body).map_err(|e| e.to_string())
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost in `dir`; returns the CA's path.
-fn make_tls(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "jetsync edge test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
-    ca
 }
 
 /// Each node's ingress stream's quota.
@@ -123,7 +94,7 @@ impl SecureEdge {
     pub async fn start_patched(extra: &str, patch: impl FnOnce(String) -> String) -> SecureEdge {
         let dir = tempfile::tempdir().unwrap();
         let tls = dir.path().join("tls");
-        let ca = make_tls(&tls);
+        let ca = super::common::tls::make(&tls).ca;
         let hub_text = std::fs::read_to_string(deploy("hub.conf")).expect("read hub.conf");
         let hub_conf = dir.path().join("hub.conf");
         std::fs::write(&hub_conf, format!("{}\n{extra}\n", adapt(&hub_text, &tls))).unwrap();
@@ -134,7 +105,7 @@ impl SecureEdge {
                 .start()
                 .expect("the hub server starts from deploy/edge-secure/hub.conf")
         });
-        let leaf_port = varz(&hub, "/varz")
+        let leaf_port = super::common::edge::varz(&hub, "/varz")
             .ok()
             .and_then(|v| v["leaf"]["port"].as_u64())
             .expect("the hub reports its leaf node port") as u16;
@@ -186,20 +157,7 @@ impl SecureEdge {
 
     /// Waits until the site's leaf link is up (or down).
     pub async fn wait_linked(&self, up: bool, timeout: Duration) {
-        let what = format!(
-            "the site's leaf link to be {}",
-            if up { "up" } else { "down" }
-        );
-        wait_for(&what, timeout, || async {
-            let leafz = tokio::task::block_in_place(|| varz(&self.site, "/leafz"))?;
-            let n = leafz["leafnodes"].as_u64().unwrap_or(0);
-            if (n > 0) == up {
-                Ok(())
-            } else {
-                Err(format!("{n} leaf connections"))
-            }
-        })
-        .await;
+        super::common::edge::wait_leaf_link(&self.site, up, "the site's leaf link", timeout).await;
     }
 
     pub async fn cut(&self) {

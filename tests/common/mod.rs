@@ -8,6 +8,7 @@ pub mod edge;
 pub mod nodes;
 pub mod proxy;
 pub mod rng;
+pub mod tls;
 
 use std::sync::Arc;
 

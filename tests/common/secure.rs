@@ -250,25 +250,7 @@ pub fn secure_server() -> Secure {
 pub fn secure_server_from(config: &Path) -> Secure {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "jetsync test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    let ca = tls.join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(tls.join("server.pem"), server_cert.pem()).unwrap();
-    std::fs::write(tls.join("server-key.pem"), server_key.serialize_pem()).unwrap();
+    let ca = super::common::tls::make(&tls).ca;
 
     let porto = nkeys::KeyPair::new_user();
     let text = std::fs::read_to_string(config).unwrap();
