@@ -15,7 +15,11 @@
 //! - a write the stream refuses for good (`JetsyncOwnWritesRefusedByStream`),
 //! - a stuck outbox: the stream full for that subject, discard=new (`JetsyncOutboxStale`),
 //! - a frozen `jetsync run` (SIGSTOP): down for Prometheus (`JetsyncNodeDown`) and seen
-//!   stalled by its peer from the server's consumer info (`JetsyncPeerConsumerStalled`).
+//!   stalled by its peer from the server's consumer info (`JetsyncPeerConsumerStalled`),
+//! - messages deleted from inside the stream before a new full replica read it: the hole
+//!   reported at once (`JetsyncStreamLoss`), then healed by anti-entropy from the node
+//!   that holds them (`JetsyncDivergenceFound`); both are event alerts and resolve once
+//!   their window passes with nothing new.
 
 mod common;
 
@@ -333,6 +337,13 @@ impl Running {
     }
 }
 
+/// Anti-entropy every 2 s on versions older than 1 s (the default waits minutes).
+fn fast_anti_entropy(mut c: NodeConfig) -> NodeConfig {
+    c.ops.anti_entropy.interval = Duration::from_secs(2);
+    c.ops.anti_entropy.settle = Duration::from_secs(1);
+    c
+}
+
 /// A `jetsync run` process; killed (even while stopped) when dropped.
 struct Process(Child);
 
@@ -383,6 +394,14 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     stuck_config.ops.ready_max_outbox_age = Duration::from_secs(3);
     let stuck = Running::start(stuck_config).await;
     let watcher = Running::start(config("watcher", d, &url, "FROZEN", "frozen")).await;
+    let loss_writer = Running::start(fast_anti_entropy(config(
+        "losswriter",
+        d,
+        &url,
+        "LOSS",
+        "loss",
+    )))
+    .await;
     // The node to freeze: a real process, so SIGSTOP freezes all of it.
     let frozen_port = free_port();
     let frozen_addr: SocketAddr = format!("127.0.0.1:{frozen_port}").parse().unwrap();
@@ -451,7 +470,16 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     )
     .await;
 
-    let running = [&quar, &writer, &judge, &source, &parker, &stuck, &watcher];
+    let running = [
+        &quar,
+        &writer,
+        &judge,
+        &source,
+        &parker,
+        &stuck,
+        &watcher,
+        &loss_writer,
+    ];
     let mut targets: Vec<SocketAddr> = running.iter().map(|r| r.addr()).collect();
     targets.push(frozen_addr);
     let prom = Prometheus::start(&prom_bin, &targets);
@@ -548,6 +576,44 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         })
     };
 
+    // 7. Ten writes, two of them deleted from the stream before a new full replica
+    // reads it.
+    let mut lost_ids = Vec::new();
+    for i in 0..10 {
+        let id = Uuid::now_v7();
+        loss_writer
+            .node
+            .put(&things, id, json!({"loss": i}))
+            .await
+            .unwrap();
+        lost_ids.push(id);
+    }
+    wait_for(
+        "the loss writer's events to be published",
+        Duration::from_secs(30),
+        || async {
+            let s = loss_writer.node.status().await.map_err(|e| e.to_string())?;
+            (s.outbox == 0)
+                .then_some(())
+                .ok_or(format!("outbox {}", s.outbox))
+        },
+    )
+    .await;
+    let loss_stream = js.get_stream("LOSS").await.unwrap();
+    let last = loss_stream.get_info().await.unwrap().state.last_sequence;
+    for seq in [last - 5, last - 4] {
+        loss_stream
+            .delete_message(seq)
+            .await
+            .expect("message delete");
+    }
+    let loss_full = Running::start(fast_anti_entropy(config(
+        "lossfull", d, &url, "LOSS", "loss",
+    )))
+    .await;
+    targets.push(loss_full.addr());
+    prom.set_targets(&targets);
+
     // Fired, each from its first event.
     let within = Duration::from_secs(60);
     prom.wait(
@@ -583,6 +649,42 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         &[("instance", &frozen_addr.to_string())],
         true,
         within,
+    )
+    .await;
+    prom.wait(
+        "JetsyncStreamLoss",
+        &[("node", "lossfull"), ("kind", "sequence_hole")],
+        true,
+        within,
+    )
+    .await;
+    prom.wait(
+        "JetsyncDivergenceFound",
+        &[("node", "lossfull")],
+        true,
+        within,
+    )
+    .await;
+    wait_for(
+        "the full replica to hold every record after anti-entropy",
+        within,
+        || async {
+            let mut missing = 0;
+            for id in &lost_ids {
+                if loss_full
+                    .node
+                    .get(&things, *id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .is_none()
+                {
+                    missing += 1;
+                }
+            }
+            (missing == 0)
+                .then_some(())
+                .ok_or(format!("{missing} of 10 records missing"))
+        },
     )
     .await;
     // /readyz says why, for the faults a node sees itself.
@@ -683,6 +785,10 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     prom.wait("JetsyncNodeDown", &[], false, within).await;
     prom.wait("JetsyncPeerConsumerStalled", &[], false, within)
         .await;
+    // 7. Nothing new lost or healed: the event alerts end with their window.
+    prom.wait("JetsyncStreamLoss", &[], false, within).await;
+    prom.wait("JetsyncDivergenceFound", &[], false, within)
+        .await;
     // And then nothing at all (not ready and the rest included).
     wait_for("every alert to resolve", within, || async {
         let firing: Vec<_> = prom
@@ -702,9 +808,20 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
 
     drop(prom);
     drop(frozen);
-    halted.ops.shutdown().await;
-    halted.node.shutdown().await.unwrap();
-    for r in [quar, writer, judge, source, parker, stuck, watcher] {
+    for r in [halted, loss_full] {
+        r.ops.shutdown().await;
+        r.node.shutdown().await.unwrap();
+    }
+    for r in [
+        quar,
+        writer,
+        judge,
+        source,
+        parker,
+        stuck,
+        watcher,
+        loss_writer,
+    ] {
         r.ops.shutdown().await;
         r.node.shutdown().await.unwrap();
     }
