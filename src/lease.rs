@@ -170,6 +170,25 @@ pub async fn holders(js: &jetstream::Context, stream: &str) -> Result<Vec<String
     Ok(ids)
 }
 
+/// Of `ids` (from [`holders`]), those whose key now holds a release: a clean stop deletes
+/// the key, and the delete marker keeps the subject listed until the lease's TTL ends. An
+/// id whose key cannot be read (no direct-get right, a timeout) is not returned, so a
+/// caller that drops the returned ids errs towards expecting a node.
+pub async fn released(js: &jetstream::Context, stream: &str, ids: &[String]) -> Vec<String> {
+    let Ok(kv) = js.get_key_value(bucket_name(stream)).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        if let Ok(Some(entry)) = kv.entry(id).await
+            && entry.operation != kv::Operation::Put
+        {
+            out.push(id.clone());
+        }
+    }
+    out
+}
+
 /// The config of the stream under a lease bucket: what `create_key_value` makes (one
 /// value per key, expiring after `ttl`, direct gets, deletes only through the KV API),
 /// except that rollup headers are refused: a `Nats-Rollup: all` published on one key

@@ -417,7 +417,7 @@ fn raising_the_pinned_limit_lets_a_quarantined_event_be_retried() {
 }
 
 /// `top` keeps a node that stops answering (a lease holder, or named with `--expect`) as
-/// MISSING with why; with NATS down it reads the `--http` nodes' `/status` and says NATS
+/// MISSING with why (a node stopped cleanly released its lease: not missing); with NATS down it reads the `--http` nodes' `/status` and says NATS
 /// is down (without `--http` it fails and says why); at 80 columns names stay whole. Its
 /// APPLY rate follows `status.applied_events`, which counts what
 /// `jetsync_applied_events_total` counts (own echoes are not).
@@ -430,8 +430,10 @@ fn top_shows_missing_nodes_survives_a_nats_outage_and_fits_80_columns() {
     let (pa, pb) = (free_port(), free_port());
     let _na = NodeProc::start(dir.path(), a, &url, &metrics_listen(pa));
     let nb = NodeProc::start(dir.path(), b, &url, &metrics_listen(pb));
+    let mut nc = NodeProc::start(dir.path(), "gone-clean", &url, "");
     wait_caught_up(&url, a);
     wait_caught_up(&url, b);
+    wait_caught_up(&url, "gone-clean");
 
     for i in 0..3 {
         let put = cli(
@@ -490,7 +492,9 @@ fn top_shows_missing_nodes_survives_a_nats_outage_and_fits_80_columns() {
         assert!(row.contains("connected"), "{text}");
     }
 
-    // Killed: its lease stays for a TTL, so it is expected, and shown missing.
+    // Killed: its lease stays for a TTL, so it is expected, and shown missing. Stopped
+    // cleanly: its lease released (a delete marker stays listed for the TTL), not missing.
+    nc.stop();
     nb.signal("-KILL");
     let o = cli(
         &url,
@@ -520,6 +524,7 @@ fn top_shows_missing_nodes_survives_a_nats_outage_and_fits_80_columns() {
         "{text}"
     );
     assert!(text.contains("1 node, 2 missing"), "{text}");
+    assert!(top_row(&text, "gone-clean").is_none(), "{text}");
 
     // NATS down: the HTTP node stays, the error is shown.
     server.stop().expect("stop nats-server");
@@ -552,7 +557,8 @@ fn top_shows_missing_nodes_survives_a_nats_outage_and_fits_80_columns() {
 }
 
 /// `snapshot load --config` connects where the node's config says (`nats_urls`), not to
-/// the default URL.
+/// the default URL, and checks states against the deployment's pinned limits, not the
+/// file's.
 #[test]
 fn snapshot_load_uses_the_configs_nats_urls() {
     let server = NatsServer::start().expect("nats-server");
@@ -565,6 +571,10 @@ fn snapshot_load_uses_the_configs_nats_urls() {
         &["put", "orders", "{\"item\":\"tea\"}", "--node", "alpha"],
     );
     assert!(put.status.success(), "{}", both(&put));
+    // A document above gamma's file limit but within the deployment's pinned one.
+    let big = format!("{{\"note\":\"{}\"}}", "x".repeat(3000));
+    let put = cli(&url, &["put", "orders", &big, "--node", "alpha"]);
+    assert!(put.status.success(), "{}", both(&put));
     let snap = cli(&url, &["snapshot", "create", "--node", "alpha"]);
     assert!(snap.status.success(), "{}", both(&snap));
 
@@ -572,7 +582,7 @@ fn snapshot_load_uses_the_configs_nats_urls() {
     std::fs::write(
         &config,
         format!(
-            "node_id = \"gamma\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n",
+            "node_id = \"gamma\"\ndata_dir = \"{}\"\nnats_urls = [\"{url}\"]\n[limits]\nmax_doc_bytes = 1024\n",
             dir.path().join("gamma").display()
         ),
     )
@@ -584,6 +594,12 @@ fn snapshot_load_uses_the_configs_nats_urls() {
     );
     assert!(load.status.success(), "{}", both(&load));
     assert!(stdout(&load).starts_with("loaded "), "{}", both(&load));
+    // The pinned limit decides, as on a running node: nothing refused.
+    assert!(
+        stdout(&load).contains("(2 records, 2 changed, 0 refused by the state checks)"),
+        "{}",
+        both(&load)
+    );
 }
 
 /// `verify --repair` counts only records a merge changed: the node that already held the

@@ -23,6 +23,9 @@ pub struct NatsContext {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The reply inbox prefix (the nats CLI's `inbox_prefix`), which a user allowed only
+    /// its own inboxes needs (`_INBOX_<node>` under deploy/secure).
+    pub inbox_prefix: Option<String>,
 }
 
 impl NatsContext {
@@ -45,6 +48,10 @@ impl NatsContext {
         auth.tls_ca = auth.tls_ca.take().or_else(|| path(&self.ca));
         auth.tls_cert = path(&self.cert);
         auth.tls_key = path(&self.key);
+        auth.inbox_prefix = auth
+            .inbox_prefix
+            .take()
+            .or_else(|| some(&self.inbox_prefix));
         Ok(())
     }
 }
@@ -92,5 +99,22 @@ mod tests {
         assert_eq!(auth.creds_file, None);
         assert_eq!(auth.user, None);
         assert_eq!(auth.tls_ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(auth.inbox_prefix, None);
+    }
+
+    #[test]
+    fn a_contexts_inbox_prefix_is_used_unless_a_flag_gives_one() {
+        let ctx: NatsContext =
+            serde_json::from_str(r#"{"url":"nats://h:4222","inbox_prefix":"_INBOX_porto"}"#)
+                .unwrap();
+        let mut auth = NatsAuth::default();
+        ctx.apply(&mut auth).unwrap();
+        assert_eq!(auth.inbox_prefix.as_deref(), Some("_INBOX_porto"));
+        let mut flagged = NatsAuth {
+            inbox_prefix: Some("_INBOX_ops".into()),
+            ..NatsAuth::default()
+        };
+        ctx.apply(&mut flagged).unwrap();
+        assert_eq!(flagged.inbox_prefix.as_deref(), Some("_INBOX_ops"));
     }
 }

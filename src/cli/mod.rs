@@ -239,7 +239,7 @@ pub struct Conn {
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
     /// A nats CLI context: a name (`~/.config/nats/context/<name>.json`) or a path to such
-    /// a file. Its url, creds, user/password, token, nkey and TLS files are used where no
+    /// a file. Its url, creds, user/password, token, nkey, TLS files and inbox_prefix are used where no
     /// flag or variable gives them.
     #[arg(long, env = "NATS_CONTEXT", global = true)]
     pub context: Option<String>,
@@ -293,8 +293,13 @@ impl Conn {
         // combines with a context's method into an invalid pair.
         if auth.creds_file.is_none() && auth.user.is_none() {
             ctx.apply(&mut auth)?;
-        } else if auth.tls_ca.is_none() {
-            auth.tls_ca = ctx.ca.clone();
+        } else {
+            if auth.tls_ca.is_none() {
+                auth.tls_ca = ctx.ca.clone();
+            }
+            if auth.inbox_prefix.is_none() {
+                auth.inbox_prefix = ctx.inbox_prefix.clone().filter(|p| !p.is_empty());
+            }
         }
         Ok((urls, auth))
     }

@@ -251,6 +251,12 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<ExitCode> {
                     format!("opening {} (is the node stopped?)", path.display())
                 })?,
             );
+            // The deployment's pinned limits, not the file's, decide which states pass
+            // the checks (as when the node itself loads a snapshot).
+            if let Ok((Some(pinned), _)) = crate::stream::pinned_limits(&js, &cfg.stream.name).await
+            {
+                store.adopt_limits(pinned)?;
+            }
             let meta = match name {
                 Some(n) => snapshot::list(&js, &cfg.stream)
                     .await?
@@ -402,10 +408,18 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         _ => Sink::JsonLines(Box::new(std::io::BufWriter::new(std::io::stdout()))),
     };
-    let limits = EventLimits::from(&StoreConfig {
+    let mut limits = EventLimits::from(&StoreConfig {
         prefix: conn.prefix.clone(),
         ..StoreConfig::default()
     });
+    // The deployment's pinned limits decide what is refused, as on every node.
+    if let Ok((Some(pinned), _)) = crate::stream::pinned_limits(&js, &conn.stream).await {
+        limits.max_doc_bytes = pinned.max_doc_bytes;
+        limits.max_clock_drift_ms = pinned.max_clock_drift_ms;
+        if let Sink::Store(store) = &sink {
+            store.adopt_limits(pinned)?;
+        }
+    }
     let report = crate::replay::replay(
         &js,
         &settings(conn),

@@ -177,8 +177,24 @@ impl Sampler {
             )
             .await;
             if let Ok(Ok(holders)) = holders {
+                // A node stopped cleanly released its key: not expected any more.
+                let silent: Vec<String> = holders
+                    .iter()
+                    .filter(|h| !rows.contains_key(*h))
+                    .cloned()
+                    .collect();
+                let released = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    crate::lease::released(&js, &n.stream, &silent),
+                )
+                .await
+                .unwrap_or_default();
                 for h in holders {
-                    self.expected.entry(h).or_insert("holds a node lease");
+                    if !released.contains(&h) {
+                        self.expected.entry(h).or_insert("holds a node lease");
+                    } else if self.expected.get(&h) == Some(&"holds a node lease") {
+                        self.expected.remove(&h);
+                    }
                 }
             }
         }

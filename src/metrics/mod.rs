@@ -556,7 +556,7 @@ impl NodeMetrics {
         );
         r.register(
             "peer_consumer_pending",
-            "Per peer: stream messages its durable consumer has not been delivered yet, as the server reports it",
+            "Per peer: stream messages its durable consumer has not acknowledged (not delivered yet, or delivered and unacknowledged), as the server reports it",
             inner.peer_pending.clone(),
         );
         r.register_with_unit(

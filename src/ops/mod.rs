@@ -335,7 +335,9 @@ async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
             let last = i.delivered.last_active.unwrap_or(i.created);
             PeerConsumer {
                 peer,
-                pending: i.num_pending,
+                // A message delivered into the peer's open fetch and never acked waits
+                // too: at a low write rate a frozen node's only pending event is there.
+                pending: i.num_pending + i.num_ack_pending as u64,
                 idle_seconds: (now - last).num_milliseconds().max(0) as f64 / 1000.0,
             }
         })
