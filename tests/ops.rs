@@ -608,6 +608,7 @@ fn the_dashboard_queries_only_metrics_the_nodes_export() {
             peer: "y".into(),
             pending: 1,
             idle_seconds: 1.0,
+            lease_held: Some(true),
         }],
         ..Default::default()
     });

@@ -16,7 +16,7 @@
 //! - a stuck outbox: the stream full for that subject, discard=new (`JetsyncOutboxStale`),
 //! - a frozen `jetsync run` (SIGSTOP) and one write of its peer: down for Prometheus
 //!   (`JetsyncNodeDown`) and seen stalled by its peer from the server's consumer info
-//!   (`JetsyncPeerConsumerStalled`, the one event delivered and never acknowledged),
+//!   (`JetsyncPeerConsumerStalled`, from its lapsed lease: nothing counts as waiting),
 //! - messages deleted from inside the stream before a new full replica read it: the hole
 //!   reported at once (`JetsyncStreamLoss`), then healed by anti-entropy from the node
 //!   that holds them (`JetsyncDivergenceFound`); both are event alerts and resolve once
@@ -395,14 +395,11 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     stuck_config.ops.ready_max_outbox_age = Duration::from_secs(3);
     let stuck = Running::start(stuck_config).await;
     let watcher = Running::start(config("watcher", d, &url, "FROZEN", "frozen")).await;
-    let loss_writer = Running::start(fast_anti_entropy(config(
-        "losswriter",
-        d,
-        &url,
-        "LOSS",
-        "loss",
-    )))
-    .await;
+    // The writer runs no anti-entropy of its own: it would republish what the stream lost
+    // and race the replica's pull, which is what this fault shows.
+    let mut loss_writer_config = config("losswriter", d, &url, "LOSS", "loss");
+    loss_writer_config.ops.anti_entropy.enabled = false;
+    let loss_writer = Running::start(loss_writer_config).await;
     // The node to freeze: a real process, so SIGSTOP freezes all of it.
     let frozen_port = free_port();
     let frozen_addr: SocketAddr = format!("127.0.0.1:{frozen_port}").parse().unwrap();
@@ -564,9 +561,9 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
             .await
             .unwrap();
     }
-    // 6. The frozen node, and one write of its peer: at a low write rate the only event
-    // waiting is the one the server delivered into the frozen node's open fetch, which
-    // the server counts as unacknowledged, not as pending.
+    // 6. The frozen node, and one write of its peer: the only event waiting is the one
+    // the server delivered into the frozen node's open fetch, which counts as done on the
+    // server (a full replica's consumer acks nothing); the lapsed lease shows it.
     signal(&frozen.0, "-STOP");
     watcher
         .node

@@ -172,6 +172,8 @@ pub struct PeerConsumer {
     pub pending: u64,
     /// Seconds since the server last delivered to it (or since it was created).
     pub idle_seconds: f64,
+    /// Whether the peer holds its node lease (`None`: the lease bucket was not read).
+    pub lease_held: Option<bool>,
 }
 
 /// A node's metrics; cheap to share (`Arc`), every method a no-op when disabled.
@@ -216,6 +218,7 @@ struct Inner {
     disk_size: Family<Labels, Gauge>,
     peer_pending: Family<Labels, Gauge>,
     peer_idle: Family<Labels, FloatGauge>,
+    peer_lease: Family<Labels, Gauge>,
     /// Peer label values with `peer_consumer_*` series now.
     consumer_peers: Mutex<BTreeSet<String>>,
     snapshot_bytes: Gauge,
@@ -350,6 +353,7 @@ impl NodeMetrics {
             disk_size: Family::default(),
             peer_pending: Family::default(),
             peer_idle: Family::default(),
+            peer_lease: Family::default(),
             consumer_peers: Mutex::new(BTreeSet::new()),
             snapshot_bytes: Gauge::default(),
             snapshot_duration: FloatGauge::default(),
@@ -564,6 +568,11 @@ impl NodeMetrics {
             "Per peer: time since the server last delivered to its durable consumer",
             Unit::Seconds,
             inner.peer_idle.clone(),
+        );
+        r.register(
+            "peer_lease_held",
+            "Per watched peer: 1 while it holds its node lease, 0 once the lease lapsed (frozen, hung, killed or stopped) while its consumer stays",
+            inner.peer_lease.clone(),
         );
         r.register(
             "snapshot_states_refused",
@@ -887,24 +896,39 @@ impl NodeMetrics {
         }
         // Peers sharing the overflow label show the worst of them; a consumer gone from
         // the server loses its series.
-        let mut consumers: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        let mut consumers: BTreeMap<String, (u64, f64, Option<bool>)> = BTreeMap::new();
         for c in &s.peer_consumers {
-            let v = consumers
-                .entry(m.node_label(&c.peer))
-                .or_insert((c.pending, c.idle_seconds));
-            *v = (v.0.max(c.pending), v.1.max(c.idle_seconds));
+            let v = consumers.entry(m.node_label(&c.peer)).or_insert((
+                c.pending,
+                c.idle_seconds,
+                c.lease_held,
+            ));
+            let held = match (v.2, c.lease_held) {
+                (Some(a), Some(b)) => Some(a && b),
+                (a, b) => a.or(b),
+            };
+            *v = (v.0.max(c.pending), v.1.max(c.idle_seconds), held);
         }
         let mut shown = lock(&m.consumer_peers);
         for gone in shown.iter().filter(|p| !consumers.contains_key(*p)) {
             m.peer_pending.remove(&vec![("peer", gone.clone())]);
             m.peer_idle.remove(&vec![("peer", gone.clone())]);
+            m.peer_lease.remove(&vec![("peer", gone.clone())]);
         }
         *shown = consumers.keys().cloned().collect();
         drop(shown);
-        for (label, (pending, idle)) in consumers {
+        for (label, (pending, idle, held)) in consumers {
             let key = vec![("peer", label)];
             m.peer_pending.get_or_create(&key).set(int(pending));
             m.peer_idle.get_or_create(&key).set(idle);
+            match held {
+                Some(h) => {
+                    m.peer_lease.get_or_create(&key).set(i64::from(h));
+                }
+                None => {
+                    m.peer_lease.remove(&key);
+                }
+            }
         }
         // Peers sharing the overflow label add up; a peer the self-check forgot (gone
         // from its answers) loses its series rather than keeping its last value.
@@ -1261,6 +1285,7 @@ mod tests {
             peer: p.into(),
             pending,
             idle_seconds: 90.0,
+            lease_held: Some(pending == 0),
         };
         m.set_state(&StateSample {
             own_refused: 2,
@@ -1277,6 +1302,8 @@ mod tests {
             "jetsync_store_disk_size_bytes{node=\"a\"} 100",
             "jetsync_peer_consumer_pending{node=\"a\",peer=\"b\"} 7",
             "jetsync_peer_consumer_idle_seconds{node=\"a\",peer=\"c\"} 90.0",
+            "jetsync_peer_lease_held{node=\"a\",peer=\"b\"} 0",
+            "jetsync_peer_lease_held{node=\"a\",peer=\"c\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -322,10 +322,14 @@ async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
                 infos.push((peer.to_owned(), info));
             }
         }
-        Some(infos)
+        // A frozen or stopped node stops renewing its lease: seen here even when no event
+        // waits for it (a full replica's consumer acks nothing, so one event delivered into
+        // a frozen node's open fetch counts as done on the server).
+        let holders = crate::lease::holders(&js, &cfg.stream.name).await.ok();
+        Some((infos, holders))
     })
     .await;
-    let Ok(Some(infos)) = asked else {
+    let Ok(Some((infos, holders))) = asked else {
         return Vec::new();
     };
     let now = chrono::Utc::now();
@@ -333,12 +337,14 @@ async fn peer_consumers(node: &NodeHandle) -> Vec<PeerConsumer> {
         .into_iter()
         .map(|(peer, i)| {
             let last = i.delivered.last_active.unwrap_or(i.created);
+            let lease_held = holders.as_ref().map(|h| h.contains(&peer));
             PeerConsumer {
                 peer,
-                // A message delivered into the peer's open fetch and never acked waits
-                // too: at a low write rate a frozen node's only pending event is there.
+                // Delivered and not acknowledged (a filtered replica's consumer acks):
+                // waiting too.
                 pending: i.num_pending + i.num_ack_pending as u64,
                 idle_seconds: (now - last).num_milliseconds().max(0) as f64 / 1000.0,
+                lease_held,
             }
         })
         .collect()
