@@ -121,6 +121,16 @@ impl Names {
     /// reads, the lease bucket's key list, the stream names (which find the snapshot
     /// buckets), and every node's snapshot bucket, read only: info, message gets,
     /// ordered consumers (object reads, listings) and their flow control.
+    ///
+    /// An object read or listing creates an ordered push consumer *without a name*
+    /// (`$JS.API.CONSUMER.CREATE.<stream>`, the server names it), so on another node's
+    /// bucket only that exact subject is granted: no named create, no consumer info and
+    /// no delete, which would let a node delete or update another client's consumer whose
+    /// name it knows (an operator's durable reader, say). The reader needs none of them:
+    /// its ephemeral consumer goes away by itself once nobody listens (the server's
+    /// inactive threshold). What is lost: an ordered consumer that misses a delivery on
+    /// another node's bucket cannot recreate itself (that is a named create and a delete);
+    /// the read fails and the caller reads again.
     pub fn shared_grants(&self, nodes: &[&str]) -> Vec<Grant> {
         let s = &self.stream;
         let mut out: Vec<String> = vec![
@@ -140,9 +150,6 @@ impl Names {
                 format!("$JS.API.DIRECT.GET.{obj}"),
                 format!("$JS.API.DIRECT.GET.{obj}.>"),
                 format!("$JS.API.CONSUMER.CREATE.{obj}"),
-                format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
-                format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
-                format!("$JS.API.CONSUMER.INFO.{obj}.>"),
                 format!("$JS.FC.{obj}.>"),
             ]);
         }
@@ -167,9 +174,13 @@ impl Names {
             // its ingress stream, whose info and messages it reads for its duplicate check
             format!("$JS.API.STREAM.INFO.{ingress}"),
             format!("$JS.API.STREAM.MSG.GET.{ingress}"),
-            // its own snapshot bucket: writes, deletes, purges (prune)
+            // its own snapshot bucket: writes, deletes, purges (prune), and named consumers
+            // (an ordered consumer's recreation after a lost delivery) on it only
             format!("$JS.API.STREAM.PURGE.OBJ_{bucket}"),
             format!("$O.{bucket}.>"),
+            format!("$JS.API.CONSUMER.CREATE.OBJ_{bucket}.>"),
+            format!("$JS.API.CONSUMER.DELETE.OBJ_{bucket}.>"),
+            format!("$JS.API.CONSUMER.INFO.OBJ_{bucket}.>"),
         ]
         .into_iter()
         .map(service)
@@ -803,6 +814,11 @@ mod tests {
         assert!(!berlin.contains("$O.JETSYNC_SNAPSHOTS_porto"));
         assert!(!berlin.contains("PURGE.OBJ_JETSYNC_SNAPSHOTS_porto"));
         assert!(berlin.contains("\"$JS.API.STREAM.INFO.OBJ_JETSYNC_SNAPSHOTS_porto\""));
+        // others' buckets: server-named consumers only, no delete, no named create
+        assert!(berlin.contains("\"$JS.API.CONSUMER.CREATE.OBJ_JETSYNC_SNAPSHOTS_porto\""));
+        assert!(!berlin.contains("CONSUMER.DELETE.OBJ_JETSYNC_SNAPSHOTS_porto"));
+        assert!(!berlin.contains("CONSUMER.CREATE.OBJ_JETSYNC_SNAPSHOTS_porto."));
+        assert!(berlin.contains("\"$JS.API.CONSUMER.DELETE.OBJ_JETSYNC_SNAPSHOTS_berlin.>\""));
         assert!(!berlin.contains("JETSYNC_IN_porto"));
         assert!(!berlin.contains("jetsync_api.porto.write"));
         assert!(berlin.contains(
