@@ -17,7 +17,7 @@
 //! - `open`: it acted on another's data. The test fails on any but those
 //!   `deploy/secure/README.md` lists as still open (printed; none now: deleting or
 //!   updating a consumer of known name on berlin's snapshot bucket was the last, closed by
-//!   granting a node only server-named consumers on another's bucket).
+//!   reading buckets with direct gets and granting nodes no consumer right on them).
 //!
 //! Porto classes: `replay`, `copied_id`, `equivocation`, `subject`, `body`, `clock`,
 //! `lease` (a fake holder in porto's key, berlin's key, `Nats-Rollup: all` on porto's key),
@@ -1239,8 +1239,7 @@ async fn attack(
                                 ),
                             )
                         }
-                        // A node may delete and create named consumers on its own bucket
-                        // only; on another's only server-named ones (README).
+                        // Nodes have no consumer right on any bucket (README).
                         None => open(
                             ledger,
                             class,

@@ -174,6 +174,10 @@ pub struct FileSite {
     /// What the site receives from the hub (filtered by the hub's server); default: all.
     #[serde(default)]
     pub receive: Vec<FileEntity>,
+    /// The site's node ids, read by `jetsync site add` only: the hub sources from the
+    /// site only events under these origins (`site::site_source`); default: every origin.
+    #[serde(default)]
+    pub origins: Vec<String>,
 }
 
 fn default_hub_domain() -> String {
