@@ -23,6 +23,7 @@
 //! name = "shop42"     # the site's JetStream domain; the node follows the site stream there
 //! hub_domain = "hub"
 //! receive = [{ entity = "orders", scopes = ["shop42"] }]  # from the hub; default: all
+//! origins = ["shop42-till-1"]  # `site add` only: the hub sources these origins; default: all
 //! [compaction]       # removing old tombstones; 0: never
 //! interval_secs = 3600
 //! tombstone_horizon_secs = 2592000   # 30 days: longer than any outage plus retention
