@@ -1696,3 +1696,151 @@ async fn a_valid_event_with_a_forged_origin_seq_does_not_move_a_nodes_sequence()
         n.shutdown().await.unwrap();
     }
 }
+
+/// The fresh-store case of the rule above: a store that never wrote (its data dir lost)
+/// has a secret nothing was written with, so it cannot verify its lost writes; it starts
+/// above the newest event under its subject, as it must not reuse their sequences
+/// (`status.restored`). A position no node reaches (past `u64::MAX / 2`) is refused even
+/// there: on the code before, a forged `origin_seq` of `u64::MAX` was adopted and the
+/// next write overflowed the sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_store_starts_above_its_lost_writes_but_never_past_half_the_sequence_space() {
+    let s = secure_server();
+    s.provision().await;
+    let berlin = start(s.node_config("berlin")).await;
+    let porto = start(s.node_config("porto")).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let id = Uuid::now_v7();
+        porto.put(&orders(), id, json!({"n": n})).await.unwrap();
+        ids.push(id);
+    }
+    assert_eq!(porto.raw_store().last_origin_seq().unwrap(), 3);
+    // In the event stream (sourced from porto's ingress), where the restore check reads.
+    wait_for(
+        "berlin to apply porto's three writes",
+        Duration::from_secs(30),
+        || async {
+            let held = ids
+                .iter()
+                .filter(|id| matches!(berlin.store().get(&orders(), **id), Ok(Some(_))))
+                .count();
+            if held == 3 {
+                Ok(())
+            } else {
+                Err(format!("{held} of 3"))
+            }
+        },
+    )
+    .await;
+    porto.shutdown().await.unwrap();
+
+    // porto's data dir is lost: a new store finds its three events and starts above.
+    let fresh = |dir: &tempfile::TempDir| {
+        let mut c = s.node_config("porto");
+        c.data_dir = dir.path().to_path_buf();
+        c
+    };
+    let first = tempfile::tempdir().unwrap();
+    let porto = start(fresh(&first)).await;
+    // A node takes local writes before it holds its lease and has checked the stream:
+    // one here, still in its outbox when the check runs.
+    porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 1}))
+        .await
+        .unwrap();
+    wait_for(
+        "the fresh porto to find its lost writes in the stream",
+        Duration::from_secs(60),
+        || async {
+            let st = status_json(&porto).await?;
+            if st["restored"].is_null() {
+                Err(format!(
+                    "restored {} lease {}, positions refused {} ({}), outbox {}",
+                    st["restored"],
+                    st["lease"],
+                    st["positions_refused"],
+                    st["position_refused"],
+                    st["outbox"]
+                ))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let st = status_json(&porto).await.unwrap();
+    assert_eq!(st["restored"]["stream_origin_seq"], 3, "{st}");
+    assert_eq!(st["positions_refused"], 0, "{st}");
+    let w = porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 2}))
+        .await
+        .unwrap();
+    // 4 or 5: the first local write may have come before or after the check.
+    assert!(
+        w.origin_seq > 3,
+        "a fresh store continues after its lost writes: {}",
+        w.origin_seq
+    );
+    porto.shutdown().await.unwrap();
+
+    // A valid event under porto's subject claiming the last sequence there is: a fresh
+    // store refuses that position, and writes on.
+    let adversary = Raw::new(&s, &s.node_auth("porto")).await;
+    let forged = Uuid::now_v7();
+    let mut ev = event_of("porto", forged, json!({"forged": "max"}));
+    ev.origin_seq = u64::MAX;
+    publish(
+        &adversary.js,
+        ev.subject("jetsync"),
+        HeaderMap::new(),
+        ev.encode(),
+    )
+    .await;
+    wait_for(
+        "berlin to apply the event (valid, under porto's subject)",
+        Duration::from_secs(30),
+        || async {
+            match berlin.store().get(&orders(), forged) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let second = tempfile::tempdir().unwrap();
+    let porto = start(fresh(&second)).await;
+    wait_for(
+        "the second fresh porto to refuse the forged position",
+        Duration::from_secs(60),
+        || async {
+            let st = status_json(&porto).await?;
+            if st["positions_refused"] == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "positions_refused {} lease {}",
+                    st["positions_refused"], st["lease"]
+                ))
+            }
+        },
+    )
+    .await;
+    let w = porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 3}))
+        .await
+        .expect("the second fresh porto writes");
+    assert!(
+        w.origin_seq < 1_000,
+        "porto's origin_seq moved to {}",
+        w.origin_seq
+    );
+    for n in [berlin, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// A node's status as JSON (its trust fields are flattened into it).
+async fn status_json(node: &Node) -> Result<Value, String> {
+    serde_json::to_value(node.status().await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+}

@@ -423,10 +423,12 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
         return Ok(());
     };
     let store = shared.store.clone();
-    let store_seq = tokio::task::spawn_blocking(move || store.last_origin_seq())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let (store_seq, unpublished) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::error::StorageError>((store.last_origin_seq()?, store.outbox_len()?))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     if ev.origin != cfg.node_id || ev.origin_seq <= store_seq {
         return Ok(());
     }
@@ -439,14 +441,17 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
     // its data dir lost) has a secret nothing was written with: it cannot tell its lost
     // writes from forged ones and starts above whatever it finds, as it must not reuse a
     // sequence its lost writes had; only a position no node can reach (past `u64::MAX /
-    // 2`) is refused there too, so a sequence never overflows.
+    // 2`) is refused there too, so a sequence never overflows. Writes taken before this
+    // check (a node accepts local writes before it holds its lease) are still all in the
+    // outbox: a store none of whose writes was published counts as one that never wrote.
+    let fresh = store_seq == 0 || unpublished == store_seq;
     let proven = last
         .msg_id
         .as_deref()
         .is_some_and(|id| shared.store.wrote(id, &last.subject, &last.payload));
     let refusal = if ev.origin_seq > u64::MAX / 2 {
         Some("an origin_seq no node reaches (above u64::MAX / 2)")
-    } else if proven || store_seq == 0 {
+    } else if proven || fresh {
         None
     } else if last.msg_id.is_none() {
         Some("no message id: this incarnation cannot have written it")
