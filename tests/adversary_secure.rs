@@ -15,8 +15,9 @@
 //! - `inert`: the server takes the request but nothing reaches anyone else (a reply
 //!   routed back into the requester's account): checked at the end;
 //! - `open`: it acted on another's data. The test fails on any but those
-//!   `deploy/secure/README.md` lists as still open (printed): deleting a consumer of known
-//!   name on berlin's snapshot bucket.
+//!   `deploy/secure/README.md` lists as still open (printed; none now: deleting or
+//!   updating a consumer of known name on berlin's snapshot bucket was the last, closed by
+//!   reading buckets with direct gets and granting nodes no consumer right on them).
 //!
 //! Porto classes: `replay`, `copied_id`, `equivocation`, `subject`, `body`, `clock`,
 //! `lease` (a fake holder in porto's key, berlin's key, `Nats-Rollup: all` on porto's key),
@@ -315,6 +316,11 @@ async fn porto_and_the_viewer_widen_nothing_while_honest_nodes_write_under_the_s
         ledger.open.is_empty(),
         "attacks acted on another node's data: {:#?}",
         ledger.open
+    );
+    assert!(
+        d.shared_open.is_empty(),
+        "attacks the README once listed as open acted: {:#?}",
+        d.shared_open
     );
 
     // Nothing relayed reached a node or the stream; the stream and the lease bucket are
@@ -1179,36 +1185,68 @@ async fn attack(
                     }
                     let _ = tokio::time::timeout(
                         REFUSED_WAIT,
-                        js.delete_consumer_from_stream(&name, format!("OBJ_{BERLIN_BUCKET}")),
+                        js.delete_consumer_from_stream(&name, &stream),
                     )
                     .await;
-                    let still = d
+                    // The same consumer updated by name: through the named create, and
+                    // through the server-named one (the only create porto has on
+                    // berlin's bucket) with the name in the body.
+                    let update = |durable: bool| {
+                        let mut config = json!({
+                            "name": name, "description": format!("updated by porto {round}"),
+                            "ack_policy": "explicit", "deliver_policy": "all",
+                        });
+                        if durable {
+                            config["durable_name"] = json!(name);
+                        }
+                        serde_json::to_vec(&json!({
+                            "stream_name": stream, "config": config, "action": "update",
+                        }))
+                        .unwrap()
+                    };
+                    for (subject, durable) in [
+                        (format!("$JS.API.CONSUMER.CREATE.{stream}.{name}"), true),
+                        (format!("$JS.API.CONSUMER.CREATE.{stream}"), false),
+                        (format!("$JS.API.CONSUMER.CREATE.{stream}"), true),
+                    ] {
+                        let _ = tokio::time::timeout(
+                            REFUSED_WAIT,
+                            d.porto.client.request(subject, update(durable).into()),
+                        )
+                        .await;
+                    }
+                    let now = d
                         .ops
-                        .get_stream(format!("OBJ_{BERLIN_BUCKET}"))
+                        .get_stream(&stream)
                         .await
                         .unwrap()
                         .consumer_info(&name)
                         .await
-                        .is_ok();
-                    if still {
-                        ledger.outcome(class, "refused");
-                        let _ = d
-                            .ops
-                            .delete_consumer_from_stream(&name, format!("OBJ_{BERLIN_BUCKET}"))
-                            .await;
-                    } else {
-                        // Every node may delete consumers on every bucket (readers' own
-                        // ordered consumers); it cannot list their names, but a durable's
-                        // name may be known (README, "What is still open").
-                        open_known(
-                            &mut d.shared_open,
+                        .ok();
+                    match now {
+                        Some(i) if i.config.description.is_none() => {
+                            ledger.outcome(class, "refused");
+                            let _ = d.ops.delete_consumer_from_stream(&name, &stream).await;
+                        }
+                        Some(i) => {
+                            let _ = d.ops.delete_consumer_from_stream(&name, &stream).await;
+                            open(
+                                ledger,
+                                class,
+                                format!(
+                                    "porto updated the operator's consumer {name} on berlin's bucket: {:?}",
+                                    i.config.description
+                                ),
+                            )
+                        }
+                        // Nodes have no consumer right on any bucket (README).
+                        None => open(
                             ledger,
                             class,
                             format!(
                                 "porto deleted the operator's consumer {name} on berlin's bucket"
                             ),
-                            true,
-                        );
+                        ),
                     }
                 }
                 _ => {
@@ -1542,4 +1580,267 @@ async fn a_quarantined_event_under_a_nodes_subject_does_not_make_it_a_new_incarn
     for n in [berlin, porto] {
         n.shutdown().await.unwrap();
     }
+}
+
+/// Issue 27, brief item 2: a *valid* event on porto's own subject, published with porto's
+/// credentials by someone else (or a buggy client), claiming a huge `origin_seq`. Every
+/// node applies it (it is a valid event of porto's; only porto could tell it did not
+/// write it, and quarantining it there alone would make porto diverge). But porto adopts
+/// a position from the stream only for an event its message id proves this incarnation
+/// wrote: at its next lease take-back it refuses this one (status `positions_refused`,
+/// metric, warn log) and keeps its own sequence. On the code before, the check adopted
+/// any decodable own event: porto's `origin_seq` became 1000000000 (a new incarnation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_event_with_a_forged_origin_seq_does_not_move_a_nodes_sequence() {
+    let s = secure_server();
+    s.provision().await;
+    let berlin = start(s.node_config("berlin")).await;
+    let porto = start(s.node_config("porto")).await;
+    porto
+        .put(&orders(), Uuid::now_v7(), json!({"n": 1}))
+        .await
+        .unwrap();
+    let adversary = Raw::new(&s, &s.node_auth("porto")).await;
+    let forged_id = Uuid::now_v7();
+    let mut ev = event_of("porto", forged_id, json!({"forged": true}));
+    ev.origin_seq = 1_000_000_000;
+    let mut headers = HeaderMap::new();
+    // A message id of porto's shape whose tag no incarnation of porto made.
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("porto:0000000000000001:1000000000:{}", "ab".repeat(16)).as_str(),
+    );
+    publish(&adversary.js, ev.subject("jetsync"), headers, ev.encode()).await;
+    for n in [&berlin, &porto] {
+        wait_for(
+            &format!("{} to apply the event under porto's subject", n.node_id()),
+            Duration::from_secs(30),
+            || async {
+                match n.store().get(&orders(), forged_id) {
+                    Ok(Some(_)) => Ok(()),
+                    other => Err(format!("holds {other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+
+    // porto loses its id to a fake holder, then takes it back: the restore check runs.
+    let kv = adversary
+        .js
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("porto's lease bucket");
+    let fake = json!({
+        "node": "porto", "host": "mallory", "pid": 666, "data_dir": "/nowhere",
+        "token": "forged", "since_ms": now_ms(),
+    });
+    kv.put("porto", serde_json::to_vec(&fake).unwrap().into())
+        .await
+        .expect("porto's credentials write porto's key");
+    wait_for(
+        "porto to find its id held by the fake holder",
+        Duration::from_secs(60),
+        || async {
+            let st = porto.status().await.map_err(|e| e.to_string())?;
+            let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
+            match st["lease"]["state"].as_str() {
+                Some("lost") => Ok(()),
+                other => Err(format!("lease {other:?}")),
+            }
+        },
+    )
+    .await;
+    kv.delete("porto").await.expect("porto's key deleted");
+    let id = Uuid::now_v7();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        match porto.put(&orders(), id, json!({"n": 2})).await {
+            Ok(w) => break w,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "porto takes no writes 60 s after its key was freed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_for(
+        "berlin to apply porto's write",
+        Duration::from_secs(60),
+        || async {
+            match berlin.store().get(&orders(), id) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("berlin holds {other:?}")),
+            }
+        },
+    )
+    .await;
+    let seq = porto.raw_store().last_origin_seq().unwrap();
+    assert!(
+        seq < 1_000,
+        "porto's origin_seq moved to {seq} (its write {}): it adopted a position it cannot prove it wrote",
+        written.version
+    );
+    let st = serde_json::to_value(porto.status().await.unwrap()).unwrap();
+    assert_eq!(
+        st["positions_refused"], 1,
+        "porto counts the refused position once: {}",
+        st["position_refused"]
+    );
+    assert_eq!(st["position_refused"]["origin_seq"], 1_000_000_000u64);
+    assert!(
+        st["restored"].is_null(),
+        "porto became a new incarnation: {st}"
+    );
+    for n in [berlin, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// The fresh-store case of the rule above: a store that never wrote (its data dir lost)
+/// has a secret nothing was written with, so it cannot verify its lost writes; it starts
+/// above the newest event under its subject, as it must not reuse their sequences
+/// (`status.restored`). A position no node reaches (past `u64::MAX / 2`) is refused even
+/// there: on the code before, a forged `origin_seq` of `u64::MAX` was adopted and the
+/// next write overflowed the sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_store_starts_above_its_lost_writes_but_never_past_half_the_sequence_space() {
+    let s = secure_server();
+    s.provision().await;
+    let berlin = start(s.node_config("berlin")).await;
+    let porto = start(s.node_config("porto")).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let id = Uuid::now_v7();
+        porto.put(&orders(), id, json!({"n": n})).await.unwrap();
+        ids.push(id);
+    }
+    assert_eq!(porto.raw_store().last_origin_seq().unwrap(), 3);
+    // In the event stream (sourced from porto's ingress), where the restore check reads.
+    wait_for(
+        "berlin to apply porto's three writes",
+        Duration::from_secs(30),
+        || async {
+            let held = ids
+                .iter()
+                .filter(|id| matches!(berlin.store().get(&orders(), **id), Ok(Some(_))))
+                .count();
+            if held == 3 {
+                Ok(())
+            } else {
+                Err(format!("{held} of 3"))
+            }
+        },
+    )
+    .await;
+    porto.shutdown().await.unwrap();
+
+    // porto's data dir is lost: a new store finds its three events and starts above.
+    let fresh = |dir: &tempfile::TempDir| {
+        let mut c = s.node_config("porto");
+        c.data_dir = dir.path().to_path_buf();
+        c
+    };
+    let first = tempfile::tempdir().unwrap();
+    let porto = start(fresh(&first)).await;
+    // A node takes local writes before it holds its lease and has checked the stream:
+    // one here, still in its outbox when the check runs.
+    porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 1}))
+        .await
+        .unwrap();
+    wait_for(
+        "the fresh porto to find its lost writes in the stream",
+        Duration::from_secs(60),
+        || async {
+            let st = status_json(&porto).await?;
+            if st["restored"].is_null() {
+                Err(format!(
+                    "restored {} lease {}, positions refused {} ({}), outbox {}",
+                    st["restored"],
+                    st["lease"],
+                    st["positions_refused"],
+                    st["position_refused"],
+                    st["outbox"]
+                ))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let st = status_json(&porto).await.unwrap();
+    assert_eq!(st["restored"]["stream_origin_seq"], 3, "{st}");
+    assert_eq!(st["positions_refused"], 0, "{st}");
+    let w = porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 2}))
+        .await
+        .unwrap();
+    // 4 or 5: the first local write may have come before or after the check.
+    assert!(
+        w.origin_seq > 3,
+        "a fresh store continues after its lost writes: {}",
+        w.origin_seq
+    );
+    porto.shutdown().await.unwrap();
+
+    // A valid event under porto's subject claiming the last sequence there is: a fresh
+    // store refuses that position, and writes on.
+    let adversary = Raw::new(&s, &s.node_auth("porto")).await;
+    let forged = Uuid::now_v7();
+    let mut ev = event_of("porto", forged, json!({"forged": "max"}));
+    ev.origin_seq = u64::MAX;
+    publish(
+        &adversary.js,
+        ev.subject("jetsync"),
+        HeaderMap::new(),
+        ev.encode(),
+    )
+    .await;
+    wait_for(
+        "berlin to apply the event (valid, under porto's subject)",
+        Duration::from_secs(30),
+        || async {
+            match berlin.store().get(&orders(), forged) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let second = tempfile::tempdir().unwrap();
+    let porto = start(fresh(&second)).await;
+    wait_for(
+        "the second fresh porto to refuse the forged position",
+        Duration::from_secs(60),
+        || async {
+            let st = status_json(&porto).await?;
+            if st["positions_refused"] == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "positions_refused {} lease {}",
+                    st["positions_refused"], st["lease"]
+                ))
+            }
+        },
+    )
+    .await;
+    let w = porto
+        .put(&orders(), Uuid::now_v7(), json!({"fresh": 3}))
+        .await
+        .expect("the second fresh porto writes");
+    assert!(
+        w.origin_seq < 1_000,
+        "porto's origin_seq moved to {}",
+        w.origin_seq
+    );
+    for n in [berlin, porto] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// A node's status as JSON (its trust fields are flattened into it).
+async fn status_json(node: &Node) -> Result<Value, String> {
+    serde_json::to_value(node.status().await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }

@@ -680,3 +680,91 @@ async fn a_site_cut_off_longer_than_the_hub_retention_merges_a_hub_snapshot() {
     acks::check(&acks, &states).assert_ok("after the heal");
     assert_no_violations(&edge);
 }
+
+/// Issue 27 (brief item 4, in part): the site's own server, or its operator, can put
+/// anything into the site stream, which the hub sources. The hub's source of the site
+/// takes only the site's nodes' origins (`[site] origins` of `site add`, one filter per
+/// origin), so an event under berlin's origin written into the site stream by the site's
+/// operator stays at the site: the hub stream never holds it and berlin never applies it,
+/// while the site nodes' own events still reach the hub. On the code before (the source
+/// filtered `jetsync.>`) the event was sourced into the hub stream and applied by berlin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_server_cannot_bring_another_origins_events_into_the_hub() {
+    let r = running(SecureEdge::start(extra()).await).await;
+    let (hub, t1) = (&r.nodes[0], &r.nodes[1]);
+    let orders = entity("orders");
+    let site_ops = r.edge.connect(Side::Site, &r.edge.ops(Side::Site)).await;
+    let site_js = jetstream::new(site_ops);
+    // The site operator makes the site stream capture berlin's subjects, and writes one.
+    let mut config = site_js
+        .get_stream(STREAM)
+        .await
+        .expect("the site stream, as the site's ops")
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    let captured = format!("jetsync.*.*.{HUB_NODE}.>");
+    config.subjects.push(captured.clone());
+    site_js
+        .update_stream(config.clone())
+        .await
+        .expect("the site's ops widens its own site stream");
+    let forged = Uuid::now_v7();
+    // Another entity type than the workload's: the site nodes apply what their server
+    // gives them (a site's own server is trusted by its nodes), the hub must not.
+    let subject = format!("jetsync.intrusions._.{HUB_NODE}.{forged}");
+    let body =
+        event_body(HUB_NODE, forged).replace(r#""entity":"orders""#, r#""entity":"intrusions""#);
+    site_js
+        .publish(subject.clone(), body.into())
+        .await
+        .expect("published")
+        .await
+        .expect("the site stream stores berlin's forged event");
+    config.subjects.retain(|s| s != &captured);
+    site_js
+        .update_stream(config)
+        .await
+        .expect("the site's ops restores its site stream");
+    // A site node's write after it: once the hub has it, the hub's source is past the
+    // forged event.
+    let after = Uuid::now_v7();
+    t1.put(&orders, after, json!({"after": "forged"}))
+        .await
+        .unwrap();
+    wait_for(
+        "the hub node to apply the site node's later write",
+        CONVERGE,
+        || async {
+            match hub.store().get(&orders, after) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("hub holds {other:?}")),
+            }
+        },
+    )
+    .await;
+    let hub_ops = r.edge.connect(Side::Hub, &r.edge.ops(Side::Hub)).await;
+    let held = jetstream::with_domain(hub_ops, HUB_DOMAIN)
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&subject)
+        .await;
+    assert!(
+        held.is_err(),
+        "the hub stream holds the event the site wrote under berlin's origin"
+    );
+    assert!(
+        hub.store()
+            .get(&entity("intrusions"), forged)
+            .unwrap()
+            .is_none(),
+        "berlin applied an event a site server wrote in its name"
+    );
+    r.still_converges("a forged origin at the site").await;
+    for n in r.nodes {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -398,11 +398,21 @@ async fn a_malformed_bucket_entry_breaks_neither_listing_nor_bootstrap() {
     assert!(first_seq > 1, "a new node must bootstrap");
     let b = start(measured(keeping(node_config("b", dir.path(), &url), 50))).await;
     converge(&[&a, &b], &orders, Duration::from_secs(60)).await;
-    let boot = b.status().await.unwrap().bootstrapped;
-    assert!(
-        boot.as_ref().is_some_and(|x| x.snapshot == later.meta.name),
-        "{boot:?}"
-    );
+    // The merged records are visible before the position check ends and the status
+    // records the bootstrap: wait for it (bounded).
+    wait_for(
+        "b to record its bootstrap from the later snapshot",
+        Duration::from_secs(30),
+        || async {
+            let boot = b.status().await.map_err(|e| e.to_string())?.bootstrapped;
+            if boot.as_ref().is_some_and(|x| x.snapshot == later.meta.name) {
+                Ok(())
+            } else {
+                Err(format!("{boot:?}"))
+            }
+        },
+    )
+    .await;
     let metrics = b.metrics().encode();
     assert!(
         metrics.lines().any(

@@ -183,6 +183,13 @@ impl ApiClient {
     /// deployment's `ops` and `viewer`; deploy/secure/README.md "Discovery"). A node found
     /// only by its lease has `id: null`. Neither way answering is an empty list.
     pub async fn nodes(&self, wait: Duration) -> Result<Vec<Value>, ApiError> {
+        Ok(self.discover(wait).await?.answering)
+    }
+
+    /// [`ApiClient::nodes`], with what it could not reach: lease holders that did not
+    /// answer `read.ping` (each with the error), and whether the lease bucket could be
+    /// read at all (`leases_error`), so a caller can say what it did not see.
+    pub async fn discover(&self, wait: Duration) -> Result<Discovery, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
         let js = async_nats::jetstream::new(self.client.clone());
         // The viewer of the secure deployment has no JetStream of its own: the server
@@ -197,16 +204,23 @@ impl ApiClient {
                 tokio::time::timeout_at(deadline, crate::lease::holders(&js, &self.names.1)),
                 tokio::time::timeout_at(deadline, crate::lease::holders(&mapped, &self.names.1)),
             );
-            let mut all: Vec<String> = [a, b]
-                .into_iter()
-                .filter_map(|r| r.ok().and_then(Result::ok))
-                .flatten()
-                .collect();
+            let mut errors = Vec::new();
+            let mut all: Vec<String> = Vec::new();
+            for r in [a, b] {
+                match r {
+                    Ok(Ok(held)) => all.extend(held),
+                    Ok(Err(e)) => errors.push(e.to_string()),
+                    Err(_) => errors.push("timed out".to_owned()),
+                }
+            }
             all.sort();
             all.dedup();
-            all
+            // One of the two ways failing is normal (an account reads the bucket either
+            // directly or through the mapped import); both failing is news.
+            let error = (errors.len() == 2).then(|| errors.join("; "));
+            (all, error)
         };
-        let (pinged, held) = tokio::join!(self.srv_ping(deadline), held);
+        let (pinged, (held, leases_error)) = tokio::join!(self.srv_ping(deadline), held);
         let mut out = pinged?;
         let known: std::collections::HashSet<String> = out
             .iter()
@@ -217,16 +231,23 @@ impl ApiClient {
             let ask = ask.clone();
             async move { (n.clone(), ask.call(&n, "ping", json!({})).await) }
         });
+        let mut unanswered = Vec::new();
         for (node, pong) in futures::future::join_all(pings).await {
             // A lease outlives its process by up to a TTL: only an answer counts.
-            if let Ok(pong) = pong
-                && pong["node"].as_str() == Some(node.as_str())
-            {
-                out.push(json!({"node": node, "version": pong["version"], "id": null}));
+            match pong {
+                Ok(pong) if pong["node"].as_str() == Some(node.as_str()) => {
+                    out.push(json!({"node": node, "version": pong["version"], "id": null}));
+                }
+                Ok(pong) => unanswered.push((node, format!("answered as {}", pong["node"]))),
+                Err(e) => unanswered.push((node, e.to_string())),
             }
         }
         out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
-        Ok(out)
+        Ok(Discovery {
+            answering: out,
+            unanswered,
+            leases_error,
+        })
     }
 
     /// The `$SRV.PING.jetsync` answers of this prefix's nodes until `deadline`.
@@ -305,4 +326,15 @@ fn parse_reply(node: &str, payload: &[u8]) -> Result<Value, ApiError> {
         (Some(v), None) => Ok(v),
         (None, None) => Ok(Value::Null),
     }
+}
+
+/// What [`ApiClient::discover`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    /// The answering nodes, as [`ApiClient::nodes`] lists them.
+    pub answering: Vec<Value>,
+    /// Lease holders that did not answer `read.ping`: `(node, error)`.
+    pub unanswered: Vec<(String, String)>,
+    /// Why the lease bucket's key list could not be read (no holder could be asked).
+    pub leases_error: Option<String>,
 }

@@ -74,7 +74,7 @@ mod selfcheck;
 mod server;
 mod wire;
 
-pub use self::client::{ApiClient, ApiError, discovery_js_prefix};
+pub use self::client::{ApiClient, ApiError, Discovery, discovery_js_prefix};
 pub use self::selfcheck::quarantine_of_subject;
 pub use self::server::{ApiService, serve, start_node};
 pub use self::wire::{

@@ -93,8 +93,12 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    a: String,
-    b: String,
+    /// Two nodes to compare; one: compare it with every other node found; none: every
+    /// node found with the first (found as `jetsync nodes` finds them: services answering
+    /// `$SRV.PING`, and the lease bucket's holders each asked `read.ping`). Nodes found
+    /// but not reached are listed, and the exit code is then 3 unless some differ (2).
+    #[arg(num_args = 0..=2)]
+    nodes: Vec<String>,
     /// Only these entity types (repeatable; default: all both replicate).
     #[arg(long = "entity")]
     entities: Vec<String>,
@@ -447,79 +451,169 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let api = ApiClient::new(args.conn.nats().await?, &args.conn.prefix);
+    let api =
+        ApiClient::new(args.conn.nats().await?, &args.conn.prefix).with_stream(&args.conn.stream);
     let only = args
         .entities
         .iter()
         .map(|e| EntityName::new(e.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    let report = crate::verify::verify(&api, &args.a, &args.b, &only, args.repair).await?;
-    print(&args.conn, &json!(report), || {
-        let mut s = String::new();
-        for e in &report.entities {
-            s.push_str(&format!(
-                "{}{}: A {} records, B {} records, {} differing bucket(s), {} differing record(s)\n",
-                e.entity,
-                if e.scopes.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {:?}", e.scopes)
-                },
-                e.records_a,
-                e.records_b,
-                e.differing_buckets,
-                e.differences.len()
-            ));
-            for d in &e.differences {
-                s.push_str(&format!("  {}\n", d.describe()));
-            }
-            if let Some(ok) = e.converged_after_repair {
-                s.push_str(&format!(
-                    "  repaired: {} record(s) merged into {}, {} into {}; {}\n",
-                    e.repaired_a,
-                    report.a,
-                    e.repaired_b,
-                    report.b,
-                    if ok {
-                        "now consistent"
-                    } else {
-                        "STILL DIFFERENT"
-                    }
-                ));
-            }
-            for id in &e.unrepairable {
-                s.push_str(&format!(
-                    "  cannot repair {}/{id} from either node: try another peer\n",
-                    e.entity
-                ));
-            }
-        }
-        for e in &report.skipped {
-            s.push_str(&format!("{e}: not replicated by both nodes; skipped\n"));
-        }
-        for (node, ae) in [
-            (&report.a, &report.anti_entropy_a),
-            (&report.b, &report.anti_entropy_b),
-        ] {
-            s.push_str(&format!(
-                "{node}: anti-entropy {}\n",
-                crate::verify::describe_anti_entropy(ae.as_ref())
-            ));
-        }
-        s.push_str(if report.agreed() {
-            "nodes agree\n"
-        } else if report.consistent() {
-            "nodes differed; repaired\n"
+    if let [a, b] = args.nodes.as_slice() {
+        let report = crate::verify::verify(&api, a, b, &only, args.repair).await?;
+        print(&args.conn, &json!(report), || describe_verify(&report));
+        return Ok(if report.consistent() {
+            ExitCode::SUCCESS
         } else {
-            "nodes DIFFER\n"
+            ExitCode::from(2)
         });
+    }
+    // Fewer than two nodes named: find the others.
+    let found = api.discover(Duration::from_millis(1500)).await?;
+    let mut answering: Vec<String> = found
+        .answering
+        .iter()
+        .filter_map(|n| n["node"].as_str().map(str::to_owned))
+        .collect();
+    let mut unreached: Vec<(String, String)> = found.unanswered.clone();
+    if let Some(e) = &found.leases_error {
+        unreached.push((
+            "(lease bucket)".into(),
+            format!("cannot list the nodes' leases: {e}; only nodes answering $SRV.PING in this account were found"),
+        ));
+    }
+    let reference = match args.nodes.first() {
+        Some(a) => {
+            answering.retain(|n| n != a);
+            a.clone()
+        }
+        None if answering.is_empty() => {
+            print_unreached(&args.conn, &[], &unreached);
+            anyhow::bail!("no node found to verify (give two nodes: `jetsync verify <a> <b>`)");
+        }
+        None => answering.remove(0),
+    };
+    let mut reports = Vec::new();
+    for b in &answering {
+        match crate::verify::verify(&api, &reference, b, &only, args.repair).await {
+            Ok(r) => reports.push(r),
+            Err(e) => unreached.push((b.clone(), format!("verify {reference} {b}: {e}"))),
+        }
+    }
+    let consistent = reports.iter().all(|r| r.consistent());
+    let v = json!({
+        "reference": reference,
+        "reports": reports,
+        "unreached": unreached
+            .iter()
+            .map(|(n, e)| json!({"node": n, "error": e}))
+            .collect::<Vec<_>>(),
+        "consistent": consistent,
+        "complete": unreached.is_empty() && !reports.is_empty(),
+    });
+    print(&args.conn, &v, || {
+        let mut s = String::new();
+        for r in &reports {
+            s.push_str(&format!("== {} and {}\n", r.a, r.b));
+            s.push_str(&describe_verify(r));
+        }
+        if reports.is_empty() {
+            s.push_str(&format!(
+                "no other node found to compare {reference} with\n"
+            ));
+        }
         s
     });
-    Ok(if report.consistent() {
-        ExitCode::SUCCESS
-    } else {
+    print_unreached(&args.conn, &reports, &unreached);
+    Ok(if !consistent {
         ExitCode::from(2)
+    } else if !unreached.is_empty() || reports.is_empty() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
     })
+}
+
+/// Says on stderr what `verify` could not reach (the JSON output lists it too).
+fn print_unreached(
+    conn: &Conn,
+    reports: &[crate::verify::VerifyReport],
+    unreached: &[(String, String)],
+) {
+    if conn.json {
+        return;
+    }
+    for (node, e) in unreached {
+        eprintln!("NOT VERIFIED: {node}: {e}");
+    }
+    if !unreached.is_empty() {
+        eprintln!(
+            "verified {} pair(s); {} node(s) or source(s) not reached: the result covers only the nodes above",
+            reports.len(),
+            unreached.len()
+        );
+    }
+}
+
+fn describe_verify(report: &crate::verify::VerifyReport) -> String {
+    let mut s = String::new();
+    for e in &report.entities {
+        s.push_str(&format!(
+            "{}{}: A {} records, B {} records, {} differing bucket(s), {} differing record(s)\n",
+            e.entity,
+            if e.scopes.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", e.scopes)
+            },
+            e.records_a,
+            e.records_b,
+            e.differing_buckets,
+            e.differences.len()
+        ));
+        for d in &e.differences {
+            s.push_str(&format!("  {}\n", d.describe()));
+        }
+        if let Some(ok) = e.converged_after_repair {
+            s.push_str(&format!(
+                "  repaired: {} record(s) merged into {}, {} into {}; {}\n",
+                e.repaired_a,
+                report.a,
+                e.repaired_b,
+                report.b,
+                if ok {
+                    "now consistent"
+                } else {
+                    "STILL DIFFERENT"
+                }
+            ));
+        }
+        for id in &e.unrepairable {
+            s.push_str(&format!(
+                "  cannot repair {}/{id} from either node: try another peer\n",
+                e.entity
+            ));
+        }
+    }
+    for e in &report.skipped {
+        s.push_str(&format!("{e}: not replicated by both nodes; skipped\n"));
+    }
+    for (node, ae) in [
+        (&report.a, &report.anti_entropy_a),
+        (&report.b, &report.anti_entropy_b),
+    ] {
+        s.push_str(&format!(
+            "{node}: anti-entropy {}\n",
+            crate::verify::describe_anti_entropy(ae.as_ref())
+        ));
+    }
+    s.push_str(if report.agreed() {
+        "nodes agree\n"
+    } else if report.consistent() {
+        "nodes differed; repaired\n"
+    } else {
+        "nodes DIFFER\n"
+    });
+    s
 }
 
 pub async fn inspect(cmd: InspectCmd) -> anyhow::Result<ExitCode> {

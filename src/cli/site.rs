@@ -40,7 +40,13 @@ pub struct SiteArgs {
 /// Runs a `site` command; `status` exits with 2 when it finds a problem.
 pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
     let (SiteCmd::Add(args) | SiteCmd::Status(args) | SiteCmd::Remove(args)) = &cmd;
-    let config = FileConfig::load(&args.config)?.into_node_config(Overrides {
+    let file = FileConfig::load(&args.config)?;
+    let origins = file
+        .site
+        .as_ref()
+        .map(|s| s.origins.clone())
+        .unwrap_or_default();
+    let config = file.into_node_config(Overrides {
         nats_urls: args.nats_urls.clone(),
         ..Overrides::default()
     })?;
@@ -55,6 +61,7 @@ pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
     let spec = SiteSpec {
         name,
         stream: config.stream.clone(),
+        origins,
     };
     let client = crate::connect::connect(
         &config.nats_urls,

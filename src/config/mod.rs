@@ -23,6 +23,7 @@
 //! name = "shop42"     # the site's JetStream domain; the node follows the site stream there
 //! hub_domain = "hub"
 //! receive = [{ entity = "orders", scopes = ["shop42"] }]  # from the hub; default: all
+//! origins = ["shop42-till-1"]  # `site add` only: the hub sources these origins; default: all
 //! [compaction]       # removing old tombstones; 0: never
 //! interval_secs = 3600
 //! tombstone_horizon_secs = 2592000   # 30 days: longer than any outage plus retention
@@ -174,6 +175,10 @@ pub struct FileSite {
     /// What the site receives from the hub (filtered by the hub's server); default: all.
     #[serde(default)]
     pub receive: Vec<FileEntity>,
+    /// The site's node ids, read by `jetsync site add` only: the hub sources from the
+    /// site only events under these origins (`site::site_source`); default: every origin.
+    #[serde(default)]
+    pub origins: Vec<String>,
 }
 
 fn default_hub_domain() -> String {

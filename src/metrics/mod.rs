@@ -226,6 +226,7 @@ struct Inner {
     snapshot_states_refused: Counter,
     writes_refused: Family<Labels, Counter>,
     equivocations: Counter,
+    positions_refused: Counter,
     snapshots_refused: Counter,
     snapshot_entries_unreadable: Counter,
     refused: Family<Labels, Gauge>,
@@ -360,6 +361,7 @@ impl NodeMetrics {
             snapshot_states_refused: Counter::default(),
             writes_refused: Family::default(),
             equivocations: Counter::default(),
+            positions_refused: Counter::default(),
             snapshots_refused: Counter::default(),
             snapshot_entries_unreadable: Counter::default(),
             refused: Family::default(),
@@ -600,6 +602,11 @@ impl NodeMetrics {
             inner.equivocations.clone(),
         );
         r.register(
+            "positions_refused",
+            "Own-subject events newer than the store whose message id this incarnation cannot verify: not adopted as the node's position (a forged origin_seq, or another incarnation's)",
+            inner.positions_refused.clone(),
+        );
+        r.register(
             "snapshots_refused",
             "Snapshots this node did not believe while bootstrapping: a claim that failed (stream, sequence, filters, header, checksum) or a position the retained events contradicted",
             inner.snapshots_refused.clone(),
@@ -812,6 +819,13 @@ impl NodeMetrics {
     pub fn equivocations(&self, n: u64) {
         if let Some(m) = &self.inner {
             m.equivocations.inc_by(n);
+        }
+    }
+
+    /// An own-subject position refused by the restore check (`node::guard`).
+    pub fn position_refused(&self) {
+        if let Some(m) = &self.inner {
+            m.positions_refused.inc();
         }
     }
 

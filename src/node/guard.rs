@@ -41,6 +41,12 @@ pub struct TrustStatus {
     pub equivocations_reissued: u64,
     /// Set when the store was found restored from a backup and became a new incarnation.
     pub restored: Option<Restored>,
+    /// Own-subject events newer than the store that this incarnation cannot prove it
+    /// wrote (their message id does not verify), so not adopted as its position
+    /// (`jetsync_positions_refused_total`); the last one's details.
+    pub positions_refused: u64,
+    /// The last refused position (see `positions_refused`).
+    pub position_refused: Option<RefusedPosition>,
     /// How far this node's clock is ahead of its wall clock, if beyond the drift limit (a
     /// clock poisoned before this was refused; its writes are quarantined elsewhere).
     pub clock_ahead_ms: Option<u64>,
@@ -83,6 +89,19 @@ pub struct Restored {
     pub incarnation: String,
 }
 
+/// An own-subject event the restore check did not adopt (see [`TrustStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefusedPosition {
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// The `origin_seq` it claims.
+    pub origin_seq: u64,
+    /// The store's last `origin_seq`, kept.
+    pub store_origin_seq: u64,
+    /// Why it was not adopted.
+    pub reason: String,
+}
+
 /// What the node keeps of it while running.
 #[derive(Default)]
 pub(super) struct TrustLive {
@@ -90,6 +109,8 @@ pub(super) struct TrustLive {
     pub(super) equivocations: u64,
     pub(super) equivocations_reissued: u64,
     pub(super) restored: Option<Restored>,
+    pub(super) positions_refused: u64,
+    pub(super) position_refused: Option<RefusedPosition>,
     pub(super) limits_from_stream: bool,
     pub(super) writes_refused: u64,
     /// When a refused write was last logged (they are logged at most every few seconds).
@@ -402,12 +423,66 @@ async fn check_restored(shared: &Arc<Shared>) -> Result<(), String> {
         return Ok(());
     };
     let store = shared.store.clone();
-    let store_seq = tokio::task::spawn_blocking(move || store.last_origin_seq())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let (store_seq, unpublished) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::error::StorageError>((store.last_origin_seq()?, store.outbox_len()?))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     if ev.origin != cfg.node_id || ev.origin_seq <= store_seq {
         return Ok(());
+    }
+    // Only a position this incarnation can prove it wrote is adopted: the event's message
+    // id verifies with the store's secret (`msgid`). Anyone holding this node's
+    // credentials (or a buggy client) can publish a valid event with any `origin_seq`
+    // under its subject; adopting it would move the store's sequence wherever the
+    // writer likes. A store restored from a backup keeps its incarnation's secret, so
+    // the writes it forgot still verify. A store that never wrote (`store_seq` 0: new, or
+    // its data dir lost) has a secret nothing was written with: it cannot tell its lost
+    // writes from forged ones and starts above whatever it finds, as it must not reuse a
+    // sequence its lost writes had; only a position no node can reach (past `u64::MAX /
+    // 2`) is refused there too, so a sequence never overflows. Writes taken before this
+    // check (a node accepts local writes before it holds its lease) are still all in the
+    // outbox: a store none of whose writes was published counts as one that never wrote.
+    let fresh = store_seq == 0 || unpublished == store_seq;
+    let proven = last
+        .msg_id
+        .as_deref()
+        .is_some_and(|id| shared.store.wrote(id, &last.subject, &last.payload));
+    let refusal = if ev.origin_seq > u64::MAX / 2 {
+        Some("an origin_seq no node reaches (above u64::MAX / 2)")
+    } else if proven || fresh {
+        None
+    } else if last.msg_id.is_none() {
+        Some("no message id: this incarnation cannot have written it")
+    } else {
+        Some(
+            "its message id does not verify with this incarnation's secret: not written by this store",
+        )
+    };
+    if let Some(reason) = refusal {
+        let refused = RefusedPosition {
+            stream_seq: last.seq,
+            origin_seq: ev.origin_seq,
+            store_origin_seq: store_seq,
+            reason: reason.to_owned(),
+        };
+        tracing::warn!(
+            ?refused,
+            "an event under this node's own subject claims a position beyond its store, but this node cannot prove it wrote it: not adopted (it is merged like anyone's event)"
+        );
+        shared.metrics.position_refused();
+        let mut live = shared.live();
+        live.trust.positions_refused += 1;
+        live.trust.position_refused = Some(refused);
+        return Ok(());
+    }
+    if !proven {
+        tracing::warn!(
+            stream_seq = last.seq,
+            origin_seq = ev.origin_seq,
+            "this store never wrote, and the stream holds events under its node id it cannot verify: starting above them (a lost data dir, or events forged with this node's credentials)"
+        );
     }
     let store = shared.store.clone();
     let (seq, hlc) = (ev.origin_seq, ev.version.hlc);
@@ -512,6 +587,8 @@ impl NodeHandle {
             equivocations: live.trust.equivocations,
             equivocations_reissued: live.trust.equivocations_reissued,
             restored: live.trust.restored.clone(),
+            positions_refused: live.trust.positions_refused,
+            position_refused: live.trust.position_refused.clone(),
             clock_ahead_ms: (ahead > limits.max_clock_drift_ms).then_some(ahead),
             writes_refused: live.trust.writes_refused,
             lease_confirmed_ms_ago: self

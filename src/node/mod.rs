@@ -55,7 +55,7 @@ pub use self::bootstrap::Bootstrapped;
 pub use self::collection::{Collection, Conflict, Doc, DocError};
 pub use self::config::{CompactionPolicy, NodeConfig, SnapshotPolicy, subjects_for};
 use self::guard::{HubLease, site_of};
-pub use self::guard::{LimitsStatus, Restored, SiteLeases, TrustStatus};
+pub use self::guard::{LimitsStatus, RefusedPosition, Restored, SiteLeases, TrustStatus};
 pub use self::heal::{HealStatus, ORIGIN_GAP_GRACE, STREAM_LOSS_KINDS};
 pub use self::status::{Connection, EnvelopeStatus, Halt, Status};
 pub use self::watch::{ChangeFeed, FeedError, Lagged, Position, Update, Watch};

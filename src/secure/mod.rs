@@ -119,8 +119,13 @@ impl Names {
 
     /// What every node uses alike: the account's limits, the event stream's info and
     /// reads, the lease bucket's key list, the stream names (which find the snapshot
-    /// buckets), and every node's snapshot bucket, read only: info, message gets,
-    /// ordered consumers (object reads, listings) and their flow control.
+    /// buckets), and every node's snapshot bucket, read only: its info and direct gets.
+    ///
+    /// No consumer right on any bucket: listings and object reads are direct gets
+    /// (`snapshot::direct`). A consumer create's body is beyond any permission: with the
+    /// server-named create alone a node could still update another client's consumer
+    /// by putting its name in the body (measured), and with deletes delete it; and it
+    /// could hold the bucket's `max_consumers`.
     pub fn shared_grants(&self, nodes: &[&str]) -> Vec<Grant> {
         let s = &self.stream;
         let mut out: Vec<String> = vec![
@@ -139,11 +144,6 @@ impl Names {
                 format!("$JS.API.STREAM.MSG.GET.{obj}"),
                 format!("$JS.API.DIRECT.GET.{obj}"),
                 format!("$JS.API.DIRECT.GET.{obj}.>"),
-                format!("$JS.API.CONSUMER.CREATE.{obj}"),
-                format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
-                format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
-                format!("$JS.API.CONSUMER.INFO.{obj}.>"),
-                format!("$JS.FC.{obj}.>"),
             ]);
         }
         out.into_iter().map(service).collect()
@@ -365,7 +365,7 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
             Some("the viewer too: the lease keys name the nodes for discovery (read only)")
         } else if bucket {
             Some(
-                "every node's snapshot bucket, read by every node (info, gets, ordered consumers, flow control); writing, deleting and purging: each node its own only (below)",
+                "every node's snapshot bucket, read by every node (info, direct gets: no consumer on any bucket); writing, deleting and purging: each node its own only (below)",
             )
         } else {
             None
@@ -803,6 +803,12 @@ mod tests {
         assert!(!berlin.contains("$O.JETSYNC_SNAPSHOTS_porto"));
         assert!(!berlin.contains("PURGE.OBJ_JETSYNC_SNAPSHOTS_porto"));
         assert!(berlin.contains("\"$JS.API.STREAM.INFO.OBJ_JETSYNC_SNAPSHOTS_porto\""));
+        // no consumer on any bucket (reads are direct gets), its own included
+        assert!(!berlin.contains("CONSUMER.CREATE.OBJ_"), "{berlin}");
+        assert!(!berlin.contains("CONSUMER.DELETE.OBJ_"));
+        assert!(!berlin.contains("CONSUMER.INFO.OBJ_"));
+        assert!(!berlin.contains("$JS.FC.OBJ_"));
+        assert!(berlin.contains("\"$JS.API.DIRECT.GET.OBJ_JETSYNC_SNAPSHOTS_porto\""));
         assert!(!berlin.contains("JETSYNC_IN_porto"));
         assert!(!berlin.contains("jetsync_api.porto.write"));
         assert!(berlin.contains(

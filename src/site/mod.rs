@@ -77,6 +77,11 @@ pub struct SiteSpec {
     pub name: String,
     /// The site stream (its `upstream` must be set).
     pub stream: StreamSettings,
+    /// The site's node ids (`[site] origins` of the file `site add` reads): the hub
+    /// sources from the site only events under these origins, so a site server cannot
+    /// bring another origin's events into the hub. Empty: every origin under
+    /// `<prefix>.>` (a deployment that trusts its sites' servers).
+    pub origins: Vec<String>,
 }
 
 /// Provisioning or checking a site failed.
@@ -137,6 +142,7 @@ mod tests {
             assert!(validate_domain(bad).is_err(), "{bad:?} accepted");
         }
         let spec = |name: &str, upstream: Option<Upstream>| SiteSpec {
+            origins: Vec::new(),
             name: name.into(),
             stream: StreamSettings {
                 upstream,

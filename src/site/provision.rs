@@ -9,11 +9,30 @@ use super::{SiteError, SiteSpec, nats_err};
 use crate::stream::{DeploymentLimits, StreamError, domain_api, is_from, provision, transforms_of};
 
 /// The source a hub stream declares to aggregate one site: the site's local events only,
-/// subjects unchanged (never its imports, so nothing loops).
-pub fn site_source(prefix: &str, site_domain: &str, site_stream: &str) -> stream::Source {
+/// subjects unchanged (never its imports, so nothing loops). With `origins` (the site's
+/// node ids) only events under those origins, one subject filter per origin
+/// (`<prefix>.*.*.<origin>.>`, a subject transform without a destination: a filter that
+/// maps nothing), so whatever a site server puts into its stream under another origin
+/// stays at the site.
+pub fn site_source(
+    prefix: &str,
+    site_domain: &str,
+    site_stream: &str,
+    origins: &[String],
+) -> stream::Source {
+    let mut origins: Vec<&String> = origins.iter().collect();
+    origins.sort();
+    origins.dedup();
     stream::Source {
         name: site_stream.to_owned(),
-        filter_subject: Some(format!("{prefix}.>")),
+        filter_subject: origins.is_empty().then(|| format!("{prefix}.>")),
+        subject_transforms: origins
+            .into_iter()
+            .map(|o| stream::SubjectTransform {
+                source: format!("{prefix}.*.*.{o}.>"),
+                destination: String::new(),
+            })
+            .collect(),
         external: Some(stream::External {
             api_prefix: domain_api(site_domain),
             delivery_prefix: None,
@@ -74,7 +93,16 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
     let site_js = jetstream::with_domain(client.clone(), &spec.name);
     let site_stream = ensure_site_stream(&site_js, spec, limits).await?;
 
-    let want = site_source(&spec.stream.prefix, &spec.name, &spec.stream.name);
+    for o in &spec.origins {
+        crate::ids::NodeId::new(o.clone())
+            .map_err(|e| SiteError::Invalid(format!("[site] origins: {o:?}: {e}")))?;
+    }
+    let want = site_source(
+        &spec.stream.prefix,
+        &spec.name,
+        &spec.stream.name,
+        &spec.origins,
+    );
     let sources = config.sources.get_or_insert_with(Vec::new);
     let hub_source = match sources
         .iter_mut()
@@ -184,7 +212,7 @@ mod tests {
 
     #[test]
     fn the_hub_takes_a_sites_own_namespace_only() {
-        let s = site_source("jetsync", "shop42", "JETSYNC");
+        let s = site_source("jetsync", "shop42", "JETSYNC", &[]);
         assert_eq!(s.filter_subject.as_deref(), Some("jetsync.>"));
         assert_eq!(s.external.as_ref().unwrap().api_prefix, "$JS.shop42.API");
         assert!(s.subject_transforms.is_empty());
@@ -196,7 +224,19 @@ mod tests {
             ..s.clone()
         };
         assert!(same_source(&s, &read_back));
-        let other = site_source("jetsync", "shop42", "OTHER");
+        let other = site_source("jetsync", "shop42", "OTHER", &[]);
         assert!(!same_source(&s, &other));
+        // Per origin: one filter each, nothing else of the site.
+        let tills = ["till-2".to_owned(), "till-1".to_owned()];
+        let only = site_source("jetsync", "shop42", "JETSYNC", &tills);
+        assert!(only.filter_subject.is_none());
+        assert_eq!(
+            transforms_of(&only),
+            [
+                ("jetsync.*.*.till-1.>".to_owned(), String::new()),
+                ("jetsync.*.*.till-2.>".to_owned(), String::new()),
+            ]
+        );
+        assert!(!same_source(&s, &only));
     }
 }

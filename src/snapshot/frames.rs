@@ -6,7 +6,7 @@ use super::*;
 
 /// An object opened and its header read.
 pub(super) struct Opened {
-    pub(super) reader: tokio::io::BufReader<object_store::Object>,
+    pub(super) reader: tokio::io::BufReader<super::direct::DirectObject>,
     pub(super) meta: SnapshotMeta,
     /// Record values of store format 2.
     pub(super) format_2: bool,
@@ -35,15 +35,13 @@ pub(super) async fn open(
     candidates.sort_by_key(|l| l.owner.is_none() || l.owner != node);
     let mut found = None;
     for located in candidates {
-        let Ok(bucket) = js.get_object_store(&located.bucket).await else {
-            continue;
-        };
-        match bucket.get(name).await {
-            Ok(object) => {
+        // Direct gets only (see `direct`): no consumer on anyone's bucket.
+        match super::direct::open(js, &located.bucket, name).await {
+            Ok(Some(object)) => {
                 found = Some((object, located));
                 break;
             }
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {}
+            Ok(None) => {}
             Err(e) => return Err(bucket_err(&located.bucket, e)),
         }
     }

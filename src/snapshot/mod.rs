@@ -7,7 +7,8 @@
 //! deployment, with its own byte and consumer limits, [`provision_node_bucket`]) and
 //! prunes only there. Listing and loading read every node's bucket (found through
 //! `STREAM.NAMES`) and the shared bucket of earlier versions, `<stream>_SNAPSHOTS`, if it
-//! exists (read only: kept for migration, never created or written). An entry of a node's
+//! exists (read only: kept for migration, never created or written), with direct gets
+//! only, never a consumer (module `direct` says why). An entry of a node's
 //! bucket whose header names another node is refused: where the server confines each node
 //! to its own bucket (deploy/secure), the bucket proves who wrote it. One unreadable bucket
 //! or entry is skipped and reported, never fails a listing.
@@ -79,6 +80,7 @@ use crate::merge::RecordState;
 use crate::store::{Change, ExportError, Store};
 use crate::stream::{StreamIdentity, StreamSettings};
 
+mod direct;
 mod frames;
 mod position;
 use frames::{merge_frames, open};
@@ -389,14 +391,7 @@ pub async fn list_all(
 ) -> Result<Listing, SnapshotError> {
     let mut out = Listing::default();
     for located in buckets(js, settings).await? {
-        let bucket = match js.get_object_store(&located.bucket).await {
-            Ok(b) => b,
-            Err(e) => {
-                skip(&mut out, &located.bucket, format!("the bucket: {e}"))?;
-                continue;
-            }
-        };
-        if let Err(e) = list_in(&bucket, &located, &mut out).await {
+        if let Err(e) = list_in(js, &located, &mut out).await {
             skip(&mut out, &located.bucket, format!("listing: {e}"))?;
         }
     }
@@ -417,16 +412,19 @@ fn skip(out: &mut Listing, bucket: &str, what: String) -> Result<(), SnapshotErr
     Ok(())
 }
 
+/// One bucket's entries, read with direct gets only (see `direct`: no consumer).
 async fn list_in(
-    bucket: &object_store::ObjectStore,
+    js: &jetstream::Context,
     located: &Located,
     out: &mut Listing,
 ) -> Result<(), SnapshotError> {
     let name = &located.bucket;
-    let mut objects = bucket.list().await.map_err(|e| bucket_err(name, e))?;
+    let objects = direct::list(js, name)
+        .await
+        .map_err(|e| bucket_err(name, e))?;
     let skip = |out: &mut Listing, what: String| skip(out, name, what);
     let mut position = 0u64;
-    while let Some(info) = objects.next().await {
+    for info in objects {
         position += 1;
         // One malformed entry (an object info that does not parse, say) is that entry's
         // problem: the others are still listed.

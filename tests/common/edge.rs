@@ -200,6 +200,7 @@ impl Site {
         SiteSpec {
             name: self.name.clone(),
             stream: self.node("x", Path::new("/nonexistent")).stream,
+            origins: Vec::new(),
         }
     }
 

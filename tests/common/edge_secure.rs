@@ -278,6 +278,7 @@ impl SecureEdge {
         SiteSpec {
             name: SITE.into(),
             stream: self.site_node("x", Path::new("/nonexistent")).stream,
+            origins: vec!["shop42-till-1".into(), "shop42-till-2".into()],
         }
     }
 
