@@ -208,8 +208,13 @@ async fn aggregate(node: &NodeHandle, own: &str) -> Option<BTreeMap<String, Prov
         let Some(peer) = v["node"].as_str() else {
             continue;
         };
+        // This node's own answer (it holds quarantined messages under its own origin: a
+        // forgery it refused) says nothing about its peers.
+        if peer == own {
+            continue;
+        }
         // Its answers would name it in status and the metrics: only node ids qualify.
-        if peer == own || NodeId::new(peer).is_err() {
+        if NodeId::new(peer).is_err() {
             tracing::warn!(
                 peer = %peer.chars().take(80).collect::<String>(),
                 "self-check: ignoring an answer from a name that is not a peer's node id"
