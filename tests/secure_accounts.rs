@@ -640,9 +640,9 @@ async fn the_self_check_and_reads_cross_accounts() {
 }
 
 /// What bounds a node that floods: its own snapshot bucket refuses bytes past its
-/// `max_bytes`, the bucket's stream refuses consumers past its `max_consumers`, the
-/// node's account refuses connections past `max_connections`; the other nodes go on,
-/// and snapshot into their own buckets.
+/// `max_bytes`, no consumer can be made on it at all (nodes read buckets with direct
+/// gets; issue 27), the node's account refuses connections past `max_connections`; the
+/// other nodes go on, and snapshot into their own buckets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_node_is_bounded() {
     let s = secure_server();
@@ -672,27 +672,31 @@ async fn a_flooding_node_is_bounded() {
         "refused with {refusal}"
     );
 
-    // Consumers on the snapshot bucket until refused.
-    let mut made = 0;
-    let refusal = loop {
-        let created = js
-            .create_consumer_on_stream(
+    // Consumers on its own snapshot bucket: none (a refused request is not answered,
+    // hence the bound); the bucket's `max_consumers` bounds only the operators' reads.
+    for (subject_name, name) in [(true, Some("flood0".to_owned())), (false, None)] {
+        let created = tokio::time::timeout(
+            Duration::from_secs(5),
+            js.create_consumer_on_stream(
                 jetstream::consumer::pull::Config {
-                    name: Some(format!("flood{made}")),
+                    name,
                     ..Default::default()
                 },
                 &format!("OBJ_{PORTO_BUCKET}"),
-            )
-            .await;
-        match created {
-            Ok(_) => made += 1,
-            Err(e) => break e.to_string(),
-        }
-        assert!(made <= SNAPSHOTS_MAX_CONSUMERS, "{made} consumers created");
-    };
-    assert!(
-        refusal.to_lowercase().contains("maximum consumers"),
-        "refused with {refusal}"
+            ),
+        )
+        .await;
+        assert!(
+            !matches!(created, Ok(Ok(_))),
+            "porto created a consumer on its bucket (named: {subject_name})"
+        );
+    }
+    let ops = ops_js(&s).await;
+    let mut bucket = ops.get_stream(format!("OBJ_{PORTO_BUCKET}")).await.unwrap();
+    assert_eq!(
+        bucket.info().await.unwrap().state.consumer_count,
+        0,
+        "no consumer on porto's bucket"
     );
 
     // Connections: porto's account holds the node's and this one; more are refused
