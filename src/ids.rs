@@ -3,6 +3,9 @@
 //! These appear in NATS subjects and in redb table names, so each is checked once at the
 //! boundary (config, API call, wire decode) and carried as a newtype afterwards. They are
 //! `Arc<str>` inside because versions and keys clone them on every write.
+//!
+//! Decoding shares the `Arc` of a name the same thread decoded lately (`Recent`): every
+//! applied event and loaded record carries a few names, and a deployment has few.
 
 use std::fmt;
 use std::sync::Arc;
