@@ -8,7 +8,12 @@
 //! cargo bench --bench suite -- replication lag --metrics   # each without, then with metrics
 //! cargo bench --bench suite -- replication catchup --mirror # each without, then with a SQLite mirror
 //! cargo bench --bench suite -- replication lag --anti-entropy # each without, then with anti-entropy every 2 s
+//! cargo bench --bench suite -- raw replication kv lag catchup --v2 # each in envelope v1, then in v2
 //! ```
+//! The nodes publish envelope v1 (a deployment that never ran `jetsync envelope set`), or v2
+//! with `JETSYNC_BENCH_ENVELOPE=2`. `--v2` runs `replication`, `catchup`, `lag` and `kv` a
+//! second time with envelope v2 pinned (reported as `replication+v2` …; `kv+v2` sizes its
+//! same-bytes pass by `replication+v2`'s bytes per record).
 //! `--mirror` runs the `replication` and `catchup` scenarios a second time with every node
 //! keeping a SQLite mirror (`[[mirror]]`, `jetsync::mirror`) of its records, reported as
 //! `replication+mirror` / `catchup+mirror` (the catch-up also says when c's mirror caught up).
@@ -284,6 +289,30 @@ fn node_config(name: &str, dir: &Path, url: &str) -> NodeConfig {
 static METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Whether nodes keep a SQLite mirror (the `--mirror` runs).
 static MIRROR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The envelope the nodes publish: pinned in the stream once they are up (as `jetsync
+/// envelope set` does), 1 = nothing pinned.
+static ENVELOPE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Pins [`ENVELOPE`] in the stream when it is not v1 and has each in-process node adopt it
+/// (a status read adopts what is pinned); a `jetsync run` process started later reads it
+/// when it provisions.
+async fn pin_envelope(url: &str, nodes: &[&Node]) -> Result<()> {
+    let v = ENVELOPE.load(std::sync::atomic::Ordering::Relaxed);
+    if v == 1 {
+        return Ok(());
+    }
+    let js = jetstream::new(async_nats::connect(url).await?);
+    jetsync::stream::pin_envelope(&js, "JETSYNC", v).await?;
+    for node in nodes {
+        let writes = node.status().await?.envelope.writes;
+        anyhow::ensure!(
+            writes == v,
+            "a node did not adopt envelope v{v} (writes v{writes})"
+        );
+    }
+    Ok(())
+}
 
 /// Whether nodes run anti-entropy on a short schedule (the `--anti-entropy` runs).
 static ANTI_ENTROPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -722,6 +751,7 @@ async fn scenario_replication(
     let a = start_node(node_config("a", dir, url)).await?;
     let b = start_node(node_config("b", dir, url)).await?;
     let c = start_node(node_config("c", dir, url)).await?;
+    pin_envelope(url, &[&a, &b, &c]).await?;
     let limit = Duration::from_secs(600);
 
     let n = sizes.repl;
@@ -974,6 +1004,7 @@ async fn scenario_catchup(report: &mut Report, n: usize, dir: &Path) -> Result<(
     let e = EntityName::new("bench").unwrap();
     let a = jetsync::api::start_node(with_mirror(node_config("a", dir, &url))).await?;
     let b = jetsync::api::start_node(with_mirror(node_config("b", dir, &url))).await?;
+    pin_envelope(&url, &[&a, &b]).await?;
     let limit = Duration::from_secs(900);
 
     // c joins and applies a first 1,000 records, then leaves.
@@ -1144,6 +1175,7 @@ async fn scenario_lag(report: &mut Report, url: &str, sizes: &Sizes, dir: &Path)
         start_node(node_config("b", dir, url)).await?,
         start_node(node_config("c", dir, url)).await?,
     ];
+    pin_envelope(url, &[&nodes[0], &nodes[1], &nodes[2]]).await?;
     let js = jetstream::new(async_nats::connect(url).await?);
     // Let the consumers settle before measuring.
     write_records(&nodes[0], &e, 10, 10).await?;
@@ -1306,7 +1338,10 @@ async fn scenario_kv(
     wire.report_since(Wire::read(server)?, report, "kv", n);
     // The same again with values as large as what jetsync published per record in this run
     // (its event and message id header): how much of the gap is bytes on the wire.
-    if let Some(bytes) = report.get("replication", "wire_in_per_record") {
+    if let Some(bytes) = report.get(
+        &format!("replication{}", report.suffix),
+        "wire_in_per_record",
+    ) {
         let len = bytes.round() as usize;
         kv_pass(server, "bench_sized", len, n, dir).await?.report(
             report,
@@ -1547,14 +1582,22 @@ fn targets(r: &Report, sizes: &Sizes) -> Vec<Target> {
     let cw = r.get("raw", "consume_write");
     for &n in &sizes.catchup {
         let label = size_label(n);
-        let x = ratio(r.get("catchup", &format!("{label}_rate")), cw);
-        out.push(Target {
-            name: leak(format!("catch-up {label} / raw consume_write")),
-            measured: x,
-            unit: "x",
-            goal: ">= 0.50".into(),
-            met: x.map(|x| x >= 0.5),
-        });
+        // Issue 26's goal; `+v2` the same with envelope v2 (the `--v2` runs).
+        for sfx in ["", "+v2"] {
+            let x = ratio(
+                r.get(&format!("catchup{sfx}"), &format!("{label}_rate")),
+                cw,
+            );
+            if sfx.is_empty() || x.is_some() {
+                out.push(Target {
+                    name: leak(format!("catch-up{sfx} {label} / raw consume_write")),
+                    measured: x,
+                    unit: "x",
+                    goal: ">= 0.70".into(),
+                    met: x.map(|x| x >= 0.7),
+                });
+            }
+        }
         if n >= 1_000_000 {
             let t = r.get("catchup", &format!("{label}_time"));
             out.push(Target {
@@ -1662,14 +1705,30 @@ fn targets(r: &Report, sizes: &Sizes) -> Vec<Target> {
         goal: ">= 0.50".into(),
         met: v4.map(|x| x >= 0.5),
     });
-    let kv = ratio(r.get("replication", "batched"), r.get("kv", "batched"));
-    out.push(Target {
-        name: "replication / NATS KV",
-        measured: kv,
-        unit: "x",
-        goal: ">= 1.00".into(),
-        met: kv.map(|x| x >= 1.0),
-    });
+    // Issue 26's goals: ≥ 0.85× KV, and ≥ 1.0× KV moving as many bytes per record.
+    for sfx in ["", "+v2"] {
+        let repl = r.get(&format!("replication{sfx}"), "batched");
+        let kv = |name: &str| r.get(&format!("kv{sfx}"), name);
+        if !sfx.is_empty() && repl.is_none() {
+            continue;
+        }
+        let x = ratio(repl, kv("batched"));
+        out.push(Target {
+            name: leak(format!("replication{sfx} / NATS KV")),
+            measured: x,
+            unit: "x",
+            goal: ">= 0.85".into(),
+            met: x.map(|x| x >= 0.85),
+        });
+        let x = ratio(repl, kv("batched_same_bytes"));
+        out.push(Target {
+            name: leak(format!("replication{sfx} / NATS KV at the same bytes")),
+            measured: x,
+            unit: "x",
+            goal: ">= 1.00".into(),
+            met: x.map(|x| x >= 1.0),
+        });
+    }
     out
 }
 
@@ -1721,12 +1780,22 @@ async fn main() {
         }
     }
     let sizes = Sizes::from_env(quick);
+    if let Ok(v) = std::env::var("JETSYNC_BENCH_ENVELOPE") {
+        match v.trim_start_matches('v').parse::<u32>() {
+            Ok(v @ 1..=2) => ENVELOPE.store(v, std::sync::atomic::Ordering::Relaxed),
+            _ => {
+                eprintln!("JETSYNC_BENCH_ENVELOPE={v:?}: expected 1 or 2");
+                std::process::exit(2);
+            }
+        }
+    }
     let started = chrono::Utc::now();
     println!(
-        "jetsync benchmark suite{}: {} | {:?} | {} cores | loadavg {}",
+        "jetsync benchmark suite{}: {} | {:?} | envelope v{} | {} cores | loadavg {}",
         if quick { " (quick)" } else { "" },
         chosen.join(","),
         sizes,
+        ENVELOPE.load(std::sync::atomic::Ordering::Relaxed),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -1758,6 +1827,17 @@ async fn main() {
         }
         report.suffix = "";
         ANTI_ENTROPY.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    if args.iter().any(|a| a == "--v2") {
+        let main_envelope = ENVELOPE.swap(2, std::sync::atomic::Ordering::Relaxed);
+        report.suffix = "+v2";
+        for name in ["replication", "catchup", "lag", "kv"] {
+            if chosen.iter().any(|c| c == name) {
+                run_scenario(&mut report, name, &sizes).await;
+            }
+        }
+        report.suffix = "";
+        ENVELOPE.store(main_envelope, std::sync::atomic::Ordering::Relaxed);
     }
     if args.iter().any(|a| a == "--mirror") {
         MIRROR.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1812,6 +1892,7 @@ async fn main() {
         "scenarios": chosen,
         "sizes": format!("{sizes:?}"),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "envelope": ENVELOPE.load(std::sync::atomic::Ordering::Relaxed),
         "metrics": report.metrics.iter().map(|m| json!({
             "scenario": m.scenario, "metric": m.name, "value": m.value, "unit": m.unit, "note": m.note,
         })).collect::<Vec<_>>(),

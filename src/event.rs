@@ -549,15 +549,22 @@ fn parse_tail(
     };
     let tail = subject_tail(subject, prefix)
         .ok_or_else(|| bad(format!("is not under {prefix:?} or its import prefix")))?;
-    let tokens: Vec<&str> = tail.split('.').collect();
-    let [entity, scope, origin, id] = tokens[..] else {
+    let mut tokens = tail.split('.');
+    let (Some(entity), Some(scope), Some(origin), Some(id), None) = (
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+    ) else {
         return Err(bad("is not <prefix>.<entity>.<scope>.<origin>.<id>".into()));
     };
-    let entity = EntityName::new(entity).map_err(|e| bad(e.to_string()))?;
-    let scope = Scope::new(scope).map_err(|e| bad(e.to_string()))?;
-    let origin = NodeId::new(origin).map_err(|e| bad(e.to_string()))?;
+    // Names shared with recent events (no allocation or check per event).
+    let entity = EntityName::cached(entity).map_err(|e| bad(e.to_string()))?;
+    let scope = Scope::cached(scope).map_err(|e| bad(e.to_string()))?;
+    let origin = NodeId::cached(origin).map_err(|e| bad(e.to_string()))?;
     let uuid = Uuid::parse_str(id).map_err(|e| bad(e.to_string()))?;
-    if uuid.hyphenated().to_string() != id {
+    if uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()) != id {
         return Err(bad(format!("id {id:?} is not a lowercase hyphenated UUID")));
     }
     Ok((entity, scope, origin, uuid))
@@ -744,7 +751,7 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
                     "doc has a lone surrogate escape at byte {at}"
                 )));
             }
-            let depth = json_depth(doc.get());
+            let (depth, dup) = doc_shape(doc.get());
             if depth > MAX_DOC_DEPTH {
                 return Err(QuarantineReason::Malformed(format!(
                     "doc nested {depth} levels deep, more than {MAX_DOC_DEPTH}"
@@ -753,7 +760,7 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
             // Refused like a duplicate in the envelope: JSON libraries keep the first,
             // the last or both, so a consumer in another language could read another
             // document than the node's (docs/consuming.md).
-            if let Some(name) = duplicate_member(doc.get()) {
+            if let Some(name) = dup {
                 return Err(QuarantineReason::Malformed(format!(
                     "doc has the member name {name:?} twice"
                 )));
@@ -761,6 +768,88 @@ fn check_doc(op: Op, doc: Option<&RawValue>, limit: usize) -> Result<(), Quarant
             Ok(())
         }
     }
+}
+
+/// A document's nesting depth ([`json_depth`]) and, when it is at most [`MAX_DOC_DEPTH`],
+/// the first member name it holds twice in one object ([`duplicate_member`]'s answer), in
+/// one pass over text already parsed as JSON (a `RawValue`) that builds nothing but a list
+/// of borrowed names: this runs for every applied event, and the serde walk of
+/// `duplicate_member` cost as much as decoding the envelope. The answer is the same: names
+/// compare as bytes (what serde_json borrows for a name without escapes), and the first
+/// object to *close* with a repeated name reports its least such name, as serde's walk
+/// does. A name with an escape needs unescaping to compare, so then `duplicate_member`
+/// answers (writers do not escape plain names, so that is rare).
+fn doc_shape(json: &str) -> (usize, Option<String>) {
+    let b = json.as_bytes();
+    // Per open container: where an object's names start in `names`; `None` for an array.
+    let mut open: Vec<Option<usize>> = Vec::new();
+    let mut names: Vec<&[u8]> = Vec::new();
+    let (mut max, mut i) = (0usize, 0usize);
+    let mut dup: Option<&[u8]> = None;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i + 1;
+                let mut escaped = false;
+                i = start;
+                // To the closing quote, stepping over escaped characters.
+                loop {
+                    match b
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        Some(k) if b[i + k] == b'\\' => {
+                            escaped = true;
+                            i += k + 2;
+                        }
+                        Some(k) => {
+                            i += k;
+                            break;
+                        }
+                        // Not valid JSON: leave it to the walk that names what is wrong.
+                        None => return (json_depth(json), duplicate_member(json)),
+                    }
+                }
+                let text = &b[start..i];
+                i += 1;
+                // In an object, a string followed by `:` is a member name.
+                if let Some(Some(_)) = open.last() {
+                    let colon = b[i..]
+                        .iter()
+                        .find(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+                        == Some(&b':');
+                    if colon {
+                        if escaped {
+                            return (json_depth(json), duplicate_member(json));
+                        }
+                        names.push(text);
+                    }
+                }
+                continue;
+            }
+            c @ (b'{' | b'[') => {
+                open.push((c == b'{').then_some(names.len()));
+                if open.len() > MAX_DOC_DEPTH {
+                    // Refused for its depth, which the plain count measures in full.
+                    return (json_depth(json), None);
+                }
+                max = max.max(open.len());
+            }
+            b'}' | b']' => {
+                if let Some(Some(from)) = open.pop() {
+                    if dup.is_none() {
+                        let object = &mut names[from..];
+                        object.sort_unstable();
+                        dup = object.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+                    }
+                    names.truncate(from);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (max, dup.map(|n| String::from_utf8_lossy(n).into_owned()))
 }
 
 /// The first member name that occurs twice in one object of valid JSON text `json`, if
@@ -911,14 +1000,30 @@ mod canonical_uuid {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        let id = Uuid::parse_str(&s).map_err(serde::de::Error::custom)?;
-        if id.hyphenated().to_string() != s {
-            return Err(serde::de::Error::custom(format!(
-                "id {s:?} is not a lowercase hyphenated UUID"
-            )));
+        // Read in place (borrowed, or unescaped by the deserializer): no copy per event.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Uuid;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Uuid, E> {
+                let id = Uuid::parse_str(s).map_err(E::custom)?;
+                if id.hyphenated().encode_lower(&mut Uuid::encode_buffer()) != s {
+                    return Err(E::custom(format!(
+                        "id {s:?} is not a lowercase hyphenated UUID"
+                    )));
+                }
+                Ok(id)
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Uuid, E> {
+                match std::str::from_utf8(b) {
+                    Ok(s) => self.visit_str(s),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(b), &self)),
+                }
+            }
         }
-        Ok(id)
+        d.deserialize_str(V)
     }
 }
 
@@ -1005,6 +1110,96 @@ mod tests {
             duplicate_member(r#"{"at line 1":1,"at line 1":2}"#).as_deref(),
             Some("at line 1")
         );
+    }
+
+    #[test]
+    fn the_one_pass_document_check_answers_as_the_depth_count_and_the_serde_walk() {
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let cases = [
+            r#"{}"#.to_owned(),
+            r#"{"a":1,"b":2}"#.into(),
+            r#"{"a":1,"a":2}"#.into(),
+            r#"{ "a" : 1 , "a"
+ : 2 }"#
+                .into(),
+            r#"{"a":"a","b":"a"}"#.into(),
+            r#"{"a":":","b":":"}"#.into(),
+            r#"{"a":"x\"y","a":{"\"":1}}"#.into(),
+            r#"{"x":[{"k":1},{"k":2,"k":3}]}"#.into(),
+            r#"{"x":{"k":1},"y":{"k":2}}"#.into(),
+            r#"{"z":{"q":1,"q":2},"b":1,"b":2}"#.into(),
+            r#"{"b":1,"b":2,"z":{"q":1,"q":2}}"#.into(),
+            r#"{"c":1,"b":1,"c":2,"b":2}"#.into(),
+            r#"{"a":[":",{"a":1}],"a":2}"#.into(),
+            r#"{"a":1,"\u0061":2}"#.into(),
+            r#"{"a\n":1,"b":{"c":1,"c":2}}"#.into(),
+            r#"{"\ud800":1,"\ud801":2}"#.into(),
+            r#"{"at line 1":1,"at line 1":2}"#.into(),
+            r#"{"é":1,"é":2}"#.into(),
+            format!(r#"{{"d":{}}}"#, deep(126)),
+            format!(r#"{{"d":{},"d":1}}"#, deep(126)),
+            format!(r#"{{"d":{}}}"#, deep(127)),
+            format!(r#"{{"d":{},"d":1}}"#, deep(200)),
+        ];
+        for doc in &cases {
+            let (depth, dup) = doc_shape(doc);
+            assert_eq!(depth, json_depth(doc), "{doc}");
+            if depth <= MAX_DOC_DEPTH {
+                assert_eq!(dup, duplicate_member(doc), "{doc}");
+            }
+        }
+        assert_eq!(
+            doc_shape(r#"{"c":1,"b":1,"c":2,"b":2}"#).1.as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            doc_shape(r#"{"z":{"q":1,"q":2},"b":1,"b":2}"#).1.as_deref(),
+            Some("q")
+        );
+    }
+
+    /// JSON text built from few names (so objects often repeat one), escaped names,
+    /// strings holding `:`, quotes and brackets, and nesting: not a `Value`, which
+    /// could not hold a repeated name.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just("1".to_owned()),
+            Just("null".to_owned()),
+            Just(r#"":""#.to_owned()),
+            Just(r#""a\"{[""#.to_owned()),
+            Just(r#""\\""#.to_owned()),
+        ];
+        leaf.prop_recursive(6, 48, 5, |inner| {
+            let name = prop_oneof![
+                Just(r#""a""#),
+                Just(r#""b""#),
+                Just(r#""a:""#),
+                Just(r#""\u0061""#),
+                Just(r#""\"""#),
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((name, inner), 0..5).prop_map(|m| {
+                    let members: Vec<String> =
+                        m.into_iter().map(|(k, v)| format!("{k} : {v}")).collect();
+                    format!("{{ {} }}", members.join(", "))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_one_pass_document_check_agrees_with_the_walk_on_any_text(
+            inner in json_text()
+        ) {
+            let doc = format!(r#"{{"x":{inner},"y":{inner}}}"#);
+            let (depth, dup) = doc_shape(&doc);
+            proptest::prop_assert_eq!(depth, json_depth(&doc));
+            proptest::prop_assert_eq!(dup, duplicate_member(&doc));
+        }
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! These appear in NATS subjects and in redb table names, so each is checked once at the
 //! boundary (config, API call, wire decode) and carried as a newtype afterwards. They are
 //! `Arc<str>` inside because versions and keys clone them on every write.
+//!
+//! Decoding shares the `Arc` of a name the same thread decoded lately (`Recent`): every
+//! applied event and loaded record carries a few names, and a deployment has few.
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,12 +36,90 @@ fn node_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
+/// The last few names of one type a thread decoded (valid ones only), replaced in turn.
+struct Recent {
+    names: [Option<Arc<str>>; RECENT],
+    next: usize,
+}
+
+const RECENT: usize = 8;
+
+impl Recent {
+    const fn new() -> Self {
+        Recent {
+            names: [const { None }; RECENT],
+            next: 0,
+        }
+    }
+
+    /// The cached name equal to `s`, or `make(s)` (cached when valid).
+    fn get_or(
+        &mut self,
+        s: &str,
+        make: impl FnOnce(&str) -> Result<Arc<str>, InvalidName>,
+    ) -> Result<Arc<str>, InvalidName> {
+        if let Some(n) = self.names.iter().flatten().find(|n| &***n == s) {
+            return Ok(n.clone());
+        }
+        let n = make(s)?;
+        self.names[self.next] = Some(n.clone());
+        self.next = (self.next + 1) % RECENT;
+        Ok(n)
+    }
+}
+
+/// Reads a string (borrowed where the input allows) into a name with `make`; refuses
+/// as serde's `String` does, and `make`'s error as `try_from` would.
+struct NameVisitor<F>(F);
+
+impl<'de, T, F: FnOnce(&str) -> Result<T, InvalidName>> serde::de::Visitor<'de> for NameVisitor<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        (self.0)(s).map_err(E::custom)
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<T, E> {
+        match std::str::from_utf8(b) {
+            Ok(s) => self.visit_str(s),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(b), &self)),
+        }
+    }
+}
+
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $ok:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(into = "String")]
         pub struct $name(Arc<str>);
+
+        impl<'de> Deserialize<'de> for $name {
+            /// As `try_from = "String"` would (same errors), but a name this thread
+            /// decoded lately is shared, not allocated and checked again: every applied
+            /// event and loaded record carries a few, and a deployment has few of them.
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_str(NameVisitor(Self::cached))
+            }
+        }
+
+        impl $name {
+            /// [`Self::new`], sharing the name if this thread made it lately (see
+            /// [`Recent`]): for names read from every message (decoding, subjects).
+            pub(crate) fn cached(s: &str) -> Result<Self, InvalidName> {
+                thread_local! {
+                    static RECENT: std::cell::RefCell<Recent> =
+                        const { std::cell::RefCell::new(Recent::new()) };
+                }
+                RECENT
+                    .with_borrow_mut(|r| r.get_or(s, |s| Self::new(s).map(|n| n.0)))
+                    .map(Self)
+            }
+        }
 
         impl $name {
             /// Validates `s` and wraps it.
@@ -129,6 +210,40 @@ impl Default for Scope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoded_names_are_checked_like_new_ones_and_shared_when_recent() {
+        // The errors `try_from = "String"` gave.
+        let err = serde_json::from_str::<NodeId>(r#""a b""#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid node id \"a b\": expected 1-64 of the allowed characters at line 1 column 5"
+        );
+        let err = serde_json::from_str::<EntityName>("5").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid type: integer `5`, expected a string at line 1 column 1"
+        );
+        // An invalid name is never cached: asked again, it is refused again.
+        assert!(serde_json::from_str::<NodeId>(r#""a b""#).is_err());
+        // Escaped text is unescaped first, as before.
+        assert_eq!(
+            serde_json::from_str::<Scope>(r#""\u0061b""#)
+                .unwrap()
+                .as_str(),
+            "ab"
+        );
+        let a: NodeId = serde_json::from_str(r#""node-a""#).unwrap();
+        let b: NodeId = postcard::from_bytes(&postcard::to_stdvec(&a).unwrap()).unwrap();
+        assert_eq!(a, b);
+        assert!(Arc::ptr_eq(&a.0, &b.0), "a recent name is shared");
+        // More distinct names than the cache holds: each still decodes to itself.
+        for i in 0..3 * RECENT {
+            let name = format!("n{i}");
+            let n: NodeId = serde_json::from_str(&format!("{name:?}")).unwrap();
+            assert_eq!(n.as_str(), name);
+        }
+    }
 
     #[test]
     fn names_are_validated() {
