@@ -975,7 +975,7 @@ mod tests {
         // A hub stream sources its sites unchanged: no import namespace, no conflict.
         let mut hub = plain.config();
         hub.sources = Some(vec![crate::site::site_source(
-            "jetsync", "shop42", "JETSYNC",
+            "jetsync", "shop42", "JETSYNC", "hub",
         )]);
         assert!(plain.conflicts(&hub).is_empty());
     }
