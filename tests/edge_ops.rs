@@ -408,11 +408,13 @@ async fn wait_at_hub(client: &async_nats::Client, n: u64) {
 }
 
 /// The hub reads a site through the durable consumer `site add` creates on the site
-/// stream (`jetsync_to_hub`, delivering to `jetsync_src.<site>`), not an ephemeral one
-/// of its own: that one is deleted 10 s after the cut took its interest, and its
-/// re-creation across a link that was down waits out a 30 s timeout and a back-off
-/// (13-40 s heals measured). The durable one is still there after a 15 s cut, keeps
-/// its position, and the hub then gets the site's write made during the cut.
+/// stream (`jetsync-to-hub`, delivering to `jetsync_up.<site>`), and the site reads the
+/// hub through one on the hub stream (`jetsync-to-<site>`, to `jetsync_down.<site>`),
+/// not ephemeral ones of the servers' own: those are deleted 10 s after a cut took
+/// their interest, and their re-creation across a link that was down waits out a 30 s
+/// timeout and a back-off (13-40 s heals measured). The durable ones are still there
+/// after a 15 s cut, keep their position, and each side then gets the other's write
+/// made during the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_sources_a_site_through_a_durable_consumer_that_outlives_a_cut() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,8 +423,11 @@ async fn the_hub_sources_a_site_through_a_durable_consumer_that_outlives_a_cut()
     let a = Site::start(&hub, "shop_a", vec![]).await;
     let report = a.provision(&hub).await;
     assert_eq!(
-        report.site_consumer,
-        jetsync::site::Provisioned::Created,
+        (report.site_consumer, report.hub_consumer),
+        (
+            jetsync::site::Provisioned::Created,
+            jetsync::site::Provisioned::Created
+        ),
         "{report:?}"
     );
     let a1 = start(a.node("a1", dir.path())).await;
@@ -453,33 +458,52 @@ async fn the_hub_sources_a_site_through_a_durable_consumer_that_outlives_a_cut()
         .unwrap_or_else(|| panic!("the hub's source of the site names no consumer: {source:?}"));
     assert_eq!(
         (durable.name.as_str(), durable.deliver_subject.as_str()),
-        ("jetsync_to_hub", "jetsync_src.shop_a")
+        ("jetsync-to-hub", "jetsync_up.shop_a")
     );
 
     a.cut().await;
     a1.put(&orders, uuid::Uuid::now_v7(), serde_json::json!({"cut": 1}))
         .await
         .unwrap();
+    h.put(&orders, uuid::Uuid::now_v7(), serde_json::json!({"hub": 1}))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let named = |all: Vec<String>, name: &str| all.iter().filter(|c| *c == name).count();
     assert_eq!(
-        consumers(&a.url(), "shop_a")
-            .await
-            .iter()
-            .filter(|c| *c == "jetsync_to_hub")
-            .count(),
+        named(consumers(&a.url(), "shop_a").await, "jetsync-to-hub"),
         1,
         "the hub's consumer on the site stream outlives a 15 s cut"
     );
+    assert_eq!(
+        named(consumers(&hub.url(), "hub").await, "jetsync-to-shop_a"),
+        1,
+        "the site's consumer on the hub stream outlives a 15 s cut"
+    );
     a.heal().await;
     wait_at_hub(&client, 2).await;
-    // `site add` again: nothing to change, the consumer keeps its position.
+    let site_client = async_nats::connect(a.url()).await.unwrap();
+    wait_for(
+        "the hub's write made during the cut at the site",
+        Duration::from_secs(60),
+        || async {
+            let have = stream_messages_on(&site_client, "shop_a", "jetsync_in.*.*.h.>").await;
+            (have >= 1).then_some(()).ok_or(format!("{have}"))
+        },
+    )
+    .await;
+    // `site add` again: nothing to change, the consumers keep their positions.
     let again = a.provision(&hub).await;
+    let unchanged = jetsync::site::Provisioned::Unchanged;
     assert_eq!(
-        (again.site_consumer, again.hub_source),
         (
-            jetsync::site::Provisioned::Unchanged,
-            jetsync::site::Provisioned::Unchanged
-        )
+            again.site_stream,
+            again.hub_consumer,
+            again.site_consumer,
+            again.hub_source
+        ),
+        (unchanged, unchanged, unchanged, unchanged),
+        "{again:?}"
     );
     a1.shutdown().await.unwrap();
     h.shutdown().await.unwrap();
@@ -511,6 +535,8 @@ async fn heal_with_a_backlog() {
     a.provision(&hub).await;
     let a1 = start(a.node("a1", dir.path())).await;
     let client = async_nats::connect(hub.url()).await.unwrap();
+    // The site stream read at the site's own server: the hub's cannot reach it in a cut.
+    let site_client = async_nats::connect(a.url()).await.unwrap();
     let orders = common::entity("orders");
     let batch = |node: &str, k: usize, round: u64| -> Vec<Write> {
         (0..k)
@@ -543,7 +569,7 @@ async fn heal_with_a_backlog() {
             "the site's backlog in its stream",
             Duration::from_secs(600),
             || {
-                let client = client.clone();
+                let client = site_client.clone();
                 async move {
                     let have = stream_messages_on(&client, "shop_a", "jetsync.>").await;
                     (have >= site_total)
@@ -577,7 +603,7 @@ async fn heal_with_a_backlog() {
                 applied = Some(healed.elapsed());
             }
             if down.is_none()
-                && stream_messages_on(&client, "shop_a", "jetsync_in.orders.*.h.>").await
+                && stream_messages_on(&site_client, "shop_a", "jetsync_in.orders.*.h.>").await
                     >= hub_total
             {
                 down = Some(healed.elapsed());

@@ -17,24 +17,47 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Serialize;
 
-use super::{SiteError, SiteSpec, nats_err};
+use super::{SiteError, SiteSpec, Upstream, nats_err};
 use crate::stream::{DeploymentLimits, StreamError, domain_api, is_from, provision, transforms_of};
 
-/// The durable consumer on a site stream through which the hub `hub_domain` sources it.
-pub fn hub_consumer_name(prefix: &str, hub_domain: &str) -> String {
-    format!("{prefix}_to_{hub_domain}")
+/// A durable consumer one side of a site's link is sourced through: its name (on the
+/// stream read) and the subject it delivers to, which crosses the leaf link (one per
+/// site and direction, so a link's permissions can name it) outside the data namespaces
+/// the link denies (`<prefix>.>`, `<prefix>_in.>`). The names start `<prefix>-`, which
+/// no node's consumer (`<prefix>_<node id>`) does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Durable {
+    /// The consumer's name.
+    pub name: String,
+    /// Its deliver subject.
+    pub deliver_subject: String,
 }
 
-/// The subject that consumer delivers to: it crosses the leaf link from the site to the
-/// hub (one per site, so a site's link user may publish its own and no other), outside
-/// the data namespaces the link denies (`<prefix>.>`, `<prefix>_in.>`).
-pub fn hub_deliver_subject(prefix: &str, site_domain: &str) -> String {
-    format!("{prefix}_src.{site_domain}")
+/// Up: the consumer on the site stream that the hub's source of the site reads.
+pub fn up_durable(prefix: &str, site_domain: &str, hub_domain: &str) -> Durable {
+    Durable {
+        name: format!("{prefix}-to-{hub_domain}"),
+        deliver_subject: format!("{prefix}_up.{site_domain}"),
+    }
+}
+
+/// Down: the consumer on the hub stream that the site stream's upstream source reads.
+pub fn down_durable(prefix: &str, site_domain: &str) -> Durable {
+    Durable {
+        name: format!("{prefix}-to-{site_domain}"),
+        deliver_subject: format!("{prefix}_down.{site_domain}"),
+    }
+}
+
+impl Durable {
+    fn source(&self) -> stream::StreamConsumerSource {
+        stream::StreamConsumerSource::new(self.name.clone(), self.deliver_subject.clone())
+    }
 }
 
 /// The source a hub stream declares to aggregate one site: the site's local events only,
 /// subjects unchanged (never its imports, so nothing loops), read through the durable
-/// consumer [`site_consumer`] (which holds the filter: a durable source may not).
+/// consumer [`up_durable`] (which holds the filter: a durable source may not).
 pub fn site_source(
     prefix: &str,
     site_domain: &str,
@@ -47,38 +70,46 @@ pub fn site_source(
             api_prefix: domain_api(site_domain),
             delivery_prefix: None,
         }),
-        consumer: Some(stream::StreamConsumerSource::new(
-            hub_consumer_name(prefix, hub_domain),
-            hub_deliver_subject(prefix, site_domain),
-        )),
+        consumer: Some(up_durable(prefix, site_domain, hub_domain).source()),
         ..Default::default()
     }
 }
 
-/// How many deliveries the hub's source may have unacknowledged (its flow-control
-/// window): a catch-up streams this many before waiting for the hub's reply.
+/// The site stream's upstream source read through the durable consumer [`down_durable`]
+/// on the hub stream: the same subject transforms as [`Upstream::source`] (whose
+/// sources are that consumer's filters).
+pub fn upstream_source(prefix: &str, site_domain: &str, up: &Upstream) -> stream::Source {
+    stream::Source {
+        consumer: Some(down_durable(prefix, site_domain).source()),
+        ..up.source(prefix)
+    }
+}
+
+/// How many deliveries a source may have unacknowledged (its flow-control window): a
+/// catch-up streams this many before waiting for the reading side's reply.
 const SOURCE_MAX_ACK_PENDING: i64 = 10_000;
 
-/// The durable consumer on the site stream that the hub's source reads: the site's own
-/// namespace, flow-controlled and acknowledged by the hub's flow-control replies
-/// (`ack_policy = flow_control`, which requires 1 s heartbeats, no ack wait and no
-/// delivery limit), starting at `start` (the site sequence after the last one the hub
-/// already holds) or at the beginning.
-pub fn site_consumer(
-    prefix: &str,
-    site_domain: &str,
-    hub_domain: &str,
+/// A durable sourcing consumer's config: `filters`, flow-controlled and acknowledged by
+/// the reading stream's flow-control replies (`ack_policy = flow_control`, which
+/// requires 1 s heartbeats, no ack wait and no delivery limit), starting at `start` (the
+/// sequence after the last one the reading side already holds) or at the beginning.
+pub fn durable_consumer(
+    d: &Durable,
+    filters: Vec<String>,
+    description: String,
     start: Option<u64>,
 ) -> consumer::push::Config {
-    let name = hub_consumer_name(prefix, hub_domain);
+    let (filter_subject, filter_subjects) = match <[String; 1]>::try_from(filters) {
+        Ok([one]) => (one, Vec::new()),
+        Err(many) => (String::new(), many),
+    };
     consumer::push::Config {
-        durable_name: Some(name.clone()),
-        name: Some(name),
-        description: Some(format!(
-            "the hub {hub_domain:?} sources this site through it (jetsync site add)"
-        )),
-        deliver_subject: hub_deliver_subject(prefix, site_domain),
-        filter_subject: format!("{prefix}.>"),
+        durable_name: Some(d.name.clone()),
+        name: Some(d.name.clone()),
+        description: Some(description),
+        deliver_subject: d.deliver_subject.clone(),
+        filter_subject,
+        filter_subjects,
         deliver_policy: match start {
             Some(start_sequence) if start_sequence > 1 => {
                 consumer::DeliverPolicy::ByStartSequence { start_sequence }
@@ -92,6 +123,36 @@ pub fn site_consumer(
         idle_heartbeat: Duration::from_secs(1),
         ..Default::default()
     }
+}
+
+/// The up consumer's config (the site's own namespace).
+pub fn site_consumer(
+    prefix: &str,
+    site_domain: &str,
+    hub_domain: &str,
+    start: Option<u64>,
+) -> consumer::push::Config {
+    durable_consumer(
+        &up_durable(prefix, site_domain, hub_domain),
+        vec![format!("{prefix}.>")],
+        format!("the hub {hub_domain:?} sources this site through it (jetsync site add)"),
+        start,
+    )
+}
+
+/// The down consumer's config (what the site receives, [`Upstream::transforms`]).
+pub fn hub_consumer(
+    prefix: &str,
+    site_domain: &str,
+    up: &Upstream,
+    start: Option<u64>,
+) -> consumer::push::Config {
+    durable_consumer(
+        &down_durable(prefix, site_domain),
+        up.transforms(prefix).into_iter().map(|(f, _)| f).collect(),
+        format!("site {site_domain:?} sources this stream through it (jetsync site add)"),
+        start,
+    )
 }
 
 /// Whether two sources select the same messages into the same subjects (the server fills
@@ -128,6 +189,8 @@ pub enum Provisioned {
 pub struct AddReport {
     /// The site stream (with its source from the hub).
     pub site_stream: Provisioned,
+    /// The durable consumer on the hub stream that the site stream's source reads.
+    pub hub_consumer: Provisioned,
     /// The durable consumer on the site stream that the hub's source reads.
     pub site_consumer: Provisioned,
     /// The hub stream's source of this site.
@@ -152,16 +215,44 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
     let mut config = hub.info().await.map_err(|e| hub_err(&e))?.config.clone();
     let limits = DeploymentLimits::from_metadata(&config.metadata);
 
-    let site_js = jetstream::with_domain(client.clone(), &spec.name);
-    let site_stream = ensure_site_stream(&site_js, spec, limits).await?;
-
     let prefix = &spec.stream.prefix;
+    let site_js = jetstream::with_domain(client.clone(), &spec.name);
+    let (site_stream, site_existed) = ensure_site_stream(&site_js, spec, limits).await?;
+    // Down: where the site stream's existing source of the hub got to (the site holds the
+    // hub's events up to this sequence), so a new consumer starts after it; what it
+    // sends again anyway is dropped by the site stream's duplicate window.
+    let down_from = if site_existed {
+        super::status::view(
+            client,
+            &spec.name,
+            &spec.stream.name,
+            (&up.domain, &up.stream),
+        )
+        .await
+        .source_seq
+    } else {
+        None
+    };
+    let hub_consumer = ensure_consumer(
+        &hub_js,
+        &up.stream,
+        hub_consumer(prefix, &spec.name, up, down_from.map(|s| s + 1)),
+        ("hub", &up.domain),
+    )
+    .await?;
+    let site_stream = match (
+        site_stream,
+        ensure_upstream_source(&site_js, spec, up).await?,
+    ) {
+        (Provisioned::Created, _) => Provisioned::Created,
+        (_, Provisioned::Unchanged) => site_stream,
+        _ => Provisioned::Updated,
+    };
+
+    // Up: likewise from the hub's existing source of the site.
     let want = site_source(prefix, &spec.name, &spec.stream.name, &up.domain);
     let sources = config.sources.get_or_insert_with(Vec::new);
-    // Where an existing (ephemeral) source got to: the hub holds the site's events up to
-    // this sequence, so the new consumer starts after it (what it sends again anyway is
-    // dropped by the hub's duplicate window).
-    let sourced = if sources
+    let up_from = if sources
         .iter()
         .any(|s| is_from(s, &spec.name, &spec.stream.name))
     {
@@ -176,7 +267,13 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
     } else {
         None
     };
-    let site_consumer = ensure_site_consumer(&site_js, spec, &up.domain, sourced).await?;
+    let site_consumer = ensure_consumer(
+        &site_js,
+        &spec.stream.name,
+        site_consumer(prefix, &spec.name, &up.domain, up_from.map(|s| s + 1)),
+        ("site", &spec.name),
+    )
+    .await?;
     let hub_source = match sources
         .iter_mut()
         .find(|s| is_from(s, &spec.name, &spec.stream.name))
@@ -197,9 +294,10 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
             .await
             .map_err(|e| hub_err(&e))?;
     }
-    tracing::info!(site = %spec.name, ?site_stream, ?site_consumer, ?hub_source, "site provisioned");
+    tracing::info!(site = %spec.name, ?site_stream, ?hub_consumer, ?site_consumer, ?hub_source, "site provisioned");
     Ok(AddReport {
         site_stream,
+        hub_consumer,
         site_consumer,
         hub_source,
     })
@@ -225,25 +323,26 @@ fn hub_stream_error(stream: &str, domain: &str, e: &jetstream::context::GetStrea
     }
 }
 
-/// The site stream: created with the hub's limits pinned, or its upstream source set to
-/// the one `spec` wants.
+/// The site stream: created with the hub's limits pinned (with the plain upstream
+/// source a site node would create it with, set to the durable one next), or its
+/// upstream source's subjects set to the ones `spec` wants. Whether it existed.
 async fn ensure_site_stream(
     site_js: &jetstream::Context,
     spec: &SiteSpec,
     hub_limits: Option<DeploymentLimits>,
-) -> Result<Provisioned, SiteError> {
+) -> Result<(Provisioned, bool), SiteError> {
     let err = |e: &dyn std::fmt::Display| nats_err("site", &spec.name, e);
     let up = spec.upstream()?;
     let Ok(mut existing) = site_js.get_stream(&spec.stream.name).await else {
         return match provision(site_js, &spec.stream, hub_limits).await {
-            Ok(_) => Ok(Provisioned::Created),
+            Ok(_) => Ok((Provisioned::Created, false)),
             Err(StreamError::Invalid(e)) => Err(SiteError::Invalid(e)),
             Err(e) => Err(err(&e)),
         };
     };
     let mut config = existing.info().await.map_err(|e| err(&e))?.config.clone();
     if up.mismatch(&spec.stream.prefix, &config).is_none() {
-        return Ok(Provisioned::Unchanged);
+        return Ok((Provisioned::Unchanged, true));
     }
     // Only the upstream source is ours to change; anything else conflicting is the
     // operator's to resolve (the node refuses to run against it and says why).
@@ -251,39 +350,86 @@ async fn ensure_site_stream(
     sources.retain(|s| !up.is_source(s));
     sources.push(up.source(&spec.stream.prefix));
     site_js.update_stream(config).await.map_err(|e| err(&e))?;
-    Ok(Provisioned::Updated)
+    Ok((Provisioned::Updated, true))
 }
 
-/// The durable consumer the hub sources the site through: created when missing (an
-/// existing one keeps its position: it is where the hub got to).
-async fn ensure_site_consumer(
+/// The site stream's upstream source, read through the durable consumer on the hub
+/// stream (created before).
+async fn ensure_upstream_source(
     site_js: &jetstream::Context,
     spec: &SiteSpec,
-    hub_domain: &str,
-    sourced: Option<u64>,
+    up: &Upstream,
 ) -> Result<Provisioned, SiteError> {
     let err = |e: &dyn std::fmt::Display| nats_err("site", &spec.name, e);
-    let stream = site_js
+    let mut existing = site_js
         .get_stream(&spec.stream.name)
         .await
         .map_err(|e| err(&e))?;
-    let name = hub_consumer_name(&spec.stream.prefix, hub_domain);
+    let mut config = existing.info().await.map_err(|e| err(&e))?.config.clone();
+    let want = upstream_source(&spec.stream.prefix, &spec.name, up);
+    let sources = config.sources.get_or_insert_with(Vec::new);
+    if sources.iter().any(|s| same_source(s, &want)) {
+        return Ok(Provisioned::Unchanged);
+    }
+    sources.retain(|s| !up.is_source(s));
+    sources.push(want);
+    site_js.update_stream(config).await.map_err(|e| err(&e))?;
+    Ok(Provisioned::Updated)
+}
+
+/// A durable sourcing consumer on `stream` (in `side`'s domain): created when missing;
+/// one selecting other subjects (a changed `receive`) replaced, starting over; one as
+/// wanted left alone (it keeps its position: it is where the reading side got to).
+async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    want: consumer::push::Config,
+    side: (&'static str, &str),
+) -> Result<Provisioned, SiteError> {
+    let err = |e: &dyn std::fmt::Display| nats_err(side.0, side.1, e);
+    let stream = js.get_stream(stream).await.map_err(|e| err(&e))?;
+    let name = want.durable_name.clone().unwrap_or_default();
+    let filters = |f: &str, fs: &[String]| {
+        let mut v: Vec<String> = fs.to_vec();
+        if !f.is_empty() {
+            v.push(f.to_owned());
+        }
+        v.sort();
+        v
+    };
+    let mut provisioned = Provisioned::Created;
     match stream.consumer_info(&name).await {
-        Ok(_) => return Ok(Provisioned::Unchanged),
+        Ok(info) => {
+            let c = &info.config;
+            let have = filters(&c.filter_subject, &c.filter_subjects);
+            let same = have == filters(&want.filter_subject, &want.filter_subjects)
+                && c.deliver_subject.as_deref() == Some(want.deliver_subject.as_str());
+            if same {
+                return Ok(Provisioned::Unchanged);
+            }
+            stream
+                .delete_consumer(&name)
+                .await
+                .map_err(|e| err(&format!("replacing consumer {name:?}: {e}")))?;
+            provisioned = Provisioned::Updated;
+        }
         Err(e) if consumer_missing(&e) => {}
         Err(e) => return Err(err(&e)),
     }
-    let config = site_consumer(
-        &spec.stream.prefix,
-        &spec.name,
-        hub_domain,
-        sourced.map(|s| s + 1),
-    );
+    let want = if provisioned == Provisioned::Updated {
+        // Other subjects: from the beginning, as a new source would.
+        consumer::push::Config {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..want
+        }
+    } else {
+        want
+    };
     stream
-        .create_consumer(config)
+        .create_consumer(want)
         .await
         .map_err(|e| err(&format!("creating consumer {name:?}: {e}")))?;
-    Ok(Provisioned::Created)
+    Ok(provisioned)
 }
 
 fn consumer_missing(e: &jetstream::context::ConsumerInfoError) -> bool {
@@ -322,7 +468,7 @@ pub async fn remove(
         .await
         .map_err(|e| hub_err(&e))?;
     let site_js = jetstream::with_domain(client.clone(), &spec.name);
-    let name = hub_consumer_name(&spec.stream.prefix, &up.domain);
+    let name = up_durable(&spec.stream.prefix, &spec.name, &up.domain).name;
     match site_js.get_stream(&spec.stream.name).await {
         Ok(stream) => match stream.delete_consumer(&name).await {
             Ok(_) => {}
@@ -349,12 +495,34 @@ mod tests {
         let c = s.consumer.as_ref().unwrap();
         assert_eq!(
             (c.name.as_str(), c.deliver_subject.as_str()),
-            ("jetsync_to_hub", "jetsync_src.shop42")
+            ("jetsync-to-hub", "jetsync_up.shop42")
         );
         let consumer = site_consumer("jetsync", "shop42", "hub", None);
         assert_eq!(consumer.filter_subject, "jetsync.>");
         assert_eq!(consumer.deliver_subject, c.deliver_subject);
         assert_eq!(consumer.durable_name.as_deref(), Some(c.name.as_str()));
+        // Down: the site's upstream source keeps its transforms, read through the hub
+        // stream's consumer, whose filters are the transforms' sources.
+        let up = Upstream {
+            domain: "hub".into(),
+            stream: "JETSYNC".into(),
+            entities: vec![],
+        };
+        let down = upstream_source("jetsync", "shop42", &up);
+        assert_eq!(transforms_of(&down), up.transforms("jetsync"));
+        let dc = down.consumer.as_ref().unwrap();
+        assert_eq!(
+            (dc.name.as_str(), dc.deliver_subject.as_str()),
+            ("jetsync-to-shop42", "jetsync_down.shop42")
+        );
+        let hc = hub_consumer("jetsync", "shop42", &up, None);
+        let mut filters = hc.filter_subjects.clone();
+        filters.sort();
+        assert_eq!(filters, ["jetsync.>", "jetsync_in.>"]);
+        assert!(
+            !same_source(&down, &up.source("jetsync")),
+            "an ephemeral source is replaced"
+        );
         assert_eq!(s.external.as_ref().unwrap().api_prefix, "$JS.shop42.API");
         assert!(s.subject_transforms.is_empty());
         assert!(is_from(&s, "shop42", "JETSYNC"));
