@@ -12,48 +12,12 @@
 //! durable consumer also survives any cut (an ephemeral one is deleted after 10 s without
 //! interest) and keeps the position the hub acknowledged.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Serialize;
 
 use super::{SiteError, SiteSpec, Upstream, nats_err};
 use crate::stream::{DeploymentLimits, StreamError, domain_api, is_from, provision, transforms_of};
-
-/// A durable consumer one side of a site's link is sourced through: its name (on the
-/// stream read) and the subject it delivers to, which crosses the leaf link (one per
-/// site and direction, so a link's permissions can name it) outside the data namespaces
-/// the link denies (`<prefix>.>`, `<prefix>_in.>`). The names start `<prefix>-`, which
-/// no node's consumer (`<prefix>_<node id>`) does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Durable {
-    /// The consumer's name.
-    pub name: String,
-    /// Its deliver subject.
-    pub deliver_subject: String,
-}
-
-/// Up: the consumer on the site stream that the hub's source of the site reads.
-pub fn up_durable(prefix: &str, site_domain: &str, hub_domain: &str) -> Durable {
-    Durable {
-        name: format!("{prefix}-to-{hub_domain}"),
-        deliver_subject: format!("{prefix}_up.{site_domain}"),
-    }
-}
-
-/// Down: the consumer on the hub stream that the site stream's upstream source reads.
-pub fn down_durable(prefix: &str, site_domain: &str) -> Durable {
-    Durable {
-        name: format!("{prefix}-to-{site_domain}"),
-        deliver_subject: format!("{prefix}_down.{site_domain}"),
-    }
-}
-
-impl Durable {
-    fn source(&self) -> stream::StreamConsumerSource {
-        stream::StreamConsumerSource::new(self.name.clone(), self.deliver_subject.clone())
-    }
-}
+pub use crate::stream::{Durable, down_durable, durable_consumer, site_consumer, up_durable};
 
 /// The source a hub stream declares to aggregate one site: the site's local events only,
 /// subjects unchanged (never its imports, so nothing loops), read through the durable
@@ -83,61 +47,6 @@ pub fn upstream_source(prefix: &str, site_domain: &str, up: &Upstream) -> stream
         consumer: Some(down_durable(prefix, site_domain).source()),
         ..up.source(prefix)
     }
-}
-
-/// How many deliveries a source may have unacknowledged (its flow-control window): a
-/// catch-up streams this many before waiting for the reading side's reply.
-const SOURCE_MAX_ACK_PENDING: i64 = 10_000;
-
-/// A durable sourcing consumer's config: `filters`, flow-controlled and acknowledged by
-/// the reading stream's flow-control replies (`ack_policy = flow_control`, which
-/// requires 1 s heartbeats, no ack wait and no delivery limit), starting at `start` (the
-/// sequence after the last one the reading side already holds) or at the beginning.
-pub fn durable_consumer(
-    d: &Durable,
-    filters: Vec<String>,
-    description: String,
-    start: Option<u64>,
-) -> consumer::push::Config {
-    let (filter_subject, filter_subjects) = match <[String; 1]>::try_from(filters) {
-        Ok([one]) => (one, Vec::new()),
-        Err(many) => (String::new(), many),
-    };
-    consumer::push::Config {
-        durable_name: Some(d.name.clone()),
-        name: Some(d.name.clone()),
-        description: Some(description),
-        deliver_subject: d.deliver_subject.clone(),
-        filter_subject,
-        filter_subjects,
-        deliver_policy: match start {
-            Some(start_sequence) if start_sequence > 1 => {
-                consumer::DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            _ => consumer::DeliverPolicy::All,
-        },
-        ack_policy: consumer::AckPolicy::FlowControl,
-        max_deliver: -1,
-        max_ack_pending: SOURCE_MAX_ACK_PENDING,
-        flow_control: true,
-        idle_heartbeat: Duration::from_secs(1),
-        ..Default::default()
-    }
-}
-
-/// The up consumer's config (the site's own namespace).
-pub fn site_consumer(
-    prefix: &str,
-    site_domain: &str,
-    hub_domain: &str,
-    start: Option<u64>,
-) -> consumer::push::Config {
-    durable_consumer(
-        &up_durable(prefix, site_domain, hub_domain),
-        vec![format!("{prefix}.>")],
-        format!("the hub {hub_domain:?} sources this site through it (jetsync site add)"),
-        start,
-    )
 }
 
 /// The down consumer's config (what the site receives, [`Upstream::transforms`]).
@@ -267,13 +176,18 @@ pub async fn add(client: &async_nats::Client, spec: &SiteSpec) -> Result<AddRepo
     } else {
         None
     };
-    let site_consumer = ensure_consumer(
+    let site_consumer = match ensure_consumer(
         &site_js,
         &spec.stream.name,
         site_consumer(prefix, &spec.name, &up.domain, up_from.map(|s| s + 1)),
         ("site", &spec.name),
     )
-    .await?;
+    .await?
+    {
+        // Made with the stream just now (`stream::provision`).
+        Provisioned::Unchanged if !site_existed => Provisioned::Created,
+        other => other,
+    };
     let hub_source = match sources
         .iter_mut()
         .find(|s| is_from(s, &spec.name, &spec.stream.name))
