@@ -1,16 +1,18 @@
-//! Provisioning a site: the site stream with its hub source (in the site's domain), the
-//! durable consumer on it that the hub's source reads through, and the hub stream's source
-//! of the site (in the hub's domain), all idempotent (`jetsync site add|remove`).
+//! Provisioning a site, all idempotent (`jetsync site add|remove`): the site stream (in
+//! the site's domain), the two durable consumers each side is read through
+//! ([`down_durable`] on the hub stream, [`up_durable`] on the site stream), the site
+//! stream's upstream source and the hub stream's source of the site, both reading
+//! through them.
 //!
-//! Why a durable consumer (nats-server's "durable sourcing", 2.14+) rather than the
-//! server's own ephemeral one: after a cut, an ephemeral source re-creates its consumer
-//! across the leaf link, and a create request sent while the link is down waits out a
-//! 30 s timeout, then backs off `10 s × failures` (at most 2 min): 13-40 s heals were
-//! measured. A durable source only asks the site's server to reset the consumer (5 s
+//! Why durable consumers (nats-server's "durable sourcing", ADR-60, 2.14+) rather than
+//! the servers' own ephemeral ones: after a cut, an ephemeral source re-creates its
+//! consumer across the leaf link, and a create request sent while the link is down waits
+//! out a 30 s timeout, then backs off `10 s × failures` (at most 2 min): 13-40 s heals
+//! were measured. A durable source only asks the other server to reset the consumer (5 s
 //! timeout), and while it backs off it listens on the deliver subject: the consumer's
-//! first heartbeat after the link is back (within 1 s) makes it retry at once. The
-//! durable consumer also survives any cut (an ephemeral one is deleted after 10 s without
-//! interest) and keeps the position the hub acknowledged.
+//! first heartbeat after the link is back (within 1 s) makes it retry at once. A durable
+//! consumer also survives any cut (an ephemeral one is deleted after 10 s without
+//! interest) and keeps the position the reading side acknowledged.
 
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Serialize;
