@@ -706,3 +706,105 @@ async fn the_hubs_anti_entropy_leaves_the_sites_nodes_out() {
     h2.shutdown().await.unwrap();
     h.shutdown().await.unwrap();
 }
+
+/// A site whose streams source each other plainly (as `site add` set them up before
+/// durable sourcing, or a site node alone for the site stream) is switched by `site add`
+/// without sending again what each side holds: each durable consumer starts after the
+/// highest sequence the reading stream's plain source had copied, including the one the
+/// site node made with its stream and never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_add_switches_plain_sources_where_they_got_to() {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start();
+    let h = start(hub.node("h", dir.path())).await;
+    let a = Site::start(&hub, "shop_a", vec![]).await;
+    // The site node creates the site stream (a plain source of the hub).
+    let a1 = start(a.node("a1", dir.path())).await;
+    let client = async_nats::connect(hub.url()).await.unwrap();
+    let hub_js = async_nats::jetstream::with_domain(client.clone(), "hub");
+    {
+        // The hub's plain source of the site, as `site add` made it before.
+        let mut s = hub_js.get_stream("JETSYNC").await.unwrap();
+        let mut c = s.info().await.unwrap().config.clone();
+        c.sources = Some(vec![async_nats::jetstream::stream::Source {
+            name: "JETSYNC".into(),
+            filter_subject: Some("jetsync.>".into()),
+            external: Some(async_nats::jetstream::stream::External {
+                api_prefix: "$JS.shop_a.API".into(),
+                delivery_prefix: None,
+            }),
+            ..Default::default()
+        }]);
+        hub_js.update_stream(c).await.unwrap();
+    }
+    let orders = common::entity("orders");
+    for i in 0..3 {
+        a1.put(&orders, uuid::Uuid::now_v7(), serde_json::json!({"a": i}))
+            .await
+            .unwrap();
+    }
+    h.put(&orders, uuid::Uuid::now_v7(), serde_json::json!({"h": 1}))
+        .await
+        .unwrap();
+    wait_at_hub(&client, 3).await;
+    let spec = a.spec();
+    let sourced = |client: async_nats::Client, spec: jetsync::site::SiteSpec| async move {
+        let s = jetsync::site::status(&client, &spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        match (s.hub_stream.source_seq, s.site_stream.source_seq) {
+            (Some(up), Some(down)) if up >= 3 && down >= 1 => Ok((up, down)),
+            other => Err(format!("sourced so far (up, down): {other:?}")),
+        }
+    };
+    wait_for(
+        "both plain sources to copy",
+        Duration::from_secs(60),
+        || {
+            let (client, spec) = (client.clone(), spec.clone());
+            async move { sourced(client, spec).await.map(|_| ()) }
+        },
+    )
+    .await;
+    let (up, down) = sourced(client.clone(), spec.clone()).await.unwrap();
+
+    let report = a.provision(&hub).await;
+    use jetsync::site::Provisioned::*;
+    assert_eq!(
+        (
+            report.site_stream,
+            report.hub_consumer,
+            report.site_consumer,
+            report.hub_source
+        ),
+        (Updated, Created, Updated, Updated),
+        "{report:?}"
+    );
+    let info = |js: async_nats::jetstream::Context, name: &'static str| async move {
+        let s = js.get_stream("JETSYNC").await.unwrap();
+        s.consumer_info(name).await.unwrap().config.deliver_policy
+    };
+    let site_js = async_nats::jetstream::with_domain(client.clone(), "shop_a");
+    assert_eq!(
+        info(site_js, "jetsync-to-hub").await,
+        DeliverPolicy::ByStartSequence {
+            start_sequence: up + 1
+        },
+        "the hub reads on after the site's sequence {up}"
+    );
+    assert_eq!(
+        info(hub_js, "jetsync-to-shop_a").await,
+        DeliverPolicy::ByStartSequence {
+            start_sequence: down + 1
+        },
+        "the site reads on after the hub's sequence {down}"
+    );
+    // And sourcing goes on through them.
+    a1.put(&orders, uuid::Uuid::now_v7(), serde_json::json!({"a": 3}))
+        .await
+        .unwrap();
+    wait_at_hub(&client, 4).await;
+    a1.shutdown().await.unwrap();
+    h.shutdown().await.unwrap();
+}

@@ -314,15 +314,23 @@ async fn ensure_consumer(
         v
     };
     let mut provisioned = Provisioned::Created;
+    let mut from_start = false;
     match stream.consumer_info(&name).await {
         Ok(info) => {
             let c = &info.config;
             let have = filters(&c.filter_subject, &c.filter_subjects);
             let same = have == filters(&want.filter_subject, &want.filter_subjects)
                 && c.deliver_subject.as_deref() == Some(want.deliver_subject.as_str());
-            if same {
+            // One a node made with its stream that never delivered, while the reading side
+            // already holds events from a plain source: started where that one got to, or
+            // the reading stream would store again what is past its duplicate window.
+            let unused_elsewhere = info.delivered.stream_sequence == 0
+                && want.deliver_policy != consumer::DeliverPolicy::All
+                && c.deliver_policy != want.deliver_policy;
+            if same && !unused_elsewhere {
                 return Ok(Provisioned::Unchanged);
             }
+            from_start = !same;
             stream
                 .delete_consumer(&name)
                 .await
@@ -332,7 +340,7 @@ async fn ensure_consumer(
         Err(e) if consumer_missing(&e) => {}
         Err(e) => return Err(err(&e)),
     }
-    let want = if provisioned == Provisioned::Updated {
+    let want = if from_start {
         // Other subjects: from the beginning, as a new source would.
         consumer::push::Config {
             deliver_policy: consumer::DeliverPolicy::All,
