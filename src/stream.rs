@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use serde::{Deserialize, Serialize};
 
 use crate::event::import_prefix;
@@ -222,6 +222,127 @@ impl Upstream {
         (have != want).then(|| {
             format!("the upstream source maps {have:?}, the config wants {want:?}; run `jetsync site add` to update it")
         })
+    }
+}
+
+/// A durable consumer one side of a site's link is sourced through: its name (on the
+/// stream read) and the subject it delivers to, which crosses the leaf link (one per
+/// site and direction, so a link's permissions can name it) outside the data namespaces
+/// the link denies (`<prefix>.>`, `<prefix>_in.>`). The names start `<prefix>-`, which
+/// no node's consumer (`<prefix>_<node id>`) does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Durable {
+    /// The consumer's name.
+    pub name: String,
+    /// Its deliver subject.
+    pub deliver_subject: String,
+}
+
+/// Up: the consumer on the site stream that the hub's source of the site reads.
+pub fn up_durable(prefix: &str, site_domain: &str, hub_domain: &str) -> Durable {
+    Durable {
+        name: format!("{prefix}-to-{hub_domain}"),
+        deliver_subject: format!("{prefix}_up.{site_domain}"),
+    }
+}
+
+/// Down: the consumer on the hub stream that the site stream's upstream source reads.
+pub fn down_durable(prefix: &str, site_domain: &str) -> Durable {
+    Durable {
+        name: format!("{prefix}-to-{site_domain}"),
+        deliver_subject: format!("{prefix}_down.{site_domain}"),
+    }
+}
+
+impl Durable {
+    /// The source config naming this consumer.
+    pub fn source(&self) -> stream::StreamConsumerSource {
+        stream::StreamConsumerSource::new(self.name.clone(), self.deliver_subject.clone())
+    }
+}
+
+/// How many deliveries a source may have unacknowledged (its flow-control window): a
+/// catch-up streams this many before waiting for the reading side's reply.
+const SOURCE_MAX_ACK_PENDING: i64 = 10_000;
+
+/// A durable sourcing consumer's config: `filters`, flow-controlled and acknowledged by
+/// the reading stream's flow-control replies (`ack_policy = flow_control`, which
+/// requires 1 s heartbeats, no ack wait and no delivery limit), starting at `start` (the
+/// sequence after the last one the reading side already holds) or at the beginning.
+pub fn durable_consumer(
+    d: &Durable,
+    filters: Vec<String>,
+    description: String,
+    start: Option<u64>,
+) -> consumer::push::Config {
+    let (filter_subject, filter_subjects) = match <[String; 1]>::try_from(filters) {
+        Ok([one]) => (one, Vec::new()),
+        Err(many) => (String::new(), many),
+    };
+    consumer::push::Config {
+        durable_name: Some(d.name.clone()),
+        name: Some(d.name.clone()),
+        description: Some(description),
+        deliver_subject: d.deliver_subject.clone(),
+        filter_subject,
+        filter_subjects,
+        deliver_policy: match start {
+            Some(start_sequence) if start_sequence > 1 => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            _ => consumer::DeliverPolicy::All,
+        },
+        ack_policy: consumer::AckPolicy::FlowControl,
+        max_deliver: -1,
+        max_ack_pending: SOURCE_MAX_ACK_PENDING,
+        flow_control: true,
+        idle_heartbeat: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// The up consumer's config: the site's own namespace, or with `origins` (the site's node
+/// ids, `[site] origins`) one filter per origin, so the hub takes nothing the site's
+/// stream holds under another origin.
+pub fn site_consumer(
+    prefix: &str,
+    site_domain: &str,
+    hub_domain: &str,
+    start: Option<u64>,
+    origins: &[String],
+) -> consumer::push::Config {
+    let mut origins: Vec<&String> = origins.iter().collect();
+    origins.sort();
+    origins.dedup();
+    let filters = if origins.is_empty() {
+        vec![format!("{prefix}.>")]
+    } else {
+        origins
+            .into_iter()
+            .map(|o| format!("{prefix}.*.*.{o}.>"))
+            .collect()
+    };
+    durable_consumer(
+        &up_durable(prefix, site_domain, hub_domain),
+        filters,
+        format!("the hub {hub_domain:?} sources this site through it (jetsync site add)"),
+        start,
+    )
+}
+
+/// A site stream just created (by a node, offline, or after it was recreated) gets the
+/// durable consumer its hub's source reads it through ([`up_durable`]), from its start:
+/// a hub source set up by `site add` names it, and would otherwise find it missing and
+/// never resume. Best effort: a node whose NATS user may not create it leaves it to
+/// `site add` (warned).
+async fn create_up_consumer(stream: &jetstream::stream::Stream, settings: &StreamSettings) {
+    let (Some(up), Some(site)) = (&settings.upstream, &settings.domain) else {
+        return;
+    };
+    let config = site_consumer(&settings.prefix, site, &up.domain, None, &[]);
+    if let Err(e) = stream.create_consumer(config).await {
+        tracing::warn!(stream = %settings.name, %site, error = %e,
+            "the site stream's consumer for the hub was not created; `jetsync site add` creates it");
     }
 }
 
@@ -693,7 +814,10 @@ pub async fn provision(
                 pin.write_metadata(&mut config.metadata);
             }
             match js.create_stream(config).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    create_up_consumer(&s, settings).await;
+                    s
+                }
                 // Another node created it in between: verify theirs below.
                 Err(_) => js.get_stream(&settings.name).await.map_err(|e| nats(&e))?,
             }
@@ -975,10 +1099,7 @@ mod tests {
         // A hub stream sources its sites unchanged: no import namespace, no conflict.
         let mut hub = plain.config();
         hub.sources = Some(vec![crate::site::site_source(
-            "jetsync",
-            "shop42",
-            "JETSYNC",
-            &[],
+            "jetsync", "shop42", "JETSYNC", "hub",
         )]);
         assert!(plain.conflicts(&hub).is_empty());
     }

@@ -715,3 +715,82 @@ fn a_second_replay_into_a_store_counts_malformed_messages_the_same() {
         both(&second)
     );
 }
+
+/// `top` shows a node's own writes the stream refused for good and parked (`PARKED`,
+/// `status.refused`), at 80 columns too, with a footer count and a note saying what and
+/// where to look; `REFUSED` (peers refusing it) stays 0. Before: no column, no note,
+/// "1 node" (issue 23: a parked write showed as REFUSED 0).
+#[test]
+fn top_shows_a_nodes_parked_writes_at_80_columns() {
+    let server = NatsServer::start().expect("nats-server");
+    let url = server.client_url();
+    let dir = tempfile::tempdir().unwrap();
+    let a = "parker";
+    let _na = NodeProc::start(dir.path(), a, &url, "");
+    wait_caught_up(&url, a);
+    // The stream refuses anything above 256 bytes from now on: for good.
+    runtime().block_on(async {
+        let client = async_nats::connect(&url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("JETSYNC").await.expect("the node's stream");
+        let mut c = stream.info().await.expect("stream info").config.clone();
+        c.max_message_size = 256;
+        js.update_stream(c).await.expect("shrink max_msg_size");
+    });
+    let put = cli(&url, &["put", "orders", &big_doc(1000), "--node", a]);
+    assert!(put.status.success(), "{}", both(&put));
+    wait_for(
+        "the write to be parked as refused",
+        Duration::from_secs(30),
+        || {
+            let s = status(&url, a)?;
+            (s["refused"] == 1).then_some(()).ok_or(s.to_string())
+        },
+    );
+    for width in ["80", "160"] {
+        let o = cli(
+            &url,
+            &["top", "--once", "--interval", "0.3", "--width", width],
+        );
+        assert!(o.status.success(), "{}", both(&o));
+        let text = stdout(&o);
+        for l in text.lines().take_while(|l| !l.starts_with("parked:")) {
+            assert!(
+                l.chars().count() <= width.parse().unwrap(),
+                "wider than {width}: {l:?}\n{text}"
+            );
+        }
+        let header = text
+            .lines()
+            .find(|l| l.contains("NODE"))
+            .unwrap_or_else(|| panic!("no header:\n{text}"));
+        let row = top_row(&text, a).unwrap_or_else(|| panic!("no row for {a}:\n{text}"));
+        // The PARKED cell sits under its header.
+        let col = header
+            .find("PARKED")
+            .unwrap_or_else(|| panic!("no PARKED at {width}:\n{text}"));
+        let cell: String = row
+            .chars()
+            .skip(header[..col].chars().count())
+            .take(6)
+            .collect();
+        assert_eq!(cell.trim(), "1", "PARKED cell at {width}:\n{text}");
+        assert!(text.contains("1 node, 1 with parked writes"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "parked: {a}: 1 own write(s) the stream refused for good"
+            )),
+            "{text}"
+        );
+        if width == "160" {
+            let refused = header.find("REFUSED").expect("REFUSED at 160");
+            let cell: String = row
+                .chars()
+                .skip(header[..refused].chars().count())
+                .take(7)
+                .collect();
+            assert_eq!(cell.trim(), "0", "no peer refuses it:\n{text}");
+            assert!(header.contains("MIRROR"), "{text}");
+        }
+    }
+}

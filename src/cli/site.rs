@@ -87,8 +87,8 @@ pub async fn site(cmd: SiteCmd) -> anyhow::Result<ExitCode> {
             print(
                 serde_json::to_value(&r)?,
                 format!(
-                    "site {}: site stream {:?}, hub source {:?}\n",
-                    spec.name, r.site_stream, r.hub_source
+                    "site {}: site stream {:?}, hub source {:?}, sourcing consumers: on the site stream {:?}, on the hub stream {:?}\n",
+                    spec.name, r.site_stream, r.hub_source, r.site_consumer, r.hub_consumer
                 ),
             );
             Ok(ExitCode::SUCCESS)

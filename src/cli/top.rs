@@ -1,6 +1,7 @@
 //! `jetsync top`: a live table of every node that answers (`$SRV` discovery), refreshed
 //! every second: connection, checkpoint, lag, outbox, apply and publish rates, conflicts,
-//! quarantine, refused events, halts. Drawn with ratatui on crossterm; `--once` renders
+//! quarantine, peers refusing its events (REFUSED), its own writes the stream refused for
+//! good and parked (PARKED), its SQL mirrors (MIRROR), halts. Drawn with ratatui on crossterm; `--once` renders
 //! one frame as plain text and exits (scripts, tests, a terminal-less ssh).
 //!
 //! A node that stops answering stays, marked MISSING with why: expected are the nodes
@@ -86,11 +87,24 @@ impl Frame {
         let missing = self.rows.iter().filter(|r| r.missing).count();
         let n = self.rows.len() - missing;
         let nodes = if n == 1 { "node" } else { "nodes" };
+        let mut out = format!("{n} {nodes}");
         if missing > 0 {
-            format!("{n} {nodes}, {missing} missing")
-        } else {
-            format!("{n} {nodes}")
+            out.push_str(&format!(", {missing} missing"));
         }
+        // Whatever columns a narrow terminal drops, these stay in sight.
+        let parked = self.rows.iter().filter(|r| parked(r) > 0).count();
+        if parked > 0 {
+            out.push_str(&format!(", {parked} with parked writes"));
+        }
+        let mirrors = self
+            .rows
+            .iter()
+            .filter(|r| matches!(mirror_cell(r).as_str(), "broken" | "failing"))
+            .count();
+        if mirrors > 0 {
+            out.push_str(&format!(", {mirrors} with a failing mirror"));
+        }
+        out
     }
 }
 
@@ -252,6 +266,40 @@ impl Sampler {
             if row.status.is_some() {
                 self.expected.insert(row.node.clone(), "seen earlier");
             }
+            let n = parked(row);
+            if n > 0 {
+                let why = row
+                    .status
+                    .as_ref()
+                    .and_then(|s| s["publish_refused"].as_str());
+                frame.notes.push(format!(
+                    "parked: {}: {n} own write(s) the stream refused for good, they never leave{} (`jetsync inspect refused --node {}`)",
+                    row.node,
+                    why.map(|w| format!("; last: {w}")).unwrap_or_default(),
+                    row.node
+                ));
+            }
+            for m in row
+                .status
+                .as_ref()
+                .and_then(|s| s["mirrors"].as_array())
+                .into_iter()
+                .flatten()
+                .filter(|m| !m["error"].is_null())
+            {
+                frame.notes.push(format!(
+                    "mirror: {} {}: {} for {:.0} s{}",
+                    row.node,
+                    num(&m["name"]),
+                    num(&m["error"]),
+                    m["failing_seconds"].as_f64().unwrap_or(0.0),
+                    if m["broken"].as_bool() == Some(true) {
+                        " (broken: the node is not ready)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
         }
         frame.rows = rows.into_values().collect();
         frame
@@ -347,8 +395,11 @@ fn rate(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{r:.0}/s"))
 }
 
-/// The columns of the table.
-pub const HEADERS: [&str; 12] = [
+/// The columns of the table. REFUSED: peers holding this node's events in quarantine;
+/// PARKED: this node's own writes the stream refused for good (`status.refused`, listed
+/// by `jetsync quarantine`), which never leave; MIRROR: its SQL mirrors, the worst of
+/// them (`ok`, the oldest unwritten change's age, `failing`, `broken`; `-`: none).
+pub const HEADERS: [&str; 14] = [
     "NODE",
     "NATS",
     "CHECKPOINT",
@@ -360,15 +411,18 @@ pub const HEADERS: [&str; 12] = [
     "CONFLICTS",
     "QUARANT",
     "REFUSED",
+    "PARKED",
+    "MIRROR",
     "HALTED",
 ];
 
 /// Each column's width (the node's is computed, the last takes what is left).
-const WIDTHS: [u16; 12] = [0, 12, 10, 8, 7, 7, 9, 9, 9, 7, 7, 8];
+const WIDTHS: [u16; 14] = [0, 12, 10, 8, 7, 7, 9, 9, 9, 7, 7, 6, 8, 8];
 
 /// Columns dropped first when the terminal is narrow: names stay whole, and the node,
-/// its connection, its lag and whether it is halted stay longest.
-const DROP_ORDER: [usize; 8] = [7, 2, 4, 10, 8, 9, 5, 6];
+/// its connection, its lag, its parked writes and whether it is halted stay longest
+/// (the footer counts nodes with parked writes or a failing mirror whatever is shown).
+const DROP_ORDER: [usize; 10] = [7, 2, 4, 8, 12, 10, 6, 9, 5, 11];
 
 /// Which columns fit in `width` and how wide each is, for these rows.
 fn layout(rows: &[NodeRow], width: u16) -> Vec<(usize, u16)> {
@@ -444,8 +498,50 @@ pub fn cells(row: &NodeRow) -> Vec<String> {
         num(&s["conflicts"]),
         num(&s["quarantined"]),
         refused.to_string(),
+        parked(row).to_string(),
+        mirror_cell(row),
         s["halted"]["kind"].as_str().unwrap_or("no").to_owned(),
     ]
+}
+
+/// This node's own writes parked in `refused` (the stream refused them for good).
+fn parked(row: &NodeRow) -> u64 {
+    row.status
+        .as_ref()
+        .and_then(|s| s["refused"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The worst of a node's SQL mirrors: `broken` (failing past its bound, the node is not
+/// ready), `failing`, the age of the oldest change not written yet, `ok`; `-` for none.
+fn mirror_cell(row: &NodeRow) -> String {
+    let Some(mirrors) = row
+        .status
+        .as_ref()
+        .and_then(|s| s["mirrors"].as_array())
+        .filter(|m| !m.is_empty())
+    else {
+        return "-".into();
+    };
+    if mirrors.iter().any(|m| m["broken"].as_bool() == Some(true)) {
+        return "broken".into();
+    }
+    if mirrors.iter().any(|m| !m["error"].is_null()) {
+        return "failing".into();
+    }
+    let behind = mirrors
+        .iter()
+        .filter_map(|m| m["behind"].as_u64())
+        .sum::<u64>();
+    let lag = mirrors
+        .iter()
+        .filter_map(|m| m["lag_seconds"].as_f64())
+        .fold(0.0, f64::max);
+    if behind == 0 {
+        "ok".into()
+    } else {
+        format!("{lag:.1}s")
+    }
 }
 
 fn draw(frame: &mut ratatui::Frame<'_>, rows: &[NodeRow], footer: &str) {
@@ -682,9 +778,38 @@ mod tests {
         assert!(!text.contains("PUBLISH"), "{text}");
         assert!(text.contains("LAG"), "{text}");
         assert!(text.contains("1 node, 1 missing"), "{text}");
-        let wide = render_text(&frame, 130);
+        let wide = render_text(&frame, 160);
         for h in HEADERS {
-            assert!(wide.contains(h), "{h} missing at 130 columns:\n{wide}");
+            assert!(wide.contains(h), "{h} missing at 160 columns:\n{wide}");
         }
+    }
+
+    #[test]
+    fn parked_writes_and_mirrors_have_cells_and_a_footer() {
+        let mut r = row("a", false);
+        assert_eq!((parked(&r), mirror_cell(&r)), (0, "-".to_owned()));
+        let s = r.status.as_mut().unwrap();
+        s["refused"] = json!(2);
+        s["mirrors"] = json!([
+            {"name": "m1", "behind": 0, "lag_seconds": 0.0, "error": null, "broken": false},
+            {"name": "m2", "behind": 5, "lag_seconds": 3.25, "error": null, "broken": false}
+        ]);
+        assert_eq!((parked(&r), mirror_cell(&r)), (2, "3.2s".to_owned()));
+        r.status.as_mut().unwrap()["mirrors"][0]["error"] = json!("connection refused");
+        assert_eq!(mirror_cell(&r), "failing");
+        r.status.as_mut().unwrap()["mirrors"][0]["broken"] = json!(true);
+        assert_eq!(mirror_cell(&r), "broken");
+        let frame = Frame {
+            rows: vec![r.clone(), row("b", false)],
+            notes: vec![],
+        };
+        assert_eq!(
+            frame.summary(),
+            "2 nodes, 1 with parked writes, 1 with a failing mirror"
+        );
+        let c = cells(&r);
+        assert_eq!(c.len(), HEADERS.len());
+        assert_eq!(c[11], "2");
+        assert_eq!(c[12], "broken");
     }
 }

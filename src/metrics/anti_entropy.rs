@@ -79,6 +79,9 @@ pub struct RoundReport {
     pub result: String,
     /// Peers compared (entity types they share with this node).
     pub peers: Vec<String>,
+    /// Peers left out of this round: silent in earlier ones (`ops::peers`).
+    #[serde(default)]
+    pub backed_off: Vec<String>,
     /// (peer, entity type) pairs compared.
     pub compared: u64,
     /// Digest buckets that differed, over all pairs.

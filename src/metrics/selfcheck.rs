@@ -29,6 +29,8 @@ struct State {
     missing: BTreeMap<String, u32>,
     /// Peers still to be asked directly, one per round (see [`SelfCheck::next_direct`]).
     rotation: Vec<String>,
+    /// Peers that left direct requests unanswered, skipped on their turns for a while.
+    silent: crate::ops::peers::PeerBackoff,
 }
 
 /// What one peer's answer proves: its quarantined messages that this node verified as
@@ -99,9 +101,34 @@ impl SelfCheck {
             peers.sort();
             peers.dedup();
             peers.reverse();
-            self.state().rotation = peers;
+            let mut s = self.state();
+            s.silent.retain(&peers);
+            s.rotation = peers;
         }
-        self.state().rotation.pop()
+        // A peer backed off (`ops::peers`) lets its turn pass to the next one.
+        let mut s = self.state();
+        while let Some(peer) = s.rotation.pop() {
+            if !s.silent.skip(&peer) {
+                return Some(peer);
+            }
+        }
+        None
+    }
+
+    /// Whether a peer asked directly answered: one that stays silent is skipped on its
+    /// next turns ([`crate::ops::peers::PeerBackoff`]).
+    pub fn direct_answer(&self, peer: &str, answered: bool) {
+        let mut s = self.state();
+        if answered {
+            s.silent.answered(peer);
+        } else {
+            s.silent.unanswered(peer);
+        }
+    }
+
+    /// The peers the direct requests leave out now (silent before).
+    pub fn backed_off(&self) -> Vec<String> {
+        self.state().silent.backed_off()
     }
 
     /// Records one round: the peers `discovered` and the `answers` of those that answered.

@@ -52,6 +52,7 @@ use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::RecordState;
 use crate::metrics::{AntiEntropy, AntiEntropySettings, RoundReport, now_ms};
 use crate::node::NodeHandle;
+use crate::ops::peers::PeerBackoff;
 use crate::store::{CellHashes, MergeReport, VerifyHashes};
 use crate::verify::{VerifyError, check_formats, common_scopes, entity_names, records_page};
 
@@ -66,6 +67,7 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
     ae.set_running(true);
     let mut rounds: u64 = 0;
     let mut cursors = Cursors::new();
+    let mut silent = PeerBackoff::default();
     // A requested round (a loss the stream showed, an operator) runs at once, and once
     // more when what was young then has settled: the lost events are usually seconds old
     // when their hole is seen, too young to count until `settle` has passed.
@@ -87,7 +89,7 @@ pub async fn run(node: NodeHandle, settings: AntiEntropySettings) {
         }
         rounds += 1;
         let deep = settings.deep_every > 0 && rounds.is_multiple_of(u64::from(settings.deep_every));
-        let report = round(&node, &settings, deep, rounds, &mut cursors).await;
+        let report = round_with(&node, &settings, deep, rounds, &mut cursors, &mut silent).await;
         finish(&node, &ae, &report);
     }
 }
@@ -135,6 +137,28 @@ pub async fn round(
     number: u64,
     cursors: &mut Cursors,
 ) -> RoundReport {
+    round_with(
+        node,
+        settings,
+        deep,
+        number,
+        cursors,
+        &mut PeerBackoff::default(),
+    )
+    .await
+}
+
+/// [`round`], leaving out the peers `silent` backs off (see [`crate::ops::peers`]): a
+/// peer this node cannot reach (an edge site's node, from the hub) costs a round its
+/// timeout (30 s) only until it was silent twice, then ever more rarely.
+pub async fn round_with(
+    node: &NodeHandle,
+    settings: &AntiEntropySettings,
+    deep: bool,
+    number: u64,
+    cursors: &mut Cursors,
+    silent: &mut PeerBackoff,
+) -> RoundReport {
     let started = Instant::now();
     let mut report = RoundReport {
         at_ms: now_ms(),
@@ -151,7 +175,12 @@ pub async fn round(
         }
         Some(peers) if peers.is_empty() => "no_peers",
         Some(mut peers) => {
-            let turn = usize::try_from(number % peers.len() as u64).unwrap_or(0);
+            silent.retain(&peers);
+            let (asked, backed_off): (Vec<String>, Vec<String>) =
+                peers.into_iter().partition(|p| !silent.skip(p));
+            report.backed_off = backed_off;
+            peers = asked;
+            let turn = usize::try_from(number % peers.len().max(1) as u64).unwrap_or(0);
             peers.rotate_left(turn);
             let (lag, behind, outbox_empty) = match node.status().await {
                 // Nothing applied yet and events waiting: every type counts as behind.
@@ -181,21 +210,36 @@ pub async fn round(
                 budget: settings.max_records,
                 cursors,
                 report: &mut report,
+                elsewhere: Vec::new(),
             };
             let (mut compared, mut failed) = (0, 0);
             for peer in &peers {
                 match round.peer(peer).await {
-                    Ok(true) => compared += 1,
-                    // Shares no entity type or scope with this node.
-                    Ok(false) => {}
+                    Ok(true) => {
+                        compared += 1;
+                        silent.answered(peer);
+                    }
+                    // At another edge site, or shares no entity type or scope with this
+                    // node.
+                    Ok(false) if round.elsewhere.iter().any(|p| p == peer) => {
+                        silent.elsewhere(peer);
+                    }
+                    Ok(false) => silent.answered(peer),
                     Err(e) => {
                         failed += 1;
                         round.report.errors.push(format!("{peer}: {e}"));
+                        let skip = silent.unanswered(peer);
+                        if skip > 0 {
+                            tracing::info!(%peer, skip, error = %e, "anti-entropy: peer did not answer; left out of its next rounds");
+                        }
                     }
                 }
             }
             let exhausted = round.budget == 0;
-            if compared == 0 && failed > 0 {
+            if peers.is_empty() {
+                // Every peer is backed off this round.
+                "no_peers"
+            } else if compared == 0 && failed > 0 {
                 "failed"
             } else if compared == 0 {
                 "no_peers"
@@ -230,12 +274,32 @@ struct Round<'a> {
     budget: usize,
     cursors: &'a mut Cursors,
     report: &'a mut RoundReport,
+    /// Peers found to run at another edge site than this node (see [`Round::peer`]).
+    elsewhere: Vec<String>,
+}
+
+/// The edge site a node runs at, from its `status` (`site_link.local_domain`; a site
+/// node whose server did not say yet is at "some site"); `None`: not at a site (the hub,
+/// or no edge layout).
+fn site_in_status(status: &serde_json::Value) -> Option<String> {
+    let link = status.get("site_link").filter(|l| l.is_object())?;
+    Some(link["local_domain"].as_str().unwrap_or("?").to_owned())
 }
 
 impl Round<'_> {
     /// Compares with `peer`; whether they share anything to compare.
     async fn peer(&mut self, peer: &str) -> Result<bool, VerifyError> {
         let status = self.api.call(peer, "status", json!({})).await?;
+        // A node compares with the nodes of its own stream's place only: the hub's nodes
+        // not with a site's (their lease is in the hub's bucket, but their calls cross the
+        // WAN, are refused in deploy/edge-secure and time out during a cut; the site's
+        // events reach the hub by sourcing, and the site's own nodes heal each other).
+        let cfg = self.node.config();
+        let own_site = cfg.stream.upstream.as_ref().and(cfg.stream.domain.clone());
+        if site_in_status(&status) != own_site {
+            self.elsewhere.push(peer.to_owned());
+            return Ok(false);
+        }
         let filters: Vec<EntityFilter> = serde_json::from_value(status["entities"].clone())
             .map_err(|e| VerifyError::Reply {
                 node: peer.into(),

@@ -19,6 +19,7 @@
 pub mod anti_entropy;
 #[cfg(feature = "ops-http")]
 pub mod http;
+pub mod peers;
 pub mod selfcheck;
 
 use std::net::SocketAddr;

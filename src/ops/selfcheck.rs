@@ -160,7 +160,11 @@ pub async fn check_once(node: &NodeHandle, check: &SelfCheck) {
             continue;
         }
         let asked = json!({"origin": own, "limit": ASKED});
-        match api.call(&peer, "quarantine_origins", asked).await {
+        let reply = api.call(&peer, "quarantine_origins", asked).await;
+        // An error reply is an answer: only silence (no responders, a timeout, a
+        // permission violation) backs a peer off.
+        check.direct_answer(&peer, matches!(reply, Ok(_) | Err(ApiError::Remote(_))));
+        match reply {
             Ok(v) => {
                 answers.insert(peer, proven(node, &v));
             }

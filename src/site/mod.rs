@@ -47,7 +47,10 @@ mod status;
 
 pub use self::guard::{Filled, META_UPSTREAM, UpstreamGap, UpstreamGuard};
 pub use self::link::SiteLink;
-pub use self::provision::{AddReport, Provisioned, add, remove, site_source};
+pub use self::provision::{
+    AddReport, Durable, Provisioned, add, down_durable, durable_consumer, hub_consumer, remove,
+    site_consumer, site_source, up_durable, upstream_source,
+};
 pub use self::status::{NewestLocal, STALL_AFTER, SiteStatus, StreamView, judge, stalled, status};
 pub use crate::event::import_prefix;
 pub use crate::stream::Upstream;

@@ -164,7 +164,7 @@ async fn newest_local(
 }
 
 /// Stream info as raw JSON: the typed client does not expose a source's `seq` (2.15).
-async fn view(
+pub(super) async fn view(
     client: &async_nats::Client,
     domain: &str,
     stream: &str,
