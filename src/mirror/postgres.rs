@@ -1,7 +1,7 @@
 //! The Postgres mirror (tokio-postgres): a table per entity type (`id uuid PRIMARY KEY,
 //! scope, version, doc jsonb, conflicts`), JSON indexes as expression indexes on
 //! `(doc #>> '{<path>}')`, the checkpoint in `"jetsync$mirror"`, each batch one
-//! transaction.
+//! transaction holding, per table, one upsert and one delete of arrays of rows.
 
 use std::collections::{HashMap, HashSet};
 
