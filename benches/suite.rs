@@ -11,7 +11,8 @@
 //! ```
 //! `--mirror` runs the `replication` and `catchup` scenarios a second time with every node
 //! keeping a SQLite mirror (`[[mirror]]`, `jetsync::mirror`) of its records, reported as
-//! `replication+mirror` / `catchup+mirror` (the catch-up also says when c's mirror caught up).
+//! `replication+mirror` / `catchup+mirror` (the catch-up also says when c's mirror caught up,
+//! the replication its rate up to every node's mirror holding every record).
 //! `--metrics` runs the `replication` and `lag` scenarios a second time with every node's
 //! metrics on, its ops listener up and scraped every second (as Prometheus would), and
 //! reports them as `replication+metrics` / `lag+metrics`, to measure the overhead.
