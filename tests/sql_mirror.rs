@@ -319,9 +319,21 @@ async fn sqlite_mirrors_equal_each_nodes_live_records_and_answer_queries_by_an_i
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let status = a.status().await.unwrap();
-    let m = &status.mirrors[0];
-    assert_eq!((m.error.as_ref(), m.behind), (None, 0), "{m:?}");
+    // Status shows the mirror caught up once it has read the log's head (a step comes a
+    // linger after the last change is announced, so not necessarily at once).
+    wait_for(
+        "a's mirror status to show no error and 0 behind",
+        WAIT,
+        || async {
+            let status = a.status().await.map_err(|e| e.to_string())?;
+            let m = &status.mirrors[0];
+            match (m.error.as_ref(), m.behind) {
+                (None, 0) => Ok(()),
+                _ => Err(format!("{m:?}")),
+            }
+        },
+    )
+    .await;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -181,6 +181,8 @@ struct Live {
     error: Option<String>,
     failing_since: Option<Instant>,
     rebuilds: u64,
+    /// Steps taken (each reads the checkpoint and the log), for tests.
+    steps: u64,
 }
 
 impl Live {
@@ -385,6 +387,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CONFIRM_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait for a change before looking at the log anyway.
 const POLL: Duration = Duration::from_millis(250);
+/// Wait after a change is announced before reading the log, so one SQL transaction
+/// takes the changes of several applies and writes (the mirror trails by about this
+/// much more).
+const LINGER: Duration = Duration::from_millis(10);
+
+/// What a step did.
+#[derive(Debug, PartialEq, Eq)]
+enum Stepped {
+    /// Wrote a whole batch (more may be waiting) or rebuilt.
+    Full,
+    /// Wrote what was waiting.
+    Partial,
+    /// Found nothing to write.
+    Idle,
+}
 
 /// Follows the store's change log into the mirror's database until `stop` turns true.
 /// `wake` (the node's change feed) only shortens the wait for new entries.
@@ -402,6 +419,7 @@ pub async fn run(
     // transactions of a power loss are lost.
     let mut confirm_at = Instant::now() + CONFIRM_EVERY;
     let mut to_confirm: Option<u64> = None;
+    let mut feed_open = true;
     loop {
         if *stop.borrow() {
             return;
@@ -423,11 +441,12 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => return,
         };
         let pause = match outcome {
-            Ok(true) => {
+            // A full batch: more is waiting, go on at once.
+            Ok(Stepped::Full) => {
                 backoff = MIN_BACKOFF;
                 continue;
             }
-            Ok(false) => {
+            Ok(Stepped::Partial | Stepped::Idle) => {
                 backoff = MIN_BACKOFF;
                 POLL
             }
@@ -445,10 +464,35 @@ pub async fn run(
                 b
             }
         };
-        tokio::select! {
-            _ = wake.recv() => {}
-            _ = tokio::time::sleep(pause) => {}
+        let woken = tokio::select! {
+            r = wake.recv(), if feed_open => {
+                // A closed feed (the node going away) leaves the poll.
+                feed_open = !matches!(r, Err(broadcast::error::RecvError::Closed));
+                feed_open
+            }
+            _ = tokio::time::sleep(pause) => false,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if woken {
+            // The feed carries one message per changed record, the log one read for
+            // them all: without draining it, each queued message woke a step of its own
+            // that found nothing new (measured: the mirror's main cost, 0.70x
+            // replication). A short linger lets one step take an apply's whole batch.
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            drain(&mut wake);
+        }
+    }
+}
+
+/// Empties the change feed's queue (its messages only say "something changed").
+fn drain(wake: &mut broadcast::Receiver<Change>) {
+    loop {
+        match wake.try_recv() {
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return,
         }
     }
 }
@@ -464,39 +508,42 @@ async fn blocking<T: Send + 'static>(
         .map_err(MirrorError::from)
 }
 
-/// One batch (or a whole rebuild); true if it wrote something.
+/// One batch (or a whole rebuild).
 async fn step(
     store: &Arc<Store>,
     handle: &MirrorHandle,
     metrics: &NodeMetrics,
     sink: &mut Option<Sink>,
-) -> Result<bool, MirrorError> {
+) -> Result<Stepped, MirrorError> {
     let config = handle.config();
     if sink.is_none() {
         *sink = Some(timed(Sink::open(config)).await?);
     }
     let Some(s) = sink.as_mut() else {
-        return Ok(false);
+        return Ok(Stepped::Idle);
     };
-    let Some(head) = blocking(store, |s| s.change_log_position()).await? else {
-        return Err(MirrorError::LogOff);
-    };
-    let at = match s.checkpoint().await? {
-        // Below `trimmed`, compaction may have dropped a delete the mirror never wrote.
-        Some((epoch, seq)) if epoch == head.epoch && seq <= head.seq && seq >= head.trimmed => seq,
-        found => {
-            rebuild(store, handle, metrics, s, found).await?;
-            return Ok(true);
-        }
+    handle.live().steps += 1;
+    let found = s.checkpoint().await?;
+    let Some((epoch, at)) = found else {
+        rebuild(store, handle, metrics, s, found).await?;
+        return Ok(Stepped::Full);
     };
     let limit = config.batch;
+    // The log's position comes with the entries (one read transaction for both).
     let Some(batch) = blocking(store, move |s| s.changes_since(at, limit)).await? else {
         return Err(MirrorError::LogOff);
     };
-    if batch.last == at {
-        handle.progressed(at, batch.position.seq, metrics);
-        return Ok(false);
+    let head = batch.position;
+    // Below `trimmed`, compaction may have dropped a delete the mirror never wrote.
+    if epoch != head.epoch || at > head.seq || at < head.trimmed {
+        rebuild(store, handle, metrics, s, found).await?;
+        return Ok(Stepped::Full);
     }
+    if batch.last == at {
+        handle.progressed(at, head.seq, metrics);
+        return Ok(Stepped::Idle);
+    }
+    let full = batch.rows.len() >= limit;
     let rows: Vec<ChangedRow> = batch
         .rows
         .into_iter()
@@ -505,8 +552,12 @@ async fn step(
     let n = rows.len() as u64;
     s.apply(rows, Some((head.epoch, batch.last))).await?;
     metrics.mirror_rows(&config.name, n);
-    handle.progressed(batch.last, batch.position.seq, metrics);
-    Ok(true)
+    handle.progressed(batch.last, head.seq, metrics);
+    Ok(if full {
+        Stepped::Full
+    } else {
+        Stepped::Partial
+    })
 }
 
 /// Rewrites the mirror from the records: clears it, copies every live record in pages,
@@ -583,6 +634,84 @@ mod tests {
         }
         assert_eq!(l.heads.len(), 1024);
         assert_eq!(l.heads.back().map(|h| h.0), Some(2999));
+    }
+
+    /// The change feed carries one message per changed record: a step per message was
+    /// the mirror's main cost (thousands of steps finding nothing new, each a read of the
+    /// SQL checkpoint and of the log). Its queue is drained on waking.
+    #[cfg(feature = "mirror-sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_change_messages_wakes_a_few_steps_not_one_each() {
+        use crate::store::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            Store::open(
+                dir.path().join("s.redb"),
+                crate::NodeId::new("n").unwrap(),
+                crate::StoreConfig::default(),
+            )
+            .unwrap(),
+        );
+        store.change_log_enable().unwrap();
+        let orders = EntityName::new("orders").unwrap();
+        let config = MirrorConfig {
+            name: "m".into(),
+            sink: SinkConfig::Sqlite {
+                path: dir.path().join("m.sqlite"),
+            },
+            entities: Vec::new(),
+            indexes: Vec::new(),
+            batch: 1000,
+            max_broken: Duration::from_secs(30),
+        };
+        let handle = MirrorHandle::new(config);
+        let (feed, wake) = broadcast::channel(4096);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            store.clone(),
+            handle.clone(),
+            Arc::new(NodeMetrics::disabled()),
+            wake,
+            stop_rx,
+        ));
+        async fn wait(what: &str, handle: &MirrorHandle, done: impl Fn() -> bool) {
+            let t = Instant::now();
+            while !done() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "no {what} within 30 s: {:?}",
+                    handle.status()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let ids: Vec<uuid::Uuid> = (0..3000).map(|_| uuid::Uuid::now_v7()).collect();
+        let changes = store
+            .write_batch_with_changes(
+                ids.iter()
+                    .map(|id| Write::put(orders.clone(), *id, serde_json::json!({"n": 1})))
+                    .collect(),
+            )
+            .unwrap()
+            .1;
+        let before = handle.live().steps;
+        // As the node announces them: one message per changed record.
+        for c in changes {
+            feed.send(c).unwrap();
+        }
+        let head = store.change_log_position().unwrap().unwrap().seq;
+        wait("mirror of the 3,000 records", &handle, || {
+            handle.status().checkpoint >= head
+        })
+        .await;
+        wait("read of every message", &handle, || feed.is_empty()).await;
+        let steps = handle.live().steps - before;
+        assert!(
+            steps < 50,
+            "{steps} steps for one batch of 3,000 changes announced one by one"
+        );
+        let _ = stop.send(true);
+        task.await.unwrap();
     }
 
     #[test]

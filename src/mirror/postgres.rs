@@ -1,7 +1,7 @@
 //! The Postgres mirror (tokio-postgres): a table per entity type (`id uuid PRIMARY KEY,
 //! scope, version, doc jsonb, conflicts`), JSON indexes as expression indexes on
 //! `(doc #>> '{<path>}')`, the checkpoint in `"jetsync$mirror"`, each batch one
-//! transaction.
+//! transaction holding, per table, one upsert and one delete of arrays of rows.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,6 +21,18 @@ fn sql(e: tokio_postgres::Error) -> MirrorError {
         kind: "postgres",
         detail,
     }
+}
+
+/// A batch's rows of one table, as the array parameters of its statements.
+#[derive(Default)]
+struct Columns<'a> {
+    ids: Vec<String>,
+    scopes: Vec<&'a str>,
+    versions: Vec<&'a str>,
+    docs: Vec<&'a str>,
+    conflicts: Vec<i32>,
+    /// Ids to delete.
+    gone: Vec<String>,
 }
 
 /// An open connection to a Postgres mirror.
@@ -149,11 +161,15 @@ impl PgSink {
                 continue;
             }
             let t = ident(table);
+            // A batch's rows of a table in one statement each for upserts and deletes
+            // (arrays, `unnest`): a statement per row cost a round trip per row.
             let upsert = self
                 .client
                 .prepare(&format!(
                     "INSERT INTO {t} (id, scope, version, doc, conflicts) \
-                     VALUES ($1::text::uuid, $2, $3, $4::text::jsonb, $5) \
+                     SELECT u.id::uuid, u.scope, u.version, u.doc::jsonb, u.conflicts \
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[]) \
+                     AS u(id, scope, version, doc, conflicts) \
                      ON CONFLICT (id) DO UPDATE SET scope = EXCLUDED.scope, \
                      version = EXCLUDED.version, doc = EXCLUDED.doc, conflicts = EXCLUDED.conflicts"
                 ))
@@ -161,30 +177,49 @@ impl PgSink {
                 .map_err(sql)?;
             let delete = self
                 .client
-                .prepare(&format!("DELETE FROM {t} WHERE id = $1::text::uuid"))
+                .prepare(&format!(
+                    "DELETE FROM {t} WHERE id = ANY($1::text[]::uuid[])"
+                ))
                 .await
                 .map_err(sql)?;
             self.stmts.insert(table.to_owned(), (upsert, delete));
         }
-        let tx = self.client.transaction().await.map_err(sql)?;
-        for r in &rows {
-            let Some((upsert, delete)) = self.stmts.get(r.entity.as_str()) else {
+        // Per table, the rows to upsert and the ids to delete; a record's last row wins
+        // (one statement cannot upsert the same id twice).
+        let mut seen = HashSet::new();
+        let mut per_table: HashMap<&str, Columns<'_>> = HashMap::new();
+        for r in rows.iter().rev() {
+            if !seen.insert((r.entity.as_str(), r.id)) {
                 continue;
-            };
-            let id = r.id.to_string();
+            }
+            let c = per_table.entry(r.entity.as_str()).or_default();
             match &r.row {
                 Some(row) => {
-                    let conflicts = i32::try_from(row.conflicts).unwrap_or(i32::MAX);
-                    tx.execute(
-                        upsert,
-                        &[&id, &row.scope, &row.version, &row.doc, &conflicts],
-                    )
-                    .await
-                    .map_err(sql)?;
+                    c.ids.push(r.id.to_string());
+                    c.scopes.push(&row.scope);
+                    c.versions.push(&row.version);
+                    c.docs.push(&row.doc);
+                    c.conflicts
+                        .push(i32::try_from(row.conflicts).unwrap_or(i32::MAX));
                 }
-                None => {
-                    tx.execute(delete, &[&id]).await.map_err(sql)?;
-                }
+                None => c.gone.push(r.id.to_string()),
+            }
+        }
+        let tx = self.client.transaction().await.map_err(sql)?;
+        for (table, c) in &per_table {
+            let Some((upsert, delete)) = self.stmts.get(*table) else {
+                continue;
+            };
+            if !c.ids.is_empty() {
+                tx.execute(
+                    upsert,
+                    &[&c.ids, &c.scopes, &c.versions, &c.docs, &c.conflicts],
+                )
+                .await
+                .map_err(sql)?;
+            }
+            if !c.gone.is_empty() {
+                tx.execute(delete, &[&c.gone]).await.map_err(sql)?;
             }
         }
         if let Some((epoch, seq)) = checkpoint {

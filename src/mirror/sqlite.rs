@@ -74,31 +74,47 @@ impl SqliteSink {
     ) -> Result<(), MirrorError> {
         self.with(move |i| {
             let tx = i.conn.transaction()?;
-            for r in &rows {
-                let table = r.entity.as_str();
-                if !i.tables.contains(table) {
-                    create_table(&tx, &i.config, table)?;
-                    i.tables.insert(table.to_owned());
-                }
-                let t = ident(table);
-                match &r.row {
-                    Some(row) => {
-                        tx.prepare_cached(&format!(
-                            "INSERT INTO {t} (id, scope, version, doc, conflicts) VALUES (?1, ?2, ?3, ?4, ?5) \
-                             ON CONFLICT(id) DO UPDATE SET scope = excluded.scope, version = excluded.version, \
-                             doc = excluded.doc, conflicts = excluded.conflicts"
-                        ))?
-                        .execute(params![
-                            r.id.to_string(),
-                            row.scope,
-                            row.version,
-                            row.doc,
-                            row.conflicts
-                        ])?;
-                    }
-                    None => {
-                        tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1"))?
-                            .execute(params![r.id.to_string()])?;
+            {
+                // Each table's two statements looked up once per transaction, not per row
+                // (the SQL text would be formatted and hashed for every row).
+                let mut stmts: Vec<(&str, rusqlite::CachedStatement<'_>, rusqlite::CachedStatement<'_>)> =
+                    Vec::new();
+                let mut buf = uuid::Uuid::encode_buffer();
+                for r in &rows {
+                    let table = r.entity.as_str();
+                    let k = match stmts.iter().position(|(t, _, _)| *t == table) {
+                        Some(k) => k,
+                        None => {
+                            if !i.tables.contains(table) {
+                                create_table(&tx, &i.config, table)?;
+                                i.tables.insert(table.to_owned());
+                            }
+                            let t = ident(table);
+                            let upsert = tx.prepare_cached(&format!(
+                                "INSERT INTO {t} (id, scope, version, doc, conflicts) VALUES (?1, ?2, ?3, ?4, ?5) \
+                                 ON CONFLICT(id) DO UPDATE SET scope = excluded.scope, version = excluded.version, \
+                                 doc = excluded.doc, conflicts = excluded.conflicts"
+                            ))?;
+                            let delete = tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1"))?;
+                            stmts.push((table, upsert, delete));
+                            stmts.len() - 1
+                        }
+                    };
+                    let (_, upsert, delete) = &mut stmts[k];
+                    let id = r.id.hyphenated().encode_lower(&mut buf);
+                    match &r.row {
+                        Some(row) => {
+                            upsert.execute(params![
+                                &*id,
+                                row.scope,
+                                row.version,
+                                row.doc,
+                                row.conflicts
+                            ])?;
+                        }
+                        None => {
+                            delete.execute(params![&*id])?;
+                        }
                     }
                 }
             }
@@ -145,8 +161,13 @@ fn open_inner(path: &Path, config: MirrorConfig) -> Result<Inner, MirrorError> {
             detail: format!("{}: journal mode {mode}, not WAL", path.display()),
         });
     }
-    // A process crash loses nothing committed in WAL mode with NORMAL; a power loss may
-    // lose the last transactions, checkpoint included, so they are replayed.
+    // `synchronous = NORMAL` (no fsync per commit, only at WAL checkpoints): a process
+    // crash (kill -9) loses nothing committed, since the WAL is in the OS's cache; a power
+    // loss may lose the newest transactions, but each one's checkpoint row is in it, so
+    // the file goes back to an older, consistent (rows, checkpoint) pair and the mirror
+    // rewrites those entries from the change log (replay writes the records' current
+    // values: idempotent). The store is told only of checkpoints a period old
+    // (`CONFIRM_EVERY`), so compaction never drops an entry a lost transaction needed.
     conn.execute_batch(&format!(
         "PRAGMA synchronous = NORMAL;
          CREATE TABLE IF NOT EXISTS {} (k TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL);
