@@ -497,6 +497,30 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
         },
     )
     .await;
+    // The CLI, refused the same way, names the server's report beside its timeout.
+    let cli = std::process::Command::new(BIN)
+        .args([
+            "put",
+            "--node",
+            "porto",
+            "--user",
+            "berlin",
+            "--inbox-prefix",
+        ])
+        .args(["_INBOX_berlin", "-s", &url, "--tls-ca"])
+        .arg(&ca)
+        .args(["orders", &id.to_string(), r#"{"x":2}"#])
+        .env("JETSYNC_NATS_PASSWORD", "berlin-given-pw")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the server reported")
+            && stderr.contains("Permissions Violation")
+            && stderr.contains("jetsync_api.porto.write.put"),
+        "the CLI says why nothing answered: {stderr}"
+    );
     let on_porto = ApiClient::new(ops.clone(), "jetsync")
         .call("porto", "get", json!({"entity": "orders", "id": id}))
         .await
