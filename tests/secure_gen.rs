@@ -530,5 +530,30 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
     for n in running {
         n.shutdown().await.expect("node stops");
     }
+    // `--max-age-secs` overrides the spec's, on the event stream and every ingress alike.
+    let longer = std::process::Command::new(BIN)
+        .args(["provision", "--json", "--inbox-prefix", "_INBOX_ops"])
+        .args(["--user", "ops", "--max-age-secs", "7200", "--spec"])
+        .arg(out_dir.join("deployment.toml"))
+        .args(["-s", &url, "--tls-ca"])
+        .arg(&ca)
+        .env(
+            "JETSYNC_NATS_PASSWORD",
+            spec.ops.password.as_deref().unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        longer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&longer.stderr)
+    );
+    for name in ["JETSYNC", "JETSYNC_IN_berlin", "JETSYNC_IN_porto"] {
+        assert_eq!(
+            info(name).await.max_age,
+            Duration::from_secs(7200),
+            "{name}"
+        );
+    }
     drop(server);
 }

@@ -65,6 +65,10 @@ pub struct ProvisionArgs {
     /// The event stream's `max_bytes` (must equal the nodes' `[stream] retention`).
     #[arg(long)]
     pub stream_max_bytes: Option<i64>,
+    /// The `max_age` in seconds of the event stream and every ingress stream (must equal
+    /// the nodes' `[stream] retention`; the spec's `limits.max_age_secs` generates both).
+    #[arg(long)]
+    pub max_age_secs: Option<u64>,
     /// Each node's snapshot bucket's `max_bytes` (unless its `[[node]]` sets one).
     #[arg(long)]
     pub snapshots_max_bytes: Option<i64>,
@@ -164,6 +168,7 @@ pub async fn provision_cmd(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
     }
     let l = &mut spec.limits;
     l.stream_max_bytes = args.stream_max_bytes.unwrap_or(l.stream_max_bytes);
+    l.max_age_secs = args.max_age_secs.unwrap_or(l.max_age_secs);
     l.snapshots_max_bytes = args.snapshots_max_bytes.unwrap_or(l.snapshots_max_bytes);
     l.snapshots_max_consumers = args
         .snapshots_max_consumers
