@@ -403,6 +403,19 @@ impl DeploymentSpec {
                 "must be positive",
             ));
         }
+        // nats-server refuses a duplicate window longer than max_age, and stores max_age
+        // in nanoseconds (i64).
+        let window = crate::stream::StreamSettings::default()
+            .duplicate_window
+            .as_secs();
+        if l.max_age_secs != 0 && !(window..=100 * 365 * 86_400).contains(&l.max_age_secs) {
+            return Err(invalid(
+                "limits.max_age_secs",
+                format!(
+                    "0 (none) or {window}..=3153600000 (at least the {window} s duplicate window,                      at most 100 years)"
+                ),
+            ));
+        }
         if l.node_ingress_bytes < 0 {
             return Err(invalid(
                 "limits.node_ingress_bytes",
@@ -625,6 +638,12 @@ mod tests {
         assert_eq!(spec.limits.max_age_secs, 86400);
         assert_eq!(spec.metrics_listen(&spec.nodes[0]), DEFAULT_METRICS_LISTEN);
         assert_eq!(spec.metrics_listen(&spec.nodes[1]), "127.0.0.1:9465");
+        let mut short = spec.clone();
+        short.limits.max_age_secs = 60;
+        assert!(
+            matches!(short.validate(), Err(SpecError::Invalid { key, .. }) if key == "limits.max_age_secs"),
+            "shorter than the duplicate window: the server would refuse the stream"
+        );
     }
 
     #[test]
