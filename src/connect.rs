@@ -25,6 +25,11 @@ pub struct NatsAuth {
     /// An nkey seed (`SU…`).
     #[serde(default)]
     pub nkey_seed: Option<String>,
+    /// A file holding an nkey seed (`SU…`, surrounding whitespace ignored), read when the
+    /// options are validated and at connect. In a node config a relative path is relative
+    /// to the config file's directory (`FileConfig::load` resolves it).
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
     /// CA certificate (PEM) to verify the server with.
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
@@ -84,12 +89,14 @@ impl NatsAuth {
             self.user.is_some(),
             self.token.is_some(),
             self.nkey_seed.is_some(),
+            self.nkey_seed_file.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
             return Err(ConnectError::Auth(
-                "choose one of creds_file, user/password, token, nkey_seed".into(),
+                "choose one of creds_file, user/password, token, nkey_seed, nkey_seed_file".into(),
             ));
         }
+        self.seed()?;
         if let Some(p) = &self.inbox_prefix
             && (p.is_empty() || p.contains(['*', '>', ' ', '\t']) || p.ends_with('.'))
         {
@@ -119,6 +126,25 @@ impl NatsAuth {
             }
         }
         Ok(())
+    }
+}
+
+impl NatsAuth {
+    /// The nkey seed to authenticate with: `nkey_seed`, or the contents of
+    /// `nkey_seed_file`. An unreadable file or one holding no valid seed is an error
+    /// naming the key and the path.
+    pub fn seed(&self) -> Result<Option<String>, ConnectError> {
+        let Some(path) = &self.nkey_seed_file else {
+            return Ok(self.nkey_seed.clone());
+        };
+        let bad = |detail: String| {
+            ConnectError::Auth(format!("nkey_seed_file {}: {detail}", path.display()))
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let seed = text.trim();
+        nkeys::KeyPair::from_seed(seed)
+            .map_err(|e| bad(format!("does not hold an nkey seed (SU…): {e}")))?;
+        Ok(Some(seed.to_owned()))
     }
 }
 
@@ -209,8 +235,8 @@ pub async fn connect_observed(
     if let Some(t) = &auth.token {
         opts = opts.token(t.clone());
     }
-    if let Some(seed) = &auth.nkey_seed {
-        opts = opts.nkey(seed.clone());
+    if let Some(seed) = auth.seed()? {
+        opts = opts.nkey(seed);
     }
     if let Some(ca) = &auth.tls_ca {
         opts = opts.add_root_certificates(ca.clone());

@@ -63,7 +63,26 @@ fn the_shipped_secure_files_are_the_generators_output() {
             "deploy/secure/{file} differs from the generator's output"
         );
         // And it parses as a node config (tests/security.rs loads them with a real CA).
-        FileConfig::parse(text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let config = FileConfig::parse(text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        // deploy/jetsync.service's health check asks this address.
+        assert_eq!(
+            config.metrics.listen.as_deref(),
+            Some(jetsync::secure::DEFAULT_METRICS_LISTEN),
+            "{file}"
+        );
+        if id == "porto" {
+            // The seed lives in its own file: generating again never wipes it.
+            assert_eq!(
+                config.nats.nkey_seed_file.as_deref(),
+                Some(Path::new("porto.nk"))
+            );
+            assert_eq!(config.nats.nkey_seed, None);
+        }
+        assert!(
+            matches!(config.stream.retention, jetsync::stream::Retention::Limits { max_age, .. }
+                if max_age == Duration::from_secs(spec.limits.max_age_secs)),
+            "{file}: the spec's max_age"
+        );
     }
 }
 
@@ -141,20 +160,55 @@ fn password_user(user: &str, password: &str, ca: &Path) -> NatsAuth {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
     let dir = tempfile::tempdir().unwrap();
-    let porto = nkeys::KeyPair::new_user();
+    // Porto's key pair through the command: the seed into the file the generated config
+    // names (`porto.nk` beside `node-porto.toml`), the public key printed for the spec.
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let seed_file = out_dir.join("porto.nk");
+    let nkey = || {
+        std::process::Command::new(BIN)
+            .args(["secure", "nkey", "--out"])
+            .arg(&seed_file)
+            .output()
+            .unwrap()
+    };
+    let made = nkey();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let porto_public = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let seed = std::fs::read_to_string(&seed_file).unwrap();
+    let pair = nkeys::KeyPair::from_seed(seed.trim()).expect("the file holds a seed");
+    assert_eq!(
+        pair.public_key(),
+        porto_public,
+        "stdout is the seed's public key"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&seed_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the seed is a secret");
+    }
+    let again = nkey();
+    assert!(!again.status.success(), "a seed file is never overwritten");
+    assert_eq!(std::fs::read_to_string(&seed_file).unwrap(), seed);
     let nodes = [
         "berlin=password:berlin-given-pw".to_owned(),
         "lisbon".into(),
-        format!("porto=nkey:{}", porto.public_key()),
+        format!("porto=nkey:{porto_public}"),
     ];
     let (mut spec, ca) = spec_in(dir.path(), &nodes);
     spec.limits.stream_max_bytes = 64 * 1024 * 1024;
     spec.limits.snapshots_max_bytes = 8 * 1024 * 1024;
+    // One max_age for the event stream, every ingress and every node config.
+    spec.limits.max_age_secs = 3600;
     // Through the command: a spec file plus one more node as a flag; the passwords not
     // given are generated, written to the files (and the complete spec) only.
     let spec_file = dir.path().join("spec.toml");
     std::fs::write(&spec_file, toml::to_string(&spec).unwrap()).unwrap();
-    let out_dir = dir.path().join("out");
     let run = std::process::Command::new(BIN)
         .args(["secure", "config", "--node", "oslo", "--spec"])
         .arg(&spec_file)
@@ -261,7 +315,17 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
     let ingress = info("JETSYNC_IN_oslo").await;
     assert_eq!(ingress.max_bytes, 64 * 1024 * 1024 / 8);
     assert_eq!(ingress.discard, jetstream::stream::DiscardPolicy::New);
+    assert_eq!(
+        ingress.max_age,
+        Duration::from_secs(3600),
+        "the spec's max_age"
+    );
     let main = info("JETSYNC").await;
+    assert_eq!(
+        main.max_age,
+        Duration::from_secs(3600),
+        "the spec's max_age"
+    );
     assert!(main.subjects.is_empty());
     assert_eq!(main.sources.iter().flatten().count(), 4);
     // A changed limit is applied and reported.
@@ -285,10 +349,14 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
         "{changed:?}"
     );
 
-    // Four nodes, each from its generated config (TLS CA and porto's seed filled in).
+    // Four nodes, each from its generated config file as written (TLS CA filled in; porto
+    // reads its seed from `porto.nk` beside its config). They start only if the stream's
+    // retention, max_age included, is what their configs say.
     let mut running = Vec::new();
     for (id, text) in &out.node_configs {
-        let mut config: NodeConfig = FileConfig::parse(text)
+        let path = out_dir.join(format!("node-{id}.toml"));
+        assert_eq!(&std::fs::read_to_string(&path).unwrap(), text);
+        let mut config: NodeConfig = FileConfig::load(&path)
             .unwrap()
             .into_node_config(Overrides {
                 data_dir: Some(dir.path().join(id)),
@@ -297,9 +365,13 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
             })
             .unwrap_or_else(|e| panic!("node-{id}.toml: {e}"));
         config.nats_auth.tls_ca = Some(ca.clone());
-        if id == "porto" {
-            config.nats_auth.nkey_seed = Some(porto.seed().unwrap());
-        }
+        assert_eq!(
+            config.ops.listen,
+            Some(jetsync::secure::DEFAULT_METRICS_LISTEN.parse().unwrap()),
+            "node-{id}.toml: [metrics] listen"
+        );
+        // four nodes on one host here: no listener
+        config.ops.listen = None;
         running.push(start(config).await);
     }
     let orders = entity("orders");
@@ -425,6 +497,30 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
         },
     )
     .await;
+    // The CLI, refused the same way, names the server's report beside its timeout.
+    let cli = std::process::Command::new(BIN)
+        .args([
+            "put",
+            "--node",
+            "porto",
+            "--user",
+            "berlin",
+            "--inbox-prefix",
+        ])
+        .args(["_INBOX_berlin", "-s", &url, "--tls-ca"])
+        .arg(&ca)
+        .args(["orders", &id.to_string(), r#"{"x":2}"#])
+        .env("JETSYNC_NATS_PASSWORD", "berlin-given-pw")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the server reported")
+            && stderr.contains("Permissions Violation")
+            && stderr.contains("jetsync_api.porto.write.put"),
+        "the CLI says why nothing answered: {stderr}"
+    );
     let on_porto = ApiClient::new(ops.clone(), "jetsync")
         .call("porto", "get", json!({"entity": "orders", "id": id}))
         .await
@@ -433,6 +529,31 @@ async fn four_generated_nodes_replicate_and_ops_and_viewer_find_them() {
 
     for n in running {
         n.shutdown().await.expect("node stops");
+    }
+    // `--max-age-secs` overrides the spec's, on the event stream and every ingress alike.
+    let longer = std::process::Command::new(BIN)
+        .args(["provision", "--json", "--inbox-prefix", "_INBOX_ops"])
+        .args(["--user", "ops", "--max-age-secs", "7200", "--spec"])
+        .arg(out_dir.join("deployment.toml"))
+        .args(["-s", &url, "--tls-ca"])
+        .arg(&ca)
+        .env(
+            "JETSYNC_NATS_PASSWORD",
+            spec.ops.password.as_deref().unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        longer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&longer.stderr)
+    );
+    for name in ["JETSYNC", "JETSYNC_IN_berlin", "JETSYNC_IN_porto"] {
+        assert_eq!(
+            info(name).await.max_age,
+            Duration::from_secs(7200),
+            "{name}"
+        );
     }
     drop(server);
 }

@@ -256,6 +256,12 @@ fn the_secure_example_node_configs_load() {
         let text = std::fs::read_to_string(deploy(file)).unwrap();
         assert!(text.contains("/etc/jetsync/ca.pem"), "{file}");
         let copy = dir.path().join("node.toml");
+        // porto's seed file (`nkey_seed_file = "porto.nk"`, beside its config)
+        std::fs::write(
+            dir.path().join("porto.nk"),
+            nkeys::KeyPair::new_user().seed().unwrap(),
+        )
+        .unwrap();
         std::fs::write(
             &copy,
             text.replace("/etc/jetsync/ca.pem", &ca.to_string_lossy()),

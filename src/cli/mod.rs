@@ -253,12 +253,30 @@ pub struct Conn {
 
 const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
+/// The server's error reports on this command's connections. A publish the user's
+/// permissions refuse gets no reply, only such a report (a *Permissions Violation*), so a
+/// command that then fails (a timeout) names it instead of leaving a bare timeout.
+static SERVER_ERRORS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// What the server reported on this command's connections, once each, at most 5.
+fn server_errors() -> Vec<String> {
+    let mut seen = SERVER_ERRORS.lock().map(|e| e.clone()).unwrap_or_default();
+    seen.dedup();
+    seen.truncate(5);
+    seen
+}
+
 impl Conn {
     /// A NATS connection for one CLI command (fails fast if NATS is unreachable).
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
         use anyhow::Context;
         let (urls, auth) = self.resolve()?;
-        crate::connect::connect(&urls, &auth, "jetsync-cli", false)
+        let record: crate::connect::ServerErrorHook = std::sync::Arc::new(|e: &str| {
+            if let Ok(mut errors) = SERVER_ERRORS.lock() {
+                errors.push(e.to_owned());
+            }
+        });
+        crate::connect::connect_observed(&urls, &auth, "jetsync-cli", false, Some(record), || {})
             .await
             .context("connecting to NATS")
     }
@@ -334,6 +352,9 @@ pub fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            for reported in server_errors() {
+                eprintln!("  the server reported: {reported}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

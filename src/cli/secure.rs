@@ -19,9 +19,22 @@ pub enum SecureCmd {
     /// Generate `nats-secure.conf` (one NATS account per node) and a `node-<id>.toml` per
     /// node into a directory, from `--spec deployment.toml` and/or `--node` flags. Missing
     /// passwords are generated; they are written to the files only (mode 0600), never
-    /// printed. Adding a node: add it, generate again, `nats-server --signal reload`,
+    /// printed. Adding a node: add it, generate again, restart nats-server,
     /// `jetsync provision`.
     Config(ConfigArgs),
+    /// Generate a user nkey for a node: writes the seed to `--out` (mode 0600; never
+    /// overwrites) and prints the public key, for the spec's `[[node]] nkey`. The generated
+    /// node config names the seed file `<id>.nk` beside it (`nats.nkey_seed_file`).
+    Nkey(NkeyArgs),
+}
+
+/// What `secure nkey` takes.
+#[derive(Debug, Args)]
+pub struct NkeyArgs {
+    /// The file to write the seed into (refused if it exists), e.g.
+    /// `/etc/jetsync/secure/porto.nk` beside `node-porto.toml`.
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 /// What `secure config` takes.
@@ -52,6 +65,10 @@ pub struct ProvisionArgs {
     /// The event stream's `max_bytes` (must equal the nodes' `[stream] retention`).
     #[arg(long)]
     pub stream_max_bytes: Option<i64>,
+    /// The `max_age` in seconds of the event stream and every ingress stream (must equal
+    /// the nodes' `[stream] retention`; the spec's `limits.max_age_secs` generates both).
+    #[arg(long)]
+    pub max_age_secs: Option<u64>,
     /// Each node's snapshot bucket's `max_bytes` (unless its `[[node]]` sets one).
     #[arg(long)]
     pub snapshots_max_bytes: Option<i64>,
@@ -78,9 +95,37 @@ fn load_spec(path: &Option<PathBuf>) -> anyhow::Result<DeploymentSpec> {
     }
 }
 
-/// Runs `secure config`.
+/// Runs `secure …`.
 pub fn secure(cmd: SecureCmd) -> anyhow::Result<ExitCode> {
-    let SecureCmd::Config(args) = cmd;
+    match cmd {
+        SecureCmd::Config(args) => secure_config(args),
+        SecureCmd::Nkey(args) => secure_nkey(args),
+    }
+}
+
+/// Runs `secure nkey`.
+fn secure_nkey(args: NkeyArgs) -> anyhow::Result<ExitCode> {
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair
+        .seed()
+        .map_err(|e| anyhow::anyhow!("encoding the new seed: {e}"))?;
+    match crate::secure::write_new_private_file(&args.out, &format!("{seed}\n")) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} exists: a seed file is never overwritten (remove it first, or choose another)",
+            args.out.display()
+        ),
+        r => r.with_context(|| format!("writing the seed to {}", args.out.display()))?,
+    }
+    eprintln!(
+        "seed written to {} (mode 0600); the public key, for the spec's [[node]] nkey:",
+        args.out.display()
+    );
+    println!("{}", pair.public_key());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `secure config`.
+fn secure_config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let mut spec = load_spec(&args.spec)?;
     for n in &args.nodes {
         spec.nodes.push(NodeSpec::parse_arg(n)?);
@@ -123,6 +168,7 @@ pub async fn provision_cmd(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
     }
     let l = &mut spec.limits;
     l.stream_max_bytes = args.stream_max_bytes.unwrap_or(l.stream_max_bytes);
+    l.max_age_secs = args.max_age_secs.unwrap_or(l.max_age_secs);
     l.snapshots_max_bytes = args.snapshots_max_bytes.unwrap_or(l.snapshots_max_bytes);
     l.snapshots_max_consumers = args
         .snapshots_max_consumers

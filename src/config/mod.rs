@@ -7,8 +7,9 @@
 //! nats_urls = ["nats://127.0.0.1:4222"]
 //! entities = [{ entity = "orders" }, { entity = "customers", scopes = ["site42"] }]
 //!
-//! [nats]              # optional: creds_file | user+password | token | nkey_seed, TLS
+//! [nats]              # optional: creds_file | user+password | token | nkey_seed | nkey_seed_file, TLS
 //! creds_file = "/etc/jetsync/berlin.creds"
+//! # nkey_seed_file = "berlin.nk"   # a file holding the seed; relative: to this file's directory
 //!
 //! [stream]
 //! name = "JETSYNC"
@@ -389,16 +390,25 @@ pub struct Overrides {
 }
 
 impl FileConfig {
-    /// Reads and parses the file at `path` (without validating values).
+    /// Reads and parses the file at `path` (without validating values). A relative
+    /// `nats.nkey_seed_file` is taken relative to `path`'s directory: the seed sits beside
+    /// its config, wherever the process was started.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|detail| ConfigError::Parse {
+        let mut config = Self::parse(&text).map_err(|detail| ConfigError::Parse {
             path: path.to_owned(),
             detail,
-        })
+        })?;
+        if let Some(seed) = &mut config.nats.nkey_seed_file
+            && seed.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            *seed = dir.join(&*seed);
+        }
+        Ok(config)
     }
 
     /// Parses TOML text (without validating values); the error is the parser's message.
@@ -767,5 +777,52 @@ fetch_batch = 500
         let e =
             err("node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[nats]\nuser=\"u\"");
         assert!(e.contains("`nats`") && e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn an_nkey_seed_file_is_read_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("node.toml");
+        std::fs::write(
+            &conf,
+            "node_id=\"porto\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n\
+             [nats]\nnkey_seed_file=\"porto.nk\"\n",
+        )
+        .unwrap();
+        // Missing: the error names the key and the resolved path, not the process's cwd.
+        let e = FileConfig::load(&conf)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap_err()
+            .to_string();
+        let seed_path = dir.path().join("porto.nk");
+        assert!(
+            e.contains("nkey_seed_file") && e.contains(&seed_path.display().to_string()),
+            "{e}"
+        );
+        std::fs::write(&seed_path, "not a seed\n").unwrap();
+        let e = FileConfig::load(&conf)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not hold an nkey seed"), "{e}");
+        let kp = nkeys::KeyPair::new_user();
+        std::fs::write(&seed_path, format!("{}\n", kp.seed().unwrap())).unwrap();
+        let c = FileConfig::load(&conf)
+            .unwrap()
+            .into_node_config(Overrides::default())
+            .expect("a valid seed file beside the config");
+        assert_eq!(c.nats_auth.seed().unwrap(), Some(kp.seed().unwrap()));
+        // Exactly one auth method still.
+        let e = FileConfig::parse(
+            "node_id=\"a\"\ndata_dir=\"/x\"\nnats_urls=[\"nats://h:1\"]\n[nats]\n\
+             nkey_seed=\"SUA\"\nnkey_seed_file=\"/x.nk\"",
+        )
+        .unwrap()
+        .into_node_config(Overrides::default())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("choose one of"), "{e}");
     }
 }

@@ -11,7 +11,10 @@ pub mod spec;
 
 use std::path::{Path, PathBuf};
 
-pub use spec::{AppSpec, DeploymentSpec, LimitsSpec, NodeSpec, ServerSpec, SpecError, UserSpec};
+pub use spec::{
+    AppSpec, DEFAULT_METRICS_LISTEN, DeploymentSpec, LimitsSpec, NodeSpec, ServerSpec, SpecError,
+    UserSpec,
+};
 
 use model::{
     Account, ClientLimits, Credential, Export, Import, JetStreamLimits, Kind, Line, Permissions,
@@ -480,9 +483,9 @@ pub fn generate(spec: &DeploymentSpec) -> Result<Generated, SpecError> {
         let mut comment = Vec::new();
         if n.nkey.is_some() {
             comment.extend([
-                "A node authenticating with an nkey (node config: nats.nkey_seed = \"SU...\");"
+                "A node authenticating with an nkey (node config: nats.nkey_seed_file, the seed);"
                     .into(),
-                "`nk -gen user -pubout` makes a pair.".into(),
+                "`jetsync secure nkey --out <node>.nk` makes a pair.".into(),
             ]);
         }
         comment.extend([
@@ -685,7 +688,12 @@ fn node_toml(spec: &DeploymentSpec, n: &NodeSpec) -> String {
                 "# Node {id} on the secured server (nats-secure.conf), authenticating with an nkey seed\n\
                  # whose public key is listed there."
             ),
-            "nkey_seed = \"SU...replace-with-the-seed...\"".to_owned(),
+            // The seed stays in its own file, so generating again (adding a node) never
+            // overwrites it; a relative path is relative to this file's directory.
+            format!(
+                "# the seed (`jetsync secure nkey --out {id}.nk` wrote it; relative to this file's directory)\n\
+                 nkey_seed_file = \"{id}.nk\""
+            ),
         ),
         (None, p) => (
             format!(
@@ -723,7 +731,11 @@ fn node_toml(spec: &DeploymentSpec, n: &NodeSpec) -> String {
          {stream}replicas = 1\n\
          # Must equal the stream the operator provisioned (nodes refuse a stream whose retention\n\
          # or limits differ): the same line in every node's config and `jetsync provision`.\n\
-         retention = {{ kind = \"limits\", max_age = 0, max_bytes = {max_bytes}, max_msgs = 0 }}\n\
+         retention = {{ kind = \"limits\", max_age = {max_age}, max_bytes = {max_bytes}, max_msgs = 0 }}\n\
+         \n\
+         [metrics]\n\
+         # /metrics, /healthz, /readyz: deploy/jetsync.service checks `jetsync health --addr` here\n\
+         listen = \"{metrics}\"\n\
          \n\
          [anti_entropy]\n\
          # Each node may publish only under its own origin here: take from a peer only its own\n\
@@ -734,6 +746,8 @@ fn node_toml(spec: &DeploymentSpec, n: &NodeSpec) -> String {
         ca = spec.tls_ca,
         inbox = node_inbox(id),
         max_bytes = spec.limits.stream_max_bytes,
+        max_age = spec.limits.max_age_secs,
+        metrics = spec.metrics_listen(n),
     )
 }
 
@@ -751,6 +765,22 @@ pub fn write_dir(dir: &Path, generated: &Generated) -> std::io::Result<Vec<PathB
         out.push(path);
     }
     Ok(out)
+}
+
+/// Creates a file only its owner may read (mode 0600) holding `text`; refuses (an
+/// `AlreadyExists` error) when `path` exists, so a secret is never overwritten.
+pub fn write_new_private_file(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 /// Writes a file only its owner may read (mode 0600), replacing the old one (no moment where the

@@ -30,7 +30,8 @@ pub struct ProvisionPlan {
 
 impl ProvisionPlan {
     /// The plan of a generated deployment: its nodes' stream (retention `limits` with the
-    /// spec's `stream_max_bytes`, as the generated node configs say) and its bucket limits;
+    /// spec's `stream_max_bytes` and `max_age_secs`, as the generated node configs say; the
+    /// ingress streams take the same `max_age`) and its bucket limits;
     /// the pinned limits are the node defaults.
     pub fn of(spec: &DeploymentSpec) -> ProvisionPlan {
         let store = crate::store::StoreConfig::default();
@@ -39,7 +40,7 @@ impl ProvisionPlan {
                 name: spec.stream.clone(),
                 prefix: spec.prefix.clone(),
                 retention: Retention::Limits {
-                    max_age: Duration::ZERO,
+                    max_age: Duration::from_secs(spec.limits.max_age_secs),
                     max_bytes: spec.limits.stream_max_bytes,
                     max_msgs: 0,
                 },

@@ -116,6 +116,10 @@ pub struct LimitsSpec {
     /// Each node's ingress stream's `max_bytes` (what one node may have stored, `discard:
     /// new`), unless its `[[node]]` says otherwise; 0 = `stream_max_bytes / (2 × nodes)`.
     pub node_ingress_bytes: i64,
+    /// The `max_age` in seconds of the event stream and of every ingress stream (the same
+    /// on both: the 2 × quotas bound needs it), written into every node config's
+    /// `[stream] retention`; 0 = none, and then an ingress frees no space by itself.
+    pub max_age_secs: u64,
     /// Each node's snapshot bucket's `max_bytes`, unless its `[[node]]` says otherwise.
     pub snapshots_max_bytes: i64,
     /// Each snapshot bucket's `max_consumers` (object reads at once).
@@ -146,6 +150,7 @@ impl Default for LimitsSpec {
             account_max_consumers: 0,
             stream_max_bytes: 10 * GIB as i64,
             node_ingress_bytes: 0,
+            max_age_secs: 0,
             snapshots_max_bytes: GIB as i64,
             snapshots_max_consumers: 16,
             leases_max_bytes: MIB as i64,
@@ -179,7 +184,8 @@ pub struct NodeSpec {
     /// Its password (generated when neither this nor `nkey` is given).
     #[serde(default)]
     pub password: Option<String>,
-    /// Its nkey's public key (`U…`); the seed stays with the node (`nats.nkey_seed`).
+    /// Its nkey's public key (`U…`, `jetsync secure nkey --out <id>.nk` makes a pair); the
+    /// seed stays with the node, in the file its config names (`nats.nkey_seed_file`).
     #[serde(default)]
     pub nkey: Option<String>,
     /// Its ingress stream's `max_bytes` (default `limits.node_ingress_bytes`).
@@ -188,7 +194,15 @@ pub struct NodeSpec {
     /// Its snapshot bucket's `max_bytes` (default `limits.snapshots_max_bytes`).
     #[serde(default)]
     pub snapshot_bytes: Option<i64>,
+    /// Its `[metrics] listen` address (default [`DEFAULT_METRICS_LISTEN`], which
+    /// `deploy/jetsync.service`'s health check asks); set one per node sharing a host.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
+
+/// The `[metrics] listen` of a generated node config unless its `[[node]]` gives one: the
+/// address `deploy/jetsync.service` runs `jetsync health --addr` against.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// An application: its own account, importing the `write` and `read` groups of `nodes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +277,7 @@ impl NodeSpec {
             nkey: None,
             ingress_bytes: None,
             snapshot_bytes: None,
+            metrics_listen: None,
         };
         match auth.map(|a| a.split_once(':').unwrap_or((a, ""))) {
             None => {}
@@ -324,6 +339,14 @@ impl DeploymentSpec {
             if let Some(pw) = &n.password {
                 password(&format!("node[{i}].password"), pw)?;
             }
+            if let Some(a) = &n.metrics_listen
+                && a.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(invalid(
+                    format!("node[{i}].metrics_listen"),
+                    format!("{a:?} is not ip:port (the node config's metrics.listen)"),
+                ));
+            }
         }
         let mut users: BTreeSet<String> = ids.clone();
         let roles = [("ops".to_owned(), &self.ops.user, &self.ops.password)]
@@ -378,6 +401,19 @@ impl DeploymentSpec {
             return Err(invalid(
                 "limits.snapshots_max_consumers",
                 "must be positive",
+            ));
+        }
+        // nats-server refuses a duplicate window longer than max_age, and stores max_age
+        // in nanoseconds (i64).
+        let window = crate::stream::StreamSettings::default()
+            .duplicate_window
+            .as_secs();
+        if l.max_age_secs != 0 && !(window..=100 * 365 * 86_400).contains(&l.max_age_secs) {
+            return Err(invalid(
+                "limits.max_age_secs",
+                format!(
+                    "0 (none) or {window}..=3153600000 (at least the {window} s duplicate window,                      at most 100 years)"
+                ),
             ));
         }
         if l.node_ingress_bytes < 0 {
@@ -436,6 +472,13 @@ impl DeploymentSpec {
                 0 => self.limits.stream_max_bytes / (2 * self.nodes.len().max(1) as i64),
                 q => q,
             })
+    }
+
+    /// Node `n`'s `[metrics] listen` address.
+    pub fn metrics_listen<'a>(&self, n: &'a NodeSpec) -> &'a str {
+        n.metrics_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN)
     }
 
     /// Node `n`'s snapshot bucket's byte limit.
@@ -578,6 +621,29 @@ mod tests {
         assert!(spec.validate().is_err(), "a quote");
         spec.nodes[1] = NodeSpec::parse_arg("ops").unwrap();
         assert!(spec.validate().is_err(), "a node named like the ops user");
+        spec.nodes[1] = NodeSpec::parse_arg("porto").unwrap();
+        spec.nodes[1].metrics_listen = Some("localhost".into());
+        assert!(
+            matches!(spec.validate(), Err(SpecError::Invalid { key, .. }) if key == "node[1].metrics_listen")
+        );
+    }
+
+    #[test]
+    fn max_age_and_metrics_listen_are_spec_keys() {
+        let spec = DeploymentSpec::parse(
+            "[limits]\nmax_age_secs = 86400\n[[node]]\nid = \"berlin\"\n\
+             [[node]]\nid = \"porto\"\nmetrics_listen = \"127.0.0.1:9465\"\n",
+        )
+        .expect("max_age_secs and metrics_listen are keys");
+        assert_eq!(spec.limits.max_age_secs, 86400);
+        assert_eq!(spec.metrics_listen(&spec.nodes[0]), DEFAULT_METRICS_LISTEN);
+        assert_eq!(spec.metrics_listen(&spec.nodes[1]), "127.0.0.1:9465");
+        let mut short = spec.clone();
+        short.limits.max_age_secs = 60;
+        assert!(
+            matches!(short.validate(), Err(SpecError::Invalid { key, .. }) if key == "limits.max_age_secs"),
+            "shorter than the duplicate window: the server would refuse the stream"
+        );
     }
 
     #[test]
