@@ -1515,57 +1515,8 @@ async fn a_quarantined_event_under_a_nodes_subject_does_not_make_it_a_new_incarn
         .await;
     }
 
-    // porto loses its id to a fake holder, then takes it back.
-    let kv = adversary
-        .js
-        .get_key_value("JETSYNC_LEASES")
-        .await
-        .expect("porto's lease bucket");
-    let fake = json!({
-        "node": "porto", "host": "mallory", "pid": 666, "data_dir": "/nowhere",
-        "token": "forged", "since_ms": now_ms(),
-    });
-    kv.put("porto", serde_json::to_vec(&fake).unwrap().into())
-        .await
-        .expect("porto's credentials write porto's key");
-    wait_for(
-        "porto to find its id held by the fake holder",
-        Duration::from_secs(60),
-        || async {
-            let st = porto.status().await.map_err(|e| e.to_string())?;
-            let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
-            match st["lease"]["state"].as_str() {
-                Some("lost") => Ok(()),
-                other => Err(format!("lease {other:?}")),
-            }
-        },
-    )
-    .await;
-    kv.delete("porto").await.expect("porto's key deleted");
-    // Published and applied by berlin: porto took its id back and checked the stream.
-    let id = Uuid::now_v7();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let written = loop {
-        match porto.put(&orders(), id, json!({"n": 2})).await {
-            Ok(w) => break w,
-            Err(e) => assert!(
-                std::time::Instant::now() < deadline,
-                "porto takes no writes 60 s after its key was freed: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    wait_for(
-        "berlin to apply porto's write",
-        Duration::from_secs(60),
-        || async {
-            match berlin.store().get(&orders(), id) {
-                Ok(Some(_)) => Ok(()),
-                other => Err(format!("berlin holds {other:?}")),
-            }
-        },
-    )
-    .await;
+    // porto loses its id to a fake holder, then takes it back: the restore check runs.
+    let written = retake_and_write(&adversary.js, &porto, &berlin).await;
     let seq = porto.raw_store().last_origin_seq().unwrap();
     assert!(
         seq < 1_000,
@@ -1626,55 +1577,7 @@ async fn a_valid_event_with_a_forged_origin_seq_does_not_move_a_nodes_sequence()
     }
 
     // porto loses its id to a fake holder, then takes it back: the restore check runs.
-    let kv = adversary
-        .js
-        .get_key_value("JETSYNC_LEASES")
-        .await
-        .expect("porto's lease bucket");
-    let fake = json!({
-        "node": "porto", "host": "mallory", "pid": 666, "data_dir": "/nowhere",
-        "token": "forged", "since_ms": now_ms(),
-    });
-    kv.put("porto", serde_json::to_vec(&fake).unwrap().into())
-        .await
-        .expect("porto's credentials write porto's key");
-    wait_for(
-        "porto to find its id held by the fake holder",
-        Duration::from_secs(60),
-        || async {
-            let st = porto.status().await.map_err(|e| e.to_string())?;
-            let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
-            match st["lease"]["state"].as_str() {
-                Some("lost") => Ok(()),
-                other => Err(format!("lease {other:?}")),
-            }
-        },
-    )
-    .await;
-    kv.delete("porto").await.expect("porto's key deleted");
-    let id = Uuid::now_v7();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let written = loop {
-        match porto.put(&orders(), id, json!({"n": 2})).await {
-            Ok(w) => break w,
-            Err(e) => assert!(
-                std::time::Instant::now() < deadline,
-                "porto takes no writes 60 s after its key was freed: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    wait_for(
-        "berlin to apply porto's write",
-        Duration::from_secs(60),
-        || async {
-            match berlin.store().get(&orders(), id) {
-                Ok(Some(_)) => Ok(()),
-                other => Err(format!("berlin holds {other:?}")),
-            }
-        },
-    )
-    .await;
+    let written = retake_and_write(&adversary.js, &porto, &berlin).await;
     let seq = porto.raw_store().last_origin_seq().unwrap();
     assert!(
         seq < 1_000,
@@ -1841,6 +1744,65 @@ async fn a_fresh_store_starts_above_its_lost_writes_but_never_past_half_the_sequ
 }
 
 /// A node's status as JSON (its trust fields are flattened into it).
+/// porto loses its id to a fake holder written with its own credentials, then takes it
+/// back once the key is freed (the restore check runs at the take-back); returns its next
+/// write, once berlin has applied it.
+async fn retake_and_write(
+    js: &jetstream::Context,
+    porto: &Node,
+    berlin: &Node,
+) -> jetsync::Written {
+    let kv = js
+        .get_key_value("JETSYNC_LEASES")
+        .await
+        .expect("porto's lease bucket");
+    let fake = json!({
+        "node": "porto", "host": "mallory", "pid": 666, "data_dir": "/nowhere",
+        "token": "forged", "since_ms": now_ms(),
+    });
+    kv.put("porto", serde_json::to_vec(&fake).unwrap().into())
+        .await
+        .expect("porto's credentials write porto's key");
+    wait_for(
+        "porto to find its id held by the fake holder",
+        Duration::from_secs(60),
+        || async {
+            let st = porto.status().await.map_err(|e| e.to_string())?;
+            let st = serde_json::to_value(&st).map_err(|e| e.to_string())?;
+            match st["lease"]["state"].as_str() {
+                Some("lost") => Ok(()),
+                other => Err(format!("lease {other:?}")),
+            }
+        },
+    )
+    .await;
+    kv.delete("porto").await.expect("porto's key deleted");
+    let id = Uuid::now_v7();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        match porto.put(&orders(), id, json!({"n": 2})).await {
+            Ok(w) => break w,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "porto takes no writes 60 s after its key was freed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_for(
+        "berlin to apply porto's write",
+        Duration::from_secs(60),
+        || async {
+            match berlin.store().get(&orders(), id) {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("berlin holds {other:?}")),
+            }
+        },
+    )
+    .await;
+    written
+}
+
 async fn status_json(node: &Node) -> Result<Value, String> {
     serde_json::to_value(node.status().await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
