@@ -21,8 +21,7 @@
 //! defaults (fsync on); `JETSYNC_BENCH_MIRROR_PG=0` skips it. Run (release, `nice`):
 //! `nice cargo bench --bench mirror` (`JETSYNC_BENCH_MIRROR_N=100000` for a short run).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,10 @@ use jetsync::store::{Change, Write};
 use jetsync::{EntityName, NodeId, Store, StoreConfig};
 use serde_json::json;
 use uuid::Uuid;
+
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
+use postgres::Postgres;
 
 const DOC_BYTES: usize = 300;
 const CUSTOMERS: usize = 100_000;
@@ -342,102 +345,6 @@ async fn pg_queries(report: &mut Report, url: &str, e: &EntityName, n: usize) ->
     Ok(())
 }
 
-// ----- a Postgres of its own ----------------------------------------------------------
-
-struct Postgres {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    user: Option<&'static str>,
-    _dir: tempfile::TempDir,
-}
-
-impl Postgres {
-    fn start() -> Result<Postgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .context("no /usr/lib/postgresql")?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-            .max()
-            .context("no initdb/pg_ctl under /usr/lib/postgresql/*/bin")?;
-        let dir = tempfile::tempdir()?;
-        // initdb refuses to run as root: run it (and the server) as `nobody`.
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        if root {
-            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534))?;
-        }
-        let pg = Postgres {
-            bin,
-            data: dir.path().join("data"),
-            port: std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port(),
-            user: root.then_some("nobody"),
-            _dir: dir,
-        };
-        let out = pg
-            .cmd("initdb")
-            .args(["-A", "trust", "-U", "postgres", "-D"])
-            .arg(&pg.data)
-            .output()?;
-        if !out.status.success() {
-            bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            pg.port,
-            pg.data.display()
-        );
-        let out = pg
-            .cmd("pg_ctl")
-            .args(["-w", "-t", "60", "-o", &opts, "-l"])
-            .arg(pg.data.join("log"))
-            .arg("-D")
-            .arg(&pg.data)
-            .arg("start")
-            .output()?;
-        if !out.status.success() {
-            bail!("pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(pg)
-    }
-
-    fn cmd(&self, tool: &str) -> Command {
-        let path = self.bin.join(tool);
-        match self.user {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = self
-            .cmd("pg_ctl")
-            .args(["-m", "fast", "-w", "-D"])
-            .arg(&self.data)
-            .arg("stop")
-            .output();
-    }
-}
-
 // ----- the run ------------------------------------------------------------------------
 
 async fn run() -> Result<()> {
@@ -466,7 +373,7 @@ async fn run() -> Result<()> {
         &e,
     );
     let pg = if pg_on {
-        Some(Postgres::start()?)
+        Some(Postgres::start(true).map_err(anyhow::Error::msg)?)
     } else {
         None
     };

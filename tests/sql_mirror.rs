@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use common::entity;
 use common::nodes::*;
+use common::postgres::Postgres;
 use jetsync::devserver::NatsServer;
 use jetsync::mirror::{MirrorConfig, MirrorIndex, SinkConfig};
 use jetsync::node::{Node, NodeConfig};
@@ -657,122 +658,6 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
     a.shutdown().await.unwrap();
 }
 
-/// A Postgres server of its own in a temp dir, stopped when dropped.
-struct Postgres {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    user: Option<&'static str>,
-    _dir: tempfile::TempDir,
-}
-
-impl Postgres {
-    /// Starts one, or says why it cannot (no Postgres installed).
-    fn start() -> Result<Postgres, String> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .map_err(|e| format!("no /usr/lib/postgresql: {e}"))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-            .max()
-            .ok_or("no initdb/pg_ctl under /usr/lib/postgresql/*/bin")?;
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let data = dir.path().join("data");
-        // initdb refuses to run as root: run it (and the server) as `nobody`.
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let user = root.then_some("nobody");
-        if root {
-            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534))
-                .map_err(|e| e.to_string())?;
-        }
-        let pg = Postgres {
-            bin,
-            data,
-            port: std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| e.to_string())?
-                .port(),
-            user,
-            _dir: dir,
-        };
-        let out = pg
-            .cmd("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&pg.data)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("initdb: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        pg.up()?;
-        Ok(pg)
-    }
-
-    fn cmd(&self, tool: &str) -> Command {
-        let path = self.bin.join(tool);
-        match self.user {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn up(&self) -> Result<(), String> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.data.display()
-        );
-        let out = self
-            .cmd("pg_ctl")
-            .args(["-w", "-t", "60", "-o", &opts, "-l"])
-            .arg(self.data.join("log"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("start")
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            let log = std::fs::read_to_string(self.data.join("log")).unwrap_or_default();
-            return Err(format!(
-                "pg_ctl start: {}{}\n{log}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    }
-
-    fn down(&self) {
-        let _ = self
-            .cmd("pg_ctl")
-            .args(["-m", "immediate", "-w", "-D"])
-            .arg(&self.data)
-            .arg("stop")
-            .output();
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
 /// The rows of `entity` in a Postgres mirror; documents compared as JSON values (jsonb
 /// normalises the text).
 async fn pg_rows(
@@ -844,7 +729,7 @@ async fn pg_matches(node: &Node, url: &str, e: &EntityName) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_mirror_equals_the_records_survives_a_stopped_server_and_indexes_json_fields() {
-    let pg = match Postgres::start() {
+    let pg = match Postgres::start(false) {
         Ok(pg) => pg,
         Err(why) => {
             eprintln!(

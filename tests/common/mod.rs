@@ -6,6 +6,7 @@ pub mod acks;
 #[cfg(feature = "dev-server")]
 pub mod edge;
 pub mod nodes;
+pub mod postgres;
 pub mod proxy;
 pub mod rng;
 pub mod tls;
