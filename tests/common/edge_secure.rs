@@ -314,19 +314,8 @@ impl SecureEdge {
         }
         let leases = jetsync::lease::bucket_name(&config.stream.name);
         js.create_stream(jetstream::stream::Config {
-            name: format!("KV_{leases}"),
-            subjects: vec![format!("$KV.{leases}.>")],
-            max_messages_per_subject: 1,
-            max_age: jetsync::lease::DEFAULT_TTL,
             max_bytes: LEASES_MAX_BYTES,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: 1,
-            discard: jetstream::stream::DiscardPolicy::New,
-            allow_rollup: false,
-            deny_delete: true,
-            deny_purge: false,
-            allow_direct: true,
-            ..Default::default()
+            ..jetsync::lease::bucket_stream_config(&leases, jetsync::lease::DEFAULT_TTL)
         })
         .await
         .expect("ops provisions the lease bucket");
