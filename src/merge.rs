@@ -22,6 +22,14 @@
 //! under both rules (clause 2 never supersedes an origin's greatest version, and the
 //! greatest version seen is that of its origin).
 //!
+//! # Scope
+//! A record is `(entity, scope, id)`: the rule runs per scope, so an event of scope `A`
+//! never supersedes or names a version in scope `B`, even under the same id. A replica
+//! that holds only some scopes then holds exactly what a full replica holds for each
+//! record they share; were scope a mere attribute, a full replica's winner for an id
+//! written in two scopes could come from the scope the partial one never sees. The store
+//! keeps every scope of an id under the id ([`IdState`]); [`RecordState`] is one record.
+//!
 //! # Why it is bounded
 //! Clause 2 makes "superseded or seen" summarisable per origin: every version of origin
 //! `O` at or below `O`'s greatest seen version `M_O` is either `M_O` itself or superseded.
@@ -170,7 +178,8 @@ pub struct Equivocation {
     pub dropped: Leaf,
 }
 
-/// The whole merge state of one record (see the module doc for the rule and its proof).
+/// The whole merge state of one record, `(entity, scope, id)` (see the module doc for the
+/// rule and its proof).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordState {
     /// Sorted by version, greatest first: `leaves[0]` is the winner. At most one per
@@ -463,6 +472,277 @@ impl RecordState {
     }
 }
 
+/// Everything a store keeps under one `(entity, id)`: the state of each record with that id,
+/// one per scope, in scope order.
+///
+/// A record's identity is `(entity, scope, id)` (see the module doc): events of one scope
+/// never supersede or name versions of another, so a replica holding only some scopes
+/// holds, for each record it has, exactly the state a full replica holds for it. The
+/// store keys them by id alone because an id lives in one scope but for a client that
+/// chose ids and wrote one in two scopes. Every part has at least one leaf (an event
+/// always leaves its origin's entry, and the greatest version seen is a leaf), so a part's
+/// scope is its leaves' scope.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdState {
+    parts: Vec<RecordState>,
+}
+
+/// JSON (and other human-readable formats): [`IdStateWire`]; binary formats: the parts
+/// as a sequence (the store has its own layout, `store::codec`).
+impl Serialize for IdState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            IdStateWire::from(self.clone()).serialize(serializer)
+        } else {
+            self.parts.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IdState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            IdStateWire::deserialize(deserializer).map(IdState::from)
+        } else {
+            Vec::<RecordState>::deserialize(deserializer).map(IdState::from_parts)
+        }
+    }
+}
+
+/// How an [`IdState`] travels as JSON: the first scope's state as a plain record state
+/// (what builds before scoped identity send and read), the other scopes in `more`.
+#[derive(Serialize, Deserialize)]
+struct IdStateWire {
+    #[serde(flatten)]
+    first: RecordState,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more: Vec<RecordState>,
+}
+
+impl From<IdStateWire> for IdState {
+    fn from(w: IdStateWire) -> Self {
+        IdState::from_parts(std::iter::once(w.first).chain(w.more).collect())
+    }
+}
+
+impl From<IdState> for IdStateWire {
+    fn from(s: IdState) -> Self {
+        let mut parts = s.parts.into_iter();
+        IdStateWire {
+            first: parts.next().unwrap_or_default(),
+            more: parts.collect(),
+        }
+    }
+}
+
+impl From<RecordState> for IdState {
+    fn from(state: RecordState) -> Self {
+        IdState::from_parts(vec![state])
+    }
+}
+
+/// The scope of a record state (its leaves'); `None` for an empty state.
+fn scope_of(state: &RecordState) -> Option<&Scope> {
+    state.leaves.first().map(|l| &l.scope)
+}
+
+impl IdState {
+    /// Builds the state from per-scope parts as they were stored or sent. Empty parts are
+    /// dropped. A part whose leaves span scopes (a value written before scoped identity,
+    /// or a forged one) is split by leaf scope: its origin entries and pending names stay
+    /// with the winner's scope, and the other scopes keep their leaves' versions as their
+    /// origin entries. Parts of one scope are merged. [`check_id_state`] refuses the shapes
+    /// a merge cannot build, so this is only a normalisation.
+    pub fn from_parts(parts: Vec<RecordState>) -> Self {
+        let mut out = IdState::default();
+        for part in parts {
+            for piece in split_by_scope(part) {
+                out.merge_part(piece, &mut Vec::new());
+            }
+        }
+        out
+    }
+
+    /// The per-scope states, in scope order.
+    pub fn parts(&self) -> &[RecordState] {
+        &self.parts
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The state of the record `(entity, scope, id)`.
+    pub fn part(&self, scope: &Scope) -> Option<&RecordState> {
+        self.slot(scope).ok().map(|i| &self.parts[i])
+    }
+
+    /// The record an id names when no scope is given: the scope whose winner is the
+    /// greatest live one, else the greatest tombstone. With one scope (every id a node
+    /// created itself) that is the record.
+    pub fn primary(&self) -> Option<&RecordState> {
+        let best = |live: bool| {
+            self.parts
+                .iter()
+                .filter(|p| p.live().is_some() == live)
+                .max_by(|a, b| a.leaves[0].version.cmp(&b.leaves[0].version))
+        };
+        best(true).or_else(|| best(false))
+    }
+
+    /// The primary record's winner.
+    pub fn winner(&self) -> Option<&Leaf> {
+        self.primary().and_then(RecordState::winner)
+    }
+
+    /// The primary record's live winner.
+    pub fn live(&self) -> Option<&Leaf> {
+        self.primary().and_then(RecordState::live)
+    }
+
+    /// The primary record's conflicts (its leaves other than the winner).
+    pub fn conflicts(&self) -> &[Leaf] {
+        self.primary().map_or(&[], RecordState::conflicts)
+    }
+
+    /// Every leaf of every scope (scope order, then greatest first).
+    pub fn leaves(&self) -> impl Iterator<Item = &Leaf> {
+        self.parts.iter().flat_map(|p| &p.leaves)
+    }
+
+    /// Whether some scope's record has more than one leaf.
+    pub fn has_conflicts(&self) -> bool {
+        self.parts.iter().any(|p| p.leaves.len() > 1)
+    }
+
+    /// The greatest version of `node` seen in any scope.
+    pub fn watermark(&self, node: &NodeId) -> Option<&Version> {
+        self.parts.iter().filter_map(|p| p.watermark(node)).max()
+    }
+
+    /// Only the records of `scopes` (empty: all), what a replica of those scopes holds.
+    pub fn project(&self, scopes: &[Scope]) -> IdState {
+        if scopes.is_empty() {
+            return self.clone();
+        }
+        self.project_by(|s| scopes.contains(s))
+    }
+
+    /// Only the records whose scope `keep` admits.
+    pub fn project_by(&self, keep: impl Fn(&Scope) -> bool) -> IdState {
+        IdState {
+            parts: self
+                .parts
+                .iter()
+                .filter(|p| scope_of(p).is_some_and(&keep))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Applies one (already validated) event to its scope's record, with a horizon (see
+    /// [`RecordState::apply_above`]).
+    pub fn apply_above_noting(
+        &mut self,
+        ev: ChangeEvent,
+        horizon_ms: u64,
+        seen: &mut Vec<Equivocation>,
+    ) -> Merge {
+        if ev.version.hlc.physical_ms() < horizon_ms {
+            return Merge::Duplicate;
+        }
+        match self.slot(&ev.scope) {
+            Ok(i) => self.parts[i].apply_noting(ev, seen),
+            Err(i) => {
+                let mut part = RecordState::default();
+                let merged = part.apply_noting(ev, seen);
+                self.parts.insert(i, part);
+                merged
+            }
+        }
+    }
+
+    /// [`IdState::apply_above_noting`] without a horizon or a note of equivocations.
+    pub fn apply(&mut self, ev: ChangeEvent) -> Merge {
+        self.apply_above_noting(ev, 0, &mut Vec::new())
+    }
+
+    /// Folds another replica's state of the same id in, scope by scope (see
+    /// [`RecordState::merge_state`]).
+    pub fn merge_state(&mut self, other: IdState) {
+        self.merge_state_above_noting(other, 0, &mut Vec::new());
+    }
+
+    /// [`IdState::merge_state`] with a horizon (see [`RecordState::merge_state_above`]),
+    /// adding to `seen` the equivocations it meets.
+    pub fn merge_state_above_noting(
+        &mut self,
+        other: IdState,
+        horizon_ms: u64,
+        seen: &mut Vec<Equivocation>,
+    ) {
+        for part in other.parts {
+            let Some(scope) = scope_of(&part).cloned() else {
+                continue;
+            };
+            match self.slot(&scope) {
+                Ok(i) => self.parts[i].merge_state_above_noting(part, horizon_ms, seen),
+                Err(i) => {
+                    let mut fresh = RecordState::default();
+                    fresh.merge_state_above_noting(part, horizon_ms, seen);
+                    if !fresh.leaves.is_empty() {
+                        self.parts.insert(i, fresh);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether compaction with this cutoff may remove the id: every scope's record may go.
+    pub fn removable(&self, cutoff_ms: u64) -> bool {
+        self.parts.iter().all(|p| p.removable(cutoff_ms))
+    }
+
+    fn merge_part(&mut self, part: RecordState, seen: &mut Vec<Equivocation>) {
+        self.merge_state_above_noting(IdState { parts: vec![part] }, 0, seen);
+    }
+
+    fn slot(&self, scope: &Scope) -> Result<usize, usize> {
+        self.parts
+            .binary_search_by(|p| scope_of(p).map_or(std::cmp::Ordering::Less, |s| s.cmp(scope)))
+    }
+}
+
+/// Splits a state whose leaves span scopes (see [`IdState::from_parts`]).
+fn split_by_scope(mut state: RecordState) -> Vec<RecordState> {
+    let Some(main) = state.winner().map(|w| w.scope.clone()) else {
+        return Vec::new();
+    };
+    if state.leaves.iter().all(|l| l.scope == main) {
+        return vec![state];
+    }
+    let mut others: Vec<RecordState> = Vec::new();
+    let (mine, theirs): (Vec<Leaf>, Vec<Leaf>) =
+        state.leaves.drain(..).partition(|l| l.scope == main);
+    state.leaves = mine;
+    for leaf in theirs {
+        let at = match others.iter().position(|p| scope_of(p) == Some(&leaf.scope)) {
+            Some(at) => at,
+            None => {
+                others.push(RecordState::default());
+                others.len() - 1
+            }
+        };
+        let part = &mut others[at];
+        let at = part.origin_slot(&leaf.version.node).unwrap_or_else(|i| i);
+        part.origins.insert(at, leaf.version.clone());
+        let at = part.leaves.partition_point(|l| l.version > leaf.version);
+        part.leaves.insert(at, leaf);
+    }
+    std::iter::once(state).chain(others).collect()
+}
+
 /// The event a leaf keeps: a leaf holds every field of the event that made it. `None`
 /// doc JSON that is not valid JSON fails here.
 pub fn leaf_event(entity: &EntityName, id: Uuid, leaf: &Leaf) -> Result<ChangeEvent, String> {
@@ -508,6 +788,37 @@ pub fn check_state(
         check_drift(v, now_ms, limits)?;
     }
     check_shape(state).map_err(|e| QuarantineReason::Malformed(format!("record state: {e}")))
+}
+
+/// [`check_state`] for every scope's record of an id, and the shape [`IdState`] keeps:
+/// every part non-empty, its leaves all of one scope, parts in strictly ascending scope
+/// order (one per scope).
+pub fn check_id_state(
+    entity: &EntityName,
+    id: Uuid,
+    state: &IdState,
+    now_ms: u64,
+    limits: &EventLimits,
+) -> Result<(), QuarantineReason> {
+    let malformed = |e: String| QuarantineReason::Malformed(format!("record state: {e}"));
+    let mut last: Option<&Scope> = None;
+    for part in &state.parts {
+        let Some(scope) = scope_of(part) else {
+            return Err(malformed("a scope's record without leaves".into()));
+        };
+        if let Some(l) = part.leaves.iter().find(|l| &l.scope != scope) {
+            return Err(malformed(format!(
+                "leaf {} of scope {} among scope {scope}'s",
+                l.version, l.scope
+            )));
+        }
+        if last.is_some_and(|p| p >= scope) {
+            return Err(malformed(format!("scope {scope} out of order")));
+        }
+        last = Some(scope);
+        check_state(entity, id, part, now_ms, limits)?;
+    }
+    Ok(())
 }
 
 /// The invariants of a [`RecordState`] built by the merge rule.

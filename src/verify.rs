@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::api::{ApiClient, ApiError, StateEntry};
 use crate::ids::{EntityFilter, EntityName, Scope};
-use crate::merge::RecordState;
+use crate::merge::IdState;
 use crate::metrics::AntiEntropyStatus;
 use crate::store::{FORMAT_VERSION, VerifyHashes};
 
@@ -43,7 +43,7 @@ pub enum Side {
         conflicts: usize,
         /// The whole merge state (not serialised), for repair.
         #[serde(skip)]
-        state: RecordState,
+        state: IdState,
     },
 }
 
@@ -353,7 +353,7 @@ async fn hashes(
 }
 
 /// The records of one page (`None` for a damaged one) and where the next starts.
-pub(crate) type RecordsPage = (BTreeMap<Uuid, Option<RecordState>>, Option<Uuid>);
+pub(crate) type RecordsPage = (BTreeMap<Uuid, Option<IdState>>, Option<Uuid>);
 
 /// One page of the records in `buckets` on `node`, after `after`, from `op`
 /// (`bucket_records`, or anti-entropy's `sync_records`).
@@ -404,7 +404,7 @@ async fn bucket_records(
     entity: &EntityName,
     scopes: &[Scope],
     buckets: &[usize],
-) -> Result<BTreeMap<Uuid, Option<RecordState>>, VerifyError> {
+) -> Result<BTreeMap<Uuid, Option<IdState>>, VerifyError> {
     let mut out = BTreeMap::new();
     let mut after: Option<Uuid> = None;
     loop {
@@ -428,7 +428,7 @@ async fn bucket_records(
     }
 }
 
-fn side(slot: Option<&Option<RecordState>>) -> Side {
+fn side(slot: Option<&Option<IdState>>) -> Side {
     match slot {
         None => Side::Missing,
         Some(None) => Side::Damaged,
@@ -444,8 +444,8 @@ fn side(slot: Option<&Option<RecordState>>) -> Side {
     }
 }
 
-fn leaves_equal(a: &RecordState, b: &RecordState) -> bool {
-    a.leaves == b.leaves
+fn leaves_equal(a: &IdState, b: &IdState) -> bool {
+    a.leaves().eq(b.leaves())
 }
 
 async fn verify_entity(
@@ -526,13 +526,13 @@ async fn verify_entity(
         if let (Some(Some(_)), None) = (sa, sb) {
             to_a.push(StateEntry {
                 id,
-                state: RecordState::default(),
+                state: IdState::default(),
             });
         }
         if let (None, Some(Some(_))) = (sa, sb) {
             to_b.push(StateEntry {
                 id,
-                state: RecordState::default(),
+                state: IdState::default(),
             });
         }
     }

@@ -155,7 +155,7 @@ async fn lost_stream_events_and_outside_changes_are_healed_without_an_operator()
         .iter()
         .map(|id| StateEntry {
             id: *id,
-            state: x.state(&orders, *id).unwrap().unwrap(),
+            state: x.id_state(&orders, *id).unwrap().unwrap(),
         })
         .collect();
     let api = ApiClient::new(async_nats::connect(&url).await.unwrap(), "jetsync");
@@ -494,7 +494,7 @@ async fn origin_only_heals_from_origins_and_spreads_no_other_origins_versions() 
         "b",
         "merge_records",
         json!({"entity": orders, "format": jetsync::store::FORMAT_VERSION,
-               "states": [StateEntry { id: x_id, state: x.state(&orders, x_id).unwrap().unwrap() }]}),
+               "states": [StateEntry { id: x_id, state: x.id_state(&orders, x_id).unwrap().unwrap() }]}),
     )
     .await
     .expect("merge into b");

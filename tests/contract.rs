@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use jetsync::event::{self, ChangeEvent, ENVELOPE_VERSION, EventLimits, Op};
-use jetsync::merge::{Merge, RecordState};
+use jetsync::merge::{IdState, Merge, RecordState};
 use jetsync::store::Incoming;
 use jetsync::{EntityName, Hlc, NodeId, Scope, Store, StoreConfig, Version};
 use serde_json::value::RawValue;
@@ -738,11 +738,22 @@ fn scope_cases() -> Vec<Case> {
             ],
         ),
         case(
-            "scope_of_a_record_is_its_winners",
-            "A record's scope is the scope of its winning leaf. A record created concurrently in two scopes (only possible by two origins writing one id at once) holds a leaf in each; see docs/consuming.md \"Scope\" for what a consumer filtering by scope must do.",
+            "one_id_in_two_scopes_is_two_records",
+            "A record is (entity, scope, id). One id written in two scopes (two origins choosing the same id) is two records, each merged from its own scope's events only, so a replica holding one scope agrees with a full replica on that record. List records per (entity, scope, id).",
             vec![
                 msg(&put(202, a(0, 0), 1, r#"{"s":"shop1"}"#).scope("shop1")),
                 msg(&put(202, b(1, 0), 1, r#"{"s":"shop2"}"#).scope("shop2")),
+            ],
+        ),
+        case(
+            "names_reach_only_their_own_scope",
+            "An event's base and resolves name versions of its own scope's record only: a version of the same id in another scope that it names stays that record's winner (the name waits, unmet, in the naming record), and a later version of the same origin in another scope does not supersede it either.",
+            vec![
+                msg(&put(203, a(0, 0), 1, r#"{"s":"shop1"}"#).scope("shop1")),
+                msg(&put(203, b(1, 0), 1, r#"{"s":"shop2"}"#)
+                    .scope("shop2")
+                    .base(a(0, 0))),
+                msg(&put(203, a(2, 0), 2, r#"{"s":"shop2 by a"}"#).scope("shop2")),
             ],
         ),
     ]
@@ -902,7 +913,8 @@ fn version_json(v: &Version) -> Value {
 /// merge rule alone.
 fn expect(c: &Case) -> (Vec<Value>, Value) {
     let lim = limits(c);
-    let mut states: BTreeMap<(String, Uuid), RecordState> = BTreeMap::new();
+    // The node's own merge: a store keeps every scope's record of an id under the id.
+    let mut states: BTreeMap<(String, Uuid), IdState> = BTreeMap::new();
     let mut outcomes = vec![];
     for m in &c.messages {
         match event::decode(&m.subject, m.body.as_bytes(), m.time_ms, &lim) {
@@ -917,7 +929,11 @@ fn expect(c: &Case) -> (Vec<Value>, Value) {
                 let doc_bytes = ev.doc.as_ref().map(|d| d.get().len());
                 let key = (ev.entity.to_string(), ev.id);
                 let mut seen = vec![];
-                let outcome = match states.entry(key).or_default().apply_noting(ev, &mut seen) {
+                let outcome = match states
+                    .entry(key)
+                    .or_default()
+                    .apply_above_noting(ev, 0, &mut seen)
+                {
                     Merge::Applied => "applied",
                     Merge::Duplicate => "duplicate",
                 };
@@ -934,7 +950,7 @@ fn expect(c: &Case) -> (Vec<Value>, Value) {
     }
     let records = states
         .iter()
-        .map(|((entity, id), s)| record_json(entity, id, s))
+        .flat_map(|((entity, id), s)| s.parts().iter().map(|p| record_json(entity, id, p)))
         .collect();
     (outcomes, Value::Array(records))
 }
@@ -1092,10 +1108,12 @@ fn store_records(store: &Store, expected: &Value) -> Value {
     for r in expected.as_array().expect("records") {
         let entity = EntityName::new(r["entity"].as_str().expect("entity")).expect("entity");
         let id: Uuid = r["id"].as_str().expect("id").parse().expect("uuid");
+        let scope = Scope::new(r["scope"].as_str().expect("scope")).expect("scope");
         let state = store
-            .state(&entity, id)
+            .id_state(&entity, id)
             .expect("read state")
-            .unwrap_or_else(|| panic!("the store has no record {entity}/{id}"));
+            .and_then(|s| s.part(&scope).cloned())
+            .unwrap_or_else(|| panic!("the store has no record {entity}/{scope}/{id}"));
         out.push(record_json(entity.as_str(), &id, &state));
     }
     Value::Array(out)
@@ -1713,7 +1731,7 @@ async fn consumer_matches_three_nodes_through_crashes(consumer: &Consumer, d: &P
             .expect("scan")
             .items
             .iter()
-            .map(|(id, s)| record_json(LIVE_ENTITY, id, s))
+            .flat_map(|(id, s)| s.parts().iter().map(|p| record_json(LIVE_ENTITY, id, p)))
             .collect();
         conflicted = node_records
             .iter()

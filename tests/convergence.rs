@@ -279,8 +279,10 @@ proptest! {
             prop_assert!(snapshot(&replica, &e) == snap, "late duplicates changed replica {}", r);
             // Bounded: one origin entry and at most one leaf per writer, nothing pending.
             for (id, state) in replica.store.scan(&e, None, usize::MAX).expect("scan").items {
-                prop_assert!(state.origins.len() <= nodes && state.leaves.len() <= nodes, "{} is not bounded: {:?}", id, state);
-                prop_assert!(state.pending.is_empty(), "{} has pending names after every event: {:?}", id, state);
+                for state in state.parts() {
+                    prop_assert!(state.origins.len() <= nodes && state.leaves.len() <= nodes, "{} is not bounded: {:?}", id, state);
+                    prop_assert!(state.pending.is_empty(), "{} has pending names after every event: {:?}", id, state);
+                }
             }
             match &reference {
                 None => reference = Some(snap),

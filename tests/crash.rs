@@ -426,6 +426,8 @@ fn check_store(store: &Store, round: usize, acked: &[Ack]) -> Vec<Version> {
     for e in store.entities().expect("entities") {
         let page = store.scan(&e, None, usize::MAX).expect("scan");
         for (id, state) in page.items {
+            assert_eq!(state.parts().len(), 1, "round {round}: {e}/{id}: one scope");
+            let state = &state.parts()[0];
             assert!(
                 state.leaves.len() == 1,
                 "round {round}: {e}/{id} has {} leaves, expected 1 (one writer)",

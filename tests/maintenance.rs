@@ -360,7 +360,7 @@ fn a_damaged_record_is_set_aside_and_repaired_from_a_peer() {
     let state = a.store.state(&orders, victim).unwrap().unwrap();
     let merged = b
         .store
-        .merge_records(&orders, vec![(victim, state.clone())])
+        .merge_records(&orders, vec![(victim, state.clone().into())])
         .unwrap();
     assert_eq!(merged.repaired, 1);
     assert_eq!(b.store.damaged_len().unwrap(), 0);
@@ -417,7 +417,7 @@ fn merging_states_equals_applying_the_union_of_events() {
         l.deliver_events(&left.into_iter().cloned().collect::<Vec<_>>());
         r.deliver_events(&right.into_iter().cloned().collect::<Vec<_>>());
         let state = r.store.state(&orders, id).unwrap().unwrap();
-        l.store.merge_records(&orders, vec![(id, state)]).unwrap();
+        l.store.merge_records(&orders, vec![(id, state.into())]).unwrap();
         assert_eq!(
             l.store.state(&orders, id).unwrap(),
             all.store.state(&orders, id).unwrap()
@@ -434,7 +434,7 @@ fn merging_states_equals_applying_the_union_of_events() {
         let again = all.store.state(&orders, id).unwrap().unwrap();
         assert_eq!(
             l.store
-                .merge_records(&orders, vec![(id, again)])
+                .merge_records(&orders, vec![(id, again.into())])
                 .unwrap()
                 .changed,
             0

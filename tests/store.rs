@@ -768,7 +768,7 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
     // 3. An old snapshot's state of it, merged (snapshot bootstrap and repair do this).
     let r = a
         .store
-        .merge_records(&e, vec![(gone, old_state.clone())])
+        .merge_records(&e, vec![(gone, old_state.clone().into())])
         .unwrap();
     assert_eq!(r.changed, 0);
     assert!(a.store.state(&e, gone).unwrap().is_none());
@@ -787,7 +787,7 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
     );
     // Old versions still do not come back, now as conflicts of the new record either.
     a.deliver_outbox(&gone_events[..5]);
-    a.store.merge_records(&e, vec![(gone, old_state)]).unwrap();
+    a.store.merge_records(&e, vec![(gone, old_state.into())]).unwrap();
     let state = a.store.state(&e, gone).unwrap().unwrap();
     assert_eq!(state.leaves.len(), 1, "{state:?}");
     assert_eq!(

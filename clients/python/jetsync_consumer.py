@@ -467,10 +467,10 @@ def _j(v):
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-  entity TEXT NOT NULL, id TEXT NOT NULL,
-  scope TEXT, deleted INTEGER, version TEXT, doc TEXT, conflicts INTEGER,
+  entity TEXT NOT NULL, scope TEXT NOT NULL, id TEXT NOT NULL,
+  deleted INTEGER, version TEXT, doc TEXT, conflicts INTEGER,
   state TEXT NOT NULL,                     -- the merge state (Record.to_json)
-  PRIMARY KEY (entity, id));
+  PRIMARY KEY (entity, scope, id));        -- a record is (entity, scope, id)
 CREATE TABLE IF NOT EXISTS quarantine (stream_seq INTEGER PRIMARY KEY, subject TEXT, reason TEXT);
 CREATE TABLE IF NOT EXISTS checkpoint (one INTEGER PRIMARY KEY CHECK (one = 1), seq INTEGER NOT NULL);
 """
@@ -510,19 +510,21 @@ class ReadModel:
             raise
 
     def _apply(self, ev):
-        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND id = ?", (ev["entity"], ev["id"])).fetchone()
+        key = (ev["entity"], ev["scope"], ev["id"])
+        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND scope = ? AND id = ?", key).fetchone()
         rec = Record(json.loads(row[0]) if row else None)
         rec.apply(ev)
         w = rec.winner()
         self.db.execute(
             "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (ev["entity"], ev["id"], w["scope"], w["doc"] is None, json.dumps(_j(w["version"])),
+            (*key, w["doc"] is None, json.dumps(_j(w["version"])),
              w["doc"], len(rec.leaves) - 1, json.dumps(rec.to_json())),
         )
 
-    def record(self, entity, id):
+    def record(self, entity, scope, id):
         """The expected-record shape of schemas/vectors (winner, conflicts)."""
-        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND id = ?", (entity, id)).fetchone()
+        row = self.db.execute("SELECT state FROM records WHERE entity = ? AND scope = ? AND id = ?",
+                              (entity, scope, id)).fetchone()
         if row is None:
             return None
         rec = Record(json.loads(row[0]))
@@ -535,8 +537,9 @@ class ReadModel:
         }
 
     def records(self):
-        for entity, id in self.db.execute("SELECT entity, id FROM records ORDER BY entity, id").fetchall():
-            yield self.record(entity, id)
+        rows = self.db.execute("SELECT entity, scope, id FROM records ORDER BY entity, id, scope").fetchall()
+        for entity, scope, id in rows:
+            yield self.record(entity, scope, id)
 
 
 # --- following a live stream ---------------------------------------------------------------
@@ -636,7 +639,7 @@ def run_vectors(directory):
                 elif "doc_bytes" in want and len(got["doc"].encode()) != want["doc_bytes"]:
                     errors.append(f"message {m['stream_seq']}: doc size {len(got['doc'].encode())}")
             for want in case["records"]:
-                got = model.record(want["entity"], want["id"])
+                got = model.record(want["entity"], want["scope"], want["id"])
                 if got != want:
                     errors.append(f"record {want['entity']}/{want['id']}: got {got}, expected {want}")
             if len(list(model.records())) != len(case["records"]):

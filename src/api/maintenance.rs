@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::server::{applied_reply, blocking, fit_reply, to_json};
 use super::wire::{RemoteError, Req, bad_request};
-use crate::merge::RecordState;
+use crate::merge::IdState;
 use crate::node::NodeHandle;
 use crate::store::{RecordSlot, VerifyHashes};
 
@@ -99,7 +99,7 @@ async fn states_in_buckets(
 pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let store = node.store_full().clone();
     let entity = req.entity()?;
-    let states: Vec<(Uuid, RecordState)> =
+    let states: Vec<(Uuid, IdState)> =
         req.states.into_iter().map(|e| (e.id, e.state)).collect();
     // Kept to compare after the merge: this node republishes its own versions the peer
     // lacked, so the stream learns the repair (see `store::republish`).

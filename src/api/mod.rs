@@ -30,12 +30,12 @@
 //!
 //! | op | group | request | result |
 //! |---|---|---|---|
-//! | `get` | read | `{entity, id}` | the record or `null` |
+//! | `get` | read | `{entity, id, scope?}` | the record or `null` (without `scope`: the id's record in its only scope, or its primary one, see [`IdState::primary`](crate::merge::IdState::primary)) |
 //! | `put` | write | `{entity, id?, doc, scope?, if_version?, if_absent?}` | `{entity, id, version}` |
-//! | `delete` | write | `{entity, id, if_version?}` | `{entity, id, version}` |
+//! | `delete` | write | `{entity, id, scope?, if_version?}` | `{entity, id, version}` |
 //! | `list` | read | `{entity, after?, limit?}` | `{records, next}` |
-//! | `conflicts` | read | `{entity, after?, limit?}` | `{conflicts: [{id, leaves}], next}` |
-//! | `resolve` | write | `{entity, id, doc (null = delete), versions}` | `{entity, id, version}` |
+//! | `conflicts` | read | `{entity, after?, limit?}` | `{conflicts: [{id, scope, leaves}], next}` |
+//! | `resolve` | write | `{entity, id, scope?, doc (null = delete), versions}` | `{entity, id, version}` |
 //! | `status` | read | `{}` | the node's [`Status`](crate::node::Status) |
 //! | `digest` | read | `{entity?}` | `{<entity>: "<hex>"}` |
 //! | `ping` | read | `{}` | `{node, version}` |

@@ -23,8 +23,12 @@ async fn write_one(node: &NodeHandle, w: Write) -> Result<Value, RemoteError> {
 
 pub(super) async fn get(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let store = node.store().clone();
-    let (entity, id) = (req.entity()?, req.id()?);
-    let rec = blocking(move || store.get(&entity, id)).await?;
+    let (entity, id, scope) = (req.entity()?, req.id()?, req.scope.clone());
+    let rec = blocking(move || match scope {
+        Some(scope) => store.get_in(&entity, &scope, id),
+        None => store.get(&entity, id),
+    })
+    .await?;
     Ok(rec.as_ref().map_or(Value::Null, record_json))
 }
 
@@ -51,6 +55,7 @@ pub(super) async fn conflicts(node: &NodeHandle, req: Req) -> Result<Value, Remo
                 c.id,
                 json!({
                     "id": c.id,
+                    "scope": c.leaves.first().map(|l| l.scope.as_str()),
                     "leaves": c.leaves.iter().map(|l| json!({
                         "version": l.version.to_string(),
                         "deleted": l.is_tombstone(),
@@ -93,7 +98,8 @@ pub(super) async fn put(node: &NodeHandle, req: Req) -> Result<Value, RemoteErro
 }
 
 pub(super) async fn delete(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
-    let w = Write::delete(req.entity()?, req.id()?).expect(req.expect()?);
+    let mut w = Write::delete(req.entity()?, req.id()?).expect(req.expect()?);
+    w.scope = req.scope.clone();
     write_one(node, w).await
 }
 
@@ -107,9 +113,10 @@ pub(super) async fn resolve(node: &NodeHandle, req: Req) -> Result<Value, Remote
     if versions.is_empty() {
         return Err(bad_request("\"versions\" names the conflicts to settle"));
     }
-    let w = match req.doc.clone() {
+    let mut w = match req.doc.clone() {
         Some(Value::Null) | None => Write::delete(entity, id),
         Some(doc) => Write::put(entity, id, doc),
     };
+    w.scope = req.scope.clone();
     write_one(node, w.resolving(versions)).await
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::clock::Version;
 use crate::error::{StorageError, WriteError};
 use crate::ids::{EntityName, NodeId, Scope};
-use crate::merge::RecordState;
+use crate::merge::IdState;
 use crate::store::{Expect, FORMAT_VERSION, Record};
 
 /// The API subject root for a stream prefix.
@@ -245,8 +245,9 @@ pub(super) fn check_state_format(op: &str, payload: &[u8]) -> Result<(), RemoteE
 pub struct StateEntry {
     /// The record's id.
     pub id: Uuid,
-    /// The record's merge state.
-    pub state: RecordState,
+    /// The merge state of each of the id's records (one per scope; JSON: the first
+    /// scope's state, the others in `more`).
+    pub state: IdState,
 }
 
 /// A stream message as `apply` once took it from the caller; now refused with a clear

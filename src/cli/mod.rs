@@ -49,6 +49,10 @@ pub enum Command {
         entity: String,
         /// Record id (UUID).
         id: String,
+        /// The record's scope, for an id written in several scopes (each is its own
+        /// record); default: the id's only (or primary) scope.
+        #[arg(long)]
+        scope: Option<String>,
         /// The node to ask.
         #[command(flatten)]
         target: Target,
@@ -67,7 +71,7 @@ pub enum Command {
         /// Only if there is no live record.
         #[arg(long, conflicts_with = "if_version")]
         if_absent: bool,
-        /// Scope of a new record.
+        /// Scope of a new record (default `_`); of an existing one, the id's scope.
         #[arg(long)]
         scope: Option<String>,
         /// The node to ask.
@@ -80,6 +84,10 @@ pub enum Command {
         entity: String,
         /// Record id (UUID).
         id: String,
+        /// The record's scope, for an id written in several scopes (each is its own
+        /// record); default: the id's only (or primary) scope.
+        #[arg(long)]
+        scope: Option<String>,
         /// Only if the current version is this (`<ms>.<counter>@<node>`).
         #[arg(long = "if", value_name = "VERSION")]
         if_version: Option<String>,
@@ -126,6 +134,10 @@ pub enum Command {
         /// Settle with a delete instead of DOC.
         #[arg(long, conflicts_with = "doc")]
         delete: bool,
+        /// The record's scope, for an id written in several scopes (each is its own
+        /// record); default: the id's only (or primary) scope.
+        #[arg(long)]
+        scope: Option<String>,
         /// The node to ask.
         #[command(flatten)]
         target: Target,

@@ -46,10 +46,19 @@ fn parse_doc(arg: &str) -> anyhow::Result<Value> {
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     let (conn, out) = match command {
-        Command::Get { entity, id, target } => {
+        Command::Get {
+            entity,
+            id,
+            scope,
+            target,
+        } => {
             let c = client(&target.conn).await?;
             let rec = c
-                .call(&target.node, "get", json!({"entity": entity, "id": id}))
+                .call(
+                    &target.node,
+                    "get",
+                    json!({"entity": entity, "id": id, "scope": scope}),
+                )
                 .await?;
             // Worded like the API's own `not_found` errors; a deleted record reads as
             // absent (its tombstone is merge state, not a record).
@@ -87,10 +96,11 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             entity,
             id,
             if_version,
+            scope,
             target,
         } => {
             let c = client(&target.conn).await?;
-            let body = json!({"entity": entity, "id": id, "if_version": if_version});
+            let body = json!({"entity": entity, "id": id, "if_version": if_version, "scope": scope});
             (target.conn, c.call(&target.node, "delete", body).await?)
         }
         Command::List {
@@ -125,6 +135,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             doc,
             versions,
             delete,
+            scope,
             target,
         } => {
             let doc = match (doc, delete) {
@@ -133,7 +144,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 _ => anyhow::bail!("give either DOC or --delete"),
             };
             let c = client(&target.conn).await?;
-            let body = json!({"entity": entity, "id": id, "doc": doc, "versions": versions});
+            let body =
+                json!({"entity": entity, "id": id, "doc": doc, "versions": versions, "scope": scope});
             (target.conn, c.call(&target.node, "resolve", body).await?)
         }
         Command::Status { target } => {

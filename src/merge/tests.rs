@@ -538,3 +538,116 @@ fn every_event_of_an_equivocated_version_names_its_base_whatever_the_order() {
         assert_eq!(s, &states[0]);
     }
 }
+
+fn in_scope(mut ev: ChangeEvent, scope: &str) -> ChangeEvent {
+    ev.scope = Scope::new(scope).unwrap();
+    ev
+}
+
+proptest! {
+    /// Scoped identity: one id written in two scopes by writers that see each other's
+    /// events (a base or a resolve may name a version of the other scope, which a hostile
+    /// or confused writer can do). A replica holding only one scope's events holds, for
+    /// that scope's record, exactly what a full replica holds, whatever the order, and
+    /// state merges agree with event application.
+    #[test]
+    fn a_replica_of_one_scope_holds_what_a_full_replica_holds_for_it(
+        steps in prop::collection::vec((0..4u8, 0..3u8, any::<bool>()), 1..40),
+        scopes in prop::collection::vec(any::<bool>(), 40),
+        keys in prop::collection::vec(any::<u32>(), 40),
+        split in any::<prop::sample::Index>(),
+    ) {
+        let events: Vec<ChangeEvent> = history(&steps)
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| in_scope(e, if scopes[i % scopes.len()] { "east" } else { "west" }))
+            .collect();
+        let mut full = IdState::default();
+        for e in &events {
+            full.apply(e.clone());
+        }
+        let mut keyed: Vec<(u32, usize, &ChangeEvent)> =
+            events.iter().enumerate().map(|(i, e)| (keys[i % keys.len()], i, e)).collect();
+        keyed.sort_by_key(|(k, i, _)| (*k, *i));
+        let mut shuffled = IdState::default();
+        for (_, _, e) in &keyed {
+            shuffled.apply((*e).clone());
+        }
+        prop_assert_eq!(&shuffled, &full);
+        for scope in ["east", "west"] {
+            let scope = Scope::new(scope).unwrap();
+            let mut partial = IdState::default();
+            for e in events.iter().filter(|e| e.scope == scope) {
+                partial.apply(e.clone());
+            }
+            prop_assert_eq!(partial.part(&scope), full.part(&scope));
+            prop_assert_eq!(&partial, &full.project(std::slice::from_ref(&scope)));
+            // Each scope's record is the plain rule over that scope's events.
+            let mut alone = RecordState::default();
+            for e in events.iter().filter(|e| e.scope == scope) {
+                alone.apply(e.clone());
+            }
+            prop_assert_eq!(full.part(&scope).cloned().unwrap_or_default(), alone);
+        }
+        // Halves merged state by state equal the whole; checks accept what the rule builds.
+        let at = split.index(events.len() + 1);
+        let (mut left, mut right) = (IdState::default(), IdState::default());
+        for e in &events[..at] {
+            left.apply(e.clone());
+        }
+        for e in &events[at..] {
+            right.apply(e.clone());
+        }
+        left.merge_state(right);
+        prop_assert_eq!(&left, &full);
+        for part in full.parts() {
+            prop_assert_eq!(check_shape(part), Ok(()));
+        }
+    }
+}
+
+#[test]
+fn an_id_in_one_scope_is_stored_and_sent_as_before_scoped_identity() {
+    let mut one = IdState::default();
+    one.apply(event(&v(1, "a"), None, &[]));
+    let plain = one.parts()[0].clone();
+    // JSON: the plain record state's members, nothing more.
+    assert_eq!(
+        serde_json::to_value(&one).unwrap(),
+        serde_json::to_value(&plain).unwrap()
+    );
+    let back: IdState = serde_json::from_value(serde_json::to_value(&plain).unwrap()).unwrap();
+    assert_eq!(back, one);
+    // Two scopes: the second in `more`, and back.
+    let mut two = one.clone();
+    two.apply(in_scope(event(&v(2, "b"), None, &[]), "zz"));
+    let json = serde_json::to_value(&two).unwrap();
+    assert_eq!(json["more"].as_array().map(Vec::len), Some(1));
+    assert_eq!(serde_json::from_value::<IdState>(json).unwrap(), two);
+}
+
+#[test]
+fn a_state_written_before_scoped_identity_is_split_by_scope() {
+    // The old rule merged both scopes' events into one record: b's later version in
+    // scope "zz" named a's, which left the record.
+    let a1 = event(&v(1, "a"), None, &[]);
+    let b2 = in_scope(event(&v(2, "b"), None, &[]), "zz");
+    let c3 = event(&v(3, "c"), None, &[]);
+    let mut old = RecordState::default();
+    for e in [a1, b2, c3] {
+        old.apply(e);
+    }
+    assert_eq!(old.leaves.len(), 3);
+    let split = IdState::from_parts(vec![old]);
+    assert_eq!(split.parts().len(), 2);
+    let (under, zz) = (Scope::default(), Scope::new("zz").unwrap());
+    let under = split.part(&under).unwrap();
+    assert_eq!(under.leaves.len(), 2);
+    assert_eq!(under.winner().unwrap().version, v(3, "c"));
+    assert_eq!(split.part(&zz).unwrap().winner().unwrap().version, v(2, "b"));
+    for part in split.parts() {
+        assert_eq!(check_shape(part), Ok(()));
+    }
+    // The primary record: the greatest live winner.
+    assert_eq!(split.winner().unwrap().version, v(3, "c"));
+}

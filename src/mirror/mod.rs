@@ -589,6 +589,7 @@ async fn rebuild(
                 .map(|(id, row): (uuid::Uuid, LiveRow)| ChangedRow {
                     entity: entity.clone(),
                     id,
+                    scope: crate::ids::Scope::new(&row.scope).ok(),
                     row: Some(row),
                 })
                 .collect();

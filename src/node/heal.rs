@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use super::{NodeError, NodeHandle, Shared};
 use crate::ids::EntityName;
-use crate::merge::RecordState;
+use crate::merge::IdState;
 
 /// Kinds of stream loss a node reports (`jetsync_stream_loss_detected_total{kind}`).
 pub const STREAM_LOSS_KINDS: [&str; 2] = [
@@ -216,7 +216,7 @@ impl NodeHandle {
     pub async fn republish_lacking(
         &self,
         entity: &EntityName,
-        peer: &[(Uuid, RecordState)],
+        peer: &[(Uuid, IdState)],
     ) -> Result<usize, NodeError> {
         let store = self.0.store.clone();
         let (entity, peer) = (entity.clone(), peer.to_vec());

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::{NodeError, NodeHandle};
 use crate::clock::Version;
 use crate::error::{StorageError, WriteError};
-use crate::ids::EntityName;
+use crate::ids::{EntityName, Scope};
 use crate::store::{ConflictSet, Expect, Page, Record, Store, Write, Written};
 
 impl NodeHandle {
@@ -50,6 +50,18 @@ impl NodeHandle {
     pub async fn get(&self, entity: &EntityName, id: Uuid) -> Result<Option<Record>, NodeError> {
         let entity = entity.clone();
         self.read(move |s| s.get(&entity, id)).await
+    }
+
+    /// The live record `(entity, scope, id)`: an id written in two scopes is two records
+    /// (see [`crate::merge`]); [`NodeHandle::get`] reads the primary one.
+    pub async fn get_in(
+        &self,
+        entity: &EntityName,
+        scope: &Scope,
+        id: Uuid,
+    ) -> Result<Option<Record>, NodeError> {
+        let (entity, scope) = (entity.clone(), scope.clone());
+        self.read(move |s| s.get_in(&entity, &scope, id)).await
     }
 
     /// Live records of `entity` in id order, after `after`, at most `limit`; pass the

@@ -19,7 +19,7 @@ use super::collection::DocError;
 use super::{NodeError, NodeHandle};
 use crate::clock::Version;
 use crate::error::StorageError;
-use crate::ids::EntityName;
+use crate::ids::{EntityName, Scope};
 use crate::merge::RecordState;
 use crate::store::{Change, LogPosition};
 
@@ -116,12 +116,18 @@ impl std::str::FromStr for Position {
 /// `None` for a delete.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Update<T = serde_json::Value> {
-    /// Pass to [`NodeHandle::watch_from`] to resume just after this update.
+    /// Pass to [`NodeHandle::watch_from`] to resume just after this update. An id held in
+    /// several scopes (a record per scope, see `merge`) comes as one update per scope
+    /// from one log entry; all but the last carry the position before that entry, so
+    /// resuming from one of them delivers the entry's states again, never misses one.
     pub position: Position,
     /// The record's entity type.
     pub entity: EntityName,
     /// The record's id.
     pub id: Uuid,
+    /// The record's scope (with entity and id, its identity); `None`: the id was removed
+    /// in every scope (compaction, or a damaged record set aside).
+    pub scope: Option<Scope>,
     /// The winning document now; `None`: deleted (or removed by compaction).
     pub doc: Option<T>,
     /// The winning version now (of the tombstone for a delete); `None`: the record was
@@ -238,6 +244,7 @@ struct Raw {
     position: Position,
     entity: EntityName,
     id: Uuid,
+    /// One scope's record (`None`: the id is gone).
     state: Result<Option<RecordState>, StorageError>,
 }
 
@@ -330,17 +337,37 @@ impl Follow {
             return Err(e);
         }
         let scanned = batch.last != self.last;
+        let mut before = self.last;
         self.last = batch.last;
+        let epoch = self.epoch;
         for e in batch.entries {
-            self.ready.push_back(Ok(Raw {
-                position: Position {
-                    epoch: self.epoch,
-                    seq: e.seq,
-                },
-                entity: e.entity,
-                id: e.id,
-                state: e.state,
-            }));
+            let at = |seq| Position { epoch, seq };
+            match e.state {
+                Ok(Some(state)) if !state.is_empty() => {
+                    let n = state.parts().len();
+                    for (i, part) in state.parts().iter().enumerate() {
+                        self.ready.push_back(Ok(Raw {
+                            position: at(if i + 1 == n { e.seq } else { before }),
+                            entity: e.entity.clone(),
+                            id: e.id,
+                            state: Ok(Some(part.clone())),
+                        }));
+                    }
+                }
+                Ok(_) => self.ready.push_back(Ok(Raw {
+                    position: at(e.seq),
+                    entity: e.entity,
+                    id: e.id,
+                    state: Ok(None),
+                })),
+                Err(err) => self.ready.push_back(Ok(Raw {
+                    position: at(e.seq),
+                    entity: e.entity,
+                    id: e.id,
+                    state: Err(err),
+                })),
+            }
+            before = e.seq;
         }
         Ok(scanned)
     }
@@ -387,6 +414,7 @@ fn decode<T: DeserializeOwned>(raw: Result<Raw, FeedError>) -> Result<Update<T>,
     };
     Ok(Update {
         position: raw.position,
+        scope: winner.map(|l| l.scope.clone()),
         version: winner.map(|l| l.version.clone()),
         conflicts: state.as_ref().map_or(0, |s| s.conflicts().len()),
         doc,

@@ -49,7 +49,7 @@ use uuid::Uuid;
 
 use crate::api::ApiClient;
 use crate::ids::{EntityFilter, EntityName, Scope};
-use crate::merge::RecordState;
+use crate::merge::{IdState, RecordState};
 use crate::metrics::{AntiEntropy, AntiEntropySettings, RoundReport, now_ms};
 use crate::node::NodeHandle;
 use crate::ops::peers::PeerBackoff;
@@ -445,14 +445,19 @@ impl Round<'_> {
                 // all (this node's records in the same buckets and id range). Only asked
                 // of a peer that is caught up: one still catching up gets them from the
                 // stream.
-                let mut peer_lacks: Vec<(Uuid, RecordState)> = Vec::new();
+                let mut peer_lacks: Vec<(Uuid, IdState)> = Vec::new();
                 if peer_caught_up {
-                    let settled_own = |mine: &RecordState| {
-                        mine.leaves
-                            .iter()
-                            .find(|l| l.version.node == own_node)
-                            .filter(|l| l.version.hlc.physical_ms() <= cutoff)
-                            .map(|l| l.version.clone())
+                    // A settled own version here (in any of the id's records) that the
+                    // peer's record of the same scope does not reach.
+                    let lacks_own = |mine: &IdState, theirs: Option<&IdState>| {
+                        mine.leaves().any(|l| {
+                            l.version.node == own_node
+                                && l.version.hlc.physical_ms() <= cutoff
+                                && theirs
+                                    .and_then(|t| t.part(&l.scope))
+                                    .and_then(|p| p.watermark(&own_node))
+                                    .is_none_or(|w| *w < l.version)
+                        })
                     };
                     let mine_page = match &cells_v {
                         Some(cells) => store.states_in_cells(
@@ -480,17 +485,14 @@ impl Round<'_> {
                             let crate::store::RecordSlot::State(mine) = slot else {
                                 continue;
                             };
-                            let Some(v) = settled_own(&mine) else {
-                                continue;
-                            };
                             match page.get(&id) {
-                                None => peer_lacks.push((id, RecordState::default())),
-                                Some(Some(theirs))
-                                    if theirs.watermark(&own_node).is_none_or(|w| *w < v) =>
-                                {
+                                None if lacks_own(&mine, None) => {
+                                    peer_lacks.push((id, IdState::default()));
+                                }
+                                Some(Some(theirs)) if lacks_own(&mine, Some(theirs)) => {
                                     peer_lacks.push((id, theirs.clone()));
                                 }
-                                Some(_) => {}
+                                _ => {}
                             }
                         }
                     }
@@ -501,7 +503,7 @@ impl Round<'_> {
                     .filter_map(|(id, state)| Some((id, state?)))
                     .filter(|(id, theirs)| {
                         // Damaged here (or unreadable): as absent; the peer's state repairs it.
-                        let mine = store.state(&e, *id).unwrap_or_default();
+                        let mine = store.id_state(&e, *id).unwrap_or_default();
                         if !lacks(mine.as_ref(), theirs, cutoff, unsure.as_deref()) {
                             return false;
                         }
@@ -511,7 +513,7 @@ impl Round<'_> {
                         not_own += u64::from(foreign);
                         !foreign
                     })
-                    .collect::<Vec<(Uuid, RecordState)>>();
+                    .collect::<Vec<(Uuid, IdState)>>();
                 (lacked, not_own, peer_lacks)
             })
             .await
@@ -594,6 +596,20 @@ fn reply_error(node: &str, detail: String) -> VerifyError {
 /// knowledge that a leaf here was superseded (theirs has seen it, holds it no more). Versions
 /// of `unsure` (a peer whose outbox is not empty) do not count.
 pub fn lacks(
+    mine: Option<&IdState>,
+    theirs: &IdState,
+    cutoff_ms: u64,
+    unsure: Option<&str>,
+) -> bool {
+    // Per scope: each of the id's records is its own (see `merge`).
+    theirs.parts().iter().any(|t| {
+        let mine = t.winner().and_then(|w| mine?.part(&w.scope));
+        record_lacks(mine, t, cutoff_ms, unsure)
+    })
+}
+
+/// [`lacks`] for one record.
+fn record_lacks(
     mine: Option<&RecordState>,
     theirs: &RecordState,
     cutoff_ms: u64,
@@ -628,7 +644,15 @@ pub fn lacks(
 /// Whether every version `theirs` holds that `mine` lacks (an origin's entry not covered
 /// here, a pending name not known here, a content other than ours under a version) is of
 /// origin `peer`: merging it then adds only what `peer` claims about its own writes.
-pub fn only_own_lacked(mine: Option<&RecordState>, theirs: &RecordState, peer: &str) -> bool {
+pub fn only_own_lacked(mine: Option<&IdState>, theirs: &IdState, peer: &str) -> bool {
+    theirs.parts().iter().all(|t| {
+        let mine = t.winner().and_then(|w| mine?.part(&w.scope));
+        record_only_own_lacked(mine, t, peer)
+    })
+}
+
+/// [`only_own_lacked`] for one record.
+fn record_only_own_lacked(mine: Option<&RecordState>, theirs: &RecordState, peer: &str) -> bool {
     let empty = RecordState::default();
     let mine = mine.unwrap_or(&empty);
     let own = |v: &crate::clock::Version| v.node.as_str() == peer;
@@ -647,7 +671,7 @@ pub async fn merge_peer_states(
     node: &NodeHandle,
     peer: &str,
     entity: &EntityName,
-    states: Vec<(Uuid, RecordState)>,
+    states: Vec<(Uuid, IdState)>,
 ) -> Result<MergeReport, crate::error::StorageError> {
     let store = node.store_full().clone();
     let e = entity.clone();
@@ -668,6 +692,8 @@ pub async fn merge_peer_states(
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The rule per record; `scopes_are_compared_record_by_record` covers the id level.
+    use super::{record_lacks as lacks, record_only_own_lacked as only_own_lacked};
     use crate::clock::{Hlc, Version};
     use crate::ids::{NodeId, Scope};
     use crate::merge::Leaf;
@@ -748,6 +774,31 @@ mod tests {
         assert!(!only_own_lacked(None, &theirs, "b"));
         // Lacking nothing: nothing foreign.
         assert!(only_own_lacked(Some(&theirs), &theirs, "a"));
+    }
+
+    #[test]
+    fn scopes_are_compared_record_by_record() {
+        let rescoped = |s: RecordState, scope: &str| {
+            let mut s = s;
+            for l in &mut s.leaves {
+                l.scope = Scope::new(scope).unwrap();
+            }
+            IdState::from(s)
+        };
+        let in_a = rescoped(state(&[v(1_000, "a")]), "a");
+        // The same versions under another scope are another record: lacked.
+        let in_b = rescoped(state(&[v(1_000, "a")]), "b");
+        assert!(super::lacks(Some(&in_a), &in_b, u64::MAX, None));
+        assert!(!super::lacks(Some(&in_a), &in_a, u64::MAX, None));
+        // Holding both scopes' records lacks neither.
+        let mut both = in_a.clone();
+        both.merge_state(in_b.clone());
+        assert_eq!(both.parts().len(), 2);
+        assert!(!super::lacks(Some(&both), &in_b, u64::MAX, None));
+        assert!(super::lacks(Some(&in_a), &both, u64::MAX, None));
+        // a's own versions only: a may bring scope b's record, b may not.
+        assert!(super::only_own_lacked(Some(&in_a), &both, "a"));
+        assert!(!super::only_own_lacked(Some(&in_a), &both, "b"));
     }
 
     #[test]

@@ -131,10 +131,10 @@ pub(super) async fn merge_frames(
     let mut changed = 0u64;
     let mut refused = 0u64;
     let (mut equivocations, mut reissued) = (0u64, 0u64);
-    let mut batch: Vec<(Uuid, RecordState)> = Vec::new();
+    let mut batch: Vec<(Uuid, IdState)> = Vec::new();
     let mut batch_entity: Option<EntityName> = None;
     let mut scratch = Vec::new();
-    let flush = |entity: Option<EntityName>, batch: Vec<(Uuid, RecordState)>| {
+    let flush = |entity: Option<EntityName>, batch: Vec<(Uuid, IdState)>| {
         let store = store.clone();
         async move {
             let Some(entity) = entity else {
@@ -197,14 +197,13 @@ pub(super) async fn merge_frames(
             .ok_or_else(|| bad(format!("record {records}: bad entity name")))?;
         let id = Uuid::from_slice(&scratch[elen..]).map_err(|e| bad(e.to_string()))?;
         let state = if format_2 {
-            crate::store::decode_format_2_state(&entity, &id, &value)?
+            IdState::from(crate::store::decode_format_2_state(&entity, &id, &value)?)
         } else {
             crate::store::decode_stored_state(&entity, &id, &value)?
         };
-        let admitted = state
-            .winner()
-            .is_some_and(|w| EntityFilter::admits(filters, &entity, &w.scope));
-        if !admitted {
+        // Only the records (scopes) this node replicates.
+        let state = state.project_by(|s| EntityFilter::admits(filters, &entity, s));
+        if state.is_empty() {
             continue;
         }
         if batch_entity.as_ref() != Some(&entity) || batch.len() >= LOAD_BATCH {

@@ -76,7 +76,7 @@ use crate::clock::{SystemClock, WallClock};
 use crate::delivery::{DeliveryOrder, delivery_of};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, NodeId};
-use crate::merge::RecordState;
+use crate::merge::IdState;
 use crate::store::{Change, ExportError, Store};
 use crate::stream::{StreamIdentity, StreamSettings};
 

@@ -124,11 +124,12 @@ impl Store {
                             Some(report.max_ahead_ms.map_or(ahead, |m| m.max(ahead)));
                         let (entity, id) = (ev.entity.clone(), ev.id);
                         let state = tx.load(&ev.entity, &ev.id)?.unwrap_or_default();
+                        // The event meets only its own scope's record.
+                        let leaves = state.part(&ev.scope).map_or(&[][..], |p| &p.leaves);
                         // What this node holds under its own version, should another
                         // content of that version come (an equivocation).
                         let own_held = if ev.version.node == self.node {
-                            state
-                                .leaves
+                            leaves
                                 .iter()
                                 .find(|l| l.version == ev.version)
                                 .cloned()
@@ -140,7 +141,7 @@ impl Store {
                         // an earlier incarnation supersedes our queued versions below it (its
                         // origin's later version): either way the leaf is about to go, so keep
                         // its event until our own PubAck retires it.
-                        for leaf in state.leaves.iter().filter(|l| {
+                        for leaf in leaves.iter().filter(|l| {
                             l.version.node == self.node
                                 && (ev.base.as_ref() == Some(&l.version)
                                     || ev.resolves.contains(&l.version)

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::Store;
 use super::codec::decode_state;
 use super::format::open_records_read;
-use super::maintenance::{in_scopes, leaves_hash, verify_hash};
+use super::maintenance::{leaves_hash, verify_hash};
 use crate::digest::{CELLS_PER_BUCKET, bucket_of, cell_of};
 use crate::error::StorageError;
 use crate::ids::{EntityName, Scope};
@@ -93,11 +93,9 @@ impl Store {
             };
             match decode_state(entity, &id, v.value()) {
                 Ok(state) => {
-                    if !in_scopes(scopes, &state) {
-                        continue;
-                    }
-                    let h = if deep && !state.leaves.is_empty() {
-                        Some(leaves_hash(&id, &state))
+                    let state = state.project(scopes);
+                    let h = if deep {
+                        leaves_hash(&id, &state)
                     } else {
                         verify_hash(&id, &state)
                     };

@@ -30,8 +30,8 @@ use super::Store;
 use super::codec::decode_state;
 use super::format::open_records_read;
 use crate::error::StorageError;
-use crate::ids::EntityName;
-use crate::merge::RecordState;
+use crate::ids::{EntityName, Scope};
+use crate::merge::{IdState, RecordState};
 
 const CHANGE_LOG: TableDefinition<u64, (&str, u128)> = TableDefinition::new("change_log");
 const CHANGE_AT: TableDefinition<(&str, u128), u64> = TableDefinition::new("change_at");
@@ -99,6 +99,9 @@ pub struct ChangedRow {
     pub entity: EntityName,
     /// Its id.
     pub id: Uuid,
+    /// The scope of the record (with entity and id, its identity); `None`: the id is gone
+    /// in every scope (compacted, or set aside as damaged).
+    pub scope: Option<Scope>,
     /// Its live value now.
     pub row: Option<LiveRow>,
 }
@@ -125,7 +128,7 @@ pub struct LoggedState {
     /// Its id.
     pub id: Uuid,
     /// The record's state now; an error if it does not decode.
-    pub state: Result<Option<RecordState>, StorageError>,
+    pub state: Result<Option<IdState>, StorageError>,
 }
 
 /// Entries past a sequence with their records' states ([`Store::change_states_since`]).
@@ -416,14 +419,30 @@ impl Store {
                     tables.len() - 1
                 }
             };
-            let row = match &tables[i].1 {
+            let state = match &tables[i].1 {
                 None => None,
                 Some(t) => t
                     .get(raw)?
-                    .and_then(|g| decode_state(&entity, &id, g.value()).ok())
-                    .and_then(|s| LiveRow::of(&s)),
+                    .and_then(|g| decode_state(&entity, &id, g.value()).ok()),
             };
-            rows.push(ChangedRow { entity, id, row });
+            match state {
+                Some(state) if !state.is_empty() => {
+                    rows.extend(state.parts().iter().filter_map(|p| {
+                        Some(ChangedRow {
+                            entity: entity.clone(),
+                            id,
+                            scope: Some(p.winner()?.scope.clone()),
+                            row: LiveRow::of(p),
+                        })
+                    }))
+                }
+                _ => rows.push(ChangedRow {
+                    entity,
+                    id,
+                    scope: None,
+                    row: None,
+                }),
+            }
         }
         Ok(Some(ChangeBatch {
             position,
@@ -520,11 +539,8 @@ impl Store {
             let (k, v) = row?;
             let id = Uuid::from_u128(k.value());
             last = Some(id);
-            if let Some(r) = decode_state(entity, &id, v.value())
-                .ok()
-                .and_then(|s| LiveRow::of(&s))
-            {
-                out.push((id, r));
+            if let Ok(state) = decode_state(entity, &id, v.value()) {
+                out.extend(state.parts().iter().filter_map(|p| Some((id, LiveRow::of(p)?))));
             }
         }
         let next = if more { last } else { None };

@@ -11,15 +11,38 @@ use crate::digest::{BUCKETS, Digest};
 use crate::error::StorageError;
 use crate::event::ChangeEvent;
 use crate::ids::EntityName;
-use crate::merge::{Leaf, RecordState};
+use crate::merge::{IdState, Leaf, RecordState};
 
 /// Decodes a stored record value, checking its checksum first.
+///
+/// The value is the first scope's [`RecordState`], then, only when the id is held in more
+/// than one scope, the other scopes' states as a postcard sequence. An id in one scope is
+/// therefore stored byte for byte as before scoped identity, and a value written then
+/// (whose leaves may span scopes) is split by [`IdState::from_parts`].
 pub(super) fn decode_state(
     entity: &EntityName,
     id: &Uuid,
     bytes: &[u8],
-) -> Result<RecordState, StorageError> {
-    decode_checked_record(entity, id, bytes)
+) -> Result<IdState, StorageError> {
+    let body = checked_body(bytes).ok_or_else(|| StorageError::ChecksumMismatch {
+        entity: entity.clone(),
+        id: *id,
+    })?;
+    decode_state_body(body).map_err(|e| StorageError::UndecodableRecord {
+        entity: entity.clone(),
+        id: *id,
+        detail: e.to_string(),
+    })
+}
+
+/// [`decode_state`] of a body whose checksum was checked.
+pub(super) fn decode_state_body(body: &[u8]) -> Result<IdState, postcard::Error> {
+    let (first, rest) = postcard::take_from_bytes::<RecordState>(body)?;
+    let mut parts = vec![first];
+    if !rest.is_empty() {
+        parts.extend(postcard::from_bytes::<Vec<RecordState>>(rest)?);
+    }
+    Ok(IdState::from_parts(parts))
 }
 
 /// Decodes a checksummed record value of any stored layout (the current one, or an older
@@ -45,7 +68,7 @@ pub fn decode_stored_state(
     entity: &EntityName,
     id: &Uuid,
     bytes: &[u8],
-) -> Result<RecordState, StorageError> {
+) -> Result<IdState, StorageError> {
     decode_state(entity, id, bytes)
 }
 
@@ -63,22 +86,30 @@ pub(super) fn append_checksum(mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
-/// Encodes a record state for storing, checksum included.
-pub(super) fn encode_state(state: &RecordState) -> Result<Vec<u8>, StorageError> {
+/// Encodes an id's state for storing, checksum included (layout: [`decode_state`]).
+pub(super) fn encode_state(state: &IdState) -> Result<Vec<u8>, StorageError> {
     // Sized up front: growing the buffer by doubling showed up in write profiles.
     let docs: usize = state
-        .leaves
-        .iter()
+        .leaves()
         .map(|l| l.doc.as_ref().map_or(0, String::len))
         .sum();
-    let guess =
-        24 + docs + 96 * state.leaves.len() + 24 * (state.origins.len() + state.pending.len());
-    postcard::to_extend(state, Vec::with_capacity(guess))
-        .map(append_checksum)
-        .map_err(|e| StorageError::Encode {
-            what: "record state",
-            detail: e.to_string(),
-        })
+    let counts = state.parts().iter().fold((0, 0), |(l, o), p| {
+        (l + p.leaves.len(), o + p.origins.len() + p.pending.len())
+    });
+    let guess = 24 + docs + 96 * counts.0 + 24 * counts.1;
+    let encode_err = |e: postcard::Error| StorageError::Encode {
+        what: "record state",
+        detail: e.to_string(),
+    };
+    let (first, rest) = match state.parts() {
+        [] => (&RecordState::default(), &[][..]),
+        [first, rest @ ..] => (first, rest),
+    };
+    let mut body = postcard::to_extend(first, Vec::with_capacity(guess)).map_err(encode_err)?;
+    if !rest.is_empty() {
+        body = postcard::to_extend(rest, body).map_err(encode_err)?;
+    }
+    Ok(append_checksum(body))
 }
 
 /// Encodes a row of `table` (a quarantine entry, a damaged record) as postcard.
@@ -180,9 +211,45 @@ mod tests {
     }
 
     #[test]
+    fn an_id_in_one_scope_is_stored_as_its_record_state_and_two_scopes_round_trip() {
+        use crate::clock::{Hlc, Version};
+        use crate::ids::{NodeId, Scope};
+        let id = Uuid::now_v7();
+        let leaf = |ms: u64, scope: &str| Leaf {
+            version: Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new("a").unwrap()),
+            scope: Scope::new(scope).unwrap(),
+            base: None,
+            resolves: vec![],
+            origin_seq: ms,
+            doc: Some("{}".into()),
+        };
+        let one = RecordState {
+            leaves: vec![leaf(1, "_")],
+            origins: vec![leaf(1, "_").version],
+            pending: vec![],
+        };
+        let bytes = encode_state(&IdState::from(one.clone())).unwrap();
+        // Byte for byte what a store wrote before scoped identity.
+        assert_eq!(
+            bytes,
+            append_checksum(postcard::to_stdvec(&one).unwrap())
+        );
+        let other = RecordState {
+            leaves: vec![leaf(2, "zz")],
+            origins: vec![leaf(2, "zz").version],
+            pending: vec![],
+        };
+        let mut two = IdState::from(one);
+        two.merge_state(IdState::from(other));
+        assert_eq!(two.parts().len(), 2);
+        let bytes = encode_state(&two).unwrap();
+        assert_eq!(decode_state(&orders(), &id, &bytes).unwrap(), two);
+    }
+
+    #[test]
     fn a_value_failing_its_checksum_names_the_record() {
         let id = Uuid::now_v7();
-        let mut bytes = encode_state(&RecordState::default()).unwrap();
+        let mut bytes = encode_state(&IdState::default()).unwrap();
         assert!(decode_state(&orders(), &id, &bytes).is_ok());
         bytes[0] ^= 1;
         let err = decode_state(&orders(), &id, &bytes).unwrap_err();

@@ -66,12 +66,10 @@ impl Store {
                             continue;
                         }
                         // An own delete still waiting to be published stays until it is.
-                        let queued = match state.winner() {
-                            Some(l) if l.version.node == self.node => {
-                                outbox.get(l.origin_seq)?.is_some()
-                            }
-                            _ => false,
-                        };
+                        let mut queued = false;
+                        for l in state.leaves().filter(|l| l.version.node == self.node) {
+                            queued |= outbox.get(l.origin_seq)?.is_some();
+                        }
                         if !queued {
                             removable.push(k.value());
                         }

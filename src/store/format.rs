@@ -19,7 +19,7 @@ use super::quarantine::{QuarantineRow, QuarantineRowV1};
 use crate::clock::{Hlc, Version};
 use crate::error::{OpenError, StorageError};
 use crate::ids::{EntityName, NodeId};
-use crate::merge::{Leaf, RecordState};
+use crate::merge::{IdState, Leaf, RecordState};
 
 /// The on-disk format this build reads and writes. Bump on any layout change.
 pub const FORMAT_VERSION: u32 = 3;
@@ -386,7 +386,7 @@ fn upgrade_from_format_2(txn: &WriteTransaction, node: &NodeId) -> Result<(), St
                     unpublished.insert(leaf.origin_seq, ev.encode().as_slice())?;
                 }
             }
-            rows.push((k.value(), encode_state(&state)?));
+            rows.push((k.value(), encode_state(&IdState::from(state))?));
         }
         for (k, v) in rows {
             table.insert(k, v.as_slice())?;

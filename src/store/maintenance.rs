@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::codec::{decode_postcard, decode_state};
+use super::codec::{decode_postcard, decode_state, encode_state};
 use super::format::{
     CONFLICTS, DAMAGED, HORIZONS, K_CHECKPOINT, K_HLC, META, OUTBOX, QUARANTINE, UNPUBLISHED,
     open_records_read, read_u64,
@@ -23,7 +23,7 @@ use crate::digest::{BUCKETS, bucket_of};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge;
-use crate::merge::RecordState;
+use crate::merge::{IdState, RecordState};
 use crate::store::{ApplyReport, Change, Page, Written};
 
 /// A consistent read of the whole store, for a snapshot: the checkpoint and every record
@@ -88,12 +88,18 @@ impl Export {
                         continue;
                     }
                 };
-                if scoped
-                    && !state
-                        .winner()
-                        .is_some_and(|w| EntityFilter::admits(filters, entity, &w.scope))
-                {
-                    continue;
+                if scoped {
+                    // Only the records (scopes) the filters admit: a partial replica holds
+                    // exactly those.
+                    let kept = state.project_by(|s| EntityFilter::admits(filters, entity, s));
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    if kept != state {
+                        sink(entity, id, &encode_state(&kept)?)?;
+                        summary.records += 1;
+                        continue;
+                    }
                 }
                 sink(entity, id, v.value())?;
                 summary.records += 1;
@@ -145,8 +151,8 @@ pub struct VerifyHashes {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordSlot {
-    /// The record's merge state.
-    State(RecordState),
+    /// The merge state of each of the id's records (one per scope).
+    State(IdState),
     /// The record's stored value fails its checksum or does not decode.
     Damaged,
 }
@@ -164,17 +170,32 @@ pub struct DamagedEntry {
     pub found_ms: u64,
 }
 
-/// The hash verification compares for one record; `None` if it counts as absent.
-pub fn verify_hash(id: &Uuid, state: &RecordState) -> Option<u128> {
-    if state.leaves.len() == 1 && state.leaves[0].is_tombstone() || state.leaves.is_empty() {
-        return None;
-    }
-    Some(leaves_hash(id, state))
+/// The hash verification compares for one id; `None` if it counts as absent (every
+/// scope's record absent: no leaf, or only a tombstone). An id in one scope hashes as
+/// before scoped identity; several scopes' hashes are XORed.
+pub fn verify_hash(id: &Uuid, state: &IdState) -> Option<u128> {
+    state
+        .parts()
+        .iter()
+        .filter(|p| !(p.leaves.len() == 1 && p.leaves[0].is_tombstone() || p.leaves.is_empty()))
+        .map(|p| part_hash(id, p))
+        .reduce(|a, b| a ^ b)
 }
 
-/// A record's leaves hashed, a record whose only leaf is a tombstone included (what
-/// anti-entropy's deep rounds compare: a delete one node lacks shows).
-pub(super) fn leaves_hash(id: &Uuid, state: &RecordState) -> u128 {
+/// An id's leaves hashed, a record whose only leaf is a tombstone included (what
+/// anti-entropy's deep rounds compare: a delete one node lacks shows); `None` without
+/// leaves.
+pub(super) fn leaves_hash(id: &Uuid, state: &IdState) -> Option<u128> {
+    state
+        .parts()
+        .iter()
+        .filter(|p| !p.leaves.is_empty())
+        .map(|p| part_hash(id, p))
+        .reduce(|a, b| a ^ b)
+}
+
+/// One scope's record's leaves hashed.
+fn part_hash(id: &Uuid, state: &RecordState) -> u128 {
     let mut h = Xxh3::new();
     h.update(id.as_bytes());
     for leaf in &state.leaves {
@@ -191,10 +212,6 @@ pub(super) fn leaves_hash(id: &Uuid, state: &RecordState) -> u128 {
         }
     }
     h.digest128()
-}
-
-pub(super) fn in_scopes(scopes: &[Scope], state: &RecordState) -> bool {
-    scopes.is_empty() || state.winner().is_some_and(|w| scopes.contains(&w.scope))
 }
 
 impl Store {
@@ -227,7 +244,7 @@ impl Store {
     pub fn merge_records(
         &self,
         entity: &EntityName,
-        records: Vec<(Uuid, RecordState)>,
+        records: Vec<(Uuid, IdState)>,
     ) -> Result<MergeReport, StorageError> {
         let txn = self.begin_write()?;
         let mut clock = self.clock();
@@ -246,7 +263,7 @@ impl Store {
                     report.refused.push((id, why));
                 };
                 if let Err(reason) =
-                    merge::check_state(entity, id, &incoming, clock.wall_ms(), &limits)
+                    merge::check_id_state(entity, id, &incoming, clock.wall_ms(), &limits)
                 {
                     refuse(reason.to_string());
                     continue;
@@ -258,17 +275,17 @@ impl Store {
                 let mut state = loaded.unwrap_or_default();
                 let before = Before::of(&id, &state);
                 let old = state.clone();
-                for leaf in &incoming.leaves {
+                for leaf in incoming.leaves() {
                     clock.observe(leaf.version.hlc);
                 }
-                let absent = state == RecordState::default();
+                let absent = state.is_empty();
                 // A leaf both sides hold with different contents is an equivocation, decided
                 // by the same rule as applying its events (this node's own version too: if
                 // the rule drops what this node held, it re-issues it below).
                 state.merge_state_above_noting(incoming, tx.horizon(entity)?, &mut seen);
                 for eq in seen.drain(..) {
                     let own =
-                        eq.dropped.version.node == self.node && old.leaves.contains(&eq.dropped);
+                        eq.dropped.version.node == self.node && old.leaves().any(|l| l == &eq.dropped);
                     warn_equivocation(entity, id, &eq, own);
                     report.equivocations += 1;
                     if own {
@@ -280,14 +297,14 @@ impl Store {
                 }
                 // Nothing but versions older than the horizon: a compacted record's old
                 // state (a stale snapshot, say), not to be started over.
-                if absent && state.leaves.is_empty() && !damaged_now {
+                if absent && state.is_empty() && !damaged_now {
                     continue;
                 }
                 // An own version still queued that the other side superseded keeps its
                 // event, as when a local write supersedes it.
-                for leaf in old.leaves.iter().filter(|l| {
+                for leaf in old.leaves().filter(|l| {
                     l.version.node == self.node
-                        && !state.leaves.iter().any(|n| n.version == l.version)
+                        && !state.leaves().any(|n| n.version == l.version)
                 }) {
                     keep_queued(&outbox, &mut unpublished, entity, id, leaf)?;
                 }
@@ -345,7 +362,7 @@ impl Store {
         let txn = self.read()?;
         let horizons_table = txn.open_table(HORIZONS)?;
         let mut horizons: HashMap<EntityName, u64> = HashMap::new();
-        let mut states: HashMap<(EntityName, Uuid), RecordState> = HashMap::new();
+        let mut states: HashMap<(EntityName, Uuid), IdState> = HashMap::new();
         let mut out = Vec::new();
         for (seq, ev) in events {
             let horizon = match horizons.get(&ev.entity) {
@@ -370,7 +387,7 @@ impl Store {
                     v.insert(loaded.unwrap_or_default())
                 }
             };
-            if state.apply_above(ev, horizon) == merge::Merge::Applied {
+            if state.apply_above_noting(ev, horizon, &mut Vec::new()) == merge::Merge::Applied {
                 out.push(seq);
             }
         }
@@ -411,11 +428,9 @@ impl Store {
             let id = Uuid::from_u128(k.value());
             match decode_state(entity, &id, v.value()) {
                 Ok(state) => {
-                    if !in_scopes(scopes, &state) {
-                        continue;
-                    }
-                    let h = if tombstones && !state.leaves.is_empty() {
-                        Some(leaves_hash(&id, &state))
+                    let state = state.project(scopes);
+                    let h = if tombstones {
+                        leaves_hash(&id, &state)
                     } else {
                         verify_hash(&id, &state)
                     };
@@ -522,9 +537,8 @@ impl Store {
             }
             match decode_state(entity, &id, v.value()) {
                 Ok(state) => {
-                    if in_scopes(scopes, &state)
-                        && (tombstones || verify_hash(&id, &state).is_some())
-                    {
+                    let state = state.project(scopes);
+                    if !state.is_empty() && (tombstones || verify_hash(&id, &state).is_some()) {
                         items.push((id, RecordSlot::State(state)));
                     }
                 }

@@ -118,8 +118,7 @@ impl Store {
             // `msgid`), so every attempt must publish the same ones: a leaf's event encodes
             // the same each time, and a kept copy is that encoding, sent as is.
             let leaf = state.as_ref().and_then(|s| {
-                s.leaves
-                    .iter()
+                s.leaves()
                     .find(|l| l.version == version && l.origin_seq == seq)
             });
             let kept = if any_kept {

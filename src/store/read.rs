@@ -9,18 +9,29 @@ use super::format::{
     CONFLICTS, DIGESTS, K_CHECKPOINT, META, RECORDS_PREFIX, open_records_read, read_u64,
 };
 use super::{ConflictSet, Page, Record, Store};
-use crate::digest::{Digest, bucket_of, leaf_hash};
+use crate::digest::{Digest, bucket_of};
 use crate::error::StorageError;
 use crate::ids::EntityName;
-use crate::merge::RecordState;
+use crate::ids::Scope;
+use crate::merge::{IdState, RecordState};
+use super::tx::live_hash;
 
 impl Store {
-    /// The full merge state of a record (winner, conflicts, per-origin summary), if any.
+    /// The merge state of the record `id` names without a scope (winner, conflicts,
+    /// per-origin summary), if any: its only scope's, or, for an id held in several
+    /// scopes, the primary one's ([`IdState::primary`]).
     pub fn state(
         &self,
         entity: &EntityName,
         id: Uuid,
     ) -> Result<Option<RecordState>, StorageError> {
+        Ok(self
+            .id_state(entity, id)?
+            .and_then(|s| s.primary().cloned()))
+    }
+
+    /// Everything held under `id`: the state of its record in each scope.
+    pub fn id_state(&self, entity: &EntityName, id: Uuid) -> Result<Option<IdState>, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
             return Ok(None);
@@ -31,11 +42,24 @@ impl Store {
             .transpose()
     }
 
-    /// The live record, `None` if it does not exist or its winner is a tombstone.
+    /// The live record `id` names without a scope (see [`Store::state`]), `None` if it
+    /// does not exist or its winner is a tombstone.
     pub fn get(&self, entity: &EntityName, id: Uuid) -> Result<Option<Record>, StorageError> {
         Ok(self
             .state(entity, id)?
             .and_then(|s| to_record(entity, id, &s)))
+    }
+
+    /// The live record `(entity, scope, id)`.
+    pub fn get_in(
+        &self,
+        entity: &EntityName,
+        scope: &Scope,
+        id: Uuid,
+    ) -> Result<Option<Record>, StorageError> {
+        Ok(self
+            .id_state(entity, id)?
+            .and_then(|s| s.part(scope).and_then(|p| to_record(entity, id, p))))
     }
 
     /// Live records of `entity` in id order, after `after`, at most `limit`.
@@ -58,13 +82,12 @@ impl Store {
         for row in table.range(start..)? {
             let (k, v) = row?;
             let id = Uuid::from_u128(k.value());
-            if items.len() == limit {
+            if items.len() >= limit {
                 next = items.last().map(|r: &Record| r.id);
                 break;
             }
-            if let Some(rec) = to_record(entity, id, &decode_state(entity, &id, v.value())?) {
-                items.push(rec);
-            }
+            let state = decode_state(entity, &id, v.value())?;
+            items.extend(state.parts().iter().filter_map(|p| to_record(entity, id, p)));
         }
         Ok(Page { items, next })
     }
@@ -76,7 +99,7 @@ impl Store {
         entity: &EntityName,
         after: Option<Uuid>,
         limit: usize,
-    ) -> Result<Page<(Uuid, RecordState)>, StorageError> {
+    ) -> Result<Page<(Uuid, IdState)>, StorageError> {
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
             return Ok(Page::empty());
@@ -92,7 +115,7 @@ impl Store {
             let (k, v) = row?;
             let id = Uuid::from_u128(k.value());
             if items.len() == limit {
-                next = items.last().map(|(id, _): &(Uuid, RecordState)| *id);
+                next = items.last().map(|(id, _): &(Uuid, IdState)| *id);
                 break;
             }
             items.push((id, decode_state(entity, &id, v.value())?));
@@ -129,7 +152,7 @@ impl Store {
         let mut next = None;
         for row in index.range((entity.as_str(), start)..=(entity.as_str(), u128::MAX))? {
             let id = Uuid::from_u128(row?.0.value().1);
-            if items.len() == limit {
+            if items.len() >= limit {
                 next = items.last().map(|c: &ConflictSet| c.id);
                 break;
             }
@@ -140,11 +163,17 @@ impl Store {
                 });
             };
             let state = decode_state(entity, &id, bytes.value())?;
-            items.push(ConflictSet {
-                entity: entity.clone(),
-                id,
-                leaves: state.leaves,
-            });
+            items.extend(
+                state
+                    .parts()
+                    .iter()
+                    .filter(|p| p.leaves.len() > 1)
+                    .map(|p| ConflictSet {
+                        entity: entity.clone(),
+                        id,
+                        leaves: p.leaves.clone(),
+                    }),
+            );
         }
         Ok(Page { items, next })
     }
@@ -196,8 +225,9 @@ impl Store {
             if bucket_of(&id) != bucket {
                 continue;
             }
-            if let Some(leaf) = decode_state(entity, &id, v.value())?.live() {
-                out.push((id, leaf_hash(&id, leaf)));
+            let hash = live_hash(&id, &decode_state(entity, &id, v.value())?);
+            if hash != 0 {
+                out.push((id, hash));
             }
         }
         Ok(out)

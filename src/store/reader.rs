@@ -20,7 +20,7 @@ use crate::digest::Digest;
 use crate::error::StorageError;
 use crate::event::EventLimits;
 use crate::ids::{EntityName, NodeId, Scope};
-use crate::merge::RecordState;
+use crate::merge::{IdState, RecordState};
 
 /// Read-only access to a running node's store (cheap to clone). Each call is a blocking
 /// redb read: from async code run it on `spawn_blocking`, or use the handle's async
@@ -69,12 +69,16 @@ reads! {
     fn config(&self) -> &StoreConfig;
     /// The live record, `None` if it does not exist or is deleted.
     fn get(&self, entity: &EntityName, id: Uuid) -> Result<Option<Record>, StorageError>;
-    /// The full merge state of a record.
+    /// The live record `(entity, scope, id)`.
+    fn get_in(&self, entity: &EntityName, scope: &Scope, id: Uuid) -> Result<Option<Record>, StorageError>;
+    /// The merge state of the record an id names without a scope.
     fn state(&self, entity: &EntityName, id: Uuid) -> Result<Option<RecordState>, StorageError>;
+    /// The state of every record (one per scope) held under an id.
+    fn id_state(&self, entity: &EntityName, id: Uuid) -> Result<Option<IdState>, StorageError>;
     /// A page of live records in id order.
     fn list(&self, entity: &EntityName, after: Option<Uuid>, limit: usize) -> Result<Page<Record>, StorageError>;
     /// A page of raw merge states (tombstones included) in id order.
-    fn scan(&self, entity: &EntityName, after: Option<Uuid>, limit: usize) -> Result<Page<(Uuid, RecordState)>, StorageError>;
+    fn scan(&self, entity: &EntityName, after: Option<Uuid>, limit: usize) -> Result<Page<(Uuid, IdState)>, StorageError>;
     /// A page of records with conflicts.
     fn conflicts(&self, entity: &EntityName, after: Option<Uuid>, limit: usize) -> Result<Page<ConflictSet>, StorageError>;
     /// How many records of `entity` keep conflicts, counting at most `cap`.

@@ -72,7 +72,7 @@ impl Store {
                     saved,
                     state
                         .as_ref()
-                        .and_then(|s| s.leaves.iter().find(|l| l.version == version)),
+                        .and_then(|s| s.leaves().find(|l| l.version == version)),
                 ) {
                     (Some(saved), _) => Some(saved),
                     (None, Some(leaf)) => Some(leaf_event(&entity, id, leaf)?.encode()),

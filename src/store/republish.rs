@@ -26,7 +26,7 @@ use super::codec::{decode_state, encode_outbox_republish};
 use super::format::{OUTBOX, records_def, records_table_name};
 use crate::error::StorageError;
 use crate::ids::EntityName;
-use crate::merge::RecordState;
+use crate::merge::IdState;
 
 impl Store {
     /// Queues again, for publishing as this node's own events, its versions that `peer`
@@ -37,7 +37,7 @@ impl Store {
     pub fn republish_lacking(
         &self,
         entity: &EntityName,
-        peer: &[(Uuid, RecordState)],
+        peer: &[(Uuid, IdState)],
     ) -> Result<usize, StorageError> {
         // Nothing of this node's to look at: no write transaction.
         if peer.is_empty() {
@@ -56,23 +56,24 @@ impl Store {
                 let Ok(ours) = decode_state(entity, id, &bytes) else {
                     continue;
                 };
-                let Some(leaf) = ours.leaves.iter().find(|l| l.version.node == self.node) else {
-                    continue;
-                };
-                if theirs
-                    .watermark(&self.node)
-                    .is_some_and(|w| *w >= leaf.version)
-                    || outbox.get(leaf.origin_seq)?.is_some()
-                {
-                    continue;
-                }
+                // Per scope: each of the id's records is its own.
+                for leaf in ours.leaves().filter(|l| l.version.node == self.node) {
+                    if theirs
+                        .part(&leaf.scope)
+                        .and_then(|p| p.watermark(&self.node))
+                        .is_some_and(|w| *w >= leaf.version)
+                        || outbox.get(leaf.origin_seq)?.is_some()
+                    {
+                        continue;
+                    }
                 let nonce = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
                 outbox.insert(
                     leaf.origin_seq,
                     encode_outbox_republish(entity, id, leaf.version.hlc, nonce).as_slice(),
                 )?;
-                tracing::info!(%entity, %id, version = %leaf.version, origin_seq = leaf.origin_seq, "own version a peer lacked queued for publishing again");
-                queued += 1;
+                    tracing::info!(%entity, %id, version = %leaf.version, origin_seq = leaf.origin_seq, "own version a peer lacked queued for publishing again");
+                    queued += 1;
+                }
             }
         }
         if queued == 0 {
@@ -105,12 +106,12 @@ mod tests {
             .unwrap();
         let state_b = store.state(&orders, b).unwrap().unwrap();
         // The peer holds b, not a; a state naming another origin only covers nothing.
-        let mut other = RecordState::default();
+        let mut other = crate::merge::RecordState::default();
         other.origins.push(crate::clock::Version::new(
             state_b.leaves[0].version.hlc,
             NodeId::new("zz").unwrap(),
         ));
-        let peer = vec![(a, other), (b, state_b)];
+        let peer = vec![(a, other.into()), (b, state_b.into())];
         assert_eq!(store.republish_lacking(&orders, &peer).unwrap(), 1);
         // Queued already: not twice.
         assert_eq!(store.republish_lacking(&orders, &peer).unwrap(), 0);

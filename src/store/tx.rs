@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Change;
-use super::codec::{checked_body, decode_digest, decode_state, encode_postcard, encode_state};
+use super::codec::{
+    checked_body, decode_digest, decode_state, decode_state_body, encode_postcard, encode_state,
+};
 use super::format::{
     CONFLICTS, DAMAGED, DIGESTS, HORIZONS, RecordTable, records_def, records_table_name,
 };
@@ -16,8 +18,8 @@ use crate::clock::{Version, WallClock};
 use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
 use crate::error::StorageError;
 use crate::event::ChangeEvent;
-use crate::ids::EntityName;
-use crate::merge::{Equivocation, Merge, RecordState};
+use crate::ids::{EntityName, Scope};
+use crate::merge::{Equivocation, IdState, Merge, RecordState};
 
 /// The record tables, conflict index and digest deltas of one write transaction.
 pub(super) struct Tx<'t> {
@@ -36,19 +38,55 @@ pub(super) struct Tx<'t> {
     horizons: HashMap<EntityName, u64>,
 }
 
-/// What a record contributed before a change: enough to update digest and conflict index.
+/// What an id's records contributed before a change: enough to update digest and
+/// conflict index and to say which records changed.
 pub(super) struct Before {
-    hash: Option<u128>,
-    winner: Option<Version>,
+    hash: u128,
+    conflicted: bool,
+    parts: Vec<PartView>,
+}
+
+/// What one scope's record shows: its scope, winner, leaf count and live hash.
+#[derive(PartialEq)]
+struct PartView {
+    scope: Scope,
+    winner: Version,
     leaves: usize,
+    hash: Option<u128>,
+}
+
+impl PartView {
+    fn of(id: &Uuid, part: &RecordState) -> Option<Self> {
+        let winner = part.winner()?;
+        Some(PartView {
+            scope: winner.scope.clone(),
+            winner: winner.version.clone(),
+            leaves: part.leaves.len(),
+            hash: part.live().map(|l| leaf_hash(id, l)),
+        })
+    }
+}
+
+/// The id's contribution to its entity's live digest: the XOR of each scope's live
+/// winner's hash (0: nothing live).
+pub(super) fn live_hash(id: &Uuid, state: &IdState) -> u128 {
+    state
+        .parts()
+        .iter()
+        .filter_map(|p| p.live())
+        .fold(0, |h, l| h ^ leaf_hash(id, l))
 }
 
 impl Before {
-    pub(super) fn of(id: &Uuid, state: &RecordState) -> Self {
+    pub(super) fn of(id: &Uuid, state: &IdState) -> Self {
         Before {
-            hash: state.live().map(|l| leaf_hash(id, l)),
-            winner: state.winner().map(|l| l.version.clone()),
-            leaves: state.leaves.len(),
+            hash: live_hash(id, state),
+            conflicted: state.has_conflicts(),
+            parts: state
+                .parts()
+                .iter()
+                .filter_map(|p| PartView::of(id, p))
+                .collect(),
         }
     }
 }
@@ -109,7 +147,7 @@ impl<'t> Tx<'t> {
         &mut self,
         entity: &EntityName,
         id: &Uuid,
-    ) -> Result<Option<RecordState>, StorageError> {
+    ) -> Result<Option<IdState>, StorageError> {
         let table = self.table(entity)?;
         let Some(bytes) = table.get(id.as_u128())?.map(|g| g.value().to_vec()) else {
             return Ok(None);
@@ -143,7 +181,7 @@ impl<'t> Tx<'t> {
     /// its conflict-index and digest updates; an equivocation met is added to `seen`.
     pub(super) fn merge(
         &mut self,
-        mut state: RecordState,
+        mut state: IdState,
         ev: ChangeEvent,
         seen: &mut Vec<Equivocation>,
     ) -> Result<Merge, StorageError> {
@@ -164,34 +202,37 @@ impl<'t> Tx<'t> {
         entity: &EntityName,
         id: Uuid,
         before: Before,
-        state: &RecordState,
+        state: &IdState,
     ) -> Result<(), StorageError> {
-        let after_hash = state.live().map(|l| leaf_hash(&id, l));
+        let after_hash = live_hash(&id, state);
         if before.hash != after_hash {
             let delta = self.digest_delta.entry(entity.clone()).or_default();
-            let bucket = bucket_of(&id);
-            for h in [before.hash, after_hash].into_iter().flatten() {
-                delta.xor(bucket, h);
-            }
+            delta.xor(bucket_of(&id), before.hash ^ after_hash);
         }
-        let after_leaves = state.leaves.len();
-        if (before.leaves > 1) != (after_leaves > 1) {
+        let conflicted = state.has_conflicts();
+        if before.conflicted != conflicted {
             let key = (entity.as_str(), id.as_u128());
-            if after_leaves > 1 {
+            if conflicted {
                 self.conflicts.insert(key, ())?;
             } else {
                 self.conflicts.remove(key)?;
             }
         }
-        let winner = state.winner().map(|l| l.version.clone());
         // The hash too: an equivocation can change the winner's content, not its version.
-        if winner != before.winner || before.leaves != after_leaves || before.hash != after_hash {
+        for part in state.parts() {
+            let Some(after) = PartView::of(&id, part) else {
+                continue;
+            };
+            if before.parts.contains(&after) {
+                continue;
+            }
             self.changes.push(Change {
                 entity: entity.clone(),
                 id,
-                deleted: state.live().is_none(),
-                winner,
-                conflicts: after_leaves.saturating_sub(1),
+                scope: after.scope,
+                deleted: after.hash.is_none(),
+                winner: Some(after.winner),
+                conflicts: after.leaves.saturating_sub(1),
             });
         }
         let bytes = encode_state(state)?;
@@ -256,12 +297,10 @@ fn digest_of(table: &impl ReadableTable<u128, &'static [u8]>) -> Result<Digest, 
         let Some(body) = checked_body(v.value()) else {
             continue;
         };
-        let Ok(state) = postcard::from_bytes::<RecordState>(body) else {
+        let Ok(state) = decode_state_body(body) else {
             continue;
         };
-        if let Some(leaf) = state.live() {
-            digest.xor(bucket_of(&id), leaf_hash(&id, leaf));
-        }
+        digest.xor(bucket_of(&id), live_hash(&id, &state));
     }
     Ok(digest)
 }

@@ -227,6 +227,8 @@ pub struct Change {
     pub entity: EntityName,
     /// The record's id.
     pub id: Uuid,
+    /// The record's scope (with entity and id, its identity).
+    pub scope: Scope,
     /// The winner after the change.
     pub winner: Option<Version>,
     /// Whether the winner after the change is a tombstone (or there is none).

@@ -19,13 +19,15 @@ use crate::clock::{HlcClock, Version};
 use crate::error::{StorageError, WriteError};
 use crate::event::{ChangeEvent, ENVELOPE_VERSION, Op};
 use crate::ids::{EntityName, Scope};
-use crate::merge::{Leaf, Merge, RecordState};
+use crate::merge::{IdState, Leaf, Merge, RecordState};
 
 /// One write checked and stamped by [`Store::plan`]: its record before and after it, and
 /// what the caller gets back.
 struct Planned {
-    before: RecordState,
-    after: RecordState,
+    before: IdState,
+    after: IdState,
+    /// The scope of the record written (with entity and id, its identity).
+    scope: Scope,
     written: Written,
 }
 
@@ -266,12 +268,8 @@ impl Store {
         } = &p.written;
         // The new version supersedes every own leaf (its origin's earlier versions): those
         // still queued keep their events.
-        for leaf in p
-            .before
-            .leaves
-            .iter()
-            .filter(|l| l.version.node == self.node)
-        {
+        let before = p.before.part(&p.scope).map_or(&[][..], |s| &s.leaves);
+        for leaf in before.iter().filter(|l| l.version.node == self.node) {
             keep_queued(outbox, unpublished, entity, *id, leaf)?;
         }
         outbox.insert(
@@ -357,14 +355,19 @@ impl Store {
         let mut planned: Vec<Planned> = Vec::with_capacity(writes.len());
         for (w, doc) in writes {
             let key = (w.entity.clone(), w.id);
-            let state = match overlay.get(&key) {
+            let whole = match overlay.get(&key) {
                 Some(&i) => planned[i].after.clone(),
                 None => tx.load(&w.entity, &w.id)?.unwrap_or_default(),
             };
-            let scope = match check_write(&w, &state) {
+            let scope = match target_scope(&w, &whole) {
                 Ok(scope) => scope,
                 Err(e) => return Ok(Err(e)),
             };
+            let empty = RecordState::default();
+            let state = whole.part(&scope).unwrap_or(&empty);
+            if let Err(e) = check_write(&w, state) {
+                return Ok(Err(e));
+            }
             origin_seq += 1;
             // Past every version this write supersedes, even one observing could not
             // move the clock to (beyond the drift limit of this node's wall clock).
@@ -384,7 +387,7 @@ impl Store {
                 v: ENVELOPE_VERSION,
                 op: if doc.is_some() { Op::Put } else { Op::Delete },
                 entity: w.entity,
-                scope,
+                scope: scope.clone(),
                 id: w.id,
                 origin: self.node.clone(),
                 origin_seq,
@@ -402,10 +405,11 @@ impl Store {
                 version,
                 origin_seq,
             };
-            let mut after = state.clone();
+            let mut after = whole.clone();
             // A stamp is new by construction; should a clock fault ever repeat one, the
             // write would vanish as a duplicate: refuse it instead of returning Ok.
-            if after.apply_above(ev, tx.horizon(&written.entity)?) == Merge::Duplicate {
+            let horizon = tx.horizon(&written.entity)?;
+            if after.apply_above_noting(ev, horizon, &mut Vec::new()) == Merge::Duplicate {
                 return Ok(Err(WriteError::NotApplied {
                     entity: written.entity,
                     id: written.id,
@@ -414,8 +418,9 @@ impl Store {
             }
             overlay.insert(key, planned.len());
             planned.push(Planned {
-                before: state,
+                before: whole,
                 after,
+                scope,
                 written,
             });
         }
@@ -446,8 +451,28 @@ impl Store {
     }
 }
 
-/// Checks a write's preconditions against the record's state; returns the record's scope.
-fn check_write(w: &Write, state: &RecordState) -> Result<Scope, WriteError> {
+/// The scope of the record a write means: the one it names, else the record its id
+/// names without a scope ([`IdState::primary`]), else `_`. A write naming a scope the id
+/// is not held in, while the id is held in another, is refused: ids are meant to be
+/// unique, and the record it would create is another record than the one held.
+fn target_scope(w: &Write, state: &IdState) -> Result<Scope, WriteError> {
+    let primary = state.primary().and_then(|p| p.winner()).map(|l| &l.scope);
+    match (&w.scope, primary) {
+        (Some(s), _) if state.part(s).is_some() => Ok(s.clone()),
+        (Some(s), Some(current)) => Err(WriteError::ScopeMismatch {
+            entity: w.entity.clone(),
+            id: w.id,
+            current: current.to_string(),
+            requested: s.to_string(),
+        }),
+        (Some(s), None) => Ok(s.clone()),
+        (None, Some(current)) => Ok(current.clone()),
+        (None, None) => Ok(Scope::default()),
+    }
+}
+
+/// Checks a write's preconditions against the state of the record it writes.
+fn check_write(w: &Write, state: &RecordState) -> Result<(), WriteError> {
     let live = state.live();
     let ok = match &w.expect {
         Expect::Any => true,
@@ -478,14 +503,5 @@ fn check_write(w: &Write, state: &RecordState) -> Result<Scope, WriteError> {
             version: unknown.clone(),
         });
     }
-    match (state.winner(), &w.scope) {
-        (Some(l), Some(s)) if &l.scope != s => Err(WriteError::ScopeMismatch {
-            entity: w.entity.clone(),
-            id: w.id,
-            current: l.scope.to_string(),
-            requested: s.to_string(),
-        }),
-        (Some(l), _) => Ok(l.scope.clone()),
-        (None, s) => Ok(s.clone().unwrap_or_default()),
-    }
+    Ok(())
 }

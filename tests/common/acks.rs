@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use jetsync::merge::RecordState;
+use jetsync::merge::{IdState, RecordState};
 use jetsync::store::Written;
 use jetsync::{EntityName, Store, Version};
 use uuid::Uuid;
@@ -41,21 +41,21 @@ impl Ack {
 }
 
 /// Every record state of `entities` in a store.
-pub type States = BTreeMap<(EntityName, Uuid), RecordState>;
+pub type States = BTreeMap<(EntityName, Uuid), IdState>;
 
 /// A store file or a running node's read-only view of one.
 pub trait Scan {
-    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)>;
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, IdState)>;
 }
 
 impl Scan for Store {
-    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)> {
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, IdState)> {
         self.scan(e, None, usize::MAX).expect("scan").items
     }
 }
 
 impl Scan for jetsync::store::StoreReader {
-    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, RecordState)> {
+    fn scan_all(&self, e: &EntityName) -> Vec<(Uuid, IdState)> {
         self.scan(e, None, usize::MAX).expect("scan").items
     }
 }
@@ -121,6 +121,11 @@ pub fn check(acks: &[Ack], nodes: &[(String, States)]) -> Verdict {
                 v.lost.push(format!("{} (no record on {name})", a.show()));
                 continue;
             };
+            // The record (scope) that saw the write.
+            let Some(state) = state.parts().iter().find(|p| p.has_seen(&a.version)) else {
+                v.lost.push(format!("{} (not seen by {name})", a.show()));
+                continue;
+            };
             let winner = state.winner().expect("a record has a winner");
             let as_leaf = state.leaves.iter().position(|l| l.version == a.version);
             let named = state.has_seen(&a.version);
@@ -150,11 +155,19 @@ pub fn check(acks: &[Ack], nodes: &[(String, States)]) -> Verdict {
     v
 }
 
-/// A record's leaves, origins and pending names, short.
-pub fn describe(state: Option<&RecordState>) -> String {
+/// An id's records' leaves, origins and pending names, short.
+pub fn describe(state: Option<&IdState>) -> String {
     let Some(s) = state else {
         return "absent".into();
     };
+    s.parts()
+        .iter()
+        .map(describe_record)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_record(s: &RecordState) -> String {
     let leaves: Vec<String> = s
         .leaves
         .iter()

@@ -514,7 +514,7 @@ const lj = (l: Leaf) => ({ ...l, version: vj(l.version), base: l.base && vj(l.ba
 
 export class ReadModel {
   checkpoint = 0;
-  records = new Map<string, RecordState>(); // "<entity> <id>"
+  records = new Map<string, RecordState>(); // "<entity> <id> <scope>": a record is (entity, scope, id)
   quarantined: { seq: number; subject: string; reason: string }[] = [];
 
   constructor(public path: string | null, public limits: Limits) {
@@ -532,7 +532,7 @@ export class ReadModel {
     let out: Event | Refused;
     try {
       const ev = decode(subject, body, streamTimeMs, this.limits);
-      const key = `${ev.entity} ${ev.id}`;
+      const key = `${ev.entity} ${ev.id} ${ev.scope}`;
       const r = this.records.get(key) ?? new RecordState();
       r.apply(ev);
       this.records.set(key, r);
@@ -553,8 +553,8 @@ export class ReadModel {
     renameSync(tmp, this.path); // atomic: the old file or the new one, never half
   }
 
-  record(entity: string, id: string) {
-    const r = this.records.get(`${entity} ${id}`);
+  record(entity: string, scope: string, id: string) {
+    const r = this.records.get(`${entity} ${id} ${scope}`);
     if (!r || !r.leaves.length) return null;
     const w = r.leaves[0];
     return {
@@ -618,7 +618,7 @@ function runVectors(dir: string): boolean {
         else if (want.doc_bytes !== undefined && got && Buffer.byteLength(got.doc ?? "", "utf8") !== want.doc_bytes) errors.push(`message ${m.stream_seq}: doc size`);
       }
       for (const want of c.records) {
-        const got = model.record(want.entity, want.id);
+        const got = model.record(want.entity, want.scope, want.id);
         if (canonical(got) !== canonical(want)) errors.push(`record ${want.entity}/${want.id}: got ${canonical(got)}, expected ${canonical(want)}`);
       }
       if (model.records.size !== c.records.length) errors.push("records the vector does not expect");
@@ -649,8 +649,8 @@ async function main(argv: string[]): Promise<number> {
   if (argv[0] === "dump" && argv[1]) {
     const model = new ReadModel(argv[1], { prefix: "", max_doc_bytes: 0, max_clock_drift_ms: 0 });
     for (const k of [...model.records.keys()].sort()) {
-      const [entity, id] = k.split(" ");
-      console.log(canonical(model.record(entity, id)));
+      const [entity, id, scope] = k.split(" ");
+      console.log(canonical(model.record(entity, scope, id)));
     }
     return 0;
   }
