@@ -417,7 +417,9 @@ fn merging_states_equals_applying_the_union_of_events() {
         l.deliver_events(&left.into_iter().cloned().collect::<Vec<_>>());
         r.deliver_events(&right.into_iter().cloned().collect::<Vec<_>>());
         let state = r.store.state(&orders, id).unwrap().unwrap();
-        l.store.merge_records(&orders, vec![(id, state.into())]).unwrap();
+        l.store
+            .merge_records(&orders, vec![(id, state.into())])
+            .unwrap();
         assert_eq!(
             l.store.state(&orders, id).unwrap(),
             all.store.state(&orders, id).unwrap()

@@ -787,7 +787,9 @@ fn compacted_deletes_stay_deleted_whatever_way_old_versions_come_back() {
     );
     // Old versions still do not come back, now as conflicts of the new record either.
     a.deliver_outbox(&gone_events[..5]);
-    a.store.merge_records(&e, vec![(gone, old_state.into())]).unwrap();
+    a.store
+        .merge_records(&e, vec![(gone, old_state.into())])
+        .unwrap();
     let state = a.store.state(&e, gone).unwrap().unwrap();
     assert_eq!(state.leaves.len(), 1, "{state:?}");
     assert_eq!(

@@ -99,8 +99,7 @@ async fn states_in_buckets(
 pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, RemoteError> {
     let store = node.store_full().clone();
     let entity = req.entity()?;
-    let states: Vec<(Uuid, IdState)> =
-        req.states.into_iter().map(|e| (e.id, e.state)).collect();
+    let states: Vec<(Uuid, IdState)> = req.states.into_iter().map(|e| (e.id, e.state)).collect();
     // Kept to compare after the merge: this node republishes its own versions the peer
     // lacked, so the stream learns the repair (see `store::republish`).
     let peer = states.clone();

@@ -100,7 +100,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             target,
         } => {
             let c = client(&target.conn).await?;
-            let body = json!({"entity": entity, "id": id, "if_version": if_version, "scope": scope});
+            let body =
+                json!({"entity": entity, "id": id, "if_version": if_version, "scope": scope});
             (target.conn, c.call(&target.node, "delete", body).await?)
         }
         Command::List {
@@ -144,8 +145,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 _ => anyhow::bail!("give either DOC or --delete"),
             };
             let c = client(&target.conn).await?;
-            let body =
-                json!({"entity": entity, "id": id, "doc": doc, "versions": versions, "scope": scope});
+            let body = json!({"entity": entity, "id": id, "doc": doc, "versions": versions, "scope": scope});
             (target.conn, c.call(&target.node, "resolve", body).await?)
         }
         Command::Status { target } => {

@@ -644,7 +644,10 @@ fn a_state_written_before_scoped_identity_is_split_by_scope() {
     let under = split.part(&under).unwrap();
     assert_eq!(under.leaves.len(), 2);
     assert_eq!(under.winner().unwrap().version, v(3, "c"));
-    assert_eq!(split.part(&zz).unwrap().winner().unwrap().version, v(2, "b"));
+    assert_eq!(
+        split.part(&zz).unwrap().winner().unwrap().version,
+        v(2, "b")
+    );
     for part in split.parts() {
         assert_eq!(check_shape(part), Ok(()));
     }

@@ -129,10 +129,7 @@ impl Store {
                         // What this node holds under its own version, should another
                         // content of that version come (an equivocation).
                         let own_held = if ev.version.node == self.node {
-                            leaves
-                                .iter()
-                                .find(|l| l.version == ev.version)
-                                .cloned()
+                            leaves.iter().find(|l| l.version == ev.version).cloned()
                         } else {
                             None
                         };

@@ -540,7 +540,12 @@ impl Store {
             let id = Uuid::from_u128(k.value());
             last = Some(id);
             if let Ok(state) = decode_state(entity, &id, v.value()) {
-                out.extend(state.parts().iter().filter_map(|p| Some((id, LiveRow::of(p)?))));
+                out.extend(
+                    state
+                        .parts()
+                        .iter()
+                        .filter_map(|p| Some((id, LiveRow::of(p)?))),
+                );
             }
         }
         let next = if more { last } else { None };

@@ -230,10 +230,7 @@ mod tests {
         };
         let bytes = encode_state(&IdState::from(one.clone())).unwrap();
         // Byte for byte what a store wrote before scoped identity.
-        assert_eq!(
-            bytes,
-            append_checksum(postcard::to_stdvec(&one).unwrap())
-        );
+        assert_eq!(bytes, append_checksum(postcard::to_stdvec(&one).unwrap()));
         let other = RecordState {
             leaves: vec![leaf(2, "zz")],
             origins: vec![leaf(2, "zz").version],

@@ -284,8 +284,8 @@ impl Store {
                 // the rule drops what this node held, it re-issues it below).
                 state.merge_state_above_noting(incoming, tx.horizon(entity)?, &mut seen);
                 for eq in seen.drain(..) {
-                    let own =
-                        eq.dropped.version.node == self.node && old.leaves().any(|l| l == &eq.dropped);
+                    let own = eq.dropped.version.node == self.node
+                        && old.leaves().any(|l| l == &eq.dropped);
                     warn_equivocation(entity, id, &eq, own);
                     report.equivocations += 1;
                     if own {
@@ -303,8 +303,7 @@ impl Store {
                 // An own version still queued that the other side superseded keeps its
                 // event, as when a local write supersedes it.
                 for leaf in old.leaves().filter(|l| {
-                    l.version.node == self.node
-                        && !state.leaves().any(|n| n.version == l.version)
+                    l.version.node == self.node && !state.leaves().any(|n| n.version == l.version)
                 }) {
                     keep_queued(&outbox, &mut unpublished, entity, id, leaf)?;
                 }

@@ -8,13 +8,13 @@ use super::codec::{decode_digest, decode_state};
 use super::format::{
     CONFLICTS, DIGESTS, K_CHECKPOINT, META, RECORDS_PREFIX, open_records_read, read_u64,
 };
+use super::tx::live_hash;
 use super::{ConflictSet, Page, Record, Store};
 use crate::digest::{Digest, bucket_of};
 use crate::error::StorageError;
 use crate::ids::EntityName;
 use crate::ids::Scope;
 use crate::merge::{IdState, RecordState};
-use super::tx::live_hash;
 
 impl Store {
     /// The merge state of the record `id` names without a scope (winner, conflicts,
@@ -87,7 +87,12 @@ impl Store {
                 break;
             }
             let state = decode_state(entity, &id, v.value())?;
-            items.extend(state.parts().iter().filter_map(|p| to_record(entity, id, p)));
+            items.extend(
+                state
+                    .parts()
+                    .iter()
+                    .filter_map(|p| to_record(entity, id, p)),
+            );
         }
         Ok(Page { items, next })
     }

@@ -66,11 +66,11 @@ impl Store {
                     {
                         continue;
                     }
-                let nonce = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-                outbox.insert(
-                    leaf.origin_seq,
-                    encode_outbox_republish(entity, id, leaf.version.hlc, nonce).as_slice(),
-                )?;
+                    let nonce = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+                    outbox.insert(
+                        leaf.origin_seq,
+                        encode_outbox_republish(entity, id, leaf.version.hlc, nonce).as_slice(),
+                    )?;
                     tracing::info!(%entity, %id, version = %leaf.version, origin_seq = leaf.origin_seq, "own version a peer lacked queued for publishing again");
                     queued += 1;
                 }
