@@ -3,7 +3,8 @@
 //! replicate only their own scope is two records everywhere. A full replica and a replica
 //! of one scope hold the same state for every record both hold, compare equal the way
 //! `verify` and anti-entropy compare them, and a snapshot of the full replica loaded into
-//! a store of that scope holds exactly what the partial replica holds.
+//! a store of that scope holds exactly what the partial replica holds; the full replica's
+//! SQL mirror has a row per record.
 //!
 //! Under the earlier rule (scope an attribute of an id's record) the full replica merged
 //! both scopes' events into one record: the later scope's writes won it and the other
@@ -18,6 +19,7 @@ use common::entity;
 use common::nodes::*;
 use jetsync::devserver::NatsServer;
 use jetsync::ids::EntityFilter;
+use jetsync::mirror::{MirrorConfig, SinkConfig};
 use jetsync::node::{Node, NodeConfig};
 use jetsync::stream::StreamSettings;
 use jetsync::{EntityName, NodeId, Record, Scope, Store, StoreConfig, Write};
@@ -60,7 +62,20 @@ async fn a_partial_replica_and_a_full_one_agree_on_every_record_both_hold() {
     let (shop1, shop2) = (Scope::new("shop1").unwrap(), Scope::new("shop2").unwrap());
     let a = start(scoped(node_config("a", dir.path(), &url), &orders, &shop1)).await;
     let b = start(scoped(node_config("b", dir.path(), &url), &orders, &shop2)).await;
-    let full = start(node_config("full", dir.path(), &url)).await;
+    // The full replica keeps a SQLite mirror: a row per record.
+    let mirror_path = dir.path().join("full-mirror.sqlite");
+    let mut full_config = node_config("full", dir.path(), &url);
+    full_config.mirrors = vec![MirrorConfig {
+        name: "sqlite".into(),
+        sink: SinkConfig::Sqlite {
+            path: mirror_path.clone(),
+        },
+        entities: Vec::new(),
+        indexes: Vec::new(),
+        batch: 50,
+        max_broken: Duration::from_secs(1),
+    }];
+    let full = start(full_config).await;
     let p = start(scoped(node_config("p", dir.path(), &url), &orders, &shop1)).await;
 
     // Ids a client chose, written in both scopes; b's versions come later, so under the
@@ -159,6 +174,42 @@ async fn a_partial_replica_and_a_full_one_agree_on_every_record_both_hold() {
     let listed = full.list(&orders, None, 1000).await.unwrap().items;
     let count = |s: &Scope| listed.iter().filter(|r| &r.scope == s).count();
     assert_eq!((count(&shop1), count(&shop2)), (20, 15), "{listed:?}");
+
+    // The mirror holds a row per record: both scopes of an id, shop2's deleted ones gone.
+    wait_for(
+        "the full replica's mirror to hold each scope's records",
+        WAIT,
+        || async {
+            let conn = rusqlite::Connection::open_with_flags(
+                &mirror_path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut rows: Vec<(String, String, String)> = conn
+                .prepare("SELECT id, scope, version FROM orders")
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                })
+                .map_err(|e| e.to_string())?;
+            rows.sort();
+            let mut want: Vec<(String, String, String)> = listed
+                .iter()
+                .map(|r| (r.id.to_string(), r.scope.to_string(), r.version.to_string()))
+                .collect();
+            want.sort();
+            if rows == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mirror {} rows, records {}",
+                    rows.len(),
+                    want.len()
+                ))
+            }
+        },
+    )
+    .await;
 
     // What verify and anti-entropy compare for shop1: equal on both replicas.
     let (hf, hp) = (

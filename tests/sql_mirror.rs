@@ -54,7 +54,8 @@ fn with_mirror(mut c: NodeConfig, m: MirrorConfig) -> NodeConfig {
     c
 }
 
-type Rows = BTreeMap<Uuid, LiveRow>;
+/// Keyed by record: `(id, scope)`.
+type Rows = BTreeMap<(Uuid, String), LiveRow>;
 
 /// A store's live rows of `entity`, as a mirror should hold them.
 fn store_rows(store: &Store, e: &EntityName) -> Rows {
@@ -62,7 +63,7 @@ fn store_rows(store: &Store, e: &EntityName) -> Rows {
     let mut after = None;
     loop {
         let (page, next) = store.live_rows(e, after, 1000).expect("live rows");
-        out.extend(page);
+        out.extend(page.into_iter().map(|(id, r)| ((id, r.scope.clone()), r)));
         match next {
             Some(n) => after = Some(n),
             None => return out,
@@ -98,7 +99,10 @@ fn sqlite_rows(path: &Path, e: &str) -> Result<Rows, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| err.to_string())?;
     rows.into_iter()
-        .map(|(id, row)| Ok((id.parse::<Uuid>().map_err(|e| e.to_string())?, row)))
+        .map(|(id, row)| {
+            let id = id.parse::<Uuid>().map_err(|e| e.to_string())?;
+            Ok(((id, row.scope.clone()), row))
+        })
         .collect()
 }
 
@@ -126,7 +130,7 @@ fn diff(want: &Rows, got: &Rows) -> Result<(), String> {
         .filter_map(|(k, w)| {
             got.get(k)
                 .filter(|g| *g != w)
-                .map(|g| format!("{k}: store {w:?}, mirror {g:?}"))
+                .map(|g| format!("{k:?}: store {w:?}, mirror {g:?}"))
         })
         .take(3)
         .collect();
@@ -262,7 +266,7 @@ async fn sqlite_mirrors_equal_each_nodes_live_records_and_answer_queries_by_an_i
         .filter(|(_, r)| {
             serde_json::from_str::<serde_json::Value>(&r.doc).unwrap()["status"] == "open"
         })
-        .map(|(id, _)| id.to_string())
+        .map(|((id, _), _)| id.to_string())
         .collect();
     assert!(!want.is_empty());
     let out = Command::new(BIN)
@@ -663,7 +667,7 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
 async fn pg_rows(
     url: &str,
     e: &str,
-) -> Result<BTreeMap<Uuid, (String, String, serde_json::Value, u32)>, String> {
+) -> Result<BTreeMap<(Uuid, String), (String, String, serde_json::Value, u32)>, String> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;
@@ -681,8 +685,9 @@ async fn pg_rows(
         let id: String = r.get(0);
         let doc: String = r.get(3);
         let conflicts: i32 = r.get(4);
+        let scope: String = r.get(1);
         out.insert(
-            id.parse::<Uuid>().map_err(|e| e.to_string())?,
+            (id.parse::<Uuid>().map_err(|e| e.to_string())?, scope),
             (
                 r.get(1),
                 r.get(2),

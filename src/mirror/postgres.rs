@@ -1,7 +1,8 @@
-//! The Postgres mirror (tokio-postgres): a table per entity type (`id uuid PRIMARY KEY,
-//! scope, version, doc jsonb, conflicts`), JSON indexes as expression indexes on
-//! `(doc #>> '{<path>}')`, the checkpoint in `"jetsync$mirror"`, each batch one
-//! transaction holding, per table, one upsert and one delete of arrays of rows.
+//! The Postgres mirror (tokio-postgres): a table per entity type (`id uuid, scope` the
+//! primary key: a record is `(entity, scope, id)`; `version, doc jsonb, conflicts`), JSON
+//! indexes as expression indexes on `(doc #>> '{<path>}')`, the checkpoint in
+//! `"jetsync$mirror"`, each batch one transaction holding, per table, one upsert and up
+//! to two deletes of arrays of rows.
 
 use std::collections::{HashMap, HashSet};
 
@@ -31,7 +32,9 @@ struct Columns<'a> {
     versions: Vec<&'a str>,
     docs: Vec<&'a str>,
     conflicts: Vec<i32>,
-    /// Ids to delete.
+    /// Records to delete: ids and scopes.
+    deleted: (Vec<String>, Vec<&'a str>),
+    /// Ids gone in every scope.
     gone: Vec<String>,
 }
 
@@ -42,7 +45,8 @@ pub(super) struct PgSink {
     config: MirrorConfig,
     tables: HashSet<String>,
     /// Per table, its prepared upsert and delete.
-    stmts: HashMap<String, (Statement, Statement)>,
+    /// Per table: upsert, delete records, delete ids in every scope.
+    stmts: HashMap<String, (Statement, Statement, Statement)>,
 }
 
 impl Drop for PgSink {
@@ -83,11 +87,55 @@ impl PgSink {
             tables: HashSet::new(),
             stmts: HashMap::new(),
         };
+        sink.drop_tables_keyed_by_id().await?;
         let entities: Vec<String> = sink.config.entities.iter().map(|e| e.to_string()).collect();
         for e in entities {
             sink.create_table(&e).await?;
         }
         Ok(sink)
+    }
+
+    /// Tables a build before scoped identity created (keyed by `id` alone, which cannot
+    /// hold an id's records in two scopes) are dropped with the checkpoint, so the mirror
+    /// rebuilds them in the current layout from the store.
+    async fn drop_tables_keyed_by_id(&mut self) -> Result<(), MirrorError> {
+        let tables: Vec<String> = self
+            .client
+            .query(&format!("SELECT name FROM {}", ident(TABLES_TABLE)), &[])
+            .await
+            .map_err(sql)?
+            .iter()
+            .map(|r| r.try_get(0).map_err(sql))
+            .collect::<Result<_, _>>()?;
+        let mut dropped = false;
+        for t in tables {
+            let keys: Option<i32> = self
+                .client
+                .query_opt(
+                    "SELECT array_length(i.indkey::int2[], 1) FROM pg_index i \
+                     WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                    &[&ident(&t)],
+                )
+                .await
+                .map_err(sql)?
+                .map(|r| r.try_get(0).map_err(sql))
+                .transpose()?;
+            if keys == Some(1) {
+                tracing::warn!(table = %t, "mirror table keyed by id alone (before scoped identity): rebuilt");
+                self.client
+                    .batch_execute(&format!("DROP TABLE {}", ident(&t)))
+                    .await
+                    .map_err(sql)?;
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.client
+                .execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
+                .await
+                .map_err(sql)?;
+        }
+        Ok(())
     }
 
     async fn create_table(&mut self, table: &str) -> Result<(), MirrorError> {
@@ -96,8 +144,9 @@ impl PgSink {
         }
         let t = ident(table);
         let mut text = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (id uuid PRIMARY KEY, scope text NOT NULL, \
-             version text NOT NULL, doc jsonb NOT NULL, conflicts integer NOT NULL);
+            "CREATE TABLE IF NOT EXISTS {t} (id uuid NOT NULL, scope text NOT NULL, \
+             version text NOT NULL, doc jsonb NOT NULL, conflicts integer NOT NULL, \
+             PRIMARY KEY (id, scope));
              INSERT INTO {} (name) VALUES ('{table}') ON CONFLICT (name) DO NOTHING;",
             ident(TABLES_TABLE)
         );
@@ -170,7 +219,7 @@ impl PgSink {
                      SELECT u.id::uuid, u.scope, u.version, u.doc::jsonb, u.conflicts \
                      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[]) \
                      AS u(id, scope, version, doc, conflicts) \
-                     ON CONFLICT (id) DO UPDATE SET scope = EXCLUDED.scope, \
+                     ON CONFLICT (id, scope) DO UPDATE SET \
                      version = EXCLUDED.version, doc = EXCLUDED.doc, conflicts = EXCLUDED.conflicts"
                 ))
                 .await
@@ -178,23 +227,37 @@ impl PgSink {
             let delete = self
                 .client
                 .prepare(&format!(
+                    "DELETE FROM {t} AS m USING unnest($1::text[], $2::text[]) AS u(id, scope) \
+                     WHERE m.id = u.id::uuid AND m.scope = u.scope"
+                ))
+                .await
+                .map_err(sql)?;
+            let gone = self
+                .client
+                .prepare(&format!(
                     "DELETE FROM {t} WHERE id = ANY($1::text[]::uuid[])"
                 ))
                 .await
                 .map_err(sql)?;
-            self.stmts.insert(table.to_owned(), (upsert, delete));
+            self.stmts.insert(table.to_owned(), (upsert, delete, gone));
         }
-        // Per table, the rows to upsert and the ids to delete; a record's last row wins
-        // (one statement cannot upsert the same id twice).
+        // Per table, the rows to upsert and the records to delete; a record's last row
+        // wins (one statement cannot upsert the same record twice), and an id gone in
+        // every scope hides its earlier rows. Deletes run before upserts.
         let mut seen = HashSet::new();
+        let mut gone_ids = HashSet::new();
         let mut per_table: HashMap<&str, Columns<'_>> = HashMap::new();
         for r in rows.iter().rev() {
-            if !seen.insert((r.entity.as_str(), r.id)) {
+            if gone_ids.contains(&(r.entity.as_str(), r.id)) {
+                continue;
+            }
+            let scope = r.scope.as_ref().map(|s| s.as_str());
+            if !seen.insert((r.entity.as_str(), r.id, scope)) {
                 continue;
             }
             let c = per_table.entry(r.entity.as_str()).or_default();
-            match &r.row {
-                Some(row) => {
+            match (&r.row, scope) {
+                (Some(row), _) => {
                     c.ids.push(r.id.to_string());
                     c.scopes.push(&row.scope);
                     c.versions.push(&row.version);
@@ -202,14 +265,29 @@ impl PgSink {
                     c.conflicts
                         .push(i32::try_from(row.conflicts).unwrap_or(i32::MAX));
                 }
-                None => c.gone.push(r.id.to_string()),
+                (None, Some(scope)) => {
+                    c.deleted.0.push(r.id.to_string());
+                    c.deleted.1.push(scope);
+                }
+                (None, None) => {
+                    gone_ids.insert((r.entity.as_str(), r.id));
+                    c.gone.push(r.id.to_string());
+                }
             }
         }
         let tx = self.client.transaction().await.map_err(sql)?;
         for (table, c) in &per_table {
-            let Some((upsert, delete)) = self.stmts.get(*table) else {
+            let Some((upsert, delete, gone)) = self.stmts.get(*table) else {
                 continue;
             };
+            if !c.gone.is_empty() {
+                tx.execute(gone, &[&c.gone]).await.map_err(sql)?;
+            }
+            if !c.deleted.0.is_empty() {
+                tx.execute(delete, &[&c.deleted.0, &c.deleted.1])
+                    .await
+                    .map_err(sql)?;
+            }
             if !c.ids.is_empty() {
                 tx.execute(
                     upsert,
@@ -217,9 +295,6 @@ impl PgSink {
                 )
                 .await
                 .map_err(sql)?;
-            }
-            if !c.gone.is_empty() {
-                tx.execute(delete, &[&c.gone]).await.map_err(sql)?;
             }
         }
         if let Some((epoch, seq)) = checkpoint {

@@ -1,6 +1,6 @@
 //! The SQLite mirror: one file in WAL mode (readers never block the node's writes, nor
-//! the writes them), a table per entity type (`id TEXT PRIMARY KEY, scope, version, doc`
-//! (JSON text, exactly as written), `conflicts`), JSON indexes as
+//! the writes them), a table per entity type (`id, scope` the primary key: a record is
+//! `(entity, scope, id)`; `version`, `doc` (JSON text, exactly as written), `conflicts`), JSON indexes as
 //! `CREATE INDEX … ON <table>(json_extract(doc, '$.<field>'))`, and [`query`], the
 //! read-only reader behind `jetsync query`.
 
@@ -75,14 +75,13 @@ impl SqliteSink {
         self.with(move |i| {
             let tx = i.conn.transaction()?;
             {
-                // Each table's two statements looked up once per transaction, not per row
+                // Each table's statements looked up once per transaction, not per row
                 // (the SQL text would be formatted and hashed for every row).
-                let mut stmts: Vec<(&str, rusqlite::CachedStatement<'_>, rusqlite::CachedStatement<'_>)> =
-                    Vec::new();
+                let mut stmts: Vec<(&str, [rusqlite::CachedStatement<'_>; 3])> = Vec::new();
                 let mut buf = uuid::Uuid::encode_buffer();
                 for r in &rows {
                     let table = r.entity.as_str();
-                    let k = match stmts.iter().position(|(t, _, _)| *t == table) {
+                    let k = match stmts.iter().position(|(t, _)| *t == table) {
                         Some(k) => k,
                         None => {
                             if !i.tables.contains(table) {
@@ -92,18 +91,19 @@ impl SqliteSink {
                             let t = ident(table);
                             let upsert = tx.prepare_cached(&format!(
                                 "INSERT INTO {t} (id, scope, version, doc, conflicts) VALUES (?1, ?2, ?3, ?4, ?5) \
-                                 ON CONFLICT(id) DO UPDATE SET scope = excluded.scope, version = excluded.version, \
+                                 ON CONFLICT(id, scope) DO UPDATE SET version = excluded.version, \
                                  doc = excluded.doc, conflicts = excluded.conflicts"
                             ))?;
-                            let delete = tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1"))?;
-                            stmts.push((table, upsert, delete));
+                            let delete = tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1 AND scope = ?2"))?;
+                            let gone = tx.prepare_cached(&format!("DELETE FROM {t} WHERE id = ?1"))?;
+                            stmts.push((table, [upsert, delete, gone]));
                             stmts.len() - 1
                         }
                     };
-                    let (_, upsert, delete) = &mut stmts[k];
+                    let [upsert, delete, gone] = &mut stmts[k].1;
                     let id = r.id.hyphenated().encode_lower(&mut buf);
-                    match &r.row {
-                        Some(row) => {
+                    match (&r.row, &r.scope) {
+                        (Some(row), _) => {
                             upsert.execute(params![
                                 &*id,
                                 row.scope,
@@ -112,8 +112,12 @@ impl SqliteSink {
                                 row.conflicts
                             ])?;
                         }
-                        None => {
-                            delete.execute(params![&*id])?;
+                        (None, Some(scope)) => {
+                            delete.execute(params![&*id, scope.as_str()])?;
+                        }
+                        // The id is gone in every scope.
+                        (None, None) => {
+                            gone.execute(params![&*id])?;
                         }
                     }
                 }
@@ -181,6 +185,7 @@ fn open_inner(path: &Path, config: MirrorConfig) -> Result<Inner, MirrorError> {
         config,
         tables: HashSet::new(),
     };
+    drop_tables_keyed_by_id(&mut inner.conn).map_err(sql)?;
     // Configured types get their tables (and indexes) now, so queries find them empty.
     let tx = inner.conn.transaction().map_err(sql)?;
     for e in &inner.config.entities {
@@ -191,11 +196,40 @@ fn open_inner(path: &Path, config: MirrorConfig) -> Result<Inner, MirrorError> {
     Ok(inner)
 }
 
+/// Tables a build before scoped identity created (keyed by `id` alone, which cannot hold
+/// an id's records in two scopes) are dropped with the checkpoint, so the mirror rebuilds
+/// them in the current layout from the store.
+fn drop_tables_keyed_by_id(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tables: Vec<String> = conn
+        .prepare(&format!("SELECT name FROM {}", ident(TABLES_TABLE)))?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let tx = conn.transaction()?;
+    let mut dropped = false;
+    for t in tables {
+        let keys: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE pk > 0",
+            params![t],
+            |r| r.get(0),
+        )?;
+        if keys == 1 {
+            tracing::warn!(table = %t, "mirror table keyed by id alone (before scoped identity): rebuilt");
+            tx.execute_batch(&format!("DROP TABLE {}", ident(&t)))?;
+            dropped = true;
+        }
+    }
+    if dropped {
+        tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])?;
+    }
+    tx.commit()
+}
+
 fn create_table(conn: &Connection, config: &MirrorConfig, table: &str) -> rusqlite::Result<()> {
     let t = ident(table);
     conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {t} (id TEXT PRIMARY KEY NOT NULL, scope TEXT NOT NULL, \
-         version TEXT NOT NULL, doc TEXT NOT NULL, conflicts INTEGER NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS {t} (id TEXT NOT NULL, scope TEXT NOT NULL, \
+         version TEXT NOT NULL, doc TEXT NOT NULL, conflicts INTEGER NOT NULL, \
+         PRIMARY KEY (id, scope))"
     ))?;
     conn.execute(
         &format!(
@@ -333,4 +367,56 @@ pub fn explain(path: &Path, entity: &str, filter: &str) -> Result<String, Mirror
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql)?;
     Ok(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_keyed_by_id_alone_is_dropped_with_the_checkpoint_and_made_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            // The layout a build before scoped identity made.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "CREATE TABLE {c} (k TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL);
+                 CREATE TABLE {n} (name TEXT PRIMARY KEY);
+                 CREATE TABLE orders (id TEXT PRIMARY KEY NOT NULL, scope TEXT NOT NULL,
+                   version TEXT NOT NULL, doc TEXT NOT NULL, conflicts INTEGER NOT NULL);
+                 INSERT INTO {n} VALUES ('orders');
+                 INSERT INTO orders VALUES ('x', '_', '1.0@a', '{{}}', 0);
+                 INSERT INTO {c} VALUES ('checkpoint', 7, 42);",
+                c = ident(CHECKPOINT_TABLE),
+                n = ident(TABLES_TABLE)
+            ))
+            .unwrap();
+        }
+        let config = MirrorConfig {
+            name: "m".into(),
+            sink: super::super::SinkConfig::Sqlite { path: path.clone() },
+            entities: vec![crate::EntityName::new("orders").unwrap()],
+            indexes: Vec::new(),
+            batch: 10,
+            max_broken: Duration::from_secs(1),
+        };
+        let inner = open_inner(&path, config).unwrap();
+        // No checkpoint: the mirror rebuilds from the store.
+        assert_eq!(read_checkpoint(&inner.conn).unwrap(), None);
+        let keys: i64 = inner
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('orders') WHERE pk > 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(keys, 2, "keyed by (id, scope) now");
+        let rows: i64 = inner
+            .conn
+            .query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
 }
