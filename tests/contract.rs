@@ -731,7 +731,7 @@ fn scope_cases() -> Vec<Case> {
     vec![
         case(
             "same_id_two_entities_are_two_records",
-            "A record is identified by entity and id: the same id under two entity types is two records.",
+            "A record is identified by (entity, scope, id): the same id under two entity types is two records.",
             vec![
                 msg(&put(201, a(0, 0), 1, r#"{"k":"orders"}"#)),
                 msg(&put(201, a(1, 0), 2, r#"{"k":"invoices"}"#).entity("invoices")),
@@ -1051,7 +1051,7 @@ fn vectors() -> Vec<(&'static str, String)> {
             "identity.json",
             vector_file(
                 "Record identity and scope",
-                "What a record is: entity type and id; its scope is its winner's.",
+                "What a record is: (entity, scope, id). One id under two entity types, or in two scopes, is two records, each merged from its own events only.",
                 &scope_cases(),
             ),
         ),

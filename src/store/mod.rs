@@ -6,8 +6,8 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `meta` | name | magic, format, node id, last HLC, last origin_seq, checkpoint, … |
-//! | `records.<entity>` | id as `u128` (big-endian UUID order) | postcard [`RecordState`](crate::merge::RecordState) + xxh3-64 checksum |
-//! | `conflicts` | `(entity, id)` | `()`: records with more than one leaf |
+//! | `records.<entity>` | id as `u128` (big-endian UUID order) | the id's records, one per scope ([`IdState`](crate::merge::IdState)): the first scope's postcard [`RecordState`](crate::merge::RecordState), then the others' as a postcard sequence only if any, + xxh3-64 checksum |
+//! | `conflicts` | `(entity, id)` | `()`: ids with a record of more than one leaf |
 //! | `digests` | entity | 256 × 16-byte XOR buckets |
 //! | `outbox` | origin_seq | `(entity, id, hlc)` of an own version not yet acknowledged |
 //! | `unpublished` | origin_seq | event JSON of an outbox version superseded before publishing |

@@ -47,7 +47,6 @@ pub(super) struct Before {
 }
 
 /// What one scope's record shows: its scope, winner, leaf count and live hash.
-#[derive(PartialEq)]
 struct PartView {
     scope: Scope,
     winner: Version,
@@ -79,14 +78,15 @@ pub(super) fn live_hash(id: &Uuid, state: &IdState) -> u128 {
 
 impl Before {
     pub(super) fn of(id: &Uuid, state: &IdState) -> Self {
+        let parts: Vec<PartView> = state
+            .parts()
+            .iter()
+            .filter_map(|p| PartView::of(id, p))
+            .collect();
         Before {
-            hash: live_hash(id, state),
+            hash: parts.iter().filter_map(|p| p.hash).fold(0, |h, x| h ^ x),
             conflicted: state.has_conflicts(),
-            parts: state
-                .parts()
-                .iter()
-                .filter_map(|p| PartView::of(id, p))
-                .collect(),
+            parts,
         }
     }
 }
@@ -204,7 +204,31 @@ impl<'t> Tx<'t> {
         before: Before,
         state: &IdState,
     ) -> Result<(), StorageError> {
-        let after_hash = live_hash(&id, state);
+        // Each scope's record: its live hash (computed once) and whether it changed.
+        let mut after_hash = 0;
+        let mut changed = Vec::new();
+        for part in state.parts() {
+            let Some(w) = part.winner() else {
+                continue;
+            };
+            let hash = part.live().map(|l| leaf_hash(&id, l));
+            after_hash ^= hash.unwrap_or(0);
+            let leaves = part.leaves.len();
+            // The hash too: an equivocation can change the winner's content, not its version.
+            let same = before.parts.iter().any(|b| {
+                b.scope == w.scope && b.winner == w.version && b.leaves == leaves && b.hash == hash
+            });
+            if !same {
+                changed.push(Change {
+                    entity: entity.clone(),
+                    id,
+                    scope: w.scope.clone(),
+                    deleted: hash.is_none(),
+                    winner: Some(w.version.clone()),
+                    conflicts: leaves.saturating_sub(1),
+                });
+            }
+        }
         if before.hash != after_hash {
             let delta = self.digest_delta.entry(entity.clone()).or_default();
             delta.xor(bucket_of(&id), before.hash ^ after_hash);
@@ -218,23 +242,7 @@ impl<'t> Tx<'t> {
                 self.conflicts.remove(key)?;
             }
         }
-        // The hash too: an equivocation can change the winner's content, not its version.
-        for part in state.parts() {
-            let Some(after) = PartView::of(&id, part) else {
-                continue;
-            };
-            if before.parts.contains(&after) {
-                continue;
-            }
-            self.changes.push(Change {
-                entity: entity.clone(),
-                id,
-                scope: after.scope,
-                deleted: after.hash.is_none(),
-                winner: Some(after.winner),
-                conflicts: after.leaves.saturating_sub(1),
-            });
-        }
+        self.changes.extend(changed);
         let bytes = encode_state(state)?;
         self.table(entity)?.insert(id.as_u128(), bytes.as_slice())?;
         Ok(())

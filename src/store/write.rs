@@ -312,7 +312,8 @@ impl Store {
             let write = Write {
                 entity: entity.clone(),
                 id,
-                scope: None,
+                // The record the content was dropped from (an id's records are per scope).
+                scope: Some(leaf.scope.clone()),
                 op,
                 expect: Expect::Version(leaf.version.clone()),
                 resolves: Vec::new(),
