@@ -77,6 +77,8 @@ async fn a_partial_replica_and_a_full_one_agree_on_every_record_both_hold() {
     }];
     let full = start(full_config).await;
     let p = start(scoped(node_config("p", dir.path(), &url), &orders, &shop1)).await;
+    // The full replica's change feed, from before any write.
+    let start_at = full.position().await.expect("position");
 
     // Ids a client chose, written in both scopes; b's versions come later, so under the
     // old rule they would have won the full replica's records.
@@ -174,6 +176,44 @@ async fn a_partial_replica_and_a_full_one_agree_on_every_record_both_hold() {
     let listed = full.list(&orders, None, 1000).await.unwrap().items;
     let count = |s: &Scope| listed.iter().filter(|r| &r.scope == s).count();
     assert_eq!((count(&shop1), count(&shop2)), (20, 15), "{listed:?}");
+
+    // The change feed ends at each record's state: an update per (scope, id), carrying
+    // its scope, the last of each equal to what the node holds.
+    let mut feed = full
+        .watch_from(&orders, Some(start_at))
+        .await
+        .expect("feed");
+    let mut last: std::collections::BTreeMap<(Uuid, String), Option<String>> =
+        std::collections::BTreeMap::new();
+    let want: std::collections::BTreeMap<(Uuid, String), Option<String>> = listed
+        .iter()
+        .map(|r| ((r.id, r.scope.to_string()), Some(r.version.to_string())))
+        .chain(
+            ids[15..]
+                .iter()
+                .map(|id| ((*id, shop2.to_string()), None::<String>)),
+        )
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last != want {
+        let next = tokio::time::timeout_at(deadline, feed.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the feed did not reach each record's state: {} of {} records",
+                    last.iter()
+                        .filter(|(k, v)| want.get(*k) == Some(*v))
+                        .count(),
+                    want.len()
+                )
+            })
+            .expect("the feed goes on")
+            .expect("an update");
+        let scope = next.scope.expect("every record here has a scope");
+        // A deleted record's update has its tombstone's version: compare as absent.
+        let shown = next.doc.as_ref().and(next.version.map(|v| v.to_string()));
+        last.insert((next.id, scope.to_string()), shown);
+    }
 
     // The mirror holds a row per record: both scopes of an id, shop2's deleted ones gone.
     wait_for(
