@@ -458,9 +458,12 @@ pub async fn run(
             let l = handle.live();
             to_confirm = l.error.is_none().then_some(l.checkpoint);
         }
-        // Shutdown does not wait for a hung database.
+        // Shutdown does not wait for a hung database. A step that takes long (the
+        // mirror's thread yielding the CPU to a catch-up, a busy database) does not
+        // leave `behind` at what it was when the step began.
         let outcome = tokio::select! {
             r = step(&work, &handle, &metrics, &mut sink) => r,
+            never = watch_head(&work.store, &handle, &metrics) => match never {},
             _ = stop.wait_for(|s| *s) => return,
         };
         let pause = match outcome {
@@ -506,6 +509,30 @@ pub async fn run(
                 _ = stop.wait_for(|s| *s) => return,
             }
             drain(&mut wake);
+        }
+    }
+}
+
+/// While a step runs: every [`POLL`], reads the log's head (on the blocking pool at the
+/// node's priority, not on the mirror's thread, which may be the one waiting for CPU) and
+/// updates `behind` and the lag with it. Never returns.
+async fn watch_head(
+    store: &Arc<Store>,
+    handle: &MirrorHandle,
+    metrics: &NodeMetrics,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let store = store.clone();
+        let head = tokio::task::spawn_blocking(move || store.change_log_position())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(head) = head {
+            let mut l = handle.live();
+            l.saw(head.seq);
+            metrics.mirror_state(&handle.config().name, l.behind, l.lag(), l.error.is_some());
         }
     }
 }
