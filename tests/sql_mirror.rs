@@ -833,3 +833,126 @@ async fn a_postgres_mirror_equals_the_records_survives_a_stopped_server_and_inde
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// The nice values of this process's threads named `name` (Linux `/proc`; field 19 of a
+/// task's `stat`, counted after the `)` closing its name).
+#[cfg(target_os = "linux")]
+fn thread_nices(name: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
+        let dir = task.expect("a task entry").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse::<i64>().ok());
+        out.extend(nice);
+    }
+    out
+}
+
+/// A node that was down while its peer wrote comes back with a backlog: its mirror runs on
+/// its own thread at a lower CPU priority than the node (so on a saturated machine the
+/// catch-up goes first), never claims to be further ahead than it is while it trails, and
+/// ends equal to the store, resumed from its checkpoint (no rebuild).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_behind_a_catch_up_runs_below_the_nodes_priority_and_catches_up_fully() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let orders = entity("orders");
+    let db = dir.path().join("b-mirror.sqlite");
+    // A name of its own: the tests of this file share the process and its threads.
+    let mut mirror = sqlite_mirror(&db);
+    mirror.name = "lowprio".into();
+    let b_config = with_mirror(node_config("b", dir.path(), &url), mirror);
+    let a = start(node_config("a", dir.path(), &url)).await;
+    let b = start(b_config.clone()).await;
+    let first: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
+    a.write(puts(&orders, &first, "a", 0)).await.unwrap();
+    converge(&[&a, &b], &orders, WAIT).await;
+    sqlite_matches(&b, &db, &[&orders]).await;
+    #[cfg(target_os = "linux")]
+    {
+        // The test thread runs at the node's priority (the node's threads inherit it).
+        let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let own: i64 = own
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+            .expect("this thread's nice value");
+        let nices = thread_nices("mirror-lowprio");
+        assert_eq!(
+            nices,
+            vec![(own + 10).min(19)],
+            "the mirror's thread (nice values of the threads named mirror-lowprio; this thread's is {own})"
+        );
+    }
+    b.shutdown().await.unwrap();
+
+    // b is down while a writes 6,000 records (and overwrites and deletes some).
+    let mut ids = first.clone();
+    for round in 0..30 {
+        let new: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+        a.write(puts(&orders, &new, "a", round + 1)).await.unwrap();
+        ids.extend(new);
+    }
+    let over: Vec<Uuid> = ids.iter().step_by(11).copied().collect();
+    a.write(puts(&orders, &over, "a", 99)).await.unwrap();
+    for id in ids.iter().step_by(13) {
+        a.delete(&orders, *id).await.unwrap();
+    }
+
+    let b = start(b_config).await;
+    // While b applies the backlog its mirror trails (by how much depends on the machine):
+    // whatever status says, the checkpoint is one the mirror wrote and `behind` never
+    // reaches past the log's head.
+    let trailed = std::cell::Cell::new(0u32);
+    wait_for("b's mirror to hold a's records", WAIT, || async {
+        let s = b.status().await.map_err(|e| e.to_string())?;
+        let m = s.mirrors.first().ok_or("no mirror in status")?.clone();
+        let head = b
+            .raw_store()
+            .change_log_position()
+            .map_err(|e| e.to_string())?
+            .map_or(0, |p| p.seq);
+        assert!(
+            m.checkpoint + m.behind <= head,
+            "status claims more than the log holds: {m:?}, head {head}"
+        );
+        if m.behind > 0 {
+            trailed.set(trailed.get() + 1);
+        }
+        diff(
+            &store_rows(a.raw_store(), &orders),
+            &sqlite_rows(&db, "orders")?,
+        )
+    })
+    .await;
+    sqlite_matches(&b, &db, &[&orders]).await;
+    wait_for("b's mirror status to show it caught up", WAIT, || async {
+        let s = b.status().await.map_err(|e| e.to_string())?;
+        let m = &s.mirrors[0];
+        let head = b
+            .raw_store()
+            .change_log_position()
+            .map_err(|e| e.to_string())?
+            .map_or(0, |p| p.seq);
+        (m.behind == 0 && m.checkpoint == head && m.error.is_none() && m.lag_seconds == 0.0)
+            .then_some(())
+            .ok_or(format!("{m:?}, log head {head}"))
+    })
+    .await;
+    let s = b.status().await.unwrap();
+    assert_eq!(s.mirrors[0].rebuilds, 0, "the mirror resumed, not rebuilt");
+    println!(
+        "status showed the mirror behind {} times during the catch-up",
+        trailed.get()
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

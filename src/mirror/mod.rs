@@ -12,7 +12,10 @@
 //! records; `jetsync mirror rebuild` ([`request_rebuild`]) asks for one.
 //!
 //! It never blocks replication: it runs as its own task, reading the store in short read
-//! transactions off the apply path; a failing sink is retried with backoff and shows in
+//! transactions off the apply path. Its blocking work (those reads, SQLite's
+//! transactions) runs on a thread of its own at a lower CPU priority (`worker.rs`): where
+//! the cores are saturated (a node catching up a backlog) the apply goes first and the
+//! mirror trails, showing it in `behind`, then catches up. A failing sink is retried with backoff and shows in
 //! status ([`MirrorStatus`]), metrics (`jetsync_mirror_*`) and `/readyz` (once failing
 //! longer than `max_broken_secs`), and catches up from its checkpoint when it works again.
 
@@ -20,6 +23,7 @@
 pub mod postgres;
 #[cfg(feature = "mirror-sqlite")]
 pub mod sqlite;
+mod worker;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +36,7 @@ use crate::error::StorageError;
 use crate::ids::EntityName;
 use crate::metrics::NodeMetrics;
 use crate::store::{Change, ChangedRow, LiveRow, Store};
+use worker::Worker;
 
 /// The checkpoint table in every mirror database (`$` is never in an entity name).
 pub const CHECKPOINT_TABLE: &str = "jetsync$mirror";
@@ -294,11 +299,14 @@ enum Sink {
 pub type Checkpoint = (u64, u64);
 
 impl Sink {
-    async fn open(config: &MirrorConfig) -> Result<Sink, MirrorError> {
+    /// Opens the database; SQLite's calls run on `worker`.
+    async fn open(config: &MirrorConfig, worker: &Arc<Worker>) -> Result<Sink, MirrorError> {
+        #[cfg(not(feature = "mirror-sqlite"))]
+        let _ = worker;
         match &config.sink {
             #[cfg(feature = "mirror-sqlite")]
             SinkConfig::Sqlite { path } => Ok(Sink::Sqlite(
-                sqlite::SqliteSink::open(path.clone(), config.clone()).await?,
+                sqlite::SqliteSink::open(path.clone(), config.clone(), worker.clone()).await?,
             )),
             #[cfg(not(feature = "mirror-sqlite"))]
             SinkConfig::Sqlite { .. } => Err(MirrorError::Unsupported("sqlite")),
@@ -376,7 +384,8 @@ async fn timed<T>(
 /// Asks a mirror to rebuild from the store: removes its checkpoint, so the node (now, if
 /// it runs, or when it starts) rewrites every row (`jetsync mirror rebuild`).
 pub async fn request_rebuild(config: &MirrorConfig) -> Result<(), MirrorError> {
-    let mut sink = Sink::open(config).await?;
+    let worker = Arc::new(Worker::start(&config.name, 0)?);
+    let mut sink = Sink::open(config, &worker).await?;
     sink.clear().await
 }
 
@@ -412,8 +421,22 @@ pub async fn run(
     mut wake: broadcast::Receiver<Change>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut sink: Option<Sink> = None;
     let mut backoff = MIN_BACKOFF;
+    let worker = loop {
+        match Worker::start(&handle.config().name, worker::NICE) {
+            Ok(w) => break Arc::new(w),
+            Err(e) => {
+                handle.failed(&e, None, &metrics);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    let work = Work { store, worker };
+    let mut sink: Option<Sink> = None;
     // Confirmed to the store (so compaction may drop entries of removed records): the
     // checkpoint of one period ago, long written to disk even where the last
     // transactions of a power loss are lost.
@@ -428,16 +451,19 @@ pub async fn run(
             confirm_at = Instant::now() + CONFIRM_EVERY;
             if let Some(seq) = to_confirm {
                 let name = handle.config().name.clone();
-                if let Err(e) = blocking(&store, move |s| s.change_log_confirm(&name, seq)).await {
+                if let Err(e) = blocking(&work, move |s| s.change_log_confirm(&name, seq)).await {
                     tracing::debug!(mirror = %handle.config().name, error = %e, "confirming the mirror's checkpoint failed");
                 }
             }
             let l = handle.live();
             to_confirm = l.error.is_none().then_some(l.checkpoint);
         }
-        // Shutdown does not wait for a hung database.
+        // Shutdown does not wait for a hung database. A step that takes long (the
+        // mirror's thread yielding the CPU to a catch-up, a busy database) does not
+        // leave `behind` at what it was when the step began.
         let outcome = tokio::select! {
-            r = step(&store, &handle, &metrics, &mut sink) => r,
+            r = step(&work, &handle, &metrics, &mut sink) => r,
+            never = watch_head(&work.store, &handle, &metrics) => match never {},
             _ = stop.wait_for(|s| *s) => return,
         };
         let pause = match outcome {
@@ -453,7 +479,7 @@ pub async fn run(
             Err(e) => {
                 // Reconnect next time: a broken connection is not reused.
                 sink = None;
-                let head = blocking(&store, |s| s.change_log_position())
+                let head = blocking(&work, |s| s.change_log_position())
                     .await
                     .ok()
                     .flatten()
@@ -487,6 +513,30 @@ pub async fn run(
     }
 }
 
+/// While a step runs: every [`POLL`], reads the log's head (on the blocking pool at the
+/// node's priority, not on the mirror's thread, which may be the one waiting for CPU) and
+/// updates `behind` and the lag with it. Never returns.
+async fn watch_head(
+    store: &Arc<Store>,
+    handle: &MirrorHandle,
+    metrics: &NodeMetrics,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let store = store.clone();
+        let head = tokio::task::spawn_blocking(move || store.change_log_position())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if let Some(head) = head {
+            let mut l = handle.live();
+            l.saw(head.seq);
+            metrics.mirror_state(&handle.config().name, l.behind, l.lag(), l.error.is_some());
+        }
+    }
+}
+
 /// Empties the change feed's queue (its messages only say "something changed").
 fn drain(wake: &mut broadcast::Receiver<Change>) {
     loop {
@@ -497,27 +547,35 @@ fn drain(wake: &mut broadcast::Receiver<Change>) {
     }
 }
 
+/// What a mirror's steps read from and run on.
+struct Work {
+    store: Arc<Store>,
+    /// The mirror's own low-priority thread (see [`worker`]).
+    worker: Arc<Worker>,
+}
+
+/// Runs a store read on the mirror's thread.
 async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
+    work: &Work,
     f: impl FnOnce(&Store) -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, MirrorError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| MirrorError::Task(e.to_string()))?
+    let store = work.store.clone();
+    work.worker
+        .run(move || f(&store))
+        .await?
         .map_err(MirrorError::from)
 }
 
 /// One batch (or a whole rebuild).
 async fn step(
-    store: &Arc<Store>,
+    work: &Work,
     handle: &MirrorHandle,
     metrics: &NodeMetrics,
     sink: &mut Option<Sink>,
 ) -> Result<Stepped, MirrorError> {
     let config = handle.config();
     if sink.is_none() {
-        *sink = Some(timed(Sink::open(config)).await?);
+        *sink = Some(timed(Sink::open(config, &work.worker)).await?);
     }
     let Some(s) = sink.as_mut() else {
         return Ok(Stepped::Idle);
@@ -525,18 +583,18 @@ async fn step(
     handle.live().steps += 1;
     let found = s.checkpoint().await?;
     let Some((epoch, at)) = found else {
-        rebuild(store, handle, metrics, s, found).await?;
+        rebuild(work, handle, metrics, s, found).await?;
         return Ok(Stepped::Full);
     };
     let limit = config.batch;
     // The log's position comes with the entries (one read transaction for both).
-    let Some(batch) = blocking(store, move |s| s.changes_since(at, limit)).await? else {
+    let Some(batch) = blocking(work, move |s| s.changes_since(at, limit)).await? else {
         return Err(MirrorError::LogOff);
     };
     let head = batch.position;
     // Below `trimmed`, compaction may have dropped a delete the mirror never wrote.
     if epoch != head.epoch || at > head.seq || at < head.trimmed {
-        rebuild(store, handle, metrics, s, found).await?;
+        rebuild(work, handle, metrics, s, found).await?;
         return Ok(Stepped::Full);
     }
     if batch.last == at {
@@ -564,25 +622,25 @@ async fn step(
 /// then sets the checkpoint to the log position read before the copy (entries after it
 /// are replayed, which rewrites the same or newer values).
 async fn rebuild(
-    store: &Arc<Store>,
+    work: &Work,
     handle: &MirrorHandle,
     metrics: &NodeMetrics,
     sink: &mut Sink,
     found: Option<Checkpoint>,
 ) -> Result<(), MirrorError> {
     let config = handle.config();
-    let Some(start) = blocking(store, |s| s.change_log_position()).await? else {
+    let Some(start) = blocking(work, |s| s.change_log_position()).await? else {
         return Err(MirrorError::LogOff);
     };
     tracing::info!(mirror = %config.name, ?found, epoch = start.epoch, seq = start.seq, "rebuilding the SQL mirror from the store");
     sink.clear().await?;
-    let entities = blocking(store, |s| s.entities()).await?;
+    let entities = blocking(work, |s| s.entities()).await?;
     let mut rows = 0u64;
     for entity in entities.into_iter().filter(|e| config.admits(e)) {
         let mut after = None;
         loop {
             let (e, limit) = (entity.clone(), config.batch);
-            let (page, next) = blocking(store, move |s| s.live_rows(&e, after, limit)).await?;
+            let (page, next) = blocking(work, move |s| s.live_rows(&e, after, limit)).await?;
             rows += page.len() as u64;
             let page: Vec<ChangedRow> = page
                 .into_iter()

@@ -6,10 +6,12 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use super::worker::Worker;
 use super::{
     CHECKPOINT_TABLE, ChangedRow, Checkpoint, MirrorConfig, MirrorError, TABLES_TABLE, ident,
 };
@@ -34,17 +36,24 @@ struct Inner {
 /// An open SQLite mirror file.
 pub(super) struct SqliteSink {
     inner: Option<Inner>,
+    /// Where SQLite's calls run (the mirror's low-priority thread).
+    worker: Arc<Worker>,
 }
 
 impl SqliteSink {
-    pub(super) async fn open(path: PathBuf, config: MirrorConfig) -> Result<Self, MirrorError> {
-        let inner = tokio::task::spawn_blocking(move || open_inner(&path, config))
-            .await
-            .map_err(|e| MirrorError::Task(e.to_string()))??;
-        Ok(SqliteSink { inner: Some(inner) })
+    pub(super) async fn open(
+        path: PathBuf,
+        config: MirrorConfig,
+        worker: Arc<Worker>,
+    ) -> Result<Self, MirrorError> {
+        let inner = worker.run(move || open_inner(&path, config)).await??;
+        Ok(SqliteSink {
+            inner: Some(inner),
+            worker,
+        })
     }
 
-    /// Runs `f` on the blocking pool with the connection.
+    /// Runs `f` on the mirror's thread with the connection.
     async fn with<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut Inner) -> Result<T, rusqlite::Error> + Send + 'static,
@@ -53,12 +62,13 @@ impl SqliteSink {
             .inner
             .take()
             .ok_or_else(|| MirrorError::Task("sqlite connection lost".into()))?;
-        let (inner, r) = tokio::task::spawn_blocking(move || {
-            let r = f(&mut inner);
-            (inner, r)
-        })
-        .await
-        .map_err(|e| MirrorError::Task(e.to_string()))?;
+        let (inner, r) = self
+            .worker
+            .run(move || {
+                let r = f(&mut inner);
+                (inner, r)
+            })
+            .await?;
         self.inner = Some(inner);
         r.map_err(sql)
     }
