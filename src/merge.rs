@@ -551,8 +551,8 @@ impl IdState {
     /// dropped. A part whose leaves span scopes (a value written before scoped identity,
     /// or a forged one) is split by leaf scope: its origin entries and pending names stay
     /// with the winner's scope, and the other scopes keep their leaves' versions as their
-    /// origin entries. Parts of one scope are merged. [`check_id_state`] refuses the shapes
-    /// a merge cannot build, so this is only a normalisation.
+    /// origin entries. Parts of one scope are merged. Each part then meets
+    /// [`check_state`] when it comes from outside ([`check_id_state`]).
     pub fn from_parts(parts: Vec<RecordState>) -> Self {
         let mut out = IdState::default();
         for part in parts {
@@ -586,7 +586,7 @@ impl IdState {
             self.parts
                 .iter()
                 .filter(|p| p.live().is_some() == live)
-                .max_by(|a, b| a.leaves[0].version.cmp(&b.leaves[0].version))
+                .max_by_key(|p| p.winner().map(|w| &w.version))
         };
         best(true).or_else(|| best(false))
     }
@@ -614,11 +614,6 @@ impl IdState {
     /// Whether some scope's record has more than one leaf.
     pub fn has_conflicts(&self) -> bool {
         self.parts.iter().any(|p| p.leaves.len() > 1)
-    }
-
-    /// The greatest version of `node` seen in any scope.
-    pub fn watermark(&self, node: &NodeId) -> Option<&Version> {
-        self.parts.iter().filter_map(|p| p.watermark(node)).max()
     }
 
     /// Only the records of `scopes` (empty: all), what a replica of those scopes holds.
@@ -649,15 +644,15 @@ impl IdState {
         horizon_ms: u64,
         seen: &mut Vec<Equivocation>,
     ) -> Merge {
-        if ev.version.hlc.physical_ms() < horizon_ms {
-            return Merge::Duplicate;
-        }
         match self.slot(&ev.scope) {
-            Ok(i) => self.parts[i].apply_noting(ev, seen),
+            Ok(i) => self.parts[i].apply_above_noting(ev, horizon_ms, seen),
             Err(i) => {
                 let mut part = RecordState::default();
-                let merged = part.apply_noting(ev, seen);
-                self.parts.insert(i, part);
+                let merged = part.apply_above_noting(ev, horizon_ms, seen);
+                // Below the horizon nothing was kept: no record to add.
+                if !part.leaves.is_empty() {
+                    self.parts.insert(i, part);
+                }
                 merged
             }
         }
@@ -790,9 +785,9 @@ pub fn check_state(
     check_shape(state).map_err(|e| QuarantineReason::Malformed(format!("record state: {e}")))
 }
 
-/// [`check_state`] for every scope's record of an id, and the shape [`IdState`] keeps:
-/// every part non-empty, its leaves all of one scope, parts in strictly ascending scope
-/// order (one per scope).
+/// [`check_state`] for every scope's record of an id. The shape of the whole (one
+/// non-empty part per scope, in scope order) needs no check: every way to build an
+/// [`IdState`], decoding included ([`IdState::from_parts`]), keeps it.
 pub fn check_id_state(
     entity: &EntityName,
     id: Uuid,
@@ -800,25 +795,10 @@ pub fn check_id_state(
     now_ms: u64,
     limits: &EventLimits,
 ) -> Result<(), QuarantineReason> {
-    let malformed = |e: String| QuarantineReason::Malformed(format!("record state: {e}"));
-    let mut last: Option<&Scope> = None;
-    for part in &state.parts {
-        let Some(scope) = scope_of(part) else {
-            return Err(malformed("a scope's record without leaves".into()));
-        };
-        if let Some(l) = part.leaves.iter().find(|l| &l.scope != scope) {
-            return Err(malformed(format!(
-                "leaf {} of scope {} among scope {scope}'s",
-                l.version, l.scope
-            )));
-        }
-        if last.is_some_and(|p| p >= scope) {
-            return Err(malformed(format!("scope {scope} out of order")));
-        }
-        last = Some(scope);
-        check_state(entity, id, part, now_ms, limits)?;
-    }
-    Ok(())
+    state
+        .parts
+        .iter()
+        .try_for_each(|part| check_state(entity, id, part, now_ms, limits))
 }
 
 /// The invariants of a [`RecordState`] built by the merge rule.

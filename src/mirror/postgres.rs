@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::{
     CHECKPOINT_TABLE, ChangedRow, Checkpoint, MirrorConfig, MirrorError, TABLES_TABLE, ident,
@@ -99,18 +99,11 @@ impl PgSink {
     /// hold an id's records in two scopes) are dropped with the checkpoint, so the mirror
     /// rebuilds them in the current layout from the store.
     async fn drop_tables_keyed_by_id(&mut self) -> Result<(), MirrorError> {
-        let tables: Vec<String> = self
-            .client
-            .query(&format!("SELECT name FROM {}", ident(TABLES_TABLE)), &[])
-            .await
-            .map_err(sql)?
-            .iter()
-            .map(|r| r.try_get(0).map_err(sql))
-            .collect::<Result<_, _>>()?;
+        // One transaction (DDL included): never the tables dropped but the checkpoint kept.
+        let tx = self.client.transaction().await.map_err(sql)?;
         let mut dropped = false;
-        for t in tables {
-            let keys: Option<i32> = self
-                .client
+        for t in table_names(&tx).await? {
+            let keys: Option<i32> = tx
                 .query_opt(
                     "SELECT array_length(i.indkey::int2[], 1) FROM pg_index i \
                      WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
@@ -122,20 +115,18 @@ impl PgSink {
                 .transpose()?;
             if keys == Some(1) {
                 tracing::warn!(table = %t, "mirror table keyed by id alone (before scoped identity): rebuilt");
-                self.client
-                    .batch_execute(&format!("DROP TABLE {}", ident(&t)))
+                tx.batch_execute(&format!("DROP TABLE {}", ident(&t)))
                     .await
                     .map_err(sql)?;
                 dropped = true;
             }
         }
         if dropped {
-            self.client
-                .execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
+            tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
                 .await
                 .map_err(sql)?;
         }
-        Ok(())
+        tx.commit().await.map_err(sql)
     }
 
     async fn create_table(&mut self, table: &str) -> Result<(), MirrorError> {
@@ -321,18 +312,22 @@ impl PgSink {
         tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
             .await
             .map_err(sql)?;
-        let tables: Vec<String> = tx
-            .query(&format!("SELECT name FROM {}", ident(TABLES_TABLE)), &[])
-            .await
-            .map_err(sql)?
-            .iter()
-            .map(|r| r.try_get(0).map_err(sql))
-            .collect::<Result<_, _>>()?;
-        for t in tables {
+        for t in table_names(&tx).await? {
             tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
                 .await
                 .map_err(sql)?;
         }
         tx.commit().await.map_err(sql)
     }
+}
+
+/// The entity tables the mirror created.
+async fn table_names(client: &impl GenericClient) -> Result<Vec<String>, MirrorError> {
+    client
+        .query(&format!("SELECT name FROM {}", ident(TABLES_TABLE)), &[])
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|r| r.try_get(0).map_err(sql))
+        .collect()
 }

@@ -144,11 +144,7 @@ impl SqliteSink {
         self.with(|i| {
             let tx = i.conn.transaction()?;
             tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])?;
-            let tables: Vec<String> = tx
-                .prepare(&format!("SELECT name FROM {}", ident(TABLES_TABLE)))?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for t in tables {
+            for t in table_names(&tx)? {
                 tx.execute(&format!("DELETE FROM {}", ident(&t)), [])?;
             }
             tx.commit()
@@ -210,13 +206,9 @@ fn open_inner(path: &Path, config: MirrorConfig) -> Result<Inner, MirrorError> {
 /// an id's records in two scopes) are dropped with the checkpoint, so the mirror rebuilds
 /// them in the current layout from the store.
 fn drop_tables_keyed_by_id(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tables: Vec<String> = conn
-        .prepare(&format!("SELECT name FROM {}", ident(TABLES_TABLE)))?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
     let tx = conn.transaction()?;
     let mut dropped = false;
-    for t in tables {
+    for t in table_names(&tx)? {
         let keys: i64 = tx.query_row(
             "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE pk > 0",
             params![t],
@@ -232,6 +224,13 @@ fn drop_tables_keyed_by_id(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])?;
     }
     tx.commit()
+}
+
+/// The entity tables the mirror created.
+fn table_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    conn.prepare(&format!("SELECT name FROM {}", ident(TABLES_TABLE)))?
+        .query_map([], |r| r.get(0))?
+        .collect()
 }
 
 fn create_table(conn: &Connection, config: &MirrorConfig, table: &str) -> rusqlite::Result<()> {

@@ -354,17 +354,12 @@ impl Follow {
                         }));
                     }
                 }
-                Ok(_) => self.ready.push_back(Ok(Raw {
+                // Gone in every scope, or unreadable.
+                other => self.ready.push_back(Ok(Raw {
                     position: at(e.seq),
                     entity: e.entity,
                     id: e.id,
-                    state: Ok(None),
-                })),
-                Err(err) => self.ready.push_back(Ok(Raw {
-                    position: at(e.seq),
-                    entity: e.entity,
-                    id: e.id,
-                    state: Err(err),
+                    state: other.map(|_| None),
                 })),
             }
             before = e.seq;
