@@ -503,7 +503,7 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
     .await;
     let quiet = Instant::now();
     while quiet.elapsed() < Duration::from_secs(25) {
-        let alerts = prom.alerts().await;
+        let alerts = unexplained(prom.alerts().await, d);
         assert!(
             alerts.is_empty(),
             "a healthy idle deployment raised alerts: {alerts:#?}"
@@ -785,9 +785,7 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         .await;
     // And then nothing at all (not ready and the rest included).
     wait_for("every alert to resolve", within, || async {
-        let firing: Vec<_> = prom
-            .alerts()
-            .await
+        let firing: Vec<_> = unexplained(prom.alerts().await, d)
             .into_iter()
             .filter(|(_, state, _)| state == "firing")
             .collect();
@@ -819,6 +817,29 @@ async fn alerts_fire_on_each_fault_and_resolve_and_stay_quiet_on_a_healthy_idle_
         r.ops.shutdown().await;
         r.node.shutdown().await.unwrap();
     }
+}
+
+/// `alerts` less JetsyncDiskSpaceLow when the disk holding `data_dir` really has under 5%
+/// free, as measured here: the rule is then right (a CI machine was seen with that little),
+/// and the deployment is not the healthy one the quiet checks are about.
+fn unexplained(
+    alerts: Vec<(String, String, Value)>,
+    data_dir: &Path,
+) -> Vec<(String, String, Value)> {
+    let v = rustix::fs::statvfs(data_dir).expect("statvfs of the data dir");
+    let low = (v.f_bavail as f64) < 0.05 * v.f_blocks as f64;
+    if low {
+        eprintln!(
+            "note: {} has {} of {} blocks free (under 5%); JetsyncDiskSpaceLow is expected",
+            data_dir.display(),
+            v.f_bavail,
+            v.f_blocks
+        );
+    }
+    alerts
+        .into_iter()
+        .filter(|(name, _, _)| !(low && name == "JetsyncDiskSpaceLow"))
+        .collect()
 }
 
 /// An 8 MiB tmpfs (needs root); unmounted when dropped.
