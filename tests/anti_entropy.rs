@@ -709,6 +709,79 @@ async fn a_requested_round_runs_at_once() {
     }
 }
 
+/// One version and document in two scopes of an id (two records, as a writer equivocating
+/// across scopes makes them), lost from the stream before a fresh node read them:
+/// anti-entropy carries both records to it. Before the scoped hashes the two records'
+/// equal hashes cancelled in every digest and deep-round bucket, the fresh node compared
+/// equal to the node holding them, and this wait timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_version_in_two_scopes_lost_from_the_stream_is_healed() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let settle = Duration::from_millis(500);
+    let a = start(fast(node_config("a", dir.path(), &url), settle)).await;
+
+    let id = Uuid::now_v7();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let v = common::version(now_ms, 0, "ghost");
+    // Writes of a's before and after: the loss is inside the stream, not at its head
+    // (which a fresh node meets as a retention gap, needing a snapshot).
+    write_new(&a, &orders, "_", 1).await;
+    caught_up(&a, &js, "a's first write to be in the stream").await;
+    let mut seqs = Vec::new();
+    for (seq, scope) in [(1, "shop1"), (2, "shop2")] {
+        let mut ev = common::remote_event("orders", id, &v, None, &[], Some(r#"{"by":"ghost"}"#));
+        ev.scope = Scope::new(scope).unwrap();
+        ev.origin_seq = seq;
+        let ack = js
+            .publish(ev.subject("jetsync"), ev.encode().into())
+            .await
+            .unwrap()
+            .await
+            .expect("the stream takes the event");
+        seqs.push(ack.sequence);
+    }
+    let held = |n: &Node| n.store().id_state(&orders, id).unwrap();
+    wait_for(
+        "a to hold both records",
+        Duration::from_secs(30),
+        || async {
+            match held(&a) {
+                Some(s) if s.parts().len() == 2 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    write_new(&a, &orders, "_", 1).await;
+    lose(&js, &seqs).await;
+    let c = start(fast(node_config("c", dir.path(), &url), settle)).await;
+    caught_up(&c, &js, "c to apply what the stream still has").await;
+    assert!(held(&c).is_none(), "c never read the lost events");
+
+    let _ops = [start_ops(&a).await, start_ops(&c).await];
+    wait_for(
+        "anti-entropy to carry both records to c",
+        Duration::from_secs(30),
+        || async {
+            let (want, got) = (held(&a), held(&c));
+            (got == want)
+                .then_some(())
+                .ok_or(format!("a {want:?}\nc {got:?}"))
+        },
+    )
+    .await;
+    for n in [a, c] {
+        n.shutdown().await.unwrap();
+    }
+}
+
 /// Not a check: what a round costs on a converged deployment of `JETSYNC_AE_RECORDS`
 /// records (default 20,000) on two nodes, printed (`cargo test --test anti_entropy
 /// measure -- --ignored --nocapture`; a debug build, so only the proportions mean much).

@@ -195,6 +195,59 @@ fn a_merged_state_with_a_forged_own_version_follows_the_same_rule() {
     assert!(snapshot(&x, &e) == snapshot(&b, &e));
 }
 
+/// One origin's version and document written into two scopes of one id (two records, as
+/// a writer equivocating across scopes makes) count in every hash replicas compare: before,
+/// the two records' equal hashes cancelled in the XOR, so a replica holding both looked
+/// like one holding neither and anti-entropy never carried them. A replica of one scope
+/// still hashes that scope as a full replica's projection does.
+#[test]
+fn one_version_and_document_in_two_scopes_do_not_cancel_in_the_hashes() {
+    let e = entity("items");
+    let id = Uuid::new_v4();
+    let v = version(1_000, 0, "ghost");
+    let in_scope = |scope: &str| ChangeEvent {
+        scope: jetsync::Scope::new(scope).expect("scope"),
+        ..forged(id, &v, GOOD)
+    };
+    let mut both = open("both");
+    both.deliver_events(&[in_scope("shop1"), in_scope("shop2")]);
+    let mut one = open("one");
+    one.deliver_events(&[in_scope("shop1")]);
+    let none = open("none");
+    assert_eq!(
+        both.store
+            .id_state(&e, id)
+            .expect("state")
+            .expect("held")
+            .parts()
+            .len(),
+        2
+    );
+
+    let verify = |t: &TestStore, scopes: &[&str]| {
+        let scopes: Vec<jetsync::Scope> = scopes
+            .iter()
+            .map(|s| jetsync::Scope::new(*s).expect("scope"))
+            .collect();
+        t.store.verify_hashes(&e, &scopes).expect("verify").buckets
+    };
+    let digest = |t: &TestStore| t.store.digest(&e).expect("digest").buckets;
+    assert_ne!(
+        verify(&both, &[]),
+        verify(&none, &[]),
+        "verify: both records cancelled out"
+    );
+    assert_ne!(verify(&both, &[]), verify(&one, &[]));
+    assert_ne!(
+        digest(&both),
+        digest(&none),
+        "digest: both records cancelled out"
+    );
+    assert_ne!(digest(&both), digest(&one));
+    assert_eq!(verify(&both, &["shop1"]), verify(&one, &["shop1"]));
+    assert_eq!(verify(&both, &["shop1", "shop2"]), verify(&both, &[]));
+}
+
 /// A history of remote events on three records from three origins (one never running),
 /// each naming an earlier version of its record or nothing, plus equivocating twins.
 fn history(steps: &[(u8, u8, u8)], twins: &[(prop::sample::Index, u8)]) -> Vec<ChangeEvent> {

@@ -66,6 +66,9 @@ pub(super) const K_LIMITS: &str = "limits";
 /// The greatest JetStream timestamp applied: compaction's clock (see
 /// [`Store::compact`](super::Store::compact)).
 pub(super) const K_APPLIED_MS: &str = "applied_stream_ms";
+/// Present once the digests were computed with scope-bound hashes
+/// ([`crate::digest::ScopedXor`]); a file without it has them recomputed at open.
+pub(super) const K_DIGESTS_SCOPED: &str = "digests_scoped";
 
 pub(super) type RecordTable<'t> = Table<'t, u128, &'static [u8]>;
 
@@ -201,6 +204,18 @@ pub(super) fn init_or_check(
         txn.open_table(DAMAGED).map_err(StorageError::from)?;
         txn.open_table(HORIZONS).map_err(StorageError::from)?;
         txn.open_table(REFUSED).map_err(StorageError::from)?;
+        if meta
+            .get(K_DIGESTS_SCOPED)
+            .map_err(StorageError::from)?
+            .is_none()
+        {
+            let entities = super::tx::recompute_digests(&txn)?;
+            if entities > 0 {
+                tracing::info!(entities, "digests recomputed with scope-bound hashes");
+            }
+            meta.insert(K_DIGESTS_SCOPED, [1u8].as_slice())
+                .map_err(StorageError::from)?;
+        }
         let secret = match meta.get(K_MSGID_SECRET).map_err(StorageError::from)? {
             Some(g) => g.value().to_vec(),
             None => Vec::new(),
@@ -456,5 +471,73 @@ mod tests {
             store.meta_get("x.mine").unwrap().as_deref(),
             Some(&b"v"[..])
         );
+    }
+
+    /// A file from before the scope-bound hashes, holding a value whose leaves span scopes
+    /// (the old rule merged two scopes' concurrent writes of an id into one record) and
+    /// the digest that rule gave (its one winner's hash): opened, the digest is what the
+    /// split records give, bound to their scopes, and the file is marked so it is done
+    /// once.
+    #[test]
+    fn a_file_from_before_scoped_hashes_has_its_digests_recomputed_at_open() {
+        use crate::digest::{Digest, ScopedXor, bucket_of, leaf_hash};
+        use crate::ids::Scope;
+
+        let (dir, store) = temp_store();
+        let path = store.path().to_path_buf();
+        let e = EntityName::new("items").unwrap();
+        let id = Uuid::new_v4();
+        let leaf = |ms: u64, node: &str, scope: &str| Leaf {
+            version: Version::new(Hlc::new(ms, 0).unwrap(), NodeId::new(node).unwrap()),
+            scope: Scope::new(scope).unwrap(),
+            base: None,
+            resolves: Vec::new(),
+            origin_seq: 1,
+            doc: Some(format!(r#"{{"by":"{node}"}}"#)),
+        };
+        let (winner, other) = (leaf(2_000, "y", "shop2"), leaf(1_000, "x", "shop1"));
+        let old = RecordState {
+            origins: vec![other.version.clone(), winner.version.clone()],
+            leaves: vec![winner.clone(), other.clone()],
+            pending: Vec::new(),
+        };
+        let mut old_digest = Digest::default();
+        old_digest.xor(bucket_of(&id), leaf_hash(&id, &winner));
+        let txn = store.begin_write().unwrap();
+        txn.open_table(records_def(&records_table_name(&e)))
+            .unwrap()
+            .insert(
+                id.as_u128(),
+                append_checksum(postcard::to_stdvec(&old).unwrap()).as_slice(),
+            )
+            .unwrap();
+        txn.open_table(DIGESTS)
+            .unwrap()
+            .insert(e.as_str(), old_digest.to_bytes().as_slice())
+            .unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .remove(K_DIGESTS_SCOPED)
+            .unwrap();
+        txn.commit().unwrap();
+        assert!(store.digest(&e).unwrap() == old_digest);
+        drop(store);
+
+        let store = Store::open(path, NodeId::new("n1").unwrap(), Default::default()).unwrap();
+        assert_eq!(store.id_state(&e, id).unwrap().unwrap().parts().len(), 2);
+        let mut want = Digest::default();
+        let both: ScopedXor = [
+            (&winner.scope, leaf_hash(&id, &winner)),
+            (&other.scope, leaf_hash(&id, &other)),
+        ]
+        .into_iter()
+        .collect();
+        want.xor(bucket_of(&id), both.finish().unwrap());
+        assert!(
+            store.digest(&e).unwrap() == want,
+            "the digest was recomputed"
+        );
+        assert!(store.meta_get(K_DIGESTS_SCOPED).unwrap().is_some());
+        drop(dir);
     }
 }

@@ -19,7 +19,7 @@ use super::quarantine::{QuarantineRow, QuarantineTables};
 use super::tx::{Before, DamagedRow, Tx, warn_equivocation};
 use super::{Incoming, Store};
 use crate::clock::Hlc;
-use crate::digest::{BUCKETS, bucket_of};
+use crate::digest::{BUCKETS, ScopedXor, bucket_of};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge;
@@ -172,14 +172,15 @@ pub struct DamagedEntry {
 
 /// The hash verification compares for one id; `None` if it counts as absent (every
 /// scope's record absent: no leaf, or only a tombstone). An id in one scope hashes as
-/// before scoped identity; several scopes' hashes are XORed.
+/// before scoped identity; several scopes' hashes combine by [`ScopedXor`].
 pub fn verify_hash(id: &Uuid, state: &IdState) -> Option<u128> {
     state
         .parts()
         .iter()
-        .filter(|p| !(p.leaves.len() == 1 && p.leaves[0].is_tombstone() || p.leaves.is_empty()))
-        .map(|p| part_hash(id, p))
-        .reduce(|a, b| a ^ b)
+        .filter(|p| !(p.leaves.len() == 1 && p.leaves[0].is_tombstone()))
+        .filter_map(|p| Some((&p.leaves.first()?.scope, part_hash(id, p))))
+        .collect::<ScopedXor>()
+        .finish()
 }
 
 /// An id's leaves hashed, a record whose only leaf is a tombstone included (what
@@ -189,9 +190,9 @@ pub(super) fn leaves_hash(id: &Uuid, state: &IdState) -> Option<u128> {
     state
         .parts()
         .iter()
-        .filter(|p| !p.leaves.is_empty())
-        .map(|p| part_hash(id, p))
-        .reduce(|a, b| a ^ b)
+        .filter_map(|p| Some((&p.leaves.first()?.scope, part_hash(id, p))))
+        .collect::<ScopedXor>()
+        .finish()
 }
 
 /// One scope's record's leaves hashed.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, Table, TableHandle, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,10 +12,11 @@ use super::codec::{
     checked_body, decode_digest, decode_state, decode_state_body, encode_postcard, encode_state,
 };
 use super::format::{
-    CONFLICTS, DAMAGED, DIGESTS, HORIZONS, RecordTable, records_def, records_table_name,
+    CONFLICTS, DAMAGED, DIGESTS, HORIZONS, RECORDS_PREFIX, RecordTable, records_def,
+    records_table_name,
 };
 use crate::clock::{Version, WallClock};
-use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
+use crate::digest::{BUCKETS, Digest, ScopedXor, bucket_of, leaf_hash};
 use crate::error::StorageError;
 use crate::event::ChangeEvent;
 use crate::ids::{EntityName, Scope};
@@ -66,14 +67,17 @@ impl PartView {
     }
 }
 
-/// The id's contribution to its entity's live digest: the XOR of each scope's live
-/// winner's hash (0: nothing live).
+/// The id's contribution to its entity's live digest: each scope's live winner's hash,
+/// combined by [`ScopedXor`] (0: nothing live).
 pub(super) fn live_hash(id: &Uuid, state: &IdState) -> u128 {
     state
         .parts()
         .iter()
         .filter_map(|p| p.live())
-        .fold(0, |h, l| h ^ leaf_hash(id, l))
+        .map(|l| (&l.scope, leaf_hash(id, l)))
+        .collect::<ScopedXor>()
+        .finish()
+        .unwrap_or(0)
 }
 
 impl Before {
@@ -84,7 +88,12 @@ impl Before {
             .filter_map(|p| PartView::of(id, p))
             .collect();
         Before {
-            hash: parts.iter().filter_map(|p| p.hash).fold(0, |h, x| h ^ x),
+            hash: parts
+                .iter()
+                .filter_map(|p| Some((&p.scope, p.hash?)))
+                .collect::<ScopedXor>()
+                .finish()
+                .unwrap_or(0),
             conflicted: state.has_conflicts(),
             parts,
         }
@@ -205,14 +214,16 @@ impl<'t> Tx<'t> {
         state: &IdState,
     ) -> Result<(), StorageError> {
         // Each scope's record: its live hash (computed once) and whether it changed.
-        let mut after_hash = 0;
+        let mut after_hash = ScopedXor::default();
         let mut changed = Vec::new();
         for part in state.parts() {
             let Some(w) = part.winner() else {
                 continue;
             };
             let hash = part.live().map(|l| leaf_hash(&id, l));
-            after_hash ^= hash.unwrap_or(0);
+            if let Some(h) = hash {
+                after_hash.add(&w.scope, h);
+            }
             let leaves = part.leaves.len();
             // The hash too: an equivocation can change the winner's content, not its version.
             let same = before.parts.iter().any(|b| {
@@ -229,6 +240,7 @@ impl<'t> Tx<'t> {
                 });
             }
         }
+        let after_hash = after_hash.finish().unwrap_or(0);
         if before.hash != after_hash {
             let delta = self.digest_delta.entry(entity.clone()).or_default();
             delta.xor(bucket_of(&id), before.hash ^ after_hash);
@@ -297,6 +309,24 @@ pub(super) fn warn_equivocation(entity: &EntityName, id: Uuid, eq: &Equivocation
 }
 
 /// The digest of a whole record table, recomputed. Damaged records contribute nothing.
+/// Recomputes every entity's digest from its records; returns how many entities. Run once
+/// per store file for the scope-bound hashes: before them, a value whose leaves spanned
+/// scopes contributed its one winner's hash, and two scopes' records of one id could
+/// cancel, so a stored digest could differ from what its records now give.
+pub(super) fn recompute_digests(txn: &WriteTransaction) -> Result<usize, StorageError> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(RECORDS_PREFIX))
+        .collect();
+    let mut digests = txn.open_table(DIGESTS)?;
+    for name in &names {
+        let digest = digest_of(&txn.open_table(records_def(name))?)?;
+        digests.insert(&name[RECORDS_PREFIX.len()..], digest.to_bytes().as_slice())?;
+    }
+    Ok(names.len())
+}
+
 fn digest_of(table: &impl ReadableTable<u128, &'static [u8]>) -> Result<Digest, StorageError> {
     let mut digest = Digest::default();
     for row in table.iter()? {
