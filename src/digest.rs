@@ -5,8 +5,8 @@
 //! update incrementally (remove the old winner's hash, add the new one); the buckets let two
 //! stores find which slice of ids differs before comparing records. Tombstones contribute
 //! nothing, so a deleted record and one never written compare equal, and compaction of
-//! tombstones does not move the digest. An id held in several scopes (several records)
-//! contributes its records' hashes each bound to its scope ([`ScopedXor`]).
+//! tombstones does not move the digest. A record's hash is bound to its scope
+//! ([`scoped`]): an id held in several scopes is several records.
 
 use std::fmt;
 
@@ -34,7 +34,7 @@ pub fn cell_of(id: &Uuid) -> u16 {
     (xxh3_64(id.as_bytes()) & 0xffff) as u16
 }
 
-/// The hash a live winner contributes.
+/// The hash a live winner contributes (bound to its record's scope).
 pub fn leaf_hash(id: &Uuid, leaf: &Leaf) -> u128 {
     let mut h = Xxh3::new();
     h.update(id.as_bytes());
@@ -42,53 +42,24 @@ pub fn leaf_hash(id: &Uuid, leaf: &Leaf) -> u128 {
     h.update(&[leaf.version.node.as_str().len() as u8]);
     h.update(leaf.version.node.as_str().as_bytes());
     h.update(leaf.doc.as_deref().unwrap_or_default().as_bytes());
-    h.digest128()
+    scoped(&leaf.scope, h.digest128())
 }
 
-/// One id's record hashes, one per scope, combined into what the id contributes to a
-/// digest or hash bucket. A single record's hash stands as it is (as before scoped
-/// identity, so ids in one scope hash as older peers hash them); with several, each is
-/// bound to its scope first, since XOR alone cancels two scopes holding the same version
-/// and document, and a replica holding both would compare equal to one holding neither.
-#[derive(Default)]
-pub struct ScopedXor<'a> {
-    first: Option<(&'a Scope, u128)>,
-    bound: u128,
-    records: usize,
-}
+/// How record hashes are computed; reported with verification hashes so that nodes of
+/// different builds do not take a hashing difference for divergence. 1: a record outside
+/// the default scope has its hash bound to its scope ([`scoped`]); 0 (an older build):
+/// no record's was.
+pub const HASHING: u32 = 1;
 
-impl<'a> ScopedXor<'a> {
-    /// Adds one record's hash.
-    pub fn add(&mut self, scope: &'a Scope, hash: u128) {
-        match (self.records, self.first) {
-            (0, _) => self.first = Some((scope, hash)),
-            (1, Some((s, h))) => self.bound = bound(s, h) ^ bound(scope, hash),
-            _ => self.bound ^= bound(scope, hash),
-        }
-        self.records += 1;
+/// A record's hash bound to its scope, unless the scope is the default one (whose records
+/// hash as before scopes were part of identity, so a deployment without scopes compares
+/// with older builds). Without it, the records of one id in two scopes holding the same
+/// version and document cancel in an XOR, and replicas holding the same id's version in
+/// different scopes compare equal.
+pub fn scoped(scope: &Scope, hash: u128) -> u128 {
+    if *scope == Scope::default() {
+        return hash;
     }
-
-    /// The combined hash; `None` without records.
-    pub fn finish(&self) -> Option<u128> {
-        match (self.records, self.first) {
-            (0, _) => None,
-            (1, Some((_, h))) => Some(h),
-            _ => Some(self.bound),
-        }
-    }
-}
-
-impl<'a> FromIterator<(&'a Scope, u128)> for ScopedXor<'a> {
-    fn from_iter<I: IntoIterator<Item = (&'a Scope, u128)>>(records: I) -> Self {
-        let mut x = ScopedXor::default();
-        for (scope, hash) in records {
-            x.add(scope, hash);
-        }
-        x
-    }
-}
-
-fn bound(scope: &Scope, hash: u128) -> u128 {
     let mut h = Xxh3::new();
     h.update(&hash.to_le_bytes());
     h.update(scope.as_str().as_bytes());

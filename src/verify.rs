@@ -20,6 +20,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::api::{ApiClient, ApiError, StateEntry};
+use crate::digest::HASHING;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge::IdState;
 use crate::metrics::AntiEntropyStatus;
@@ -216,16 +217,37 @@ pub enum VerifyError {
         /// This build's format.
         supported: u32,
     },
+    /// A node hashes records as another build does: records outside the default scope
+    /// hash differently on the two whatever they hold, so differing hashes say nothing.
+    #[error(
+        "node {node} hashes records as {} jetsync does (hashing {found}, this one          {supported}): records outside the default scope hash differently on the two, so          the hashes cannot be compared; upgrade node {node} and verify again",
+        if *found < *supported { "an older" } else { "a newer" }
+    )]
+    Hashing {
+        /// The node of the other hashing.
+        node: String,
+        /// The hashing it reported (0: none, an older build).
+        found: u32,
+        /// This build's hashing.
+        supported: u32,
+    },
 }
 
 /// Differing buckets lead to comparing record states, which only nodes of this build's
 /// store format can exchange.
 pub(crate) fn check_formats(sides: [(&str, &VerifyHashes); 2]) -> Result<(), VerifyError> {
-    match sides.iter().find(|(_, h)| h.format != FORMAT_VERSION) {
-        Some((node, h)) => Err(VerifyError::StoreFormat {
+    if let Some((node, h)) = sides.iter().find(|(_, h)| h.format != FORMAT_VERSION) {
+        return Err(VerifyError::StoreFormat {
             node: node.to_string(),
             found: h.format,
             supported: FORMAT_VERSION,
+        });
+    }
+    match sides.iter().find(|(_, h)| h.hashing != HASHING) {
+        Some((node, h)) => Err(VerifyError::Hashing {
+            node: node.to_string(),
+            found: h.hashing,
+            supported: HASHING,
         }),
         None => Ok(()),
     }
@@ -588,7 +610,25 @@ mod tests {
             damaged: vec![],
             records: 0,
             format,
+            hashing: HASHING,
         }
+    }
+
+    #[test]
+    fn hashes_are_compared_only_between_nodes_that_hash_alike() {
+        let this = hashes(FORMAT_VERSION);
+        // An older build's reply has no `hashing`.
+        let mut old: serde_json::Value = serde_json::to_value(&this).unwrap();
+        old.as_object_mut().unwrap().remove("hashing");
+        let old: VerifyHashes = serde_json::from_value(old).unwrap();
+        assert_eq!(old.hashing, 0);
+        let e = check_formats([("a", &this), ("b", &old)]).unwrap_err();
+        assert!(matches!(&e, VerifyError::Hashing { node, found: 0, .. } if node == "b"));
+        let text = e.to_string();
+        assert!(
+            text.contains("an older jetsync") && text.contains("upgrade node b"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -709,11 +709,57 @@ async fn a_requested_round_runs_at_once() {
     }
 }
 
-/// One version and document in two scopes of an id (two records, as a writer equivocating
-/// across scopes makes them), lost from the stream before a fresh node read them:
-/// anti-entropy carries both records to it. Before the scoped hashes the two records'
-/// equal hashes cancelled in every digest and deep-round bucket, the fresh node compared
-/// equal to the node holding them, and this wait timed out.
+/// Publishes `ghost`'s event for `id` in `scope` (one version and document, whatever the
+/// scope, as a writer equivocating across scopes makes them); returns its stream sequence.
+async fn publish_ghost(
+    js: &async_nats::jetstream::Context,
+    id: Uuid,
+    v: &jetsync::Version,
+    origin_seq: u64,
+    scope: &str,
+) -> u64 {
+    let mut ev = common::remote_event("orders", id, v, None, &[], Some(r#"{"by":"ghost"}"#));
+    ev.scope = Scope::new(scope).unwrap();
+    ev.origin_seq = origin_seq;
+    js.publish(ev.subject("jetsync"), ev.encode().into())
+        .await
+        .unwrap()
+        .await
+        .expect("the stream takes the event")
+        .sequence
+}
+
+fn ghost_version() -> jetsync::Version {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    common::version(now_ms, 0, "ghost")
+}
+
+/// How many records (scopes) `node` holds of `id`.
+fn records_of(node: &Node, id: Uuid) -> usize {
+    let orders = entity("orders");
+    node.store()
+        .id_state(&orders, id)
+        .unwrap()
+        .map_or(0, |s| s.parts().len())
+}
+
+/// Waits until `node` holds `n` records of `id`.
+async fn holds(node: &Node, id: Uuid, n: usize, what: &str) {
+    wait_for(what, Duration::from_secs(30), || async {
+        let held = records_of(node, id);
+        (held == n).then_some(()).ok_or(format!("{held} records"))
+    })
+    .await;
+}
+
+/// One version and document in two scopes of an id (two records), lost from the stream
+/// before a fresh node read them: anti-entropy carries both records to it. Before the
+/// scope-bound hashes the two records' equal hashes cancelled in every digest and
+/// deep-round bucket, the fresh node compared equal to the node holding them, and this
+/// wait timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_version_in_two_scopes_lost_from_the_stream_is_healed() {
     let server = NatsServer::start().expect("nats-server starts");
@@ -724,62 +770,88 @@ async fn one_version_in_two_scopes_lost_from_the_stream_is_healed() {
     let settle = Duration::from_millis(500);
     let a = start(fast(node_config("a", dir.path(), &url), settle)).await;
 
-    let id = Uuid::now_v7();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let v = common::version(now_ms, 0, "ghost");
     // Writes of a's before and after: the loss is inside the stream, not at its head
     // (which a fresh node meets as a retention gap, needing a snapshot).
     write_new(&a, &orders, "_", 1).await;
     caught_up(&a, &js, "a's first write to be in the stream").await;
-    let mut seqs = Vec::new();
-    for (seq, scope) in [(1, "shop1"), (2, "shop2")] {
-        let mut ev = common::remote_event("orders", id, &v, None, &[], Some(r#"{"by":"ghost"}"#));
-        ev.scope = Scope::new(scope).unwrap();
-        ev.origin_seq = seq;
-        let ack = js
-            .publish(ev.subject("jetsync"), ev.encode().into())
-            .await
-            .unwrap()
-            .await
-            .expect("the stream takes the event");
-        seqs.push(ack.sequence);
-    }
-    let held = |n: &Node| n.store().id_state(&orders, id).unwrap();
-    wait_for(
-        "a to hold both records",
-        Duration::from_secs(30),
-        || async {
-            match held(&a) {
-                Some(s) if s.parts().len() == 2 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    let (id, v) = (Uuid::now_v7(), ghost_version());
+    let seqs = vec![
+        publish_ghost(&js, id, &v, 1, "shop1").await,
+        publish_ghost(&js, id, &v, 2, "shop2").await,
+    ];
+    holds(&a, id, 2, "a to hold both records").await;
     write_new(&a, &orders, "_", 1).await;
     lose(&js, &seqs).await;
     let c = start(fast(node_config("c", dir.path(), &url), settle)).await;
     caught_up(&c, &js, "c to apply what the stream still has").await;
-    assert!(held(&c).is_none(), "c never read the lost events");
+    assert_eq!(records_of(&c, id), 0, "c never read the lost events");
 
     let _ops = [start_ops(&a).await, start_ops(&c).await];
-    wait_for(
-        "anti-entropy to carry both records to c",
-        Duration::from_secs(30),
-        || async {
-            let (want, got) = (held(&a), held(&c));
-            (got == want)
-                .then_some(())
-                .ok_or(format!("a {want:?}\nc {got:?}"))
-        },
-    )
-    .await;
+    holds(&c, id, 2, "anti-entropy to carry both records to c").await;
     for n in [a, c] {
         n.shutdown().await.unwrap();
     }
+}
+
+/// The same version and document in two scopes of an id, each record on one node only
+/// (each node missed the other's event): anti-entropy gives each node the other's. Before
+/// the scope-bound hashes both nodes' hashes were equal and neither was ever healed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_version_held_in_different_scopes_by_two_nodes_is_healed() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let orders = entity("orders");
+    let settle = Duration::from_millis(500);
+    let a_config = fast(node_config("a", dir.path(), &url), settle);
+    let a = start(a_config.clone()).await;
+    write_new(&a, &orders, "_", 1).await;
+    caught_up(&a, &js, "a's first write to be in the stream").await;
+    let (id, v) = (Uuid::now_v7(), ghost_version());
+
+    // a reads the shop1 event, which the stream then loses; c, started after, reads the
+    // shop2 event, which the stream loses before a comes back.
+    let first = publish_ghost(&js, id, &v, 1, "shop1").await;
+    holds(&a, id, 1, "a to hold the shop1 record").await;
+    a.shutdown().await.unwrap();
+    write_new_raw(&js, &orders).await;
+    lose(&js, &[first]).await;
+    let second = publish_ghost(&js, id, &v, 2, "shop2").await;
+    let c = start(fast(node_config("c", dir.path(), &url), settle)).await;
+    write_new(&c, &orders, "_", 1).await;
+    caught_up(&c, &js, "c to apply what the stream still has").await;
+    lose(&js, &[second]).await;
+    let a = start(a_config).await;
+    caught_up(&a, &js, "a to apply what the stream still has").await;
+    let scope_of = |n: &Node| {
+        n.store()
+            .id_state(&orders, id)
+            .unwrap()
+            .map(|s| s.parts()[0].leaves[0].scope.to_string())
+    };
+    assert_eq!(scope_of(&a).as_deref(), Some("shop1"), "a holds shop1 only");
+    assert_eq!(scope_of(&c).as_deref(), Some("shop2"), "c holds shop2 only");
+    assert_eq!((records_of(&a, id), records_of(&c, id)), (1, 1));
+
+    let _ops = [start_ops(&a).await, start_ops(&c).await];
+    holds(&a, id, 2, "anti-entropy to give a the shop2 record").await;
+    holds(&c, id, 2, "anti-entropy to give c the shop1 record").await;
+    for n in [a, c] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// An event of another writer's, published straight to the stream: what keeps the
+/// losses made here inside the stream while no node is running.
+async fn write_new_raw(js: &async_nats::jetstream::Context, orders: &EntityName) {
+    let v = common::version(ghost_version().hlc.physical_ms(), 0, "filler");
+    let ev = common::remote_event(orders.as_str(), Uuid::now_v7(), &v, None, &[], Some("{}"));
+    js.publish(ev.subject("jetsync"), ev.encode().into())
+        .await
+        .unwrap()
+        .await
+        .expect("the stream takes the event");
 }
 
 /// Not a check: what a round costs on a converged deployment of `JETSYNC_AE_RECORDS`

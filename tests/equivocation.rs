@@ -198,8 +198,9 @@ fn a_merged_state_with_a_forged_own_version_follows_the_same_rule() {
 /// One origin's version and document written into two scopes of one id (two records, as
 /// a writer equivocating across scopes makes) count in every hash replicas compare: before,
 /// the two records' equal hashes cancelled in the XOR, so a replica holding both looked
-/// like one holding neither and anti-entropy never carried them. A replica of one scope
-/// still hashes that scope as a full replica's projection does.
+/// like one holding neither and anti-entropy never carried them; and a replica holding
+/// only the first looked like one holding only the second. A replica of one scope still
+/// hashes that scope as a full replica's projection does.
 #[test]
 fn one_version_and_document_in_two_scopes_do_not_cancel_in_the_hashes() {
     let e = entity("items");
@@ -213,6 +214,8 @@ fn one_version_and_document_in_two_scopes_do_not_cancel_in_the_hashes() {
     both.deliver_events(&[in_scope("shop1"), in_scope("shop2")]);
     let mut one = open("one");
     one.deliver_events(&[in_scope("shop1")]);
+    let mut other = open("other");
+    other.deliver_events(&[in_scope("shop2")]);
     let none = open("none");
     assert_eq!(
         both.store
@@ -244,6 +247,16 @@ fn one_version_and_document_in_two_scopes_do_not_cancel_in_the_hashes() {
         "digest: both records cancelled out"
     );
     assert_ne!(digest(&both), digest(&one));
+    assert_ne!(
+        verify(&one, &[]),
+        verify(&other, &[]),
+        "verify: the scope is not bound"
+    );
+    assert_ne!(
+        digest(&one),
+        digest(&other),
+        "digest: the scope is not bound"
+    );
     assert_eq!(verify(&both, &["shop1"]), verify(&one, &["shop1"]));
     assert_eq!(verify(&both, &["shop1", "shop2"]), verify(&both, &[]));
 }

@@ -19,7 +19,7 @@ use super::quarantine::{QuarantineRow, QuarantineTables};
 use super::tx::{Before, DamagedRow, Tx, warn_equivocation};
 use super::{Incoming, Store};
 use crate::clock::Hlc;
-use crate::digest::{BUCKETS, ScopedXor, bucket_of};
+use crate::digest::{BUCKETS, HASHING, bucket_of, scoped};
 use crate::error::StorageError;
 use crate::ids::{EntityFilter, EntityName, Scope};
 use crate::merge;
@@ -145,6 +145,11 @@ pub struct VerifyHashes {
     /// 2 or older). Record states of different formats cannot be compared.
     #[serde(default)]
     pub format: u32,
+    /// How the node hashes records ([`crate::digest::HASHING`]; 0: not reported, an older
+    /// build). Hashes of different hashing differ for records of a scope other than the
+    /// default, whatever the records hold.
+    #[serde(default)]
+    pub hashing: u32,
 }
 
 /// A record as verification compares it: its state, or the fact that it is damaged.
@@ -171,16 +176,14 @@ pub struct DamagedEntry {
 }
 
 /// The hash verification compares for one id; `None` if it counts as absent (every
-/// scope's record absent: no leaf, or only a tombstone). An id in one scope hashes as
-/// before scoped identity; several scopes' hashes combine by [`ScopedXor`].
+/// scope's record absent: no leaf, or only a tombstone). Its records' hashes, XORed.
 pub fn verify_hash(id: &Uuid, state: &IdState) -> Option<u128> {
     state
         .parts()
         .iter()
         .filter(|p| !(p.leaves.len() == 1 && p.leaves[0].is_tombstone()))
-        .filter_map(|p| Some((&p.leaves.first()?.scope, part_hash(id, p))))
-        .collect::<ScopedXor>()
-        .finish()
+        .filter_map(|p| part_hash(id, p))
+        .reduce(|a, b| a ^ b)
 }
 
 /// An id's leaves hashed, a record whose only leaf is a tombstone included (what
@@ -190,13 +193,13 @@ pub(super) fn leaves_hash(id: &Uuid, state: &IdState) -> Option<u128> {
     state
         .parts()
         .iter()
-        .filter_map(|p| Some((&p.leaves.first()?.scope, part_hash(id, p))))
-        .collect::<ScopedXor>()
-        .finish()
+        .filter_map(|p| part_hash(id, p))
+        .reduce(|a, b| a ^ b)
 }
 
-/// One scope's record's leaves hashed.
-fn part_hash(id: &Uuid, state: &RecordState) -> u128 {
+/// One scope's record's leaves hashed, bound to its scope; `None` without leaves.
+fn part_hash(id: &Uuid, state: &RecordState) -> Option<u128> {
+    let scope = &state.leaves.first()?.scope;
     let mut h = Xxh3::new();
     h.update(id.as_bytes());
     for leaf in &state.leaves {
@@ -212,7 +215,7 @@ fn part_hash(id: &Uuid, state: &RecordState) -> u128 {
             None => h.update(&[0]),
         }
     }
-    h.digest128()
+    Some(scoped(scope, h.digest128()))
 }
 
 impl Store {
@@ -418,6 +421,7 @@ impl Store {
             damaged: Vec::new(),
             records: 0,
             format: super::FORMAT_VERSION,
+            hashing: HASHING,
         };
         let txn = self.read()?;
         let Some(table) = open_records_read(&txn, entity)? else {
@@ -482,6 +486,7 @@ impl Store {
             damaged: Vec::new(),
             records: 0,
             format: super::FORMAT_VERSION,
+            hashing: HASHING,
         })
     }
 

@@ -16,7 +16,7 @@ use super::format::{
     records_table_name,
 };
 use crate::clock::{Version, WallClock};
-use crate::digest::{BUCKETS, Digest, ScopedXor, bucket_of, leaf_hash};
+use crate::digest::{BUCKETS, Digest, bucket_of, leaf_hash};
 use crate::error::StorageError;
 use crate::event::ChangeEvent;
 use crate::ids::{EntityName, Scope};
@@ -67,17 +67,14 @@ impl PartView {
     }
 }
 
-/// The id's contribution to its entity's live digest: each scope's live winner's hash,
-/// combined by [`ScopedXor`] (0: nothing live).
+/// The id's contribution to its entity's live digest: the XOR of each scope's live
+/// winner's hash (0: nothing live).
 pub(super) fn live_hash(id: &Uuid, state: &IdState) -> u128 {
     state
         .parts()
         .iter()
         .filter_map(|p| p.live())
-        .map(|l| (&l.scope, leaf_hash(id, l)))
-        .collect::<ScopedXor>()
-        .finish()
-        .unwrap_or(0)
+        .fold(0, |h, l| h ^ leaf_hash(id, l))
 }
 
 impl Before {
@@ -88,12 +85,7 @@ impl Before {
             .filter_map(|p| PartView::of(id, p))
             .collect();
         Before {
-            hash: parts
-                .iter()
-                .filter_map(|p| Some((&p.scope, p.hash?)))
-                .collect::<ScopedXor>()
-                .finish()
-                .unwrap_or(0),
+            hash: parts.iter().filter_map(|p| p.hash).fold(0, |h, x| h ^ x),
             conflicted: state.has_conflicts(),
             parts,
         }
@@ -214,16 +206,14 @@ impl<'t> Tx<'t> {
         state: &IdState,
     ) -> Result<(), StorageError> {
         // Each scope's record: its live hash (computed once) and whether it changed.
-        let mut after_hash = ScopedXor::default();
+        let mut after_hash = 0;
         let mut changed = Vec::new();
         for part in state.parts() {
             let Some(w) = part.winner() else {
                 continue;
             };
             let hash = part.live().map(|l| leaf_hash(&id, l));
-            if let Some(h) = hash {
-                after_hash.add(&w.scope, h);
-            }
+            after_hash ^= hash.unwrap_or(0);
             let leaves = part.leaves.len();
             // The hash too: an equivocation can change the winner's content, not its version.
             let same = before.parts.iter().any(|b| {
@@ -240,7 +230,6 @@ impl<'t> Tx<'t> {
                 });
             }
         }
-        let after_hash = after_hash.finish().unwrap_or(0);
         if before.hash != after_hash {
             let delta = self.digest_delta.entry(entity.clone()).or_default();
             delta.xor(bucket_of(&id), before.hash ^ after_hash);
@@ -310,9 +299,9 @@ pub(super) fn warn_equivocation(entity: &EntityName, id: Uuid, eq: &Equivocation
 
 /// The digest of a whole record table, recomputed. Damaged records contribute nothing.
 /// Recomputes every entity's digest from its records; returns how many entities. Run once
-/// per store file for the scope-bound hashes: before them, a value whose leaves spanned
-/// scopes contributed its one winner's hash, and two scopes' records of one id could
-/// cancel, so a stored digest could differ from what its records now give.
+/// per store file for the scope-bound hashes ([`crate::digest::scoped`]): a digest
+/// stored before them hashed records outside the default scope without their scope, and
+/// a value whose leaves spanned scopes by its one winner.
 pub(super) fn recompute_digests(txn: &WriteTransaction) -> Result<usize, StorageError> {
     let names: Vec<String> = txn
         .list_tables()?
