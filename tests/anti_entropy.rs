@@ -709,6 +709,78 @@ async fn a_requested_round_runs_at_once() {
     }
 }
 
+/// A partial replica (orders in scope eu) given record states over the admin API, as a
+/// peer's repair sends them: the one in its scope is merged; one in another scope, and
+/// one of an entity type it does not replicate, are refused with the reason, so it never
+/// holds a record no event will update there. Before, both were stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_replica_refuses_merged_states_outside_its_filters() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let (orders, customers) = (entity("orders"), entity("customers"));
+    let mut pc = node_config("p", dir.path(), &url);
+    pc.entities = vec![EntityFilter {
+        entity: orders.clone(),
+        scopes: vec![Scope::new("eu").unwrap()],
+    }];
+    let p = start(pc).await;
+
+    let x_dir = tempfile::tempdir().unwrap();
+    let x = Store::open(
+        x_dir.path().join("x.redb"),
+        NodeId::new("x").unwrap(),
+        StoreConfig::default(),
+    )
+    .unwrap();
+    let written = |e: &EntityName, scope: &str| {
+        let id = Uuid::now_v7();
+        let mut w = Write::put(e.clone(), id, json!({"by": "x"}));
+        w.scope = Some(Scope::new(scope).unwrap());
+        x.write_batch(vec![w]).unwrap();
+        StateEntry {
+            id,
+            state: x.id_state(e, id).unwrap().unwrap(),
+        }
+    };
+    let (eu, us, cust) = (
+        written(&orders, "eu"),
+        written(&orders, "us"),
+        written(&customers, "eu"),
+    );
+    let api = ApiClient::new(async_nats::connect(&url).await.unwrap(), "jetsync");
+    let format = jetsync::store::FORMAT_VERSION;
+    let orders_reply = api
+        .call(
+            "p",
+            "merge_records",
+            json!({"entity": orders, "format": format, "states": [eu.clone(), us.clone()]}),
+        )
+        .await
+        .expect("merge into p");
+    assert_eq!(orders_reply["changed"], 1, "{orders_reply}");
+    assert_eq!(orders_reply["refused"], 1, "{orders_reply}");
+    let why = orders_reply["refusals"][0]["reason"].as_str().unwrap_or("");
+    assert!(
+        orders_reply["refusals"][0]["id"] == json!(us.id) && why.contains("not replicated"),
+        "{orders_reply}"
+    );
+    let cust_reply = api
+        .call(
+            "p",
+            "merge_records",
+            json!({"entity": customers, "format": format, "states": [cust.clone()]}),
+        )
+        .await
+        .expect("merge into p");
+    assert_eq!(cust_reply["refused"], 1, "{cust_reply}");
+    let store = p.store();
+    assert!(store.id_state(&orders, eu.id).unwrap().is_some());
+    assert!(store.id_state(&orders, us.id).unwrap().is_none());
+    assert!(store.id_state(&customers, cust.id).unwrap().is_none());
+    p.shutdown().await.unwrap();
+}
+
 /// Publishes `ghost`'s event for `id` in `scope` (one version and document, whatever the
 /// scope, as a writer equivocating across scopes makes them); returns its stream sequence.
 async fn publish_ghost(

@@ -104,7 +104,8 @@ pub(super) async fn merge_records(node: &NodeHandle, req: Req) -> Result<Value, 
     // lacked, so the stream learns the repair (see `store::republish`).
     let peer = states.clone();
     let merging = entity.clone();
-    let report = blocking(move || store.merge_records(&merging, states)).await?;
+    let filters = node.config().entities.clone();
+    let report = blocking(move || store.merge_records_within(&merging, states, &filters)).await?;
     let republished = node
         .republish_lacking(&entity, &peer)
         .await

@@ -674,13 +674,14 @@ pub async fn merge_peer_states(
     states: Vec<(Uuid, IdState)>,
 ) -> Result<MergeReport, crate::error::StorageError> {
     let store = node.store_full().clone();
-    let e = entity.clone();
-    let report = tokio::task::spawn_blocking(move || store.merge_records(&e, states))
-        .await
-        .map_err(|source| crate::error::StorageError::TaskFailed {
-            task: "anti-entropy merge",
-            source,
-        })??;
+    let (e, filters) = (entity.clone(), node.config().entities.clone());
+    let report =
+        tokio::task::spawn_blocking(move || store.merge_records_within(&e, states, &filters))
+            .await
+            .map_err(|source| crate::error::StorageError::TaskFailed {
+                task: "anti-entropy merge",
+                source,
+            })??;
     node.equivocations_met(report.equivocations, report.reissued.len());
     node.announce(report.changes.clone());
     for (id, why) in &report.refused {

@@ -250,6 +250,20 @@ impl Store {
         entity: &EntityName,
         records: Vec<(Uuid, IdState)>,
     ) -> Result<MergeReport, StorageError> {
+        self.merge_records_within(entity, records, &[])
+    }
+
+    /// [`Store::merge_records`] on a node replicating only what `filters` admit (empty:
+    /// everything): a state holding a record (scope) outside them is refused whole. An
+    /// honest peer sends only the scopes both replicate; a record taken from outside them
+    /// would never see another event here, and a partial replica would hold what no full
+    /// replica holds.
+    pub fn merge_records_within(
+        &self,
+        entity: &EntityName,
+        records: Vec<(Uuid, IdState)>,
+        filters: &[EntityFilter],
+    ) -> Result<MergeReport, StorageError> {
         let txn = self.begin_write()?;
         let mut clock = self.clock();
         let mut report = MergeReport::default();
@@ -270,6 +284,18 @@ impl Store {
                     merge::check_id_state(entity, id, &incoming, clock.wall_ms(), &limits)
                 {
                     refuse(reason.to_string());
+                    continue;
+                }
+                if let Some(scope) = incoming
+                    .parts()
+                    .iter()
+                    .filter_map(|p| p.leaves.first())
+                    .map(|l| &l.scope)
+                    .find(|s| !EntityFilter::admits(filters, entity, s))
+                {
+                    refuse(format!(
+                        "{entity} in scope {scope} is not replicated by this node"
+                    ));
                     continue;
                 }
                 let key = (entity.as_str(), id.as_u128());
