@@ -662,6 +662,69 @@ async fn an_existing_store_builds_its_mirror_fully_and_mirror_rebuild_repairs_a_
     a.shutdown().await.unwrap();
 }
 
+/// A mirror's entity list changed between runs: a type added gets the records the node
+/// already held (before, its table stayed empty with `behind` 0), and a type removed
+/// loses its table (before, it stayed with rows no longer updated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_entity_list_fills_added_types_and_drops_removed_ones() {
+    let server = NatsServer::start().expect("nats-server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.client_url();
+    let (orders, customers) = (entity("orders"), entity("customers"));
+    let db = dir.path().join("mirror.sqlite");
+    let listing = |entities: &[&EntityName]| {
+        let mut m = sqlite_mirror(&db);
+        m.entities = entities.iter().map(|e| (*e).clone()).collect();
+        with_mirror(node_config("a", dir.path(), &url), m)
+    };
+    let tables = || -> Vec<String> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let mut q = conn
+            .prepare("SELECT name FROM \"jetsync$tables\" ORDER BY name")
+            .unwrap();
+        q.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let a = start(listing(&[&orders])).await;
+    let (o_ids, c_ids): (Vec<Uuid>, Vec<Uuid>) = (
+        (0..30).map(|_| Uuid::now_v7()).collect(),
+        (0..20).map(|_| Uuid::now_v7()).collect(),
+    );
+    a.write(puts(&orders, &o_ids, "a", 0)).await.unwrap();
+    a.write(puts(&customers, &c_ids, "a", 0)).await.unwrap();
+    sqlite_matches(&a, &db, &[&orders]).await;
+    assert_eq!(tables(), ["orders"]);
+    a.shutdown().await.unwrap();
+
+    let a = start(listing(&[&orders, &customers])).await;
+    sqlite_matches(&a, &db, &[&orders, &customers]).await;
+    assert_eq!(sqlite_rows(&db, "customers").unwrap().len(), 20);
+    a.shutdown().await.unwrap();
+
+    let a = start(listing(&[&customers])).await;
+    a.write(puts(&customers, &c_ids[..5], "b", 1))
+        .await
+        .unwrap();
+    sqlite_matches(&a, &db, &[&customers]).await;
+    wait_for("the orders table to be dropped", WAIT, || async {
+        let t = tables();
+        (t == ["customers"]).then_some(()).ok_or(format!("{t:?}"))
+    })
+    .await;
+    let orders_tables: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'orders'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(orders_tables, 0, "the orders table is gone");
+    a.shutdown().await.unwrap();
+}
+
 /// The rows of `entity` in a Postgres mirror; documents compared as JSON values (jsonb
 /// normalises the text).
 async fn pg_rows(
@@ -674,7 +737,10 @@ async fn pg_rows(
     let task = tokio::spawn(conn);
     let rows = client
         .query(
-            &format!("SELECT id::text, scope, version, doc::text, conflicts FROM \"{e}\""),
+            &format!(
+                "SELECT id::text, scope, version, doc::text, conflicts FROM \"{}\"",
+                jetsync::mirror::postgres::pg_name(e)
+            ),
             &[],
         )
         .await
@@ -747,14 +813,26 @@ async fn a_postgres_mirror_equals_the_records_survives_a_stopped_server_and_inde
     let dir = tempfile::tempdir().unwrap();
     let url = server.client_url();
     let orders = entity("orders");
+    // Two types whose names are longer than Postgres keeps (63 bytes) and equal in their
+    // first 63: their own tables, and an index that is not taken for its table.
+    let (long_x, long_y) = (
+        entity(&("a".repeat(63) + "x")),
+        entity(&("a".repeat(63) + "y")),
+    );
     let mirror = MirrorConfig {
         name: "pg".into(),
         sink: SinkConfig::Postgres { url: pg.url() },
-        entities: vec![orders.clone()],
-        indexes: vec![MirrorIndex {
-            entity: orders.clone(),
-            field: "customer.id".into(),
-        }],
+        entities: vec![orders.clone(), long_x.clone(), long_y.clone()],
+        indexes: vec![
+            MirrorIndex {
+                entity: orders.clone(),
+                field: "customer.id".into(),
+            },
+            MirrorIndex {
+                entity: long_x.clone(),
+                field: "status".into(),
+            },
+        ],
         batch: 100,
         max_broken: Duration::from_secs(1),
     };
@@ -772,11 +850,38 @@ async fn a_postgres_mirror_equals_the_records_survives_a_stopped_server_and_inde
     }
     converge(&[&a, &b], &orders, WAIT).await;
     pg_matches(&b, &pg.url(), &orders).await;
+    let (x_ids, y_ids): (Vec<Uuid>, Vec<Uuid>) = (
+        (0..10).map(|_| Uuid::now_v7()).collect(),
+        (0..7).map(|_| Uuid::now_v7()).collect(),
+    );
+    a.write(puts(&long_x, &x_ids, "a", 0)).await.unwrap();
+    a.write(puts(&long_y, &y_ids, "a", 0)).await.unwrap();
+    for (e, n) in [(&long_x, 10), (&long_y, 7)] {
+        converge(&[&a, &b], e, WAIT).await;
+        pg_matches(&b, &pg.url(), e).await;
+        assert_eq!(pg_rows(&pg.url(), e.as_str()).await.unwrap().len(), n);
+    }
 
     let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
         .unwrap();
     let task = tokio::spawn(conn);
+    let long_defs: Vec<String> = client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1",
+            &[&jetsync::mirror::postgres::pg_name(long_x.as_str())],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        long_defs
+            .iter()
+            .any(|d| d.contains("#>>") && d.contains("status")),
+        "no index on the long type's status: {long_defs:?}"
+    );
     let defs: Vec<String> = client
         .query(
             "SELECT indexdef FROM pg_indexes WHERE tablename = 'orders'",

@@ -15,7 +15,8 @@ pub struct MirrorTarget {
     /// The node's TOML config file (its `[[mirror]]` entries).
     #[arg(long, short, env = "JETSYNC_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The mirror's name (default: the first of the right kind).
+    /// The mirror's name (default: `query` reads the first SQLite mirror, `mirror
+    /// rebuild` rebuilds every mirror).
     #[arg(long)]
     pub mirror: Option<String>,
 }
@@ -46,8 +47,8 @@ pub struct QueryArgs {
 /// `jetsync mirror …`.
 #[derive(Debug, Subcommand)]
 pub enum MirrorCmd {
-    /// Rewrite a mirror from the store: removes its checkpoint, so the node rebuilds it
-    /// now (if running) or when it starts.
+    /// Rewrite a mirror (`--mirror`, else every mirror of the config) from the store:
+    /// removes its checkpoint, so the node rebuilds it now (if running) or when it starts.
     Rebuild(MirrorTarget),
 }
 
@@ -126,14 +127,22 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
 pub async fn mirror(cmd: MirrorCmd) -> anyhow::Result<()> {
     match cmd {
         MirrorCmd::Rebuild(target) => {
-            let m = pick(&target, false)?;
-            crate::mirror::request_rebuild(&m)
-                .await
-                .with_context(|| format!("mirror {}", m.name))?;
-            println!(
-                "mirror {}: checkpoint removed; the node rebuilds it from the store (now if it runs, else when it starts)",
-                m.name
-            );
+            let chosen = match &target.mirror {
+                Some(_) => vec![pick(&target, false)?],
+                None => mirrors(&target)?,
+            };
+            if chosen.is_empty() {
+                bail!("the config has no [[mirror]]");
+            }
+            for m in chosen {
+                crate::mirror::request_rebuild(&m)
+                    .await
+                    .with_context(|| format!("mirror {}", m.name))?;
+                println!(
+                    "mirror {}: checkpoint removed; the node rebuilds it from the store (now if it runs, else when it starts)",
+                    m.name
+                );
+            }
             Ok(())
         }
     }

@@ -72,6 +72,12 @@ pub(super) fn mirrors(
                 let path = m
                     .path
                     .ok_or_else(|| invalid(&key("path"), "required for kind = \"sqlite\""))?;
+                if path.file_name().is_none() {
+                    return Err(invalid(
+                        &key("path"),
+                        format!("{:?}: must name a file", path.display().to_string()),
+                    ));
+                }
                 SinkConfig::Sqlite {
                     path: data_dir.join(path),
                 }
@@ -87,6 +93,14 @@ pub(super) fn mirrors(
                     .url
                     .filter(|u| !u.trim().is_empty())
                     .ok_or_else(|| invalid(&key("url"), "required for kind = \"postgres\""))?;
+                // Parsed here so a typo fails the config check, not the running mirror.
+                #[cfg(feature = "mirror-postgres")]
+                if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                    return Err(invalid(
+                        &key("url"),
+                        format!("not a connection string: {e}"),
+                    ));
+                }
                 SinkConfig::Postgres { url }
             }
             other => {
@@ -214,6 +228,16 @@ mod tests {
         assert!(e.contains("`mirror[0].path`"), "{e}");
         let e = err("[[mirror]]\nkind=\"postgres\"\n");
         assert!(e.contains("`mirror[0].url`"), "{e}");
+        let e = err("[[mirror]]\nkind=\"sqlite\"\npath=\"\"\n");
+        assert!(
+            e.contains("`mirror[0].path`") && e.contains("must name a file"),
+            "{e}"
+        );
+        let e = err("[[mirror]]\nkind=\"postgres\"\nurl=\"postgres://u@host:notaport/db\"\n");
+        assert!(
+            e.contains("`mirror[0].url`") && e.contains("not a connection string"),
+            "{e}"
+        );
         let e = err(
             "[[mirror]]\nkind=\"sqlite\"\npath=\"m\"\nindexes=[{ entity=\"orders\", field=\"a') --\" }]\n",
         );

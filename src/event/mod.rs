@@ -32,10 +32,10 @@ use crate::clock::Version;
 use crate::ids::{EntityName, NodeId, Scope};
 
 mod json;
+use json::doc_shape;
 pub use json::{
     MAX_DOC_DEPTH, MAX_WIRE_DEPTH, duplicate_member, from_slice_nested, json_depth, lone_surrogate,
 };
-use json::doc_shape;
 
 /// The first envelope: the body repeats the subject's tokens.
 pub const ENVELOPE_V1: u32 = 1;

@@ -7,9 +7,10 @@
 //! transaction of every record change) from the mirror's **own checkpoint**, kept in the
 //! SQL database (`"jetsync$mirror"`) and written in the same SQL transaction as each
 //! batch's rows. So a crash anywhere resumes where the SQL database says, and replaying
-//! an entry twice writes the same row. A checkpoint of another log epoch, or past the
-//! log's end (no checkpoint, a store replaced or restored), rebuilds the mirror from the
-//! records; `jetsync mirror rebuild` ([`request_rebuild`]) asks for one.
+//! an entry twice writes the same row. A checkpoint of another log epoch or another entity
+//! list ([`MirrorConfig::copy_key`]), or past the log's end (no checkpoint, a store
+//! replaced or restored), rebuilds the mirror from the records; `jetsync mirror rebuild`
+//! ([`request_rebuild`]) asks for one.
 //!
 //! It never blocks replication: it runs as its own task, reading the store in short read
 //! transactions off the apply path. Its blocking work (those reads, SQLite's
@@ -95,6 +96,26 @@ impl MirrorConfig {
     /// Whether `entity` is mirrored.
     pub fn admits(&self, entity: &EntityName) -> bool {
         self.entities.is_empty() || self.entities.contains(entity)
+    }
+
+    /// Whether the table `name` (an entity type's) is one the mirror copies.
+    fn admits_table(&self, name: &str) -> bool {
+        EntityName::new(name).is_ok_and(|e| self.admits(&e))
+    }
+
+    /// What the mirror copies, folded into the change-log epoch its checkpoint stores: a
+    /// checkpoint written under another entity list reads as unknown, so the mirror
+    /// rebuilds (an added type gets its records, a removed one loses its table). 0 for a
+    /// mirror of every type, whose stored epoch is the log's. Below 2^62, as epochs are,
+    /// so the stored value fits SQL's signed 64 bits.
+    pub fn copy_key(&self) -> u64 {
+        if self.entities.is_empty() {
+            return 0;
+        }
+        let mut names: Vec<&str> = self.entities.iter().map(EntityName::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        (xxhash_rust::xxh3::xxh3_64(names.join(",").as_bytes()) >> 2).max(1)
     }
 
     /// `sqlite` or `postgres`.
@@ -352,7 +373,8 @@ impl Sink {
         .await
     }
 
-    /// Removes the checkpoint and every row of the mirror's tables, in one transaction.
+    /// Removes the checkpoint and every row of the mirror's tables, in one transaction;
+    /// the tables of types the mirror no longer copies are dropped.
     async fn clear(&mut self) -> Result<(), MirrorError> {
         timed(async {
             match self {
@@ -582,6 +604,7 @@ async fn step(
     };
     handle.live().steps += 1;
     let found = s.checkpoint().await?;
+    let key = config.copy_key();
     let Some((epoch, at)) = found else {
         rebuild(work, handle, metrics, s, found).await?;
         return Ok(Stepped::Full);
@@ -593,7 +616,7 @@ async fn step(
     };
     let head = batch.position;
     // Below `trimmed`, compaction may have dropped a delete the mirror never wrote.
-    if epoch != head.epoch || at > head.seq || at < head.trimmed {
+    if epoch != head.epoch ^ key || at > head.seq || at < head.trimmed {
         rebuild(work, handle, metrics, s, found).await?;
         return Ok(Stepped::Full);
     }
@@ -608,7 +631,7 @@ async fn step(
         .filter(|r| config.admits(&r.entity))
         .collect();
     let n = rows.len() as u64;
-    s.apply(rows, Some((head.epoch, batch.last))).await?;
+    s.apply(rows, Some((head.epoch ^ key, batch.last))).await?;
     metrics.mirror_rows(&config.name, n);
     handle.progressed(batch.last, head.seq, metrics);
     Ok(if full {
@@ -658,8 +681,11 @@ async fn rebuild(
             }
         }
     }
-    sink.apply(Vec::new(), Some((start.epoch, start.seq)))
-        .await?;
+    sink.apply(
+        Vec::new(),
+        Some((start.epoch ^ config.copy_key(), start.seq)),
+    )
+    .await?;
     metrics.mirror_rows(&config.name, rows);
     handle.live().rebuilds += 1;
     handle.progressed(start.seq, start.seq, metrics);

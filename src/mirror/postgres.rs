@@ -8,15 +8,75 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::{
-    CHECKPOINT_TABLE, ChangedRow, Checkpoint, MirrorConfig, MirrorError, TABLES_TABLE, ident,
-};
+use super::{CHECKPOINT_TABLE, ChangedRow, Checkpoint, MirrorConfig, MirrorError, TABLES_TABLE};
+
+/// Postgres's longest identifier, in bytes.
+const MAX_IDENT: usize = 63;
+
+/// A table or index name as Postgres holds it: names up to 63 bytes as they are; a longer
+/// one (an entity type of 64 characters, an index `<entity>$<field>`) as its first 46
+/// bytes, `$` and 16 hex digits of its hash. Postgres would truncate it silently instead,
+/// merging two long types' tables or taking an index for its table and skipping it.
+pub fn pg_name(name: &str) -> String {
+    if name.len() <= MAX_IDENT {
+        return name.to_owned();
+    }
+    let cut = (0..=MAX_IDENT - 17)
+        .rev()
+        .find(|&i| name.is_char_boundary(i))
+        .unwrap_or(0);
+    format!(
+        "{}${:016x}",
+        &name[..cut],
+        xxhash_rust::xxh3::xxh3_64(name.as_bytes())
+    )
+}
+
+/// The hosts and ports a connection string names (never its password), for errors.
+fn server_of(url: &str) -> String {
+    let Ok(c) = url.parse::<tokio_postgres::Config>() else {
+        return "an unparsable connection string".into();
+    };
+    let ports = c.get_ports();
+    let hosts: Vec<String> = c
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    if hosts.is_empty() {
+        "the default server".into()
+    } else {
+        hosts.join(", ")
+    }
+}
+
+/// `name` ([`pg_name`]) as a quoted identifier.
+fn ident(name: &str) -> String {
+    super::ident(&pg_name(name))
+}
 
 fn sql(e: tokio_postgres::Error) -> MirrorError {
-    // The server's own message (`db_error`) says more than the error's display.
+    // The server's own message (`db_error`) says more than the error's display; for a
+    // connection, the cause (refused, unknown host) is in the source chain.
     let detail = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     };
     MirrorError::Sql {
         kind: "postgres",
@@ -57,15 +117,22 @@ impl Drop for PgSink {
 
 impl PgSink {
     pub(super) async fn open(url: &str, config: MirrorConfig) -> Result<Self, MirrorError> {
+        let target = server_of(url);
         let connect = tokio_postgres::connect(url, NoTls);
         let (client, connection) =
             tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                 .await
                 .map_err(|_| MirrorError::Sql {
                     kind: "postgres",
-                    detail: "connecting timed out after 10 s".into(),
+                    detail: format!("connecting to {target} timed out after 10 s"),
                 })?
-                .map_err(sql)?;
+                .map_err(|e| match sql(e) {
+                    MirrorError::Sql { kind, detail } => MirrorError::Sql {
+                        kind,
+                        detail: format!("{detail} ({target})"),
+                    },
+                    other => other,
+                })?;
         let connection = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "postgres mirror connection ended");
@@ -313,9 +380,23 @@ impl PgSink {
             .await
             .map_err(sql)?;
         for t in table_names(&tx).await? {
-            tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
+            if self.config.admits_table(&t) {
+                tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
+                    .await
+                    .map_err(sql)?;
+            } else {
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {}", ident(&t)))
+                    .await
+                    .map_err(sql)?;
+                tx.execute(
+                    &format!("DELETE FROM {} WHERE name = $1", ident(TABLES_TABLE)),
+                    &[&t],
+                )
                 .await
                 .map_err(sql)?;
+                self.tables.remove(&t);
+                self.stmts.remove(&t);
+            }
         }
         tx.commit().await.map_err(sql)
     }
@@ -330,4 +411,29 @@ async fn table_names(client: &impl GenericClient) -> Result<Vec<String>, MirrorE
         .iter()
         .map(|r| r.try_get(0).map_err(sql))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_are_shortened_apart_and_short_ones_kept() {
+        let at_limit = "a".repeat(63);
+        assert_eq!(pg_name(&at_limit), at_limit);
+        let (x, y) = ("a".repeat(63) + "x", "a".repeat(63) + "y");
+        assert_eq!(pg_name(&x).len(), 63);
+        assert_ne!(pg_name(&x), pg_name(&y));
+        assert_eq!(pg_name(&x), pg_name(&x));
+        // An index on a long type is not its table's name.
+        let index = format!("{x}$status");
+        assert_ne!(pg_name(&index), pg_name(&x));
+    }
+
+    #[test]
+    fn a_connection_error_names_the_server_not_the_password() {
+        let s = server_of("postgres://u:secret@db.example:6543/app");
+        assert_eq!(s, "db.example:6543");
+        assert!(!server_of("host=h1,h2 port=1,2 password=secret").contains("secret"));
+    }
 }

@@ -145,7 +145,16 @@ impl SqliteSink {
             let tx = i.conn.transaction()?;
             tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])?;
             for t in table_names(&tx)? {
-                tx.execute(&format!("DELETE FROM {}", ident(&t)), [])?;
+                if i.config.admits_table(&t) {
+                    tx.execute(&format!("DELETE FROM {}", ident(&t)), [])?;
+                } else {
+                    tx.execute(&format!("DROP TABLE IF EXISTS {}", ident(&t)), [])?;
+                    tx.execute(
+                        &format!("DELETE FROM {} WHERE name = ?1", ident(TABLES_TABLE)),
+                        params![t],
+                    )?;
+                    i.tables.remove(&t);
+                }
             }
             tx.commit()
         })
