@@ -373,7 +373,36 @@ impl Sink {
         .await
     }
 
-    /// Removes the checkpoint and every row of the mirror's tables, in one transaction;
+    /// Opens the one transaction a rebuild runs in: clearing, every page and the new
+    /// checkpoint commit together, so readers never see the tables empty or half full.
+    async fn begin(&mut self) -> Result<(), MirrorError> {
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.begin().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.begin().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    }
+
+    /// Commits the rebuild's transaction.
+    async fn commit(&mut self) -> Result<(), MirrorError> {
+        timed(async {
+            match self {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite(s) => s.commit().await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres(s) => s.commit().await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    }
+
+    /// Removes the checkpoint and every row of the mirror's tables (inside [`Sink::begin`]);
     /// the tables of types the mirror no longer copies are dropped.
     async fn clear(&mut self) -> Result<(), MirrorError> {
         timed(async {
@@ -408,7 +437,17 @@ async fn timed<T>(
 pub async fn request_rebuild(config: &MirrorConfig) -> Result<(), MirrorError> {
     let worker = Arc::new(Worker::start(&config.name, 0)?);
     let mut sink = Sink::open(config, &worker).await?;
-    sink.clear().await
+    // Only the checkpoint: the rows stay for readers until the rebuild commits new ones.
+    timed(async {
+        match &mut sink {
+            #[cfg(feature = "mirror-sqlite")]
+            Sink::Sqlite(s) => s.forget_checkpoint().await,
+            #[cfg(feature = "mirror-postgres")]
+            Sink::Postgres(s) => s.forget_checkpoint().await,
+            Sink::Never(n) => match *n {},
+        }
+    })
+    .await
 }
 
 /// Pause after a failed step; doubled per failure up to [`MAX_BACKOFF`].
@@ -643,7 +682,7 @@ async fn step(
 
 /// Rewrites the mirror from the records: clears it, copies every live record in pages,
 /// then sets the checkpoint to the log position read before the copy (entries after it
-/// are replayed, which rewrites the same or newer values).
+/// are replayed, which rewrites the same or newer values), all in one SQL transaction.
 async fn rebuild(
     work: &Work,
     handle: &MirrorHandle,
@@ -656,6 +695,8 @@ async fn rebuild(
         return Err(MirrorError::LogOff);
     };
     tracing::info!(mirror = %config.name, ?found, epoch = start.epoch, seq = start.seq, "rebuilding the SQL mirror from the store");
+    // One transaction: an error drops the sink (its connection), which rolls it back.
+    sink.begin().await?;
     sink.clear().await?;
     let entities = blocking(work, |s| s.entities()).await?;
     let mut rows = 0u64;
@@ -686,6 +727,7 @@ async fn rebuild(
         Some((start.epoch ^ config.copy_key(), start.seq)),
     )
     .await?;
+    sink.commit().await?;
     metrics.mirror_rows(&config.name, rows);
     handle.live().rebuilds += 1;
     handle.progressed(start.seq, start.seq, metrics);

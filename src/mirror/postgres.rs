@@ -107,6 +107,8 @@ pub(super) struct PgSink {
     /// Per table, its prepared upsert and delete.
     /// Per table: upsert, delete records, delete ids in every scope.
     stmts: HashMap<String, (Statement, Statement, Statement)>,
+    /// A rebuild's transaction is open ([`PgSink::begin`]): writes join it.
+    in_rebuild: bool,
 }
 
 impl Drop for PgSink {
@@ -153,6 +155,7 @@ impl PgSink {
             config,
             tables: HashSet::new(),
             stmts: HashMap::new(),
+            in_rebuild: false,
         };
         sink.drop_tables_keyed_by_id().await?;
         let entities: Vec<String> = sink.config.entities.iter().map(|e| e.to_string()).collect();
@@ -333,53 +336,44 @@ impl PgSink {
                 }
             }
         }
+        if self.in_rebuild {
+            return write_batch(&self.client, &self.stmts, &per_table, checkpoint).await;
+        }
         let tx = self.client.transaction().await.map_err(sql)?;
-        for (table, c) in &per_table {
-            let Some((upsert, delete, gone)) = self.stmts.get(*table) else {
-                continue;
-            };
-            if !c.gone.is_empty() {
-                tx.execute(gone, &[&c.gone]).await.map_err(sql)?;
-            }
-            if !c.deleted.0.is_empty() {
-                tx.execute(delete, &[&c.deleted.0, &c.deleted.1])
-                    .await
-                    .map_err(sql)?;
-            }
-            if !c.ids.is_empty() {
-                tx.execute(
-                    upsert,
-                    &[&c.ids, &c.scopes, &c.versions, &c.docs, &c.conflicts],
-                )
-                .await
-                .map_err(sql)?;
-            }
-        }
-        if let Some((epoch, seq)) = checkpoint {
-            let (e, s) = (
-                i64::try_from(epoch).unwrap_or(i64::MAX),
-                i64::try_from(seq).unwrap_or(i64::MAX),
-            );
-            tx.execute(
-                &format!(
-                    "INSERT INTO {} (k, epoch, seq) VALUES ('checkpoint', $1, $2) \
-                     ON CONFLICT (k) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq",
-                    ident(CHECKPOINT_TABLE)
-                ),
-                &[&e, &s],
-            )
-            .await
-            .map_err(sql)?;
-        }
+        write_batch(&tx, &self.stmts, &per_table, checkpoint).await?;
         tx.commit().await.map_err(sql)
     }
 
+    /// Opens the transaction a rebuild runs in, up to [`Self::commit`]: readers see the
+    /// old rows until the new ones are all in.
+    pub(super) async fn begin(&mut self) -> Result<(), MirrorError> {
+        self.client.batch_execute("BEGIN").await.map_err(sql)?;
+        self.in_rebuild = true;
+        Ok(())
+    }
+
+    pub(super) async fn commit(&mut self) -> Result<(), MirrorError> {
+        self.in_rebuild = false;
+        self.client.batch_execute("COMMIT").await.map_err(sql)
+    }
+
+    /// Removes the checkpoint, so the node rebuilds the mirror.
+    pub(super) async fn forget_checkpoint(&mut self) -> Result<(), MirrorError> {
+        self.client
+            .execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
+            .await
+            .map(drop)
+            .map_err(sql)
+    }
+
+    /// Inside a rebuild's transaction ([`Self::begin`]).
     pub(super) async fn clear(&mut self) -> Result<(), MirrorError> {
-        let tx = self.client.transaction().await.map_err(sql)?;
+        debug_assert!(self.in_rebuild, "clear runs inside a rebuild's transaction");
+        let tx = &self.client;
         tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), &[])
             .await
             .map_err(sql)?;
-        for t in table_names(&tx).await? {
+        for t in table_names(tx).await? {
             if self.config.admits_table(&t) {
                 tx.execute(&format!("DELETE FROM {}", ident(&t)), &[])
                     .await
@@ -398,8 +392,56 @@ impl PgSink {
                 self.stmts.remove(&t);
             }
         }
-        tx.commit().await.map_err(sql)
+        Ok(())
     }
+}
+
+/// One batch's statements (and the checkpoint) on `tx`: a transaction of its own, or the
+/// client inside a rebuild's.
+async fn write_batch(
+    tx: &impl GenericClient,
+    stmts: &HashMap<String, (Statement, Statement, Statement)>,
+    per_table: &HashMap<&str, Columns<'_>>,
+    checkpoint: Option<Checkpoint>,
+) -> Result<(), MirrorError> {
+    for (table, c) in per_table {
+        let Some((upsert, delete, gone)) = stmts.get(*table) else {
+            continue;
+        };
+        if !c.gone.is_empty() {
+            tx.execute(gone, &[&c.gone]).await.map_err(sql)?;
+        }
+        if !c.deleted.0.is_empty() {
+            tx.execute(delete, &[&c.deleted.0, &c.deleted.1])
+                .await
+                .map_err(sql)?;
+        }
+        if !c.ids.is_empty() {
+            tx.execute(
+                upsert,
+                &[&c.ids, &c.scopes, &c.versions, &c.docs, &c.conflicts],
+            )
+            .await
+            .map_err(sql)?;
+        }
+    }
+    if let Some((epoch, seq)) = checkpoint {
+        let (e, s) = (
+            i64::try_from(epoch).unwrap_or(i64::MAX),
+            i64::try_from(seq).unwrap_or(i64::MAX),
+        );
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (k, epoch, seq) VALUES ('checkpoint', $1, $2) \
+                 ON CONFLICT (k) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq",
+                ident(CHECKPOINT_TABLE)
+            ),
+            &[&e, &s],
+        )
+        .await
+        .map_err(sql)?;
+    }
+    Ok(())
 }
 
 /// The entity tables the mirror created.

@@ -83,7 +83,8 @@ impl SqliteSink {
         checkpoint: Option<Checkpoint>,
     ) -> Result<(), MirrorError> {
         self.with(move |i| {
-            let tx = i.conn.transaction()?;
+            // A savepoint: its own transaction, or part of a rebuild's ([`Self::begin`]).
+            let tx = i.conn.savepoint()?;
             {
                 // Each table's statements looked up once per transaction, not per row
                 // (the SQL text would be formatted and hashed for every row).
@@ -140,9 +141,30 @@ impl SqliteSink {
         .await
     }
 
+    /// Opens the transaction a rebuild runs in, up to [`Self::commit`]: readers see the
+    /// old rows until the new ones are all in (a write lock now, not at the first row).
+    pub(super) async fn begin(&mut self) -> Result<(), MirrorError> {
+        self.with(|i| i.conn.execute_batch("BEGIN IMMEDIATE")).await
+    }
+
+    pub(super) async fn commit(&mut self) -> Result<(), MirrorError> {
+        self.with(|i| i.conn.execute_batch("COMMIT")).await
+    }
+
+    /// Removes the checkpoint, so the node rebuilds the mirror.
+    pub(super) async fn forget_checkpoint(&mut self) -> Result<(), MirrorError> {
+        self.with(|i| {
+            i.conn
+                .execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])
+                .map(drop)
+        })
+        .await
+    }
+
+    /// Inside a rebuild's transaction ([`Self::begin`]).
     pub(super) async fn clear(&mut self) -> Result<(), MirrorError> {
         self.with(|i| {
-            let tx = i.conn.transaction()?;
+            let tx = i.conn.savepoint()?;
             tx.execute(&format!("DELETE FROM {}", ident(CHECKPOINT_TABLE)), [])?;
             for t in table_names(&tx)? {
                 if i.config.admits_table(&t) {
