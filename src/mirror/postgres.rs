@@ -142,7 +142,9 @@ impl PgSink {
         });
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (k text PRIMARY KEY, epoch bigint NOT NULL, seq bigint NOT NULL);
+                // "already exists, skipping" notices at every start are not news.
+                "SET client_min_messages = WARNING;
+                 CREATE TABLE IF NOT EXISTS {} (k text PRIMARY KEY, epoch bigint NOT NULL, seq bigint NOT NULL);
                  CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY);",
                 ident(CHECKPOINT_TABLE),
                 ident(TABLES_TABLE)
