@@ -474,6 +474,34 @@ mod tests {
         assert_ne!(pg_name(&index), pg_name(&x));
     }
 
+    /// A real refused connection (a port just closed): the error says where and why.
+    #[tokio::test]
+    async fn a_refused_connection_names_the_server_and_the_cause() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url = format!("host=127.0.0.1 port={port} user=x password=secret");
+        let config = MirrorConfig {
+            name: "pg".into(),
+            sink: super::super::SinkConfig::Postgres { url: url.clone() },
+            entities: Vec::new(),
+            indexes: Vec::new(),
+            batch: 10,
+            max_broken: std::time::Duration::from_secs(1),
+        };
+        let Err(e) = PgSink::open(&url, config).await else {
+            panic!("a closed port accepted a connection");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("127.0.0.1:{port}"))
+                && text.to_lowercase().contains("refused")
+                && !text.contains("secret"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn a_connection_error_names_the_server_not_the_password() {
         let s = server_of("postgres://u:secret@db.example:6543/app");
