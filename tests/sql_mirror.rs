@@ -690,6 +690,9 @@ async fn readers_never_see_a_rebuild_half_done() {
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
             )
             .unwrap();
+            // WAL readers are not blocked by the writer; this only covers SQLite's rare
+            // transient busy states (a WAL reset) on a loaded machine.
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
             let mut seen = std::collections::BTreeSet::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let n: i64 = conn
@@ -737,6 +740,7 @@ async fn a_changed_entity_list_fills_added_types_and_drops_removed_ones() {
     };
     let tables = || -> Vec<String> {
         let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
         let mut q = conn
             .prepare("SELECT name FROM \"jetsync$tables\" ORDER BY name")
             .unwrap();
