@@ -57,7 +57,7 @@ pub const HASHING: u32 = 1;
 /// version and document cancel in an XOR, and replicas holding the same id's version in
 /// different scopes compare equal.
 pub fn scoped(scope: &Scope, hash: u128) -> u128 {
-    if *scope == Scope::default() {
+    if scope.is_default() {
         return hash;
     }
     let mut h = Xxh3::new();

@@ -201,9 +201,20 @@ name_type!(
     node_char
 );
 
+impl Scope {
+    /// The scope of a record written without one.
+    pub const DEFAULT: &'static str = "_";
+
+    /// Whether this is the default scope (no allocation, unlike comparing with
+    /// `Scope::default()`).
+    pub fn is_default(&self) -> bool {
+        &*self.0 == Self::DEFAULT
+    }
+}
+
 impl Default for Scope {
     fn default() -> Self {
-        Scope("_".into())
+        Scope(Self::DEFAULT.into())
     }
 }
 
@@ -257,6 +268,7 @@ mod tests {
         assert!(Scope::new("site-42").is_ok());
         assert!(Scope::new("a*").is_err());
         assert_eq!(Scope::default().as_str(), "_");
+        assert!(Scope::default().is_default() && !Scope::new("site-42").unwrap().is_default());
         let err = EntityName::new("Bad Name").unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -220,7 +220,9 @@ pub enum VerifyError {
     /// A node hashes records as another build does: records outside the default scope
     /// hash differently on the two whatever they hold, so differing hashes say nothing.
     #[error(
-        "node {node} hashes records as {} jetsync does (hashing {found}, this one          {supported}): records outside the default scope hash differently on the two, so          the hashes cannot be compared; upgrade node {node} and verify again",
+        "node {node} hashes records as {} jetsync does (hashing {found}, this one \
+         {supported}): records outside the default scope hash differently on the two, so \
+         the hashes cannot be compared; upgrade node {node} and verify again",
         if *found < *supported { "an older" } else { "a newer" }
     )]
     Hashing {

@@ -99,6 +99,10 @@ impl MirrorConfig {
     }
 
     /// Whether the table `name` (an entity type's) is one the mirror copies.
+    #[cfg_attr(
+        not(any(feature = "mirror-sqlite", feature = "mirror-postgres")),
+        allow(dead_code)
+    )]
     fn admits_table(&self, name: &str) -> bool {
         EntityName::new(name).is_ok_and(|e| self.admits(&e))
     }
@@ -305,6 +309,22 @@ impl MirrorHandle {
     }
 }
 
+/// `$call` on whichever database `$sink` is (bound as `$s`), within [`SQL_TIMEOUT`].
+macro_rules! on_sink {
+    ($sink:expr, $s:ident => $call:expr) => {
+        timed(async {
+            match $sink {
+                #[cfg(feature = "mirror-sqlite")]
+                Sink::Sqlite($s) => $call.await,
+                #[cfg(feature = "mirror-postgres")]
+                Sink::Postgres($s) => $call.await,
+                Sink::Never(n) => match *n {},
+            }
+        })
+        .await
+    };
+}
+
 /// An open SQL database a mirror writes to.
 enum Sink {
     #[cfg(feature = "mirror-sqlite")]
@@ -341,16 +361,7 @@ impl Sink {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, MirrorError> {
-        timed(async {
-            match self {
-                #[cfg(feature = "mirror-sqlite")]
-                Sink::Sqlite(s) => s.checkpoint().await,
-                #[cfg(feature = "mirror-postgres")]
-                Sink::Postgres(s) => s.checkpoint().await,
-                Sink::Never(n) => match *n {},
-            }
-        })
-        .await
+        on_sink!(self, s => s.checkpoint())
     }
 
     /// Writes `rows` and, if given, the checkpoint, in one transaction.
@@ -361,60 +372,29 @@ impl Sink {
     ) -> Result<(), MirrorError> {
         #[cfg(not(any(feature = "mirror-sqlite", feature = "mirror-postgres")))]
         let _ = (rows, checkpoint);
-        timed(async {
-            match self {
-                #[cfg(feature = "mirror-sqlite")]
-                Sink::Sqlite(s) => s.apply(rows, checkpoint).await,
-                #[cfg(feature = "mirror-postgres")]
-                Sink::Postgres(s) => s.apply(rows, checkpoint).await,
-                Sink::Never(n) => match *n {},
-            }
-        })
-        .await
+        on_sink!(self, s => s.apply(rows, checkpoint))
     }
 
     /// Opens the one transaction a rebuild runs in: clearing, every page and the new
     /// checkpoint commit together, so readers never see the tables empty or half full.
     async fn begin(&mut self) -> Result<(), MirrorError> {
-        timed(async {
-            match self {
-                #[cfg(feature = "mirror-sqlite")]
-                Sink::Sqlite(s) => s.begin().await,
-                #[cfg(feature = "mirror-postgres")]
-                Sink::Postgres(s) => s.begin().await,
-                Sink::Never(n) => match *n {},
-            }
-        })
-        .await
+        on_sink!(self, s => s.begin())
     }
 
     /// Commits the rebuild's transaction.
     async fn commit(&mut self) -> Result<(), MirrorError> {
-        timed(async {
-            match self {
-                #[cfg(feature = "mirror-sqlite")]
-                Sink::Sqlite(s) => s.commit().await,
-                #[cfg(feature = "mirror-postgres")]
-                Sink::Postgres(s) => s.commit().await,
-                Sink::Never(n) => match *n {},
-            }
-        })
-        .await
+        on_sink!(self, s => s.commit())
+    }
+
+    /// Removes the checkpoint only, so the node rebuilds the mirror.
+    async fn forget_checkpoint(&mut self) -> Result<(), MirrorError> {
+        on_sink!(self, s => s.forget_checkpoint())
     }
 
     /// Removes the checkpoint and every row of the mirror's tables (inside [`Sink::begin`]);
     /// the tables of types the mirror no longer copies are dropped.
     async fn clear(&mut self) -> Result<(), MirrorError> {
-        timed(async {
-            match self {
-                #[cfg(feature = "mirror-sqlite")]
-                Sink::Sqlite(s) => s.clear().await,
-                #[cfg(feature = "mirror-postgres")]
-                Sink::Postgres(s) => s.clear().await,
-                Sink::Never(n) => match *n {},
-            }
-        })
-        .await
+        on_sink!(self, s => s.clear())
     }
 }
 
@@ -438,16 +418,7 @@ pub async fn request_rebuild(config: &MirrorConfig) -> Result<(), MirrorError> {
     let worker = Arc::new(Worker::start(&config.name, 0)?);
     let mut sink = Sink::open(config, &worker).await?;
     // Only the checkpoint: the rows stay for readers until the rebuild commits new ones.
-    timed(async {
-        match &mut sink {
-            #[cfg(feature = "mirror-sqlite")]
-            Sink::Sqlite(s) => s.forget_checkpoint().await,
-            #[cfg(feature = "mirror-postgres")]
-            Sink::Postgres(s) => s.forget_checkpoint().await,
-            Sink::Never(n) => match *n {},
-        }
-    })
-    .await
+    sink.forget_checkpoint().await
 }
 
 /// Pause after a failed step; doubled per failure up to [`MAX_BACKOFF`].

@@ -67,7 +67,7 @@ pub(super) const K_LIMITS: &str = "limits";
 /// [`Store::compact`](super::Store::compact)).
 pub(super) const K_APPLIED_MS: &str = "applied_stream_ms";
 /// Present once the digests were computed with scope-bound hashes
-/// ([`crate::digest::ScopedXor`]); a file without it has them recomputed at open.
+/// ([`crate::digest::scoped`]); a file without it has them recomputed at open.
 pub(super) const K_DIGESTS_SCOPED: &str = "digests_scoped";
 
 pub(super) type RecordTable<'t> = Table<'t, u128, &'static [u8]>;

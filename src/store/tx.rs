@@ -297,7 +297,6 @@ pub(super) fn warn_equivocation(entity: &EntityName, id: Uuid, eq: &Equivocation
     );
 }
 
-/// The digest of a whole record table, recomputed. Damaged records contribute nothing.
 /// Recomputes every entity's digest from its records; returns how many entities. Run once
 /// per store file for the scope-bound hashes ([`crate::digest::scoped`]): a digest
 /// stored before them hashed records outside the default scope without their scope, and
@@ -316,6 +315,7 @@ pub(super) fn recompute_digests(txn: &WriteTransaction) -> Result<usize, Storage
     Ok(names.len())
 }
 
+/// The digest of a whole record table, recomputed. Damaged records contribute nothing.
 fn digest_of(table: &impl ReadableTable<u128, &'static [u8]>) -> Result<Digest, StorageError> {
     let mut digest = Digest::default();
     for row in table.iter()? {
